@@ -1,0 +1,59 @@
+# imsrelay site image: one container = one Exchange 5.5 site's IMS.
+#
+#   docker build -t imsrelay:lab .                                   # can pull
+#   docker build --build-arg BASE_IMAGE=imsrelay-base:bookworm \
+#                -t imsrelay:lab .                                   # cannot pull
+#
+# BASE_IMAGE: any Debian-like image with CPython 3.11 and its venv module:
+# python:3.11-slim-bookworm from a registry, or imsrelay-base:bookworm built
+# locally by docker/build-base-image.sh (no registry needed).
+#
+# Install: from the wheels that docker/build-wheels.sh put in docker/wheels/
+# (no network needed during the build) when they are there; otherwise a normal
+# `pip install` of the source tree, which needs PyPI from inside the build.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/imsrelay/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    IMSRELAY_LOG_FORMAT=json
+
+# An unprivileged user owns the data directory; the SMTP port (25) is bound
+# thanks to net.ipv4.ip_unprivileged_port_start=0 (Docker's default since 20.10,
+# and set explicitly in docker-compose.yml).
+RUN set -eu; \
+    useradd --system --user-group --home-dir /var/lib/imsrelay --no-create-home \
+            --shell /usr/sbin/nologin imsrelay; \
+    install -d -o imsrelay -g imsrelay -m 0750 /var/lib/imsrelay; \
+    install -d -m 0755 /etc/imsrelay
+
+# The wheel directory is optional: "wheel[s]" is a glob, and pyproject.toml is
+# listed first so the COPY never has zero sources.
+COPY pyproject.toml docker/wheel[s] /tmp/wheels/
+COPY pyproject.toml README.m[d] /tmp/src/
+COPY imsrelay/ /tmp/src/imsrelay/
+RUN set -eu; \
+    python3 -m venv /opt/imsrelay; \
+    if ls /tmp/wheels/imsrelay-*.whl >/dev/null 2>&1; then \
+        echo "installing imsrelay from host-built wheels"; \
+        pip install --no-index --find-links /tmp/wheels imsrelay; \
+    else \
+        echo "no wheels in docker/wheels/: installing from source with PyPI"; \
+        pip install /tmp/src; \
+    fi; \
+    rm -rf /tmp/wheels /tmp/src; \
+    python -c "import imsrelay"
+
+USER imsrelay
+WORKDIR /var/lib/imsrelay
+EXPOSE 25 8025
+
+# Healthy when the SMTP listener greets with 220 (smtplib raises otherwise).
+HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import smtplib; s = smtplib.SMTP('127.0.0.1', 25, timeout=5); s.quit()"]
+
+ENTRYPOINT ["imsrelay"]
+CMD ["serve", "--config", "/etc/imsrelay/site.toml"]

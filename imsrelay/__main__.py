@@ -1,0 +1,3 @@
+from imsrelay.cli import main
+
+raise SystemExit(main())

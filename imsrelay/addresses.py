@@ -1,0 +1,138 @@
+"""Addresses: parsing, normalising, proxy addresses and domain matching (pure).
+
+Exchange conventions kept here:
+- proxy addresses carry a type prefix; upper-case ``SMTP:`` is the primary (reply)
+  address, exactly one per type; lower-case ``smtp:`` marks a secondary one;
+- routing/accepted domains match a whole sub-domain tree (``sea.com`` matches
+  ``x.sea.com`` but not ``chelsea.com``); a ``#`` prefix means "this domain only";
+  when several entries match, the most specific (longest) one wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_LOCAL_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+
+
+class AddressError(ValueError):
+    """An address or domain that cannot be used."""
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case a domain, drop a trailing dot, check its labels; IDNA to A-labels."""
+    d = domain.strip().rstrip(".")
+    if d.startswith("[") and d.endswith("]"):
+        return d  # address literal, kept as written
+    if not d:
+        raise AddressError("empty domain")
+    if not d.isascii():
+        try:
+            d = d.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise AddressError(f"{domain!r} is not a valid domain") from None
+    labels = d.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        raise AddressError(f"{domain!r} is not a valid domain")
+    return d.lower()
+
+
+@dataclass(frozen=True)
+class Address:
+    local: str
+    domain: str  # normalised (lower case)
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def key(self) -> str:
+        """Case-insensitive lookup key (local parts are treated case-insensitively, as Exchange did)."""
+        return f"{self.local.lower()}@{self.domain}"
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``local@domain`` (angle brackets allowed). Raise ``AddressError``."""
+    t = text.strip()
+    if t.startswith("<") and t.endswith(">"):
+        t = t[1:-1].strip()
+    if ":" in t and t.startswith("@"):  # source route "@a,@b:user@host" (RFC 5321 §C)
+        t = t.split(":", 1)[1]
+    local, at, domain = t.rpartition("@")
+    if not at or not local or not domain:
+        raise AddressError(f"{text!r} is not an address of the form user@domain")
+    if not (local.startswith('"') and local.endswith('"')):
+        if not local.isascii():
+            pass  # SMTPUTF8 local parts are allowed; kept as given
+        elif not _LOCAL_ATOM.match(local) or ".." in local or local.startswith(".") or local.endswith("."):
+            raise AddressError(f"{text!r} has an invalid local part")
+    return Address(local, normalise_domain(domain))
+
+
+def address_key(text: str) -> str:
+    """The case-insensitive lookup key for an address string."""
+    return parse_address(text).key
+
+
+# ------------------------------------------------------------------ proxy addresses
+
+
+@dataclass(frozen=True)
+class ProxyAddress:
+    type: str  # "SMTP", "X400", ... (upper case)
+    address: str
+    primary: bool
+
+    def __str__(self) -> str:
+        prefix = self.type.upper() if self.primary else self.type.lower()
+        return f"{prefix}:{self.address}"
+
+
+def parse_proxy(text: str) -> ProxyAddress:
+    prefix, sep, rest = text.partition(":")
+    if not sep or not prefix or not rest:
+        raise AddressError(f"{text!r} is not a proxy address like SMTP:user@domain")
+    return ProxyAddress(prefix.upper(), rest, primary=prefix.isupper())
+
+
+def primary_smtp(proxies: Iterable[str]) -> str | None:
+    for p in proxies:
+        proxy = parse_proxy(p)
+        if proxy.type == "SMTP" and proxy.primary:
+            return proxy.address
+    return None
+
+
+def smtp_addresses(proxies: Iterable[str]) -> list[str]:
+    return [parse_proxy(p).address for p in proxies if parse_proxy(p).type == "SMTP"]
+
+
+# ------------------------------------------------------------------ domain matching
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """Exchange-style match: whole sub-domain tree, or exactly with a ``#`` prefix."""
+    d = domain.lower().rstrip(".")
+    if pattern.startswith("#"):
+        return d == pattern[1:].lower()
+    p = pattern.lower().lstrip("*.").rstrip(".")
+    return d == p or d.endswith("." + p)
+
+
+T = TypeVar("T")
+
+
+def most_specific(domain: str, entries: Iterable[tuple[str, T]]) -> tuple[str, T] | None:
+    """The matching (pattern, value) with the longest pattern; an exact ``#`` entry
+    beats a sub-domain entry of the same name."""
+    best: tuple[tuple[int, int], tuple[str, T]] | None = None
+    for pattern, value in entries:
+        if domain_matches(pattern, domain):
+            score = (len(pattern.lstrip("#")), 1 if pattern.startswith("#") else 0)
+            if best is None or score > best[0]:
+                best = (score, (pattern, value))
+    return best[1] if best else None

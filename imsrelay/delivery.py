@@ -1,0 +1,350 @@
+"""The queue manager: schedules deliveries, applies outcomes, retries, expires, NDRs.
+
+Like Postfix's qmgr: it takes messages from the spool, asks the router where each
+pending recipient goes, hands groups of recipients to a transport (Maildir, the
+directory service, or SMTP), and records each recipient's outcome durably:
+
+- delivered → terminal;
+- permanent failure → an NDR is queued durably to the envelope sender, then the
+  recipient is terminal (``bounced``); with a null sender, or for a report that
+  must not be answered, it is terminal as ``failed`` and logged;
+- temporary failure → retried on the schedule (``retry_intervals``, the last one
+  repeating) until the message's lifetime expires, then NDR'd ("the maximum time
+  for delivering the message expired").
+
+A message leaves the spool only when every recipient is terminal
+(DESIGN.md invariant 2).  Disk and directory work run off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from imsrelay import dsn, maildir
+from imsrelay.outcome import Outcome
+from imsrelay.router import DIRECTORY, FAIL, LOCAL, Route
+from imsrelay.spool import BOUNCED, DELIVERED, FAILED, Envelope, RecipientState, Spool, new_queue_id
+
+EXPIRED_TEXT = "The maximum time for delivering the message expired"
+
+
+def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
+    """Delay after the ``attempts``-th failed attempt; the last interval repeats."""
+    if not intervals:
+        return 900.0
+    return intervals[min(max(attempts, 1), len(intervals)) - 1]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    recipient: RecipientState
+    outcome: Outcome
+
+
+class QueueManager:
+    def __init__(self, site: Any, spool: Spool, *,
+                 smtp_deliver: Callable[[Route, Envelope, list[str], bytes], Awaitable[dict[str, Outcome]]],
+                 directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.site = site
+        self.config = site.config
+        self.spool = spool
+        self.smtp_deliver = smtp_deliver
+        self.directory_deliver = directory_deliver
+        self.clock = clock
+        self.log = site.log.bind(component="qmgr")
+        self.envelopes: dict[str, Envelope] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._running: set[str] = set()
+        self._wake = asyncio.Event()
+        self._limit = asyncio.Semaphore(self.config.delivery.max_deliveries)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.idle = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.spool.recover)
+        for env in recovered:
+            self._track(env)
+        if recovered:
+            self.log.info("queue.recovered", messages=len(recovered))
+        self._main = asyncio.create_task(self._loop(), name="qmgr")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._main:
+            self._main.cancel()
+            await asyncio.gather(self._main, return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def submit(self, env: Envelope) -> None:
+        """A message just made durable: schedule it now."""
+        self._track(env)
+
+    def retry_now(self, queue_id: str | None = None) -> int:
+        """Make deferred recipients due now (all messages, or one). Returns how many."""
+        now = self.clock()
+        count = 0
+        for qid, env in list(self.envelopes.items()):
+            if queue_id and qid != queue_id:
+                continue
+            for r in env.pending:
+                r.next_attempt = now
+            self._push(env)
+            count += 1
+        self._wake.set()
+        return count
+
+    def forget(self, queue_id: str) -> None:
+        self.envelopes.pop(queue_id, None)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.envelopes)
+
+    def _track(self, env: Envelope) -> None:
+        self.envelopes[env.queue_id] = env
+        self.idle.clear()
+        self._push(env)
+        self._wake.set()
+
+    def _push(self, env: Envelope) -> None:
+        due = env.next_due()
+        if due is not None:
+            heapq.heappush(self._heap, (due, next(self._seq), env.queue_id))
+
+    # ------------------------------------------------------------ scheduling
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            if self.spool.take_retry_request():
+                n = await self._reload_and_retry()
+                self.log.info("queue.retry_requested", messages=n)
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, qid = heapq.heappop(self._heap)
+                env = self.envelopes.get(qid)
+                if env is None or qid in self._running:
+                    continue
+                due = env.next_due()
+                if due is None or due > now:
+                    continue
+                self._running.add(qid)
+                task = asyncio.create_task(self._attempt(env), name=f"deliver-{qid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if not self.envelopes and not self._running:
+                self.idle.set()
+            timeout = 1.0
+            if self._heap:
+                timeout = min(timeout, max(0.0, self._heap[0][0] - self.clock()))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _reload_and_retry(self) -> int:
+        """``imsrelay queue retry`` ran beside us: pick up its changes to the spool."""
+        on_disk = await asyncio.to_thread(lambda: {e.queue_id: e for e in self.spool.envelopes()})
+        for qid in list(self.envelopes):
+            if qid not in on_disk and qid not in self._running:
+                self.envelopes.pop(qid)
+                self.log.info("queue.deleted", queue_id=qid)
+        now = self.clock()
+        for qid, env in on_disk.items():
+            if qid in self._running:
+                continue
+            for r in env.pending:
+                r.next_attempt = min(r.next_attempt, now)
+            self.envelopes[qid] = env
+            self._push(env)
+        return len(on_disk)
+
+    # ------------------------------------------------------------ one attempt
+
+    async def _attempt(self, env: Envelope) -> None:
+        try:
+            async with self._limit:
+                await self._deliver(env)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never lose the message: log, retry later
+            self.log.error("delivery.internal_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
+            for r in env.pending:
+                r.next_attempt = self.clock() + retry_delay(1, self.config.delivery.retry_intervals)
+        finally:
+            self._running.discard(env.queue_id)
+            if env.queue_id in self.envelopes:
+                self._push(env)
+            self._wake.set()
+
+    async def _deliver(self, env: Envelope) -> None:
+        if not await asyncio.to_thread(self.spool.exists, env.queue_id):
+            self.envelopes.pop(env.queue_id, None)
+            self.log.info("queue.deleted", queue_id=env.queue_id)
+            return
+        message = await asyncio.to_thread(self.spool.read_message, env.queue_id)
+        now = self.clock()
+        due = [r for r in env.pending if r.next_attempt <= now]
+        if not due:
+            return
+        mailboxes = await self.site.directory.run(self.site.directory.find_recipients, [r.address for r in due])
+        table = await self.site.routing_table()
+        from imsrelay.router import route_for  # local import keeps module load light
+
+        groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
+        for r, mbx in zip(due, mailboxes, strict=True):
+            route = route_for(r.address, mbx, table)
+            r.route = route.destination
+            groups[route.destination].append((r, route))
+
+        results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
+        recorded = [rec for group in results for rec in group]
+        await self._record(env, message, recorded)
+
+    async def _deliver_group(self, env: Envelope, message: bytes,
+                             group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
+        route = group[0][1]
+        if route.kind == FAIL:
+            return [Recorded(r, Outcome(False, rt.permanent, rt.status or "5.0.0", rt.reason or "no route"))
+                    for r, rt in group]
+        if route.kind == LOCAL:
+            out = []
+            for r, rt in group:
+                out.append(Recorded(r, await self._deliver_local(env, message, r, rt)))
+            return out
+        if route.kind == DIRECTORY:
+            try:
+                await self.directory_deliver(env, message)
+                outcome = Outcome.delivered("directory service")
+            except Exception as exc:
+                self.log.error("replication.internal_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
+                outcome = Outcome.temporary("4.3.0", f"directory service error: {exc}")
+            return [Recorded(r, outcome) for r, _ in group]
+        rcpts = [r.address for r, _ in group]
+        try:
+            outcomes = await self.smtp_deliver(route, env, rcpts, message)
+        except Exception as exc:
+            self.log.error("delivery.transport_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
+            outcomes = {a: Outcome.temporary("4.3.0", f"transport error: {exc}") for a in rcpts}
+        return [Recorded(r, outcomes.get(r.address, Outcome.temporary("4.3.0", "no result from transport")))
+                for r, _ in group]
+
+    async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
+        assert route.mailbox is not None
+        path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
+        index = env.recipients.index(r)
+        try:
+            file = await asyncio.to_thread(maildir.deliver, path, queue_id=env.queue_id, index=index,
+                                           message=message, sender=env.sender, recipient=r.address,
+                                           hostname=self.config.hostname)
+        except OSError as exc:
+            return Outcome.temporary("4.3.0", f"local delivery failed: {exc.strerror or exc}")
+        return Outcome.delivered(f"delivered to {file}")
+
+    # ------------------------------------------------------------ outcomes
+
+    async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
+        now = self.clock()
+        cfg = self.config.delivery
+        bounce: list[RecipientState] = []
+        delayed: list[RecipientState] = []
+        for rec in recorded:
+            r, o = rec.recipient, rec.outcome
+            r.attempts += 1
+            r.status, r.diagnostic, r.remote = o.status, o.diagnostic, o.remote
+            fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
+                          diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
+            if o.ok:
+                r.state = DELIVERED
+                self.log.info("delivery.delivered", outcome="delivered", **fields)
+            elif o.permanent:
+                bounce.append(r)
+                self.log.info("delivery.failed", outcome="failed", **fields)
+            else:
+                r.first_failure = r.first_failure or now
+                if now - env.received_at >= cfg.lifetime:
+                    r.status, r.diagnostic = "4.4.7", f"{EXPIRED_TEXT} (last error: {o.diagnostic})"
+                    bounce.append(r)
+                    self.log.info("delivery.expired", outcome="expired", **fields)
+                else:
+                    r.next_attempt = min(now + retry_delay(r.attempts, cfg.retry_intervals),
+                                         env.received_at + cfg.lifetime)
+                    self.log.info("delivery.deferred", outcome="deferred", next_attempt=r.next_attempt, **fields)
+                    if (cfg.delay_notice is not None and not r.delay_notified
+                            and now - env.received_at >= cfg.delay_notice):
+                        delayed.append(r)
+        if bounce:
+            await self._send_report(env, message, bounce, delay=False)
+        if delayed:
+            await self._send_report(env, message, delayed, delay=True)
+            for r in delayed:
+                r.delay_notified = True
+        if not await asyncio.to_thread(self.spool.exists, env.queue_id):
+            self.envelopes.pop(env.queue_id, None)  # deleted by an operator meanwhile
+            return
+        if env.finished:
+            await self.spool.remove(env.queue_id)
+            self.envelopes.pop(env.queue_id, None)
+            self.log.info("message.finished", queue_id=env.queue_id, sender=env.sender)
+        else:
+            await self.spool.save_state(env)
+
+    async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
+                           delay: bool) -> None:
+        """Queue an NDR (or delay notice) durably, then mark the recipients."""
+        if not dsn.may_send_report(env.sender, message):
+            if not delay:
+                for r in recipients:
+                    r.state = FAILED
+                    self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
+                                     recipient=r.address, status=r.status,
+                                     reason="null sender or automatic report: no NDR is sent")
+            return
+        now = self.clock()
+        statuses = [
+            dsn.RecipientStatus(
+                final_recipient=r.address, original_recipient=r.original,
+                action="delayed" if delay else "failed", status=_final_status(r.status, delay),
+                diagnostic=r.diagnostic or "", remote_mta=r.remote,
+                last_attempt=datetime.fromtimestamp(now, UTC),
+                will_retry_until=datetime.fromtimestamp(env.received_at + self.config.delivery.lifetime, UTC) if delay else None)
+            for r in recipients
+        ]
+        report = dsn.build_report(
+            original=message, envelope_sender=env.sender, recipients=statuses,
+            reporter=self.site.reporting_site(), queue_id=env.queue_id,
+            arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
+            postmaster=self.site.postmaster_address())
+        ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
+                       received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id})
+        await self.site.enqueue_local(ndr, report)
+        if not delay:
+            for r in recipients:
+                r.state = BOUNCED
+        self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
+                      queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
+                      recipients=[r.address for r in recipients])
+
+
+def _final_status(status: str | None, delay: bool) -> str:
+    s = status or ("4.0.0" if delay else "5.0.0")
+    if not delay and s.startswith("4."):
+        return "5." + s[2:] if s != "4.4.7" else "4.4.7"
+    return s

@@ -1,0 +1,553 @@
+"""The site's directory: an SQLite store of directory objects (mailboxes, sites).
+
+Exchange 5.5 kept a multi-master directory replicated between sites.  We keep its
+shape: every object has a home site, a *version* stamp ``(version, changed_at,
+origin)`` that orders concurrent changes deterministically (the greatest stamp wins),
+and a local update sequence number (USN) stamped whenever the row changes here, so a
+peer can ask for "everything above my high-water mark".  A deletion is a tombstone:
+the object stays, ``deleted`` set, until it is older than the tombstone lifetime.
+
+Applying a remote object is a join (max by stamp): idempotent and order-independent.
+All methods are synchronous; the async site calls them through one executor thread
+(``Directory.run``) so SQLite never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imsrelay.addresses import AddressError, parse_address, parse_proxy
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects(
+    object_id  TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    home_site  TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    changed_at REAL NOT NULL,
+    origin     TEXT NOT NULL,
+    deleted    INTEGER NOT NULL DEFAULT 0,
+    data       TEXT NOT NULL,
+    usn        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_usn ON objects(usn);
+CREATE TABLE IF NOT EXISTS proxy_addresses(
+    address   TEXT PRIMARY KEY,
+    object_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS proxy_object ON proxy_addresses(object_id);
+CREATE TABLE IF NOT EXISTS peers(
+    site          TEXT PRIMARY KEY,
+    invocation    TEXT NOT NULL DEFAULT '',
+    high_water    INTEGER NOT NULL DEFAULT 0,
+    ranges        TEXT NOT NULL DEFAULT '[]',
+    last_request  REAL,
+    last_reply    REAL,
+    last_error    TEXT,
+    applied       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS seen_messages(
+    message_id TEXT PRIMARY KEY,
+    seen_at    REAL NOT NULL
+);
+"""
+
+TOMBSTONE_LIFETIME = 30 * 86400.0
+T = TypeVar("T")
+
+
+class DirectoryError(Exception):
+    """A directory operation a user asked for that cannot be done (clear message)."""
+
+
+@dataclass(frozen=True)
+class Stamp:
+    version: int
+    changed_at: float
+    origin: str
+
+    def key(self) -> tuple[int, float, str]:
+        return (self.version, self.changed_at, self.origin)
+
+
+@dataclass(frozen=True)
+class DirObject:
+    """One replicated directory object, as stored and as carried in dirsync messages."""
+
+    object_id: str
+    kind: str  # "mailbox" | "site"
+    home_site: str
+    stamp: Stamp
+    deleted: bool
+    data: dict[str, Any] = field(hash=False, compare=False)
+    usn: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.object_id, "kind": self.kind, "home": self.home_site,
+                "version": self.stamp.version, "changed_at": self.stamp.changed_at,
+                "origin": self.stamp.origin, "deleted": self.deleted, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> DirObject:
+        kind = w["kind"]
+        if kind not in ("mailbox", "site"):
+            raise ValueError(f"unknown object kind {kind!r}")
+        data = w["data"]
+        if not isinstance(data, dict):
+            raise ValueError("object data must be a mapping")
+        return cls(str(w["id"]), kind, str(w["home"]),
+                   Stamp(int(w["version"]), float(w["changed_at"]), str(w["origin"])),
+                   bool(w["deleted"]), data)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    alias: str
+    display_name: str
+    home_site: str
+    proxy_addresses: tuple[str, ...]
+    deleted: bool = False
+
+    @property
+    def primary_address(self) -> str:
+        for p in self.proxy_addresses:
+            proxy = parse_proxy(p)
+            if proxy.type == "SMTP" and proxy.primary:
+                return proxy.address
+        return ""
+
+    @property
+    def smtp_addresses(self) -> list[str]:
+        return [parse_proxy(p).address for p in self.proxy_addresses if parse_proxy(p).type == "SMTP"]
+
+
+@dataclass(frozen=True)
+class SiteObject:
+    name: str
+    server: str
+    organisation: str
+    smtp_address: str  # Site Addressing: "@SiteA.microsoft.com" or "@microsoft.com"
+    routing_address: str  # where IMS traffic for this site goes: "@SiteA.microsoft.com"
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class BulkReport:
+    """Result of a Site Addressing bulk update (Exchange events 2043/2044/2053)."""
+
+    scanned: int
+    updated: int
+    failed: int
+    substitutes: tuple[tuple[str, str], ...]  # (alias, the unique address chosen instead)
+
+
+def mailbox_id(home_site: str, alias: str) -> str:
+    return f"mailbox:{home_site}:{alias.lower()}"
+
+
+def site_id(name: str) -> str:
+    return f"site:{name}"
+
+
+def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox:
+    return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
+                   tuple(obj_data.get("proxy_addresses", ())), deleted)
+
+
+def _site_from(data: dict[str, Any]) -> SiteObject:
+    return SiteObject(data["name"], data.get("server", ""), data.get("organisation", ""),
+                      data.get("smtp_address", ""), data.get("routing_address", ""),
+                      data.get("hostname", ""))
+
+
+class Directory:
+    """One site's directory database (``<data>/directory.sqlite3``)."""
+
+    def __init__(self, path: Path, site: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.site = site
+        self.clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+        self._executor: ThreadPoolExecutor | None = None
+        if self._meta("invocation") is None:
+            self._set_meta("invocation", secrets.token_hex(8))
+            self._set_meta("usn", "0")
+        self.listeners: list[Callable[[], None]] = []
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a directory method on the directory's own thread (never on the loop)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"dir-{self.site}")
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._db.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                         (key, value))
+
+    def _next_usn(self) -> int:
+        usn = int(self._meta("usn") or "0") + 1
+        self._set_meta("usn", str(usn))
+        return usn
+
+    @property
+    def invocation(self) -> str:
+        return self._meta("invocation") or ""
+
+    @property
+    def highest_usn(self) -> int:
+        return int(self._meta("usn") or "0")
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self._db)
+
+    # ---------------------------------------------------------------- objects
+
+    def _load(self, object_id: str) -> DirObject | None:
+        row = self._db.execute(
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "FROM objects WHERE object_id=?", (object_id,)).fetchone()
+        return _row_object(row) if row else None
+
+    def _store(self, obj: DirObject) -> None:
+        """Write obj (stamped with a fresh local USN) and re-index its addresses."""
+        usn = self._next_usn()
+        self._db.execute(
+            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn) "
+            "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
+            "home_site=excluded.home_site, version=excluded.version, changed_at=excluded.changed_at, "
+            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn",
+            (obj.object_id, obj.kind, obj.home_site, obj.stamp.version, obj.stamp.changed_at,
+             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn))
+        self._db.execute("DELETE FROM proxy_addresses WHERE object_id=?", (obj.object_id,))
+        if obj.kind == "mailbox" and not obj.deleted:
+            for proxy in obj.data.get("proxy_addresses", ()):
+                p = parse_proxy(proxy)
+                if p.type != "SMTP":
+                    continue
+                try:
+                    key = parse_address(p.address).key
+                except AddressError:
+                    continue
+                # An address owned by another live object stays with the greater stamp.
+                owner = self._db.execute("SELECT object_id FROM proxy_addresses WHERE address=?", (key,)).fetchone()
+                if owner and owner[0] != obj.object_id:
+                    other = self._load(owner[0])
+                    if other and not other.deleted and other.stamp.key() > obj.stamp.key():
+                        continue
+                self._db.execute("INSERT OR REPLACE INTO proxy_addresses(address, object_id) VALUES(?, ?)",
+                                 (key, obj.object_id))
+
+    def _local_change(self, object_id: str, kind: str, data: dict[str, Any], deleted: bool = False) -> DirObject:
+        old = self._load(object_id)
+        version = (old.stamp.version + 1) if old else 1
+        now = max(self.clock(), old.stamp.changed_at if old else 0.0)
+        obj = DirObject(object_id, kind, self.site, Stamp(version, now, self.site), deleted, data)
+        self._store(obj)
+        return obj
+
+    def apply(self, objects: Iterable[DirObject]) -> tuple[int, int]:
+        """Merge remote objects; returns (applied, ignored). Greatest stamp wins."""
+        applied = ignored = 0
+        with self._transaction():
+            for obj in objects:
+                current = self._load(obj.object_id)
+                if current is not None and current.stamp.key() >= obj.stamp.key():
+                    ignored += 1
+                    continue
+                self._store(obj)
+                applied += 1
+        if applied:
+            self._notify()
+        return applied, ignored
+
+    def changes_since(self, usn: int, limit: int) -> tuple[list[DirObject], int]:
+        """Objects changed here above ``usn`` (oldest first), at most ``limit``;
+        returns them and the highest USN included (``usn`` when none)."""
+        rows = self._db.execute(
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "FROM objects WHERE usn > ? ORDER BY usn LIMIT ?", (usn, limit)).fetchall()
+        objs = [_row_object(r) for r in rows]
+        return objs, (objs[-1].usn if objs else usn)
+
+    def all_objects(self) -> list[DirObject]:
+        rows = self._db.execute(
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "FROM objects ORDER BY usn").fetchall()
+        return [_row_object(r) for r in rows]
+
+    def purge_tombstones(self, older_than: float = TOMBSTONE_LIFETIME) -> int:
+        cutoff = self.clock() - older_than
+        with self._transaction():
+            cur = self._db.execute("DELETE FROM objects WHERE deleted=1 AND changed_at < ?", (cutoff,))
+        return cur.rowcount
+
+    # ---------------------------------------------------------------- provisioning
+
+    @property
+    def provisioned(self) -> bool:
+        return self._meta("provisioned") == "1"
+
+    def provision(self, *, organisation: str, server: str, site_domain: str, hostname: str,
+                  mailboxes: Sequence[tuple[str, str, Sequence[str]]]) -> bool:
+        """First start only: create the site object and the configured mailboxes.
+        Returns False (and changes nothing) when already provisioned."""
+        if self.provisioned:
+            return False
+        with self._transaction():
+            site_address = "@" + site_domain
+            self._local_change(site_id(self.site), "site", {
+                "name": self.site, "server": server, "organisation": organisation,
+                "smtp_address": site_address, "routing_address": site_address, "hostname": hostname})
+            for alias, display, extra in mailboxes:
+                proxies = [f"SMTP:{alias}@{site_domain}"] + [p for p in extra]
+                self._check_free(proxies, mailbox_id(self.site, alias))
+                self._local_change(mailbox_id(self.site, alias), "mailbox",
+                                   {"alias": alias, "display_name": display, "proxy_addresses": proxies})
+            self._set_meta("provisioned", "1")
+        self._notify()
+        return True
+
+    # ---------------------------------------------------------------- mailboxes
+
+    def find_recipient(self, address: str) -> Mailbox | None:
+        """The live mailbox that owns ``address`` as any of its SMTP proxy addresses."""
+        try:
+            key = parse_address(address).key
+        except AddressError:
+            return None
+        row = self._db.execute(
+            "SELECT o.home_site, o.data FROM proxy_addresses p JOIN objects o ON o.object_id = p.object_id "
+            "WHERE p.address=? AND o.deleted=0", (key,)).fetchone()
+        if not row:
+            return None
+        return _mailbox_from(json.loads(row[1]), row[0], False)
+
+    def find_recipients(self, addresses: Sequence[str]) -> list[Mailbox | None]:
+        return [self.find_recipient(a) for a in addresses]
+
+    def mailboxes(self, site: str | None = None, *, include_deleted: bool = False) -> list[Mailbox]:
+        sql = "SELECT home_site, data, deleted FROM objects WHERE kind='mailbox'"
+        args: list[Any] = []
+        if site is not None:
+            sql += " AND home_site=?"
+            args.append(site)
+        if not include_deleted:
+            sql += " AND deleted=0"
+        rows = self._db.execute(sql + " ORDER BY home_site, object_id", args).fetchall()
+        return [_mailbox_from(json.loads(d), h, bool(x)) for h, d, x in rows]
+
+    def mailbox(self, alias: str, site: str | None = None) -> Mailbox | None:
+        obj = self._load(mailbox_id(site or self.site, alias))
+        if obj is None or obj.deleted:
+            return None
+        return _mailbox_from(obj.data, obj.home_site, False)
+
+    def _check_free(self, proxies: Iterable[str], object_id: str) -> None:
+        for p in proxies:
+            proxy = parse_proxy(p)
+            if proxy.type != "SMTP":
+                continue
+            key = parse_address(proxy.address).key
+            row = self._db.execute(
+                "SELECT p.object_id FROM proxy_addresses p JOIN objects o ON o.object_id=p.object_id "
+                "WHERE p.address=? AND o.deleted=0", (key,)).fetchone()
+            if row and row[0] != object_id:
+                raise DirectoryError(f"address {proxy.address} already belongs to {row[0]}")
+
+    def add_mailbox(self, alias: str, display_name: str | None = None,
+                    extra_addresses: Sequence[str] = ()) -> Mailbox:
+        """Create a mailbox homed at this site, addressed by the site's Site Addressing."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
+            raise DirectoryError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        existing = self._load(mailbox_id(self.site, alias))
+        if existing is not None and not existing.deleted:
+            raise DirectoryError(f"mailbox {alias} already exists at {self.site}")
+        domain = self.site_addressing().lstrip("@")
+        proxies = [f"SMTP:{alias}@{domain}"] + [p if ":" in p else f"smtp:{p}" for p in extra_addresses]
+        with self._transaction():
+            primary = self._unique_address(alias, domain, mailbox_id(self.site, alias))
+            proxies[0] = f"SMTP:{primary}"
+            self._check_free(proxies, mailbox_id(self.site, alias))
+            obj = self._local_change(mailbox_id(self.site, alias), "mailbox",
+                                     {"alias": alias, "display_name": display_name or alias,
+                                      "proxy_addresses": proxies})
+        self._notify()
+        return _mailbox_from(obj.data, self.site, False)
+
+    def delete_mailbox(self, alias: str) -> None:
+        obj = self._load(mailbox_id(self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryError(f"no mailbox {alias} at {self.site}")
+        with self._transaction():
+            self._local_change(obj.object_id, "mailbox", obj.data, deleted=True)
+        self._notify()
+
+    # ---------------------------------------------------------------- sites / addressing
+
+    def sites(self) -> list[SiteObject]:
+        rows = self._db.execute("SELECT data FROM objects WHERE kind='site' AND deleted=0 ORDER BY object_id").fetchall()
+        return [_site_from(json.loads(r[0])) for r in rows]
+
+    def site_object(self, name: str | None = None) -> SiteObject | None:
+        obj = self._load(site_id(name or self.site))
+        return _site_from(obj.data) if obj and not obj.deleted else None
+
+    def site_addressing(self, name: str | None = None) -> str:
+        site = self.site_object(name)
+        if site is None:
+            raise DirectoryError(f"site {name or self.site} is not in the directory (not provisioned?)")
+        return site.smtp_address
+
+    def _unique_address(self, alias: str, domain: str, object_id: str) -> str:
+        """``alias@domain``, or ``alias2@domain``, ``alias3``… when taken by another object."""
+        n = 1
+        while True:
+            candidate = f"{alias}{'' if n == 1 else n}@{domain}"
+            owner = self._db.execute(
+                "SELECT p.object_id FROM proxy_addresses p JOIN objects o ON o.object_id=p.object_id "
+                "WHERE p.address=? AND o.deleted=0", (parse_address(candidate).key,)).fetchone()
+            if owner is None or owner[0] == object_id:
+                return candidate
+            n += 1
+
+    def set_site_addressing(self, smtp_address: str, *, update_mailboxes: bool,
+                            keep_old: bool = True) -> BulkReport:
+        """Change this site's SMTP Site Addressing; optionally re-address every local
+        mailbox (new primary ``alias@new``; the old primary kept as secondary or dropped)."""
+        if not smtp_address.startswith("@"):
+            raise DirectoryError(f"{smtp_address!r} must look like @example.com")
+        new_domain = parse_address("x" + smtp_address).domain
+        site = self._load(site_id(self.site))
+        if site is None:
+            raise DirectoryError("this site is not provisioned")
+        scanned = updated = failed = 0
+        substitutes: list[tuple[str, str]] = []
+        with self._transaction():
+            data = dict(site.data)
+            data["smtp_address"] = "@" + new_domain
+            self._local_change(site.object_id, "site", data)
+            if update_mailboxes:
+                for mbx in self.mailboxes(self.site):
+                    scanned += 1
+                    object_id = mailbox_id(self.site, mbx.alias)
+                    old_primary = mbx.primary_address
+                    if old_primary and parse_address(old_primary).domain == new_domain:
+                        continue
+                    try:
+                        new_primary = self._unique_address(mbx.alias, new_domain, object_id)
+                    except AddressError:
+                        failed += 1
+                        continue
+                    if new_primary.split("@")[0] != mbx.alias:
+                        substitutes.append((mbx.alias, new_primary))
+                    proxies = [f"SMTP:{new_primary}"]
+                    for p in mbx.proxy_addresses:
+                        proxy = parse_proxy(p)
+                        if proxy.type == "SMTP" and proxy.address.lower() == new_primary.lower():
+                            continue
+                        if proxy.type == "SMTP" and proxy.primary:
+                            if keep_old:
+                                proxies.append(f"smtp:{proxy.address}")
+                            continue
+                        proxies.append(p)
+                    obj = self._load(object_id)
+                    assert obj is not None
+                    self._local_change(object_id, "mailbox", {**obj.data, "proxy_addresses": proxies})
+                    updated += 1
+        self._notify()
+        return BulkReport(scanned, updated, failed, tuple(substitutes))
+
+    # ---------------------------------------------------------------- replication state
+
+    def peer_state(self, site: str) -> dict[str, Any]:
+        row = self._db.execute(
+            "SELECT site, invocation, high_water, ranges, last_request, last_reply, last_error, applied "
+            "FROM peers WHERE site=?", (site,)).fetchone()
+        if not row:
+            return {"site": site, "invocation": "", "high_water": 0, "ranges": [], "last_request": None,
+                    "last_reply": None, "last_error": None, "applied": 0}
+        return {"site": row[0], "invocation": row[1], "high_water": row[2], "ranges": json.loads(row[3]),
+                "last_request": row[4], "last_reply": row[5], "last_error": row[6], "applied": row[7]}
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [self.peer_state(r[0]) for r in self._db.execute("SELECT site FROM peers ORDER BY site").fetchall()]
+
+    def save_peer_state(self, state: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT INTO peers(site, invocation, high_water, ranges, last_request, last_reply, last_error, applied) "
+            "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET invocation=excluded.invocation, "
+            "high_water=excluded.high_water, ranges=excluded.ranges, last_request=excluded.last_request, "
+            "last_reply=excluded.last_reply, last_error=excluded.last_error, applied=excluded.applied",
+            (state["site"], state["invocation"], state["high_water"], json.dumps(state["ranges"]),
+             state["last_request"], state["last_reply"], state["last_error"], state["applied"]))
+
+    def remember_message(self, message_id: str, max_age: float) -> bool:
+        """Record a replication message id; False when it was seen already (replay)."""
+        now = self.clock()
+        with self._transaction():
+            self._db.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - max_age,))
+            try:
+                self._db.execute("INSERT INTO seen_messages(message_id, seen_at) VALUES(?, ?)", (message_id, now))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, nestable (inner levels are no-ops)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.outer = False
+
+    def __enter__(self) -> _Tx:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.outer:
+            return
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+
+def _row_object(row: Sequence[Any]) -> DirObject:
+    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8])

@@ -1,0 +1,96 @@
+"""Who may send what to whom: the IMS's Routing tab and Routing Restrictions (pure).
+
+Every function here is a pure decision over values the SMTP edge gathered (client
+address, what the directory said about a recipient, counts).  Replies carry RFC 5321
+codes and RFC 3463 enhanced status codes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from imsrelay.addresses import Address, most_specific
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    local_domains: tuple[str, ...]  # delivered here or by the directory; "#x" = exact
+    org_routing_domains: tuple[str, ...]  # other sites' routing domains: forwarded to them
+    relay_networks: tuple[IPNetwork, ...]
+    max_recipients: int
+    max_message_size: int
+    max_hops: int
+
+
+def client_may_relay(client_ip: str | None, networks: Sequence[IPNetwork]) -> bool:
+    if not client_ip:
+        return False
+    try:
+        ip = ipaddress.ip_address(client_ip.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def check_size(declared: int | None, limit: int) -> Reply | None:
+    if declared is not None and declared > limit:
+        return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit} bytes)")
+    return None
+
+
+def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str | None,
+                    known: bool, accepted_so_far: int) -> Reply:
+    """RCPT TO decision. ``known``: the directory (or a service address) owns it."""
+    if accepted_so_far >= policy.max_recipients:
+        return Reply(452, "4.5.3", f"Too many recipients (at most {policy.max_recipients} per message)")
+    if known:
+        return Reply(250, "2.1.5", f"<{address}> recipient ok")
+    entries = [(d, "local") for d in policy.local_domains] + [(d, "site") for d in policy.org_routing_domains]
+    match = most_specific(address.domain, entries)
+    if match is not None:
+        if match[1] == "local":
+            return Reply(550, "5.1.1", f"<{address}> unknown or illegal user")
+        return Reply(250, "2.1.5", f"<{address}> recipient ok (forwarded to its site)")
+    if client_may_relay(client_ip, policy.relay_networks):
+        return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed)")
+    return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
+
+
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def count_hops(message: bytes) -> int:
+    """Number of ``Received:`` fields in the header block."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    header = message if end < 0 else message[: end + 2]
+    return len(_RECEIVED.findall(header))
+
+
+def check_hops(message: bytes, max_hops: int) -> Reply | None:
+    hops = count_hops(message)
+    if hops > max_hops:
+        return Reply(554, "5.4.6", f"Too many hops ({hops} Received: lines, at most {max_hops}): routing loop?")
+    return None

@@ -1,0 +1,203 @@
+"""Where each recipient goes, and why (pure).
+
+Order of decisions, as the Exchange 5.5 IMS made them:
+
+1. the site's directory service address (replication traffic) → the directory;
+2. a mailbox in the directory: homed here → its Maildir; homed at another site →
+   that site's routing address (Connected Sites, by exact directory name, or a site
+   learned by replication once Check Now has run);
+3. an unknown address in a domain this site owns → permanent failure (5.1.1);
+4. a domain in a Connected Site's routing address → that site;
+5. the E-Mail Domain table ("forward all messages for this domain to host"): whole
+   sub-domain match, ``#`` = exact, the most specific entry wins;
+6. the smart host ("forward all messages to host");
+7. DNS MX for the domain.
+
+Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from imsrelay.addresses import Address, AddressError, domain_matches, most_specific, parse_address
+from imsrelay.config import ConnectedSite, DomainRoute
+from imsrelay.directory import Mailbox
+
+DIRSYNC_LOCAL = "dirsync"
+
+LOCAL = "local"
+DIRECTORY = "directory"
+RELAY = "relay"  # a fixed next hop (E-Mail Domain table entry or smart host)
+MX = "mx"  # next hops from DNS
+FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    site: str
+    site_domain: str
+    local_domains: tuple[str, ...]
+    connected_sites: tuple[ConnectedSite, ...] = ()
+    learned_sites: tuple[tuple[str, str], ...] = ()  # (site name, routing domain) known by KCC
+    email_domains: tuple[DomainRoute, ...] = ()
+    smart_host: tuple[str, int] | None = None
+    self_endpoints: frozenset[tuple[str, int]] = frozenset()
+    starttls_default: str = "opportunistic"
+    starttls_by_domain: tuple[tuple[str, str], ...] = ()
+    service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
+
+
+@dataclass(frozen=True)
+class Route:
+    recipient: str
+    kind: str
+    steps: tuple[str, ...]
+    mailbox: str | None = None  # alias, for LOCAL
+    host: str | None = None  # RELAY next hop
+    port: int = 25
+    domain: str | None = None  # MX domain, or the domain the relay entry matched
+    starttls: str = "opportunistic"
+    permanent: bool = False  # FAIL: permanent (NDR now) or temporary (retry)
+    status: str | None = None  # FAIL: RFC 3463 code
+    reason: str | None = None
+    site: str | None = None  # the remote site when routed to one
+
+    @property
+    def destination(self) -> str:
+        """Key grouping recipients that share a delivery (one SMTP transaction)."""
+        if self.kind == RELAY:
+            return f"relay:{self.host}:{self.port}:{self.starttls}"
+        if self.kind == MX:
+            return f"mx:{self.domain}:{self.port}:{self.starttls}"
+        return f"{self.kind}:{self.mailbox or ''}"
+
+    def explain(self) -> str:
+        lines = [f"recipient: {self.recipient}"]
+        lines += [f"  {i}. {s}" for i, s in enumerate(self.steps, 1)]
+        if self.kind == LOCAL:
+            lines.append(f"=> local delivery to mailbox {self.mailbox}")
+        elif self.kind == DIRECTORY:
+            lines.append("=> this site's directory service (replication)")
+        elif self.kind == RELAY:
+            lines.append(f"=> SMTP to {self.host}:{self.port} (STARTTLS {self.starttls})")
+        elif self.kind == MX:
+            lines.append(f"=> SMTP to the MX hosts of {self.domain}, port {self.port} (STARTTLS {self.starttls})")
+        else:
+            kind = "permanent" if self.permanent else "temporary"
+            lines.append(f"=> {kind} failure {self.status}: {self.reason}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Trail:
+    steps: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.steps.append(text)
+
+
+def is_service_address(address: Address, table: RoutingTable) -> bool:
+    return address.local.lower() == DIRSYNC_LOCAL and any(
+        address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
+
+
+def _starttls_for(domain: str, table: RoutingTable, override: str | None = None) -> str:
+    if override:
+        return override
+    match = most_specific(domain, [(d, p) for d, p in table.starttls_by_domain])
+    return match[1] if match else table.starttls_default
+
+
+def _fail(recipient: str, trail: _Trail, status: str, reason: str, *, permanent: bool) -> Route:
+    trail.add(f"no route: {reason}")
+    return Route(recipient, FAIL, tuple(trail.steps), permanent=permanent, status=status, reason=reason)
+
+
+def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trail, site: str | None) -> Route:
+    """Steps 5–7 for a domain: E-Mail Domain table, smart host, DNS MX."""
+    entry = most_specific(domain, [(r.domain, r) for r in table.email_domains])
+    if entry is not None:
+        pattern, r = entry
+        trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
+        if (r.host.lower(), r.port) in table.self_endpoints:
+            return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
+        return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
+                     starttls=_starttls_for(domain, table, r.starttls), site=site)
+    trail.add(f"E-Mail Domain table: no entry matches {domain}")
+    if table.smart_host is not None:
+        host, port = table.smart_host
+        trail.add(f"smart host: forward all messages to host {host}:{port}")
+        if (host.lower(), port) in table.self_endpoints:
+            return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
+        return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
+                     starttls=_starttls_for(domain, table), site=site)
+    trail.add(f"DNS: deliver to the MX hosts of {domain}")
+    return Route(recipient, MX, tuple(trail.steps), domain=domain, port=25, starttls=_starttls_for(domain, table), site=site)
+
+
+def site_routing_domain(site: str, table: RoutingTable) -> tuple[str, str] | None:
+    """(routing domain, where it was found) for a remote site, by exact directory name."""
+    for c in table.connected_sites:
+        if c.name == site:
+            return c.routing_domain, "Connected Sites"
+    for name, domain in table.learned_sites:
+        if name == site:
+            return domain, "a site learned by replication (Check Now)"
+    return None
+
+
+def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> Route:
+    trail = _Trail()
+    try:
+        address = parse_address(recipient)
+    except AddressError as exc:
+        return _fail(recipient, trail, "5.1.3", str(exc), permanent=True)
+
+    if is_service_address(address, table):
+        trail.add(f"{recipient} is the directory service address of site {table.site}")
+        return Route(recipient, DIRECTORY, tuple(trail.steps))
+
+    if mailbox is not None:
+        trail.add(f"directory: {recipient} is mailbox {mailbox.alias} ({mailbox.display_name}), home site {mailbox.home_site}")
+        if mailbox.home_site == table.site:
+            return Route(recipient, LOCAL, tuple(trail.steps), mailbox=mailbox.alias)
+        found = site_routing_domain(mailbox.home_site, table)
+        if found is None:
+            return _fail(recipient, trail, "4.4.0",
+                         f"no route to site {mailbox.home_site}: add it to Connected Sites or run Check Now",
+                         permanent=False)
+        routing_domain, source = found
+        trail.add(f"{source}: site {mailbox.home_site} has routing address SMTP @{routing_domain}")
+        return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site)
+
+    trail.add(f"directory: no mailbox has the address {recipient}")
+    entries = [(d, ("local", d)) for d in table.local_domains]
+    entries += [(c.routing_domain, ("site", c.name)) for c in table.connected_sites]
+    entries += [(domain, ("site", name)) for name, domain in table.learned_sites]
+    match = most_specific(address.domain, entries)
+    if match is not None and match[1][0] == "local":
+        return _fail(recipient, trail, "5.1.1", f"{recipient}: unknown or illegal user (domain {match[0]} is this site's)",
+                     permanent=True)
+    if match is not None:
+        site = match[1][1]
+        trail.add(f"Connected Sites: {address.domain} is in the routing address of site {site}")
+        return _route_domain(recipient, address.domain, table, trail, site)
+    return _route_domain(recipient, address.domain, table, trail, None)
+
+
+def local_domains_for(site_domain: str, addressing_domain: str, company_domain: str,
+                      accepted: Sequence[str]) -> tuple[str, ...]:
+    """The domains a site owns: its site domain, its Site Addressing domain, the
+    company domain (shared address space) and any extra accepted domains.  The site
+    domain is kept exact (``#``) so other sites' sub-domains are not swallowed."""
+    domains = ["#" + site_domain, addressing_domain, company_domain, *accepted]
+    seen: list[str] = []
+    for d in domains:
+        if d and d.lower() not in (s.lower() for s in seen):
+            seen.append(d.lower())
+    return tuple(seen)
+
+
+__all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "domain_matches", "is_service_address"]

@@ -1,0 +1,100 @@
+"""Configuration: the seed files load; every mistake names the file and the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imsrelay.config import ConfigError, load_config, parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name,ip,user", [("A", "10", "User1"), ("B", "15", "User2"), ("C", "20", "User3")])
+def test_seed_site_files_load(name, ip, user):
+    c = load_config(ROOT / "config" / f"site{name}.toml")
+    assert c.organisation == "ExchangeORG"
+    assert c.site == f"Site{name}"
+    assert c.site_domain == f"Site{name}.microsoft.com"
+    assert c.company_domain == "microsoft.com"
+    assert c.smtp.listen == f"127.10.10.{ip}" and c.smtp.port == 2525
+    assert {m.alias for m in c.mailboxes} == {user, "Administrator"}
+    assert c.hostname == f"Server{name}.Site{name}.microsoft.com"
+    assert len(c.connected_sites) == 2 and len(c.email_domains) == 2
+    assert c.delivery.retry_intervals == (900.0, 1800.0, 3600.0, 14400.0)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = '[site]\norganisation = "O"\nname = "SiteA"\nserver = "S"\nemail_domain = "a.example"\n'
+
+
+def test_minimal_file_gets_defaults(tmp_path):
+    c = load_config(write(tmp_path, MINIMAL))
+    assert c.company_domain == "a.example"
+    assert c.data_dir == tmp_path / "data" / "SiteA"
+    assert c.smtp.max_hops == 15 and c.delivery.lifetime == 2 * 86400
+
+
+@pytest.mark.parametrize("extra,key", [
+    ('[smtp]\nport = "x"\n', "smtp.port"),
+    ('[smtp]\nport = 70000\n', "smtp.port"),
+    ('[smtp]\nrelay_networks = ["300.1.1.1/8"]\n', "smtp.relay_networks[0]"),
+    ('[smtp]\nmax_hops = 0\n', "smtp.max_hops"),
+    ('[smtp]\nlisten_port = 1\n', "smtp.listen_port"),
+    ('[delivery]\nlifetime = "forever"\n', "delivery.lifetime"),
+    ('[delivery]\nretry_intervals = ["1x"]\n', "delivery.retry_intervals[0]"),
+    ('[[mailboxes]]\ndisplay_name = "x"\n', "mailboxes[0].alias"),
+    ('[[mailboxes]]\nalias = "a b"\n', "mailboxes[0].alias"),
+    ('[[connected_sites]]\nname = "B"\nrouting_address = "B.example"\n', "connected_sites[0].routing_address"),
+    ('[[email_domains]]\ndomain = "b..example"\nhost = "h"\n', "email_domains[0].domain"),
+    ('[logging]\nlevel = "loud"\n', "logging.level"),
+    ('[bogus]\nx = 1\n', "bogus"),
+])
+def test_errors_name_file_and_key(tmp_path, extra, key):
+    path = write(tmp_path, MINIMAL + extra)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == key
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, '[site]\norganisation = "O"\nname = "S"\nserver = "S"\n')
+    with pytest.raises(ConfigError, match="site.email_domain: is required"):
+        load_config(path)
+
+
+def test_toml_syntax_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(syntax\)"):
+        load_config(write(tmp_path, "[site\n"))
+
+
+def test_durations():
+    assert parse_duration("15m") == 900
+    assert parse_duration("2d") == 172800
+    assert parse_duration(0.5) == 0.5
+    assert parse_duration("250ms") == 0.25
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+
+
+def test_check_config_cli_one_line_error_no_traceback(tmp_path):
+    path = write(tmp_path, MINIMAL + '[smtp]\nport = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "imsrelay", "check-config", str(path)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert f"{path}: smtp.port:" in r.stderr
+
+
+def test_check_config_cli_ok():
+    r = subprocess.run([sys.executable, "-m", "imsrelay", "check-config", str(ROOT / "config" / "siteB.toml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "site SiteB" in r.stdout

@@ -1,0 +1,60 @@
+"""Inbound policy: accepted domains, relay control, limits (pure)."""
+
+import ipaddress
+
+from imsrelay.addresses import parse_address
+from imsrelay.policy import InboundPolicy, check_hops, check_recipient, check_size, client_may_relay, count_hops
+from imsrelay.router import local_domains_for
+
+POLICY = InboundPolicy(
+    local_domains=local_domains_for("SiteA.microsoft.com", "microsoft.com", "microsoft.com", ()),
+    org_routing_domains=("siteb.microsoft.com", "sitec.microsoft.com"),
+    relay_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+    max_recipients=3, max_message_size=1000, max_hops=3)
+
+
+def rcpt(addr, ip="192.0.2.1", known=False, n=0):
+    return check_recipient(parse_address(addr), policy=POLICY, client_ip=ip, known=known, accepted_so_far=n)
+
+
+def test_known_recipient_accepted_from_anyone():
+    r = rcpt("User1@microsoft.com", known=True)
+    assert (r.code, r.status) == (250, "2.1.5")
+
+
+def test_unknown_local_user():
+    assert (rcpt("nobody@SiteA.microsoft.com").code, rcpt("nobody@SiteA.microsoft.com").status) == (550, "5.1.1")
+    assert rcpt("nobody@microsoft.com").status == "5.1.1"
+
+
+def test_other_site_domain_forwarded_not_rejected():
+    assert rcpt("User2@SiteB.microsoft.com").code == 250
+
+
+def test_relay_denied_outside_relay_networks():
+    r = rcpt("someone@example.org", ip="192.0.2.1")
+    assert (r.code, r.status) == (554, "5.7.1")
+    assert rcpt("someone@example.org", ip="10.1.2.3").code == 250
+    assert rcpt("someone@example.org", ip="::ffff:10.1.2.3").code == 250
+    assert not client_may_relay(None, POLICY.relay_networks)
+
+
+def test_too_many_recipients():
+    r = rcpt("User1@microsoft.com", known=True, n=3)
+    assert (r.code, r.status) == (452, "4.5.3")
+
+
+def test_size():
+    assert check_size(None, 1000) is None
+    assert check_size(1000, 1000) is None
+    r = check_size(1001, 1000)
+    assert (r.code, r.status) == (552, "5.3.4")
+
+
+def test_hops_count_only_header_received_lines():
+    msg = b"Received: a\r\nreceived: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: in body\r\n"
+    assert count_hops(msg) == 2
+    assert check_hops(msg, 2) is None
+    over = b"Received: x\r\n" * 4 + b"\r\nbody"
+    r = check_hops(over, 3)
+    assert (r.code, r.status) == (554, "5.4.6")
