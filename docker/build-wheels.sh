@@ -5,7 +5,7 @@
 # and needs no network (nor PyPI's TLS chain) inside `docker build`.
 #
 #   docker/build-wheels.sh              # wheels for the repo this script lives in
-#   PYTHON=/usr/bin/python3.11 docker/build-wheels.sh
+#   PYTHON=/usr/bin/python3.11 docker/build-wheels.sh   # this interpreter only
 #
 # The images run CPython 3.11 on Debian bookworm (glibc 2.36) on the host's CPU
 # architecture. With a host CPython 3.11 we simply `pip wheel .` (which also
@@ -29,8 +29,10 @@ if [ ! -f "$REPO/pyproject.toml" ]; then
 fi
 
 pick_python() {
-    local c
-    for c in "${PYTHON:-}" python3.11 python3 python; do
+    local c candidates=(python3.11 python3 python)
+    # An explicit PYTHON is the one to use, 3.11 or not.
+    [ -n "${PYTHON:-}" ] && candidates=("$PYTHON")
+    for c in "${candidates[@]}"; do
         [ -n "$c" ] || continue
         command -v "$c" >/dev/null 2>&1 || continue
         if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then

@@ -18,6 +18,12 @@ from imsrelay.config import ConfigError
 COMMAND_MODULES = [
     "imsrelay.commands.serve",
     "imsrelay.commands.directory",
+    "imsrelay.commands.route",
+    "imsrelay.commands.queue",
+    "imsrelay.commands.replicate",
+    "imsrelay.commands.kcc",
+    "imsrelay.commands.site_addressing",
+    "imsrelay.commands.lab",
 ]
 
 

@@ -121,6 +121,7 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     data_timeout_per_mib: float = 60.0
     connection_idle: float = 30.0
+    mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,7 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         command_timeout=s.duration("command_timeout", 300.0) or 300.0,
         data_timeout_per_mib=s.duration("data_timeout_per_mib", 60.0) or 60.0,
         connection_idle=s.duration("connection_idle", 30.0) or 30.0,
+        mx_port=s.int("mx_port", 25, minimum=1, maximum=65535),
     )
     s.reject_unknown()
     return cfg

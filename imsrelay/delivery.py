@@ -31,9 +31,19 @@ from typing import Any
 from imsrelay import dsn, maildir
 from imsrelay.outcome import Outcome
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, Route
-from imsrelay.spool import BOUNCED, DELIVERED, FAILED, Envelope, RecipientState, Spool, new_queue_id
+from imsrelay.spool import (
+    BOUNCED,
+    DELIVERED,
+    FAILED,
+    TERMINAL,
+    Envelope,
+    RecipientState,
+    Spool,
+    new_queue_id,
+)
 
 EXPIRED_TEXT = "The maximum time for delivering the message expired"
+MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
 
 
 def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
@@ -71,6 +81,9 @@ class QueueManager:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self.idle = asyncio.Event()
+        self._bodies: dict[str, bytes] = {}  # messages accepted by this process, kept while queued
+        self._body_bytes = 0
+        self._maildirs: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -92,8 +105,12 @@ class QueueManager:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def submit(self, env: Envelope) -> None:
-        """A message just made durable: schedule it now."""
+    def submit(self, env: Envelope, message: bytes | None = None) -> None:
+        """A message just made durable: schedule it now.  Its bytes are kept in memory
+        (within a bound) so the first attempt needs no disk read."""
+        if message is not None and self._body_bytes + len(message) <= MAX_CACHED_BODIES:
+            self._bodies[env.queue_id] = message
+            self._body_bytes += len(message)
         self._track(env)
 
     def retry_now(self, queue_id: str | None = None) -> int:
@@ -112,6 +129,9 @@ class QueueManager:
 
     def forget(self, queue_id: str) -> None:
         self.envelopes.pop(queue_id, None)
+        body = self._bodies.pop(queue_id, None)
+        if body is not None:
+            self._body_bytes -= len(body)
 
     @property
     def backlog(self) -> int:
@@ -160,21 +180,38 @@ class QueueManager:
                 pass
 
     async def _reload_and_retry(self) -> int:
-        """``imsrelay queue retry`` ran beside us: pick up its changes to the spool."""
-        on_disk = await asyncio.to_thread(lambda: {e.queue_id: e for e in self.spool.envelopes()})
-        for qid in list(self.envelopes):
-            if qid not in on_disk and qid not in self._running:
-                self.envelopes.pop(qid)
+        """``imsrelay queue retry|delete`` ran beside us: pick up their changes to the
+        spool.  Only messages known before the scan can be found deleted (one accepted
+        while the scan runs is not on its list); a deleted message is forgotten even
+        mid-attempt (its outcome is then not saved).  The in-memory state stays the
+        truth: from disk only an earlier next-attempt time of a pending recipient is
+        taken, so a retry never undoes a delivery made meanwhile.  Returns how many
+        messages were made due sooner."""
+        known = list(self.envelopes)
+
+        def scan() -> tuple[list[str], dict[str, Envelope]]:
+            gone = [qid for qid in known if not self.spool.exists(qid)]
+            return gone, {e.queue_id: e for e in self.spool.envelopes()}
+
+        gone, on_disk = await asyncio.to_thread(scan)
+        for qid in gone:
+            if qid in self.envelopes:
+                self.forget(qid)
                 self.log.info("queue.deleted", queue_id=qid)
-        now = self.clock()
-        for qid, env in on_disk.items():
-            if qid in self._running:
+        count = 0
+        for qid, disk in on_disk.items():
+            env = self.envelopes.get(qid)
+            if env is None or qid in self._running:
                 continue
-            for r in env.pending:
-                r.next_attempt = min(r.next_attempt, now)
-            self.envelopes[qid] = env
-            self._push(env)
-        return len(on_disk)
+            sooner = False
+            for mine, theirs in zip(env.recipients, disk.recipients, strict=False):
+                if mine.state not in TERMINAL and theirs.next_attempt < mine.next_attempt:
+                    mine.next_attempt = theirs.next_attempt
+                    sooner = True
+            if sooner:
+                self._push(env)
+                count += 1
+        return count
 
     # ------------------------------------------------------------ one attempt
 
@@ -195,16 +232,19 @@ class QueueManager:
             self._wake.set()
 
     async def _deliver(self, env: Envelope) -> None:
-        if not await asyncio.to_thread(self.spool.exists, env.queue_id):
-            self.envelopes.pop(env.queue_id, None)
-            self.log.info("queue.deleted", queue_id=env.queue_id)
-            return
-        message = await asyncio.to_thread(self.spool.read_message, env.queue_id)
         now = self.clock()
         due = [r for r in env.pending if r.next_attempt <= now]
         if not due:
             return
-        mailboxes = await self.site.directory.run(self.site.directory.find_recipients, [r.address for r in due])
+        message = self._bodies.get(env.queue_id)
+        if message is None:
+            try:
+                message = await asyncio.to_thread(self.spool.read_message, env.queue_id)
+            except FileNotFoundError:
+                self.forget(env.queue_id)
+                self.log.info("queue.deleted", queue_id=env.queue_id)
+                return
+        mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
         table = await self.site.routing_table()
         from imsrelay.router import route_for  # local import keeps module load light
 
@@ -225,10 +265,7 @@ class QueueManager:
             return [Recorded(r, Outcome(False, rt.permanent, rt.status or "5.0.0", rt.reason or "no route"))
                     for r, rt in group]
         if route.kind == LOCAL:
-            out = []
-            for r, rt in group:
-                out.append(Recorded(r, await self._deliver_local(env, message, r, rt)))
-            return out
+            return [Recorded(r, await self._deliver_local(env, message, r, rt)) for r, rt in group]
         if route.kind == DIRECTORY:
             try:
                 await self.directory_deliver(env, message)
@@ -249,14 +286,18 @@ class QueueManager:
     async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
         assert route.mailbox is not None
         path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
-        index = env.recipients.index(r)
+        write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
+                                       message=message, sender=env.sender, recipient=r.address,
+                                       hostname=self.config.hostname)
         try:
-            file = await asyncio.to_thread(maildir.deliver, path, queue_id=env.queue_id, index=index,
-                                           message=message, sender=env.sender, recipient=r.address,
-                                           hostname=self.config.hostname)
+            if route.mailbox not in self._maildirs:
+                await asyncio.to_thread(maildir.ensure_maildir, path)
+                self._maildirs.add(route.mailbox)
+            await self.spool.committer.commit([write])
         except OSError as exc:
+            self._maildirs.discard(route.mailbox)
             return Outcome.temporary("4.3.0", f"local delivery failed: {exc.strerror or exc}")
-        return Outcome.delivered(f"delivered to {file}")
+        return Outcome.delivered(f"delivered to {write.path}")
 
     # ------------------------------------------------------------ outcomes
 
@@ -296,12 +337,11 @@ class QueueManager:
             await self._send_report(env, message, delayed, delay=True)
             for r in delayed:
                 r.delay_notified = True
-        if not await asyncio.to_thread(self.spool.exists, env.queue_id):
-            self.envelopes.pop(env.queue_id, None)  # deleted by an operator meanwhile
-            return
+        if env.queue_id not in self.envelopes:
+            return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
             await self.spool.remove(env.queue_id)
-            self.envelopes.pop(env.queue_id, None)
+            self.forget(env.queue_id)
             self.log.info("message.finished", queue_id=env.queue_id, sender=env.sender)
         else:
             await self.spool.save_state(env)
@@ -333,7 +373,8 @@ class QueueManager:
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
             postmaster=self.site.postmaster_address())
         ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
-                       received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id})
+                       received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
+                       body_8bit=not report.isascii())
         await self.site.enqueue_local(ndr, report)
         if not delay:
             for r in recipients:

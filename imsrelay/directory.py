@@ -8,6 +8,15 @@ peer can ask for "everything above my high-water mark".  A deletion is a tombsto
 the object stays, ``deleted`` set, until it is older than the tombstone lifetime.
 
 Applying a remote object is a join (max by stamp): idempotent and order-independent.
+Equal stamps with different content (which a healthy organisation never produces) are
+ordered by the content itself, so the join is a total order either way.
+
+An SMTP address claimed by several live mailboxes (two sites gave it out concurrently,
+before replication told each about the other) belongs to one owner derived from *all*
+claims, never from the order they arrived in: the mailbox that has it as its primary
+address, then the smallest object id.  The rule uses nothing an unrelated edit would
+change, so a display-name change never moves an address.  ``address_conflicts`` lists
+such addresses (Check Now reports them).
 All methods are synchronous; the async site calls them through one executor thread
 (``Directory.run``) so SQLite never blocks the event loop.
 """
@@ -48,6 +57,13 @@ CREATE TABLE IF NOT EXISTS proxy_addresses(
     object_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS proxy_object ON proxy_addresses(object_id);
+CREATE TABLE IF NOT EXISTS address_claims(
+    address    TEXT NOT NULL,
+    object_id  TEXT NOT NULL,
+    is_primary INTEGER NOT NULL,
+    PRIMARY KEY(address, object_id)
+);
+CREATE INDEX IF NOT EXISTS claims_object ON address_claims(object_id);
 CREATE TABLE IF NOT EXISTS peers(
     site          TEXT PRIMARY KEY,
     invocation    TEXT NOT NULL DEFAULT '',
@@ -65,6 +81,7 @@ CREATE TABLE IF NOT EXISTS seen_messages(
 """
 
 TOMBSTONE_LIFETIME = 30 * 86400.0
+ADDRESS_INDEX_VERSION = "2"  # address_claims + derived proxy_addresses
 T = TypeVar("T")
 
 
@@ -153,6 +170,11 @@ class BulkReport:
     substitutes: tuple[tuple[str, str], ...]  # (alias, the unique address chosen instead)
 
 
+def merge_order(obj: DirObject) -> tuple[Any, ...]:
+    """The total order the join uses: stamp first; the content only breaks ties."""
+    return (obj.stamp.key(), obj.deleted, json.dumps(obj.data, sort_keys=True), obj.home_site, obj.kind)
+
+
 def mailbox_id(home_site: str, alias: str) -> str:
     return f"mailbox:{home_site}:{alias.lower()}"
 
@@ -189,6 +211,8 @@ class Directory:
         if self._meta("invocation") is None:
             self._set_meta("invocation", secrets.token_hex(8))
             self._set_meta("usn", "0")
+        if self._meta("address_index") != ADDRESS_INDEX_VERSION:
+            self._rebuild_address_index()
         self.listeners: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------- plumbing
@@ -234,6 +258,17 @@ class Directory:
     def _transaction(self) -> _Tx:
         return _Tx(self._db)
 
+    def transaction(self) -> _Tx:
+        """``with directory.transaction():`` — several changes committed together
+        (nestable; only the outermost level commits)."""
+        return _Tx(self._db)
+
+    def get_meta(self, key: str) -> str | None:
+        return self._meta(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._set_meta(key, value)
+
     # ---------------------------------------------------------------- objects
 
     def _load(self, object_id: str) -> DirObject | None:
@@ -252,24 +287,76 @@ class Directory:
             "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn",
             (obj.object_id, obj.kind, obj.home_site, obj.stamp.version, obj.stamp.changed_at,
              obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn))
-        self._db.execute("DELETE FROM proxy_addresses WHERE object_id=?", (obj.object_id,))
-        if obj.kind == "mailbox" and not obj.deleted:
-            for proxy in obj.data.get("proxy_addresses", ()):
+        self._index_addresses(obj)
+
+    @staticmethod
+    def _claims_of(obj: DirObject) -> dict[str, bool]:
+        """Lookup key → is-primary, for the SMTP addresses a live mailbox claims."""
+        claims: dict[str, bool] = {}
+        if obj.kind != "mailbox" or obj.deleted:
+            return claims
+        for proxy in obj.data.get("proxy_addresses", ()):
+            try:
                 p = parse_proxy(proxy)
                 if p.type != "SMTP":
                     continue
-                try:
-                    key = parse_address(p.address).key
-                except AddressError:
-                    continue
-                # An address owned by another live object stays with the greater stamp.
-                owner = self._db.execute("SELECT object_id FROM proxy_addresses WHERE address=?", (key,)).fetchone()
-                if owner and owner[0] != obj.object_id:
-                    other = self._load(owner[0])
-                    if other and not other.deleted and other.stamp.key() > obj.stamp.key():
-                        continue
-                self._db.execute("INSERT OR REPLACE INTO proxy_addresses(address, object_id) VALUES(?, ?)",
-                                 (key, obj.object_id))
+                key = parse_address(p.address).key
+            except AddressError:
+                continue
+            claims[key] = claims.get(key, False) or p.primary
+        return claims
+
+    def _index_addresses(self, obj: DirObject) -> None:
+        """Replace obj's address claims and re-derive the owner of every address
+        touched.  The owner depends only on the set of live claims (order-independent)."""
+        before = [r[0] for r in self._db.execute(
+            "SELECT address FROM address_claims WHERE object_id=?", (obj.object_id,)).fetchall()]
+        self._db.execute("DELETE FROM address_claims WHERE object_id=?", (obj.object_id,))
+        claims = self._claims_of(obj)
+        self._db.executemany("INSERT INTO address_claims(address, object_id, is_primary) VALUES(?,?,?)",
+                             [(k, obj.object_id, int(primary)) for k, primary in claims.items()])
+        for key in set(before) | set(claims):
+            self._resolve_owner(key)
+
+    def _resolve_owner(self, key: str) -> None:
+        row = self._db.execute(
+            "SELECT object_id FROM address_claims WHERE address=? "
+            "ORDER BY is_primary DESC, object_id ASC LIMIT 1", (key,)).fetchone()
+        if row is None:
+            self._db.execute("DELETE FROM proxy_addresses WHERE address=?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO proxy_addresses(address, object_id) VALUES(?, ?)",
+                             (key, row[0]))
+
+    def _rebuild_address_index(self) -> None:
+        """Derive address_claims and proxy_addresses from the objects (new or older databases)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM address_claims")
+            self._db.execute("DELETE FROM proxy_addresses")
+            rows = self._db.execute(
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "FROM objects WHERE kind='mailbox' AND deleted=0").fetchall()
+            for row in rows:
+                obj = _row_object(row)
+                self._db.executemany("INSERT INTO address_claims(address, object_id, is_primary) VALUES(?,?,?)",
+                                     [(k, obj.object_id, int(p)) for k, p in self._claims_of(obj).items()])
+            for (key,) in self._db.execute("SELECT DISTINCT address FROM address_claims").fetchall():
+                self._resolve_owner(key)
+            self._set_meta("address_index", ADDRESS_INDEX_VERSION)
+
+    def address_conflicts(self) -> list[tuple[str, str, list[str]]]:
+        """Addresses claimed by more than one live mailbox: (address, owner, the others)."""
+        rows = self._db.execute(
+            "SELECT c.address, c.object_id FROM address_claims c JOIN "
+            "(SELECT address FROM address_claims GROUP BY address HAVING COUNT(*) > 1) d "
+            "ON d.address = c.address ORDER BY c.address, c.object_id").fetchall()
+        owners = dict(self._db.execute(
+            "SELECT address, object_id FROM proxy_addresses WHERE address IN "
+            "(SELECT address FROM address_claims GROUP BY address HAVING COUNT(*) > 1)").fetchall())
+        grouped: dict[str, list[str]] = {}
+        for address, object_id in rows:
+            grouped.setdefault(address, []).append(object_id)
+        return [(a, owners.get(a, ""), [o for o in ids if o != owners.get(a)]) for a, ids in grouped.items()]
 
     def _local_change(self, object_id: str, kind: str, data: dict[str, Any], deleted: bool = False) -> DirObject:
         old = self._load(object_id)
@@ -280,12 +367,13 @@ class Directory:
         return obj
 
     def apply(self, objects: Iterable[DirObject]) -> tuple[int, int]:
-        """Merge remote objects; returns (applied, ignored). Greatest stamp wins."""
+        """Merge remote objects; returns (applied, ignored). Greatest stamp wins
+        (``merge_order``), so applying twice or in any order gives the same result."""
         applied = ignored = 0
         with self._transaction():
             for obj in objects:
                 current = self._load(obj.object_id)
-                if current is not None and current.stamp.key() >= obj.stamp.key():
+                if current is not None and merge_order(current) >= merge_order(obj):
                     ignored += 1
                     continue
                 self._store(obj)
@@ -302,6 +390,37 @@ class Directory:
             "FROM objects WHERE usn > ? ORDER BY usn LIMIT ?", (usn, limit)).fetchall()
         objs = [_row_object(r) for r in rows]
         return objs, (objs[-1].usn if objs else usn)
+
+    def change_batches(self, usn: int, limit: int, *, max_bytes: int = 4 * 1024 * 1024
+                       ) -> tuple[list[tuple[int, int, list[DirObject]]], int]:
+        """Everything changed here above ``usn``, cut into batches of at most ``limit``
+        objects (and about ``max_bytes`` of wire JSON), read as one consistent snapshot.
+
+        Returns ``([(from_usn, to_usn, objects), ...], highest_usn)``: each batch
+        covers the USN interval ``(from_usn, to_usn]`` completely — no other object
+        here had a USN in it — and the last one ends at ``highest_usn``, so a
+        requester may advance its high-water mark over every interval it received.
+        There is always at least one batch (possibly empty)."""
+        limit = max(1, limit)
+        with self._transaction():
+            highest = self.highest_usn
+            rows = self._db.execute(
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "FROM objects WHERE usn > ? ORDER BY usn", (usn,)).fetchall()
+        batches: list[tuple[int, int, list[DirObject]]] = []
+        current: list[DirObject] = []
+        size = 0
+        start = usn
+        for row in rows:
+            obj = _row_object(row)
+            cost = len(row[7]) + 200
+            if current and (len(current) >= limit or size + cost > max_bytes):
+                batches.append((start, current[-1].usn, current))
+                start, current, size = current[-1].usn, [], 0
+            current.append(obj)
+            size += cost
+        batches.append((start, max(highest, start, current[-1].usn if current else start), current))
+        return batches, max(highest, usn)
 
     def all_objects(self) -> list[DirObject]:
         rows = self._db.execute(
@@ -376,17 +495,25 @@ class Directory:
             return None
         return _mailbox_from(obj.data, obj.home_site, False)
 
+    def _claimed_by_other(self, key: str, object_id: str) -> str | None:
+        """Another live mailbox that claims the address (owner or not), if any."""
+        row = self._db.execute(
+            "SELECT object_id FROM address_claims WHERE address=? AND object_id<>? "
+            "ORDER BY is_primary DESC, object_id ASC LIMIT 1", (key, object_id)).fetchone()
+        return row[0] if row else None
+
     def _check_free(self, proxies: Iterable[str], object_id: str) -> None:
         for p in proxies:
-            proxy = parse_proxy(p)
-            if proxy.type != "SMTP":
-                continue
-            key = parse_address(proxy.address).key
-            row = self._db.execute(
-                "SELECT p.object_id FROM proxy_addresses p JOIN objects o ON o.object_id=p.object_id "
-                "WHERE p.address=? AND o.deleted=0", (key,)).fetchone()
-            if row and row[0] != object_id:
-                raise DirectoryError(f"address {proxy.address} already belongs to {row[0]}")
+            try:
+                proxy = parse_proxy(p)
+                if proxy.type != "SMTP":
+                    continue
+                key = parse_address(proxy.address).key
+            except AddressError as exc:
+                raise DirectoryError(str(exc)) from None
+            other = self._claimed_by_other(key, object_id)
+            if other is not None:
+                raise DirectoryError(f"address {proxy.address} already belongs to {other}")
 
     def add_mailbox(self, alias: str, display_name: str | None = None,
                     extra_addresses: Sequence[str] = ()) -> Mailbox:
@@ -433,14 +560,12 @@ class Directory:
         return site.smtp_address
 
     def _unique_address(self, alias: str, domain: str, object_id: str) -> str:
-        """``alias@domain``, or ``alias2@domain``, ``alias3``… when taken by another object."""
+        """``alias@domain``, or ``alias2@domain``, ``alias3``… when another live
+        mailbox claims it (Exchange's non-unique address substitution, event 2053)."""
         n = 1
         while True:
             candidate = f"{alias}{'' if n == 1 else n}@{domain}"
-            owner = self._db.execute(
-                "SELECT p.object_id FROM proxy_addresses p JOIN objects o ON o.object_id=p.object_id "
-                "WHERE p.address=? AND o.deleted=0", (parse_address(candidate).key,)).fetchone()
-            if owner is None or owner[0] == object_id:
+            if self._claimed_by_other(parse_address(candidate).key, object_id) is None:
                 return candidate
             n += 1
 

@@ -237,20 +237,26 @@ class MailResolver:
     async def next_hops(self, domain: str, port: int = 25) -> list[NextHop]:
         """Every address of every MX host of `domain`, in the order to try them.
 
-        An MX host whose address lookup fails is skipped while others work; if
-        none has an address, the failure is temporary when any lookup was.
+        The hosts' addresses are looked up concurrently. An MX host whose lookup
+        fails is skipped while another has an address; an address already listed
+        for a more preferred host is not repeated. If no host has an address the
+        failure is temporary when any lookup was.
         """
         hosts = await self.mx_hosts(domain)
+        outcomes = await asyncio.gather(
+            *(self.addresses(mx.name) for mx in hosts), return_exceptions=True
+        )
         hops: list[NextHop] = []
         failures: list[DnsFailure] = []
-        for mx in hosts:
-            try:
-                addresses = await self.addresses(mx.name)
-            except DnsFailure as failure:
-                log.info("dns.mx_host_unusable", domain=domain, host=mx.name, reason=failure.reason)
-                failures.append(failure)
-                continue
-            hops.extend(NextHop(mx.name, address, port, mx.preference) for address in addresses)
+        for mx, outcome in zip(hosts, outcomes, strict=True):
+            if isinstance(outcome, DnsFailure):
+                log.info("dns.mx_host_unusable", domain=domain, host=mx.name, reason=outcome.reason)
+                failures.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                seen = {hop.address for hop in hops}
+                hops += [NextHop(mx.name, a, port, mx.preference) for a in outcome if a not in seen]
         if hops:
             return hops
         temporary = [f for f in failures if not f.permanent]

@@ -236,22 +236,27 @@ def _human_part(
             continue
         lines += [heading, ""]
         for r in chosen:
-            when = f" on {email.utils.format_datetime(_utc(r.last_attempt))}" if r.last_attempt else ""
+            when = (
+                f" on {email.utils.format_datetime(_utc(r.last_attempt))}" if r.last_attempt else ""
+            )
             friendly, ims_text = _texts_for(r)
             lines.append(f"      {r.final_recipient}{when}")
             lines.append(f"            {friendly}")
             if action in ("failed", "delayed"):
                 lines.append(f"            {reporter.ims_prefix} {ims_text}")
             detail = _diagnostic_text(r.diagnostic)
-            if r.remote_mta and detail and detail not in (friendly, ims_text):
+            if r.remote_mta and detail and detail != friendly and detail not in ims_text:
                 lines.append(f"            {_one_line(r.remote_mta)} said: {detail}")
             if r.will_retry_until and action == "delayed":
                 until = email.utils.format_datetime(_utc(r.will_retry_until))
                 lines.append(f"            The server will keep trying until {until}.")
             lines.append("")
-    lines += _explanation(kind)
+    lines += _explanation({r.action for r in recipients})
+    text = "\n".join(lines) + "\n"
+    # Plain 7bit when it can be (long address lines would make the stdlib pick quoted-printable).
+    plain = text.isascii() and max(map(len, lines)) <= 998
     part = MIMEPart(policy=policy)
-    part.set_content("\n".join(lines) + "\n", subtype="plain", charset="utf-8")
+    part.set_content(text, subtype="plain", charset="utf-8", cte="7bit" if plain else None)
     return part
 
 
@@ -261,26 +266,36 @@ def _texts_for(r: RecipientStatus) -> tuple[str, str]:
     known = _IMS_TEXTS.get(r.status)
     if known is not None and r.action in ("failed", "delayed"):
         return known
+    ims_text = detail if r.status in detail else f"{r.status} {detail}".strip()
     if r.action == "delayed":
-        return ("The message has not been delivered yet", f"{r.status} {detail}".strip())
+        return ("The message has not been delivered yet", ims_text)
     if r.action == "failed":
-        return (detail or "The message could not be delivered", f"{r.status} {detail}".strip())
+        return (detail or "The message could not be delivered", ims_text)
     return ({"relayed": "Passed on", "expanded": "Expanded"}.get(r.action, "Delivered"), "")
 
 
-def _explanation(kind: str) -> list[str]:
-    if kind == "Undeliverable":
-        return [
-            "The message could not be delivered to the recipient(s) above and will not be",
-            "retried. Check each address for spelling and send the message again; if it still",
-            "fails, show this report to your e-mail administrator.",
-        ]
-    if kind == "Delivery delayed":
-        return [
-            "This is a warning only: you do not need to send the message again. The server",
-            "keeps trying, and you will get another report if it finally gives up.",
-        ]
-    return ["This is a delivery confirmation you asked for; no action is needed."]
+def _explanation(actions: set[str]) -> list[str]:
+    paragraphs: list[list[str]] = []
+    if "failed" in actions:
+        paragraphs.append(
+            [
+                "The message could not be delivered to the recipient(s) that could not be",
+                "reached and will not be retried for them. Check each address for spelling and",
+                "send the message again; if it still fails, show this report to your e-mail",
+                "administrator.",
+            ]
+        )
+    if "delayed" in actions:
+        paragraphs.append(
+            [
+                "For delayed recipient(s) this is a warning only: you do not need to send the",
+                "message again. The server keeps trying, and you will get another report if it",
+                "finally gives up.",
+            ]
+        )
+    if actions & {"delivered", "relayed", "expanded"}:
+        paragraphs.append(["Delivery confirmations need no action."])
+    return [line for paragraph in paragraphs for line in [*paragraph, ""]][:-1]
 
 
 def _status_part(

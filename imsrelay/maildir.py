@@ -3,16 +3,18 @@
 A delivered file starts with ``Return-Path``, ``Delivered-To`` and a ``Received:``
 line, followed by the message bytes exactly as queued.  The file name is derived
 from the queue id and the recipient, so a delivery repeated after a crash finds
-its own earlier file and does not deliver twice.
+its own earlier file (in ``new/``, or in ``cur/`` without flags) and does not
+deliver twice.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from email.utils import format_datetime
 from datetime import UTC, datetime
 from pathlib import Path
+
+from imsrelay.spool import Write
 
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
 
@@ -22,6 +24,8 @@ def mailbox_dir(data_dir: Path, alias: str) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
+    if (path / "new").is_dir() and (path / "tmp").is_dir():
+        return
     for sub in ("tmp", "new", "cur"):
         (path / sub).mkdir(parents=True, exist_ok=True)
 
@@ -36,33 +40,19 @@ def trace_headers(*, sender: str, recipient: str, hostname: str, queue_id: str, 
     ).encode("utf-8", "surrogateescape")
 
 
-def deliver(maildir: Path, *, queue_id: str, index: int, message: bytes, sender: str, recipient: str,
-            hostname: str) -> Path:
-    """Deliver durably (tmp → fsync → rename into new/ → fsync new/); idempotent per
-    (queue id, recipient index). Returns the file's path."""
-    ensure_maildir(maildir)
-    unique = f"{queue_id}.R{index}.{_HOST}"
-    for sub in ("new", "cur"):
-        for existing in (maildir / sub).glob(unique + "*"):
-            return existing
-    tmp = maildir / "tmp" / unique
-    final = maildir / "new" / unique
+def unique_name(queue_id: str, index: int) -> str:
+    return f"{queue_id}.R{index}.{_HOST}"
+
+
+def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, sender: str, recipient: str,
+                   hostname: str) -> Write:
+    """The spool write that delivers one message into ``maildir``: written in its
+    tmp/, fsynced, renamed into new/ (new/ fsynced by the group commit); skipped if
+    this (queue id, recipient) was delivered before, in new/ or unflagged in cur/."""
+    unique = unique_name(queue_id, index)
     data = trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id) + message
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(maildir / "new", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return final
+    return Write(maildir / "new" / unique, data, tmp_dir=maildir / "tmp",
+                 unless_exists=(maildir / "new" / unique, maildir / "cur" / unique, maildir / "cur" / f"{unique}:2,"))
 
 
 def list_messages(maildir: Path) -> list[Path]:

@@ -47,6 +47,7 @@ class RoutingTable:
     starttls_default: str = "opportunistic"
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
+    mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
         return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
                      starttls=_starttls_for(domain, table), site=site)
     trail.add(f"DNS: deliver to the MX hosts of {domain}")
-    return Route(recipient, MX, tuple(trail.steps), domain=domain, port=25, starttls=_starttls_for(domain, table), site=site)
+    return Route(recipient, MX, tuple(trail.steps), domain=domain, port=table.mx_port,
+                 starttls=_starttls_for(domain, table), site=site)
 
 
 def site_routing_domain(site: str, table: RoutingTable) -> tuple[str, str] | None:

@@ -19,7 +19,7 @@ from imsrelay import dsn
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
-from imsrelay.directory import Directory
+from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
 from imsrelay.rewrite import RewriteRules
@@ -44,9 +44,32 @@ class Site:
         self.admin: Any = None
         self.qmgr = QueueManager(self, self.spool, smtp_deliver=self._smtp_deliver,
                                  directory_deliver=self._directory_deliver, clock=clock)
+        self._mailbox_cache: dict[str, Mailbox | None] = {}
+        self._cache_generation = 0
+        self._seen_usn = -1
+        self._table: RoutingTable | None = None
         self._server: asyncio.base_events.Server | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        try:
+            self._build_replication_and_admin()
+        except Exception:
+            self.directory.close()
+            self.spool.close()
+            raise
+
+    def _build_replication_and_admin(self) -> None:
+        """Directory replication needs the organisation key; the admin endpoint a token."""
+        from imsrelay.admin import AdminServer
+        from imsrelay.replication import Replicator
+
+        if self.config.replication.resolved_key():
+            self.replicator = Replicator(self)
+        else:
+            self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
+                             f"${self.config.replication.key_env}; dirsync messages are ignored")
+        if self.config.admin.port != 0:
+            self.admin = AdminServer(self)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -60,7 +83,7 @@ class Site:
             self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
         await self.refresh()
         loop = asyncio.get_running_loop()
-        self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._schedule_refresh))
+        self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
         self._build_outbound()
         await self.qmgr.start()
         tls = self._tls_context()
@@ -102,7 +125,7 @@ class Site:
         from imsrelay.dns import MailResolver
 
         resolver = MailResolver(self.config.dns.nameservers, timeout=self.config.dns.timeout)
-        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints(), self.log)
+        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints, self.log)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
@@ -115,17 +138,47 @@ class Site:
     # ------------------------------------------------------------ live state
 
     async def refresh(self) -> None:
-        site = await self.directory.run(self.directory.site_object)
+        """Re-read what the site derives from its directory (Site Addressing, sites
+        learned by Check Now) and drop cached look-ups if the directory changed —
+        also when another process (an offline CLI command) changed it."""
+        site, learned, usn = await self.directory.run(self._directory_snapshot)
+        if usn != self._seen_usn:
+            self._seen_usn = usn
+            self._clear_lookups()
         if site is not None:
             self._addressing = site.smtp_address
-        self._learned_sites = tuple(await self.directory.run(self.learned_sites_sync))
+        self._learned_sites = learned
+        self._table = None
+
+    def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int]:
+        return self.directory.site_object(), tuple(self.learned_sites_sync()), self.directory.highest_usn
+
+    def _directory_changed(self) -> None:
+        self._clear_lookups()
+        self._schedule_refresh()
+
+    def _clear_lookups(self) -> None:
+        self._mailbox_cache.clear()
+        self._cache_generation += 1
+
+    async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address, answered from memory when possible."""
+        missing = [a for a in addresses if a.lower() not in self._mailbox_cache]
+        if missing:
+            generation = self._cache_generation
+            found = await self.directory.run(self.directory.find_recipients, missing)
+            if generation == self._cache_generation and len(self._mailbox_cache) < 100_000:
+                for a, m in zip(missing, found, strict=True):
+                    self._mailbox_cache[a.lower()] = m
+            else:
+                answers = {a.lower(): m for a, m in zip(missing, found, strict=True)}
+                return [answers[a.lower()] if a.lower() in answers else self._mailbox_cache.get(a.lower())
+                        for a in addresses]
+        return [self._mailbox_cache.get(a.lower()) for a in addresses]
 
     def learned_sites_sync(self) -> list[tuple[str, str]]:
         """Sites made known to routing by the last Check Now (stored in the directory)."""
-        import json
-
-        raw = self.directory._meta("kcc.sites")
-        return [tuple(x) for x in json.loads(raw)] if raw else []  # type: ignore[misc]
+        return read_learned_sites(self.directory)
 
     def _schedule_refresh(self) -> None:
         asyncio.ensure_future(self.refresh())
@@ -143,9 +196,7 @@ class Site:
         return self._addressing.lstrip("@").lower()
 
     def self_endpoints(self) -> frozenset[tuple[str, int]]:
-        cfg = self.config.smtp
-        port = self.bound_port or cfg.port
-        return frozenset({(cfg.listen.lower(), port), (self.config.hostname.lower(), port)})
+        return endpoints_for(self.config, self.bound_port or self.config.smtp.port)
 
     def inbound_policy(self) -> InboundPolicy:
         cfg = self.config
@@ -157,16 +208,13 @@ class Site:
                              max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops)
 
     async def routing_table(self) -> RoutingTable:
-        cfg = self.config
-        return RoutingTable(
-            site=cfg.site, site_domain=cfg.site_domain,
-            local_domains=self.inbound_policy().local_domains,
-            connected_sites=cfg.connected_sites, learned_sites=self._learned_sites,
-            email_domains=cfg.email_domains,
-            smart_host=(cfg.delivery.smart_host, cfg.delivery.smart_host_port) if cfg.delivery.smart_host else None,
-            self_endpoints=self.self_endpoints(), starttls_default=cfg.delivery.starttls,
-            starttls_by_domain=tuple((p.domain, p.starttls) for p in cfg.delivery.tls_policies),
-            service_domains=(self.addressing_domain,))
+        if self._table is None:
+            self._table = self._build_routing_table()
+        return self._table
+
+    def _build_routing_table(self) -> RoutingTable:
+        return routing_table_for(self.config, addressing_domain=self.addressing_domain,
+                                 learned_sites=self._learned_sites, self_endpoints=self.self_endpoints())
 
     async def rewrite_rules(self) -> RewriteRules:
         return RewriteRules(self.config.site_domain, self.addressing_domain)
@@ -182,11 +230,11 @@ class Site:
         if parsed.local.lower() == "postmaster" and any(
                 parsed.domain == d.lstrip("#") for d in table.local_domains):
             return True
-        return await self.directory.run(self.directory.find_recipient, address) is not None
+        return (await self.lookup_mailboxes([address]))[0] is not None
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
-        found = await self.directory.run(self.directory.find_recipients, addresses)
+        found = await self.lookup_mailboxes(addresses)
         out: dict[str, str] = {}
         for addr, mbx in zip(addresses, found, strict=True):
             if mbx is not None and mbx.home_site == self.config.site and mbx.primary_address:
@@ -203,12 +251,12 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.spool.enqueue(env, message)
-        self.qmgr.submit(env)
+        self.qmgr.submit(env, message)
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
         await self.spool.enqueue(env, message)
-        self.qmgr.submit(env)
+        self.qmgr.submit(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
 
@@ -232,6 +280,36 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
+
+
+def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:
+    """Where this site itself listens: (address, port) and (host name, port)."""
+    return frozenset({(config.smtp.listen.lower(), port), (config.hostname.lower(), port)})
+
+
+def read_learned_sites(directory: Directory) -> list[tuple[str, str]]:
+    """(site, routing domain) pairs the last Check Now stored in the directory."""
+    import json
+
+    raw = directory._meta("kcc.sites")
+    return [tuple(x) for x in json.loads(raw)] if raw else []  # type: ignore[misc]
+
+
+def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
+                      self_endpoints: frozenset[tuple[str, int]]) -> RoutingTable:
+    """The router's input from the config file and what the directory says (pure);
+    shared by the running site and ``imsrelay route``."""
+    d = config.delivery
+    locals_ = local_domains_for(config.site_domain, addressing_domain, config.company_domain,
+                                config.smtp.accepted_domains)
+    return RoutingTable(
+        site=config.site, site_domain=config.site_domain, local_domains=locals_,
+        connected_sites=config.connected_sites, learned_sites=tuple(learned_sites),
+        email_domains=config.email_domains,
+        smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
+        self_endpoints=self_endpoints, starttls_default=d.starttls,
+        starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
+        service_domains=(addressing_domain,), mx_port=d.mx_port)
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event) -> None:

@@ -2,19 +2,23 @@
 
 Layout under ``<data>/queue/``::
 
-    active/ID.msg     the message bytes exactly as received (immutable)
-    active/ID.env     the envelope as accepted: sender, recipients (immutable)
+    active/ID.q       the queue file: one line ``IMSQ1 <n>``, the envelope as
+                      accepted (n bytes of JSON: sender, recipients, …), then the
+                      message bytes exactly as received; never changed afterwards
     active/ID.state   per-recipient progress (rewritten as delivery advances)
     tmp/              files being written; anything here after a crash is garbage
     retry-now         touched by ``imsrelay queue retry`` so a running site rescans
 
-Durability (DESIGN.md invariant 1): ``enqueue`` writes ``.msg`` and ``.env`` to
-``tmp/``, fsyncs each file, renames them into ``active/`` and fsyncs the directory;
-only then does it return, and only then does the SMTP server answer ``250``.  A
-message is in the queue exactly when its ``.env`` is in ``active/`` and parses; a
-``.msg`` without one was never acknowledged and is removed at recovery.  If a
-``.state`` is unreadable, the ``.env`` is used: every unfinished recipient is tried
-again (at worst a duplicate, never a loss).
+Durability (DESIGN.md invariant 1): ``enqueue`` writes the queue file to ``tmp/``,
+fsyncs it, renames it into ``active/`` and fsyncs the directory; only then does it
+return, and only then does the SMTP server answer ``250``.  One file and one fsync
+per message, as in Postfix.  A message is in the queue exactly when its ``.q`` file
+is in ``active/`` and is complete (its envelope's ``size`` matches); anything else
+was never acknowledged and is removed at recovery.  If a ``.state`` is unreadable,
+the envelope in the ``.q`` file is used: every unfinished recipient is tried again
+(at worst a duplicate, never a loss).  Removing a finished message is not fsynced:
+if a crash undoes the removal, the message is delivered again (Maildir delivery
+recognises its own earlier file).
 
 All file work runs on one writer thread that takes every request waiting at the
 moment and makes them durable together (group commit): many sessions share one
@@ -24,6 +28,7 @@ round of directory fsyncs, and the event loop never blocks on the disk.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import queue as stdqueue
@@ -42,9 +47,14 @@ FAILED = "failed"  # failed, no NDR possible (null sender) or suppressed: logged
 TERMINAL = frozenset({DELIVERED, BOUNCED, FAILED})
 
 
+_ID_PREFIX = secrets.token_hex(2).upper()
+_ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
+
+
 def new_queue_id() -> str:
-    """Sortable, unique: 13 hex digits of microseconds + 6 random hex digits."""
-    return f"{int(time.time() * 1_000_000):013X}{secrets.token_hex(3).upper()}"
+    """Sortable and unique: 13 hex digits of microseconds, 4 of this process's random
+    prefix, 4 of a per-process counter (no system call per id)."""
+    return f"{int(time.time() * 1_000_000):013X}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF:04X}"
 
 
 @dataclass
@@ -103,8 +113,14 @@ class Envelope:
 
 @dataclass(frozen=True)
 class Write:
+    """Create or replace ``path`` with ``data`` atomically (via a temporary file in
+    ``tmp_dir``, default the spool's tmp/, on the same file system).  Skipped when one
+    of ``unless_exists`` is already there (idempotent Maildir delivery)."""
+
     path: Path
     data: bytes
+    tmp_dir: Path | None = None
+    unless_exists: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +204,9 @@ def _apply_batch(batch: list[tuple[Sequence[Write | Unlink], bool]], tmp_dir: Pa
         try:
             for op in ops:
                 if isinstance(op, Write):
-                    tmp = tmp_dir / f"{op.path.name}.{secrets.token_hex(4)}"
+                    if op.unless_exists and any(p.exists() for p in op.unless_exists):
+                        continue
+                    tmp = (op.tmp_dir or tmp_dir) / f"{op.path.name}.{secrets.token_hex(4)}"
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
                         view = memoryview(op.data)
@@ -221,6 +239,28 @@ def _apply_batch(batch: list[tuple[Sequence[Write | Unlink], bool]], tmp_dir: Pa
 # ----------------------------------------------------------------- the spool
 
 
+_MAGIC = b"IMSQ1 "
+
+
+def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
+    envelope.size = len(message)
+    header = envelope.to_json()
+    return _MAGIC + str(len(header)).encode() + b"\n" + header + message
+
+
+def parse_queue_file(data: bytes) -> tuple[Envelope, int]:
+    """(envelope, offset of the message bytes); ValueError when incomplete."""
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a queue file")
+    nl = data.index(b"\n")
+    length = int(data[len(_MAGIC):nl])
+    start = nl + 1 + length
+    envelope = Envelope.from_json(data[nl + 1:start])
+    if len(data) - start != envelope.size:
+        raise ValueError("queue file is incomplete")
+    return envelope, start
+
+
 class Spool:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / "queue"
@@ -234,54 +274,50 @@ class Spool:
     def close(self) -> None:
         self.committer.stop()
 
-    def _paths(self, queue_id: str) -> tuple[Path, Path, Path]:
+    def _paths(self, queue_id: str) -> tuple[Path, Path]:
         if not queue_id.isalnum():
             raise ValueError(f"{queue_id!r} is not a queue id")
         base = self.active / queue_id
-        return base.with_suffix(".msg"), base.with_suffix(".env"), base.with_suffix(".state")
+        return base.with_suffix(".q"), base.with_suffix(".state")
 
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
         """Durably add a message; returns only when it is safe to answer 250."""
-        msg, env, _ = self._paths(envelope.queue_id)
-        envelope.size = len(message)
-        await self.committer.commit([Write(msg, message), Write(env, envelope.to_json())])
+        qfile, _ = self._paths(envelope.queue_id)
+        await self.committer.commit([Write(qfile, queue_file_bytes(envelope, message))])
 
     async def save_state(self, envelope: Envelope) -> None:
-        _, _, state = self._paths(envelope.queue_id)
+        _, state = self._paths(envelope.queue_id)
         await self.committer.commit([Write(state, envelope.to_json())])
 
     async def remove(self, queue_id: str) -> None:
-        msg, env, state = self._paths(queue_id)
-        await self.committer.commit([Unlink(env), Unlink(state), Unlink(msg)])
+        qfile, state = self._paths(queue_id)
+        await self.committer.commit([Unlink(qfile), Unlink(state)], durable=False)
 
     def remove_sync(self, queue_id: str) -> bool:
-        msg, env, state = self._paths(queue_id)
-        if not env.exists():
+        qfile, state = self._paths(queue_id)
+        if not qfile.exists():
             return False
-        self.committer.commit_sync([Unlink(env), Unlink(state), Unlink(msg)])
+        self.committer.commit_sync([Unlink(qfile), Unlink(state)])
         return True
 
     def save_state_sync(self, envelope: Envelope) -> None:
-        _, _, state = self._paths(envelope.queue_id)
+        _, state = self._paths(envelope.queue_id)
         self.committer.commit_sync([Write(state, envelope.to_json())])
 
     def exists(self, queue_id: str) -> bool:
-        return self._paths(queue_id)[1].exists()
+        return self._paths(queue_id)[0].exists()
 
     def read_message(self, queue_id: str) -> bytes:
-        return self._paths(queue_id)[0].read_bytes()
+        data = self._paths(queue_id)[0].read_bytes()
+        _, start = parse_queue_file(data)
+        return data[start:]
 
     def load(self, queue_id: str) -> Envelope | None:
         """The latest envelope of a queued message, or None if it is not (fully) queued."""
-        msg, env, state = self._paths(queue_id)
+        qfile, state = self._paths(queue_id)
         try:
-            original = Envelope.from_json(env.read_bytes())
+            original, _ = parse_queue_file(qfile.read_bytes())
         except (FileNotFoundError, ValueError, TypeError, KeyError):
-            return None
-        try:
-            if msg.stat().st_size != original.size:
-                return None
-        except FileNotFoundError:
             return None
         try:
             latest = Envelope.from_json(state.read_bytes())
@@ -292,7 +328,7 @@ class Spool:
         return original
 
     def queue_ids(self) -> list[str]:
-        return sorted(p.stem for p in self.active.glob("*.env"))
+        return sorted(p.stem for p in self.active.glob("*.q"))
 
     def envelopes(self) -> Iterable[Envelope]:
         for qid in self.queue_ids():
@@ -309,8 +345,8 @@ class Spool:
         for qid in sorted(ids):
             env = self.load(qid) if qid.isalnum() else None
             if env is None:
-                for suffix in (".env", ".state", ".msg"):
-                    (self.active / f"{qid}{suffix}").unlink(missing_ok=True)
+                for p in self.active.glob(f"{qid}.*"):
+                    p.unlink(missing_ok=True)
                 continue
             if env.finished:
                 self.remove_sync(qid)

@@ -64,6 +64,12 @@ dup         IN MX    20 mx-a.example.test.
 viacname    IN MX    10 alias
 alias       IN CNAME mx-b
 MixedCase   IN MX    10 Mx-B
+shared      IN MX    10 mx-b
+shared      IN MX    20 alias
+tempfail    IN MX    10 host.elsewhere.invalid.
+tempfail    IN MX    20 missing
+tempskip    IN MX    10 host.elsewhere.invalid.
+tempskip    IN MX    20 mx-c
 short       300 IN MX 10 mx-a
 capped      86400 IN MX 10 mx-a
 """
@@ -257,6 +263,24 @@ async def test_mx_host_without_address_is_skipped_if_another_works(nsd: NsdServe
         await resolver.next_hops("dangling.example.test")
     assert (failure.value.permanent, failure.value.status) == (True, "5.4.4")
     assert "missing.example.test" in failure.value.reason
+
+
+@pytest.mark.asyncio
+async def test_temporary_mx_host_failure_wins_over_permanent(nsd: NsdServer) -> None:
+    # nsd refuses elsewhere.invalid (not its zone): that host's lookup fails temporarily
+    resolver = resolver_for(nsd)
+    assert await resolver.next_hops("tempskip.example.test") == [
+        NextHop("mx-c.example.test", "192.0.2.3", 25, 20)
+    ]
+    with pytest.raises(DnsFailure) as failure:
+        await resolver.next_hops("tempfail.example.test")
+    assert (failure.value.permanent, failure.value.status) == (False, "4.4.3")
+
+
+@pytest.mark.asyncio
+async def test_an_address_is_listed_once(nsd: NsdServer) -> None:
+    hops = await resolver_for(nsd).next_hops("shared.example.test")
+    assert hops == [NextHop("mx-b.example.test", "192.0.2.2", 25, 10)]
 
 
 @pytest.mark.asyncio

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from imsrelay.spool import DELIVERED, Envelope, RecipientState, Spool, new_queue_id
+from imsrelay.spool import DELIVERED, Envelope, RecipientState, Spool, new_queue_id, queue_file_bytes
 
 
 def envelope(n_rcpts=2):
@@ -44,11 +44,11 @@ async def test_state_survives_and_finished_messages_are_dropped(tmp_path):
 def test_unacknowledged_leftovers_removed(tmp_path):
     spool = Spool(tmp_path)
     (spool.tmp / "half-written").write_bytes(b"x")
-    (spool.active / "ABC123.msg").write_bytes(b"message without envelope")  # crash between the two renames
+    (spool.active / "ABC123.q").write_bytes(b"garbage, not a queue file")
+    (spool.active / "ABC124.state").write_bytes(b"{}")  # progress without a message
     e = envelope()
-    (spool.active / f"{e.queue_id}.msg").write_bytes(b"short")
-    e.size = 999  # .env says 999 bytes: the .msg is not the acknowledged one
-    (spool.active / f"{e.queue_id}.env").write_bytes(e.to_json())
+    full = queue_file_bytes(e, b"Subject: x\r\n\r\nbody\r\n")
+    (spool.active / f"{e.queue_id}.q").write_bytes(full[:-3])  # torn write: never acknowledged
     assert spool.recover() == []
     assert list(spool.active.iterdir()) == [] and list(spool.tmp.iterdir()) == []
 

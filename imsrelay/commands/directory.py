@@ -1,4 +1,8 @@
-"""``imsrelay directory list|add|delete`` — the site's directory, read from its database."""
+"""``imsrelay directory list|add|delete`` — the site's directory.
+
+``list`` reads the database; ``add``/``delete`` go through the running site's admin
+endpoint, or (``--offline``) change the stopped site's database directly.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--site", help="only mailboxes homed at this site")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
+    add = dsub.add_parser("add", help="create a mailbox homed at this site (it replicates)")
+    add.add_argument("alias", help="the mailbox alias (letters, digits, . _ -)")
+    add.add_argument("--display-name", help="display name (default: the alias)")
+    _common(add)
+    add.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add.set_defaults(func=cmd_add)
+    rm = dsub.add_parser("delete", help="delete a mailbox homed at this site (a tombstone replicates)")
+    rm.add_argument("alias", help="the mailbox alias")
+    _common(rm)
+    rm.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    rm.set_defaults(func=cmd_delete)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -61,3 +76,45 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     finally:
         directory.close()
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from imsrelay.admin import cli_call, ensure_offline
+    from imsrelay.cli import UserError
+
+    config = load_config(args.config, data_dir=args.data)
+    if not args.offline:
+        m = cli_call(config, "POST", "/directory/mailboxes", {"alias": args.alias, "display_name": args.display_name})
+        print(f"{config.site}: mailbox {m['alias']} created, SMTP:{m['primary_address']}")
+        return 0
+    ensure_offline(config)
+    directory = open_directory(args)
+    try:
+        mbx = directory.add_mailbox(args.alias, args.display_name)
+    except DirectoryError as exc:
+        raise UserError(f"{config.site}: {exc}") from None
+    finally:
+        directory.close()
+    print(f"{config.site}: mailbox {mbx.alias} created, SMTP:{mbx.primary_address} (offline)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from imsrelay.admin import cli_call, ensure_offline
+    from imsrelay.cli import UserError
+
+    config = load_config(args.config, data_dir=args.data)
+    if not args.offline:
+        cli_call(config, "DELETE", f"/directory/mailboxes/{args.alias}")
+        print(f"{config.site}: mailbox {args.alias} deleted (the deletion replicates as a tombstone)")
+        return 0
+    ensure_offline(config)
+    directory = open_directory(args)
+    try:
+        directory.delete_mailbox(args.alias)
+    except DirectoryError as exc:
+        raise UserError(f"{config.site}: {exc}") from None
+    finally:
+        directory.close()
+    print(f"{config.site}: mailbox {args.alias} deleted (offline; the deletion replicates as a tombstone)")
+    return 0

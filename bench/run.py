@@ -1,0 +1,1721 @@
+#!/usr/bin/env python3
+"""imsrelay benchmarks, side by side with Postfix (issue 6).
+
+One command runs every phase on loopback only, each phase bounded in time, and
+writes ``bench/RESULTS.md`` (plus raw JSON and logs under ``bench/out/``)::
+
+    python bench/run.py            # full run (20,000 messages per relay)
+    python bench/run.py --quick    # the same phases, smaller counts
+
+Phases (``--phases`` picks a subset, comma separated):
+
+throughput
+    ``smtp-source -s 20 -m N -l 4096`` into (a) ``smtp-sink`` directly (the
+    ceiling), (b) a private Postfix instance relaying to ``smtp-sink`` (its own
+    config, queue and data directories in a temp dir; default durability: the
+    queue file is fsynced before ``250``), (c) one imsrelay site relaying to
+    ``smtp-sink`` through its E-Mail Domain table.  Messages/s accepted
+    (smtp-source wall time), messages/s end to end (until the sink has counted
+    them all: ``smtp-sink -c``), CPU seconds per message of the relay's process
+    tree (``/proc``: utime+stime of every process, plus the reaped children's).
+latency
+    Two imsrelay sites (SiteA, SiteB on 127.0.0.x) whose E-Mail Domain tables
+    point at each other: time from SiteA's ``250`` to the file appearing in
+    SiteB's Maildir ``new/`` (inotify), p50/p99 at light load (one message at a
+    time) and heavy load (20 concurrent senders).
+replication
+    Three sites; N new mailboxes at SiteA; time until SiteB and SiteC know them
+    all after Request Now.  Reports "skipped" when the replication feature
+    (``imsrelay replicate request-now``) is not in this tree.
+concurrency
+    1,000 simultaneous idle SMTP sessions (after EHLO) held against one site;
+    memory per session = RSS delta / sessions.
+
+Nothing here talks to anything but 127.0.0.0/8.  Needs root for the private
+Postfix instance (and ``apt-get install postfix`` when the tools are missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SENDER = "bench@source.bench.example"
+SINK_RCPT = "sink@bench.example"
+PHASES = ("throughput", "latency", "replication", "concurrency")
+
+# Targets from issue 6.
+TARGET_RATIO = 1.0
+TARGET_RATIO_AIM = 1.5
+TARGET_P99_LIGHT_MS = 100.0
+TARGET_REPLICATION_S = 30.0
+TARGET_SESSION_KIB = 50.0
+
+
+class BenchError(Exception):
+    """A phase could not be run (clear one-line reason)."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ============================================================== tools and machine
+
+
+def which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in SBIN:
+        p = Path(d) / name
+        if p.exists() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def ensure_tools() -> dict[str, str]:
+    """smtp-source, smtp-sink, postfix, postconf: install Debian's postfix if missing."""
+    names = ("smtp-source", "smtp-sink", "postfix", "postconf")
+    tools = {n: which(n) for n in names}
+    if all(tools.values()):
+        return {k: v for k, v in tools.items() if v}
+    if os.geteuid() != 0 or not which("apt-get"):
+        missing = ", ".join(n for n, p in tools.items() if not p)
+        raise SystemExit(f"bench: missing {missing}; install Debian's postfix package (needs root)")
+    log("installing Debian postfix (smtp-source, smtp-sink, reference relay)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["sh", "-c", "echo 'postfix postfix/main_mailer_type select No configuration'"
+                    " | debconf-set-selections"], env=env, check=False, timeout=60)
+    subprocess.run(["apt-get", "update"], env=env, check=False, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "postfix"], env=env,
+                   check=True, timeout=900)
+    tools = {n: which(n) for n in names}
+    if not all(tools.values()):
+        raise SystemExit("bench: postfix installed but its tools are still missing")
+    return {k: v for k, v in tools.items() if v}
+
+
+def machine_info(tools: dict[str, str]) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    postfix_version = "?"
+    with contextlib.suppress(Exception):
+        postfix_version = subprocess.run([tools["postconf"], "-h", "mail_version"], capture_output=True,
+                                         text=True, timeout=10).stdout.strip()
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("imsrelay", "aiosmtpd", "aiosmtplib", "uvloop"):
+        with contextlib.suppress(Exception):
+            versions[pkg] = md.version(pkg)
+    fs = "?"
+    with contextlib.suppress(Exception):
+        fs = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True,
+                            timeout=10).stdout.splitlines()[1].split()[1]
+    return {
+        "nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(), "python": platform.python_version(), "postfix": postfix_version,
+        "packages": versions, "tmp_filesystem": fs, "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# ============================================================== /proc accounting
+
+
+def _stat(pid: int) -> tuple[int, int, int, int, int, int] | None:
+    """(ppid, utime, stime, cutime, cstime, rss_pages) of a process, or None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    rest = raw[raw.rindex(b")") + 2:].split()
+    # fields after "pid (comm)": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14 ... rss=21
+    return (int(rest[1]), int(rest[11]), int(rest[12]), int(rest[13]), int(rest[14]), int(rest[21]))
+
+
+def _all_stats() -> dict[int, tuple[int, int, int, int, int, int]]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                out[int(entry)] = st
+    return out
+
+
+def tree_pids(root: int, stats: dict[int, tuple[int, ...]] | None = None) -> list[int]:
+    stats = stats if stats is not None else _all_stats()
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(st[0], []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU ever used by a process tree: each live process's own time plus the time of
+    the children it has reaped (monotone, so a difference is the CPU in between)."""
+    stats = _all_stats()
+    ticks = sum(stats[p][1] + stats[p][2] + stats[p][3] + stats[p][4] for p in tree_pids(root, stats))
+    return ticks / CLK_TCK
+
+
+def tree_rss_bytes(root: int) -> int:
+    stats = _all_stats()
+    return sum(stats[p][5] for p in tree_pids(root, stats)) * PAGE
+
+
+def process_rss_bytes(pid: int) -> int:
+    """VmRSS of one process (bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies from /proc/stat, for the machine's CPU load during a run."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else 0.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process exited with status {proc.returncode} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1) as s:
+            s.recv(512)  # the 220 banner
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ============================================================== processes we own
+
+
+class Processes:
+    """Every process the harness starts, stopped by its pid (never by name)."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[Any]]] = []
+        self.cleanups: list[tuple[str, Callable[[], None]]] = []
+
+    def start(self, name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen(list(argv), start_new_session=True, **kwargs)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], timeout: float = 20.0) -> int | None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(10)
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+        return proc.returncode
+
+    def on_exit(self, name: str, fn: Callable[[], None]) -> None:
+        self.cleanups.append((name, fn))
+
+    def done(self, name: str) -> None:
+        self.cleanups = [(n, f) for n, f in self.cleanups if n != name]
+
+    def stop_all(self) -> None:
+        for name, fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as exc:  # keep cleaning up the rest
+                log(f"cleanup {name}: {exc!r}")
+        self.cleanups.clear()
+        for _name, proc in reversed(list(self.procs)):
+            self.stop(proc, timeout=10)
+
+
+# ============================================================== smtp-sink
+
+
+class Sink:
+    """``smtp-sink -c`` on loopback; its running counter (``mesg=N``) read live."""
+
+    def __init__(self, procs: Processes, tools: dict[str, str], port: int, logdir: Path) -> None:
+        argv = [tools["smtp-sink"], "-c"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]
+        argv += ["-m", "1024", f"127.0.0.1:{port}", "1024"]
+        self.port = port
+        self.procs = procs
+        self.argv = argv
+        self.proc = procs.start(f"smtp-sink:{port}", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.count = 0
+        self.last_change = time.monotonic()
+        self._cond = threading.Condition()
+        self._tail = b""
+        self._reader = threading.Thread(target=self._read, name=f"sink-{port}", daemon=True)
+        self._reader.start()
+        wait_port("127.0.0.1", port, 10, self.proc)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        pending = b""
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                break
+            pending += chunk
+            *records, pending = re.split(rb"[\r\n]", pending)
+            for rec in reversed(records):
+                m = re.search(rb"mesg=(\d+)", rec)
+                if m:
+                    n = int(m.group(1))
+                    with self._cond:
+                        if n != self.count:
+                            self.count = n
+                            self.last_change = time.monotonic()
+                            self._cond.notify_all()
+                    break
+                if rec.strip():
+                    self._tail = (self._tail + rec + b"\n")[-2000:]
+
+    def wait_count(self, n: int, deadline: float, stall: float = 60.0) -> float | None:
+        """Monotonic time when the counter reached ``n``; None at the deadline or when
+        nothing arrived for ``stall`` seconds."""
+        with self._cond:
+            while self.count < n:
+                now = time.monotonic()
+                if now >= deadline or now - self.last_change > stall or self.proc.poll() is not None:
+                    return None
+                self._cond.wait(min(0.5, deadline - now))
+            return self.last_change if self.count == n else time.monotonic()
+
+    def stop(self) -> None:
+        self.procs.stop(self.proc, timeout=5)
+
+
+# ============================================================== smtp-source
+
+
+@dataclass
+class SourceRun:
+    seconds: float
+    returncode: int
+    output: str
+
+
+def run_source(tools: dict[str, str], port: int, *, messages: int, sessions: int, size: int,
+               timeout: float, host: str = "127.0.0.1") -> SourceRun:
+    argv = [tools["smtp-source"], "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", SENDER, "-t", SINK_RCPT, "-M", "bench-client.invalid", f"{host}:{port}"]
+    t0 = time.monotonic()
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        rc, out = cp.returncode, (cp.stdout + cp.stderr).strip()
+    except subprocess.TimeoutExpired as exc:
+        rc, out = -1, f"timed out after {timeout:.0f}s: {exc.stderr or ''}"
+    return SourceRun(time.monotonic() - t0, rc, out[-2000:])
+
+
+def source_command(messages: int, sessions: int, size: int) -> str:
+    return (f"smtp-source -s {sessions} -m {messages} -l {size} -f {SENDER} -t {SINK_RCPT} "
+            f"-M bench-client.invalid 127.0.0.1:PORT")
+
+
+# ============================================================== private Postfix
+
+
+class PrivatePostfix:
+    """A Postfix instance of our own: config, queue and data directories in a temp dir,
+    smtpd on 127.0.0.1:PORT, relaying everything to ``[127.0.0.1]:SINKPORT``."""
+
+    def __init__(self, procs: Processes, tools: dict[str, str], root: Path, port: int, sink_port: int) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("a private Postfix instance needs root")
+        self.procs = procs
+        self.tools = tools
+        self.root = root
+        self.conf = root / "conf"
+        self.queue = root / "queue"
+        self.data = root / "data"
+        self.logfile = root / "postfix.log"
+        self.port = port
+        self.sink_port = sink_port
+        for d in (self.conf, self.queue, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
+        shutil.copy("/etc/postfix/main.cf", self.conf / "main.cf")
+        shutil.copy("/etc/postfix/master.cf", self.conf / "master.cf")
+        self._write_master_cf()
+        shutil.chown(self.data, "postfix")
+        settings = {
+            "queue_directory": str(self.queue), "data_directory": str(self.data),
+            "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mynetworks": "127.0.0.0/8",
+            "relayhost": f"[127.0.0.1]:{sink_port}", "default_transport": "smtp", "relay_transport": "relay",
+            "mydestination": "", "local_transport": "error:local delivery is disabled",
+            "local_recipient_maps": "", "alias_maps": "", "alias_database": "",
+            "myhostname": "postfix-bench.invalid", "mydomain": "bench.invalid", "myorigin": "bench.invalid",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject",
+            "smtpd_recipient_restrictions": "", "smtpd_peername_lookup": "no",
+            "smtpd_tls_security_level": "none", "smtp_tls_security_level": "none",
+            "smtp_dns_support_level": "disabled", "syslog_name": "postfix-bench",
+            "maillog_file": str(self.logfile), "maillog_file_prefixes": str(root),
+            "compatibility_level": "3.6",
+        }
+        self.postconf(*[f"{k}={v}" for k, v in settings.items()])
+        self.master_pid: int | None = None
+
+    def _write_master_cf(self) -> None:
+        """The system master.cf with smtpd moved to our port and no chroot (the chroot
+        would need a copy of /etc files inside our temp queue directory)."""
+        lines = (self.conf / "master.cf").read_text().splitlines()
+        out = []
+        for line in lines:
+            if not line.strip() or line.startswith("#") or line[0].isspace():
+                out.append(line)
+                continue
+            f = line.split()
+            if len(f) >= 8:
+                if f[1] == "inet" and f[0] in ("smtp", "submission", "smtps", "628"):
+                    if f[0] != "smtp":
+                        continue
+                    f[0] = f"127.0.0.1:{self.port}"
+                if f[4] in ("y", "-"):
+                    f[4] = "n"
+                line = "  ".join(f)
+            out.append(line)
+        (self.conf / "master.cf").write_text("\n".join(out) + "\n")
+
+    def postconf(self, *assignments: str) -> None:
+        subprocess.run([self.tools["postconf"], "-c", str(self.conf), "-e", *assignments], check=True,
+                       capture_output=True, timeout=30)
+
+    def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.tools["postfix"], "-c", str(self.conf), *args], capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start(self) -> None:
+        cp = self._postfix("start")
+        self.procs.on_exit("postfix", self.stop)
+        pidfile = self.queue / "pid" / "master.pid"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                self.master_pid = int(pidfile.read_text().split()[0])
+                if _stat(self.master_pid) is not None:
+                    break
+            time.sleep(0.1)
+        if cp.returncode != 0 or self.master_pid is None:
+            raise BenchError(f"postfix start failed ({cp.returncode}): {cp.stdout}{cp.stderr}{self.log_tail()}")
+        wait_port("127.0.0.1", self.port, 20)
+
+    def log_tail(self, n: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def queue_count(self) -> int:
+        n = 0
+        for sub in ("incoming", "active", "deferred", "maildrop", "hold"):
+            for _dirpath, _dirs, files in os.walk(self.queue / sub):
+                n += len(files)
+        return n
+
+    def stop(self) -> None:
+        if self.master_pid is None:
+            return
+        pid, self.master_pid = self.master_pid, None
+        self.procs.done("postfix")
+        self._postfix("stop", timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _stat(pid) is not None:
+            time.sleep(0.1)
+        if _stat(pid) is not None:
+            self._postfix("abort", timeout=30)
+            time.sleep(1)
+        for p in tree_pids(pid):  # last resort, by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+# ============================================================== imsrelay sites
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for a site file: tables, arrays of tables, scalars and lists."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)
+                   and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        for k, v in scalars.items():
+            lines.append(f"{k} = {toml_value(v)}")
+        for k, v in table.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                lines.append(f"\n[{name}]")
+                emit(name, v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"\n[[{name}]]")
+                    emit(name, item)
+
+    emit("", doc)
+    return "\n".join(lines).lstrip() + "\n"
+
+
+@dataclass
+class SiteSpec:
+    name: str
+    listen: str
+    port: int
+    domain: str
+    company_domain: str
+    mailboxes: list[str] = field(default_factory=list)
+    email_domains: list[tuple[str, str, int]] = field(default_factory=list)
+    connected: list[tuple[str, str]] = field(default_factory=list)  # (site, routing domain)
+    replication_peers: list[str] = field(default_factory=list)
+    admin_port: int = 0
+
+
+class ImsSite:
+    """One ``imsrelay serve --config F`` subprocess with its own data directory."""
+
+    def __init__(self, procs: Processes, root: Path, spec: SiteSpec, *, wrapper: Sequence[str] = ()) -> None:
+        self.procs = procs
+        self.spec = spec
+        self.dir = root / spec.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data = self.dir / "data"
+        self.config = self.dir / f"{spec.name}.toml"
+        self.logfile = self.dir / "site.log"
+        self.wrapper = list(wrapper)
+        self.admin_token = f"bench-{spec.name}-token"
+        doc: dict[str, Any] = {
+            "site": {"organisation": "BenchORG", "name": spec.name, "server": f"Server{spec.name}",
+                     "email_domain": spec.domain, "company_domain": spec.company_domain,
+                     "data_dir": str(self.data)},
+            "smtp": {"listen": spec.listen, "port": spec.port, "relay_networks": ["127.0.0.0/8"],
+                     "idle_timeout": "10m", "session_timeout": "1h", "max_errors": 1000},
+            "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
+            "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none"},
+            # A dead loopback resolver: no lab name ever reaches the system resolver.
+            "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 1},
+            "connected_sites": [{"name": s, "routing_address": "@" + d} for s, d in spec.connected],
+            "email_domains": [{"domain": d, "host": h, "port": p} for d, h, p in spec.email_domains],
+            "replication": {"key": "bench-org-key", "startup_delay": "1h",
+                            "connectors": [{"site": s, "schedule": "never"} for s in spec.replication_peers]},
+            "logging": {"level": "warning", "format": "json"},
+        }
+        if spec.admin_port:
+            doc["admin"] = {"listen": spec.listen, "port": spec.admin_port, "token": self.admin_token}
+        for key in ("mailboxes", "connected_sites", "email_domains"):
+            if not doc[key]:
+                del doc[key]
+        if not spec.replication_peers:
+            del doc["replication"]["connectors"]
+        self.config.write_text(to_toml(doc))
+        self.proc: subprocess.Popen[Any] | None = None
+
+    def maildir_new(self, alias: str) -> Path:
+        return self.data / "mailboxes" / alias / "new"
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.wrapper:  # a profiler that runs the module itself
+            argv = self.wrapper + ["-m", "imsrelay", "serve", "--config", str(self.config)]
+        else:
+            argv = [sys.executable, "-m", "imsrelay", "serve", "--config", str(self.config)]
+        self._log = open(self.logfile, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = self.procs.start(f"site:{self.spec.name}", argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(self.dir))
+        try:
+            wait_port(self.spec.listen, self.spec.port, timeout, self.proc)
+        except BenchError as exc:
+            raise BenchError(f"site {self.spec.name}: {exc}; log: {self.log_tail()}") from None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, n: int = 10) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def queue_count(self) -> int:
+        active = self.data / "queue" / "active"
+        return sum(1 for p in active.iterdir() if p.suffix == ".env") if active.is_dir() else 0
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        rc = self.procs.stop(self.proc, timeout=timeout)
+        self.proc = None
+        with contextlib.suppress(Exception):
+            self._log.close()
+        return rc
+
+
+# ============================================================== a small SMTP client
+
+
+class SmtpError(Exception):
+    pass
+
+
+class MiniSmtp:
+    """Just enough SMTP over asyncio streams for the harness (no pipelining)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, helo: str = "bench-client.invalid",
+                      timeout: float = 30.0) -> MiniSmtp:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        s = cls(reader, writer)
+        await s.expect(220, timeout)
+        await s.command(f"EHLO {helo}", 250, timeout)
+        return s
+
+    async def reply(self, timeout: float = 60.0) -> tuple[int, str]:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                raise SmtpError("connection closed by the server")
+            lines.append(line)
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        return int(lines[-1][:3]), b"".join(lines).decode("utf-8", "replace").strip()
+
+    async def expect(self, code: int, timeout: float = 60.0) -> str:
+        got, text = await self.reply(timeout)
+        if got != code:
+            raise SmtpError(f"expected {code}, got {text}")
+        return text
+
+    async def command(self, line: str, code: int, timeout: float = 60.0) -> str:
+        self.writer.write(line.encode() + b"\r\n")
+        return await self.expect(code, timeout)
+
+    async def send(self, sender: str, rcpt: str, body: bytes, timeout: float = 60.0) -> str:
+        await self.command(f"MAIL FROM:<{sender}>", 250, timeout)
+        await self.command(f"RCPT TO:<{rcpt}>", 250, timeout)
+        await self.command("DATA", 354, timeout)
+        self.writer.write(body + b".\r\n")
+        return await self.expect(250, timeout)
+
+    async def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(b"QUIT\r\n")
+            await asyncio.wait_for(self.reader.readline(), 5)
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+def bench_message(sender: str, rcpt: str, bench_id: str, size: int = 4096) -> bytes:
+    line = b"X" * 76 + b"\r\n"
+    body = line * max(1, size // len(line))
+    head = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: latency {bench_id}\r\n"
+            f"Message-ID: <{bench_id}@bench.invalid>\r\nX-Bench-Id: {bench_id}\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n").encode()
+    return head + body
+
+
+# ============================================================== inotify watcher
+
+
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+_EVENT = struct.Struct("iIII")
+
+
+class MaildirWatcher:
+    """Timestamps every file that appears in a Maildir ``new/`` (inotify, no polling),
+    then reads its ``X-Bench-Id`` header."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            raise BenchError(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        if libc.inotify_add_watch(self.fd, str(path).encode(), IN_MOVED_TO | IN_CLOSE_WRITE) < 0:
+            raise BenchError(f"inotify_add_watch {path}: {os.strerror(ctypes.get_errno())}")
+        self.arrived: dict[str, float] = {}
+        self.unmatched = 0
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="maildir-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            r, _, _ = select.select([self.fd], [], [], 0.2)
+            if not r:
+                continue
+            now = time.monotonic()
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            names = []
+            off = 0
+            while off < len(buf):
+                _wd, _mask, _cookie, length = _EVENT.unpack_from(buf, off)
+                name = buf[off + _EVENT.size: off + _EVENT.size + length].rstrip(b"\0").decode()
+                off += _EVENT.size + length
+                names.append(name)
+            for name in names:
+                bench_id = self._bench_id(self.path / name)
+                with self._cond:
+                    if bench_id is None:
+                        self.unmatched += 1
+                    elif bench_id not in self.arrived:
+                        self.arrived[bench_id] = now
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _bench_id(path: Path) -> str | None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+        except OSError:
+            return None
+        m = re.search(rb"\r?\nX-Bench-Id: (\S+)", head)
+        return m.group(1).decode() if m else None
+
+    def wait_for(self, bench_id: str, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while bench_id not in self.arrived:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self.arrived[bench_id]
+
+    def wait_all(self, ids: Sequence[str], timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                n = sum(1 for i in ids if i in self.arrived)
+                left = deadline - time.monotonic()
+                if n == len(ids) or left <= 0:
+                    return n
+                self._cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        os.close(self.fd)
+
+
+# ============================================================== statistics
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return math.nan
+    k = max(0, min(len(s) - 1, math.ceil(p / 100.0 * len(s)) - 1))
+    return s[k]
+
+
+def summarize_ms(values: Sequence[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values]
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else math.nan,
+            "mean_ms": sum(ms) / len(ms) if ms else math.nan}
+
+
+# ============================================================== the harness
+
+
+@dataclass
+class Options:
+    quick: bool
+    phases: list[str]
+    messages: int
+    sessions: int
+    size: int
+    light: int
+    heavy: int
+    heavy_senders: int
+    mailboxes: int
+    idle_sessions: int
+    profile: str
+    keep: bool
+    out: Path
+    addr_base: str
+
+
+class Bench:
+    def __init__(self, opts: Options, tools: dict[str, str]) -> None:
+        self.opts = opts
+        self.tools = tools
+        self.procs = Processes()
+        self.root = Path(tempfile.mkdtemp(prefix="imsrelay-bench-"))
+        os.chmod(self.root, 0o755)
+        self.results: dict[str, Any] = {}
+        self.started = dt.datetime.now(dt.UTC)
+        OUT_DIR.mkdir(exist_ok=True)
+        self.stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        self.logs: dict[str, str] = {}
+
+    def addr(self, last: int) -> str:
+        return f"{self.opts.addr_base}.{last}"
+
+    # ---------------------------------------------------------- throughput
+
+    def _measure_relay(self, label: str, sink: Sink, port: int, relay_pid: int | None,
+                       queue_count: Callable[[], int] | None,
+                       profiler: Callable[[], Callable[[], None]] | None = None) -> dict[str, Any]:
+        o = self.opts
+        warm = max(20, min(500, o.messages // 20))
+        log(f"{label}: warm-up {warm} messages")
+        warm_run = run_source(self.tools, port, messages=warm, sessions=o.sessions, size=o.size, timeout=120)
+        if warm_run.returncode != 0:
+            raise BenchError(f"{label}: smtp-source warm-up failed: {warm_run.output}")
+        warm_ok = sink.wait_count(warm, time.monotonic() + 120, stall=30) is not None
+        if not warm_ok:
+            log(f"{label}: the warm-up did not reach the sink ({sink.count}/{warm}); measuring acceptance only")
+        base = sink.count
+        time.sleep(0.5)
+        stop_profiler = profiler() if profiler is not None else None
+        cpu0 = tree_cpu_seconds(relay_pid) if relay_pid else None
+        busy0 = machine_busy()
+        load0 = os.getloadavg()[0]
+        log(f"{label}: {o.messages} messages, {o.sessions} sessions, {o.size} bytes")
+        t0 = time.monotonic()
+        src = run_source(self.tools, port, messages=o.messages, sessions=o.sessions, size=o.size,
+                         timeout=max(120, o.messages / 20))
+        t_src = time.monotonic()
+        cap = t0 + max(120.0, o.messages / 40.0) + 60
+        t_end = sink.wait_count(base + o.messages, cap, stall=60 if warm_ok else 15)
+        t_after = time.monotonic()
+        cpu1 = tree_cpu_seconds(relay_pid) if relay_pid else None
+        if stop_profiler is not None:
+            stop_profiler()
+        busy1 = machine_busy()
+        got = sink.count - base
+        r: dict[str, Any] = {
+            "label": label, "messages": o.messages, "sessions": o.sessions, "size": o.size,
+            "source_seconds": round(src.seconds, 3), "source_rc": src.returncode,
+            "accepted_per_s": round(o.messages / src.seconds, 1) if src.returncode == 0 else None,
+            "delivered": got, "machine_busy_pct": round(busy_percent(busy0, busy1), 1),
+            "loadavg_before": round(load0, 2),
+        }
+        if src.returncode != 0:
+            r["error"] = f"smtp-source exited {src.returncode}: {src.output[-400:]}"
+        if t_end is not None:
+            r["end_to_end_seconds"] = round(t_end - t0, 3)
+            r["end_to_end_per_s"] = round(o.messages / (t_end - t0), 1)
+            r["drain_after_source_s"] = round(max(0.0, t_end - t_src), 3)
+        else:
+            r["end_to_end_per_s"] = None
+            r.setdefault("error", f"the sink counted {got}/{o.messages} messages after {t_after - t0:.0f}s"
+                                  + ("" if warm_ok else " (the warm-up never arrived either)"))
+            if queue_count is not None:
+                r["left_in_queue"] = queue_count()
+        if cpu0 is not None and cpu1 is not None:
+            r["relay_cpu_seconds"] = round(cpu1 - cpu0, 2)
+            r["cpu_ms_per_msg"] = round(1000 * (cpu1 - cpu0) / o.messages, 3)
+        log(f"{label}: accepted {r['accepted_per_s']}/s, end to end {r['end_to_end_per_s']}/s, "
+            f"CPU {r.get('cpu_ms_per_msg')} ms/msg" + (f" — {r['error']}" if "error" in r else ""))
+        return r
+
+    def phase_throughput(self) -> dict[str, Any]:
+        o = self.opts
+        out: dict[str, Any] = {"command": source_command(o.messages, o.sessions, o.size)}
+
+        # (a) the ceiling: smtp-source straight into smtp-sink
+        port = free_port()
+        sink = Sink(self.procs, self.tools, port, self.root)
+        try:
+            out["ceiling"] = self._measure_relay("smtp-sink (ceiling)", sink, port, None, None)
+            out["ceiling"]["end_to_end_per_s"] = out["ceiling"]["accepted_per_s"]
+        finally:
+            sink.stop()
+
+        # (b) Postfix relaying to smtp-sink
+        sink_port, pf_port = free_port(), free_port()
+        sink = Sink(self.procs, self.tools, sink_port, self.root)
+        pf = None
+        try:
+            pf = PrivatePostfix(self.procs, self.tools, self.root / "postfix", pf_port, sink_port)
+            pf.start()
+            assert pf.master_pid is not None
+            out["postfix"] = self._measure_relay("postfix", sink, pf_port, pf.master_pid, pf.queue_count)
+            out["postfix"]["relay_rss_mib"] = round(tree_rss_bytes(pf.master_pid) / 2**20, 1)
+        except BenchError as exc:
+            out["postfix"] = {"label": "postfix", "error": str(exc)}
+            log(f"postfix: {exc}")
+        finally:
+            if pf is not None:
+                self.logs["postfix"] = pf.log_tail(5)
+                pf.stop()
+            sink.stop()
+
+        # (c) one imsrelay site relaying to smtp-sink through its E-Mail Domain table
+        sink_port, site_port = free_port(), free_port()
+        sink = Sink(self.procs, self.tools, sink_port, self.root)
+        wrapper: list[str] = []
+        prof_file = OUT_DIR / f"profile-{self.stamp}"
+        if o.profile == "cprofile":
+            wrapper = [sys.executable, "-m", "cProfile", "-o", str(prof_file) + ".pstats"]
+        elif o.profile == "pyinstrument":
+            wrapper = [sys.executable, "-m", "pyinstrument", "--async-mode", "disabled", "-r", "text",
+                       "--show-all", "-o", str(prof_file) + ".pyinstrument.txt"]
+        spec = SiteSpec("BenchRelay", "127.0.0.1", site_port, "relay.imsrelay-bench.test",
+                        "relay.imsrelay-bench.test", mailboxes=["Administrator"],
+                        email_domains=[("bench.example", "127.0.0.1", sink_port)])
+        site = ImsSite(self.procs, self.root / "throughput", spec, wrapper=wrapper)
+        try:
+            site.start()
+            profiler = None
+            if o.profile in ("py-spy", "py-spy-gil"):
+                def profiler() -> Callable[[], None]:
+                    return start_py_spy(self.procs, site.pid, Path(str(prof_file) + ".py-spy.txt"),
+                                        gil_only=o.profile == "py-spy-gil")
+            out["imsrelay"] = self._measure_relay("imsrelay", sink, site_port, site.pid, site.queue_count,
+                                                  profiler)
+            out["imsrelay"]["relay_rss_mib"] = round(tree_rss_bytes(site.pid) / 2**20, 1)
+        except BenchError as exc:
+            out["imsrelay"] = {"label": "imsrelay", "error": str(exc)}
+            log(f"imsrelay: {exc}")
+        finally:
+            rc = site.stop(timeout=120 if o.profile != "none" else 30)
+            self.logs["imsrelay"] = site.log_tail(5)
+            if rc not in (0, None):
+                out.setdefault("notes", []).append(f"imsrelay site exited with status {rc}")
+            sink.stop()
+        if o.profile == "cprofile" and Path(str(prof_file) + ".pstats").exists():
+            out["profile"] = summarize_cprofile(Path(str(prof_file) + ".pstats"), self.opts.messages)
+        elif o.profile == "pyinstrument":
+            out["profile"] = {"file": str(prof_file) + ".pyinstrument.txt"}
+        elif o.profile.startswith("py-spy") and Path(str(prof_file) + ".py-spy.txt").exists():
+            out["profile"] = summarize_py_spy(Path(str(prof_file) + ".py-spy.txt"), self.opts.messages,
+                                              PY_SPY_RATE)
+            out["profile"]["mode"] = o.profile
+
+        pf_r, ims_r = out.get("postfix", {}), out.get("imsrelay", {})
+        ratios = {}
+        for key in ("accepted_per_s", "end_to_end_per_s"):
+            if pf_r.get(key) and ims_r.get(key):
+                ratios[key] = round(ims_r[key] / pf_r[key], 2)
+        if pf_r.get("cpu_ms_per_msg") and ims_r.get("cpu_ms_per_msg"):
+            ratios["cpu_ms_per_msg"] = round(ims_r["cpu_ms_per_msg"] / pf_r["cpu_ms_per_msg"], 2)
+        out["ratio_imsrelay_over_postfix"] = ratios
+        return out
+
+    # ---------------------------------------------------------- latency
+
+    def _two_sites(self, root: Path, names: Sequence[str], *, replication: bool = False,
+                   mailboxes: dict[str, list[str]] | None = None) -> list[ImsSite]:
+        ports = {n: free_port() for n in names}
+        listen = {n: self.addr(11 + i) for i, n in enumerate(names)}
+        domains = {n: f"{n}.bench.test" for n in names}
+        sites = []
+        for n in names:
+            others = [m for m in names if m != n]
+            spec = SiteSpec(
+                n, listen[n], ports[n], domains[n], "bench.test",
+                mailboxes=(mailboxes or {}).get(n, [f"User{n[-1]}"]),
+                email_domains=[(domains[m], listen[m], ports[m]) for m in others],
+                connected=[(m, domains[m]) for m in others],
+                replication_peers=others if replication else [],
+                admin_port=free_port(listen[n]) if replication else 0)
+            sites.append(ImsSite(self.procs, root, spec))
+        return sites
+
+    def phase_latency(self) -> dict[str, Any]:
+        site_a, site_b = self._two_sites(self.root / "latency", ["SiteA", "SiteB"])
+        rcpt = f"UserB@{site_b.spec.domain}"
+        new_dir = site_b.maildir_new("UserB")
+        for sub in ("tmp", "new", "cur"):
+            (new_dir.parent / sub).mkdir(parents=True, exist_ok=True)
+        out: dict[str, Any] = {"recipient": rcpt, "path": "client → SiteA (E-Mail Domain table) → SiteB → Maildir"}
+        watcher = MaildirWatcher(new_dir)
+        try:
+            site_b.start()
+            site_a.start()
+            run_id = f"{os.getpid()}x{int(time.time())}"
+            out["light"] = asyncio.run(self._light(site_a, rcpt, watcher, run_id))
+            out["heavy"] = asyncio.run(self._heavy(site_a, rcpt, watcher, run_id))
+            out["unmatched_files"] = watcher.unmatched
+        except BenchError as exc:
+            out["error"] = str(exc)
+            log(f"latency: {exc}")
+        finally:
+            watcher.close()
+            for s in (site_a, site_b):
+                s.stop()
+                self.logs[f"latency-{s.spec.name}"] = s.log_tail(5)
+        return out
+
+    async def _light(self, site_a: ImsSite, rcpt: str, watcher: MaildirWatcher, run_id: str) -> dict[str, Any]:
+        o = self.opts
+        sender = f"bench@{site_a.spec.domain}"
+        smtp = await MiniSmtp.connect(site_a.spec.listen, site_a.spec.port)
+        lat: list[float] = []
+        lost = 0
+        # warm-up: 5 messages, not counted
+        log(f"latency light: warm-up, then {o.light} messages one at a time")
+        deadline = time.monotonic() + max(60.0, o.light * 1.0)
+        try:
+            for i in range(-5, o.light):
+                if time.monotonic() > deadline:
+                    raise BenchError(f"light load: over {deadline:.0f}s budget after {len(lat)} messages")
+                bid = f"{run_id}-L{i}"
+                await smtp.send(sender, rcpt, bench_message(sender, rcpt, bid))
+                t250 = time.monotonic()
+                t_file = await asyncio.to_thread(watcher.wait_for, bid, 15.0)
+                if t_file is None:
+                    lost += 1
+                    if lost > 3:
+                        raise BenchError(f"light load: {lost} messages did not reach SiteB's Maildir within 15s")
+                    continue
+                if i >= 0:
+                    lat.append(t_file - t250)
+        finally:
+            await smtp.quit()
+        r = summarize_ms(lat)
+        r["lost"] = lost
+        log(f"latency light: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (n={r['n']})")
+        return r
+
+    async def _heavy(self, site_a: ImsSite, rcpt: str, watcher: MaildirWatcher, run_id: str) -> dict[str, Any]:
+        o = self.opts
+        sender = f"bench@{site_a.spec.domain}"
+        per = max(1, o.heavy // o.heavy_senders)
+        sent: dict[str, float] = {}
+        errors: list[str] = []
+        log(f"latency heavy: {o.heavy_senders} concurrent senders x {per} messages")
+
+        async def one_sender(k: int) -> None:
+            try:
+                smtp = await MiniSmtp.connect(site_a.spec.listen, site_a.spec.port)
+            except Exception as exc:
+                errors.append(f"sender {k}: {exc!r}")
+                return
+            try:
+                for i in range(per):
+                    bid = f"{run_id}-H{k}-{i}"
+                    await smtp.send(sender, rcpt, bench_message(sender, rcpt, bid))
+                    sent[bid] = time.monotonic()
+            except Exception as exc:
+                errors.append(f"sender {k}: {exc!r}")
+            finally:
+                await smtp.quit()
+
+        busy0 = machine_busy()
+        t0 = time.monotonic()
+        budget = max(120.0, o.heavy / 10.0)
+        await asyncio.wait_for(asyncio.gather(*(one_sender(k) for k in range(o.heavy_senders))), budget)
+        t_sent = time.monotonic()
+        ids = list(sent)
+        got = await asyncio.to_thread(watcher.wait_all, ids, max(30.0, budget - (t_sent - t0)))
+        t_done = time.monotonic()
+        lat = [watcher.arrived[i] - sent[i] for i in ids if i in watcher.arrived]
+        r = summarize_ms(lat)
+        last = max((watcher.arrived[i] for i in ids if i in watcher.arrived), default=t_done)
+        r.update({"senders": o.heavy_senders, "sent": len(ids), "delivered": got, "errors": errors[:5],
+                  "accepted_per_s": round(len(ids) / (t_sent - t0), 1),
+                  "delivered_per_s": round(got / (last - t0), 1) if got else 0.0,
+                  "machine_busy_pct": round(busy_percent(busy0, machine_busy()), 1)})
+        log(f"latency heavy: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (n={r['n']}, "
+            f"{r['accepted_per_s']}/s accepted)")
+        return r
+
+    # ---------------------------------------------------------- replication
+
+    def phase_replication(self) -> dict[str, Any]:
+        available, why = replication_available()
+        if not available:
+            log(f"replication: skipped: {why}")
+            return {"skipped": f"replication not available ({why})"}
+        o = self.opts
+        names = ["SiteA", "SiteB", "SiteC"]
+        sites = self._two_sites(self.root / "replication", names, replication=True,
+                                mailboxes={n: [f"User{n[-1]}"] for n in names})
+        by_name = {s.spec.name: s for s in sites}
+        out: dict[str, Any] = {"mailboxes": o.mailboxes}
+        try:
+            for s in sites:
+                s.start()
+            # Initial full replication so that what is timed is only the new mailboxes.
+            log("replication: initial sync (Request Now at SiteB and SiteC from SiteA)")
+            base = {n: count_mailboxes(by_name[n], "SiteA") for n in names}
+            for n in ("SiteB", "SiteC"):
+                request_now(by_name[n], "SiteA")
+            for n in ("SiteB", "SiteC"):
+                if wait_mailboxes(by_name[n], "SiteA", base["SiteA"], 120) is None:
+                    raise BenchError(f"initial replication SiteA → {n} did not finish within 120s: "
+                                     f"{count_mailboxes(by_name[n], 'SiteA')}/{base['SiteA']}")
+            log(f"replication: adding {o.mailboxes} mailboxes at SiteA")
+            t_add = time.monotonic()
+            add_mailboxes(by_name["SiteA"], o.mailboxes)
+            out["add_seconds"] = round(time.monotonic() - t_add, 2)
+            want = base["SiteA"] + o.mailboxes
+            if count_mailboxes(by_name["SiteA"], "SiteA") != want:
+                raise BenchError(f"SiteA has {count_mailboxes(by_name['SiteA'], 'SiteA')} mailboxes, expected {want}")
+            cpu0 = {n: tree_cpu_seconds(by_name[n].pid) for n in names}
+            t0 = time.monotonic()
+            for n in ("SiteB", "SiteC"):
+                request_now(by_name[n], "SiteA")
+            out["request_now_seconds"] = round(time.monotonic() - t0, 2)
+            budget = max(120.0, o.mailboxes / 50)
+            for n in ("SiteB", "SiteC"):
+                t = wait_mailboxes(by_name[n], "SiteA", want, budget - (time.monotonic() - t0))
+                if t is None:
+                    out[n] = {"error": f"knew {count_mailboxes(by_name[n], 'SiteA')}/{want} after {budget:.0f}s"}
+                else:
+                    out[n] = {"seconds": round(t - t0, 2)}
+            out["cpu_seconds"] = {n: round(tree_cpu_seconds(by_name[n].pid) - cpu0[n], 2) for n in names}
+            times = [out[n].get("seconds") for n in ("SiteB", "SiteC")]
+            out["seconds"] = max(times) if all(t is not None for t in times) else None
+            log(f"replication: {out}")
+        except BenchError as exc:
+            out["error"] = str(exc)
+            log(f"replication: {exc}")
+        finally:
+            for s in sites:
+                s.stop()
+                self.logs[f"replication-{s.spec.name}"] = s.log_tail(5)
+        return out
+
+    # ---------------------------------------------------------- concurrency
+
+    def phase_concurrency(self) -> dict[str, Any]:
+        o = self.opts
+        limit = raise_fd_limit(max(65536, o.idle_sessions * 4))
+        spec = SiteSpec("IdleSite", self.addr(30), free_port(self.addr(30)), "idle.bench.test", "idle.bench.test",
+                        mailboxes=["User1"])
+        site = ImsSite(self.procs, self.root / "concurrency", spec)
+        out: dict[str, Any] = {"sessions": o.idle_sessions, "fd_limit": limit}
+        try:
+            site.start()
+            out.update(asyncio.run(self._hold_sessions(site)))
+        except BenchError as exc:
+            out["error"] = str(exc)
+            log(f"concurrency: {exc}")
+        finally:
+            site.stop()
+            self.logs["concurrency"] = site.log_tail(5)
+        return out
+
+    async def _hold_sessions(self, site: ImsSite) -> dict[str, Any]:
+        o = self.opts
+        host, port = site.spec.listen, site.spec.port
+        # Warm the site up (lazy imports, first-session allocations), then measure.
+        warm = [await MiniSmtp.connect(host, port) for _ in range(10)]
+        for s in warm:
+            await s.quit()
+        await asyncio.sleep(1.0)
+        rss0 = process_rss_bytes(site.pid)
+        gate = asyncio.Semaphore(100)
+        errors: list[str] = []
+
+        async def open_one() -> MiniSmtp | None:
+            async with gate:
+                try:
+                    return await MiniSmtp.connect(host, port, timeout=60)
+                except Exception as exc:
+                    errors.append(repr(exc))
+                    return None
+
+        log(f"concurrency: opening {o.idle_sessions} sessions (EHLO, then idle)")
+        t0 = time.monotonic()
+        opened = await asyncio.wait_for(asyncio.gather(*(open_one() for _ in range(o.idle_sessions))), 300)
+        t_open = time.monotonic() - t0
+        sessions = [s for s in opened if s is not None]
+        await asyncio.sleep(3.0)  # held idle
+        rss1 = process_rss_bytes(site.pid)
+
+        async def still_alive(s: MiniSmtp) -> bool:
+            async with gate:
+                try:
+                    await s.command("NOOP", 250, 30)
+                    return True
+                except Exception:
+                    return False
+
+        alive = sum(await asyncio.wait_for(asyncio.gather(*(still_alive(s) for s in sessions)), 300))
+        rss2 = process_rss_bytes(site.pid)
+        await asyncio.wait_for(asyncio.gather(*(s.quit() for s in sessions)), 120)
+        per = (rss1 - rss0) / max(1, len(sessions))
+        r = {"opened": len(sessions), "alive_after_hold": alive, "open_seconds": round(t_open, 2),
+             "rss_before_mib": round(rss0 / 2**20, 1), "rss_held_mib": round(rss1 / 2**20, 1),
+             "rss_after_noop_mib": round(rss2 / 2**20, 1), "kib_per_session": round(per / 1024, 1),
+             "errors": errors[:5]}
+        log(f"concurrency: {len(sessions)} open, {alive} alive, {r['kib_per_session']} KiB/session")
+        return r
+
+    # ---------------------------------------------------------- driver
+
+    def run(self) -> dict[str, Any]:
+        machine = machine_info(self.tools)
+        self.results = {"machine": machine, "started": self.started.isoformat(timespec="seconds"),
+                        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()},
+                        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "phases": {}}
+        phases = {"throughput": self.phase_throughput, "latency": self.phase_latency,
+                  "replication": self.phase_replication, "concurrency": self.phase_concurrency}
+        try:
+            for name in self.opts.phases:
+                log(f"=== {name}")
+                t0 = time.monotonic()
+                try:
+                    self.results["phases"][name] = phases[name]()
+                except BenchError as exc:
+                    self.results["phases"][name] = {"error": str(exc)}
+                    log(f"{name}: {exc}")
+                self.results["phases"][name]["phase_seconds"] = round(time.monotonic() - t0, 1)
+        finally:
+            self.procs.stop_all()
+            self.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            self.results["logs"] = self.logs
+            if not self.opts.keep:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                self.results["workdir"] = str(self.root)
+        return self.results
+
+
+# ============================================================== replication API
+
+
+def _imsrelay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imsrelay", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO))
+
+
+def replication_available() -> tuple[bool, str]:
+    import importlib
+
+    for module in ("imsrelay.replication", "imsrelay.admin"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return False, f"{module} cannot be imported: {exc}"
+    cp = _imsrelay("replicate", "request-now", "--help", timeout=60)
+    if cp.returncode != 0:
+        return False, "no `imsrelay replicate request-now` command"
+    return True, ""
+
+
+def request_now(site: ImsSite, source: str) -> str:
+    """``imsrelay replicate request-now --site SOURCE --config SITE.toml`` (the admin endpoint)."""
+    cp = _imsrelay("replicate", "request-now", "--site", source, "--config", str(site.config))
+    if cp.returncode != 0:
+        raise BenchError(f"request-now at {site.spec.name} from {source}: {(cp.stderr or cp.stdout).strip()}")
+    return cp.stdout.strip()
+
+
+def add_mailboxes(site: ImsSite, n: int, *, workers: int = 8) -> None:
+    """N new mailboxes through the running site's admin endpoint (what ``imsrelay
+    directory add`` does, without starting a Python process per mailbox)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imsrelay.admin import AdminClient
+    from imsrelay.config import load_config
+
+    config = load_config(site.config)
+    clients = threading.local()
+
+    def add(i: int) -> None:
+        client = getattr(clients, "c", None)
+        if client is None:
+            client = clients.c = AdminClient(config, timeout=60)
+        client.call("POST", "/directory/mailboxes", {"alias": f"bench{i:05d}", "display_name": f"Bench Mailbox {i}"})
+
+    with ThreadPoolExecutor(workers) as pool:
+        for fut in [pool.submit(add, i) for i in range(n)]:
+            try:
+                fut.result()
+            except Exception as exc:
+                raise BenchError(f"adding mailboxes at {site.spec.name}: {exc}") from None
+
+
+def count_mailboxes(site: ImsSite, home: str) -> int:
+    db = site.data / "directory.sqlite3"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute("SELECT count(*) FROM objects WHERE kind='mailbox' AND home_site=? AND deleted=0",
+                           (home,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+    finally:
+        con.close()
+
+
+def wait_mailboxes(site: ImsSite, home: str, want: int, timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if count_mailboxes(site, home) >= want:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+# ============================================================== profile summary
+
+PY_SPY_RATE = 200  # samples/s
+
+
+def start_py_spy(procs: Processes, pid: int, out: Path, *, gil_only: bool = False) -> Callable[[], None]:
+    """Sample the site until the returned function is called: every thread that is not
+    idle (a thread waiting in fsync counts as busy), or with ``gil_only`` only the
+    thread holding the GIL (Python CPU time)."""
+    exe = which("py-spy")
+    if exe is None:
+        raise BenchError("--profile py-spy needs py-spy (pip install py-spy)")
+    proc = procs.start("py-spy", [exe, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE), "--threads",
+                                  "--nonblocking", "--format", "raw", "--output", str(out)] + (["--gil"] if gil_only else []),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attach
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        procs.procs = [(n, p) for n, p in procs.procs if p is not proc]
+
+    return stop
+
+
+def _frame_name(frame: str) -> str:
+    """'handle_DATA (imsrelay/smtpd.py:158)' → 'smtpd.py:handle_DATA'."""
+    m = re.match(r"(.*) \((.*?):\d+\)$", frame.strip())
+    if not m:
+        return frame.strip()
+    func, path = m.groups()
+    parts = Path(path).parts
+    short = "/".join(parts[-2:]) if "site-packages" in path or "imsrelay" in path else Path(path).name
+    return f"{short}:{func}"
+
+
+_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("spool writer thread (write + fsync + rename)", ("_apply_batch", "GroupCommitter._run")),
+    ("ingress: new connection (aiosmtpd SMTP.__init__, connection_made)",
+     ("server_factory.<locals>.factory", "SMTP.__init__", "connection_made")),
+    ("ingress: imsrelay handlers (handle_MAIL/RCPT/DATA, policy, spool.enqueue)",
+     ("SiteHandler.handle_", "Site.accept", "Spool.enqueue")),
+    ("ingress: aiosmtpd session (command parsing, replies)", ("aiosmtpd/smtp.py", "SMTP.push", "SMTP._handle_client")),
+    ("delivery: outbound SMTP (imsrelay smtp_client + aiosmtplib)", ("smtp_client.py", "aiosmtplib/", "protocol.py:SMTPProtocol")),
+    ("delivery: queue manager (routing, spool state, records)", ("delivery.py",)),
+    ("directory (SQLite thread)", ("directory.py",)),
+)
+
+
+def _stage(names: list[str], thread: str) -> str:
+    """Which part of the relay a sample belongs to (first match, outermost frame first)."""
+    for label, keys in _STAGES:
+        for name in names:
+            if any(k in name for k in keys):
+                return label
+    if names and names[-1] == "runners.py:Runner.run":
+        return "event loop itself (uvloop: sockets, epoll, callbacks in C)"
+    if "MainThread" not in thread:
+        return f"other thread ({thread.split(':')[-1].strip()})"
+    return "other (asyncio plumbing, partial stacks)"
+
+
+def summarize_py_spy(path: Path, messages: int, rate: int, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive on-CPU time per function (µs per relayed message), by thread."""
+    self_s: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    entries: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        n = int(count_text)
+        frames = stack.split(";")
+        total += n
+        thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"
+        threads[thread] = threads.get(thread, 0) + n
+        names = [_frame_name(f) for f in frames if not f.startswith(("thread", "process"))]
+        if names:
+            self_s[names[-1]] = self_s.get(names[-1], 0) + n
+        entry = _stage(names, thread)
+        entries[entry] = entries.get(entry, 0) + n
+        for name in set(names):
+            incl[name] = incl.get(name, 0) + n
+    per_msg = 1e6 / rate / max(1, messages)
+
+    def rows(d: dict[str, int]) -> list[dict[str, Any]]:
+        return [{"function": k, "samples": v, "pct": round(100 * v / max(1, total), 1),
+                 "us_per_msg": round(v * per_msg, 1)} for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    summary = {"raw": str(path), "rate_hz": rate, "samples": total,
+               "cpu_us_per_msg": round(total * per_msg, 1),
+               "threads": rows(threads), "entry_points": rows(entries), "top_self": rows(self_s),
+               "top_inclusive": rows(incl)}
+    text = [f"py-spy on-CPU samples: {total} at {rate} Hz over {messages} messages "
+            f"= {summary['cpu_us_per_msg']} µs CPU per message (sampled)"]
+    for title, key in (("threads", "threads"), ("by part of the relay", "entry_points"),
+                       ("self time", "top_self"), ("inclusive time", "top_inclusive")):
+        text.append(f"\n== {title}")
+        text += [f"{r['pct']:6.1f}% {r['us_per_msg']:8.1f} µs/msg  {r['function']}" for r in summary[key]]
+    path.with_suffix(".summary.txt").write_text("\n".join(text) + "\n")
+    summary["text"] = str(path.with_suffix(".summary.txt"))
+    return summary
+
+
+def summarize_cprofile(path: Path, messages: int, top: int = 25) -> dict[str, Any]:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    st = pstats.Stats(str(path), stream=buf)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+    text_path = path.with_suffix(".txt")
+    text_path.write_text(buf.getvalue())
+    rows = []
+    stats = st.stats  # type: ignore[attr-defined]
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        rows.append({"function": f"{Path(filename).name}:{line}({func})", "calls": nc,
+                     "tottime_s": round(tt, 3), "us_per_msg": round(1e6 * tt / max(1, messages), 1),
+                     "cumtime_s": round(ct, 3)})
+    return {"pstats": str(path), "text": str(text_path), "top_tottime": rows}
+
+
+# ============================================================== RESULTS.md
+
+
+def fmt(v: Any, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    return f"{v}{unit}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def render_results(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    ph = res["phases"]
+    o = res["options"]
+    L: list[str] = []
+    L.append("# imsrelay benchmark results\n")
+    L.append(f"Generated by `{res['command']}` on {res['started']} (finished {res['finished']}). "
+             "Everything ran on loopback on this one machine, in one run; ratios compare numbers "
+             "from that same run.\n")
+    L.append("## Machine\n")
+    L.append("| | |\n|---|---|")
+    L.append(f"| CPUs (nproc) | {m['nproc']} |")
+    L.append(f"| CPU model | {m['cpu']} |")
+    L.append(f"| memory | {m['memory_gib']} GiB |")
+    L.append(f"| kernel | {m['kernel']} |")
+    L.append(f"| temp filesystem (queues, Maildirs) | {m['tmp_filesystem']} |")
+    L.append(f"| Python | {m['python']} (" + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + ") |")
+    L.append(f"| Postfix | {m['postfix']} |")
+    L.append(f"| load average at start | {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])} |")
+    L.append("")
+
+    targets: list[tuple[str, str, str, bool | None]] = []
+    tp = ph.get("throughput")
+    if tp:
+        L.append("## Relay throughput\n")
+        L.append(f"`{tp.get('command', '')}` — PORT is smtp-sink, Postfix's smtpd or the imsrelay site. "
+                 "Postfix relays with `relayhost = [127.0.0.1]:SINKPORT` (default durability: the queue "
+                 "file is fsynced before `250`); imsrelay relays through its E-Mail Domain table entry "
+                 "`bench.example → 127.0.0.1:SINKPORT` (`250` after file fsync + rename + directory fsync). "
+                 "Each relay got a warm-up batch first (not counted). End to end = until smtp-sink's "
+                 "counter has every message. CPU = utime+stime of the relay's whole process tree "
+                 "(Postfix: master and all its children).\n")
+        L.append("| relay | accepted msg/s | end-to-end msg/s | CPU ms/msg (relay) | source s | end-to-end s | machine CPU busy | note |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for key in ("ceiling", "postfix", "imsrelay"):
+            r = tp.get(key)
+            if not r:
+                continue
+            L.append(f"| {r.get('label', key)} | {fmt(r.get('accepted_per_s'))} | {fmt(r.get('end_to_end_per_s'))} | "
+                     f"{fmt(r.get('cpu_ms_per_msg'))} | {fmt(r.get('source_seconds'))} | "
+                     f"{fmt(r.get('end_to_end_seconds'))} | {fmt(r.get('machine_busy_pct'), '%')} | "
+                     f"{r.get('error', '')} |")
+        ratios = tp.get("ratio_imsrelay_over_postfix", {})
+        L.append(f"| **imsrelay / Postfix** | **{fmt(ratios.get('accepted_per_s'), '×')}** | "
+                 f"**{fmt(ratios.get('end_to_end_per_s'), '×')}** | {fmt(ratios.get('cpu_ms_per_msg'), '×')} | | | | |")
+        L.append("")
+        e2e = ratios.get("end_to_end_per_s")
+        targets.append(("end-to-end throughput vs Postfix (same run)", f"≥ {TARGET_RATIO}× (aim {TARGET_RATIO_AIM}×)",
+                        fmt(e2e, "×"), None if e2e is None else e2e >= TARGET_RATIO))
+        for note in tp.get("notes", []):
+            L.append(f"- {note}")
+        prof = tp.get("profile")
+        if prof and prof.get("entry_points"):
+            mode = ("thread holding the GIL only (Python CPU)" if prof.get("mode") == "py-spy-gil"
+                    else "every non-idle thread (a thread in fsync counts as busy)")
+            L.append(f"\nWhere the imsrelay site spends its time per relayed message: py-spy samples at "
+                     f"{prof['rate_hz']} Hz during the measured run, {mode}; "
+                     f"{prof['samples']:,} samples = {prof['cpu_us_per_msg']:,} µs per message. "
+                     f"Raw stacks: `bench/out/{Path(prof['raw']).name}`.\n")
+            L.append("| part of the relay | share | µs/msg |\n|---|---:|---:|")
+            for row in prof["entry_points"]:
+                if row["pct"] >= 0.5:
+                    L.append(f"| {row['function']} | {row['pct']}% | {row['us_per_msg']} |")
+            L.append("\n| function (self time) | share | µs/msg |\n|---|---:|---:|")
+            for row in prof["top_self"][:15]:
+                L.append(f"| `{row['function']}` | {row['pct']}% | {row['us_per_msg']} |")
+            L.append("")
+        if prof and prof.get("top_tottime"):
+            L.append(f"\ncProfile of the imsrelay site during this run (`{Path(prof['pstats']).name}`; "
+                     "main thread only, profiler overhead included — read the proportions, not the rates):\n")
+            L.append("| function | calls | own time s | µs/msg |\n|---|---:|---:|---:|")
+            for row in prof["top_tottime"][:15]:
+                L.append(f"| `{row['function']}` | {row['calls']:,} | {row['tottime_s']} | {row['us_per_msg']} |")
+            L.append("")
+
+    lat = ph.get("latency")
+    if lat:
+        L.append("## Cross-site latency\n")
+        L.append("SiteA and SiteB are two imsrelay sites on 127.0.0.x whose E-Mail Domain tables (and "
+                 "Connected Sites) point at each other. A client sends to `UserB@SiteB.bench.test` at "
+                 "SiteA; latency = from SiteA's `250` to the file appearing in SiteB's "
+                 "`<data>/mailboxes/UserB/new/` (inotify timestamp). 4 KiB bodies.\n")
+        if lat.get("error"):
+            L.append(f"Error: {lat['error']}\n")
+        L.append("| load | messages | p50 ms | p90 ms | p99 ms | max ms | note |\n|---|---:|---:|---:|---:|---:|---|")
+        light, heavy = lat.get("light"), lat.get("heavy")
+        if light:
+            L.append(f"| light: 1 message at a time | {light['n']} | {fmt(light['p50_ms'])} | {fmt(light['p90_ms'])} | "
+                     f"{fmt(light['p99_ms'])} | {fmt(light['max_ms'])} | lost {light.get('lost', 0)} |")
+        if heavy:
+            L.append(f"| heavy: {heavy['senders']} concurrent senders | {heavy['n']} | {fmt(heavy['p50_ms'])} | "
+                     f"{fmt(heavy['p90_ms'])} | {fmt(heavy['p99_ms'])} | {fmt(heavy['max_ms'])} | "
+                     f"{heavy['accepted_per_s']} msg/s accepted, {heavy['delivered_per_s']} msg/s into the Maildir, "
+                     f"{heavy['delivered']}/{heavy['sent']} delivered |")
+        L.append("")
+        p99 = light.get("p99_ms") if light else None
+        targets.append(("p99 cross-site latency, light load", f"< {TARGET_P99_LIGHT_MS:.0f} ms", fmt(p99, " ms"),
+                        None if p99 is None or math.isnan(p99) else p99 < TARGET_P99_LIGHT_MS))
+
+    rep = ph.get("replication")
+    if rep:
+        L.append("## Replication\n")
+        if rep.get("skipped"):
+            L.append(f"Skipped: {rep['skipped']}.\n")
+            targets.append(("replication of new mailboxes", f"< {TARGET_REPLICATION_S:.0f} s", "skipped", None))
+        else:
+            L.append(f"{rep.get('mailboxes', 0):,} new mailboxes added at SiteA (after an initial full sync), then "
+                     "`imsrelay replicate request-now --site SiteA` at SiteB and at SiteC; time until each "
+                     "site's directory has them all (polled every 0.1 s).\n")
+            if rep.get("error"):
+                L.append(f"Error: {rep['error']}\n")
+            L.append("| site | seconds | note |\n|---|---:|---|")
+            for n in ("SiteB", "SiteC"):
+                r = rep.get(n, {})
+                L.append(f"| {n} | {fmt(r.get('seconds'))} | {r.get('error', '')} |")
+            if rep.get("cpu_seconds"):
+                L.append("\nCPU seconds during replication: " + ", ".join(
+                    f"{k} {v}" for k, v in rep["cpu_seconds"].items()))
+            L.append("")
+            s = rep.get("seconds")
+            targets.append((f"replication of {rep.get('mailboxes', 0):,} mailboxes", f"< {TARGET_REPLICATION_S:.0f} s",
+                            fmt(s, " s"), None if s is None else s < TARGET_REPLICATION_S))
+
+    conc = ph.get("concurrency")
+    if conc:
+        L.append("## Concurrency\n")
+        L.append(f"{conc.get('sessions', 0):,} SMTP sessions opened against one site (banner + EHLO, at most "
+                 "100 connecting at once), held idle 3 s, then each answers a NOOP. Memory per session = "
+                 "(RSS while held − RSS before) / sessions.\n")
+        if conc.get("error"):
+            L.append(f"Error: {conc['error']}\n")
+        if "opened" in conc:
+            L.append("| sessions opened | alive after hold | time to open | RSS before | RSS held | KiB/session |")
+            L.append("|---:|---:|---:|---:|---:|---:|")
+            L.append(f"| {conc['opened']:,} | {conc['alive_after_hold']:,} | {conc['open_seconds']} s | "
+                     f"{conc['rss_before_mib']} MiB | {conc['rss_held_mib']} MiB | {conc['kib_per_session']} |")
+            if conc.get("errors"):
+                L.append(f"\nFirst errors: {conc['errors']}")
+            L.append("")
+            k = conc.get("kib_per_session")
+            ok = None if k is None else (k < TARGET_SESSION_KIB and conc["opened"] == conc["sessions"]
+                                         and conc["alive_after_hold"] == conc["sessions"])
+            targets.append((f"memory per idle session ({conc['sessions']:,} held)", f"< {TARGET_SESSION_KIB:.0f} KiB",
+                            fmt(k, " KiB"), ok))
+
+    L.insert(_targets_index(L), _targets_table(targets))
+    L.append("## Options\n")
+    L.append("```\n" + json.dumps(o, indent=1) + "\n```")
+    return "\n".join(L) + "\n"
+
+
+def _targets_index(lines: list[str]) -> int:
+    for i, line in enumerate(lines):
+        if line.startswith("## ") and not line.startswith("## Machine"):
+            return i
+    return len(lines)
+
+
+def _targets_table(targets: list[tuple[str, str, str, bool | None]]) -> str:
+    rows = ["## Targets (issue 6)\n", "| target | wanted | measured | |", "|---|---|---|---|"]
+    rows += [f"| {name} | {want} | {got} | {verdict(ok)} |" for name, want, got, ok in targets]
+    return "\n".join(rows) + "\n"
+
+
+# ============================================================== main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller counts (2,000 messages per relay, …)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--messages", type=int, help="smtp-source -m (default 20000, quick 2000)")
+    p.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
+    p.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
+    p.add_argument("--light", type=int, help="light-load latency messages (default 200, quick 100)")
+    p.add_argument("--heavy", type=int, help="heavy-load latency messages in all (default 2000, quick 400)")
+    p.add_argument("--heavy-senders", type=int, default=20, help="concurrent senders at heavy load")
+    p.add_argument("--mailboxes", type=int, help="new mailboxes to replicate (default 10000, quick 1000)")
+    p.add_argument("--idle-sessions", type=int, default=1000, help="idle SMTP sessions to hold")
+    p.add_argument("--profile", choices=("none", "py-spy", "py-spy-gil", "cprofile", "pyinstrument"), default="none",
+                   help="profile the imsrelay site during the throughput phase (bench/out/profile-*)")
+    p.add_argument("--addr-base", default="127.0.0", help="loopback /24 for the sites (127.x.y)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md", help="results file")
+    p.add_argument("--keep", action="store_true", help="keep the temp directory (configs, queues, logs)")
+    a = p.parse_args(argv)
+    phases = [x.strip() for x in a.phases.split(",") if x.strip()]
+    bad = [x for x in phases if x not in PHASES]
+    if bad:
+        p.error(f"unknown phase {bad[0]!r} (choose from {', '.join(PHASES)})")
+    if not a.addr_base.startswith("127."):
+        p.error("--addr-base must be inside 127.0.0.0/8 (loopback only)")
+    q = a.quick
+    return Options(
+        quick=q, phases=phases, messages=a.messages or (2000 if q else 20000), sessions=a.sessions, size=a.size,
+        light=a.light or (100 if q else 200), heavy=a.heavy or (400 if q else 2000), heavy_senders=a.heavy_senders,
+        mailboxes=a.mailboxes or (1000 if q else 10000), idle_sessions=a.idle_sessions, profile=a.profile,
+        keep=a.keep, out=a.out, addr_base=a.addr_base)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    tools = ensure_tools()
+    raise_fd_limit()
+    bench = Bench(opts, tools)
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    log(f"workdir {bench.root}; phases {', '.join(opts.phases)}")
+    try:
+        res = bench.run()
+    except KeyboardInterrupt:
+        log("interrupted: everything started was stopped")
+        return 130
+    raw = OUT_DIR / f"results-{bench.stamp}.json"
+    raw.write_text(json.dumps(res, indent=1, default=str))
+    opts.out.write_text(render_results(res))
+    log(f"wrote {opts.out} and {raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# docker/lab.sh — one entry point for the imsrelay Docker lab (docker-compose.yml).
+#
+# Usage: docker/lab.sh COMMAND [ARGS]
+#   up [SERVICE...]        build whatever is missing (base image, wheels, images),
+#                          start the lab (or only SERVICE... and what they depend
+#                          on) and wait until every container is healthy
+#   build [SERVICE...]     the same builds, without starting anything
+#   wait                   wait until every running lab container is healthy
+#   status                 containers, health, addresses and the published ports
+#   smoke                  quick check of the infrastructure: lab DNS answers, the
+#                          Internet peer accepts a mail and files it in a Maildir
+#   logs [ARGS...]         docker-compose logs (e.g. `logs -f sitea`)
+#   down [-v|--volumes]    stop and remove containers and network (-v: the data
+#                          volumes too: queues, directories, Maildirs)
+#   compose ARGS...        any docker-compose command with the lab's project
+#                          name and base image (e.g. `compose exec sitea sh`)
+#
+# Environment:
+#   IMSRELAY_BASE_IMAGE   base image of every lab image. When unset, this script
+#                         picks: the registry images (python:3.11-slim-bookworm,
+#                         debian:bookworm-slim) when they are already local or
+#                         IMSRELAY_LAB_PULL=1; otherwise imsrelay-base:bookworm,
+#                         built here from Debian packages (no registry needed).
+#   IMSRELAY_LAB_PULL=1   allow pulling base images from a registry.
+#   COMPOSE_PROJECT_NAME  compose project (default imsrelay): names the network
+#                         (imsrelay_lab), volumes and containers.
+#   LAB_WAIT_TIMEOUT      seconds `up`/`wait` wait for health (default 240).
+#   LAB_SKIP_WHEELS=1     do not rebuild docker/wheels/ (use what is there).
+#
+# Nothing here contacts a registry unless IMSRELAY_LAB_PULL=1: Debian packages
+# (debootstrap) and PyPI (pip, on the host) are the only downloads.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/.." && pwd)"
+cd "$REPO"
+
+export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-imsrelay}"
+LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-240}"
+LOCAL_BASE="imsrelay-base:bookworm"
+REGISTRY_BASES=(python:3.11-slim-bookworm debian:bookworm-slim)
+SITES=(sitea siteb sitec)
+ALL_SERVICES=(dns sitea siteb sitec internet)
+LAB_SUBNET="10.10.10.0/24"
+
+log() { printf '[lab] %s\n' "$*" >&2; }
+die() { printf '[lab] error: %s\n' "$*" >&2; exit 1; }
+
+# --- docker-compose (v1 binary, or the v2 plugin) ---------------------------------
+if command -v docker-compose >/dev/null 2>&1; then
+    COMPOSE=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+else
+    die "neither docker-compose nor 'docker compose' is installed"
+fi
+compose() { "${COMPOSE[@]}" -f "$REPO/docker-compose.yml" "$@"; }
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# --- which base image ---------------------------------------------------------------
+choose_base_image() {
+    if [ -n "${IMSRELAY_BASE_IMAGE:-}" ]; then
+        if [ "${IMSRELAY_BASE_IMAGE%%:*}" = "${LOCAL_BASE%%:*}" ] && ! image_exists "$IMSRELAY_BASE_IMAGE"; then
+            "$HERE/build-base-image.sh" --tag "$IMSRELAY_BASE_IMAGE"
+        fi
+        log "base image: $IMSRELAY_BASE_IMAGE (from IMSRELAY_BASE_IMAGE)"
+        return
+    fi
+    local have_all=1 b
+    for b in "${REGISTRY_BASES[@]}"; do image_exists "$b" || have_all=0; done
+    if [ "${IMSRELAY_LAB_PULL:-0}" = 1 ] || [ "$have_all" = 1 ]; then
+        log "base images: ${REGISTRY_BASES[*]} (registry images)"
+        return    # docker-compose.yml's defaults apply
+    fi
+    export IMSRELAY_BASE_IMAGE="$LOCAL_BASE"
+    if ! image_exists "$LOCAL_BASE"; then
+        log "no registry base images here: building $LOCAL_BASE with debootstrap"
+        "$HERE/build-base-image.sh" --tag "$LOCAL_BASE"
+    fi
+    log "base image: $LOCAL_BASE (local, no registry)"
+}
+
+# --- arguments: services, and whether sites are among them --------------------------
+services_or_all() {
+    if [ $# -gt 0 ]; then printf '%s\n' "$@"; else printf '%s\n' "${ALL_SERVICES[@]}"; fi
+}
+
+wants_sites() {
+    local s t
+    for s in "$@"; do for t in "${SITES[@]}"; do [ "$s" = "$t" ] && return 0; done; done
+    return 1
+}
+
+site_config_file() {   # sitea -> config/docker/siteA.toml
+    local letter="${1#site}"
+    printf 'config/docker/site%s.toml' "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
+}
+
+check_site_configs() {
+    local s f missing=0
+    for s in "$@"; do
+        case "$s" in sitea|siteb|sitec) ;; *) continue ;; esac
+        f="$(site_config_file "$s")"
+        # A missing bind-mount source would be created by Docker as a directory.
+        if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/site.toml in $s)"; missing=1; fi
+    done
+    [ "$missing" = 0 ] || die "site configuration missing"
+}
+
+check_subnet_free() {
+    local own="${COMPOSE_PROJECT_NAME}_lab" line name
+    while read -r line; do
+        name="${line%% *}"
+        case " $line " in
+            *" $LAB_SUBNET "*) [ "$name" = "$own" ] || die "docker network '$name' already uses $LAB_SUBNET; remove it (docker network rm $name) or stop that lab first" ;;
+        esac
+    done < <(docker network ls -q | xargs -r docker network inspect \
+                 -f '{{.Name}} {{range .IPAM.Config}}{{.Subnet}} {{end}}' 2>/dev/null)
+}
+
+build_wheels() {
+    [ "${LAB_SKIP_WHEELS:-0}" = 1 ] && { log "LAB_SKIP_WHEELS=1: using docker/wheels/ as it is"; return; }
+    if "$HERE/build-wheels.sh"; then return; fi
+    if [ -z "${IMSRELAY_BASE_IMAGE:-}" ]; then
+        # Registry mode: the image can still pip-install from PyPI inside the build.
+        log "wheel build failed; the site image will install from PyPI instead"
+        rm -rf "$HERE/wheels"
+    else
+        die "wheel build failed (needed: the image build has no PyPI access)"
+    fi
+}
+
+do_build() {   # [SERVICE...]
+    local svcs
+    mapfile -t svcs < <(services_or_all "$@")
+    choose_base_image
+    if wants_sites "${svcs[@]}"; then build_wheels; fi
+    # The three sites share one image (imsrelay:lab): build it once, via the
+    # first site asked for.
+    local build=() s site_done=0
+    for s in "${svcs[@]}"; do
+        if wants_sites "$s"; then
+            [ "$site_done" = 1 ] && continue
+            site_done=1
+        fi
+        build+=("$s")
+    done
+    local t0=$SECONDS
+    compose build "${build[@]}"
+    log "images built in $((SECONDS - t0))s"
+}
+
+# --- health -------------------------------------------------------------------------
+lab_containers() { compose ps -q 2>/dev/null | sed '/^$/d'; }
+
+container_state() {   # -> "name status health"
+    docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$1" \
+        | sed 's#^/##'
+}
+
+do_wait() {
+    local deadline=$((SECONDS + LAB_WAIT_TIMEOUT)) ids id name status health pending bad
+    while :; do
+        mapfile -t ids < <(lab_containers)
+        [ "${#ids[@]}" -gt 0 ] || die "no lab containers are running"
+        pending=() bad=()
+        for id in "${ids[@]}"; do
+            read -r name status health < <(container_state "$id")
+            if [ "$status" != running ] || [ "$health" = unhealthy ]; then
+                bad+=("$name($status/$health)")
+            elif [ "$health" != healthy ] && [ "$health" != none ]; then
+                pending+=("$name($health)")
+            fi
+        done
+        if [ "${#bad[@]}" -gt 0 ]; then
+            log "not running or unhealthy: ${bad[*]}"
+            for id in "${ids[@]}"; do
+                read -r name status health < <(container_state "$id")
+                [ "$status" = running ] && [ "$health" != unhealthy ] && continue
+                log "---- last log lines of $name ----"
+                docker logs --tail 30 "$id" 2>&1 | sed 's/^/    /' >&2
+            done
+            return 1
+        fi
+        if [ "${#pending[@]}" -eq 0 ]; then
+            log "all ${#ids[@]} lab containers healthy"
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            log "timed out after ${LAB_WAIT_TIMEOUT}s waiting for: ${pending[*]}"
+            return 1
+        fi
+        sleep 2
+    done
+}
+
+do_status() {
+    compose ps
+    local id name status health ip
+    while read -r id; do
+        read -r name status health < <(container_state "$id")
+        ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")"
+        printf '  %-26s %-8s %-10s %s\n' "$name" "$status" "$health" "$ip"
+    done < <(lab_containers)
+    cat <<'EOF'
+Published on 127.0.0.1 (defaults; LAB_*_PORT variables override):
+  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)
+  siteb    SMTP 2515  admin 8515     (10.10.10.15, Server1.SiteB.microsoft.com)
+  sitec    SMTP 2520  admin 8520     (10.10.10.20, Server1.SiteC.microsoft.com)
+  internet SMTP 2600                 (10.10.10.100, mail.example.net: alice, bob)
+  dns      5353 udp+tcp              (10.10.10.53, nsd: microsoft.com, example.net)
+EOF
+}
+
+do_smoke() {
+    local mx port="${LAB_INTERNET_SMTP_PORT:-2600}" tag
+    mx="$(compose exec -T internet dig +short MX microsoft.com | tr -d '\r')"
+    [ -n "$mx" ] || die "smoke: the lab DNS gave no MX for microsoft.com"
+    log "smoke: MX microsoft.com (asked from the internet container): $mx"
+    tag="lab-smoke-$(date +%s)-$$"
+    python3 - "$port" "$tag" <<'EOF'
+import smtplib, sys
+from email.message import EmailMessage
+port, tag = int(sys.argv[1]), sys.argv[2]
+msg = EmailMessage()
+msg["From"], msg["To"], msg["Subject"] = "smoke@example.net", "alice@example.net", tag
+msg.set_content("imsrelay lab smoke test\n")
+with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+    s.send_message(msg)
+EOF
+    local i
+    for i in $(seq 1 20); do
+        if compose exec -T internet sh -c "grep -rlq '$tag' /home/alice/Maildir/new/" 2>/dev/null; then
+            log "smoke: mail for alice@example.net delivered to /home/alice/Maildir/new/ ($tag)"
+            return 0
+        fi
+        sleep 1
+    done
+    die "smoke: mail $tag not found in alice's Maildir"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    up)
+        mapfile -t svcs < <(services_or_all "$@")
+        check_site_configs "${svcs[@]}"
+        check_subnet_free
+        do_build "$@"
+        t0=$SECONDS
+        compose up -d --remove-orphans "${svcs[@]}"
+        do_wait || { log "the lab did not come up healthy (docker/lab.sh logs; docker/lab.sh down)"; exit 1; }
+        log "lab up in $((SECONDS - t0))s after the build"
+        do_status
+        ;;
+    build) do_build "$@" ;;
+    wait) do_wait ;;
+    status) do_status ;;
+    smoke) do_smoke ;;
+    logs) compose logs "$@" ;;
+    down)
+        args=(down --remove-orphans)
+        case "${1:-}" in -v|--volumes) args+=(--volumes) ;; "") ;; *) die "down: unknown option $1" ;; esac
+        compose "${args[@]}"
+        ;;
+    compose)
+        # Give compose the same base image choice as `up` without building anything.
+        if [ -z "${IMSRELAY_BASE_IMAGE:-}" ] && [ "${IMSRELAY_LAB_PULL:-0}" != 1 ] && image_exists "$LOCAL_BASE"; then
+            export IMSRELAY_BASE_IMAGE="$LOCAL_BASE"
+        fi
+        compose "$@"
+        ;;
+    ""|-h|--help|help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
+esac

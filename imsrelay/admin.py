@@ -1,0 +1,396 @@
+"""The site's admin endpoint (aiohttp.web) and the client the CLI uses to reach it.
+
+A small JSON API on ``admin.listen:admin.port`` (loopback by default; disabled when
+the port is 0), separate from the SMTP listener so no SMTP client can reach it.
+Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
+``$IMSRELAY_ADMIN_TOKEN``); a site with an admin port and no token refuses to start.
+
+=======  ==========================  ==========================================
+GET      /status                     site, addressing, queue size, replication
+GET      /directory                  sites and mailboxes (``?site=`` filters)
+POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
+DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
+POST     /replication/request-now    ``{site, full}``: Request Now
+GET      /replication/status         per peer: high-water, last request/reply, backlog
+POST     /kcc/check-now              Check Now (knowledge consistency check)
+GET      /site-addressing            this site's Site Addressing
+POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
+GET      /queue                      queued messages and their recipients
+POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+=======  ==========================  ==========================================
+
+Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
+(the directory refuses the change) or 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from imsrelay.config import ConfigError, SiteConfig
+from imsrelay.directory import BulkReport, Directory, DirectoryError, Mailbox
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminUnavailable(Exception):
+    """The endpoint cannot be reached (site stopped, admin disabled, no token)."""
+
+
+class AdminRequestError(Exception):
+    """The site answered with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------ shared operations
+
+
+def site_addressing_job(directory: Directory, log: Any, address: str, *, update_mailboxes: bool,
+                        keep_old: bool) -> BulkReport:
+    """Change Site Addressing and (optionally) re-address every local mailbox, logging
+    Exchange's bulk-update events: started (2043), substitutes (2053), finished (2044).
+    Synchronous: run it on the directory's thread (``directory.run``) or offline."""
+    log.info("site_addressing.started", event_id=2043, address=address, update_mailboxes=update_mailboxes,
+             keep_old=keep_old)
+    try:
+        report = directory.set_site_addressing(address, update_mailboxes=update_mailboxes, keep_old=keep_old)
+    except DirectoryError as exc:
+        log.warning("site_addressing.failed", address=address, error=str(exc))
+        raise
+    for alias, substitute in report.substitutes:
+        log.warning("site_addressing.substitute", event_id=2053, alias=alias, address=substitute,
+                    reason="the address was not unique; a substitute was generated")
+    log.info("site_addressing.finished", event_id=2044, address=address, scanned=report.scanned,
+             updated=report.updated, failed=report.failed, substitutes=len(report.substitutes))
+    return report
+
+
+def report_dict(address: str, report: BulkReport, *, update_mailboxes: bool, keep_old: bool) -> dict[str, Any]:
+    return {"address": address, "update_mailboxes": update_mailboxes, "keep_old": keep_old,
+            "scanned": report.scanned, "updated": report.updated, "failed": report.failed,
+            "substitutes": [{"alias": a, "address": s} for a, s in report.substitutes]}
+
+
+def mailbox_dict(m: Mailbox) -> dict[str, Any]:
+    return {"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
+            "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses)}
+
+
+def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
+    return {"sites": [asdict(s) for s in directory.sites()],
+            "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)]}
+
+
+# ------------------------------------------------------------------ server
+
+
+class AdminServer:
+    def __init__(self, site: Any) -> None:
+        self.site = site
+        cfg: SiteConfig = site.config
+        token = cfg.admin.resolved_token()
+        if not token:
+            raise ConfigError(cfg.path, "admin.token", (
+                f"admin.port is {cfg.admin.port} but no token is configured: set admin.token, or the "
+                f"environment variable {cfg.admin.token_env or 'named by admin.token_env'}"))
+        self._token = token.encode()
+        self.log = site.log.bind(component="admin")
+        self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=1024 * 1024)
+        r = self.app.router
+        r.add_get("/status", self.get_status)
+        r.add_get("/directory", self.get_directory)
+        r.add_post("/directory/mailboxes", self.post_mailbox)
+        r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
+        r.add_post("/replication/request-now", self.post_request_now)
+        r.add_get("/replication/status", self.get_replication_status)
+        r.add_post("/kcc/check-now", self.post_check_now)
+        r.add_get("/site-addressing", self.get_site_addressing)
+        r.add_post("/site-addressing", self.post_site_addressing)
+        r.add_get("/queue", self.get_queue)
+        r.add_post("/queue/retry", self.post_queue_retry)
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        cfg = self.site.config.admin
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
+        await tcp.start()
+        addresses = self._runner.addresses
+        port = addresses[0][1] if addresses else cfg.port
+        self.bound = (cfg.listen, port)
+        self.log.info("admin.started", listen=cfg.listen, port=port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self.log.info("admin.stopped")
+
+    # -------------------------------------------------------------- middleware
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            self.log.warning("admin.unauthorized", peer=request.remote, method=request.method, path=request.path)
+            return web.json_response({"error": "a valid admin token is required (Authorization: Bearer ...)"},
+                                     status=401, headers={"WWW-Authenticate": 'Bearer realm="imsrelay"'})
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        from imsrelay.replication import ReplicationError
+
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and not (exc.content_type or "").endswith("json"):
+                return web.json_response({"error": exc.reason}, status=exc.status)
+            raise
+        except (DirectoryError, ReplicationError) as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except _BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except Exception as exc:
+            self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
+                           exc_info=exc)
+            return web.json_response({"error": f"internal error: {exc!r}"}, status=500)
+
+    # -------------------------------------------------------------- handlers
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        site = self.site
+        cfg = site.config
+        directory = site.directory
+        own = await directory.run(directory.site_object)
+        invocation, highest, mailboxes = await directory.run(
+            lambda: (directory.invocation, directory.highest_usn, len(directory.mailboxes(cfg.site))))
+        return web.json_response({
+            "organisation": cfg.organisation, "site": cfg.site, "server": cfg.server, "hostname": cfg.hostname,
+            "site_domain": cfg.site_domain, "company_domain": cfg.company_domain,
+            "site_addressing": own.smtp_address if own else None,
+            "routing_address": own.routing_address if own else None,
+            "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
+            "local_mailboxes": mailboxes,
+            "queue": {"messages": site.qmgr.backlog},
+            "directory": {"invocation": invocation, "highest_usn": highest},
+            "replication": {"enabled": site.replicator is not None,
+                            "connectors": [c.site for c in cfg.replication.connectors]},
+            "learned_sites": [list(x) for x in site._learned_sites],
+        })
+
+    async def get_directory(self, request: web.Request) -> web.Response:
+        directory = self.site.directory
+        return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
+
+    async def post_mailbox(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        alias = _field(body, "alias", str, required=True)
+        display = _field(body, "display_name", str) or None
+        extra = _field(body, "addresses", list) or []
+        directory = self.site.directory
+        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra])
+        self.site.log.info("directory.mailbox_added", alias=mbx.alias, address=mbx.primary_address)
+        return web.json_response(mailbox_dict(mbx), status=201)
+
+    async def delete_mailbox(self, request: web.Request) -> web.Response:
+        alias = request.match_info["alias"]
+        directory = self.site.directory
+        if await directory.run(directory.mailbox, alias) is None:
+            return web.json_response({"error": f"no mailbox {alias} at {self.site.config.site}"}, status=404)
+        await directory.run(directory.delete_mailbox, alias)
+        self.site.log.info("directory.mailbox_deleted", alias=alias)
+        return web.json_response({"deleted": alias, "site": self.site.config.site})
+
+    def _replicator(self) -> Any:
+        if self.site.replicator is None:
+            raise _Conflict("replication is not configured at this site (no organisation key: set "
+                            "replication.key or the environment variable named by replication.key_env)")
+        return self.site.replicator
+
+    async def post_request_now(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        peer = _field(body, "site", str, required=True)
+        full = bool(_field(body, "full", bool))
+        return web.json_response(await self._replicator().request_now(peer, full=full), status=202)
+
+    async def get_replication_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._replicator().status())
+
+    async def post_check_now(self, request: web.Request) -> web.Response:
+        from imsrelay import kcc
+
+        result = await kcc.check_now(self.site)
+        return web.json_response(result.as_dict())
+
+    async def get_site_addressing(self, request: web.Request) -> web.Response:
+        directory = self.site.directory
+        own = await directory.run(directory.site_object)
+        cfg = self.site.config
+        return web.json_response({"site": cfg.site, "smtp_address": own.smtp_address if own else None,
+                                  "routing_address": own.routing_address if own else None,
+                                  "site_domain": cfg.site_domain,
+                                  "keep_old_address": cfg.replication.keep_old_address})
+
+    async def post_site_addressing(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        address = _field(body, "address", str, required=True)
+        update = bool(_field(body, "update_mailboxes", bool))
+        keep_old = _field(body, "keep_old", bool)
+        if keep_old is None:
+            keep_old = self.site.config.replication.keep_old_address
+        directory = self.site.directory
+        report = await directory.run(site_addressing_job, directory, self.site.log, address,
+                                     update_mailboxes=update, keep_old=keep_old)
+        await self.site.refresh()
+        return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        items = []
+        for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
+            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
+                          "received_at": env.received_at, "size": env.size,
+                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
+                                          "next_attempt": r.next_attempt, "status": r.status,
+                                          "diagnostic": r.diagnostic} for r in env.recipients]})
+        return web.json_response({"messages": items})
+
+    async def post_queue_retry(self, request: web.Request) -> web.Response:
+        body = await _json_body(request) if request.can_read_body else {}
+        queue_id = _field(body, "queue_id", str)
+        if queue_id and queue_id not in self.site.qmgr.envelopes:
+            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+        return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class _Conflict(DirectoryError):
+    pass
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _BadRequest("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _BadRequest(f"{name} is required")
+        return None
+    if not isinstance(value, kind):
+        raise _BadRequest(f"{name} must be a {kind.__name__}")
+    return value
+
+
+# ------------------------------------------------------------------ client (for the CLI)
+
+
+class AdminClient:
+    """Blocking JSON client for a site's admin endpoint (loopback; proxies ignored)."""
+
+    def __init__(self, config: SiteConfig, *, timeout: float = 120.0) -> None:
+        admin = config.admin
+        self.site = config.site
+        if admin.port == 0:
+            raise AdminUnavailable(f"the admin endpoint of {config.site} is disabled ({config.path}: admin.port = 0)")
+        host = admin.listen
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        self.base = f"http://[{host}]:{admin.port}" if ":" in host else f"http://{host}:{admin.port}"
+        token = admin.resolved_token()
+        if not token:
+            raise AdminUnavailable(f"no admin token for {config.site}: set admin.token in {config.path} or "
+                                   f"the environment variable {admin.token_env}")
+        self._token = token
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self._token}", "Content-Type": "application/json",
+            "Accept": "application/json"})
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error") or exc.reason
+            except (ValueError, AttributeError):
+                message = str(exc.reason)
+            raise AdminRequestError(exc.code, str(message)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminUnavailable(f"site {self.site} is not running (no admin endpoint at {self.base}: "
+                                   f"{reason})") from None
+
+    def is_running(self) -> bool:
+        try:
+            self.call("GET", "/status")
+        except AdminUnavailable:
+            return False
+        except AdminRequestError:
+            return True
+        return True
+
+
+# ------------------------------------------------------------------ CLI glue
+
+
+def cli_client(config: SiteConfig) -> AdminClient:
+    """An AdminClient, or a one-line ``UserError`` saying why there cannot be one."""
+    from imsrelay.cli import UserError
+
+    try:
+        return AdminClient(config)
+    except AdminUnavailable as exc:
+        raise UserError(str(exc)) from None
+
+
+def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the running site's admin endpoint; errors become one-line ``UserError``s."""
+    from imsrelay.cli import UserError
+
+    client = cli_client(config)
+    try:
+        return client.call(method, path, body)
+    except AdminUnavailable as exc:
+        raise UserError(str(exc), status=3) from None
+    except AdminRequestError as exc:
+        raise UserError(f"{config.site}: {exc} (HTTP {exc.status})") from None
+
+
+def ensure_offline(config: SiteConfig) -> None:
+    """``--offline`` edits the database directly: refuse while the site answers."""
+    from imsrelay.cli import UserError
+
+    if config.admin.port == 0 or not config.admin.resolved_token():
+        return
+    if AdminClient(config, timeout=5.0).is_running():
+        raise UserError(f"site {config.site} is running: drop --offline so the change goes through it")

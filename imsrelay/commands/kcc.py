@@ -1,0 +1,47 @@
+"""``imsrelay kcc check-now`` — the knowledge consistency check (Check Now)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from imsrelay.admin import cli_call
+from imsrelay.config import load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("kcc", help="knowledge consistency check (Check Now)",
+                       description="Make sites that arrived by replication known to routing and report "
+                                   "inconsistencies (e.g. routing addresses, KB Q180401).")
+    ksub = k.add_subparsers(dest="kcc_command", metavar="ACTION")
+    ksub.required = True
+    now = ksub.add_parser("check-now", help="run the knowledge consistency check at the running site")
+    now.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
+    now.add_argument("--json", action="store_true", help="machine-readable output")
+    now.set_defaults(func=cmd_check_now)
+
+
+def print_result(site: str, result: dict[str, Any]) -> None:
+    known = result["known_sites"]
+    print(f"Check Now at {site}: {len(known)} site(s) in the directory ({', '.join(known) or 'none'})")
+    if result["learned"]:
+        learned = ", ".join(f"{name} (@{domain})" for name, domain in result["learned"])
+        print(f"known to routing by replication: {learned}")
+    else:
+        print("no sites beyond Connected Sites learned by replication")
+    for f in result["findings"]:
+        print(f"{f['severity']:<7} {f['site']}: {f['message']}")
+    if not result["findings"]:
+        print("no inconsistencies found")
+
+
+def cmd_check_now(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    result = cli_call(config, "POST", "/kcc/check-now")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_result(config.site, result)
+    return 1 if any(f["severity"] == "error" for f in result["findings"]) else 0

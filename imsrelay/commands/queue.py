@@ -1,0 +1,205 @@
+"""``imsrelay queue list|show|retry|delete`` — the site's mail queue, like Postfix's
+``postqueue -p`` / ``postcat -q`` / ``postqueue -f`` / ``postsuper -d``.
+
+Works on the data directory whether the site runs or not:
+
+- ``list`` and ``show`` only read the spool;
+- ``retry`` rewrites each chosen message's ``.state`` with its pending recipients
+  due now (so a stopped site delivers them at its next start) and touches
+  ``queue/retry-now``, which a running site checks every second: it then takes the
+  earlier next-attempt times (never undoing a delivery it made meanwhile);
+- ``delete`` removes the message's files (no NDR is sent — an operator's decision,
+  as with ``postsuper -d``) and touches ``retry-now`` too, so a running site
+  forgets it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from imsrelay.config import load_config
+from imsrelay.spool import PENDING, Envelope, RecipientState, Spool
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("queue", help="list, show, retry or delete queued messages",
+                       description="The site's mail queue (works whether the site runs or not).")
+    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
+    qsub.required = True
+
+    ls = qsub.add_parser("list", help="every queued message with its recipients' states (postqueue -p)")
+    _common(ls)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    show = qsub.add_parser("show", help="one message: envelope, recipients and headers (postcat -q)")
+    _common(show)
+    show.add_argument("queue_id", metavar="ID")
+    show.add_argument("--body", action="store_true", help="print the whole message, not only its headers")
+    show.set_defaults(func=cmd_show)
+
+    retry = qsub.add_parser("retry", help="make deferred recipients due now (postqueue -f / -i ID)")
+    _common(retry)
+    retry.add_argument("queue_ids", metavar="ID", nargs="*", help="only these messages (default: all)")
+    retry.set_defaults(func=cmd_retry)
+
+    delete = qsub.add_parser("delete", help="remove messages from the queue without an NDR (postsuper -d)")
+    _common(delete)
+    delete.add_argument("queue_ids", metavar="ID", nargs="+")
+    delete.set_defaults(func=cmd_delete)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
+    p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
+
+
+def open_spool(args: argparse.Namespace) -> Spool:
+    from imsrelay.cli import UserError
+
+    config = load_config(args.config, data_dir=args.data)
+    if not (config.data_dir / "queue" / "active").is_dir():
+        raise UserError(f"no queue at {config.data_dir / 'queue'}: the site has not been started yet "
+                        f"(imsrelay serve --config {args.config})")
+    return Spool(config.data_dir)
+
+
+def _load(spool: Spool, queue_id: str) -> Envelope:
+    from imsrelay.cli import UserError
+
+    try:
+        env = spool.load(queue_id)
+    except ValueError:
+        raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)") from None
+    if env is None:
+        raise UserError(f"no message {queue_id} in the queue")
+    return env
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def recipient_state(r: RecipientState) -> str:
+    if r.state != PENDING:
+        return r.state
+    return "deferred" if r.attempts else "queued"
+
+
+def recipient_lines(r: RecipientState, now: float) -> list[str]:
+    state = recipient_state(r)
+    line = f"    {state:<9} {r.address}"
+    if r.state == PENDING:
+        due = "now" if r.next_attempt <= now else when(r.next_attempt)
+        line += f"  attempts {r.attempts}, next attempt {due}"
+    elif r.attempts:
+        line += f"  attempts {r.attempts}"
+    lines = [line]
+    if r.diagnostic and r.state != "delivered":
+        remote = f" [{r.remote}]" if r.remote else ""
+        lines.append(f"              ({r.status or '-'} {r.diagnostic}){remote}")
+    return lines
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    spool = open_spool(args)
+    envelopes = list(spool.envelopes())
+    if args.json:
+        print(json.dumps([json.loads(e.to_json()) for e in envelopes], indent=2))
+        return 0
+    if not envelopes:
+        print("Mail queue is empty")
+        return 0
+    now = time.time()
+    print(f"{'-Queue ID-':<20} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
+    pending = 0
+    for env in envelopes:
+        print(f"{env.queue_id:<20} {env.size:>8} {when(env.received_at):<20}  {env.sender or '<>'}")
+        for r in env.recipients:
+            for line in recipient_lines(r, now):
+                print(line)
+        pending += len(env.pending)
+        print()
+    total = sum(e.size for e in envelopes)
+    print(f"-- {total / 1024:.0f} KiB in {len(envelopes)} message{'s' if len(envelopes) != 1 else ''}, "
+          f"{pending} recipient{'s' if pending != 1 else ''} pending")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    spool = open_spool(args)
+    env = _load(spool, args.queue_id)
+    message = spool.read_message(env.queue_id)
+    flags = [f for f, on in (("8BITMIME", env.body_8bit), ("SMTPUTF8", env.smtputf8)) if on]
+    print(f"queue id:   {env.queue_id}")
+    print(f"arrival:    {when(env.received_at)}")
+    print(f"size:       {env.size} bytes")
+    print(f"sender:     <{env.sender}>")
+    print(f"client:     {env.client or '-'} (helo {env.helo or '-'})")
+    print(f"origin:     {env.origin}{'  ' + ' '.join(flags) if flags else ''}")
+    now = time.time()
+    for r in env.recipients:
+        print("recipient:")
+        for line in recipient_lines(r, now):
+            print(line)
+        if r.route:
+            print(f"              route {r.route}")
+    print()
+    if args.body:
+        text = message
+    else:
+        end = message.find(b"\r\n\r\n")
+        text = message if end < 0 else message[:end + 2]
+    print(text.decode("utf-8", "replace").replace("\r\n", "\n"), end="")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    spool = open_spool(args)
+    chosen = [_load(spool, q) for q in args.queue_ids] if args.queue_ids else list(spool.envelopes())
+    now = time.time()
+    messages = recipients = 0
+    for env in chosen:
+        pending = env.pending
+        if not pending:
+            continue
+        for r in pending:
+            r.next_attempt = now
+        spool.save_state_sync(env)
+        messages += 1
+        recipients += len(pending)
+    spool.request_retry()
+    print(f"{messages} message{'s' if messages != 1 else ''} ({recipients} recipient"
+          f"{'s' if recipients != 1 else ''}) scheduled for delivery now; a running site picks this up "
+          "within a second, a stopped one at its next start")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from imsrelay.cli import UserError
+
+    spool = open_spool(args)
+    missing = []
+    for qid in args.queue_ids:
+        _load_id_check(qid)
+        if spool.remove_sync(qid):
+            print(f"{qid}: removed")
+        else:
+            missing.append(qid)
+    spool.request_retry()  # a running site rescans the spool and forgets the deleted messages
+    if missing:
+        raise UserError(f"not in the queue: {', '.join(missing)}", status=1)
+    return 0
+
+
+def _load_id_check(queue_id: str) -> None:
+    from imsrelay.cli import UserError
+
+    if not queue_id.isalnum():
+        raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)")

@@ -1,0 +1,81 @@
+"""``imsrelay replicate request-now|status`` — Directory Replication Connectors.
+
+Both talk to the running site's admin endpoint (``[admin]`` in the site's file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imsrelay.admin import cli_call
+from imsrelay.config import load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("replicate", help="directory replication: Request Now, status",
+                       description="Directory replication between the sites of the organisation (by mail).")
+    rsub = r.add_subparsers(dest="replicate_command", metavar="ACTION")
+    rsub.required = True
+    now = rsub.add_parser("request-now", help="ask a site for its directory changes now",
+                          description="Request Now: by default 'update only new and modified items' "
+                                      "(since the high-water mark); --all requests everything.")
+    _common(now)
+    now.add_argument("--site", required=True, help="the remote site's directory name (e.g. SiteB)")
+    now.add_argument("--all", action="store_true", help="request every item, not only new and modified ones")
+    now.set_defaults(func=cmd_request_now)
+    st = rsub.add_parser("status", help="per peer: high-water mark, last request/reply, backlog")
+    _common(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_request_now(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    result = cli_call(config, "POST", "/replication/request-now", {"site": args.site, "full": bool(args.all)})
+    what = "all items" if result["full"] else f"new and modified items since USN {result['since_usn']}"
+    print(f"{config.site}: Request Now sent to {result['site']} ({result['recipient']}): {what}; "
+          f"queue id {result['queue_id']}")
+    return 0
+
+
+def _schedule(s: Any) -> str:
+    if s is None:
+        return "never"
+    return f"{s / 60:g}m" if s >= 60 else f"{s:g}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    status = cli_call(config, "GET", "/replication/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(status["rejected"].items())) or "none"
+    print(f"{status['site']}: invocation {status['invocation']}, highest USN {status['highest_usn']}, "
+          f"rejected messages: {rejected}")
+    header = (f"{'peer':<10} {'schedule':<9} {'high-water':>10} {'invocation':<17} {'last request':<21} "
+              f"{'last reply':<21} {'applied':>7} {'backlog':>7}  last error")
+    print(header)
+    for p in status["peers"]:
+        schedule = _schedule(p["schedule"]) if p["connector"] else "-"
+        hw = str(p["high_water"]) + ("+" if p["pending_ranges"] else "")
+        print(f"{p['site']:<10} {schedule:<9} {hw:>10} {(p['invocation'] or '-'):<17} "
+              f"{when(p['last_request']):<21} {when(p['last_reply']):<21} {p['applied']:>7} "
+              f"{p['backlog']:>7}  {p['last_error'] or '-'}")
+    if not status["peers"]:
+        print("(no replication connectors and no peers yet)")
+    return 0

@@ -1,0 +1,126 @@
+"""``imsrelay route ADDRESS`` — where would this site send mail for ADDRESS, and why.
+
+The same pure router the queue manager uses (``imsrelay.router.route_for``), fed
+from the same inputs: the site's TOML file and its directory database.  Works
+whether the site runs or not.  Before the site's first start there is no
+directory yet: the mailboxes of the config file are then provisioned into a
+throw-away in-memory directory, exactly as the first start would, and nothing is
+written to disk.  ``--resolve`` also looks up the next hops in DNS (through the
+configured ``dns.nameservers``, else the system resolver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from imsrelay.addresses import AddressError, parse_address
+from imsrelay.config import SiteConfig, load_config
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.router import MX, RELAY, Route, route_for
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "route", help="explain where mail for an address goes (the routing decision chain)",
+        description="Print each routing decision for ADDRESS at this site: directory, Connected Sites, "
+                    "E-Mail Domain table, smart host, DNS MX.  Works whether the site runs or not.")
+    p.add_argument("address", help="recipient address, e.g. User2@SiteB.microsoft.com")
+    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
+    p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
+    p.add_argument("--resolve", action="store_true",
+                   help="also look up the next hops in DNS (the configured dns.nameservers)")
+    p.set_defaults(func=cmd_route)
+
+
+def open_directory_for_routing(config: SiteConfig) -> tuple[Directory, str]:
+    """The site's directory, or (before its first start) an in-memory one provisioned
+    from the config file.  Returns it and a line saying which."""
+    db = config.data_dir / "directory.sqlite3"
+    if db.exists():
+        return Directory(db, config.site), f"directory {db}"
+    memory = Directory(Path(":memory:"), config.site)
+    memory.provision(organisation=config.organisation, server=config.server, site_domain=config.site_domain,
+                     hostname=config.hostname,
+                     mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in config.mailboxes])
+    return memory, f"no directory yet at {db} (site never started): using the mailboxes of the config file"
+
+
+def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
+    """The route for ``address`` and a line naming the directory it came from."""
+    from imsrelay.site import endpoints_for, read_learned_sites, routing_table_for
+
+    directory, source = open_directory_for_routing(config)
+    try:
+        site = directory.site_object()
+        addressing = (site.smtp_address if site else config.site_address).lstrip("@").lower()
+        table = routing_table_for(config, addressing_domain=addressing,
+                                  learned_sites=tuple(read_learned_sites(directory)),
+                                  self_endpoints=endpoints_for(config, config.smtp.port))
+        mailbox = directory.find_recipient(address)
+    finally:
+        directory.close()
+    return route_for(address, mailbox, table), source
+
+
+async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
+    """The next hops of an SMTP route as the SMTP client would try them."""
+    from imsrelay.dns import DnsFailure, MailResolver, ip_literal
+    from imsrelay.site import endpoints_for
+    from imsrelay.smtp_client import is_self, remote_name, without_self
+
+    servers = ", ".join(config.dns.nameservers) or "the system resolver"
+    resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+    me = endpoints_for(config, config.smtp.port)
+    try:
+        if route.kind == RELAY:
+            assert route.host is not None
+            literal = ip_literal(route.host)
+            if literal is not None:
+                return [f"next hop: {route.host} [{literal}]:{route.port} (fixed host, no DNS)"]
+            lines = [f"next hops: A/AAAA of {route.host} via {servers}:"]
+            from imsrelay.dns import NextHop
+
+            hops = [NextHop(route.host, a, route.port, 0) for a in await resolver.addresses(route.host)]
+            lines += [f"  {i}. {remote_name(h)}{'  (this site: loop)' if is_self(h, me) else ''}"
+                      for i, h in enumerate(hops, 1)]
+            return lines
+        assert route.domain is not None
+        hops = await resolver.next_hops(route.domain, port=route.port)
+    except DnsFailure as failure:
+        kind = "permanent" if failure.permanent else "temporary"
+        return [f"DNS via {servers}: {kind} failure {failure.status}: {failure.reason}"]
+    lines = [f"next hops: MX of {route.domain} via {servers}, in the order they are tried:"]
+    usable, looped = without_self(hops, me)
+    for i, h in enumerate(usable, 1):
+        lines.append(f"  {i}. {remote_name(h)} (MX preference {h.preference})")
+    if looped:
+        skipped = [h for h in hops if h not in usable]
+        lines.append(f"  skipped (this site and less preferred): {', '.join(remote_name(h) for h in skipped)}")
+        if not usable:
+            lines.append(f"=> permanent failure 5.4.6: mail for {route.domain} loops back to this site")
+    return lines
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from imsrelay.cli import UserError
+
+    config = load_config(args.config, data_dir=args.data)
+    try:
+        parse_address(args.address)
+    except AddressError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        route, source = decide(config, args.address)
+    except DirectoryError as exc:
+        raise UserError(str(exc)) from None
+    print(f"site {config.site} ({config.hostname}), {source}")
+    print(route.explain())
+    if route.kind in (RELAY, MX):
+        if args.resolve:
+            for line in asyncio.run(next_hop_lines(config, route)):
+                print(line)
+        elif route.kind == MX:
+            print("(add --resolve to look up the MX hosts)")
+    return 0

@@ -1,0 +1,326 @@
+"""The embedded three-site lab: KB Q196927's organisation on loopback addresses.
+
+SiteA, SiteB and SiteC run as real sites (each its own SMTP server, queue,
+directory and Maildirs) on 127.10.10.10, .15 and .20 — the seed's 10.10.10.x on
+loopback — plus an "Internet" host on 127.10.10.100 that owns ``example.net`` and
+forwards the ``microsoft.com`` domains to the sites the way the seed's DNS MX
+records would (``microsoft.com`` → Server1.SiteA).  Every site reaches the Internet
+through it as its smart host.
+
+The lab walks the article's steps as *stages*; each stage is either a change to
+the sites' configuration (written to ``<data>/config/<Site>.toml``, the sites are
+restarted) or an administrator's action (Check Now, Request Now, Site Addressing).
+By default the lab comes up in the article's end state; ``--stage install`` starts
+at step 1 so the walk can be done by hand (``imsrelay lab next``, or by editing the
+config files — a changed file restarts its site — and the usual CLI commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from imsrelay.config import load_config
+from imsrelay.site import Site
+
+ORGANISATION = "ExchangeORG"
+COMPANY_DOMAIN = "microsoft.com"
+LAB_KEY = "ExchangeORG-lab-replication-key"
+ADMIN_TOKEN = "lab-admin-token"
+ADMIN_PORT = 8025
+
+
+@dataclass(frozen=True)
+class LabSite:
+    name: str
+    server: str
+    address: str
+    user: str
+    display_name: str
+
+    @property
+    def domain(self) -> str:
+        return f"{self.name}.{COMPANY_DOMAIN}"
+
+
+SITES = (
+    LabSite("SiteA", "ServerA", "127.10.10.10", "User1", "User One"),
+    LabSite("SiteB", "ServerB", "127.10.10.15", "User2", "User Two"),
+    LabSite("SiteC", "ServerC", "127.10.10.20", "User3", "User Three"),
+)
+INTERNET = LabSite("Internet", "mail", "127.10.10.100", "alice", "Alice (outside)")
+INTERNET_DOMAIN = "example.net"
+
+# (name, what the article says, kind) — kind "config" changes the files, "action" runs a command.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("install", "1. IMS installed at each site with its site domain (SiteX.microsoft.com)", "config"),
+    ("connected-sites", "2-5. Connected Sites: each remote site by directory name, routing address SMTP @SiteX.microsoft.com", "config"),
+    ("domain-table", "Domain-specific routing: E-Mail Domain table forwards SiteX.microsoft.com to the site's address", "config"),
+    ("replication-connectors", "Directory Replication Connectors to every other site", "config"),
+    ("check-now", "Check Now (knowledge consistency check) at each site", "action"),
+    ("request-now", "Request Now, 'Update only new and modified items', at each site for each peer", "action"),
+    ("site-addressing-a", "Single domain: SiteA Site Addressing @microsoft.com (update all mailboxes); SiteB and SiteC Request Now", "action"),
+    ("site-addressing-b", "Repeat at SiteB; SiteA and SiteC Request Now", "action"),
+    ("site-addressing-c", "Repeat at SiteC; SiteA and SiteB Request Now: every user is UserN@microsoft.com", "action"),
+)
+STAGE_NAMES = tuple(s[0] for s in STAGES)
+
+
+def stage_index(name: str) -> int:
+    if name == "end":
+        return len(STAGES) - 1
+    try:
+        return STAGE_NAMES.index(name)
+    except ValueError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}, end") from None
+
+
+def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True) -> dict[str, Any]:
+    """The site's configuration at a stage of the walk (pure)."""
+    others = [s for s in SITES if s is not site]
+    mapping: dict[str, Any] = {
+        "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
+                 "email_domain": site.domain, "company_domain": COMPANY_DOMAIN,
+                 "data_dir": str(data_dir / site.name)},
+        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.0/8"]},
+        "mailboxes": [{"alias": site.user, "display_name": site.display_name},
+                      {"alias": "Administrator", "display_name": f"{site.name} Administrator"}],
+        "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
+                     "lifetime": "2d", "smart_host": f"{INTERNET.address}:{port}"},
+        "replication": {"key": LAB_KEY, "startup_delay": "10s" if fast else "5m"},
+        "admin": {"listen": site.address, "port": ADMIN_PORT, "token": ADMIN_TOKEN},
+        "logging": {"level": "info", "format": "auto"},
+    }
+    if stage >= stage_index("connected-sites"):
+        mapping["connected_sites"] = [{"name": o.name, "routing_address": f"@{o.domain}"} for o in others]
+    if stage >= stage_index("domain-table"):
+        mapping["email_domains"] = [{"domain": o.domain, "host": o.address, "port": port} for o in others]
+    if stage >= stage_index("replication-connectors"):
+        mapping["replication"]["connectors"] = [{"site": o.name, "schedule": "always"} for o in others]
+    return mapping
+
+
+def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
+    """The outside world: owns example.net, forwards microsoft.com like the seed's MX records."""
+    routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
+    routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
+    return {
+        "site": {"organisation": "Internet", "name": INTERNET.name, "server": INTERNET.server,
+                 "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
+        "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": ["127.0.0.0/8"]},
+        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
+        "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
+        "email_domains": routes,
+        "logging": {"level": "info", "format": "auto"},
+    }
+
+
+class Lab:
+    """Runs the four hosts in this process; advances the walk stage by stage."""
+
+    def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True,
+                 say: Callable[[str], None] = print) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.fast = fast
+        self.say = say
+        self.sites: dict[str, Site] = {}
+        self.config_dir = self.data_dir / "config"
+        self.state_file = self.data_dir / "lab.json"
+        self._mtimes: dict[str, float] = {}
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def stage(self) -> int:
+        try:
+            return int(json.loads(self.state_file.read_text())["stage"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return -1
+
+    def _save_stage(self, stage: int) -> None:
+        self.state_file.write_text(json.dumps({"stage": stage, "name": STAGE_NAMES[stage]}))
+
+    def config_path(self, name: str) -> Path:
+        return self.config_dir / f"{name}.toml"
+
+    def _write_configs(self, stage: int) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        header = "# Written by `imsrelay lab` for stage {}; edit it and the lab restarts the site.\n"
+        for s in SITES:
+            text = header.format(STAGE_NAMES[stage]) + tomli_w.dumps(
+                site_mapping(s, stage, port=self.port, data_dir=self.data_dir, fast=self.fast))
+            self.config_path(s.name).write_text(text)
+        internet = self.config_path(INTERNET.name)
+        if not internet.exists():  # the outside world does not change with the walk
+            internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
+                                + tomli_w.dumps(internet_mapping(port=self.port, data_dir=self.data_dir)))
+
+    # ------------------------------------------------------------ running
+
+    async def start(self, target: int | None = None) -> None:
+        """Start at the stored stage (first run: stage 0), then advance to ``target``."""
+        current = self.stage
+        if current < 0:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._write_configs(0)
+            self._save_stage(0)
+            current = 0
+        for name in [INTERNET.name] + [s.name for s in SITES]:
+            await self._start_site(name)
+        if target is not None and target > current:
+            await self.advance_to(target)
+
+    async def stop(self) -> None:
+        for name in list(self.sites):
+            await self.sites.pop(name).stop()
+
+    async def _start_site(self, name: str) -> Site:
+        path = self.config_path(name)
+        site = Site(load_config(path))
+        await site.start()
+        self.sites[name] = site
+        self._mtimes[name] = path.stat().st_mtime
+        return site
+
+    async def restart(self, name: str) -> None:
+        old = self.sites.pop(name, None)
+        if old is not None:
+            await old.stop()
+        await self._start_site(name)
+
+    async def restart_changed(self) -> list[str]:
+        """Restart the sites whose config file changed (an administrator edited it)."""
+        changed = []
+        for name in list(self.sites):
+            path = self.config_path(name)
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime != self._mtimes.get(name):
+                try:
+                    load_config(path)
+                except Exception as exc:
+                    self.say(f"lab: {path} not applied: {exc}")
+                    self._mtimes[name] = mtime
+                    continue
+                self.say(f"lab: {path.name} changed, restarting {name}")
+                await self.restart(name)
+                changed.append(name)
+        return changed
+
+    async def advance_to(self, target: int) -> None:
+        while self.stage < target:
+            await self.next_stage()
+
+    async def next_stage(self) -> str | None:
+        stage = self.stage + 1
+        if stage >= len(STAGES):
+            return None
+        name, text, kind = STAGES[stage]
+        self.say(f"lab: stage {name}: {text}")
+        if kind == "config":
+            self._write_configs(stage)
+            for s in SITES:
+                await self.restart(s.name)
+        else:
+            await getattr(self, "_do_" + name.replace("-", "_"))()
+        self._save_stage(stage)
+        return name
+
+    # ------------------------------------------------------------ the article's actions
+
+    async def _do_check_now(self) -> None:
+        from imsrelay.kcc import check_now
+
+        for s in SITES:
+            await check_now(self.sites[s.name])
+
+    async def _pull(self, into: str, sources: list[str]) -> None:
+        replicator = self.sites[into].replicator
+        for source in sources:
+            await replicator.request_now(source, full=False)
+
+    async def _do_request_now(self) -> None:
+        for s in SITES:
+            await self._pull(s.name, [o.name for o in SITES if o is not s])
+        await self.wait_until(self._everyone_knows_everyone, "directories replicated")
+        await self._do_check_now()
+
+    async def _site_addressing(self, name: str) -> None:
+        site = self.sites[name]
+        report = await site.directory.run(site.directory.set_site_addressing, f"@{COMPANY_DOMAIN}",
+                                          update_mailboxes=True,
+                                          keep_old=site.config.replication.keep_old_address)
+        await site.refresh()
+        self.say(f"lab: {name} Site Addressing @{COMPANY_DOMAIN}: scanned {report.scanned}, "
+                 f"updated {report.updated}, failed {report.failed}"
+                 + "".join(f", {alias} -> {addr} (not unique)" for alias, addr in report.substitutes))
+        for other in SITES:
+            if other.name != name:
+                await self._pull(other.name, [name])
+        await self.wait_until(lambda: self._everyone_sees_addressing(name), f"{name}'s new addresses replicated")
+
+    async def _do_site_addressing_a(self) -> None:
+        await self._site_addressing("SiteA")
+
+    async def _do_site_addressing_b(self) -> None:
+        await self._site_addressing("SiteB")
+
+    async def _do_site_addressing_c(self) -> None:
+        await self._site_addressing("SiteC")
+
+    # ------------------------------------------------------------ observing
+
+    async def _everyone_knows_everyone(self) -> bool:
+        want = {(s.name, s.user.lower()) for s in SITES}
+        for s in SITES:
+            site = self.sites[s.name]
+            boxes = await site.directory.run(site.directory.mailboxes)
+            if not want <= {(m.home_site, m.alias.lower()) for m in boxes}:
+                return False
+        return True
+
+    async def _everyone_sees_addressing(self, name: str) -> bool:
+        for s in SITES:
+            site = self.sites[s.name]
+            obj = await site.directory.run(site.directory.site_object, name)
+            if obj is None or obj.smtp_address.lower() != f"@{COMPANY_DOMAIN}":
+                return False
+            boxes = await site.directory.run(site.directory.mailboxes, name)
+            if not boxes or any(not m.primary_address.lower().endswith("@" + COMPANY_DOMAIN) for m in boxes):
+                return False
+        return True
+
+    async def wait_until(self, predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"lab: timed out waiting for {what}")
+            await asyncio.sleep(0.1)
+
+    async def describe(self) -> str:
+        stage = self.stage
+        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}",
+                 f"stage {STAGE_NAMES[stage]}: {STAGES[stage][1]}", ""]
+        for s in SITES:
+            site = self.sites[s.name]
+            boxes = await site.directory.run(site.directory.mailboxes, s.name)
+            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{ADMIN_PORT} "
+                         f"(token {ADMIN_TOKEN})   config {self.config_path(s.name)}")
+            for m in boxes:
+                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/")
+        lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
+                     f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
+        first = SITES[0]
+        lines += ["", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t User2@{COMPANY_DOMAIN}",
+                  "Ctrl-C stops the lab; the data stays for the next start."]
+        return "\n".join(lines)
