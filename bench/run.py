@@ -206,9 +206,20 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
-def tree_rss_bytes(root: int) -> int:
+def tree_pss_bytes(root: int) -> int:
+    """Proportional set size of a process tree (shared pages split between sharers),
+    from /proc/PID/smaps_rollup; RSS where that is unreadable."""
     stats = _all_stats()
-    return sum(stats[p][5] for p in tree_pids(root, stats)) * PAGE
+    total = 0
+    for pid in tree_pids(root, stats):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            total += stats[pid][5] * PAGE
+    return total
 
 
 def process_rss_bytes(pid: int) -> int:
@@ -800,6 +811,17 @@ class MaildirWatcher:
 # ============================================================== statistics
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median end-to-end rate (failed runs count as 0); with one run, it."""
+    if len(runs) == 1:
+        return runs[0]
+    ranked = sorted(runs, key=lambda r: r.get("end_to_end_per_s") or 0.0)
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["median_of"] = len(runs)
+    chosen["all_end_to_end_per_s"] = [r.get("end_to_end_per_s") for r in runs]
+    return chosen
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     s = sorted(values)
     if not s:
@@ -823,6 +845,7 @@ class Options:
     quick: bool
     phases: list[str]
     messages: int
+    rounds: int
     sessions: int
     size: int
     light: int
@@ -911,81 +934,109 @@ class Bench:
             f"CPU {r.get('cpu_ms_per_msg')} ms/msg" + (f" — {r['error']}" if "error" in r else ""))
         return r
 
-    def phase_throughput(self) -> dict[str, Any]:
-        o = self.opts
-        out: dict[str, Any] = {"command": source_command(o.messages, o.sessions, o.size)}
-
-        # (a) the ceiling: smtp-source straight into smtp-sink
+    def _run_ceiling(self) -> dict[str, Any]:
+        """(a) smtp-source straight into smtp-sink."""
         port = free_port()
         sink = Sink(self.procs, self.tools, port, self.root)
         try:
-            out["ceiling"] = self._measure_relay("smtp-sink (ceiling)", sink, port, None, None)
-            out["ceiling"]["end_to_end_per_s"] = out["ceiling"]["accepted_per_s"]
+            r = self._measure_relay("smtp-sink (ceiling)", sink, port, None, None)
+            r["end_to_end_per_s"] = r["accepted_per_s"]
+            return r
         finally:
             sink.stop()
 
-        # (b) Postfix relaying to smtp-sink
+    def _run_postfix(self, round_no: int) -> dict[str, Any]:
+        """(b) a private Postfix instance relaying to smtp-sink."""
         sink_port, pf_port = free_port(), free_port()
         sink = Sink(self.procs, self.tools, sink_port, self.root)
         pf = None
         try:
-            pf = PrivatePostfix(self.procs, self.tools, self.root / "postfix", pf_port, sink_port)
+            pf = PrivatePostfix(self.procs, self.tools, self.root / f"postfix{round_no}", pf_port, sink_port)
             pf.start()
             assert pf.master_pid is not None
-            out["postfix"] = self._measure_relay("postfix", sink, pf_port, pf.master_pid, pf.queue_count)
-            out["postfix"]["relay_rss_mib"] = round(tree_rss_bytes(pf.master_pid) / 2**20, 1)
+            r = self._measure_relay("postfix", sink, pf_port, pf.master_pid, pf.queue_count)
+            r["relay_pss_mib"] = round(tree_pss_bytes(pf.master_pid) / 2**20, 1)
+            return r
         except BenchError as exc:
-            out["postfix"] = {"label": "postfix", "error": str(exc)}
             log(f"postfix: {exc}")
+            return {"label": "postfix", "error": str(exc)}
         finally:
             if pf is not None:
                 self.logs["postfix"] = pf.log_tail(5)
                 pf.stop()
             sink.stop()
 
-        # (c) one imsrelay site relaying to smtp-sink through its E-Mail Domain table
+    def _run_imsrelay(self, round_no: int, profile: str) -> dict[str, Any]:
+        """(c) one imsrelay site relaying to smtp-sink through its E-Mail Domain table."""
         sink_port, site_port = free_port(), free_port()
         sink = Sink(self.procs, self.tools, sink_port, self.root)
         wrapper: list[str] = []
         prof_file = OUT_DIR / f"profile-{self.stamp}"
-        if o.profile == "cprofile":
+        if profile == "cprofile":
             wrapper = [sys.executable, "-m", "cProfile", "-o", str(prof_file) + ".pstats"]
-        elif o.profile == "pyinstrument":
+        elif profile == "pyinstrument":
             wrapper = [sys.executable, "-m", "pyinstrument", "--async-mode", "disabled", "-r", "text",
                        "--show-all", "-o", str(prof_file) + ".pyinstrument.txt"]
         spec = SiteSpec("BenchRelay", "127.0.0.1", site_port, "relay.imsrelay-bench.test",
                         "relay.imsrelay-bench.test", mailboxes=["Administrator"],
                         email_domains=[("bench.example", "127.0.0.1", sink_port)])
-        site = ImsSite(self.procs, self.root / "throughput", spec, wrapper=wrapper)
+        site = ImsSite(self.procs, self.root / f"throughput{round_no}", spec, wrapper=wrapper)
+        r: dict[str, Any]
         try:
             site.start()
             profiler = None
-            if o.profile in ("py-spy", "py-spy-gil"):
+            if profile in ("py-spy", "py-spy-gil"):
                 def profiler() -> Callable[[], None]:
                     return start_py_spy(self.procs, site.pid, Path(str(prof_file) + ".py-spy.txt"),
-                                        gil_only=o.profile == "py-spy-gil")
-            out["imsrelay"] = self._measure_relay("imsrelay", sink, site_port, site.pid, site.queue_count,
-                                                  profiler)
-            out["imsrelay"]["relay_rss_mib"] = round(tree_rss_bytes(site.pid) / 2**20, 1)
+                                        gil_only=profile == "py-spy-gil")
+            r = self._measure_relay("imsrelay", sink, site_port, site.pid, site.queue_count, profiler)
+            r["relay_pss_mib"] = round(tree_pss_bytes(site.pid) / 2**20, 1)
         except BenchError as exc:
-            out["imsrelay"] = {"label": "imsrelay", "error": str(exc)}
+            r = {"label": "imsrelay", "error": str(exc)}
             log(f"imsrelay: {exc}")
         finally:
-            rc = site.stop(timeout=120 if o.profile != "none" else 30)
+            rc = site.stop(timeout=120 if profile != "none" else 30)
             self.logs["imsrelay"] = site.log_tail(5)
-            if rc not in (0, None):
-                out.setdefault("notes", []).append(f"imsrelay site exited with status {rc}")
             sink.stop()
-        if o.profile == "cprofile" and Path(str(prof_file) + ".pstats").exists():
-            out["profile"] = summarize_cprofile(Path(str(prof_file) + ".pstats"), self.opts.messages)
-        elif o.profile == "pyinstrument":
-            out["profile"] = {"file": str(prof_file) + ".pyinstrument.txt"}
-        elif o.profile.startswith("py-spy") and Path(str(prof_file) + ".py-spy.txt").exists():
-            out["profile"] = summarize_py_spy(Path(str(prof_file) + ".py-spy.txt"), self.opts.messages,
-                                              PY_SPY_RATE)
-            out["profile"]["mode"] = o.profile
+        if rc not in (0, None):
+            r["exit_status"] = rc
+        if profile == "cprofile" and Path(str(prof_file) + ".pstats").exists():
+            r["profile"] = summarize_cprofile(Path(str(prof_file) + ".pstats"), self.opts.messages)
+        elif profile == "pyinstrument":
+            r["profile"] = {"file": str(prof_file) + ".pyinstrument.txt"}
+        elif profile.startswith("py-spy") and Path(str(prof_file) + ".py-spy.txt").exists():
+            r["profile"] = summarize_py_spy(Path(str(prof_file) + ".py-spy.txt"), self.opts.messages, PY_SPY_RATE)
+            r["profile"]["mode"] = profile
+        return r
 
-        pf_r, ims_r = out.get("postfix", {}), out.get("imsrelay", {})
+    def phase_throughput(self) -> dict[str, Any]:
+        o = self.opts
+        out: dict[str, Any] = {"command": source_command(o.messages, o.sessions, o.size), "rounds": o.rounds}
+        out["ceiling"] = self._run_ceiling()
+        runs: dict[str, list[dict[str, Any]]] = {"postfix": [], "imsrelay": []}
+        for i in range(o.rounds):
+            if o.rounds > 1:
+                log(f"throughput round {i + 1}/{o.rounds}")
+            # Alternate the order so neither relay always runs on a warmer (or busier) machine.
+            order = ("postfix", "imsrelay") if i % 2 == 0 else ("imsrelay", "postfix")
+            for which_relay in order:
+                if which_relay == "postfix":
+                    runs["postfix"].append(self._run_postfix(i))
+                else:
+                    # Profile only the last round (profilers slow the site down).
+                    profile = o.profile if i == o.rounds - 1 else "none"
+                    runs["imsrelay"].append(self._run_imsrelay(i, profile))
+        for key, rs in runs.items():
+            out[key] = median_run(rs)
+            if o.rounds > 1:
+                out[f"{key}_rounds"] = rs
+        if "profile" in out["imsrelay"]:
+            out["profile"] = out["imsrelay"].pop("profile")
+        for r in runs["imsrelay"]:
+            if "exit_status" in r:
+                out.setdefault("notes", []).append(f"an imsrelay site exited with status {r['exit_status']}")
+
+        pf_r, ims_r = out["postfix"], out["imsrelay"]
         ratios = {}
         for key in ("accepted_per_s", "end_to_end_per_s"):
             if pf_r.get(key) and ims_r.get(key):
@@ -1146,11 +1197,20 @@ class Bench:
             want = base["SiteA"] + o.mailboxes
             if count_mailboxes(by_name["SiteA"], "SiteA") != want:
                 raise BenchError(f"SiteA has {count_mailboxes(by_name['SiteA'], 'SiteA')} mailboxes, expected {want}")
+            before = {n: count_mailboxes(by_name[n], "SiteA") for n in ("SiteB", "SiteC")}
+            out["known_before_request"] = before
+            if any(v >= want for v in before.values()):
+                raise BenchError(f"the new mailboxes were already known before Request Now: {before}")
             cpu0 = {n: tree_cpu_seconds(by_name[n].pid) for n in names}
             t0 = time.monotonic()
-            for n in ("SiteB", "SiteC"):
-                request_now(by_name[n], "SiteA")
-            out["request_now_seconds"] = round(time.monotonic() - t0, 2)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:  # Request Now at both sites at once
+                cli = dict(zip(("SiteB", "SiteC"), pool.map(
+                    lambda n: (request_now(by_name[n], "SiteA"), time.monotonic() - t0), ("SiteB", "SiteC")),
+                    strict=True))
+            out["request_now_cli_seconds"] = {n: round(v[1], 2) for n, v in cli.items()}
+            out["request_now_output"] = {n: v[0] for n, v in cli.items()}
             budget = max(120.0, o.mailboxes / 50)
             for n in ("SiteB", "SiteC"):
                 t = wait_mailboxes(by_name[n], "SiteA", want, budget - (time.monotonic() - t0))
@@ -1490,11 +1550,35 @@ def fmt(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _run_note(r: dict[str, Any]) -> str:
+    notes = []
+    if r.get("median_of"):
+        notes.append(f"median of {r['median_of']} rounds (end to end: "
+                     + ", ".join(fmt(x) for x in r.get("all_end_to_end_per_s", [])) + " msg/s)")
+    if r.get("relay_pss_mib"):
+        notes.append(f"memory (PSS of the process tree) {r['relay_pss_mib']} MiB")
+    if r.get("error"):
+        notes.append(str(r["error"]))
+    return "; ".join(notes)
+
+
 def verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("**met**" if ok else "**not met**")
 
 
-def render_results(res: dict[str, Any]) -> str:
+NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+
+
+def carried_notes(path: Path) -> str:
+    """The hand-written block of an earlier RESULTS.md, kept across runs."""
+    with contextlib.suppress(OSError):
+        text = path.read_text()
+        if NOTES_START in text and NOTES_END in text:
+            return text[text.index(NOTES_START): text.index(NOTES_END) + len(NOTES_END)]
+    return ""
+
+
+def render_results(res: dict[str, Any], notes: str = "") -> str:
     m = res["machine"]
     ph = res["phases"]
     o = res["options"]
@@ -1535,7 +1619,7 @@ def render_results(res: dict[str, Any]) -> str:
             L.append(f"| {r.get('label', key)} | {fmt(r.get('accepted_per_s'))} | {fmt(r.get('end_to_end_per_s'))} | "
                      f"{fmt(r.get('cpu_ms_per_msg'))} | {fmt(r.get('source_seconds'))} | "
                      f"{fmt(r.get('end_to_end_seconds'))} | {fmt(r.get('machine_busy_pct'), '%')} | "
-                     f"{r.get('error', '')} |")
+                     f"{_run_note(r)} |")
         ratios = tp.get("ratio_imsrelay_over_postfix", {})
         L.append(f"| **imsrelay / Postfix** | **{fmt(ratios.get('accepted_per_s'), '×')}** | "
                  f"**{fmt(ratios.get('end_to_end_per_s'), '×')}** | {fmt(ratios.get('cpu_ms_per_msg'), '×')} | | | | |")
@@ -1600,9 +1684,14 @@ def render_results(res: dict[str, Any]) -> str:
             L.append(f"Skipped: {rep['skipped']}.\n")
             targets.append(("replication of new mailboxes", f"< {TARGET_REPLICATION_S:.0f} s", "skipped", None))
         else:
-            L.append(f"{rep.get('mailboxes', 0):,} new mailboxes added at SiteA (after an initial full sync), then "
-                     "`imsrelay replicate request-now --site SiteA` at SiteB and at SiteC; time until each "
-                     "site's directory has them all (polled every 0.1 s).\n")
+            L.append(f"{rep.get('mailboxes', 0):,} new mailboxes added at SiteA through its admin endpoint "
+                     f"(`POST /directory/mailboxes`, {fmt(rep.get('add_seconds'))} s, not timed) after an initial "
+                     "full sync; then `imsrelay replicate request-now --site SiteA --config SiteX.toml` run at "
+                     "SiteB and SiteC at the same moment; time from starting those commands until each site's "
+                     "directory (SQLite, polled every 0.1 s) has every new mailbox. The three sites exchange the "
+                     "dirsync messages over SMTP through their E-Mail Domain tables. The command itself (a new "
+                     "Python process) took " + ", ".join(f"{k} {v} s" for k, v in
+                                                          rep.get("request_now_cli_seconds", {}).items()) + ".\n")
             if rep.get("error"):
                 L.append(f"Error: {rep['error']}\n")
             L.append("| site | seconds | note |\n|---|---:|---|")
@@ -1640,6 +1729,8 @@ def render_results(res: dict[str, Any]) -> str:
                             fmt(k, " KiB"), ok))
 
     L.insert(_targets_index(L), _targets_table(targets))
+    if notes:
+        L.append(notes + "\n")
     L.append("## Options\n")
     L.append("```\n" + json.dumps(o, indent=1) + "\n```")
     return "\n".join(L) + "\n"
@@ -1668,6 +1759,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--messages", type=int, help="smtp-source -m (default 20000, quick 2000)")
     p.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="throughput rounds per relay, alternating Postfix and imsrelay; the median is reported")
     p.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
     p.add_argument("--light", type=int, help="light-load latency messages (default 200, quick 100)")
     p.add_argument("--heavy", type=int, help="heavy-load latency messages in all (default 2000, quick 400)")
@@ -1688,7 +1781,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error("--addr-base must be inside 127.0.0.0/8 (loopback only)")
     q = a.quick
     return Options(
-        quick=q, phases=phases, messages=a.messages or (2000 if q else 20000), sessions=a.sessions, size=a.size,
+        quick=q, phases=phases, messages=a.messages or (2000 if q else 20000), rounds=max(1, a.rounds), sessions=a.sessions, size=a.size,
         light=a.light or (100 if q else 200), heavy=a.heavy or (400 if q else 2000), heavy_senders=a.heavy_senders,
         mailboxes=a.mailboxes or (1000 if q else 10000), idle_sessions=a.idle_sessions, profile=a.profile,
         keep=a.keep, out=a.out, addr_base=a.addr_base)
@@ -1712,7 +1805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     raw = OUT_DIR / f"results-{bench.stamp}.json"
     raw.write_text(json.dumps(res, indent=1, default=str))
-    opts.out.write_text(render_results(res))
+    opts.out.write_text(render_results(res, carried_notes(opts.out)))
     log(f"wrote {opts.out} and {raw}")
     return 0
 

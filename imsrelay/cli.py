@@ -60,3 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `imsrelay check-config F | head`
+        sys.stderr.close()
+        return 0

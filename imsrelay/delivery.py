@@ -19,18 +19,19 @@ A message leaves the spool only when every recipient is terminal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from imsrelay import dsn, maildir
 from imsrelay.outcome import Outcome
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, Route
+from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route
 from imsrelay.spool import (
     BOUNCED,
     DELIVERED,
@@ -77,6 +78,7 @@ class QueueManager:
         self._running: set[str] = set()
         self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(self.config.delivery.max_deliveries)
+        self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}  # remote destination → (slots, users)
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
@@ -217,7 +219,7 @@ class QueueManager:
 
     async def _attempt(self, env: Envelope) -> None:
         try:
-            async with self._limit:
+            async with self._destination_slots(env), self._limit:
                 await self._deliver(env)
         except asyncio.CancelledError:
             raise
@@ -230,6 +232,40 @@ class QueueManager:
             if env.queue_id in self.envelopes:
                 self._push(env)
             self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _destination_slots(self, env: Envelope) -> AsyncIterator[None]:
+        """One of ``max_per_destination`` slots for each remote destination of the due
+        recipients, taken (in a fixed order) *before* a global delivery slot: messages
+        waiting for a slow or dead destination never hold the slots that other
+        destinations need (Postfix's per-destination concurrency in qmgr)."""
+        from imsrelay.router import route_for
+
+        now = self.clock()
+        due = [r for r in env.pending if r.next_attempt <= now]
+        keys: set[str] = set()
+        if due:
+            mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
+            table = await self.site.routing_table()
+            for r, mbx in zip(due, mailboxes, strict=True):
+                route = route_for(r.address, mbx, table)
+                if route.kind in (RELAY, MX):
+                    keys.add(route.destination)
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(keys):
+                sem, users = self._destinations.get(key) or (
+                    asyncio.Semaphore(self.config.delivery.max_per_destination), 0)
+                self._destinations[key] = (sem, users + 1)
+                stack.callback(self._leave_destination, key)
+                await stack.enter_async_context(sem)
+            yield
+
+    def _leave_destination(self, key: str) -> None:
+        sem, users = self._destinations[key]
+        if users <= 1:
+            del self._destinations[key]
+        else:
+            self._destinations[key] = (sem, users - 1)
 
     async def _deliver(self, env: Envelope) -> None:
         now = self.clock()

@@ -82,20 +82,23 @@ def stage_index(name: str) -> int:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}, end") from None
 
 
-def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True) -> dict[str, Any]:
+def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True,
+                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None) -> dict[str, Any]:
     """The site's configuration at a stage of the walk (pure)."""
     others = [s for s in SITES if s is not site]
     mapping: dict[str, Any] = {
         "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
                  "email_domain": site.domain, "company_domain": COMPANY_DOMAIN,
                  "data_dir": str(data_dir / site.name)},
-        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.0/8"]},
+        # lab users submit from 127.0.0.1; the sites trust each other; the Internet host
+        # (127.10.10.100) is outside, so the sites are no open relay for it
+        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.1/32", "127.10.10.0/27"]},
         "mailboxes": [{"alias": site.user, "display_name": site.display_name},
                       {"alias": "Administrator", "display_name": f"{site.name} Administrator"}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
                      "lifetime": "2d", "smart_host": f"{INTERNET.address}:{port}"},
-        "replication": {"key": LAB_KEY, "startup_delay": "10s" if fast else "5m"},
-        "admin": {"listen": site.address, "port": ADMIN_PORT, "token": ADMIN_TOKEN},
+        "replication": {"key": LAB_KEY, "startup_delay": startup_delay or ("10s" if fast else "5m")},
+        "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
         "logging": {"level": "info", "format": "auto"},
     }
     if stage >= stage_index("connected-sites"):
@@ -125,11 +128,13 @@ def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
 class Lab:
     """Runs the four hosts in this process; advances the walk stage by stage."""
 
-    def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True,
-                 say: Callable[[str], None] = print) -> None:
+    def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
+                 startup_delay: str | None = None, say: Callable[[str], None] = print) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.fast = fast
+        self.admin_port = admin_port
+        self.startup_delay = startup_delay
         self.say = say
         self.sites: dict[str, Site] = {}
         self.config_dir = self.data_dir / "config"
@@ -156,7 +161,8 @@ class Lab:
         header = "# Written by `imsrelay lab` for stage {}; edit it and the lab restarts the site.\n"
         for s in SITES:
             text = header.format(STAGE_NAMES[stage]) + tomli_w.dumps(
-                site_mapping(s, stage, port=self.port, data_dir=self.data_dir, fast=self.fast))
+                site_mapping(s, stage, port=self.port, data_dir=self.data_dir, fast=self.fast,
+                             admin_port=self.admin_port, startup_delay=self.startup_delay))
             self.config_path(s.name).write_text(text)
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
@@ -314,7 +320,7 @@ class Lab:
         for s in SITES:
             site = self.sites[s.name]
             boxes = await site.directory.run(site.directory.mailboxes, s.name)
-            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{ADMIN_PORT} "
+            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{self.admin_port} "
                          f"(token {ADMIN_TOKEN})   config {self.config_path(s.name)}")
             for m in boxes:
                 lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/")

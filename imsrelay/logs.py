@@ -7,6 +7,7 @@ message carries ``queue_id``, every event about a peer carries ``peer``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -18,6 +19,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
                       site: str | None = None) -> None:
     stream = stream or sys.stderr
+    fmt = os.environ.get("IMSRELAY_LOG_FORMAT") or fmt
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -36,9 +38,25 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # aiosmtpd and asyncio log through the stdlib; keep them quiet unless debugging.
-    logging.basicConfig(level=logging.WARNING if level != "debug" else logging.DEBUG, stream=stream)
-    logging.getLogger("mail.log").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+    # aiosmtpd, asyncio and aiohttp log through the stdlib: route them into the same
+    # one-event-per-line stream, quiet unless debugging.
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _StdlibBridge):
+            root.removeHandler(h)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+class _StdlibBridge(logging.Handler):
+    """Forward stdlib log records (libraries) to structlog as ``library.log`` events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger(record.name).log(
+                record.levelno, "library.log", logger=record.name, message=record.getMessage())
+        except Exception:  # never let logging break the server
+            self.handleError(record)
 
 
 def _bind_site(site: str):

@@ -189,12 +189,14 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> R
     return _route_domain(recipient, address.domain, table, trail, None)
 
 
-def local_domains_for(site_domain: str, addressing_domain: str, company_domain: str,
-                      accepted: Sequence[str]) -> tuple[str, ...]:
-    """The domains a site owns: its site domain, its Site Addressing domain, the
-    company domain (shared address space) and any extra accepted domains.  The site
-    domain is kept exact (``#``) so other sites' sub-domains are not swallowed."""
-    domains = ["#" + site_domain, addressing_domain, company_domain, *accepted]
+def local_domains_for(site_domain: str, addressing_domain: str, accepted: Sequence[str]) -> tuple[str, ...]:
+    """The domains a site owns: its install-time site domain, its current Site
+    Addressing domain (the company domain once the article's last step is done) and
+    any extra accepted domains.  An unknown user there is refused (5.1.1).  The site
+    domain is kept exact (``#``) so other sites' sub-domains are not swallowed.
+    Mailboxes of other sites are accepted because the directory knows them, whatever
+    their domain (the shared address space)."""
+    domains = ["#" + site_domain, addressing_domain, *accepted]
     seen: list[str] = []
     for d in domains:
         if d and d.lower() not in (s.lower() for s in seen):

@@ -12,6 +12,7 @@ import asyncio
 import re
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ class Site:
         self._seen_usn = -1
         self._table: RoutingTable | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
         try:
@@ -87,7 +89,14 @@ class Site:
         self._build_outbound()
         await self.qmgr.start()
         tls = self._tls_context()
-        self._server = await loop.create_server(server_factory(self, tls), host=cfg.smtp.listen,
+        factory = server_factory(self, tls)
+
+        def session() -> Any:  # remember live sessions: stop() must end them too
+            protocol = factory()
+            self._sessions.add(protocol)
+            return protocol
+
+        self._server = await loop.create_server(session, host=cfg.smtp.listen,
                                                 port=cfg.smtp.port, reuse_address=True)
         self.bound_port = self._server.sockets[0].getsockname()[1]
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
@@ -105,6 +114,11 @@ class Site:
             await self.replicator.stop()
         if self._server is not None:
             self._server.close()
+            # Python 3.11's Server.close() leaves accepted connections open: a peer's pooled
+            # connection would keep talking to this stopped site (and its stopped queue).
+            for protocol in list(self._sessions):
+                if protocol.transport is not None:
+                    protocol.transport.close()
             await self._server.wait_closed()
         if self._refresher is not None:
             self._refresher.cancel()
@@ -200,7 +214,7 @@ class Site:
 
     def inbound_policy(self) -> InboundPolicy:
         cfg = self.config
-        locals_ = local_domains_for(cfg.site_domain, self.addressing_domain, cfg.company_domain,
+        locals_ = local_domains_for(cfg.site_domain, self.addressing_domain,
                                     cfg.smtp.accepted_domains)
         org = tuple(c.routing_domain for c in cfg.connected_sites) + tuple(d for _, d in self._learned_sites)
         return InboundPolicy(local_domains=locals_, org_routing_domains=org,
@@ -300,7 +314,7 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
     """The router's input from the config file and what the directory says (pure);
     shared by the running site and ``imsrelay route``."""
     d = config.delivery
-    locals_ = local_domains_for(config.site_domain, addressing_domain, config.company_domain,
+    locals_ = local_domains_for(config.site_domain, addressing_domain,
                                 config.smtp.accepted_domains)
     return RoutingTable(
         site=config.site, site_domain=config.site_domain, local_domains=locals_,

@@ -122,7 +122,7 @@ class SiteHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
-        if address:
+        if address and address != "<>":  # aiosmtpd hands the null sender over as "<>"
             try:
                 parse_address(address)
             except AddressError as exc:
@@ -165,7 +165,7 @@ class SiteHandler:
         if self.site.seen_before(raw):
             return "554 5.4.6 Routing loop detected: this message already passed through this site"
         queue_id = new_queue_id()
-        sender = envelope.mail_from or ""
+        sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
         rules: RewriteRules = await self.site.rewrite_rules()
         if rules.active:
             lookups = [sender] + header_addresses(raw) if sender else header_addresses(raw)

@@ -74,9 +74,11 @@ class SmtpSink:
         raise RuntimeError(f"smtp-sink did not start on {self.host}:{self.port}")
 
     def messages(self) -> list[bytes]:
-        """Dumped transactions (smtp-sink's X-* lines, then the message as received)."""
+        """Dumped transactions (smtp-sink's X-* lines, then the message as received),
+        oldest first.  smtp-sink creates a dump file at MAIL and fills it as data
+        arrives: wait for the sender to see its 250 before reading the content."""
         files = sorted(self.dump_dir.glob("msg.*"), key=lambda p: p.stat().st_mtime_ns)
-        return [p.read_bytes() for p in files]
+        return [data for data in (p.read_bytes() for p in files) if data]
 
     def counters(self) -> dict[str, int]:
         """The last counter line, minus our start-up probe session."""

@@ -7,7 +7,7 @@ from imsrelay.policy import InboundPolicy, check_hops, check_recipient, check_si
 from imsrelay.router import local_domains_for
 
 POLICY = InboundPolicy(
-    local_domains=local_domains_for("SiteA.microsoft.com", "microsoft.com", "microsoft.com", ()),
+    local_domains=local_domains_for("SiteA.microsoft.com", "microsoft.com", ()),
     org_routing_domains=("siteb.microsoft.com", "sitec.microsoft.com"),
     relay_networks=(ipaddress.ip_network("10.0.0.0/8"),),
     max_recipients=3, max_message_size=1000, max_hops=3)

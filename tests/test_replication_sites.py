@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import tomli_w
 from sitekit import free_port, maildir_messages, site_mapping, wait_for
@@ -36,7 +37,8 @@ class Org:
 
     def __init__(self, tmp_path: Path, *, links: dict[str, list[str]] | None = None,
                  mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
-                 schedule: str = "never", startup_delay: str = "1h") -> None:
+                 schedule: str = "never", startup_delay: str = "1h",
+                 routing: dict[str, dict[str, str]] | None = None) -> None:
         self.tmp = tmp_path
         self.links = links or {n: [o for o in HOSTS if o != n] for n in HOSTS}
         self.ports = {n: free_port(h) for n, h in HOSTS.items()}
@@ -47,7 +49,8 @@ class Org:
             others = self.links.get(name, [])
             mapping = site_mapping(
                 name, listen=HOSTS[name], port=self.ports[name],
-                connected_sites=[{"name": o, "routing_address": f"@{o}.microsoft.com"} for o in others],
+                connected_sites=[{"name": o, "routing_address": (routing or {}).get(name, {}).get(
+                    o, f"@{o}.microsoft.com")} for o in others],
                 email_domains=[{"domain": f"{o}.microsoft.com", "host": HOSTS[o], "port": self.ports[o]}
                                for o in others],
                 delivery={"retry_intervals": [0.2, 0.5], "connect_timeout": 5, "command_timeout": 20},
@@ -438,3 +441,74 @@ async def test_kb_q196927_end_to_end(org_factory):
     for site in org.sites.values():
         assert not list(site.spool.envelopes())
         assert site.replicator.rejected == {}
+
+
+async def test_wrong_routing_address_comes_back_as_ndr_q180401(org_factory):
+    """A Connected Sites routing address the remote site does not answer to: its
+    directory messages come back as NDRs (KB Q180401), shown in replicate status."""
+    org = org_factory(routing={"SiteA": {"SiteB": "@old.SiteB.microsoft.com"}})
+    await org.start("SiteA", "SiteB")
+    out = await org.request_now("SiteA", "SiteB")
+    assert "(dirsync@old.SiteB.microsoft.com)" in out
+    a = org.sites["SiteA"]
+
+    async def last_error() -> str | None:
+        return (await a.directory.run(a.directory.peer_state, "SiteB"))["last_error"]
+
+    error = await wait_for(last_error)
+    assert error.startswith("replication message returned as undeliverable: 5.1.1")
+    await org.quiet("SiteA", "SiteB")
+    assert a.replicator.rejected == {}  # the NDR is recognised, not counted as a forgery
+    out = await org.ok("replicate", "status", site="SiteA")
+    row = next(line for line in out.splitlines() if line.startswith("SiteB "))
+    assert row.endswith("replication message returned as undeliverable: 5.1.1 " + error.split("5.1.1 ", 1)[1])
+
+    # SiteB's site object reaches SiteA the long way round (through SiteC); Check Now then
+    # names the mismatch between A's Connected Sites entry and B's published routing address
+    await org.start("SiteC")
+    await org.request_now("SiteC", "SiteB")
+    await org.knows("SiteC", "User2", "SiteB")
+    await org.quiet()
+    await org.request_now("SiteA", "SiteC")
+    await org.knows("SiteA", "User2", "SiteB")
+    code, out, _ = await org.cli("kcc", "check-now", site="SiteA")
+    assert code == 0, out
+    assert ("warning SiteB: Connected Sites routing address SMTP @old.SiteB.microsoft.com for SiteB does not "
+            "match the routing address @SiteB.microsoft.com that SiteB publishes") in out
+    assert "(KB Q180401)" in out
+
+
+async def test_admin_status_directory_and_queue(org_factory):
+    org = org_factory()
+    await org.start("SiteA")
+    await org.request_now("SiteA", "SiteB")  # SiteB is down: one message waits in the queue
+    a = org.sites["SiteA"]
+    await wait_for(lambda: all(r.attempts >= 1 for e in a.qmgr.envelopes.values() for r in e.recipients))
+    base = f"http://{HOSTS['SiteA']}:{org.admin_ports['SiteA']}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/status", headers=auth) as r:
+            status = await r.json()
+        assert status["site"] == "SiteA" and status["site_addressing"] == "@SiteA.microsoft.com"
+        assert status["queue"]["messages"] == 1 and status["replication"]["enabled"]
+        async with http.get(f"{base}/directory", headers=auth) as r:
+            directory = await r.json()
+        assert {m["alias"] for m in directory["mailboxes"]} == {"User1", "Administrator"}
+        assert [s["name"] for s in directory["sites"]] == ["SiteA"]
+        async with http.get(f"{base}/queue", headers=auth) as r:
+            queue = (await r.json())["messages"]
+        assert queue[0]["origin"] == "dirsync" and queue[0]["recipients"][0]["state"] == "pending"
+        assert queue[0]["recipients"][0]["address"] == "dirsync@SiteB.microsoft.com"
+        attempts = queue[0]["recipients"][0]["attempts"]
+        async with http.post(f"{base}/queue/retry", headers=auth, json={}) as r:
+            assert (await r.json()) == {"retried": 1}
+        await wait_for(lambda: next(iter(a.qmgr.envelopes.values())).recipients[0].attempts > attempts)
+        async with http.post(f"{base}/replication/request-now", headers=auth, json={"site": "Nowhere"}) as r:
+            assert r.status == 409 and "no routing address for site Nowhere" in (await r.json())["error"]
+        async with http.delete(f"{base}/directory/mailboxes/Nobody", headers=auth) as r:
+            assert r.status == 404
+        async with http.post(f"{base}/directory/mailboxes", headers=auth, json={"alias": "bad alias"}) as r:
+            assert r.status == 409 and "not a valid alias" in (await r.json())["error"]
+    code, _, err = await org.cli("replicate", "request-now", "--site", "SiteA", site="SiteA")
+    assert code == 2 and err.strip() == ("imsrelay: SiteA: SiteA is this site: replication requests go to "
+                                         "other sites (HTTP 409)")

@@ -275,3 +275,17 @@ async def test_smtputf8_address_and_bytes(tmp_path):
         msgs = await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
     assert "Return-Path: <jürgen@example.org>".encode() in msgs[0]
     assert "Subject: grüße".encode() in msgs[0]
+
+
+async def test_null_sender_is_accepted_for_reports(tmp_path):
+    config = cfg(tmp_path)
+    async with running_site(config) as site:
+        def check():
+            with smtp(site) as s:
+                s.ehlo()
+                assert s.mail("")[0] == 250  # MAIL FROM:<>
+                assert s.rcpt("User1@SiteA.microsoft.com")[0] == 250
+                assert s.data(b"Subject: bounce\r\n\r\nreport\r\n")[0] == 250
+        await in_thread(check)
+        msgs = await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
+    assert msgs[0].startswith(b"Return-Path: <>\r\n")

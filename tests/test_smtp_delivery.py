@@ -199,16 +199,17 @@ async def test_a_slow_peer_does_not_hold_up_another(tmp_path):
     config = site_config(tmp_path, email_domains=[
         {"domain": "slow.test", "host": "127.0.0.1", "port": slow_port},
         {"domain": "fast.test", "host": "127.0.0.1", "port": fast_port}],
-        delivery={"command_timeout": 60, "max_deliveries": 2})
+        # few delivery slots in all, one per destination: messages waiting for the slow
+        # destination must not take the slots the fast one needs
+        delivery={"command_timeout": 60, "max_deliveries": 2, "max_per_destination": 1})
     with SmtpSink("127.0.0.1", slow_port, "-w", "30") as slow, SmtpSink("127.0.0.1", fast_port) as fast:
         async with running_site(config) as site:
-            await submit(site, ["a@slow.test"])
-            await submit(site, ["b@slow.test"])
-            await wait_for(lambda: sum(1 for e in queued(site)) == 2)
-            await submit(site, ["c@fast.test"])
-            await wait_for(fast.messages)
-            assert slow.messages() == []
-            assert {e.recipients[0].address for e in queued(site)} == {"a@slow.test", "b@slow.test"}
+            for rcpt in ("a@slow.test", "b@slow.test", "c@slow.test"):
+                await submit(site, [rcpt])
+            await submit(site, ["d@fast.test"])
+            await wait_for(lambda: {e.recipients[0].address for e in queued(site)} == {
+                "a@slow.test", "b@slow.test", "c@slow.test"})  # d@fast.test delivered
+            assert len(fast.messages()) == 1 and slow.messages() == []
 
 
 # ------------------------------------------------------------------ aiosmtpd peers

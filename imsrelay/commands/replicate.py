@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def when(ts: float | None) -> str:
     if not ts:
         return "never"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_request_now(args: argparse.Namespace) -> int:

@@ -49,9 +49,15 @@ def run_until_signalled(main_factory) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from imsrelay.site import run_site
 
+    from imsrelay.cli import UserError
+
     config = load_config(args.config, data_dir=args.data)
     configure_logging(config.logging.level, config.logging.format)
-    run_until_signalled(lambda stop: run_site(config, stop))
+    try:
+        run_until_signalled(lambda stop: run_site(config, stop))
+    except OSError as exc:  # e.g. the address is in use, or not configured on this host
+        raise UserError(f"cannot start site {config.site}: {exc.strerror or exc} "
+                        f"({config.smtp.listen}:{config.smtp.port}, data {config.data_dir})") from None
     return 0
 
 

@@ -1,0 +1,216 @@
+"""KB Q196927, step by step, on the embedded lab (SiteA/SiteB/SiteC + Internet).
+
+After each of the article's steps the test checks what a user would observe:
+who can mail whom, which address is on the mail that arrives, and which
+mailboxes each site's directory knows.  One lab is walked through all stages in
+order (a module-scoped walk), each stage a test, so a failure names the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sitekit import free_port, wait_for
+
+from imsrelay.lab import INTERNET, SITES, Lab, stage_index
+from imsrelay.maildir import list_messages
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+A, B, C = SITES
+
+
+class Walk:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.sent = 0
+
+    @property
+    def port(self) -> int:
+        return self.lab.port
+
+    def maildir(self, site: str, alias: str) -> Path:
+        return self.lab.data_dir / site / "mailboxes" / alias
+
+    def messages(self, site: str, alias: str) -> list[bytes]:
+        return [p.read_bytes() for p in list_messages(self.maildir(site, alias))]
+
+    async def send(self, via: str, sender: str, rcpt: str, subject: str) -> str:
+        """Submit one message; returns the SMTP reply text. Raises on refusal."""
+        self.sent += 1
+        body = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+                f"Message-ID: <walk-{self.sent}@test>\r\n\r\nKB Q196927 walk\r\n").encode()
+
+        def go() -> str:
+            with smtplib.SMTP(via, self.port, timeout=10) as s:
+                s.sendmail(sender, [rcpt], body)
+                return "ok"
+        return await asyncio.to_thread(go)
+
+    async def rcpt_reply(self, via: str, rcpt: str, source: str | None = None) -> tuple[int, str]:
+        def go() -> tuple[int, str]:
+            with smtplib.SMTP(via, self.port, timeout=10, source_address=(source, 0) if source else None) as s:
+                s.ehlo()
+                s.mail("tester@example.net")
+                code, text = s.rcpt(rcpt)
+                return code, text.decode()
+        return await asyncio.to_thread(go)
+
+    async def arrives(self, site: str, alias: str, subject: str, timeout: float = 30.0) -> bytes:
+        needle = f"Subject: {subject}\r\n".encode()
+
+        def find() -> bytes | None:
+            for m in self.messages(site, alias):
+                if needle in m:
+                    return m
+            return None
+        return await wait_for(find, timeout=timeout)
+
+    async def known(self, site: str) -> set[tuple[str, str]]:
+        s = self.lab.sites[site]
+        boxes = await s.directory.run(s.directory.mailboxes)
+        return {(m.home_site, m.alias) for m in boxes}
+
+    async def primary(self, site: str, home: str, alias: str) -> str:
+        s = self.lab.sites[site]
+        m = await s.directory.run(s.directory.mailbox, alias, home)
+        return m.primary_address if m else ""
+
+    async def advance(self, stage: str) -> None:
+        await self.lab.advance_to(stage_index(stage))
+        assert self.lab.stage == stage_index(stage)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def walk(tmp_path_factory):
+    data = tmp_path_factory.mktemp("lab")
+    lab = Lab(data, port=free_port("127.10.10.10"), admin_port=free_port("127.10.10.10"),
+              startup_delay="1h", say=lambda s: None)
+    await lab.start()
+    try:
+        yield Walk(lab)
+    finally:
+        await lab.stop()
+
+
+def trace(message: bytes) -> bytes:
+    return message.split(b"\r\n\r\n", 1)[0]
+
+
+async def test_step1_ims_installed_each_site_serves_its_own_domain(walk: Walk):
+    assert walk.lab.stage == stage_index("install")
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User1@SiteA.microsoft.com", "s1-local")
+    await walk.arrives("SiteA", "User1", "s1-local")
+    # sites are not connected yet, but each has the Internet: mail to another site's
+    # domain travels like any Internet mail (here: via the Internet host, as by DNS MX)
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User2@SiteB.microsoft.com", "s1-to-b")
+    got = await walk.arrives("SiteB", "User2", "s1-to-b")
+    assert b"by mail.example.net (imsrelay)" in trace(got)
+    assert got.startswith(b"Return-Path: <user1@SiteA.microsoft.com>")
+    # the company domain is not usable yet: microsoft.com's MX is SiteA itself, which
+    # does not know User2 -- the mail comes back to SiteA and is stopped as a loop,
+    # and User1 gets a non-delivery report
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User2@microsoft.com", "s1-company")
+    ndr = await walk.arrives("SiteA", "User1", "Undeliverable: s1-company")
+    assert b"multipart/report" in ndr and b"5.4.6" in ndr
+    # a client outside the relay networks may not use the site as a relay
+    code, text = await walk.rcpt_reply(A.address, "someone@example.org", source="127.0.0.2")
+    assert (code, text[:5]) == (554, "5.7.1")
+    assert await walk.known("SiteA") == {("SiteA", "User1"), ("SiteA", "Administrator")}
+    # outside mail works
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "alice@example.net", "s1-out")
+    await walk.arrives(INTERNET.name, "alice", "s1-out")
+
+
+async def test_step2_connected_sites(walk: Walk):
+    await walk.advance("connected-sites")
+    table = await walk.lab.sites["SiteA"].routing_table()
+    assert {c.name for c in table.connected_sites} == {"SiteB", "SiteC"}
+    assert {c.routing_address for c in table.connected_sites} == {"@SiteB.microsoft.com", "@SiteC.microsoft.com"}
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User3@SiteC.microsoft.com", "s2-to-c")
+    got = await walk.arrives("SiteC", "User3", "s2-to-c")
+    # no E-Mail Domain entry yet: still through the Internet
+    assert b"by mail.example.net (imsrelay)" in trace(got)
+
+
+async def test_step3_email_domain_table_sends_direct(walk: Walk):
+    await walk.advance("domain-table")
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User3@SiteC.microsoft.com", "s3-to-c")
+    got = await walk.arrives("SiteC", "User3", "s3-to-c")
+    assert b"mail.example.net" not in trace(got)  # straight from ServerA to ServerC
+    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)
+    await walk.send(C.address, "user3@SiteC.microsoft.com", "User1@SiteA.microsoft.com", "s3-to-a")
+    got = await walk.arrives("SiteA", "User1", "s3-to-a")
+    assert b"mail.example.net" not in trace(got)
+
+
+async def test_step4_replication_connectors_then_check_now(walk: Walk):
+    await walk.advance("replication-connectors")
+    assert await walk.known("SiteA") == {("SiteA", "User1"), ("SiteA", "Administrator")}
+    await walk.advance("check-now")
+
+
+async def test_step5_request_now_replicates_every_directory(walk: Walk):
+    await walk.advance("request-now")
+    everyone = {(s.name, s.user) for s in SITES} | {(s.name, "Administrator") for s in SITES}
+    for s in SITES:
+        assert await walk.known(s.name) == everyone
+    # still different domains per site
+    assert await walk.primary("SiteC", "SiteA", "User1") == "User1@SiteA.microsoft.com"
+
+
+async def test_step6_single_domain_at_site_a(walk: Walk):
+    await walk.advance("site-addressing-a")
+    for s in SITES:  # replicated to every site
+        assert await walk.primary(s.name, "SiteA", "User1") == "User1@microsoft.com"
+    # User1@microsoft.com is deliverable through any site
+    await walk.send(C.address, "user3@SiteC.microsoft.com", "User1@microsoft.com", "s6-to-user1")
+    await walk.arrives("SiteA", "User1", "s6-to-user1")
+    # mail from SiteA's users now carries the company address
+    await walk.send(A.address, "user1@SiteA.microsoft.com", "User2@SiteB.microsoft.com", "s6-from-a")
+    got = await walk.arrives("SiteB", "User2", "s6-from-a")
+    assert got.startswith(b"Return-Path: <User1@microsoft.com>")
+    assert b"\r\nFrom: User1@microsoft.com\r\n" in got
+    # SiteB has not changed yet: User2 is still only User2@SiteB.microsoft.com
+    assert await walk.primary("SiteA", "SiteB", "User2") == "User2@SiteB.microsoft.com"
+    code, text = await walk.rcpt_reply(A.address, "nobody@microsoft.com")
+    assert (code, text[:5]) == (550, "5.1.1")  # microsoft.com is SiteA's own domain now
+
+
+async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk):
+    await walk.advance("site-addressing-b")
+    await walk.advance("site-addressing-c")
+    for s in SITES:
+        for home in SITES:
+            assert await walk.primary(s.name, home.name, home.user) == f"{home.user}@microsoft.com"
+    # the three Administrators cannot all be Administrator@microsoft.com
+    admins = {await walk.primary("SiteA", s.name, "Administrator") for s in SITES}
+    assert len(admins) == 3 and "Administrator@microsoft.com" in admins
+    # mail to UserN@microsoft.com sent to ANY site lands in the home site's Maildir
+    n = 0
+    for via in SITES:
+        for home in SITES:
+            n += 1
+            await walk.send(via.address, "alice@example.net", f"{home.user}@microsoft.com", f"s7-{n}")
+            await walk.arrives(home.name, home.user, f"s7-{n}")
+    # the old site-domain address still works (kept as a secondary proxy address)
+    await walk.send(A.address, "alice@example.net", "User2@SiteB.microsoft.com", "s7-old")
+    await walk.arrives("SiteB", "User2", "s7-old")
+    # from outside, through the company MX (SiteA) to the home site
+    await walk.send(INTERNET.address, "alice@example.net", "User3@microsoft.com", "s7-outside")
+    got = await walk.arrives("SiteC", "User3", "s7-outside")
+    assert b"by mail.example.net (imsrelay)" in trace(got)
+    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)
+    # and out to the Internet with the company address
+    await walk.send(C.address, "user3@SiteC.microsoft.com", "bob@example.net", "s7-out")
+    got = await walk.arrives(INTERNET.name, "bob", "s7-out")
+    assert got.startswith(b"Return-Path: <User3@microsoft.com>")
+    assert b"\r\nFrom: User3@microsoft.com\r\n" in got
+    # unknown company users are refused at RCPT, at every site
+    for s in SITES:
+        code, text = await walk.rcpt_reply(s.address, "nobody@microsoft.com")
+        assert (code, text[:5]) == (550, "5.1.1")
