@@ -9,8 +9,10 @@
 # locally by docker/build-base-image.sh (no registry needed).
 #
 # Install: from the wheels that docker/build-wheels.sh put in docker/wheels/
-# (no network needed during the build) when they are there; otherwise a normal
-# `pip install` of the source tree, which needs PyPI from inside the build.
+# (dependencies) and docker/wheels/self/ (imsrelay), with no network needed during
+# the build, when they are there; otherwise a normal `pip install` of the source
+# tree, which needs PyPI from inside the build. Dependencies and imsrelay are two
+# layers: a code change reinstalls only imsrelay.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -30,29 +32,38 @@ RUN set -eu; \
     install -d -o imsrelay -g imsrelay -m 0750 /var/lib/imsrelay; \
     install -d -m 0755 /etc/imsrelay
 
-# The wheel directory is optional: "wheel[s]" is a glob, and pyproject.toml is
-# listed first so the COPY never has zero sources.
-COPY pyproject.toml docker/wheel[s] /tmp/wheels/
+# The wheel directories are optional: a wildcard that matches nothing is
+# allowed as long as another source (pyproject.toml) exists.
+COPY pyproject.toml docker/wheels/*.whl /tmp/wheels/
+RUN set -eu; \
+    python3 -m venv /opt/imsrelay; \
+    if ls /tmp/wheels/*.whl >/dev/null 2>&1; then \
+        echo "installing the dependencies from host-built wheels"; \
+        pip install --no-index /tmp/wheels/*.whl; \
+    fi; \
+    rm -rf /tmp/wheels
+
+COPY pyproject.toml docker/wheels/self/*.whl /tmp/self/
 COPY pyproject.toml README.m[d] /tmp/src/
 COPY imsrelay/ /tmp/src/imsrelay/
 RUN set -eu; \
-    python3 -m venv /opt/imsrelay; \
-    if ls /tmp/wheels/imsrelay-*.whl >/dev/null 2>&1; then \
-        echo "installing imsrelay from host-built wheels"; \
-        pip install --no-index --find-links /tmp/wheels imsrelay; \
+    if ls /tmp/self/imsrelay-*.whl >/dev/null 2>&1; then \
+        echo "installing imsrelay from the host-built wheel"; \
+        pip install --no-index --no-deps /tmp/self/imsrelay-*.whl; \
+        pip check; \
     else \
         echo "no wheels in docker/wheels/: installing from source with PyPI"; \
         pip install /tmp/src; \
     fi; \
-    rm -rf /tmp/wheels /tmp/src; \
-    python -c "import imsrelay"
+    rm -rf /tmp/self /tmp/src; \
+    imsrelay --version
 
 USER imsrelay
 WORKDIR /var/lib/imsrelay
 EXPOSE 25 8025
 
 # Healthy when the SMTP listener greets with 220 (smtplib raises otherwise).
-HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import smtplib; s = smtplib.SMTP('127.0.0.1', 25, timeout=5); s.quit()"]
 
 ENTRYPOINT ["imsrelay"]

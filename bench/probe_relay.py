@@ -48,12 +48,14 @@ class Probe:
         self.fsync_seconds = 0.0
         self.writer_tid: int | None = None
         self.lag: list[float] = []
-        self.samples: list[tuple[float, int, int]] = []  # (t, backlog, in flight)
+        self.samples: list[tuple[float, int, int, int, int, int]] = []
+        # (t, backlog, in flight, free delivery slots, free connection slots to the sink, spool requests waiting)
 
-    def install(self) -> None:
+    def install(self, variant: str = "current") -> None:
         import imsrelay.spool as spool
 
-        original_apply = spool._apply_batch
+        original_apply = {"current": spool._apply_batch, "parallel-fsync": parallel_fsync_batch,
+                          "syncfs": syncfs_batch}[variant]
         original_fsync = os.fsync
         probe = self
 
@@ -76,6 +78,29 @@ class Probe:
         spool._apply_batch = apply_batch
         os.fsync = fsync
 
+        # Time a few awaitables the delivery path waits on (class attributes, wrapped).
+        from imsrelay.delivery import QueueManager
+        from imsrelay.smtp_client import SmtpClient
+
+        self.timings: dict[str, list[float]] = {}
+        for cls, name in ((spool.Spool, "enqueue"), (spool.Spool, "remove"), (spool.Spool, "save_state"),
+                          (SmtpClient, "deliver"), (QueueManager, "_deliver"), (QueueManager, "_attempt"),
+                          (QueueManager, "_record")):
+            self._time(cls, name)
+
+    def _time(self, cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+        bucket = self.timings.setdefault(f"{cls.__name__}.{name}", [])
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                bucket.append(time.perf_counter() - t)
+
+        setattr(cls, name, timed)
+
     async def watch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             t = time.perf_counter()
@@ -85,8 +110,96 @@ class Probe:
     async def watch_queue(self, site: Any, stop: asyncio.Event) -> None:
         t0 = time.monotonic()
         while not stop.is_set():
-            self.samples.append((time.monotonic() - t0, site.qmgr.backlog, len(site.qmgr._running)))
+            hops = getattr(site.smtp_client, "_hops", {}) or {}
+            free_conn = sum(getattr(h.semaphore, "_value", 0) for h in hops.values()) if hops else -1
+            waiting = site.spool.committer._requests.qsize()
+            self.samples.append((time.monotonic() - t0, site.qmgr.backlog, len(site.qmgr._running),
+                                 site.qmgr._limit._value, free_conn, waiting))
             await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------------ experiments
+# Alternative writer rounds, same contract as imsrelay.spool._apply_batch (write to
+# tmp, make durable, rename, fsync the directories once), to measure what a change
+# to the spool writer would buy.  Used only when asked for with --variant.
+
+
+def _write_tmp(op: Any, tmp_dir: Path) -> tuple[Path, int]:
+    import secrets
+
+    tmp = (op.tmp_dir or tmp_dir) / f"{op.path.name}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    view = memoryview(op.data)
+    while view:
+        view = view[os.write(fd, view):]
+    return tmp, fd
+
+
+def _batch_with(make_durable: Any) -> Any:
+    def apply(batch: Any, tmp_dir: Path) -> list[BaseException | None]:
+        from imsrelay.spool import Write
+
+        results: list[BaseException | None] = [None] * len(batch)
+        pending: list[tuple[int, Path, int, Any, bool]] = []
+        dirs: set[Path] = set()
+        for i, (ops, durable) in enumerate(batch):
+            try:
+                for op in ops:
+                    if isinstance(op, Write):
+                        if op.unless_exists and any(p.exists() for p in op.unless_exists):
+                            continue
+                        tmp, fd = _write_tmp(op, tmp_dir)
+                        pending.append((i, tmp, fd, op, durable))
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(op.path)
+                    if durable:
+                        dirs.add(op.path.parent)
+            except OSError as exc:
+                results[i] = exc
+        make_durable([fd for _, _, fd, _, durable in pending if durable], tmp_dir)
+        for i, tmp, fd, op, _ in pending:
+            os.close(fd)
+            try:
+                os.replace(tmp, op.path)
+            except OSError as exc:
+                results[i] = exc
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return results
+    return apply
+
+
+_POOL: Any = None
+
+
+def _fsync_in_parallel(fds: list[int], _tmp: Path) -> None:
+    global _POOL
+    if not fds:
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(16, thread_name_prefix="fsync")
+    list(_POOL.map(os.fsync, fds))
+
+
+def _syncfs(fds: list[int], tmp_dir: Path) -> None:
+    import ctypes
+
+    if not fds:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fds[0]) != 0:
+        raise OSError(ctypes.get_errno(), "syncfs failed")
+
+
+parallel_fsync_batch = _batch_with(_fsync_in_parallel)
+syncfs_batch = _batch_with(_syncfs)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,14 +211,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     procs = bench.Processes()
     root = Path(tempfile.mkdtemp(prefix="imsrelay-probe-"))
     probe = Probe()
-    probe.install()
+    probe.install(args.variant)
     result: dict[str, Any] = {}
     try:
         sink_port, site_port = bench.free_port(), bench.free_port()
         sink = bench.Sink(procs, tools, sink_port, root)
         spec = bench.SiteSpec("ProbeRelay", "127.0.0.1", site_port, "relay.imsrelay-bench.test",
                               "relay.imsrelay-bench.test", mailboxes=["Administrator"],
-                              email_domains=[("bench.example", "127.0.0.1", sink_port)])
+                              email_domains=[("bench.example", "127.0.0.1", sink_port)],
+                              delivery=dict(a.split("=", 1) for a in args.delivery))
+        for k, v in spec.delivery.items():
+            spec.delivery[k] = int(v) if v.isdigit() else v
         ims = bench.ImsSite(procs, root, spec)  # writes the TOML; not started as a process
         config = load_config(ims.config)
         configure_logging("warning", "json")
@@ -122,6 +238,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             probe.lag.clear()
             probe.samples.clear()
             probe.fsyncs, probe.fsync_seconds = 0, 0.0
+            for bucket in probe.timings.values():
+                bucket.clear()
             base = sink.count
             cpu0, pcpu0 = thread_cpu(), bench.tree_cpu_seconds(os.getpid())
             t0 = time.monotonic()
@@ -147,7 +265,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         writer_busy = sum(r[3] for r in probe.rounds)
         lag_ms = sorted(x * 1000 for x in probe.lag)
         result = {
-            "messages": n, "sessions": args.sessions, "source_rc": src.returncode,
+            "variant": args.variant, "delivery": spec.delivery, "messages": n, "sessions": args.sessions, "source_rc": src.returncode,
             "accepted_per_s": round(n / t_src, 1), "end_to_end_per_s": round(n / wall, 1) if t_end else None,
             "wall_s": round(wall, 2),
             "cpu_ms_per_msg_process": round(1000 * (pcpu1 - pcpu0) / n, 3),
@@ -159,12 +277,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                        "fsync_ms_mean": round(1000 * probe.fsync_seconds / max(1, probe.fsyncs), 3),
                        "round_ms_mean": round(1000 * writer_busy / max(1, len(probe.rounds)), 3),
                        "busy_fraction_of_wall": round(writer_busy / wall, 3)},
+            "await_ms": {k: {"n": len(v), "mean": round(1000 * sum(v) / max(1, len(v)), 2),
+                             "p50": round(bench.percentile([x * 1000 for x in v], 50), 2),
+                             "p99": round(bench.percentile([x * 1000 for x in v], 99), 2)}
+                          for k, v in probe.timings.items() if v},
             "loop_lag_ms": {"p50": round(bench.percentile(lag_ms, 50), 2), "p99": round(bench.percentile(lag_ms, 99), 2),
                             "max": round(max(lag_ms, default=0), 2)},
             "queue": {"backlog_max": max((s[1] for s in probe.samples), default=0),
                       "backlog_mean": round(sum(s[1] for s in probe.samples) / max(1, len(probe.samples)), 1),
                       "in_flight_max": max((s[2] for s in probe.samples), default=0),
-                      "in_flight_mean": round(sum(s[2] for s in probe.samples) / max(1, len(probe.samples)), 1)},
+                      "in_flight_mean": round(sum(s[2] for s in probe.samples) / max(1, len(probe.samples)), 1),
+                      "free_delivery_slots_mean": round(sum(s[3] for s in probe.samples) / max(1, len(probe.samples)), 1),
+                      "free_sink_connection_slots_mean": round(sum(s[4] for s in probe.samples) / max(1, len(probe.samples)), 2),
+                      "share_of_samples_with_no_free_connection": round(
+                          sum(1 for s in probe.samples if s[4] == 0) / max(1, len(probe.samples)), 2),
+                      "spool_requests_waiting_mean": round(sum(s[5] for s in probe.samples) / max(1, len(probe.samples)), 1)},
         }
     finally:
         procs.stop_all()
@@ -176,6 +303,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=4000)
     p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--delivery", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra [delivery] setting for the site, e.g. max_per_destination=20")
+    p.add_argument("--variant", choices=("current", "parallel-fsync", "syncfs"), default="current",
+                   help="spool writer round: imsrelay's own, or an experiment (fsyncs of a round issued "
+                        "in parallel from 16 threads; one syncfs() per round)")
     args = p.parse_args()
     import uvloop
 

@@ -567,6 +567,7 @@ class SiteSpec:
     connected: list[tuple[str, str]] = field(default_factory=list)  # (site, routing domain)
     replication_peers: list[str] = field(default_factory=list)
     admin_port: int = 0
+    delivery: dict[str, Any] = field(default_factory=dict)  # extra [delivery] settings
 
 
 class ImsSite:
@@ -589,7 +590,7 @@ class ImsSite:
             "smtp": {"listen": spec.listen, "port": spec.port, "relay_networks": ["127.0.0.0/8"],
                      "idle_timeout": "10m", "session_timeout": "1h", "max_errors": 1000},
             "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
-            "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none"},
+            "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 1},
             "connected_sites": [{"name": s, "routing_address": "@" + d} for s, d in spec.connected],

@@ -14,6 +14,12 @@
 # download the dependencies as cp311 manylinux wheels for the target, whatever the
 # host interpreter is.
 #
+# Layout: the dependencies' wheels in docker/wheels/, imsrelay's own wheel in
+# docker/wheels/self/, so the image installs them in two layers and a change to
+# imsrelay's code does not reinstall the dependencies. The imsrelay wheel is
+# reproducible (SOURCE_DATE_EPOCH): unchanged code gives identical bytes, and
+# `docker build` reuses its cached layer.
+#
 # docker/wheels/ is emptied first, so no stale imsrelay wheel can be installed.
 set -euo pipefail
 
@@ -46,6 +52,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-315532800}"   # 1980-01-01: reproducible wheels
 
 if PY="$(pick_python)"; then
     log "using $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])')): pip wheel $REPO"
@@ -63,9 +70,11 @@ else
         imsrelay
 fi
 
-count=$(find "$OUT" -maxdepth 1 -name '*.whl' | wc -l)
 if ! ls "$OUT"/imsrelay-*.whl >/dev/null 2>&1; then
     echo "build-wheels: no imsrelay wheel was produced in $OUT" >&2
     exit 1
 fi
-log "$count wheels in $OUT in $(( $(date +%s) - start ))s"
+mkdir -p "$OUT/self"
+mv "$OUT"/imsrelay-*.whl "$OUT/self/"
+count=$(find "$OUT" -maxdepth 1 -name '*.whl' | wc -l)
+log "$(basename "$OUT"/self/imsrelay-*.whl) in $OUT/self/, $count dependency wheels in $OUT, in $(( $(date +%s) - start ))s"

@@ -4,9 +4,12 @@
 # Usage: docker/lab.sh COMMAND [ARGS]
 #   up [SERVICE...]        build whatever is missing (base image, wheels, images),
 #                          start the lab (or only SERVICE... and what they depend
-#                          on) and wait until every container is healthy
+#                          on) and wait until every container is healthy and the
+#                          one-shot `setup` (imsrelay org-setup: the article's
+#                          Check Now / Request Now / Site Addressing) has finished
 #   build [SERVICE...]     the same builds, without starting anything
-#   wait                   wait until every running lab container is healthy
+#   wait                   wait until every lab container is healthy (and `setup`
+#                          has exited 0)
 #   status                 containers, health, addresses and the published ports
 #   smoke                  quick check of the infrastructure: lab DNS answers, the
 #                          Internet peer accepts a mail and files it in a Maildir
@@ -41,7 +44,9 @@ LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-240}"
 LOCAL_BASE="imsrelay-base:bookworm"
 REGISTRY_BASES=(python:3.11-slim-bookworm debian:bookworm-slim)
 SITES=(sitea siteb sitec)
-ALL_SERVICES=(dns sitea siteb sitec internet)
+SITE_IMAGE_SERVICES=(sitea siteb sitec setup)   # services built from the root Dockerfile (imsrelay:lab)
+ONE_SHOT=setup                                  # runs once after the sites are healthy, then exits
+ALL_SERVICES=(dns sitea siteb sitec internet setup)
 LAB_SUBNET="10.10.10.0/24"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -87,9 +92,9 @@ services_or_all() {
     if [ $# -gt 0 ]; then printf '%s\n' "$@"; else printf '%s\n' "${ALL_SERVICES[@]}"; fi
 }
 
-wants_sites() {
+wants_sites() {   # is any of the services built from the site image?
     local s t
-    for s in "$@"; do for t in "${SITES[@]}"; do [ "$s" = "$t" ] && return 0; done; done
+    for s in "$@"; do for t in "${SITE_IMAGE_SERVICES[@]}"; do [ "$s" = "$t" ] && return 0; done; done
     return 1
 }
 
@@ -137,8 +142,8 @@ do_build() {   # [SERVICE...]
     mapfile -t svcs < <(services_or_all "$@")
     choose_base_image
     if wants_sites "${svcs[@]}"; then build_wheels; fi
-    # The three sites share one image (imsrelay:lab): build it once, via the
-    # first site asked for.
+    # The three sites and `setup` share one image (imsrelay:lab): build it once,
+    # via the first of them asked for.
     local build=() s site_done=0
     for s in "${svcs[@]}"; do
         if wants_sites "$s"; then
@@ -155,8 +160,8 @@ do_build() {   # [SERVICE...]
 # --- health -------------------------------------------------------------------------
 lab_containers() { compose ps -q 2>/dev/null | sed '/^$/d'; }
 
-container_state() {   # -> "name status health"
-    docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$1" \
+container_state() {   # -> "name status health service exit-code"
+    docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{index .Config.Labels "com.docker.compose.service"}} {{.State.ExitCode}}' "$1" \
         | sed 's#^/##'
 }
 
@@ -165,27 +170,33 @@ do_wait() {
     while :; do
         mapfile -t ids < <(lab_containers)
         [ "${#ids[@]}" -gt 0 ] || die "no lab containers are running"
-        pending=() bad=()
+        pending=() bad=() bad_ids=()
         for id in "${ids[@]}"; do
-            read -r name status health < <(container_state "$id")
-            if [ "$status" != running ] || [ "$health" = unhealthy ]; then
-                bad+=("$name($status/$health)")
+            read -r name status health service code < <(container_state "$id")
+            if [ "$service" = "$ONE_SHOT" ]; then
+                # The one-shot setup: done when it exited 0.
+                case "$status" in
+                    exited) [ "$code" = 0 ] || { bad+=("$name(exit $code)"); bad_ids+=("$id"); } ;;
+                    created|running|restarting) pending+=("$name($status)") ;;
+                    *) bad+=("$name($status)"); bad_ids+=("$id") ;;
+                esac
+            elif [ "$status" != running ] || [ "$health" = unhealthy ]; then
+                bad+=("$name($status/$health)"); bad_ids+=("$id")
             elif [ "$health" != healthy ] && [ "$health" != none ]; then
                 pending+=("$name($health)")
             fi
         done
         if [ "${#bad[@]}" -gt 0 ]; then
-            log "not running or unhealthy: ${bad[*]}"
-            for id in "${ids[@]}"; do
-                read -r name status health < <(container_state "$id")
-                [ "$status" = running ] && [ "$health" != unhealthy ] && continue
+            log "not running, unhealthy or failed: ${bad[*]}"
+            for id in "${bad_ids[@]}"; do
+                read -r name _ < <(container_state "$id")
                 log "---- last log lines of $name ----"
                 docker logs --tail 30 "$id" 2>&1 | sed 's/^/    /' >&2
             done
             return 1
         fi
         if [ "${#pending[@]}" -eq 0 ]; then
-            log "all ${#ids[@]} lab containers healthy"
+            log "all ${#ids[@]} lab containers healthy or done"
             return 0
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
@@ -198,9 +209,10 @@ do_wait() {
 
 do_status() {
     compose ps
-    local id name status health ip
+    local id name status health service code ip
     while read -r id; do
-        read -r name status health < <(container_state "$id")
+        read -r name status health service code < <(container_state "$id")
+        [ "$status" = exited ] && health="exit=$code"
         ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")"
         printf '  %-26s %-8s %-10s %s\n' "$name" "$status" "$health" "$ip"
     done < <(lab_containers)
@@ -272,6 +284,6 @@ case "$cmd" in
         fi
         compose "$@"
         ;;
-    ""|-h|--help|help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' ;;
+    ""|-h|--help|help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
 esac

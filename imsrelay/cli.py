@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "imsrelay.commands.kcc",
     "imsrelay.commands.site_addressing",
     "imsrelay.commands.lab",
+    "imsrelay.commands.org_setup",
 ]
 
 

@@ -196,6 +196,8 @@ class QueueManager:
             return gone, {e.queue_id: e for e in self.spool.envelopes()}
 
         gone, on_disk = await asyncio.to_thread(scan)
+        if getattr(self.site, "smtp_client", None) is not None:
+            self.site.smtp_client.forget_unreachable()  # a retry really tries hosts marked unreachable
         for qid in gone:
             if qid in self.envelopes:
                 self.forget(qid)

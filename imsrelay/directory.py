@@ -640,6 +640,10 @@ class Directory:
             (state["site"], state["invocation"], state["high_water"], json.dumps(state["ranges"]),
              state["last_request"], state["last_reply"], state["last_error"], state["applied"]))
 
+    def seen_message(self, message_id: str) -> bool:
+        """Whether a replication message id was recorded by ``remember_message``."""
+        return self._db.execute("SELECT 1 FROM seen_messages WHERE message_id=?", (message_id,)).fetchone() is not None
+
     def remember_message(self, message_id: str, max_age: float) -> bool:
         """Record a replication message id; False when it was seen already (replay)."""
         now = self.clock()

@@ -71,7 +71,7 @@ def plan(own_site: str, sites: Sequence[SiteObject], connected: Sequence[Connect
         if not s.routing_address:
             findings.append(Finding(ERROR, s.name, f"site {s.name} has no routing address: no route to it"))
             continue
-        learned.append((s.name, _domain(s.routing_address)))
+        learned.append((s.name, s.routing_address.strip().lstrip("@")))
 
     for c in connected:
         site = by_name.get(c.name)
@@ -89,7 +89,7 @@ def plan(own_site: str, sites: Sequence[SiteObject], connected: Sequence[Connect
         elif site.smtp_address and ours != _domain(site.smtp_address):
             findings.append(Finding(INFO, c.name, (
                 f"{c.name}'s Site Addressing is now {site.smtp_address}; its routing address stays "
-                f"@{ours}, which {c.name} keeps accepting for mail and directory traffic (KB Q180401 "
+                f"{c.routing_address}, which {c.name} keeps accepting for mail and directory traffic (KB Q180401 "
                 "note; nothing to change)")))
 
     reachable = {own_site} | connected_names | {name for name, _ in learned}

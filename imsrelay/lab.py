@@ -262,8 +262,10 @@ class Lab:
         await self._do_check_now()
 
     async def _site_addressing(self, name: str) -> None:
+        from imsrelay.admin import site_addressing_job
+
         site = self.sites[name]
-        report = await site.directory.run(site.directory.set_site_addressing, f"@{COMPANY_DOMAIN}",
+        report = await site.directory.run(site_addressing_job, site.directory, site.log, f"@{COMPANY_DOMAIN}",
                                           update_mailboxes=True,
                                           keep_old=site.config.replication.keep_old_address)
         await site.refresh()

@@ -10,8 +10,8 @@ deliver twice.
 from __future__ import annotations
 
 import socket
-from email.utils import format_datetime
 from datetime import UTC, datetime
+from email.utils import format_datetime
 from pathlib import Path
 
 from imsrelay.spool import Write

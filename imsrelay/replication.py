@@ -493,16 +493,25 @@ class Replicator:
                     return
             self._reject(env, result)
             return
-        fresh = await self.directory.run(self.directory.remember_message, result.message_id,
-                                         self.settings.max_age + FUTURE_TOLERANCE)
-        if not fresh:
-            self._reject(env, Rejection(REPLAY, "this message id was already processed", result.from_site,
-                                        result.message_id))
+        # The id is recorded together with the work it stands for (an update: in the
+        # same transaction as its objects; a request: once its answer is queued), so
+        # a failure in between leaves the message to be retried, not lost as a "replay".
+        if await self.directory.run(self.directory.seen_message, result.message_id):
+            self._replay(env, result)
             return
         if result.type == REQUEST:
             await self._answer(env, result)
+            await self.directory.run(self.directory.remember_message, result.message_id, self._seen_window)
         else:
             await self._apply(env, result)
+
+    @property
+    def _seen_window(self) -> float:
+        return self.settings.max_age + FUTURE_TOLERANCE
+
+    def _replay(self, env: Envelope, message: Dirsync) -> None:
+        self._reject(env, Rejection(REPLAY, "this message id was already processed", message.from_site,
+                                    message.message_id))
 
     def _reject(self, env: Envelope, rejection: Rejection) -> None:
         self.rejected[rejection.reason] += 1
@@ -533,8 +542,10 @@ class Replicator:
                           reason="the request names another invocation of this directory")
             since = 0
         full = since == 0
+        # keep each message well inside the SMTP size limit (base64 adds a third)
+        max_bytes = min(MAX_BATCH_BYTES, max(64 * 1024, self.config.smtp.max_message_size // 2))
         batches, highest = await self.directory.run(self.directory.change_batches, since,
-                                                    self.settings.batch_size, max_bytes=MAX_BATCH_BYTES)
+                                                    self.settings.batch_size, max_bytes=max_bytes)
         payloads = build_updates(organisation=self.config.organisation, from_site=self.config.site, to_site=peer,
                                  invocation=own_invocation, highest_usn=highest, since_usn=since, full=full,
                                  in_reply_to=request.message_id, batches=batches, now=self._now())
@@ -553,6 +564,8 @@ class Replicator:
         def apply_sync() -> dict[str, Any]:
             switched_key = f"replication.{peer}.invocation_since"
             with self.directory.transaction():
+                if not self.directory.remember_message(update.message_id, self._seen_window):
+                    return {"replay": True}
                 applied, ignored = self.directory.apply(update.objects)
                 state = self.directory.peer_state(peer)
                 reset = outdated = False
@@ -576,6 +589,9 @@ class Replicator:
                     "gaps": len(state["ranges"]), "reset": reset, "outdated": outdated}
 
         result = await self.directory.run(apply_sync)
+        if result.get("replay"):
+            self._replay(env, update)
+            return
         if result["reset"]:
             self.log.info("replication.invocation_changed", peer=peer, queue_id=env.queue_id,
                           invocation=update.invocation, reason="the peer's directory was rebuilt: high-water reset")

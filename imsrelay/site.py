@@ -67,7 +67,7 @@ class Site:
 
         if self.config.replication.resolved_key():
             self.replicator = Replicator(self)
-        else:
+        elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
         if self.config.admin.port != 0:

@@ -117,7 +117,7 @@ def reply_outcome(code: int, message: str, remote: str) -> Outcome:
         return Outcome.delivered(diagnostic, remote)
     if 500 <= code < 600:
         return Outcome.permanent_failure(status, diagnostic, remote)
-    if not status.startswith("4."):
+    if not 400 <= code < 500:
         status = "4.5.0"  # an unexpected reply: a protocol error, try again later
     return Outcome.temporary(status, diagnostic, remote)
 
@@ -290,6 +290,12 @@ class SmtpClient:
         if self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
+    def forget_unreachable(self) -> None:
+        """Try every host again at the next delivery (an operator asked for a retry)."""
+        for state in self._hops.values():
+            state.dead_until = 0.0
+            state.tls_broken_until = 0.0
+
     def pool_size(self) -> int:
         return sum(len(s.idle) for s in self._hops.values())
 
@@ -315,7 +321,7 @@ class SmtpClient:
 
     def _dead(self, hop: NextHop, state: _HopState) -> Outcome | None:
         if state.dead_until > self.clock():
-            return Outcome.temporary("4.4.1", f"{state.dead_reason} (host recently unreachable; not retried yet)",
+            return Outcome.temporary("4.4.1", f"{state.dead_reason} (host recently unreachable, not tried again yet)",
                                      remote_name(hop))
         return None
 
@@ -372,6 +378,9 @@ class SmtpClient:
                 log.debug("delivery.reuse_failed", peer=conn.peer, error=str(exc))
                 conn.client.close()
                 continue
+            except BaseException:  # cancelled: do not leak the connection
+                conn.client.close()
+                raise
             if reply.code != 250 or not conn.client.is_connected:
                 self._close_later(conn, f"RSET answered {reply.code}")
                 continue

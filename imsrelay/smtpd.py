@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
-from imsrelay.policy import InboundPolicy, Reply, check_hops, check_recipient, check_size
+from imsrelay.policy import Reply, check_hops, check_recipient, check_size
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 

@@ -4,8 +4,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imsrelay.addresses import (AddressError, domain_matches, most_specific, normalise_domain, parse_address,
-                                parse_proxy, primary_smtp)
+from imsrelay.addresses import (
+    AddressError,
+    domain_matches,
+    most_specific,
+    normalise_domain,
+    parse_address,
+    parse_proxy,
+    primary_smtp,
+)
 
 
 def test_parse_and_key():

@@ -3,7 +3,14 @@
 import ipaddress
 
 from imsrelay.addresses import parse_address
-from imsrelay.policy import InboundPolicy, check_hops, check_recipient, check_size, client_may_relay, count_hops
+from imsrelay.policy import (
+    InboundPolicy,
+    check_hops,
+    check_recipient,
+    check_size,
+    client_may_relay,
+    count_hops,
+)
 from imsrelay.router import local_domains_for
 
 POLICY = InboundPolicy(

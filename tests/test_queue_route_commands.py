@@ -93,7 +93,9 @@ async def test_queue_commands_on_a_running_and_a_stopped_site(tmp_path):
 
         retried = await acli(path, data, "queue", "retry", first)
         assert retried.returncode == 0 and retried.stdout.startswith("1 message (1 recipient) scheduled")
-        await wait_for(lambda: state(data, first).recipients[0].attempts == 2)  # noticed without a restart
+        again = await wait_for(lambda: state(data, first).recipients[0].attempts == 2 and state(data, first))
+        # noticed without a restart, and the host really was tried again
+        assert again.recipients[0].diagnostic.endswith(": Connection refused")
         assert state(data, second).recipients[0].attempts == 1  # only the one asked for
 
         deleted = await acli(path, data, "queue", "delete", second)

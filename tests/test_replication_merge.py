@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imsrelay.directory import DirObject, Directory, Stamp, merge_order
+from imsrelay.directory import Directory, DirObject, Stamp, merge_order
 from imsrelay.replication import advance_high_water
 
 OBJECT_IDS = ["mailbox:SiteA:user1", "mailbox:SiteB:user2", "mailbox:SiteC:user3", "mailbox:SiteC:admin"]
@@ -240,3 +240,15 @@ def test_random_stress_against_reference():
         for i in range(0, len(order), 7):
             d.apply(order[i:i + 7])
         assert snapshot(d) == snapshot(reference)
+
+
+def test_change_batches_also_bounded_by_bytes():
+    d = memory_directory("SiteC")
+    d.provision(organisation="ExchangeORG", server="ServerC", site_domain="SiteC.microsoft.com",
+                hostname="ServerC.SiteC.microsoft.com",
+                mailboxes=[(f"User{i}", "x" * 300, ()) for i in range(40)])
+    batches, highest = d.change_batches(0, 1000, max_bytes=4000)
+    assert len(batches) > 4 and batches[-1][1] == highest
+    assert all(b[1] == nxt[0] for b, nxt in zip(batches, batches[1:], strict=False))
+    assert sum(len(objs) for _, _, objs in batches) == 41
+    assert all(sum(len(json.dumps(o.data)) + 200 for o in objs) <= 4000 for _, _, objs in batches)

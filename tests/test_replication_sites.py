@@ -249,10 +249,10 @@ async def test_changes_reach_a_site_connected_only_through_another(org_factory):
     assert a._learned_sites == ()
     code, out, _ = await org.cli("kcc", "check-now", site="SiteA")
     assert code == 0, out
-    assert "known to routing by replication: SiteC (@sitec.microsoft.com)" in out
-    assert a._learned_sites == (("SiteC", "sitec.microsoft.com"),)
+    assert "known to routing by replication: SiteC (@SiteC.microsoft.com)" in out
+    assert a._learned_sites == (("SiteC", "SiteC.microsoft.com"),)
     table = await a.routing_table()
-    assert ("SiteC", "sitec.microsoft.com") in table.learned_sites
+    assert ("SiteC", "SiteC.microsoft.com") in table.learned_sites
 
 
 async def test_two_thousand_mailboxes_replicate_in_several_batches(org_factory):
@@ -404,7 +404,7 @@ async def test_kb_q196927_end_to_end(org_factory):
     code, out, _ = await org.cli("kcc", "check-now", site="SiteA")
     assert code == 0, out
     assert ("info    SiteB: SiteB's Site Addressing is now @microsoft.com; its routing address stays "
-            "@siteb.microsoft.com") in out
+            "@SiteB.microsoft.com, which SiteB keeps accepting") in out
     assert "warning" not in out and "error" not in out
 
     # mail for UserN@microsoft.com sent to ANY site lands in the home site's Maildir

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from imsrelay.admin import site_addressing_job
 from imsrelay.config import ConfigError
-from imsrelay.directory import DirObject, Directory, DirectoryError, Stamp
+from imsrelay.directory import Directory, DirectoryError, DirObject, Stamp
 from imsrelay.logs import configure_logging, get_logger
 from imsrelay.site import Site
 

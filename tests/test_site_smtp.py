@@ -8,7 +8,7 @@ import subprocess
 
 import aiosmtplib
 import pytest
-from sitekit import make_config, maildir_messages, running_site, site_mapping, wait_for
+from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
 
 from imsrelay.spool import Spool
 

@@ -408,3 +408,50 @@ async def test_two_sites_exchange_mail_through_their_email_domain_tables(tmp_pat
     assert b"by ServerB.SiteB.microsoft.com (imsrelay)" in at_b[0]
     assert at_b[0].startswith(b"Return-Path: <User1@SiteA.microsoft.com>")
     assert b"Subject: back to A" in at_a[0] and at_a[0].startswith(b"Return-Path: <User2@SiteB.microsoft.com>")
+
+
+# ------------------------------------------------------------------ pure parts of the client
+
+
+def test_reply_classification_and_diagnostics():
+    from imsrelay.smtp_client import reply_outcome, reply_status, smtp_diagnostic
+
+    assert reply_status(550, "5.1.1 <x@y>: unknown user") == "5.1.1"
+    assert reply_status(550, "4.2.0 mismatched class") == "5.0.0"  # the reply code decides the class
+    assert reply_status(451, "Try later") == "4.0.0"
+    assert smtp_diagnostic(550, "5.1.1 <x@y>:\nunknown user") == "smtp; 550 5.1.1 <x@y>: unknown user"
+    r = reply_outcome(552, "5.2.2 mailbox full", "mx [192.0.2.1]:25")
+    assert (r.ok, r.permanent, r.status, r.remote) == (False, True, "5.2.2", "mx [192.0.2.1]:25")
+    assert reply_outcome(421, "4.3.2 shutting down", "mx").permanent is False
+    assert reply_outcome(354, "go ahead", "mx").status == "4.5.0"  # unexpected: temporary protocol error
+
+
+def test_smtputf8_need_and_command_paths():
+    from imsrelay.smtp_client import needs_smtputf8, smtp_path
+    from imsrelay.spool import Envelope, RecipientState
+
+    env = Envelope("Q1", "a@b.example", [RecipientState("c@d.example")], 0.0)
+    header_utf8 = "Subject: café\r\n\r\nbody".encode()
+    assert not needs_smtputf8(env, ["c@d.example"], header_utf8)  # not received with SMTPUTF8
+    assert needs_smtputf8(env, ["josé@d.example"], b"x")
+    env.smtputf8 = True
+    assert needs_smtputf8(env, ["c@d.example"], header_utf8)
+    assert not needs_smtputf8(env, ["c@d.example"], b"Subject: plain\r\n\r\ncaf\xc3\xa9")
+    assert smtp_path('"john doe"@example.com') == '<"john doe"@example.com>'
+    for bad in ("a b@example.com", "a@example.com> SIZE=1", "a\r\nRSET@x"):
+        with pytest.raises(ValueError):
+            smtp_path(bad)
+
+
+def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
+    from imsrelay.dns import NextHop
+    from imsrelay.smtp_client import without_self
+
+    me = frozenset({("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)})
+    hops = [NextHop("mx1.x", "192.0.2.1", 25, 10), NextHop("ServerA.SiteA.microsoft.com", "10.0.0.9", 25, 20),
+            NextHop("mx3.x", "192.0.2.3", 25, 30)]
+    assert without_self(hops, me) == ([hops[0]], True)  # a backup MX only tries the better ones
+    assert without_self(hops[1:], me) == ([], True)  # the best MX is this host: a loop
+    assert without_self([hops[0]], me) == ([hops[0]], False)
+    wildcard = frozenset({("0.0.0.0", 25)})
+    assert without_self([NextHop("l", "127.0.0.5", 25, 10)], wildcard) == ([], True)

@@ -2,7 +2,14 @@
 
 import asyncio
 
-from imsrelay.spool import DELIVERED, Envelope, RecipientState, Spool, new_queue_id, queue_file_bytes
+from imsrelay.spool import (
+    DELIVERED,
+    Envelope,
+    RecipientState,
+    Spool,
+    new_queue_id,
+    queue_file_bytes,
+)
 
 
 def envelope(n_rcpts=2):

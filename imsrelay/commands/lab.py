@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the lab (default); next: advance a running lab one stage; status: print its stage")
     p.add_argument("--data", type=Path, default=Path("lab-data"), help="data directory (default ./lab-data)")
     p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
+    p.add_argument("--admin-port", type=int, default=8025,
+                   help="port of each site's admin endpoint on its own address (default 8025)")
     p.add_argument("--stage", default="end",
                    help="stage to reach at start: install … site-addressing-c, or end (default)")
     p.add_argument("--exchange-timers", action="store_true",
@@ -62,7 +64,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, "console" if args.log_level != "warning" else "auto")
 
     async def main(stop: asyncio.Event) -> None:
-        lab = Lab(data, port=args.port, fast=not args.exchange_timers, say=lambda s: print(s, flush=True))
+        lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
+                  say=lambda s: print(s, flush=True))
         if 0 <= lab.stage and target < lab.stage and args.stage != "end":
             print(f"lab: {data} is already at stage {STAGE_NAMES[lab.stage]}; "
                   f"delete it to start again from {args.stage}")
@@ -90,8 +93,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
     try:
         run_until_signalled(main)
     except OSError as exc:
-        raise UserError(f"cannot start the lab: {exc.strerror or exc} "
-                        f"(is something else using port {args.port} on 127.10.10.x?)") from None
+        raise UserError(f"cannot start the lab: {exc.strerror or exc} (another lab or site running? "
+                        f"choose other ports with --port / --admin-port)") from None
     return 0
 
 

@@ -102,7 +102,7 @@ def recipient_lines(r: RecipientState, now: float) -> list[str]:
         line += f"  attempts {r.attempts}"
     lines = [line]
     if r.diagnostic and r.state != "delivered":
-        remote = f" [{r.remote}]" if r.remote else ""
+        remote = f" [{r.remote}]" if r.remote and r.remote not in r.diagnostic else ""
         lines.append(f"              ({r.status or '-'} {r.diagnostic}){remote}")
     return lines
 
@@ -117,10 +117,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("Mail queue is empty")
         return 0
     now = time.time()
-    print(f"{'-Queue ID-':<20} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
+    width = max(len(e.queue_id) for e in envelopes)
+    print(f"{'-Queue ID-':<{width}} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
     pending = 0
     for env in envelopes:
-        print(f"{env.queue_id:<20} {env.size:>8} {when(env.received_at):<20}  {env.sender or '<>'}")
+        print(f"{env.queue_id:<{width}} {env.size:>8} {when(env.received_at):<20}  {env.sender or '<>'}")
         for r in env.recipients:
             for line in recipient_lines(r, now):
                 print(line)

@@ -15,9 +15,12 @@ import argparse
 import asyncio
 from pathlib import Path
 
+import structlog
+
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory, DirectoryError
+from imsrelay.logs import configure_logging
 from imsrelay.router import MX, RELAY, Route, route_for
 
 
@@ -107,6 +110,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
+    if not structlog.is_configured():  # the explanation is the output: log only problems, on stderr
+        configure_logging("warning", "console")
     try:
         parse_address(args.address)
     except AddressError as exc:

@@ -47,9 +47,8 @@ def run_until_signalled(main_factory) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imsrelay.site import run_site
-
     from imsrelay.cli import UserError
+    from imsrelay.site import run_site
 
     config = load_config(args.config, data_dir=args.data)
     configure_logging(config.logging.level, config.logging.format)

@@ -1,0 +1,372 @@
+"""``imsrelay org-setup`` — the administrator's actions of KB Q196927, over the sites'
+admin endpoints, in the article's order, so an organisation whose sites are
+*configured* (Connected Sites, E-Mail Domain entries, replication connectors) ends
+up *set up*: every site knows every mailbox and every user is ``alias@company``.
+
+1. Check Now at each site (knowledge consistency check);
+2. Request Now ("update only new and modified items") at each site from each peer
+   whose directory it does not mirror yet; wait until every site knows every mailbox;
+3. for each site in turn (the order given): Site Addressing ``@company`` with "update
+   all recipient mailboxes"; the other sites Request Now from it; wait until they
+   all see its new addresses;
+4. Check Now at each site again.
+
+Each step first looks at what the sites' directories say and is skipped when its
+result is already there, so running it again on a set-up organisation changes
+nothing (no directory write, no replication traffic).  ``--check`` only reports.
+
+The decisions (who lacks what, which site still needs Site Addressing) are pure
+functions of the sites' ``GET /directory`` snapshots; the I/O is a small blocking
+JSON client (urllib, proxies ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TOKEN_ENV = "IMSRELAY_ADMIN_TOKEN"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "org-setup", help="run KB Q196927's administrator actions across all sites (idempotent)",
+        description="KB Q196927's administrator actions across the sites of one organisation:\n"
+                    "Check Now at every site, Request Now between the sites until every site knows every\n"
+                    "mailbox, then Site Addressing @<company domain> (update all recipient mailboxes) at\n"
+                    "each site in turn, replicated to the others. Steps already done are skipped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  imsrelay org-setup --site http://10.10.10.10:8025 --site http://10.10.10.15:8025 \\\n"
+               "                     --site http://10.10.10.20:8025        # token from $IMSRELAY_ADMIN_TOKEN\n"
+               "  imsrelay org-setup -c config/siteA.toml -c config/siteB.toml -c config/siteC.toml")
+    p.add_argument("--site", action="append", default=[], metavar="URL[=TOKEN]",
+                   help="a site's admin endpoint (repeat, in the order Site Addressing is done); the token "
+                        "defaults to the environment variable named by --token-env")
+    p.add_argument("--config", "-c", action="append", default=[], type=Path, metavar="FILE",
+                   help="a site's TOML file: its [admin] listen, port and token (repeatable)")
+    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
+                   help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})")
+    p.add_argument("--address", help="the Site Addressing to give every site (default: @<company domain>)")
+    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to wait for every admin endpoint to answer (default 120)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for each round of replication (default 300)")
+    p.add_argument("--check", action="store_true",
+                   help="change nothing: report whether the organisation is set up (exit 1 if not)")
+    p.set_defaults(func=cmd_org_setup)
+
+
+# ============================================================================ pure
+
+
+@dataclass(frozen=True)
+class View:
+    """What one site's directory says about one home site's objects."""
+
+    site_addressing: str | None  # the home site's Site Addressing, as seen ("" if unknown)
+    mailboxes: frozenset[tuple[str, str, tuple[str, ...]]]  # (alias, primary, sorted proxies)
+
+
+def view_of(snapshot: Mapping[str, Any], home: str) -> View:
+    """The part of a ``GET /directory`` answer that concerns ``home``'s objects."""
+    addressing = ""
+    for s in snapshot.get("sites", []):
+        if s.get("name") == home:
+            addressing = str(s.get("smtp_address") or "")
+    boxes = frozenset(
+        (str(m["alias"]).lower(), str(m.get("primary_address") or "").lower(),
+         tuple(sorted(str(p).lower() for p in m.get("proxy_addresses", []))))
+        for m in snapshot.get("mailboxes", []) if m.get("home_site") == home)
+    return View(addressing.lower(), boxes)
+
+
+def lagging(snapshots: Mapping[str, Mapping[str, Any]], home: str) -> dict[str, list[str]]:
+    """Sites whose directory does not (yet) mirror ``home``'s own objects, and how
+    (pure).  ``home``'s own snapshot is the truth about its mailboxes."""
+    truth = view_of(snapshots[home], home)
+    by_alias = {m[0]: m for m in truth.mailboxes}
+    out: dict[str, list[str]] = {}
+    for viewer, snap in snapshots.items():
+        if viewer == home:
+            continue
+        seen = view_of(snap, home)
+        problems: list[str] = []
+        if seen.site_addressing != truth.site_addressing:
+            problems.append(f"site {home} has Site Addressing {seen.site_addressing or '(unknown)'} here, "
+                            f"{truth.site_addressing} at {home}")
+        seen_alias = {m[0]: m for m in seen.mailboxes}
+        for alias, m in sorted(by_alias.items()):
+            if alias not in seen_alias:
+                problems.append(f"does not know mailbox {m[1] or alias} of {home}")
+            elif seen_alias[alias] != m:
+                problems.append(f"has {home}'s mailbox {alias} as {seen_alias[alias][1]}, not {m[1]}")
+        for alias in sorted(set(seen_alias) - set(by_alias)):
+            problems.append(f"still lists mailbox {alias} of {home}, deleted there")
+        if problems:
+            out[viewer] = problems
+    return out
+
+
+def needs_site_addressing(snapshot: Mapping[str, Any], site: str, address: str) -> bool:
+    """Does ``site`` (from its own snapshot) still need Site Addressing ``address``
+    with "update all recipient mailboxes"? (pure)"""
+    domain = address.lstrip("@").lower()
+    own = view_of(snapshot, site)
+    if own.site_addressing != "@" + domain:
+        return True
+    return any(not primary.endswith("@" + domain) for _, primary, _ in own.mailboxes)
+
+
+# ============================================================================ I/O
+
+
+class SetupError(Exception):
+    """org-setup cannot go on (one clear line)."""
+
+
+class Endpoint:
+    """One site's admin endpoint: a blocking JSON client."""
+
+    def __init__(self, base: str, token: str, *, timeout: float = 30.0) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.name = self.base  # the site's directory name once known (GET /status)
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+            "Accept": "application/json"})
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error") or exc.reason
+            except (ValueError, AttributeError):
+                message = exc.reason
+            raise SetupError(f"{self.name}: {method} {path}: {message} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConnectionError(f"{self.name}: no admin endpoint at {self.base} ({reason})") from None
+
+
+def parse_site_arg(value: str, token_env: str) -> tuple[str, str]:
+    """``URL`` or ``URL=TOKEN`` → (url, token); the token defaults to ``$token_env``."""
+    from imsrelay.cli import UserError
+
+    url, token = value, ""
+    head, sep, tail = value.rpartition("=")
+    if sep and "?" not in head and "/" not in tail:
+        url, token = head, tail
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"--site {value!r}: expected the admin endpoint's URL, e.g. http://10.10.10.10:8025")
+    token = token or os.environ.get(token_env, "")
+    if not token:
+        raise UserError(f"--site {url}: no admin token (give URL=TOKEN or set ${token_env})")
+    return url, token
+
+
+class OrgSetup:
+    def __init__(self, endpoints: Sequence[Endpoint], *, say: Callable[[str], None] = print,
+                 poll: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self.endpoints = list(endpoints)
+        self.say = say
+        self.poll = poll
+        self.clock = clock
+        self.by_name: dict[str, Endpoint] = {}
+        self.status: dict[str, dict[str, Any]] = {}
+        self.actions = 0  # changes made (Request Now, Site Addressing)
+
+    # ------------------------------------------------------------ helpers
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.endpoints]
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        return {e.name: e.call("GET", "/directory") for e in self.endpoints}
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every endpoint answers ``GET /status``; learn the site names."""
+        deadline = self.clock() + timeout
+        for e in self.endpoints:
+            while True:
+                try:
+                    status = e.call("GET", "/status")
+                    break
+                except ConnectionError as exc:
+                    if self.clock() > deadline:
+                        raise SetupError(f"{exc}; gave up after {timeout:g}s") from None
+                    time.sleep(self.poll)
+            e.name = status["site"]
+            self.by_name[e.name] = e
+            self.status[e.name] = status
+        if len(self.by_name) != len(self.endpoints):
+            raise SetupError(f"the same site was given twice ({', '.join(self.names())})")
+        orgs = {s["organisation"] for s in self.status.values()}
+        if len(orgs) > 1:
+            raise SetupError(f"the sites belong to different organisations: {', '.join(sorted(orgs))}")
+        for name, s in self.status.items():
+            if not s["replication"]["enabled"]:
+                raise SetupError(f"{name}: replication is not enabled (no organisation key: set "
+                                 "replication.key or $IMSRELAY_ORG_KEY at that site)")
+
+    def company_address(self) -> str:
+        domains = {s["company_domain"].lower() for s in self.status.values()}
+        if len(domains) != 1:
+            raise SetupError(f"the sites name different company domains ({', '.join(sorted(domains))}): "
+                             "give --address")
+        return "@" + domains.pop()
+
+    def wait_in_sync(self, homes: Sequence[str], timeout: float, what: str) -> None:
+        start = self.clock()
+        while True:
+            snaps = self.snapshots()
+            behind = {home: lagging(snaps, home) for home in homes}
+            behind = {h: v for h, v in behind.items() if v}
+            if not behind:
+                self.say(f"  replicated: {what} ({self.clock() - start:.1f}s)")
+                return
+            if self.clock() - start > timeout:
+                lines = [f"{viewer} {p}" for h in behind.values() for viewer, ps in h.items() for p in ps]
+                raise SetupError(f"replication did not complete within {timeout:g}s ({what}): "
+                                 + "; ".join(lines[:6]) + ("; ..." if len(lines) > 6 else ""))
+            time.sleep(self.poll)
+
+    def request_now(self, into: str, source: str) -> None:
+        r = self.by_name[into].call("POST", "/replication/request-now", {"site": source, "full": False})
+        self.actions += 1
+        self.say(f"  Request Now at {into} from {source}: new and modified items since USN {r['since_usn']} "
+                 f"(queue id {r['queue_id']})")
+
+    # ------------------------------------------------------------ the article's actions
+
+    def check_now(self) -> None:
+        for name in self.names():
+            r = self.by_name[name].call("POST", "/kcc/check-now")
+            learned = ", ".join(n for n, _ in r["learned"]) or "none"
+            self.say(f"  Check Now at {name}: sites in the directory {', '.join(r['known_sites'])}; "
+                     f"learned by replication: {learned}")
+            for f in r["findings"]:
+                if f["severity"] in ("error", "warning"):
+                    self.say(f"    {f['severity']}: {f['site']}: {f['message']}")
+
+    def replicate_all(self, timeout: float) -> None:
+        snaps = self.snapshots()
+        pulls = [(viewer, home) for home in self.names() for viewer in lagging(snaps, home)]
+        if not pulls:
+            self.say("  every site already knows every mailbox: no Request Now needed")
+            return
+        for into in self.names():
+            for into_, source in pulls:
+                if into_ == into:
+                    self.request_now(into, source)
+        self.wait_in_sync(self.names(), timeout, "every site knows every mailbox")
+
+    def site_addressing(self, name: str, address: str, timeout: float) -> None:
+        snap = self.by_name[name].call("GET", "/directory")
+        if needs_site_addressing(snap, name, address):
+            r = self.by_name[name].call("POST", "/site-addressing",
+                                        {"address": address, "update_mailboxes": True})
+            self.actions += 1
+            subs = "".join(f"; {s['alias']} -> {s['address']} (not unique)" for s in r["substitutes"])
+            kept = "old address kept as secondary" if r["keep_old"] else "old address dropped"
+            self.say(f"  {name}: Site Addressing SMTP {address}, update all recipient mailboxes: "
+                     f"{r['scanned']} scanned, {r['updated']} updated, {r['failed']} failed ({kept}){subs}")
+            if r["failed"]:
+                raise SetupError(f"{name}: {r['failed']} mailbox(es) could not be re-addressed")
+        else:
+            self.say(f"  {name}: Site Addressing is already {address} for the site and its mailboxes")
+        behind = lagging(self.snapshots(), name)
+        for viewer in self.names():
+            if viewer in behind:
+                self.request_now(viewer, name)
+        if behind:
+            self.wait_in_sync([name], timeout, f"{name}'s addresses at every site")
+
+    def run(self, *, address: str | None, wait: float, timeout: float) -> None:
+        started = self.clock()
+        self.wait_ready(wait)
+        address = address or self.company_address()
+        org = next(iter(self.status.values()))["organisation"]
+        self.say(f"org-setup: organisation {org}, sites " + ", ".join(
+            f"{e.name} ({e.base})" for e in self.endpoints) + f"; target Site Addressing {address}")
+        self.say("Speeding up initial directory replication: Check Now at each site")
+        self.check_now()
+        self.say("Request Now at each site from each peer")
+        self.replicate_all(timeout)
+        for name in self.names():
+            self.say(f"Single e-mail domain at {name}")
+            self.site_addressing(name, address, timeout)
+        self.say("Check Now at each site after replication")
+        self.check_now()
+        self.summary(self.snapshots())
+        done = "set up" if self.actions else "already set up: nothing changed"
+        self.say(f"org-setup: organisation {org} {done} ({self.clock() - started:.1f}s)")
+
+    def check(self, *, address: str | None, wait: float) -> bool:
+        self.wait_ready(wait)
+        address = address or self.company_address()
+        snaps = self.snapshots()
+        ok = True
+        for name in self.names():
+            if needs_site_addressing(snaps[name], name, address):
+                ok = False
+                self.say(f"{name}: Site Addressing {address} not done (or not every mailbox updated)")
+            for viewer, problems in lagging(snaps, name).items():
+                ok = False
+                for p in problems:
+                    self.say(f"{viewer} {p}")
+        self.summary(snaps)
+        self.say("org-setup --check: " + ("the organisation is set up" if ok else "NOT set up"))
+        return ok
+
+    def summary(self, snaps: Mapping[str, Mapping[str, Any]]) -> None:
+        for name in self.names():
+            snap = snaps[name]
+            addressing = next((s["smtp_address"] for s in snap["sites"] if s["name"] == name), "?")
+            boxes = ", ".join(sorted(m["primary_address"] for m in snap["mailboxes"] if m["home_site"] == name))
+            self.say(f"  {name:<8} Site Addressing {addressing:<22} mailboxes {boxes or '(none)'}; "
+                     f"knows {len(snap['mailboxes'])} mailbox(es)")
+
+
+def _endpoints(args: argparse.Namespace) -> list[Endpoint]:
+    from imsrelay.admin import cli_client
+    from imsrelay.cli import UserError
+    from imsrelay.config import load_config
+
+    endpoints = []
+    for value in args.site:
+        url, token = parse_site_arg(value, args.token_env)
+        endpoints.append(Endpoint(url, token))
+    for path in args.config:
+        config = load_config(path)
+        client = cli_client(config)  # a one-line error when the endpoint is disabled or has no token
+        endpoints.append(Endpoint(client.base, config.admin.resolved_token() or ""))
+    if len(endpoints) < 2:
+        raise UserError("org-setup needs the admin endpoints of at least two sites (--site URL or --config FILE)")
+    return endpoints
+
+
+def cmd_org_setup(args: argparse.Namespace) -> int:
+    from imsrelay.cli import UserError
+
+    setup = OrgSetup(_endpoints(args))
+    try:
+        if args.check:
+            return 0 if setup.check(address=args.address, wait=args.wait) else 1
+        setup.run(address=args.address, wait=args.wait, timeout=args.timeout)
+    except (SetupError, ConnectionError) as exc:
+        raise UserError(f"org-setup: {exc}", status=1) from None
+    return 0
