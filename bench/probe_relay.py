@@ -3,7 +3,7 @@
 
 Runs the throughput scenario of ``bench/run.py`` (smtp-source → site → smtp-sink)
 with the site *in this process*, instrumented from the outside (no change to
-imsrelay): the spool writer's rounds (batch size, time, fsyncs), event-loop lag,
+imsrelay): the spool writer's rounds (batch size, time, fsync/fdatasync calls), event-loop lag,
 the queue manager's backlog and deliveries in flight, and CPU per thread.
 
     python bench/probe_relay.py [--messages 4000] [--sessions 20]
@@ -51,20 +51,20 @@ class Probe:
         self.samples: list[tuple[float, int, int, int, int, int]] = []
         # (t, backlog, in flight, free delivery slots, free connection slots to the sink, spool requests waiting)
 
-    def install(self, variant: str = "current") -> None:
+    def install(self) -> None:
         import imsrelay.spool as spool
 
-        original_apply = {"current": spool._apply_batch, "parallel-fsync": parallel_fsync_batch,
-                          "syncfs": syncfs_batch}[variant]
-        original_fsync = os.fsync
+        original_apply = spool._apply_batch
         probe = self
 
-        def fsync(fd: int) -> None:
-            t = time.perf_counter()
-            original_fsync(fd)
-            if threading.get_native_id() == probe.writer_tid:
-                probe.fsyncs += 1
-                probe.fsync_seconds += time.perf_counter() - t
+        def counted(original: Any) -> Any:
+            def flush(fd: int) -> None:
+                t = time.perf_counter()
+                original(fd)
+                if threading.get_native_id() == probe.writer_tid:
+                    probe.fsyncs += 1
+                    probe.fsync_seconds += time.perf_counter() - t
+            return flush
 
         def apply_batch(batch: Any, *args: Any, **kwargs: Any) -> Any:
             probe.writer_tid = threading.get_native_id()
@@ -76,7 +76,8 @@ class Probe:
                 probe.rounds.append((t, len(batch), probe.fsyncs - before, time.perf_counter() - t))
 
         spool._apply_batch = apply_batch
-        os.fsync = fsync
+        os.fsync = counted(os.fsync)
+        os.fdatasync = counted(os.fdatasync)
 
         # Time a few awaitables the delivery path waits on (class attributes, wrapped).
         from imsrelay.delivery import QueueManager
@@ -118,90 +119,6 @@ class Probe:
             await asyncio.sleep(0.1)
 
 
-# ------------------------------------------------------------------ experiments
-# Alternative writer rounds, same contract as imsrelay.spool._apply_batch (write to
-# tmp, make durable, rename, fsync the directories once), to measure what a change
-# to the spool writer would buy.  Used only when asked for with --variant.
-
-
-def _write_tmp(op: Any, tmp_dir: Path) -> tuple[Path, int]:
-    import secrets
-
-    tmp = (op.tmp_dir or tmp_dir) / f"{op.path.name}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    view = memoryview(op.data)
-    while view:
-        view = view[os.write(fd, view):]
-    return tmp, fd
-
-
-def _batch_with(make_durable: Any) -> Any:
-    def apply(batch: Any, tmp_dir: Path) -> list[BaseException | None]:
-        from imsrelay.spool import Write
-
-        results: list[BaseException | None] = [None] * len(batch)
-        pending: list[tuple[int, Path, int, Any, bool]] = []
-        dirs: set[Path] = set()
-        for i, (ops, durable) in enumerate(batch):
-            try:
-                for op in ops:
-                    if isinstance(op, Write):
-                        if op.unless_exists and any(p.exists() for p in op.unless_exists):
-                            continue
-                        tmp, fd = _write_tmp(op, tmp_dir)
-                        pending.append((i, tmp, fd, op, durable))
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(op.path)
-                    if durable:
-                        dirs.add(op.path.parent)
-            except OSError as exc:
-                results[i] = exc
-        make_durable([fd for _, _, fd, _, durable in pending if durable], tmp_dir)
-        for i, tmp, fd, op, _ in pending:
-            os.close(fd)
-            try:
-                os.replace(tmp, op.path)
-            except OSError as exc:
-                results[i] = exc
-        for d in dirs:
-            fd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return results
-    return apply
-
-
-_POOL: Any = None
-
-
-def _fsync_in_parallel(fds: list[int], _tmp: Path) -> None:
-    global _POOL
-    if not fds:
-        return
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(16, thread_name_prefix="fsync")
-    list(_POOL.map(os.fsync, fds))
-
-
-def _syncfs(fds: list[int], tmp_dir: Path) -> None:
-    import ctypes
-
-    if not fds:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fds[0]) != 0:
-        raise OSError(ctypes.get_errno(), "syncfs failed")
-
-
-parallel_fsync_batch = _batch_with(_fsync_in_parallel)
-syncfs_batch = _batch_with(_syncfs)
-
-
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from imsrelay.config import load_config
     from imsrelay.logs import configure_logging
@@ -211,7 +128,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     procs = bench.Processes()
     root = Path(tempfile.mkdtemp(prefix="imsrelay-probe-"))
     probe = Probe()
-    probe.install(args.variant)
+    probe.install()
     result: dict[str, Any] = {}
     try:
         sink_port, site_port = bench.free_port(), bench.free_port()
@@ -265,7 +182,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         writer_busy = sum(r[3] for r in probe.rounds)
         lag_ms = sorted(x * 1000 for x in probe.lag)
         result = {
-            "variant": args.variant, "delivery": spec.delivery, "messages": n, "sessions": args.sessions, "source_rc": src.returncode,
+            "delivery": spec.delivery, "messages": n, "sessions": args.sessions, "source_rc": src.returncode,
             "accepted_per_s": round(n / t_src, 1), "end_to_end_per_s": round(n / wall, 1) if t_end else None,
             "wall_s": round(wall, 2),
             "cpu_ms_per_msg_process": round(1000 * (pcpu1 - pcpu0) / n, 3),
@@ -273,8 +190,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "writer": {"rounds": len(probe.rounds), "requests": sum(reqs),
                        "requests_per_round_mean": round(sum(reqs) / max(1, len(reqs)), 2),
                        "requests_per_round_max": max(reqs, default=0),
-                       "fsyncs": probe.fsyncs, "fsyncs_per_msg": round(probe.fsyncs / n, 2),
-                       "fsync_ms_mean": round(1000 * probe.fsync_seconds / max(1, probe.fsyncs), 3),
+                       "flushes": probe.fsyncs, "flushes_per_msg": round(probe.fsyncs / n, 2),
+                       "flush_ms_mean": round(1000 * probe.fsync_seconds / max(1, probe.fsyncs), 3),
                        "round_ms_mean": round(1000 * writer_busy / max(1, len(probe.rounds)), 3),
                        "busy_fraction_of_wall": round(writer_busy / wall, 3)},
             "await_ms": {k: {"n": len(v), "mean": round(1000 * sum(v) / max(1, len(v)), 2),
@@ -305,9 +222,6 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--delivery", action="append", default=[], metavar="KEY=VALUE",
                    help="extra [delivery] setting for the site, e.g. max_per_destination=20")
-    p.add_argument("--variant", choices=("current", "parallel-fsync", "syncfs"), default="current",
-                   help="spool writer round: imsrelay's own, or an experiment (fsyncs of a round issued "
-                        "in parallel from 16 threads; one syncfs() per round)")
     args = p.parse_args()
     import uvloop
 

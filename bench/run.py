@@ -127,6 +127,24 @@ def ensure_tools() -> dict[str, str]:
     return {k: v for k, v in tools.items() if v}
 
 
+def code_fingerprint() -> dict[str, Any]:
+    """Which imsrelay code ran: git HEAD, modified files, and a hash of imsrelay/*.py
+    (taken at the start and the end: other people may be editing the tree meanwhile)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "imsrelay").rglob("*.py")):
+        h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    out: dict[str, Any] = {"imsrelay_sha256": h.hexdigest()[:12]}
+    with contextlib.suppress(Exception):
+        out["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "imsrelay"],
+                                capture_output=True, text=True, timeout=10).stdout.splitlines()
+        out["modified_imsrelay_files"] = len(status)
+    return out
+
+
 def machine_info(tools: dict[str, str]) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -1305,7 +1323,8 @@ class Bench:
         machine = machine_info(self.tools)
         self.results = {"machine": machine, "started": self.started.isoformat(timespec="seconds"),
                         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()},
-                        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "phases": {}}
+                        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]), "phases": {},
+                        "code_at_start": code_fingerprint()}
         phases = {"throughput": self.phase_throughput, "latency": self.phase_latency,
                   "replication": self.phase_replication, "concurrency": self.phase_concurrency}
         try:
@@ -1321,6 +1340,7 @@ class Bench:
         finally:
             self.procs.stop_all()
             self.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            self.results["code_at_end"] = code_fingerprint()
             self.results["logs"] = self.logs
             if not self.opts.keep:
                 shutil.rmtree(self.root, ignore_errors=True)
@@ -1598,6 +1618,13 @@ def render_results(res: dict[str, Any], notes: str = "") -> str:
     L.append(f"| Python | {m['python']} (" + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + ") |")
     L.append(f"| Postfix | {m['postfix']} |")
     L.append(f"| load average at start | {' '.join(f'{x:.2f}' for x in m['loadavg_at_start'])} |")
+    c0, c1 = res.get("code_at_start", {}), res.get("code_at_end", {})
+    code = (f"git {c0.get('git_head', '?')}" + (f" + {c0['modified_imsrelay_files']} modified files in imsrelay/"
+                                                 if c0.get("modified_imsrelay_files") else "")
+            + f", imsrelay/*.py sha256 {c0.get('imsrelay_sha256', '?')}")
+    if c1 and c1.get("imsrelay_sha256") != c0.get("imsrelay_sha256"):
+        code += f" — **changed during the run** (at the end: {c1.get('imsrelay_sha256')})"
+    L.append(f"| imsrelay code | {code} |")
     L.append("")
 
     targets: list[tuple[str, str, str, bool | None]] = []

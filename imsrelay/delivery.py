@@ -36,7 +36,6 @@ from imsrelay.spool import (
     BOUNCED,
     DELIVERED,
     FAILED,
-    TERMINAL,
     Envelope,
     RecipientState,
     Spool,
@@ -86,6 +85,7 @@ class QueueManager:
         self._bodies: dict[str, bytes] = {}  # messages accepted by this process, kept while queued
         self._body_bytes = 0
         self._maildirs: set[str] = set()
+        self._next_compaction = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,10 +154,11 @@ class QueueManager:
 
     async def _loop(self) -> None:
         while not self._stopping:
-            if self.spool.take_retry_request():
-                n = await self._reload_and_retry()
-                self.log.info("queue.retry_requested", messages=n)
+            await self._operator_requests()
             now = self.clock()
+            if now >= self._next_compaction:
+                self._next_compaction = now + 60.0
+                await self._compact()
             while self._heap and self._heap[0][0] <= now:
                 _, _, qid = heapq.heappop(self._heap)
                 env = self.envelopes.get(qid)
@@ -181,41 +182,25 @@ class QueueManager:
             except TimeoutError:
                 pass
 
-    async def _reload_and_retry(self) -> int:
-        """``imsrelay queue retry|delete`` ran beside us: pick up their changes to the
-        spool.  Only messages known before the scan can be found deleted (one accepted
-        while the scan runs is not on its list); a deleted message is forgotten even
-        mid-attempt (its outcome is then not saved).  The in-memory state stays the
-        truth: from disk only an earlier next-attempt time of a pending recipient is
-        taken, so a retry never undoes a delivery made meanwhile.  Returns how many
-        messages were made due sooner."""
-        known = list(self.envelopes)
-
-        def scan() -> tuple[list[str], dict[str, Envelope]]:
-            gone = [qid for qid in known if not self.spool.exists(qid)]
-            return gone, {e.queue_id: e for e in self.spool.envelopes()}
-
-        gone, on_disk = await asyncio.to_thread(scan)
-        if getattr(self.site, "smtp_client", None) is not None:
-            self.site.smtp_client.forget_unreachable()  # a retry really tries hosts marked unreachable
-        for qid in gone:
-            if qid in self.envelopes:
-                self.forget(qid)
+    async def _operator_requests(self) -> None:
+        """``imsrelay queue retry|delete`` ran beside us: they leave requests in the
+        spool's control/ directory (only this process writes the journal)."""
+        for action, qid in self.spool.take_control_requests():
+            if action == "retry":
+                if getattr(self.site, "smtp_client", None) is not None:
+                    self.site.smtp_client.forget_unreachable()  # a retry really tries hosts marked unreachable
+                n = self.retry_now(None if qid == "*" else qid)
+                self.log.info("queue.retry_requested", queue_id=None if qid == "*" else qid, messages=n)
+            elif action == "delete" and qid in self.envelopes:
+                self.forget(qid)  # an attempt under way is not recorded
+                await self.spool.remove(qid)
                 self.log.info("queue.deleted", queue_id=qid)
-        count = 0
-        for qid, disk in on_disk.items():
-            env = self.envelopes.get(qid)
-            if env is None or qid in self._running:
-                continue
-            sooner = False
-            for mine, theirs in zip(env.recipients, disk.recipients, strict=False):
-                if mine.state not in TERMINAL and theirs.next_attempt < mine.next_attempt:
-                    mine.next_attempt = theirs.next_attempt
-                    sooner = True
-            if sooner:
-                self._push(env)
-                count += 1
-        return count
+
+    async def _compact(self) -> None:
+        """Copy messages that stay long in the queue out of old journal segments."""
+        moved = await self.spool.compact(self.envelopes)
+        if moved:
+            self.log.info("queue.compacted", messages=moved)
 
     # ------------------------------------------------------------ one attempt
 

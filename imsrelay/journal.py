@@ -131,13 +131,26 @@ class Journal:
             locations.append(Location(self._segment, pos + HEADER.size, len(payload)))
             pos += HEADER.size + len(payload)
         data = b"".join(chunks)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if durable:
+                os.fdatasync(self._fd)
+        except OSError:
+            # The segment may now end in a torn record: never write after it again.
+            self._abandon_segment()
+            raise
         self._size = pos
-        if durable:
-            os.fdatasync(self._fd)
         return locations
+
+    def _abandon_segment(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     def flush(self) -> None:
         if self._fd is not None:

@@ -530,7 +530,9 @@ class SmtpClient:
         if utf8 and "smtputf8" not in ext:
             return _all(rcpts, Outcome.permanent_failure(
                 "5.6.7", f"remote server does not support SMTPUTF8 ({remote}): the message needs it", remote))
-        wire = normalize_message_line_endings(message)
+        # CRLF line ends as sent (SIZE counts them); a big message is scanned off the loop
+        wire = (await asyncio.to_thread(normalize_message_line_endings, message) if len(message) > MIB
+                else normalize_message_line_endings(message))
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and len(wire) > int(limit):
             return _all(rcpts, Outcome.permanent_failure(

@@ -2,32 +2,31 @@
 
 Layout under ``<data>/queue/``::
 
-    active/ID.q       the queue file: one line ``IMSQ1 <n>``, the envelope as
-                      accepted (n bytes of JSON: sender, recipients, …), then the
-                      message bytes exactly as received; never changed afterwards
-    active/ID.state   per-recipient progress (rewritten as delivery advances)
-    tmp/              files being written; anything here after a crash is garbage
-    retry-now         touched by ``imsrelay queue retry`` so a running site rescans
+    journal/NNNNNNNN.log  the write-ahead journal (imsrelay.journal): ENQUEUE
+                          records (envelope + message bytes exactly as received),
+                          STATE records (per-recipient progress), DONE records
+    tmp/                  files being written (Maildir deliveries); garbage after a crash
+    control/              requests from ``imsrelay queue`` to a running site
+    lock                  held (flock) by the running site: one writer at a time
 
-Durability (DESIGN.md invariant 1): ``enqueue`` writes the queue file to ``tmp/``,
-fsyncs it, renames it into ``active/`` and fsyncs the directory; only then does it
-return, and only then does the SMTP server answer ``250``.  One file and one fsync
-per message, as in Postfix.  A message is in the queue exactly when its ``.q`` file
-is in ``active/`` and is complete (its envelope's ``size`` matches); anything else
-was never acknowledged and is removed at recovery.  If a ``.state`` is unreadable,
-the envelope in the ``.q`` file is used: every unfinished recipient is tried again
-(at worst a duplicate, never a loss).  Removing a finished message is not fsynced:
-if a crash undoes the removal, the message is delivered again (Maildir delivery
-recognises its own earlier file).
+Durability (DESIGN.md invariant 1): ``enqueue`` appends the message to the journal
+and returns only after the journal is flushed (fdatasync); only then does the SMTP
+server answer ``250``.  One writer thread takes every request waiting at that
+moment and makes them durable with one write and one flush (group commit), so many
+sessions share one flush and the event loop never blocks on the disk.
 
-All file work runs on one writer thread that takes every request waiting at the
-moment and makes them durable together (group commit): many sessions share one
-round of directory fsyncs, and the event loop never blocks on the disk.
+A message is queued from its ENQUEUE record until its DONE record; its latest
+STATE record (if any) says which recipients are finished.  DONE is not flushed on
+its own: if a crash loses it, the message is delivered again (at worst a duplicate,
+and Maildir delivery recognises its own earlier file).  Segments are deleted oldest
+first once nothing queued is left in them; a message that stays long (retrying) is
+copied forward so old segments can go (compaction).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import json
 import os
@@ -35,17 +34,19 @@ import queue as stdqueue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from imsrelay.journal import DONE, ENQUEUE, SEGMENT_SIZE, STATE, Journal, Location
 
 PENDING = "pending"
 DELIVERED = "delivered"
 BOUNCED = "bounced"  # failed, NDR queued to the sender
 FAILED = "failed"  # failed, no NDR possible (null sender) or suppressed: logged
 TERMINAL = frozenset({DELIVERED, BOUNCED, FAILED})
-
 
 _ID_PREFIX = secrets.token_hex(2).upper()
 _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
@@ -55,6 +56,16 @@ def new_queue_id() -> str:
     """Sortable and unique: 13 hex digits of microseconds, 4 of this process's random
     prefix, 4 of a per-process counter (no system call per id)."""
     return f"{int(time.time() * 1_000_000):013X}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF:04X}"
+
+
+def check_queue_id(queue_id: str) -> str:
+    if not queue_id.isalnum() or not queue_id.isascii():
+        raise ValueError(f"{queue_id!r} is not a queue id")
+    return queue_id
+
+
+class SpoolLocked(Exception):
+    """Another process (the running site) owns the spool."""
 
 
 @dataclass
@@ -108,6 +119,29 @@ class Envelope:
         return cls(**d)
 
 
+_MAGIC = b"IMSQ1 "
+
+
+def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
+    """An ENQUEUE payload: ``IMSQ1 <n>\\n``, n bytes of envelope JSON, the message."""
+    envelope.size = len(message)
+    header = envelope.to_json()
+    return _MAGIC + str(len(header)).encode() + b"\n" + header + message
+
+
+def parse_queue_file(data: bytes) -> tuple[Envelope, int]:
+    """(envelope, offset of the message bytes); ValueError when incomplete."""
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a queue file")
+    nl = data.index(b"\n")
+    length = int(data[len(_MAGIC):nl])
+    start = nl + 1 + length
+    envelope = Envelope.from_json(data[nl + 1:start])
+    if len(data) - start != envelope.size:
+        raise ValueError("queue file is incomplete")
+    return envelope, start
+
+
 # ----------------------------------------------------------------- group commit
 
 
@@ -128,11 +162,30 @@ class Unlink:
     path: Path
 
 
-class GroupCommitter:
-    """One writer thread; each round makes every waiting request durable together."""
+@dataclass(frozen=True)
+class Append:
+    """A journal record."""
 
-    def __init__(self, tmp_dir: Path, *, max_batch: int = 256) -> None:
+    type: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class DropSegments:
+    numbers: tuple[int, ...]
+
+
+Op = Write | Unlink | Append | DropSegments
+
+
+class GroupCommitter:
+    """One writer thread; each round makes every waiting request durable together:
+    all journal records of the round in one write + one flush, then the file writes
+    (each fsynced) and one fsync of each directory they touched."""
+
+    def __init__(self, tmp_dir: Path, journal: Journal | None = None, *, max_batch: int = 512) -> None:
         self.tmp_dir = tmp_dir
+        self.journal = journal
         self.max_batch = max_batch
         self._requests: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -150,16 +203,20 @@ class GroupCommitter:
             self._thread.join()
             self._thread = None
 
-    async def commit(self, ops: Sequence[Write | Unlink], *, durable: bool = True) -> None:
+    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[Location]:
+        """Apply ``ops``; returns the journal locations of its Append ops."""
         self.start()
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[list[Location]] = loop.create_future()
         self._requests.put((ops, durable, loop, fut))
-        await fut
+        return await fut
 
-    def commit_sync(self, ops: Sequence[Write | Unlink]) -> None:
-        """For offline tools (no loop): do the same work on the calling thread."""
-        _apply_batch([(ops, True)], self.tmp_dir)
+    def commit_sync(self, ops: Sequence[Op]) -> list[Location]:
+        """For offline tools (no loop): the same work on the calling thread."""
+        result, error = _apply_batch([(ops, True)], self.tmp_dir, self.journal)[0]
+        if error is not None:
+            raise error
+        return result
 
     def _run(self) -> None:
         while True:
@@ -177,30 +234,45 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(item)
-            results = _apply_batch([(ops, durable) for ops, durable, _, _ in batch], self.tmp_dir)
+            results = _apply_batch([(ops, durable) for ops, durable, _, _ in batch], self.tmp_dir, self.journal)
             self.rounds += 1
             self.requests += len(batch)
-            for (_, _, loop, fut), error in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(_settle, fut, error)
+            for (_, _, loop, fut), outcome in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_settle, fut, outcome)
             if stop:
                 return
 
 
-def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(fut: asyncio.Future[list[Location]], outcome: tuple[list[Location], BaseException | None]) -> None:
     if fut.cancelled():
         return
+    result, error = outcome
     if error is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(error)
 
 
-def _apply_batch(batch: list[tuple[Sequence[Write | Unlink], bool]], tmp_dir: Path) -> list[BaseException | None]:
-    """Write every file to tmp (fsynced), rename into place, then fsync each touched
-    directory once. Returns one error (or None) per request."""
-    results: list[BaseException | None] = []
+def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
+                 journal: Journal | None) -> list[tuple[list[Location], BaseException | None]]:
+    results: list[tuple[list[Location], BaseException | None]] = [([], None) for _ in batch]
+    # 1. every journal record of the round: one write, one flush
+    appends = [(i, op) for i, (ops, _) in enumerate(batch) for op in ops if isinstance(op, Append)]
+    if appends:
+        durable = any(batch[i][1] for i, _ in appends)
+        try:
+            assert journal is not None, "this spool has no journal"
+            locations = journal.append([(op.type, op.payload) for _, op in appends], durable=durable)
+            for (i, _), loc in zip(appends, locations, strict=True):
+                results[i][0].append(loc)
+        except OSError as exc:
+            for i in {i for i, _ in appends}:
+                results[i] = ([], exc)
+    # 2. files (Maildir deliveries), each fsynced, then their directories once
     dirs: set[Path] = set()
-    for ops, durable in batch:
+    for i, (ops, durable) in enumerate(batch):
+        if results[i][1] is not None:
+            continue
         try:
             for op in ops:
                 if isinstance(op, Write):
@@ -217,16 +289,19 @@ def _apply_batch(batch: list[tuple[Sequence[Write | Unlink], bool]], tmp_dir: Pa
                     finally:
                         os.close(fd)
                     os.replace(tmp, op.path)
-                else:
+                    if durable:
+                        dirs.add(op.path.parent)
+                elif isinstance(op, Unlink):
                     try:
                         os.unlink(op.path)
                     except FileNotFoundError:
                         pass
-                if durable:
-                    dirs.add(op.path.parent)
-            results.append(None)
+                    if durable:
+                        dirs.add(op.path.parent)
+                elif isinstance(op, DropSegments) and journal is not None:
+                    journal.remove_segments(op.numbers)
         except OSError as exc:
-            results.append(exc)
+            results[i] = ([], exc)
     for d in dirs:
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -239,127 +314,243 @@ def _apply_batch(batch: list[tuple[Sequence[Write | Unlink], bool]], tmp_dir: Pa
 # ----------------------------------------------------------------- the spool
 
 
-_MAGIC = b"IMSQ1 "
+@dataclass
+class _Queued:
+    location: Location  # of the ENQUEUE payload
+    envelope: Envelope  # the latest known (ENQUEUE, then STATE records)
 
 
-def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
-    envelope.size = len(message)
-    header = envelope.to_json()
-    return _MAGIC + str(len(header)).encode() + b"\n" + header + message
-
-
-def parse_queue_file(data: bytes) -> tuple[Envelope, int]:
-    """(envelope, offset of the message bytes); ValueError when incomplete."""
-    if not data.startswith(_MAGIC):
-        raise ValueError("not a queue file")
-    nl = data.index(b"\n")
-    length = int(data[len(_MAGIC):nl])
-    start = nl + 1 + length
-    envelope = Envelope.from_json(data[nl + 1:start])
-    if len(data) - start != envelope.size:
-        raise ValueError("queue file is incomplete")
-    return envelope, start
+def _replay(journal: Journal) -> dict[str, _Queued]:
+    """What the journal says is queued now (oldest first)."""
+    queued: dict[str, _Queued] = {}
+    for record in journal.scan():
+        try:
+            if record.type == ENQUEUE:
+                env, _ = parse_queue_file(record.payload)
+                queued[env.queue_id] = _Queued(record.location, env)
+            elif record.type == STATE:
+                env = Envelope.from_json(record.payload)
+                if env.queue_id in queued:
+                    queued[env.queue_id].envelope = env
+            elif record.type == DONE:
+                queued.pop(record.payload.decode("ascii", "replace"), None)
+        except (ValueError, TypeError, KeyError):
+            continue  # an intact but unreadable record (foreign version): skip it
+    return queued
 
 
 class Spool:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, segment_size: int = SEGMENT_SIZE) -> None:
         self.root = Path(data_dir) / "queue"
-        self.active = self.root / "active"
         self.tmp = self.root / "tmp"
-        self.active.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.committer = GroupCommitter(self.tmp)
-        self.retry_flag = self.root / "retry-now"
+        self.control = self.root / "control"
+        for d in (self.root, self.tmp, self.control):
+            d.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.root / "journal", segment_size=segment_size)
+        self.committer = GroupCommitter(self.tmp, self.journal)
+        self.retry_flag = self.control / "retry-all"
+        self._index: dict[str, Location] = {}
+        self._live: Counter[int] = Counter()
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ ownership
+
+    def acquire(self) -> None:
+        """Become the spool's only writer (the running site); SpoolLocked if taken."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{self.root} is in use by a running site") from None
+        self._lock_fd = fd
+
+    def owned_by_another_process(self) -> bool:
+        try:
+            self.acquire()
+        except SpoolLocked:
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def close(self) -> None:
         self.committer.stop()
+        self.journal.close()
+        self.release()
 
-    def _paths(self, queue_id: str) -> tuple[Path, Path]:
-        if not queue_id.isalnum():
-            raise ValueError(f"{queue_id!r} is not a queue id")
-        base = self.active / queue_id
-        return base.with_suffix(".q"), base.with_suffix(".state")
+    # ------------------------------------------------------------ the running site
+
+    def recover(self) -> list[Envelope]:
+        """At start-up (as the owner): clear tmp/, replay the journal, drop segments
+        with nothing queued, and return the unfinished messages."""
+        self.acquire()
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+        queued = _replay(self.journal)
+        self._index = {qid: q.location for qid, q in queued.items()}
+        self._live = Counter(loc.segment for loc in self._index.values())
+        envelopes = [q.envelope for q in queued.values() if not q.envelope.finished]
+        self._drop_empty_segments(sync=True)
+        return envelopes
 
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
         """Durably add a message; returns only when it is safe to answer 250."""
-        qfile, _ = self._paths(envelope.queue_id)
-        await self.committer.commit([Write(qfile, queue_file_bytes(envelope, message))])
+        (loc,) = await self.committer.commit([Append(ENQUEUE, queue_file_bytes(envelope, message))])
+        self._index[envelope.queue_id] = loc
+        self._live[loc.segment] += 1
 
     async def save_state(self, envelope: Envelope) -> None:
-        _, state = self._paths(envelope.queue_id)
-        await self.committer.commit([Write(state, envelope.to_json())])
+        await self.committer.commit([Append(STATE, envelope.to_json())])
 
     async def remove(self, queue_id: str) -> None:
-        qfile, state = self._paths(queue_id)
-        await self.committer.commit([Unlink(qfile), Unlink(state)], durable=False)
+        await self.committer.commit([Append(DONE, queue_id.encode())], durable=False)
+        self._forget(queue_id)
+        drop = self._droppable()
+        if drop:
+            await self.committer.commit([DropSegments(tuple(drop))], durable=False)
 
-    def remove_sync(self, queue_id: str) -> bool:
-        qfile, state = self._paths(queue_id)
-        if not qfile.exists():
-            return False
-        self.committer.commit_sync([Unlink(qfile), Unlink(state)])
-        return True
+    def _forget(self, queue_id: str) -> None:
+        loc = self._index.pop(queue_id, None)
+        if loc is not None:
+            self._live[loc.segment] -= 1
+            if self._live[loc.segment] <= 0:
+                del self._live[loc.segment]
 
-    def save_state_sync(self, envelope: Envelope) -> None:
-        _, state = self._paths(envelope.queue_id)
-        self.committer.commit_sync([Write(state, envelope.to_json())])
+    def _droppable(self) -> list[int]:
+        """Oldest segments with nothing queued (deleted in order, so a DONE record is
+        never lost while the ENQUEUE it cancels survives)."""
+        drop = []
+        for n in self.journal.segments():
+            if n >= self.journal.current_segment or self._live.get(n):
+                break
+            drop.append(n)
+        return drop
 
-    def exists(self, queue_id: str) -> bool:
-        return self._paths(queue_id)[0].exists()
+    def _drop_empty_segments(self, *, sync: bool) -> None:
+        drop = self._droppable()
+        if drop:
+            self.journal.remove_segments(drop)
+
+    def segments_to_compact(self, keep: int = 2) -> list[str]:
+        """Queue ids pinning old segments when more than ``keep`` segments exist."""
+        segments = self.journal.segments()
+        if len(segments) <= keep:
+            return []
+        oldest = segments[0]
+        return [qid for qid, loc in self._index.items() if loc.segment == oldest]
+
+    async def compact(self, envelopes: dict[str, Envelope]) -> int:
+        """Copy long-queued messages of the oldest segment forward; returns how many."""
+        moved = 0
+        for qid in self.segments_to_compact():
+            env = envelopes.get(qid)
+            loc = self._index.get(qid)
+            if env is None or loc is None:
+                continue
+            payload = await asyncio.to_thread(self.journal.read, loc)
+            (new_loc, _) = await self.committer.commit([Append(ENQUEUE, payload), Append(STATE, env.to_json())])
+            self._forget(qid)
+            self._index[qid] = new_loc
+            self._live[new_loc.segment] += 1
+            moved += 1
+        drop = self._droppable()
+        if drop:
+            await self.committer.commit([DropSegments(tuple(drop))], durable=False)
+        return moved
 
     def read_message(self, queue_id: str) -> bytes:
-        data = self._paths(queue_id)[0].read_bytes()
+        check_queue_id(queue_id)
+        loc = self._index.get(queue_id)
+        if loc is None:
+            q = _replay(self.journal).get(queue_id)
+            if q is None:
+                raise FileNotFoundError(f"{queue_id} is not in the queue")
+            loc = q.location
+        data = self.journal.read(loc)
         _, start = parse_queue_file(data)
         return data[start:]
 
+    # ------------------------------------------------------------ operator requests
+
+    def take_control_requests(self) -> list[tuple[str, str]]:
+        """(action, queue id or "*") requested by ``imsrelay queue`` beside us."""
+        requests = []
+        for p in sorted(self.control.iterdir()):
+            action, _, rest = p.name.partition(".")
+            qid = rest.split(".")[0] if rest else "*"
+            if qid != "*" and not (qid.isalnum() and qid.isascii()):
+                p.unlink(missing_ok=True)
+                continue
+            if p.name == "retry-all":
+                action, qid = "retry", "*"
+            if action in ("retry", "delete"):
+                requests.append((action, qid))
+            p.unlink(missing_ok=True)
+        return requests
+
+    def _request(self, action: str, queue_id: str) -> None:
+        if queue_id != "*":
+            check_queue_id(queue_id)
+        name = f"{action}.{queue_id}.{secrets.token_hex(3)}"
+        tmp = self.tmp / name
+        tmp.write_text(f"{action} {queue_id}\n")
+        os.replace(tmp, self.control / name)
+
+    # ------------------------------------------------------------ offline tools
+
     def load(self, queue_id: str) -> Envelope | None:
-        """The latest envelope of a queued message, or None if it is not (fully) queued."""
-        qfile, state = self._paths(queue_id)
-        try:
-            original, _ = parse_queue_file(qfile.read_bytes())
-        except (FileNotFoundError, ValueError, TypeError, KeyError):
-            return None
-        try:
-            latest = Envelope.from_json(state.read_bytes())
-            if latest.queue_id == original.queue_id:
-                return latest
-        except (FileNotFoundError, ValueError, TypeError, KeyError):
-            pass
-        return original
+        check_queue_id(queue_id)
+        q = _replay(self.journal).get(queue_id)
+        return q.envelope if q else None
+
+    def exists(self, queue_id: str) -> bool:
+        check_queue_id(queue_id)
+        if queue_id in self._index:
+            return True
+        return queue_id in _replay(self.journal)
 
     def queue_ids(self) -> list[str]:
-        return sorted(p.stem for p in self.active.glob("*.q"))
+        return sorted(_replay(self.journal))
 
     def envelopes(self) -> Iterable[Envelope]:
-        for qid in self.queue_ids():
-            env = self.load(qid)
-            if env is not None:
-                yield env
+        return [q.envelope for q in sorted(_replay(self.journal).values(), key=lambda q: q.envelope.queue_id)]
 
-    def recover(self) -> list[Envelope]:
-        """At start-up: clear tmp/, drop never-acknowledged leftovers, return the queue."""
-        for p in self.tmp.iterdir():
-            p.unlink(missing_ok=True)
-        envelopes = []
-        ids = {p.stem for p in self.active.iterdir()}
-        for qid in sorted(ids):
-            env = self.load(qid) if qid.isalnum() else None
-            if env is None:
-                for p in self.active.glob(f"{qid}.*"):
-                    p.unlink(missing_ok=True)
-                continue
-            if env.finished:
-                self.remove_sync(qid)
-                continue
-            envelopes.append(env)
-        return envelopes
+    def remove_sync(self, queue_id: str) -> bool:
+        """Delete a message: directly when no site runs, else ask the running site."""
+        if not self.exists(queue_id):
+            return False
+        if self.owned_by_another_process():
+            self._request("delete", queue_id)
+            return True
+        self.acquire()
+        try:
+            self.committer.commit_sync([Append(DONE, queue_id.encode())])
+        finally:
+            self.journal.close()
+            self.release()
+        return True
+
+    def save_state_sync(self, envelope: Envelope) -> None:
+        """Record new progress (e.g. "retry now"): directly, or via the running site."""
+        if self.owned_by_another_process():
+            self._request("retry", envelope.queue_id)
+            return
+        self.acquire()
+        try:
+            self.committer.commit_sync([Append(STATE, envelope.to_json())])
+        finally:
+            self.journal.close()
+            self.release()
 
     def request_retry(self) -> None:
-        self.retry_flag.touch()
+        self._request("retry", "*")
 
     def take_retry_request(self) -> bool:
-        try:
-            self.retry_flag.unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        return any(a == "retry" and q == "*" for a, q in self.take_control_requests())

@@ -161,18 +161,21 @@ async def test_message_that_comes_back_is_refused(tmp_path):
 async def test_internal_error_answers_451_and_nothing_is_lost(tmp_path):
     config = cfg(tmp_path)
     async with running_site(config) as site:
-        tmp_dir = config.data_dir / "queue" / "tmp"
-        shutil.rmtree(tmp_dir)
-        tmp_dir.write_text("not a directory: the spool cannot write")  # a real disk fault
+        await in_thread(send, site, "x@example.org", ["User1@SiteA.microsoft.com"], MSG)
+        # a real I/O error: the journal's segment becomes unwritable under the writer
+        import os
+        journal = site.spool.journal
+        os.close(journal._fd)
+        journal._fd = os.open(os.devnull, os.O_RDONLY)  # write() now fails with EBADF
+
         def check():
             with smtp(site) as s, pytest.raises(smtplib.SMTPDataError) as err:
                 s.sendmail("x@example.org", ["User1@SiteA.microsoft.com"], MSG)
             assert err.value.smtp_code == 451 and err.value.smtp_error.startswith(b"4.3.0")
         await in_thread(check)
-        tmp_dir.unlink()
-        tmp_dir.mkdir()
+        # the journal moves on to a fresh segment: the client's retry is accepted
         await in_thread(send, site, "x@example.org", ["User1@SiteA.microsoft.com"], MSG)
-        await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
+        await wait_for(lambda: len(maildir_messages(config.data_dir, "User1")) == 2)
 
 
 async def test_session_limits(tmp_path):

@@ -95,6 +95,18 @@ async def test_relay_sends_raw_bytes_with_8bitmime(tmp_path):
     assert b"\n\ncaf\xc3\xa9 \xe9 raw 8-bit\n.leading dot\n" in dump
 
 
+async def test_a_large_message_goes_through_unchanged(tmp_path):
+    port = free_port()
+    config = site_config(tmp_path, **partner("127.0.0.1", port))
+    lines = b"".join(b"%07d " % i + b"x" * 70 + b"\r\n" for i in range(20_000))  # ~1.6 MiB
+    with SmtpSink("127.0.0.1", port) as sink:
+        async with running_site(config) as site:
+            await submit(site, ["bob@partner.test"], message(body=lines))
+            await wait_for(lambda: not queued(site) and sink.messages())
+        dump = sink.messages()[0]
+    assert dump.count(b"\n") > 20_000 and b"0019999 " + b"x" * 70 + b"\n" in dump
+
+
 async def test_4xx_is_retried_then_delivered(tmp_path):
     port = free_port()
     config = site_config(tmp_path, **partner("127.0.0.1", port))
@@ -231,17 +243,19 @@ class Recorder:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
+        self.mail_options = list(envelope.mail_options)
         self.messages.append((list(envelope.rcpt_tos), envelope.original_content, session.ssl is not None))
         return "250 2.0.0 Ok: queued"
 
 
-async def aiosmtpd_peer(host: str, port: int, handler: Recorder, tls: ssl.SSLContext | None = None):
+async def aiosmtpd_peer(host: str, port: int, handler: Recorder, tls: ssl.SSLContext | None = None,
+                        size_limit: int = 33554432):
     loop = asyncio.get_running_loop()
 
     def factory():
         handler.sessions += 1
         return AioSMTP(handler, hostname="peer.partner.test", decode_data=False, tls_context=tls,
-                       require_starttls=False, enable_SMTPUTF8=True)
+                       require_starttls=False, enable_SMTPUTF8=True, data_size_limit=size_limit)
 
     return await loop.create_server(factory, host=host, port=port)
 
@@ -285,6 +299,26 @@ async def test_per_recipient_outcomes(tmp_path):
                       "later@partner.test": ("pending", "4.2.0")}
     _, status, _ = report_parts(reports[0])
     assert "bad@partner.test" in status and "good@partner.test" not in status and "later@" not in status
+
+
+async def test_size_is_declared_and_a_message_over_the_peers_limit_bounces_unsent(tmp_path):
+    port = free_port()
+    config = site_config(tmp_path, **partner("127.0.0.1", port))
+    peer = Recorder()
+    server = await aiosmtpd_peer("127.0.0.1", port, peer, size_limit=2000)
+    try:
+        async with running_site(config) as site:
+            await submit(site, ["good@partner.test"], message(subject="small"))
+            await wait_for(lambda: peer.messages)
+            await submit(site, ["good@partner.test"], message(subject="big", body=(b"y" * 60 + b"\r\n") * 50))
+            reports = await wait_for(lambda: ndrs(config))
+    finally:
+        server.close()
+    size = len(peer.messages[0][1])
+    assert f"SIZE={size}" in peer.mail_options  # RFC 1870: the exact size as sent
+    assert len(peer.messages) == 1
+    _, status, _ = report_parts(reports[0])
+    assert "Status: 5.3.4" in status and "exceeds size limit 2000 of server 127.0.0.1" in status
 
 
 async def test_opportunistic_starttls_is_used_when_offered(tmp_path, server_cert):

@@ -69,11 +69,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """One mailbox as a site's directory shows it."""
+
+    alias: str
+    primary: str
+    proxies: tuple[str, ...]  # sorted
+
+    @property
+    def key(self) -> tuple[str, str, tuple[str, ...]]:
+        """What must match between sites (addresses compare without case)."""
+        return self.alias.lower(), self.primary.lower(), tuple(p.lower() for p in self.proxies)
+
+
+@dataclass(frozen=True)
 class View:
     """What one site's directory says about one home site's objects."""
 
-    site_addressing: str | None  # the home site's Site Addressing, as seen ("" if unknown)
-    mailboxes: frozenset[tuple[str, str, tuple[str, ...]]]  # (alias, primary, sorted proxies)
+    site_addressing: str  # the home site's Site Addressing as seen there ("" if unknown)
+    mailboxes: dict[str, Seen]  # by lower-case alias
 
 
 def view_of(snapshot: Mapping[str, Any], home: str) -> View:
@@ -82,35 +96,38 @@ def view_of(snapshot: Mapping[str, Any], home: str) -> View:
     for s in snapshot.get("sites", []):
         if s.get("name") == home:
             addressing = str(s.get("smtp_address") or "")
-    boxes = frozenset(
-        (str(m["alias"]).lower(), str(m.get("primary_address") or "").lower(),
-         tuple(sorted(str(p).lower() for p in m.get("proxy_addresses", []))))
-        for m in snapshot.get("mailboxes", []) if m.get("home_site") == home)
-    return View(addressing.lower(), boxes)
+    boxes = {}
+    for m in snapshot.get("mailboxes", []):
+        if m.get("home_site") == home:
+            seen = Seen(str(m["alias"]), str(m.get("primary_address") or ""),
+                        tuple(sorted(str(p) for p in m.get("proxy_addresses", []))))
+            boxes[seen.alias.lower()] = seen
+    return View(addressing, boxes)
 
 
 def lagging(snapshots: Mapping[str, Mapping[str, Any]], home: str) -> dict[str, list[str]]:
     """Sites whose directory does not (yet) mirror ``home``'s own objects, and how
-    (pure).  ``home``'s own snapshot is the truth about its mailboxes."""
+    (pure).  ``home``'s own snapshot is the truth about its site and mailboxes."""
     truth = view_of(snapshots[home], home)
-    by_alias = {m[0]: m for m in truth.mailboxes}
     out: dict[str, list[str]] = {}
     for viewer, snap in snapshots.items():
         if viewer == home:
             continue
         seen = view_of(snap, home)
         problems: list[str] = []
-        if seen.site_addressing != truth.site_addressing:
-            problems.append(f"site {home} has Site Addressing {seen.site_addressing or '(unknown)'} here, "
-                            f"{truth.site_addressing} at {home}")
-        seen_alias = {m[0]: m for m in seen.mailboxes}
-        for alias, m in sorted(by_alias.items()):
-            if alias not in seen_alias:
-                problems.append(f"does not know mailbox {m[1] or alias} of {home}")
-            elif seen_alias[alias] != m:
-                problems.append(f"has {home}'s mailbox {alias} as {seen_alias[alias][1]}, not {m[1]}")
-        for alias in sorted(set(seen_alias) - set(by_alias)):
-            problems.append(f"still lists mailbox {alias} of {home}, deleted there")
+        if seen.site_addressing.lower() != truth.site_addressing.lower():
+            problems.append(f"sees Site Addressing {seen.site_addressing or '(none)'} for {home}, "
+                            f"not {truth.site_addressing}")
+        for alias, m in sorted(truth.mailboxes.items()):
+            other = seen.mailboxes.get(alias)
+            if other is None:
+                problems.append(f"does not know mailbox {m.primary or m.alias} of {home}")
+            elif other.key != m.key:
+                problems.append(f"has {home}'s mailbox {m.alias} as {other.primary}, not {m.primary}"
+                                if other.primary.lower() != m.primary.lower() else
+                                f"has other proxy addresses for {home}'s mailbox {m.alias}")
+        for alias in sorted(set(seen.mailboxes) - set(truth.mailboxes)):
+            problems.append(f"still lists mailbox {seen.mailboxes[alias].alias} of {home}, deleted there")
         if problems:
             out[viewer] = problems
     return out
@@ -121,9 +138,9 @@ def needs_site_addressing(snapshot: Mapping[str, Any], site: str, address: str) 
     with "update all recipient mailboxes"? (pure)"""
     domain = address.lstrip("@").lower()
     own = view_of(snapshot, site)
-    if own.site_addressing != "@" + domain:
+    if own.site_addressing.lower() != "@" + domain:
         return True
-    return any(not primary.endswith("@" + domain) for _, primary, _ in own.mailboxes)
+    return any(not m.primary.lower().endswith("@" + domain) for m in own.mailboxes.values())
 
 
 # ============================================================================ I/O

@@ -62,7 +62,7 @@ def open_spool(args: argparse.Namespace) -> Spool:
     from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
-    if not (config.data_dir / "queue" / "active").is_dir():
+    if not (config.data_dir / "queue" / "journal").is_dir():
         raise UserError(f"no queue at {config.data_dir / 'queue'}: the site has not been started yet "
                         f"(imsrelay serve --config {args.config})")
     return Spool(config.data_dir)
@@ -172,10 +172,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
             continue
         for r in pending:
             r.next_attempt = now
-        spool.save_state_sync(env)
+        spool.save_state_sync(env)  # a running site is asked instead (only it writes the journal)
         messages += 1
         recipients += len(pending)
-    spool.request_retry()
     print(f"{messages} message{'s' if messages != 1 else ''} ({recipients} recipient"
           f"{'s' if recipients != 1 else ''}) scheduled for delivery now; a running site picks this up "
           "within a second, a stopped one at its next start")
@@ -193,7 +192,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
             print(f"{qid}: removed")
         else:
             missing.append(qid)
-    spool.request_retry()  # a running site rescans the spool and forgets the deleted messages
     if missing:
         raise UserError(f"not in the queue: {', '.join(missing)}", status=1)
     return 0

@@ -49,11 +49,14 @@ def run_until_signalled(main_factory) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
     from imsrelay.site import run_site
+    from imsrelay.spool import SpoolLocked
 
     config = load_config(args.config, data_dir=args.data)
     configure_logging(config.logging.level, config.logging.format)
     try:
         run_until_signalled(lambda stop: run_site(config, stop))
+    except SpoolLocked:
+        raise UserError(f"site {config.site} is already running with data in {config.data_dir}") from None
     except OSError as exc:  # e.g. the address is in use, or not configured on this host
         raise UserError(f"cannot start site {config.site}: {exc.strerror or exc} "
                         f"({config.smtp.listen}:{config.smtp.port}, data {config.data_dir})") from None

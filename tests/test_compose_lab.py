@@ -1,0 +1,223 @@
+"""The Docker compose lab (docker-compose.yml) as a user meets it: `docker/lab.sh up`
+(which is `docker-compose up` plus building what is missing) ends in KB Q196927's
+end state with no manual step, mail flows in and out by DNS MX through the real
+lab nsd and a real Postfix "Internet", and faults lose nothing.
+
+Needs a Docker engine; skipped with a clear message when `docker info` fails or
+IMSRELAY_SKIP_DOCKER=1.  One lab per module (built once; images are reused when
+present), torn down with its volumes at the end (IMSRELAY_DOCKER_KEEP=1 keeps it
+for a post-mortem).  All traffic from the host goes to ports published on
+127.0.0.1, or through `docker exec`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import pytest
+from compose_kit import (
+    INTERNET_SMTP,
+    SITES,
+    ComposeLab,
+    MailFlow,
+    docker_skip_reason,
+    engine_lock,
+    header,
+    message_ids,
+    poll,
+)
+
+pytestmark = pytest.mark.docker
+
+SMTP = {service: port for service, (_, port, _, _) in SITES.items()}
+END_STATE = {
+    ("SiteA", "User1"): "User1@microsoft.com", ("SiteA", "Administrator"): "Administrator@microsoft.com",
+    ("SiteB", "User2"): "User2@microsoft.com", ("SiteB", "Administrator"): "Administrator2@microsoft.com",
+    ("SiteC", "User3"): "User3@microsoft.com", ("SiteC", "Administrator"): "Administrator3@microsoft.com",
+}
+ALICE = "/home/alice/Maildir"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    reason = docker_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    lab = ComposeLab()
+    with engine_lock():
+        try:
+            seconds = lab.up()
+            print(f"compose lab up (build included) in {seconds:.0f}s")
+            yield lab
+        finally:
+            if os.environ.get("IMSRELAY_DOCKER_KEEP") != "1":
+                lab.down()
+
+
+# ------------------------------------------------------------------ the article's end state
+
+
+def test_setup_service_brings_the_organisation_to_the_articles_end_state(lab: ComposeLab):
+    state = lab.state("setup")
+    assert (state["Status"], state["ExitCode"]) == ("exited", 0)
+    log = lab.docker("logs", lab.container("setup")).stdout
+    assert "org-setup: organisation ExchangeORG set up" in log
+    # every site knows every mailbox, every user is alias@microsoft.com
+    for service in SITES:
+        assert lab.primaries(service) == END_STATE, service
+        assert lab.admin(service, "GET", "/site-addressing")["smtp_address"] == "@microsoft.com"
+
+
+def test_setup_again_changes_nothing(lab: ComposeLab):
+    before = {s: lab.admin(s, "GET", "/status")["directory"]["highest_usn"] for s in SITES}
+    rerun = lab.docker("start", "-a", lab.container("setup"), timeout=300)
+    assert "already set up: nothing changed" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert {s: lab.admin(s, "GET", "/status")["directory"]["highest_usn"] for s in SITES} == before
+
+
+def test_the_cli_inside_a_site_container(lab: ComposeLab):
+    """What the README shows: `docker compose exec sitea imsrelay ...`."""
+    listing = lab.exec("sitea", "imsrelay", "directory", "list", "--config", "/etc/imsrelay/site.toml").stdout
+    for address in END_STATE.values():
+        assert address in listing
+    status = lab.exec("siteb", "imsrelay", "replicate", "status", "--config", "/etc/imsrelay/site.toml").stdout
+    assert "SiteA" in status and "SiteC" in status
+    check = lab.exec("sitec", "imsrelay", "org-setup", "--check", "--site", "http://10.10.10.10:8025",
+                     "--site", "http://10.10.10.15:8025", "--site", "http://10.10.10.20:8025").stdout
+    assert check.rstrip().endswith("the organisation is set up")
+
+
+# ------------------------------------------------------------------ what users observe
+
+
+def test_mail_from_outside_goes_by_dns_mx_to_sitea_and_on_to_the_home_site(lab: ComposeLab):
+    msgid, body = lab.message("alice@example.net", "User2@microsoft.com", "from outside", "outside")
+    lab.send(INTERNET_SMTP, "alice@example.net", "User2@microsoft.com", body)  # the Internet's Postfix
+    got = poll(lambda: lab.find("siteb", "/var/lib/imsrelay/mailboxes/User2", msgid), timeout=90,
+               what="User2@microsoft.com's mail in SiteB's Maildir")
+    assert len(got) == 1
+    trace = header(got[0])
+    # Postfix found microsoft.com's MX (Server1.SiteA) in the lab DNS; SiteA handed it to SiteB
+    assert b"by mail.example.net (Postfix" in trace
+    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace
+    assert b"by ServerB.SiteB.microsoft.com (imsrelay)" in trace
+    assert got[0].startswith(b"Return-Path: <alice@example.net>")
+
+
+def test_mail_to_the_internet_leaves_by_dns_mx_with_the_company_address(lab: ComposeLab):
+    msgid, body = lab.message("user1@SiteA.microsoft.com", "alice@example.net", "to the Internet", "out")
+    lab.send(SMTP["sitea"], "user1@SiteA.microsoft.com", "alice@example.net", body)
+    got = poll(lambda: lab.find("internet", ALICE, msgid), timeout=90, what="the mail in alice's Maildir")
+    assert len(got) == 1
+    head = header(got[0])
+    assert head.startswith(b"Return-Path: <User1@microsoft.com>")  # the envelope sender, rewritten
+    assert b"\nFrom: User1@microsoft.com\n" in head  # and the From: header
+    assert b"[10.10.10.10]" in head  # straight from SiteA (Postfix's Received: line)
+
+
+def test_user3_sent_to_siteb_reaches_sitec(lab: ComposeLab):
+    msgid, body = lab.message("User2@microsoft.com", "User3@microsoft.com", "B to C", "b-to-c")
+    lab.send(SMTP["siteb"], "User2@microsoft.com", "User3@microsoft.com", body)
+    got = poll(lambda: lab.find("sitec", "/var/lib/imsrelay/mailboxes/User3", msgid), timeout=60,
+               what="User3's mail in SiteC's Maildir")
+    assert len(got) == 1
+    assert b"by ServerB.SiteB.microsoft.com (imsrelay)" in header(got[0])
+    assert b"mail.example.net" not in header(got[0])  # site to site, not through the Internet
+    for service in SITES:  # unknown company users are refused at RCPT everywhere
+        code, text = lab.rcpt_reply(SMTP[service], "nobody@microsoft.com")
+        assert (code, text[:5]) == (550, "5.1.1"), service
+
+
+# ------------------------------------------------------------------ faults: nothing lost
+
+
+def delivered_once(lab: ComposeLab, service: str, alias: str, sent: list[str]) -> Counter[str]:
+    counts = Counter(message_ids(lab.mailbox(service, alias)))
+    return counts if all(counts[m] >= 1 for m in sent) else Counter()
+
+
+def test_siteb_stopped_its_mail_and_replication_back_up_then_drain_exactly_once(lab: ComposeLab):
+    flow = MailFlow(SMTP["sitea"], "alice@example.net", "User2@microsoft.com", count=30, interval=0.3,
+                    tag="siteb-stop")
+    flow.start()
+    poll(lambda: len(flow.sent) >= 8 or flow.error, timeout=60, what="8 messages sent", interval=0.1)
+    lab.stop("siteb")
+    stopped_at = time.monotonic()
+    try:
+        # mail for User2 backs up at SiteA (deferred, retried)...
+        poll(lambda: [r for r in lab.queued_for("sitea", "User2@microsoft.com") if r["attempts"] >= 1],
+             timeout=60, what="deferred mail for User2 at SiteA")
+        # ... and so does replication: SiteA asks SiteB for its changes
+        lab.admin("sitea", "POST", "/replication/request-now", {"site": "SiteB", "full": False})
+        requested = time.time()
+        poll(lambda: lab.replication_peer("sitea", "SiteB")["backlog"] >= 1, timeout=30,
+             what="a replication backlog for SiteB at SiteA")
+        flow.finish()
+        backlog = len(lab.queued_for("sitea", "User2@microsoft.com"))
+        assert backlog >= 10, f"only {backlog} messages for User2 queued at SiteA while SiteB was down"
+    finally:
+        lab.start("siteb")
+    started_at = time.monotonic()
+    during = [m for m, t in flow.sent if stopped_at <= t <= started_at]
+    assert len(during) >= 10
+    everything = [m for m, _ in flow.sent]
+
+    counts = poll(lambda: delivered_once(lab, "siteb", "User2", everything), timeout=120,
+                  what="all 30 messages in User2's Maildir after SiteB came back")
+    assert {m: counts[m] for m in everything} == {m: 1 for m in everything}  # exactly once each
+    poll(lambda: not lab.queued_for("sitea", "User2@microsoft.com"), timeout=60, what="SiteA's queue to drain")
+    peer = poll(lambda: (p := lab.replication_peer("sitea", "SiteB"))["backlog"] == 0
+                and (p["last_reply"] or 0) >= requested and p, timeout=90,
+                what="SiteB's answer to the Request Now made while it was down")
+    assert peer["last_error"] is None
+    poll(lambda: lab.healthy("siteb"), timeout=60, what="SiteB healthy again")
+
+
+def test_sitec_cut_off_the_network_its_mail_and_replication_back_up_then_drain_exactly_once(lab: ComposeLab):
+    flow = MailFlow(SMTP["sitea"], "alice@example.net", "User3@microsoft.com", count=30, interval=0.3,
+                    tag="sitec-cut")
+    flow.start()
+    poll(lambda: len(flow.sent) >= 8 or flow.error, timeout=60, what="8 messages sent", interval=0.1)
+    lab.disconnect("sitec")
+    cut_at = time.monotonic()
+    try:
+        # a directory change at SiteA while SiteC cannot hear about it
+        lab.admin("sitea", "POST", "/directory/mailboxes", {"alias": "FaultUser", "display_name": "Fault User"})
+        # SiteC (reached with docker exec: its published ports are gone with its network)
+        # asks SiteA for changes: the request waits in SiteC's queue
+        out = lab.exec("sitec", "imsrelay", "replicate", "request-now", "--site", "SiteA",
+                       "--config", "/etc/imsrelay/site.toml").stdout
+        assert "Request Now sent to SiteA" in out
+        status = json.loads(lab.exec("sitec", "imsrelay", "replicate", "status", "--json",
+                                     "--config", "/etc/imsrelay/site.toml").stdout)
+        assert next(p for p in status["peers"] if p["site"] == "SiteA")["backlog"] >= 1, status
+        # SiteA's mail for User3 and its own Request Now to SiteC back up at SiteA
+        poll(lambda: [r for r in lab.queued_for("sitea", "User3@microsoft.com") if r["attempts"] >= 1],
+             timeout=60, what="deferred mail for User3 at SiteA")
+        lab.admin("sitea", "POST", "/replication/request-now", {"site": "SiteC", "full": False})
+        requested = time.time()
+        poll(lambda: lab.replication_peer("sitea", "SiteC")["backlog"] >= 1, timeout=30,
+             what="a replication backlog for SiteC at SiteA")
+        flow.finish()
+        assert len(lab.queued_for("sitea", "User3@microsoft.com")) >= 10
+    finally:
+        lab.connect("sitec")
+    back_at = time.monotonic()
+    assert len([m for m, t in flow.sent if cut_at <= t <= back_at]) >= 10
+    everything = [m for m, _ in flow.sent]
+
+    counts = poll(lambda: delivered_once(lab, "sitec", "User3", everything), timeout=120,
+                  what="all 30 messages in User3's Maildir after SiteC was reconnected")
+    assert {m: counts[m] for m in everything} == {m: 1 for m in everything}
+    poll(lambda: not lab.queued_for("sitea", "User3@microsoft.com"), timeout=60, what="SiteA's queue to drain")
+    # replication drained both ways: SiteC learnt FaultUser, SiteA got SiteC's answer
+    poll(lambda: lab.admin_up("sitec") and ("SiteA", "FaultUser") in lab.primaries("sitec"), timeout=90,
+         what="SiteC to learn SiteA's new mailbox FaultUser")
+    poll(lambda: (p := lab.replication_peer("sitea", "SiteC"))["backlog"] == 0
+         and (p["last_reply"] or 0) >= requested, timeout=90, what="SiteC's answer at SiteA")
+    poll(lambda: lab.replication_peer("sitec", "SiteA")["backlog"] == 0, timeout=60,
+         what="SiteC's replication queue to drain")
+    assert lab.primaries("sitec")[("SiteA", "FaultUser")] == "FaultUser@microsoft.com"
