@@ -158,6 +158,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for bucket in probe.timings.values():
                 bucket.clear()
             base = sink.count
+            rss0 = bench.process_rss_bytes(os.getpid())
             cpu0, pcpu0 = thread_cpu(), bench.tree_cpu_seconds(os.getpid())
             t0 = time.monotonic()
             src = await asyncio.to_thread(bench.run_source, tools, site_port, messages=args.messages,
@@ -166,6 +167,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             t_end = await asyncio.to_thread(sink.wait_count, base + args.messages, t0 + 600, 30)
             wall = (t_end or time.monotonic()) - t0
             cpu1, pcpu1 = thread_cpu(), bench.tree_cpu_seconds(os.getpid())
+            rss1 = bench.process_rss_bytes(os.getpid())
+            await asyncio.sleep(2.0)
+            import gc
+
+            gc.collect()
+            rss2 = bench.process_rss_bytes(os.getpid())
+            containers = {name: len(value) for name, value in vars(site.qmgr).items()
+                          if isinstance(value, dict | set | list)}
         finally:
             stop.set()
             await asyncio.gather(*watchers)
@@ -198,6 +207,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                              "p50": round(bench.percentile([x * 1000 for x in v], 50), 2),
                              "p99": round(bench.percentile([x * 1000 for x in v], 99), 2)}
                           for k, v in probe.timings.items() if v},
+            "memory_mib": {"before": round(rss0 / 2**20, 1), "after_drain": round(rss1 / 2**20, 1),
+                           "after_gc": round(rss2 / 2**20, 1)},
+            "qmgr_containers_after_drain": containers,
             "loop_lag_ms": {"p50": round(bench.percentile(lag_ms, 50), 2), "p99": round(bench.percentile(lag_ms, 99), 2),
                             "max": round(max(lag_ms, default=0), 2)},
             "queue": {"backlog_max": max((s[1] for s in probe.samples), default=0),

@@ -910,6 +910,7 @@ class Bench:
             log(f"{label}: the warm-up did not reach the sink ({sink.count}/{warm}); measuring acceptance only")
         base = sink.count
         time.sleep(0.5)
+        pss0 = tree_pss_bytes(relay_pid) if relay_pid else None
         stop_profiler = profiler() if profiler is not None else None
         cpu0 = tree_cpu_seconds(relay_pid) if relay_pid else None
         busy0 = machine_busy()
@@ -946,6 +947,9 @@ class Bench:
                                   + ("" if warm_ok else " (the warm-up never arrived either)"))
             if queue_count is not None:
                 r["left_in_queue"] = queue_count()
+        if pss0 is not None and relay_pid:
+            r["relay_pss_before_mib"] = round(pss0 / 2**20, 1)
+            r["relay_pss_mib"] = round(tree_pss_bytes(relay_pid) / 2**20, 1)
         if cpu0 is not None and cpu1 is not None:
             r["relay_cpu_seconds"] = round(cpu1 - cpu0, 2)
             r["cpu_ms_per_msg"] = round(1000 * (cpu1 - cpu0) / o.messages, 3)
@@ -974,7 +978,6 @@ class Bench:
             pf.start()
             assert pf.master_pid is not None
             r = self._measure_relay("postfix", sink, pf_port, pf.master_pid, pf.queue_count)
-            r["relay_pss_mib"] = round(tree_pss_bytes(pf.master_pid) / 2**20, 1)
             return r
         except BenchError as exc:
             log(f"postfix: {exc}")
@@ -1009,7 +1012,6 @@ class Bench:
                     return start_py_spy(self.procs, site.pid, Path(str(prof_file) + ".py-spy.txt"),
                                         gil_only=profile == "py-spy-gil")
             r = self._measure_relay("imsrelay", sink, site_port, site.pid, site.queue_count, profiler)
-            r["relay_pss_mib"] = round(tree_pss_bytes(site.pid) / 2**20, 1)
         except BenchError as exc:
             r = {"label": "imsrelay", "error": str(exc)}
             log(f"imsrelay: {exc}")
@@ -1577,7 +1579,8 @@ def _run_note(r: dict[str, Any]) -> str:
         notes.append(f"median of {r['median_of']} rounds (end to end: "
                      + ", ".join(fmt(x) for x in r.get("all_end_to_end_per_s", [])) + " msg/s)")
     if r.get("relay_pss_mib"):
-        notes.append(f"memory (PSS of the process tree) {r['relay_pss_mib']} MiB")
+        notes.append(f"memory (PSS of the process tree) {r.get('relay_pss_before_mib', '?')} MiB before, "
+                     f"{r['relay_pss_mib']} MiB after")
     if r.get("error"):
         notes.append(str(r["error"]))
     return "; ".join(notes)
@@ -1634,7 +1637,8 @@ def render_results(res: dict[str, Any], notes: str = "") -> str:
         L.append(f"`{tp.get('command', '')}` — PORT is smtp-sink, Postfix's smtpd or the imsrelay site. "
                  "Postfix relays with `relayhost = [127.0.0.1]:SINKPORT` (default durability: the queue "
                  "file is fsynced before `250`); imsrelay relays through its E-Mail Domain table entry "
-                 "`bench.example → 127.0.0.1:SINKPORT` (`250` after file fsync + rename + directory fsync). "
+                 "`bench.example → 127.0.0.1:SINKPORT` (`250` only once its spool has flushed the message "
+                 "to disk, DESIGN.md invariant 1). "
                  "Each relay got a warm-up batch first (not counted). End to end = until smtp-sink's "
                  "counter has every message. CPU = utime+stime of the relay's whole process tree "
                  "(Postfix: master and all its children).\n")

@@ -104,6 +104,7 @@ class SmtpConfig:
     max_errors: int = 20
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_errors=s.int("max_errors", 20, minimum=1),
         tls_cert=(config_dir / cert) if cert else None,
         tls_key=(config_dir / key) if key else None,
+        workers=s.int("workers", 1, minimum=1, maximum=64),
     )
     s.reject_unknown()
     return cfg

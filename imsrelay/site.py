@@ -30,13 +30,20 @@ from imsrelay.spool import Envelope, Spool
 
 
 class Site:
-    def __init__(self, config: SiteConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: SiteConfig, *, clock: Callable[[], float] = time.time,
+                 worker: int = 0, workers: int = 1) -> None:
+        """``worker``/``workers``: ``imsrelay serve --workers N`` runs N processes of one
+        site sharing its listening port (SO_REUSEPORT), directory and Maildirs, each
+        with its own queue journal.  Worker 0 also provisions the directory, runs the
+        replication and KCC schedules and the admin endpoint."""
         self.config = config
         self.clock = clock
-        self.log = get_logger("imsrelay").bind(site=config.site)
+        self.worker = worker
+        self.workers = workers
+        self.log = get_logger("imsrelay").bind(site=config.site, **({"worker": worker} if workers > 1 else {}))
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
-        self.spool = Spool(config.data_dir)
+        self.spool = Spool(config.data_dir, worker=worker)
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = f"by {config.hostname} (imsrelay)".encode().lower()
@@ -60,6 +67,13 @@ class Site:
             self.spool.close()
             raise
 
+    async def _wait_for_provisioning(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.directory.run(lambda: self.directory.provisioned):
+            if time.monotonic() > deadline:
+                raise RuntimeError("worker 0 did not provision the directory")
+            await asyncio.sleep(0.1)
+
     def _build_replication_and_admin(self) -> None:
         """Directory replication needs the organisation key; the admin endpoint a token."""
         from imsrelay.admin import AdminServer
@@ -70,24 +84,33 @@ class Site:
         elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
-        if self.config.admin.port != 0:
+        if self.config.admin.port != 0 and self.worker == 0:
             self.admin = AdminServer(self)
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         cfg = self.config
-        provisioned = await self.directory.run(
-            self.directory.provision, organisation=cfg.organisation, server=cfg.server,
-            site_domain=cfg.site_domain, hostname=cfg.hostname,
-            mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in cfg.mailboxes])
-        if provisioned:
-            self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
+        if self.worker == 0:
+            provisioned = await self.directory.run(
+                self.directory.provision, organisation=cfg.organisation, server=cfg.server,
+                site_domain=cfg.site_domain, hostname=cfg.hostname,
+                mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in cfg.mailboxes])
+            if provisioned:
+                self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
+        else:
+            await self._wait_for_provisioning()
         await self.refresh()
         loop = asyncio.get_running_loop()
         self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
         self._build_outbound()
         await self.qmgr.start()
+        if self.worker == 0:
+            adopted = await self.spool.adopt_orphans(self.workers)
+            for env in adopted:
+                self.qmgr.submit(env)
+            if adopted:
+                self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
         tls = self._tls_context()
         factory = server_factory(self, tls)
 
@@ -96,12 +119,12 @@ class Site:
             self._sessions.add(protocol)
             return protocol
 
-        self._server = await loop.create_server(session, host=cfg.smtp.listen,
-                                                port=cfg.smtp.port, reuse_address=True)
+        self._server = await loop.create_server(session, host=cfg.smtp.listen, port=cfg.smtp.port,
+                                                reuse_address=True, reuse_port=self.workers > 1)
         self.bound_port = self._server.sockets[0].getsockname()[1]
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
-        if self.replicator is not None:
-            await self.replicator.start()
+        if self.replicator is not None and self.worker == 0:
+            await self.replicator.start()  # schedules run once per site, in worker 0
         if self.admin is not None:
             await self.admin.start()
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
@@ -110,7 +133,7 @@ class Site:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
-        if self.replicator is not None:
+        if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
         if self._server is not None:
             self._server.close()
@@ -199,7 +222,7 @@ class Site:
 
     async def _refresh_periodically(self) -> None:
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(5.0 if self.workers == 1 else 1.0)
             try:
                 await self.refresh()
             except Exception as exc:  # keep serving with the last known state
@@ -326,8 +349,8 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         service_domains=(addressing_domain,), mx_port=d.mx_port)
 
 
-async def run_site(config: SiteConfig, stop: asyncio.Event) -> None:
-    site = Site(config)
+async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
+    site = Site(config, worker=worker, workers=workers)
     await site.start()
     try:
         await stop.wait()

@@ -32,6 +32,7 @@ import json
 import os
 import queue as stdqueue
 import secrets
+import shutil
 import threading
 import time
 from collections import Counter
@@ -339,19 +340,49 @@ def _replay(journal: Journal) -> dict[str, _Queued]:
     return queued
 
 
+def _worker_suffix(worker: int) -> str:
+    return "" if worker == 0 else f"-{worker}"
+
+
 class Spool:
-    def __init__(self, data_dir: Path, *, segment_size: int = SEGMENT_SIZE) -> None:
-        self.root = Path(data_dir) / "queue"
+    """One worker's view of the queue: it writes its own journal
+    (``journal/`` for worker 0, ``journal-N/`` for worker N of ``imsrelay serve
+    --workers``); the read-only and operator methods see every worker's journal."""
+
+    def __init__(self, data_dir: Path, *, worker: int = 0, segment_size: int = SEGMENT_SIZE) -> None:
+        self.data_dir = Path(data_dir)
+        self.worker = worker
+        self.root = self.data_dir / "queue"
+        suffix = _worker_suffix(worker)
         self.tmp = self.root / "tmp"
-        self.control = self.root / "control"
+        self.control = self.root / f"control{suffix}"
         for d in (self.root, self.tmp, self.control):
             d.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(self.root / "journal", segment_size=segment_size)
+        self.journal = Journal(self.root / f"journal{suffix}", segment_size=segment_size)
         self.committer = GroupCommitter(self.tmp, self.journal)
-        self.retry_flag = self.control / "retry-all"
+        self._lock_path = self.root / f"lock{suffix}"
         self._index: dict[str, Location] = {}
         self._live: Counter[int] = Counter()
         self._lock_fd: int | None = None
+
+    def workers_on_disk(self) -> list[int]:
+        """Workers that have a journal here (0 always counts)."""
+        found = {0}
+        for p in self.root.glob("journal-*"):
+            if p.name[8:].isdigit():
+                found.add(int(p.name[8:]))
+        return sorted(found)
+
+    def _peer(self, worker: int) -> Spool:
+        return self if worker == self.worker else Spool(self.data_dir, worker=worker)
+
+    def _replay_all(self) -> dict[str, tuple[int, _Queued]]:
+        found: dict[str, tuple[int, _Queued]] = {}
+        for w in self.workers_on_disk():
+            journal = self.journal if w == self.worker else Journal(self.root / f"journal{_worker_suffix(w)}")
+            for qid, q in _replay(journal).items():
+                found[qid] = (w, q)
+        return found
 
     # ------------------------------------------------------------ ownership
 
@@ -359,7 +390,7 @@ class Spool:
         """Become the spool's only writer (the running site); SpoolLocked if taken."""
         if self._lock_fd is not None:
             return
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -468,14 +499,38 @@ class Spool:
     def read_message(self, queue_id: str) -> bytes:
         check_queue_id(queue_id)
         loc = self._index.get(queue_id)
+        journal = self.journal
         if loc is None:
-            q = _replay(self.journal).get(queue_id)
-            if q is None:
+            found = self._replay_all().get(queue_id)
+            if found is None:
                 raise FileNotFoundError(f"{queue_id} is not in the queue")
+            worker, q = found
             loc = q.location
-        data = self.journal.read(loc)
+            journal = self._peer(worker).journal
+        data = journal.read(loc)
         _, start = parse_queue_file(data)
         return data[start:]
+
+    async def adopt_orphans(self, workers: int) -> list[Envelope]:
+        """Worker 0 at start: take over the journals of workers that no longer run
+        (``--workers`` was lowered): their messages move into this journal."""
+        adopted: list[Envelope] = []
+        for w in self.workers_on_disk():
+            if w < workers or w == self.worker:
+                continue
+            orphan = Spool(self.data_dir, worker=w)
+            try:
+                envelopes = await asyncio.to_thread(orphan.recover)
+            except SpoolLocked:
+                continue  # still running (an older process): leave it
+            for env in envelopes:
+                message = await asyncio.to_thread(orphan.read_message, env.queue_id)
+                await self.enqueue(env, message)
+                adopted.append(env)
+            orphan.close()
+            await asyncio.to_thread(shutil.rmtree, orphan.journal.directory, True)
+            await asyncio.to_thread(shutil.rmtree, orphan.control, True)
+        return adopted
 
     # ------------------------------------------------------------ operator requests
 
@@ -507,50 +562,48 @@ class Spool:
 
     def load(self, queue_id: str) -> Envelope | None:
         check_queue_id(queue_id)
-        q = _replay(self.journal).get(queue_id)
-        return q.envelope if q else None
+        found = self._replay_all().get(queue_id)
+        return found[1].envelope if found else None
 
     def exists(self, queue_id: str) -> bool:
         check_queue_id(queue_id)
         if queue_id in self._index:
             return True
-        return queue_id in _replay(self.journal)
+        return queue_id in self._replay_all()
 
     def queue_ids(self) -> list[str]:
-        return sorted(_replay(self.journal))
+        return sorted(self._replay_all())
 
     def envelopes(self) -> Iterable[Envelope]:
-        return [q.envelope for q in sorted(_replay(self.journal).values(), key=lambda q: q.envelope.queue_id)]
+        found = self._replay_all()
+        return [found[qid][1].envelope for qid in sorted(found)]
 
     def remove_sync(self, queue_id: str) -> bool:
-        """Delete a message: directly when no site runs, else ask the running site."""
-        if not self.exists(queue_id):
+        """Delete a message: directly when its worker is stopped, else ask it."""
+        check_queue_id(queue_id)
+        found = self._replay_all().get(queue_id)
+        if found is None:
             return False
-        if self.owned_by_another_process():
-            self._request("delete", queue_id)
-            return True
-        self.acquire()
-        try:
-            self.committer.commit_sync([Append(DONE, queue_id.encode())])
-        finally:
-            self.journal.close()
-            self.release()
+        self._peer(found[0])._change_offline(queue_id, Append(DONE, queue_id.encode()), "delete")
         return True
 
     def save_state_sync(self, envelope: Envelope) -> None:
-        """Record new progress (e.g. "retry now"): directly, or via the running site."""
+        """Record new progress (e.g. "retry now"): directly, or via the running worker."""
+        found = self._replay_all().get(check_queue_id(envelope.queue_id))
+        owner = self._peer(found[0]) if found else self
+        owner._change_offline(envelope.queue_id, Append(STATE, envelope.to_json()), "retry")
+
+    def _change_offline(self, queue_id: str, record: Append, request: str) -> None:
         if self.owned_by_another_process():
-            self._request("retry", envelope.queue_id)
+            self._request(request, queue_id)
             return
         self.acquire()
         try:
-            self.committer.commit_sync([Append(STATE, envelope.to_json())])
+            self.committer.commit_sync([record])
         finally:
             self.journal.close()
             self.release()
 
     def request_retry(self) -> None:
-        self._request("retry", "*")
-
-    def take_retry_request(self) -> bool:
-        return any(a == "retry" and q == "*" for a, q in self.take_control_requests())
+        for w in self.workers_on_disk():
+            self._peer(w)._request("retry", "*")

@@ -144,8 +144,8 @@ def test_siteb_stopped_its_mail_and_replication_back_up_then_drain_exactly_once(
                     tag="siteb-stop")
     flow.start()
     poll(lambda: len(flow.sent) >= 8 or flow.error, timeout=60, what="8 messages sent", interval=0.1)
+    stopped_at = time.monotonic()  # from here SiteB is going down, then down
     lab.stop("siteb")
-    stopped_at = time.monotonic()
     try:
         # mail for User2 backs up at SiteA (deferred, retried)...
         poll(lambda: [r for r in lab.queued_for("sitea", "User2@microsoft.com") if r["attempts"] >= 1],
@@ -181,8 +181,8 @@ def test_sitec_cut_off_the_network_its_mail_and_replication_back_up_then_drain_e
                     tag="sitec-cut")
     flow.start()
     poll(lambda: len(flow.sent) >= 8 or flow.error, timeout=60, what="8 messages sent", interval=0.1)
-    lab.disconnect("sitec")
     cut_at = time.monotonic()
+    lab.disconnect("sitec")
     try:
         # a directory change at SiteA while SiteC cannot hear about it
         lab.admin("sitea", "POST", "/directory/mailboxes", {"alias": "FaultUser", "display_name": "Fault User"})

@@ -162,6 +162,8 @@ async def test_internal_error_answers_451_and_nothing_is_lost(tmp_path):
     config = cfg(tmp_path)
     async with running_site(config) as site:
         await in_thread(send, site, "x@example.org", ["User1@SiteA.microsoft.com"], MSG)
+        await wait_for(lambda: maildir_messages(config.data_dir, "User1") and not site.qmgr.envelopes)
+        await asyncio.sleep(0.1)  # the finished message's DONE record is written
         # a real I/O error: the journal's segment becomes unwritable under the writer
         import os
         journal = site.spool.journal

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run one site: SMTP server, queue, delivery, replication, admin endpoint.")
     p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
     p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
+    p.add_argument("--workers", type=int, help="processes sharing the SMTP port (overrides smtp.workers; "
+                   "use about one per core for throughput)")
     p.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a site's TOML file and print a summary",
@@ -52,7 +54,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imsrelay.spool import SpoolLocked
 
     config = load_config(args.config, data_dir=args.data)
+    workers = args.workers or config.smtp.workers
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
     configure_logging(config.logging.level, config.logging.format)
+    if workers > 1:
+        return supervise(config, workers)
     try:
         run_until_signalled(lambda stop: run_site(config, stop))
     except SpoolLocked:
@@ -61,6 +68,77 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"cannot start site {config.site}: {exc.strerror or exc} "
                         f"({config.smtp.listen}:{config.smtp.port}, data {config.data_dir})") from None
     return 0
+
+
+def supervise(config, workers: int) -> int:
+    """Run ``workers`` processes of one site (forked before any event loop exists);
+    SIGINT/SIGTERM stop them all; a worker that dies is started again."""
+    import os
+    import time
+
+    from imsrelay.logs import get_logger
+    from imsrelay.site import run_site
+
+    log = get_logger("imsrelay").bind(site=config.site)
+    children: dict[int, int] = {}  # pid -> worker number
+    started: dict[int, float] = {}  # worker -> when it was last started
+    quick_deaths = 0
+    stopping = False
+
+    def spawn(worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                run_until_signalled(lambda stop: run_site(config, stop, worker=worker, workers=workers))
+            except BaseException as exc:  # noqa: BLE001 - report, then leave the child
+                log.error("worker.failed", worker=worker, error=repr(exc))
+                code = 1
+            os._exit(code)
+        children[pid] = worker
+        started[worker] = time.monotonic()
+
+    def stop_all(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
+    spawn(0)
+    time.sleep(0.5)  # worker 0 provisions the directory first
+    for w in range(1, workers):
+        spawn(w)
+    log.info("site.supervising", workers=workers, pids=sorted(children))
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        worker = children.pop(pid, None)
+        if worker is None:
+            continue
+        if not stopping:
+            log.error("worker.exited", worker=worker, pid=pid, status=code)
+            status = 1
+            if time.monotonic() - started[worker] < 5.0:
+                quick_deaths += 1
+            if quick_deaths > 3:  # e.g. the port is taken: stop instead of looping
+                log.error("site.giving_up", reason="workers keep exiting right after start")
+                stop_all(signal.SIGTERM, None)
+                continue
+            time.sleep(1.0)
+            spawn(worker)
+    return status
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
