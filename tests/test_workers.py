@@ -9,8 +9,8 @@ import time
 from sitekit import free_port
 from test_crash import wait_listening, write_config
 
-from imsrelay.maildir import list_messages, mailbox_dir
 from imsrelay.journal import Journal
+from imsrelay.maildir import list_messages, mailbox_dir
 from imsrelay.spool import Spool, _replay
 
 HOST = "127.0.0.1"
