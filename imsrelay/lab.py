@@ -329,6 +329,7 @@ class Lab:
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
         first = SITES[0]
-        lines += ["", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t User2@{COMPANY_DOMAIN}",
+        to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
+        lines += ["", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t {to}",
                   "Ctrl-C stops the lab; the data stays for the next start."]
         return "\n".join(lines)
