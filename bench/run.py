@@ -586,6 +586,7 @@ class SiteSpec:
     replication_peers: list[str] = field(default_factory=list)
     admin_port: int = 0
     delivery: dict[str, Any] = field(default_factory=dict)  # extra [delivery] settings
+    workers: int = 1  # smtp.workers: processes serving the site
 
 
 class ImsSite:
@@ -606,7 +607,8 @@ class ImsSite:
                      "email_domain": spec.domain, "company_domain": spec.company_domain,
                      "data_dir": str(self.data)},
             "smtp": {"listen": spec.listen, "port": spec.port, "relay_networks": ["127.0.0.0/8"],
-                     "idle_timeout": "10m", "session_timeout": "1h", "max_errors": 1000},
+                     "idle_timeout": "10m", "session_timeout": "1h", "max_errors": 1000,
+                     "workers": spec.workers},
             "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
             "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.
@@ -876,6 +878,7 @@ class Options:
     keep: bool
     out: Path
     addr_base: str
+    workers: int = 1
 
 
 class Bench:
@@ -1001,7 +1004,8 @@ class Bench:
                        "--show-all", "-o", str(prof_file) + ".pyinstrument.txt"]
         spec = SiteSpec("BenchRelay", "127.0.0.1", site_port, "relay.imsrelay-bench.test",
                         "relay.imsrelay-bench.test", mailboxes=["Administrator"],
-                        email_domains=[("bench.example", "127.0.0.1", sink_port)])
+                        email_domains=[("bench.example", "127.0.0.1", sink_port)],
+                        workers=self.opts.workers)
         site = ImsSite(self.procs, self.root / f"throughput{round_no}", spec, wrapper=wrapper)
         r: dict[str, Any]
         try:
@@ -1794,6 +1798,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--rounds", type=int, default=1,
                    help="throughput rounds per relay, alternating Postfix and imsrelay; the median is reported")
     p.add_argument("--size", type=int, default=4096, help="smtp-source -l (default 4096)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="imsrelay worker processes for the relay (smtp.workers; default: one per core, "
+                        "as Postfix runs one smtpd/smtp process per session)")
     p.add_argument("--light", type=int, help="light-load latency messages (default 200, quick 100)")
     p.add_argument("--heavy", type=int, help="heavy-load latency messages in all (default 2000, quick 400)")
     p.add_argument("--heavy-senders", type=int, default=20, help="concurrent senders at heavy load")
@@ -1816,7 +1823,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         quick=q, phases=phases, messages=a.messages or (2000 if q else 20000), rounds=max(1, a.rounds), sessions=a.sessions, size=a.size,
         light=a.light or (100 if q else 200), heavy=a.heavy or (400 if q else 2000), heavy_senders=a.heavy_senders,
         mailboxes=a.mailboxes or (1000 if q else 10000), idle_sessions=a.idle_sessions, profile=a.profile,
-        keep=a.keep, out=a.out, addr_base=a.addr_base)
+        keep=a.keep, out=a.out, addr_base=a.addr_base, workers=max(1, a.workers))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

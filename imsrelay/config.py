@@ -116,7 +116,7 @@ class DeliveryConfig:
     smart_host_port: int = 25
     starttls: str = "opportunistic"
     tls_policies: tuple[TlsPolicy, ...] = ()
-    max_per_destination: int = 10
+    max_per_destination: int = 20  # Postfix's default_destination_concurrency_limit
     max_deliveries: int = 100
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
@@ -398,7 +398,7 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         smart_host_port=smart_port,
         starttls=_starttls(s, "starttls", s.str("starttls", "opportunistic")) or "opportunistic",
         tls_policies=tuple(policies),
-        max_per_destination=s.int("max_per_destination", 10, minimum=1),
+        max_per_destination=s.int("max_per_destination", 20, minimum=1),
         max_deliveries=s.int("max_deliveries", 100, minimum=1),
         connect_timeout=s.duration("connect_timeout", 30.0) or 30.0,
         command_timeout=s.duration("command_timeout", 300.0) or 300.0,

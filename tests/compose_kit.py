@@ -38,13 +38,20 @@ NETWORK = f"{PROJECT}_lab"
 # Test sessions (of any checkout) take this lock while they use it.
 LOCK_FILE = Path(os.environ.get("IMSRELAY_COMPOSE_LOCK", "/tmp/imsrelay-compose-lab.lock"))
 
+
+
+def _port(name: str, default: int) -> int:
+    """A published port, moved like docker-compose.yml moves it (LAB_*_PORT)."""
+    return int(os.environ.get(name) or default)
+
+
 # service -> (site, published SMTP port, published admin port, lab address)
 SITES = {
-    "sitea": ("SiteA", 2510, 8510, "10.10.10.10"),
-    "siteb": ("SiteB", 2515, 8515, "10.10.10.15"),
-    "sitec": ("SiteC", 2520, 8520, "10.10.10.20"),
+    "sitea": ("SiteA", _port("LAB_SITEA_SMTP_PORT", 2510), _port("LAB_SITEA_ADMIN_PORT", 8510), "10.10.10.10"),
+    "siteb": ("SiteB", _port("LAB_SITEB_SMTP_PORT", 2515), _port("LAB_SITEB_ADMIN_PORT", 8515), "10.10.10.15"),
+    "sitec": ("SiteC", _port("LAB_SITEC_SMTP_PORT", 2520), _port("LAB_SITEC_ADMIN_PORT", 8520), "10.10.10.20"),
 }
-INTERNET_SMTP = 2600
+INTERNET_SMTP = _port("LAB_INTERNET_SMTP_PORT", 2600)
 SITE_MAILBOXES = "/var/lib/imsrelay/mailboxes"
 
 T = TypeVar("T")
