@@ -489,3 +489,23 @@ def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
     assert without_self([hops[0]], me) == ([hops[0]], False)
     wildcard = frozenset({("0.0.0.0", 25)})
     assert without_self([NextHop("l", "127.0.0.5", 25, 10)], wildcard) == ([], True)
+
+
+async def test_delay_notice_then_expiry_ndr(tmp_path):
+    """delivery.delay_notice: the sender is told once that delivery is delayed
+    (RFC 3464 action=delayed, Will-Retry-Until), then gets the NDR at expiry."""
+    port = free_port()  # nobody listens: the partner is down
+    config = site_config(tmp_path, delivery={"delay_notice": 0.5, "lifetime": 3}, **partner("127.0.0.1", port))
+    async with running_site(config) as site:
+        await submit(site, ["bob@partner.test"])
+        reports = await wait_for(lambda: len(ndrs(config)) >= 2 and ndrs(config), timeout=20)
+        await wait_for(lambda: not queued(site))
+    delay, final = reports[0], reports[1]
+    assert delay["Subject"].startswith("Delivery delayed:")
+    human, status, returned = report_parts(delay)
+    assert "Action: delayed" in status and "Will-Retry-Until:" in status
+    assert f"Subject: {SUBJECT}" in returned
+    assert final["Subject"] == f"Undeliverable: {SUBJECT}"
+    _, status, _ = report_parts(final)
+    assert "Action: failed" in status and "Status: 4.4.7" in status
+    assert len(ndrs(config)) == 2  # one delay notice, not one per retry
