@@ -1390,7 +1390,7 @@ def add_mailboxes(site: ImsSite, n: int, *, workers: int = 8) -> None:
     directory add`` does, without starting a Python process per mailbox)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from imsrelay.admin import AdminClient
+    from imsrelay.admin_client import AdminClient
     from imsrelay.config import load_config
 
     config = load_config(site.config)
@@ -1399,7 +1399,7 @@ def add_mailboxes(site: ImsSite, n: int, *, workers: int = 8) -> None:
     def add(i: int) -> None:
         client = getattr(clients, "c", None)
         if client is None:
-            client = clients.c = AdminClient(config, timeout=60)
+            client = clients.c = AdminClient.for_config(config, timeout=60)
         client.call("POST", "/directory/mailboxes", {"alias": f"bench{i:05d}", "display_name": f"Bench Mailbox {i}"})
 
     with ThreadPoolExecutor(workers) as pool:

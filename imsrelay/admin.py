@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -36,50 +34,13 @@ from typing import Any
 from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
-from imsrelay.directory import BulkReport, Directory, DirectoryError, Mailbox
+from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class AdminUnavailable(Exception):
-    """The endpoint cannot be reached (site stopped, admin disabled, no token)."""
-
-
-class AdminRequestError(Exception):
-    """The site answered with an error."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 # ------------------------------------------------------------------ shared operations
-
-
-def site_addressing_job(directory: Directory, log: Any, address: str, *, update_mailboxes: bool,
-                        keep_old: bool) -> BulkReport:
-    """Change Site Addressing and (optionally) re-address every local mailbox, logging
-    Exchange's bulk-update events: started (2043), substitutes (2053), finished (2044).
-    Synchronous: run it on the directory's thread (``directory.run``) or offline."""
-    log.info("site_addressing.started", event_id=2043, address=address, update_mailboxes=update_mailboxes,
-             keep_old=keep_old)
-    try:
-        report = directory.set_site_addressing(address, update_mailboxes=update_mailboxes, keep_old=keep_old)
-    except DirectoryError as exc:
-        log.warning("site_addressing.failed", address=address, error=str(exc))
-        raise
-    for alias, substitute in report.substitutes:
-        log.warning("site_addressing.substitute", event_id=2053, alias=alias, address=substitute,
-                    reason="the address was not unique; a substitute was generated")
-    log.info("site_addressing.finished", event_id=2044, address=address, scanned=report.scanned,
-             updated=report.updated, failed=report.failed, substitutes=len(report.substitutes))
-    return report
-
-
-def report_dict(address: str, report: BulkReport, *, update_mailboxes: bool, keep_old: bool) -> dict[str, Any]:
-    return {"address": address, "update_mailboxes": update_mailboxes, "keep_old": keep_old,
-            "scanned": report.scanned, "updated": report.updated, "failed": report.failed,
-            "substitutes": [{"alias": a, "address": s} for a, s in report.substitutes]}
 
 
 def mailbox_dict(m: Mailbox) -> dict[str, Any]:
@@ -304,93 +265,3 @@ def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = Fals
     if not isinstance(value, kind):
         raise _BadRequest(f"{name} must be a {kind.__name__}")
     return value
-
-
-# ------------------------------------------------------------------ client (for the CLI)
-
-
-class AdminClient:
-    """Blocking JSON client for a site's admin endpoint (loopback; proxies ignored)."""
-
-    def __init__(self, config: SiteConfig, *, timeout: float = 120.0) -> None:
-        admin = config.admin
-        self.site = config.site
-        if admin.port == 0:
-            raise AdminUnavailable(f"the admin endpoint of {config.site} is disabled ({config.path}: admin.port = 0)")
-        host = admin.listen
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        self.base = f"http://[{host}]:{admin.port}" if ":" in host else f"http://{host}:{admin.port}"
-        token = admin.resolved_token()
-        if not token:
-            raise AdminUnavailable(f"no admin token for {config.site}: set admin.token in {config.path} or "
-                                   f"the environment variable {admin.token_env}")
-        self._token = token
-        self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self._token}", "Content-Type": "application/json",
-            "Accept": "application/json"})
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error") or exc.reason
-            except (ValueError, AttributeError):
-                message = str(exc.reason)
-            raise AdminRequestError(exc.code, str(message)) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AdminUnavailable(f"site {self.site} is not running (no admin endpoint at {self.base}: "
-                                   f"{reason})") from None
-
-    def is_running(self) -> bool:
-        try:
-            self.call("GET", "/status")
-        except AdminUnavailable:
-            return False
-        except AdminRequestError:
-            return True
-        return True
-
-
-# ------------------------------------------------------------------ CLI glue
-
-
-def cli_client(config: SiteConfig) -> AdminClient:
-    """An AdminClient, or a one-line ``UserError`` saying why there cannot be one."""
-    from imsrelay.cli import UserError
-
-    try:
-        return AdminClient(config)
-    except AdminUnavailable as exc:
-        raise UserError(str(exc)) from None
-
-
-def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """Call the running site's admin endpoint; errors become one-line ``UserError``s."""
-    from imsrelay.cli import UserError
-
-    client = cli_client(config)
-    try:
-        return client.call(method, path, body)
-    except AdminUnavailable as exc:
-        raise UserError(str(exc), status=3) from None
-    except AdminRequestError as exc:
-        raise UserError(f"{config.site}: {exc} (HTTP {exc.status})") from None
-
-
-def ensure_offline(config: SiteConfig) -> None:
-    """``--offline`` edits the database directly: refuse while the site answers."""
-    from imsrelay.cli import UserError
-
-    if config.admin.port == 0 or not config.admin.resolved_token():
-        return
-    if AdminClient(config, timeout=5.0).is_running():
-        raise UserError(f"site {config.site} is running: drop --offline so the change goes through it")

@@ -262,7 +262,7 @@ class Lab:
         await self._do_check_now()
 
     async def _site_addressing(self, name: str) -> None:
-        from imsrelay.admin import site_addressing_job
+        from imsrelay.site_addressing import site_addressing_job
 
         site = self.sites[name]
         report = await site.directory.run(site_addressing_job, site.directory, site.log, f"@{COMPANY_DOMAIN}",

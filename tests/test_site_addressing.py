@@ -15,11 +15,11 @@ import tomli_w
 from sitekit import free_port, make_config, running_site, site_mapping
 from structlog.testing import capture_logs
 
-from imsrelay.admin import site_addressing_job
 from imsrelay.config import ConfigError
 from imsrelay.directory import Directory, DirectoryError, DirObject, Stamp
 from imsrelay.logs import configure_logging, get_logger
 from imsrelay.site import Site
+from imsrelay.site_addressing import site_addressing_job
 
 TOKEN = "site-addressing-test-token"
 

@@ -79,7 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from imsrelay.admin import cli_call, ensure_offline
+    from imsrelay.admin_client import cli_call, ensure_offline
     from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
@@ -100,7 +100,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.admin import cli_call, ensure_offline
+    from imsrelay.admin_client import cli_call, ensure_offline
     from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)

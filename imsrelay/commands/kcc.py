@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from imsrelay.admin import cli_call
+from imsrelay.admin_client import cli_call
 from imsrelay.config import load_config
 
 

@@ -23,15 +23,14 @@ JSON client (urllib, proxies ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable
 
 DEFAULT_TOKEN_ENV = "IMSRELAY_ADMIN_TOKEN"
 
@@ -150,33 +149,21 @@ class SetupError(Exception):
     """org-setup cannot go on (one clear line)."""
 
 
-class Endpoint:
-    """One site's admin endpoint: a blocking JSON client."""
+class Endpoint(AdminClient):
+    """One site's admin endpoint, with org-setup's errors: a refused request stops
+    the setup (SetupError), an unreachable site is waited for (ConnectionError)."""
 
     def __init__(self, base: str, token: str, *, timeout: float = 30.0) -> None:
-        self.base = base.rstrip("/")
-        self.token = token
-        self.timeout = timeout
+        super().__init__(base, token, timeout=timeout)
         self.name = self.base  # the site's directory name once known (GET /status)
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
-            "Accept": "application/json"})
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error") or exc.reason
-            except (ValueError, AttributeError):
-                message = exc.reason
-            raise SetupError(f"{self.name}: {method} {path}: {message} (HTTP {exc.code})") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConnectionError(f"{self.name}: no admin endpoint at {self.base} ({reason})") from None
+            return super().call(method, path, body)
+        except AdminRequestError as exc:
+            raise SetupError(f"{self.name}: {method} {path}: {exc} (HTTP {exc.status})") from None
+        except AdminUnavailable:
+            raise ConnectionError(f"{self.name}: no admin endpoint at {self.base}") from None
 
 
 def parse_site_arg(value: str, token_env: str) -> tuple[str, str]:
@@ -359,7 +346,7 @@ class OrgSetup:
 
 
 def _endpoints(args: argparse.Namespace) -> list[Endpoint]:
-    from imsrelay.admin import cli_client
+    from imsrelay.admin_client import cli_client
     from imsrelay.cli import UserError
     from imsrelay.config import load_config
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imsrelay.admin import cli_call, ensure_offline, report_dict, site_addressing_job
+from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.config import load_config
+from imsrelay.site_addressing import report_dict, site_addressing_job
 
 
 def register(sub: argparse._SubParsersAction) -> None:
