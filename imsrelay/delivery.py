@@ -390,7 +390,8 @@ class QueueManager:
                 will_retry_until=datetime.fromtimestamp(env.received_at + self.config.delivery.lifetime, UTC) if delay else None)
             for r in recipients
         ]
-        report = dsn.build_report(
+        report = await asyncio.to_thread(  # the email package on a large original: off the loop
+            dsn.build_report,
             original=message, envelope_sender=env.sender, recipients=statuses,
             reporter=self.site.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
