@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,38 +243,29 @@ class Lab:
 
     # ------------------------------------------------------------ the article's actions
 
+    async def _administrator(self) -> Any:
+        """The article's administrator actions, done as ``imsrelay org-setup`` does them:
+        over each site's admin endpoint (blocking client, so on a thread)."""
+        from imsrelay.commands.org_setup import Endpoint, OrgSetup
+
+        org = OrgSetup([Endpoint(f"http://{s.address}:{self.admin_port}", ADMIN_TOKEN) for s in SITES],
+                       say=lambda line: self.say("lab:" + line), poll=0.1)
+        await asyncio.to_thread(org.wait_ready, 30.0)
+        return org
+
     async def _do_check_now(self) -> None:
-        from imsrelay.kcc import check_now
-
-        for s in SITES:
-            await check_now(self.sites[s.name])
-
-    async def _pull(self, into: str, sources: list[str]) -> None:
-        replicator = self.sites[into].replicator
-        for source in sources:
-            await replicator.request_now(source, full=False)
+        org = await self._administrator()
+        await asyncio.to_thread(org.check_now)
 
     async def _do_request_now(self) -> None:
-        for s in SITES:
-            await self._pull(s.name, [o.name for o in SITES if o is not s])
-        await self.wait_until(self._everyone_knows_everyone, "directories replicated")
-        await self._do_check_now()
+        org = await self._administrator()
+        await asyncio.to_thread(org.replicate_all, 120.0)
+        await asyncio.to_thread(org.check_now)
 
     async def _site_addressing(self, name: str) -> None:
-        from imsrelay.site_addressing import site_addressing_job
-
-        site = self.sites[name]
-        report = await site.directory.run(site_addressing_job, site.directory, site.log, f"@{COMPANY_DOMAIN}",
-                                          update_mailboxes=True,
-                                          keep_old=site.config.replication.keep_old_address)
-        await site.refresh()
-        self.say(f"lab: {name} Site Addressing @{COMPANY_DOMAIN}: scanned {report.scanned}, "
-                 f"updated {report.updated}, failed {report.failed}"
-                 + "".join(f", {alias} -> {addr} (not unique)" for alias, addr in report.substitutes))
-        for other in SITES:
-            if other.name != name:
-                await self._pull(other.name, [name])
-        await self.wait_until(lambda: self._everyone_sees_addressing(name), f"{name}'s new addresses replicated")
+        org = await self._administrator()
+        await asyncio.to_thread(org.site_addressing, name, f"@{COMPANY_DOMAIN}", 120.0)
+        await self.sites[name].refresh()
 
     async def _do_site_addressing_a(self) -> None:
         await self._site_addressing("SiteA")
@@ -285,35 +275,6 @@ class Lab:
 
     async def _do_site_addressing_c(self) -> None:
         await self._site_addressing("SiteC")
-
-    # ------------------------------------------------------------ observing
-
-    async def _everyone_knows_everyone(self) -> bool:
-        want = {(s.name, s.user.lower()) for s in SITES}
-        for s in SITES:
-            site = self.sites[s.name]
-            boxes = await site.directory.run(site.directory.mailboxes)
-            if not want <= {(m.home_site, m.alias.lower()) for m in boxes}:
-                return False
-        return True
-
-    async def _everyone_sees_addressing(self, name: str) -> bool:
-        for s in SITES:
-            site = self.sites[s.name]
-            obj = await site.directory.run(site.directory.site_object, name)
-            if obj is None or obj.smtp_address.lower() != f"@{COMPANY_DOMAIN}":
-                return False
-            boxes = await site.directory.run(site.directory.mailboxes, name)
-            if not boxes or any(not m.primary_address.lower().endswith("@" + COMPANY_DOMAIN) for m in boxes):
-                return False
-        return True
-
-    async def wait_until(self, predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not await predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"lab: timed out waiting for {what}")
-            await asyncio.sleep(0.1)
 
     async def describe(self) -> str:
         stage = self.stage
