@@ -26,12 +26,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from imsrelay.config import ConnectedSite, ReplicationConnector
-from imsrelay.directory import SiteObject
+from imsrelay.directory import Directory, SiteObject
 
 ERROR = "error"
 WARNING = "warning"
 INFO = "info"
 KCC_SITES_KEY = "kcc.sites"
+
+
+def learned_sites(directory: Directory) -> list[tuple[str, str]]:
+    """(site, routing domain) pairs the last Check Now stored in the directory
+    (synchronous: on the directory's thread, or offline)."""
+    raw = directory.get_meta(KCC_SITES_KEY)
+    return [(str(name), str(domain)) for name, domain in json.loads(raw)] if raw else []
 
 
 @dataclass(frozen=True)

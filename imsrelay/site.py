@@ -21,6 +21,7 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
+from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
 from imsrelay.rewrite import RewriteRules
@@ -188,7 +189,7 @@ class Site:
         self._table = None
 
     def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int]:
-        return self.directory.site_object(), tuple(self.learned_sites_sync()), self.directory.highest_usn
+        return self.directory.site_object(), tuple(learned_sites(self.directory)), self.directory.highest_usn
 
     def _directory_changed(self) -> None:
         self._clear_lookups()
@@ -212,10 +213,6 @@ class Site:
                 return [answers[a.lower()] if a.lower() in answers else self._mailbox_cache.get(a.lower())
                         for a in addresses]
         return [self._mailbox_cache.get(a.lower()) for a in addresses]
-
-    def learned_sites_sync(self) -> list[tuple[str, str]]:
-        """Sites made known to routing by the last Check Now (stored in the directory)."""
-        return read_learned_sites(self.directory)
 
     def _schedule_refresh(self) -> None:
         asyncio.ensure_future(self.refresh())
@@ -322,14 +319,6 @@ class Site:
 def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:
     """Where this site itself listens: (address, port) and (host name, port)."""
     return frozenset({(config.smtp.listen.lower(), port), (config.hostname.lower(), port)})
-
-
-def read_learned_sites(directory: Directory) -> list[tuple[str, str]]:
-    """(site, routing domain) pairs the last Check Now stored in the directory."""
-    import json
-
-    raw = directory._meta("kcc.sites")
-    return [tuple(x) for x in json.loads(raw)] if raw else []  # type: ignore[misc]
 
 
 def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],

@@ -52,14 +52,15 @@ def open_directory_for_routing(config: SiteConfig) -> tuple[Directory, str]:
 
 def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
     """The route for ``address`` and a line naming the directory it came from."""
-    from imsrelay.site import endpoints_for, read_learned_sites, routing_table_for
+    from imsrelay.kcc import learned_sites
+    from imsrelay.site import endpoints_for, routing_table_for
 
     directory, source = open_directory_for_routing(config)
     try:
         site = directory.site_object()
         addressing = (site.smtp_address if site else config.site_address).lstrip("@").lower()
         table = routing_table_for(config, addressing_domain=addressing,
-                                  learned_sites=tuple(read_learned_sites(directory)),
+                                  learned_sites=tuple(learned_sites(directory)),
                                   self_endpoints=endpoints_for(config, config.smtp.port))
         mailbox = directory.find_recipient(address)
     finally:
