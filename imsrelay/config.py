@@ -105,6 +105,7 @@ class SmtpConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
+    queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
 
 
 @dataclass(frozen=True)
@@ -369,6 +370,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_cert=(config_dir / cert) if cert else None,
         tls_key=(config_dir / key) if key else None,
         workers=s.int("workers", 1, minimum=1, maximum=64),
+        queue_minfree=s.int("queue_minfree", 0, minimum=0),
     )
     s.reject_unknown()
     return cfg

@@ -77,6 +77,16 @@ def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str |
     return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
 
 
+def check_storage(free_bytes: int, *, declared: int | None, max_message_size: int, minfree: int) -> Reply | None:
+    """Refuse new mail for now (452 4.3.1) when the queue's file system is nearly
+    full: it must keep ``minfree`` bytes and room for 1.5 times the message (its
+    declared SIZE=, else the size limit), as Postfix's queue_minfree rule does."""
+    needed = max(minfree, int(1.5 * (declared if declared is not None else max_message_size)))
+    if free_bytes < needed:
+        return Reply(452, "4.3.1", "Insufficient system storage; please try again later")
+    return None
+
+
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 

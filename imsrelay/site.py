@@ -9,6 +9,7 @@ routing table), derived from the config file and the directory.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import time
@@ -53,6 +54,8 @@ class Site:
         self.admin: Any = None
         self.qmgr = QueueManager(self, self.spool, smtp_deliver=self._smtp_deliver,
                                  directory_deliver=self._directory_deliver, clock=clock)
+        self._free_bytes = 0
+        self._free_checked = -10.0
         self._mailbox_cache: dict[str, Mailbox | None] = {}
         self._cache_generation = 0
         self._seen_usn = -1
@@ -213,6 +216,15 @@ class Site:
                 return [answers[a.lower()] if a.lower() in answers else self._mailbox_cache.get(a.lower())
                         for a in addresses]
         return [self._mailbox_cache.get(a.lower()) for a in addresses]
+
+    def free_space(self) -> int:
+        """Bytes free on the queue's file system (statvfs, re-read at most once a second)."""
+        now = time.monotonic()
+        if now - self._free_checked > 1.0:
+            st = os.statvfs(self.spool.root)
+            self._free_bytes = st.f_bavail * st.f_frsize
+            self._free_checked = now
+        return self._free_bytes
 
     def _schedule_refresh(self) -> None:
         asyncio.ensure_future(self.refresh())

@@ -23,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
-from imsrelay.policy import Reply, check_hops, check_recipient, check_size
+from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
@@ -152,9 +152,15 @@ class SiteHandler:
         for opt in mail_options:
             if opt.upper().startswith("SIZE=") and opt[5:].isdigit():
                 size = int(opt[5:])
-        too_big = check_size(size, self.site.config.smtp.max_message_size)
+        cfg = self.site.config.smtp
+        too_big = check_size(size, cfg.max_message_size)
         if too_big:
             return str(too_big)
+        full = check_storage(self.site.free_space(), declared=size, max_message_size=cfg.max_message_size,
+                             minfree=cfg.queue_minfree)
+        if full:
+            self.log.warning("message.deferred_storage", peer=_peer_ip(session), sender=address, reply=str(full))
+            return str(full)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return f"250 2.1.0 <{address}> sender ok"

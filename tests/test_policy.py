@@ -8,6 +8,7 @@ from imsrelay.policy import (
     check_hops,
     check_recipient,
     check_size,
+    check_storage,
     client_may_relay,
     count_hops,
 )
@@ -65,3 +66,12 @@ def test_hops_count_only_header_received_lines():
     over = b"Received: x\r\n" * 4 + b"\r\nbody"
     r = check_hops(over, 3)
     assert (r.code, r.status) == (554, "5.4.6")
+
+
+def test_storage_check_like_postfix_queue_minfree():
+    mib = 1024 * 1024
+    assert check_storage(100 * mib, declared=None, max_message_size=10 * mib, minfree=0) is None
+    r = check_storage(14 * mib, declared=None, max_message_size=10 * mib, minfree=0)  # < 1.5 x limit
+    assert (r.code, r.status) == (452, "4.3.1")
+    assert check_storage(14 * mib, declared=1 * mib, max_message_size=10 * mib, minfree=0) is None
+    assert check_storage(14 * mib, declared=1 * mib, max_message_size=10 * mib, minfree=20 * mib).code == 452

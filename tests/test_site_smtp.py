@@ -294,3 +294,14 @@ async def test_null_sender_is_accepted_for_reports(tmp_path):
         await in_thread(check)
         msgs = await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
     assert msgs[0].startswith(b"Return-Path: <>\r\n")
+
+
+async def test_nearly_full_disk_defers_with_452(tmp_path):
+    config = cfg(tmp_path, smtp={"queue_minfree": 1 << 60})  # more than any real file system has free
+    async with running_site(config) as site:
+        def check():
+            with smtp(site) as s:
+                s.ehlo()
+                code, text = reply_to(s, "MAIL FROM:<x@example.org>")
+                assert (code, text[:5]) == (452, "4.3.1")
+        await in_thread(check)
