@@ -31,7 +31,7 @@ from typing import Any
 
 from imsrelay import dsn, maildir
 from imsrelay.outcome import Outcome
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route
+from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
 from imsrelay.spool import (
     BOUNCED,
     DELIVERED,
@@ -206,8 +206,9 @@ class QueueManager:
 
     async def _attempt(self, env: Envelope) -> None:
         try:
-            async with self._destination_slots(env), self._limit:
-                await self._deliver(env)
+            routed = await self._route_due(env)
+            async with self._destination_slots(routed), self._limit:
+                await self._deliver(env, routed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never lose the message: log, retry later
@@ -220,24 +221,23 @@ class QueueManager:
                 self._push(env)
             self._wake.set()
 
+    async def _route_due(self, env: Envelope) -> list[tuple[RecipientState, Route]]:
+        """The router's decision for each recipient due now (asked once per attempt)."""
+        now = self.clock()
+        due = [r for r in env.pending if r.next_attempt <= now]
+        if not due:
+            return []
+        mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
+        table = await self.site.routing_table()
+        return [(r, route_for(r.address, mbx, table)) for r, mbx in zip(due, mailboxes, strict=True)]
+
     @contextlib.asynccontextmanager
-    async def _destination_slots(self, env: Envelope) -> AsyncIterator[None]:
+    async def _destination_slots(self, routed: list[tuple[RecipientState, Route]]) -> AsyncIterator[None]:
         """One of ``max_per_destination`` slots for each remote destination of the due
         recipients, taken (in a fixed order) *before* a global delivery slot: messages
         waiting for a slow or dead destination never hold the slots that other
         destinations need (Postfix's per-destination concurrency in qmgr)."""
-        from imsrelay.router import route_for
-
-        now = self.clock()
-        due = [r for r in env.pending if r.next_attempt <= now]
-        keys: set[str] = set()
-        if due:
-            mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
-            table = await self.site.routing_table()
-            for r, mbx in zip(due, mailboxes, strict=True):
-                route = route_for(r.address, mbx, table)
-                if route.kind in (RELAY, MX):
-                    keys.add(route.destination)
+        keys = {route.destination for _, route in routed if route.kind in (RELAY, MX)}
         async with contextlib.AsyncExitStack() as stack:
             for key in sorted(keys):
                 sem, users = self._destinations.get(key) or (
@@ -254,10 +254,8 @@ class QueueManager:
         else:
             self._destinations[key] = (sem, users - 1)
 
-    async def _deliver(self, env: Envelope) -> None:
-        now = self.clock()
-        due = [r for r in env.pending if r.next_attempt <= now]
-        if not due:
+    async def _deliver(self, env: Envelope, routed: list[tuple[RecipientState, Route]]) -> None:
+        if not routed:
             return
         message = self._bodies.get(env.queue_id)
         if message is None:
@@ -267,13 +265,8 @@ class QueueManager:
                 self.forget(env.queue_id)
                 self.log.info("queue.deleted", queue_id=env.queue_id)
                 return
-        mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
-        table = await self.site.routing_table()
-        from imsrelay.router import route_for  # local import keeps module load light
-
         groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
-        for r, mbx in zip(due, mailboxes, strict=True):
-            route = route_for(r.address, mbx, table)
+        for r, route in routed:
             r.route = route.destination
             groups[route.destination].append((r, route))
 
