@@ -86,6 +86,7 @@ class QueueManager:
         self._body_bytes = 0
         self._maildirs: set[str] = set()
         self._next_compaction = 0.0
+        self._next_control_check = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,8 +155,10 @@ class QueueManager:
 
     async def _loop(self) -> None:
         while not self._stopping:
-            await self._operator_requests()
             now = self.clock()
+            if now >= self._next_control_check:  # imsrelay queue retry/delete, at most twice a second
+                self._next_control_check = now + 0.5
+                await self._operator_requests()
             if now >= self._next_compaction:
                 self._next_compaction = now + 60.0
                 await self._compact()
