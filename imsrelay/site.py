@@ -55,6 +55,7 @@ class Site:
         self.qmgr = QueueManager(self, self.spool, smtp_deliver=self._smtp_deliver,
                                  directory_deliver=self._directory_deliver, clock=clock)
         self._free_bytes = 0
+        self._endpoints: tuple[int, float, frozenset[tuple[str, int]]] | None = None
         self._free_checked = -10.0
         self._mailbox_cache: dict[str, Mailbox | None] = {}
         self._cache_generation = 0
@@ -242,7 +243,13 @@ class Site:
         return self._addressing.lstrip("@").lower()
 
     def self_endpoints(self) -> frozenset[tuple[str, int]]:
-        return endpoints_for(self.config, self.bound_port or self.config.smtp.port)
+        """Where this site listens (recomputed at most once a minute: interfaces may change)."""
+        port = self.bound_port or self.config.smtp.port
+        now = time.monotonic()
+        cached = self._endpoints
+        if cached is None or cached[0] != port or now - cached[1] > 60.0:
+            cached = self._endpoints = (port, now, endpoints_for(self.config, port))
+        return cached[2]
 
     def inbound_policy(self) -> InboundPolicy:
         cfg = self.config
@@ -329,8 +336,44 @@ class Site:
 
 
 def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:
-    """Where this site itself listens: (address, port) and (host name, port)."""
-    return frozenset({(config.smtp.listen.lower(), port), (config.hostname.lower(), port)})
+    """Where this site itself listens: (address, port) and (host name, port); with a
+    wildcard listen address (0.0.0.0, ::) every address of this host, so that an MX
+    or table entry pointing back here is recognised as a loop."""
+    listen = config.smtp.listen.lower()
+    addresses = {listen}
+    if listen in ("", "0.0.0.0", "::"):
+        addresses |= local_addresses()
+    return frozenset({(a, port) for a in addresses} | {(config.hostname.lower(), port)})
+
+
+def local_addresses() -> set[str]:
+    """This host's interface addresses (Linux: IPv4 via SIOCGIFADDR, IPv6 from
+    /proc/net/if_inet6); no name lookups.  Empty where neither is available."""
+    import fcntl
+    import ipaddress
+    import socket
+    import struct
+
+    found = {"127.0.0.1", "::1"}
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address on this interface
+            found.add(socket.inet_ntoa(packed[20:24]))
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                raw = line.split()[0]
+                found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],

@@ -10,7 +10,7 @@ from sitekit import make_config, site_mapping
 from imsrelay.config import ConnectedSite, DomainRoute
 from imsrelay.directory import Mailbox
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, RoutingTable, route_for
-from imsrelay.site import endpoints_for, routing_table_for
+from imsrelay.site import endpoints_for, local_addresses, routing_table_for
 
 
 def table(tmp_path, *, addressing: str = "sitea.microsoft.com", learned=(), **extra) -> RoutingTable:
@@ -174,3 +174,18 @@ def test_property_most_specific_entry_wins(patterns, domain_labels, rnd):
     else:
         best = max(matching, key=lambda e: len(e.domain))
         assert (r.kind, r.host) == (RELAY, best.host)
+
+
+def test_a_wildcard_listener_knows_every_local_address_as_itself(tmp_path):
+    """With listen = 0.0.0.0 (containers), an entry pointing at any of this host's
+    addresses is this site: a loop (5.4.6), not a peer."""
+    config = make_config(tmp_path, site_mapping(
+        "SiteA", listen="0.0.0.0", port=25,
+        email_domains=[{"domain": "partner.test", "host": "127.0.0.1", "port": 25}]))
+    mine = endpoints_for(config, 25)
+    assert {("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)} <= mine
+    assert {(a, 25) for a in local_addresses()} <= mine
+    table = routing_table_for(config, addressing_domain="sitea.microsoft.com", learned_sites=(),
+                              self_endpoints=mine)
+    route = route_for("bob@partner.test", None, table)
+    assert (route.kind, route.status, route.permanent) == ("fail", "5.4.6", True)
