@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.directory import Directory, DirectoryError
 
@@ -20,26 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = d.add_subparsers(dest="directory_command", metavar="ACTION")
     dsub.required = True
     ls = dsub.add_parser("list", help="list mailboxes (all sites) and their proxy addresses")
-    _common(ls)
+    add_site_options(ls)
     ls.add_argument("--site", help="only mailboxes homed at this site")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
     add = dsub.add_parser("add", help="create a mailbox homed at this site (it replicates)")
     add.add_argument("alias", help="the mailbox alias (letters, digits, . _ -)")
     add.add_argument("--display-name", help="display name (default: the alias)")
-    _common(add)
+    add_site_options(add)
     add.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
     add.set_defaults(func=cmd_add)
     rm = dsub.add_parser("delete", help="delete a mailbox homed at this site (a tombstone replicates)")
     rm.add_argument("alias", help="the mailbox alias")
-    _common(rm)
+    add_site_options(rm)
     rm.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
     rm.set_defaults(func=cmd_delete)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
-    p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
 
 
 def open_directory(args: argparse.Namespace) -> Directory:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from imsrelay.admin_client import cli_call
+from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 
 
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ksub = k.add_subparsers(dest="kcc_command", metavar="ACTION")
     ksub.required = True
     now = ksub.add_parser("check-now", help="run the knowledge consistency check at the running site")
-    now.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
+    add_site_options(now, data=False)
     now.add_argument("--json", action="store_true", help="machine-readable output")
     now.set_defaults(func=cmd_check_now)
 

@@ -19,8 +19,8 @@ import argparse
 import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
+from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.spool import PENDING, Envelope, RecipientState, Spool
 
@@ -32,30 +32,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     qsub.required = True
 
     ls = qsub.add_parser("list", help="every queued message with its recipients' states (postqueue -p)")
-    _common(ls)
+    add_site_options(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
     show = qsub.add_parser("show", help="one message: envelope, recipients and headers (postcat -q)")
-    _common(show)
+    add_site_options(show)
     show.add_argument("queue_id", metavar="ID")
     show.add_argument("--body", action="store_true", help="print the whole message, not only its headers")
     show.set_defaults(func=cmd_show)
 
     retry = qsub.add_parser("retry", help="make deferred recipients due now (postqueue -f / -i ID)")
-    _common(retry)
+    add_site_options(retry)
     retry.add_argument("queue_ids", metavar="ID", nargs="*", help="only these messages (default: all)")
     retry.set_defaults(func=cmd_retry)
 
     delete = qsub.add_parser("delete", help="remove messages from the queue without an NDR (postsuper -d)")
-    _common(delete)
+    add_site_options(delete)
     delete.add_argument("queue_ids", metavar="ID", nargs="+")
     delete.set_defaults(func=cmd_delete)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
-    p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
 
 
 def open_spool(args: argparse.Namespace) -> Spool:

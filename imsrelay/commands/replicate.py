@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from imsrelay.admin_client import cli_call
+from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 
 
@@ -23,18 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     now = rsub.add_parser("request-now", help="ask a site for its directory changes now",
                           description="Request Now: by default 'update only new and modified items' "
                                       "(since the high-water mark); --all requests everything.")
-    _common(now)
+    add_site_options(now, data=False)
     now.add_argument("--site", required=True, help="the remote site's directory name (e.g. SiteB)")
     now.add_argument("--all", action="store_true", help="request every item, not only new and modified ones")
     now.set_defaults(func=cmd_request_now)
     st = rsub.add_parser("status", help="per peer: high-water mark, last request/reply, backlog")
-    _common(st)
+    add_site_options(st, data=False)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
 
 
 def when(ts: float | None) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from imsrelay.admin_client import cli_call, ensure_offline
+from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
@@ -32,18 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     old.add_argument("--drop-old", action="store_true",
                      help="do not keep the old primary address as a secondary (Exchange 5.5 behaviour)")
     old.add_argument("--keep-old", action="store_true", help="keep the old primary address as a secondary")
-    _common(st)
+    add_site_options(st, offline=True, data_help="data directory, with --offline (overrides site.data_dir)")
     st.set_defaults(func=cmd_set)
     sh = ssub.add_parser("show", help="show the Site Addressing and routing address")
-    _common(sh)
+    add_site_options(sh, offline=True, data_help="data directory, with --offline (overrides site.data_dir)")
     sh.set_defaults(func=cmd_show)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
-    p.add_argument("--data", type=Path, help="data directory, with --offline (overrides site.data_dir)")
-    p.add_argument("--offline", action="store_true",
-                   help="work on the stopped site's database directly instead of its admin endpoint")
 
 
 def print_report(site: str, r: dict[str, Any]) -> None:
