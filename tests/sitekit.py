@@ -61,6 +61,17 @@ def make_config(tmp_path: Path, mapping: dict[str, Any]) -> SiteConfig:
     return config_from_mapping(mapping, tmp_path / f"{name}.toml", data_dir=tmp_path / name)
 
 
+def write_site_file(tmp_path: Path, mapping: dict[str, Any]) -> tuple[Path, SiteConfig]:
+    """Write a site's TOML file (data in ``tmp_path/<name>``) and load it back."""
+    import tomli_w
+
+    name = mapping["site"]["name"]
+    mapping["site"]["data_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(tomli_w.dumps(mapping))
+    return path, config_from_mapping(mapping, path)
+
+
 @contextlib.asynccontextmanager
 async def running_site(config: SiteConfig) -> AsyncIterator[Site]:
     site = Site(config)

@@ -13,12 +13,10 @@ import smtplib
 from pathlib import Path
 
 import pytest
-import tomli_w
-from sitekit import free_port, maildir_messages, site_mapping, wait_for
+from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
 
 from imsrelay import cli
 from imsrelay.commands.org_setup import lagging, needs_site_addressing, view_of
-from imsrelay.config import config_from_mapping
 from imsrelay.site import Site
 
 HOSTS = {"SiteA": "127.0.0.21", "SiteB": "127.0.0.22", "SiteC": "127.0.0.23"}
@@ -43,11 +41,7 @@ class Org:
                              "connectors": [{"site": o, "schedule": "never"} for o in others]},
                 admin={"listen": host, "port": self.admin_ports[name], "token": TOKEN},
                 logging={"level": "warning", "format": "json"})
-            mapping["site"]["data_dir"] = str(tmp_path / name)
-            path = tmp_path / f"{name}.toml"
-            path.write_text(tomli_w.dumps(mapping))
-            self.paths[name] = path
-            self.configs[name] = config_from_mapping(mapping, path)
+            self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
         self.sites: dict[str, Site] = {}
 
     def url(self, name: str) -> str:

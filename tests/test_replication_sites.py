@@ -17,11 +17,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-import tomli_w
-from sitekit import free_port, maildir_messages, site_mapping, wait_for
+from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
 
 from imsrelay import cli
-from imsrelay.config import config_from_mapping
 from imsrelay.directory import DirObject, Stamp
 from imsrelay.replication import build_request, render_message
 from imsrelay.site import Site
@@ -60,11 +58,7 @@ class Org:
                 logging={"level": "warning", "format": "json"})
             if mailboxes and name in mailboxes:
                 mapping["mailboxes"] = mailboxes[name]
-            mapping["site"]["data_dir"] = str(tmp_path / name)
-            path = tmp_path / f"{name}.toml"
-            path.write_text(tomli_w.dumps(mapping))
-            self.paths[name] = path
-            self.configs[name] = config_from_mapping(mapping, path)
+            self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
         self.sites: dict[str, Site] = {}
 
     async def start(self, *names: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
@@ -74,42 +76,41 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call, ensure_offline
-    from imsrelay.cli import UserError
+    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
         m = cli_call(config, "POST", "/directory/mailboxes", {"alias": args.alias, "display_name": args.display_name})
         print(f"{config.site}: mailbox {m['alias']} created, SMTP:{m['primary_address']}")
         return 0
-    ensure_offline(config)
-    directory = open_directory(args)
-    try:
-        mbx = directory.add_mailbox(args.alias, args.display_name)
-    except DirectoryError as exc:
-        raise UserError(f"{config.site}: {exc}") from None
-    finally:
-        directory.close()
+    mbx = _offline(args, config, lambda d: d.add_mailbox(args.alias, args.display_name))
     print(f"{config.site}: mailbox {mbx.alias} created, SMTP:{mbx.primary_address} (offline)")
     return 0
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call, ensure_offline
+def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory], Any]) -> Any:
+    """``--offline``: make the change in the stopped site's database directly."""
+    from imsrelay.admin_client import ensure_offline
     from imsrelay.cli import UserError
+
+    ensure_offline(config)
+    directory = open_directory(args)
+    try:
+        return change(directory)
+    except DirectoryError as exc:
+        raise UserError(f"{config.site}: {exc}") from None
+    finally:
+        directory.close()
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
         cli_call(config, "DELETE", f"/directory/mailboxes/{args.alias}")
         print(f"{config.site}: mailbox {args.alias} deleted (the deletion replicates as a tombstone)")
         return 0
-    ensure_offline(config)
-    directory = open_directory(args)
-    try:
-        directory.delete_mailbox(args.alias)
-    except DirectoryError as exc:
-        raise UserError(f"{config.site}: {exc}") from None
-    finally:
-        directory.close()
+    _offline(args, config, lambda d: d.delete_mailbox(args.alias))
     print(f"{config.site}: mailbox {args.alias} deleted (offline; the deletion replicates as a tombstone)")
     return 0
