@@ -58,6 +58,7 @@ class MailboxConfig:
     alias: str
     display_name: str
     extra_addresses: tuple[str, ...] = ()  # additional proxy addresses, "smtp:x@y"
+    password_hash: str | None = None  # scrypt hash set when the mailbox has no password yet
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class SmtpConfig:
     max_errors: int = 20
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_generate: bool = False  # no tls_cert: make a throwaway CA + certificate in <data_dir>/tls
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
 
@@ -179,6 +181,45 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """[auth]: SMTP AUTH (RFC 4954) against the mailboxes' accounts in the directory."""
+
+    enabled: bool = True
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    allow_plaintext: bool = False  # offer AUTH before STARTTLS on the main port (a lab switch)
+    replicate_credentials: bool = False  # the organisation lets password hashes replicate
+    max_failures: int = 5
+    failure_window: float = 900.0
+    lockout: float = 900.0
+    failure_delay: float = 1.0
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """[submission]: message submission listeners (RFC 6409 port 587, RFC 8314 port 465)."""
+
+    listen: str = ""  # "" = smtp.listen
+    port: int | None = None  # STARTTLS then AUTH before MAIL; None = off
+    tls_port: int | None = None  # implicit TLS, AUTH before MAIL; None = off
+
+
+@dataclass(frozen=True)
+class RestrictionsConfig:
+    """[restrictions]: Routing Restrictions, submission and connection rules, message filtering."""
+
+    relay_authenticated: bool = True
+    relay_internal_addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    never_relay: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    sender_must_match: bool = False
+    accept: str = "all"
+    accept_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    reject_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    filter_senders: tuple[str, ...] = ()
+    filter_action: str = "turf"
+    turf_dir: Path | None = None  # None = <data_dir>/turf
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     organisation: str
@@ -196,6 +237,14 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
+
+    @property
+    def turf_dir(self) -> Path:
+        """Where Message Filtering keeps filtered mail (``restrictions.turf_dir``)."""
+        return self.restrictions.turf_dir or self.data_dir / "turf"
 
     @property
     def hostname(self) -> str:
@@ -369,6 +418,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_errors=s.int("max_errors", 20, minimum=1),
         tls_cert=(config_dir / cert) if cert else None,
         tls_key=(config_dir / key) if key else None,
+        tls_generate=s.bool("tls_generate", False),
         workers=s.int("workers", 1, minimum=1, maximum=64),
         queue_minfree=s.int("queue_minfree", 0, minimum=0),
     )
@@ -460,7 +510,15 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
             except AddressError as exc:
                 raise ConfigError(path, f"{m.key('addresses')}[{i}]", str(exc)) from None
             extra.append(str(addr) if ":" in str(addr) else f"smtp:{addr}")
-        mailboxes.append(MailboxConfig(alias, m.str("display_name", alias), tuple(extra)))
+        password_hash = m.str("password_hash")
+        if password_hash is not None:
+            from imsrelay.auth import PasswordError, parse_hash
+
+            try:
+                parse_hash(password_hash)
+            except PasswordError as exc:
+                raise m.error("password_hash", f"{exc} (make one with: imsrelay directory hash-password)") from None
+        mailboxes.append(MailboxConfig(alias, m.str("display_name", alias), tuple(extra), password_hash))
         m.reject_unknown()
 
     delivery = _load_delivery(root.table_of("delivery"))
@@ -526,6 +584,14 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     logging = LoggingConfig(level, fmt)
     lg.reject_unknown()
 
+    auth = _load_auth(root.table_of("auth"))
+    submission = _load_submission(root.table_of("submission"))
+    restrictions = _load_restrictions(root.table_of("restrictions"), config_dir)
+    if (submission.port is not None or submission.tls_port is not None) and not (
+            smtp.tls_cert or smtp.tls_generate):
+        raise ConfigError(path, "submission.port", "submission listeners need TLS: set smtp.tls_cert and "
+                          "smtp.tls_key (or smtp.tls_generate = true for a throwaway lab certificate)")
+
     root.reject_unknown()
 
     if data_dir is None:
@@ -538,4 +604,79 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
         replication=replication, admin=admin, logging=logging,
+        auth=auth, submission=submission, restrictions=restrictions,
     )
+
+
+def _networks(s: _Section, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for i, net in enumerate(s.list(name)):
+        try:
+            out.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            raise ConfigError(s.path, f"{s.key(name)}[{i}]", f"{net!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def _load_auth(s: _Section) -> AuthConfig:
+    from imsrelay.auth import MECHANISMS
+
+    mechanisms = []
+    for i, m in enumerate(s.list("mechanisms") if "mechanisms" in s.table else list(MECHANISMS)):
+        if str(m).upper() not in MECHANISMS:
+            raise ConfigError(s.path, f"{s.key('mechanisms')}[{i}]", f"{m!r}: supported are {', '.join(MECHANISMS)}")
+        mechanisms.append(str(m).upper())
+    s.used.add("mechanisms")
+    cfg = AuthConfig(
+        enabled=s.bool("enabled", True),
+        mechanisms=tuple(mechanisms),
+        allow_plaintext=s.bool("allow_plaintext", False),
+        replicate_credentials=s.bool("replicate_credentials", False),
+        max_failures=s.int("max_failures", 5, minimum=1),
+        failure_window=s.duration("failure_window", 900.0) or 900.0,
+        lockout=s.duration("lockout", 900.0) or 0.0,
+        failure_delay=s.duration("failure_delay", 1.0) or 0.0,
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _load_submission(s: _Section) -> SubmissionConfig:
+    def port(name: str) -> int | None:  # 0 or absent: that listener is off
+        return s.int(name, 0, minimum=0, maximum=65535) or None
+
+    cfg = SubmissionConfig(listen=s.str("listen", ""), port=port("port"), tls_port=port("tls_port"))
+    s.reject_unknown()
+    return cfg
+
+
+def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
+    from imsrelay.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
+
+    accept = s.str("accept", "all")
+    if accept not in ACCEPT_MODES:
+        raise s.error("accept", f"must be one of {', '.join(ACCEPT_MODES)}")
+    action = s.str("filter_action", "turf")
+    if action not in FILTER_ACTIONS:
+        raise s.error("filter_action", f"must be one of {', '.join(FILTER_ACTIONS)}")
+    senders = []
+    for i, entry in enumerate(s.list("filter_senders")):
+        try:
+            senders.append(check_entry(str(entry)))
+        except ValueError as exc:
+            raise ConfigError(s.path, f"{s.key('filter_senders')}[{i}]", str(exc)) from None
+    turf = s.str("turf_dir")
+    cfg = RestrictionsConfig(
+        relay_authenticated=s.bool("relay_authenticated", True),
+        relay_internal_addresses=_networks(s, "relay_internal_addresses"),
+        never_relay=_networks(s, "never_relay"),
+        sender_must_match=s.bool("sender_must_match", False),
+        accept=accept,
+        accept_hosts=_networks(s, "accept_hosts"),
+        reject_hosts=_networks(s, "reject_hosts"),
+        filter_senders=tuple(senders),
+        filter_action=action,
+        turf_dir=(config_dir / turf) if turf else None,
+    )
+    s.reject_unknown()
+    return cfg

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imsrelay.addresses import AddressError, parse_address, parse_proxy
+from imsrelay.restrictions import FILTER_ACTIONS, SenderRules, check_entries
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +74,11 @@ CREATE TABLE IF NOT EXISTS peers(
     last_reply    REAL,
     last_error    TEXT,
     applied       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS credentials(
+    object_id  TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL,
+    changed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen_messages(
     message_id TEXT PRIMARY KEY,
@@ -136,6 +142,7 @@ class Mailbox:
     home_site: str
     proxy_addresses: tuple[str, ...]
     deleted: bool = False
+    sender_rules: SenderRules = SenderRules()  # Delivery Restrictions and Message Filter
 
     @property
     def primary_address(self) -> str:
@@ -184,8 +191,10 @@ def site_id(name: str) -> str:
 
 
 def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox:
+    rules = SenderRules(tuple(obj_data.get("accept_from", ())), tuple(obj_data.get("reject_from", ())),
+                        tuple(obj_data.get("filter_senders", ())), obj_data.get("filter_action", "turf"))
     return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
-                   tuple(obj_data.get("proxy_addresses", ())), deleted)
+                   tuple(obj_data.get("proxy_addresses", ())), deleted, rules)
 
 
 def _site_from(data: dict[str, Any]) -> SiteObject:
@@ -540,8 +549,103 @@ class Directory:
         if obj is None or obj.deleted:
             raise DirectoryError(f"no mailbox {alias} at {self.site}")
         with self._transaction():
-            self._local_change(obj.object_id, "mailbox", obj.data, deleted=True)
+            self._db.execute("DELETE FROM credentials WHERE object_id=?", (obj.object_id,))
+            data = {k: v for k, v in obj.data.items() if k != "password_hash"}
+            self._local_change(obj.object_id, "mailbox", data, deleted=True)
         self._notify()
+
+    def set_sender_rules(self, alias: str, *, accept_from: Sequence[str] | None = None,
+                         reject_from: Sequence[str] | None = None, filter_senders: Sequence[str] | None = None,
+                         filter_action: str | None = None) -> Mailbox:
+        """Change a local mailbox's Delivery Restrictions / Message Filter (a list given
+        replaces the old one; None keeps it).  The change replicates with the mailbox."""
+        obj = self._load(mailbox_id(self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryError(f"no mailbox {alias} at {self.site}")
+        data = dict(obj.data)
+        try:
+            for key, value in (("accept_from", accept_from), ("reject_from", reject_from),
+                               ("filter_senders", filter_senders)):
+                if value is not None:
+                    data[key] = list(check_entries(value))
+                    if not data[key]:
+                        del data[key]
+        except ValueError as exc:
+            raise DirectoryError(f"not a sender address or @domain: {exc}") from None
+        if filter_action is not None:
+            if filter_action not in FILTER_ACTIONS:
+                raise DirectoryError(f"filter action must be one of {', '.join(FILTER_ACTIONS)}")
+            data["filter_action"] = filter_action
+        if data != obj.data:
+            with self._transaction():
+                obj = self._local_change(obj.object_id, "mailbox", data)
+            self._notify()
+        return _mailbox_from(obj.data, self.site, False)
+
+    # ---------------------------------------------------------------- credentials
+
+    def set_password_hash(self, alias: str, password_hash: str, *, replicate: bool = False) -> None:
+        """Store a local mailbox's password hash.  Kept in this site's ``credentials``
+        table only; with ``replicate`` (the organisation allows it) also in the
+        mailbox object, so the hash replicates with it; without, any replicated copy
+        is removed from the object."""
+        object_id = mailbox_id(self.site, alias)
+        obj = self._load(object_id)
+        if obj is None or obj.deleted:
+            raise DirectoryError(f"no mailbox {alias} at {self.site}")
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO credentials(object_id, hash, changed_at) VALUES(?,?,?) ON CONFLICT(object_id) "
+                "DO UPDATE SET hash=excluded.hash, changed_at=excluded.changed_at",
+                (object_id, password_hash, self.clock()))
+            data = dict(obj.data)
+            if replicate:
+                data["password_hash"] = password_hash
+            else:
+                data.pop("password_hash", None)
+            if data != obj.data:
+                self._local_change(object_id, "mailbox", data)
+        self._notify()
+
+    def ensure_password_hash(self, alias: str, password_hash: str, *, replicate: bool = False) -> bool:
+        """Set the hash only when the local mailbox has none yet; True when set."""
+        row = self._db.execute("SELECT 1 FROM credentials WHERE object_id=?",
+                               (mailbox_id(self.site, alias),)).fetchone()
+        if row is not None or self.mailbox(alias) is None:
+            return False
+        self.set_password_hash(alias, password_hash, replicate=replicate)
+        return True
+
+    def has_password(self, alias: str) -> bool:
+        return self._db.execute("SELECT 1 FROM credentials WHERE object_id=?",
+                                (mailbox_id(self.site, alias),)).fetchone() is not None
+
+    def credential(self, login: str, *, replicated: bool = False) -> tuple[Mailbox, str] | None:
+        """The mailbox a login names (a local alias, or any of a mailbox's SMTP
+        addresses) and its password hash; None when there is no such account.
+        ``replicated``: also accept hashes that came with replicated mailboxes."""
+        if "@" in login:
+            try:
+                key = parse_address(login).key
+            except AddressError:
+                return None
+            row = self._db.execute("SELECT object_id FROM proxy_addresses WHERE address=?", (key,)).fetchone()
+            if row is None:
+                return None
+            object_id = row[0]
+        else:
+            object_id = mailbox_id(self.site, login)
+        obj = self._load(object_id)
+        if obj is None or obj.deleted or obj.kind != "mailbox":
+            return None
+        mbx = _mailbox_from(obj.data, obj.home_site, False)
+        row = self._db.execute("SELECT hash FROM credentials WHERE object_id=?", (object_id,)).fetchone()
+        if row is not None:
+            return mbx, row[0]
+        replica = obj.data.get("password_hash")
+        if replicated and isinstance(replica, str):
+            return mbx, replica
+        return None
 
     # ---------------------------------------------------------------- sites / addressing
 

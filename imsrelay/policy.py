@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imsrelay.addresses import Address, most_specific
+from imsrelay.restrictions import Client, RelayRules, relay_decision
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -39,6 +40,7 @@ class InboundPolicy:
     max_recipients: int
     max_message_size: int
     max_hops: int
+    relay: RelayRules | None = None  # Routing Restrictions; None: relay_networks only
 
 
 def client_may_relay(client_ip: str | None, networks: Sequence[IPNetwork]) -> bool:
@@ -60,8 +62,10 @@ def check_size(declared: int | None, limit: int) -> Reply | None:
 
 
 def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str | None,
-                    known: bool, accepted_so_far: int) -> Reply:
-    """RCPT TO decision. ``known``: the directory (or a service address) owns it."""
+                    known: bool, accepted_so_far: int, client: Client | None = None) -> Reply:
+    """RCPT TO decision. ``known``: the directory (or a service address) owns it.
+    ``client`` (authentication, the address it connected to) feeds the Routing
+    Restrictions; without it only ``client_ip`` and ``relay_networks`` count."""
     if accepted_so_far >= policy.max_recipients:
         return Reply(452, "4.5.3", f"Too many recipients (at most {policy.max_recipients} per message)")
     if known:
@@ -72,8 +76,12 @@ def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str |
         if match[1] == "local":
             return Reply(550, "5.1.1", f"<{address}> unknown or illegal user")
         return Reply(250, "2.1.5", f"<{address}> recipient ok (forwarded to its site)")
-    if client_may_relay(client_ip, policy.relay_networks):
-        return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed)")
+    rules = policy.relay or RelayRules(authenticated=False, networks=policy.relay_networks)
+    decision = relay_decision(client or Client(client_ip), rules)
+    if decision.allowed:
+        return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed: {decision.rule})")
+    if decision.rule.startswith("never-relay"):
+        return Reply(554, "5.7.1", f"<{address}> relaying denied: {decision.rule}")
     return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
 
 

@@ -19,12 +19,14 @@ from typing import Any
 
 from imsrelay import dsn
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
+from imsrelay.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
@@ -62,6 +64,15 @@ class Site:
         self._seen_usn = -1
         self._table: RoutingTable | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._submission_servers: list[asyncio.base_events.Server] = []
+        self.submission_ports: dict[str, int] = {}  # "submission" / "smtps" -> bound port
+        a = config.auth
+        self.auth_failures = FailureLimiter(AuthLimits(max_failures=a.max_failures, window=a.failure_window,
+                                                       lockout=a.lockout, failure_delay=a.failure_delay))
+        r = config.restrictions
+        self._relay_rules = RelayRules(authenticated=r.relay_authenticated, networks=config.smtp.relay_networks,
+                                       internal_addresses=r.relay_internal_addresses, never=r.never_relay)
+        self._accept_rules = AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
@@ -103,6 +114,7 @@ class Site:
                 mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in cfg.mailboxes])
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
+            await self.directory.run(self._provision_passwords)
         else:
             await self._wait_for_provisioning()
         await self.refresh()
@@ -127,6 +139,7 @@ class Site:
         self._server = await loop.create_server(session, host=cfg.smtp.listen, port=cfg.smtp.port,
                                                 reuse_address=True, reuse_port=self.workers > 1)
         self.bound_port = self._server.sockets[0].getsockname()[1]
+        await self._start_submission(tls, session_of=self._sessions)
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
@@ -140,6 +153,8 @@ class Site:
             await self.admin.stop()
         if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
+        for server in self._submission_servers:
+            server.close()
         if self._server is not None:
             self._server.close()
             # Python 3.11's Server.close() leaves accepted connections open: a peer's pooled
@@ -148,6 +163,9 @@ class Site:
                 if protocol.transport is not None:
                     protocol.transport.close()
             await self._server.wait_closed()
+        for server in self._submission_servers:
+            await server.wait_closed()
+        self._submission_servers.clear()
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
@@ -171,11 +189,95 @@ class Site:
 
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
-        if not cfg.tls_cert or not cfg.tls_key:
+        cert, key = cfg.tls_cert, cfg.tls_key
+        if (not cert or not key) and cfg.tls_generate:
+            cert, key = self._throwaway_certificate()
+        if not cert or not key:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        ctx.load_cert_chain(str(cert), str(key))
         return ctx
+
+    def _throwaway_certificate(self) -> tuple[Any, Any]:
+        """``smtp.tls_generate``: a lab CA and a certificate for this site in ``<data_dir>/tls``."""
+        from imsrelay.lab_ca import ensure_ca, ensure_certificate
+
+        cfg = self.config
+        tls_dir = cfg.data_dir / "tls"
+        ca = ensure_ca(tls_dir)
+        listen = cfg.smtp.listen
+        addresses = sorted(local_addresses()) if listen in ("", "0.0.0.0", "::") else [listen]
+        names = [cfg.hostname, f"{cfg.server}.{cfg.site_domain}", "localhost"]
+        cert = ensure_certificate(tls_dir, "server", ca=ca, hostnames=names,
+                                  addresses=[a for a in addresses if _is_ip(a)])
+        self.log.info("tls.generated", ca=str(ca[0]), certificate=str(cert[0]))
+        return cert
+
+    async def _start_submission(self, tls: ssl.SSLContext | None, *, session_of: Any) -> None:
+        """[submission]: port 587 (STARTTLS, AUTH before MAIL) and 465 (implicit TLS)."""
+        sub = self.config.submission
+        listen = sub.listen or self.config.smtp.listen
+        loop = asyncio.get_running_loop()
+        for listener, port in (("submission", sub.port), ("smtps", sub.tls_port)):
+            if port is None:
+                continue
+            if tls is None:
+                raise RuntimeError(f"{self.config.path}: submission needs TLS (smtp.tls_cert or smtp.tls_generate)")
+            factory = server_factory(self, tls, listener=listener)
+
+            def session(factory: Any = factory) -> Any:
+                protocol = factory()
+                session_of.add(protocol)
+                return protocol
+
+            server = await loop.create_server(session, host=listen, port=port, reuse_address=True,
+                                              reuse_port=self.workers > 1,
+                                              ssl=tls if listener == "smtps" else None)
+            self._submission_servers.append(server)
+            self.submission_ports[listener] = server.sockets[0].getsockname()[1]
+            self.log.info("submission.started", listener=listener, listen=listen,
+                          port=self.submission_ports[listener])
+
+    # ------------------------------------------------------------ auth and restrictions
+
+    def _provision_passwords(self) -> None:
+        """Password hashes from the config file, for mailboxes that have none yet."""
+        replicate = self.config.auth.replicate_credentials
+        for m in self.config.mailboxes:
+            if m.password_hash and self.directory.ensure_password_hash(m.alias, m.password_hash,
+                                                                        replicate=replicate):
+                self.log.info("auth.password_set", alias=m.alias, source="config")
+
+    async def authenticate(self, login: str, password: bytes) -> Identity | None:
+        """The mailbox account ``login`` names, if ``password`` is its password.
+        The scrypt check runs off the event loop; an unknown login costs the same."""
+        found = await self.directory.run(self.directory.credential, login,
+                                         replicated=self.config.auth.replicate_credentials)
+        stored = found[1] if found is not None else dummy_hash()
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if found is None or not ok:
+            return None
+        mbx = found[0]
+        return Identity(mbx.alias, mbx.home_site, tuple(mbx.smtp_addresses))
+
+    def accept_rules(self) -> AcceptRules:
+        return self._accept_rules
+
+    def relay_rules(self) -> RelayRules:
+        return self._relay_rules
+
+    async def keep_filtered(self, queue_id: str, sender: str, filtered: dict[str, FilterDecision],
+                            message: bytes, client: Client) -> None:
+        """Message Filtering: recipients whose copy is deleted or kept in the turf
+        directory (``<queue id>.eml`` and ``.json``, written durably before the 250)."""
+        kept = {r: d for r, d in filtered.items() if d.action == "turf"}
+        if kept:
+            await asyncio.to_thread(write_turf, self.config.turf_dir, queue_id, sender, kept, message, client,
+                                    self.clock())
+        for rcpt, decision in filtered.items():
+            self.log.info("message.filtered", queue_id=queue_id, peer=client.ip, sender=sender or "<>",
+                          recipient=rcpt, action=decision.action, rule=decision.rule,
+                          turf=str(self.config.turf_dir / f"{queue_id}.eml") if decision.action == "turf" else None)
 
     # ------------------------------------------------------------ live state
 
@@ -258,7 +360,8 @@ class Site:
         org = tuple(c.routing_domain for c in cfg.connected_sites) + tuple(d for _, d in self._learned_sites)
         return InboundPolicy(local_domains=locals_, org_routing_domains=org,
                              relay_networks=cfg.smtp.relay_networks, max_recipients=cfg.smtp.max_recipients,
-                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops)
+                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops,
+                             relay=self._relay_rules)
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:
@@ -333,6 +436,42 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def write_turf(turf_dir: Any, queue_id: str, sender: str, kept: dict[str, FilterDecision], message: bytes,
+               client: Client, now: float) -> None:
+    """One filtered message in the turf directory: the message as received and what
+    filtered it (both fsync'ed)."""
+    import json
+    from pathlib import Path
+
+    turf = Path(turf_dir)
+    turf.mkdir(parents=True, exist_ok=True)
+    meta = {"queue_id": queue_id, "sender": sender or "<>", "received_at": now, "client": client.ip,
+            "auth": client.authenticated,
+            "recipients": [{"address": r, "rule": d.rule} for r, d in kept.items()]}
+    for name, data in ((f"{queue_id}.eml", message), (f"{queue_id}.json", json.dumps(meta, indent=2).encode())):
+        tmp = turf / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, turf / name)
+    fd = os.open(turf, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:

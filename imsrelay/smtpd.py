@@ -10,8 +10,12 @@ only after the spool says the message is durable.  Any unexpected error answers
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import re
 import ssl
+import time
+import warnings
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -19,11 +23,24 @@ from email.errors import HeaderParseError
 from email.utils import format_datetime
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.auth import MECHANISMS, Credentials, Identity, decode_plain
 from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
+from imsrelay.restrictions import (
+    Client,
+    FilterDecision,
+    connect_decision,
+    connect_reply,
+    delivery_decision,
+    delivery_reply,
+    filter_decision,
+    mail_requirement,
+    sender_decision,
+    sender_reply,
+)
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
@@ -67,17 +84,54 @@ class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
-    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, listener: str = "smtp",
+                 implicit_tls: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._session_timeout = session_timeout
         self._max_errors = max_errors
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_ehlo = False
+        self.listener = listener  # "smtp" | "submission" (587, STARTTLS) | "smtps" (465, implicit TLS)
+        self._implicit_tls = implicit_tls
+        self._refusal: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        """TLS is on: STARTTLS done, or the implicit-TLS port."""
+        return self._implicit_tls or self._tls_protocol is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls = self._original_transport is not None
         super().connection_made(transport)
+        sock = transport.get_extra_info("sockname")
+        self.session.local_ip = str(sock[0]) if isinstance(sock, tuple) and sock else None  # type: ignore[attr-defined]
+        if starttls:
+            return
+        self._refusal = self.event_handler.connect_refusal(_peer_ip(self.session), self.listener)
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+
+    async def _handle_client(self) -> None:
+        """A client the accept/reject lists refuse gets ``554 5.7.1`` instead of the
+        greeting; then only QUIT is answered (RFC 5321 3.1), for a few commands."""
+        if self._refusal is None:
+            await super()._handle_client()
+            return
+        try:
+            await SMTP.push(self, self._refusal)
+            for _ in range(self._max_errors):
+                line = await self._reader.readline()
+                if not line:
+                    break
+                if line.strip().upper() == b"QUIT":
+                    await SMTP.push(self, "221 2.0.0 Bye")
+                    break
+                await SMTP.push(self, "503 5.5.1 No SMTP service here: only QUIT is accepted")
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            if self.transport is not None:
+                self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
@@ -139,7 +193,64 @@ class SiteHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
+        responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # no mechanism left: no AUTH
         return responses[:-1] + extra + responses[-1:]
+
+    # -- connections: the accept / reject host lists
+    def connect_refusal(self, peer_ip: str | None, listener: str) -> str | None:
+        decision = connect_decision(peer_ip, self.site.accept_rules())
+        if decision.allowed:
+            return None
+        self.log.warning("connection.refused", peer=peer_ip, listener=listener, reason=decision.rule)
+        return connect_reply(decision)
+
+    # -- AUTH (RFC 4954): PLAIN and LOGIN against the directory's accounts
+    async def handle_AUTH(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
+                          args: list[str]) -> str | None:
+        mechanism = args[0].upper()
+        peer = _peer_ip(session) or "unknown"
+        limiter = self.site.auth_failures
+        locked = limiter.locked_for(peer, time.monotonic())
+        if locked > 0:
+            self.log.warning("auth.refused", peer=peer, mechanism=mechanism, reason="too many failed attempts",
+                             retry_after=int(locked) + 1)
+            await server.push(f"421 4.7.0 Too many failed authentication attempts from {peer}; "
+                              f"try again in {int(locked) + 1} s")
+            if server.transport is not None:
+                server.transport.close()
+            return None
+        try:
+            creds = await _read_credentials(server, mechanism, args[1] if len(args) > 1 else None)
+        except ValueError as exc:
+            return f"501 5.5.2 {exc}"
+        if creds is None:
+            return None  # the client cancelled ("*"); aiosmtpd answered 501
+        try:
+            identity = None
+            if not creds.authzid or creds.authzid.lower() == creds.login.lower():
+                identity = await self.site.authenticate(creds.login, creds.password)
+        except Exception as exc:
+            self.log.error("auth.internal_error", peer=peer, mechanism=mechanism, error=repr(exc), exc_info=exc)
+            return "454 4.7.0 Temporary authentication failure; please try again later"
+        if identity is None:
+            failures = limiter.failure(peer, time.monotonic())
+            locked_out = limiter.locked_for(peer, time.monotonic()) > 0
+            self.log.warning("auth.failed", peer=peer, mechanism=mechanism, login=creds.login[:100],
+                             failures=failures, locked_out=locked_out)
+            await asyncio.sleep(limiter.delay(failures))
+            return "535 5.7.8 Authentication credentials invalid"
+        limiter.success(peer)
+        session.authenticated = True
+        session.auth_data = identity
+        self.log.info("auth.succeeded", peer=peer, mechanism=mechanism, user=identity.alias,
+                      encrypted=server.encrypted, listener=server.listener)
+        return "235 2.7.0 Authentication successful"
+
+    def _client(self, server: ImsSMTP, session: Session) -> Client:
+        identity = session.auth_data if session.authenticated and isinstance(session.auth_data, Identity) else None
+        return Client(_peer_ip(session), getattr(session, "local_ip", None),
+                      identity.alias if identity else None, server.encrypted,
+                      identity.addresses if identity else ())
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -148,6 +259,16 @@ class SiteHandler:
                 parse_address(address)
             except AddressError as exc:
                 return f"553 5.1.7 Bad sender address syntax: {exc}"
+        client = self._client(server, session)
+        need = mail_requirement(client, self.site.accept_rules().mode) if server.listener == "smtp" else None
+        if need:
+            self.log.info("sender.rejected", peer=client.ip, sender=address, reply=need)
+            return need
+        as_sender = sender_decision(address, client, must_match=self.site.config.restrictions.sender_must_match)
+        if not as_sender.allowed:
+            self.log.warning("sender.rejected", peer=client.ip, sender=address, user=client.authenticated,
+                             reply=sender_reply(as_sender))
+            return sender_reply(as_sender)
         size = None
         for opt in mail_options:
             if opt.upper().startswith("SIZE=") and opt[5:].isdigit():
@@ -172,9 +293,26 @@ class SiteHandler:
         except AddressError as exc:
             return f"553 5.1.3 {exc}"
         known = await self.site.recipient_known(address)
-        reply: Reply = check_recipient(parsed, policy=self.site.inbound_policy(), client_ip=_peer_ip(session),
-                                       known=known, accepted_so_far=len(envelope.rcpt_tos))
+        client = self._client(server, session)
+        reply: Reply = check_recipient(parsed, policy=self.site.inbound_policy(), client_ip=client.ip,
+                                       known=known, accepted_so_far=len(envelope.rcpt_tos), client=client)
         if reply.ok:
+            sender = envelope.mail_from or "<>"
+            mailbox = (await self.site.lookup_mailboxes([address]))[0] if known else None
+            if mailbox is not None:
+                allowed = delivery_decision(sender, address, mailbox.sender_rules)
+                if not allowed.allowed:
+                    text = delivery_reply(sender, allowed)
+                    self.log.info("recipient.restricted", peer=client.ip, sender=sender, recipient=address,
+                                  reason=allowed.rule, reply=text)
+                    return text
+            rcfg = self.site.config.restrictions
+            filtered = filter_decision(sender, site_entries=rcfg.filter_senders, site_action=rcfg.filter_action,
+                                       mailbox=mailbox.sender_rules if mailbox is not None else None)
+            if filtered.action != "deliver":
+                if not hasattr(envelope, "filtered"):
+                    envelope.filtered = {}  # type: ignore[attr-defined]
+                envelope.filtered[address] = filtered  # type: ignore[attr-defined]
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         else:
@@ -203,22 +341,32 @@ class SiteHandler:
                 self.log.info("message.rewritten", queue_id=queue_id, sender=sender, rewritten=new_sender)
                 sender = new_sender
         peer_ip = _peer_ip(session) or "unknown"
+        client = self._client(server, session)
         first_rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         received = received_header(helo=session.host_name or "unknown", peer_ip=peer_ip, by=cfg.hostname,
                                    queue_id=queue_id, recipient=first_rcpt,
-                                   protocol="UTF8SMTP" if envelope.smtp_utf8 else ("ESMTPS" if session.ssl else "ESMTP"))
+                                   protocol=received_protocol(utf8=bool(envelope.smtp_utf8), tls=client.encrypted,
+                                                              authenticated=client.authenticated is not None))
         message = received + raw
         if len(message) > cfg.smtp.max_message_size + len(received):
             return "552 5.3.4 Message size exceeds fixed maximum message size"
+        filtered: dict[str, FilterDecision] = getattr(envelope, "filtered", {})
+        if filtered:
+            await self.site.keep_filtered(queue_id, sender, filtered, message, client)
+        recipients = [r for r in envelope.rcpt_tos if r not in filtered]
+        if not recipients:
+            return f"250 2.0.0 Ok: queued as {queue_id}"
         body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
+        extra = {"auth": client.authenticated} if client.authenticated else {}
         env = Envelope(
             queue_id=queue_id, sender=sender,
-            recipients=[RecipientState(address=r, original=r) for r in envelope.rcpt_tos],
+            recipients=[RecipientState(address=r, original=r) for r in recipients],
             received_at=self.site.clock(), client=peer_ip, helo=session.host_name or "",
-            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp")
+            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp", extra=extra)
         await self.site.accept(env, message)
         self.log.info("message.accepted", queue_id=queue_id, peer=peer_ip, sender=sender,
-                      recipients=list(envelope.rcpt_tos), size=len(message))
+                      recipients=recipients, size=len(message), auth=client.authenticated,
+                      tls=client.encrypted, listener=server.listener)
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -233,6 +381,40 @@ def _peer_ip(session: Session) -> str | None:
     return None
 
 
+def received_protocol(*, utf8: bool, tls: bool, authenticated: bool) -> str:
+    """The ``with`` of a Received: line: RFC 3848 ESMTP/ESMTPS/ESMTPA/ESMTPSA, RFC 6531 UTF8SMTP…"""
+    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -> Credentials | None:
+    """The login and password a client sends for PLAIN or LOGIN (None: it cancelled)."""
+    def b64(text: str) -> bytes:
+        if text == "=":  # RFC 4954: an empty initial response
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("Can't decode base64") from None
+
+    if mechanism == "PLAIN":
+        blob = b64(initial) if initial is not None else await server.challenge_auth("")
+        if blob is MISSING:
+            return None
+        return decode_plain(blob)  # type: ignore[arg-type]
+    if mechanism == "LOGIN":
+        login = b64(initial) if initial is not None else await server.challenge_auth("Username:")
+        if login is MISSING:
+            return None
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return None
+        try:
+            return Credentials(login.decode("utf-8"), password)  # type: ignore[union-attr,arg-type]
+        except UnicodeDecodeError:
+            raise ValueError("the login is not UTF-8") from None
+    raise ValueError(f"unsupported mechanism {mechanism}")
+
+
 def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipient: str | None,
                     protocol: str = "ESMTP", now: datetime | None = None) -> bytes:
     now = now or datetime.now(UTC)
@@ -242,7 +424,8 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipien
             f"{for_part}; {format_datetime(now)}\r\n").encode("utf-8", "surrogateescape")
 
 
-def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
+def server_factory(site: Any, tls_context: ssl.SSLContext | None, *,
+                   listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for the site's listening socket.
 
     aiosmtpd's ``SMTP.__init__`` inspects the handler and the protocol class on every
@@ -251,14 +434,29 @@ def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[]
     built normally and later ones copy its settings and rebind its method tables;
     only the per-connection stream state is made afresh."""
     cfg = site.config.smtp
+    auth = site.config.auth
     handler = SiteHandler(site)
     template: dict[str, Any] | None = None
+    mechanisms = auth.mechanisms if auth.enabled else ()
+    # the main port: AUTH after STARTTLS (or before, with auth.allow_plaintext); 587: STARTTLS,
+    # then AUTH before MAIL (RFC 6409); 465: TLS from the start, AUTH before MAIL (RFC 8314)
+    auth_options = {
+        "auth_required": listener != "smtp",
+        "auth_require_tls": listener == "submission" or (listener == "smtp" and not auth.allow_plaintext),
+        "auth_exclude_mechanism": [m for m in MECHANISMS if m not in mechanisms],
+    }
 
     def full() -> ImsSMTP:
+        with warnings.catch_warnings():  # 465: AUTH without STARTTLS is fine, TLS is on from the start
+            warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+            return _protocol()
+
+    def _protocol() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
+                       listener=listener, implicit_tls=listener == "smtps", **auth_options,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                        hostname=site.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
-                       tls_context=tls_context, timeout=cfg.idle_timeout,
+                       tls_context=None if listener == "smtps" else tls_context, timeout=cfg.idle_timeout,
                        command_call_limit={"*": 100000, "NOOP": 50, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
                                            "HELO": 20})
 
