@@ -10,6 +10,11 @@ GET      /status                     site, addressing, queue size, replication
 GET      /directory                  sites and mailboxes (``?site=`` filters)
 POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
 DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
+POST     /directory/mailboxes/ALIAS/password      ``{password_hash}`` (or ``{password}``)
+PUT      /directory/mailboxes/ALIAS/restrictions  ``{accept_from, reject_from,
+                                     filter_senders, filter_action}``: lists replace
+GET      /restrictions               the site's relay, accept, submission, filter rules
+POST     /restrictions/explain       ``{recipient, sender?, client?, auth?, local_address?}``
 POST     /replication/request-now    ``{site, full}``: Request Now
 GET      /replication/status         per peer: high-water, last request/reply, backlog
 POST     /kcc/check-now              Check Now (knowledge consistency check)
@@ -25,6 +30,7 @@ Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -44,8 +50,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def mailbox_dict(m: Mailbox) -> dict[str, Any]:
+    r = m.sender_rules
     return {"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
-            "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses)}
+            "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
+            "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
+            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action}
 
 
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
@@ -73,6 +82,10 @@ class AdminServer:
         r.add_get("/directory", self.get_directory)
         r.add_post("/directory/mailboxes", self.post_mailbox)
         r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
+        r.add_post("/directory/mailboxes/{alias}/password", self.post_password)
+        r.add_put("/directory/mailboxes/{alias}/restrictions", self.put_restrictions)
+        r.add_get("/restrictions", self.get_restrictions)
+        r.add_post("/restrictions/explain", self.post_explain)
         r.add_post("/replication/request-now", self.post_request_now)
         r.add_get("/replication/status", self.get_replication_status)
         r.add_post("/kcc/check-now", self.post_check_now)
@@ -176,6 +189,62 @@ class AdminServer:
         await directory.run(directory.delete_mailbox, alias)
         self.site.log.info("directory.mailbox_deleted", alias=alias)
         return web.json_response({"deleted": alias, "site": self.site.config.site})
+
+    async def post_password(self, request: web.Request) -> web.Response:
+        from imsrelay.auth import PasswordError, hash_password, parse_hash
+
+        alias = request.match_info["alias"]
+        body = await _json_body(request)
+        stored = _field(body, "password_hash", str)
+        password = _field(body, "password", str)
+        if (stored is None) == (password is None):
+            raise _BadRequest("give password_hash (imsrelay directory hash-password) or password")
+        try:
+            if stored is not None:
+                parse_hash(stored)
+            else:
+                stored = await asyncio.to_thread(hash_password, password)
+        except PasswordError as exc:
+            raise _BadRequest(str(exc)) from None
+        directory = self.site.directory
+        await directory.run(directory.set_password_hash, alias, stored,
+                            replicate=self.site.config.auth.replicate_credentials)
+        self.site.log.info("auth.password_set", alias=alias, source="admin", peer=request.remote)
+        return web.json_response({"alias": alias, "site": self.site.config.site, "password": "set"})
+
+    async def put_restrictions(self, request: web.Request) -> web.Response:
+        alias = request.match_info["alias"]
+        body = await _json_body(request)
+        lists = {}
+        for name in ("accept_from", "reject_from", "filter_senders"):
+            value = _field(body, name, list)
+            if value is not None and not all(isinstance(v, str) for v in value):
+                raise _BadRequest(f"{name} must be a list of strings")
+            lists[name] = value
+        action = _field(body, "filter_action", str)
+        directory = self.site.directory
+        mbx = await directory.run(lambda: directory.set_sender_rules(alias, filter_action=action, **lists))
+        self.site.log.info("directory.restrictions_set", alias=alias, accept_from=list(mbx.sender_rules.accept_from),
+                           reject_from=list(mbx.sender_rules.reject_from),
+                           filter_senders=list(mbx.sender_rules.filter_senders))
+        return web.json_response(mailbox_dict(mbx))
+
+    async def get_restrictions(self, request: web.Request) -> web.Response:
+        from imsrelay.restrictions_report import site_rules
+
+        return web.json_response(site_rules(self.site.config))
+
+    async def post_explain(self, request: web.Request) -> web.Response:
+        from imsrelay.restrictions_report import Question, explain
+
+        body = await _json_body(request)
+        question = Question(recipient=_field(body, "recipient", str, required=True),
+                            sender=_field(body, "sender", str), client=_field(body, "client", str),
+                            auth=_field(body, "auth", str), local_address=_field(body, "local_address", str),
+                            encrypted=bool(_field(body, "encrypted", bool)))
+        directory = self.site.directory
+        lines = await directory.run(explain, self.site.config, directory, question)
+        return web.json_response({"lines": lines})
 
     def _replicator(self) -> Any:
         if self.site.replicator is None:

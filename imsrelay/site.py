@@ -69,10 +69,8 @@ class Site:
         a = config.auth
         self.auth_failures = FailureLimiter(AuthLimits(max_failures=a.max_failures, window=a.failure_window,
                                                        lockout=a.lockout, failure_delay=a.failure_delay))
-        r = config.restrictions
-        self._relay_rules = RelayRules(authenticated=r.relay_authenticated, networks=config.smtp.relay_networks,
-                                       internal_addresses=r.relay_internal_addresses, never=r.never_relay)
-        self._accept_rules = AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
+        self._relay_rules = relay_rules_for(config)
+        self._accept_rules = accept_rules_for(config)
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
@@ -354,14 +352,8 @@ class Site:
         return cached[2]
 
     def inbound_policy(self) -> InboundPolicy:
-        cfg = self.config
-        locals_ = local_domains_for(cfg.site_domain, self.addressing_domain,
-                                    cfg.smtp.accepted_domains)
-        org = tuple(c.routing_domain for c in cfg.connected_sites) + tuple(d for _, d in self._learned_sites)
-        return InboundPolicy(local_domains=locals_, org_routing_domains=org,
-                             relay_networks=cfg.smtp.relay_networks, max_recipients=cfg.smtp.max_recipients,
-                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops,
-                             relay=self._relay_rules)
+        return inbound_policy_for(self.config, addressing_domain=self.addressing_domain,
+                                  learned_sites=self._learned_sites)
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:
@@ -436,6 +428,29 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
+
+
+def relay_rules_for(config: SiteConfig) -> RelayRules:
+    """Routing Restrictions from the config file (pure)."""
+    r = config.restrictions
+    return RelayRules(authenticated=r.relay_authenticated, networks=config.smtp.relay_networks,
+                      internal_addresses=r.relay_internal_addresses, never=r.never_relay)
+
+
+def accept_rules_for(config: SiteConfig) -> AcceptRules:
+    r = config.restrictions
+    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
+
+
+def inbound_policy_for(config: SiteConfig, *, addressing_domain: str,
+                       learned_sites: tuple[tuple[str, str], ...]) -> InboundPolicy:
+    """What RCPT TO is checked against (pure); shared by the site and ``imsrelay route``."""
+    locals_ = local_domains_for(config.site_domain, addressing_domain, config.smtp.accepted_domains)
+    org = tuple(c.routing_domain for c in config.connected_sites) + tuple(d for _, d in learned_sites)
+    smtp = config.smtp
+    return InboundPolicy(local_domains=locals_, org_routing_domains=org, relay_networks=smtp.relay_networks,
+                         max_recipients=smtp.max_recipients, max_message_size=smtp.max_message_size,
+                         max_hops=smtp.max_hops, relay=relay_rules_for(config))
 
 
 def _is_ip(text: str) -> bool:

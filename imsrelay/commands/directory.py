@@ -1,7 +1,8 @@
-"""``imsrelay directory list|add|delete`` — the site's directory.
+"""``imsrelay directory list|add|delete|passwd|restrict|hash-password`` — the site's directory.
 
-``list`` reads the database; ``add``/``delete`` go through the running site's admin
-endpoint, or (``--offline``) change the stopped site's database directly.
+``list`` reads the database; ``add``/``delete``/``passwd``/``restrict`` go through the
+running site's admin endpoint, or (``--offline``) change the stopped site's database
+directly.  ``passwd`` hashes the password here (scrypt) and sends only the hash.
 """
 
 from __future__ import annotations
@@ -37,6 +38,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_site_options(rm)
     rm.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
     rm.set_defaults(func=cmd_delete)
+    pw = dsub.add_parser("passwd", help="set the SMTP AUTH password of a mailbox homed at this site",
+                         description="Set a mailbox's password (stored as a salted scrypt hash, never in clear). "
+                                     "Reads it from the terminal (twice) or, with --password-stdin or when stdin "
+                                     "is not a terminal, one line from stdin.")
+    pw.add_argument("alias", help="the mailbox alias")
+    add_site_options(pw)
+    pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    pw.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    pw.set_defaults(func=cmd_passwd)
+    hp = dsub.add_parser("hash-password", help="print the scrypt hash of a password (for mailboxes.password_hash)")
+    hp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    hp.set_defaults(func=cmd_hash_password)
+    rs = dsub.add_parser("restrict", help="Delivery Restrictions and Message Filter of a mailbox (they replicate)",
+                         description="Set who may send to a mailbox homed at this site (--accept-from, "
+                                     "--reject-from: addresses or @domains; reject wins) and whose mail to it is "
+                                     "filtered (--filter, deleted or kept in the turf directory).  A list given "
+                                     "replaces the old one; --clear-* empties it.  Without options: show them.")
+    rs.add_argument("alias", help="the mailbox alias")
+    add_site_options(rs)
+    for name, what in (("accept-from", "accept mail only from these senders / @domains"),
+                       ("reject-from", "refuse mail from these senders / @domains (550 5.7.1)"),
+                       ("filter", "filter mail from these senders / @domains (Message Filtering)")):
+        rs.add_argument(f"--{name}", action="append", metavar="SENDER", help=what)
+        rs.add_argument(f"--clear-{name}", action="store_true", help=f"empty the {name} list")
+    rs.add_argument("--filter-action", choices=("delete", "turf"), help="what filtering does (default turf)")
+    rs.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    rs.set_defaults(func=cmd_restrict)
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
@@ -114,3 +142,102 @@ def cmd_delete(args: argparse.Namespace) -> int:
     _offline(args, config, lambda d: d.delete_mailbox(args.alias))
     print(f"{config.site}: mailbox {args.alias} deleted (offline; the deletion replicates as a tombstone)")
     return 0
+
+
+def read_password(args: argparse.Namespace) -> str:
+    import getpass
+    import sys
+
+    from imsrelay.cli import UserError
+
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UserError("the passwords differ; nothing changed")
+    if not password:
+        raise UserError("the password must not be empty")
+    return password
+
+
+def _hash(password: str) -> str:
+    from imsrelay.auth import PasswordError, hash_password
+    from imsrelay.cli import UserError
+
+    try:
+        return hash_password(password)
+    except PasswordError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    print(_hash(read_password(args)))
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from imsrelay.admin_client import cli_call
+
+    config = load_config(args.config, data_dir=args.data)
+    stored = _hash(read_password(args))
+    if not args.offline:
+        cli_call(config, "POST", f"/directory/mailboxes/{args.alias}/password", {"password_hash": stored})
+        print(f"{config.site}: password of {args.alias} set")
+        return 0
+    _offline(args, config, lambda d: d.set_password_hash(args.alias, stored,
+                                                         replicate=config.auth.replicate_credentials))
+    print(f"{config.site}: password of {args.alias} set (offline)")
+    return 0
+
+
+def cmd_restrict(args: argparse.Namespace) -> int:
+    from imsrelay.admin_client import cli_call
+    from imsrelay.cli import UserError
+
+    config = load_config(args.config, data_dir=args.data)
+    change: dict[str, object] = {}
+    for opt, key in (("accept_from", "accept_from"), ("reject_from", "reject_from"), ("filter", "filter_senders")):
+        values = getattr(args, opt)
+        if getattr(args, f"clear_{opt}"):
+            change[key] = []
+        elif values:
+            change[key] = [v for item in values for v in item.split(",") if v.strip()]
+    if args.filter_action:
+        change["filter_action"] = args.filter_action
+    if not args.offline:
+        if change:
+            m = cli_call(config, "PUT", f"/directory/mailboxes/{args.alias}/restrictions", change)
+        else:
+            snap = cli_call(config, "GET", f"/directory?site={config.site}")
+            found = [x for x in snap["mailboxes"] if x["alias"].lower() == args.alias.lower()]
+            if not found:
+                raise UserError(f"{config.site}: no mailbox {args.alias}")
+            m = found[0]
+        _print_rules(config.site, m["alias"], m["accept_from"], m["reject_from"], m["filter_senders"],
+                     m["filter_action"])
+        return 0
+
+    def apply(d: Directory) -> object:
+        if not change:
+            mbx = d.mailbox(args.alias)
+            if mbx is None:
+                raise DirectoryError(f"no mailbox {args.alias} at {config.site}")
+            return mbx
+        return d.set_sender_rules(args.alias, accept_from=change.get("accept_from"),  # type: ignore[arg-type]
+                                  reject_from=change.get("reject_from"),  # type: ignore[arg-type]
+                                  filter_senders=change.get("filter_senders"),  # type: ignore[arg-type]
+                                  filter_action=change.get("filter_action"))  # type: ignore[arg-type]
+
+    mbx = _offline(args, config, apply)
+    r = mbx.sender_rules
+    _print_rules(config.site, mbx.alias, r.accept_from, r.reject_from, r.filter_senders, r.filter_action)
+    return 0
+
+
+def _print_rules(site: str, alias: str, accept: object, reject: object, filtered: object, action: str) -> None:
+    def show(items: object, empty: str) -> str:
+        return ", ".join(items) or empty  # type: ignore[call-overload]
+
+    print(f"{site}: {alias}: accept from {show(accept, '(everyone)')}; reject from {show(reject, '(nobody)')}; "
+          f"filter {show(filtered, '(nobody)')} ({action})")

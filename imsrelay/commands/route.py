@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
     p.add_argument("--resolve", action="store_true",
                    help="also look up the next hops in DNS (the configured dns.nameservers)")
+    p.add_argument("--from", dest="sender", metavar="SENDER",
+                   help="also explain the restrictions for mail from SENDER (use '<>' for the null sender)")
+    p.add_argument("--client", metavar="IP", help="the client's address (default: any; for --from)")
+    p.add_argument("--auth", metavar="MAILBOX", help="the client authenticated as this mailbox (alias or address)")
+    p.add_argument("--local-address", metavar="IP", help="the site address the client connected to")
+    p.add_argument("--tls", action="store_true", help="the session is encrypted (STARTTLS or port 465)")
     p.set_defaults(func=cmd_route)
 
 
@@ -107,6 +113,19 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
     return lines
 
 
+def restriction_lines(config: SiteConfig, args: argparse.Namespace) -> list[str]:
+    """Who may send this mail (``imsrelay.restrictions_report.explain``)."""
+    from imsrelay.restrictions_report import Question, explain
+
+    directory, _ = open_directory_for_routing(config)
+    try:
+        return explain(config, directory, Question(
+            recipient=args.address, sender=args.sender, client=args.client, auth=args.auth,
+            local_address=args.local_address, encrypted=args.tls))
+    finally:
+        directory.close()
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
 
@@ -123,6 +142,9 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     print(f"site {config.site} ({config.hostname}), {source}")
     print(route.explain())
+    if args.sender is not None or args.client or args.auth or args.local_address:
+        for line in restriction_lines(config, args):
+            print(line)
     if route.kind in (RELAY, MX):
         if args.resolve:
             for line in asyncio.run(next_hop_lines(config, route)):

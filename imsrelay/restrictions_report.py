@@ -1,0 +1,136 @@
+"""Explaining the restrictions: which rule applies to a client, sender and recipient.
+
+``explain`` answers, line by line, what the SMTP edge would answer at connect, MAIL
+and RCPT for a given client (address, authenticated mailbox, the site address it
+connected to) and which Delivery Restriction or Message Filter rule applies.  It
+calls the same pure decisions (``imsrelay.restrictions``, ``imsrelay.policy``) with
+the same inputs (config file, directory); ``imsrelay route --from`` and the admin
+endpoint ``POST /restrictions/explain`` print it.  ``site_rules`` lists the site's
+rules (``GET /restrictions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from imsrelay.addresses import AddressError, parse_address
+from imsrelay.config import SiteConfig
+from imsrelay.directory import Directory
+from imsrelay.policy import check_recipient
+from imsrelay.restrictions import (
+    Client,
+    connect_decision,
+    connect_reply,
+    delivery_decision,
+    delivery_reply,
+    filter_decision,
+    mail_requirement,
+    relay_decision,
+    sender_decision,
+    sender_reply,
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    recipient: str
+    sender: str | None = None
+    client: str | None = None  # the client's IP address
+    auth: str | None = None  # the mailbox it authenticated as (alias or address)
+    local_address: str | None = None  # the site's address it connected to
+    encrypted: bool = False
+
+
+def site_rules(config: SiteConfig) -> dict[str, Any]:
+    r, a, sub = config.restrictions, config.auth, config.submission
+    nets = lambda items: [str(n) for n in items]  # noqa: E731
+    return {
+        "site": config.site,
+        "routing_restrictions": {"relay_authenticated": r.relay_authenticated,
+                                 "relay_networks": nets(config.smtp.relay_networks),
+                                 "relay_internal_addresses": nets(r.relay_internal_addresses),
+                                 "never_relay": nets(r.never_relay)},
+        "submission_restriction": {"sender_must_match": r.sender_must_match},
+        "accept_connections": {"accept": r.accept, "accept_hosts": nets(r.accept_hosts),
+                               "reject_hosts": nets(r.reject_hosts)},
+        "message_filtering": {"filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
+                              "turf_dir": str(config.turf_dir)},
+        "auth": {"enabled": a.enabled, "mechanisms": list(a.mechanisms), "allow_plaintext": a.allow_plaintext,
+                 "replicate_credentials": a.replicate_credentials, "max_failures": a.max_failures,
+                 "lockout": a.lockout},
+        "submission": {"listen": sub.listen or config.smtp.listen, "port": sub.port, "tls_port": sub.tls_port},
+    }
+
+
+def explain(config: SiteConfig, directory: Directory, q: Question) -> list[str]:
+    """What the site would answer this client for this sender and recipient, and why."""
+    from imsrelay.kcc import learned_sites
+    from imsrelay.router import is_service_address
+    from imsrelay.site import (
+        accept_rules_for,
+        endpoints_for,
+        inbound_policy_for,
+        relay_rules_for,
+        routing_table_for,
+    )
+
+    own = directory.site_object()
+    addressing = (own.smtp_address if own else config.site_address).lstrip("@").lower()
+    learned = tuple(learned_sites(directory))
+    identity = directory.credential(q.auth, replicated=True) if q.auth else None
+    addresses = tuple(identity[0].smtp_addresses) if identity else ()
+    alias = identity[0].alias if identity else q.auth
+    client = Client(q.client, q.local_address, alias, q.encrypted, addresses)
+    who = f"client {q.client or '(any address)'}"
+    if q.local_address:
+        who += f" connected to {q.local_address}"
+    if q.auth:
+        who += f", authenticated as {alias}" + ("" if identity else " (no such account: AUTH would fail)")
+    lines = [f"who may send: {who}"]
+
+    conn = connect_decision(q.client, accept_rules_for(config))
+    lines.append(f"  connect: {'accepted' if conn.allowed else connect_reply(conn)} ({conn.rule})")
+    if not conn.allowed:
+        return lines
+    sender = q.sender if q.sender not in (None, "") else "<>"
+    need = mail_requirement(client, config.restrictions.accept)
+    as_sender = sender_decision(sender, client, must_match=config.restrictions.sender_must_match)
+    if q.sender is not None:
+        if need:
+            lines.append(f"  MAIL FROM:<{sender.strip('<>')}>: {need}")
+            return lines
+        if not as_sender.allowed:
+            lines.append(f"  MAIL FROM:<{sender.strip('<>')}>: {sender_reply(as_sender)}")
+            return lines
+        lines.append(f"  MAIL FROM:<{sender.strip('<>')}>: accepted ({as_sender.rule})")
+    try:
+        parsed = parse_address(q.recipient)
+    except AddressError as exc:
+        return lines + [f"  RCPT TO:<{q.recipient}>: 553 5.1.3 {exc}"]
+    table = routing_table_for(config, addressing_domain=addressing, learned_sites=learned,
+                              self_endpoints=endpoints_for(config, config.smtp.port))
+    mailbox = directory.find_recipient(q.recipient)
+    known = mailbox is not None or is_service_address(parsed, table) or (
+        parsed.local.lower() == "postmaster" and any(parsed.domain == d.lstrip("#") for d in table.local_domains))
+    policy = inbound_policy_for(config, addressing_domain=addressing, learned_sites=learned)
+    reply = check_recipient(parsed, policy=policy, client_ip=q.client, known=known, accepted_so_far=0, client=client)
+    lines.append(f"  RCPT TO:<{q.recipient}>: {reply}")
+    if reply.code == 554 or "relayed" in reply.text:
+        relay = relay_decision(client, relay_rules_for(config))
+        lines.append(f"  routing restrictions: {'relay allowed' if relay.allowed else 'no relay'}: {relay.rule}")
+    if mailbox is not None:
+        rules = mailbox.sender_rules
+        lines.append(f"  delivery restrictions of {mailbox.alias}: accept from "
+                     f"{', '.join(rules.accept_from) or '(everyone)'}; reject from "
+                     f"{', '.join(rules.reject_from) or '(nobody)'}")
+        if q.sender is not None and reply.ok:
+            allowed = delivery_decision(sender, q.recipient, rules)
+            lines.append(f"    => {'allowed' if allowed.allowed else delivery_reply(sender, allowed)} ({allowed.rule})")
+    if q.sender is not None and reply.ok:
+        r = config.restrictions
+        f = filter_decision(sender, site_entries=r.filter_senders, site_action=r.filter_action,
+                            mailbox=mailbox.sender_rules if mailbox else None)
+        where = f" (kept in {config.turf_dir})" if f.action == "turf" else ""
+        lines.append(f"  message filtering: {f.action}{where}: {f.rule}")
+    return lines
