@@ -34,6 +34,18 @@ COMPANY_DOMAIN = "microsoft.com"
 LAB_KEY = "ExchangeORG-lab-replication-key"
 ADMIN_TOKEN = "lab-admin-token"
 ADMIN_PORT = 8025
+SUBMISSION_PORT = 2587  # each site's RFC 6409 submission port (STARTTLS, AUTH before MAIL) on its address
+SMTPS_PORT = 2465  # each site's RFC 8314 implicit-TLS submission port
+
+# The labs' test accounts (SMTP AUTH): only the scrypt hashes go into the sites'
+# config files and directories; the passwords are documented in README.md.
+LAB_PASSWORDS = {"User1": "user1-lab", "User2": "user2-lab", "User3": "user3-lab", "Administrator": "admin-lab"}
+LAB_PASSWORD_HASHES = {
+    "User1": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIx$0f8ny3RdyGe8FvhLFWUhfnBjaSbP7S9bNSi3CpELc0A=",
+    "User2": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIy$A6ZFY1V9JzftjHdQSwtkJbfwo+uVuyaFvro8SwwKz9A=",
+    "User3": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIz$4ZYP3/TsCAeoinoq7tNz3XozCZitoMNnVBD6EtgHK9k=",
+    "Administrator": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLUFkbWluaXN0cmF0b3I=$Yv9Hq8RXb8rJCC0aEOuq7a4E+mbJNNIyy8F5f0TmEgw=",
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,10 @@ def stage_index(name: str) -> int:
 
 
 def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True,
-                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None) -> dict[str, Any]:
-    """The site's configuration at a stage of the walk (pure)."""
+                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
+                 submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT) -> dict[str, Any]:
+    """The site's configuration at a stage of the walk (pure).  TLS: the site's
+    certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them)."""
     others = [s for s in SITES if s is not site]
     mapping: dict[str, Any] = {
         "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
@@ -91,9 +105,16 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
                  "data_dir": str(data_dir / site.name)},
         # lab users submit from 127.0.0.1; the sites trust each other; the Internet host
         # (127.10.10.100) is outside, so the sites are no open relay for it
-        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.1/32", "127.10.10.0/27"]},
-        "mailboxes": [{"alias": site.user, "display_name": site.display_name},
-                      {"alias": "Administrator", "display_name": f"{site.name} Administrator"}],
+        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.1/32", "127.10.10.0/27"],
+                 "tls_cert": str(data_dir / "tls" / f"{site.name}.crt"),
+                 "tls_key": str(data_dir / "tls" / f"{site.name}.key")},
+        # lab switch: AUTH also before STARTTLS on the main port, so smtplib.login() works as is
+        "auth": {"allow_plaintext": True},
+        "submission": {"port": submission_port, "tls_port": smtps_port},
+        "mailboxes": [{"alias": site.user, "display_name": site.display_name,
+                       "password_hash": LAB_PASSWORD_HASHES[site.user]},
+                      {"alias": "Administrator", "display_name": f"{site.name} Administrator",
+                       "password_hash": LAB_PASSWORD_HASHES["Administrator"]}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
                      "lifetime": "2d", "smart_host": f"{INTERNET.address}:{port}"},
         "replication": {"key": LAB_KEY, "startup_delay": startup_delay or ("10s" if fast else "5m")},
@@ -128,9 +149,12 @@ class Lab:
     """Runs the four hosts in this process; advances the walk stage by stage."""
 
     def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
-                 startup_delay: str | None = None, say: Callable[[str], None] = print) -> None:
+                 startup_delay: str | None = None, say: Callable[[str], None] = print,
+                 submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.submission_port = submission_port
+        self.smtps_port = smtps_port
         self.fast = fast
         self.admin_port = admin_port
         self.startup_delay = startup_delay
@@ -161,7 +185,8 @@ class Lab:
         for s in SITES:
             text = header.format(STAGE_NAMES[stage]) + tomli_w.dumps(
                 site_mapping(s, stage, port=self.port, data_dir=self.data_dir, fast=self.fast,
-                             admin_port=self.admin_port, startup_delay=self.startup_delay))
+                             admin_port=self.admin_port, startup_delay=self.startup_delay,
+                             submission_port=self.submission_port, smtps_port=self.smtps_port))
             self.config_path(s.name).write_text(text)
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
@@ -170,8 +195,24 @@ class Lab:
 
     # ------------------------------------------------------------ running
 
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "tls" / "ca.crt"
+
+    def ensure_tls(self) -> None:
+        """The lab's throwaway CA and each site's certificate (its server name and address)."""
+        from imsrelay.lab_ca import ensure_ca, ensure_certificate
+
+        tls = self.data_dir / "tls"
+        ca = ensure_ca(tls)
+        for s in SITES:
+            ensure_certificate(tls, s.name, ca=ca, hostnames=[f"{s.server}.{s.domain}", s.domain],
+                               addresses=[s.address])
+
     async def start(self, target: int | None = None) -> None:
         """Start at the stored stage (first run: stage 0), then advance to ``target``."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.ensure_tls)
         current = self.stage
         if current < 0:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -285,12 +326,22 @@ class Lab:
             boxes = await site.directory.run(site.directory.mailboxes, s.name)
             lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{self.admin_port} "
                          f"(token {ADMIN_TOKEN})   config {self.config_path(s.name)}")
+            lines.append(f"       submission {s.address}:{self.submission_port} (STARTTLS + AUTH)   "
+                         f"{s.address}:{self.smtps_port} (TLS + AUTH)")
             for m in boxes:
-                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/")
+                password = LAB_PASSWORDS.get(m.alias, "")
+                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/"
+                             + (f"  password {password}" if password else ""))
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
         first = SITES[0]
         to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
-        lines += ["", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t {to}",
+        from imsrelay.lab_ca import trust_hint
+
+        lines += ["", trust_hint(self.ca_cert),
+                  "", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t {to}",
+                  f"      swaks --server {first.address}:{self.submission_port} --tls --tls-ca-path {self.ca_cert} "
+                  f"--auth PLAIN --auth-user User1 --auth-password {LAB_PASSWORDS['User1']} "
+                  f"-f user1@{first.domain} -t alice@{INTERNET_DOMAIN}",
                   "Ctrl-C stops the lab; the data stays for the next start."]
         return "\n".join(lines)

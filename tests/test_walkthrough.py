@@ -89,7 +89,8 @@ class Walk:
 async def walk(tmp_path_factory):
     data = tmp_path_factory.mktemp("lab")
     lab = Lab(data, port=free_port("127.10.10.10"), admin_port=free_port("127.10.10.10"),
-              startup_delay="1h", say=lambda s: None)
+              startup_delay="1h", say=lambda s: None, submission_port=free_port("127.10.10.10"),
+              smtps_port=free_port("127.10.10.10"))
     await lab.start()
     try:
         yield Walk(lab)

@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
     p.add_argument("--admin-port", type=int, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
+    p.add_argument("--submission-port", type=int, default=2587,
+                   help="each site's submission port, STARTTLS + AUTH (default 2587)")
+    p.add_argument("--smtps-port", type=int, default=2465,
+                   help="each site's implicit-TLS submission port (default 2465)")
     p.add_argument("--stage", default="end",
                    help="stage to reach at start: install … site-addressing-c, or end (default)")
     p.add_argument("--exchange-timers", action="store_true",
@@ -65,7 +69,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
-                  say=lambda s: print(s, flush=True))
+                  say=lambda s: print(s, flush=True), submission_port=args.submission_port,
+                  smtps_port=args.smtps_port)
         if 0 <= lab.stage and target < lab.stage and args.stage != "end":
             print(f"lab: {data} is already at stage {STAGE_NAMES[lab.stage]}; "
                   f"delete it to start again from {args.stage}")
