@@ -137,6 +137,9 @@ class ImsSMTP(SMTP):
         if self._session_timer is not None:
             self._session_timer.cancel()
         super().connection_lost(error)
+        closed = getattr(self, "_closed", None)  # a peer's reset is no error of ours: mark it seen
+        if closed is not None and closed.done() and not closed.cancelled():
+            closed.exception()
 
     def _session_expired(self) -> None:
         if self.transport is not None:
