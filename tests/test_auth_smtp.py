@@ -69,7 +69,7 @@ async def gate(tmp_path_factory):
     with SmtpSink(HOST, sink_port) as sink:
         mapping = site_mapping(
             "SiteA", listen=HOST, port=free_port(),
-            smtp={"relay_networks": [f"{LISTED}/32", f"{NEVER}/32"], "tls_generate": True},
+            smtp={"relay_networks": [f"{LISTED}/32", f"{NEVER}/32"], "tls_generate": True, "max_errors": 200},
             delivery={"smart_host": f"{HOST}:{sink_port}", "retry_intervals": [0.2, 0.5, 1]},
             auth={"failure_delay": "300ms", "max_failures": 3, "lockout": "10m"},
             submission={"port": free_port(), "tls_port": free_port()},
@@ -399,3 +399,64 @@ async def test_brute_force_slowed_then_locked_out_and_logged(gate: Gate):
     # other clients are not locked out
     assert await go(login_and_send, gate, "User1", "pw-User1", "User1@SiteA.microsoft.com",
                     "User1@SiteA.microsoft.com", "after-brute") == {}
+
+
+# ------------------------------------------------------------------ open-relay matrix
+
+RELAY_MATRIX = [
+    "victim@example.net",
+    "victim%example.net@SiteA.microsoft.com",  # percent hack
+    "victim%example.net@[127.0.0.1]",
+    "example.net!victim@SiteA.microsoft.com",  # bang path
+    "example.net!victim",
+    '"victim@example.net"@SiteA.microsoft.com',  # quoted local parts
+    '"victim%example.net"@SiteA.microsoft.com',
+    '"victim@example.net"',
+    "@SiteA.microsoft.com:victim@example.net",  # source routes
+    "@SiteA.microsoft.com,@example.net:victim@example.net",
+    "victim@example.net.",  # trailing dots
+    "victim@SiteA.microsoft.com.",
+    "victim@[192.0.2.1]",  # IP literals
+    "victim@[IPv6:2001:db8::1]",
+    "victim@[127.0.0.1]",
+    "victim@SiteA.microsoft.com.example.net",  # the site's own domain as a prefix / suffix
+    "victim@notSiteA.microsoft.com",
+    "victim@xSiteA.microsoft.com",
+    "victim@microsoft.com",
+    "victim@example.net@SiteA.microsoft.com",
+    "victim@SiteA.microsoft.com@example.net",
+    "victim@example.net%SiteA.microsoft.com",
+    "VICTIM@EXAMPLE.NET",
+    "victim@xn--exmple-cua.net",  # (IDNA of exämple.net)
+]
+
+
+async def test_open_relay_matrix_from_outside_accepts_nothing(gate: Gate):
+    def session(source: str, auth: str | None) -> list[tuple[str, int, bytes]]:
+        results = []
+        with gate.smtp(source) as s:
+            s.ehlo()
+            if auth is not None:  # a wrongly authenticated session: the AUTH failed, the client goes on
+                s.starttls(context=gate.tls())
+                s.ehlo()
+                code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0User1\0{auth}".encode()).decode())
+                assert code == 535
+            for sender in ("victim@example.net", "User1@SiteA.microsoft.com", ""):
+                code, _ = s.docmd(f"MAIL FROM:<{sender}>")
+                assert code == 250
+                accepted = False
+                for rcpt in RELAY_MATRIX:
+                    code, text = s.docmd(f"RCPT TO:<{rcpt}>")
+                    results.append((rcpt, code, text))
+                    accepted = accepted or code // 100 == 2
+                if accepted:  # try to get it through: the sink must not see it
+                    s.data(b"Subject: relay-matrix\r\n\r\nrelay test\r\n")
+                s.rset()
+        return results
+    results = await go(session, OUTSIDE, None) + await go(session, "127.0.0.45", "wrong-password")
+    accepted = [(r, c, t) for r, c, t in results if c // 100 == 2]
+    assert accepted == []
+    assert len(results) == 2 * 3 * len(RELAY_MATRIX)
+    assert {c for _, c, _ in results} <= {550, 553, 554, 501, 555}
+    await asyncio.sleep(1.0)  # anything queued would be on its way to the smart host by now
+    assert not any(b"relay-matrix" in m for m in gate.relayed())
