@@ -215,3 +215,53 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
     for s in SITES:
         code, text = await walk.rcpt_reply(s.address, "nobody@microsoft.com")
         assert (code, text[:5]) == (550, "5.1.1")
+
+
+@pytest.mark.skipif(__import__("shutil").which("swaks") is None, reason="swaks not installed")
+async def test_lab_submission_587_465_with_the_documented_accounts(walk: Walk):
+    """The lab's TLS works out of the box (its throwaway CA), and its test accounts
+    submit on the submission ports (README: lab test accounts)."""
+    import ssl
+    import subprocess
+
+    from imsrelay.lab import LAB_PASSWORDS
+
+    lab = walk.lab
+    ca = str(lab.ca_cert)
+    assert f"--tls-ca-path {ca}" in await lab.describe()
+    # 587: STARTTLS, verified against the lab CA, AUTH, then relay to the Internet
+    out = await asyncio.to_thread(subprocess.run, [
+        "swaks", "--server", f"{A.address}:{lab.submission_port}", "--tls", "--tls-verify", "--tls-ca-path", ca,
+        "--auth", "PLAIN", "--auth-user", "User1", "--auth-password", LAB_PASSWORDS["User1"],
+        "-f", "User1@microsoft.com", "-t", "alice@example.net", "--header", "Subject: lab-587"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = await walk.arrives(INTERNET.name, "alice", "lab-587")
+    assert b"with ESMTPSA id" in trace(got)
+    # 465: TLS on connect, LOGIN as the SiteC Administrator, to a user of another site
+    admin = await walk.primary("SiteC", "SiteC", "Administrator")
+    out = await asyncio.to_thread(subprocess.run, [
+        "swaks", "--server", f"{C.address}:{lab.smtps_port}", "--tls-on-connect", "--tls-verify",
+        "--tls-ca-path", ca, "--auth", "LOGIN", "--auth-user", "Administrator", "--auth-password",
+        LAB_PASSWORDS["Administrator"], "-f", admin, "-t", "User2@microsoft.com",
+        "--header", "Subject: lab-465"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    await walk.arrives("SiteB", "User2", "lab-465")
+
+    # smtplib login() on the main port works as is in the lab (auth.allow_plaintext), and
+    # with a wrong password it is refused
+    def plain_login(password: str) -> int:
+        with smtplib.SMTP(B.address, lab.port, timeout=20) as s:
+            try:
+                return s.login("User2", password)[0]
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code
+    assert await asyncio.to_thread(plain_login, LAB_PASSWORDS["User2"]) == 235
+    assert await asyncio.to_thread(plain_login, "wrong") == 535
+
+    def verified() -> str:  # the certificate names the server and its address
+        ctx = ssl.create_default_context(cafile=ca)
+        with smtplib.SMTP_SSL(A.address, lab.smtps_port, timeout=20, context=ctx) as s:
+            s.ehlo()
+            return s.sock.getpeercert()["subject"][0][0][1]
+    assert await asyncio.to_thread(verified) == "servera.sitea.microsoft.com"
