@@ -60,7 +60,7 @@ RUN set -eu; \
 
 USER imsrelay
 WORKDIR /var/lib/imsrelay
-EXPOSE 25 8025
+EXPOSE 25 465 587 8025
 
 # Healthy when the SMTP listener greets with 220 (smtplib raises otherwise).
 HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \

@@ -22,7 +22,15 @@ from typing import Any
 
 import tomli_w
 
-from imsrelay.lab import COMPANY_DOMAIN, ORGANISATION, SITES, STAGE_NAMES, LabSite, stage_index
+from imsrelay.lab import (
+    COMPANY_DOMAIN,
+    LAB_PASSWORD_HASHES,
+    ORGANISATION,
+    SITES,
+    STAGE_NAMES,
+    LabSite,
+    stage_index,
+)
 
 # The compose lab's addresses (docker-compose.yml, network 10.10.10.0/24).
 COMPOSE_ADDRESSES = {"SiteA": "10.10.10.10", "SiteB": "10.10.10.15", "SiteC": "10.10.10.20"}
@@ -31,6 +39,8 @@ COMPOSE_GATEWAY = "10.10.10.1"  # clients on the host come in through the Docker
 COMPOSE_DATA_DIR = "/var/lib/imsrelay"
 COMPOSE_SMTP_PORT = 25
 COMPOSE_ADMIN_PORT = 8025
+COMPOSE_SUBMISSION_PORT = 587  # published on 127.0.0.1:5810/5815/5820 (docker-compose.yml)
+COMPOSE_SMTPS_PORT = 465  # published on 127.0.0.1:4610/4615/4620
 
 
 def compose_site_mapping(site: LabSite, stage: int) -> dict[str, Any]:
@@ -43,9 +53,12 @@ def compose_site_mapping(site: LabSite, stage: int) -> dict[str, Any]:
                  "email_domain": site.domain, "company_domain": COMPANY_DOMAIN, "data_dir": COMPOSE_DATA_DIR},
         "smtp": {"listen": "0.0.0.0", "port": COMPOSE_SMTP_PORT, "max_message_size": 10485760, "max_hops": 15,
                  "max_recipients": 100, "relay_networks": ["127.0.0.0/8", f"{COMPOSE_GATEWAY}/32"],
-                 "idle_timeout": "5m", "session_timeout": "30m", "max_errors": 20},
-        "mailboxes": [{"alias": site.user, "display_name": site.display_name},
-                      {"alias": "Administrator", "display_name": f"{site.name} Administrator"}],
+                 "idle_timeout": "5m", "session_timeout": "30m", "max_errors": 20, "tls_generate": True},
+        "submission": {"port": COMPOSE_SUBMISSION_PORT, "tls_port": COMPOSE_SMTPS_PORT},
+        "mailboxes": [{"alias": site.user, "display_name": site.display_name,
+                       "password_hash": LAB_PASSWORD_HASHES[site.user]},
+                      {"alias": "Administrator", "display_name": f"{site.name} Administrator",
+                       "password_hash": LAB_PASSWORD_HASHES["Administrator"]}],
         # lab pace, as config/docker/*.toml; no smart host: the Internet by DNS MX
         "delivery": {"retry_intervals": ["5s", "10s", "30s"], "lifetime": "2d", "connect_timeout": "10s",
                      "starttls": "opportunistic"},

@@ -52,6 +52,12 @@ SITES = {
     "sitec": ("SiteC", _port("LAB_SITEC_SMTP_PORT", 2520), _port("LAB_SITEC_ADMIN_PORT", 8520), "10.10.10.20"),
 }
 INTERNET_SMTP = _port("LAB_INTERNET_SMTP_PORT", 2600)
+# service -> (published submission port 587, published implicit-TLS port 465)
+SUBMISSION = {
+    "sitea": (_port("LAB_SITEA_SUBMISSION_PORT", 5810), _port("LAB_SITEA_SMTPS_PORT", 4610)),
+    "siteb": (_port("LAB_SITEB_SUBMISSION_PORT", 5815), _port("LAB_SITEB_SMTPS_PORT", 4615)),
+    "sitec": (_port("LAB_SITEC_SUBMISSION_PORT", 5820), _port("LAB_SITEC_SMTPS_PORT", 4620)),
+}
 SITE_MAILBOXES = "/var/lib/imsrelay/mailboxes"
 
 T = TypeVar("T")

@@ -21,6 +21,7 @@ import pytest
 from compose_kit import (
     INTERNET_SMTP,
     SITES,
+    SUBMISSION,
     ComposeLab,
     MailFlow,
     docker_skip_reason,
@@ -91,6 +92,41 @@ def test_the_cli_inside_a_site_container(lab: ComposeLab):
 
 
 # ------------------------------------------------------------------ what users observe
+
+
+def test_submission_587_and_465_with_the_documented_accounts(lab: ComposeLab, tmp_path):
+    """Each site generated a throwaway CA in its volume; with it trusted, the lab's test
+    accounts submit on the published 587 and 465 ports (README: lab test accounts)."""
+    import smtplib
+    import ssl
+
+    from imsrelay.lab import LAB_PASSWORDS
+
+    ca = tmp_path / "siteA-ca.crt"
+    ca.write_text(lab.exec("sitea", "cat", "/var/lib/imsrelay/tls/ca.crt").stdout)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    submission, smtps = SUBMISSION["sitea"]
+    msgid, body = lab.message("User1@microsoft.com", "alice@example.net", "submitted on 587", "587")
+    with smtplib.SMTP("127.0.0.1", submission, timeout=30) as s:
+        s.ehlo()
+        assert s.mail("User1@microsoft.com")[0] == 530  # AUTH first
+        s.rset()
+        s.starttls(context=ctx)  # the certificate names 127.0.0.1 too: verified
+        s.login("User1", LAB_PASSWORDS["User1"])
+        s.sendmail("User1@microsoft.com", ["alice@example.net"], body)
+    got = poll(lambda: lab.find("internet", ALICE, msgid), timeout=90, what="the 587 mail in alice's Maildir")
+    assert b"ESMTPSA" in header(got[0])
+    msgid, body = lab.message("User1@microsoft.com", "User3@microsoft.com", "submitted on 465", "465")
+    with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=30, context=ctx) as s:
+        try:
+            s.login("User1", "wrong")
+            raise AssertionError("a wrong password was accepted")
+        except smtplib.SMTPAuthenticationError as exc:
+            assert exc.smtp_code == 535
+        s.login("Administrator", LAB_PASSWORDS["Administrator"])
+        s.sendmail("Administrator@microsoft.com", ["User3@microsoft.com"], body)
+    poll(lambda: lab.find("sitec", "/var/lib/imsrelay/mailboxes/User3", msgid), timeout=90,
+         what="the 465 mail in SiteC's Maildir")
 
 
 def test_mail_from_outside_goes_by_dns_mx_to_sitea_and_on_to_the_home_site(lab: ComposeLab):
