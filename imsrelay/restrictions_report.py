@@ -126,7 +126,7 @@ def explain(config: SiteConfig, directory: Directory, q: Question) -> list[str]:
                      f"{', '.join(rules.reject_from) or '(nobody)'}")
         if q.sender is not None and reply.ok:
             allowed = delivery_decision(sender, q.recipient, rules)
-            lines.append(f"    => {'allowed' if allowed.allowed else delivery_reply(sender, allowed)} ({allowed.rule})")
+            lines.append(f"    => allowed ({allowed.rule})" if allowed.allowed else f"    => {delivery_reply(sender, allowed)}")
     if q.sender is not None and reply.ok:
         r = config.restrictions
         f = filter_decision(sender, site_entries=r.filter_senders, site_action=r.filter_action,
