@@ -228,3 +228,40 @@ async def test_restrictions_replicate_credentials_only_when_the_org_allows(tmp_p
     finally:
         for s in sites.values():
             await s.stop()
+
+
+async def test_plaintext_auth_received_esmtpa_disabled_auth_and_internal_error_454(tmp_path):
+    from sitekit import maildir_messages
+
+    from imsrelay.auth import hash_password
+
+    mapping = site_mapping("SiteA", listen=HOST, port=free_port(), auth={"allow_plaintext": True},
+                           mailboxes=[{"alias": "User1", "display_name": "U", "password_hash": hash_password("pw")}])
+    _, config = write_site_file(tmp_path, mapping)
+    async with running_site(config) as site:
+        def send() -> dict:
+            with smtplib.SMTP(HOST, site.bound_port, timeout=20) as s:
+                s.login("User1", "pw")
+                return s.sendmail("User1@SiteA.microsoft.com", ["User1@SiteA.microsoft.com"],
+                                  b"Subject: plain-auth\r\n\r\nx\r\n")
+        assert await asyncio.to_thread(send) == {}
+        got = await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
+        assert b"with ESMTPA id" in got[0]  # RFC 3848: authenticated, no TLS
+        # the directory fails under the credential check: 454 4.7.0, the client may retry
+        site.directory._db.close()
+
+        def auth() -> tuple[int, bytes]:
+            with smtplib.SMTP(HOST, site.bound_port, timeout=20) as s:
+                s.ehlo()
+                return s.docmd("AUTH", "PLAIN AFVzZXIxAHB3")  # \0User1\0pw
+        assert await asyncio.to_thread(auth) == (454, b"4.7.0 Temporary authentication failure; "
+                                                      b"please try again later")
+    mapping = site_mapping("SiteA", listen=HOST, port=free_port(), auth={"enabled": False, "allow_plaintext": True})
+    (tmp_path / "off").mkdir()
+    _, config = write_site_file(tmp_path / "off", mapping)
+    async with running_site(config) as site:
+        def off() -> tuple[bool, int]:
+            with smtplib.SMTP(HOST, site.bound_port, timeout=20) as s:
+                s.ehlo()
+                return "auth" in s.esmtp_features, s.docmd("AUTH", "PLAIN AFVzZXIxAHB3")[0]
+        assert await asyncio.to_thread(off) == (False, 504)
