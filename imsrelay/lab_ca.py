@@ -9,10 +9,12 @@ readable by their owner only.  Nothing here is meant for production use.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 CA_NAME = "imsrelay lab CA (throwaway)"
@@ -32,8 +34,25 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One process at a time makes the files (``serve --workers`` start together)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_ca(directory: Path, *, name: str = CA_NAME) -> tuple[Path, Path]:
     """``directory/ca.crt`` and ``directory/ca.key``, made when missing."""
+    with _locked(directory):
+        return _ensure_ca(directory, name)
+
+
+def _ensure_ca(directory: Path, name: str) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,6 +86,12 @@ def ensure_certificate(directory: Path, stem: str, *, ca: tuple[Path, Path], hos
                        addresses: Iterable[str] = ()) -> tuple[Path, Path]:
     """``directory/<stem>.crt`` and ``.key`` signed by ``ca`` for the names and IP
     addresses given (made when missing, or when the names changed)."""
+    with _locked(directory):
+        return _ensure_certificate(directory, stem, ca, list(hostnames), list(addresses))
+
+
+def _ensure_certificate(directory: Path, stem: str, ca: tuple[Path, Path], hostnames: list[str],
+                        addresses: list[str]) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

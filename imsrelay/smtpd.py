@@ -164,6 +164,11 @@ class ImsSMTP(SMTP):
             return None, None
         return addr, rest
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        """SASL mechanism names are case-insensitive (RFC 4954 4)."""
+        mechanism, sep, rest = (arg or "").partition(" ")
+        await super().smtp_AUTH(mechanism.upper() + sep + rest)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
         try:

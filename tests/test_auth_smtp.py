@@ -112,6 +112,8 @@ async def test_auth_offered_only_after_starttls_and_plaintext_refused_538(gate: 
             s.starttls(context=gate.tls())
             s.ehlo()
             assert s.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+            code, _ = s.docmd("AUTH", "plain " + base64.b64encode(b"\0User1\0pw-User1").decode())
+            assert code == 235  # mechanism names are case-insensitive
     await go(check)
 
 

@@ -144,3 +144,22 @@ def test_new_keys_errors_name_the_key(extra: dict, key: str):
     with pytest.raises(ConfigError) as err:
         load(extra)
     assert err.value.key == key
+
+
+def test_lab_ca_issues_verifiable_certificates_once(tmp_path: Path):
+    import ssl
+
+    from imsrelay.lab_ca import ensure_ca, ensure_certificate
+
+    ca = ensure_ca(tmp_path)
+    assert ensure_ca(tmp_path) == ca and (ca[1].stat().st_mode & 0o777) == 0o600
+    cert = ensure_certificate(tmp_path, "SiteA", ca=ca, hostnames=["ServerA.SiteA.example"], addresses=["127.0.0.1"])
+    first = cert[0].read_bytes()
+    assert ensure_certificate(tmp_path, "SiteA", ca=ca, hostnames=["serverA.siteA.example"],
+                              addresses=["127.0.0.1"])[0].read_bytes() == first  # same names: kept
+    ensure_certificate(tmp_path, "SiteA", ca=ca, hostnames=["other.example"], addresses=[])
+    assert cert[0].read_bytes() != first  # names changed: re-issued
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert[0]), str(cert[1]))  # key and certificate belong together
+    client = ssl.create_default_context(cafile=str(ca[0]))
+    assert client.cert_store_stats()["x509_ca"] == 1
