@@ -254,3 +254,28 @@ def filter_decision(sender: str, *, site_entries: Sequence[str], site_action: st
         if hit is not None:
             return FilterDecision(mailbox.filter_action, f"mailbox message filter: {hit} ({mailbox.filter_action})")
     return FilterDecision("deliver", "no message filter applies")
+
+
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """Delivery Restrictions and Message Filtering for one accepted recipient."""
+
+    refusal: str | None  # the RCPT reply when the sender may not send to it
+    rule: str
+    filter: FilterDecision
+
+
+def recipient_verdict(sender: str, recipient: str, mailbox: SenderRules | None, *,
+                      site_filter: Sequence[str], site_action: str) -> RecipientVerdict:
+    """What happens to mail from ``sender`` for a recipient RCPT already accepted
+    (``mailbox``: its rules when the directory has it)."""
+    if mailbox is not None:
+        allowed = delivery_decision(sender, recipient, mailbox)
+        if not allowed.allowed:
+            return RecipientVerdict(delivery_reply(sender, allowed), allowed.rule,
+                                    FilterDecision("deliver", "refused before filtering"))
+        rule = allowed.rule
+    else:
+        rule = "no delivery restrictions"
+    return RecipientVerdict(None, rule, filter_decision(sender, site_entries=site_filter, site_action=site_action,
+                                                        mailbox=mailbox))

@@ -22,10 +22,8 @@ from imsrelay.restrictions import (
     Client,
     connect_decision,
     connect_reply,
-    delivery_decision,
-    delivery_reply,
-    filter_decision,
     mail_requirement,
+    recipient_verdict,
     relay_decision,
     sender_decision,
     sender_reply,
@@ -124,13 +122,15 @@ def explain(config: SiteConfig, directory: Directory, q: Question) -> list[str]:
         lines.append(f"  delivery restrictions of {mailbox.alias}: accept from "
                      f"{', '.join(rules.accept_from) or '(everyone)'}; reject from "
                      f"{', '.join(rules.reject_from) or '(nobody)'}")
-        if q.sender is not None and reply.ok:
-            allowed = delivery_decision(sender, q.recipient, rules)
-            lines.append(f"    => allowed ({allowed.rule})" if allowed.allowed else f"    => {delivery_reply(sender, allowed)}")
-    if q.sender is not None and reply.ok:
-        r = config.restrictions
-        f = filter_decision(sender, site_entries=r.filter_senders, site_action=r.filter_action,
-                            mailbox=mailbox.sender_rules if mailbox else None)
+    if q.sender is None or not reply.ok:
+        return lines
+    r = config.restrictions
+    verdict = recipient_verdict(sender, q.recipient, mailbox.sender_rules if mailbox else None,
+                                site_filter=r.filter_senders, site_action=r.filter_action)
+    if mailbox is not None:
+        lines.append(f"    => {verdict.refusal}" if verdict.refusal else f"    => allowed ({verdict.rule})")
+    if verdict.refusal is None:
+        f = verdict.filter
         where = f" (kept in {config.turf_dir})" if f.action == "turf" else ""
         lines.append(f"  message filtering: {f.action}{where}: {f.rule}")
     return lines

@@ -34,10 +34,8 @@ from imsrelay.restrictions import (
     FilterDecision,
     connect_decision,
     connect_reply,
-    delivery_decision,
-    delivery_reply,
-    filter_decision,
     mail_requirement,
+    recipient_verdict,
     sender_decision,
     sender_reply,
 )
@@ -307,20 +305,17 @@ class SiteHandler:
         if reply.ok:
             sender = envelope.mail_from or "<>"
             mailbox = (await self.site.lookup_mailboxes([address]))[0] if known else None
-            if mailbox is not None:
-                allowed = delivery_decision(sender, address, mailbox.sender_rules)
-                if not allowed.allowed:
-                    text = delivery_reply(sender, allowed)
-                    self.log.info("recipient.restricted", peer=client.ip, sender=sender, recipient=address,
-                                  reason=allowed.rule, reply=text)
-                    return text
             rcfg = self.site.config.restrictions
-            filtered = filter_decision(sender, site_entries=rcfg.filter_senders, site_action=rcfg.filter_action,
-                                       mailbox=mailbox.sender_rules if mailbox is not None else None)
-            if filtered.action != "deliver":
+            verdict = recipient_verdict(sender, address, mailbox.sender_rules if mailbox is not None else None,
+                                        site_filter=rcfg.filter_senders, site_action=rcfg.filter_action)
+            if verdict.refusal:
+                self.log.info("recipient.restricted", peer=client.ip, sender=sender, recipient=address,
+                              reason=verdict.rule, reply=verdict.refusal)
+                return verdict.refusal
+            if verdict.filter.action != "deliver":
                 if not hasattr(envelope, "filtered"):
                     envelope.filtered = {}  # type: ignore[attr-defined]
-                envelope.filtered[address] = filtered  # type: ignore[attr-defined]
+                envelope.filtered[address] = verdict.filter  # type: ignore[attr-defined]
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         else:

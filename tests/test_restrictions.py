@@ -130,3 +130,16 @@ def test_filter_decision_site_first_then_mailbox() -> None:
     assert d.action == "delete" and "mailbox message filter" in d.rule
     assert filter_decision("x@ok.example", site_entries=(), site_action="turf", mailbox=box).action == "deliver"
     assert filter_decision("x@ok.example", site_entries=(), site_action="turf", mailbox=None).action == "deliver"
+
+
+def test_recipient_verdict_restrictions_before_filtering() -> None:
+    from imsrelay.restrictions import recipient_verdict
+
+    box = SenderRules(reject_from=("@bad.example",), filter_senders=("@junk.example",), filter_action="delete")
+    v = recipient_verdict("x@bad.example", "Boss@x", box, site_filter=("@bad.example",), site_action="turf")
+    assert v.refusal and v.refusal.startswith("550 5.7.1 Sender <x@bad.example> not allowed")
+    v = recipient_verdict("x@junk.example", "Boss@x", box, site_filter=(), site_action="turf")
+    assert v.refusal is None and v.filter.action == "delete"
+    v = recipient_verdict("x@spam.example", "far@example.org", None, site_filter=("@spam.example",),
+                          site_action="turf")
+    assert (v.refusal, v.filter.action) == (None, "turf")  # relayed mail is filtered too
