@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "imsrelay.commands.serve",
     "imsrelay.commands.directory",
     "imsrelay.commands.route",
+    "imsrelay.commands.restrictions",
     "imsrelay.commands.queue",
     "imsrelay.commands.replicate",
     "imsrelay.commands.kcc",

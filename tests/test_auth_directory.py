@@ -4,6 +4,7 @@ admin endpoint), the admin API, ``imsrelay route --from``, and what replicates."
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
 import subprocess
 import sys
@@ -168,6 +169,9 @@ async def test_restrict_cli_admin_api_and_route_explains(tmp_path):
     lines = route("someone@example.org", "--from", "Boss@SiteA.microsoft.com", "--client", "192.0.2.1",
                   "--auth", "Boss")
     assert "  routing restrictions: relay allowed: client authenticated as Boss" in lines
+    out = cli(path, "restrictions", "show", "--json")  # the site's rules, as GET /restrictions
+    assert out.returncode == 0 and json.loads(out.stdout)["message_filtering"]["filter_senders"] == ["@spam.example"]
+    assert "  filter_senders: @spam.example" in cli(path, "restrictions", "show").stdout.splitlines()
 
 
 # ------------------------------------------------------------------ replication
