@@ -39,8 +39,10 @@ from typing import Any
 
 from aiohttp import web
 
+from imsrelay.auth import PasswordError, hash_password, parse_hash
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.restrictions_report import Question, explain, site_rules
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -191,8 +193,6 @@ class AdminServer:
         return web.json_response({"deleted": alias, "site": self.site.config.site})
 
     async def post_password(self, request: web.Request) -> web.Response:
-        from imsrelay.auth import PasswordError, hash_password, parse_hash
-
         alias = request.match_info["alias"]
         body = await _json_body(request)
         stored = _field(body, "password_hash", str)
@@ -230,20 +230,18 @@ class AdminServer:
         return web.json_response(mailbox_dict(mbx))
 
     async def get_restrictions(self, request: web.Request) -> web.Response:
-        from imsrelay.restrictions_report import site_rules
-
         return web.json_response(site_rules(self.site.config))
 
     async def post_explain(self, request: web.Request) -> web.Response:
-        from imsrelay.restrictions_report import Question, explain
-
         body = await _json_body(request)
         question = Question(recipient=_field(body, "recipient", str, required=True),
                             sender=_field(body, "sender", str), client=_field(body, "client", str),
                             auth=_field(body, "auth", str), local_address=_field(body, "local_address", str),
                             encrypted=bool(_field(body, "encrypted", bool)))
         directory = self.site.directory
-        lines = await directory.run(explain, self.site.config, directory, question)
+        table, policy = await self.site.routing_table(), self.site.inbound_policy()
+        lines = await directory.run(lambda: explain(self.site.config, directory, question, table=table,
+                                                    policy=policy))
         return web.json_response({"lines": lines})
 
     def _replicator(self) -> Any:

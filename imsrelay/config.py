@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
+from imsrelay.auth import MECHANISMS, PasswordError, parse_hash
+from imsrelay.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
 
 # Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
@@ -512,8 +514,6 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
             extra.append(str(addr) if ":" in str(addr) else f"smtp:{addr}")
         password_hash = m.str("password_hash")
         if password_hash is not None:
-            from imsrelay.auth import PasswordError, parse_hash
-
             try:
                 parse_hash(password_hash)
             except PasswordError as exc:
@@ -619,8 +619,6 @@ def _networks(s: _Section, name: str) -> tuple[ipaddress.IPv4Network | ipaddress
 
 
 def _load_auth(s: _Section) -> AuthConfig:
-    from imsrelay.auth import MECHANISMS
-
     mechanisms = []
     for i, m in enumerate(s.list("mechanisms") if "mechanisms" in s.table else list(MECHANISMS)):
         if str(m).upper() not in MECHANISMS:
@@ -651,8 +649,6 @@ def _load_submission(s: _Section) -> SubmissionConfig:
 
 
 def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
-    from imsrelay.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
-
     accept = s.str("accept", "all")
     if accept not in ACCEPT_MODES:
         raise s.error("accept", f"must be one of {', '.join(ACCEPT_MODES)}")

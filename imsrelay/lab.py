@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from imsrelay.config import load_config
+from imsrelay.lab_ca import ensure_ca, ensure_certificate, trust_hint
 from imsrelay.site import Site
 
 ORGANISATION = "ExchangeORG"
@@ -201,8 +202,6 @@ class Lab:
 
     def ensure_tls(self) -> None:
         """The lab's throwaway CA and each site's certificate (its server name and address)."""
-        from imsrelay.lab_ca import ensure_ca, ensure_certificate
-
         tls = self.data_dir / "tls"
         ca = ensure_ca(tls)
         for s in SITES:
@@ -336,8 +335,6 @@ class Lab:
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
         first = SITES[0]
         to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
-        from imsrelay.lab_ca import trust_hint
-
         lines += ["", trust_hint(self.ca_cert),
                   "", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t {to}",
                   f"      swaks --server {first.address}:{self.submission_port} --tls --tls-ca-path {self.ca_cert} "

@@ -17,9 +17,11 @@ from typing import Any
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.directory import Directory
-from imsrelay.policy import check_recipient
+from imsrelay.policy import InboundPolicy, check_recipient
 from imsrelay.restrictions import (
+    AcceptRules,
     Client,
+    RelayRules,
     connect_decision,
     connect_reply,
     mail_requirement,
@@ -28,6 +30,7 @@ from imsrelay.restrictions import (
     sender_decision,
     sender_reply,
 )
+from imsrelay.router import RoutingTable, is_service_address
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ class Question:
     auth: str | None = None  # the mailbox it authenticated as (alias or address)
     local_address: str | None = None  # the site's address it connected to
     encrypted: bool = False
+
+
+def relay_rules_for(config: SiteConfig) -> RelayRules:
+    """Routing Restrictions from the config file."""
+    r = config.restrictions
+    return RelayRules(authenticated=r.relay_authenticated, networks=config.smtp.relay_networks,
+                      internal_addresses=r.relay_internal_addresses, never=r.never_relay)
+
+
+def accept_rules_for(config: SiteConfig) -> AcceptRules:
+    r = config.restrictions
+    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
 
 
 def site_rules(config: SiteConfig) -> dict[str, Any]:
@@ -61,21 +76,10 @@ def site_rules(config: SiteConfig) -> dict[str, Any]:
     }
 
 
-def explain(config: SiteConfig, directory: Directory, q: Question) -> list[str]:
-    """What the site would answer this client for this sender and recipient, and why."""
-    from imsrelay.kcc import learned_sites
-    from imsrelay.router import is_service_address
-    from imsrelay.site import (
-        accept_rules_for,
-        endpoints_for,
-        inbound_policy_for,
-        relay_rules_for,
-        routing_table_for,
-    )
-
-    own = directory.site_object()
-    addressing = (own.smtp_address if own else config.site_address).lstrip("@").lower()
-    learned = tuple(learned_sites(directory))
+def explain(config: SiteConfig, directory: Directory, q: Question, *, table: RoutingTable,
+            policy: InboundPolicy) -> list[str]:
+    """What the site would answer this client for this sender and recipient, and why
+    (``table`` and ``policy``: the site's routing table and RCPT policy, as it runs)."""
     identity = directory.credential(q.auth, replicated=True) if q.auth else None
     addresses = tuple(identity[0].smtp_addresses) if identity else ()
     alias = identity[0].alias if identity else q.auth
@@ -106,12 +110,9 @@ def explain(config: SiteConfig, directory: Directory, q: Question) -> list[str]:
         parsed = parse_address(q.recipient)
     except AddressError as exc:
         return lines + [f"  RCPT TO:<{q.recipient}>: 553 5.1.3 {exc}"]
-    table = routing_table_for(config, addressing_domain=addressing, learned_sites=learned,
-                              self_endpoints=endpoints_for(config, config.smtp.port))
     mailbox = directory.find_recipient(q.recipient)
     known = mailbox is not None or is_service_address(parsed, table) or (
         parsed.local.lower() == "postmaster" and any(parsed.domain == d.lstrip("#") for d in table.local_domains))
-    policy = inbound_policy_for(config, addressing_domain=addressing, learned_sites=learned)
     reply = check_recipient(parsed, policy=policy, client_ip=q.client, known=known, accepted_so_far=0, client=client)
     lines.append(f"  RCPT TO:<{q.recipient}>: {reply}")
     if reply.code == 554 or "relayed" in reply.text:

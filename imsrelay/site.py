@@ -24,9 +24,11 @@ from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
+from imsrelay.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
 from imsrelay.restrictions import AcceptRules, Client, FilterDecision, RelayRules
+from imsrelay.restrictions_report import accept_rules_for, relay_rules_for
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
@@ -198,8 +200,6 @@ class Site:
 
     def _throwaway_certificate(self) -> tuple[Any, Any]:
         """``smtp.tls_generate``: a lab CA and a certificate for this site in ``<data_dir>/tls``."""
-        from imsrelay.lab_ca import ensure_ca, ensure_certificate
-
         cfg = self.config
         tls_dir = cfg.data_dir / "tls"
         ca = ensure_ca(tls_dir)
@@ -428,18 +428,6 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
-
-
-def relay_rules_for(config: SiteConfig) -> RelayRules:
-    """Routing Restrictions from the config file (pure)."""
-    r = config.restrictions
-    return RelayRules(authenticated=r.relay_authenticated, networks=config.smtp.relay_networks,
-                      internal_addresses=r.relay_internal_addresses, never=r.never_relay)
-
-
-def accept_rules_for(config: SiteConfig) -> AcceptRules:
-    r = config.restrictions
-    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
 
 
 def inbound_policy_for(config: SiteConfig, *, addressing_domain: str,

@@ -14,6 +14,7 @@ import json
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
+from imsrelay.restrictions_report import site_rules
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from imsrelay.restrictions_report import site_rules
-
     rules = site_rules(load_config(args.config))
     if args.json:
         print(json.dumps(rules, indent=2))

@@ -21,6 +21,7 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory, DirectoryError
 from imsrelay.logs import configure_logging
+from imsrelay.restrictions_report import Question, explain
 from imsrelay.router import MX, RELAY, Route, route_for
 
 
@@ -114,14 +115,22 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
 
 
 def restriction_lines(config: SiteConfig, args: argparse.Namespace) -> list[str]:
-    """Who may send this mail (``imsrelay.restrictions_report.explain``)."""
-    from imsrelay.restrictions_report import Question, explain
+    """Who may send this mail (``imsrelay.restrictions_report.explain``): the same
+    RCPT policy and routing table as the running site."""
+    from imsrelay.kcc import learned_sites
+    from imsrelay.site import endpoints_for, inbound_policy_for, routing_table_for
 
     directory, _ = open_directory_for_routing(config)
     try:
+        own = directory.site_object()
+        addressing = (own.smtp_address if own else config.site_address).lstrip("@").lower()
+        learned = tuple(learned_sites(directory))
+        table = routing_table_for(config, addressing_domain=addressing, learned_sites=learned,
+                                  self_endpoints=endpoints_for(config, config.smtp.port))
+        policy = inbound_policy_for(config, addressing_domain=addressing, learned_sites=learned)
         return explain(config, directory, Question(
             recipient=args.address, sender=args.sender, client=args.client, auth=args.auth,
-            local_address=args.local_address, encrypted=args.tls))
+            local_address=args.local_address, encrypted=args.tls), table=table, policy=policy)
     finally:
         directory.close()
 
