@@ -180,7 +180,7 @@ class FailureLimiter:
         """How long the reply to the ``failures``-th failure waits (doubling, capped)."""
         if failures <= 0 or self.limits.failure_delay <= 0:
             return 0.0
-        return min(self.limits.failure_delay * 2 ** (failures - 1), self.limits.max_delay)
+        return float(min(self.limits.failure_delay * 2.0 ** (failures - 1), self.limits.max_delay))
 
     def success(self, client: str) -> None:
         self._failures.pop(client, None)

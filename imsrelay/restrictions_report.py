@@ -11,6 +11,7 @@ rules (``GET /restrictions``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,10 @@ def accept_rules_for(config: SiteConfig) -> AcceptRules:
 
 def site_rules(config: SiteConfig) -> dict[str, Any]:
     r, a, sub = config.restrictions, config.auth, config.submission
-    nets = lambda items: [str(n) for n in items]  # noqa: E731
+
+    def nets(items: Iterable[object]) -> list[str]:
+        return [str(n) for n in items]
+
     return {
         "site": config.site,
         "routing_restrictions": {"relay_authenticated": r.relay_authenticated,

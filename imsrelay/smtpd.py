@@ -78,6 +78,14 @@ def with_enhanced_status(reply: str) -> str:
     return f"{reply[:3]} {status} {reply[4:]}" if status else reply
 
 
+class ImsSession(Session):
+    """aiosmtpd's session plus the site address the client connected to."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.local_ip: str | None = None
+
+
 class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
@@ -94,6 +102,9 @@ class ImsSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._refusal: str | None = None
 
+    def _create_session(self) -> Session:
+        return ImsSession(self.loop)
+
     @property
     def encrypted(self) -> bool:
         """TLS is on: STARTTLS done, or the implicit-TLS port."""
@@ -103,10 +114,12 @@ class ImsSMTP(SMTP):
         starttls = self._original_transport is not None
         super().connection_made(transport)
         sock = transport.get_extra_info("sockname")
-        self.session.local_ip = str(sock[0]) if isinstance(sock, tuple) and sock else None  # type: ignore[attr-defined]
+        session = self.session
+        assert isinstance(session, ImsSession)
+        session.local_ip = str(sock[0]) if isinstance(sock, tuple) and sock else None
         if starttls:
             return
-        self._refusal = self.event_handler.connect_refusal(_peer_ip(self.session), self.listener)
+        self._refusal = self.event_handler.connect_refusal(_peer_ip(session), self.listener)
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
 
     async def _handle_client(self) -> None:
@@ -254,11 +267,11 @@ class SiteHandler:
 
     def _client(self, server: ImsSMTP, session: Session) -> Client:
         identity = session.auth_data if session.authenticated and isinstance(session.auth_data, Identity) else None
-        return Client(_peer_ip(session), getattr(session, "local_ip", None),
+        return Client(_peer_ip(session), session.local_ip if isinstance(session, ImsSession) else None,
                       identity.alias if identity else None, server.encrypted,
                       identity.addresses if identity else ())
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
+    async def handle_MAIL(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
         if address and address != "<>":  # aiosmtpd hands the null sender over as "<>"
             try:
@@ -292,7 +305,7 @@ class SiteHandler:
         envelope.mail_options.extend(mail_options)
         return f"250 2.1.0 <{address}> sender ok"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
+    async def handle_RCPT(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         try:
             parsed = parse_address(address)
@@ -323,7 +336,7 @@ class SiteHandler:
                           recipient=address, reply=str(reply))
         return str(reply)
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+    async def handle_DATA(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope) -> str:
         raw: bytes = envelope.original_content or b""
         cfg = self.site.config
         hops = check_hops(raw, cfg.smtp.max_hops)
@@ -403,7 +416,7 @@ async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -
         blob = b64(initial) if initial is not None else await server.challenge_auth("")
         if blob is MISSING:
             return None
-        return decode_plain(blob)  # type: ignore[arg-type]
+        return decode_plain(blob)
     if mechanism == "LOGIN":
         login = b64(initial) if initial is not None else await server.challenge_auth("Username:")
         if login is MISSING:
@@ -412,7 +425,7 @@ async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -
         if password is MISSING:
             return None
         try:
-            return Credentials(login.decode("utf-8"), password)  # type: ignore[union-attr,arg-type]
+            return Credentials(login.decode("utf-8"), password)
         except UnicodeDecodeError:
             raise ValueError("the login is not UTF-8") from None
     raise ValueError(f"unsupported mechanism {mechanism}")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.directory import Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError, Mailbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -196,18 +196,18 @@ def cmd_restrict(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
-    change: dict[str, object] = {}
+    lists: dict[str, list[str]] = {}
     for opt, key in (("accept_from", "accept_from"), ("reject_from", "reject_from"), ("filter", "filter_senders")):
         values = getattr(args, opt)
         if getattr(args, f"clear_{opt}"):
-            change[key] = []
+            lists[key] = []
         elif values:
-            change[key] = [v for item in values for v in item.split(",") if v.strip()]
-    if args.filter_action:
-        change["filter_action"] = args.filter_action
+            lists[key] = [v for item in values for v in item.split(",") if v.strip()]
+    action: str | None = args.filter_action
     if not args.offline:
-        if change:
-            m = cli_call(config, "PUT", f"/directory/mailboxes/{args.alias}/restrictions", change)
+        if lists or action:
+            body: dict[str, object] = {**lists, **({"filter_action": action} if action else {})}
+            m = cli_call(config, "PUT", f"/directory/mailboxes/{args.alias}/restrictions", body)
         else:
             snap = cli_call(config, "GET", f"/directory?site={config.site}")
             found = [x for x in snap["mailboxes"] if x["alias"].lower() == args.alias.lower()]
@@ -218,26 +218,26 @@ def cmd_restrict(args: argparse.Namespace) -> int:
                      m["filter_action"])
         return 0
 
-    def apply(d: Directory) -> object:
-        if not change:
+    def apply(d: Directory) -> Mailbox:
+        if not lists and not action:
             mbx = d.mailbox(args.alias)
             if mbx is None:
                 raise DirectoryError(f"no mailbox {args.alias} at {config.site}")
             return mbx
-        return d.set_sender_rules(args.alias, accept_from=change.get("accept_from"),  # type: ignore[arg-type]
-                                  reject_from=change.get("reject_from"),  # type: ignore[arg-type]
-                                  filter_senders=change.get("filter_senders"),  # type: ignore[arg-type]
-                                  filter_action=change.get("filter_action"))  # type: ignore[arg-type]
+        return d.set_sender_rules(args.alias, accept_from=lists.get("accept_from"),
+                                  reject_from=lists.get("reject_from"), filter_senders=lists.get("filter_senders"),
+                                  filter_action=action)
 
-    mbx = _offline(args, config, apply)
+    mbx: Mailbox = _offline(args, config, apply)
     r = mbx.sender_rules
     _print_rules(config.site, mbx.alias, r.accept_from, r.reject_from, r.filter_senders, r.filter_action)
     return 0
 
 
-def _print_rules(site: str, alias: str, accept: object, reject: object, filtered: object, action: str) -> None:
-    def show(items: object, empty: str) -> str:
-        return ", ".join(items) or empty  # type: ignore[call-overload]
+def _print_rules(site: str, alias: str, accept: Sequence[str], reject: Sequence[str], filtered: Sequence[str],
+                 action: str) -> None:
+    def show(items: Sequence[str], empty: str) -> str:
+        return ", ".join(items) or empty
 
     print(f"{site}: {alias}: accept from {show(accept, '(everyone)')}; reject from {show(reject, '(nobody)')}; "
           f"filter {show(filtered, '(nobody)')} ({action})")

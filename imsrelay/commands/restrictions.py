@@ -17,7 +17,7 @@ from imsrelay.config import load_config
 from imsrelay.restrictions_report import site_rules
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("restrictions", help="show the site's relay, connection, submission and filter rules",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     psub = p.add_subparsers(dest="restrictions_command", metavar="ACTION")
