@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imsrelay.addresses import AddressError, parse_address, parse_proxy
-from imsrelay.restrictions import FILTER_ACTIONS, SenderRules, check_entries
+from imsrelay.restrictions import FILTER_ACTIONS, SenderRules, check_entries, rules_from_data
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -191,8 +191,7 @@ def site_id(name: str) -> str:
 
 
 def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox:
-    rules = SenderRules(tuple(obj_data.get("accept_from", ())), tuple(obj_data.get("reject_from", ())),
-                        tuple(obj_data.get("filter_senders", ())), obj_data.get("filter_action", "turf"))
+    rules = rules_from_data(obj_data)
     return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
                    tuple(obj_data.get("proxy_addresses", ())), deleted, rules)
 

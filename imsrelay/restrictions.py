@@ -20,8 +20,9 @@ logs can say why.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
 
@@ -186,6 +187,28 @@ def check_entry(entry: str) -> str:
         return parse_address(entry).key
     except AddressError as exc:
         raise ValueError(f"{entry!r}: {exc}") from None
+
+
+def rules_from_data(data: Mapping[str, Any]) -> SenderRules:
+    """A mailbox object's rules as stored (and replicated): entries that are not valid
+    sender-list entries are dropped, an unknown filter action reads as ``turf``, so
+    a malformed object from a peer never breaks a decision."""
+    def entries(key: str) -> tuple[str, ...]:
+        value = data.get(key, ())
+        if not isinstance(value, list | tuple):
+            return ()
+        out = []
+        for item in value[:1000]:
+            if isinstance(item, str):
+                try:
+                    out.append(check_entry(item))
+                except ValueError:
+                    continue
+        return tuple(out)
+
+    action = data.get("filter_action", "turf")
+    return SenderRules(entries("accept_from"), entries("reject_from"), entries("filter_senders"),
+                       action if action in FILTER_ACTIONS else "turf")
 
 
 def check_entries(entries: Iterable[str]) -> tuple[str, ...]:

@@ -143,3 +143,13 @@ def test_recipient_verdict_restrictions_before_filtering() -> None:
     v = recipient_verdict("x@spam.example", "far@example.org", None, site_filter=("@spam.example",),
                           site_action="turf")
     assert (v.refusal, v.filter.action) == (None, "turf")  # relayed mail is filtered too
+
+
+def test_rules_from_replicated_data_tolerate_junk() -> None:
+    from imsrelay.restrictions import rules_from_data
+
+    r = rules_from_data({"accept_from": ["@Corp.Example", 7, "no at", None], "reject_from": "x@y.example",
+                         "filter_senders": ["<>"], "filter_action": "bounce"})
+    assert r == SenderRules(accept_from=("@corp.example",), reject_from=(), filter_senders=("<>",),
+                            filter_action="turf")
+    assert rules_from_data({}) == SenderRules()
