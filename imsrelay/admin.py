@@ -33,8 +33,10 @@ from typing import Any
 
 from aiohttp import web
 
-from imsrelay.config import ConfigError, SiteConfig
-from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.config import SiteConfig
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import ConfigError
+from imsrelay.objects import Mailbox
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

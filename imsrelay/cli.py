@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from imsrelay import __version__
-from imsrelay.config import ConfigError
+from imsrelay.errors import ConfigError, ConfigErrors, UserError
 
 COMMAND_MODULES = [
     "imsrelay.commands.serve",
@@ -26,14 +26,6 @@ COMMAND_MODULES = [
     "imsrelay.commands.lab",
     "imsrelay.commands.org_setup",
 ]
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2 (or .status)."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"imsrelay: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # every error of the file, one line each
+        for line in exc.lines() if isinstance(exc, ConfigErrors) else [str(exc)]:
+            print(f"imsrelay: configuration error: {line}", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"imsrelay: {exc}", file=sys.stderr)

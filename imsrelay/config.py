@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
+from imsrelay.errors import ConfigError
 
 # Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
@@ -26,16 +27,6 @@ REPLICATION_ALWAYS = 15 * 60.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-class ConfigError(Exception):
-    """A problem in a configuration file, naming the file and the key."""
-
-    def __init__(self, path: Path | str, key: str, message: str) -> None:
-        self.path = str(path)
-        self.key = key
-        self.message = message
-        super().__init__(f"{self.path}: {key}: {message}")
 
 
 def parse_duration(value: Any) -> float:

@@ -30,17 +30,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imsrelay import dsn, maildir
+from imsrelay.envelope import BOUNCED, DELIVERED, FAILED, Envelope, RecipientState, new_queue_id
 from imsrelay.outcome import Outcome
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
-from imsrelay.spool import (
-    BOUNCED,
-    DELIVERED,
-    FAILED,
-    Envelope,
-    RecipientState,
-    Spool,
-    new_queue_id,
-)
+from imsrelay.spool import Spool
 
 EXPIRED_TEXT = "The maximum time for delivering the message expired"
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from imsrelay.config import ConnectedSite, ReplicationConnector
-from imsrelay.directory import Directory, SiteObject
+from imsrelay.directory import Directory
+from imsrelay.objects import SiteObject
 
 ERROR = "error"
 WARNING = "warning"

@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from imsrelay.config import load_config
+from imsrelay.org_setup import Endpoint, OrgSetup
 from imsrelay.site import Site
 
 ORGANISATION = "ExchangeORG"
@@ -243,11 +244,9 @@ class Lab:
 
     # ------------------------------------------------------------ the article's actions
 
-    async def _administrator(self) -> Any:
+    async def _administrator(self) -> OrgSetup:
         """The article's administrator actions, done as ``imsrelay org-setup`` does them:
         over each site's admin endpoint (blocking client, so on a thread)."""
-        from imsrelay.commands.org_setup import Endpoint, OrgSetup
-
         org = OrgSetup([Endpoint(f"http://{s.address}:{self.admin_port}", ADMIN_TOKEN) for s in SITES],
                        say=lambda line: self.say("lab:" + line), poll=0.1)
         await asyncio.to_thread(org.wait_ready, 30.0)

@@ -55,8 +55,8 @@ from email.message import Message
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
-from imsrelay.directory import DirObject
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.objects import DirObject
 
 PROTOCOL_VERSION = 1
 DIRSYNC_LOCAL = "dirsync"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from imsrelay.addresses import Address, AddressError, domain_matches, most_specific, parse_address
 from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.directory import Mailbox
+from imsrelay.objects import Mailbox
 
 DIRSYNC_LOCAL = "dirsync"
 

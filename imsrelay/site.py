@@ -21,14 +21,16 @@ from imsrelay import dsn
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
-from imsrelay.directory import Directory, Mailbox, SiteObject
+from imsrelay.directory import Directory
+from imsrelay.envelope import Envelope
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
+from imsrelay.objects import Mailbox, SiteObject
 from imsrelay.policy import InboundPolicy
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
-from imsrelay.spool import Envelope, Spool
+from imsrelay.spool import Spool
 
 
 class Site:

@@ -70,9 +70,9 @@ from aiosmtplib.response import SMTPResponse
 
 from imsrelay.config import SiteConfig
 from imsrelay.dns import DnsFailure, MailResolver, NextHop, ip_literal
+from imsrelay.envelope import Envelope
 from imsrelay.outcome import Outcome
 from imsrelay.router import MX, RELAY, Route
-from imsrelay.spool import Envelope
 
 MIB = 1024 * 1024
 CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)

@@ -23,9 +23,9 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 

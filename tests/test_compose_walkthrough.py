@@ -43,11 +43,11 @@ from compose_kit import (
     poll,
 )
 
-from imsrelay.commands.org_setup import Endpoint, OrgSetup
 from imsrelay.config import load_config
 from imsrelay.docker_configs import COMPOSE_ADDRESSES, compose_site_toml
 from imsrelay.lab import COMPANY_DOMAIN, STAGE_NAMES, STAGES, stage_index
 from imsrelay.lab import SITES as LAB_SITES
+from imsrelay.org_setup import Endpoint, OrgSetup
 
 PROJECT = os.environ.get("IMSRELAY_TEST_WALK_PROJECT", "imsrelaywalk")
 OVERRIDE = REPO / "docker" / "walkthrough.override.yml"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.config import ConfigError, load_config, parse_duration
+from imsrelay.config import load_config, parse_duration
+from imsrelay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import pytest
 from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
 
 from imsrelay import cli
-from imsrelay.commands.org_setup import lagging, needs_site_addressing, view_of
+from imsrelay.org_setup import lagging, needs_site_addressing, view_of
 from imsrelay.site import Site
 
 HOSTS = {"SiteA": "127.0.0.21", "SiteB": "127.0.0.22", "SiteC": "127.0.0.23"}

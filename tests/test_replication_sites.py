@@ -20,7 +20,7 @@ import pytest
 from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
 
 from imsrelay import cli
-from imsrelay.directory import DirObject, Stamp
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import build_request, render_message
 from imsrelay.site import Site
 

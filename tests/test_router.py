@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from sitekit import make_config, site_mapping
 
 from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.directory import Mailbox
+from imsrelay.objects import Mailbox
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, RoutingTable, route_for
 from imsrelay.site import endpoints_for, local_addresses, routing_table_for
 

@@ -461,8 +461,8 @@ def test_reply_classification_and_diagnostics():
 
 
 def test_smtputf8_need_and_command_paths():
+    from imsrelay.envelope import Envelope, RecipientState
     from imsrelay.smtp_client import needs_smtputf8, smtp_path
-    from imsrelay.spool import Envelope, RecipientState
 
     env = Envelope("Q1", "a@b.example", [RecipientState("c@d.example")], 0.0)
     header_utf8 = "Subject: café\r\n\r\nbody".encode()

@@ -14,6 +14,7 @@ from typing import Any
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
-    from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
     db = config.data_dir / "directory.sqlite3"
@@ -68,7 +68,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{m.alias:<16} {m.home_site:<10} {m.display_name:<22} {' '.join(m.proxy_addresses)}")
         return 0
     except DirectoryError as exc:
-        from imsrelay.cli import UserError
 
         raise UserError(str(exc)) from None
     finally:
@@ -91,7 +90,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory], Any]) -> Any:
     """``--offline``: make the change in the stopped site's database directly."""
     from imsrelay.admin_client import ensure_offline
-    from imsrelay.cli import UserError
 
     ensure_offline(config)
     directory = open_directory(args)

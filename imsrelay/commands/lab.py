@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from imsrelay.commands.serve import run_until_signalled
+from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging
 
 
@@ -37,7 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
     from imsrelay.lab import STAGE_NAMES, STAGES, Lab, stage_index
 
     data = args.data

@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.spool import PENDING, Envelope, RecipientState, Spool
+from imsrelay.envelope import PENDING, Envelope, RecipientState
+from imsrelay.errors import UserError
+from imsrelay.spool import Spool
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_spool(args: argparse.Namespace) -> Spool:
-    from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
     if not (config.data_dir / "queue" / "journal").is_dir():
@@ -64,7 +65,6 @@ def open_spool(args: argparse.Namespace) -> Spool:
 
 
 def _load(spool: Spool, queue_id: str) -> Envelope:
-    from imsrelay.cli import UserError
 
     try:
         env = spool.load(queue_id)
@@ -177,7 +177,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
 
     spool = open_spool(args)
     missing = []
@@ -193,7 +192,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _load_id_check(queue_id: str) -> None:
-    from imsrelay.cli import UserError
 
     if not queue_id.isalnum():
         raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)")

@@ -20,6 +20,7 @@ import structlog
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging
 from imsrelay.router import MX, RELAY, Route, route_for
 
@@ -108,7 +109,6 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
 
     config = load_config(args.config, data_dir=args.data)
     if not structlog.is_configured():  # the explanation is the output: log only problems, on stderr

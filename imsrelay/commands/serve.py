@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from imsrelay.config import load_config
+from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging
 
 
@@ -49,7 +50,6 @@ def run_until_signalled(main_factory) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
     from imsrelay.site import run_site
     from imsrelay.spool import SpoolLocked
 

@@ -15,6 +15,7 @@ from typing import Any
 from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
+from imsrelay.errors import UserError
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 
@@ -51,7 +52,6 @@ def print_report(site: str, r: dict[str, Any]) -> None:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
     from imsrelay.commands.directory import open_directory
     from imsrelay.directory import DirectoryError
     from imsrelay.logs import configure_logging, get_logger
