@@ -19,16 +19,20 @@ from typing import Any
 
 from imsrelay import dsn
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.admin import AdminServer
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory
+from imsrelay.dns import MailResolver
 from imsrelay.envelope import Envelope
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
 from imsrelay.objects import Mailbox, SiteObject
 from imsrelay.policy import InboundPolicy
+from imsrelay.replication import Replicator
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
+from imsrelay.smtp_client import SmtpClient
 from imsrelay.smtpd import server_factory
 from imsrelay.spool import Spool
 
@@ -51,11 +55,13 @@ class Site:
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = f"by {config.hostname} (imsrelay)".encode().lower()
-        self.smtp_client: Any = None
-        self.replicator: Any = None
-        self.admin: Any = None
-        self.qmgr = QueueManager(self, self.spool, smtp_deliver=self._smtp_deliver,
-                                 directory_deliver=self._directory_deliver, clock=clock)
+        self.replicator: Replicator | None = None
+        self.admin: AdminServer | None = None
+        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+        self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log)
+        self.qmgr = QueueManager(self.spool, inputs=self, transport=self.smtp_client,
+                                 directory_deliver=self._directory_deliver, delivery=config.delivery,
+                                 data_dir=config.data_dir, hostname=config.hostname, log=self.log, clock=clock)
         self._free_bytes = 0
         self._endpoints: tuple[int, float, frozenset[tuple[str, int]]] | None = None
         self._free_checked = -10.0
@@ -83,9 +89,6 @@ class Site:
 
     def _build_replication_and_admin(self) -> None:
         """Directory replication needs the organisation key; the admin endpoint a token."""
-        from imsrelay.admin import AdminServer
-        from imsrelay.replication import Replicator
-
         if self.config.replication.resolved_key():
             self.replicator = Replicator(self)
         elif self.config.replication.connectors:
@@ -110,7 +113,6 @@ class Site:
         await self.refresh()
         loop = asyncio.get_running_loop()
         self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
-        self._build_outbound()
         await self.qmgr.start()
         if self.worker == 0:
             adopted = await self.spool.adopt_orphans(self.workers)
@@ -154,22 +156,10 @@ class Site:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self.qmgr.stop()
-        if self.smtp_client is not None:
-            await self.smtp_client.close()
+        await self.smtp_client.close()
         self.spool.close()
         self.directory.close()
         self.log.info("site.stopped")
-
-    def _build_outbound(self) -> None:
-        """The SMTP client and replication, when their modules are present."""
-        try:
-            from imsrelay.smtp_client import SmtpClient
-        except ImportError:
-            return
-        from imsrelay.dns import MailResolver
-
-        resolver = MailResolver(self.config.dns.nameservers, timeout=self.config.dns.timeout)
-        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints, self.log)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
@@ -314,13 +304,6 @@ class Site:
         self.qmgr.submit(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
-
-    async def _smtp_deliver(self, route: Any, env: Envelope, rcpts: list[str], message: bytes) -> dict[str, Any]:
-        from imsrelay.outcome import Outcome
-
-        if self.smtp_client is None:
-            return {r: Outcome.temporary("4.4.0", "no SMTP client configured") for r in rcpts}
-        return await self.smtp_client.deliver(route, env, rcpts, message)
 
     async def _directory_deliver(self, env: Envelope, message: bytes) -> None:
         if self.replicator is None:
