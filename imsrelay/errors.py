@@ -1,7 +1,8 @@
 """Errors a user can cause, and how they are told (one clear line, never a traceback).
 
 ``ConfigError`` names the file and the key of a bad setting; ``ConfigErrors`` carries
-every such error of one file (``load_config`` reports them all at once);
+every such error of one file (``load_config`` reports them all at once, in the
+order it checks the file's sections);
 ``UserError`` is anything else the user can fix (a bad argument, a site that is not
 running): the CLI prints it as one line and exits with ``status``.
 """
@@ -31,7 +32,7 @@ class ConfigError(Exception):
 
 
 class ConfigErrors(ConfigError):
-    """Every problem found in one configuration file (at least one), in file order.
+    """Every problem found in one configuration file (at least one).
 
     It reads as its first error (``key``, ``message``, ``str``), so code that handles
     one ``ConfigError`` still works; ``errors`` holds them all."""

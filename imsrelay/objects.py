@@ -11,6 +11,8 @@ from typing import Any
 
 from imsrelay.addresses import parse_proxy
 
+DIRSYNC_LOCAL = "dirsync"  # the local part of every site's directory service address (dirsync@domain)
+
 
 @dataclass(frozen=True)
 class Stamp:

@@ -61,6 +61,12 @@ def make_config(tmp_path: Path, mapping: dict[str, Any]) -> SiteConfig:
     return config_from_mapping(mapping, tmp_path / f"{name}.toml", data_dir=tmp_path / name)
 
 
+def config_of(mapping: dict[str, Any]) -> SiteConfig:
+    """A site's settings from a mapping, with no file and no directory (pure tests)."""
+    name = mapping["site"]["name"]
+    return config_from_mapping(mapping, Path(f"{name}.toml"), data_dir=Path(name))
+
+
 def write_site_file(tmp_path: Path, mapping: dict[str, Any]) -> tuple[Path, SiteConfig]:
     """Write a site's TOML file (data in ``tmp_path/<name>``) and load it back."""
     import tomli_w

@@ -479,7 +479,7 @@ def test_smtputf8_need_and_command_paths():
 
 def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
     from imsrelay.dns import NextHop
-    from imsrelay.smtp_client import without_self
+    from imsrelay.loops import without_self
 
     me = frozenset({("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)})
     hops = [NextHop("mx1.x", "192.0.2.1", 25, 10), NextHop("ServerA.SiteA.microsoft.com", "10.0.0.9", 25, 20),

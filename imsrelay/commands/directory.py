@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.directory import Directory, DirectoryError
@@ -41,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
-
     config = load_config(args.config, data_dir=args.data)
     db = config.data_dir / "directory.sqlite3"
     if not db.exists():
@@ -75,7 +75,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
@@ -89,7 +88,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory], Any]) -> Any:
     """``--offline``: make the change in the stopped site's database directly."""
-    from imsrelay.admin_client import ensure_offline
 
     ensure_offline(config)
     directory = open_directory(args)
@@ -102,7 +100,6 @@ def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory]
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:

@@ -60,7 +60,6 @@ def parse_site_arg(value: str, token_env: str) -> tuple[str, str]:
 
 
 def _endpoints(args: argparse.Namespace) -> list[Endpoint]:
-
     endpoints = []
     for value in args.site:
         url, token = parse_site_arg(value, args.token_env)
@@ -75,7 +74,6 @@ def _endpoints(args: argparse.Namespace) -> list[Endpoint]:
 
 
 def cmd_org_setup(args: argparse.Namespace) -> int:
-
     setup = OrgSetup(_endpoints(args))
     try:
         if args.check:

@@ -56,7 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_spool(args: argparse.Namespace) -> Spool:
-
     config = load_config(args.config, data_dir=args.data)
     if not (config.data_dir / "queue" / "journal").is_dir():
         raise UserError(f"no queue at {config.data_dir / 'queue'}: the site has not been started yet "
@@ -65,7 +64,6 @@ def open_spool(args: argparse.Namespace) -> Spool:
 
 
 def _load(spool: Spool, queue_id: str) -> Envelope:
-
     try:
         env = spool.load(queue_id)
     except ValueError:
@@ -177,7 +175,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-
     spool = open_spool(args)
     missing = []
     for qid in args.queue_ids:
@@ -192,6 +189,5 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _load_id_check(queue_id: str) -> None:
-
     if not queue_id.isalnum():
         raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)")

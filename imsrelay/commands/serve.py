@@ -1,4 +1,4 @@
-"""``imsrelay serve`` and ``imsrelay check-config``."""
+"""``imsrelay serve`` — run one site (``--workers N``: N processes sharing its port)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from imsrelay.config import load_config
 from imsrelay.errors import UserError
-from imsrelay.logs import configure_logging
+from imsrelay.logs import configure_logging, get_logger
+from imsrelay.site import run_site
+from imsrelay.spool import SpoolLocked
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "use about one per core for throughput)")
     p.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a site's TOML file and print a summary",
-                       description="Validate a site configuration file; exit 0 if it is usable.")
-    c.add_argument("config", type=Path, help="the site's TOML file")
-    c.set_defaults(func=cmd_check_config)
 
 
 def install_event_loop_policy() -> None:
@@ -50,8 +48,6 @@ def run_until_signalled(main_factory) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imsrelay.site import run_site
-    from imsrelay.spool import SpoolLocked
 
     config = load_config(args.config, data_dir=args.data)
     workers = args.workers or config.smtp.workers
@@ -76,8 +72,6 @@ def supervise(config, workers: int) -> int:
     import os
     import time
 
-    from imsrelay.logs import get_logger
-    from imsrelay.site import run_site
 
     log = get_logger("imsrelay").bind(site=config.site)
     children: dict[int, int] = {}  # pid -> worker number
@@ -139,21 +133,3 @@ def supervise(config, workers: int) -> int:
             time.sleep(1.0)
             spawn(worker)
     return status
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    c = load_config(args.config)
-    print(f"{c.path}: ok")
-    print(f"  organisation {c.organisation}, site {c.site}, server {c.server} ({c.hostname})")
-    print(f"  site address @{c.site_domain}, company domain {c.company_domain}")
-    print(f"  SMTP {c.smtp.listen}:{c.smtp.port}, data {c.data_dir}")
-    print(f"  mailboxes: {', '.join(m.alias for m in c.mailboxes) or '(none)'}")
-    for cs in c.connected_sites:
-        print(f"  connected site {cs.name}: SMTP {cs.routing_address}")
-    for r in c.email_domains:
-        print(f"  e-mail domain {r.domain} -> {r.host}:{r.port}")
-    if c.delivery.smart_host:
-        print(f"  smart host {c.delivery.smart_host}:{c.delivery.smart_host_port}")
-    for rc in c.replication.connectors:
-        print(f"  replication connector to {rc.site}")
-    return 0
