@@ -130,7 +130,7 @@ class _Section:
             return self.error(name, "is required but missing") if required else MISSING
         return self.table[name]
 
-    def str(self, name: str, *, required: bool = False) -> Any:
+    def string(self, name: str, *, required: bool = False) -> Any:
         value = self._get(name, required)
         if value is MISSING:
             return value
@@ -142,7 +142,7 @@ class _Section:
 
     def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False,
                fold: bool = False) -> Any:
-        value = self.str(name, required=required)
+        value = self.string(name, required=required)
         if value is MISSING:
             return value
         if fold:
@@ -151,7 +151,7 @@ class _Section:
             return self.error(name, f"must be one of {', '.join(choices)}")
         return value
 
-    def int(self, name: str, *, minimum: int | None = 0, maximum: int | None = None) -> Any:
+    def integer(self, name: str, *, minimum: int | None = 0, maximum: int | None = None) -> Any:
         value = self._get(name, False)
         if value is MISSING:
             return value
@@ -164,9 +164,9 @@ class _Section:
         return value
 
     def port(self, name: str, *, allow_zero: bool = False) -> Any:
-        return self.int(name, minimum=0 if allow_zero else 1, maximum=65535)
+        return self.integer(name, minimum=0 if allow_zero else 1, maximum=65535)
 
-    def bool(self, name: str) -> Any:
+    def boolean(self, name: str) -> Any:
         value = self._get(name, False)
         if value is MISSING:
             return value
@@ -189,7 +189,7 @@ class _Section:
         except ValueError as exc:
             return self.error(name, str(exc))
 
-    def list(self, name: str) -> list[Any]:
+    def listing(self, name: str) -> list[Any]:
         value = self._get(name, False)
         if value is MISSING:
             return []
@@ -201,7 +201,7 @@ class _Section:
     def strings(self, name: str) -> list[tuple[int, str]]:
         """(index, value) of a list of strings; other items are errors."""
         out = []
-        for i, item in enumerate(self.list(name)):
+        for i, item in enumerate(self.listing(name)):
             if isinstance(item, str):
                 out.append((i, item))
             else:
@@ -219,7 +219,7 @@ class _Section:
 
     def tables(self, name: str) -> list[_Section]:
         result = []
-        for i, item in enumerate(self.list(name)):
+        for i, item in enumerate(self.listing(name)):
             if not isinstance(item, dict):
                 self.item_error(name, i, "must be a table")
                 continue
@@ -247,7 +247,7 @@ def _domain(section: _Section, name: str, value: Any) -> Any:
 def _listen(section: _Section, name: str) -> Any:
     """A listen address: an IP address (0.0.0.0 or :: for every address), never a
     host name (that would ask the system resolver)."""
-    value = section.str(name)
+    value = section.string(name)
     if value is MISSING:
         return value
     if ip_literal(value) is None or value.strip().startswith("["):
@@ -257,7 +257,7 @@ def _listen(section: _Section, name: str) -> Any:
 
 def _host(section: _Section, name: str) -> Any:
     """A next hop: an IP address (or [literal]) or a host name."""
-    value = section.str(name, required=True)
+    value = section.string(name, required=True)
     if value is MISSING:
         return value
     if ip_literal(value) is None:
@@ -281,11 +281,11 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
             accepted.append(("#" if d.startswith("#") else "") + _checked_domain(d))
         except AddressError as exc:
             s.item_error("accepted_domains", i, str(exc))
-    hostname = s.str("hostname")
+    hostname = s.string("hostname")
     if hostname not in (MISSING, "") and _domain(s, "hostname", hostname) is MISSING:
         hostname = MISSING
-    cert = s.str("tls_cert")
-    key = s.str("tls_key")
+    cert = s.string("tls_cert")
+    key = s.string("tls_key")
     if bool(cert) != bool(key) and not any(e.key.startswith(s.key("tls_")) for e in s.errors):
         s.error("tls_key" if cert is not MISSING else "tls_cert", "tls_cert and tls_key go together")
     cfg = _build(
@@ -293,18 +293,18 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         listen=_listen(s, "listen"),
         port=s.port("port", allow_zero=True),
         hostname=hostname,
-        max_message_size=s.int("max_message_size", minimum=1024),
-        max_hops=s.int("max_hops", minimum=1),
-        max_recipients=s.int("max_recipients", minimum=1),
+        max_message_size=s.integer("max_message_size", minimum=1024),
+        max_hops=s.integer("max_hops", minimum=1),
+        max_recipients=s.integer("max_recipients", minimum=1),
         relay_networks=tuple(networks),
         accepted_domains=tuple(accepted),
         idle_timeout=s.duration("idle_timeout"),
         session_timeout=s.duration("session_timeout"),
-        max_errors=s.int("max_errors", minimum=1),
+        max_errors=s.integer("max_errors", minimum=1),
         tls_cert=(config_dir / cert) if cert else MISSING,
         tls_key=(config_dir / key) if key else MISSING,
-        workers=s.int("workers", minimum=1, maximum=64),
-        queue_minfree=s.int("queue_minfree", minimum=0),
+        workers=s.integer("workers", minimum=1, maximum=64),
+        queue_minfree=s.integer("queue_minfree", minimum=0),
     )
     s.reject_unknown()
     return cfg
@@ -318,12 +318,12 @@ def _checked_domain(value: str) -> str:
 
 def _load_delivery(s: _Section) -> DeliveryConfig:
     intervals = []
-    for i, value in enumerate(s.list("retry_intervals")):
+    for i, value in enumerate(s.listing("retry_intervals")):
         try:
             intervals.append(parse_duration(value))
         except ValueError as exc:
             s.item_error("retry_intervals", i, str(exc))
-    smart = s.str("smart_host")
+    smart = s.string("smart_host")
     smart_host, smart_port = MISSING, MISSING
     if smart not in (MISSING, ""):
         try:
@@ -332,7 +332,7 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
             s.error("smart_host", str(exc))
     policies = []
     for t in s.tables("tls"):
-        domain = _domain(t, "domain", t.str("domain", required=True))
+        domain = _domain(t, "domain", t.string("domain", required=True))
         starttls = t.choice("starttls", STARTTLS_POLICIES, required=True)
         if domain is not MISSING and starttls is not MISSING:
             policies.append(TlsPolicy(domain, starttls))
@@ -346,8 +346,8 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         smart_host_port=smart_port,
         starttls=s.choice("starttls", STARTTLS_POLICIES),
         tls_policies=tuple(policies),
-        max_per_destination=s.int("max_per_destination", minimum=1),
-        max_deliveries=s.int("max_deliveries", minimum=1),
+        max_per_destination=s.integer("max_per_destination", minimum=1),
+        max_deliveries=s.integer("max_deliveries", minimum=1),
         connect_timeout=s.duration("connect_timeout"),
         command_timeout=s.duration("command_timeout"),
         data_timeout_per_mib=s.duration("data_timeout_per_mib"),
@@ -375,7 +375,7 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
     mailboxes = []
     seen: set[str] = set()
     for m in root.tables("mailboxes"):
-        alias = m.str("alias", required=True)
+        alias = m.string("alias", required=True)
         if alias is not MISSING and not _ALIAS.fullmatch(alias):
             alias = m.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
         elif alias is not MISSING and alias.lower() in seen:
@@ -388,7 +388,7 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
                 m.item_error("addresses", i, str(exc))
                 continue
             extra.append(addr if ":" in addr else f"smtp:{addr}")
-        display = m.str("display_name")
+        display = m.string("display_name")
         if alias is not MISSING:
             seen.add(alias.lower())
             mailboxes.append(MailboxConfig(alias, alias if display is MISSING else display, tuple(extra)))
@@ -399,16 +399,16 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
 def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
     connected = []
     for c in root.tables("connected_sites"):
-        name = c.str("name", required=True)
+        name = c.string("name", required=True)
         if name is not MISSING and not _NAME.fullmatch(name):
             name = c.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
-        routing = c.str("routing_address", required=True)
+        routing = c.string("routing_address", required=True)
         if routing is not MISSING and not routing.startswith("@"):
             routing = c.error("routing_address",
                               f"{routing!r} must be an SMTP routing address like @SiteB.example.com")
         elif routing is not MISSING:
             routing = _domain(c, "routing_address", routing[1:])
-        cost = c.int("cost", minimum=0, maximum=100)
+        cost = c.integer("cost", minimum=0, maximum=100)
         if name is not MISSING and routing is not MISSING:
             connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost))
         c.reject_unknown()
@@ -418,7 +418,7 @@ def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
 def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
     routes = []
     for e in root.tables("email_domains"):
-        domain = e.str("domain", required=True)
+        domain = e.string("domain", required=True)
         exact = domain is not MISSING and domain.startswith("#")
         domain = _domain(e, "domain", domain)
         host = _host(e, "host")
@@ -439,19 +439,19 @@ def _load_replication(r: _Section) -> ReplicationConfig:
             schedule: Any = MISSING
         else:
             schedule = c.duration("schedule", off=None)
-        site = c.str("site", required=True)
+        site = c.string("site", required=True)
         if site is not MISSING:
             connectors.append(_build(ReplicationConnector, site=site, schedule=schedule))
         c.reject_unknown()
     cfg = _build(
         ReplicationConfig,
-        key=r.str("key"),
-        key_env=r.str("key_env"),
+        key=r.string("key"),
+        key_env=r.string("key_env"),
         connectors=tuple(connectors),
         startup_delay=r.duration("startup_delay", off=0.0),
-        batch_size=r.int("batch_size", minimum=1),
+        batch_size=r.integer("batch_size", minimum=1),
         max_age=r.duration("max_age"),
-        keep_old_address=r.bool("keep_old_address"),
+        keep_old_address=r.boolean("keep_old_address"),
         kcc_interval=r.duration("kcc_interval"),
     )
     r.reject_unknown()
@@ -460,7 +460,7 @@ def _load_replication(r: _Section) -> ReplicationConfig:
 
 def _load_admin(a: _Section) -> AdminConfig:
     cfg = _build(AdminConfig, listen=_listen(a, "listen"), port=a.port("port", allow_zero=True),
-                 token=a.str("token"), token_env=a.str("token_env"))
+                 token=a.string("token"), token_env=a.string("token_env"))
     a.reject_unknown()
     return cfg
 
@@ -494,17 +494,17 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     root = _Section(path, "", raw, errors)
     config_dir = path.parent
     site = root.table_of("site")
-    organisation = site.str("organisation", required=True)
-    name = site.str("name", required=True)
+    organisation = site.string("organisation", required=True)
+    name = site.string("name", required=True)
     if name is not MISSING and not _NAME.fullmatch(name):
         name = site.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
-    server = site.str("server", required=True)
+    server = site.string("server", required=True)
     if server is not MISSING and _domain(site, "server", server) is MISSING:
         server = MISSING
-    site_domain = _domain(site, "email_domain", site.str("email_domain", required=True))
-    company = site.str("company_domain")
+    site_domain = _domain(site, "email_domain", site.string("email_domain", required=True))
+    company = site.string("company_domain")
     company_domain = site_domain if company is MISSING else _domain(site, "company_domain", company)
-    data = site.str("data_dir")
+    data = site.string("data_dir")
     site.reject_unknown()
 
     smtp = _load_smtp(root.table_of("smtp"), config_dir)

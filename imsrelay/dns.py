@@ -324,7 +324,7 @@ def _query_name(domain: str) -> str:
 def _negative_ttl(nx: dns.resolver.NXDOMAIN) -> int:
     """RFC 2308 negative TTL from the SOA in the NXDOMAIN response (dnspython's default without one)."""
     ttls = []
-    for response in nx.responses().values():
+    for response in nx.responses().values():  # type: ignore[no-untyped-call]
         try:
             ttls.append(response.resolve_chaining().minimum_ttl)
         except dns.exception.DNSException:

@@ -180,7 +180,7 @@ class OrgSetup:
         if len(domains) != 1:
             raise SetupError(f"the sites name different company domains ({', '.join(sorted(domains))}): "
                              "give --address")
-        return "@" + domains.pop()
+        return "@" + str(domains.pop())
 
     def wait_in_sync(self, homes: Sequence[str], timeout: float, what: str) -> None:
         start = self.clock()

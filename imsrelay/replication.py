@@ -633,7 +633,8 @@ class Replicator:
             lambda: (self.directory.invocation, self.directory.highest_usn))
         peers = []
         for name in sorted(set(schedules) | set(states)):
-            state = states.get(name) or await self.directory.run(self.directory.peer_state, name)
+            known = states.get(name)
+            state = known if known is not None else await self.directory.run(self.directory.peer_state, name)
             domain = await self.peer_domain(name)
             peers.append({
                 "site": name, "connector": name in schedules, "schedule": schedules.get(name),

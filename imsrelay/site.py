@@ -115,7 +115,11 @@ class Site:
             await self._wait_for_provisioning()
         await self.refresh()
         loop = asyncio.get_running_loop()
-        self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
+
+        def changed() -> None:  # called on the directory's thread
+            loop.call_soon_threadsafe(self._directory_changed)
+
+        self.directory.listeners.append(changed)
         await self.qmgr.start()
         if self.worker == 0:
             adopted = await self.spool.adopt_orphans(self.workers)

@@ -105,7 +105,7 @@ class ImsSMTP(SMTP):
         super().connection_lost(error)
 
     def _session_expired(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
             self.transport.close()
 
@@ -114,6 +114,7 @@ class ImsSMTP(SMTP):
         (about 50 µs per MAIL/RCPT); the same results."""
         if not arg:
             return "", ""
+        address: Any
         try:
             if arg.lstrip().startswith("<"):
                 address, rest = get_angle_addr(arg)

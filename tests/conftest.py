@@ -1,11 +1,8 @@
 """Shared pytest set-up.  Test helpers live in tests/sitekit.py (real sites on
-loopback) and tests/nsd_server.py (a real nsd)."""
+loopback, sending mail, free ports, an organisation of sites), tests/nsd_server.py
+(a real nsd) and tests/smtp_sink.py (Postfix's smtp-sink); ``tests`` is on the
+import path through ``pythonpath`` in pyproject.toml."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imsrelay.logs import configure_logging  # noqa: E402
+from imsrelay.logs import configure_logging
 
 configure_logging("warning", "json")

@@ -18,7 +18,7 @@ from imsrelay.directory import Directory, DirectoryError
 from imsrelay.errors import UserError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="show or change the site's directory (mailboxes, sites)",
                        description="Mailboxes and sites in a site's directory database.")
     dsub = d.add_subparsers(dest="directory_command", metavar="ACTION")

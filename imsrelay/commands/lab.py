@@ -13,7 +13,7 @@ from imsrelay.lab import STAGE_NAMES, STAGES, Lab, stage_index
 from imsrelay.logs import configure_logging
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "lab", help="run SiteA, SiteB, SiteC and an Internet host on loopback (KB Q196927)",

@@ -15,7 +15,7 @@ from imsrelay.org_setup import Endpoint, OrgSetup, SetupError
 DEFAULT_TOKEN_ENV = "IMSRELAY_ADMIN_TOKEN"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "org-setup", help="run KB Q196927's administrator actions across all sites (idempotent)",
         description="KB Q196927's administrator actions across the sites of one organisation:\n"

@@ -27,7 +27,7 @@ from imsrelay.errors import UserError
 from imsrelay.spool import Spool
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = sub.add_parser("queue", help="list, show, retry or delete queued messages",
                        description="The site's mail queue (works whether the site runs or not).")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")

@@ -30,7 +30,7 @@ from imsrelay.router import MX, RELAY, Route, route_for, routing_table_for
 from imsrelay.smtp_client import remote_name
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "route", help="explain where mail for an address goes (the routing decision chain)",
         description="Print each routing decision for ADDRESS at this site: directory, Connected Sites, "

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 
-from imsrelay.config import load_config
+from imsrelay.config import SiteConfig, load_config
 from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging, get_logger
 from imsrelay.site import run_site
 from imsrelay.spool import SpoolLocked
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run one site's Internet Mail Service",
                        description="Run one site: SMTP server, queue, delivery, replication, admin endpoint.")
     p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
@@ -33,7 +35,7 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_until_signalled(main_factory) -> None:
+def run_until_signalled(main_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main_factory(stop_event)`` until SIGINT/SIGTERM set the event."""
     install_event_loop_policy()
 
@@ -66,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def supervise(config, workers: int) -> int:
+def supervise(config: SiteConfig, workers: int) -> int:
     """Run ``workers`` processes of one site (forked before any event loop exists);
     SIGINT/SIGTERM stop them all; a worker that dies is started again."""
     import os
@@ -94,7 +96,7 @@ def supervise(config, workers: int) -> int:
         children[pid] = worker
         started[worker] = time.monotonic()
 
-    def stop_all(signum, frame) -> None:
+    def stop_all(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
         for pid in list(children):

@@ -22,7 +22,7 @@ from imsrelay.logs import configure_logging, get_logger
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("site-addressing", help="show or change the site's SMTP Site Addressing",
                        description="The site-default SMTP address (Site Addressing) and the bulk update of "
                                    "recipient addresses that follows a change.")
