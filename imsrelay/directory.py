@@ -301,15 +301,6 @@ class Directory:
             self._notify()
         return applied, ignored
 
-    def changes_since(self, usn: int, limit: int) -> tuple[list[DirObject], int]:
-        """Objects changed here above ``usn`` (oldest first), at most ``limit``;
-        returns them and the highest USN included (``usn`` when none)."""
-        rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
-            "FROM objects WHERE usn > ? ORDER BY usn LIMIT ?", (usn, limit)).fetchall()
-        objs = [_row_object(r) for r in rows]
-        return objs, (objs[-1].usn if objs else usn)
-
     def change_batches(self, usn: int, limit: int, *, max_bytes: int = 4 * 1024 * 1024
                        ) -> tuple[list[tuple[int, int, list[DirObject]]], int]:
         """Everything changed here above ``usn``, cut into batches of at most ``limit``

@@ -26,6 +26,8 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from typing import Any, cast
 
+from imsrelay.rewrite import split_message
+
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _TYPED = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")  # "smtp; 550 ..." — RFC 3464 diagnostic-type
@@ -134,7 +136,8 @@ def build_report(
             raise ValueError(f"bad DSN status {r.status!r} for {r.final_recipient}")
 
     original = _LINE_END.sub(b"\r\n", original)
-    headers, _, _body = original.partition(b"\r\n\r\n")
+    head, body = split_message(original)
+    headers = head[:-2] if body else head  # without the line break that ends the last field
     if original.startswith(b"\r\n"):
         headers = b""
     subject = _original_subject(headers)

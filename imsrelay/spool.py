@@ -529,7 +529,3 @@ class Spool:
         finally:
             self.journal.close()
             self.release()
-
-    def request_retry(self) -> None:
-        for w in self.workers_on_disk():
-            self._peer(w)._request("retry", "*")
