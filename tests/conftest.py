@@ -3,6 +3,28 @@ loopback, sending mail, free ports, an organisation of sites), tests/nsd_server.
 (a real nsd) and tests/smtp_sink.py (Postfix's smtp-sink); ``tests`` is on the
 import path through ``pythonpath`` in pyproject.toml."""
 
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from sitekit import Organisation
+
 from imsrelay.logs import configure_logging
 
 configure_logging("warning", "json")
+
+
+@pytest.fixture
+async def organisation(tmp_path) -> AsyncIterator[Callable[..., Organisation]]:
+    """Make ``Organisation``s (KB Q196927's three sites) in this test's directory;
+    every site they started is stopped at the end."""
+    made: list[Organisation] = []
+
+    def make(**kw: Any) -> Organisation:
+        org = Organisation(tmp_path, **kw)
+        made.append(org)
+        return org
+
+    yield make
+    for org in made:
+        await org.close()

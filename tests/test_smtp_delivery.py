@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from nsd_server import NsdServer
-from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
-from smtp_sink import SmtpSink, free_port
+from sitekit import (
+    free_port,
+    maildir_messages,
+    make_config,
+    running_site,
+    send_mail,
+    site_mapping,
+    wait_for,
+)
+from smtp_sink import SmtpSink
 
 from imsrelay.spool import Spool
 
@@ -47,8 +55,7 @@ def partner(host: str, port: int, **extra) -> dict:
 
 def send(port: int, rcpts: list[str], data: bytes, *, sender: str = USER1, host: str = "127.0.0.1",
          mail_options: tuple[str, ...] = ()) -> None:
-    with smtplib.SMTP(host, port, timeout=10) as s:
-        s.sendmail(sender, rcpts, data, mail_options=list(mail_options))
+    send_mail(host, port, sender, rcpts, data, mail_options=mail_options)
 
 
 async def submit(site, rcpts: list[str], data: bytes | None = None, **kw) -> None:
