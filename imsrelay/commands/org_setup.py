@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 from imsrelay.admin_client import cli_client
-from imsrelay.config import load_config
+from imsrelay.config import AdminConfig, load_config
 from imsrelay.errors import UserError
 from imsrelay.org_setup import Endpoint, OrgSetup, SetupError
 
-DEFAULT_TOKEN_ENV = "IMSRELAY_ADMIN_TOKEN"
+DEFAULT_TOKEN_ENV = str(AdminConfig.token_env)  # the site setting's default
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
