@@ -2,7 +2,8 @@
 
 Like Postfix's qmgr: it takes messages from the spool, asks the router where each
 pending recipient goes, hands groups of recipients to a transport (Maildir, the
-directory service, or SMTP), and records each recipient's outcome durably:
+directory service, or SMTP), and records each recipient's outcome durably by the
+rules of ``imsrelay.queue_rules`` (the pure state machine; this module applies it):
 
 - delivered → terminal;
 - permanent failure → an NDR is queued durably to the envelope sender, then the
@@ -13,7 +14,10 @@ directory service, or SMTP), and records each recipient's outcome durably:
   for delivering the message expired").
 
 A message leaves the spool only when every recipient is terminal
-(DESIGN.md invariant 2).  Disk and directory work run off the event loop.
+(DESIGN.md invariant 2).  The queue manager is also the one owner of
+per-destination concurrency (``delivery.max_per_destination`` slots per relay host
+or MX domain, taken before a global delivery slot).  Disk and directory work run
+off the event loop.
 """
 
 from __future__ import annotations

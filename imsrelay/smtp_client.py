@@ -9,16 +9,17 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``mx`` route to every address of every MX host of the domain, in RFC 5321 §5.1
   order.  The next hop is tried on a connection failure or a temporary (4xx)
   failure; a permanent (5xx) reply ends the attempt for the recipients it covers.
-- **Loops.** An MX next hop that is this site (its listen address or host name
+- **Loops** (``imsrelay.loops``). An MX next hop that is this site (its listen address or host name
   at its port) is dropped together with every less preferred one, as RFC 5321
   §5.1 asks; when nothing is left the recipients fail with ``5.4.6``.
 - **Connections** are pooled per next hop (address, port) and reused: before
   reuse a connection is checked with ``RSET``; an idle one is closed (``QUIT``)
   after ``delivery.connection_idle``; one older than ``CONNECTION_MAX_AGE`` is not
-  reused.  (How many deliveries run against one destination at a time is the queue
-  manager's ``delivery.max_per_destination``.)  A host that refused or timed out a connection is not tried
-  again for a short while (``DEAD_HOST_HOLD``), so a dead peer costs one timeout,
-  not one per message, and never holds up other destinations.
+  reused.  How many deliveries run against one destination at a time is decided
+  by the queue manager alone (``delivery.max_per_destination``).  A host that
+  refused or timed out a connection is not tried again for a short while
+  (``DEAD_HOST_HOLD``), so a dead peer costs one timeout, not one per message,
+  and never holds up other destinations.
 - **STARTTLS** per route: ``none``; ``opportunistic`` (used when offered, without
   certificate checks as in RFC 7435; if the handshake fails the hop is retried in
   clear and remembered as TLS-broken for ``TLS_BROKEN_HOLD``); ``require`` (a

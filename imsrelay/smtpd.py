@@ -1,7 +1,8 @@
 """The SMTP ingress: aiosmtpd glue between the wire and policy / rewrite / queue.
 
 Nothing here decides anything on its own: RCPT asks ``policy.check_recipient`` with
-what the directory said; DATA asks ``policy.check_hops``, rewrites with
+what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
+(through the site), rewrites with
 ``rewrite.rewrite_message`` and hands the bytes to the spool.  ``250`` is answered
 only after the spool says the message is durable.  Any unexpected error answers
 ``451 4.3.0`` so the client retries (DESIGN.md invariant 3).
