@@ -24,10 +24,6 @@ KEY = ORG_KEY
 TOKEN = ORG_TOKEN
 
 
-def send(host: str, port: int, sender: str, rcpts: list[str], message: bytes) -> dict:
-    return send_mail(host, port, sender, rcpts, message, timeout=15)
-
-
 async def test_new_mailbox_replicates_and_its_deletion_as_a_tombstone(organisation):
     org = organisation()
     await org.start()
@@ -219,7 +215,7 @@ async def test_forged_request_changes_nothing_and_gets_no_answer(organisation):
                            reply_to="evil.example", since_usn=0, invocation="", full=True, now=time.time())
     raw = render_message(forged, key="not-the-org-key", from_domain="SiteA.microsoft.com",
                          to_domain="SiteB.microsoft.com", hostname="attacker.example")
-    await asyncio.to_thread(send, HOSTS["SiteB"], org.ports["SiteB"], "dirsync@SiteA.microsoft.com",
+    await asyncio.to_thread(send_mail, HOSTS["SiteB"], org.ports["SiteB"], "dirsync@SiteA.microsoft.com",
                             ["dirsync@SiteB.microsoft.com"], raw)
     await wait_for(lambda: b.replicator.rejected["bad-signature"] == 1)
     await org.quiet("SiteB")
@@ -231,7 +227,7 @@ async def test_forged_request_changes_nothing_and_gets_no_answer(organisation):
     unsigned = (b"From: dirsync@SiteA.microsoft.com\r\nTo: dirsync@SiteB.microsoft.com\r\n"
                 b"Subject: Directory replication update SiteA -> SiteB\r\nX-IMS-Dirsync-Type: update\r\n\r\n"
                 + str(evil.to_wire()).encode() + b"\r\n")
-    await asyncio.to_thread(send, HOSTS["SiteB"], org.ports["SiteB"], "x@example.net",
+    await asyncio.to_thread(send_mail, HOSTS["SiteB"], org.ports["SiteB"], "x@example.net",
                             ["dirsync@SiteB.microsoft.com"], unsigned)
     await wait_for(lambda: b.replicator.rejected["unsigned"] == 1)
     await org.quiet("SiteB")
@@ -291,21 +287,21 @@ async def test_kb_q196927_end_to_end(organisation):
     for via in HOSTS:
         for user in USERS.values():
             body = f"From: x@example.net\r\nTo: {user}@microsoft.com\r\nSubject: via {via}\r\n\r\nhi\r\n".encode()
-            await asyncio.to_thread(send, HOSTS[via], org.ports[via], "x@example.net",
+            await asyncio.to_thread(send_mail, HOSTS[via], org.ports[via], "x@example.net",
                                     [f"{user}@microsoft.com"], body)
     for home, user in USERS.items():
         msgs = await wait_for(lambda h=home, u=user: len(maildir_messages(org.data(h), u)) == 3
                               and maildir_messages(org.data(h), u), timeout=20)
         assert {m.split(b"Subject: via ")[1][:5] for m in msgs} == {b"SiteA", b"SiteB", b"SiteC"}
     body = b"From: x@example.net\r\nTo: Administrator2@microsoft.com\r\nSubject: admin\r\n\r\nhi\r\n"
-    await asyncio.to_thread(send, HOSTS["SiteA"], org.ports["SiteA"], "x@example.net",
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], org.ports["SiteA"], "x@example.net",
                             ["Administrator2@microsoft.com"], body)
     await wait_for(lambda: maildir_messages(org.data("SiteB"), "Administrator"), timeout=20)
 
     # User1 writes to User2 through SiteA: sender rewritten to the company domain
     note = (b"From: User One <User1@SiteA.microsoft.com>\r\nTo: User2@microsoft.com\r\n"
             b"Subject: from user1\r\n\r\nhello from SiteA\r\n")
-    await asyncio.to_thread(send, HOSTS["SiteA"], org.ports["SiteA"], "User1@SiteA.microsoft.com",
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], org.ports["SiteA"], "User1@SiteA.microsoft.com",
                             ["User2@microsoft.com"], note)
     got = await wait_for(lambda: [m for m in maildir_messages(org.data("SiteB"), "User2")
                                   if b"Subject: from user1" in m], timeout=20)
