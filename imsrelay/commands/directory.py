@@ -8,16 +8,22 @@ directly.  ``passwd`` hashes the password here (scrypt) and sends only the hash.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from imsrelay.admin_client import cli_call, ensure_offline
+from imsrelay.auth import PasswordError, hash_password
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import UserError
+from imsrelay.objects import Mailbox
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="show or change the site's directory (mailboxes, sites)",
                        description="Mailboxes and sites in a site's directory database.")
     dsub = d.add_subparsers(dest="directory_command", metavar="ACTION")
@@ -68,8 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
-    from imsrelay.cli import UserError
-
     config = load_config(args.config, data_dir=args.data)
     db = config.data_dir / "directory.sqlite3"
     if not db.exists():
@@ -96,7 +100,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{m.alias:<16} {m.home_site:<10} {m.display_name:<22} {' '.join(m.proxy_addresses)}")
         return 0
     except DirectoryError as exc:
-        from imsrelay.cli import UserError
 
         raise UserError(str(exc)) from None
     finally:
@@ -104,7 +107,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
@@ -118,8 +120,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory], Any]) -> Any:
     """``--offline``: make the change in the stopped site's database directly."""
-    from imsrelay.admin_client import ensure_offline
-    from imsrelay.cli import UserError
 
     ensure_offline(config)
     directory = open_directory(args)
@@ -132,7 +132,6 @@ def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory]
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
@@ -145,11 +144,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def read_password(args: argparse.Namespace) -> str:
-    import getpass
-    import sys
-
-    from imsrelay.cli import UserError
-
     if args.password_stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -162,9 +156,6 @@ def read_password(args: argparse.Namespace) -> str:
 
 
 def _hash(password: str) -> str:
-    from imsrelay.auth import PasswordError, hash_password
-    from imsrelay.cli import UserError
-
     try:
         return hash_password(password)
     except PasswordError as exc:
@@ -177,8 +168,6 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
-
     config = load_config(args.config, data_dir=args.data)
     stored = _hash(read_password(args))
     if not args.offline:
@@ -192,9 +181,6 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_restrict(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
-    from imsrelay.cli import UserError
-
     config = load_config(args.config, data_dir=args.data)
     lists: dict[str, list[str]] = {}
     for opt, key in (("accept_from", "accept_from"), ("reject_from", "reject_from"), ("filter", "filter_senders")):
