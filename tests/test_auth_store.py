@@ -163,3 +163,21 @@ def test_lab_ca_issues_verifiable_certificates_once(tmp_path: Path):
     ctx.load_cert_chain(str(cert[0]), str(cert[1]))  # key and certificate belong together
     client = ssl.create_default_context(cafile=str(ca[0]))
     assert client.cert_store_stats()["x509_ca"] == 1
+
+
+def test_check_config_shows_submission_and_reports_every_new_key_error(tmp_path: Path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "imsrelay", "check-config", str(root / "config" / "docker" / "siteA.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "  submission 0.0.0.0:587 (STARTTLS + AUTH), 0.0.0.0:465 (TLS + AUTH)" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[site]\norganisation="O"\nname="S"\nserver="s"\nemail_domain="s.example"\n'
+                   '[auth]\nmechanisms=["CRAM-MD5"]\n[restrictions]\naccept="x"\n[submission]\nport=587\n')
+    r = subprocess.run([sys.executable, "-m", "imsrelay", "check-config", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    keys = [line.split(": ")[3] for line in r.stderr.splitlines()]  # imsrelay: configuration error: FILE: KEY: …
+    assert keys == ["auth.mechanisms[0]", "restrictions.accept", "submission.port"]

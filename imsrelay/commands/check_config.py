@@ -21,6 +21,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  organisation {c.organisation}, site {c.site}, server {c.server} ({c.hostname})")
     print(f"  site address @{c.site_domain}, company domain {c.company_domain}")
     print(f"  SMTP {c.smtp.listen}:{c.smtp.port}, data {c.data_dir}")
+    sub = c.submission
+    listen = sub.listen or c.smtp.listen
+    if sub.port is not None or sub.tls_port is not None:
+        ports = [f"{listen}:{p} ({what})" for p, what in ((sub.port, "STARTTLS + AUTH"), (sub.tls_port, "TLS + AUTH"))
+                 if p is not None]
+        print(f"  submission {', '.join(ports)}")
     print(f"  mailboxes: {', '.join(m.alias for m in c.mailboxes) or '(none)'}")
     for cs in c.connected_sites:
         print(f"  connected site {cs.name}: SMTP {cs.routing_address}")
