@@ -173,6 +173,13 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
+    enabled: bool = True
+    days: float = 7.0  # events older than this are deleted
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -196,6 +203,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def hostname(self) -> str:
@@ -526,6 +534,11 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     logging = LoggingConfig(level, fmt)
     lg.reject_unknown()
 
+    tr = root.table_of("tracking")
+    days = tr.int("days", 7, minimum=1, maximum=3650)
+    tracking = TrackingConfig(tr.bool("enabled", True), float(days))
+    tr.reject_unknown()
+
     root.reject_unknown()
 
     if data_dir is None:
@@ -537,5 +550,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, tracking=tracking,
     )
