@@ -135,8 +135,18 @@ async def test_deferred_shows_the_retry(tmp_path):
 
 
 def test_track_cli_errors():
-    out = subprocess.run([sys.executable, "-m", "imsrelay", "track"], capture_output=True, text=True, timeout=60)
+    def track(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imsrelay", "track", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    out = track()
     assert out.returncode == 2 and "--message-id" in out.stderr and "Traceback" not in out.stderr
+    out = track("--since", "tomorrow")
+    assert out.returncode == 2 and "--since" in out.stderr and "not a date" in out.stderr
+    from imsrelay.testing import free_port
+
+    out = track("--message-id", "<x@y>", "--site", f"http://127.0.0.1:{free_port()}=t")
+    assert out.returncode == 3 and "not running" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_replication_mail_is_tracked_too(imsrelay_lab: LabClient):
