@@ -48,6 +48,7 @@ from imsrelay.settings import (
     SmtpConfig,
     SubmissionConfig,
     TlsPolicy,
+    TrackingConfig,
 )
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "RestrictionsConfig", "SubmissionConfig", "ConfigError",
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
     "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
-    "config_from_mapping", "load_config", "parse_duration",
+    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -486,6 +487,12 @@ def _load_logging(lg: _Section) -> LoggingConfig:
     return cfg
 
 
+def _load_tracking(t: _Section) -> TrackingConfig:
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    t.reject_unknown()
+    return cfg
+
+
 def _networks(s: _Section, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     out = []
     for i, net in s.strings(name):
@@ -600,6 +607,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"))
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    tracking = _load_tracking(root.table_of("tracking"))
     auth = _load_auth(root.table_of("auth"))
     submission = _load_submission(root.table_of("submission"))
     restrictions = _load_restrictions(root.table_of("restrictions"), config_dir)
@@ -622,6 +630,6 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions,
     )

@@ -27,6 +27,7 @@ from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 
 from imsrelay.auth import hash_password
+from imsrelay.tracking import TrackingQuery, describe_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 HOST = "127.0.0.1"
@@ -125,6 +126,16 @@ async def test_smtplib_login_success_relays_and_records_auth(gate: Gate):
     msgs = await wait_for(lambda: len(gate.relayed()) > before and gate.relayed())
     relayed = [m for m in msgs if b"Subject: auth-relay" in m][0]
     assert b"with ESMTPSA id" in relayed  # RFC 3848: TLS + AUTH
+    # message tracking shows who submitted it
+    log = gate.site.tracking
+
+    def received() -> list:
+        log.flush_sync()
+        return [e for e in log.query_sync(TrackingQuery(sender="User1@SiteA.microsoft.com", limit=1000))
+                if e.event == "received" and "alice@example.net" in e.detail.get("recipients", [])]
+    events = await go(received)
+    assert events and events[0].detail["auth"] == "User1"
+    assert "authenticated as User1" in describe_event(events[0])
 
 
 async def test_bad_password_535_and_logged(gate: Gate):
