@@ -172,6 +172,19 @@ class AdminConfig:
         return None
 
 
+ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """``[routing]``: how recipients at address literals (``user@[192.0.2.1]``) are
+    treated: ``deliver`` straight to that address, never through MX (RFC 5321 §5.1;
+    Postfix's behaviour), or ``refuse`` them (Exim's ``allow_domain_literals = false``).
+    A literal naming this site's own address is this site."""
+
+    address_literals: str = "deliver"
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
@@ -196,6 +209,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     @property
     def hostname(self) -> str:
@@ -516,6 +530,13 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
                         a.str("token"), a.str("token_env", "IMSRELAY_ADMIN_TOKEN"))
     a.reject_unknown()
 
+    rt = root.table_of("routing")
+    literals = rt.str("address_literals", "deliver")
+    if literals not in ADDRESS_LITERAL_POLICIES:
+        raise rt.error("address_literals", f"must be one of {', '.join(ADDRESS_LITERAL_POLICIES)}")
+    routing = RoutingConfig(literals)
+    rt.reject_unknown()
+
     lg = root.table_of("logging")
     level = lg.str("level", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -537,5 +558,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, routing=routing,
     )

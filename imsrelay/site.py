@@ -26,7 +26,13 @@ from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
 from imsrelay.rewrite import RewriteRules
-from imsrelay.router import RoutingTable, is_service_address, local_domains_for
+from imsrelay.router import (
+    RoutingTable,
+    directory_lookup_address,
+    is_service_address,
+    local_domains_for,
+    self_addresses,
+)
 from imsrelay.smtpd import server_factory
 from imsrelay.spool import Envelope, Spool
 
@@ -205,6 +211,9 @@ class Site:
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
+        own = self_addresses(self.self_endpoints())
+        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.config.site_domain, own) for a in addresses]
         missing = [a for a in addresses if a.lower() not in self._mailbox_cache]
         if missing:
             generation = self._cache_generation
@@ -258,7 +267,9 @@ class Site:
         org = tuple(c.routing_domain for c in cfg.connected_sites) + tuple(d for _, d in self._learned_sites)
         return InboundPolicy(local_domains=locals_, org_routing_domains=org,
                              relay_networks=cfg.smtp.relay_networks, max_recipients=cfg.smtp.max_recipients,
-                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops)
+                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops,
+                             address_literals=cfg.routing.address_literals,
+                             self_addresses=self_addresses(self.self_endpoints()))
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:
@@ -390,7 +401,8 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
         self_endpoints=self_endpoints, starttls_default=d.starttls,
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
-        service_domains=(addressing_domain,), mx_port=d.mx_port)
+        service_domains=(addressing_domain,), mx_port=d.mx_port,
+        address_literals=config.routing.address_literals)
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:

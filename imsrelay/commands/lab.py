@@ -7,6 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from imsrelay.commands import PORT
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.logs import configure_logging
 
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", nargs="?", default="run", choices=["run", "next", "status"],
                    help="run the lab (default); next: advance a running lab one stage; status: print its stage")
     p.add_argument("--data", type=Path, default=Path("lab-data"), help="data directory (default ./lab-data)")
-    p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
-    p.add_argument("--admin-port", type=int, default=8025,
+    p.add_argument("--port", type=PORT, default=2525, help="SMTP port of every host (default 2525)")
+    p.add_argument("--admin-port", type=PORT, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
     p.add_argument("--stage", default="end",
                    help="stage to reach at start: install … site-addressing-c, or end (default)")

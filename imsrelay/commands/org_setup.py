@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable
+from imsrelay.commands import positive_seconds
 
 DEFAULT_TOKEN_ENV = "IMSRELAY_ADMIN_TOKEN"
 
@@ -55,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})")
     p.add_argument("--address", help="the Site Addressing to give every site (default: @<company domain>)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--wait", type=positive_seconds, default=120.0, metavar="SECONDS",
                    help="how long to wait for every admin endpoint to answer (default 120)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=300.0, metavar="SECONDS",
                    help="how long to wait for each round of replication (default 300)")
     p.add_argument("--check", action="store_true",
                    help="change nothing: report whether the organisation is set up (exit 1 if not)")

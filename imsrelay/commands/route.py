@@ -21,7 +21,7 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory, DirectoryError
 from imsrelay.logs import configure_logging
-from imsrelay.router import MX, RELAY, Route, route_for
+from imsrelay.router import MX, RELAY, Route, directory_lookup_address, route_for, self_addresses
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,8 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
         table = routing_table_for(config, addressing_domain=addressing,
                                   learned_sites=tuple(learned_sites(directory)),
                                   self_endpoints=endpoints_for(config, config.smtp.port))
-        mailbox = directory.find_recipient(address)
+        mailbox = directory.find_recipient(directory_lookup_address(address, config.site_domain,
+                                                                    self_addresses(table.self_endpoints)))
     finally:
         directory.close()
     return route_for(address, mailbox, table), source
