@@ -23,6 +23,7 @@ from imsrelay.addresses import AddressError, normalise_domain, parse_address
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
+DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -106,6 +107,7 @@ class SmtpConfig:
     tls_key: Path | None = None
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
+    banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
 
 
 @dataclass(frozen=True)
@@ -385,7 +387,10 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_key=(config_dir / key) if key else None,
         workers=s.int("workers", 1, minimum=1, maximum=64),
         queue_minfree=s.int("queue_minfree", 0, minimum=0),
+        banner=s.str("banner", DEFAULT_BANNER),
     )
+    if not cfg.banner.strip() or any(c in cfg.banner for c in "\r\n"):
+        raise s.error("banner", "must be one line of text")
     s.reject_unknown()
     return cfg
 

@@ -170,6 +170,23 @@ def without_self(hops: Sequence[NextHop], endpoints: SelfEndpoints) -> tuple[lis
     return [h for h in hops if h.preference < cutoff], True
 
 
+def source_address_for(listen: str, destination: str) -> str | None:
+    """The address outbound connections come from (Postfix's ``smtp_bind_address``):
+    the site's listen address when it is one specific IP of the destination's family —
+    so a peer's ``Received:`` line names this site — else the system's choice.  A
+    loopback listen address is used only towards loopback destinations."""
+    try:
+        own = ipaddress.ip_address(listen)
+        dest = ipaddress.ip_address(destination.split("%")[0])
+    except ValueError:
+        return None
+    if own.is_unspecified or own.version != dest.version:
+        return None
+    if own.is_loopback and not dest.is_loopback:
+        return None
+    return str(own)
+
+
 def remote_name(hop: NextHop) -> str:
     address = f"[{hop.address}]" if ":" not in hop.address else f"[IPv6:{hop.address}]"
     return f"{hop.host} {address}:{hop.port}"
@@ -394,8 +411,10 @@ class SmtpClient:
         cfg = self.delivery
         remote = remote_name(hop)
         peer = f"{hop.address}:{hop.port}"
+        source = source_address_for(self.config.smtp.listen, hop.address)
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
-                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False)
+                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False,
+                                 source_address=(source, 0) if source else None)
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
         except SMTPConnectResponseError as exc:
