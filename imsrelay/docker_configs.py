@@ -53,7 +53,7 @@ def compose_site_mapping(site: LabSite, stage: int) -> dict[str, Any]:
         "replication": {"startup_delay": "5m"},
         "dns": {"nameservers": [COMPOSE_NAMESERVER], "timeout": "5s"},
         "admin": {"listen": "0.0.0.0", "port": COMPOSE_ADMIN_PORT},
-        "logging": {"level": "info", "format": "json"},
+        "logging": {"level": "info", "format": "console"},
     }
     if stage >= stage_index("connected-sites"):
         mapping["connected_sites"] = [{"name": o.name, "routing_address": f"@{o.domain}"} for o in others]

@@ -41,6 +41,7 @@ from compose_kit import (
     engine_lock,
     header,
     poll,
+    progress_to_terminal,
 )
 
 from imsrelay.commands.org_setup import Endpoint, OrgSetup
@@ -220,11 +221,11 @@ class Walk:
 
 
 @pytest.fixture(scope="module")
-def walk():
+def walk(pytestconfig):
     reason = docker_skip_reason()
     if reason:
         pytest.skip(reason)
-    lab = ComposeLab(PROJECT)
+    lab = ComposeLab(PROJECT, progress=progress_to_terminal(pytestconfig))
     w = Walk(lab, REPO / "build" / f"compose-walk-{PROJECT}")
     with engine_lock():
         try:
