@@ -450,9 +450,11 @@ class Lab:
 
     async def describe(self) -> str:
         stage = self.stage
-        name = "end" if stage == len(STAGES) - 1 else STAGE_NAMES[max(stage, 0)]
-        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}",
-                 f"stage {name}: {STAGES[max(stage, 0)][1]}", ""]
+        if stage == len(STAGES) - 1:
+            where = "stage end: every step of KB Q196927 is done; every user is UserN@microsoft.com"
+        else:
+            where = f"stage {STAGE_NAMES[max(stage, 0)]}: {STAGES[max(stage, 0)][1]}"
+        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}", where, ""]
         for s in SITES:
             site = self.sites[s.name]
             boxes = await site.directory.run(site.directory.mailboxes, s.name)

@@ -65,7 +65,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if _running_pid(data) is not None:
         raise UserError(f"a lab is already running with data in {data}")
-    configure_logging(args.log_level, "console" if args.log_level != "warning" else "auto")
+    configure_logging(args.log_level, "console")  # a person reads this console: key=value lines
     verbose = args.log_level in ("debug", "info")
 
     async def main(stop: asyncio.Event) -> None:
