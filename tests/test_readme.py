@@ -106,7 +106,7 @@ def test_the_readme_lab_walk_and_examples(tmp_path: Path) -> None:
             for line in examples.strip().splitlines():  # one at a time, at a person's pace
                 if line.startswith("ls "):
                     target = tmp_path / line.split()[1]
-                    wait_until(lambda: target.is_dir() and any(target.iterdir()), timeout=30)
+                    wait_until(lambda target=target: target.is_dir() and any(target.iterdir()), timeout=30)
                 out = scratch.sh(line).stdout
             assert out.startswith("stage end (every step of KB Q196927 is done)")
         code = blocks("python")[0].replace("2525", str(port))
