@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"imsrelay: {exc}", file=sys.stderr)
         return exc.status
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a real bug, keep its traceback
+            raise
+        print(f"imsrelay: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `imsrelay check-config F | head`

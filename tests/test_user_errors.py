@@ -26,6 +26,17 @@ TOKEN = "user-errors-token"
 BAD_SITE_ADDRESSES = ["@", "@not a domain", "@a..b", "@-x.com", "microsoft.com", "@[1.2.3.4]"]
 
 
+@pytest.fixture(autouse=True)
+def keep_logging():
+    """The in-process CLI configures logging onto capsys's stream, which closes after
+    the test: give later tests the configuration they had."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
     try:
         status = main(argv)
@@ -87,6 +98,9 @@ def offline_rows(cfg: str, tmp: Path) -> list[tuple[list[str], int, str]]:
         (["replicate", "status", "-c", cfg], 3, "not running"),
         (["kcc", "check-now", "-c", cfg], 3, "not running"),
         (["directory", "add", "User9", "-c", cfg], 3, "not running"),
+        (["lab", "--data", str(tmp / "a-file" / "lab")], 2, "cannot create the lab's data directory"),
+        (["org-setup", "--wait", "0.5", "--site", "http://127.0.0.1:1=t", "--site", "http://127.0.0.1:2=t"],
+         3, "no admin endpoint"),
         (["nonsense-command"], 2, "invalid choice"),
         (["queue"], 2, "required"),
     ]
@@ -95,6 +109,7 @@ def offline_rows(cfg: str, tmp: Path) -> list[tuple[list[str], int, str]]:
 
 def test_every_command_refuses_bad_input_in_one_line(stopped_site: Path, tmp_path: Path, capsys) -> None:
     cfg = str(stopped_site)
+    (tmp_path / "a-file").write_text("not a directory")
     for argv, expected_status, expect in offline_rows(cfg, tmp_path):
         status, _, err = run_cli(capsys, argv)
         assert_one_line(err, status, expected_status, expect)

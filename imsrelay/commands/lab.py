@@ -65,6 +65,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if _running_pid(data) is not None:
         raise UserError(f"a lab is already running with data in {data}")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the lab's data directory {data}: {exc.strerror or exc}") from None
     configure_logging(args.log_level, "console")  # a person reads this console: key=value lines
     verbose = args.log_level in ("debug", "info")
 
@@ -173,5 +177,5 @@ def _running_pid(data: Path) -> int | None:
         pid = int((data / "lab.pid").read_text())
         os.kill(pid, 0)
         return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (OSError, ValueError):
         return None

@@ -150,6 +150,10 @@ class SetupError(Exception):
     """org-setup cannot go on (one clear line)."""
 
 
+class SitesUnreachable(SetupError):
+    """A site's admin endpoint never answered (exit status 3, as for every command)."""
+
+
 class Endpoint(AdminClient):
     """One site's admin endpoint, with org-setup's errors: a refused request stops
     the setup (SetupError), an unreachable site is waited for (ConnectionError)."""
@@ -212,7 +216,7 @@ class OrgSetup:
                     break
                 except ConnectionError as exc:
                     if self.clock() > deadline:
-                        raise SetupError(f"{exc}; gave up after {timeout:g}s") from None
+                        raise SitesUnreachable(f"{exc}; gave up after {timeout:g}s") from None
                     time.sleep(self.poll)
             e.name = status["site"]
             self.by_name[e.name] = e
@@ -372,6 +376,8 @@ def cmd_org_setup(args: argparse.Namespace) -> int:
         if args.check:
             return 0 if setup.check(address=args.address, wait=args.wait) else 1
         setup.run(address=args.address, wait=args.wait, timeout=args.timeout)
-    except (SetupError, ConnectionError) as exc:
+    except (SitesUnreachable, ConnectionError) as exc:
+        raise UserError(f"org-setup: {exc}", status=3) from None
+    except SetupError as exc:
         raise UserError(f"org-setup: {exc}", status=1) from None
     return 0
