@@ -361,12 +361,14 @@ class MailFlow(threading.Thread):
 
 def progress_to_terminal(config: Any) -> Callable[[str], None]:
     """Print lines on the test run's terminal while pytest captures output (its
-    terminal reporter writes past the capture), so a four-minute image build shows
+    capture is suspended for the line), so a four-minute image build shows
     what it is doing; silent with ``-q -q`` and without a terminal reporter."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     if reporter is None or config.get_verbosity() < -1:
         return lambda line: None
 
     def show(line: str) -> None:
-        reporter.write_line(f"[compose] {line}")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(f"[compose] {line}")
     return show
