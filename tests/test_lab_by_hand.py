@@ -262,3 +262,30 @@ def _wait(predicate, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met")
         time.sleep(0.3)
+
+
+def test_every_lab_written_file_takes_the_readmes_table_entries(tmp_path: Path):
+    """At every stage, what the lab writes accepts `[[connected_sites]]`,
+    `[[email_domains]]` and `[[replication.connectors]]` appended by hand (inline
+    arrays would make TOML refuse them: "Cannot mutate immutable namespace")."""
+    from imsrelay import toml_text
+    from imsrelay.docker_configs import compose_site_toml
+    from imsrelay.lab import STAGE_NAMES, internet_mapping, site_mapping
+
+    extra = ('\n[[connected_sites]]\nname = "SiteZ"\nrouting_address = "@SiteZ.example"\n'
+             '\n[[email_domains]]\ndomain = "partner.example"\nhost = "127.0.0.40"\n'
+             '\n[[replication.connectors]]\nsite = "SiteZ"\n'
+             '\n[[mailboxes]]\nalias = "Sales"\n')
+    for stage in range(len(STAGE_NAMES)):
+        for text in (toml_text.dumps(site_mapping(A, stage, port=2525, data_dir=tmp_path)),
+                     compose_site_toml(A, stage)):
+            path = tmp_path / "SiteA.toml"
+            path.write_text(text + extra)
+            config = load_config(path)
+            assert "SiteZ" in [c.name for c in config.connected_sites]
+            assert "partner.example" in [r.domain for r in config.email_domains]
+            assert "SiteZ" in [c.site for c in config.replication.connectors]
+            assert "Sales" in [m.alias for m in config.mailboxes]
+    internet = tmp_path / "Internet.toml"
+    internet.write_text(toml_text.dumps(internet_mapping(port=2525, data_dir=tmp_path)) + extra)
+    assert "partner.example" in [r.domain for r in load_config(internet).email_domains]
