@@ -63,7 +63,8 @@ def _same(key_field: str, want: Mapping[str, Any], have: Mapping[str, Any]) -> l
                 continue
         elif got == value:
             continue
-        differ.append(f"{field} = {got!r} (the article's step has {value!r})")
+        written = "no " + field if got is None else f"{field} = {got!r}"
+        differ.append(f"{written} (the article's step has {value!r})")
     return differ
 
 
