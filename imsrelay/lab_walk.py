@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.directory import Directory
+from imsrelay.kcc import KCC_SITES_KEY
 
 # A configuration step's entries: (TOML array of tables, key field, the entries).
 ConfigEntries = tuple[tuple[str, str, tuple[dict[str, Any], ...]], ...]
@@ -109,9 +111,6 @@ class SiteFacts:
 
 def read_facts(db: Path, site: str) -> SiteFacts | None:
     """The directory facts of a site, or None when its database does not exist yet."""
-    from imsrelay.directory import Directory
-    from imsrelay.kcc import KCC_SITES_KEY
-
     if not db.exists():
         return None
     directory = Directory(db, site)

@@ -13,12 +13,12 @@ from typing import Any
 
 from imsrelay.commands import PORT, positive_seconds
 from imsrelay.commands.serve import run_until_signalled
+from imsrelay.errors import UserError
+from imsrelay.lab import STAGE_NAMES, Lab, LabStepRefused, stage_index
 from imsrelay.logs import configure_logging
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from imsrelay.lab import STAGE_NAMES
-
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "lab", help="run SiteA, SiteB, SiteC and an Internet host on loopback (KB Q196927)",
         description="Run the seed organisation on 127.10.10.10/.15/.20 (+ Internet on 127.10.10.100). "
@@ -45,9 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.lab import Lab, LabStepRefused, stage_index
-
     data = args.data
     if args.action == "next":
         return _ask_next(data, args.wait)
@@ -119,8 +116,6 @@ NEXT_ANSWER = "lab-next.answer"
 
 async def _answer_next(lab: Any, request: Path) -> None:
     """Take the next step for ``imsrelay lab next`` and leave it the answer."""
-    from imsrelay.lab import STAGE_NAMES, LabStepRefused
-
     token = request.read_text().strip()
     request.unlink(missing_ok=True)
     try:
@@ -143,8 +138,6 @@ async def _answer_next(lab: Any, request: Path) -> None:
 
 def _ask_next(data: Path, wait: float) -> int:
     """``imsrelay lab next``: ask the running lab for the next step, print its answer."""
-    from imsrelay.cli import UserError
-
     pid = _running_pid(data)
     if pid is None:
         raise UserError(f"no lab is running with data in {data} (start it with: imsrelay lab --data {data})")
