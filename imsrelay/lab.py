@@ -421,8 +421,8 @@ class Lab:
                                      + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else "")
                                      + "; correct or remove that entry, then run lab next again")
             self.say(f"lab: stage {name}: {text}")
-            for site in self._append_entries(name, plans):
-                await self.restart(site)
+            for changed in self._append_entries(name, plans):
+                await self.restart(changed)
         elif todo == 0:
             raise LabStepRefused("lab next: step install is not done: " + "; ".join(steps[0].missing))
         else:

@@ -46,6 +46,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import ssl

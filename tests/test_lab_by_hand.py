@@ -122,9 +122,7 @@ async def test_nothing_replicates_unasked_then_next_continues_from_the_directori
     assert lab.stage == stage_index("replication-connectors")
 
     # Check Now and Request Now done by hand at SiteA only (the admin endpoint, as the CLI does)
-    from imsrelay import kcc
-
-    await kcc.check_now(lab.sites["SiteA"])
+    await lab.sites["SiteA"].check_now()
     steps = {s.name: s for s in lab.observe()}
     assert not steps["check-now"].done
     assert steps["check-now"].missing == ("Check Now has not run at SiteB", "Check Now has not run at SiteC")

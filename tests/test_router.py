@@ -203,8 +203,8 @@ def test_a_wildcard_listener_knows_every_local_address_as_itself():
 # ------------------------------------------------------------------ address literals (RFC 5321 §4.1.3, §5.1)
 
 
-def test_an_address_literal_goes_to_that_address_never_through_the_table_smart_host_or_mx(tmp_path):
-    t = table(tmp_path, delivery={"smart_host": "127.10.10.100:2525", "mx_port": 2600},
+def test_an_address_literal_goes_to_that_address_never_through_the_table_smart_host_or_mx():
+    t = table(delivery={"smart_host": "127.10.10.100:2525", "mx_port": 2600},
               email_domains=[{"domain": "microsoft.com", "host": "127.10.10.15", "port": 2525}])
     r = route_for("someone@[192.0.2.7]", None, t)
     assert (r.kind, r.host, r.port, r.domain) == (RELAY, "192.0.2.7", 2600, "[192.0.2.7]")
@@ -215,8 +215,8 @@ def test_an_address_literal_goes_to_that_address_never_through_the_table_smart_h
     assert (v6.kind, v6.host, v6.domain) == (RELAY, "2001:db8::7", "[IPv6:2001:db8::7]")
 
 
-def test_an_address_literal_of_this_site_is_this_site(tmp_path):
-    t = table(tmp_path)
+def test_an_address_literal_of_this_site_is_this_site():
+    t = table()
     user1 = mailbox("User1", "SiteA", "User1@SiteA.microsoft.com")
     assert route_for("User1@[127.10.10.10]", user1, t).kind == LOCAL
     r = route_for("nobody@[127.10.10.10]", None, t)
@@ -229,14 +229,14 @@ def test_an_address_literal_of_this_site_is_this_site(tmp_path):
                                     self_addresses(t.self_endpoints)) == "User1@[192.0.2.1]"
 
 
-def test_address_literals_refused_by_policy(tmp_path):
-    t = table(tmp_path, routing={"address_literals": "refuse"})
+def test_address_literals_refused_by_policy():
+    t = table(routing={"address_literals": "refuse"})
     r = route_for("someone@[192.0.2.7]", None, t)
     assert (r.kind, r.status, r.permanent) == (FAIL, "5.7.1", True)
     assert 'routing.address_literals = "refuse"' in r.steps[-2]
 
 
-def test_a_malformed_address_literal_is_a_bad_address(tmp_path):
+def test_a_malformed_address_literal_is_a_bad_address():
     for bad in ("x@[999.0.0.1]", "x@[1.2.3]", "x@[::1]", "x@[IPv6:1.2.3.4]", "x@[tag:content]"):
-        r = route_for(bad, None, table(tmp_path))
+        r = route_for(bad, None, table())
         assert (r.kind, r.status) == (FAIL, "5.1.3"), bad

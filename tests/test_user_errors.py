@@ -186,3 +186,20 @@ async def test_online_commands_and_admin_endpoints_answer_4xx_with_a_message(tmp
                 status, _, err = await asyncio.to_thread(run_cli, capsys, argv)
                 assert_one_line(err, status, expected_status, expect)
     assert not [e for e in logs if e["event"] == "admin.internal_error"], logs
+
+
+def test_check_config_reports_every_error_one_line_each_listen_must_be_an_ip(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[site]\norganisation = "O"\nname = "SiteA"\nserver = "ServerA"\nemail_domain = "a.example"\n'
+                   '[smtp]\nlisten = "not-an-ip"\nport = 99999\n[routing]\naddress_literals = "maybe"\n'
+                   '[dns]\nnameservers = ["ns1.example"]\n')
+    status, out, err = run_cli(capsys, ["check-config", str(bad)])
+    lines = err.strip().splitlines()
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert len(lines) == 4, lines
+    assert all(line.startswith(f"imsrelay: configuration error: {bad}: ") for line in lines)
+    assert any("smtp.listen: 'not-an-ip' must be an IP address" in line for line in lines)
+    assert any("routing.address_literals: must be one of deliver, refuse" in line for line in lines)
+    # serve refuses the same file before anything starts (nothing asks a resolver)
+    status, _, err = run_cli(capsys, ["serve", "-c", str(bad)])
+    assert status == 2 and len(err.strip().splitlines()) == 4

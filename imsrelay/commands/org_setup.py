@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from imsrelay.admin_client import cli_client
+from imsrelay.commands import positive_seconds
 from imsrelay.config import AdminConfig, load_config
 from imsrelay.errors import UserError
 from imsrelay.org_setup import Endpoint, OrgSetup, SetupError, SitesUnreachable
-from imsrelay.commands import positive_seconds
 
 DEFAULT_TOKEN_ENV = str(AdminConfig.token_env)  # the site setting's default
 

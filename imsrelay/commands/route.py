@@ -26,7 +26,15 @@ from imsrelay.interfaces import site_endpoints
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import configure_logging
 from imsrelay.loops import is_self, without_self
-from imsrelay.router import MX, RELAY, Route, directory_lookup_address, route_for, routing_table_for, self_addresses
+from imsrelay.router import (
+    MX,
+    RELAY,
+    Route,
+    directory_lookup_address,
+    route_for,
+    routing_table_for,
+    self_addresses,
+)
 from imsrelay.smtp_client import remote_name
 
 
