@@ -359,15 +359,21 @@ class MailFlow(threading.Thread):
 
 
 def progress_to_terminal(config: Any) -> Callable[[str], None]:
-    """Print lines on the test run's terminal while pytest captures output (its
-    capture is suspended for the line), so a four-minute image build shows
-    what it is doing; silent with ``-q -q`` and without a terminal reporter."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    """Print lines on the test run's terminal while pytest captures output (capture is
+    suspended for the line), so a four-minute image build shows what it is doing:
+    through the terminal reporter, or — in a pytest-xdist worker, whose own reporter writes nowhere —
+    on the worker's stderr, which is the terminal's.  Silent with ``-q -q``."""
+    worker = hasattr(config, "workerinput")  # a pytest-xdist worker: its reporter writes nowhere
+    reporter = None if worker else config.pluginmanager.get_plugin("terminalreporter")
     capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or config.get_verbosity() < -1:
+    if config.get_verbosity() < -1:
         return lambda line: None
 
     def show(line: str) -> None:
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.write_line(f"[compose] {line}")
+            if reporter is not None:
+                reporter.write_line(f"[compose] {line}")
+            else:
+                sys.stderr.write(f"[compose] {line}\n")
+                sys.stderr.flush()
     return show
