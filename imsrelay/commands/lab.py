@@ -22,8 +22,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "lab", help="run SiteA, SiteB, SiteC and an Internet host on loopback (KB Q196927)",
         description="Run the seed organisation on 127.10.10.10/.15/.20 (+ Internet on 127.10.10.100). "
-                    "By default it comes up in the article's end state; --stage install starts at step 1. "
-                    "`imsrelay lab next` (another terminal) advances a running lab one step.",
+                    "By default it comes up in the article's end state (replication at lab speed); "
+                    "--stage install starts at step 1 for a walk by hand (Exchange's replication timing: "
+                    "first requests 5 minutes after a site starts, lab-added connectors every 3 hours). "
+                    "`imsrelay lab next` (another terminal) takes the first step the sites' files and "
+                    "directories show not done; `imsrelay lab status` lists them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages: " + ", ".join(STAGE_NAMES) + ", end")
     p.add_argument("action", nargs="?", default="run", choices=["run", "next", "status"],
