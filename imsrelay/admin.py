@@ -17,6 +17,8 @@ GET      /site-addressing            this site's Site Addressing
 POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
 GET      /queue                      queued messages and their recipients
 POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
+GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
 
 Errors answer ``{"error": "..."}`` with 400 (bad request: malformed JSON, a missing
@@ -40,6 +42,7 @@ from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
 from imsrelay.kcc import KccResult
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
 from imsrelay.objects import Mailbox
 from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.site_addressing import report_dict, site_addressing_job
@@ -107,6 +110,7 @@ class AdminServer:
         r.add_post("/site-addressing", self.post_site_addressing)
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
+        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -131,6 +135,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -153,8 +159,10 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=404)
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except _BadRequest as exc:
+        except (_BadRequest, BadRequest) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except Missing as exc:
+            return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
@@ -248,14 +256,7 @@ class AdminServer:
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        items = []
-        for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
-            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
-                          "received_at": env.received_at, "size": env.size,
-                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                                          "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic} for r in env.recipients]})
-        return web.json_response({"messages": items})
+        return web.json_response({"messages": queue_items(self.site.qmgr)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

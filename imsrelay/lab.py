@@ -26,7 +26,9 @@ walk (to the end state) uses lab-speed values.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay import toml_text
-from imsrelay.config import ConfigError, config_from_mapping, load_config
+from imsrelay.config import ConfigError, SiteConfig, config_from_mapping, load_config
 from imsrelay.lab_walk import (
     ConfigEntries,
     ConfigPlan,
@@ -45,14 +47,18 @@ from imsrelay.lab_walk import (
     read_facts,
     read_raw,
 )
+from imsrelay.logs import get_logger
+from imsrelay.message_api import LabEndpoint
 from imsrelay.org_setup import Endpoint, OrgSetup
 from imsrelay.site import Site
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
 
 ORGANISATION = "ExchangeORG"
 COMPANY_DOMAIN = "microsoft.com"
 LAB_KEY = "ExchangeORG-lab-replication-key"
-ADMIN_TOKEN = "lab-admin-token"
+ADMIN_TOKEN = LAB_TOKEN  # one token for every site's admin endpoint and the lab endpoint
 ADMIN_PORT = 8025
+API_HOST = LAB_API_HOST  # the lab endpoint: the message API for every host of the lab
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,22 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
     return mapping
 
 
+def private_port(addresses: list[str], attempts: int = 50) -> int:
+    """A TCP port free on every one of ``addresses`` (for the lab's build phase)."""
+    for _ in range(attempts):
+        with socket.socket() as first:
+            first.bind((addresses[0], 0))
+            port = first.getsockname()[1]
+            try:
+                for a in addresses[1:]:
+                    with socket.socket() as other:
+                        other.bind((a, port))
+            except OSError:
+                continue
+            return int(port)
+    raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
+
+
 def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
     and greets as an ordinary Internet MTA."""
@@ -204,10 +226,18 @@ class Lab:
 
     def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
                  startup_delay: str | None = None, say: Callable[[str], None] = print,
-                 hand: bool = False, detail: Callable[[str], None] | None = None) -> None:
+                 hand: bool = False, detail: Callable[[str], None] | None = None,
+                 api_host: str = API_HOST, api_port: int | None = None) -> None:
+        """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
+        None: no lab endpoint."""
         self.data_dir = Path(data_dir).resolve()
         self.config_dir = self.data_dir / "config"
         self.port = self._port_in_files() or port
+        self._smtp_port = self.port  # the port the hosts run on: a private one while the lab builds its state
+        self.api_host = api_host
+        self.api_port = api_port
+        self.endpoint: Any = None
+        self._walking: str | None = "starting"  # why the lab is not at its announced stage yet
         self.fast = fast
         self.admin_port = admin_port
         self.startup_delay = startup_delay
@@ -350,21 +380,71 @@ class Lab:
     # ------------------------------------------------------------ running
 
     async def start(self, target: int | None = None) -> None:
-        """Start the hosts (first run: write step 1's files), then advance to ``target``."""
+        """Start the hosts (first run: write step 1's files) and reach ``target``
+        *before* the announced SMTP port opens: the walk runs with every host on a
+        private port (the files keep the lab's port; the hosts run with it replaced),
+        then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
+        if self.api_port is not None and self.endpoint is None:
+            self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
+                                        token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),
+                                        lab_ready=self._not_ready_reason)
+            await self.endpoint.start()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_install()
+        if target is not None and target > self.stage:
+            self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
+            self._smtp_port = private_port([INTERNET.address, *(s.address for s in SITES)])
+            try:
+                await self._start_all()
+                await self.advance_to(target)
+            except LabStepRefused as exc:  # what a person wrote stops the walk: say so, keep running
+                self.say(str(exc))
+            finally:
+                await self._stop_sites()
+                self._smtp_port = self.port
+        self._walking = "starting the hosts on the lab's port"
+        await self._start_all()
+        self._walking = None
+
+    async def _start_all(self) -> None:
         for name in [INTERNET.name] + [s.name for s in SITES]:
             await self._start_site(name)
-        if target is not None:
-            await self.advance_to(target)
+
+    def _not_ready_reason(self) -> str | None:
+        return self._walking
+
+    @property
+    def ready(self) -> bool:
+        return self._walking is None and len(self.sites) == len(SITES) + 1 and all(
+            s.readiness.report().ready for s in self.sites.values())
+
+    def _running_config(self, config: SiteConfig) -> SiteConfig:
+        """The host's settings as it runs now: while the lab builds its state on a
+        private port, every use of the lab's port (listener, smart host, E-Mail Domain
+        entries) is that private port instead; the file is not changed."""
+        if self._smtp_port == self.port:
+            return config
+        swap = {self.port: self._smtp_port}
+        smtp = dataclasses.replace(config.smtp, port=swap.get(config.smtp.port, config.smtp.port))
+        delivery = dataclasses.replace(config.delivery, smart_host_port=swap.get(
+            config.delivery.smart_host_port, config.delivery.smart_host_port))
+        routes = tuple(dataclasses.replace(r, port=swap.get(r.port, r.port)) for r in config.email_domains)
+        return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes)
 
     async def stop(self) -> None:
+        await self._stop_sites()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
+            self.endpoint = None
+
+    async def _stop_sites(self) -> None:
         for name in list(self.sites):
             await self.sites.pop(name).stop()
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
-        site = Site(load_config(path))
+        site = Site(self._running_config(load_config(path)))
+        site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
         self.sites[name] = site
         self._mtimes[name] = path.stat().st_mtime
@@ -420,16 +500,20 @@ class Lab:
                 raise LabStepRefused(f"lab next: stage {name} not done, nothing changed: {conflicts[0]}"
                                      + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else "")
                                      + "; correct or remove that entry, then run lab next again")
-            self.say(f"lab: stage {name}: {text}")
-            for changed in self._append_entries(name, plans):
-                await self.restart(changed)
         elif todo == 0:
             raise LabStepRefused("lab next: step install is not done: " + "; ".join(steps[0].missing))
-        else:
-            self.say(f"lab: stage {name}: {text}")
-            await asyncio.to_thread(administrator_action, await self._administrator(), name)
-            for site in self.sites.values():
-                await site.refresh()
+        self.say(f"lab: stage {name}: {text}")
+        walking, self._walking = self._walking, self._walking or f"taking the step to stage {name}"
+        try:
+            if kind == "config":
+                for changed in self._append_entries(name, plans):
+                    await self.restart(changed)
+            else:
+                await asyncio.to_thread(administrator_action, await self._administrator(), name)
+                for site in self.sites.values():
+                    await site.refresh()
+        finally:
+            self._walking = walking
         return name
 
     # ------------------------------------------------------------ the article's actions
@@ -453,6 +537,9 @@ class Lab:
         else:
             where = f"stage {STAGE_NAMES[max(stage, 0)]}: {STAGES[max(stage, 0)][1]}"
         lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}", where, ""]
+        if self.endpoint is not None:
+            lines += [f"lab endpoint  {self.endpoint.url}/api/v1  (token {ADMIN_TOKEN}): every host's mail, "
+                      f"search, wait, tracking; {self.endpoint.url}/ready", ""]
         for s in SITES:
             site = self.sites[s.name]
             boxes = await site.directory.run(site.directory.mailboxes, s.name)

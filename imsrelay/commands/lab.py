@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imsrelay.commands import PORT, positive_seconds
+from imsrelay.commands import PORT, positive_seconds, whole_number
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.errors import UserError
-from imsrelay.lab import STAGE_NAMES, Lab, LabStepRefused, stage_index
+from imsrelay.lab import API_HOST, STAGE_NAMES, Lab, LabStepRefused, stage_index
 from imsrelay.logs import configure_logging
 
 
@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=PORT, default=2525, help="SMTP port of every host (default 2525)")
     p.add_argument("--admin-port", type=PORT, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
+    p.add_argument("--api-host", default=None,
+                   help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
+    p.add_argument("--api-port", type=whole_number(0, 65535, "a TCP port (0: any free one)"), default=8025,
+                   help="port of the lab endpoint (default 8025; 0: any free port)")
     p.add_argument("--stage", default="end",
                    help="stage to reach at start: install … site-addressing-c, or end (default)")
     p.add_argument("--exchange-timers", action="store_true",
@@ -77,7 +81,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         # what the lab writes, so nothing replicates before the person asks for it
         lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
                   hand=args.stage != "end", say=lambda s: print(s, flush=True),
-                  detail=(lambda s: print(s, flush=True)) if verbose else None)
+                  detail=(lambda s: print(s, flush=True)) if verbose else None,
+                  api_host=args.api_host or API_HOST, api_port=args.api_port)
         data.mkdir(parents=True, exist_ok=True)
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))
@@ -86,11 +91,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
             if lab.exists and target < lab.stage:
                 print(f"lab: {lab.data_dir} is already past stage {args.stage} "
                       f"(imsrelay lab status --data {data}); delete it to start again from {args.stage}")
-            try:
-                await lab.start(target)
-            except LabStepRefused as exc:
-                print(exc, flush=True)
+            await lab.start(target)
             print(await lab.describe(), flush=True)
+            print("imsrelay lab: ready", flush=True)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
