@@ -197,10 +197,10 @@ def test_the_cli_walk_by_hand_then_lab_next_to_the_end(tmp_path: Path):
     data = tmp_path / "lab-data"
     port, admin = free_port("127.10.10.10"), free_port("127.10.10.10")
     proc = subprocess.Popen([sys.executable, "-m", "imsrelay", "lab", "--stage", "install", "--data", str(data),
-                             "--port", str(port), "--admin-port", str(admin)],
+                             "--port", str(port), "--admin-port", str(admin), "--api-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = _read_until(proc, "Ctrl-C stops the lab")
+        lines = _read_until(proc, "imsrelay lab: ready")
         assert any(line.startswith("stage install: ") for line in lines)
         status = run_cli("lab", "status", "--data", str(data))
         assert status.returncode == 0

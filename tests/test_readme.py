@@ -64,11 +64,12 @@ def test_the_readme_lab_walk_and_examples(tmp_path: Path) -> None:
     scratch = Scratch(tmp_path, port, admin)
     assert ".venv/bin/imsrelay lab --stage install" in SECTION
     lab = subprocess.Popen([".venv/bin/imsrelay", "lab", "--stage", "install", "--port", str(port),
-                            "--admin-port", str(admin)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            "--admin-port", str(admin), "--api-port", "0"], cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: (tmp_path / "lab-data" / "lab.pid").exists()
-                   and "stage install" in scratch.status())
+                   and (tmp_path / "lab-data" / "config" / "Internet.toml").exists())
+        assert "stage install" in scratch.status()
         # step 2 by hand: the README's block at SiteA, "the same at SiteB and SiteC with the other two names"
         connected = next(b for b in blocks("sh") if "cat >> lab-data/config/SiteA.toml" in b)
         scratch.sh(connected)
