@@ -30,6 +30,7 @@ from imsrelay.auth import MECHANISMS, PasswordError, parse_hash
 from imsrelay.errors import ConfigError, ConfigErrors
 from imsrelay.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
 from imsrelay.settings import (
+    ADDRESS_LITERAL_POLICIES,
     DEFAULT_LIFETIME,
     DEFAULT_RETRY_INTERVALS,
     REPLICATION_ALWAYS,
@@ -44,6 +45,7 @@ from imsrelay.settings import (
     ReplicationConfig,
     ReplicationConnector,
     RestrictionsConfig,
+    RoutingConfig,
     SiteConfig,
     SmtpConfig,
     SubmissionConfig,
@@ -55,8 +57,8 @@ __all__ = [
     "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "AuthConfig",
     "RestrictionsConfig", "SubmissionConfig", "ConfigError",
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
-    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
-    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
+    "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -312,10 +314,18 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_key=(config_dir / key) if key else MISSING,
         workers=s.integer("workers", minimum=1, maximum=64),
         queue_minfree=s.integer("queue_minfree", minimum=0),
+        banner=_banner(s),
         tls_generate=s.boolean("tls_generate"),
     )
     s.reject_unknown()
     return cfg
+
+
+def _banner(s: _Section) -> Any:
+    value = s.string("banner")
+    if value is not MISSING and (not value.strip() or any(c in value for c in "\r\n")):
+        return s.error("banner", "must be one line of text")
+    return value
 
 
 def _checked_domain(value: str) -> str:
@@ -480,6 +490,12 @@ def _load_admin(a: _Section) -> AdminConfig:
     return cfg
 
 
+def _load_routing(rt: _Section) -> RoutingConfig:
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    rt.reject_unknown()
+    return cfg
+
+
 def _load_logging(lg: _Section) -> LoggingConfig:
     cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
                  format=lg.choice("format", LOG_FORMATS))
@@ -607,6 +623,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"))
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    routing = _load_routing(root.table_of("routing"))
     tracking = _load_tracking(root.table_of("tracking"))
     auth = _load_auth(root.table_of("auth"))
     submission = _load_submission(root.table_of("submission"))
@@ -630,6 +647,6 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging, tracking=tracking,
+        replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions,
     )

@@ -56,15 +56,16 @@ def accept_rules_for(config: SiteConfig) -> AcceptRules:
     return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
 
 
-def inbound_policy_for(config: SiteConfig, *, addressing_domain: str,
-                       learned_sites: tuple[tuple[str, str], ...]) -> InboundPolicy:
+def inbound_policy_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
+                       own_addresses: frozenset[str] = frozenset()) -> InboundPolicy:
     """What RCPT TO is checked against; shared by the site and ``imsrelay route``."""
     locals_ = local_domains_for(config.site_domain, addressing_domain, config.smtp.accepted_domains)
     org = tuple(c.routing_domain for c in config.connected_sites) + tuple(d for _, d in learned_sites)
     smtp = config.smtp
     return InboundPolicy(local_domains=locals_, org_routing_domains=org, relay_networks=smtp.relay_networks,
                          max_recipients=smtp.max_recipients, max_message_size=smtp.max_message_size,
-                         max_hops=smtp.max_hops, relay=relay_rules_for(config))
+                         max_hops=smtp.max_hops, relay=relay_rules_for(config),
+                         address_literals=config.routing.address_literals, self_addresses=own_addresses)
 
 
 def site_rules(config: SiteConfig) -> dict[str, Any]:

@@ -40,7 +40,13 @@ from imsrelay.replication import Replicator
 from imsrelay.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.restrictions_report import accept_rules_for, inbound_policy_for, relay_rules_for
 from imsrelay.rewrite import RewriteRules
-from imsrelay.router import RoutingTable, is_service_address, routing_table_for
+from imsrelay.router import (
+    RoutingTable,
+    directory_lookup_address,
+    is_service_address,
+    routing_table_for,
+    self_addresses,
+)
 from imsrelay.smtp_client import SmtpClient
 from imsrelay.smtpd import SiteHandler, server_factory
 from imsrelay.spool import Spool
@@ -333,6 +339,9 @@ class Site:
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
+        own = self_addresses(self.self_endpoints())
+        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.config.site_domain, own) for a in addresses]
         missing = [a for a in addresses if a.lower() not in self._mailbox_cache]
         if missing:
             generation = self._cache_generation
@@ -390,7 +399,8 @@ class Site:
 
     def inbound_policy(self) -> InboundPolicy:
         return inbound_policy_for(self.config, addressing_domain=self.addressing_domain,
-                                  learned_sites=self._learned_sites)
+                                  learned_sites=self._learned_sites,
+                                  own_addresses=self_addresses(self.self_endpoints()))
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:

@@ -53,7 +53,9 @@ def test_lab_listens_only_when_ready(tmp_path):
     data = tmp_path / "lab"
     out = open(tmp_path / "lab.out", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "imsrelay", "lab", "--data", str(data), "--port", str(port),
-                             "--admin-port", str(admin), "--api-port", str(api)], stdout=out,
+                             "--admin-port", str(admin), "--api-port", str(api),
+                             "--submission-port", str(free_port("127.10.10.10")),
+                             "--smtps-port", str(free_port("127.10.10.10"))], stdout=out,
                             stderr=subprocess.STDOUT)
     before: list[tuple[str, int | None]] = []
     try:

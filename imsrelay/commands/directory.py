@@ -18,7 +18,7 @@ from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.auth import PasswordError, hash_password
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.directory import Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError, DirectoryNotFound
 from imsrelay.errors import UserError
 from imsrelay.objects import Mailbox
 
@@ -125,6 +125,8 @@ def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory]
     directory = open_directory(args)
     try:
         return change(directory)
+    except DirectoryNotFound as exc:
+        raise UserError(f"{config.site}: {exc}", status=1) from None
     except DirectoryError as exc:
         raise UserError(f"{config.site}: {exc}") from None
     finally:

@@ -27,7 +27,15 @@ from imsrelay.kcc import learned_sites
 from imsrelay.logs import configure_logging
 from imsrelay.loops import is_self, without_self
 from imsrelay.restrictions_report import Question, explain, inbound_policy_for
-from imsrelay.router import MX, RELAY, Route, route_for, routing_table_for
+from imsrelay.router import (
+    MX,
+    RELAY,
+    Route,
+    directory_lookup_address,
+    route_for,
+    routing_table_for,
+    self_addresses,
+)
 from imsrelay.smtp_client import remote_name
 
 
@@ -72,7 +80,8 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
         table = routing_table_for(config, addressing_domain=addressing,
                                   learned_sites=tuple(learned_sites(directory)),
                                   self_endpoints=site_endpoints(config, config.smtp.port))
-        mailbox = directory.find_recipient(address)
+        mailbox = directory.find_recipient(directory_lookup_address(address, config.site_domain,
+                                                                    self_addresses(table.self_endpoints)))
     finally:
         directory.close()
     return route_for(address, mailbox, table), source
@@ -121,7 +130,8 @@ def restriction_lines(config: SiteConfig, args: argparse.Namespace) -> list[str]
         learned = tuple(learned_sites(directory))
         table = routing_table_for(config, addressing_domain=addressing, learned_sites=learned,
                                   self_endpoints=site_endpoints(config, config.smtp.port))
-        policy = inbound_policy_for(config, addressing_domain=addressing, learned_sites=learned)
+        policy = inbound_policy_for(config, addressing_domain=addressing, learned_sites=learned,
+                                    own_addresses=self_addresses(table.self_endpoints))
         return explain(config, directory, Question(
             recipient=args.address, sender=args.sender, client=args.client, auth=args.auth,
             local_address=args.local_address, encrypted=args.tls), table=table, policy=policy)
