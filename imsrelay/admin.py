@@ -6,6 +6,8 @@ Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
 ``$IMSRELAY_ADMIN_TOKEN``); a site with an admin port and no token refuses to start.
 
 =======  ==========================  ==========================================
+GET      /health                     200 while the process serves (no token)
+GET      /ready                      200, or 503 with the failing checks (no token)
 GET      /status                     site, addressing, queue size, replication
 GET      /directory                  sites and mailboxes (``?site=`` filters)
 POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
@@ -35,8 +37,10 @@ from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.readiness import ready_response
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
+_PUBLIC = frozenset({"/health", "/ready"})  # probes: no token needed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -69,6 +73,8 @@ class AdminServer:
         self.log = site.log.bind(component="admin")
         self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=1024 * 1024)
         r = self.app.router
+        r.add_get("/health", self.get_health)
+        r.add_get("/ready", self.get_ready)
         r.add_get("/status", self.get_status)
         r.add_get("/directory", self.get_directory)
         r.add_post("/directory/mailboxes", self.post_mailbox)
@@ -104,6 +110,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _PUBLIC:
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -133,6 +141,13 @@ class AdminServer:
 
     # -------------------------------------------------------------- handlers
 
+    async def get_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"alive": True, "site": self.site.config.site})
+
+    async def get_ready(self, request: web.Request) -> web.Response:
+        status, body = ready_response(self.site.readiness_checks())
+        return web.json_response(body, status=status)
+
     async def get_status(self, request: web.Request) -> web.Response:
         site = self.site
         cfg = site.config
@@ -148,6 +163,8 @@ class AdminServer:
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
             "queue": {"messages": site.qmgr.backlog},
+            "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
+                              "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},
             "replication": {"enabled": site.replicator is not None,
                             "connectors": [c.site for c in cfg.replication.connectors]},

@@ -25,7 +25,7 @@ import itertools
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +44,36 @@ from imsrelay.spool import (
 
 EXPIRED_TEXT = "The maximum time for delivering the message expired"
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
+
+
+@dataclass
+class QmgrHealth:
+    """What the queue manager's supervisor knows: failures so far, and the stages
+    failing now (each backed off exponentially, 0.5 s doubling up to 30 s)."""
+
+    failures: int = 0
+    failing: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # stage -> (error, retry at, delay)
+
+    def failed(self, stage: str, exc: BaseException, now: float) -> float:
+        self.failures += 1
+        previous = self.failing.get(stage)
+        delay = min(30.0, previous[2] * 2) if previous else 0.5
+        self.failing[stage] = (repr(exc), now + delay, delay)
+        return delay
+
+    def succeeded(self, stage: str) -> None:
+        self.failing.pop(stage, None)
+
+    def due(self, stage: str, now: float) -> bool:
+        entry = self.failing.get(stage)
+        return entry is None or now >= entry[1]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing
+
+    def reason(self) -> str:
+        return "; ".join(f"{stage} failing: {err}" for stage, (err, _, _) in sorted(self.failing.items()))
 
 
 def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
@@ -87,6 +117,7 @@ class QueueManager:
         self._maildirs: set[str] = set()
         self._next_compaction = 0.0
         self._next_control_check = 0.0
+        self.health = QmgrHealth()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -96,7 +127,7 @@ class QueueManager:
             self._track(env)
         if recovered:
             self.log.info("queue.recovered", messages=len(recovered))
-        self._main = asyncio.create_task(self._loop(), name="qmgr")
+        self._main = asyncio.create_task(self._supervised(), name="qmgr")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -153,15 +184,47 @@ class QueueManager:
 
     # ------------------------------------------------------------ scheduling
 
+    async def _supervised(self) -> None:
+        """The main loop under supervision (DESIGN.md invariant 8): an unexpected
+        error is logged with its traceback, counted, backed off and the loop runs
+        again; it never ends the queue manager."""
+        while not self._stopping:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self.health.failed("main loop", exc, time.monotonic())
+                self.log.error("qmgr.internal_error", stage="main loop", error=repr(exc),
+                               failures=self.health.failures, retry_in=delay, exc_info=exc)
+                await asyncio.sleep(delay)
+
+    async def _stage(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """One housekeeping stage (operator requests, compaction): its failure (EMFILE,
+        ENOSPC...) is logged, counted and backed off without stopping deliveries."""
+        if not self.health.due(name, time.monotonic()):
+            return
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            delay = self.health.failed(name, exc, time.monotonic())
+            self.log.error("qmgr.internal_error", stage=name, error=repr(exc), failures=self.health.failures,
+                           retry_in=delay, exc_info=exc)
+        else:
+            self.health.succeeded(name)
+
     async def _loop(self) -> None:
         while not self._stopping:
             now = self.clock()
             if now >= self._next_control_check:  # imsrelay queue retry/delete, at most twice a second
                 self._next_control_check = now + 0.5
-                await self._operator_requests()
+                await self._stage("operator requests", self._operator_requests)
             if now >= self._next_compaction:
                 self._next_compaction = now + 60.0
-                await self._compact()
+                await self._stage("compaction", self._compact)
+            self.health.succeeded("main loop")
             while self._heap and self._heap[0][0] <= now:
                 _, _, qid = heapq.heappop(self._heap)
                 env = self.envelopes.get(qid)

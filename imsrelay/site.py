@@ -25,6 +25,7 @@ from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
 from imsrelay.policy import InboundPolicy
+from imsrelay.readiness import Check
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
@@ -293,6 +294,18 @@ class Site:
             if mbx is not None and mbx.home_site == self.config.site and mbx.primary_address:
                 out[parse_address(addr).key] = mbx.primary_address
         return out
+
+    def readiness_checks(self) -> list[Check]:
+        """What ``GET /ready`` reports: the SMTP listener serves, the queue manager runs."""
+        serving = self._server is not None and self._server.is_serving()
+        health = self.qmgr.health
+        main = self.qmgr._main
+        qmgr_running = main is not None and not main.done()
+        return [
+            Check("smtp-listener", serving, "" if serving else "the SMTP port is not open"),
+            Check("queue-manager", qmgr_running and health.ok,
+                  health.reason() if qmgr_running else "the queue manager is not running"),
+        ]
 
     def seen_before(self, raw: bytes) -> bool:
         """Our own Received: line is already in the header: the message came back."""
