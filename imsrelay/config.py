@@ -106,6 +106,10 @@ class SmtpConfig:
     tls_key: Path | None = None
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
+    max_inbound_connections: int = 30  # Exchange 5.5 IMS's default; 421 4.7.0 at connect beyond it
+    max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
+    bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
+    postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,13 @@ def _domain(section: _Section, name: str, value: str) -> str:
     return bare if bare.isascii() else normalised
 
 
+def _choice(section: _Section, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = section.str(name, default)
+    if value not in choices:
+        raise section.error(name, f"must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def _starttls(section: _Section, name: str, value: str | None) -> str | None:
     if value is None:
         return None
@@ -371,6 +382,10 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_key=(config_dir / key) if key else None,
         workers=s.int("workers", 1, minimum=1, maximum=64),
         queue_minfree=s.int("queue_minfree", 0, minimum=0),
+        max_inbound_connections=s.int("max_inbound_connections", 30, minimum=1),
+        max_connections_per_ip=s.int("max_connections_per_ip", 10, minimum=1),
+        bare_newline=_choice(s, "bare_newline", "normalize", ("normalize", "reject")),
+        postmaster=s.str("postmaster", "Administrator"),
     )
     s.reject_unknown()
     return cfg

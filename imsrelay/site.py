@@ -20,6 +20,7 @@ from typing import Any
 from imsrelay import dsn
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
+from imsrelay.connection_limits import Caps, ConnectionCounter
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
@@ -66,6 +67,7 @@ class Site:
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        self.connections = ConnectionCounter(inbound_caps(config, workers))
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -117,6 +119,7 @@ class Site:
                 self.qmgr.submit(env)
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
+        self._reserve_descriptors()
         tls = self._tls_context()
         factory = server_factory(self, tls)
 
@@ -158,6 +161,30 @@ class Site:
         self.spool.close()
         self.directory.close()
         self.log.info("site.stopped")
+
+    def _reserve_descriptors(self) -> None:
+        """Keep descriptors for delivery and the spool whatever inbound clients do:
+        raise the soft RLIMIT_NOFILE to the hard limit, and lower the inbound cap
+        when even that leaves too little (logged)."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        reserved = descriptors_reserved(self.config)
+        caps = self.connections.caps
+        room = soft - reserved
+        if caps.total > room:
+            lowered = max(1, room)
+            self.log.warning("smtp.connection_cap_lowered", configured=caps.total, lowered=lowered,
+                             nofile=soft, reserved=reserved,
+                             reason="RLIMIT_NOFILE leaves too few descriptors for delivery and the spool")
+            self.connections.caps = Caps(lowered, min(caps.per_ip, lowered), caps.exempt)
 
     def _build_outbound(self) -> None:
         """The SMTP client and replication, when their modules are present."""
@@ -205,6 +232,25 @@ class Site:
         self._cache_generation += 1
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address (postmaster at a local domain is the
+        ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
+        found = await self._lookup_mailboxes(addresses)
+        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            admin = await self.directory.run(self.directory.mailbox, self.config.smtp.postmaster)
+            found = [admin if m is None and self._is_postmaster(a) else m
+                     for a, m in zip(addresses, found, strict=True)]
+        return found
+
+    def _is_postmaster(self, address: str) -> bool:
+        local, _, domain = address.rpartition("@")
+        if local.lower() != "postmaster":
+            return False
+        domain = domain.lower().rstrip(".")
+        return domain in {self.config.site_domain.lower(), self.addressing_domain,
+                          *(d.lower() for d in self.config.smtp.accepted_domains if not d.startswith("#")),
+                          *(d[1:].lower() for d in self.config.smtp.accepted_domains if d.startswith("#"))}
+
+    async def _lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
         missing = [a for a in addresses if a.lower() not in self._mailbox_cache]
         if missing:
@@ -281,14 +327,11 @@ class Site:
         table = await self.routing_table()
         if is_service_address(parsed, table):
             return True
-        if parsed.local.lower() == "postmaster" and any(
-                parsed.domain == d.lstrip("#") for d in table.local_domains):
-            return True
         return (await self.lookup_mailboxes([address]))[0] is not None
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
-        found = await self.lookup_mailboxes(addresses)
+        found = await self._lookup_mailboxes(addresses)  # postmaster stays postmaster (masqueraded)
         out: dict[str, str] = {}
         for addr, mbx in zip(addresses, found, strict=True):
             if mbx is not None and mbx.home_site == self.config.site and mbx.primary_address:
@@ -346,6 +389,17 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
+
+
+def inbound_caps(config: SiteConfig, workers: int = 1) -> Caps:
+    smtp = config.smtp
+    return Caps(smtp.max_inbound_connections, smtp.max_connections_per_ip, smtp.relay_networks).for_workers(workers)
+
+
+def descriptors_reserved(config: SiteConfig) -> int:
+    """Descriptors kept for everything but inbound sessions: one per concurrent
+    delivery, plus the journal, SQLite, Maildir files, DNS, admin and the listener."""
+    return config.delivery.max_deliveries + 64
 
 
 def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:
