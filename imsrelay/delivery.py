@@ -367,7 +367,10 @@ class QueueManager:
 
     async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
         assert route.mailbox is not None
-        path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
+        try:
+            path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
+        except ValueError as exc:  # never a path outside the data directory
+            return Outcome(False, True, "5.1.3", f"local delivery refused: {exc}")
         write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
                                        message=message, sender=env.sender, recipient=r.address,
                                        hostname=self.config.hostname)

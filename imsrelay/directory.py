@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS seen_messages(
     message_id TEXT PRIMARY KEY,
     seen_at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sent_messages(
+    message_id TEXT PRIMARY KEY,
+    peer       TEXT NOT NULL,
+    sent_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections(
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+);
 """
 
 TOMBSTONE_LIFETIME = 30 * 86400.0
@@ -365,6 +374,11 @@ class Directory:
         obj = DirObject(object_id, kind, self.site, Stamp(version, now, self.site), deleted, data)
         self._store(obj)
         return obj
+
+    def would_change(self, obj: DirObject) -> bool:
+        """Whether merging ``obj`` would change what is stored (it wins the join)."""
+        current = self._load(obj.object_id)
+        return current is None or merge_order(current) < merge_order(obj)
 
     def apply(self, objects: Iterable[DirObject]) -> tuple[int, int]:
         """Merge remote objects; returns (applied, ignored). Greatest stamp wins
@@ -654,6 +668,26 @@ class Directory:
             except sqlite3.IntegrityError:
                 return False
         return True
+
+
+    def remember_sent(self, message_id: str, peer: str, max_age: float) -> None:
+        """A replication message this site sent (an NDR about it is believed)."""
+        now = self.clock()
+        with self._transaction():
+            self._db.execute("DELETE FROM sent_messages WHERE sent_at < ?", (now - max_age,))
+            self._db.execute("INSERT OR REPLACE INTO sent_messages(message_id, peer, sent_at) VALUES(?,?,?)",
+                             (message_id.lower(), peer, now))
+
+    def sent_to(self, message_id: str) -> str | None:
+        row = self._db.execute("SELECT peer FROM sent_messages WHERE message_id=?", (message_id.lower(),)).fetchone()
+        return row[0] if row else None
+
+    def count_rejection(self, reason: str) -> None:
+        self._db.execute("INSERT INTO rejections(reason, count) VALUES(?, 1) "
+                         "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT reason, count FROM rejections").fetchall())
 
 
 class _Tx:

@@ -56,6 +56,7 @@ from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
 from imsrelay.directory import DirObject
+from imsrelay.object_rules import object_problem
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
 PROTOCOL_VERSION = 1
@@ -79,6 +80,8 @@ WRONG_SITE = "wrong-site"
 STALE = "stale"
 FUTURE = "future"
 REPLAY = "replay"
+FORGED_BOUNCE = "forged-bounce"
+REFUSED_OBJECT = "refused-object"
 
 
 class ReplicationError(Exception):
@@ -116,11 +119,13 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Bounce:
-    """An NDR about one of our replication messages."""
+    """An NDR about one of our replication messages (as it claims: the caller checks
+    ``message_id`` against the messages it really sent)."""
 
     peer: str | None
     status: str
     diagnostic: str
+    message_id: str | None = None
 
 
 def dirsync_address(domain: str) -> str:
@@ -315,6 +320,7 @@ def bounce_info(message: bytes) -> Bounce | None:
     if msg.get_content_type() != "multipart/report":
         return None
     status, diagnostic, peer, ours = "", "", None, False
+    message_id: str | None = None
     for part in msg.walk():
         ctype = part.get_content_type()
         if ctype == "message/delivery-status":
@@ -329,9 +335,11 @@ def bounce_info(message: bytes) -> Bounce | None:
                 ours = True
                 m = re.search(r"^X-IMS-Dirsync-To-Site:\s*(\S+)", text, re.MULTILINE | re.IGNORECASE)
                 peer = m.group(1) if m else None
+                m = re.search(r"^Message-ID:\s*<([0-9a-fA-F]{16,64})\.dirsync@", text, re.MULTILINE | re.IGNORECASE)
+                message_id = m.group(1).lower() if m else None
     if not ours:
         return None
-    return Bounce(peer, status or "5.0.0", diagnostic)
+    return Bounce(peer, status or "5.0.0", diagnostic[:300], message_id)
 
 
 def _part_text(part: Message) -> str:
@@ -360,7 +368,7 @@ class Replicator:
                                    f"${self.settings.key_env})")
         self._key = key
         self.log = site.log.bind(component="replication")
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter(site.directory.rejection_counts())  # kept across restarts
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -440,6 +448,8 @@ class Replicator:
                        recipients=[RecipientState(recipient, recipient)], received_at=self._now(),
                        client="", helo="", origin="dirsync",
                        extra={"dirsync": payload["type"], "peer": payload["to_site"], "message_id": payload["id"]})
+        await self.site.directory.run(self.site.directory.remember_sent, payload["id"], payload["to_site"],
+                                      self._seen_window)
         await self.site.enqueue_local(env, message)
         return env
 
@@ -491,13 +501,13 @@ class Replicator:
                 if bounce is not None:
                     await self._handle_bounce(env, bounce)
                     return
-            self._reject(env, result)
+            await self._reject(env, result)
             return
         # The id is recorded together with the work it stands for (an update: in the
         # same transaction as its objects; a request: once its answer is queued), so
         # a failure in between leaves the message to be retried, not lost as a "replay".
         if await self.directory.run(self.directory.seen_message, result.message_id):
-            self._replay(env, result)
+            await self._replay(env, result)
             return
         if result.type == REQUEST:
             await self._answer(env, result)
@@ -509,31 +519,40 @@ class Replicator:
     def _seen_window(self) -> float:
         return self.settings.max_age + FUTURE_TOLERANCE
 
-    def _replay(self, env: Envelope, message: Dirsync) -> None:
-        self._reject(env, Rejection(REPLAY, "this message id was already processed", message.from_site,
-                                    message.message_id))
+    async def _replay(self, env: Envelope, message: Dirsync) -> None:
+        await self._reject(env, Rejection(REPLAY, "this message id was already processed", message.from_site,
+                                          message.message_id))
 
-    def _reject(self, env: Envelope, rejection: Rejection) -> None:
+    async def _reject(self, env: Envelope, rejection: Rejection) -> None:
         self.rejected[rejection.reason] += 1
+        await self.directory.run(self.directory.count_rejection, rejection.reason)
         self.log.warning("replication.rejected", queue_id=env.queue_id, reason=rejection.reason,
                          detail=rejection.detail, peer=rejection.peer or "unknown",
                          sender=env.sender or "<>", client=env.client or "local",
                          message_id=rejection.message_id)
 
     async def _handle_bounce(self, env: Envelope, bounce: Bounce) -> None:
-        peer = bounce.peer or "unknown"
-        self.log.warning("replication.ndr_received", queue_id=env.queue_id, peer=peer, status=bounce.status,
-                         diagnostic=bounce.diagnostic)
-        if bounce.peer:
-            await self._note_error(bounce.peer, f"replication message returned as undeliverable: "
-                                                f"{bounce.status} {bounce.diagnostic}".strip())
+        """Believed only when it is a real NDR (null sender) about a message this site
+        really sent (its id recorded at sending); the peer is the one we sent it to."""
+        peer = None
+        if env.sender == "" and bounce.message_id:
+            peer = await self.directory.run(self.directory.sent_to, bounce.message_id)
+        if peer is None:
+            await self._reject(env, Rejection(FORGED_BOUNCE, "a delivery report about no replication message "
+                                              "this site sent", bounce.peer, bounce.message_id))
+            return
+        diagnostic = re.sub(r"[^\x20-\x7e]", "?", bounce.diagnostic)
+        status = bounce.status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", bounce.status) else "5.0.0"
+        self.log.warning("replication.ndr_received", queue_id=env.queue_id, peer=peer, status=status,
+                         diagnostic=diagnostic)
+        await self._note_error(peer, f"replication message returned as undeliverable: {status} {diagnostic}".strip())
 
     async def _answer(self, env: Envelope, request: Dirsync) -> None:
         peer = request.from_site
         domain = await self.peer_domain(peer) or str(request.payload.get("reply_to") or "")
         if not domain:
-            self._reject(env, Rejection(MALFORMED, f"no routing address for site {peer} and no reply_to",
-                                        peer, request.message_id))
+            await self._reject(env, Rejection(MALFORMED, f"no routing address for site {peer} and no reply_to",
+                                              peer, request.message_id))
             return
         own_invocation = await self.directory.run(lambda: self.directory.invocation)
         since = int(request.payload["since_usn"])
@@ -560,13 +579,21 @@ class Replicator:
         peer = update.from_site
         batch = update.payload["batch"]
         now = self._now()
+        problems = [(o, object_problem(o, receiving_site=self.config.site)) for o in update.objects]
+        valid = [o for o, why in problems if why is None and o.home_site != self.config.site]
+        own = [o for o, why in problems if why is None and o.home_site == self.config.site]
+        for _, why in problems:
+            if why is not None:  # the rest of the batch still applies; its USNs count as received
+                await self._reject(env, Rejection(REFUSED_OBJECT, why, peer, update.message_id))
 
         def apply_sync() -> dict[str, Any]:
             switched_key = f"replication.{peer}.invocation_since"
             with self.directory.transaction():
                 if not self.directory.remember_message(update.message_id, self._seen_window):
                     return {"replay": True}
-                applied, ignored = self.directory.apply(update.objects)
+                changed_own = [o for o in own if self.directory.would_change(o)]
+                applied, ignored = self.directory.apply(valid)
+                ignored += len(own)
                 state = self.directory.peer_state(peer)
                 reset = outdated = False
                 if state["invocation"] != update.invocation:
@@ -585,13 +612,16 @@ class Replicator:
                     state.update(high_water=hw, ranges=ranges)
                 state.update(last_reply=now, last_error=None, applied=int(state["applied"]) + applied)
                 self.directory.save_peer_state(state)
-            return {"applied": applied, "ignored": ignored, "high_water": state["high_water"],
+            return {"applied": applied, "ignored": ignored, "high_water": state["high_water"], "own": changed_own,
                     "gaps": len(state["ranges"]), "reset": reset, "outdated": outdated}
 
         result = await self.directory.run(apply_sync)
         if result.get("replay"):
-            self._replay(env, update)
+            await self._replay(env, update)
             return
+        for o in result["own"]:  # a peer tried to change an object homed here
+            await self._reject(env, Rejection(REFUSED_OBJECT, f"{o.object_id} is homed at this site: only "
+                                              f"{self.config.site} changes it", peer, update.message_id))
         if result["reset"]:
             self.log.info("replication.invocation_changed", peer=peer, queue_id=env.queue_id,
                           invocation=update.invocation, reason="the peer's directory was rebuilt: high-water reset")
