@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imsrelay.addresses import AddressError
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
 from imsrelay.readiness import ready_response
@@ -132,12 +133,13 @@ class AdminServer:
             raise
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except _BadRequest as exc:
+        except (_BadRequest, AddressError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
-            return web.json_response({"error": f"internal error: {exc!r}"}, status=500)
+            return web.json_response({"error": "internal error (logged at the site as admin.internal_error)"},
+                                     status=500)
 
     # -------------------------------------------------------------- handlers
 
@@ -265,9 +267,13 @@ class _Conflict(DirectoryError):
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _BadRequest("the request body must be a JSON object") from None
+        text = await request.text()
+        body = json.loads(text)
+    except RecursionError:
+        raise _BadRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer of thousands of digits
+        detail = "an integer is too long" if "digits" in str(exc) else "it is not valid JSON"
+        raise _BadRequest(f"the request body must be a JSON object ({detail})") from None
     if not isinstance(body, dict):
         raise _BadRequest("the request body must be a JSON object")
     return body
