@@ -27,6 +27,7 @@ Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -164,7 +165,7 @@ class AdminServer:
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
-            "queue": {"messages": site.qmgr.backlog},
+            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers},
             "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
                               "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},
@@ -239,9 +240,16 @@ class AdminServer:
         await self.site.refresh()
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
+    async def _all_envelopes(self) -> list[Any]:
+        """This worker's queue from memory, the other workers' from their journals."""
+        others = await asyncio.to_thread(self.site.spool.other_workers_envelopes) if self.site.workers > 1 else []
+        own = list(self.site.qmgr.envelopes.values())
+        known = {e.queue_id for e in own}
+        return own + [e for e in others if e.queue_id not in known]
+
     async def get_queue(self, request: web.Request) -> web.Response:
         items = []
-        for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
+        for env in sorted(await self._all_envelopes(), key=lambda e: e.queue_id):
             items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
                           "received_at": env.received_at, "size": env.size,
                           "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,

@@ -30,7 +30,7 @@ from imsrelay.readiness import Check
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
-from imsrelay.spool import Envelope, Spool
+from imsrelay.spool import Envelope, Spool, use_worker_ids
 
 
 class Site:
@@ -48,6 +48,9 @@ class Site:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
         self.spool = Spool(config.data_dir, worker=worker)
+        if workers > 1:
+            use_worker_ids(worker)
+            self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = f"by {config.hostname} (imsrelay)".encode().lower()

@@ -55,6 +55,33 @@ _ID_PREFIX = secrets.token_hex(2).upper()
 _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
 
 
+_BASE_PREFIX = _ID_PREFIX  # inherited unchanged by forked workers
+
+
+def _new_id_source() -> None:
+    """A forked process draws its own prefix and counter start."""
+    global _ID_PREFIX, _ID_COUNTER
+    old = _ID_PREFIX
+    while _ID_PREFIX == old:
+        _ID_PREFIX = secrets.token_hex(2).upper()
+    _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
+
+
+os.register_at_fork(after_in_child=_new_id_source)
+
+
+def use_worker_ids(worker: int) -> None:
+    """Worker N of ``serve --workers`` uses the supervisor's prefix + 1 + N: the
+    workers of one site never hand out the same queue id (Maildir's duplicate check
+    relies on it)."""
+    global _ID_PREFIX
+    _ID_PREFIX = f"{(int(_BASE_PREFIX, 16) + 1 + worker) & 0xFFFF:04X}"
+
+
+def queue_id_prefix() -> str:
+    return _ID_PREFIX
+
+
 def new_queue_id() -> str:
     """Sortable and unique: 13 hex digits of microseconds, 4 of this process's random
     prefix, 4 of a per-process counter (no system call per id)."""
@@ -374,6 +401,7 @@ class Spool:
         self._live: Counter[int] = Counter()
         self._inflight: Counter[int] = Counter()  # ENQUEUE appends under way, by lowest segment they can land in
         self._lock_fd: int | None = None
+        self.lock_wait = 0.0  # seconds recover() waits for a previous owner (a stopping worker)
 
     def workers_on_disk(self) -> list[int]:
         """Workers that have a journal here (0 always counts)."""
@@ -394,18 +422,34 @@ class Spool:
                 found[qid] = (w, q)
         return found
 
+    def other_workers_envelopes(self) -> list[Envelope]:
+        """Unfinished messages in the journals of the other workers (read from disk:
+        ``GET /queue`` and ``/status`` of worker 0 show the whole site)."""
+        found: list[Envelope] = []
+        for w in self.workers_on_disk():
+            if w != self.worker:
+                journal = Journal(self.root / f"journal{_worker_suffix(w)}")
+                found += [q.envelope for q in _replay(journal).values() if not q.envelope.finished]
+        return found
+
     # ------------------------------------------------------------ ownership
 
-    def acquire(self) -> None:
-        """Become the spool's only writer (the running site); SpoolLocked if taken."""
+    def acquire(self, wait: float = 0.0) -> None:
+        """Become the spool's only writer (the running site); SpoolLocked if taken
+        (after waiting up to ``wait`` seconds for a previous owner to finish)."""
         if self._lock_fd is not None:
             return
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(f"{self.root} is in use by a running site") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise SpoolLocked(f"{self.root} is in use by a running site") from None
+                time.sleep(0.1)
         self._lock_fd = fd
 
     def owned_by_another_process(self) -> bool:
@@ -431,7 +475,7 @@ class Spool:
     def recover(self) -> list[Envelope]:
         """At start-up (as the owner): clear tmp/, replay the journal, drop segments
         with nothing queued, and return the unfinished messages."""
-        self.acquire()
+        self.acquire(wait=self.lock_wait)
         for p in self.tmp.iterdir():
             p.unlink(missing_ok=True)
         queued = _replay(self.journal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imsrelay.config import load_config
@@ -70,20 +71,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def die_with_parent(parent: int) -> None:
+    """In a worker: get SIGTERM when the supervisor dies (even by kill -9), so no
+    orphan keeps serving (and holding its spool) unsupervised (Linux prctl)."""
+    import ctypes
+    import os
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's pipe below still tells
+        pass
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class Restarts:
+    """When a worker that died is started again, and when the supervisor gives up:
+    only deaths right after a start count, and a worker that ran a while starts
+    afresh (pure)."""
+
+    quick: float = 5.0  # a death this soon after a start is a quick death
+    limit: int = 4  # consecutive quick deaths of one worker before giving up
+    deaths: dict[int, int] = field(default_factory=dict)
+
+    def after_death(self, worker: int, ran_for: float) -> float | None:
+        """Seconds to wait before starting ``worker`` again, or None: give up."""
+        if ran_for >= self.quick:
+            self.deaths[worker] = 0
+            return 0.5
+        n = self.deaths.get(worker, 0) + 1
+        self.deaths[worker] = n
+        if n >= self.limit:
+            return None
+        return min(30.0, 0.5 * 2 ** (n - 1))
+
+
 def supervise(config, workers: int) -> int:
     """Run ``workers`` processes of one site (forked before any event loop exists);
-    SIGINT/SIGTERM stop them all; a worker that dies is started again."""
+    SIGINT/SIGTERM stop them all; a worker that dies is started again (backed off)."""
     import os
     import time
 
-    from imsrelay.logs import get_logger
+    from imsrelay.logs import LineLogger, get_logger
     from imsrelay.site import run_site
 
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    LineLogger.share_lock(str(config.data_dir / "log.lock"))  # long log lines never interleave
     log = get_logger("imsrelay").bind(site=config.site)
     children: dict[int, int] = {}  # pid -> worker number
     started: dict[int, float] = {}  # worker -> when it was last started
-    quick_deaths = 0
+    restarts = Restarts()
     stopping = False
+    supervisor = os.getpid()
 
     def spawn(worker: int) -> None:
         pid = os.fork()
@@ -92,6 +133,7 @@ def supervise(config, workers: int) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                die_with_parent(supervisor)
                 run_until_signalled(lambda stop: run_site(config, stop, worker=worker, workers=workers))
             except BaseException as exc:  # noqa: BLE001 - report, then leave the child
                 log.error("worker.failed", worker=worker, error=repr(exc))
@@ -130,14 +172,15 @@ def supervise(config, workers: int) -> int:
         if not stopping:
             log.error("worker.exited", worker=worker, pid=pid, status=code)
             status = 1
-            if time.monotonic() - started[worker] < 5.0:
-                quick_deaths += 1
-            if quick_deaths > 3:  # e.g. the port is taken: stop instead of looping
-                log.error("site.giving_up", reason="workers keep exiting right after start")
+            delay = restarts.after_death(worker, time.monotonic() - started[worker])
+            if delay is None:  # e.g. the port is taken: stop instead of looping
+                log.error("site.giving_up", worker=worker,
+                          reason=f"worker {worker} exited right after start {restarts.limit} times in a row")
                 stop_all(signal.SIGTERM, None)
                 continue
-            time.sleep(1.0)
-            spawn(worker)
+            time.sleep(delay)
+            if not stopping:
+                spawn(worker)
     return status
 
 
