@@ -110,6 +110,7 @@ class SmtpConfig:
     max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
     bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
     postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
+    max_queued_messages: int = 50_000  # beyond this many queued, MAIL gets 452 4.3.1 (backpressure)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class DeliveryConfig:
     data_timeout_per_mib: float = 60.0
     connection_idle: float = 30.0
     mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
+    max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
 
 
 @dataclass(frozen=True)
@@ -386,6 +388,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_connections_per_ip=s.int("max_connections_per_ip", 10, minimum=1),
         bare_newline=_choice(s, "bare_newline", "normalize", ("normalize", "reject")),
         postmaster=s.str("postmaster", "Administrator"),
+        max_queued_messages=s.int("max_queued_messages", 50_000, minimum=1),
     )
     s.reject_unknown()
     return cfg
@@ -422,6 +425,7 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         data_timeout_per_mib=s.duration("data_timeout_per_mib", 60.0) or 60.0,
         connection_idle=s.duration("connection_idle", 30.0) or 30.0,
         mx_port=s.int("mx_port", 25, minimum=1, maximum=65535),
+        max_active_messages=s.int("max_active_messages", 2000, minimum=1),
     )
     s.reject_unknown()
     return cfg

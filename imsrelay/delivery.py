@@ -118,6 +118,7 @@ class QueueManager:
         self._next_compaction = 0.0
         self._next_control_check = 0.0
         self.health = QmgrHealth()
+        self._last_trim = -60.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -225,7 +226,8 @@ class QueueManager:
                 self._next_compaction = now + 60.0
                 await self._stage("compaction", self._compact)
             self.health.succeeded("main loop")
-            while self._heap and self._heap[0][0] <= now:
+            max_active = self.config.delivery.max_active_messages
+            while self._heap and self._heap[0][0] <= now and len(self._running) < max_active:
                 _, _, qid = heapq.heappop(self._heap)
                 env = self.envelopes.get(qid)
                 if env is None or qid in self._running:
@@ -233,20 +235,46 @@ class QueueManager:
                 due = env.next_due()
                 if due is None or due > now:
                     continue
+                if self._destination_crowded(env):  # leave room for the other destinations
+                    heapq.heappush(self._heap, (now + 1.0, next(self._seq), qid))
+                    continue
                 self._running.add(qid)
                 task = asyncio.create_task(self._attempt(env), name=f"deliver-{qid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             if not self.envelopes and not self._running:
+                if not self.idle.is_set():
+                    self._give_memory_back()
                 self.idle.set()
             timeout = 1.0
-            if self._heap:
+            if self._heap and len(self._running) < max_active:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - self.clock()))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def _destination_crowded(self, env: Envelope) -> bool:
+        """The destination of this message's last attempt already has twice its slots
+        in attempts waiting: don't add to the crowd (bounded memory, no starvation)."""
+        hint = next((r.route for r in env.pending if r.route), None)
+        entry = self._destinations.get(hint) if hint else None
+        return entry is not None and entry[1] >= 2 * self.config.delivery.max_per_destination
+
+    def _give_memory_back(self) -> None:
+        """The queue just emptied: return freed heap memory to the system (glibc keeps
+        it otherwise), so RSS follows the queue down, not its deepest point."""
+        now = time.monotonic()
+        if now - self._last_trim < 30.0:
+            return
+        self._last_trim = now
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     async def _operator_requests(self) -> None:
         """``imsrelay queue retry|delete`` ran beside us: they leave requests in the

@@ -259,7 +259,7 @@ class Site:
         if missing:
             generation = self._cache_generation
             found = await self.directory.run(self.directory.find_recipients, missing)
-            if generation == self._cache_generation and len(self._mailbox_cache) < 100_000:
+            if generation == self._cache_generation and len(self._mailbox_cache) < 10_000:
                 for a, m in zip(missing, found, strict=True):
                     self._mailbox_cache[a.lower()] = m
             else:

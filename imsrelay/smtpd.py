@@ -25,7 +25,14 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.connection_limits import ConnectionCounter
-from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
+from imsrelay.policy import (
+    Reply,
+    check_hops,
+    check_queue_depth,
+    check_recipient,
+    check_size,
+    check_storage,
+)
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
@@ -272,7 +279,8 @@ class SiteHandler:
         if too_big:
             return str(too_big)
         full = check_storage(self.site.free_space(), declared=size, max_message_size=cfg.max_message_size,
-                             minfree=cfg.queue_minfree)
+                             minfree=cfg.queue_minfree) or check_queue_depth(self.site.qmgr.backlog,
+                                                                             cfg.max_queued_messages)
         if full:
             self.log.warning("message.deferred_storage", peer=_peer_ip(session), sender=address, reply=str(full))
             return str(full)

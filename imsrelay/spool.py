@@ -98,7 +98,7 @@ class SpoolLocked(Exception):
     """Another process (the running site) owns the spool."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RecipientState:
     address: str
     original: str | None = None
@@ -113,7 +113,7 @@ class RecipientState:
     route: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     queue_id: str
     sender: str  # "" = null sender <>
