@@ -24,6 +24,10 @@ DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
 
+# none; opportunistic (encrypt when offered); require (encrypt, no check: Postfix's "encrypt");
+# verify (encrypt, certificate from a trusted CA and matching the host name: Postfix's "secure")
+STARTTLS_LEVELS = ("none", "opportunistic", "require", "verify")
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -86,7 +90,7 @@ class DomainRoute:
 @dataclass(frozen=True)
 class TlsPolicy:
     domain: str
-    starttls: str  # "none" | "opportunistic" | "require"
+    starttls: str  # "none" | "opportunistic" | "require" | "verify"
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,8 @@ class DeliveryConfig:
     connection_idle: float = 30.0
     mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
     max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
+    smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
+    tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
 
 
 @dataclass(frozen=True)
@@ -334,8 +340,8 @@ def _choice(section: _Section, name: str, default: str, choices: tuple[str, ...]
 def _starttls(section: _Section, name: str, value: str | None) -> str | None:
     if value is None:
         return None
-    if value not in ("none", "opportunistic", "require"):
-        raise section.error(name, "must be one of none, opportunistic, require")
+    if value not in STARTTLS_LEVELS:
+        raise section.error(name, f"must be one of {', '.join(STARTTLS_LEVELS)}")
     return value
 
 
@@ -394,7 +400,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
     return cfg
 
 
-def _load_delivery(s: _Section) -> DeliveryConfig:
+def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
     intervals = []
     for i, value in enumerate(s.list("retry_intervals")):
         try:
@@ -426,6 +432,8 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         connection_idle=s.duration("connection_idle", 30.0) or 30.0,
         mx_port=s.int("mx_port", 25, minimum=1, maximum=65535),
         max_active_messages=s.int("max_active_messages", 2000, minimum=1),
+        smart_host_starttls=_starttls(s, "smart_host_starttls", s.str("smart_host_starttls")),
+        tls_ca_file=(config_dir / ca) if (ca := s.str("tls_ca_file")) else None,
     )
     s.reject_unknown()
     return cfg
@@ -482,7 +490,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         mailboxes.append(MailboxConfig(alias, m.str("display_name", alias), tuple(extra)))
         m.reject_unknown()
 
-    delivery = _load_delivery(root.table_of("delivery"))
+    delivery = _load_delivery(root.table_of("delivery"), config_dir)
 
     dns_s = root.table_of("dns")
     dns = DnsConfig(tuple(str(n) for n in dns_s.list("nameservers")),

@@ -46,6 +46,7 @@ class RoutingTable:
     self_endpoints: frozenset[tuple[str, int]] = frozenset()
     starttls_default: str = "opportunistic"
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
+    smart_host_starttls: str | None = None
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
     mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
 
@@ -133,7 +134,7 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
         if (host.lower(), port) in table.self_endpoints:
             return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
         return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
-                     starttls=_starttls_for(domain, table), site=site)
+                     starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site)
     trail.add(f"DNS: deliver to the MX hosts of {domain}")
     return Route(recipient, MX, tuple(trail.steps), domain=domain, port=table.mx_port,
                  starttls=_starttls_for(domain, table), site=site)

@@ -460,6 +460,7 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
         self_endpoints=self_endpoints, starttls_default=d.starttls,
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
+        smart_host_starttls=d.smart_host_starttls,
         service_domains=(addressing_domain,), mx_port=d.mx_port)
 
 

@@ -161,6 +161,9 @@ class ImsSMTP(SMTP):
         if self._session_timer is not None:
             self._session_timer.cancel()
         super().connection_lost(error)
+        closed = getattr(self, "_closed", None)  # asyncio keeps the error for a waiter nobody has
+        if closed is not None and closed.done() and not closed.cancelled():
+            closed.exception()  # retrieved: no "Future exception was never retrieved" at GC
 
     def eof_received(self) -> bool | None:
         if self._refused:

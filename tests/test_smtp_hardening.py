@@ -201,3 +201,27 @@ async def test_hostile_headers_do_not_stall_other_sessions(tmp_path):
         assert worst < 1.5, f"the event loop stalled {worst:.2f}s"
         got = await wait_for(lambda: maildir_messages(cfg.data_dir, "User1"))
         assert b"From: u1@microsoft.com\r\n" in got[0]
+
+
+async def test_failed_tls_handshakes_are_not_internal_errors(tmp_path):
+    from tls_kit import make_cert
+
+    cert, key = make_cert(tmp_path, "site", "IP:127.0.0.1", ca=None)
+    cfg = make_config(tmp_path, site_mapping(smtp={"tls_cert": str(cert), "tls_key": str(key)}))
+    async with running_site(cfg) as site:
+        with structlog.testing.capture_logs() as logs:
+            def garbage_handshake():
+                with Wire(site.bound_port) as w:
+                    w.reply()
+                    w.cmd(b"EHLO me.example")
+                    assert w.cmd(b"STARTTLS").startswith(b"220")
+                    w.sock.sendall(b"\x16\x03\x01\x00\x05hello this is not TLS\r\n" * 3)
+                    return w.closed()
+
+            for _ in range(3):
+                assert await asyncio.to_thread(garbage_handshake)
+            import gc
+            gc.collect()
+            await asyncio.sleep(0.2)
+            assert code((await asyncio.to_thread(session, site.bound_port, b"NOOP"))[0]) == 250
+        assert internal_errors(logs) == [], internal_errors(logs)
