@@ -160,6 +160,12 @@ class ReplicationConfig:
     max_age: float = 7 * 86400.0
     keep_old_address: bool = True
     kcc_interval: float = 3 * 3600.0
+    signing_key: Path | None = None  # this site's Ed25519 private key (PEM): per-site replication keys
+    trusted_keys: tuple[tuple[str, str], ...] = ()  # (site, "ed25519:<base64>") of every site, itself included
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.resolved_key() or self.signing_key)
 
     def resolved_key(self) -> str | None:
         if self.key:
@@ -328,6 +334,20 @@ def _domain(section: _Section, name: str, value: str) -> str:
     except AddressError as exc:
         raise section.error(name, str(exc)) from None
     return bare if bare.isascii() else normalised
+
+
+def _trusted_keys(t: _Section) -> tuple[tuple[str, str], ...]:
+    from imsrelay.replication_keys import parse_public_key
+
+    keys = []
+    for site in sorted(t.table):
+        value = t.str(site, required=True)
+        try:
+            parse_public_key(value)
+        except ValueError as exc:
+            raise t.error(site, str(exc)) from None
+        keys.append((site, value))
+    return tuple(keys)
 
 
 def _choice(section: _Section, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -535,8 +555,13 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         max_age=r.duration("max_age", 7 * 86400.0) or 7 * 86400.0,
         keep_old_address=r.bool("keep_old_address", True),
         kcc_interval=r.duration("kcc_interval", 3 * 3600.0) or 3 * 3600.0,
+        signing_key=(config_dir / sk) if (sk := r.str("signing_key")) else None,
+        trusted_keys=_trusted_keys(r.table_of("trusted_keys")),
     )
     r.reject_unknown()
+    if replication.signing_key and not replication.trusted_keys:
+        raise r.error("trusted_keys", "signing_key needs the organisation's trusted public keys "
+                                      "([replication.trusted_keys] SiteA = \"ed25519:...\")")
 
     a = root.table_of("admin")
     admin = AdminConfig(a.str("listen", "127.0.0.1"), a.int("port", 0, minimum=0, maximum=65535),

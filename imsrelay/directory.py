@@ -119,11 +119,15 @@ class DirObject:
     deleted: bool
     data: dict[str, Any] = field(hash=False, compare=False)
     usn: int = 0
+    sig: str = field(default="", hash=False, compare=False)  # the home site's Ed25519 signature, if any
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.object_id, "kind": self.kind, "home": self.home_site,
+        wire = {"id": self.object_id, "kind": self.kind, "home": self.home_site,
                 "version": self.stamp.version, "changed_at": self.stamp.changed_at,
                 "origin": self.stamp.origin, "deleted": self.deleted, "data": self.data}
+        if self.sig:
+            wire["sig"] = self.sig
+        return wire
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> DirObject:
@@ -135,7 +139,7 @@ class DirObject:
             raise ValueError("object data must be a mapping")
         return cls(str(w["id"]), kind, str(w["home"]),
                    Stamp(int(w["version"]), float(w["changed_at"]), str(w["origin"])),
-                   bool(w["deleted"]), data)
+                   bool(w["deleted"]), data, sig=str(w.get("sig", "")))
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,8 @@ class Directory:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        if "sig" not in {r[1] for r in self._db.execute("PRAGMA table_info(objects)").fetchall()}:
+            self._db.execute("ALTER TABLE objects ADD COLUMN sig TEXT NOT NULL DEFAULT ''")  # older databases
         self._executor: ThreadPoolExecutor | None = None
         if self._meta("invocation") is None:
             self._set_meta("invocation", secrets.token_hex(8))
@@ -282,7 +288,7 @@ class Directory:
 
     def _load(self, object_id: str) -> DirObject | None:
         row = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects WHERE object_id=?", (object_id,)).fetchone()
         return _row_object(row) if row else None
 
@@ -290,12 +296,13 @@ class Directory:
         """Write obj (stamped with a fresh local USN) and re-index its addresses."""
         usn = self._next_usn()
         self._db.execute(
-            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn) "
-            "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
+            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
             "home_site=excluded.home_site, version=excluded.version, changed_at=excluded.changed_at, "
-            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn",
+            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn, "
+            "sig=excluded.sig",
             (obj.object_id, obj.kind, obj.home_site, obj.stamp.version, obj.stamp.changed_at,
-             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn))
+             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn, obj.sig))
         self._index_addresses(obj)
 
     @staticmethod
@@ -343,7 +350,7 @@ class Directory:
             self._db.execute("DELETE FROM address_claims")
             self._db.execute("DELETE FROM proxy_addresses")
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE kind='mailbox' AND deleted=0").fetchall()
             for row in rows:
                 obj = _row_object(row)
@@ -400,7 +407,7 @@ class Directory:
         """Objects changed here above ``usn`` (oldest first), at most ``limit``;
         returns them and the highest USN included (``usn`` when none)."""
         rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects WHERE usn > ? ORDER BY usn LIMIT ?", (usn, limit)).fetchall()
         objs = [_row_object(r) for r in rows]
         return objs, (objs[-1].usn if objs else usn)
@@ -419,7 +426,7 @@ class Directory:
         with self._transaction():
             highest = self.highest_usn
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE usn > ? ORDER BY usn", (usn,)).fetchall()
         batches: list[tuple[int, int, list[DirObject]]] = []
         current: list[DirObject] = []
@@ -438,7 +445,7 @@ class Directory:
 
     def all_objects(self) -> list[DirObject]:
         rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects ORDER BY usn").fetchall()
         return [_row_object(r) for r in rows]
 
@@ -713,4 +720,5 @@ class _Tx:
 
 
 def _row_object(row: Sequence[Any]) -> DirObject:
-    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8])
+    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8],
+                     sig=row[9] if len(row) > 9 else "")

@@ -41,14 +41,12 @@ import asyncio
 import base64
 import binascii
 import email.utils
-import hashlib
-import hmac
 import json
 import re
 import secrets
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
@@ -57,6 +55,14 @@ from typing import Any
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
 from imsrelay.directory import DirObject
 from imsrelay.object_rules import object_problem
+from imsrelay.replication_keys import (
+    ReplicationKeyError,
+    Trust,
+    load_private_key,
+    object_signing_bytes,
+    parse_public_key,
+    public_key_text,
+)
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
 PROTOCOL_VERSION = 1
@@ -81,6 +87,7 @@ STALE = "stale"
 FUTURE = "future"
 REPLAY = "replay"
 FORGED_BOUNCE = "forged-bounce"
+UNTRUSTED_SITE = "untrusted-site"
 REFUSED_OBJECT = "refused-object"
 
 
@@ -136,13 +143,35 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def sign(key: str, body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> str:
-    """``hmac-sha256=<hex>`` over the type, sites and organisation, then the body bytes."""
-    mac = hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256)
-    mac.update(f"imsrelay-dirsync-v{PROTOCOL_VERSION}\n{type}\n{from_site}\n{to_site}\n{organisation}\n"
-               .encode())
-    mac.update(body)
-    return f"{SIGNATURE_SCHEME}={mac.hexdigest()}"
+def signed_bytes(body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> bytes:
+    """What a signature covers: the type, sites and organisation, then the body bytes."""
+    return (f"imsrelay-dirsync-v{PROTOCOL_VERSION}\n{type}\n{from_site}\n{to_site}\n{organisation}\n".encode()
+            + body)
+
+
+def as_trust(key: str | Trust, site: str = "") -> Trust:
+    return key if isinstance(key, Trust) else Trust(site, hmac_key=key)
+
+
+def sign(key: str | Trust, body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> str:
+    """``hmac-sha256=<hex>`` with the organisation key, or ``ed25519=<base64>`` with
+    this site's own key."""
+    return as_trust(key).sign(signed_bytes(body, type=type, from_site=from_site, to_site=to_site,
+                                           organisation=organisation))
+
+
+def sign_own_objects(objects: Sequence[DirObject], trust: Trust, organisation: str) -> list[DirObject]:
+    """With per-site keys, the objects homed at this site carry its signature
+    (objects of other sites keep the signature their home gave them)."""
+    if not trust.per_site:
+        return list(objects)
+    return [replace(o, sig=trust.sign(object_signing_bytes(organisation, replace(o, sig="").to_wire())))
+            if o.home_site == trust.site else o for o in objects]
+
+
+def object_signed_by_home(obj: DirObject, trust: Trust, organisation: str) -> bool:
+    return not trust.per_site or (bool(obj.sig) and trust.check(
+        obj.sig, obj.home_site, object_signing_bytes(organisation, obj.to_wire())))
 
 
 def new_message_id() -> str:
@@ -174,7 +203,7 @@ def build_updates(*, organisation: str, from_site: str, to_site: str, invocation
     return out
 
 
-def render_message(payload: dict[str, Any], *, key: str, from_domain: str, to_domain: str,
+def render_message(payload: dict[str, Any], *, key: str | Trust, from_domain: str, to_domain: str,
                    hostname: str) -> bytes:
     """The signed RFC 5322 message (CRLF line ends, lines of at most 78 octets)."""
     body = canonical_json(payload)
@@ -218,7 +247,7 @@ def _header(msg: Message, name: str) -> str | None:
     return None if value is None else " ".join(str(value).split())
 
 
-def verify(message: bytes, *, key: str, organisation: str, site: str, now: float,
+def verify(message: bytes, *, key: str | Trust, organisation: str, site: str, now: float,
            max_age: float) -> Dirsync | Rejection:
     """Check one received message addressed to this site's directory service.
 
@@ -256,9 +285,12 @@ def verify(message: bytes, *, key: str, organisation: str, site: str, now: float
         return Rejection(MALFORMED, "bad message id", peer, mid)
     if org != organisation:
         return Rejection(FOREIGN_ORGANISATION, f"organisation {org!r} is not {organisation!r}", peer, mid)
-    expected = sign(key, body, type=type_, from_site=from_site, to_site=to_site, organisation=org)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
-        return Rejection(BAD_SIGNATURE, "the signature does not match the organisation key", peer, mid)
+    trust = as_trust(key, site)
+    if not trust.knows(from_site):
+        return Rejection(UNTRUSTED_SITE, f"no trusted public key for site {from_site!r}", peer, mid)
+    data = signed_bytes(body, type=type_, from_site=from_site, to_site=to_site, organisation=org)
+    if not trust.check(signature, from_site, data):
+        return Rejection(BAD_SIGNATURE, f"the signature does not match {'the key of site ' + from_site if trust.per_site else 'the organisation key'}", peer, mid)
     if to_site != site:
         return Rejection(WRONG_SITE, f"addressed to site {to_site!r}, this is {site!r}", peer, mid)
     if ts < now - max_age:
@@ -355,6 +387,28 @@ def _part_text(part: Message) -> str:
 # =========================================================================== I/O edge
 
 
+def trust_for(config: Any) -> Trust:
+    """The site's replication trust from its configuration (per-site Ed25519 keys
+    when ``replication.signing_key`` is set, else the organisation key)."""
+    settings = config.replication
+    if settings.signing_key:
+        try:
+            private = load_private_key(settings.signing_key)
+        except ReplicationKeyError as exc:
+            raise ReplicationError(f"replication.signing_key: {exc}") from None
+        keys = {site: parse_public_key(text) for site, text in settings.trusted_keys}
+        own = keys.get(config.site)
+        if own is None or public_key_text(own) != public_key_text(private):
+            raise ReplicationError(f"replication.trusted_keys must list this site ({config.site}) with the public "
+                                   "key of replication.signing_key")
+        return Trust(config.site, private_key=private, public_keys=keys)
+    key = settings.resolved_key()
+    if not key:
+        raise ReplicationError("replication needs an organisation key (replication.key or "
+                               f"${settings.key_env}) or per-site keys (replication.signing_key)")
+    return Trust(config.site, hmac_key=key)
+
+
 class Replicator:
     """One site's directory replication: connectors, Request Now, request/update handling."""
 
@@ -362,11 +416,7 @@ class Replicator:
         self.site = site
         self.config = site.config
         self.settings = site.config.replication
-        key = self.settings.resolved_key()
-        if not key:
-            raise ReplicationError("replication needs an organisation key (replication.key or "
-                                   f"${self.settings.key_env})")
-        self._key = key
+        self._key = trust_for(site.config)
         self.log = site.log.bind(component="replication")
         self.rejected: Counter[str] = Counter(site.directory.rejection_counts())  # kept across restarts
         self._tasks: list[asyncio.Task[None]] = []
@@ -565,6 +615,12 @@ class Replicator:
         max_bytes = min(MAX_BATCH_BYTES, max(64 * 1024, self.config.smtp.max_message_size // 2))
         batches, highest = await self.directory.run(self.directory.change_batches, since,
                                                     self.settings.batch_size, max_bytes=max_bytes)
+        org = self.config.organisation
+
+        def signed_batches() -> list[tuple[int, int, list[DirObject]]]:
+            return [(a, b, sign_own_objects(objs, self._key, org)) for a, b, objs in batches]
+
+        batches = await asyncio.to_thread(signed_batches)
         payloads = build_updates(organisation=self.config.organisation, from_site=self.config.site, to_site=peer,
                                  invocation=own_invocation, highest_usn=highest, since_usn=since, full=full,
                                  in_reply_to=request.message_id, batches=batches, now=self._now())
@@ -579,7 +635,11 @@ class Replicator:
         peer = update.from_site
         batch = update.payload["batch"]
         now = self._now()
-        problems = [(o, object_problem(o, receiving_site=self.config.site)) for o in update.objects]
+        org = self.config.organisation
+        problems = [(o, object_problem(o, receiving_site=self.config.site) or (
+            None if object_signed_by_home(o, self._key, org)
+            else f"{o.object_id} does not carry a valid signature of its home site {o.home_site}"))
+            for o in update.objects]
         valid = [o for o, why in problems if why is None and o.home_site != self.config.site]
         own = [o for o, why in problems if why is None and o.home_site == self.config.site]
         for _, why in problems:

@@ -90,7 +90,7 @@ class Site:
         from imsrelay.admin import AdminServer
         from imsrelay.replication import Replicator
 
-        if self.config.replication.resolved_key():
+        if self.config.replication.enabled:
             self.replicator = Replicator(self)
         elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "

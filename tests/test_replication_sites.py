@@ -36,8 +36,9 @@ class Org:
     def __init__(self, tmp_path: Path, *, links: dict[str, list[str]] | None = None,
                  mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
                  schedule: str = "never", startup_delay: str = "1h",
-                 routing: dict[str, dict[str, str]] | None = None) -> None:
+                 routing: dict[str, dict[str, str]] | None = None, per_site_keys: bool = False) -> None:
         self.tmp = tmp_path
+        trusted = self.make_keys(tmp_path) if per_site_keys else {}
         self.links = links or {n: [o for o in HOSTS if o != n] for n in HOSTS}
         self.ports = {n: free_port(h) for n, h in HOSTS.items()}
         self.admin_ports = {n: free_port(h) for n, h in HOSTS.items()}
@@ -56,10 +57,27 @@ class Org:
                              "connectors": [{"site": o, "schedule": schedule} for o in others]},
                 admin={"listen": HOSTS[name], "port": self.admin_ports[name], "token": TOKEN},
                 logging={"level": "warning", "format": "json"})
+            if per_site_keys:
+                del mapping["replication"]["key"]
+                mapping["replication"]["signing_key"] = str(tmp_path / "keys" / f"{name}.pem")
+                mapping["replication"]["trusted_keys"] = trusted
             if mailboxes and name in mailboxes:
                 mapping["mailboxes"] = mailboxes[name]
             self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
         self.sites: dict[str, Site] = {}
+
+    @staticmethod
+    def make_keys(tmp_path: Path) -> dict[str, str]:
+        """Each site's key pair with ``imsrelay replicate keygen``; the trusted keys table."""
+        trusted = {}
+        for name in HOSTS:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli.main(["replicate", "keygen", "--site", name,
+                                 "--out", str(tmp_path / "keys" / f"{name}.pem")]) == 0
+            site, _, value = out.getvalue().strip().partition(" = ")
+            trusted[site] = value.strip('"')
+        return trusted
 
     async def start(self, *names: str) -> None:
         for name in names or tuple(HOSTS):
