@@ -233,7 +233,7 @@ class ImsSMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
-            if not self._in_ehlo:
+            if not self._in_ehlo or status[:1] in ("4", "5"):  # EHLO's 250 lines stay as they are
                 status = with_enhanced_status(status)
             status = printable_reply(status)
         if self._in_ehlo:

@@ -25,14 +25,27 @@ class Wire:
                     out = b"\r\n".join(lines[:i + 1]) + b"\r\n"
                     self.buffer = self.buffer[len(out):]
                     return out
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:  # the server closed with our data unread
+                chunk = b""
             if not chunk:
                 out, self.buffer = self.buffer, b""
                 return out
             self.buffer += chunk
 
+    def send(self, data: bytes) -> None:
+        """Write without waiting for a reply; a server that has closed is fine."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def cmd(self, line: bytes, end: bytes = b"\r\n") -> bytes:
-        self.sock.sendall(line + end)
+        try:
+            self.sock.sendall(line + end)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed: whatever it answered before is still to be read
         return self.reply()
 
     def closed(self) -> bool:
