@@ -173,7 +173,7 @@ def test_kill_9_loop_under_load_with_workers(tmp_path):
         wait_listening(port, timeout=30)
         stop = threading.Event()
 
-        def sender(n: int) -> None:
+        def sender(n: int, stop: threading.Event = stop) -> None:
             for i in range(300):  # bounded
                 if stop.is_set():
                     return
