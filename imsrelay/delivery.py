@@ -311,6 +311,9 @@ class QueueManager:
                 r.next_attempt = self.clock() + retry_delay(1, self.config.delivery.retry_intervals)
         finally:
             self._running.discard(env.queue_id)
+            body = self._bodies.pop(env.queue_id, None)  # a message that stays waits on disk, not in memory
+            if body is not None:
+                self._body_bytes -= len(body)
             if env.queue_id in self.envelopes:
                 self._push(env)
             self._wake.set()

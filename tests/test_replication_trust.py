@@ -90,6 +90,7 @@ async def test_forged_bounces_change_no_replication_state_and_counters_persist(t
         raw = render(request(to_site="SiteA", from_site="SiteB"), key="wrong")
         await asyncio.to_thread(smtp_send, site.bound_port, "x@example.net", DIRSYNC_A, raw)
         await wait_for(lambda: site.replicator.rejected["bad-signature"] == 1)
+        await wait_for(lambda: not site.qmgr.envelopes)  # finished: not handled again after the restart
     async with running_site(cfg) as site:  # after a restart
         status = await site.replicator.status()
         assert status["rejected"] == {FORGED_BOUNCE: 3, "bad-signature": 1}
