@@ -58,7 +58,7 @@ _BY_CODE = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4"
 Lookup = Callable[[list[str]], Awaitable[list[Any]]]
 
 _UNPRINTABLE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")
-_BAD_SIZE = re.compile(r"(?:^|\s)SIZE=(?![0-9]{1,18}(?:\s|$))", re.IGNORECASE)
+_SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 MAX_REWRITE_LOOKUPS = 200  # distinct header addresses looked up per message (hostile headers)
@@ -84,6 +84,12 @@ class LineReader(asyncio.StreamReader):
             if separator == b"\r\n" and b"\n" in line[:-2]:
                 raise BareNewline()
         return line
+
+
+def bad_size(arg: str) -> bool:
+    """A SIZE= value aiosmtpd would take for digits (``str.isdigit``) that is not 1-18
+    ASCII digits: ``int()`` would fail on it (``²``), or it is absurd."""
+    return any(v.isdigit() and not _SIZE.fullmatch(v) for v in _SIZE_VALUE.findall(arg))
 
 
 def printable_reply(reply: str) -> str:
@@ -208,7 +214,7 @@ class ImsSMTP(SMTP):
                 await self._writer.drain()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if arg and _BAD_SIZE.search(arg):  # "SIZE=²" passes isdigit() but not int()
+        if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
             return
         assert self.envelope is not None

@@ -35,8 +35,9 @@ async def test_bad_client_input_gets_5xx_and_leaves_no_sender(tmp_path):
             assert code(r[0]) == 553 and r[0].startswith(b"553 5.1.7"), r
             assert code(r[1]) == 503, r  # no sender was kept
             r = await asyncio.to_thread(session, port, b"MAIL FROM:<a@example.org> SIZE=\xc2\xb2",
-                                        b"MAIL FROM:<a@example.org> SIZE=99999999999999999999999")
-            assert r[0].startswith(b"501 5.5.4") and r[1].startswith(b"501 5.5.4"), r
+                                        b"MAIL FROM:<a@example.org> SIZE=99999999999999999999999",
+                                        b"MAIL FROM:<postmaster>SIZE=\xc2\xb2")
+            assert all(x.startswith(b"501 5.5.4") for x in r), r
             for bad in (b"MAIL FROM:<", b"MAIL FROM:<@a:", b"MAIL FROM:<@a:>", b"MAIL FROM:\xff"):
                 (r,) = await asyncio.to_thread(session, port, bad)
                 assert 500 <= code(r) < 600, (bad, r)
