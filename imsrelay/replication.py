@@ -45,7 +45,7 @@ import json
 import re
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -53,8 +53,10 @@ from email.message import Message
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
-from imsrelay.directory import DirObject
+from imsrelay.directory import Directory
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.object_rules import object_problem
+from imsrelay.objects import DIRSYNC_LOCAL, DirObject
 from imsrelay.replication_keys import (
     ReplicationKeyError,
     Trust,
@@ -63,10 +65,10 @@ from imsrelay.replication_keys import (
     parse_public_key,
     public_key_text,
 )
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.router import RoutingTable, site_routing_domain
+from imsrelay.settings import SiteConfig
 
 PROTOCOL_VERSION = 1
-DIRSYNC_LOCAL = "dirsync"
 REQUEST = "request"
 UPDATE = "update"
 TYPES = (REQUEST, UPDATE)
@@ -387,7 +389,7 @@ def _part_text(part: Message) -> str:
 # =========================================================================== I/O edge
 
 
-def trust_for(config: Any) -> Trust:
+def trust_for(config: SiteConfig) -> Trust:
     """The site's replication trust from its configuration (per-site Ed25519 keys
     when ``replication.signing_key`` is set, else the organisation key)."""
     settings = config.replication
@@ -412,13 +414,27 @@ def trust_for(config: Any) -> Trust:
 class Replicator:
     """One site's directory replication: connectors, Request Now, request/update handling."""
 
-    def __init__(self, site: Any) -> None:
-        self.site = site
-        self.config = site.config
-        self.settings = site.config.replication
-        self._key = trust_for(site.config)
-        self.log = site.log.bind(component="replication")
-        self.rejected: Counter[str] = Counter(site.directory.rejection_counts())  # kept across restarts
+    def __init__(self, config: SiteConfig, directory: Directory, *,
+                 routing_table: Callable[[], Awaitable[RoutingTable]],
+                 enqueue: Callable[[Envelope, bytes], Awaitable[None]],
+                 queued: Callable[[], Iterable[Envelope]],
+                 check_now: Callable[[], Awaitable[object]], log: Any,
+                 clock: Callable[[], float]) -> None:
+        """``routing_table``: the site's live routing inputs (where a peer's dirsync
+        mail goes); ``enqueue``: the queue's door for messages the site writes itself;
+        ``queued``: the envelopes in the queue (backlog per peer); ``check_now``: the
+        site's Check Now, run on the KCC schedule."""
+        self.config = config
+        self.directory = directory
+        self.settings = config.replication
+        self._routing_table = routing_table
+        self._enqueue = enqueue
+        self._queued = queued
+        self._check_now = check_now
+        self._clock = clock
+        self._key = trust_for(config)
+        self.log = log.bind(component="replication")
+        self.rejected: Counter[str] = Counter(directory.rejection_counts())  # kept across restarts
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -450,13 +466,11 @@ class Replicator:
             await asyncio.sleep(max(every, 1.0))
 
     async def _kcc_loop(self) -> None:
-        from imsrelay import kcc
-
         await asyncio.sleep(self.settings.startup_delay)
         while True:
             try:
-                await kcc.check_now(self.site)
-                purged = await self.site.directory.run(self.site.directory.purge_tombstones)
+                await self._check_now()
+                purged = await self.directory.run(self.directory.purge_tombstones)
                 if purged:
                     self.log.info("directory.tombstones_purged", count=purged)
             except Exception as exc:
@@ -465,23 +479,14 @@ class Replicator:
 
     # ------------------------------------------------------------ helpers
 
-    @property
-    def directory(self) -> Any:
-        return self.site.directory
-
     def _now(self) -> float:
-        return float(self.site.clock())
+        return float(self._clock())
 
     async def peer_domain(self, peer: str) -> str | None:
         """The routing domain replication mail for ``peer`` goes to: Connected Sites,
         else a site learned by Check Now."""
-        from imsrelay.router import site_routing_domain
-
-        found = site_routing_domain(peer, await self.site.routing_table())
+        found = site_routing_domain(peer, await self._routing_table())
         return found[0] if found else None
-
-    def connector_sites(self) -> list[str]:
-        return [c.site for c in self.settings.connectors]
 
     async def _note_error(self, peer: str, error: str) -> None:
         def save() -> None:
@@ -498,9 +503,9 @@ class Replicator:
                        recipients=[RecipientState(recipient, recipient)], received_at=self._now(),
                        client="", helo="", origin="dirsync",
                        extra={"dirsync": payload["type"], "peer": payload["to_site"], "message_id": payload["id"]})
-        await self.site.directory.run(self.site.directory.remember_sent, payload["id"], payload["to_site"],
-                                      self._seen_window)
-        await self.site.enqueue_local(env, message)
+        await self.directory.run(self.directory.remember_sent, payload["id"], payload["to_site"],
+                                 self._seen_window)
+        await self._enqueue(env, message)
         return env
 
     def _render(self, payload: dict[str, Any], to_domain: str) -> bytes:
@@ -701,7 +706,7 @@ class Replicator:
         except AddressError:
             return 0
         count = 0
-        for env in list(self.site.qmgr.envelopes.values()):
+        for env in list(self._queued()):
             for r in env.pending:
                 try:
                     if parse_address(r.address).key == key:
@@ -718,7 +723,8 @@ class Replicator:
             lambda: (self.directory.invocation, self.directory.highest_usn))
         peers = []
         for name in sorted(set(schedules) | set(states)):
-            state = states.get(name) or await self.directory.run(self.directory.peer_state, name)
+            known = states.get(name)
+            state = known if known is not None else await self.directory.run(self.directory.peer_state, name)
             domain = await self.peer_domain(name)
             peers.append({
                 "site": name, "connector": name in schedules, "schedule": schedules.get(name),

@@ -7,7 +7,7 @@ import time
 from sitekit import free_port, make_config, running_site, site_mapping
 from smtp_wire import Wire
 
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 
 
 async def test_active_attempts_are_capped(tmp_path):

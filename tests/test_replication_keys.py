@@ -3,9 +3,10 @@ when another site relays them; the shared organisation key still works (labs).""
 
 import asyncio
 
-from test_replication_sites import HOSTS, org_factory, send  # noqa: F401 - the fixture
+from sitekit import ORG_HOSTS as HOSTS
+from sitekit import Organisation, send_mail, wait_for
 
-from imsrelay.directory import DirObject, Stamp
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import (
     BAD_SIGNATURE,
     REFUSED_OBJECT,
@@ -19,8 +20,8 @@ from imsrelay.replication import (
 from imsrelay.replication_keys import Trust, generate_private_key
 
 
-async def test_transitive_replication_with_per_site_keys(org_factory):  # noqa: F811
-    org = org_factory(links={"SiteA": ["SiteB"], "SiteB": ["SiteA", "SiteC"], "SiteC": ["SiteB"]},
+async def test_transitive_replication_with_per_site_keys(organisation):
+    org = organisation(links={"SiteA": ["SiteB"], "SiteB": ["SiteA", "SiteC"], "SiteC": ["SiteB"]},
                       per_site_keys=True)
     await org.start()
     assert org.sites["SiteA"].replicator._key.per_site
@@ -34,8 +35,8 @@ async def test_transitive_replication_with_per_site_keys(org_factory):  # noqa: 
     assert org.sites["SiteA"].replicator.rejected == {}
 
 
-async def test_a_site_cannot_speak_for_objects_it_does_not_own(org_factory):  # noqa: F811
-    org = org_factory(per_site_keys=True)
+async def test_a_site_cannot_speak_for_objects_it_does_not_own(organisation):
+    org = organisation(per_site_keys=True)
     await org.start("SiteA")
     a = org.sites["SiteA"]
     c_trust = trust_for(org.configs["SiteC"])  # SiteC's own, trusted key
@@ -54,28 +55,26 @@ async def test_a_site_cannot_speak_for_objects_it_does_not_own(org_factory):  # 
                       {"alias": "User9", "proxy_addresses": ["SMTP:user9@microsoft.com"]})
     signed = sign_own_objects([fake_b, own_c], c_trust, "ExchangeORG")  # SiteC signs only its own
     port = a.bound_port
-    await asyncio.to_thread(send, HOSTS["SiteA"], port, "dirsync@SiteC.microsoft.com", ["dirsync@SiteA.microsoft.com"],
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], port, "dirsync@SiteC.microsoft.com", ["dirsync@SiteA.microsoft.com"],
                             update("SiteC", signed, c_trust))
     await org.knows("SiteA", "User9", "SiteC")
     assert await a.directory.run(a.directory.find_recipient, "evil@microsoft.com") is None
     assert a.replicator.rejected[REFUSED_OBJECT] == 1
     # SiteC claiming to be SiteB: its key is not SiteB's
-    await asyncio.to_thread(send, HOSTS["SiteA"], port, "dirsync@SiteB.microsoft.com", ["dirsync@SiteA.microsoft.com"],
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], port, "dirsync@SiteB.microsoft.com", ["dirsync@SiteA.microsoft.com"],
                             update("SiteB", [fake_b], c_trust))
     # a stranger's key
     stranger = Trust("SiteX", private_key=generate_private_key())
-    await asyncio.to_thread(send, HOSTS["SiteA"], port, "dirsync@SiteX.microsoft.com", ["dirsync@SiteA.microsoft.com"],
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], port, "dirsync@SiteX.microsoft.com", ["dirsync@SiteA.microsoft.com"],
                             update("SiteX", [], stranger))
-    from sitekit import wait_for
     await wait_for(lambda: a.replicator.rejected[BAD_SIGNATURE] == 1 and a.replicator.rejected[UNTRUSTED_SITE] == 1)
     assert await a.directory.run(a.directory.find_recipient, "evil@microsoft.com") is None
 
 
 def test_hmac_messages_do_not_verify_at_a_per_site_key_site(tmp_path):
     from test_replication_signing import render, request
-    from test_replication_sites import Org
 
-    org = Org(tmp_path, per_site_keys=True)
+    org = Organisation(tmp_path, per_site_keys=True)
     a = trust_for(org.configs["SiteA"])
     raw = render(request(to_site="SiteA", from_site="SiteB", now=1_700_000_000.0))  # organisation key
     got = verify(raw, key=a, organisation="ExchangeORG", site="SiteA", now=1_700_000_000.0, max_age=3600)

@@ -8,8 +8,8 @@ from sitekit import make_config, running_site, site_mapping, wait_for
 from test_replication_signing import mailbox, render, request, smtp_send
 
 from imsrelay import dsn
-from imsrelay.directory import DirObject, Stamp
 from imsrelay.object_rules import object_problem
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import FORGED_BOUNCE, REFUSED_OBJECT, build_updates
 
 DIRSYNC_A = "dirsync@SiteA.microsoft.com"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from imsrelay.admin_client import cli_call
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
+from imsrelay.errors import UserError
+from imsrelay.replication_keys import generate_private_key, private_key_pem, public_key_text
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser("replicate", help="directory replication: Request Now, status",
                        description="Directory replication between the sites of the organisation (by mail).")
     rsub = r.add_subparsers(dest="replicate_command", metavar="ACTION")
@@ -48,11 +51,6 @@ def when(ts: float | None) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    import os
-
-    from imsrelay.cli import UserError
-    from imsrelay.replication_keys import generate_private_key, private_key_pem, public_key_text
-
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists already (use --force to replace it)")
     key = generate_private_key()
