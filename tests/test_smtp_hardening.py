@@ -13,9 +13,9 @@ from imsrelay.connection_limits import Caps, refusal
 USER1 = b"User1@SiteA.microsoft.com"
 
 
-def session(port, *lines, source=None):
+def session(port, *lines, source=None, timeout=10.0):
     """Greeting and EHLO, then each line; returns the replies to the lines."""
-    with Wire(port, source=source) as w:
+    with Wire(port, source=source, timeout=timeout) as w:
         assert code(w.reply()) == 220
         assert code(w.cmd(b"EHLO test.example")) == 250
         return [w.cmd(line) for line in lines]
@@ -195,11 +195,11 @@ async def test_hostile_headers_do_not_stall_other_sessions(tmp_path):
 
         watcher = asyncio.create_task(watch())
         r = await asyncio.to_thread(session, site.bound_port, b"MAIL FROM:<a@example.org>",
-                                    b"RCPT TO:<User1@microsoft.com>", b"DATA", msg)
+                                    b"RCPT TO:<User1@microsoft.com>", b"DATA", msg, timeout=120)
         done = True
         await watcher
         assert code(r[3]) == 250, r
-        assert worst < 1.5, f"the event loop stalled {worst:.2f}s"
+        assert worst < 3.0, f"the event loop stalled {worst:.2f}s"  # 12.7 s when the work ran on it
         got = await wait_for(lambda: maildir_messages(cfg.data_dir, "User1"))
         assert b"From: u1@microsoft.com\r\n" in got[0]
 
