@@ -4,6 +4,7 @@ headers (tests/test_smtp_hardening.py), and kill -9 of a site with workers under
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -64,7 +65,7 @@ def free_bytes(path):
 
 async def test_full_disk_space_comes_back_and_nothing_is_torn(tmp_path, small_disk):
     mapping = site_mapping(smtp={"max_message_size": 4 * 1024 * 1024})
-    cfg = make_config(tmp_path, mapping).with_data_dir(small_disk / "SiteA")
+    cfg = dataclasses.replace(make_config(tmp_path, mapping), data_dir=small_disk / "SiteA")
     async with running_site(cfg) as site:
         port = site.bound_port
         for _ in range(150):  # 15 MiB through the queue, read (deleted) from the Maildir as it arrives
@@ -164,12 +165,14 @@ def test_kill_9_loop_under_load_with_workers(tmp_path):
     rounds = int(os.environ.get("IMSRELAY_KILL_ROUNDS", "4"))
     port, dead_port = free_port(), free_port()
     config = write_config(tmp_path, port, dead_port)
+    config.write_text(config.read_text().replace('level = "warning"', 'level = "info"'))
     data = tmp_path / "data"
     cmd = [sys.executable, "-m", "imsrelay", "serve", "--config", str(config), "--workers", "2"]
     acked: list[tuple[str, str]] = []
     lock = threading.Lock()
+    log = open(tmp_path / "site.log", "ab")  # noqa: SIM115 - kept open for every round
     for rnd in range(rounds):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         wait_listening(port, timeout=30)
         stop = threading.Event()
 
@@ -215,7 +218,7 @@ def test_kill_9_loop_under_load_with_workers(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("workers outlived their killed supervisor")
     assert len(acked) >= 40 * rounds // 2, len(acked)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
         wait_listening(port, timeout=30)
         local = {q for q, k in acked if k == "local"}
@@ -230,4 +233,12 @@ def test_kill_9_loop_under_load_with_workers(tmp_path):
         assert lost == [], f"acknowledged but lost: {lost[:5]} of {len(acked)}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ps = subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:20,cmd", "-s", str(proc.pid)],
+                                capture_output=True, text=True).stdout
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"the site did not stop:\n{ps}\n" + (tmp_path / "site.log").read_text()[-3000:]) from None
+        finally:
+            log.close()

@@ -106,3 +106,20 @@ def test_workers_are_one_site_and_die_with_their_supervisor(tmp_path):
             bad.append(line)
     assert lines and not bad, bad[:3]
     assert b"SpoolLocked" not in log_path.read_bytes()
+
+
+def test_sigterm_during_start_up_stops_every_worker(tmp_path):
+    port, dead_port = free_port(), free_port()
+    config = write_config(tmp_path, port, dead_port)
+    proc = subprocess.Popen([sys.executable, "-m", "imsrelay", "serve", "--config", str(config), "--workers", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_listening(port)  # worker 0 listens; the others start 0.5 s later
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).returncode != 0, \
+        "a worker was started after SIGTERM and outlived the site"

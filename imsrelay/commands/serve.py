@@ -148,7 +148,8 @@ def supervise(config: SiteConfig, workers: int) -> int:
     spawn(0)
     time.sleep(0.5)  # worker 0 provisions the directory first
     for w in range(1, workers):
-        spawn(w)
+        if not stopping:  # a SIGTERM during start-up: start no more workers
+            spawn(w)
     log.info("site.supervising", workers=workers, pids=sorted(children))
     status = 0
     while children:
