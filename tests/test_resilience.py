@@ -242,3 +242,36 @@ def test_kill_9_loop_under_load_with_workers(tmp_path):
             raise AssertionError(f"the site did not stop:\n{ps}\n" + (tmp_path / "site.log").read_text()[-3000:]) from None
         finally:
             log.close()
+
+
+def test_a_low_descriptor_limit_lowers_the_inbound_cap(tmp_path):
+    """Descriptors stay reserved for delivery and the spool: with RLIMIT_NOFILE 200 the
+    site keeps 164 (max_deliveries + 64) and accepts at most 36 sessions."""
+    port, dead_port = free_port(), free_port()
+    config = write_config(tmp_path, port, dead_port)
+    config.write_text(config.read_text().replace("[smtp]", "[smtp]\nmax_inbound_connections = 100"))
+    log = tmp_path / "site.log"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "imsrelay", "serve", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit)
+    held = []
+    try:
+        wait_listening(port)
+        for _ in range(40):
+            s = socket.create_connection((HOST, port), timeout=5)
+            held.append((s, s.recv(100)))
+        greeted = sum(line.startswith(b"220") for _, line in held)
+        assert greeted == 36, greeted
+        assert all(line.startswith((b"220", b"421 4.7.0")) for _, line in held)
+    finally:
+        for s, _ in held:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    events = [json.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
+    lowered = [e for e in events if e["event"] == "smtp.connection_cap_lowered"]
+    assert lowered and lowered[0]["lowered"] == 36 and lowered[0]["configured"] == 100, lowered
