@@ -6,8 +6,6 @@ Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
 ``$IMSRELAY_ADMIN_TOKEN``); a site with an admin port and no token refuses to start.
 
 =======  ==========================  ==========================================
-GET      /health                     200 while the process serves (no token)
-GET      /ready                      200, or 503 with the failing checks (no token)
 GET      /status                     site, addressing, queue size, replication
 GET      /directory                  sites and mailboxes (``?site=`` filters)
 POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
@@ -19,6 +17,8 @@ GET      /site-addressing            this site's Site Addressing
 POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
 GET      /queue                      queued messages and their recipients
 POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
+GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
 
 Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
@@ -42,13 +42,12 @@ from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError
 from imsrelay.errors import ConfigError
 from imsrelay.kcc import KccResult
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
 from imsrelay.objects import Mailbox
-from imsrelay.readiness import Check, ready_response
 from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.site_addressing import report_dict, site_addressing_job
 from imsrelay.spool import Spool
 
-_PUBLIC = frozenset({"/health", "/ready"})  # probes: no token needed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -80,8 +79,6 @@ class AdminSite(Protocol):
     spool: Spool
     workers: int
 
-    def readiness_checks(self) -> list[Check]: ...
-
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
 
@@ -103,8 +100,6 @@ class AdminServer:
         self.log = site.log.bind(component="admin")
         self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=1024 * 1024)
         r = self.app.router
-        r.add_get("/health", self.get_health)
-        r.add_get("/ready", self.get_ready)
         r.add_get("/status", self.get_status)
         r.add_get("/directory", self.get_directory)
         r.add_post("/directory/mailboxes", self.post_mailbox)
@@ -116,6 +111,7 @@ class AdminServer:
         r.add_post("/site-addressing", self.post_site_addressing)
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
+        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -140,7 +136,7 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _PUBLIC:
+        if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
@@ -160,8 +156,10 @@ class AdminServer:
             raise
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except (_BadRequest, AddressError) as exc:
+        except (_BadRequest, BadRequest, AddressError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except Missing as exc:
+            return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
@@ -169,13 +167,6 @@ class AdminServer:
                                      status=500)
 
     # -------------------------------------------------------------- handlers
-
-    async def get_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"alive": True, "site": self.site.config.site})
-
-    async def get_ready(self, request: web.Request) -> web.Response:
-        status, body = ready_response(self.site.readiness_checks())
-        return web.json_response(body, status=status)
 
     async def get_status(self, request: web.Request) -> web.Response:
         site = self.site
@@ -272,14 +263,7 @@ class AdminServer:
         return own + [e for e in others if e.queue_id not in known]
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        items = []
-        for env in sorted(await self._all_envelopes(), key=lambda e: e.queue_id):
-            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
-                          "received_at": env.received_at, "size": env.size,
-                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                                          "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic} for r in env.recipients]})
-        return web.json_response({"messages": items})
+        return web.json_response({"messages": envelope_items(await self._all_envelopes())})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

@@ -30,6 +30,7 @@ COMMANDS = {
     "site-addressing": "imsrelay.commands.site_addressing",
     "lab": "imsrelay.commands.lab",
     "org-setup": "imsrelay.commands.org_setup",
+    "track": "imsrelay.commands.track",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 

@@ -45,13 +45,14 @@ from imsrelay.settings import (
     SiteConfig,
     SmtpConfig,
     TlsPolicy,
+    TrackingConfig,
 )
 
 __all__ = [
     "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "ConfigError",
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
     "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
-    "config_from_mapping", "load_config", "parse_duration",
+    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -514,6 +515,12 @@ def _load_logging(lg: _Section) -> LoggingConfig:
     return cfg
 
 
+def _load_tracking(t: _Section) -> TrackingConfig:
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    t.reject_unknown()
+    return cfg
+
+
 def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig:
     """Load and validate one site's TOML file; raise ``ConfigErrors`` (every problem
     of the file) or ``ConfigError`` (the file cannot be read or parsed)."""
@@ -558,6 +565,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"), config_dir)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    tracking = _load_tracking(root.table_of("tracking"))
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
@@ -571,5 +579,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, tracking=tracking,
     )

@@ -148,6 +148,14 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
+
+    enabled: bool = True
+    days: int = 7  # events older than this are deleted
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -171,6 +179,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def hostname(self) -> str:

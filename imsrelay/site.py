@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from imsrelay import dsn, kcc, loops
+from imsrelay import dsn, kcc, loops, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.admin import AdminServer
 from imsrelay.config import SiteConfig
@@ -29,9 +29,10 @@ from imsrelay.envelope import Envelope, use_worker_ids
 from imsrelay.interfaces import site_endpoints
 from imsrelay.logs import get_logger
 from imsrelay.loops import SelfEndpoints
+from imsrelay.message_store import MessageStore
 from imsrelay.objects import Mailbox, SiteObject
 from imsrelay.policy import InboundPolicy
-from imsrelay.readiness import Check
+from imsrelay.readiness import Readiness
 from imsrelay.replication import Replicator
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for, routing_table_for
@@ -65,7 +66,10 @@ class Site:
         self.admin: AdminServer | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log)
-        self.qmgr = QueueManager(self.spool, inputs=self, transport=self.smtp_client,
+        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
+                                             days=config.tracking.days, enabled=config.tracking.enabled,
+                                             clock=clock)
+        self.qmgr = QueueManager(self.spool, inputs=self, transport=self.smtp_client, tracking_log=self.tracking,
                                  directory_deliver=self._directory_deliver, delivery=config.delivery,
                                  data_dir=config.data_dir, hostname=config.hostname, log=self.log, clock=clock)
         self._free_bytes = 0
@@ -80,6 +84,15 @@ class Site:
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
         self.connections = ConnectionCounter(inbound_caps(config, workers))
+        self._provisioned = False
+        self._recovered = False
+        self.readiness = Readiness()
+        self.readiness.add("listening", lambda: None if self._server is not None else "the SMTP port is not open yet")
+        self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
+        self.readiness.add("directory provisioned",
+                           lambda: None if self._provisioned else "the directory is not provisioned yet")
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.readiness.add("queue manager running", self._queue_manager_problem)
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -110,6 +123,18 @@ class Site:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.admin is not None:  # first, so that /health and /ready answer while the site starts
+            await self.admin.start()
+        try:
+            await self.tracking.start()
+            await self._start_parts()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.stop()
+            await self.tracking.stop()
+            raise
+
+    async def _start_parts(self) -> None:
         cfg = self.config
         if self.worker == 0:
             provisioned = await self.directory.run(
@@ -120,6 +145,7 @@ class Site:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
         else:
             await self._wait_for_provisioning()
+        self._provisioned = True
         await self.refresh()
         loop = asyncio.get_running_loop()
 
@@ -135,6 +161,7 @@ class Site:
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
         self._reserve_descriptors()
+        self._recovered = True
         tls = self._tls_context()
         factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls, self.connections)
 
@@ -149,8 +176,6 @@ class Site:
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
-        if self.admin is not None:
-            await self.admin.start()
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
                       data_dir=str(cfg.data_dir), tls=tls is not None)
 
@@ -172,6 +197,7 @@ class Site:
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self.qmgr.stop()
         await self.smtp_client.close()
+        await self.tracking.stop()
         self.spool.close()
         self.directory.close()
         self.log.info("site.stopped")
@@ -352,17 +378,13 @@ class Site:
                 out[parse_address(addr).key] = mbx.primary_address
         return out
 
-    def readiness_checks(self) -> list[Check]:
-        """What ``GET /ready`` reports: the SMTP listener serves, the queue manager runs."""
-        serving = self._server is not None and self._server.is_serving()
-        health = self.qmgr.health
+    def _queue_manager_problem(self) -> str | None:
+        """The ``queue manager running`` readiness check: its supervisor's view
+        (a failing stage is retried with back-off; meanwhile the site is not ready)."""
         main = self.qmgr._main
-        qmgr_running = main is not None and not main.done()
-        return [
-            Check("smtp-listener", serving, "" if serving else "the SMTP port is not open"),
-            Check("queue-manager", qmgr_running and health.ok,
-                  health.reason() if qmgr_running else "the queue manager is not running"),
-        ]
+        if main is None or main.done():
+            return "the queue manager is not running"
+        return None if self.qmgr.health.ok else self.qmgr.health.reason()
 
     def seen_before(self, raw: bytes) -> bool:
         return loops.seen_before(raw, self._loop_marker)
@@ -371,11 +393,19 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
+
+    def _track_received(self, env: Envelope, message: bytes) -> None:
+        self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
+                             sender=env.sender, related=env.extra.get("report_for"), origin=env.origin,
+                             client=env.client or None, helo=env.helo or None, size=len(message),
+                             recipients=[r.address for r in env.recipients])
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
