@@ -343,7 +343,11 @@ def test_fuzz_admin_api(fuzzed_site):
     since = site["log"].stat().st_size
     paths = ["/status", "/directory", "/directory/mailboxes", "/directory/mailboxes/User1", "/replication/request-now",
              "/replication/status", "/kcc/check-now", "/site-addressing", "/queue", "/queue/retry", "/ready",
-             "/health", "/nope", "/directory/mailboxes/%2e%2e%2f", "/queue/../status"]
+             "/health", "/nope", "/directory/mailboxes/%2e%2e%2f", "/queue/../status",
+             "/api/v1/sites", "/api/v1/sites/SiteA/queue", "/api/v1/sites/%00/queue", "/api/v1/mailboxes",
+             "/api/v1/messages?q=%ff%fe", "/api/v1/messages?limit=99999999999999999999", "/api/v1/search?q=((((",
+             "/api/v1/messages/..%2f..%2fetc", "/api/v1/messages/x/raw", "/api/v1/wait?timeout=0.1&q=to:x",
+             "/api/v1/tracking?queue_id=%ff", "/api/v1/openapi.json"]
     values = [None, True, 1, -1, 10**40, 1e308, "x", "", "../../etc", "\udcff", "@microsoft.com", "@bad domain",
               "@" + "a" * 300 + ".com", [], {}, [[[[]]]], "SiteA", "SiteB", "Administrator"]
 
@@ -361,9 +365,9 @@ def test_fuzz_admin_api(fuzzed_site):
         return json.dumps(obj, default=str).encode("utf-8", "surrogatepass")
 
     def one(n):
-        method = rnd.choice(["GET", "POST", "DELETE", "PUT"])
+        method = rnd.choice(["GET", "POST", "DELETE", "PUT", "PATCH"])
         status, answer = http(method, site["admin"], rnd.choice(paths), body() if method != "GET" else None,
-                              token=rnd.choice([TOKEN, TOKEN, TOKEN, "wrong", None]))
+                              token=rnd.choice([TOKEN, TOKEN, TOKEN, "wrong", None]), timeout=30)
         assert status < 500, (method, status, answer[:300])
 
     run_for(SECONDS, one)
