@@ -58,7 +58,9 @@ async def test_postmaster_is_delivered_to_the_administrator(tmp_path):
                                     b"DATA", msg)
         assert [code(x) for x in r] == [250, 250, 250, 354, 250], r
         got = await wait_for(lambda: maildir_messages(cfg.data_dir, "Administrator"))
-        assert len(got) == 2 and b"to postmaster" in got[0]
+        assert b"to postmaster" in got[0]  # both recipients are the one mailbox: one copy, or one each
+        await wait_for(lambda: site.qmgr.backlog == 0)  # delivered, nothing bounced
+        assert not any(e.origin == "ndr" for e in site.qmgr.envelopes.values())
 
 
 async def test_postmaster_without_a_mailbox_is_refused_not_bounced(tmp_path):
@@ -199,7 +201,9 @@ async def test_hostile_headers_do_not_stall_other_sessions(tmp_path):
         done = True
         await watcher
         assert code(r[3]) == 250, r
-        assert worst < 3.0, f"the event loop stalled {worst:.2f}s"  # 12.7 s when the work ran on it
+        # 12.7 s on a quiet machine when the header work ran on the loop; what remains is
+        # aiosmtpd reading the 300,000 lines (0.7 s quiet, more on a loaded machine)
+        assert worst < 6.0, f"the event loop stalled {worst:.2f}s"
         got = await wait_for(lambda: maildir_messages(cfg.data_dir, "User1"))
         assert b"From: u1@microsoft.com\r\n" in got[0]
 
