@@ -30,6 +30,7 @@ from imsrelay.addresses import (
 )
 from imsrelay.errors import ConfigError, ConfigErrors
 from imsrelay.settings import (
+    ADDRESS_LITERAL_POLICIES,
     DEFAULT_LIFETIME,
     DEFAULT_RETRY_INTERVALS,
     REPLICATION_ALWAYS,
@@ -42,6 +43,7 @@ from imsrelay.settings import (
     MailboxConfig,
     ReplicationConfig,
     ReplicationConnector,
+    RoutingConfig,
     SiteConfig,
     SmtpConfig,
     TlsPolicy,
@@ -51,8 +53,8 @@ from imsrelay.settings import (
 __all__ = [
     "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "ConfigError",
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
-    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
-    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
+    "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -316,9 +318,17 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
         max_queued_messages=s.integer("max_queued_messages", minimum=1),
+        banner=_banner(s),
     )
     s.reject_unknown()
     return cfg
+
+
+def _banner(s: _Section) -> Any:
+    value = s.string("banner")
+    if value is not MISSING and (not value.strip() or any(c in value for c in "\r\n")):
+        return s.error("banner", "must be one line of text")
+    return value
 
 
 def _checked_domain(value: str) -> str:
@@ -508,6 +518,12 @@ def _load_admin(a: _Section) -> AdminConfig:
     return cfg
 
 
+def _load_routing(rt: _Section) -> RoutingConfig:
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    rt.reject_unknown()
+    return cfg
+
+
 def _load_logging(lg: _Section) -> LoggingConfig:
     cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
                  format=lg.choice("format", LOG_FORMATS))
@@ -565,6 +581,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"), config_dir)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    routing = _load_routing(root.table_of("routing"))
     tracking = _load_tracking(root.table_of("tracking"))
     root.reject_unknown()
     if errors:
@@ -579,5 +596,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging, tracking=tracking,
+        replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
     )

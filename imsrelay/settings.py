@@ -12,6 +12,8 @@ from pathlib import Path
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
+DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
+ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
 
 def secret_from(value: str | None, env: str | None) -> str | None:
     """A secret given in the file, else in the environment variable named ``env``."""
@@ -80,6 +82,7 @@ class SmtpConfig:
     bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
     postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
     max_queued_messages: int = 50_000  # beyond this many queued, MAIL gets 452 4.3.1 (backpressure)
+    banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """``[routing]``: how recipients at address literals (``user@[192.0.2.1]``) are
+    treated: ``deliver`` straight to that address, never through MX (RFC 5321 §5.1;
+    Postfix's behaviour), or ``refuse`` them (Exim's ``allow_domain_literals = false``).
+    A literal naming this site's own address is this site."""
+
+    address_literals: str = "deliver"
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
 
@@ -179,6 +192,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property

@@ -14,6 +14,7 @@ async def test_hostile_json_bodies_get_400(tmp_path):
     cfg = make_config(tmp_path, site_mapping(admin={"port": port, "token": TOKEN}))
     bodies = [
         ("/directory/mailboxes", b"[" * 200_000 + b"]" * 200_000),
+        ("/directory/mailboxes", b"[" * 20_000 + b"]" * 20_000),
         ("/directory/mailboxes", b'{"alias": ' + b"9" * 5000 + b"}"),
         ("/directory/mailboxes", b'{"alias": "\xff\xfe"'),
         ("/directory/mailboxes", b"not json"),
@@ -27,7 +28,7 @@ async def test_hostile_json_bodies_get_400(tmp_path):
                 for path, body in bodies:
                     async with http.post(f"http://127.0.0.1:{port}{path}", data=body, headers=AUTH) as r:
                         answer = await r.json()
-                        assert r.status == 400, (path, body[:40], r.status, answer)
+                        assert r.status in (400, 413), (path, body[:40], r.status, answer)  # 413: too large
                         assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
                 async with http.get(f"http://127.0.0.1:{port}/health") as r:
                     assert r.status == 200
