@@ -43,19 +43,21 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from imsrelay.addresses import AddressError
 from imsrelay.auth import PasswordError, hash_password, parse_hash
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
 from imsrelay.kcc import KccResult
-from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
 from imsrelay.objects import Mailbox
 from imsrelay.policy import InboundPolicy
 from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.restrictions_report import Question, explain, site_rules
 from imsrelay.router import RoutingTable
 from imsrelay.site_addressing import report_dict, site_addressing_job
+from imsrelay.spool import Spool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
@@ -90,6 +92,8 @@ class AdminSite(Protocol):
     replicator: Replicator | None
     bound_port: int | None
     log: Any
+    spool: Spool
+    workers: int
 
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
@@ -180,14 +184,15 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=404)
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except (_BadRequest, BadRequest) as exc:
+        except (_BadRequest, BadRequest, AddressError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except Missing as exc:
             return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
-            return web.json_response({"error": f"internal error: {exc!r}"}, status=500)
+            return web.json_response({"error": "internal error (logged at the site as admin.internal_error)"},
+                                     status=500)
 
     # -------------------------------------------------------------- handlers
 
@@ -205,7 +210,9 @@ class AdminServer:
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
-            "queue": {"messages": site.qmgr.backlog},
+            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers},
+            "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
+                              "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},
             "replication": {"enabled": site.replicator is not None,
                             "connectors": [c.site for c in cfg.replication.connectors]},
@@ -328,8 +335,15 @@ class AdminServer:
         await self.site.refresh()
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
+    async def _all_envelopes(self) -> list[Any]:
+        """This worker's queue from memory, the other workers' from their journals."""
+        others = await asyncio.to_thread(self.site.spool.other_workers_envelopes) if self.site.workers > 1 else []
+        own = list(self.site.qmgr.envelopes.values())
+        known = {e.queue_id for e in own}
+        return own + [e for e in others if e.queue_id not in known]
+
     async def get_queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"messages": queue_items(self.site.qmgr)})
+        return web.json_response({"messages": envelope_items(await self._all_envelopes())})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

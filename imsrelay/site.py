@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import resource
 import ssl
 import time
 import weakref
@@ -24,10 +25,11 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.admin import AdminServer
 from imsrelay.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
 from imsrelay.config import SiteConfig
+from imsrelay.connection_limits import Caps, ConnectionCounter
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory
 from imsrelay.dns import MailResolver
-from imsrelay.envelope import Envelope
+from imsrelay.envelope import Envelope, use_worker_ids
 from imsrelay.interfaces import local_addresses, site_endpoints
 from imsrelay.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.logs import get_logger
@@ -67,6 +69,9 @@ class Site:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
         self.spool = Spool(config.data_dir, worker=worker)
+        if workers > 1:
+            use_worker_ids(worker)
+            self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = loops.received_marker(config.hostname)
@@ -98,6 +103,7 @@ class Site:
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        self.connections = ConnectionCounter(inbound_caps(config, workers))
         self._provisioned = False
         self._recovered = False
         self.readiness = Readiness()
@@ -106,6 +112,7 @@ class Site:
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
         self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.readiness.add("queue manager running", self._queue_manager_problem)
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -122,7 +129,7 @@ class Site:
 
     def _build_replication_and_admin(self) -> None:
         """Directory replication needs the organisation key; the admin endpoint a token."""
-        if self.config.replication.resolved_key():
+        if self.config.replication.enabled:
             self.replicator = Replicator(
                 self.config, self.directory, routing_table=self.routing_table, enqueue=self.enqueue_local,
                 queued=lambda: self.qmgr.envelopes.values(), check_now=self.check_now, log=self.log,
@@ -174,9 +181,10 @@ class Site:
                 self.qmgr.submit(env)
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
+        self._reserve_descriptors()
         self._recovered = True
         tls = self._tls_context()
-        factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls)
+        factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls, self.connections)
 
         def session() -> Any:  # remember live sessions: stop() must end them too
             protocol = factory()
@@ -221,6 +229,28 @@ class Site:
         self.directory.close()
         self.log.info("site.stopped")
 
+    def _reserve_descriptors(self) -> None:
+        """Keep descriptors for delivery and the spool whatever inbound clients do:
+        raise the soft RLIMIT_NOFILE to the hard limit, and lower the inbound cap
+        when even that leaves too little (logged)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        reserved = descriptors_reserved(self.config)
+        caps = self.connections.caps
+        room = soft - reserved
+        if caps.total > room:
+            lowered = max(1, room)
+            self.log.warning("smtp.connection_cap_lowered", configured=caps.total, lowered=lowered,
+                             nofile=soft, reserved=reserved,
+                             reason="RLIMIT_NOFILE leaves too few descriptors for delivery and the spool")
+            self.connections.caps = Caps(lowered, min(caps.per_ip, lowered), caps.exempt)
+
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
         cert, key = cfg.tls_cert, cfg.tls_key
@@ -255,7 +285,8 @@ class Site:
                 continue
             if tls is None:
                 raise RuntimeError(f"{self.config.path}: submission needs TLS (smtp.tls_cert or smtp.tls_generate)")
-            factory = server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, listener=listener)
+            factory = server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, self.connections,
+                                     listener=listener)
 
             def session(factory: Any = factory) -> Any:
                 protocol = factory()
@@ -338,6 +369,25 @@ class Site:
         self._cache_generation += 1
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address (postmaster at a local domain is the
+        ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
+        found = await self._lookup_mailboxes(addresses)
+        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            admin = await self.directory.run(self.directory.mailbox, self.config.smtp.postmaster)
+            found = [admin if m is None and self._is_postmaster(a) else m
+                     for a, m in zip(addresses, found, strict=True)]
+        return found
+
+    def _is_postmaster(self, address: str) -> bool:
+        local, _, domain = address.rpartition("@")
+        if local.lower() != "postmaster":
+            return False
+        domain = domain.lower().rstrip(".")
+        return domain in {self.config.site_domain.lower(), self.addressing_domain,
+                          *(d.lower() for d in self.config.smtp.accepted_domains if not d.startswith("#")),
+                          *(d[1:].lower() for d in self.config.smtp.accepted_domains if d.startswith("#"))}
+
+    async def _lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
         own = self_addresses(self.self_endpoints())
         if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
@@ -346,7 +396,7 @@ class Site:
         if missing:
             generation = self._cache_generation
             found = await self.directory.run(self.directory.find_recipients, missing)
-            if generation == self._cache_generation and len(self._mailbox_cache) < 100_000:
+            if generation == self._cache_generation and len(self._mailbox_cache) < 10_000:
                 for a, m in zip(missing, found, strict=True):
                     self._mailbox_cache[a.lower()] = m
             else:
@@ -383,6 +433,9 @@ class Site:
     async def check_now(self) -> kcc.KccResult:
         """Check Now (the knowledge consistency check) at this site."""
         return await kcc.check_now(self.directory, self.config, refresh=self.refresh, log=self.log)
+
+    def queued_messages(self) -> int:
+        return self.qmgr.backlog
 
     @property
     def addressing_domain(self) -> str:
@@ -423,19 +476,24 @@ class Site:
         table = await self.routing_table()
         if is_service_address(parsed, table):
             return True
-        if parsed.local.lower() == "postmaster" and any(
-                parsed.domain == d.lstrip("#") for d in table.local_domains):
-            return True
         return (await self.lookup_mailboxes([address]))[0] is not None
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
-        found = await self.lookup_mailboxes(addresses)
+        found = await self._lookup_mailboxes(addresses)  # postmaster stays postmaster (masqueraded)
         out: dict[str, str] = {}
         for addr, mbx in zip(addresses, found, strict=True):
             if mbx is not None and mbx.home_site == self.config.site and mbx.primary_address:
                 out[parse_address(addr).key] = mbx.primary_address
         return out
+
+    def _queue_manager_problem(self) -> str | None:
+        """The ``queue manager running`` readiness check: its supervisor's view
+        (a failing stage is retried with back-off; meanwhile the site is not ready)."""
+        main = self.qmgr._main
+        if main is None or main.done():
+            return "the queue manager is not running"
+        return None if self.qmgr.health.ok else self.qmgr.health.reason()
 
     def seen_before(self, raw: bytes) -> bool:
         return loops.seen_before(raw, self._loop_marker)
@@ -504,6 +562,17 @@ def write_turf(turf_dir: Path, queue_id: str, sender: str, kept: dict[str, Filte
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inbound_caps(config: SiteConfig, workers: int = 1) -> Caps:
+    smtp = config.smtp
+    return Caps(smtp.max_inbound_connections, smtp.max_connections_per_ip, smtp.relay_networks).for_workers(workers)
+
+
+def descriptors_reserved(config: SiteConfig) -> int:
+    """Descriptors kept for everything but inbound sessions: one per concurrent
+    delivery, plus the journal, SQLite, Maildir files, DNS, admin and the listener."""
+    return config.delivery.max_deliveries + 64
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
