@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "imsrelay.commands.site_addressing",
     "imsrelay.commands.lab",
     "imsrelay.commands.org_setup",
+    "imsrelay.commands.transfer_mode",
+    "imsrelay.commands.faults",
 ]
 
 

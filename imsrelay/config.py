@@ -18,11 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
+from imsrelay.priority import PriorityTimeouts, Timeouts
 
 # Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
+REPLICATION_DEFAULT_SCHEDULE = 3 * 3600.0  # a connector's default schedule: every 3 hours (Q195918)
+# IMS Time-outs button (Q184051, Q166587): normal is delivery.lifetime (48 h); [I] urgent 24 h, non-urgent 72 h
+DEFAULT_URGENT_LIFETIME = 86400.0
+DEFAULT_NON_URGENT_LIFETIME = 3 * 86400.0
+DIAGNOSTIC_CATEGORIES = ("initialization_termination", "addressing", "message_archival",
+                         "smtp_interface_events", "internal_processing", "smtp_protocol_log")
+DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -67,6 +75,8 @@ class ConnectedSite:
     name: str
     routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
     cost: int = 1
+    host: str | None = None  # this route's next hop, instead of the E-Mail Domain table (a dearer route via another site)
+    port: int = 25
 
     @property
     def routing_domain(self) -> str:
@@ -81,6 +91,7 @@ class DomainRoute:
     host: str
     port: int = 25
     starttls: str | None = None  # None = the delivery default
+    etrn: bool = False  # hold the domain's mail until the peer issues ETRN (RFC 1985)
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ class DnsConfig:
 @dataclass(frozen=True)
 class ReplicationConnector:
     site: str
-    schedule: float | None = REPLICATION_ALWAYS  # seconds between requests; None = never
+    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE  # seconds between requests; None = never
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,68 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """[transfer]: the Transfer mode of the first start; then the site's state is the truth."""
+
+    mode: str = "inbound-outbound"
+
+
+@dataclass(frozen=True)
+class ConnectionsConfig:
+    """[connections]: the Connections tab's Advanced button (outbound side; the inbound
+    cap is smtp.max_inbound_connections)."""
+
+    max_outbound: int = 100  # SMTP connections open at once, to all hosts
+    max_outbound_per_host: int = 20  # to one next hop (address, port)
+    messages_per_connection: int = 0  # transactions before a connection is closed; 0 = no limit
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """[notifications]: the Internet Mail tab's administrator mailbox (Q190708)."""
+
+    administrator: str | None = None  # mailbox alias here, or an address
+    copy_ndrs: bool = False
+
+
+@dataclass(frozen=True)
+class EtrnRequest:
+    host: str
+    port: int = 25
+    domain: str = ""
+    schedule: float = 3600.0
+
+
+@dataclass(frozen=True)
+class EtrnConfig:
+    """[etrn]: who may ask this site to start delivery (RFC 1985), and whom it asks."""
+
+    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    requests: tuple[EtrnRequest, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """[diagnostics]: Diagnostics Logging levels per category (Q146669) and the
+    per-session SMTP protocol log."""
+
+    levels: tuple[tuple[str, str], ...] = ()  # (category, level) for categories set explicitly
+    protocol_log_max_bytes: int = 10 * 1024 * 1024
+    protocol_log_files: int = 5
+
+    def level(self, category: str, default: str) -> str:
+        return dict(self.levels).get(category, default)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: PerfMon counters as Prometheus metrics on the admin endpoint."""
+
+    enabled: bool = True
+    require_token: bool = False
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     organisation: str
@@ -196,6 +269,15 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
+    priorities: PriorityTimeouts = field(default_factory=lambda: PriorityTimeouts(
+        Timeouts(DEFAULT_URGENT_LIFETIME, None), Timeouts(DEFAULT_LIFETIME, None),
+        Timeouts(DEFAULT_NON_URGENT_LIFETIME, None)))
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    etrn: EtrnConfig = field(default_factory=EtrnConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def hostname(self) -> str:
@@ -475,8 +557,10 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         routing = c.str("routing_address", required=True)
         if not routing.startswith("@"):
             raise c.error("routing_address", f"{routing!r} must be an SMTP routing address like @SiteB.example.com")
+        via = c.str("host")
+        via_host, via_port = _host_port(c, "host", via, c.int("port", 25, minimum=1, maximum=65535)) if via else (None, 25)
         connected.append(ConnectedSite(c.str("name", required=True), "@" + _domain(c, "routing_address", routing[1:]),
-                                       c.int("cost", 1, minimum=0, maximum=100)))
+                                       c.int("cost", 1, minimum=0, maximum=100), via_host, via_port))
         c.reject_unknown()
 
     routes = []
@@ -486,17 +570,17 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         host = e.str("host", required=True)
         routes.append(DomainRoute(("#" if exact else "") + _domain(e, "domain", domain), host,
                                   e.int("port", 25, minimum=1, maximum=65535),
-                                  _starttls(e, "starttls", e.str("starttls"))))
+                                  _starttls(e, "starttls", e.str("starttls")), e.bool("etrn", False)))
         e.reject_unknown()
 
     r = root.table_of("replication")
     connectors = []
     for c in r.tables("connectors"):
-        if c.table.get("schedule", "always") == "always":
+        if c.table.get("schedule") == "always":
             c.used.add("schedule")
             schedule: float | None = REPLICATION_ALWAYS
         else:
-            schedule = c.duration("schedule", REPLICATION_ALWAYS)
+            schedule = c.duration("schedule", REPLICATION_DEFAULT_SCHEDULE)
         connectors.append(ReplicationConnector(c.str("site", required=True), schedule))
         c.reject_unknown()
     replication = ReplicationConfig(
@@ -526,6 +610,8 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     logging = LoggingConfig(level, fmt)
     lg.reject_unknown()
 
+    transfer, connections, priorities, notifications, etrn, diagnostics, metrics = _load_ims_sections(root, delivery)
+
     root.reject_unknown()
 
     if data_dir is None:
@@ -538,4 +624,80 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
         replication=replication, admin=admin, logging=logging,
+        transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
+        etrn=etrn, diagnostics=diagnostics, metrics=metrics,
     )
+
+
+def _load_ims_sections(root: _Section, delivery: DeliveryConfig) -> tuple[
+        TransferConfig, ConnectionsConfig, PriorityTimeouts, NotificationsConfig, EtrnConfig,
+        DiagnosticsConfig, MetricsConfig]:
+    """[transfer], [connections], [priorities], [notifications], [etrn], [diagnostics], [metrics]."""
+    from imsrelay.transfer_mode import parse_mode
+
+    t = root.table_of("transfer")
+    mode = t.str("mode", "inbound-outbound")
+    try:
+        mode = parse_mode(mode).value
+    except ValueError as exc:
+        raise t.error("mode", str(exc)) from None
+    transfer = TransferConfig(mode)
+    t.reject_unknown()
+
+    c = root.table_of("connections")
+    connections = ConnectionsConfig(
+        max_outbound=c.int("max_outbound", 100, minimum=1),
+        max_outbound_per_host=c.int("max_outbound_per_host", 20, minimum=1),
+        messages_per_connection=c.int("messages_per_connection", 0, minimum=0))
+    c.reject_unknown()
+
+    p = root.table_of("priorities")
+    normal = Timeouts(delivery.lifetime, delivery.delay_notice)
+    priorities = PriorityTimeouts(
+        urgent=Timeouts(p.duration("urgent_lifetime", DEFAULT_URGENT_LIFETIME) or DEFAULT_URGENT_LIFETIME,
+                        p.duration("urgent_delay_notice", delivery.delay_notice)),
+        normal=normal,
+        non_urgent=Timeouts(p.duration("non_urgent_lifetime", DEFAULT_NON_URGENT_LIFETIME) or DEFAULT_NON_URGENT_LIFETIME,
+                            p.duration("non_urgent_delay_notice", delivery.delay_notice)))
+    p.reject_unknown()
+
+    n = root.table_of("notifications")
+    notifications = NotificationsConfig(n.str("administrator"), n.bool("copy_ndrs", False))
+    if notifications.copy_ndrs and not notifications.administrator:
+        raise n.error("administrator", "copy_ndrs = true needs the administrator mailbox (alias or address)")
+    n.reject_unknown()
+
+    e = root.table_of("etrn")
+    allowed = []
+    for i, net in enumerate(e.list("allowed_hosts")):
+        try:
+            allowed.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            raise ConfigError(e.path, f"{e.key('allowed_hosts')}[{i}]", f"{net!r} is not an IP network") from None
+    requests = []
+    for r in e.tables("requests"):
+        host, port = _host_port(r, "host", r.str("host", required=True), r.int("port", 25, minimum=1, maximum=65535))
+        domain = _domain(r, "domain", r.str("domain", required=True))
+        requests.append(EtrnRequest(host, port, domain, r.duration("schedule", 3600.0) or 3600.0))
+        r.reject_unknown()
+    etrn = EtrnConfig(tuple(allowed), tuple(requests))
+    e.reject_unknown()
+
+    d = root.table_of("diagnostics")
+    levels = []
+    for category in DIAGNOSTIC_CATEGORIES:
+        value = d.str(category)
+        if value is None:
+            continue
+        if value.lower() not in DIAGNOSTIC_LEVELS:
+            raise d.error(category, f"must be one of {', '.join(DIAGNOSTIC_LEVELS)}")
+        levels.append((category, value.lower()))
+    diagnostics = DiagnosticsConfig(tuple(levels),
+                                    d.int("protocol_log_max_bytes", 10 * 1024 * 1024, minimum=4096),
+                                    d.int("protocol_log_files", 5, minimum=1, maximum=100))
+    d.reject_unknown()
+
+    m = root.table_of("metrics")
+    metrics = MetricsConfig(m.bool("enabled", True), m.bool("require_token", False))
+    m.reject_unknown()
+    return transfer, connections, priorities, notifications, etrn, diagnostics, metrics

@@ -31,6 +31,7 @@ from typing import Any
 
 from imsrelay import dsn, maildir
 from imsrelay.outcome import Outcome
+from imsrelay.priority import NORMAL
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
 from imsrelay.spool import (
     BOUNCED,
@@ -87,6 +88,8 @@ class QueueManager:
         self._maildirs: set[str] = set()
         self._next_compaction = 0.0
         self._next_control_check = 0.0
+        self._held: dict[str, dict[str, str]] = {}  # queue id -> recipient -> why it waits (transfer mode, ETRN)
+        self.etrn_released: set[str] = set()  # messages an ETRN let go for their next attempt
 
     # ------------------------------------------------------------ lifecycle
 
@@ -132,6 +135,8 @@ class QueueManager:
 
     def forget(self, queue_id: str) -> None:
         self.envelopes.pop(queue_id, None)
+        self._held.pop(queue_id, None)
+        self.etrn_released.discard(queue_id)
         body = self._bodies.pop(queue_id, None)
         if body is not None:
             self._body_bytes -= len(body)
@@ -147,9 +152,88 @@ class QueueManager:
         self._wake.set()
 
     def _push(self, env: Envelope) -> None:
-        due = env.next_due()
+        due = self._next_due(env)
         if due is not None:
             heapq.heappush(self._heap, (due, next(self._seq), env.queue_id))
+
+    def _next_due(self, env: Envelope) -> float | None:
+        """When the message has a recipient to attempt; held recipients do not count."""
+        held = self._held.get(env.queue_id)
+        if not held:
+            return env.next_due()
+        times = [r.next_attempt for r in env.pending if r.address not in held]
+        return min(times) if times else None
+
+    # ------------------------------------------------------------ held mail (transfer mode, ETRN)
+
+    def held_messages(self) -> int:
+        return sum(1 for held in self._held.values() if held)
+
+    def release_held(self, reason_prefix: str) -> int:
+        """Recipients held for a reason starting with ``reason_prefix`` are attempted
+        again (their due times are kept: a recipient waiting for a retry still waits)."""
+        released = 0
+        for qid, held in list(self._held.items()):
+            gone = [a for a, why in held.items() if why.startswith(reason_prefix)]
+            for a in gone:
+                del held[a]
+            if not held:
+                del self._held[qid]
+            env = self.envelopes.get(qid)
+            if gone and env is not None:
+                released += 1
+                self._push(env)
+        self._wake.set()
+        return released
+
+    def release_etrn(self, node: str) -> int:
+        """ETRN ``node`` (RFC 1985; ``@node`` = the domain and its sub-domains): mail held
+        for it is delivered now.  Returns how many messages were started."""
+        node = node.strip().lower()
+        subdomains = node.startswith("@")
+        name = node.lstrip("@#")
+
+        def wanted(reason: str) -> bool:
+            _, domain, entry = reason.split(":", 2)
+            return any(d == name or (subdomains and d.endswith("." + name)) for d in (domain, entry))
+
+        started = 0
+        for qid, held in list(self._held.items()):
+            gone = [a for a, why in held.items() if why.startswith("etrn:") and wanted(why)]
+            if not gone:
+                continue
+            for a in gone:
+                del held[a]
+            if not held:
+                del self._held[qid]
+            env = self.envelopes.get(qid)
+            if env is None:
+                continue
+            started += 1
+            self.etrn_released.add(qid)
+            for r in env.pending:
+                if r.address in gone:
+                    r.next_attempt = min(r.next_attempt, self.clock())
+            self._push(env)
+        self._wake.set()
+        return started
+
+    def _without_held(self, env: Envelope, routed: list[tuple[RecipientState, Route]]
+                      ) -> list[tuple[RecipientState, Route]]:
+        go = []
+        for r, route in routed:
+            reason = self.site.hold_reason(env.queue_id, route)
+            if reason is None:
+                go.append((r, route))
+                continue
+            held = self._held.setdefault(env.queue_id, {})
+            if r.address not in held:
+                self.site.metrics.deliveries.labels("held").inc()
+                self.log.info("delivery.held", queue_id=env.queue_id, recipient=r.address, reason=reason,
+                              route=route.destination)
+            r.route = route.destination
+            held[r.address] = reason
+        return go
 
     # ------------------------------------------------------------ scheduling
 
@@ -167,7 +251,7 @@ class QueueManager:
                 env = self.envelopes.get(qid)
                 if env is None or qid in self._running:
                     continue
-                due = env.next_due()
+                due = self._next_due(env)
                 if due is None or due > now:
                     continue
                 self._running.add(qid)
@@ -209,7 +293,7 @@ class QueueManager:
 
     async def _attempt(self, env: Envelope) -> None:
         try:
-            routed = await self._route_due(env)
+            routed = self._without_held(env, await self._route_due(env))
             async with self._destination_slots(routed), self._limit:
                 await self._deliver(env, routed)
         except asyncio.CancelledError:
@@ -220,6 +304,7 @@ class QueueManager:
                 r.next_attempt = self.clock() + retry_delay(1, self.config.delivery.retry_intervals)
         finally:
             self._running.discard(env.queue_id)
+            self.etrn_released.discard(env.queue_id)
             if env.queue_id in self.envelopes:
                 self._push(env)
             self._wake.set()
@@ -232,7 +317,7 @@ class QueueManager:
             return []
         mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
         table = await self.site.routing_table()
-        return [(r, route_for(r.address, mbx, table)) for r, mbx in zip(due, mailboxes, strict=True)]
+        return [(r, route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
 
     @contextlib.asynccontextmanager
     async def _destination_slots(self, routed: list[tuple[RecipientState, Route]]) -> AsyncIterator[None]:
@@ -323,6 +408,8 @@ class QueueManager:
     async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
         now = self.clock()
         cfg = self.config.delivery
+        timeouts = self.timeouts(env)
+        outcomes = self.site.metrics.deliveries
         bounce: list[RecipientState] = []
         delayed: list[RecipientState] = []
         for rec in recorded:
@@ -333,22 +420,27 @@ class QueueManager:
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
             if o.ok:
                 r.state = DELIVERED
+                outcomes.labels("delivered").inc()
                 self.log.info("delivery.delivered", outcome="delivered", **fields)
             elif o.permanent:
                 bounce.append(r)
+                outcomes.labels("failed").inc()
                 self.log.info("delivery.failed", outcome="failed", **fields)
             else:
                 r.first_failure = r.first_failure or now
-                if now - env.received_at >= cfg.lifetime:
+                if now - env.received_at >= timeouts.lifetime:
                     r.status, r.diagnostic = "4.4.7", f"{EXPIRED_TEXT} (last error: {o.diagnostic})"
                     bounce.append(r)
-                    self.log.info("delivery.expired", outcome="expired", **fields)
+                    outcomes.labels("expired").inc()
+                    self.log.info("delivery.expired", outcome="expired", priority=env.extra.get("priority", NORMAL),
+                                  **fields)
                 else:
                     r.next_attempt = min(now + retry_delay(r.attempts, cfg.retry_intervals),
-                                         env.received_at + cfg.lifetime)
+                                         env.received_at + timeouts.lifetime)
+                    outcomes.labels("deferred").inc()
                     self.log.info("delivery.deferred", outcome="deferred", next_attempt=r.next_attempt, **fields)
-                    if (cfg.delay_notice is not None and not r.delay_notified
-                            and now - env.received_at >= cfg.delay_notice):
+                    if (timeouts.delay_notice is not None and not r.delay_notified
+                            and now - env.received_at >= timeouts.delay_notice):
                         delayed.append(r)
         if bounce:
             await self._send_report(env, message, bounce, delay=False)
@@ -364,6 +456,10 @@ class QueueManager:
             self.log.info("message.finished", queue_id=env.queue_id, sender=env.sender)
         else:
             await self.spool.save_state(env)
+
+    def timeouts(self, env: Envelope) -> Any:
+        """The lifetime and delay-notice time of the message's priority (Time-outs)."""
+        return self.config.priorities.for_priority(env.extra.get("priority", NORMAL))
 
     async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
                            delay: bool) -> None:
@@ -383,7 +479,7 @@ class QueueManager:
                 action="delayed" if delay else "failed", status=_final_status(r.status, delay),
                 diagnostic=r.diagnostic or "", remote_mta=r.remote,
                 last_attempt=datetime.fromtimestamp(now, UTC),
-                will_retry_until=datetime.fromtimestamp(env.received_at + self.config.delivery.lifetime, UTC) if delay else None)
+                will_retry_until=datetime.fromtimestamp(env.received_at + self.timeouts(env).lifetime, UTC) if delay else None)
             for r in recipients
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
@@ -392,10 +488,16 @@ class QueueManager:
             reporter=self.site.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
             postmaster=self.site.postmaster_address())
-        ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
+        ndr_recipients = [RecipientState(env.sender, env.sender)]
+        copy_to = None if delay else await self.site.ndr_copy_address()
+        if copy_to and copy_to.lower() != env.sender.lower():
+            ndr_recipients.append(RecipientState(copy_to, copy_to))  # Q190708: a copy for the administrator
+        ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=ndr_recipients,
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
         await self.site.enqueue_local(ndr, report)
+        if not delay:
+            self.site.metrics.ndrs.inc()
         if not delay:
             for r in recipients:
                 r.state = BOUNCED

@@ -22,13 +22,18 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
+from imsrelay.faults import Fault, FaultBook
 from imsrelay.kcc import learned_sites
-from imsrelay.logs import get_logger
+from imsrelay.logs import site_logger
+from imsrelay.metrics import SiteMetrics
 from imsrelay.policy import InboundPolicy
 from imsrelay.rewrite import RewriteRules
-from imsrelay.router import RoutingTable, is_service_address, local_domains_for
+from imsrelay.router import MX, RELAY, Route, RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
 from imsrelay.spool import Envelope, Spool
+from imsrelay.transfer_mode import TransferMode, holds, parse_mode
+
+TRANSFER_MODE_KEY = "transfer_mode"  # the site's Transfer mode, in the directory database's meta table
 
 
 class Site:
@@ -42,10 +47,24 @@ class Site:
         self.clock = clock
         self.worker = worker
         self.workers = workers
-        self.log = get_logger("imsrelay").bind(site=config.site, **({"worker": worker} if workers > 1 else {}))
+        self.log = site_logger(config).bind(site=config.site, **({"worker": worker} if workers > 1 else {}))
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = SiteMetrics()
+        self.faults = FaultBook(clock=clock)
+        self.faults.listeners.append(self._fault_event)
+        self.transfer_mode = parse_mode(config.transfer.mode)  # until read from the directory at start
+        self.metrics.set_mode(self.transfer_mode)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
         self.spool = Spool(config.data_dir, worker=worker)
+        self.spool.committer.on_flush = self.metrics.flush.observe
+        self.protocol_log: Any = None
+        if config.diagnostics.level("smtp_protocol_log", "none") != "none":
+            from imsrelay.protocol_log import ProtocolLog
+
+            self.protocol_log = ProtocolLog(config.data_dir, max_bytes=config.diagnostics.protocol_log_max_bytes,
+                                            files=config.diagnostics.protocol_log_files,
+                                            name=f"{config.site}.{worker}")
+        self._etrn_tasks: list[asyncio.Task[None]] = []
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = f"by {config.hostname} (imsrelay)".encode().lower()
@@ -105,6 +124,8 @@ class Site:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
         else:
             await self._wait_for_provisioning()
+        if self.worker == 0:
+            await self.directory.run(self._initial_transfer_mode)
         await self.refresh()
         loop = asyncio.get_running_loop()
         self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
@@ -132,6 +153,11 @@ class Site:
             await self.replicator.start()  # schedules run once per site, in worker 0
         if self.admin is not None:
             await self.admin.start()
+        if self.worker == 0:
+            from imsrelay.etrn import etrn_schedule
+
+            self._etrn_tasks = [asyncio.create_task(etrn_schedule(self, r), name=f"etrn-{r.host}")
+                                for r in cfg.etrn.requests]
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
                       data_dir=str(cfg.data_dir), tls=tls is not None)
 
@@ -151,12 +177,72 @@ class Site:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in self._etrn_tasks:
+            task.cancel()
+        await asyncio.gather(*self._etrn_tasks, return_exceptions=True)
         await self.qmgr.stop()
         if self.smtp_client is not None:
             await self.smtp_client.close()
         self.spool.close()
         self.directory.close()
+        if self.protocol_log is not None:
+            self.protocol_log.close()
         self.log.info("site.stopped")
+
+    # ------------------------------------------------------------ transfer mode
+
+    def _initial_transfer_mode(self) -> None:
+        if self.directory.get_meta(TRANSFER_MODE_KEY) is None:
+            self.directory.set_meta(TRANSFER_MODE_KEY, parse_mode(self.config.transfer.mode).value)
+
+    async def set_transfer_mode(self, mode: TransferMode) -> TransferMode:
+        """Change the Transfer mode now (kept in the directory database: it survives a
+        restart); returns the previous mode."""
+        await self.directory.run(self.directory.set_meta, TRANSFER_MODE_KEY, mode.value)
+        previous = self.transfer_mode
+        self._apply_transfer_mode(mode)
+        return previous
+
+    def _apply_transfer_mode(self, mode: TransferMode) -> None:
+        if mode is self.transfer_mode:
+            return
+        previous, self.transfer_mode = self.transfer_mode, mode
+        self.metrics.set_mode(mode)
+        released = self.qmgr.release_held("transfer")
+        self.log.info("transfer_mode.changed", mode=mode.value, previous=previous.value, released=released)
+
+    def hold_reason(self, queue_id: str, route: Route) -> str | None:
+        """Why a due recipient must wait instead of being attempted (None: go)."""
+        if holds(self.transfer_mode, remote=route.kind in (RELAY, MX)):
+            return f"transfer:{self.transfer_mode.value}"
+        if route.etrn and queue_id not in self.qmgr.etrn_released:
+            return f"etrn:{(route.domain or '').lower()}:{route.etrn.lower()}"
+        return None
+
+    # ------------------------------------------------------------ faults, notifications
+
+    def _fault_event(self, what: str, fault: Fault) -> None:
+        if what == "fired":
+            self.metrics.faults.labels(fault.kind).inc()
+            self.log.info("fault.fired", fault=fault.id, kind=fault.kind, stage=fault.stage, peer=fault.peer)
+        else:
+            self.log.info(f"fault.{what}", fault=fault.id, kind=fault.kind, description=fault.describe())
+        if what == "cleared" and fault.kind == "link":
+            self.qmgr.retry_now()  # the link is back: what waited for it goes now (drain)
+
+    async def ndr_copy_address(self) -> str | None:
+        """The administrator mailbox that receives copies of NDRs (Q190708), if enabled."""
+        n = self.config.notifications
+        if not n.copy_ndrs or not n.administrator:
+            return None
+        if "@" in n.administrator:
+            return n.administrator
+        mbx = await self.directory.run(self.directory.mailbox, n.administrator, self.config.site)
+        if mbx is None or not mbx.primary_address:
+            self.log.warning("notifications.no_administrator", administrator=n.administrator,
+                             reason="no such mailbox at this site: NDR copies are not sent")
+            return None
+        return mbx.primary_address
 
     def _build_outbound(self) -> None:
         """The SMTP client and replication, when their modules are present."""
@@ -167,7 +253,8 @@ class Site:
         from imsrelay.dns import MailResolver
 
         resolver = MailResolver(self.config.dns.nameservers, timeout=self.config.dns.timeout)
-        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints, self.log)
+        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
+                                      protocol_log=self.protocol_log)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
@@ -183,7 +270,12 @@ class Site:
         """Re-read what the site derives from its directory (Site Addressing, sites
         learned by Check Now) and drop cached look-ups if the directory changed —
         also when another process (an offline CLI command) changed it."""
-        site, learned, usn = await self.directory.run(self._directory_snapshot)
+        site, learned, usn, mode = await self.directory.run(self._directory_snapshot)
+        if mode:
+            try:
+                self._apply_transfer_mode(parse_mode(mode))  # changed by another process (offline CLI, worker 0)
+            except ValueError:
+                self.log.warning("transfer_mode.invalid", stored=mode)
         if usn != self._seen_usn:
             self._seen_usn = usn
             self._clear_lookups()
@@ -192,8 +284,9 @@ class Site:
         self._learned_sites = learned
         self._table = None
 
-    def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int]:
-        return self.directory.site_object(), tuple(learned_sites(self.directory)), self.directory.highest_usn
+    def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int, str | None]:
+        return (self.directory.site_object(), tuple(learned_sites(self.directory)), self.directory.highest_usn,
+                self.directory.get_meta(TRANSFER_MODE_KEY))
 
     def _directory_changed(self) -> None:
         self._clear_lookups()
@@ -305,6 +398,8 @@ class Site:
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.spool.enqueue(env, message)
         self.qmgr.submit(env, message)
+        self.metrics.messages_in.inc()
+        self.metrics.bytes_in.inc(len(message))
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
@@ -318,7 +413,26 @@ class Site:
 
         if self.smtp_client is None:
             return {r: Outcome.temporary("4.4.0", "no SMTP client configured") for r in rcpts}
-        return await self.smtp_client.deliver(route, env, rcpts, message)
+        outcomes: dict[str, Any] = {}
+        pending = rcpts
+        for choice in (route, *route.alternatives):  # least cost first; a dearer route when it fails
+            if choice is not route:
+                self.log.info("delivery.route_failover", queue_id=env.queue_id, site=route.site,
+                              failed=route.destination, cost=choice.cost, next=choice.destination)
+            cut = self.faults.link_cut(site=choice.site, host=choice.host, port=choice.port if choice.host else None,
+                                       domain=choice.domain)
+            if cut is not None:
+                result = {r: Outcome.temporary("4.4.1", f"link to {cut.peer} is cut (fault {cut.id})") for r in pending}
+            else:
+                result = await self.smtp_client.deliver(choice, env, pending, message)
+            outcomes.update(result)
+            if any(o.ok for o in result.values()):
+                self.metrics.messages_out.inc()
+                self.metrics.bytes_out.inc(len(message))
+            pending = [r for r in pending if not result[r].ok and not result[r].permanent]
+            if not pending:
+                break
+        return outcomes
 
     async def _directory_deliver(self, env: Envelope, message: bytes) -> None:
         if self.replicator is None:

@@ -10,6 +10,7 @@ only after the spool says the message is durable.  Any unexpected error answers
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,13 +20,16 @@ from email.errors import HeaderParseError
 from email.utils import format_datetime
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
+from imsrelay.priority import priority_of
+from imsrelay.protocol_log import session_id
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.transfer_mode import REFUSAL, TRANSACTION_REFUSAL, accepts_inbound
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -67,22 +71,165 @@ class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
-    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, site: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._session_timeout = session_timeout
         self._max_errors = max_errors
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_ehlo = False
+        self._site = site
+        self._plog: Any = None
+        self._started = False  # per-connection state is set in connection_made (protocols are copied)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._started
         super().connection_made(transport)
+        if not first:
+            return  # the TLS transport after STARTTLS: the same session
+        self._started = True
+        self._greeted = False
+        self._in_data = False
         self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+        site = self._site
+        if site is not None:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            self._fault_session = site.faults.session(ip)
+            self._plog = site.protocol_log
+            self._plog_id = session_id()
+            self._plog_peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
+            self._plog_queue: str | None = None
+            site.metrics.conn_in.inc()
+            site.metrics.conn_in_now.inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
+        if self._site is not None and self._started:
+            self._site.metrics.conn_in_now.dec()
+            self._started = False
         super().connection_lost(error)
+
+    # -- the protocol log: client lines as read, our replies as sent
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        if self._site is not None and self._plog is not None:
+            original = reader.readuntil
+
+            async def readuntil(separator: bytes = b"\n") -> bytes:
+                line = await original(separator)
+                if separator == b"\n":  # a command line (DATA content is read with b"\r\n")
+                    self._log_line("C", line.decode("utf-8", "replace"))
+                return line
+
+            reader.readuntil = readuntil  # type: ignore[method-assign]
+
+    def _log_line(self, who: str, text: str) -> None:
+        if self._plog is not None:
+            self._plog.line(direction="in", session=self._plog_id, peer=self._plog_peer, queue_id=self._plog_queue,
+                            who=who, text=text)
+
+    # -- faults on demand and the Transfer mode
+    async def _refused_at_connect(self) -> str | None:
+        """The reply that ends the session at once ("" = hang up without one), or None."""
+        site = self._site
+        if site is None:
+            return None
+        if not accepts_inbound(site.transfer_mode):
+            site.metrics.conn_rejected.labels("transfer_mode").inc()
+            site.log.info("smtp.refused", peer=self._fault_session.client_ip, reason="transfer mode",
+                          mode=site.transfer_mode.value)
+            return REFUSAL.format(host=site.config.hostname, mode=site.transfer_mode.value)
+        for f in site.faults.firing(self._fault_session, "connect"):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+            elif f.kind == "reply":
+                site.metrics.conn_rejected.labels("fault").inc()
+                return f.reply_line()
+            elif f.kind == "drop":
+                site.metrics.conn_rejected.labels("fault").inc()
+                return ""
+        return None
+
+    async def _faulted(self, stage: str) -> bool:
+        """Apply the faults that fire at ``stage``; True when one answered or hung up."""
+        site = self._site
+        if site is None or not site.faults:
+            return False
+        for f in site.faults.firing(self._fault_session, stage):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+            elif f.kind == "reply":
+                await self.push(f.reply_line())
+                return True
+            elif f.kind == "drop":
+                if stage == "data" and self.transport is not None and self.envelope.rcpt_tos:
+                    await super().push("354 End data with <CR><LF>.<CR><LF>")
+                    try:  # let the message start arriving, then hang up mid-DATA
+                        await asyncio.wait_for(self._reader.readuntil(b"\r\n"), 10.0)
+                    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                        pass
+                self._log_line("S", "<connection dropped by fault>")
+                if self.transport is not None:
+                    self.transport.abort()
+                return True
+        return False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._faulted("helo"):
+            await super().smtp_HELO(hostname)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._faulted("mail"):
+            await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._faulted("rcpt"):
+            await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if not await self._faulted("data"):
+            self._in_data = True
+            try:
+                await super().smtp_DATA(arg)
+            finally:
+                self._in_data = False
+
+    @syntax("ETRN node")
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        """RFC 1985: start delivery of the mail held for ``node`` (``@node``: and its sub-domains)."""
+        site = self._site
+        if site is None or not site.config.etrn.allowed_hosts and not site.config.etrn.requests:
+            await self.push("502 5.5.1 ETRN is not enabled at this site")
+            return
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO first")
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 ETRN is not allowed during a mail transaction")
+            return
+        node = (arg or "").strip()
+        if not node or not re.fullmatch(r"[@#]?[A-Za-z0-9.-]+", node):
+            await self.push("501 5.5.4 Syntax: ETRN node")
+            return
+        ip = self._fault_session.client_ip
+        allowed = False
+        try:
+            allowed = ip is not None and any(ipaddress.ip_address(ip) in net for net in site.config.etrn.allowed_hosts)
+        except ValueError:
+            allowed = False
+        if not allowed:
+            site.log.info("etrn.refused", peer=ip, node=node)
+            await self.push(f"459 4.7.1 Node {node} not allowed: this host may not issue ETRN")
+            return
+        started = site.qmgr.release_etrn(node)
+        site.log.info("etrn.received", peer=ip, node=node, messages=started)
+        if started == 0:
+            await self.push(f"251 2.0.0 OK, no messages waiting for node {node}")
+        else:
+            await self.push(f"253 2.0.0 OK, {started} pending messages for node {node} started")
 
     def _session_expired(self) -> None:
         if self.transport is not None:
@@ -108,6 +255,8 @@ class ImsSMTP(SMTP):
         return addr, rest
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._faulted("helo"):
+            return
         self._in_ehlo = True
         try:
             await super().smtp_EHLO(hostname)
@@ -115,15 +264,38 @@ class ImsSMTP(SMTP):
             self._in_ehlo = False
 
     async def push(self, status: Any) -> None:
+        if self._site is not None and not self._greeted:
+            self._greeted = True  # the first push is the greeting
+            refusal = await self._refused_at_connect()
+            if refusal is not None:
+                if refusal:
+                    refusal = with_enhanced_status(refusal)
+                    self._log_line("S", refusal)
+                    await super().push(refusal)
+                else:
+                    self._log_line("S", "<connection dropped by fault>")
+                if self.transport is not None:
+                    self.transport.close()
+                return
         if isinstance(status, str) and not self._in_ehlo:
             status = with_enhanced_status(status)
         await super().push(status)
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if self._site is not None and self._plog is not None:
+            if text.startswith("250 2.0.0 Ok: queued as "):
+                self._plog_queue = text.rsplit(" ", 1)[-1].strip()
+            if self._in_data and text[:3] != "354":
+                self._log_line("C", "<message content>")
+            self._log_line("S", text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             if self._errors >= self._max_errors and self.transport is not None:
                 await super().push("421 4.7.0 Too many errors in this session, closing connection")
                 self.transport.close()
+
+
+for _name in ("smtp_HELO", "smtp_EHLO", "smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
+    getattr(ImsSMTP, _name).__dict__.update(getattr(SMTP, _name).__dict__)
 
 
 class SiteHandler:
@@ -139,10 +311,14 @@ class SiteHandler:
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
+        if self.site.config.etrn.allowed_hosts:
+            extra.append("250-ETRN")
         return responses[:-1] + extra + responses[-1:]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        if not accepts_inbound(self.site.transfer_mode):
+            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
         if address and address != "<>":  # aiosmtpd hands the null sender over as "<>"
             try:
                 parse_address(address)
@@ -191,6 +367,8 @@ class SiteHandler:
             return str(hops)
         if self.site.seen_before(raw):
             return "554 5.4.6 Routing loop detected: this message already passed through this site"
+        if not accepts_inbound(self.site.transfer_mode):  # switched while the message was on its way
+            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
         rules: RewriteRules = await self.site.rewrite_rules()
@@ -215,7 +393,8 @@ class SiteHandler:
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in envelope.rcpt_tos],
             received_at=self.site.clock(), client=peer_ip, helo=session.host_name or "",
-            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp")
+            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
+            extra={"priority": priority_of(raw)})
         await self.site.accept(env, message)
         self.log.info("message.accepted", queue_id=queue_id, peer=peer_ip, sender=sender,
                       recipients=list(envelope.rcpt_tos), size=len(message))
@@ -255,7 +434,7 @@ def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[]
     template: dict[str, Any] | None = None
 
     def full() -> ImsSMTP:
-        return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
+        return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors, site=site,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                        hostname=site.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
                        tls_context=tls_context, timeout=cfg.idle_timeout,
