@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
+from imsrelay.priority import NORMAL, PriorityTimeouts
 from imsrelay.spool import PENDING, Envelope, RecipientState, Spool
 
 
@@ -128,9 +129,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def timeout_lines(env: Envelope, priorities: PriorityTimeouts) -> list[str]:
+    """The message's priority and the Time-outs it gets (lifetime, delay notice)."""
+    priority = env.extra.get("priority", NORMAL)
+    t = priorities.for_priority(priority)
+    notice = f"delay notice {when(env.received_at + t.delay_notice)}" if t.delay_notice is not None \
+        else "no delay notice"
+    return [f"priority:   {priority} (lifetime {_span(t.lifetime)}: NDR at {when(env.received_at + t.lifetime)}; "
+            f"{notice})"]
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     spool = open_spool(args)
     env = _load(spool, args.queue_id)
+    config = load_config(args.config, data_dir=args.data)
     message = spool.read_message(env.queue_id)
     flags = [f for f, on in (("8BITMIME", env.body_8bit), ("SMTPUTF8", env.smtputf8)) if on]
     print(f"queue id:   {env.queue_id}")
@@ -139,6 +158,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"sender:     <{env.sender}>")
     print(f"client:     {env.client or '-'} (helo {env.helo or '-'})")
     print(f"origin:     {env.origin}{'  ' + ' '.join(flags) if flags else ''}")
+    for line in timeout_lines(env, config.priorities):
+        print(line)
     now = time.time()
     for r in env.recipients:
         print("recipient:")
