@@ -40,7 +40,12 @@ class Peer:
         self.sessions = 0
         self.open = 0
         self.most_open = 0
-        self.commands: list[str] = []
+        self.transports: set[asyncio.BaseTransport] = set()
+
+    def hang_up(self) -> None:
+        """Close every open session (a stopped server keeps accepted connections open)."""
+        for t in list(self.transports):
+            t.close()
 
     async def handle_RCPT(self, server, session, envelope, address, options):
         envelope.rcpt_tos.append(address)
@@ -66,11 +71,13 @@ class _CountingSMTP(AioSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._peer.sessions += 1
+        self._peer.transports.add(transport)
         self._peer.open += 1
         self._peer.most_open = max(self._peer.most_open, self._peer.open)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._peer.open -= 1
+        self._peer.transports.discard(self.transport)
         super().connection_lost(error)
 
 
