@@ -311,10 +311,11 @@ class SmtpClient:
         """Connections open now: in use (one per transaction) and idle in the pool."""
         return sum(s.active + len(s.idle) for s in self._hops.values())
 
-    def _make_room(self) -> None:
-        """Keep open connections within connections.max_outbound: close idle ones of other hosts."""
-        while self.open_connections() > self.limits.max_outbound:
-            oldest = min(((c.created, c, st) for st in self._hops.values() for c in st.idle),
+    def _make_room(self, state: _HopState) -> None:
+        """Keep open connections within connections.max_outbound: before a transaction
+        on ``state``'s host (already counted as active), close idle ones of other hosts."""
+        while self.open_connections() - (1 if state.idle else 0) > self.limits.max_outbound:
+            oldest = min(((c.created, c, st) for st in self._hops.values() if st is not state for c in st.idle),
                          key=lambda t: t[0], default=None)
             if oldest is None:
                 return
@@ -374,9 +375,8 @@ class SmtpClient:
             state.active += 1
             conn: _Connection | None = None
             try:
-                if not state.idle:
-                    self._make_room()
-                self.most_open = max(self.most_open, self.open_connections())
+                self._make_room(state)
+                self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
                 conn = await self._acquire(hop, route.starttls, state, log)
                 result = await self._transaction(conn, env, rcpts, message, log)
             except _SessionFailure as failure:
