@@ -103,6 +103,7 @@ class ImsSMTP(SMTP):
             self._plog_queue: str | None = None
             site.metrics.conn_in.inc()
             site.metrics.conn_in_now.inc()
+            self._log_commands(self._reader)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
@@ -113,9 +114,8 @@ class ImsSMTP(SMTP):
         super().connection_lost(error)
 
     # -- the protocol log: client lines as read, our replies as sent
-    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        super()._cb_client_connected(reader, writer)
-        if self._site is not None and self._plog is not None:
+    def _log_commands(self, reader: asyncio.StreamReader) -> None:
+        if self._plog is not None:
             original = reader.readuntil
 
             async def readuntil(separator: bytes = b"\n") -> bytes:
@@ -282,10 +282,10 @@ class ImsSMTP(SMTP):
         await super().push(status)
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
         if self._site is not None and self._plog is not None:
-            if text.startswith("250 2.0.0 Ok: queued as "):
-                self._plog_queue = text.rsplit(" ", 1)[-1].strip()
             if self._in_data and text[:3] != "354":
                 self._log_line("C", "<message content>")
+            if text.startswith("250 2.0.0 Ok: queued as "):
+                self._plog_queue = text.rsplit(" ", 1)[-1].strip()
             self._log_line("S", text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
