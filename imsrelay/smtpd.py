@@ -121,7 +121,10 @@ class ImsSMTP(SMTP):
             async def readuntil(separator: bytes = b"\n") -> bytes:
                 line = await original(separator)
                 if separator == b"\n":  # a command line (DATA content is read with b"\r\n")
-                    self._log_line("C", line.decode("utf-8", "replace"))
+                    text = line.decode("utf-8", "replace")
+                    if text[:5].upper() == "AUTH ":  # never the credentials
+                        text = " ".join(text.split()[:2]) + " <credentials not logged>"
+                    self._log_line("C", text)
                 return line
 
             reader.readuntil = readuntil  # type: ignore[method-assign]

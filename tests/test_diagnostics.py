@@ -11,7 +11,13 @@ import structlog
 from ims_kit import Peer, message, queued, start_peer, submit
 from sitekit import free_port, make_config, running_site, site_mapping, wait_for
 
-from imsrelay.logs import CategoryFilter, category_levels, category_of, configure_logging, site_logger
+from imsrelay.logs import (
+    CategoryFilter,
+    category_levels,
+    category_of,
+    configure_logging,
+    site_logger,
+)
 from imsrelay.protocol_log import ProtocolLog, format_line
 
 

@@ -11,7 +11,15 @@ import subprocess
 
 import pytest
 from ims_kit import Peer, message, queued, start_peer, submit
-from sitekit import free_port, maildir_messages, make_config, running_site, site_mapping, wait_for, write_site_file
+from sitekit import (
+    free_port,
+    maildir_messages,
+    make_config,
+    running_site,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 
 from imsrelay.cli import main
 

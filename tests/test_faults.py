@@ -9,7 +9,14 @@ import time
 
 import pytest
 from ims_kit import TOKEN, admin, mailbox, message, queued, status_text, submit
-from sitekit import free_port, maildir_messages, running_site, site_mapping, wait_for, write_site_file
+from sitekit import (
+    free_port,
+    maildir_messages,
+    running_site,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 
 from imsrelay.admin_client import AdminRequestError
 from imsrelay.cli import main

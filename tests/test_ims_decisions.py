@@ -6,7 +6,15 @@ import pytest
 from sitekit import make_config, site_mapping
 
 from imsrelay.config import ConfigError
-from imsrelay.faults import Fault, FaultBook, FaultError, fault_from_request, fires, matches_client, matches_link
+from imsrelay.faults import (
+    Fault,
+    FaultBook,
+    FaultError,
+    fault_from_request,
+    fires,
+    matches_client,
+    matches_link,
+)
 from imsrelay.transfer_mode import TransferMode, accepts_inbound, holds, parse_mode
 
 

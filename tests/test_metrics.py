@@ -122,13 +122,13 @@ async def test_sites_in_one_process_keep_their_own_registries(tmp_path):
 
 async def test_metrics_can_require_the_token_or_be_off(tmp_path):
     cfg = make_config(tmp_path, site_mapping("SiteA", metrics={"require_token": True}, **admin_section()))
-    async with running_site(cfg) as site:
+    async with running_site(cfg):
         url = f"http://127.0.0.1:{cfg.admin.port}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as resp:
             assert resp.status == 401
         assert "imsrelay_messages_in_total" in (await asyncio.to_thread(_get_with_token, url, cfg.admin.token))
     off = make_config(tmp_path / "off", site_mapping("SiteA", metrics={"enabled": False}, **admin_section()))
-    async with running_site(off) as site:
+    async with running_site(off):
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{off.admin.port}/metrics") as resp:
             assert resp.status == 404 and "disabled" in (await resp.json())["error"]
 

@@ -7,7 +7,15 @@ import smtplib
 
 import pytest
 from ims_kit import Peer, admin, admin_section, message, queued, start_peer, submit
-from sitekit import free_port, maildir_messages, make_config, running_site, site_mapping, wait_for, write_site_file
+from sitekit import (
+    free_port,
+    maildir_messages,
+    make_config,
+    running_site,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 
 from imsrelay.cli import main
 from imsrelay.spool import Envelope, RecipientState, new_queue_id
