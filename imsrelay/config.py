@@ -368,6 +368,16 @@ class _Section:
             raise self.error(name, f"must be a list, not {type(value).__name__}")
         return value
 
+    def networks(self, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """A list of IP networks ("127.0.0.0/8", "10.0.0.1")."""
+        out = []
+        for i, net in enumerate(self.list(name)):
+            try:
+                out.append(ipaddress.ip_network(str(net), strict=False))
+            except ValueError:
+                raise ConfigError(self.path, f"{self.key(name)}[{i}]", f"{net!r} is not an IP network") from None
+        return tuple(out)
+
     def table_of(self, name: str) -> _Section:
         value = self._get(name, False)
         if value is None:
@@ -423,12 +433,7 @@ def _host_port(section: _Section, name: str, value: str, default_port: int) -> t
 
 
 def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
-    networks = []
-    for i, net in enumerate(s.list("relay_networks")):
-        try:
-            networks.append(ipaddress.ip_network(str(net), strict=False))
-        except ValueError:
-            raise ConfigError(s.path, f"{s.key('relay_networks')}[{i}]", f"{net!r} is not an IP network") from None
+    networks = s.networks("relay_networks")
     accepted = tuple(
         ("#" if str(d).startswith("#") else "") + _domain(s, "accepted_domains", str(d))
         for d in s.list("accepted_domains")
@@ -444,7 +449,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_message_size=s.int("max_message_size", 10 * 1024 * 1024, minimum=1024),
         max_hops=s.int("max_hops", 15, minimum=1),
         max_recipients=s.int("max_recipients", 100, minimum=1),
-        relay_networks=tuple(networks),
+        relay_networks=networks,
         accepted_domains=accepted,
         idle_timeout=s.duration("idle_timeout", 300.0) or 300.0,
         session_timeout=s.duration("session_timeout", 1800.0) or 1800.0,
@@ -668,19 +673,14 @@ def _load_ims_sections(root: _Section, delivery: DeliveryConfig) -> tuple[
     n.reject_unknown()
 
     e = root.table_of("etrn")
-    allowed = []
-    for i, net in enumerate(e.list("allowed_hosts")):
-        try:
-            allowed.append(ipaddress.ip_network(str(net), strict=False))
-        except ValueError:
-            raise ConfigError(e.path, f"{e.key('allowed_hosts')}[{i}]", f"{net!r} is not an IP network") from None
+    allowed = e.networks("allowed_hosts")
     requests = []
     for r in e.tables("requests"):
         host, port = _host_port(r, "host", r.str("host", required=True), r.int("port", 25, minimum=1, maximum=65535))
         domain = _domain(r, "domain", r.str("domain", required=True))
         requests.append(EtrnRequest(host, port, domain, r.duration("schedule", 3600.0) or 3600.0))
         r.reject_unknown()
-    etrn = EtrnConfig(tuple(allowed), tuple(requests))
+    etrn = EtrnConfig(allowed, tuple(requests))
     e.reject_unknown()
 
     d = root.table_of("diagnostics")
