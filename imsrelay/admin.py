@@ -238,11 +238,14 @@ class AdminServer:
     async def get_queue(self, request: web.Request) -> web.Response:
         items = []
         for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
+            held = self.site.qmgr.held_recipients(env.queue_id)
             items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
                           "received_at": env.received_at, "size": env.size,
+                          "priority": env.extra.get("priority", "normal"),
                           "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
                                           "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic} for r in env.recipients]})
+                                          "diagnostic": r.diagnostic, "held": held.get(r.address)}
+                                         for r in env.recipients]})
         return web.json_response({"messages": items})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:

@@ -166,6 +166,10 @@ class QueueManager:
 
     # ------------------------------------------------------------ held mail (transfer mode, ETRN)
 
+    def held_recipients(self, queue_id: str) -> dict[str, str]:
+        """Recipient -> why it waits (``transfer:MODE`` or ``etrn:DOMAIN:ENTRY``)."""
+        return dict(self._held.get(queue_id, {}))
+
     def held_messages(self) -> int:
         return sum(1 for held in self._held.values() if held)
 

@@ -304,6 +304,16 @@ class SmtpClient:
             state.dead_until = 0.0
             state.tls_broken_until = 0.0
 
+    def close_idle(self) -> int:
+        """Close the pooled idle connections (the next delivery connects afresh)."""
+        closed = 0
+        for state in self._hops.values():
+            for conn in state.idle:
+                self._close_later(conn, "closed on request")
+                closed += 1
+            state.idle.clear()
+        return closed
+
     def pool_size(self) -> int:
         return sum(len(s.idle) for s in self._hops.values())
 

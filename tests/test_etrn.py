@@ -10,7 +10,7 @@ import smtplib
 import subprocess
 
 import pytest
-from ims_kit import Peer, message, queued, start_peer, submit
+from ims_kit import Peer, admin, admin_section, message, queued, start_peer, submit
 from sitekit import (
     free_port,
     maildir_messages,
@@ -37,7 +37,7 @@ async def test_mail_is_held_until_the_peer_issues_etrn(tmp_path, capsys):
     path, config = write_site_file(tmp_path, site_mapping(
         "SiteA", delivery={"retry_intervals": [0.2]},
         email_domains=[{"domain": "partner.test", "host": "127.0.0.1", "port": port, "etrn": True}],
-        etrn={"allowed_hosts": ["127.0.0.0/8"]}))
+        etrn={"allowed_hosts": ["127.0.0.0/8"]}, **admin_section()))
     try:
         assert await asyncio.to_thread(main, ["route", "bob@partner.test", "--config", str(path)]) == 0
         assert "held until the peer issues ETRN for partner.test" in capsys.readouterr().out
@@ -53,6 +53,8 @@ async def test_mail_is_held_until_the_peer_issues_etrn(tmp_path, capsys):
             await wait_for(lambda: site.qmgr.held_messages() == 2)
             await asyncio.sleep(1.0)  # several retry intervals: nothing leaves
             assert peer.messages == [] and all(r.attempts == 0 for e in queued(site) for r in e.recipients)
+            listing = (await admin(site, "GET", "/queue"))["messages"]
+            assert [r["held"] for m in listing for r in m["recipients"]] == ["etrn:partner.test:partner.test"] * 2
 
             code, text = await asyncio.to_thread(etrn, site.bound_port, "partner.test")
             assert code == 253 and text == b"2.0.0 OK, 2 pending messages for node partner.test started"

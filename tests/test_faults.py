@@ -34,7 +34,7 @@ def site_files(tmp_path, names=("SiteA", "SiteB")):
             name, listen=HOSTS[name], port=ports[name],
             connected_sites=[{"name": o, "routing_address": f"@{o}.microsoft.com"} for o in others],
             email_domains=[{"domain": f"{o}.microsoft.com", "host": HOSTS[o], "port": ports[o]} for o in others],
-            delivery={"retry_intervals": [0.3], "connect_timeout": 5, "command_timeout": 20},
+            delivery={"retry_intervals": [0.3], "connect_timeout": 5, "command_timeout": 2},
             replication={"key": "fault-test-key", "startup_delay": "1h",
                          "connectors": [{"site": o, "schedule": "never"} for o in others]},
             admin={"listen": HOSTS[name], "port": free_port(HOSTS[name]), "token": TOKEN},
@@ -111,6 +111,11 @@ async def test_every_inbound_fault_kind_seen_from_smtplib(tmp_path, capsys):
         await asyncio.sleep(0.2)
         assert queued(site) == []
 
+        # drop at connect: no greeting at all
+        await admin(site, "POST", "/faults", {"kind": "drop", "stage": "connect"})
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            await asyncio.to_thread(connect)
+
         # latency at MAIL (a lower bound only: the machine may be slow, never faster)
         await admin(site, "DELETE", "/faults")
         await admin(site, "POST", "/faults", {"kind": "latency", "stage": "mail", "delay": "0.5s"})
@@ -181,6 +186,28 @@ async def test_peer_faults_show_in_the_senders_queue(tmp_path):
         await wait_for(lambda: len(maildir_messages(b_cfg.data_dir, "User2")) == 2)
         await wait_for(lambda: not queued(a))
         assert [m["Subject"] for m in mailbox(b_cfg.data_dir, "User2")].count("dropped once") == 1
+        await admin(b, "DELETE", "/faults")
+
+        # SiteB refuses connections for the next 2 sessions: SiteA's queue shows the 421, then delivers
+        a.smtp_client.close_idle()  # a pooled connection would skip the greeting
+        await admin(b, "POST", "/faults", {"stage": "connect", "reply": "421 4.3.2 fault: not now", "sessions": 2})
+        await submit(a, ["User2@SiteB.microsoft.com"], message("refused at connect"))
+        env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 1), None))
+        assert env.recipients[0].status == "4.3.2" and "fault: not now" in env.recipients[0].diagnostic
+        await wait_for(lambda: len(maildir_messages(b_cfg.data_dir, "User2")) == 3)
+        await wait_for(lambda: not queued(a))
+        await admin(b, "DELETE", "/faults")
+
+        # SiteB answers DATA slower than SiteA waits: a timeout, retried, delivered when the fault is cleared
+        a.smtp_client.close_idle()
+        await admin(b, "POST", "/faults", {"kind": "latency", "stage": "data", "delay": "5s"})
+        await submit(a, ["User2@SiteB.microsoft.com"], message("slow peer"))
+        env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 1), None), timeout=20)
+        assert env.recipients[0].status == "4.4.2" and "timed out" in env.recipients[0].diagnostic
+        await admin(b, "DELETE", "/faults")
+        await wait_for(lambda: len(maildir_messages(b_cfg.data_dir, "User2")) >= 4, timeout=20)
+        await wait_for(lambda: not queued(a))
+        assert [m["Subject"] for m in mailbox(b_cfg.data_dir, "User2")].count("slow peer") == 1
 
 
 async def test_a_cut_link_builds_a_replication_backlog_that_drains_when_restored(tmp_path, capsys):
