@@ -227,7 +227,7 @@ class Site:
             self.log.info("fault.fired", fault=fault.id, kind=fault.kind, stage=fault.stage, peer=fault.peer)
         else:
             self.log.info(f"fault.{what}", fault=fault.id, kind=fault.kind, description=fault.describe())
-        if what == "cleared" and fault.kind == "link":
+        if what in ("cleared", "expired") and fault.kind == "link":
             self.qmgr.retry_now()  # the link is back: what waited for it goes now (drain)
 
     async def ndr_copy_address(self) -> str | None:
