@@ -441,8 +441,11 @@ class PrivatePostfix:
         for d in (self.conf, self.queue, self.data):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
-        shutil.copy("/etc/postfix/main.cf", self.conf / "main.cf")
-        shutil.copy("/etc/postfix/master.cf", self.conf / "master.cf")
+        # Our own files, not the system's: Debian's postfix installed with "No
+        # configuration" has no /etc/postfix/main.cf at all.  Every main.cf setting the
+        # bench relies on is set below with postconf; the rest are Postfix's defaults.
+        (self.conf / "main.cf").write_text("# written by bench/run.py; settings below via postconf -e\n")
+        shutil.copy(Path(__file__).with_name("postfix-master.cf"), self.conf / "master.cf")
         self._write_master_cf()
         shutil.chown(self.data, "postfix")
         settings = {
@@ -463,7 +466,7 @@ class PrivatePostfix:
         self.master_pid: int | None = None
 
     def _write_master_cf(self) -> None:
-        """The system master.cf with smtpd moved to our port and no chroot (the chroot
+        """bench/postfix-master.cf with smtpd moved to our port and no chroot (the chroot
         would need a copy of /etc files inside our temp queue directory)."""
         lines = (self.conf / "master.cf").read_text().splitlines()
         out = []
