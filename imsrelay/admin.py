@@ -41,7 +41,10 @@ from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.faults import FaultError
+from imsrelay.metrics import CONTENT_TYPE
 from imsrelay.site_addressing import report_dict, site_addressing_job
+from imsrelay.transfer_mode import parse_mode
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -261,8 +264,6 @@ class AdminServer:
                                   "held_messages": self.site.qmgr.held_messages()})
 
     async def put_transfer_mode(self, request: web.Request) -> web.Response:
-        from imsrelay.transfer_mode import parse_mode
-
         body = await _json_body(request)
         try:
             mode = parse_mode(_field(body, "mode", str, required=True))
@@ -275,8 +276,6 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "faults": self.site.faults.listing()})
 
     async def post_fault(self, request: web.Request) -> web.Response:
-        from imsrelay.faults import FaultError
-
         body = await _json_body(request)
         try:
             fault = self.site.faults.add(body)
@@ -285,8 +284,6 @@ class AdminServer:
         return web.json_response(fault.as_dict(remaining=fault.sessions, now=self.site.clock()), status=201)
 
     async def delete_faults(self, request: web.Request) -> web.Response:
-        from imsrelay.faults import FaultError
-
         fault_id = request.match_info.get("fault_id")
         try:
             removed = self.site.faults.clear([fault_id] if fault_id else None)
@@ -295,8 +292,6 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
-        from imsrelay.metrics import CONTENT_TYPE
-
         if not self.site.config.metrics.enabled:
             return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
                                      status=404)

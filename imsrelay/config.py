@@ -19,6 +19,7 @@ from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
 from imsrelay.priority import PriorityTimeouts, Timeouts
+from imsrelay.transfer_mode import parse_mode
 
 # Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
@@ -638,8 +639,6 @@ def _load_ims_sections(root: _Section, delivery: DeliveryConfig) -> tuple[
         TransferConfig, ConnectionsConfig, PriorityTimeouts, NotificationsConfig, EtrnConfig,
         DiagnosticsConfig, MetricsConfig]:
     """[transfer], [connections], [priorities], [notifications], [etrn], [diagnostics], [metrics]."""
-    from imsrelay.transfer_mode import parse_mode
-
     t = root.table_of("transfer")
     mode = t.str("mode", "inbound-outbound")
     try:

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from imsrelay.config import parse_duration
+
 STAGES = ("connect", "helo", "mail", "rcpt", "data")
 KINDS = ("reply", "drop", "latency", "link")
 DEFAULT_EXPIRY = 3600.0
@@ -200,8 +202,6 @@ def fault_from_request(body: Mapping[str, Any], *, fault_id: str, now: float) ->
 
 
 def _number(value: Any, name: str) -> float:
-    from imsrelay.config import parse_duration
-
     if value is None:
         raise FaultError(f"{name} is required")
     try:

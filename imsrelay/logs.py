@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -114,7 +115,7 @@ class CategoryFilter:
     def __init__(self, levels: dict[str, int]) -> None:
         self.levels = levels
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         name = str(event.get("event", ""))
         if _METHOD_LEVELS.get(method, logging.INFO) < self.levels.get(category_of(name), logging.INFO):
             raise structlog.DropEvent

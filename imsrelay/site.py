@@ -22,18 +22,18 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
+from imsrelay.etrn import etrn_schedule
 from imsrelay.faults import Fault, FaultBook
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import site_logger
 from imsrelay.metrics import SiteMetrics
 from imsrelay.policy import InboundPolicy
+from imsrelay.protocol_log import ProtocolLog
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import MX, RELAY, Route, RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
 from imsrelay.spool import Envelope, Spool
-from imsrelay.transfer_mode import TransferMode, holds, parse_mode
-
-TRANSFER_MODE_KEY = "transfer_mode"  # the site's Transfer mode, in the directory database's meta table
+from imsrelay.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
 
 
 class Site:
@@ -59,8 +59,6 @@ class Site:
         self.spool.committer.on_flush = self.metrics.flush.observe
         self.protocol_log: Any = None
         if config.diagnostics.level("smtp_protocol_log", "none") != "none":
-            from imsrelay.protocol_log import ProtocolLog
-
             self.protocol_log = ProtocolLog(config.data_dir, max_bytes=config.diagnostics.protocol_log_max_bytes,
                                             files=config.diagnostics.protocol_log_files,
                                             name=f"{config.site}.{worker}")
@@ -154,8 +152,6 @@ class Site:
         if self.admin is not None:
             await self.admin.start()
         if self.worker == 0:
-            from imsrelay.etrn import etrn_schedule
-
             self._etrn_tasks = [asyncio.create_task(etrn_schedule(self, r), name=f"etrn-{r.host}")
                                 for r in cfg.etrn.requests]
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,

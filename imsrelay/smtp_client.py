@@ -71,6 +71,7 @@ from aiosmtplib.response import SMTPResponse
 from imsrelay.config import SiteConfig
 from imsrelay.dns import DnsFailure, MailResolver, NextHop, ip_literal
 from imsrelay.outcome import Outcome
+from imsrelay.protocol_log import session_id
 from imsrelay.router import MX, RELAY, Route
 from imsrelay.spool import Envelope
 
@@ -449,7 +450,7 @@ class SmtpClient:
         peer = f"{hop.address}:{hop.port}"
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
                                  timeout=cfg.command_timeout, start_tls=False, use_tls=False)
-        session = _session_id()
+        session = session_id()
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
         except SMTPConnectResponseError as exc:
@@ -702,12 +703,6 @@ class SmtpClient:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _session_id() -> str:
-    from imsrelay.protocol_log import session_id
-
-    return session_id()
 
 
 def _all(rcpts: Iterable[str], outcome: Outcome) -> dict[str, Outcome]:

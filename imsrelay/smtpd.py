@@ -127,7 +127,7 @@ class ImsSMTP(SMTP):
                     self._log_line("C", text)
                 return line
 
-            reader.readuntil = readuntil  # type: ignore[method-assign]
+            reader.readuntil = readuntil  # type: ignore[method-assign,assignment]
 
     def _log_line(self, who: str, text: str) -> None:
         if self._plog is not None:
@@ -144,13 +144,13 @@ class ImsSMTP(SMTP):
             site.metrics.conn_rejected.labels("transfer_mode").inc()
             site.log.info("smtp.refused", peer=self._fault_session.client_ip, reason="transfer mode",
                           mode=site.transfer_mode.value)
-            return REFUSAL.format(host=site.config.hostname, mode=site.transfer_mode.value)
+            return REFUSAL.format(host=str(site.config.hostname), mode=str(site.transfer_mode.value))
         for f in site.faults.firing(self._fault_session, "connect"):
             if f.kind == "latency":
                 await asyncio.sleep(f.delay)
             elif f.kind == "reply":
                 site.metrics.conn_rejected.labels("fault").inc()
-                return f.reply_line()
+                return str(f.reply_line())
             elif f.kind == "drop":
                 site.metrics.conn_rejected.labels("fault").inc()
                 return ""
@@ -168,14 +168,15 @@ class ImsSMTP(SMTP):
                 await self.push(f.reply_line())
                 return True
             elif f.kind == "drop":
-                if stage == "data" and self.transport is not None and self.envelope.rcpt_tos:
+                if stage == "data" and self.transport is not None and self.envelope is not None \
+                        and self.envelope.rcpt_tos:
                     await super().push("354 End data with <CR><LF>.<CR><LF>")
                     try:  # let the message start arriving, then hang up mid-DATA
                         await asyncio.wait_for(self._reader.readuntil(b"\r\n"), 10.0)
                     except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                         pass
                 self._log_line("S", "<connection dropped by fault>")
-                if self.transport is not None:
+                if isinstance(self.transport, asyncio.Transport):
                     self.transport.abort()
                 return True
         return False
@@ -207,10 +208,10 @@ class ImsSMTP(SMTP):
         if site is None or not site.config.etrn.allowed_hosts and not site.config.etrn.requests:
             await self.push("502 5.5.1 ETRN is not enabled at this site")
             return
-        if not self.session.host_name:
+        if self.session is None or not self.session.host_name:
             await self.push("503 5.5.1 Error: send HELO first")
             return
-        if self.envelope.mail_from is not None:
+        if self.envelope is not None and self.envelope.mail_from is not None:
             await self.push("503 5.5.1 ETRN is not allowed during a mail transaction")
             return
         node = (arg or "").strip()

@@ -36,6 +36,7 @@ _ALIASES = {
 }
 
 MODE_NAMES = "inbound-outbound, inbound, outbound, none"
+TRANSFER_MODE_KEY = "transfer_mode"  # where the site's mode is kept: the directory database's meta table
 
 # RFC 3463 4.3.2 "System not accepting network messages"
 REFUSAL = "421 4.3.2 {host}: transfer mode is {mode}: not accepting messages now, try again later"

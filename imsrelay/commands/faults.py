@@ -15,7 +15,7 @@ from imsrelay.config import load_config
 from imsrelay.faults import KINDS, STAGES
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("faults", help="faults on demand: chosen replies, dropped connections, latency, cut links",
                        description="Faults on demand at a running site (lab).")
     psub = p.add_subparsers(dest="faults_command", metavar="ACTION")

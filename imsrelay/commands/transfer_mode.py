@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 
 from imsrelay.admin_client import cli_call, ensure_offline
+from imsrelay.cli import UserError
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.transfer_mode import MODE_NAMES, parse_mode
+from imsrelay.config import SiteConfig, load_config
+from imsrelay.directory import Directory
+from imsrelay.transfer_mode import MODE_NAMES, TRANSFER_MODE_KEY, parse_mode
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("transfer-mode", help="show or change the Transfer mode (inbound-outbound, inbound, "
                                              "outbound, none)",
                        description="The IMS Connections tab's Transfer mode, changed without a restart.")
@@ -30,17 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     set_.set_defaults(func=cmd_set)
 
 
-def _offline_directory(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from imsrelay.directory import Directory
-
+def _offline_directory(args: argparse.Namespace) -> tuple[SiteConfig, Directory]:
     config = load_config(args.config, data_dir=args.data)
     ensure_offline(config)
     return config, Directory(config.data_dir / "directory.sqlite3", config.site)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from imsrelay.site import TRANSFER_MODE_KEY
-
     if args.offline:
         config, directory = _offline_directory(args)
         try:
@@ -56,9 +54,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.site import TRANSFER_MODE_KEY
-
     try:
         mode = parse_mode(args.mode)
     except ValueError as exc:
