@@ -450,7 +450,7 @@ class SmtpClient:
         peer = f"{hop.address}:{hop.port}"
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
                                  timeout=cfg.command_timeout, start_tls=False, use_tls=False)
-        session = session_id()
+        session = session_id() if self.protocol_log is not None else ""
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
         except SMTPConnectResponseError as exc:

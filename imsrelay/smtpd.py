@@ -96,9 +96,10 @@ class ImsSMTP(SMTP):
         if site is not None:
             peer = transport.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            self._fault_session = site.faults.session(ip)
+            self._client_ip = ip
+            self._fault_session: Any = None  # made when a fault is first looked at (most sessions never)
             self._plog = site.protocol_log
-            self._plog_id = session_id()
+            self._plog_id = session_id() if self._plog is not None else ""
             self._plog_peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
             self._plog_queue: str | None = None
             site.metrics.conn_in.inc()
@@ -142,10 +143,12 @@ class ImsSMTP(SMTP):
             return None
         if not accepts_inbound(site.transfer_mode):
             site.metrics.conn_rejected.labels("transfer_mode").inc()
-            site.log.info("smtp.refused", peer=self._fault_session.client_ip, reason="transfer mode",
+            site.log.info("smtp.refused", peer=self._client_ip, reason="transfer mode",
                           mode=site.transfer_mode.value)
             return REFUSAL.format(host=str(site.config.hostname), mode=str(site.transfer_mode.value))
-        for f in site.faults.firing(self._fault_session, "connect"):
+        if not site.faults:
+            return None
+        for f in site.faults.firing(self._faults(), "connect"):
             if f.kind == "latency":
                 await asyncio.sleep(f.delay)
             elif f.kind == "reply":
@@ -156,12 +159,17 @@ class ImsSMTP(SMTP):
                 return ""
         return None
 
+    def _faults(self) -> Any:
+        if self._fault_session is None:
+            self._fault_session = self._site.faults.session(self._client_ip)
+        return self._fault_session
+
     async def _faulted(self, stage: str) -> bool:
         """Apply the faults that fire at ``stage``; True when one answered or hung up."""
         site = self._site
         if site is None or not site.faults:
             return False
-        for f in site.faults.firing(self._fault_session, stage):
+        for f in site.faults.firing(self._faults(), stage):
             if f.kind == "latency":
                 await asyncio.sleep(f.delay)
             elif f.kind == "reply":
@@ -218,7 +226,7 @@ class ImsSMTP(SMTP):
         if not node or not re.fullmatch(r"[@#]?[A-Za-z0-9.-]+", node):
             await self.push("501 5.5.4 Syntax: ETRN node")
             return
-        ip = self._fault_session.client_ip
+        ip = self._client_ip
         allowed = False
         try:
             allowed = ip is not None and any(ipaddress.ip_address(ip) in net for net in site.config.etrn.allowed_hosts)
