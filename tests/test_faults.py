@@ -253,3 +253,10 @@ def _backlog(site: Site, peer: str) -> int | None:
 
 async def _last_reply(site: Site, peer: str) -> float | None:
     return (await site.directory.run(site.directory.peer_state, peer))["last_reply"]
+
+
+async def test_faults_of_a_stopped_site_are_one_line(tmp_path, capsys):
+    path, _ = site_files(tmp_path, ("SiteA",))["SiteA"]
+    assert await cli("faults", "list", "--config", str(path)) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not running" in err
