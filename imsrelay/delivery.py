@@ -2,7 +2,8 @@
 
 Like Postfix's qmgr: it takes messages from the spool, asks the router where each
 pending recipient goes, hands groups of recipients to a transport (Maildir, the
-directory service, or SMTP), and records each recipient's outcome durably:
+directory service, or SMTP), and records each recipient's outcome durably by the
+rules of ``imsrelay.queue_rules`` (the pure state machine; this module applies it):
 
 - delivered → terminal;
 - permanent failure → an NDR is queued durably to the envelope sender, then the
@@ -13,7 +14,10 @@ directory service, or SMTP), and records each recipient's outcome durably:
   for delivering the message expired").
 
 A message leaves the spool only when every recipient is terminal
-(DESIGN.md invariant 2).  Disk and directory work run off the event loop.
+(DESIGN.md invariant 2).  The queue manager is also the one owner of
+per-destination concurrency (``delivery.max_per_destination`` slots per relay host
+or MX domain, taken before a global delivery slot).  Disk and directory work run
+off the event loop.
 """
 
 from __future__ import annotations
@@ -24,34 +28,30 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from imsrelay import dsn, maildir
+from imsrelay.config import DeliveryConfig
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.metrics import SiteMetrics
+from imsrelay.objects import Mailbox
 from imsrelay.outcome import Outcome
-from imsrelay.priority import NORMAL
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
-from imsrelay.spool import (
-    BOUNCED,
-    DELIVERED,
-    FAILED,
-    Envelope,
-    RecipientState,
-    Spool,
-    new_queue_id,
+from imsrelay.priority import NORMAL, PriorityTimeouts
+from imsrelay.queue_rules import (
+    RetryPolicy,
+    Transition,
+    after_attempt,
+    after_internal_error,
+    report_status,
 )
+from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, RoutingTable, route_for
+from imsrelay.spool import Spool
 
-EXPIRED_TEXT = "The maximum time for delivering the message expired"
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
-
-
-def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
-    """Delay after the ``attempts``-th failed attempt; the last interval repeats."""
-    if not intervals:
-        return 900.0
-    return intervals[min(max(attempts, 1), len(intervals)) - 1]
 
 
 @dataclass(frozen=True)
@@ -60,24 +60,59 @@ class Recorded:
     outcome: Outcome
 
 
+class Transport(Protocol):
+    """Outbound SMTP (``imsrelay.smtp_client.SmtpClient``)."""
+
+    async def deliver(self, route: Route, env: Envelope, recipients: list[str],
+                      message: bytes) -> dict[str, Outcome]: ...
+
+    def forget_unreachable(self) -> None: ...
+
+
+class QueueInputs(Protocol):
+    """What the queue manager asks its site: the router's live inputs, who signs the
+    reports, and the queue door for the reports themselves (``imsrelay.site.Site``)."""
+
+    async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]: ...
+
+    async def routing_table(self) -> RoutingTable: ...
+
+    def reporting_site(self) -> dsn.ReportingSite: ...
+
+    def postmaster_address(self) -> str: ...
+
+    async def enqueue_local(self, env: Envelope, message: bytes) -> None: ...
+
+    def hold_reason(self, queue_id: str, route: Route) -> str | None: ...
+
+    async def ndr_copy_address(self) -> str | None: ...
+
+    @property
+    def metrics(self) -> SiteMetrics: ...
+
+
 class QueueManager:
-    def __init__(self, site: Any, spool: Spool, *,
-                 smtp_deliver: Callable[[Route, Envelope, list[str], bytes], Awaitable[dict[str, Outcome]]],
+    def __init__(self, spool: Spool, *, inputs: QueueInputs, transport: Transport,
                  directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
-                 clock: Callable[[], float] = time.time) -> None:
-        self.site = site
-        self.config = site.config
+                 delivery: DeliveryConfig, data_dir: Path, hostname: str, log: Any,
+                 priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
-        self.smtp_deliver = smtp_deliver
+        self.inputs = inputs
+        self.transport = transport
         self.directory_deliver = directory_deliver
+        self.delivery = delivery
+        self.policy = RetryPolicy(delivery.retry_intervals, delivery.lifetime, delivery.delay_notice)
+        self.priorities = priorities  # Time-outs by priority (None: delivery.lifetime for every message)
+        self.data_dir = data_dir
+        self.hostname = hostname
         self.clock = clock
-        self.log = site.log.bind(component="qmgr")
+        self.log = log.bind(component="qmgr")
         self.envelopes: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._running: set[str] = set()
         self._wake = asyncio.Event()
-        self._limit = asyncio.Semaphore(self.config.delivery.max_deliveries)
+        self._limit = asyncio.Semaphore(delivery.max_deliveries)
         self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}  # remote destination → (slots, users)
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
@@ -226,13 +261,13 @@ class QueueManager:
                       ) -> list[tuple[RecipientState, Route]]:
         go = []
         for r, route in routed:
-            reason = self.site.hold_reason(env.queue_id, route)
+            reason = self.inputs.hold_reason(env.queue_id, route)
             if reason is None:
                 go.append((r, route))
                 continue
             held = self._held.setdefault(env.queue_id, {})
             if r.address not in held:
-                self.site.metrics.deliveries.labels("held").inc()
+                self.inputs.metrics.deliveries.labels("held").inc()
                 self.log.info("delivery.held", queue_id=env.queue_id, recipient=r.address, reason=reason,
                               route=route.destination)
             r.route = route.destination
@@ -278,8 +313,7 @@ class QueueManager:
         spool's control/ directory (only this process writes the journal)."""
         for action, qid in self.spool.take_control_requests():
             if action == "retry":
-                if getattr(self.site, "smtp_client", None) is not None:
-                    self.site.smtp_client.forget_unreachable()  # a retry really tries hosts marked unreachable
+                self.transport.forget_unreachable()  # a retry really tries hosts marked unreachable
                 n = self.retry_now(None if qid == "*" else qid)
                 self.log.info("queue.retry_requested", queue_id=None if qid == "*" else qid, messages=n)
             elif action == "delete" and qid in self.envelopes:
@@ -305,7 +339,7 @@ class QueueManager:
         except Exception as exc:  # never lose the message: log, retry later
             self.log.error("delivery.internal_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
             for r in env.pending:
-                r.next_attempt = self.clock() + retry_delay(1, self.config.delivery.retry_intervals)
+                r.next_attempt = after_internal_error(r, now=self.clock(), policy=self.policy).next_attempt
         finally:
             self._running.discard(env.queue_id)
             self.etrn_released.discard(env.queue_id)
@@ -319,8 +353,8 @@ class QueueManager:
         due = [r for r in env.pending if r.next_attempt <= now]
         if not due:
             return []
-        mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
-        table = await self.site.routing_table()
+        mailboxes = await self.inputs.lookup_mailboxes([r.address for r in due])
+        table = await self.inputs.routing_table()
         return [(r, route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
 
     @contextlib.asynccontextmanager
@@ -333,7 +367,7 @@ class QueueManager:
         async with contextlib.AsyncExitStack() as stack:
             for key in sorted(keys):
                 sem, users = self._destinations.get(key) or (
-                    asyncio.Semaphore(self.config.delivery.max_per_destination), 0)
+                    asyncio.Semaphore(self.delivery.max_per_destination), 0)
                 self._destinations[key] = (sem, users + 1)
                 stack.callback(self._leave_destination, key)
                 await stack.enter_async_context(sem)
@@ -384,7 +418,7 @@ class QueueManager:
             return [Recorded(r, outcome) for r, _ in group]
         rcpts = [r.address for r, _ in group]
         try:
-            outcomes = await self.smtp_deliver(route, env, rcpts, message)
+            outcomes = await self.transport.deliver(route, env, rcpts, message)
         except Exception as exc:
             self.log.error("delivery.transport_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
             outcomes = {a: Outcome.temporary("4.3.0", f"transport error: {exc}") for a in rcpts}
@@ -393,10 +427,10 @@ class QueueManager:
 
     async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
         assert route.mailbox is not None
-        path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
+        path = maildir.mailbox_dir(self.data_dir, route.mailbox)
         write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
                                        message=message, sender=env.sender, recipient=r.address,
-                                       hostname=self.config.hostname)
+                                       hostname=self.hostname)
         try:
             if route.mailbox not in self._maildirs:
                 await asyncio.to_thread(maildir.ensure_maildir, path)
@@ -410,48 +444,44 @@ class QueueManager:
     # ------------------------------------------------------------ outcomes
 
     async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
+        """Apply ``queue_rules.after_attempt`` to each outcome: reports are queued
+        durably first, only then is a recipient recorded as bounced."""
         now = self.clock()
-        cfg = self.config.delivery
-        timeouts = self.timeouts(env)
-        outcomes = self.site.metrics.deliveries
-        bounce: list[RecipientState] = []
+        policy = self.policy_for(env)
+        outcomes = self.inputs.metrics.deliveries
+        # (read the header only when something failed)
+        may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
+        bounce: list[tuple[RecipientState, Transition]] = []
         delayed: list[RecipientState] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
-            r.attempts += 1
-            r.status, r.diagnostic, r.remote = o.status, o.diagnostic, o.remote
+            step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
+                                 may_report=may_report)
+            _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
-            if o.ok:
-                r.state = DELIVERED
-                outcomes.labels("delivered").inc()
-                self.log.info("delivery.delivered", outcome="delivered", **fields)
-            elif o.permanent:
-                bounce.append(r)
-                outcomes.labels("failed").inc()
-                self.log.info("delivery.failed", outcome="failed", **fields)
+            outcome = step.event.split(".")[1]
+            outcomes.labels(outcome).inc()
+            if step.event == "delivery.deferred":
+                self.log.info(step.event, outcome=outcome, next_attempt=r.next_attempt, **fields)
+            elif step.event == "delivery.expired":
+                self.log.info(step.event, outcome=outcome, priority=env.extra.get("priority", NORMAL), **fields)
             else:
-                r.first_failure = r.first_failure or now
-                if now - env.received_at >= timeouts.lifetime:
-                    r.status, r.diagnostic = "4.4.7", f"{EXPIRED_TEXT} (last error: {o.diagnostic})"
-                    bounce.append(r)
-                    outcomes.labels("expired").inc()
-                    self.log.info("delivery.expired", outcome="expired", priority=env.extra.get("priority", NORMAL),
-                                  **fields)
-                else:
-                    r.next_attempt = min(now + retry_delay(r.attempts, cfg.retry_intervals),
-                                         env.received_at + timeouts.lifetime)
-                    outcomes.labels("deferred").inc()
-                    self.log.info("delivery.deferred", outcome="deferred", next_attempt=r.next_attempt, **fields)
-                    if (timeouts.delay_notice is not None and not r.delay_notified
-                            and now - env.received_at >= timeouts.delay_notice):
-                        delayed.append(r)
+                self.log.info(step.event, outcome=outcome, **fields)
+            if step.ndr:
+                bounce.append((r, step))
+            elif step.suppressed:
+                self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
+                                 recipient=r.address, status=r.status,
+                                 reason="null sender or automatic report: no NDR is sent")
+            if step.delay_notice:
+                delayed.append(r)
         if bounce:
-            await self._send_report(env, message, bounce, delay=False)
+            await self._send_report(env, message, [r for r, _ in bounce], delay=False)
+            for r, step in bounce:
+                r.state = step.recipient.state
         if delayed:
             await self._send_report(env, message, delayed, delay=True)
-            for r in delayed:
-                r.delay_notified = True
         if env.queue_id not in self.envelopes:
             return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
@@ -461,57 +491,50 @@ class QueueManager:
         else:
             await self.spool.save_state(env)
 
-    def timeouts(self, env: Envelope) -> Any:
-        """The lifetime and delay-notice time of the message's priority (Time-outs)."""
-        return self.config.priorities.for_priority(env.extra.get("priority", NORMAL))
+    def policy_for(self, env: Envelope) -> RetryPolicy:
+        """The retry policy with the lifetime and delay-notice time of the message's
+        priority (the IMS's Time-outs by priority)."""
+        if self.priorities is None:
+            return self.policy
+        t = self.priorities.for_priority(str(env.extra.get("priority", NORMAL)))
+        return RetryPolicy(self.delivery.retry_intervals, t.lifetime, t.delay_notice)
 
     async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
                            delay: bool) -> None:
-        """Queue an NDR (or delay notice) durably, then mark the recipients."""
-        if not dsn.may_send_report(env.sender, message):
-            if not delay:
-                for r in recipients:
-                    r.state = FAILED
-                    self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
-                                     recipient=r.address, status=r.status,
-                                     reason="null sender or automatic report: no NDR is sent")
-            return
+        """Queue an NDR (or delay notice) for ``recipients`` durably."""
         now = self.clock()
         statuses = [
             dsn.RecipientStatus(
                 final_recipient=r.address, original_recipient=r.original,
-                action="delayed" if delay else "failed", status=_final_status(r.status, delay),
+                action="delayed" if delay else "failed", status=report_status(r.status, delay=delay),
                 diagnostic=r.diagnostic or "", remote_mta=r.remote,
                 last_attempt=datetime.fromtimestamp(now, UTC),
-                will_retry_until=datetime.fromtimestamp(env.received_at + self.timeouts(env).lifetime, UTC) if delay else None)
+                will_retry_until=datetime.fromtimestamp(env.received_at + self.policy_for(env).lifetime, UTC) if delay else None)
             for r in recipients
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
             dsn.build_report,
             original=message, envelope_sender=env.sender, recipients=statuses,
-            reporter=self.site.reporting_site(), queue_id=env.queue_id,
+            reporter=self.inputs.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
-            postmaster=self.site.postmaster_address())
+            postmaster=self.inputs.postmaster_address())
         ndr_recipients = [RecipientState(env.sender, env.sender)]
-        copy_to = None if delay else await self.site.ndr_copy_address()
+        copy_to = None if delay else await self.inputs.ndr_copy_address()
         if copy_to and copy_to.lower() != env.sender.lower():
             ndr_recipients.append(RecipientState(copy_to, copy_to))  # Q190708: a copy for the administrator
         ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=ndr_recipients,
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
-        await self.site.enqueue_local(ndr, report)
+        await self.inputs.enqueue_local(ndr, report)
         if not delay:
-            self.site.metrics.ndrs.inc()
-        if not delay:
-            for r in recipients:
-                r.state = BOUNCED
+            self.inputs.metrics.ndrs.inc()
         self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
                       queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
                       recipients=[r.address for r in recipients])
 
 
-def _final_status(status: str | None, delay: bool) -> str:
-    s = status or ("4.0.0" if delay else "5.0.0")
-    if not delay and s.startswith("4."):
-        return "5." + s[2:] if s != "4.4.7" else "4.4.7"
-    return s
+def _assign(live: RecipientState, new: RecipientState, *, keep_pending: bool) -> None:
+    """Record ``new`` in the envelope's own recipient object (the envelope holds it)."""
+    state = live.state if keep_pending else new.state
+    live.__dict__.update(new.__dict__)
+    live.state = state

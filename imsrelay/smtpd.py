@@ -1,7 +1,8 @@
 """The SMTP ingress: aiosmtpd glue between the wire and policy / rewrite / queue.
 
 Nothing here decides anything on its own: RCPT asks ``policy.check_recipient`` with
-what the directory said; DATA asks ``policy.check_hops``, rewrites with
+what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
+(through the site), rewrites with
 ``rewrite.rewrite_message`` and hands the bytes to the spool.  ``250`` is answered
 only after the spool says the message is durable.  Any unexpected error answers
 ``451 4.3.0`` so the client retries (DESIGN.md invariant 3).
@@ -13,23 +14,27 @@ import asyncio
 import ipaddress
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
-from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
+from imsrelay.config import SiteConfig
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.faults import FaultBook
+from imsrelay.loops import check_hops
+from imsrelay.metrics import SiteMetrics
+from imsrelay.policy import InboundPolicy, Reply, check_recipient, check_size, check_storage
 from imsrelay.priority import priority_of
-from imsrelay.protocol_log import session_id
+from imsrelay.protocol_log import ProtocolLog, session_id
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
-from imsrelay.transfer_mode import REFUSAL, TRANSACTION_REFUSAL, accepts_inbound
+from imsrelay.transfer_mode import REFUSAL, TRANSACTION_REFUSAL, TransferMode, accepts_inbound
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -50,7 +55,40 @@ _DEFAULT_STATUS = {2: "2.0.0", 4: "4.0.0", 5: "5.5.2"}
 _BY_CODE = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
             553: "5.1.3", 554: "5.7.0", 555: "5.5.4", 421: "4.3.2", 451: "4.3.0", 452: "4.3.1"}
 
-Lookup = Callable[[list[str]], Awaitable[list[Any]]]
+
+
+class Ingress(Protocol):
+    """What the SMTP handler asks its site (``imsrelay.site.Site``): live inputs for
+    the decisions, and the queue's door."""
+
+    def free_space(self) -> int: ...
+
+    async def recipient_known(self, address: str) -> bool: ...
+
+    def inbound_policy(self) -> InboundPolicy: ...
+
+    def seen_before(self, raw: bytes) -> bool: ...
+
+    async def rewrite_rules(self) -> RewriteRules: ...
+
+    async def local_primaries(self, addresses: list[str]) -> dict[str, str]: ...
+
+    async def accept(self, env: Envelope, message: bytes) -> None: ...
+
+    # the IMS's connection controls: Transfer mode, faults on demand, counters, protocol log, ETRN
+    @property
+    def transfer_mode(self) -> TransferMode: ...
+
+    @property
+    def faults(self) -> FaultBook: ...
+
+    @property
+    def metrics(self) -> SiteMetrics: ...
+
+    @property
+    def protocol_log(self) -> ProtocolLog | None: ...
+
+    def release_etrn(self, node: str) -> int: ...
 
 
 def with_enhanced_status(reply: str) -> str:
@@ -71,15 +109,17 @@ class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
-    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, site: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, site: Ingress | None = None,
+                 config: SiteConfig | None = None, log: Any = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._session_timeout = session_timeout
         self._max_errors = max_errors
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_ehlo = False
-        self._site = site
+        self._site = site  # the Transfer mode, faults, metrics, protocol log, ETRN (None: plain aiosmtpd use)
+        self._config = config
+        self._log = log
         self._plog: Any = None
         self._started = False  # per-connection state is set in connection_made (protocols are copied)
 
@@ -143,9 +183,9 @@ class ImsSMTP(SMTP):
             return None
         if not accepts_inbound(site.transfer_mode):
             site.metrics.conn_rejected.labels("transfer_mode").inc()
-            site.log.info("smtp.refused", peer=self._client_ip, reason="transfer mode",
-                          mode=site.transfer_mode.value)
-            return REFUSAL.format(host=str(site.config.hostname), mode=str(site.transfer_mode.value))
+            self._log.info("smtp.refused", peer=self._client_ip, reason="transfer mode",
+                           mode=site.transfer_mode.value)
+            return REFUSAL.format(host=self.hostname, mode=site.transfer_mode.value)
         if not site.faults:
             return None
         for f in site.faults.firing(self._faults(), "connect"):
@@ -161,6 +201,7 @@ class ImsSMTP(SMTP):
 
     def _faults(self) -> Any:
         if self._fault_session is None:
+            assert self._site is not None
             self._fault_session = self._site.faults.session(self._client_ip)
         return self._fault_session
 
@@ -212,8 +253,8 @@ class ImsSMTP(SMTP):
     @syntax("ETRN node")
     async def smtp_ETRN(self, arg: str | None) -> None:
         """RFC 1985: start delivery of the mail held for ``node`` (``@node``: and its sub-domains)."""
-        site = self._site
-        if site is None or not site.config.etrn.allowed_hosts and not site.config.etrn.requests:
+        site, cfg = self._site, self._config
+        if site is None or cfg is None or not cfg.etrn.allowed_hosts and not cfg.etrn.requests:
             await self.push("502 5.5.1 ETRN is not enabled at this site")
             return
         if self.session is None or not self.session.host_name:
@@ -229,22 +270,22 @@ class ImsSMTP(SMTP):
         ip = self._client_ip
         allowed = False
         try:
-            allowed = ip is not None and any(ipaddress.ip_address(ip) in net for net in site.config.etrn.allowed_hosts)
+            allowed = ip is not None and any(ipaddress.ip_address(ip) in net for net in cfg.etrn.allowed_hosts)
         except ValueError:
             allowed = False
         if not allowed:
-            site.log.info("etrn.refused", peer=ip, node=node)
+            self._log.info("etrn.refused", peer=ip, node=node)
             await self.push(f"459 4.7.1 Node {node} not allowed: this host may not issue ETRN")
             return
-        started = site.qmgr.release_etrn(node)
-        site.log.info("etrn.received", peer=ip, node=node, messages=started)
+        started = site.release_etrn(node)
+        self._log.info("etrn.received", peer=ip, node=node, messages=started)
         if started == 0:
             await self.push(f"251 2.0.0 OK, no messages waiting for node {node}")
         else:
             await self.push(f"253 2.0.0 OK, {started} pending messages for node {node} started")
 
     def _session_expired(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
             self.transport.close()
 
@@ -253,6 +294,7 @@ class ImsSMTP(SMTP):
         (about 50 µs per MAIL/RCPT); the same results."""
         if not arg:
             return "", ""
+        address: Any
         try:
             if arg.lstrip().startswith("<"):
                 address, rest = get_angle_addr(arg)
@@ -314,16 +356,18 @@ class SiteHandler:
     """aiosmtpd handler for one site. ``site`` supplies the live inputs (policy,
     rewrite rules, directory lookups) and the queue (``accept``)."""
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Ingress, config: SiteConfig, log: Any, clock: Callable[[], float]) -> None:
         self.site = site
-        self.log = site.log.bind(component="smtpd")
+        self.config = config
+        self.clock = clock
+        self.log = log.bind(component="smtpd")
 
     # -- EHLO: advertise what we do beyond aiosmtpd's own list
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
-        if self.site.config.etrn.allowed_hosts:
+        if self.config.etrn.allowed_hosts:
             extra.append("250-ETRN")
         return responses[:-1] + extra + responses[-1:]
 
@@ -340,7 +384,7 @@ class SiteHandler:
         for opt in mail_options:
             if opt.upper().startswith("SIZE=") and opt[5:].isdigit():
                 size = int(opt[5:])
-        cfg = self.site.config.smtp
+        cfg = self.config.smtp
         too_big = check_size(size, cfg.max_message_size)
         if too_big:
             return str(too_big)
@@ -372,7 +416,7 @@ class SiteHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         raw: bytes = envelope.original_content or b""
-        cfg = self.site.config
+        cfg = self.config
         hops = check_hops(raw, cfg.smtp.max_hops)
         if hops:
             self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=str(hops))
@@ -404,7 +448,7 @@ class SiteHandler:
         env = Envelope(
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in envelope.rcpt_tos],
-            received_at=self.site.clock(), client=peer_ip, helo=session.host_name or "",
+            received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
             extra={"priority": priority_of(raw)})
         await self.site.accept(env, message)
@@ -433,7 +477,7 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipien
             f"{for_part}; {format_datetime(now)}\r\n").encode("utf-8", "surrogateescape")
 
 
-def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
+def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
     """A protocol factory for the site's listening socket.
 
     aiosmtpd's ``SMTP.__init__`` inspects the handler and the protocol class on every
@@ -441,14 +485,14 @@ def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[]
     The result is the same for every connection of a site, so the first protocol is
     built normally and later ones copy its settings and rebind its method tables;
     only the per-connection stream state is made afresh."""
-    cfg = site.config.smtp
-    handler = SiteHandler(site)
+    cfg = handler.config.smtp
     template: dict[str, Any] | None = None
 
     def full() -> ImsSMTP:
-        return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors, site=site,
+        return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors, site=handler.site,
+                       config=handler.config, log=handler.log,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-                       hostname=site.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
+                       hostname=handler.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
                        tls_context=tls_context, timeout=cfg.idle_timeout,
                        command_call_limit={"*": 100000, "NOOP": 50, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
                                            "HELO": 20})

@@ -25,7 +25,7 @@ from imsrelay.site import Site
 HOSTS = {"SiteA": "127.0.0.31", "SiteB": "127.0.0.32"}
 
 
-def site_files(tmp_path, names=("SiteA", "SiteB")):
+def site_files(tmp_path, names=("SiteA", "SiteB"), **extra):
     ports = {n: free_port(HOSTS[n]) for n in names}
     out = {}
     for name in names:
@@ -38,7 +38,7 @@ def site_files(tmp_path, names=("SiteA", "SiteB")):
             replication={"key": "fault-test-key", "startup_delay": "1h",
                          "connectors": [{"site": o, "schedule": "never"} for o in others]},
             admin={"listen": HOSTS[name], "port": free_port(HOSTS[name]), "token": TOKEN},
-            logging={"level": "warning", "format": "json"})
+            logging={"level": "warning", "format": "json"}, **extra)
         out[name] = write_site_file(tmp_path, mapping)
     return out
 
@@ -161,7 +161,7 @@ async def test_every_inbound_fault_kind_seen_from_smtplib(tmp_path, capsys):
 
 
 async def test_peer_faults_show_in_the_senders_queue(tmp_path):
-    files = site_files(tmp_path)
+    files = site_files(tmp_path, connections={"messages_per_connection": 1})  # each delivery greeted afresh
     a_cfg, b_cfg = files["SiteA"][1], files["SiteB"][1]
     async with running_site(b_cfg) as b, running_site(a_cfg) as a:
         # SiteB defers RCPT: SiteA retries (its queue shows the attempts and SiteB's reply)
@@ -189,7 +189,6 @@ async def test_peer_faults_show_in_the_senders_queue(tmp_path):
         await admin(b, "DELETE", "/faults")
 
         # SiteB refuses connections for the next 2 sessions: SiteA's queue shows the 421, then delivers
-        a.smtp_client.close_idle()  # a pooled connection would skip the greeting
         await admin(b, "POST", "/faults", {"stage": "connect", "reply": "421 4.3.2 fault: not now", "sessions": 2})
         await submit(a, ["User2@SiteB.microsoft.com"], message("refused at connect"))
         env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 1), None))
@@ -199,7 +198,6 @@ async def test_peer_faults_show_in_the_senders_queue(tmp_path):
         await admin(b, "DELETE", "/faults")
 
         # SiteB answers DATA slower than SiteA waits: a timeout, retried, delivered when the fault is cleared
-        a.smtp_client.close_idle()
         await admin(b, "POST", "/faults", {"kind": "latency", "stage": "data", "delay": "5s"})
         await submit(a, ["User2@SiteB.microsoft.com"], message("slow peer"))
         env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 1), None), timeout=20)

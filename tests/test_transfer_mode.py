@@ -18,7 +18,7 @@ from sitekit import (
 )
 
 from imsrelay.cli import main
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 
 
 def mapping_for(peer_port: int, **extra):

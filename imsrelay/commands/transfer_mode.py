@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 
 from imsrelay.admin_client import cli_call, ensure_offline
-from imsrelay.cli import UserError
 from imsrelay.commands import add_site_options
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory
+from imsrelay.errors import UserError
 from imsrelay.transfer_mode import MODE_NAMES, TRANSFER_MODE_KEY, parse_mode
 
 
