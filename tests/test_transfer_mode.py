@@ -19,6 +19,7 @@ from sitekit import (
 
 from imsrelay.cli import main
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.transfer_mode import TransferMode
 
 
 def mapping_for(peer_port: int, **extra):
@@ -110,8 +111,6 @@ async def test_a_transaction_under_way_when_the_mode_changes_gets_a_4xx(tmp_path
                 mail = s.mail("User1@SiteA.microsoft.com")
                 return code, reply + b" | " + str(mail[0]).encode() + b" " + mail[1]
 
-        from imsrelay.transfer_mode import TransferMode
-
         mode_none = TransferMode.NONE
         loop = asyncio.get_running_loop()
         code, reply = await asyncio.to_thread(transaction)
@@ -147,3 +146,25 @@ async def test_user_errors_are_one_line(tmp_path, capsys):
         assert err.value.status == 400 and "not a transfer mode" in str(err.value)
     assert await cli("transfer-mode", "set", "sideways", "--offline", "--config", str(tmp_path / "x.toml")) == 2
     assert "not a transfer mode" in capsys.readouterr().err
+
+
+async def test_held_mail_stays_held_across_a_restart_and_goes_when_released(tmp_path):
+    port = free_port()
+    peer = Peer()
+    server = await start_peer("127.0.0.1", port, peer)
+    config = config_for(tmp_path, port)
+    try:
+        async with running_site(config) as site:
+            await site.set_transfer_mode(TransferMode.INBOUND)
+            await submit(site, ["bob@partner.test"], message("kept"))
+            await wait_for(lambda: site.qmgr.held_messages() == 1)
+        async with running_site(config) as site:  # the journal and the mode both survive
+            await wait_for(lambda: site.qmgr.held_messages() == 1)
+            await asyncio.sleep(0.8)
+            assert peer.messages == []
+            await admin(site, "PUT", "/transfer-mode", {"mode": "inbound-outbound"})
+            await wait_for(lambda: len(peer.messages) == 1)
+            await wait_for(lambda: not queued(site))
+    finally:
+        server.close()
+    assert peer.subjects() == ["kept"]
