@@ -107,6 +107,8 @@ class Site:
         except Exception:
             self.directory.close()
             self.spool.close()
+            if self.protocol_log is not None:
+                self.protocol_log.close()
             raise
 
     async def _wait_for_provisioning(self, timeout: float = 60.0) -> None:
