@@ -23,6 +23,8 @@ GET      /faults                     faults on demand now in force
 POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
 DELETE   /faults[/ID]                clear every fault, or one
 GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
+GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
 
 Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
@@ -45,6 +47,7 @@ from imsrelay.directory import Directory, DirectoryError
 from imsrelay.errors import ConfigError
 from imsrelay.faults import FaultBook, FaultError
 from imsrelay.kcc import KccResult
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
 from imsrelay.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.objects import Mailbox
 from imsrelay.replication import ReplicationError, Replicator
@@ -127,6 +130,7 @@ class AdminServer:
         r.add_delete("/faults", self.delete_faults)
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
+        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -151,6 +155,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
+            return await handler(request)
         if request.path == "/metrics" and not self.site.config.metrics.require_token:
             return await handler(request)  # scrapers need no token unless asked for
         header = request.headers.get("Authorization", "")
@@ -171,8 +177,10 @@ class AdminServer:
             raise
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except _BadRequest as exc:
+        except (_BadRequest, BadRequest) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except Missing as exc:
+            return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
@@ -266,17 +274,7 @@ class AdminServer:
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        items = []
-        for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
-            held = self.site.qmgr.held_recipients(env.queue_id)
-            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
-                          "received_at": env.received_at, "size": env.size,
-                          "priority": env.extra.get("priority", "normal"),
-                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                                          "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic, "held": held.get(r.address)}
-                                         for r in env.recipients]})
-        return web.json_response({"messages": items})
+        return web.json_response({"messages": queue_items(self.site.qmgr)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

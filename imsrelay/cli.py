@@ -32,6 +32,7 @@ COMMANDS = {
     "org-setup": "imsrelay.commands.org_setup",
     "transfer-mode": "imsrelay.commands.transfer_mode",
     "faults": "imsrelay.commands.faults",
+    "track": "imsrelay.commands.track",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 

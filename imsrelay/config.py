@@ -54,6 +54,7 @@ from imsrelay.settings import (
     SiteConfig,
     SmtpConfig,
     TlsPolicy,
+    TrackingConfig,
     TransferConfig,
 )
 from imsrelay.transfer_mode import parse_mode
@@ -63,8 +64,7 @@ __all__ = [
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
     "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
     "ConnectionsConfig", "DiagnosticsConfig", "EtrnConfig", "EtrnRequest", "MetricsConfig", "NotificationsConfig",
-    "TransferConfig",
-    "config_from_mapping", "load_config", "parse_duration",
+    "TransferConfig", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -518,6 +518,12 @@ def _load_transfer(t: _Section) -> TransferConfig:
     return cfg
 
 
+def _load_tracking(t: _Section) -> TrackingConfig:
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    t.reject_unknown()
+    return cfg
+
+
 def _load_connections(c: _Section) -> ConnectionsConfig:
     cfg = _build(ConnectionsConfig, max_outbound=c.integer("max_outbound", minimum=1),
                  max_outbound_per_host=c.integer("max_outbound_per_host", minimum=1),
@@ -641,6 +647,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     etrn = _load_etrn(root.table_of("etrn"))
     diagnostics = _load_diagnostics(root.table_of("diagnostics"))
     metrics = _load_metrics(root.table_of("metrics"))
+    tracking = _load_tracking(root.table_of("tracking"))
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
@@ -654,7 +661,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, tracking=tracking,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
     )

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from imsrelay import dsn, maildir
+from imsrelay import dsn, maildir, tracking
 from imsrelay.config import DeliveryConfig
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.metrics import SiteMetrics
@@ -95,8 +95,11 @@ class QueueManager:
     def __init__(self, spool: Spool, *, inputs: QueueInputs, transport: Transport,
                  directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
                  delivery: DeliveryConfig, data_dir: Path, hostname: str, log: Any,
-                 priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time) -> None:
+                 priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time,
+                 tracking_log: tracking.TrackingLog | None = None) -> None:
+        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
         self.spool = spool
+        self.tracking = tracking_log
         self.inputs = inputs
         self.transport = transport
         self.directory_deliver = directory_deliver
@@ -319,6 +322,7 @@ class QueueManager:
             elif action == "delete" and qid in self.envelopes:
                 self.forget(qid)  # an attempt under way is not recorded
                 await self.spool.remove(qid)
+                self._note(tracking.DELETED, qid)
                 self.log.info("queue.deleted", queue_id=qid)
 
     async def _compact(self) -> None:
@@ -393,12 +397,55 @@ class QueueManager:
                 return
         groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
         for r, route in routed:
+            if r.route != route.destination:  # a new decision (first attempt, or the route changed)
+                self._track_route(env, r, route)
             r.route = route.destination
             groups[route.destination].append((r, route))
 
         results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
         recorded = [rec for group in results for rec in group]
         await self._record(env, message, recorded)
+
+    # ------------------------------------------------------------ message tracking
+
+    def _note(self, event: str, queue_id: str, **fields: Any) -> None:
+        """Record a message tracking event (when the site keeps them)."""
+        if self.tracking is not None:
+            self.tracking.record(event, queue_id, **fields)
+
+    def _track_route(self, env: Envelope, r: RecipientState, route: Route) -> None:
+        if route.kind == LOCAL:
+            where = f"local mailbox {route.mailbox}"
+        elif route.kind == DIRECTORY:
+            where = "this site's directory service (replication)"
+        elif route.kind == RELAY:
+            where = f"SMTP to {route.host}:{route.port}"
+        elif route.kind == MX:
+            where = f"SMTP to the MX hosts of {route.domain}"
+        else:
+            where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
+        self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
+                    to_site=route.site, why="; ".join(route.steps))
+
+    def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome, event: str) -> None:
+        if event == "delivery.delivered":
+            kind, _, mailbox = (r.route or "").partition(":")
+            if kind == LOCAL:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address, mailbox=f"mailbox {mailbox}",
+                            diagnostic=o.diagnostic)
+            elif kind == DIRECTORY:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                            mailbox="the directory service (replication)", replication=True)
+            else:
+                self._note(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
+                            remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
+        elif event == "delivery.deferred":
+            self._note(tracking.DEFERRED, env.queue_id, recipient=r.address, status=o.status,
+                        diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts, next_attempt=r.next_attempt)
+        elif event in ("delivery.failed", "delivery.expired"):
+            self._note(tracking.FAILED if event == "delivery.failed" else tracking.EXPIRED, env.queue_id,
+                        recipient=r.address, status=r.status, diagnostic=r.diagnostic, remote=o.remote,
+                        attempts=r.attempts)
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
@@ -468,6 +515,7 @@ class QueueManager:
                 self.log.info(step.event, outcome=outcome, priority=env.extra.get("priority", NORMAL), **fields)
             else:
                 self.log.info(step.event, outcome=outcome, **fields)
+            self._track_outcome(env, r, o, step.event)
             if step.ndr:
                 bounce.append((r, step))
             elif step.suppressed:
@@ -528,6 +576,8 @@ class QueueManager:
         await self.inputs.enqueue_local(ndr, report)
         if not delay:
             self.inputs.metrics.ndrs.inc()
+        self._note(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id, ndr_id=ndr.queue_id,
+                    recipients=[r.address for r in recipients])
         self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
                       queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
                       recipients=[r.address for r in recipients])

@@ -146,6 +146,14 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
+
+    enabled: bool = True
+    days: int = 7  # events older than this are deleted
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -243,6 +251,7 @@ class SiteConfig:
     etrn: EtrnConfig = field(default_factory=EtrnConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def hostname(self) -> str:

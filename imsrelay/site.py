@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from imsrelay import dsn, kcc, loops
+from imsrelay import dsn, kcc, loops, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.admin import AdminServer
 from imsrelay.config import SiteConfig
@@ -29,11 +29,13 @@ from imsrelay.faults import Fault, FaultBook
 from imsrelay.interfaces import site_endpoints
 from imsrelay.logs import site_logger
 from imsrelay.loops import SelfEndpoints
+from imsrelay.message_store import MessageStore
 from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox, SiteObject
 from imsrelay.outbound import CostedTransport
 from imsrelay.policy import InboundPolicy
 from imsrelay.protocol_log import ProtocolLog
+from imsrelay.readiness import Readiness
 from imsrelay.replication import Replicator
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import (
@@ -86,8 +88,11 @@ class Site:
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
+        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
+                                             days=config.tracking.days, enabled=config.tracking.enabled,
+                                             clock=clock)
         transport = CostedTransport(self.smtp_client, faults=self.faults, metrics=self.metrics, log=self.log)
-        self.qmgr = QueueManager(self.spool, inputs=self, transport=transport,
+        self.qmgr = QueueManager(self.spool, inputs=self, transport=transport, tracking_log=self.tracking,
                                  directory_deliver=self._directory_deliver, delivery=config.delivery,
                                  data_dir=config.data_dir, hostname=config.hostname, log=self.log,
                                  priorities=config.priorities, clock=clock)
@@ -102,6 +107,14 @@ class Site:
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        self._provisioned = False
+        self._recovered = False
+        self.readiness = Readiness()
+        self.readiness.add("listening", lambda: None if self._server is not None else "the SMTP port is not open yet")
+        self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
+        self.readiness.add("directory provisioned",
+                           lambda: None if self._provisioned else "the directory is not provisioned yet")
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -134,6 +147,18 @@ class Site:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.admin is not None:  # first, so that /health and /ready answer while the site starts
+            await self.admin.start()
+        try:
+            await self.tracking.start()
+            await self._start_parts()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.stop()
+            await self.tracking.stop()
+            raise
+
+    async def _start_parts(self) -> None:
         cfg = self.config
         if self.worker == 0:
             provisioned = await self.directory.run(
@@ -146,6 +171,7 @@ class Site:
             await self._wait_for_provisioning()
         if self.worker == 0:
             await self.directory.run(self._initial_transfer_mode)
+        self._provisioned = True
         await self.refresh()
         loop = asyncio.get_running_loop()
 
@@ -160,6 +186,7 @@ class Site:
                 self.qmgr.submit(env)
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
+        self._recovered = True
         tls = self._tls_context()
         factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls)
 
@@ -174,8 +201,6 @@ class Site:
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
-        if self.admin is not None:
-            await self.admin.start()
         if self.worker == 0:
             self._etrn_tasks = [asyncio.create_task(etrn_schedule(self, r), name=f"etrn-{r.host}")
                                 for r in cfg.etrn.requests]
@@ -203,6 +228,7 @@ class Site:
         await asyncio.gather(*self._etrn_tasks, return_exceptions=True)
         await self.qmgr.stop()
         await self.smtp_client.close()
+        await self.tracking.stop()
         self.spool.close()
         self.directory.close()
         if self.protocol_log is not None:
@@ -416,13 +442,21 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
         self.metrics.messages_in.inc()
         self.metrics.bytes_in.inc(len(message))
 
+    def _track_received(self, env: Envelope, message: bytes) -> None:
+        self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
+                             sender=env.sender, related=env.extra.get("report_for"), origin=env.origin,
+                             client=env.client or None, helo=env.helo or None, size=len(message),
+                             recipients=[r.address for r in env.recipients])
+
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))

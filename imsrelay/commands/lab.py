@@ -9,7 +9,7 @@ from pathlib import Path
 
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.errors import UserError
-from imsrelay.lab import STAGE_NAMES, STAGES, Lab, stage_index
+from imsrelay.lab import API_HOST, STAGE_NAMES, STAGES, Lab, stage_index
 from imsrelay.logs import configure_logging
 
 
@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
     p.add_argument("--admin-port", type=int, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
+    p.add_argument("--api-host", default=None,
+                   help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
+    p.add_argument("--api-port", type=int, default=8025,
+                   help="port of the lab endpoint (default 8025; 0: any free port)")
     p.add_argument("--stage", default="end",
                    help="stage to reach at start: install … site-addressing-c, or end (default)")
     p.add_argument("--exchange-timers", action="store_true",
@@ -64,7 +68,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
-                  say=lambda s: print(s, flush=True))
+                  say=lambda s: print(s, flush=True), api_host=args.api_host or API_HOST, api_port=args.api_port)
         if 0 <= lab.stage and target < lab.stage and args.stage != "end":
             print(f"lab: {data} is already at stage {STAGE_NAMES[lab.stage]}; "
                   f"delete it to start again from {args.stage}")
@@ -74,6 +78,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         try:
             await lab.start(target)
             print(await lab.describe(), flush=True)
+            print("imsrelay lab: ready", flush=True)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
