@@ -21,6 +21,7 @@ from sitekit import (
 from imsrelay.admin_client import AdminRequestError
 from imsrelay.cli import main
 from imsrelay.site import Site
+from imsrelay.tracking import TrackingEvent, TrackingQuery
 
 HOSTS = {"SiteA": "127.0.0.31", "SiteB": "127.0.0.32"}
 
@@ -166,18 +167,21 @@ async def test_peer_faults_show_in_the_senders_queue(tmp_path):
     async with running_site(b_cfg) as b, running_site(a_cfg) as a:
         # SiteB defers RCPT: SiteA retries (its queue shows the attempts and SiteB's reply)
         fault = await admin(b, "POST", "/faults", {"stage": "rcpt", "reply": "451 4.3.0 fault: try later"})
-        await submit(a, ["User2@SiteB.microsoft.com"], message("deferred by fault"))
+        qid = await submit(a, ["User2@SiteB.microsoft.com"], message("deferred by fault"))
         env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 2), None))
         assert env.recipients[0].status == "4.3.0" and "fault: try later" in env.recipients[0].diagnostic
+        deferred = await wait_for(lambda: tracked(a, qid, "deferred"))  # and in message tracking
+        assert "fault: try later" in deferred[0].detail["diagnostic"]
         await admin(b, "DELETE", f"/faults/{fault['id']}")
         await wait_for(lambda: maildir_messages(b_cfg.data_dir, "User2"))
         await wait_for(lambda: not queued(a))
 
         # SiteB refuses RCPT with a 5xx: SiteA returns an NDR to the sender
         await admin(b, "POST", "/faults", {"stage": "rcpt", "reply": "550 5.1.1 fault: no such user"})
-        await submit(a, ["User2@SiteB.microsoft.com"], message("refused by fault"))
+        qid = await submit(a, ["User2@SiteB.microsoft.com"], message("refused by fault"))
         ndrs = await wait_for(lambda: mailbox(a_cfg.data_dir, "User1"))
         assert "Status: 5.1.1" in status_text(ndrs[0]) and "fault: no such user" in status_text(ndrs[0])
+        assert await wait_for(lambda: tracked(a, qid, "ndr_sent"))
         await admin(b, "DELETE", "/faults")
 
         # SiteB drops connections mid-DATA for the next session: SiteA retries and delivers once
@@ -219,13 +223,15 @@ async def test_a_cut_link_builds_a_replication_backlog_that_drains_when_restored
         assert await cli("faults", "add", "--config", str(a_path), "--kind", "link", "--peer", "SiteB") == 0
         assert "refuse outbound traffic to SiteB" in capsys.readouterr().out
         # both sites keep running: SiteB still reaches SiteA, SiteA cannot send to SiteB
-        await submit(a, ["User2@SiteB.microsoft.com"], message("across a cut link"))
+        qid = await submit(a, ["User2@SiteB.microsoft.com"], message("across a cut link"))
         await admin(a, "POST", "/replication/request-now", {"site": "SiteB"})
         status = await wait_for(lambda: _backlog(a, "SiteB"))
         assert status == 1
         env = await wait_for(lambda: next((e for e in queued(a) if e.recipients[0].attempts >= 2
                                            and e.origin == "smtp"), None))
         assert env.recipients[0].status == "4.4.1" and "link to SiteB is cut" in env.recipients[0].diagnostic
+        deferred = await wait_for(lambda: tracked(a, qid, "deferred"))
+        assert "link to SiteB is cut (fault f1)" in deferred[0].detail["diagnostic"]
         assert maildir_messages(b_cfg.data_dir, "User2") == []
         await submit(b, ["User1@SiteA.microsoft.com"], message("the other way"))
         await wait_for(lambda: maildir_messages(a_cfg.data_dir, "User1"))
@@ -247,6 +253,11 @@ def _backlog(site: Site, peer: str) -> int | None:
     domain = next(c.routing_domain for c in site.config.connected_sites if c.name == peer)
     return site.replicator.backlog(domain)
 
+
+
+async def tracked(site: Site, queue_id: str, event: str) -> list[TrackingEvent]:
+    """The site's message tracking events of one kind for a message."""
+    return [e for e in await site.tracking.query(TrackingQuery(queue_id=queue_id)) if e.event == event]
 
 
 async def _last_reply(site: Site, peer: str) -> float | None:
