@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imsrelay.addresses import AddressError, parse_address, parse_proxy
+from imsrelay.addresses import AddressError, normalise_domain, parse_address, parse_proxy
 from imsrelay.objects import BulkReport, DirObject, Mailbox, SiteObject, Stamp
 
 SCHEMA = """
@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS seen_messages(
     message_id TEXT PRIMARY KEY,
     seen_at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sent_messages(
+    message_id TEXT PRIMARY KEY,
+    peer       TEXT NOT NULL,
+    sent_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections(
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+);
 """
 
 TOMBSTONE_LIFETIME = 30 * 86400.0
@@ -87,6 +96,32 @@ T = TypeVar("T")
 
 class DirectoryError(Exception):
     """A directory operation a user asked for that cannot be done (clear message)."""
+
+
+def site_addressing_domain(smtp_address: str) -> str:
+    """The domain of a Site Addressing value such as ``@microsoft.com`` (normalised);
+    ``DirectoryInputError`` for anything else (``@``, ``@a..b``, ``@-x.com``, a literal)."""
+    text = smtp_address.strip()
+    example = "give the site address as @domain, e.g. @microsoft.com"
+    if not text.startswith("@") or len(text) == 1:
+        raise DirectoryInputError(f"{smtp_address!r} is not a site address: {example}")
+    domain = text[1:]
+    if domain.startswith("["):
+        raise DirectoryInputError(f"{smtp_address!r}: Site Addressing needs a domain name, not an address literal")
+    try:
+        normalised = normalise_domain(domain)
+    except AddressError:
+        raise DirectoryInputError(f"{smtp_address!r} is not a site address: {domain!r} is not a valid domain "
+                                  f"({example})") from None
+    return normalised
+
+
+class DirectoryInputError(DirectoryError):
+    """The request itself is malformed (a bad alias, address or domain): HTTP 400."""
+
+
+class DirectoryNotFound(DirectoryError):
+    """The object asked for does not exist: HTTP 404."""
 
 
 def merge_order(obj: DirObject) -> tuple[Any, ...]:
@@ -126,6 +161,8 @@ class Directory:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        if "sig" not in {r[1] for r in self._db.execute("PRAGMA table_info(objects)").fetchall()}:
+            self._db.execute("ALTER TABLE objects ADD COLUMN sig TEXT NOT NULL DEFAULT ''")  # older databases
         self._executor: ThreadPoolExecutor | None = None
         if self._meta("invocation") is None:
             self._set_meta("invocation", secrets.token_hex(8))
@@ -192,7 +229,7 @@ class Directory:
 
     def _load(self, object_id: str) -> DirObject | None:
         row = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects WHERE object_id=?", (object_id,)).fetchone()
         return _row_object(row) if row else None
 
@@ -200,12 +237,13 @@ class Directory:
         """Write obj (stamped with a fresh local USN) and re-index its addresses."""
         usn = self._next_usn()
         self._db.execute(
-            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn) "
-            "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
+            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
             "home_site=excluded.home_site, version=excluded.version, changed_at=excluded.changed_at, "
-            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn",
+            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn, "
+            "sig=excluded.sig",
             (obj.object_id, obj.kind, obj.home_site, obj.stamp.version, obj.stamp.changed_at,
-             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn))
+             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn, obj.sig))
         self._index_addresses(obj)
 
     @staticmethod
@@ -253,7 +291,7 @@ class Directory:
             self._db.execute("DELETE FROM address_claims")
             self._db.execute("DELETE FROM proxy_addresses")
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE kind='mailbox' AND deleted=0").fetchall()
             for row in rows:
                 obj = _row_object(row)
@@ -285,6 +323,11 @@ class Directory:
         self._store(obj)
         return obj
 
+    def would_change(self, obj: DirObject) -> bool:
+        """Whether merging ``obj`` would change what is stored (it wins the join)."""
+        current = self._load(obj.object_id)
+        return current is None or merge_order(current) < merge_order(obj)
+
     def apply(self, objects: Iterable[DirObject]) -> tuple[int, int]:
         """Merge remote objects; returns (applied, ignored). Greatest stamp wins
         (``merge_order``), so applying twice or in any order gives the same result."""
@@ -315,7 +358,7 @@ class Directory:
         with self._transaction():
             highest = self.highest_usn
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE usn > ? ORDER BY usn", (usn,)).fetchall()
         batches: list[tuple[int, int, list[DirObject]]] = []
         current: list[DirObject] = []
@@ -334,7 +377,7 @@ class Directory:
 
     def all_objects(self) -> list[DirObject]:
         rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects ORDER BY usn").fetchall()
         return [_row_object(r) for r in rows]
 
@@ -420,7 +463,7 @@ class Directory:
                     continue
                 key = parse_address(proxy.address).key
             except AddressError as exc:
-                raise DirectoryError(str(exc)) from None
+                raise DirectoryInputError(str(exc)) from None
             other = self._claimed_by_other(key, object_id)
             if other is not None:
                 raise DirectoryError(f"address {proxy.address} already belongs to {other}")
@@ -429,7 +472,7 @@ class Directory:
                     extra_addresses: Sequence[str] = ()) -> Mailbox:
         """Create a mailbox homed at this site, addressed by the site's Site Addressing."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
-            raise DirectoryError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+            raise DirectoryInputError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
         existing = self._load(mailbox_id(self.site, alias))
         if existing is not None and not existing.deleted:
             raise DirectoryError(f"mailbox {alias} already exists at {self.site}")
@@ -448,7 +491,7 @@ class Directory:
     def delete_mailbox(self, alias: str) -> None:
         obj = self._load(mailbox_id(self.site, alias))
         if obj is None or obj.deleted:
-            raise DirectoryError(f"no mailbox {alias} at {self.site}")
+            raise DirectoryNotFound(f"no mailbox {alias} at {self.site}")
         with self._transaction():
             self._local_change(obj.object_id, "mailbox", obj.data, deleted=True)
         self._notify()
@@ -483,9 +526,7 @@ class Directory:
                             keep_old: bool = True) -> BulkReport:
         """Change this site's SMTP Site Addressing; optionally re-address every local
         mailbox (new primary ``alias@new``; the old primary kept as secondary or dropped)."""
-        if not smtp_address.startswith("@"):
-            raise DirectoryError(f"{smtp_address!r} must look like @example.com")
-        new_domain = parse_address("x" + smtp_address).domain
+        new_domain = site_addressing_domain(smtp_address)
         site = self._load(site_id(self.site))
         if site is None:
             raise DirectoryError("this site is not provisioned")
@@ -566,6 +607,26 @@ class Directory:
         return True
 
 
+    def remember_sent(self, message_id: str, peer: str, max_age: float) -> None:
+        """A replication message this site sent (an NDR about it is believed)."""
+        now = self.clock()
+        with self._transaction():
+            self._db.execute("DELETE FROM sent_messages WHERE sent_at < ?", (now - max_age,))
+            self._db.execute("INSERT OR REPLACE INTO sent_messages(message_id, peer, sent_at) VALUES(?,?,?)",
+                             (message_id.lower(), peer, now))
+
+    def sent_to(self, message_id: str) -> str | None:
+        row = self._db.execute("SELECT peer FROM sent_messages WHERE message_id=?", (message_id.lower(),)).fetchone()
+        return row[0] if row else None
+
+    def count_rejection(self, reason: str) -> None:
+        self._db.execute("INSERT INTO rejections(reason, count) VALUES(?, 1) "
+                         "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT reason, count FROM rejections").fetchall())
+
+
 class _Tx:
     """BEGIN IMMEDIATE … COMMIT, nestable (inner levels are no-ops)."""
 
@@ -589,4 +650,5 @@ class _Tx:
 
 
 def _row_object(row: Sequence[Any]) -> DirObject:
-    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8])
+    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8],
+                     sig=row[9] if len(row) > 9 else "")

@@ -21,6 +21,7 @@ URGENT = "urgent"
 NORMAL = "normal"
 NON_URGENT = "non-urgent"
 PRIORITIES = (URGENT, NORMAL, NON_URGENT)
+MAX_HEADER_SCAN = 64 * 1024  # the priority headers are read from the first 64 KiB of the header (runs on the loop)
 
 _HEADER = re.compile(rb"^(priority|importance|x-priority)[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
                      re.IGNORECASE | re.MULTILINE)
@@ -81,7 +82,7 @@ def priority_of(message: bytes) -> str:
     end = message.find(b"\r\n\r\n")
     if end < 0:
         end = message.find(b"\n\n")
-    header = message if end < 0 else message[:end + 2]
+    header = (message if end < 0 else message[:end + 2])[:MAX_HEADER_SCAN]
     found: dict[str, str] = {}
     for m in _HEADER.finditer(header):
         name = m.group(1).decode("ascii").lower()

@@ -51,6 +51,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import ssl
@@ -152,6 +153,23 @@ def data_timeout(size: int, command_timeout: float, per_mib: float) -> float:
     return command_timeout + per_mib * size / MIB
 
 
+def source_address_for(listen: str, destination: str) -> str | None:
+    """The address outbound connections come from (Postfix's ``smtp_bind_address``):
+    the site's listen address when it is one specific IP of the destination's family —
+    so a peer's ``Received:`` line names this site — else the system's choice.  A
+    loopback listen address is used only towards loopback destinations."""
+    try:
+        own = ipaddress.ip_address(listen)
+        dest = ipaddress.ip_address(destination.split("%")[0])
+    except ValueError:
+        return None
+    if own.is_unspecified or own.version != dest.version:
+        return None
+    if own.is_loopback and not dest.is_loopback:
+        return None
+    return str(own)
+
+
 def remote_name(hop: NextHop) -> str:
     address = f"[{hop.address}]" if ":" not in hop.address else f"[IPv6:{hop.address}]"
     return f"{hop.host} {address}:{hop.port}"
@@ -222,6 +240,7 @@ class SmtpClient:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._tls_context = _opportunistic_tls_context()
+        self._verify_context: ssl.SSLContext | None = None  # built on first use (reads the CA bundle)
         self.connections_opened = 0  # counters, for tests and the admin endpoint
         self.connections_reused = 0
         self.metrics = metrics
@@ -416,8 +435,10 @@ class SmtpClient:
         cfg = self.delivery
         remote = remote_name(hop)
         peer = f"{hop.address}:{hop.port}"
+        source = source_address_for(self.config.smtp.listen, hop.address)
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
-                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False)
+                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False,
+                                 source_address=(source, 0) if source else None)
         session = session_id() if self.protocol_log is not None else ""
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
@@ -453,16 +474,16 @@ class SmtpClient:
         try:
             await self._hello(conn, log)
             offered = client.supports_extension("starttls")
-            if policy == "require" and not offered:
+            if policy in ("require", "verify") and not offered:
                 raise _SessionFailure(Outcome.temporary(
                     "4.7.4", f"TLS is required, but was not offered by host {remote}", remote))
-            use_tls = offered and (policy == "require" or (
+            use_tls = offered and (policy in ("require", "verify") or (
                 policy == "opportunistic" and allow_tls and state.tls_broken_until <= self.clock()))
             if use_tls:
                 try:
                     await self._starttls(conn, log)
                 except _SessionFailure:
-                    if policy == "require":
+                    if policy in ("require", "verify"):
                         raise
                     state.tls_broken_until = self.clock() + TLS_BROKEN_HOLD
                     client.close()
@@ -500,10 +521,14 @@ class SmtpClient:
 
     async def _starttls(self, conn: _Connection, log: Any) -> None:
         client = conn.client
-        server_name = conn.hop.host if ip_literal(conn.hop.host) is None else None
+        server_name: str | None
+        if conn.policy == "verify":  # the certificate must name the host we meant to reach
+            context, server_name = self._verifying_context(), conn.hop.host.strip("[]")
+        else:
+            context, server_name = self._tls_context, (conn.hop.host if ip_literal(conn.hop.host) is None else None)
         try:
             self._trace(conn, "C", "STARTTLS")
-            reply = await client.starttls(tls_context=self._tls_context, server_hostname=server_name,
+            reply = await client.starttls(tls_context=context, server_hostname=server_name,
                                           timeout=self.delivery.command_timeout)
             self._trace_reply(conn, reply.code, reply.message)
         except SMTPResponseException as exc:
@@ -523,6 +548,12 @@ class SmtpClient:
                  version=ssl_object.version() if ssl_object else None,
                  cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None)
         await self._hello(conn, log)
+
+    def _verifying_context(self) -> ssl.SSLContext:
+        if self._verify_context is None:
+            ca = self.delivery.tls_ca_file
+            self._verify_context = verifying_tls_context(str(ca) if ca else None)
+        return self._verify_context
 
     def _release(self, conn: _Connection, state: _HopState, log: Any) -> None:
         conn.queue_id = None
@@ -702,6 +733,14 @@ def _connect_error(exc: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(cause) or type(cause).__name__
+
+
+def verifying_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Postfix's "secure"/"verify" level: the peer's certificate must chain to a
+    trusted CA (``ca_file``, else the system's store) and name the host."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _opportunistic_tls_context() -> ssl.SSLContext:
