@@ -5,6 +5,8 @@ submission, and the running site's admin endpoint called from a thread."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import email
 import email.policy
 import smtplib
@@ -103,9 +105,15 @@ def send(port: int, rcpts: list[str], data: bytes, *, sender: str = USER1, host:
         return reply.decode().rsplit(" ", 1)[-1]
 
 
+# Clients get threads of their own: blocking smtplib sessions in the loop's default
+# executor would take the threads the site under test needs for its own work.
+CLIENTS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="test-client")
+
+
 async def submit(site: Any, rcpts: list[str], data: bytes | None = None, **kw: Any) -> str:
     kw.setdefault("host", site.config.smtp.listen)
-    return await asyncio.to_thread(send, site.bound_port, rcpts, data or message(), **kw)
+    call = functools.partial(send, site.bound_port, rcpts, data or message(), **kw)
+    return await asyncio.get_running_loop().run_in_executor(CLIENTS, call)
 
 
 def queued(site: Any) -> list:
