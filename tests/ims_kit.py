@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import email
 import email.policy
+import functools
 import smtplib
 from pathlib import Path
 from typing import Any
