@@ -22,6 +22,12 @@ GET      /site-addressing            this site's Site Addressing
 POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
 GET      /queue                      queued messages and their recipients
 POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+GET      /transfer-mode              the Transfer mode and how many messages it holds
+PUT      /transfer-mode              ``{mode}``: change it now (kept across restarts)
+GET      /faults                     faults on demand now in force
+POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
+DELETE   /faults[/ID]                clear every fault, or one
+GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
 GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
 GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
@@ -49,8 +55,10 @@ from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
+from imsrelay.faults import FaultBook, FaultError
 from imsrelay.kcc import KccResult
 from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
+from imsrelay.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.objects import Mailbox
 from imsrelay.policy import InboundPolicy
 from imsrelay.replication import ReplicationError, Replicator
@@ -58,6 +66,7 @@ from imsrelay.restrictions_report import Question, explain, site_rules
 from imsrelay.router import RoutingTable
 from imsrelay.site_addressing import report_dict, site_addressing_job
 from imsrelay.spool import Spool
+from imsrelay.transfer_mode import TransferMode, parse_mode
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
@@ -106,6 +115,14 @@ class AdminSite(Protocol):
 
     def inbound_policy(self) -> InboundPolicy: ...
 
+    # the IMS's connection controls
+    transfer_mode: TransferMode
+    faults: FaultBook
+    metrics: SiteMetrics
+    clock: Callable[[], float]
+
+    async def set_transfer_mode(self, mode: TransferMode) -> TransferMode: ...
+
 
 class AdminServer:
     def __init__(self, site: AdminSite) -> None:
@@ -135,6 +152,13 @@ class AdminServer:
         r.add_post("/site-addressing", self.post_site_addressing)
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
+        r.add_get("/transfer-mode", self.get_transfer_mode)
+        r.add_put("/transfer-mode", self.put_transfer_mode)
+        r.add_get("/faults", self.get_faults)
+        r.add_post("/faults", self.post_fault)
+        r.add_delete("/faults", self.delete_faults)
+        r.add_delete("/faults/{fault_id}", self.delete_faults)
+        r.add_get("/metrics", self.get_metrics)
         MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
@@ -162,6 +186,8 @@ class AdminServer:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
             return await handler(request)
+        if request.path == "/metrics" and not self.site.config.metrics.require_token:
+            return await handler(request)  # scrapers need no token unless asked for
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -343,7 +369,8 @@ class AdminServer:
         return own + [e for e in others if e.queue_id not in known]
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"messages": envelope_items(await self._all_envelopes())})
+        return web.json_response({"messages": envelope_items(await self._all_envelopes(),
+                                                             held=self.site.qmgr.held_recipients)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}
@@ -351,6 +378,46 @@ class AdminServer:
         if queue_id and queue_id not in self.site.qmgr.envelopes:
             return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
         return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+
+
+    async def get_transfer_mode(self, request: web.Request) -> web.Response:
+        return web.json_response({"site": self.site.config.site, "mode": self.site.transfer_mode.value,
+                                  "held_messages": self.site.qmgr.held_messages()})
+
+    async def put_transfer_mode(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            mode = parse_mode(_field(body, "mode", str, required=True))
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        previous = await self.site.set_transfer_mode(mode)
+        return web.json_response({"site": self.site.config.site, "mode": mode.value, "previous": previous.value})
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response({"site": self.site.config.site, "faults": self.site.faults.listing()})
+
+    async def post_fault(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            fault = self.site.faults.add(body)
+        except FaultError as exc:
+            raise _BadRequest(str(exc)) from None
+        return web.json_response(fault.as_dict(remaining=fault.sessions, now=self.site.clock()), status=201)
+
+    async def delete_faults(self, request: web.Request) -> web.Response:
+        fault_id = request.match_info.get("fault_id")
+        try:
+            removed = self.site.faults.clear([fault_id] if fault_id else None)
+        except FaultError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        if not self.site.config.metrics.enabled:
+            return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
+                                     status=404)
+        body = await self.site.metrics.render(self.site)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 class _BadRequest(Exception):

@@ -32,6 +32,8 @@ COMMANDS = {
     "site-addressing": "imsrelay.commands.site_addressing",
     "lab": "imsrelay.commands.lab",
     "org-setup": "imsrelay.commands.org_setup",
+    "transfer-mode": "imsrelay.commands.transfer_mode",
+    "faults": "imsrelay.commands.faults",
     "track": "imsrelay.commands.track",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))

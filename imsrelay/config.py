@@ -30,20 +30,31 @@ from imsrelay.addresses import (
 )
 from imsrelay.auth import MECHANISMS, PasswordError, parse_hash
 from imsrelay.errors import ConfigError, ConfigErrors
+from imsrelay.priority import PriorityTimeouts, Timeouts
 from imsrelay.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
 from imsrelay.settings import (
     ADDRESS_LITERAL_POLICIES,
     DEFAULT_LIFETIME,
+    DEFAULT_NON_URGENT_LIFETIME,
     DEFAULT_RETRY_INTERVALS,
+    DEFAULT_URGENT_LIFETIME,
+    DIAGNOSTIC_CATEGORIES,
+    DIAGNOSTIC_LEVELS,
     REPLICATION_ALWAYS,
     AdminConfig,
     AuthConfig,
     ConnectedSite,
+    ConnectionsConfig,
     DeliveryConfig,
+    DiagnosticsConfig,
     DnsConfig,
     DomainRoute,
+    EtrnConfig,
+    EtrnRequest,
     LoggingConfig,
     MailboxConfig,
+    MetricsConfig,
+    NotificationsConfig,
     ReplicationConfig,
     ReplicationConnector,
     RestrictionsConfig,
@@ -53,7 +64,9 @@ from imsrelay.settings import (
     SubmissionConfig,
     TlsPolicy,
     TrackingConfig,
+    TransferConfig,
 )
+from imsrelay.transfer_mode import parse_mode
 
 __all__ = [
     "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "AuthConfig",
@@ -61,6 +74,8 @@ __all__ = [
     "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
     "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
     "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+    "ConnectionsConfig", "DiagnosticsConfig", "EtrnConfig", "EtrnRequest", "MetricsConfig", "NotificationsConfig",
+    "TransferConfig",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -454,8 +469,16 @@ def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
         elif routing is not MISSING:
             routing = _domain(c, "routing_address", routing[1:])
         cost = c.integer("cost", minimum=0, maximum=100)
+        via = c.string("host")
+        via_host, via_port = MISSING, c.port("port")
+        if via not in (MISSING, ""):
+            try:
+                via_host, via_port = parse_host_port(via, 25 if via_port is MISSING else via_port)
+            except ValueError as exc:
+                c.error("host", str(exc))
         if name is not MISSING and routing is not MISSING:
-            connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost))
+            connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost,
+                                    host=via_host, port=via_port))
         c.reject_unknown()
     return tuple(connected)
 
@@ -469,9 +492,10 @@ def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
         host = _host(e, "host")
         port = e.port("port")
         starttls = e.choice("starttls", STARTTLS_POLICIES)
+        etrn = e.boolean("etrn")
         if domain is not MISSING and host is not MISSING:
             routes.append(_build(DomainRoute, domain=("#" if exact else "") + domain, host=host, port=port,
-                                 starttls=starttls))
+                                 starttls=starttls, etrn=etrn))
         e.reject_unknown()
     return tuple(routes)
 
@@ -494,9 +518,9 @@ def _public_key(t: _Section, site: str) -> Any:
 def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
     connectors = []
     for c in r.tables("connectors"):
-        if c.table.get("schedule", "always") == "always":
+        if c.table.get("schedule") == "always":
             c.used.add("schedule")
-            schedule: Any = MISSING
+            schedule: Any = REPLICATION_ALWAYS
         else:
             schedule = c.duration("schedule", off=None)
         site = c.string("site", required=True)
@@ -542,6 +566,18 @@ def _load_logging(lg: _Section) -> LoggingConfig:
     cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
                  format=lg.choice("format", LOG_FORMATS))
     lg.reject_unknown()
+    return cfg
+
+
+def _load_transfer(t: _Section) -> TransferConfig:
+    mode = t.string("mode")
+    if mode is not MISSING:
+        try:
+            mode = parse_mode(mode).value
+        except ValueError as exc:
+            mode = t.error("mode", str(exc))
+    cfg = _build(TransferConfig, mode=mode)
+    t.reject_unknown()
     return cfg
 
 
@@ -621,6 +657,78 @@ def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
     return cfg
 
 
+def _load_connections(c: _Section) -> ConnectionsConfig:
+    cfg = _build(ConnectionsConfig, max_outbound=c.integer("max_outbound", minimum=1),
+                 max_outbound_per_host=c.integer("max_outbound_per_host", minimum=1),
+                 messages_per_connection=c.integer("messages_per_connection", minimum=0))
+    c.reject_unknown()
+    return cfg
+
+
+def _load_priorities(p: _Section, delivery: DeliveryConfig) -> PriorityTimeouts:
+    """Urgent and non-urgent Time-outs; normal ones are delivery.lifetime / delay_notice."""
+    def get(value: Any, default: float | None) -> float | None:
+        return default if value is MISSING else value
+
+    urgent_lifetime = get(p.duration("urgent_lifetime"), DEFAULT_URGENT_LIFETIME)
+    non_urgent_lifetime = get(p.duration("non_urgent_lifetime"), DEFAULT_NON_URGENT_LIFETIME)
+    assert urgent_lifetime is not None and non_urgent_lifetime is not None
+    cfg = PriorityTimeouts(
+        urgent=Timeouts(urgent_lifetime, get(p.duration("urgent_delay_notice", off=None), delivery.delay_notice)),
+        normal=Timeouts(delivery.lifetime, delivery.delay_notice),
+        non_urgent=Timeouts(non_urgent_lifetime,
+                            get(p.duration("non_urgent_delay_notice", off=None), delivery.delay_notice)))
+    p.reject_unknown()
+    return cfg
+
+
+def _load_notifications(n: _Section) -> NotificationsConfig:
+    cfg = _build(NotificationsConfig, administrator=n.string("administrator"), copy_ndrs=n.boolean("copy_ndrs"))
+    if cfg.copy_ndrs and not cfg.administrator and not any(e.key == n.key("administrator") for e in n.errors):
+        n.error("administrator", "copy_ndrs = true needs the administrator mailbox (alias or address)")
+    n.reject_unknown()
+    return cfg
+
+
+def _load_etrn(e: _Section) -> EtrnConfig:
+    requests = []
+    for r in e.tables("requests"):
+        host, port = MISSING, r.port("port")
+        given = r.string("host", required=True)
+        if given is not MISSING:
+            try:
+                host, port = parse_host_port(given, 25 if port is MISSING else port)
+            except ValueError as exc:
+                r.error("host", str(exc))
+        domain = _domain(r, "domain", r.string("domain", required=True))
+        schedule = r.duration("schedule")
+        if host is not MISSING and domain is not MISSING:
+            requests.append(_build(EtrnRequest, host=host, port=port, domain=domain, schedule=schedule))
+        r.reject_unknown()
+    cfg = EtrnConfig(_networks(e, "allowed_hosts"), tuple(requests))
+    e.reject_unknown()
+    return cfg
+
+
+def _load_diagnostics(d: _Section) -> DiagnosticsConfig:
+    levels = []
+    for category in DIAGNOSTIC_CATEGORIES:
+        value = d.choice(category, DIAGNOSTIC_LEVELS, fold=True)
+        if value is not MISSING:
+            levels.append((category, value))
+    cfg = _build(DiagnosticsConfig, levels=tuple(levels),
+                 protocol_log_max_bytes=d.integer("protocol_log_max_bytes", minimum=4096),
+                 protocol_log_files=d.integer("protocol_log_files", minimum=1, maximum=100))
+    d.reject_unknown()
+    return cfg
+
+
+def _load_metrics(m: _Section) -> MetricsConfig:
+    cfg = _build(MetricsConfig, enabled=m.boolean("enabled"), require_token=m.boolean("require_token"))
+    m.reject_unknown()
+    return cfg
+
+
 def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig:
     """Load and validate one site's TOML file; raise ``ConfigErrors`` (every problem
     of the file) or ``ConfigError`` (the file cannot be read or parsed)."""
@@ -665,6 +773,13 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"), config_dir)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    transfer = _load_transfer(root.table_of("transfer"))
+    connections = _load_connections(root.table_of("connections"))
+    priorities = _load_priorities(root.table_of("priorities"), delivery)
+    notifications = _load_notifications(root.table_of("notifications"))
+    etrn = _load_etrn(root.table_of("etrn"))
+    diagnostics = _load_diagnostics(root.table_of("diagnostics"))
+    metrics = _load_metrics(root.table_of("metrics"))
     routing = _load_routing(root.table_of("routing"))
     tracking = _load_tracking(root.table_of("tracking"))
     auth = _load_auth(root.table_of("auth"))
@@ -691,4 +806,6 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions,
+        transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
+        etrn=etrn, diagnostics=diagnostics, metrics=metrics,
     )

@@ -37,8 +37,10 @@ from typing import Any, Protocol
 from imsrelay import dsn, maildir, tracking
 from imsrelay.config import DeliveryConfig
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox
 from imsrelay.outcome import Outcome
+from imsrelay.priority import NORMAL, PriorityTimeouts
 from imsrelay.queue_rules import (
     RetryPolicy,
     Transition,
@@ -112,12 +114,20 @@ class QueueInputs(Protocol):
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None: ...
 
+    def hold_reason(self, queue_id: str, route: Route) -> str | None: ...
+
+    async def ndr_copy_address(self) -> str | None: ...
+
+    @property
+    def metrics(self) -> SiteMetrics: ...
+
 
 class QueueManager:
     def __init__(self, spool: Spool, *, inputs: QueueInputs, transport: Transport,
                  directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
                  delivery: DeliveryConfig, data_dir: Path, hostname: str, log: Any,
-                 clock: Callable[[], float] = time.time, tracking_log: tracking.TrackingLog | None = None) -> None:
+                 priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time,
+                 tracking_log: tracking.TrackingLog | None = None) -> None:
         """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
         self.spool = spool
         self.tracking = tracking_log
@@ -126,6 +136,7 @@ class QueueManager:
         self.directory_deliver = directory_deliver
         self.delivery = delivery
         self.policy = RetryPolicy(delivery.retry_intervals, delivery.lifetime, delivery.delay_notice)
+        self.priorities = priorities  # Time-outs by priority (None: delivery.lifetime for every message)
         self.data_dir = data_dir
         self.hostname = hostname
         self.clock = clock
@@ -146,6 +157,8 @@ class QueueManager:
         self._maildirs: set[str] = set()
         self._next_compaction = 0.0
         self._next_control_check = 0.0
+        self._held: dict[str, dict[str, str]] = {}  # queue id -> recipient -> why it waits (transfer mode, ETRN)
+        self.etrn_released: set[str] = set()  # messages an ETRN let go for their next attempt
         self.health = QmgrHealth()
         self._last_trim = -60.0
 
@@ -193,6 +206,8 @@ class QueueManager:
 
     def forget(self, queue_id: str) -> None:
         self.envelopes.pop(queue_id, None)
+        self._held.pop(queue_id, None)
+        self.etrn_released.discard(queue_id)
         body = self._bodies.pop(queue_id, None)
         if body is not None:
             self._body_bytes -= len(body)
@@ -208,9 +223,92 @@ class QueueManager:
         self._wake.set()
 
     def _push(self, env: Envelope) -> None:
-        due = env.next_due()
+        due = self._next_due(env)
         if due is not None:
             heapq.heappush(self._heap, (due, next(self._seq), env.queue_id))
+
+    def _next_due(self, env: Envelope) -> float | None:
+        """When the message has a recipient to attempt; held recipients do not count."""
+        held = self._held.get(env.queue_id)
+        if not held:
+            return env.next_due()
+        times = [r.next_attempt for r in env.pending if r.address not in held]
+        return min(times) if times else None
+
+    # ------------------------------------------------------------ held mail (transfer mode, ETRN)
+
+    def held_recipients(self, queue_id: str) -> dict[str, str]:
+        """Recipient -> why it waits (``transfer:MODE`` or ``etrn:DOMAIN:ENTRY``)."""
+        return dict(self._held.get(queue_id, {}))
+
+    def held_messages(self) -> int:
+        return sum(1 for held in self._held.values() if held)
+
+    def release_held(self, reason_prefix: str) -> int:
+        """Recipients held for a reason starting with ``reason_prefix`` are attempted
+        again (their due times are kept: a recipient waiting for a retry still waits)."""
+        released = 0
+        for qid, held in list(self._held.items()):
+            gone = [a for a, why in held.items() if why.startswith(reason_prefix)]
+            for a in gone:
+                del held[a]
+            if not held:
+                del self._held[qid]
+            env = self.envelopes.get(qid)
+            if gone and env is not None:
+                released += 1
+                self._push(env)
+        self._wake.set()
+        return released
+
+    def release_etrn(self, node: str) -> int:
+        """ETRN ``node`` (RFC 1985; ``@node`` = the domain and its sub-domains): mail held
+        for it is delivered now.  Returns how many messages were started."""
+        node = node.strip().lower()
+        subdomains = node.startswith("@")
+        name = node.lstrip("@#")
+
+        def wanted(reason: str) -> bool:
+            _, domain, entry = reason.split(":", 2)
+            return any(d == name or (subdomains and d.endswith("." + name)) for d in (domain, entry))
+
+        started = 0
+        for qid, held in list(self._held.items()):
+            gone = [a for a, why in held.items() if why.startswith("etrn:") and wanted(why)]
+            if not gone:
+                continue
+            for a in gone:
+                del held[a]
+            if not held:
+                del self._held[qid]
+            env = self.envelopes.get(qid)
+            if env is None:
+                continue
+            started += 1
+            self.etrn_released.add(qid)
+            for r in env.pending:
+                if r.address in gone:
+                    r.next_attempt = min(r.next_attempt, self.clock())
+            self._push(env)
+        self._wake.set()
+        return started
+
+    def _without_held(self, env: Envelope, routed: list[tuple[RecipientState, Route]]
+                      ) -> list[tuple[RecipientState, Route]]:
+        go = []
+        for r, route in routed:
+            reason = self.inputs.hold_reason(env.queue_id, route)
+            if reason is None:
+                go.append((r, route))
+                continue
+            held = self._held.setdefault(env.queue_id, {})
+            if r.address not in held:
+                self.inputs.metrics.deliveries.labels("held").inc()
+                self.log.info("delivery.held", queue_id=env.queue_id, recipient=r.address, reason=reason,
+                              route=route.destination)
+            r.route = route.destination
+            held[r.address] = reason
+        return go
 
     # ------------------------------------------------------------ scheduling
 
@@ -261,7 +359,7 @@ class QueueManager:
                 env = self.envelopes.get(qid)
                 if env is None or qid in self._running:
                     continue
-                due = env.next_due()
+                due = self._next_due(env)
                 if due is None or due > now:
                     continue
                 if self._destination_crowded(env):  # leave room for the other destinations
@@ -329,7 +427,7 @@ class QueueManager:
 
     async def _attempt(self, env: Envelope) -> None:
         try:
-            routed = await self._route_due(env)
+            routed = self._without_held(env, await self._route_due(env))
             async with self._destination_slots(routed), self._limit:
                 await self._deliver(env, routed)
         except asyncio.CancelledError:
@@ -340,6 +438,7 @@ class QueueManager:
                 r.next_attempt = after_internal_error(r, now=self.clock(), policy=self.policy).next_attempt
         finally:
             self._running.discard(env.queue_id)
+            self.etrn_released.discard(env.queue_id)
             body = self._bodies.pop(env.queue_id, None)  # a message that stays waits on disk, not in memory
             if body is not None:
                 self._body_bytes -= len(body)
@@ -355,7 +454,7 @@ class QueueManager:
             return []
         mailboxes = await self.inputs.lookup_mailboxes([r.address for r in due])
         table = await self.inputs.routing_table()
-        return [(r, route_for(r.address, mbx, table)) for r, mbx in zip(due, mailboxes, strict=True)]
+        return [(r, route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
 
     @contextlib.asynccontextmanager
     async def _destination_slots(self, routed: list[tuple[RecipientState, Route]]) -> AsyncIterator[None]:
@@ -493,20 +592,25 @@ class QueueManager:
         """Apply ``queue_rules.after_attempt`` to each outcome: reports are queued
         durably first, only then is a recipient recorded as bounced."""
         now = self.clock()
+        policy = self.policy_for(env)
+        outcomes = self.inputs.metrics.deliveries
         # (read the header only when something failed)
         may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
         bounce: list[tuple[RecipientState, Transition]] = []
         delayed: list[RecipientState] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
-            step = after_attempt(r, o, now=now, received_at=env.received_at, policy=self.policy,
+            step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
                                  may_report=may_report)
             _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
             outcome = step.event.split(".")[1]
+            outcomes.labels(outcome).inc()
             if step.event == "delivery.deferred":
                 self.log.info(step.event, outcome=outcome, next_attempt=r.next_attempt, **fields)
+            elif step.event == "delivery.expired":
+                self.log.info(step.event, outcome=outcome, priority=env.extra.get("priority", NORMAL), **fields)
             else:
                 self.log.info(step.event, outcome=outcome, **fields)
             self._track_outcome(env, r, o, step.event)
@@ -533,6 +637,14 @@ class QueueManager:
         else:
             await self.spool.save_state(env)
 
+    def policy_for(self, env: Envelope) -> RetryPolicy:
+        """The retry policy with the lifetime and delay-notice time of the message's
+        priority (the IMS's Time-outs by priority)."""
+        if self.priorities is None:
+            return self.policy
+        t = self.priorities.for_priority(str(env.extra.get("priority", NORMAL)))
+        return RetryPolicy(self.delivery.retry_intervals, t.lifetime, t.delay_notice)
+
     async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
                            delay: bool) -> None:
         """Queue an NDR (or delay notice) for ``recipients`` durably."""
@@ -543,7 +655,7 @@ class QueueManager:
                 action="delayed" if delay else "failed", status=report_status(r.status, delay=delay),
                 diagnostic=r.diagnostic or "", remote_mta=r.remote,
                 last_attempt=datetime.fromtimestamp(now, UTC),
-                will_retry_until=datetime.fromtimestamp(env.received_at + self.delivery.lifetime, UTC) if delay else None)
+                will_retry_until=datetime.fromtimestamp(env.received_at + self.policy_for(env).lifetime, UTC) if delay else None)
             for r in recipients
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
@@ -552,10 +664,16 @@ class QueueManager:
             reporter=self.inputs.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
             postmaster=self.inputs.postmaster_address())
-        ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
+        ndr_recipients = [RecipientState(env.sender, env.sender)]
+        copy_to = None if delay else await self.inputs.ndr_copy_address()
+        if copy_to and copy_to.lower() != env.sender.lower():
+            ndr_recipients.append(RecipientState(copy_to, copy_to))  # Q190708: a copy for the administrator
+        ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=ndr_recipients,
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
         await self.inputs.enqueue_local(ndr, report)
+        if not delay:
+            self.inputs.metrics.ndrs.inc()
         self._note(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id, ndr_id=ndr.queue_id,
                     recipients=[r.address for r in recipients])
         self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",

@@ -170,7 +170,10 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
                       {"alias": "Administrator", "display_name": f"{site.name} Administrator",
                        "password_hash": LAB_PASSWORD_HASHES["Administrator"]}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
-                     "lifetime": "2d", "smart_host": f"{INTERNET.address}:{port}"},
+                     "lifetime": "1h" if fast else "2d", "smart_host": f"{INTERNET.address}:{port}"},
+        # Time-outs by priority: the IMS's 24h/48h/72h with --exchange-timers, short ones in the lab
+        "priorities": {"urgent_lifetime": "15m", "non_urgent_lifetime": "2h"} if fast else
+                      {"urgent_lifetime": "1d", "non_urgent_lifetime": "3d"},
         "replication": {"key": LAB_KEY, "startup_delay": startup_delay or (
             EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
         "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},

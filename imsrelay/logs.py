@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -123,3 +123,67 @@ def _bind_site(site: str) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]
 
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+# ------------------------------------------------------------------ Diagnostics Logging (Q146669)
+
+# Exchange's levels, and the lowest structlog level each lets through
+CATEGORY_LEVELS = {"none": logging.ERROR, "minimum": logging.WARNING, "medium": logging.INFO,
+                   "maximum": logging.DEBUG}
+_FROM_LOGGING_LEVEL = {"debug": "maximum", "info": "medium", "warning": "minimum", "error": "none"}
+# event name prefix -> category (the first match wins; the rest is internal processing)
+_CATEGORY_PREFIXES = (
+    (("site.", "admin.started", "admin.stopped", "directory.provisioned", "queue.recovered", "queue.adopted",
+      "lab."), "initialization_termination"),
+    (("recipient.", "message.rewritten", "route.", "directory.", "site_addressing.", "kcc."), "addressing"),
+    (("message.", "queue."), "message_archival"),
+    (("smtp.", "delivery.connect", "delivery.smtp_reply", "delivery.tls", "delivery.connection",
+      "delivery.reuse", "delivery.dns_failed", "delivery.loop", "fault.", "etrn.", "transfer_mode."),
+     "smtp_interface_events"),
+)
+_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+                  "error": logging.ERROR, "exception": logging.ERROR, "critical": logging.CRITICAL,
+                  "msg": logging.INFO}
+
+
+def category_of(event: str) -> str:
+    """The Diagnostics Logging category of an event name (pure)."""
+    for prefixes, category in _CATEGORY_PREFIXES:
+        if event.startswith(prefixes):
+            return category
+    return "internal_processing"
+
+
+def category_levels(config: Any) -> dict[str, int]:
+    """Category -> lowest logging level let through, from [diagnostics] (each category
+    defaults to logging.level: debug = maximum, info = medium, warning = minimum)."""
+    default = _FROM_LOGGING_LEVEL.get(config.logging.level, "medium")
+    return {c: CATEGORY_LEVELS[config.diagnostics.level(c, default)]
+            for c in ("initialization_termination", "addressing", "message_archival", "smtp_interface_events",
+                      "internal_processing")}
+
+
+class CategoryFilter:
+    """structlog processor: drop an event below its category's level."""
+
+    def __init__(self, levels: dict[str, int]) -> None:
+        self.levels = levels
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        name = str(event.get("event", ""))
+        if _METHOD_LEVELS.get(method, logging.INFO) < self.levels.get(category_of(name), logging.INFO):
+            raise structlog.DropEvent
+        return event
+
+
+def site_logger(config: Any) -> Any:
+    """A site's logger with its Diagnostics Logging levels; the output (processors,
+    stream) is the process's (``configure_logging``)."""
+    levels = category_levels(config)
+    if not config.diagnostics.levels:
+        return structlog.get_logger("imsrelay")  # no per-category setting: logging.level alone
+    current = structlog.get_config()
+    return structlog.wrap_logger(
+        None, processors=[CategoryFilter(levels), *current["processors"]],
+        wrapper_class=structlog.make_filtering_bound_logger(min(levels.values())),
+        logger_factory_args=("imsrelay",))

@@ -327,16 +327,21 @@ class MessageApi:
 
 def queue_items(qmgr: Any) -> list[dict[str, Any]]:
     """A site's queued messages and their recipients' states (also ``GET /queue``)."""
-    return envelope_items(qmgr.envelopes.values())
+    return envelope_items(qmgr.envelopes.values(), held=qmgr.held_recipients)
 
 
-def envelope_items(envelopes: Iterable[Any]) -> list[dict[str, Any]]:
-    """Queued messages (of one or several workers) and their recipients' states."""
+def envelope_items(envelopes: Iterable[Any],
+                   held: Callable[[str], dict[str, str]] = lambda queue_id: {}) -> list[dict[str, Any]]:
+    """Queued messages (of one or several workers) and their recipients' states;
+    ``held``: why a recipient waits in this process (Transfer mode, ETRN), by queue id."""
     return [{"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
              "received_at": env.received_at, "size": env.size,
+             "priority": env.extra.get("priority", "normal"),  # Time-outs by priority
              "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
                              "next_attempt": r.next_attempt, "status": r.status,
-                             "diagnostic": r.diagnostic} for r in env.recipients]}
+                             "diagnostic": r.diagnostic,
+                             "held": held(env.queue_id).get(r.address)}  # Transfer mode, ETRN
+                            for r in env.recipients]}
             for env in sorted(envelopes, key=lambda e: e.queue_id)]
 
 

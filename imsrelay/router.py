@@ -19,8 +19,9 @@ Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
 from __future__ import annotations
 
 import ipaddress
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imsrelay.addresses import (
     Address,
@@ -97,6 +98,9 @@ class Route:
     status: str | None = None  # FAIL: RFC 3463 code
     reason: str | None = None
     site: str | None = None  # the remote site when routed to one
+    cost: int | None = None  # Connected Sites cost of this route to the site
+    alternatives: tuple[Route, ...] = ()  # dearer (or equal-cost) routes, tried in order when this one fails
+    etrn: str | None = None  # E-Mail Domain entry holding this mail until the peer issues ETRN
 
     @property
     def destination(self) -> str:
@@ -122,7 +126,20 @@ class Route:
         else:
             kind = "permanent" if self.permanent else "temporary"
             lines.append(f"=> {kind} failure {self.status}: {self.reason}")
+        if self.cost is not None and self.alternatives:
+            lines[-1] += f" (cost {self.cost})"
+            for alt in self.alternatives:
+                lines.append(f"   if that fails: {alt.next_hop_text()} (cost {alt.cost})")
+        if self.etrn:
+            lines.append(f"   held until the peer issues ETRN for {self.etrn} (E-Mail Domain entry)")
         return "\n".join(lines)
+
+    def next_hop_text(self) -> str:
+        if self.kind == RELAY:
+            return f"SMTP to {self.host}:{self.port}"
+        if self.kind == MX:
+            return f"SMTP to the MX hosts of {self.domain}, port {self.port}"
+        return self.kind
 
 
 @dataclass
@@ -158,8 +175,11 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
         trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
         if points_at_self(r.host, r.port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
+        if r.etrn:
+            trail.add(f"E-Mail Domain table: entry {pattern} holds its mail until the peer issues ETRN")
         return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
-                     starttls=_starttls_for(domain, table, r.starttls), site=site)
+                     starttls=_starttls_for(domain, table, r.starttls), site=site,
+                     etrn=r.domain.lstrip("#") if r.etrn else None)
     trail.add(f"E-Mail Domain table: no entry matches {domain}")
     if table.smart_host is not None:
         host, port = table.smart_host
@@ -173,6 +193,48 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
                  starttls=_starttls_for(domain, table), site=site)
 
 
+def order_by_cost(entries: Sequence[ConnectedSite], share_key: str) -> list[ConnectedSite]:
+    """Least cost first; entries of equal cost share the load: each group is rotated
+    by a stable hash of ``share_key`` (the queue id), so messages spread over them."""
+    out: list[ConnectedSite] = []
+    for cost in sorted({c.cost for c in entries}):
+        group = [c for c in entries if c.cost == cost]
+        shift = zlib.crc32(share_key.encode()) % len(group) if share_key and len(group) > 1 else 0
+        out += group[shift:] + group[:shift]
+    return out
+
+
+def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTable, trail: _Trail,
+                share_key: str) -> Route:
+    """A remote site by its Connected Sites entries (one or more, by cost); ``domain``
+    None = each entry's routing domain (mail for a mailbox homed there)."""
+    entries = [c for c in table.connected_sites if c.name == site]
+    if len(entries) <= 1 and not any(c.host for c in entries):
+        routing = domain or (entries[0].routing_domain if entries else None)
+        assert routing is not None
+        return _route_domain(recipient, routing, table, trail, site)
+    ordered = order_by_cost(entries, share_key)
+    trail.add(f"Connected Sites: site {site} has {len(entries)} route(s): " + ", ".join(
+        f"cost {c.cost} @{c.routing_domain}" + (f" via host {c.host}:{c.port}" if c.host else "") for c in ordered)
+        + "; least cost first, equal costs share the load, a dearer one is used when it fails")
+    routes: list[Route] = []
+    for c in ordered:
+        branch = _Trail(list(trail.steps))
+        target = domain or c.routing_domain
+        if c.host:
+            branch.add(f"route of cost {c.cost}: forward to host {c.host}:{c.port}")
+            if (c.host.lower(), c.port) in table.self_endpoints:
+                continue
+            route = Route(recipient, RELAY, tuple(branch.steps), host=c.host, port=c.port, domain=target,
+                          starttls=_starttls_for(target, table), site=site)
+        else:
+            branch.add(f"route of cost {c.cost}: routing address @{c.routing_domain}")
+            route = _route_domain(recipient, target, table, branch, site)
+        routes.append(replace(route, cost=c.cost))
+    usable = [r for r in routes if r.kind != FAIL] or routes
+    if not usable:
+        return _fail(recipient, trail, "5.4.6", f"every route to site {site} points back at this site", permanent=True)
+    return replace(usable[0], alternatives=tuple(usable[1:]))
 def _route_literal(recipient: str, address: Address, ip: object, table: RoutingTable, trail: _Trail) -> Route:
     """An address literal goes to that address — never through the tables or MX
     (RFC 5321 §5.1) — or is refused by policy; this site's own address is this site."""
@@ -202,7 +264,9 @@ def site_routing_domain(site: str, table: RoutingTable) -> tuple[str, str] | Non
     return None
 
 
-def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> Route:
+def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, share_key: str = "") -> Route:
+    """The route for one recipient; ``share_key`` (the queue id) spreads messages over
+    equal-cost routes to a site."""
     trail = _Trail()
     try:
         address = parse_address(recipient)
@@ -224,6 +288,8 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> R
                          permanent=False)
         routing_domain, source = found
         trail.add(f"{source}: site {mailbox.home_site} has routing address SMTP @{routing_domain}")
+        if source == "Connected Sites":
+            return _route_site(recipient, None, mailbox.home_site, table, trail, share_key)
         return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site)
 
     trail.add(f"directory: no mailbox has the address {recipient}")
@@ -240,7 +306,7 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> R
     if match is not None:
         site = match[1][1]
         trail.add(f"Connected Sites: {address.domain} is in the routing address of site {site}")
-        return _route_domain(recipient, address.domain, table, trail, site)
+        return _route_site(recipient, address.domain, site, table, trail, share_key)
     return _route_domain(recipient, address.domain, table, trail, None)
 
 

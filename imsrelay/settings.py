@@ -8,10 +8,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imsrelay.priority import PriorityTimeouts, Timeouts
+
 # Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
+REPLICATION_DEFAULT_SCHEDULE = 3 * 3600.0  # a connector's default schedule: every 3 hours (Q195918)
+# IMS Time-outs button (Q184051, Q166587): normal is delivery.lifetime (48 h); [I] urgent 24 h, non-urgent 72 h
+DEFAULT_URGENT_LIFETIME = 86400.0
+DEFAULT_NON_URGENT_LIFETIME = 3 * 86400.0
+DIAGNOSTIC_CATEGORIES = ("initialization_termination", "addressing", "message_archival",
+                         "smtp_interface_events", "internal_processing", "smtp_protocol_log")
+DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
 
@@ -39,6 +48,8 @@ class ConnectedSite:
     name: str
     routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
     cost: int = 1
+    host: str | None = None  # this route's next hop, instead of the E-Mail Domain table (a dearer route via another site)
+    port: int = 25
 
     @property
     def routing_domain(self) -> str:
@@ -53,6 +64,7 @@ class DomainRoute:
     host: str
     port: int = 25
     starttls: str | None = None  # None = the delivery default
+    etrn: bool = False  # hold the domain's mail until the peer issues ETRN (RFC 1985)
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ class DnsConfig:
 @dataclass(frozen=True)
 class ReplicationConnector:
     site: str
-    schedule: float | None = REPLICATION_ALWAYS  # seconds between requests; None = never
+    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE  # seconds between requests; None = never
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,73 @@ class RestrictionsConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """[transfer]: the Transfer mode of the first start; then the site's state is the truth."""
+
+    mode: str = "inbound-outbound"
+
+
+@dataclass(frozen=True)
+class ConnectionsConfig:
+    """[connections]: the Connections tab's Advanced button (outbound side; the inbound
+    cap is smtp.max_inbound_connections)."""
+
+    max_outbound: int = 100  # SMTP connections open at once, to all hosts
+    max_outbound_per_host: int = 20  # to one next hop (address, port)
+    messages_per_connection: int = 0  # transactions before a connection is closed; 0 = no limit
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """[notifications]: the Internet Mail tab's administrator mailbox (Q190708)."""
+
+    administrator: str | None = None  # mailbox alias here, or an address
+    copy_ndrs: bool = False
+
+
+@dataclass(frozen=True)
+class EtrnRequest:
+    host: str
+    port: int = 25
+    domain: str = ""
+    schedule: float = 3600.0
+
+
+@dataclass(frozen=True)
+class EtrnConfig:
+    """[etrn]: who may ask this site to start delivery (RFC 1985), and whom it asks."""
+
+    allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    requests: tuple[EtrnRequest, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """[diagnostics]: Diagnostics Logging levels per category (Q146669) and the
+    per-session SMTP protocol log."""
+
+    levels: tuple[tuple[str, str], ...] = ()  # (category, level) for categories set explicitly
+    protocol_log_max_bytes: int = 10 * 1024 * 1024
+    protocol_log_files: int = 5
+
+    def level(self, category: str, default: str) -> str:
+        return dict(self.levels).get(category, default)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: PerfMon counters as Prometheus metrics on the admin endpoint."""
+
+    enabled: bool = True
+    require_token: bool = False
+
+
+def default_priorities() -> PriorityTimeouts:
+    return PriorityTimeouts(Timeouts(DEFAULT_URGENT_LIFETIME, None), Timeouts(DEFAULT_LIFETIME, None),
+                            Timeouts(DEFAULT_NON_URGENT_LIFETIME, None))
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     organisation: str
@@ -233,6 +312,13 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
+    priorities: PriorityTimeouts = field(default_factory=default_priorities)  # normal: delivery.lifetime
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    etrn: EtrnConfig = field(default_factory=EtrnConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -30,19 +30,27 @@ from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory
 from imsrelay.dns import MailResolver
 from imsrelay.envelope import Envelope, use_worker_ids
+from imsrelay.etrn import etrn_schedule
+from imsrelay.faults import Fault, FaultBook
 from imsrelay.interfaces import local_addresses, site_endpoints
 from imsrelay.lab_ca import ensure_ca, ensure_certificate
-from imsrelay.logs import get_logger
+from imsrelay.logs import site_logger
 from imsrelay.loops import SelfEndpoints
 from imsrelay.message_store import MessageStore
+from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox, SiteObject
+from imsrelay.outbound import CostedTransport
 from imsrelay.policy import InboundPolicy
+from imsrelay.protocol_log import ProtocolLog
 from imsrelay.readiness import Readiness
 from imsrelay.replication import Replicator
 from imsrelay.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.restrictions_report import accept_rules_for, inbound_policy_for, relay_rules_for
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import (
+    MX,
+    RELAY,
+    Route,
     RoutingTable,
     directory_lookup_address,
     is_service_address,
@@ -52,6 +60,7 @@ from imsrelay.router import (
 from imsrelay.smtp_client import SmtpClient
 from imsrelay.smtpd import SiteHandler, server_factory
 from imsrelay.spool import Spool
+from imsrelay.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
 
 
 class Site:
@@ -65,10 +74,22 @@ class Site:
         self.clock = clock
         self.worker = worker
         self.workers = workers
-        self.log = get_logger("imsrelay").bind(site=config.site, **({"worker": worker} if workers > 1 else {}))
+        self.log = site_logger(config).bind(site=config.site, **({"worker": worker} if workers > 1 else {}))
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = SiteMetrics()
+        self.faults = FaultBook(clock=clock)
+        self.faults.listeners.append(self._fault_event)
+        self.transfer_mode = parse_mode(config.transfer.mode)  # until read from the directory at start
+        self.metrics.set_mode(self.transfer_mode)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
         self.spool = Spool(config.data_dir, worker=worker)
+        self.spool.committer.on_flush = self.metrics.flush.observe
+        self.protocol_log: ProtocolLog | None = None
+        if config.diagnostics.level("smtp_protocol_log", "none") != "none":
+            self.protocol_log = ProtocolLog(config.data_dir, max_bytes=config.diagnostics.protocol_log_max_bytes,
+                                            files=config.diagnostics.protocol_log_files,
+                                            name=f"{config.site}.{worker}")
+        self._etrn_tasks: list[asyncio.Task[None]] = []
         if workers > 1:
             use_worker_ids(worker)
             self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
@@ -78,13 +99,16 @@ class Site:
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
-        self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log)
+        self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
+                                      protocol_log=self.protocol_log)
         self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
                                              days=config.tracking.days, enabled=config.tracking.enabled,
                                              clock=clock)
-        self.qmgr = QueueManager(self.spool, inputs=self, transport=self.smtp_client, tracking_log=self.tracking,
+        transport = CostedTransport(self.smtp_client, faults=self.faults, metrics=self.metrics, log=self.log)
+        self.qmgr = QueueManager(self.spool, inputs=self, transport=transport, tracking_log=self.tracking,
                                  directory_deliver=self._directory_deliver, delivery=config.delivery,
-                                 data_dir=config.data_dir, hostname=config.hostname, log=self.log, clock=clock)
+                                 data_dir=config.data_dir, hostname=config.hostname, log=self.log,
+                                 priorities=config.priorities, clock=clock)
         self._free_bytes = 0
         self._endpoints: tuple[int, float, frozenset[tuple[str, int]]] | None = None
         self._free_checked = -10.0
@@ -118,6 +142,8 @@ class Site:
         except Exception:
             self.directory.close()
             self.spool.close()
+            if self.protocol_log is not None:
+                self.protocol_log.close()
             raise
 
     async def _wait_for_provisioning(self, timeout: float = 60.0) -> None:
@@ -166,6 +192,8 @@ class Site:
             await self.directory.run(self._provision_passwords)
         else:
             await self._wait_for_provisioning()
+        if self.worker == 0:
+            await self.directory.run(self._initial_transfer_mode)
         self._provisioned = True
         await self.refresh()
         loop = asyncio.get_running_loop()
@@ -198,6 +226,9 @@ class Site:
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
+        if self.worker == 0:
+            self._etrn_tasks = [asyncio.create_task(etrn_schedule(self, r), name=f"etrn-{r.host}")
+                                for r in cfg.etrn.requests]
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
                       data_dir=str(cfg.data_dir), tls=tls is not None)
 
@@ -222,13 +253,76 @@ class Site:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in self._etrn_tasks:
+            task.cancel()
+        await asyncio.gather(*self._etrn_tasks, return_exceptions=True)
         await self.qmgr.stop()
         await self.smtp_client.close()
         await self.tracking.stop()
         self.spool.close()
         self.directory.close()
+        if self.protocol_log is not None:
+            self.protocol_log.close()
         self.log.info("site.stopped")
 
+    # ------------------------------------------------------------ transfer mode
+
+    def _initial_transfer_mode(self) -> None:
+        if self.directory.get_meta(TRANSFER_MODE_KEY) is None:
+            self.directory.set_meta(TRANSFER_MODE_KEY, parse_mode(self.config.transfer.mode).value)
+
+    async def set_transfer_mode(self, mode: TransferMode) -> TransferMode:
+        """Change the Transfer mode now (kept in the directory database: it survives a
+        restart); returns the previous mode."""
+        await self.directory.run(self.directory.set_meta, TRANSFER_MODE_KEY, mode.value)
+        previous = self.transfer_mode
+        self._apply_transfer_mode(mode)
+        return previous
+
+    def _apply_transfer_mode(self, mode: TransferMode) -> None:
+        if mode is self.transfer_mode:
+            return
+        previous, self.transfer_mode = self.transfer_mode, mode
+        self.metrics.set_mode(mode)
+        released = self.qmgr.release_held("transfer")
+        self.log.info("transfer_mode.changed", mode=mode.value, previous=previous.value, released=released)
+
+    def release_etrn(self, node: str) -> int:
+        """ETRN from an allowed host: start the mail held for ``node``."""
+        return self.qmgr.release_etrn(node)
+
+    def hold_reason(self, queue_id: str, route: Route) -> str | None:
+        """Why a due recipient must wait instead of being attempted (None: go)."""
+        if holds(self.transfer_mode, remote=route.kind in (RELAY, MX)):
+            return f"transfer:{self.transfer_mode.value}"
+        if route.etrn and queue_id not in self.qmgr.etrn_released:
+            return f"etrn:{(route.domain or '').lower()}:{route.etrn.lower()}"
+        return None
+
+    # ------------------------------------------------------------ faults, notifications
+
+    def _fault_event(self, what: str, fault: Fault) -> None:
+        if what == "fired":
+            self.metrics.faults.labels(fault.kind).inc()
+            self.log.info("fault.fired", fault=fault.id, kind=fault.kind, stage=fault.stage, peer=fault.peer)
+        else:
+            self.log.info(f"fault.{what}", fault=fault.id, kind=fault.kind, description=fault.describe())
+        if what in ("cleared", "expired") and fault.kind == "link":
+            self.qmgr.retry_now()  # the link is back: what waited for it goes now (drain)
+
+    async def ndr_copy_address(self) -> str | None:
+        """The administrator mailbox that receives copies of NDRs (Q190708), if enabled."""
+        n = self.config.notifications
+        if not n.copy_ndrs or not n.administrator:
+            return None
+        if "@" in n.administrator:
+            return n.administrator
+        mbx = await self.directory.run(self.directory.mailbox, n.administrator, self.config.site)
+        if mbx is None or not mbx.primary_address:
+            self.log.warning("notifications.no_administrator", administrator=n.administrator,
+                             reason="no such mailbox at this site: NDR copies are not sent")
+            return None
+        return mbx.primary_address
     def _reserve_descriptors(self) -> None:
         """Keep descriptors for delivery and the spool whatever inbound clients do:
         raise the soft RLIMIT_NOFILE to the hard limit, and lower the inbound cap
@@ -348,7 +442,12 @@ class Site:
         """Re-read what the site derives from its directory (Site Addressing, sites
         learned by Check Now) and drop cached look-ups if the directory changed —
         also when another process (an offline CLI command) changed it."""
-        site, learned, usn = await self.directory.run(self._directory_snapshot)
+        site, learned, usn, mode = await self.directory.run(self._directory_snapshot)
+        if mode:
+            try:
+                self._apply_transfer_mode(parse_mode(mode))  # changed by another process (offline CLI, worker 0)
+            except ValueError:
+                self.log.warning("transfer_mode.invalid", stored=mode)
         if usn != self._seen_usn:
             self._seen_usn = usn
             self._clear_lookups()
@@ -357,8 +456,9 @@ class Site:
         self._learned_sites = learned
         self._table = None
 
-    def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int]:
-        return self.directory.site_object(), tuple(kcc.learned_sites(self.directory)), self.directory.highest_usn
+    def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int, str | None]:
+        return (self.directory.site_object(), tuple(kcc.learned_sites(self.directory)), self.directory.highest_usn,
+                self.directory.get_meta(TRANSFER_MODE_KEY))
 
     def _directory_changed(self) -> None:
         self._clear_lookups()
@@ -504,6 +604,8 @@ class Site:
         await self.spool.enqueue(env, message)
         self._track_received(env, message)
         self.qmgr.submit(env, message)
+        self.metrics.messages_in.inc()
+        self.metrics.bytes_in.inc(len(message))
 
     def _track_received(self, env: Envelope, message: bytes) -> None:
         self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),

@@ -16,7 +16,12 @@ per recipient.  It never raises for anything a peer or the network can do.
   reuse a connection is checked with ``RSET``; an idle one is closed (``QUIT``)
   after ``delivery.connection_idle``; one older than ``CONNECTION_MAX_AGE`` is not
   reused.  How many deliveries run against one destination at a time is decided
-  by the queue manager alone (``delivery.max_per_destination``).  A host that
+  by the queue manager alone (``delivery.max_per_destination``); the IMS's
+  connection caps (Connections tab, Advanced) are kept here: at most
+  ``connections.max_outbound`` connections open to all hosts (idle ones of other
+  hosts are closed to make room), ``connections.max_outbound_per_host`` to one next
+  hop, and a connection is closed after ``connections.messages_per_connection``
+  transactions (0: no limit).  A host that
   refused or timed out a connection is not tried again for a short while
   (``DEAD_HOST_HOLD``), so a dead peer costs one timeout, not one per message,
   and never holds up other destinations.
@@ -75,6 +80,7 @@ from imsrelay.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.envelope import Envelope
 from imsrelay.loops import SelfEndpoints, is_self, without_self
 from imsrelay.outcome import Outcome
+from imsrelay.protocol_log import session_id
 from imsrelay.rewrite import split_message
 from imsrelay.router import MX, RELAY, Route
 
@@ -193,6 +199,8 @@ class _Connection:
     created: float
     transactions: int = 0
     idle_timer: asyncio.TimerHandle | None = None
+    session: str = ""  # protocol log session id
+    queue_id: str | None = None  # of the transaction under way (protocol log)
 
     @property
     def remote(self) -> str:
@@ -207,6 +215,7 @@ class _Connection:
 class _HopState:
     """Everything known about one next hop (address, port)."""
 
+    connections: asyncio.Semaphore  # connections.max_outbound_per_host (the IMS's cap, not the queue's)
     idle: list[_Connection] = field(default_factory=list)
     active: int = 0
     dead_until: float = 0.0
@@ -219,7 +228,8 @@ class SmtpClient:
 
     def __init__(self, config: SiteConfig, resolver: MailResolver,
                  self_endpoints: SelfEndpoints | Callable[[], SelfEndpoints], log: Any, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: Any = None,
+                 protocol_log: Any = None) -> None:
         self.config = config
         self.delivery = config.delivery
         self.resolver = resolver
@@ -233,6 +243,11 @@ class SmtpClient:
         self._verify_context: ssl.SSLContext | None = None  # built on first use (reads the CA bundle)
         self.connections_opened = 0  # counters, for tests and the admin endpoint
         self.connections_reused = 0
+        self.metrics = metrics
+        self.protocol_log = protocol_log
+        self.limits = config.connections
+        self._slots = asyncio.Semaphore(self.limits.max_outbound)  # connections in use, to every host
+        self.most_open = 0  # the most connections open at once (tests, /metrics' current gauge)
 
     # ------------------------------------------------------------ public
 
@@ -290,6 +305,33 @@ class SmtpClient:
             state.dead_until = 0.0
             state.tls_broken_until = 0.0
 
+    def open_connections(self) -> int:
+        """Connections open now: in use (one per transaction) and idle in the pool."""
+        return sum(s.active + len(s.idle) for s in self._hops.values())
+
+    def _make_room(self, state: _HopState) -> None:
+        """Keep open connections within connections.max_outbound: before a transaction
+        on ``state``'s host (already counted as active), close idle ones of other hosts."""
+        while self.open_connections() - (1 if state.idle else 0) > self.limits.max_outbound:
+            oldest = min(((c.created, c, st) for st in self._hops.values() if st is not state for c in st.idle),
+                         key=lambda t: t[0], default=None)
+            if oldest is None:
+                return
+            _, conn, st = oldest
+            st.idle.remove(conn)
+            self._close_later(conn, "max_outbound connections reached")
+
+    def _trace(self, conn: _Connection, who: str, text: str) -> None:
+        if self.protocol_log is not None:
+            self.protocol_log.line(direction="out", session=conn.session, peer=conn.peer, queue_id=conn.queue_id,
+                                   who=who, text=text)
+
+    def _trace_reply(self, conn: _Connection, code: int, message: str) -> None:
+        if self.protocol_log is not None:
+            lines = message.splitlines() or [""]
+            for i, line in enumerate(lines):
+                self._trace(conn, "S", f"{code}{'-' if i < len(lines) - 1 else ' '}{line}")
+
     # ------------------------------------------------------------ next hops
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
@@ -307,7 +349,7 @@ class SmtpClient:
         key = (hop.address, hop.port)
         state = self._hops.get(key)
         if state is None:
-            state = self._hops[key] = _HopState()
+            state = self._hops[key] = _HopState(asyncio.Semaphore(self.limits.max_outbound_per_host))
         return state
 
     def _dead(self, hop: NextHop, state: _HopState) -> Outcome | None:
@@ -324,27 +366,37 @@ class SmtpClient:
         dead = self._dead(hop, state)
         if dead:
             return _all(rcpts, dead)
-        state.active += 1
-        conn: _Connection | None = None
-        try:
-            conn = await self._acquire(hop, route.starttls, state, log)
-            result = await self._transaction(conn, env, rcpts, message, log)
-        except _SessionFailure as failure:
-            if failure.dead:
-                state.dead_until = self.clock() + self._dead_hold()
-                state.dead_reason = failure.outcome.diagnostic
-            if conn is not None:
-                conn.client.close()
-                conn = None
-            return {**_all(rcpts, failure.outcome), **failure.answered}
-        except BaseException:
-            if conn is not None:  # cancelled mid-transaction: the session state is unknown
-                conn.client.close()
-            raise
-        finally:
-            state.active -= 1
-        self._release(conn, state, log)
-        return result
+        async with state.connections, self._slots:
+            dead = self._dead(hop, state)  # it may have died while we waited
+            if dead:
+                return _all(rcpts, dead)
+            state.active += 1
+            conn: _Connection | None = None
+            try:
+                self._make_room(state)
+                self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
+                conn = await self._acquire(hop, route.starttls, state, log)
+                result = await self._transaction(conn, env, rcpts, message, log)
+            except _SessionFailure as failure:
+                if failure.dead:
+                    state.dead_until = self.clock() + self._dead_hold()
+                    state.dead_reason = failure.outcome.diagnostic
+                if conn is not None:
+                    conn.client.close()
+                    conn = None
+                return {**_all(rcpts, failure.outcome), **failure.answered}
+            except BaseException:
+                if conn is not None:  # cancelled mid-transaction: the session state is unknown
+                    conn.client.close()
+                raise
+            finally:
+                state.active -= 1
+            self._release(conn, state, log)
+            return result
+
+    def _count_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.conn_out_failed.inc()
 
     def _dead_hold(self) -> float:
         return min(DEAD_HOST_HOLD, min(self.delivery.retry_intervals, default=DEAD_HOST_HOLD))
@@ -360,7 +412,9 @@ class SmtpClient:
                 self._close_later(conn, "not reusable")
                 continue
             try:  # health check (aiosmtplib #243: never trust a long-idle connection)
+                self._trace(conn, "C", "RSET")
                 reply = await conn.client.rset(timeout=min(self.delivery.command_timeout, 30.0))
+                self._trace_reply(conn, reply.code, reply.message)
             except (SMTPException, OSError) as exc:
                 log.debug("delivery.reuse_failed", peer=conn.peer, error=str(exc))
                 conn.client.close()
@@ -385,28 +439,38 @@ class SmtpClient:
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
                                  timeout=cfg.command_timeout, start_tls=False, use_tls=False,
                                  source_address=(source, 0) if source else None)
+        session = session_id() if self.protocol_log is not None else ""
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
         except SMTPConnectResponseError as exc:
+            self._count_failed()
+            self._trace(_Connection(client, hop, policy, False, self.clock(), session=session), "S",
+                        f"{exc.code} {exc.message}")
             log.info("delivery.smtp_reply", peer=peer, remote=remote, command="CONNECT", code=exc.code,
                      reply=reply_text(exc.message))
             outcome = reply_outcome(exc.code, exc.message, remote)
             # A 5xx greeting refuses this host, not the recipient: try the next one.
             raise _SessionFailure(Outcome.temporary("4" + outcome.status[1:], outcome.diagnostic, remote)) from None
         except SMTPConnectTimeoutError:
+            self._count_failed()
             log.info("delivery.connect_failed", peer=peer, remote=remote, error="timed out")
             raise _SessionFailure(Outcome.temporary(
                 "4.4.1", f"connect to {remote}: timed out after {cfg.connect_timeout:g}s", remote), dead=True) from None
         except (SMTPConnectError, OSError) as exc:
+            self._count_failed()
             why = _connect_error(exc)
             log.info("delivery.connect_failed", peer=peer, remote=remote, error=why)
             raise _SessionFailure(Outcome.temporary("4.4.1", f"connect to {remote}: {why}", remote),
                                   dead=True) from None
         except SMTPException as exc:
+            self._count_failed()
             raise _SessionFailure(Outcome.temporary("4.4.2", f"connect to {remote}: {exc}", remote)) from None
         self.connections_opened += 1
+        if self.metrics is not None:
+            self.metrics.conn_out.inc()
         log.info("delivery.connect", peer=peer, remote=remote, greeting=reply_text(greeting.message)[:200])
-        conn = _Connection(client, hop, policy, False, self.clock())
+        conn = _Connection(client, hop, policy, False, self.clock(), session=session)
+        self._trace_reply(conn, greeting.code, greeting.message)
         try:
             await self._hello(conn, log)
             offered = client.supports_extension("starttls")
@@ -435,14 +499,20 @@ class SmtpClient:
         client = conn.client
         try:
             try:
-                await client.ehlo(timeout=self.delivery.command_timeout)
+                self._trace(conn, "C", f"EHLO {self.config.hostname}")
+                reply = await client.ehlo(timeout=self.delivery.command_timeout)
+                self._trace_reply(conn, reply.code, reply.message)
             except SMTPHeloError as exc:
+                self._trace_reply(conn, exc.code, exc.message)
                 log.info("delivery.smtp_reply", peer=conn.peer, remote=conn.remote, command="EHLO",
                          code=exc.code, reply=reply_text(exc.message))
                 if not client.is_connected:
                     raise
-                await client.helo(timeout=self.delivery.command_timeout)
+                self._trace(conn, "C", f"HELO {self.config.hostname}")
+                reply = await client.helo(timeout=self.delivery.command_timeout)
+                self._trace_reply(conn, reply.code, reply.message)
         except SMTPHeloError as exc:
+            self._trace_reply(conn, exc.code, exc.message)
             log.info("delivery.smtp_reply", peer=conn.peer, remote=conn.remote, command="HELO",
                      code=exc.code, reply=reply_text(exc.message))
             raise _SessionFailure(_session_reply(exc.code, exc.message, conn.remote, client)) from None
@@ -457,9 +527,12 @@ class SmtpClient:
         else:
             context, server_name = self._tls_context, (conn.hop.host if ip_literal(conn.hop.host) is None else None)
         try:
-            await client.starttls(tls_context=context, server_hostname=server_name,
-                                  timeout=self.delivery.command_timeout)
+            self._trace(conn, "C", "STARTTLS")
+            reply = await client.starttls(tls_context=context, server_hostname=server_name,
+                                          timeout=self.delivery.command_timeout)
+            self._trace_reply(conn, reply.code, reply.message)
         except SMTPResponseException as exc:
+            self._trace_reply(conn, exc.code, exc.message)
             log.info("delivery.smtp_reply", peer=conn.peer, remote=conn.remote, command="STARTTLS",
                      code=exc.code, reply=reply_text(exc.message))
             raise _SessionFailure(Outcome.temporary(
@@ -483,8 +556,13 @@ class SmtpClient:
         return self._verify_context
 
     def _release(self, conn: _Connection, state: _HopState, log: Any) -> None:
+        conn.queue_id = None
         if self._closed or not conn.client.is_connected or self.clock() - conn.created > CONNECTION_MAX_AGE:
             self._close_later(conn, "done")
+            return
+        limit = self.limits.messages_per_connection
+        if limit and conn.transactions >= limit:
+            self._close_later(conn, f"{limit} messages per connection sent")
             return
         loop = asyncio.get_running_loop()
         conn.idle_timer = loop.call_later(self.delivery.connection_idle, self._expire, conn, state)
@@ -510,7 +588,9 @@ class SmtpClient:
     async def _quit(self, conn: _Connection, reason: str) -> None:
         try:
             if conn.client.is_connected:
-                await conn.client.quit(timeout=QUIT_TIMEOUT)
+                self._trace(conn, "C", "QUIT")
+                reply = await conn.client.quit(timeout=QUIT_TIMEOUT)
+                self._trace_reply(conn, reply.code, reply.message)
         except (SMTPException, OSError):
             pass
         finally:
@@ -553,10 +633,13 @@ class SmtpClient:
         stage = "MAIL FROM"
         fields = dict(peer=conn.peer, remote=remote)
         conn.transactions += 1
+        conn.queue_id = env.queue_id
         try:
+            self._trace(conn, "C", " ".join(["MAIL FROM:" + sender_path, *options]))
             reply = await client.execute_command(b"MAIL", b"FROM:" + sender_path.encode(encoding),
                                                  *[o.encode("ascii") for o in options],
                                                  timeout=cfg.command_timeout)
+            self._trace_reply(conn, reply.code, reply.message)
             self._log_reply(log, fields, "MAIL", reply.code, reply.message)
             if reply.code != 250:
                 raise _SessionFailure(_session_reply(reply.code, reply.message, remote, client))
@@ -568,8 +651,10 @@ class SmtpClient:
                 except ValueError as exc:
                     outcomes[rcpt] = Outcome.permanent_failure("5.1.3", str(exc))
                     continue
+                self._trace(conn, "C", f"RCPT TO:{path}")
                 reply = await client.execute_command(b"RCPT", b"TO:" + path.encode(encoding),
                                                      timeout=cfg.command_timeout)
+                self._trace_reply(conn, reply.code, reply.message)
                 self._log_reply(log, fields, "RCPT", reply.code, reply.message, recipient=rcpt)
                 if reply.code in (250, 251):
                     accepted.append(rcpt)
@@ -581,14 +666,18 @@ class SmtpClient:
                     outcomes[rcpt] = reply_outcome(reply.code, reply.message, remote)
             if not accepted:
                 stage = "RSET"
-                await client.rset(timeout=cfg.command_timeout)
+                self._trace(conn, "C", "RSET")
+                reply = await client.rset(timeout=cfg.command_timeout)
+                self._trace_reply(conn, reply.code, reply.message)
                 return outcomes
             stage = "DATA"
             try:
+                self._trace(conn, "C", f"DATA (then the message, {len(wire)} bytes)")
                 reply = await client.data(wire, timeout=data_timeout(len(wire), cfg.command_timeout,
                                                                       cfg.data_timeout_per_mib))
             except SMTPResponseException as exc:  # the reply to DATA or to the final dot
                 reply = SMTPResponse(exc.code, exc.message)
+            self._trace_reply(conn, reply.code, reply.message)
             self._log_reply(log, fields, "DATA", reply.code, reply.message, recipients=accepted)
             result = reply_outcome(reply.code, reply.message, remote)
             for rcpt in accepted:
@@ -602,6 +691,7 @@ class SmtpClient:
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPException, OSError) as exc:
             client.close()
             lost = _lost(exc, remote, stage)
+            self._trace(conn, "S", f"<connection lost during {stage}: {lost.diagnostic}>")
             log.info("delivery.connection_lost", stage=stage, error=lost.diagnostic, **fields)
             return {r: outcomes.get(r, lost) for r in rcpts}
 

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import errno
+import ipaddress
 import re
 import ssl
 import time
@@ -25,7 +26,7 @@ from email.errors import HeaderParseError
 from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
@@ -33,7 +34,9 @@ from imsrelay.auth import MECHANISMS, Credentials, FailureLimiter, Identity, dec
 from imsrelay.config import SiteConfig
 from imsrelay.connection_limits import ConnectionCounter
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.faults import FaultBook, SessionFaults
 from imsrelay.loops import check_hops
+from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox
 from imsrelay.policy import (
     InboundPolicy,
@@ -43,6 +46,8 @@ from imsrelay.policy import (
     check_size,
     check_storage,
 )
+from imsrelay.priority import priority_of
+from imsrelay.protocol_log import ProtocolLog, session_id
 from imsrelay.restrictions import (
     AcceptRules,
     Client,
@@ -55,6 +60,7 @@ from imsrelay.restrictions import (
     sender_reply,
 )
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
+from imsrelay.transfer_mode import REFUSAL, TRANSACTION_REFUSAL, TransferMode, accepts_inbound
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -111,6 +117,21 @@ class Ingress(Protocol):
 
     def queued_messages(self) -> int: ...
 
+    # the IMS's connection controls: Transfer mode, faults on demand, counters, protocol log, ETRN
+    @property
+    def transfer_mode(self) -> TransferMode: ...
+
+    @property
+    def faults(self) -> FaultBook: ...
+
+    @property
+    def metrics(self) -> SiteMetrics: ...
+
+    @property
+    def protocol_log(self) -> ProtocolLog | None: ...
+
+    def release_etrn(self, node: str) -> int: ...
+
 _UNPRINTABLE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
@@ -129,9 +150,12 @@ class LineReader(asyncio.StreamReader):
     bare LF is a command line without CR, or an LF inside a DATA line."""
 
     forbid_bare_lf = False
+    on_line: Callable[[bytes], None] | None = None  # each command line, for the SMTP protocol log
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         line = await super().readuntil(separator)
+        if self.on_line is not None and separator == b"\n":  # commands (DATA content is read by CRLF)
+            self.on_line(line)
         if self.forbid_bare_lf:
             if separator == b"\n" and not line.endswith(b"\r\n"):
                 raise BareNewline()
@@ -187,6 +211,7 @@ class ImsSMTP(SMTP):
 
     def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, listener: str = "smtp",
                  implicit_tls: bool = False, limits: ConnectionCounter | None = None, forbid_bare_lf: bool = False,
+                 site: Ingress | None = None, config: SiteConfig | None = None, log: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._session_timeout = session_timeout
@@ -194,6 +219,12 @@ class ImsSMTP(SMTP):
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_ehlo = False
+        self._site = site  # the Transfer mode, faults, metrics, protocol log, ETRN (None: plain aiosmtpd use)
+        self._config = config
+        self._log = log
+        self._plog: Any = None
+        self._started = False  # per-connection state is set in connection_made (protocols are copied)
+
         self._ehlo_lines: list[bytes] = []
         self._limits = limits
         self._forbid_bare_lf = forbid_bare_lf
@@ -226,11 +257,14 @@ class ImsSMTP(SMTP):
             self._client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
             refused = self._limits.admit(self._client_ip) if self._limits is not None else None
             if refused is not None:
+                if self._site is not None:
+                    self._site.metrics.conn_rejected.labels("connection_cap").inc()
                 self._refused = True
                 transport.write(refused.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
                 transport.close()
                 return
             self._admitted = True
+        first = not self._started
         super().connection_made(transport)
         sock = transport.get_extra_info("sockname")
         session = self.session
@@ -241,6 +275,27 @@ class ImsSMTP(SMTP):
         self._refusal = self.event_handler.connect_refusal(_peer_ip(session), self.listener)
         if self._session_timer is None:
             self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+        if first:
+            self._start_session(transport)
+
+    def _start_session(self, transport: asyncio.BaseTransport) -> None:
+        """Per-session state of the IMS controls (Transfer mode, faults, counters, protocol log)."""
+        self._started = True
+        self._greeted = False
+        self._in_data = False
+        site = self._site
+        if site is None:
+            return
+        peer = transport.get_extra_info("peername")
+        self._fault_session: SessionFaults | None = None  # made when a fault is first looked at
+        self._plog = site.protocol_log
+        self._plog_id = session_id() if self._plog is not None else ""
+        self._plog_peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
+        self._plog_queue: str | None = None
+        site.metrics.conn_in.inc()
+        site.metrics.conn_in_now.inc()
+        if self._plog is not None and isinstance(self._reader, LineReader):
+            self._reader.on_line = self._command_line
 
     async def _handle_client(self) -> None:
         """A client the accept/reject lists refuse gets ``554 5.7.1`` instead of the
@@ -272,6 +327,9 @@ class ImsSMTP(SMTP):
             self._admitted = False
         if self._session_timer is not None:
             self._session_timer.cancel()
+        if self._site is not None and self._started:
+            self._site.metrics.conn_in_now.dec()
+            self._started = False
         super().connection_lost(error)
         closed = getattr(self, "_closed", None)  # asyncio keeps the error for a waiter nobody has
         if closed is not None and closed.done() and not closed.cancelled():
@@ -281,6 +339,120 @@ class ImsSMTP(SMTP):
         if self._refused:
             return False
         return super().eof_received()
+
+    # -- the protocol log: client lines as read, our replies as sent
+    def _command_line(self, line: bytes) -> None:
+        """A command line as read (the protocol log); never AUTH credentials."""
+        text = line.decode("utf-8", "replace")
+        if text[:5].upper() == "AUTH ":
+            text = " ".join(text.split()[:2]) + " <credentials not logged>"
+        self._log_line("C", text)
+
+    def _log_line(self, who: str, text: str) -> None:
+        if self._plog is not None:
+            self._plog.line(direction="in", session=self._plog_id, peer=self._plog_peer, queue_id=self._plog_queue,
+                            who=who, text=text)
+
+    # -- faults on demand and the Transfer mode
+    async def _refused_at_connect(self) -> str | None:
+        """The reply that ends the session at once ("" = hang up without one), or None."""
+        site = self._site
+        if site is None:
+            return None
+        if not accepts_inbound(site.transfer_mode):
+            site.metrics.conn_rejected.labels("transfer_mode").inc()
+            self._log.info("smtp.refused", peer=self._client_ip, reason="transfer mode",
+                           mode=site.transfer_mode.value)
+            return REFUSAL.format(host=self.hostname, mode=site.transfer_mode.value)
+        if not site.faults:
+            return None
+        for f in site.faults.firing(self._faults(), "connect"):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+            elif f.kind == "reply":
+                site.metrics.conn_rejected.labels("fault").inc()
+                return str(f.reply_line())
+            elif f.kind == "drop":
+                site.metrics.conn_rejected.labels("fault").inc()
+                return ""
+        return None
+
+    def _faults(self) -> Any:
+        if self._fault_session is None:
+            assert self._site is not None
+            self._fault_session = self._site.faults.session(self._client_ip)
+        return self._fault_session
+
+    async def _faulted(self, stage: str) -> bool:
+        """Apply the faults that fire at ``stage``; True when one answered or hung up."""
+        site = self._site
+        if site is None or not site.faults:
+            return False
+        for f in site.faults.firing(self._faults(), stage):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+            elif f.kind == "reply":
+                await self.push(f.reply_line())
+                return True
+            elif f.kind == "drop":
+                if stage == "data" and self.transport is not None and self.envelope is not None \
+                        and self.envelope.rcpt_tos:
+                    await super().push("354 End data with <CR><LF>.<CR><LF>")
+                    try:  # let the message start arriving, then hang up mid-DATA
+                        await asyncio.wait_for(self._reader.readuntil(b"\r\n"), 10.0)
+                    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                        pass
+                self._log_line("S", "<connection dropped by fault>")
+                if isinstance(self.transport, asyncio.Transport):
+                    self.transport.abort()
+                return True
+        return False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._faulted("helo"):
+            await super().smtp_HELO(hostname)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if not await self._faulted("data"):
+            self._in_data = True
+            try:
+                await super().smtp_DATA(arg)
+            finally:
+                self._in_data = False
+
+    @syntax("ETRN node")
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        """RFC 1985: start delivery of the mail held for ``node`` (``@node``: and its sub-domains)."""
+        site, cfg = self._site, self._config
+        if site is None or cfg is None or not cfg.etrn.allowed_hosts and not cfg.etrn.requests:
+            await self.push("502 5.5.1 ETRN is not enabled at this site")
+            return
+        if self.session is None or not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO first")
+            return
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 ETRN is not allowed during a mail transaction")
+            return
+        node = (arg or "").strip()
+        if not node or not re.fullmatch(r"[@#]?[A-Za-z0-9.-]+", node):
+            await self.push("501 5.5.4 Syntax: ETRN node")
+            return
+        ip = self._client_ip
+        allowed = False
+        try:
+            allowed = ip is not None and any(ipaddress.ip_address(ip) in net for net in cfg.etrn.allowed_hosts)
+        except ValueError:
+            allowed = False
+        if not allowed:
+            self._log.info("etrn.refused", peer=ip, node=node)
+            await self.push(f"459 4.7.1 Node {node} not allowed: this host may not issue ETRN")
+            return
+        started = site.release_etrn(node)
+        self._log.info("etrn.received", peer=ip, node=node, messages=started)
+        if started == 0:
+            await self.push(f"251 2.0.0 OK, no messages waiting for node {node}")
+        else:
+            await self.push(f"253 2.0.0 OK, {started} pending messages for node {node} started")
 
     def _session_expired(self) -> None:
         if isinstance(self.transport, asyncio.WriteTransport):
@@ -314,6 +486,8 @@ class ImsSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         """The whole EHLO reply in one write (one TCP segment): clients and scanners
         that read it as one reply never fall out of step."""
+        if await self._faulted("helo"):
+            return
         self._in_ehlo = True
         self._ehlo_lines = []
         try:
@@ -322,10 +496,14 @@ class ImsSMTP(SMTP):
             self._in_ehlo = False
             lines, self._ehlo_lines = self._ehlo_lines, []
             if lines and self.transport is not None:
+                for line in lines:
+                    self._log_line("S", line.decode("utf-8", "replace"))
                 self._writer.write(b"".join(lines))
                 await self._writer.drain()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._faulted("mail"):
+            return
         if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
             return
@@ -340,6 +518,8 @@ class ImsSMTP(SMTP):
             raise
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._faulted("rcpt"):
+            return
         assert self.envelope is not None
         n, m = len(self.envelope.rcpt_tos), len(self.envelope.rcpt_options)
         try:
@@ -350,6 +530,19 @@ class ImsSMTP(SMTP):
             raise
 
     async def push(self, status: Any) -> None:
+        if self._site is not None and not self._greeted:
+            self._greeted = True  # the first push is the greeting
+            refusal = await self._refused_at_connect()
+            if refusal is not None:
+                if refusal:
+                    refusal = printable_reply(with_enhanced_status(refusal))
+                    self._log_line("S", refusal)
+                    await super().push(refusal)
+                else:
+                    self._log_line("S", "<connection dropped by fault>")
+                if self.transport is not None:
+                    self.transport.close()
+                return
         if isinstance(status, str):
             if not self._in_ehlo or status[:1] in ("4", "5"):  # EHLO's 250 lines stay as they are
                 status = with_enhanced_status(status)
@@ -362,11 +555,21 @@ class ImsSMTP(SMTP):
             self.transport.close()
             return
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if self._site is not None and self._plog is not None:
+            if self._in_data and text[:3] != "354":
+                self._log_line("C", "<message content>")
+            if text.startswith("250 2.0.0 Ok: queued as "):
+                self._plog_queue = text.rsplit(" ", 1)[-1].strip()
+            self._log_line("S", text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             if self._errors >= self._max_errors and self.transport is not None:
                 await super().push("421 4.7.0 Too many errors in this session, closing connection")
                 self.transport.close()
+
+
+for _name in ("smtp_HELO", "smtp_EHLO", "smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
+    getattr(ImsSMTP, _name).__dict__.update(getattr(SMTP, _name).__dict__)
 
 
 class SiteHandler:
@@ -385,6 +588,8 @@ class SiteHandler:
         session.host_name = hostname
         extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
         responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # no mechanism left: no AUTH
+        if self.config.etrn.allowed_hosts:
+            extra.append("250-ETRN")
         return responses[:-1] + extra + responses[-1:]
 
     # -- connections: the accept / reject host lists
@@ -447,6 +652,8 @@ class SiteHandler:
 
     async def handle_MAIL(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
+        if not accepts_inbound(self.site.transfer_mode):
+            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
         if address and address != "<>":  # aiosmtpd hands the null sender over as "<>"
             try:
                 parse_address(address)
@@ -522,6 +729,8 @@ class SiteHandler:
         if refusal is not None:
             self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=refusal)
             return refusal
+        if not accepts_inbound(self.site.transfer_mode):  # switched while the message was on its way
+            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
         if rules.active:
@@ -559,7 +768,8 @@ class SiteHandler:
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in recipients],
             received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
-            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp", extra=extra)
+            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
+            extra={**extra, "priority": priority_of(raw)})
         try:
             await self.site.accept(env, message)
         except OSError as exc:
@@ -686,7 +896,8 @@ def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,
     def _protocol() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
                        listener=listener, implicit_tls=listener == "smtps", **auth_options,
-                       limits=limits, forbid_bare_lf=cfg.bare_newline == "reject",
+                       limits=limits, forbid_bare_lf=cfg.bare_newline == "reject", site=handler.site,
+                       config=handler.config, log=handler.log,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                        hostname=handler.config.hostname, ident=handler.config.smtp.banner,
                        tls_context=None if listener == "smtps" else tls_context, timeout=cfg.idle_timeout,

@@ -126,6 +126,7 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self.rounds = 0
         self.requests = 0
+        self.on_flush: Any = None  # called (in the writer thread) with the seconds each journal flush took
 
     def start(self) -> None:
         if self._thread is None:
@@ -169,7 +170,13 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(item)
+            started = time.perf_counter()
             results = _apply_batch([(ops, durable) for ops, durable, _, _ in batch], self.tmp_dir, self.journal)
+            if self.on_flush is not None:
+                try:
+                    self.on_flush(time.perf_counter() - started)
+                except Exception:  # a metrics problem never stops the writer
+                    pass
             self.rounds += 1
             self.requests += len(batch)
             for (_, _, loop, fut), outcome in zip(batch, results, strict=True):

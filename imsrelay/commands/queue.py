@@ -26,6 +26,7 @@ from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.envelope import PENDING, Envelope, RecipientState
 from imsrelay.errors import UserError
+from imsrelay.priority import NORMAL, PriorityTimeouts
 from imsrelay.rewrite import split_message
 from imsrelay.spool import Spool
 
@@ -129,9 +130,27 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def timeout_lines(env: Envelope, priorities: PriorityTimeouts) -> list[str]:
+    """The message's priority and the Time-outs it gets (lifetime, delay notice)."""
+    priority = env.extra.get("priority", NORMAL)
+    t = priorities.for_priority(priority)
+    notice = f"delay notice {when(env.received_at + t.delay_notice)}" if t.delay_notice is not None \
+        else "no delay notice"
+    return [f"priority:   {priority} (lifetime {_span(t.lifetime)}: NDR at {when(env.received_at + t.lifetime)}; "
+            f"{notice})"]
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     spool = open_spool(args)
     env = _load(spool, args.queue_id)
+    config = load_config(args.config, data_dir=args.data)
     message = spool.read_message(env.queue_id)
     flags = [f for f, on in (("8BITMIME", env.body_8bit), ("SMTPUTF8", env.smtputf8)) if on]
     print(f"queue id:   {env.queue_id}")
@@ -140,6 +159,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"sender:     <{env.sender}>")
     print(f"client:     {env.client or '-'} (helo {env.helo or '-'})")
     print(f"origin:     {env.origin}{'  ' + ' '.join(flags) if flags else ''}")
+    for line in timeout_lines(env, config.priorities):
+        print(line)
     now = time.time()
     for r in env.recipients:
         print("recipient:")
