@@ -17,6 +17,8 @@ GET      /site-addressing            this site's Site Addressing
 POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
 GET      /queue                      queued messages and their recipients
 POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+GET      /config                     static set-up (imsrelay.console.admin_routes)
+DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
 =======  ==========================  ==========================================
 
 Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
@@ -80,6 +82,9 @@ class AdminServer:
         r.add_post("/site-addressing", self.post_site_addressing)
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
+        from imsrelay.console.admin_routes import add_console_routes
+
+        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "imsrelay.commands.site_addressing",
     "imsrelay.commands.lab",
     "imsrelay.commands.org_setup",
+    "imsrelay.commands.console",
 ]
 
 

@@ -173,6 +173,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """``[console]``: the web console of ``serve`` (it talks to this site's admin endpoint)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -196,6 +205,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def hostname(self) -> str:
@@ -516,6 +526,13 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
                         a.str("token"), a.str("token_env", "IMSRELAY_ADMIN_TOKEN"))
     a.reject_unknown()
 
+    co = root.table_of("console")
+    console = ConsoleConfig(co.bool("enabled", False), co.str("listen", "127.0.0.1"),
+                            co.int("port", 8080, minimum=0, maximum=65535))
+    if console.enabled and admin.port == 0:
+        raise co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
+    co.reject_unknown()
+
     lg = root.table_of("logging")
     level = lg.str("level", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
@@ -537,5 +554,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
-        replication=replication, admin=admin, logging=logging,
+        replication=replication, admin=admin, logging=logging, console=console,
     )

@@ -109,7 +109,7 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
     return mapping
 
 
-def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
+def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
@@ -120,6 +120,7 @@ def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
         "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
         "email_domains": routes,
+        "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
     }
 
@@ -139,6 +140,7 @@ class Lab:
         self.config_dir = self.data_dir / "config"
         self.state_file = self.data_dir / "lab.json"
         self._mtimes: dict[str, float] = {}
+        self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
 
     # ------------------------------------------------------------ state
 
@@ -166,7 +168,8 @@ class Lab:
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
             internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
-                                + tomli_w.dumps(internet_mapping(port=self.port, data_dir=self.data_dir)))
+                                + tomli_w.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
+                                                            admin_port=self.admin_port)))
 
     # ------------------------------------------------------------ running
 

@@ -396,7 +396,15 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
     site = Site(config, worker=worker, workers=workers)
     await site.start()
+    console = None
     try:
+        if config.console.enabled and worker == 0:
+            from imsrelay.console.lab_console import site_console
+
+            console = site_console(site)
+            await console.start()
         await stop.wait()
     finally:
+        if console is not None:
+            await console.stop()
         await site.stop()

@@ -27,8 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
     p.add_argument("--admin-port", type=int, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
-    p.add_argument("--stage", default="end",
-                   help="stage to reach at start: install … site-addressing-c, or end (default)")
+    p.add_argument("--stage", default=None,
+                   help="stage to reach at start: install … site-addressing-c, or end (default); given, the "
+                        "console shows the stage with a 'next step' control")
+    p.add_argument("--console-listen", default="127.10.10.1",
+                   help="address of the web console for the organisation (default 127.10.10.1)")
+    p.add_argument("--console-port", type=int, default=8080,
+                   help="port of the web console (default 8080; 0: no console)")
     p.add_argument("--exchange-timers", action="store_true",
                    help="use Exchange's real retry intervals (15m, 30m, 1h, 4h) instead of lab-speed ones")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -38,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
-    from imsrelay.lab import STAGE_NAMES, STAGES, Lab, stage_index
+    from imsrelay.lab import ADMIN_TOKEN, STAGE_NAMES, STAGES, Lab, stage_index
 
     data = args.data
     if args.action == "next":
@@ -55,6 +60,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         running = "running" if _running_pid(data) else "not running"
         print(f"stage {STAGE_NAMES[lab.stage]} ({STAGES[lab.stage][1]}); lab {running}")
         return 0
+    staged = args.stage is not None
+    args.stage = args.stage or "end"
     try:
         target = stage_index(args.stage)
     except ValueError as exc:
@@ -72,9 +79,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
         data.mkdir(parents=True, exist_ok=True)
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))
+        console = None
         try:
             await lab.start(target)
             print(await lab.describe(), flush=True)
+            if args.console_port:
+                from imsrelay.console.lab_console import lab_console
+
+                console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
+                await console.start()
+                print(f"console  {console.url}  (log in with the admin token {ADMIN_TOKEN})", flush=True)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
@@ -82,10 +96,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
                     pass
                 if (data / "lab-next").exists():
                     (data / "lab-next").unlink()
-                    done = await lab.next_stage()
+                    async with lab.step_lock:
+                        done = await lab.next_stage()
                     print(f"lab: now at stage {done}" if done else "lab: already at the last stage", flush=True)
                 await lab.restart_changed()
         finally:
+            if console is not None:
+                await console.stop()
             await lab.stop()
             pidfile.unlink(missing_ok=True)
             print("lab: stopped", flush=True)
