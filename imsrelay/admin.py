@@ -19,6 +19,8 @@ GET      /queue                      queued messages and their recipients
 POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
 GET      /config                     static set-up (imsrelay.console.admin_routes)
 DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
+GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
+GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
 
 Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
@@ -37,6 +39,7 @@ from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,6 +85,7 @@ class AdminServer:
         r.add_post("/site-addressing", self.post_site_addressing)
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
+        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
         from imsrelay.console.admin_routes import add_console_routes
 
         add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
@@ -109,6 +113,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
@@ -129,7 +135,7 @@ class AdminServer:
             raise
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except _BadRequest as exc:
+        except (_BadRequest, BadRequest) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),

@@ -182,6 +182,13 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
+    enabled: bool = True
+    days: float = 7.0  # events older than this are deleted
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -206,6 +213,7 @@ class SiteConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def hostname(self) -> str:
@@ -543,6 +551,11 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     logging = LoggingConfig(level, fmt)
     lg.reject_unknown()
 
+    tr = root.table_of("tracking")
+    days = tr.int("days", 7, minimum=1, maximum=3650)
+    tracking = TrackingConfig(tr.bool("enabled", True), float(days))
+    tr.reject_unknown()
+
     root.reject_unknown()
 
     if data_dir is None:
@@ -554,5 +567,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
         connected_sites=tuple(connected), email_domains=tuple(routes),
-        replication=replication, admin=admin, logging=logging, console=console,
+        replication=replication, admin=admin, logging=logging, tracking=tracking, console=console,
     )

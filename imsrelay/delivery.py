@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from imsrelay import dsn, maildir
+from imsrelay import dsn, maildir, tracking
 from imsrelay.outcome import Outcome
 from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
 from imsrelay.spool import (
@@ -197,6 +197,7 @@ class QueueManager:
             elif action == "delete" and qid in self.envelopes:
                 self.forget(qid)  # an attempt under way is not recorded
                 await self.spool.remove(qid)
+                self.site.tracking.record(tracking.DELETED, qid)
                 self.log.info("queue.deleted", queue_id=qid)
 
     async def _compact(self) -> None:
@@ -270,12 +271,41 @@ class QueueManager:
                 return
         groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
         for r, route in routed:
+            if r.route != route.destination:  # a new decision (first attempt, or the route changed)
+                self._track_route(env, r, route)
             r.route = route.destination
             groups[route.destination].append((r, route))
 
         results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
         recorded = [rec for group in results for rec in group]
         await self._record(env, message, recorded)
+
+    def _track_route(self, env: Envelope, r: RecipientState, route: Route) -> None:
+        if route.kind == LOCAL:
+            where = f"local mailbox {route.mailbox}"
+        elif route.kind == DIRECTORY:
+            where = "this site's directory service (replication)"
+        elif route.kind == RELAY:
+            where = f"SMTP to {route.host}:{route.port}"
+        elif route.kind == MX:
+            where = f"SMTP to the MX hosts of {route.domain}"
+        else:
+            where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
+        self.site.tracking.record(tracking.ROUTED, env.queue_id, recipient=r.address, route=where,
+                                  kind=route.kind, to_site=route.site, why="; ".join(route.steps))
+
+    def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome) -> None:
+        log = self.site.tracking
+        kind = (r.route or "").split(":", 1)[0]
+        if kind == LOCAL:
+            log.record(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                       mailbox=f"mailbox {(r.route or '').split(':', 1)[-1]}", diagnostic=o.diagnostic)
+        elif kind == DIRECTORY:
+            log.record(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                       mailbox="the directory service (replication)", replication=True)
+        else:
+            log.record(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
+                       remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
@@ -334,19 +364,27 @@ class QueueManager:
             if o.ok:
                 r.state = DELIVERED
                 self.log.info("delivery.delivered", outcome="delivered", **fields)
+                self._track_outcome(env, r, o)
             elif o.permanent:
                 bounce.append(r)
                 self.log.info("delivery.failed", outcome="failed", **fields)
+                self.site.tracking.record(tracking.FAILED, env.queue_id, recipient=r.address, status=o.status,
+                                          diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
             else:
                 r.first_failure = r.first_failure or now
                 if now - env.received_at >= cfg.lifetime:
                     r.status, r.diagnostic = "4.4.7", f"{EXPIRED_TEXT} (last error: {o.diagnostic})"
                     bounce.append(r)
                     self.log.info("delivery.expired", outcome="expired", **fields)
+                    self.site.tracking.record(tracking.EXPIRED, env.queue_id, recipient=r.address,
+                                              status=r.status, diagnostic=r.diagnostic, attempts=r.attempts)
                 else:
                     r.next_attempt = min(now + retry_delay(r.attempts, cfg.retry_intervals),
                                          env.received_at + cfg.lifetime)
                     self.log.info("delivery.deferred", outcome="deferred", next_attempt=r.next_attempt, **fields)
+                    self.site.tracking.record(tracking.DEFERRED, env.queue_id, recipient=r.address, status=o.status,
+                                              diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts,
+                                              next_attempt=r.next_attempt)
                     if (cfg.delay_notice is not None and not r.delay_notified
                             and now - env.received_at >= cfg.delay_notice):
                         delayed.append(r)
@@ -399,6 +437,8 @@ class QueueManager:
         if not delay:
             for r in recipients:
                 r.state = BOUNCED
+        self.site.tracking.record(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id,
+                                  ndr_id=ndr.queue_id, recipients=[r.address for r in recipients])
         self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
                       queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
                       recipients=[r.address for r in recipients])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ COMPANY_DOMAIN = "microsoft.com"
 LAB_KEY = "ExchangeORG-lab-replication-key"
 ADMIN_TOKEN = "lab-admin-token"
 ADMIN_PORT = 8025
+API_HOST = "127.10.10.1"  # the lab endpoint: the message API for every host of the lab
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,22 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
     return mapping
 
 
+def private_port(addresses: list[str], attempts: int = 50) -> int:
+    """A TCP port free on every one of ``addresses`` (for the lab's build phase)."""
+    for _ in range(attempts):
+        with socket.socket() as first:
+            first.bind((addresses[0], 0))
+            port = first.getsockname()[1]
+            try:
+                for a in addresses[1:]:
+                    with socket.socket() as other:
+                        other.bind((a, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
+
+
 def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
@@ -129,9 +147,17 @@ class Lab:
     """Runs the four hosts in this process; advances the walk stage by stage."""
 
     def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
-                 startup_delay: str | None = None, say: Callable[[str], None] = print) -> None:
+                 startup_delay: str | None = None, say: Callable[[str], None] = print,
+                 api_host: str = API_HOST, api_port: int | None = None) -> None:
+        """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
+        None: no lab endpoint."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self._smtp_port = port  # the port in the config files: a private one while the lab builds its state
+        self.api_host = api_host
+        self.api_port = api_port
+        self.endpoint: Any = None
+        self._walking: str | None = "starting"  # why the lab is not at its announced stage yet
         self.fast = fast
         self.admin_port = admin_port
         self.startup_delay = startup_delay
@@ -157,42 +183,89 @@ class Lab:
     def config_path(self, name: str) -> Path:
         return self.config_dir / f"{name}.toml"
 
-    def _write_configs(self, stage: int) -> None:
+    def _write_configs(self, stage: int, *, internet: bool = False) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         header = "# Written by `imsrelay lab` for stage {}; edit it and the lab restarts the site.\n"
         for s in SITES:
             text = header.format(STAGE_NAMES[stage]) + tomli_w.dumps(
-                site_mapping(s, stage, port=self.port, data_dir=self.data_dir, fast=self.fast,
+                site_mapping(s, stage, port=self._smtp_port, data_dir=self.data_dir, fast=self.fast,
                              admin_port=self.admin_port, startup_delay=self.startup_delay))
             self.config_path(s.name).write_text(text)
-        internet = self.config_path(INTERNET.name)
-        if not internet.exists():  # the outside world does not change with the walk
-            internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
-                                + tomli_w.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
+        path = self.config_path(INTERNET.name)
+        if internet or not path.exists():  # the outside world does not change with the walk
+            path.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
+                            + tomli_w.dumps(internet_mapping(port=self._smtp_port, data_dir=self.data_dir,
                                                             admin_port=self.admin_port)))
 
     # ------------------------------------------------------------ running
 
     async def start(self, target: int | None = None) -> None:
-        """Start at the stored stage (first run: stage 0), then advance to ``target``."""
+        """Start at the stored stage (first run: stage 0) and reach ``target`` *before*
+        the announced SMTP port opens: the walk runs with every host on a private
+        port, then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
+        if self.api_port is not None and self.endpoint is None:
+            from imsrelay.logs import get_logger
+            from imsrelay.message_api import LabEndpoint
+
+            self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
+                                        token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),
+                                        lab_ready=self._not_ready_reason)
+            await self.endpoint.start()
         current = self.stage
         if current < 0:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._write_configs(0)
             self._save_stage(0)
             current = 0
+        if target is not None and target > current:
+            self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
+            self._smtp_port = private_port([INTERNET.address, *(s.address for s in SITES)])
+            self._write_configs(current, internet=True)
+            try:
+                await self._start_all()
+                await self.advance_to(target)
+            finally:
+                await self._stop_sites()
+                self._smtp_port = self.port
+                self._write_configs(max(self.stage, 0), internet=True)
+        elif self._internet_port() != self.port:
+            self._write_configs(current, internet=True)
+        self._walking = "starting the hosts on the lab's port"
+        await self._start_all()
+        self._walking = None
+
+    def _internet_port(self) -> int | None:
+        try:
+            return load_config(self.config_path(INTERNET.name)).smtp.port
+        except Exception:
+            return None
+
+    async def _start_all(self) -> None:
         for name in [INTERNET.name] + [s.name for s in SITES]:
             await self._start_site(name)
-        if target is not None and target > current:
-            await self.advance_to(target)
+
+    def _not_ready_reason(self) -> str | None:
+        return self._walking
+
+    @property
+    def ready(self) -> bool:
+        return self._walking is None and len(self.sites) == len(SITES) + 1 and all(
+            s.readiness.report().ready for s in self.sites.values())
 
     async def stop(self) -> None:
+        await self._stop_sites()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
+            self.endpoint = None
+
+    async def _stop_sites(self) -> None:
         for name in list(self.sites):
             await self.sites.pop(name).stop()
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
         site = Site(load_config(path))
+        site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
         self.sites[name] = site
         self._mtimes[name] = path.stat().st_mtime
@@ -235,13 +308,17 @@ class Lab:
             return None
         name, text, kind = STAGES[stage]
         self.say(f"lab: stage {name}: {text}")
-        if kind == "config":
-            self._write_configs(stage)
-            for s in SITES:
-                await self.restart(s.name)
-        else:
-            await getattr(self, "_do_" + name.replace("-", "_"))()
-        self._save_stage(stage)
+        walking, self._walking = self._walking, self._walking or f"taking the step to stage {name}"
+        try:
+            if kind == "config":
+                self._write_configs(stage)
+                for s in SITES:
+                    await self.restart(s.name)
+            else:
+                await getattr(self, "_do_" + name.replace("-", "_"))()
+            self._save_stage(stage)
+        finally:
+            self._walking = walking
         return name
 
     # ------------------------------------------------------------ the article's actions
@@ -283,6 +360,9 @@ class Lab:
         stage = self.stage
         lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}",
                  f"stage {STAGE_NAMES[stage]}: {STAGES[stage][1]}", ""]
+        if self.endpoint is not None:
+            lines += [f"lab endpoint  {self.endpoint.url}/api/v1  (token {ADMIN_TOKEN}): every host's mail, "
+                      f"search, wait, tracking; {self.endpoint.url}/ready", ""]
         for s in SITES:
             site = self.sites[s.name]
             boxes = await site.directory.run(site.directory.mailboxes, s.name)

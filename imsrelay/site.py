@@ -17,14 +17,16 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from imsrelay import dsn
+from imsrelay import dsn, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import get_logger
+from imsrelay.message_store import MessageStore
 from imsrelay.policy import InboundPolicy
+from imsrelay.readiness import Readiness
 from imsrelay.rewrite import RewriteRules
 from imsrelay.router import RoutingTable, is_service_address, local_domains_for
 from imsrelay.smtpd import server_factory
@@ -65,6 +67,16 @@ class Site:
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        self._provisioned = False
+        self._recovered = False
+        self.readiness = Readiness()
+        self.readiness.add("listening", lambda: None if self._server is not None else "the SMTP port is not open yet")
+        self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
+        self.readiness.add("directory provisioned",
+                           lambda: None if self._provisioned else "the directory is not provisioned yet")
+        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
+                                    days=config.tracking.days, enabled=config.tracking.enabled, clock=clock)
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -96,6 +108,19 @@ class Site:
 
     async def start(self) -> None:
         cfg = self.config
+        if self.admin is not None:  # first, so that /health and /ready answer while the site starts
+            await self.admin.start()
+        try:
+            await self.tracking.start()
+            await self._start_parts()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.stop()
+            await self.tracking.stop()
+            raise
+
+    async def _start_parts(self) -> None:
+        cfg = self.config
         if self.worker == 0:
             provisioned = await self.directory.run(
                 self.directory.provision, organisation=cfg.organisation, server=cfg.server,
@@ -105,6 +130,7 @@ class Site:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
         else:
             await self._wait_for_provisioning()
+        self._provisioned = True
         await self.refresh()
         loop = asyncio.get_running_loop()
         self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
@@ -116,6 +142,7 @@ class Site:
                 self.qmgr.submit(env)
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
+        self._recovered = True
         tls = self._tls_context()
         factory = server_factory(self, tls)
 
@@ -130,8 +157,6 @@ class Site:
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
-        if self.admin is not None:
-            await self.admin.start()
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
                       data_dir=str(cfg.data_dir), tls=tls is not None)
 
@@ -154,6 +179,7 @@ class Site:
         await self.qmgr.stop()
         if self.smtp_client is not None:
             await self.smtp_client.close()
+        await self.tracking.stop()
         self.spool.close()
         self.directory.close()
         self.log.info("site.stopped")
@@ -304,11 +330,19 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
+
+    def _track_received(self, env: Envelope, message: bytes) -> None:
+        self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
+                             sender=env.sender, related=env.extra.get("report_for"), origin=env.origin,
+                             client=env.client or None, helo=env.helo or None, size=len(message),
+                             recipients=[r.address for r in env.recipients])
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
         await self.spool.enqueue(env, message)
+        self._track_received(env, message)
         self.qmgr.submit(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))

@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
     p.add_argument("--admin-port", type=int, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
+    p.add_argument("--api-host", default=None,
+                   help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
+    p.add_argument("--api-port", type=int, default=8025,
+                   help="port of the lab endpoint (default 8025; 0: any free port)")
     p.add_argument("--stage", default=None,
                    help="stage to reach at start: install … site-addressing-c, or end (default); given, the "
                         "console shows the stage with a 'next step' control")
@@ -43,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     from imsrelay.cli import UserError
-    from imsrelay.lab import ADMIN_TOKEN, STAGE_NAMES, STAGES, Lab, stage_index
+    from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, STAGES, Lab, stage_index
 
     data = args.data
     if args.action == "next":
@@ -72,7 +76,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
-                  say=lambda s: print(s, flush=True))
+                  say=lambda s: print(s, flush=True), api_host=args.api_host or API_HOST, api_port=args.api_port)
         if 0 <= lab.stage and target < lab.stage and args.stage != "end":
             print(f"lab: {data} is already at stage {STAGE_NAMES[lab.stage]}; "
                   f"delete it to start again from {args.stage}")
@@ -89,6 +93,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
                 await console.start()
                 print(f"console  {console.url}  (log in with the admin token {ADMIN_TOKEN})", flush=True)
+            print("imsrelay lab: ready", flush=True)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imsrelay import tracking
 from imsrelay.config import REPLICATION_ALWAYS, SiteConfig
 from imsrelay.spool import check_queue_id
 
@@ -68,6 +69,7 @@ def add_console_routes(app: web.Application, site: Any) -> None:
             return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
         qmgr.forget(queue_id)  # an attempt under way is not recorded
         await qmgr.spool.remove(queue_id)
+        site.tracking.record(tracking.DELETED, queue_id)
         site.log.info("queue.deleted", queue_id=queue_id, by="admin")
         return web.json_response({"deleted": queue_id, "site": site.config.site})
 

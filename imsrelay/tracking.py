@@ -1,0 +1,476 @@
+"""Message tracking, after Exchange 5.5's Message Tracking Center.
+
+Every site records what happened to each message it handled — received (from
+which client or peer, with its Message-ID, queue id and size), routed (the
+router's decision and why), transferred (next hop and the queue id in the peer's
+``250`` reply), delivered (to a mailbox, or to the directory service for
+replication mail), deferred (with the reason and the next attempt), failed,
+expired, NDR sent, deleted by an operator — in ``<data>/tracking.sqlite3``, kept
+``tracking.days`` days.
+
+Recording never blocks the event loop: ``record`` puts the event on a queue that
+one writer thread drains in batches (and purges old events from).  Queries run
+in a thread on their own connection.
+
+``follow`` (pure) joins the events of several sites into one message's story:
+the hop chain from site to site and, for each recipient, where it ended or
+stopped and why.  ``imsrelay track``, ``GET /api/v1/tracking`` and the lab
+endpoint share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RECEIVED = "received"
+ROUTED = "routed"
+TRANSFERRED = "transferred"
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+EXPIRED = "expired"
+NDR_SENT = "ndr_sent"
+DELETED = "deleted"
+EVENTS = (RECEIVED, ROUTED, TRANSFERRED, DELIVERED, DEFERRED, FAILED, EXPIRED, NDR_SENT, DELETED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    site TEXT NOT NULL,
+    event TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    message_id TEXT,
+    sender TEXT,
+    recipient TEXT,
+    related TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_time ON events(time);
+CREATE INDEX IF NOT EXISTS events_queue ON events(queue_id);
+CREATE INDEX IF NOT EXISTS events_msgid ON events(message_id);
+CREATE INDEX IF NOT EXISTS events_related ON events(related);
+"""
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._-]+)", re.IGNORECASE)
+_HEADER_SCAN = 64 * 1024
+
+
+def message_id_of(message: bytes) -> str | None:
+    """The Message-ID header of a message (looked for in its first 64 KiB of header)."""
+    head = message[:_HEADER_SCAN]
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    if end >= 0:
+        head = head[:end + 1]
+    m = _MESSAGE_ID.search(head)
+    if not m:
+        return None
+    value = re.sub(rb"\s+", b"", m.group(1)).decode("utf-8", "replace")
+    return value[:998] or None
+
+
+def remote_queue_id(reply: str) -> str | None:
+    """The queue id a peer gave in its ``250`` reply (``250 2.0.0 Ok: queued as X``)."""
+    m = _QUEUED_AS.search(reply or "")
+    return m.group(1).rstrip(".") if m else None
+
+
+def normalise_message_id(value: str) -> str:
+    value = value.strip()
+    if value and not value.startswith("<"):
+        value = f"<{value}>"
+    return value
+
+
+@dataclass(frozen=True)
+class TrackingEvent:
+    time: float
+    site: str
+    event: str
+    queue_id: str
+    message_id: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    related: str | None = None  # an NDR's original queue id
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "time_iso": iso(self.time), "site": self.site, "event": self.event,
+                "queue_id": self.queue_id, "message_id": self.message_id, "sender": self.sender,
+                "recipient": self.recipient, "related": self.related, "detail": self.detail}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrackingEvent:
+        return cls(float(d["time"]), str(d["site"]), str(d["event"]), str(d["queue_id"]), d.get("message_id"),
+                   d.get("sender"), d.get("recipient"), d.get("related"), dict(d.get("detail") or {}))
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class TrackingQuery:
+    """Which messages to find: every given criterion must hold (AND)."""
+
+    message_id: str | None = None
+    queue_id: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 200  # messages (queue ids) at one site
+
+    @property
+    def empty(self) -> bool:
+        return not (self.message_id or self.queue_id or self.sender or self.recipient or self.since or self.until)
+
+
+class TrackingLog:
+    """One site's tracking events in SQLite, written by one thread."""
+
+    def __init__(self, path: Path, site: str, *, days: float = 7.0, enabled: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.site = site
+        self.days = days
+        self.enabled = enabled
+        self.clock = clock
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._known: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()  # queue id → (msgid, sender)
+        self._listeners: list[Callable[[TrackingEvent], None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if not self.enabled or self._thread is not None:
+            return
+        await asyncio.to_thread(self._create)
+        self._thread = threading.Thread(target=self._run, name=f"tracking-{self.site}", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(thread.join, 30.0)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._connect()
+        try:
+            db.executescript(_SCHEMA)
+            self._purge(db)
+        finally:
+            db.close()
+
+    def _purge(self, db: sqlite3.Connection) -> None:
+        with db:
+            db.execute("DELETE FROM events WHERE time < ?", (self.clock() - self.days * 86400.0,))
+
+    # ------------------------------------------------------------ recording
+
+    def on_event(self, listener: Callable[[TrackingEvent], None]) -> None:
+        """Call ``listener`` (on the loop) with every event recorded from now on."""
+        self._listeners.append(listener)
+
+    def record(self, event: str, queue_id: str, *, message_id: str | None = None, sender: str | None = None,
+               recipient: str | None = None, related: str | None = None, **detail: Any) -> None:
+        """Record one event (never blocks: the writer thread stores it)."""
+        if event == RECEIVED:
+            self._known[queue_id] = (message_id, sender)
+            while len(self._known) > 10_000:
+                self._known.popitem(last=False)
+        elif queue_id in self._known:
+            known_id, known_sender = self._known[queue_id]
+            message_id = message_id or known_id
+            sender = sender if sender is not None else known_sender
+        ev = TrackingEvent(self.clock(), self.site, event, queue_id, message_id, sender, recipient, related,
+                           {k: v for k, v in detail.items() if v is not None})
+        if self._thread is not None:
+            self._queue.put(ev)
+        for listener in self._listeners:
+            listener(ev)
+
+    def _run(self) -> None:
+        db = self._connect()
+        next_purge = time.monotonic() + 3600.0
+        try:
+            while True:
+                item = self._queue.get()
+                batch = [item]
+                while len(batch) < 1000:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                events = [e for e in batch if isinstance(e, TrackingEvent)]
+                if events:
+                    self._write(db, events)
+                for e in batch:
+                    if isinstance(e, threading.Event):
+                        e.set()
+                if time.monotonic() > next_purge:
+                    next_purge = time.monotonic() + 3600.0
+                    self._purge(db)
+                if any(e is None for e in batch):
+                    return
+        finally:
+            db.close()
+
+    def _write(self, db: sqlite3.Connection, events: list[TrackingEvent]) -> None:
+        rows = []
+        for e in events:
+            message_id, sender = e.message_id, e.sender
+            if message_id is None and e.event != RECEIVED:  # e.g. after a restart: ask the table
+                found = db.execute("SELECT message_id, sender FROM events WHERE queue_id = ? AND event = ? "
+                                   "ORDER BY id LIMIT 1", (e.queue_id, RECEIVED)).fetchone()
+                if found:
+                    message_id, sender = found[0], sender if sender is not None else found[1]
+            rows.append((e.time, e.site, e.event, e.queue_id, message_id, sender, e.recipient, e.related,
+                         json.dumps(e.detail, default=str)))
+        try:
+            with db:
+                db.executemany("INSERT INTO events (time, site, event, queue_id, message_id, sender, recipient, "
+                               "related, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error:
+            pass  # tracking is a record, never a reason to stop mail; the next batch tries again
+
+    def flush_sync(self, timeout: float = 10.0) -> None:
+        """Wait until every event recorded so far is in the table."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    # ------------------------------------------------------------ queries
+
+    async def query(self, q: TrackingQuery) -> list[TrackingEvent]:
+        return await asyncio.to_thread(self.query_sync, q)
+
+    def query_sync(self, q: TrackingQuery) -> list[TrackingEvent]:
+        """Every event of the messages matching ``q`` (and of the NDRs about them)."""
+        if not self.enabled or not self.path.exists():
+            return []
+        self.flush_sync()
+        where, args = [], []
+        if q.message_id:
+            where.append("message_id = ?")
+            args.append(normalise_message_id(q.message_id))
+        if q.queue_id:
+            where.append("queue_id = ?")
+            args.append(q.queue_id)
+        if q.sender is not None:
+            where.append("sender = ? COLLATE NOCASE")
+            args.append("" if q.sender in ("<>", "") else q.sender)
+        if q.recipient:
+            where.append("queue_id IN (SELECT queue_id FROM events WHERE recipient = ? COLLATE NOCASE)")
+            args.append(q.recipient)
+        if q.since is not None:
+            where.append("time >= ?")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("time <= ?")
+            args.append(q.until)
+        sql = ("SELECT DISTINCT queue_id FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY time DESC LIMIT ?")
+        db = self._connect()
+        try:
+            qids = [r[0] for r in db.execute(sql, [*args, max(1, min(q.limit, 10_000))])]
+            if not qids:
+                return []
+            marks = ",".join("?" * len(qids))
+            ndrs = [r[0] for r in db.execute(f"SELECT DISTINCT queue_id FROM events WHERE related IN ({marks})", qids)]
+            all_ids = list(dict.fromkeys(qids + ndrs))
+            marks = ",".join("?" * len(all_ids))
+            rows = db.execute("SELECT time, site, event, queue_id, message_id, sender, recipient, related, detail "
+                              f"FROM events WHERE queue_id IN ({marks}) ORDER BY time, id", all_ids).fetchall()
+        finally:
+            db.close()
+        return [TrackingEvent(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8] or "{}"))
+                for r in rows]
+
+
+# ------------------------------------------------------------------ following a message (pure)
+
+
+@dataclass(frozen=True)
+class Hop:
+    site: str
+    queue_id: str
+    received_at: float | None
+    origin: str | None
+    client: str | None
+    events: tuple[TrackingEvent, ...]
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    recipient: str
+    state: str  # delivered | bounced | failed | expired | deferred | in-transit | queued | deleted
+    site: str
+    detail: str
+    path: tuple[str, ...]  # sites it went through
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"recipient": self.recipient, "state": self.state, "site": self.site, "detail": self.detail,
+                "path": list(self.path)}
+
+
+@dataclass(frozen=True)
+class Story:
+    message_id: str | None
+    sender: str | None
+    hops: tuple[Hop, ...]
+    recipients: tuple[RecipientResult, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"message_id": self.message_id, "sender": self.sender,
+                "chain": [h.site for h in self.hops],
+                "hops": [{"site": h.site, "queue_id": h.queue_id, "received_at": h.received_at,
+                          "received_at_iso": iso(h.received_at) if h.received_at else None,
+                          "origin": h.origin, "client": h.client,
+                          "events": [e.as_dict() for e in h.events]} for h in self.hops],
+                "recipients": [r.as_dict() for r in self.recipients]}
+
+
+def follow(events: Iterable[TrackingEvent]) -> list[Story]:
+    """Join the events of all sites into stories, one per message (Message-ID, or
+    queue id when it has none), hops linked by the peers' queue ids, oldest first."""
+    by_hop: dict[tuple[str, str], list[TrackingEvent]] = {}
+    for e in sorted(events, key=lambda e: e.time):
+        by_hop.setdefault((e.site, e.queue_id), []).append(e)
+    hops: dict[tuple[str, str], Hop] = {}
+    for key, evs in by_hop.items():
+        rec = next((e for e in evs if e.event == RECEIVED), None)
+        hops[key] = Hop(key[0], key[1], rec.time if rec else None, rec.detail.get("origin") if rec else None,
+                        rec.detail.get("client") if rec else None, tuple(evs))
+    # group hops into messages
+    groups: dict[str, list[Hop]] = {}
+    for hop in hops.values():
+        mid = next((e.message_id for e in hop.events if e.message_id), None)
+        groups.setdefault(mid or f"queue:{hop.site}:{hop.queue_id}", []).append(hop)
+    by_queue = {h.queue_id: h for h in hops.values()}
+    stories = []
+    for key, group in groups.items():
+        group.sort(key=lambda h: (h.received_at or min(e.time for e in h.events)))
+        mid = None if key.startswith("queue:") else key
+        sender = next((e.sender for h in group for e in h.events if e.event == RECEIVED), None)
+        stories.append(Story(mid, sender, tuple(group), tuple(_results(group, by_queue))))
+    stories.sort(key=lambda s: s.hops[0].received_at or 0.0)
+    return stories
+
+
+def _results(group: list[Hop], by_queue: dict[str, Hop]) -> list[RecipientResult]:
+    first = group[0]
+    rcpts = list(dict.fromkeys(
+        [r for e in first.events if e.event == RECEIVED for r in e.detail.get("recipients", [])]
+        + [e.recipient for e in first.events if e.recipient]))
+    return [_result(r, first, by_queue) for r in rcpts]
+
+
+def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...] = ()) -> RecipientResult:
+    path = (*path, hop.site)
+    mine = [e for e in hop.events if (e.recipient or "").lower() == rcpt.lower()]
+    if not mine:
+        return RecipientResult(rcpt, "queued", hop.site, f"received at {hop.site} (queue id {hop.queue_id}), "
+                               "not routed yet", path)
+    last = mine[-1]
+    d = last.detail
+    if last.event == DELIVERED:
+        where = d.get("mailbox") or "the mailbox"
+        return RecipientResult(rcpt, "delivered", hop.site, f"delivered at {hop.site} to {where}", path)
+    if last.event == TRANSFERRED:
+        nxt = by_queue.get(d.get("remote_queue_id") or "")
+        if nxt is not None and nxt.site not in path:
+            return _result(rcpt, nxt, by_queue, path)
+        to = d.get("next_hop") or "the next hop"
+        return RecipientResult(rcpt, "in-transit", hop.site,
+                               f"transferred by {hop.site} to {to} (their queue id "
+                               f"{d.get('remote_queue_id') or 'unknown'}); not tracked beyond it", path)
+    if last.event in (FAILED, EXPIRED):
+        ndr = next((e for e in hop.events if e.event == NDR_SENT and rcpt.lower()
+                    in [x.lower() for x in e.detail.get("recipients", [])]), None)
+        what = "expired" if last.event == EXPIRED else "bounced"
+        tail = (f"; NDR {ndr.detail.get('ndr_id')} sent to {ndr.sender or '<>'}" if ndr
+                else "; no NDR (null sender or automatic report)")
+        return RecipientResult(rcpt, what if ndr else "failed", hop.site,
+                               f"stopped at {hop.site}: {d.get('status')} {d.get('diagnostic')}{tail}", path)
+    if last.event == DEFERRED:
+        nxt = d.get("next_attempt")
+        when = f"; next attempt {iso(nxt)}" if isinstance(nxt, int | float) else ""
+        return RecipientResult(rcpt, "deferred", hop.site,
+                               f"waiting at {hop.site} after attempt {d.get('attempts')}: {d.get('status')} "
+                               f"{d.get('diagnostic')}{when}", path)
+    if last.event == DELETED:
+        return RecipientResult(rcpt, "deleted", hop.site, f"deleted from the queue at {hop.site} by an operator", path)
+    if last.event == ROUTED:
+        return RecipientResult(rcpt, "queued", hop.site,
+                               f"in the queue at {hop.site}, routed {d.get('route')} (not attempted yet)", path)
+    return RecipientResult(rcpt, last.event, hop.site, f"{last.event} at {hop.site}", path)
+
+
+def describe_event(e: TrackingEvent) -> str:
+    d = e.detail
+    if e.event == RECEIVED:
+        origin = d.get("origin") or "smtp"
+        source = (f"from {d.get('client')} (EHLO {d.get('helo') or '?'})" if origin == "smtp"
+                  else f"generated here ({origin})")
+        extra = f", report about {e.related}" if e.related else ""
+        return (f"received {source}, queue id {e.queue_id}, {d.get('size')} bytes, "
+                f"for {', '.join(d.get('recipients', []))}{extra}")
+    if e.event == ROUTED:
+        return f"routed {e.recipient}: {d.get('route')} — {d.get('why')}"
+    if e.event == TRANSFERRED:
+        return (f"transferred {e.recipient} to {d.get('next_hop')}, their queue id "
+                f"{d.get('remote_queue_id') or 'unknown'} ({d.get('reply')})")
+    if e.event == DELIVERED:
+        return f"delivered {e.recipient} to {d.get('mailbox')}"
+    if e.event == DEFERRED:
+        nxt = d.get("next_attempt")
+        return (f"deferred {e.recipient} (attempt {d.get('attempts')}): {d.get('status')} {d.get('diagnostic')}"
+                + (f"; retry at {iso(nxt)}" if isinstance(nxt, int | float) else ""))
+    if e.event in (FAILED, EXPIRED):
+        return f"{e.event} {e.recipient}: {d.get('status')} {d.get('diagnostic')}"
+    if e.event == NDR_SENT:
+        return f"NDR {d.get('ndr_id')} queued to {e.sender or '<>'} for {', '.join(d.get('recipients', []))}"
+    if e.event == DELETED:
+        return "deleted from the queue by an operator"
+    return e.event
+
+
+def format_story(story: Story) -> str:
+    """The hop chain with times, as ``imsrelay track`` prints it."""
+    lines = [f"message {story.message_id or '(no Message-ID)'} from {story.sender or '<>'}",
+             "  path: " + " -> ".join(h.site for h in story.hops)]
+    for hop in story.hops:
+        lines.append(f"  {hop.site} (queue id {hop.queue_id})")
+        for e in hop.events:
+            stamp = datetime.fromtimestamp(e.time, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+            lines.append(f"    {stamp}  {describe_event(e)}")
+    for r in story.recipients:
+        lines.append(f"  => {r.recipient}: {r.state} — {r.detail} (via {' -> '.join(r.path)})")
+    return "\n".join(lines)
