@@ -35,6 +35,11 @@
     return node;
   }
 
+  function fill(node, ...children) {
+    node.replaceChildren();
+    return append(node, children);
+  }
+
   function link(href, text, props) {
     return el("a", { href, ...(props || {}) }, text);
   }
@@ -267,7 +272,10 @@
   function markTree() {
     const here = location.hash || "#/";
     for (const a of document.querySelectorAll("#tree a")) {
-      a.classList.toggle("current", a.getAttribute("href") === here);
+      const current = a.getAttribute("href") === here;
+      a.classList.toggle("current", current);
+      const details = current && a.closest("details");
+      if (details) details.open = true;
     }
   }
 
@@ -318,7 +326,7 @@
     root.append(data);
     const refresh = async () => {
       const nodes = await draw();
-      data.replaceChildren(...[nodes].flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
+      fill(data, nodes);
     };
     await refresh();
     return { topics, refresh };
@@ -566,7 +574,7 @@
       return [table(["Mailbox", "Proxy addresses", "Home site", "Known at"], rows, { class: "recipients" }),
               Object.keys(last.errors).length ? notice(`Not answering: ${Object.keys(last.errors).join(", ")}`, "error") : null];
     }
-    filter.addEventListener("input", () => { if (last) root.querySelector(".data").replaceChildren(...draw()); });
+    filter.addEventListener("input", () => { if (last) fill(root.querySelector(".data"), draw()); });
     return view;
   }
 
@@ -595,7 +603,7 @@
       const r = await api("GET", `/api/mailboxes${siteName ? `?site=${encodeURIComponent(siteName)}` : ""}`);
       const bySite = {};
       for (const b of r.mailboxes) (bySite[b.site] = bySite[b.site] || []).push(b);
-      boxes.replaceChildren(link(mailHash({}), "All mail", { class: !siteName ? "current" : "" }),
+      fill(boxes, link(mailHash({}), "All mail", { class: !siteName ? "current" : "" }),
         Object.entries(bySite).map(([s, list]) => el("div", { class: "box-site" },
           link(mailHash({ site: s }), s, { class: siteName === s && !mailbox ? "current site-link" : "site-link" }),
           el("ul", {}, list.map((b) => el("li", {}, link(mailHash({ site: s, mailbox: b.mailbox }), b.mailbox, { class: siteName === s && mailbox === b.mailbox ? "current" : "" }),
@@ -660,7 +668,7 @@
       el("dt", { text: "Mailbox" }), el("dd", { text: `${m.mailbox} at ${m.site} · received ${when(m.received)} · ${size(m.size)}` }),
       el("dt", { text: "Message-ID" }), el("dd", { class: "addr", text: m.message_id || "(none)" })));
     const nav = el("div", { class: "tabs", role: "tablist" }, tabs.map((t) => link(`#/message/${encodeURIComponent(id)}?tab=${t}`,
-      t === "attachments" ? `Attachments (${m.attachments.length})` : t[0].toUpperCase() + t.slice(1),
+      { text: "Text", html: "HTML", headers: "Headers", raw: "Raw", attachments: `Attachments (${m.attachments.length})` }[t],
       { class: t === tab ? "tab current" : "tab", role: "tab", id: `tab-${t}` })));
     const body = el("div", { class: "tab-body", id: "message-body" });
     root.append(nav, body);
@@ -714,7 +722,7 @@
   function drawStory(story) {
     const chain = [];
     const first = story.hops[0];
-    const origin = first && first.origin === "smtp" ? (first.client_site || first.client || "SMTP client") : (first ? `${first.site} (${first.origin || "generated"})` : "?");
+    const origin = first && first.origin === "smtp" ? (first.client_site || `SMTP client ${first.client || ""}`.trim()) : (first ? `${first.site} (${first.origin || "generated"})` : "?");
     chain.push({ label: origin, kind: "origin" });
     for (const h of story.hops) chain.push({ label: h.site, kind: "site" });
     for (const r of story.recipients) if (r.state === "delivered") chain.push({ label: r.mailbox || r.recipient, kind: "mailbox" });
