@@ -52,6 +52,7 @@ SITES = {
     "sitec": ("SiteC", _port("LAB_SITEC_SMTP_PORT", 2520), _port("LAB_SITEC_ADMIN_PORT", 8520), "10.10.10.20"),
 }
 INTERNET_SMTP = _port("LAB_INTERNET_SMTP_PORT", 2600)
+CONSOLE_PORT = _port("LAB_CONSOLE_PORT", 8580)
 SITE_MAILBOXES = "/var/lib/imsrelay/mailboxes"
 
 T = TypeVar("T")

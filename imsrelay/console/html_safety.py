@@ -74,7 +74,7 @@ class _Neutraliser(HTMLParser):
                 self.skip_tag, self.skip_depth = tag, 1
             return
         if tag in _DROP_TAG:
-            self.blocked += tag not in ("html", "head", "body")
+            self.blocked += tag not in ("html", "head", "body") or any(n.lower().startswith("on") for n, _ in attrs)
             return
         kept = []
         for name, value in attrs:
@@ -109,7 +109,7 @@ class _Neutraliser(HTMLParser):
             self.out.append(html.escape(data, quote=False))
 
     def handle_comment(self, data: str) -> None:  # conditional comments can hide markup: drop all
-        pass
+        self.blocked += "<" in data
 
     def handle_decl(self, decl: str) -> None:
         pass
