@@ -62,9 +62,10 @@ USER imsrelay
 WORKDIR /var/lib/imsrelay
 EXPOSE 25 8025
 
-# Healthy when the SMTP listener greets with 220 (smtplib raises otherwise).
-HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import smtplib; s = smtplib.SMTP('127.0.0.1', 25, timeout=5); s.quit()"]
+# Healthy when the site is ready: GET /ready on the admin endpoint answers 200
+# (listening, spool recovered, directory provisioned); 503 or no answer: not yet.
+HEALTHCHECK --interval=2s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8025/ready', timeout=4)"]
 
 ENTRYPOINT ["imsrelay"]
 CMD ["serve", "--config", "/etc/imsrelay/site.toml"]

@@ -217,7 +217,8 @@ do_status() {
         printf '  %-26s %-8s %-10s %s\n' "$name" "$status" "$health" "$ip"
     done < <(lab_containers)
     cat <<'EOF'
-Published on 127.0.0.1 (defaults; LAB_*_PORT variables override):
+Published on 127.0.0.1 (defaults; LAB_*_PORT variables override); each admin
+port also serves GET /ready and the message API /api/v1 (bearer token):
   sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)
   siteb    SMTP 2515  admin 8515     (10.10.10.15, Server1.SiteB.microsoft.com)
   sitec    SMTP 2520  admin 8520     (10.10.10.20, Server1.SiteC.microsoft.com)

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.directory import Directory, DirectoryError, Mailbox
-from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -137,6 +137,8 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=409)
         except (_BadRequest, BadRequest) as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        except Missing as exc:
+            return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "imsrelay.commands.lab",
     "imsrelay.commands.org_setup",
     "imsrelay.commands.console",
+    "imsrelay.commands.track",
 ]
 
 

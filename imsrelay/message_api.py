@@ -40,6 +40,10 @@ class BadRequest(Exception):
     """A query the API cannot answer: 400 with the message."""
 
 
+class Missing(Exception):
+    """No such site or message here: 404 with the message."""
+
+
 def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -165,15 +169,14 @@ class MessageApi:
         for s in self.sites:
             if s.config.site.lower() == name.lower():
                 return s
-        raise web.HTTPNotFound(reason=f"no site {name!r} here (sites: "
-                                      f"{', '.join(s.config.site for s in self.sites) or 'none'})")
+        raise Missing(f"no site {name!r} here (sites: {', '.join(s.config.site for s in self.sites) or 'none'})")
 
     def _store_for(self, message_id: str) -> Any:
         site = message_id.split(":", 1)[0]
         for s in self.sites:
             if s.config.site == site:
                 return s.message_store
-        raise web.HTTPNotFound(reason=f"no message {message_id}")
+        raise Missing(f"no message {message_id!r}")
 
     # -------------------------------------------------------------- health
 
@@ -210,6 +213,9 @@ class MessageApi:
             cfg = s.config
             out.append({"site": cfg.site, "organisation": cfg.organisation, "hostname": cfg.hostname,
                         "smtp": {"host": cfg.smtp.listen, "port": s.bound_port},
+                        "admin": ({"host": s.admin.bound[0], "port": s.admin.bound[1]}
+                                  if getattr(s, "admin", None) is not None and s.admin.bound else None),
+                        "data_dir": str(cfg.data_dir),
                         "ready": s.readiness.report().ready,
                         "queue": {"messages": s.qmgr.backlog},
                         "replication": s.replicator is not None})
@@ -385,6 +391,8 @@ def errors_middleware(log: Any) -> Any:
             raise
         except BadRequest as exc:
             return json_error(400, str(exc))
+        except Missing as exc:
+            return json_error(404, str(exc))
         except Exception as exc:
             log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                       exc_info=exc)

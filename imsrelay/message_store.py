@@ -11,7 +11,8 @@ A message id is ``<site>:<mailbox>:<unique>`` (the Maildir unique name, without
 the ``:2,`` flags), stable while the message moves between new/ and cur/.
 
 Search syntax (``parse_search``, pure): ``from:`` ``to:`` (To, Cc and the envelope
-recipient) ``subject:`` ``message-id:`` ``mailbox:`` ``site:`` ``after:``/``before:``
+recipient) ``subject:`` ``message-id:`` (``<whole@id>``, or any part without the
+angle brackets) ``mailbox:`` ``site:`` ``after:``/``before:``
 (a date ``2026-12-01``, an ISO time, or a Unix time) and free text (headers and
 the text of the message), combined with AND; ``"quoted values"`` keep spaces.
 """
@@ -29,7 +30,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import getaddresses, parsedate_to_datetime
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,9 @@ def header_matches(s: Summary, q: Search) -> bool:
     if any(v not in subject for v in q.subject):
         return False
     mid = (s.message_id or "").lower()
-    return all(v.strip("<>") in mid for v in q.message_id)
+    # <id@host> is the whole Message-ID; without angle brackets, any part of it
+    return all(mid == v if v.startswith("<") and v.endswith(">") else v.strip("<>") in mid
+               for v in q.message_id)
 
 
 def text_matches(s: Summary, words: tuple[str, ...], body_text: str | None) -> bool:

@@ -107,7 +107,6 @@ class Site:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        cfg = self.config
         if self.admin is not None:  # first, so that /health and /ready answer while the site starts
             await self.admin.start()
         try:

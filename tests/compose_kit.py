@@ -1,8 +1,10 @@
 """Helpers for tests against the Docker compose lab (docker-compose.yml, docker/lab.sh).
 
-Everything the tests do goes through ports the lab publishes on 127.0.0.1, or
-through ``docker exec`` into a lab container; nothing talks to the containers' own
-10.10.10.x addresses from the host.  The lab runs under its own compose project
+Everything the tests do goes through ports the lab publishes on 127.0.0.1 — mail
+at the sites is found with their message API (``/api/v1`` on the admin port) — or
+through ``docker exec`` into a lab container (the Postfix Internet host's Maildirs,
+the CLI inside a site); nothing talks to the containers' own 10.10.10.x addresses
+from the host.  The lab runs under its own compose project
 (``imsrelaytest`` unless ``IMSRELAY_TEST_COMPOSE_PROJECT`` says otherwise), so its
 containers and volumes never mix with a lab started by hand (``imsrelay``).
 """
@@ -264,9 +266,41 @@ class ComposeLab:
             code, text = s.rcpt(rcpt)
             return code, text.decode()
 
+    # ------------------------------------------------------------ mail, through the message API
+
+    def api(self, service: str, path: str, params: dict[str, Any] | None = None, *, raw: bool = False,
+            timeout: float = 30.0) -> Any:
+        """GET the message API of a site's published admin endpoint."""
+        import urllib.parse
+
+        query = "?" + urllib.parse.urlencode(params) if params else ""
+        req = urllib.request.Request(f"http://127.0.0.1:{SITES[service][2]}/api/v1{path}{query}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=timeout) as resp:
+                data = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise LabError(f"{service} GET {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+        return data if raw else json.loads(data)
+
+    def api_messages(self, service: str, query: str) -> dict[str, bytes]:
+        """The messages a search finds at a site, id → the Maildir file's bytes (raw)."""
+        import urllib.parse
+
+        found = self.api(service, "/search", {"query": query, "limit": 1000})["messages"]
+        return {m["id"]: self.api(service, f"/messages/{urllib.parse.quote(m['id'], safe='')}/raw", raw=True)
+                for m in found}
+
     def maildir(self, service: str, path: str) -> dict[str, bytes]:
-        """Every message in a Maildir inside a container (``new/`` and ``cur/``),
-        by file name, read with ``docker exec tar`` (no network, any image)."""
+        """Every message in a Maildir (``new/`` and ``cur/``): a site's through its
+        message API (``path`` ends with the mailbox's alias); the Internet host's
+        (Postfix, no API) with ``docker exec tar``."""
+        if service in SITES:
+            return self.api_messages(service, f"mailbox:{Path(path).name}")
+        return self._maildir_by_exec(service, path)
+
+    def _maildir_by_exec(self, service: str, path: str) -> dict[str, bytes]:
         proc = subprocess.run(["docker", "exec", self.container(service), "tar", "-C", path, "-cf", "-",
                                "new", "cur"], capture_output=True, timeout=60)
         if proc.returncode != 0 and b"No such file" in proc.stderr:
@@ -289,6 +323,8 @@ class ComposeLab:
         return self.maildir(service, f"{SITE_MAILBOXES}/{alias}")
 
     def find(self, service: str, path: str, msgid: str) -> list[bytes]:
+        if service in SITES:
+            return list(self.api_messages(service, f"mailbox:{Path(path).name} message-id:{msgid}").values())
         needle = msgid.encode()
         return [m for m in self.maildir(service, path).values() if needle in header(m)]
 

@@ -177,6 +177,47 @@ def test_the_console_on_127_0_0_1_shows_the_organisation_and_traces_mail(lab: Co
         browser.close()
 
 
+def test_message_api_tracking_and_the_client_on_the_published_ports(lab: ComposeLab):
+    """The sites' message API on 127.0.0.1, joined by imsrelay.testing.LabClient;
+    tracking follows a message SiteA -> SiteB and from the Internet's Postfix."""
+    import subprocess
+    import sys
+
+    from compose_kit import TOKEN
+
+    from imsrelay.testing import LabClient
+
+    for service in SITES:
+        assert lab.api(service, "/sites")["sites"][0]["ready"] is True
+    client = LabClient([f"http://127.0.0.1:{admin}" for _, _, admin, _ in SITES.values()], TOKEN,
+                       smtp={site: ("127.0.0.1", port) for site, port, _, _ in SITES.values()})
+    assert client.ready()
+    mid = client.send("User2@microsoft.com", sender="User1@microsoft.com", via="SiteA", subject="docker tracked",
+                      html="<p>html</p>", attachments=[("a.bin", "application/octet-stream", b"\0" * 1000)])
+    msg = client.wait_for(f"message-id:{mid}", timeout=90)
+    assert (msg["site"], msg["mailbox"]) == ("SiteB", "User2")
+    detail = client.message(msg["id"])
+    assert detail["html"].strip() == "<p>html</p>" and detail["attachments"][0]["size"] == 1000
+    assert client.raw(msg["id"]).startswith(b"Return-Path: <User1@microsoft.com>")
+    story = poll(lambda: next((m for m in client.track(mid)["messages"]
+                               if m["recipients"] and m["recipients"][0]["state"] == "delivered"), None),
+                 timeout=60, what="tracking of the SiteA -> SiteB message")
+    assert story["chain"] == ["SiteA", "SiteB"]
+    args = [arg for _, _, admin, _ in SITES.values() for arg in ("--site", f"http://127.0.0.1:{admin}={TOKEN}")]
+    out = subprocess.run([sys.executable, "-m", "imsrelay", "track", "--message-id", mid, *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "path: SiteA -> SiteB" in out.stdout, out.stdout + out.stderr
+    # from outside, through the Internet's Postfix: tracking starts where imsrelay got it
+    outside, body = lab.message("alice@example.net", "User3@microsoft.com", "tracked from outside", "track-out")
+    lab.send(INTERNET_SMTP, "alice@example.net", "User3@microsoft.com", body)
+    story = poll(lambda: next((m for m in client.track(outside)["messages"]
+                               if m["recipients"] and m["recipients"][0]["state"] == "delivered"), None),
+                 timeout=90, what="tracking of the message from outside")
+    assert story["chain"] == ["SiteA", "SiteC"]
+    assert story["hops"][0]["client"] == "10.10.10.100"  # the Internet host, by DNS MX
+    assert client.delete(f"message-id:{outside}") == 1
+
+
 # ------------------------------------------------------------------ faults: nothing lost
 
 

@@ -1,0 +1,329 @@
+"""``imsrelay.testing``: drive an imsrelay lab from a test suite or a script.
+
+``LabClient`` talks to the embedded lab's endpoint (one URL answers for every host)
+or to several sites' admin endpoints at once (the Docker lab: it joins them), and
+sends mail over SMTP::
+
+    from imsrelay.testing import LabClient
+
+    lab = LabClient("http://127.10.10.1:8025")
+    msgid = lab.send("User2@microsoft.com", subject="hello", via="Internet")
+    msg = lab.wait_for(f"message-id:{msgid} mailbox:User2", timeout=30)
+    assert msg["site"] == "SiteB"
+    print(lab.track(msgid)["messages"][0]["chain"])   # ['Internet', 'SiteA', 'SiteB']
+
+``EmbeddedLab`` starts ``imsrelay lab`` in a directory on free ports and waits for
+it to be ready.  The pytest plugin (``imsrelay.testing.plugin``, registered as a
+``pytest11`` entry point) gives tests the ``imsrelay_lab`` fixture built on both.
+Only the standard library is used here (blocking, like a test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Sequence
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+LAB_TOKEN = "lab-admin-token"
+LAB_API_HOST = "127.10.10.1"
+LAB_ADDRESSES = ("127.10.10.10", "127.10.10.15", "127.10.10.20", "127.10.10.100")
+
+
+class LabError(Exception):
+    """The lab answered with an error (``status`` is the HTTP status)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Endpoint:
+    def __init__(self, url: str, token: str, timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def request(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None, *,
+                raw: bool = False, timeout: float | None = None) -> Any:
+        query = "?" + urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None}) \
+            if params else ""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path + query, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read()
+            try:
+                message = json.loads(text).get("error", "")
+            except (ValueError, AttributeError):
+                message = text.decode("utf-8", "replace")
+            raise LabError(exc.code, message) from None
+        return payload if raw else json.loads(payload or b"null")
+
+
+class LabClient:
+    """One lab: its lab endpoint, or the admin endpoints of its sites (joined)."""
+
+    def __init__(self, endpoints: str | Sequence[str], token: str = LAB_TOKEN, *,
+                 smtp: dict[str, tuple[str, int]] | None = None, timeout: float = 30.0) -> None:
+        urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        urls = [u.strip() for url in urls for u in url.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("LabClient needs at least one endpoint URL")
+        self.endpoints = [_Endpoint(u, token, timeout) for u in urls]
+        self.smtp_override = dict(smtp or {})
+        self._site_endpoint: dict[str, _Endpoint] = {}
+        self._sites: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------ readiness and sites
+
+    def ready(self) -> bool:
+        for e in self.endpoints:
+            try:
+                e.request("GET", "/ready", timeout=5.0)
+            except (LabError, OSError):
+                return False
+        return True
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                reasons = []
+                for e in self.endpoints:
+                    try:
+                        e.request("GET", "/ready", timeout=5.0)
+                    except LabError as exc:
+                        reasons.append(f"{e.url}: {exc.message or exc}")
+                    except OSError as exc:
+                        reasons.append(f"{e.url}: {exc}")
+                raise TimeoutError(f"the lab is not ready after {timeout:g}s: {'; '.join(reasons)}")
+            time.sleep(0.2)
+
+    def sites(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.endpoints:
+            for s in e.request("GET", "/api/v1/sites")["sites"]:
+                self._site_endpoint[s["site"].lower()] = e
+                out.append(s)
+        self._sites = out
+        return out
+
+    def _endpoint_of(self, site: str) -> _Endpoint:
+        if site.lower() not in self._site_endpoint:
+            self.sites()
+        try:
+            return self._site_endpoint[site.lower()]
+        except KeyError:
+            raise LabError(404, f"no site {site!r} in this lab") from None
+
+    def smtp_address(self, site: str) -> tuple[str, int]:
+        if site in self.smtp_override:
+            return self.smtp_override[site]
+        self._endpoint_of(site)
+        s = next(s for s in self._sites if s["site"].lower() == site.lower())
+        return s["smtp"]["host"], int(s["smtp"]["port"])
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, to: str | Iterable[str], *, sender: str = "alice@example.net", subject: str = "imsrelay test",
+             text: str = "Sent by imsrelay.testing.\n", html: str | None = None,
+             attachments: Iterable[tuple[str, str, bytes]] = (), headers: dict[str, str] | None = None,
+             via: str | None = None, message_id: str | None = None) -> str:
+        """Send one message through ``via`` (a site name; default the Internet host,
+        else the first site); ``attachments`` are (filename, content type, bytes).
+        Returns its Message-ID."""
+        rcpts = [to] if isinstance(to, str) else list(to)
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = ", ".join(rcpts)
+        msg["Subject"] = subject
+        msg["Date"] = formatdate()
+        msg["Message-ID"] = message_id or make_msgid(domain="imsrelay.test")
+        for k, v in (headers or {}).items():
+            msg[k] = v
+        msg.set_content(text)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+        for name, ctype, data in attachments:
+            maintype, _, subtype = ctype.partition("/")
+            msg.add_attachment(data, maintype=maintype, subtype=subtype or "octet-stream", filename=name)
+        if via is None:
+            names = [s["site"] for s in (self._sites or self.sites())]
+            via = "Internet" if "Internet" in names or "Internet" in self.smtp_override else names[0]
+        host, port = self.smtp_address(via)
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        with smtplib.SMTP(host, port, timeout=30) as s:
+            s.send_message(msg, from_addr=sender, to_addrs=rcpts)
+        return str(msg["Message-ID"])
+
+    # ------------------------------------------------------------ messages
+
+    def messages(self, query: str = "", *, site: str | None = None, mailbox: str | None = None,
+                 limit: int = 50) -> list[dict[str, Any]]:
+        """Message summaries, newest first (every endpoint joined)."""
+        found: list[dict[str, Any]] = []
+        for e in ([self._endpoint_of(site)] if site else self.endpoints):
+            page = e.request("GET", "/api/v1/messages", {"query": query or None, "site": site,
+                                                          "mailbox": mailbox, "limit": limit})
+            found += page["messages"]
+        found.sort(key=lambda m: (m["received"], m["id"]), reverse=True)
+        return found[:limit]
+
+    def message(self, message_id: str) -> dict[str, Any]:
+        """Headers, decoded text and HTML, attachments."""
+        return self._endpoint_of(message_id.split(":", 1)[0]).request(
+            "GET", f"/api/v1/messages/{urllib.parse.quote(message_id, safe='')}")
+
+    def raw(self, message_id: str) -> bytes:
+        return self._endpoint_of(message_id.split(":", 1)[0]).request(
+            "GET", f"/api/v1/messages/{urllib.parse.quote(message_id, safe='')}/raw", raw=True)
+
+    def wait_for(self, query: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The newest message matching ``query`` as soon as there is one (long-poll);
+        ``TimeoutError`` if none arrives within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        slice_ = timeout if len(self.endpoints) == 1 else 1.0
+        while True:
+            for e in self.endpoints:
+                left = max(0.0, deadline - time.monotonic())
+                wait = min(slice_, left)
+                try:
+                    page = e.request("GET", "/api/v1/wait", {"query": query, "timeout": f"{wait:.3f}"},
+                                     timeout=wait + 30.0)
+                    return page["messages"][0]
+                except LabError as exc:
+                    if exc.status != 408:
+                        raise
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no message matching {query!r} within {timeout:g}s")
+
+    def delete(self, query: str) -> int:
+        """Delete every message matching ``query``; returns how many."""
+        return sum(e.request("DELETE", "/api/v1/search", {"query": query})["deleted"] for e in self.endpoints)
+
+    # ------------------------------------------------------------ tracking, queue, replication
+
+    def track(self, message_id: str | None = None, *, queue_id: str | None = None, sender: str | None = None,
+              recipient: str | None = None, since: str | float | None = None) -> dict[str, Any]:
+        """Tracking events and hop chains (``messages[i]["chain"]``, ``["recipients"]``)
+        of a Message-ID, a queue id, a sender or a recipient (since a time)."""
+        from imsrelay.message_api import gather_tracking, tracking_body
+        from imsrelay.message_store import parse_time
+        from imsrelay.tracking import TrackingEvent, TrackingQuery
+
+        first = TrackingQuery(message_id=message_id, queue_id=queue_id, sender=sender, recipient=recipient,
+                              since=parse_time(str(since)) if since is not None else None)
+
+        def fetch(q: TrackingQuery) -> list[TrackingEvent]:
+            params = {"message_id": q.message_id, "queue_id": q.queue_id, "sender": q.sender,
+                      "recipient": q.recipient, "since": q.since, "limit": q.limit}
+            return [TrackingEvent.from_dict(ev) for e in self.endpoints
+                    for ev in e.request("GET", "/api/v1/tracking", params)["events"]]
+
+        return tracking_body(gather_tracking(fetch, first))
+
+    def queue(self, site: str) -> list[dict[str, Any]]:
+        return self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/queue")["messages"]
+
+    def replication(self, site: str) -> dict[str, Any]:
+        return self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/replication")
+
+
+# ------------------------------------------------------------------ the embedded lab, in a subprocess
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_lab_port(addresses: Sequence[str] = LAB_ADDRESSES, attempts: int = 50) -> int:
+    """A port free on every lab address."""
+    for _ in range(attempts):
+        port = free_port(addresses[0])
+        try:
+            for a in addresses[1:]:
+                with socket.socket() as s:
+                    s.bind((a, port))
+        except OSError:
+            continue
+        return port
+    raise OSError("no port is free on every lab address")
+
+
+class EmbeddedLab:
+    """``imsrelay lab`` in ``data_dir`` on free ports (or the ones given), as a
+    subprocess; ``start()`` returns once its endpoint says ready."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, admin_port: int | None = None,
+                 api_host: str = LAB_API_HOST, api_port: int | None = None, stage: str = "end",
+                 ready_timeout: float = 120.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_lab_port()
+        self.admin_port = admin_port or free_lab_port(LAB_ADDRESSES[:3])
+        self.api_host = api_host
+        self.api_port = api_port or free_port(api_host)
+        self.stage = stage
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = LabClient(self.url)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    def start(self) -> LabClient:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "lab.out", "wb")  # noqa: SIM115 - kept open while the lab runs
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imsrelay", "lab", "--data", str(self.data_dir), "--port", str(self.port),
+             "--admin-port", str(self.admin_port), "--api-host", self.api_host, "--api-port", str(self.api_port),
+             "--stage", self.stage, "--log-level", "error"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.client.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                output = (self.data_dir / "lab.out").read_text(errors="replace")[-3000:]
+                self.stop()
+                raise RuntimeError(f"imsrelay lab did not become ready (data in {self.data_dir}):\n{output}")
+            time.sleep(0.1)
+        self.client.sites()
+        return self.client
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+    def __enter__(self) -> LabClient:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,73 @@
+"""pytest plugin (entry point ``pytest11``: ``imsrelay``): the ``imsrelay_lab`` fixture.
+
+``imsrelay_lab`` (session scope) starts the embedded lab (``imsrelay lab``) in a
+temporary directory on free loopback ports, waits until it is ready and yields an
+``imsrelay.testing.LabClient``.  To attach to a lab that is already running — an
+``imsrelay lab`` of your own, or the Docker lab — give its URL(s) instead::
+
+    pytest --imsrelay-url http://127.10.10.1:8025
+    pytest --imsrelay-url http://127.0.0.1:8510,http://127.0.0.1:8515,http://127.0.0.1:8520 \\
+           --imsrelay-smtp SiteA=127.0.0.1:2510 --imsrelay-smtp SiteB=127.0.0.1:2515
+
+(or ``IMSRELAY_LAB_URL``, ``IMSRELAY_LAB_TOKEN``, ``IMSRELAY_LAB_SMTP``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from imsrelay.testing import LAB_TOKEN, EmbeddedLab, LabClient
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("imsrelay", "imsrelay lab")
+    group.addoption("--imsrelay-url", action="append", default=[], metavar="URL",
+                    help="attach imsrelay_lab to a running lab: its lab endpoint, or each site's admin endpoint "
+                         "(repeat or comma-separate); default: start an embedded lab ($IMSRELAY_LAB_URL)")
+    group.addoption("--imsrelay-token", default=None,
+                    help=f"bearer token of those endpoints (default $IMSRELAY_LAB_TOKEN or {LAB_TOKEN})")
+    group.addoption("--imsrelay-smtp", action="append", default=[], metavar="SITE=HOST:PORT",
+                    help="where to send mail for SITE when the endpoints' own addresses are not reachable "
+                         "(the Docker lab's published ports; $IMSRELAY_LAB_SMTP, comma-separated)")
+
+
+def _smtp_map(values: list[str]) -> dict[str, tuple[str, int]]:
+    out = {}
+    for v in values:
+        for item in v.split(","):
+            if not item.strip():
+                continue
+            site, _, hostport = item.strip().partition("=")
+            host, _, port = hostport.rpartition(":")
+            if not site or not host or not port.isdigit():
+                raise pytest.UsageError(f"--imsrelay-smtp {item!r}: expected SITE=HOST:PORT")
+            out[site] = (host, int(port))
+    return out
+
+
+@pytest.fixture(scope="session")
+def imsrelay_lab(request: Any, tmp_path_factory: Any) -> Iterator[LabClient]:
+    """A ready imsrelay lab (embedded, or the one given by --imsrelay-url) and its client."""
+    urls = list(request.config.getoption("--imsrelay-url") or [])
+    if not urls and os.environ.get("IMSRELAY_LAB_URL"):
+        urls = [os.environ["IMSRELAY_LAB_URL"]]
+    token = request.config.getoption("--imsrelay-token") or os.environ.get("IMSRELAY_LAB_TOKEN") or LAB_TOKEN
+    smtp = _smtp_map(list(request.config.getoption("--imsrelay-smtp") or [])
+                     + ([os.environ["IMSRELAY_LAB_SMTP"]] if os.environ.get("IMSRELAY_LAB_SMTP") else []))
+    if urls:
+        client = LabClient(urls, token, smtp=smtp)
+        client.wait_ready()
+        client.sites()
+        yield client
+        return
+    lab = EmbeddedLab(tmp_path_factory.mktemp("imsrelay-lab"))
+    client = lab.start()
+    client.smtp_override.update(smtp)
+    try:
+        yield client
+    finally:
+        lab.stop()
