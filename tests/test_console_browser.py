@@ -443,3 +443,51 @@ def test_fits_a_laptop_and_makes_the_readme_picture(page, lab, tmp_path, width):
 def test_readme_picture_exists():
     picture = Path(__file__).parent.parent / "docs" / "console.png"
     assert picture.exists() and picture.stat().st_size > 20_000, "make it: python tests/console_kit.py docs/console.png"
+
+
+def test_the_frame_policy_alone_stops_scripts_and_remote_loads(browser, tmp_path):
+    """Defence in depth: even HTML the neutraliser never saw runs nothing and loads
+    nothing in the console's sandboxed frame under MESSAGE_CSP (a meta refresh is the
+    one thing a policy cannot stop: the neutraliser removes it, tested above)."""
+    import http.server
+    import threading
+
+    from imsrelay.console.html_safety import MESSAGE_CSP
+
+    remote = CountingServer()
+    hostile = re.sub(r'<meta http-equiv="refresh"[^>]*>', "", hostile_message(remote.url).decode()
+                     .split("text/html; charset=utf-8\r\n\r\n", 1)[1].split("\r\n--ALT--", 1)[0])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/msg":
+                body, headers = hostile.encode(), {"Content-Security-Policy": MESSAGE_CSP}
+            else:
+                body, headers = b'<iframe id="f" sandbox="" src="/msg"></iframe>', {}
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        expect(page.frame_locator("#f").locator("#greeting")).to_have_text("Hostile HTML body")
+        page.wait_for_timeout(2000)
+        for frame in page.frames:
+            assert frame.evaluate("typeof window.__pwned") == "undefined"
+        assert remote.requests == [], remote.requests
+        page.screenshot(path=str(tmp_path / "policy-only.png"))
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
+        remote.close()
