@@ -435,6 +435,7 @@ def test_fits_a_laptop_and_makes_the_readme_picture(page, lab, tmp_path, width):
         page.wait_for_timeout(200)
         overflow = page.evaluate("document.scrollingElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, (view, width, overflow)
+        page.screenshot(path=str(tmp_path / f"width-{width}-{view.strip('#/').split('?')[0].replace('/', '-') or 'org'}.png"))
     picture = readme_picture(page, lab.console_url, tmp_path / "readme.png")
     assert picture.stat().st_size > 20_000
     assert text_of(page, "#brand-title") == "ExchangeORG"
