@@ -1,17 +1,19 @@
 """Live updates: what changed in the organisation, for the console's open pages.
 
 While at least one page listens (``/api/events``), the feed asks every site once a
-second (``interval``) for a cheap picture — queue, replication, directory USN,
-newest message, tracking, the lab stage — and tells the pages which *topics*
-changed (``queue:SiteA``, ``mail:SiteB``, ``replication:SiteC``, ``directory:SiteA``,
-``stage``); a page re-reads only the views those topics touch.  Nothing is asked
-while nobody listens.
+second (``interval``) for a cheap picture — queue, replication, directory USN, the
+tracking events since the last look (an indexed query: a ``delivered`` event is new
+mail, without listing any mailbox), the lab stage — and tells the pages which
+*topics* changed (``queue:SiteA``, ``mail:SiteB``, ``tracking:SiteB``,
+``replication:SiteC``, ``directory:SiteA``, ``stage``); a page re-reads only the views
+those topics touch.  Nothing is asked while nobody listens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from imsrelay.console.backend import Organisation, Reply
@@ -28,6 +30,8 @@ class LiveFeed:
         self._subscribers: list[asyncio.Queue[list[str] | None]] = []
         self._last: dict[str, str] = {}
         self._poke = asyncio.Event()
+        self._seen: dict[str, tuple[float, float]] = {}  # site -> newest (event, delivery) time seen
+        self._polled = 0.0
 
     def subscribe(self) -> asyncio.Queue[list[str] | None]:
         if len(self._subscribers) >= MAX_SUBSCRIBERS:  # the oldest page stops listening
@@ -64,6 +68,8 @@ class LiveFeed:
                     self._publish(changed)
             else:
                 self._last = {}
+                self._seen = {}
+                self._polled = 0.0
             self._poke.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.interval)
@@ -78,11 +84,13 @@ class LiveFeed:
                 q.put_nowait(topics)
 
     async def snapshot(self) -> dict[str, str]:
-        statuses, queues, replication, newest, tracking = await asyncio.gather(
+        now = time.time()
+        since = (self._polled or now) - 5.0  # events are written by a thread: look a little back
+        self._polled = now
+        statuses, queues, replication, recent = await asyncio.gather(
             self.org.each("GET", "/status"), self.org.each("GET", "/queue"),
             self.org.each("GET", "/replication/status"),
-            self.org.each("GET", "/api/v1/messages", params={"limit": "1"}),
-            self.org.each("GET", "/api/v1/tracking/latest"))
+            self.org.each("GET", "/api/v1/tracking", params={"since": f"{since:.3f}", "limit": "200"}))
         picture: dict[str, str] = {"sites": signature(self.org.sites)}
         for site in self.org.sites:
             status = statuses[site]
@@ -90,8 +98,10 @@ class LiveFeed:
             picture[f"queue:{site}"] = signature(queue_signature(queues[site].body) if queues[site].ok else None)
             repl = replication[site]
             picture[f"replication:{site}"] = signature(replication_signature(repl.body) if repl.ok else None)
-            picture[f"mail:{site}"] = signature(_mail(newest[site]))
-            picture[f"tracking:{site}"] = signature(tracking[site].body if tracking[site].ok else None)
+            newest = _newest(recent[site], self._seen.get(site, (now, now)))
+            self._seen[site] = newest
+            picture[f"tracking:{site}"] = signature(newest[0])
+            picture[f"mail:{site}"] = signature(newest[1])
         if self.stage is not None:
             picture["stage"] = signature(self.stage.state())
         return picture
@@ -103,8 +113,13 @@ def _get(reply: Reply, *keys: str) -> Any:
     return [reply.body.get(k) for k in keys]
 
 
-def _mail(reply: Reply) -> Any:
-    """Newest message and the count: a new one, or a deleted one, changes it."""
-    if not reply.ok or not isinstance(reply.body, dict):
-        return None
-    return {k: reply.body.get(k) for k in ("total", "messages")}
+def _newest(reply: Reply, seen: tuple[float, float]) -> tuple[float, float]:
+    """(newest event time, newest delivery time) of a site: what it was, or later."""
+    latest, delivered = seen
+    if reply.ok and isinstance(reply.body, dict):
+        for e in reply.body.get("events", []):
+            t = float(e.get("time") or 0.0)
+            latest = max(latest, t)
+            if e.get("event") == "delivered":
+                delivered = max(delivered, t)
+    return latest, delivered

@@ -39,6 +39,8 @@ async def messages(org: Organisation, *, site: str | None, mailbox: str | None, 
             return reply.status, {"error": reply.error}
         return 200, reply.body
     want = min(start + limit, MAX_SITE_LIMIT)
+    if start >= MAX_SITE_LIMIT:
+        want = 1
     replies = await org.each("GET", "/api/v1/messages", params={**params, "start": "0", "limit": str(want)})
     bad = [r for r in replies.values() if r.status == 400]
     if bad:

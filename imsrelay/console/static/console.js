@@ -627,8 +627,9 @@
       const pager = el("div", { class: "pager" },
         page > 0 ? link(mailHash({ site: siteName, mailbox, query, page: page - 1 }), "‹ Newer", { class: "button", id: "newer" }) : null,
         el("span", { id: "page-info", text: `${first}–${last} of ${r.total}${r.partial ? "+" : ""}` }),
-        last < r.total ? link(mailHash({ site: siteName, mailbox, query, page: page + 1 }), "Older ›", { class: "button", id: "older" }) : null);
-      return [pager, table(["Subject", "From", "To", "Where", "Received", "Size"], rows, { class: "message-list" }),
+        last < r.total && !(r.partial && r.count < PAGE) ? link(mailHash({ site: siteName, mailbox, query, page: page + 1 }), "Older ›", { class: "button", id: "older" }) : null);
+      return [pager, r.partial ? notice("The organisation-wide list pages through the newest 1,000 messages of each site: choose a site or a mailbox on the left, or search, to go further.") : null,
+              table(["Subject", "From", "To", "Where", "Received", "Size"], rows, { class: "message-list" }),
               r.errors && Object.keys(r.errors).length ? notice(`Not answering: ${Object.entries(r.errors).map(([k, v]) => `${k} (${v})`).join(", ")}`, "error") : null];
     });
     return view;
