@@ -285,12 +285,14 @@ def test_trace_a_message_through_the_organisation(page, lab):
     page.goto(lab.console_url + "#/recipients")
     expect(page.locator("tr[data-alias=User2] li.primary")).to_contain_text("User2@microsoft.com")
     expect(page.locator("tr[data-alias=User2] .badge.ok", has_text="SiteA")).to_have_count(1)
-    lab.send("Internet", sample_message("Traced", to="User2@microsoft.com", message_id="<trace-1@example.net>"),
-             "alice@example.net", ["User2@microsoft.com"])
     page.click("#tree a[href='#/tracking']")
     page.fill("#track-query", "<trace-1@example.net>")
     page.click("#track-form button")
-    story = page.locator("article.story")
+    expect(page.locator("#view .notice")).to_contain_text("No message found")
+    page.evaluate("window.__noReload = 'still here'")
+    lab.send("Internet", sample_message("Traced", to="User2@microsoft.com", message_id="<trace-1@example.net>"),
+             "alice@example.net", ["User2@microsoft.com"])
+    story = page.locator("article.story")  # the tracking events arrive live
     expect(story.locator(".hop-node.mailbox")).to_have_text(re.compile("User2"))
     labels = [t.strip().strip("→").strip() for t in story.locator(".hop-node .node-label").all_inner_texts()]
     assert labels[-4:-1] == ["Internet", "SiteA", "SiteB"] and labels[-1].endswith("User2"), labels
@@ -301,6 +303,7 @@ def test_trace_a_message_through_the_organisation(page, lab):
     expect(hops.nth(1).locator(".badge.transferred")).to_have_count(1)
     expect(hops.nth(2).locator(".badge.delivered")).to_have_count(1)
     expect(story.locator("ul.outcomes")).to_contain_text("delivered at SiteB to mailbox User2")
+    assert page.evaluate("window.__noReload") == "still here"
 
 
 # ---------------------------------------------------------------------------- queues
