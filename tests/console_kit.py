@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -166,11 +167,16 @@ def sample_message(subject: str, *, sender: str = "alice@example.net", to: str =
     return m
 
 
-def readme_picture(page: Any, url: str, path: Path) -> Path:
-    """The README's picture: the organisation view at a laptop's width."""
-    page.set_viewport_size({"width": 1280, "height": 760})
-    page.goto(url + "#/")
-    page.wait_for_selector(".site-card")
+def readme_picture(page: Any, url: str, path: Path, *, message_id: str | None = None) -> Path:
+    """A README picture at a laptop's width: the organisation, or a message's path
+    through it (``message_id``)."""
+    page.set_viewport_size({"width": 1280, "height": 800})
+    if message_id:
+        page.goto(url + "#/tracking?q=" + urllib.parse.quote(message_id, safe=""))
+        page.wait_for_selector("article.story .hop-node.mailbox")
+    else:
+        page.goto(url + "#/")
+        page.wait_for_selector(".site-card")
     page.wait_for_timeout(300)
     page.screenshot(path=str(path))
     return path
@@ -182,21 +188,22 @@ def main(argv: list[str]) -> int:
     from playwright.sync_api import sync_playwright
 
     out = Path(argv[1] if len(argv) > 1 else "docs/console.png").resolve()
+    organisation = out.with_name(out.stem + "-organisation" + out.suffix)
     with tempfile.TemporaryDirectory() as tmp:
-        lab = start_lab(Path(tmp) / "lab")
+        lab = start_lab(Path(tmp) / "lab", stage="end")
         try:
-            lab.send("Internet", sample_message("Quarterly numbers", message_id="<readme-1@example.net>",
-                                                to="User2@SiteB.microsoft.com"),
-                     "alice@example.net", ["User2@SiteB.microsoft.com"])
+            lab.send("Internet", sample_message("Quarterly numbers", message_id="<readme-1@example.net>"),
+                     "alice@example.net", ["User2@microsoft.com"])
             with sync_playwright() as p:
                 browser = launch_browser(p)
                 page = browser.new_page()
                 log_in(page, lab.console_url)
-                readme_picture(page, lab.console_url, out)
+                readme_picture(page, lab.console_url, out, message_id="<readme-1@example.net>")
+                readme_picture(page, lab.console_url, organisation)
                 browser.close()
         finally:
             lab.stop()
-    print(f"wrote {out}")
+    print(f"wrote {out} and {organisation}")
     return 0
 
 

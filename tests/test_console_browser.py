@@ -444,9 +444,11 @@ def test_fits_a_laptop_and_makes_the_readme_picture(page, lab, tmp_path, width):
     assert text_of(page, "#brand-title") == "ExchangeORG"
 
 
-def test_readme_picture_exists():
-    picture = Path(__file__).parent.parent / "docs" / "console.png"
-    assert picture.exists() and picture.stat().st_size > 20_000, "make it: python tests/console_kit.py docs/console.png"
+def test_readme_pictures_exist():
+    for name in ("console.png", "console-organisation.png"):
+        picture = Path(__file__).parent.parent / "docs" / name
+        assert picture.exists() and picture.stat().st_size > 20_000, "make them: python tests/console_kit.py docs/console.png"
+    assert "docs/console.png" in (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def test_the_frame_policy_alone_stops_scripts_and_remote_loads(browser, tmp_path):
