@@ -91,8 +91,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 from imsrelay.console.lab_console import lab_console
 
                 console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
-                await console.start()
-                print(f"console  {console.url}  (log in with the admin token {ADMIN_TOKEN})", flush=True)
+                try:
+                    await console.start()
+                    print(f"console  {console.url}  (log in with the admin token {ADMIN_TOKEN})", flush=True)
+                except OSError as exc:  # the lab works without its console
+                    await console.stop()
+                    console = None
+                    print(f"lab: no web console: {args.console_listen}:{args.console_port}: "
+                          f"{exc.strerror or exc} (choose another with --console-port)", flush=True)
             print("imsrelay lab: ready", flush=True)
             while not stop.is_set():
                 try:
