@@ -58,8 +58,8 @@ SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) f
     ("GET", r"/queue"), ("POST", r"/queue/retry"), ("DELETE", r"/queue/[A-Za-z0-9]{1,64}"),
     ("GET", r"/replication/status"), ("POST", r"/replication/request-now"), ("POST", r"/kcc/check-now"),
     ("GET", r"/site-addressing"), ("POST", r"/site-addressing"),
-    ("GET", r"/api/v1/[A-Za-z0-9_./:@%+=-]{1,400}"), ("DELETE", r"/api/v1/messages/[A-Za-z0-9_.:%+=-]{1,200}"),
-    ("PATCH", r"/api/v1/messages/[A-Za-z0-9_.:%+=-]{1,200}"),
+    ("GET", r"/api/v1/[A-Za-z0-9_.,/:@%+=-]{1,400}"), ("DELETE", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
+    ("PATCH", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
 ))
 
 
@@ -283,7 +283,7 @@ class ConsoleServer:
 
     async def message_html(self, request: web.Request) -> web.Response:
         site, mid = request.match_info["site"], request.match_info["id"]
-        if not re.fullmatch(r"[A-Za-z0-9_.:%+=-]{1,200}", mid):
+        if not re.fullmatch(r"[A-Za-z0-9_.,:%+=-]{1,200}", mid):
             raise _BadRequest("not a message id")
         reply = await self.org.call(site, "GET", f"/api/v1/messages/{mid}")
         if not reply.ok:
