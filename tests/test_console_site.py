@@ -119,3 +119,44 @@ async def test_live_feed_tells_of_new_mail(console):
     async with http.get(base + "/api/tracking?q=<live-feed@test>") as r:
         story = (await r.json())["messages"][0]
         assert story["chain"] == ["SiteA"] and story["recipients"][0]["state"] == "delivered"
+
+
+async def test_imsrelay_console_command_serves_running_sites(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sitekit import running_site
+
+    admin_port, console_port = free_port(), free_port()
+    config = make_config(tmp_path, site_mapping("SiteB", admin={"port": admin_port, "token": TOKEN}))
+    exe = [sys.executable, "-m", "imsrelay", "console"]
+    # user errors: one line, non-zero exit
+    for args, env, needle in (
+            ([], {}, "the following arguments are required: --site"),
+            (["--site", f"http://127.0.0.1:{admin_port}"], {"IMSRELAY_ADMIN_TOKEN": ""}, "no admin token"),
+            (["--site", "127.0.0.1:8025"], {"IMSRELAY_ADMIN_TOKEN": TOKEN}, "give the admin endpoint as a URL")):
+        done = await asyncio.to_thread(subprocess.run, exe + args, capture_output=True, text=True, timeout=60,
+                                       env={**os.environ, **env})
+        assert done.returncode != 0 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+    async with running_site(config):
+        proc = subprocess.Popen(exe + ["--site", f"http://127.0.0.1:{admin_port}", "--port", str(console_port),
+                                       "--log-level", "warning"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "IMSRELAY_ADMIN_TOKEN": TOKEN})
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+            assert line.startswith(f"console  http://127.0.0.1:{console_port}/  sites SiteB"), line
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(cookie_jar=jar) as http:
+                base = f"http://127.0.0.1:{console_port}"
+                async with http.post(base + "/login", json={"token": TOKEN}) as r:
+                    assert r.status == 200 and (await r.json())["sites"] == ["SiteB"]
+                async with http.get(base + "/api/recipients") as r:
+                    rows = (await r.json())["recipients"]
+                    assert {row["alias"] for row in rows} == {"User2", "Administrator"}
+                    assert all(row["known_at"] == ["SiteB"] for row in rows)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 30)
