@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from imsrelay.config import ConfigError, SiteConfig
+from imsrelay.console.admin_routes import add_console_routes
 from imsrelay.directory import Directory, DirectoryError, Mailbox
 from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing
 from imsrelay.site_addressing import report_dict, site_addressing_job
@@ -86,8 +87,6 @@ class AdminServer:
         r.add_get("/queue", self.get_queue)
         r.add_post("/queue/retry", self.post_queue_retry)
         MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
-        from imsrelay.console.admin_routes import add_console_routes
-
         add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None

@@ -20,6 +20,7 @@ from typing import Any
 from imsrelay import dsn, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
+from imsrelay.console.site_console import site_console
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, Mailbox, SiteObject
 from imsrelay.kcc import learned_sites
@@ -432,8 +433,6 @@ async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, 
     console = None
     try:
         if config.console.enabled and worker == 0:
-            from imsrelay.console.lab_console import site_console
-
             console = site_console(site)
             await console.start()
         await stop.wait()

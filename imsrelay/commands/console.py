@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import os
 
+from imsrelay.cli import UserError
 from imsrelay.commands.serve import run_until_signalled
+from imsrelay.console.backend import Organisation
+from imsrelay.console.server import ConsoleServer
 from imsrelay.logs import configure_logging
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("console", help="serve the web console for running sites (their admin endpoints)",
                        description="Serve the web console (the organisation tree, recipients, queues, "
                                    "replication, Site Addressing, mailboxes, message tracking) for the sites "
@@ -27,10 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.console.backend import Organisation
-    from imsrelay.console.server import ConsoleServer
-
     token = os.environ.get(args.token_env, "")
     if not token:
         raise UserError(f"no admin token: set the environment variable {args.token_env}")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from imsrelay.commands.serve import run_until_signalled
+from imsrelay.console.lab_console import lab_console
 from imsrelay.logs import configure_logging
 
 
@@ -88,8 +89,6 @@ def cmd_lab(args: argparse.Namespace) -> int:
             await lab.start(target)
             print(await lab.describe(), flush=True)
             if args.console_port:
-                from imsrelay.console.lab_console import lab_console
-
                 console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
                 try:
                     await console.start()

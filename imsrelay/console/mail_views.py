@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imsrelay import tracking
 from imsrelay.console.backend import Organisation
 
 MAX_SITE_LIMIT = 1000  # the message API's largest page
@@ -71,8 +72,6 @@ def tracking_queries(q: str) -> list[dict[str, str]]:
 
 
 async def track(org: Organisation, q: str) -> dict[str, Any]:
-    from imsrelay import tracking
-
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     errors: dict[str, str] = {}
 

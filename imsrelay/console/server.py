@@ -232,7 +232,7 @@ class ConsoleServer:
         statuses, configs, replication = await asyncio.gather(
             self.org.each("GET", "/status"), self.org.each("GET", "/config"),
             self.org.each("GET", "/replication/status"))
-        sites = []
+        sites: list[dict[str, Any]] = []
         for name in self.org.sites:
             status, config, repl = statuses[name], configs[name], replication[name]
             sites.append({"site": name, "reachable": status.ok, "error": None if status.ok else status.error,

@@ -70,7 +70,7 @@ class Sessions:
 
     @staticmethod
     def csrf_ok(session: Session, given: str | None) -> bool:
-        return bool(given) and hmac.compare_digest(given.encode(), session.csrf.encode())
+        return given is not None and given != "" and hmac.compare_digest(given.encode(), session.csrf.encode())
 
     def _expire(self, now: float) -> None:
         for sid in [s.id for s in self._by_id.values() if now - s.last_seen > self._idle]:

@@ -29,7 +29,7 @@ def recipients(directories: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _ordered(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Proxy addresses, the primary SMTP address first (``SMTP:`` upper case = primary)."""
-    result = []
+    result: list[dict[str, Any]] = []
     for p in m.get("proxy_addresses", []):
         kind, _, address = str(p).partition(":")
         result.append({"type": kind.upper(), "address": address, "primary": kind.isupper() and kind == "SMTP"})
