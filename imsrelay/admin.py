@@ -40,7 +40,7 @@ from aiohttp import web
 from imsrelay.config import ConfigError, SiteConfig
 from imsrelay.console.admin_routes import add_console_routes
 from imsrelay.directory import Directory, DirectoryError, Mailbox
-from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -233,14 +233,7 @@ class AdminServer:
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        items = []
-        for env in sorted(self.site.qmgr.envelopes.values(), key=lambda e: e.queue_id):
-            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
-                          "received_at": env.received_at, "size": env.size,
-                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                                          "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic} for r in env.recipients]})
-        return web.json_response({"messages": items})
+        return web.json_response({"messages": queue_items(self.site.qmgr)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

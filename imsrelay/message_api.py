@@ -223,14 +223,7 @@ class MessageApi:
 
     async def get_queue(self, request: web.Request) -> web.Response:
         s = self._site(request.match_info["site"])
-        items = []
-        for env in sorted(s.qmgr.envelopes.values(), key=lambda e: e.queue_id):
-            items.append({"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
-                          "received_at": env.received_at, "size": env.size,
-                          "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                                          "next_attempt": r.next_attempt, "status": r.status,
-                                          "diagnostic": r.diagnostic} for r in env.recipients]})
-        return web.json_response({"site": s.config.site, "messages": items})
+        return web.json_response({"site": s.config.site, "messages": queue_items(s.qmgr)})
 
     async def get_replication(self, request: web.Request) -> web.Response:
         s = self._site(request.match_info["site"])
@@ -353,6 +346,16 @@ class MessageApi:
 
         events = await asyncio.to_thread(gather_tracking, fetch, q)
         return web.json_response(tracking_body(events))
+
+
+def queue_items(qmgr: Any) -> list[dict[str, Any]]:
+    """A site's queued messages and their recipients' states (also ``GET /queue``)."""
+    return [{"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
+             "received_at": env.received_at, "size": env.size,
+             "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
+                             "next_attempt": r.next_attempt, "status": r.status,
+                             "diagnostic": r.diagnostic} for r in env.recipients]}
+            for env in sorted(qmgr.envelopes.values(), key=lambda e: e.queue_id)]
 
 
 def tracking_body(events: list[tracking.TrackingEvent]) -> dict[str, Any]:

@@ -269,19 +269,28 @@ class ComposeLab:
     # ------------------------------------------------------------ mail, through the message API
 
     def api(self, service: str, path: str, params: dict[str, Any] | None = None, *, raw: bool = False,
-            timeout: float = 30.0) -> Any:
-        """GET the message API of a site's published admin endpoint."""
+            timeout: float = 30.0, restart_wait: float = 90.0) -> Any:
+        """GET the message API of a site's published admin endpoint.  A site that is
+        (re)starting does not answer yet: tried again until it does (``restart_wait``)."""
+        import http.client
         import urllib.parse
 
         query = "?" + urllib.parse.urlencode(params) if params else ""
         req = urllib.request.Request(f"http://127.0.0.1:{SITES[service][2]}/api/v1{path}{query}",
                                      headers={"Authorization": f"Bearer {TOKEN}"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(req, timeout=timeout) as resp:
-                data = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise LabError(f"{service} GET {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+        deadline = time.monotonic() + restart_wait
+        while True:
+            try:
+                with opener.open(req, timeout=timeout) as resp:
+                    data = resp.read()
+                break
+            except urllib.error.HTTPError as exc:
+                raise LabError(f"{service} GET {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+            except (OSError, http.client.HTTPException) as exc:
+                if time.monotonic() > deadline:
+                    raise LabError(f"{service}: no message API on 127.0.0.1:{SITES[service][2]}: {exc!r}") from None
+                time.sleep(0.5)
         return data if raw else json.loads(data)
 
     def api_messages(self, service: str, query: str) -> dict[str, bytes]:

@@ -282,3 +282,17 @@ def test_schema_driven_run_finds_no_server_error(lab: LabClient, api: str):
         op = result.ok()
         fuzz(op, site_c if op.method.upper() in ("DELETE", "PATCH") else base)
     assert calls > 50
+
+
+def test_a_large_message_streams_whole(lab: LabClient, api: str):
+    t = tag()
+    blob = bytes(range(256)) * (5 * 1024 * 4)  # 5 MiB attachment, ~6.8 MB on the wire
+    mid = lab.send("User2@microsoft.com", subject=f"large {t}", attachments=[("big.bin", "application/octet-stream", blob)])
+    summary = lab.wait_for(f"message-id:{mid}", timeout=60)
+    assert summary["size"] > len(blob)
+    raw = lab.raw(summary["id"])
+    assert len(raw) == summary["size"] and raw.startswith(b"Return-Path: <alice@example.net>")
+    detail = lab.message(summary["id"])
+    assert detail["attachments"] == [{"filename": "big.bin", "content_type": "application/octet-stream",
+                                      "size": len(blob), "disposition": "attachment"}]
+    assert http(f"{lab.endpoints[0].url}/health", token=None)[0] == 200

@@ -135,5 +135,55 @@ async def test_deferred_shows_the_retry(tmp_path):
 
 
 def test_track_cli_errors():
-    out = subprocess.run([sys.executable, "-m", "imsrelay", "track"], capture_output=True, text=True, timeout=60)
+    def track(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imsrelay", "track", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    out = track()
     assert out.returncode == 2 and "--message-id" in out.stderr and "Traceback" not in out.stderr
+    out = track("--since", "tomorrow")
+    assert out.returncode == 2 and "--since" in out.stderr and "not a date" in out.stderr
+    from imsrelay.testing import free_port
+
+    out = track("--message-id", "<x@y>", "--site", f"http://127.0.0.1:{free_port()}=t")
+    assert out.returncode == 3 and "not running" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_replication_mail_is_tracked_too(imsrelay_lab: LabClient):
+    """The lab's Request Now mail: generated at one site, delivered to the directory
+    service of another."""
+    body = imsrelay_lab.track(recipient="dirsync@SiteB.microsoft.com")
+    stories = [m for m in body["messages"] if m["recipients"]]
+    assert stories, body
+    story = stories[0]
+    first = story["hops"][0]["events"][0]
+    assert first["event"] == "received" and first["detail"]["origin"] == "dirsync"
+    assert story["recipients"][0]["state"] == "delivered"
+    assert story["recipients"][0]["detail"] == "delivered at SiteB to the directory service (replication)"
+
+
+async def test_events_older_than_the_retention_are_deleted(tmp_path):
+    from imsrelay.tracking import TrackingLog, TrackingQuery
+
+    now = [1_000_000.0]
+    log = TrackingLog(tmp_path / "t.sqlite3", "SiteA", days=2, clock=lambda: now[0])
+    await log.start()
+    log.record("received", "OLD", message_id="<old@x>", sender="a@x", recipients=["b@y"], size=1)
+    now[0] += 1 * 86400
+    log.record("received", "NEW", message_id="<new@x>", sender="a@x", recipients=["b@y"], size=1)
+    log.record("routed", "NEW", recipient="b@y", route="local mailbox b")
+    await log.stop()
+    now[0] += 1.5 * 86400  # OLD is 2.5 days old, NEW 1.5
+    log = TrackingLog(tmp_path / "t.sqlite3", "SiteA", days=2, clock=lambda: now[0])
+    await log.start()  # purges at start (and hourly)
+    try:
+        assert await log.query(TrackingQuery(message_id="old@x")) == []
+        new = await log.query(TrackingQuery(message_id="new@x"))
+        assert [e.event for e in new] == ["received", "routed"]
+        assert new[1].message_id == "<new@x>" and new[1].sender == "a@x"  # filled in from the received event
+        # after a restart the writer fills a message's Message-ID in from the table
+        log.record("delivered", "NEW", recipient="b@y", mailbox="mailbox b")
+        new = await log.query(TrackingQuery(queue_id="NEW"))
+        assert new[-1].event == "delivered" and new[-1].message_id == "<new@x>"
+    finally:
+        await log.stop()

@@ -66,8 +66,16 @@ def cmd_track(args: argparse.Namespace) -> int:
     from imsrelay.message_api import gather_tracking, tracking_body
     from imsrelay.tracking import TrackingEvent, TrackingQuery, follow, format_story
 
+    from imsrelay.message_store import SearchError, parse_time
+
     if not any([args.message_id, args.queue_id, args.sender, args.recipient, args.since]):
         raise UserError("say which messages: --message-id, --queue-id, --sender, --recipient or --since")
+    for name in ("since", "until"):
+        if getattr(args, name):
+            try:
+                parse_time(getattr(args, name))
+            except SearchError as exc:
+                raise UserError(f"--{name}: {exc}") from None
     clients = _clients(args)
     reached: list[str] = []
 

@@ -9,7 +9,8 @@ temporary directory on free loopback ports, waits until it is ready and yields a
     pytest --imsrelay-url http://127.0.0.1:8510,http://127.0.0.1:8515,http://127.0.0.1:8520 \\
            --imsrelay-smtp SiteA=127.0.0.1:2510 --imsrelay-smtp SiteB=127.0.0.1:2515
 
-(or ``IMSRELAY_LAB_URL``, ``IMSRELAY_LAB_TOKEN``, ``IMSRELAY_LAB_SMTP``).
+(or ``IMSRELAY_LAB_URL``, ``IMSRELAY_LAB_TOKEN``, ``IMSRELAY_LAB_SMTP``;
+``IMSRELAY_LAB_READY_TIMEOUT`` seconds to wait for readiness, default 120).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def pytest_addoption(parser: Any) -> None:
                          "(repeat or comma-separate); default: start an embedded lab ($IMSRELAY_LAB_URL)")
     group.addoption("--imsrelay-token", default=None,
                     help=f"bearer token of those endpoints (default $IMSRELAY_LAB_TOKEN or {LAB_TOKEN})")
+    group.addoption("--imsrelay-port", type=int, default=None, metavar="N",
+                    help="SMTP port of every host of the embedded lab (default: a free one)")
+    group.addoption("--imsrelay-admin-port", type=int, default=None, metavar="N",
+                    help="admin port of the embedded lab's sites (default: a free one)")
+    group.addoption("--imsrelay-api", default=None, metavar="HOST:PORT",
+                    help="where the embedded lab's endpoint listens (default 127.10.10.1 on a free port)")
     group.addoption("--imsrelay-smtp", action="append", default=[], metavar="SITE=HOST:PORT",
                     help="where to send mail for SITE when the endpoints' own addresses are not reachable "
                          "(the Docker lab's published ports; $IMSRELAY_LAB_SMTP, comma-separated)")
@@ -60,11 +67,17 @@ def imsrelay_lab(request: Any, tmp_path_factory: Any) -> Iterator[LabClient]:
                      + ([os.environ["IMSRELAY_LAB_SMTP"]] if os.environ.get("IMSRELAY_LAB_SMTP") else []))
     if urls:
         client = LabClient(urls, token, smtp=smtp)
-        client.wait_ready()
+        client.wait_ready(float(os.environ.get("IMSRELAY_LAB_READY_TIMEOUT", "120")))
         client.sites()
         yield client
         return
-    lab = EmbeddedLab(tmp_path_factory.mktemp("imsrelay-lab"))
+    api = request.config.getoption("--imsrelay-api")
+    api_host, _, api_port = (api or "").rpartition(":")
+    if api and not api_port.isdigit():
+        raise pytest.UsageError(f"--imsrelay-api {api!r}: expected HOST:PORT")
+    lab = EmbeddedLab(tmp_path_factory.mktemp("imsrelay-lab"), port=request.config.getoption("--imsrelay-port"),
+                      admin_port=request.config.getoption("--imsrelay-admin-port"),
+                      **({"api_host": api_host, "api_port": int(api_port)} if api else {}))
     client = lab.start()
     client.smtp_override.update(smtp)
     try:
