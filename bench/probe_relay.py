@@ -49,7 +49,7 @@ class Probe:
         self.writer_tid: int | None = None
         self.lag: list[float] = []
         self.samples: list[tuple[float, int, int, int, int, int]] = []
-        # (t, backlog, in flight, free delivery slots, free connection slots to the sink, spool requests waiting)
+        # (t, backlog, in flight, free delivery slots, free per-destination slots, spool requests waiting)
 
     def install(self) -> None:
         import imsrelay.spool as spool
@@ -111,8 +111,8 @@ class Probe:
     async def watch_queue(self, site: Any, stop: asyncio.Event) -> None:
         t0 = time.monotonic()
         while not stop.is_set():
-            hops = getattr(site.smtp_client, "_hops", {}) or {}
-            free_conn = sum(getattr(h.semaphore, "_value", 0) for h in hops.values()) if hops else -1
+            slots = site.qmgr._destinations  # per-destination slots (the queue manager owns them)
+            free_conn = sum(getattr(sem, "_value", 0) for sem, _ in slots.values()) if slots else -1
             waiting = site.spool.committer._requests.qsize()
             self.samples.append((time.monotonic() - t0, site.qmgr.backlog, len(site.qmgr._running),
                                  site.qmgr._limit._value, free_conn, waiting))

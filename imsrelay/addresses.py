@@ -10,6 +10,7 @@ Exchange conventions kept here:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,11 +74,6 @@ def parse_address(text: str) -> Address:
     return Address(local, normalise_domain(domain))
 
 
-def address_key(text: str) -> str:
-    """The case-insensitive lookup key for an address string."""
-    return parse_address(text).key
-
-
 # ------------------------------------------------------------------ proxy addresses
 
 
@@ -136,3 +132,50 @@ def most_specific(domain: str, entries: Iterable[tuple[str, T]]) -> tuple[str, T
             if best is None or score > best[0]:
                 best = (score, (pattern, value))
     return best[1] if best else None
+
+
+def ip_literal(text: str) -> str | None:
+    """The IP address in `text` ("192.0.2.1", "[192.0.2.1]", "[IPv6:2001:db8::1]",
+    "2001:db8::1"), normalised; None when `text` is not an address literal."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+        if inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+    try:
+        return str(ipaddress.ip_address(inner))
+    except ValueError:
+        return None
+
+
+def parse_host_port(text: str, default_port: int, *, ip_only: bool = False) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[address]:port`` or a bare IPv6 address → (host,
+    port); ``ip_only``: the host must be an IP address (never a name to resolve).
+    ValueError (one line) for anything else.  The one parser of host:port in imsrelay."""
+    value = text.strip()
+    host, port_text = value, ""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not host or host:port (expected [address]:port)")
+        port_text = rest[1:]
+        if rest == ":":
+            raise ValueError(f"{text!r}: the port is missing after the colon")
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+        if not port_text:
+            raise ValueError(f"{text!r}: the port is missing after the colon")
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"{text!r} is not host or host:port")
+    if ip_only and ip_literal(host) is None:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address")
+    if ip_literal(host) is None:
+        try:
+            normalise_domain(host)
+        except AddressError:
+            raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name") from None
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)

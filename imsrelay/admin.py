@@ -1,4 +1,4 @@
-"""The site's admin endpoint (aiohttp.web) and the client the CLI uses to reach it.
+"""The site's admin endpoint (aiohttp.web); the CLI's client is ``imsrelay.admin_client``.
 
 A small JSON API on ``admin.listen:admin.port`` (loopback by default; disabled when
 the port is 0), separate from the SMTP listener so no SMTP client can reach it.
@@ -33,14 +33,19 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from imsrelay.config import ConfigError, SiteConfig
+from imsrelay.config import SiteConfig
 from imsrelay.console.admin_routes import add_console_routes
-from imsrelay.directory import Directory, DirectoryError, Mailbox
+from imsrelay.delivery import QueueManager
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import ConfigError
+from imsrelay.kcc import KccResult
 from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
+from imsrelay.objects import Mailbox
+from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,8 +67,26 @@ def directory_snapshot(directory: Directory, site: str | None = None) -> dict[st
 # ------------------------------------------------------------------ server
 
 
+class AdminSite(Protocol):
+    """What the admin endpoint shows and drives at its site (``imsrelay.site.Site``)."""
+
+    config: SiteConfig
+    directory: Directory
+    qmgr: QueueManager
+    replicator: Replicator | None
+    bound_port: int | None
+    log: Any
+
+    @property
+    def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
+
+    async def refresh(self) -> None: ...
+
+    async def check_now(self) -> KccResult: ...
+
+
 class AdminServer:
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: AdminSite) -> None:
         self.site = site
         cfg: SiteConfig = site.config
         token = cfg.admin.resolved_token()
@@ -124,8 +147,6 @@ class AdminServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        from imsrelay.replication import ReplicationError
-
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -163,7 +184,7 @@ class AdminServer:
             "directory": {"invocation": invocation, "highest_usn": highest},
             "replication": {"enabled": site.replicator is not None,
                             "connectors": [c.site for c in cfg.replication.connectors]},
-            "learned_sites": [list(x) for x in site._learned_sites],
+            "learned_sites": [list(x) for x in site.learned_sites],
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
@@ -189,7 +210,7 @@ class AdminServer:
         self.site.log.info("directory.mailbox_deleted", alias=alias)
         return web.json_response({"deleted": alias, "site": self.site.config.site})
 
-    def _replicator(self) -> Any:
+    def _replicator(self) -> Replicator:
         if self.site.replicator is None:
             raise _Conflict("replication is not configured at this site (no organisation key: set "
                             "replication.key or the environment variable named by replication.key_env)")
@@ -205,9 +226,7 @@ class AdminServer:
         return web.json_response(await self._replicator().status())
 
     async def post_check_now(self, request: web.Request) -> web.Response:
-        from imsrelay import kcc
-
-        result = await kcc.check_now(self.site)
+        result = await self.site.check_now()
         return web.json_response(result.as_dict())
 
     async def get_site_addressing(self, request: web.Request) -> web.Response:

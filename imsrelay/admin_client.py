@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from imsrelay.config import SiteConfig
+from imsrelay.errors import UserError
 
 
 class AdminUnavailable(Exception):
@@ -91,7 +92,6 @@ class AdminClient:
 
 def cli_client(config: SiteConfig) -> AdminClient:
     """An AdminClient, or a one-line ``UserError`` saying why there cannot be one."""
-    from imsrelay.cli import UserError
 
     try:
         return AdminClient.for_config(config)
@@ -101,7 +101,6 @@ def cli_client(config: SiteConfig) -> AdminClient:
 
 def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the running site's admin endpoint; errors become one-line ``UserError``s."""
-    from imsrelay.cli import UserError
 
     client = cli_client(config)
     try:
@@ -114,7 +113,6 @@ def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | 
 
 def ensure_offline(config: SiteConfig) -> None:
     """``--offline`` edits the database directly: refuse while the site answers."""
-    from imsrelay.cli import UserError
 
     if config.admin.port == 0 or not config.admin.resolved_token():
         return

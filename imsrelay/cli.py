@@ -1,6 +1,6 @@
 """``imsrelay`` command line: a thin dispatcher over ``imsrelay.commands.*``.
 
-Each module in ``COMMAND_MODULES`` has ``register(subparsers)``, which adds its
+Each module in ``COMMANDS`` has ``register(subparsers)``, which adds its
 sub-commands and sets ``func`` (``args -> exit code``) on them.  Errors a user can
 cause (bad config, bad arguments, a site that is not running) print one clear line
 on stderr and exit non-zero — never a traceback.
@@ -13,50 +13,53 @@ import importlib
 import sys
 
 from imsrelay import __version__
-from imsrelay.config import ConfigError
+from imsrelay.errors import ConfigError, ConfigErrors, UserError
 
-COMMAND_MODULES = [
-    "imsrelay.commands.serve",
-    "imsrelay.commands.directory",
-    "imsrelay.commands.route",
-    "imsrelay.commands.queue",
-    "imsrelay.commands.replicate",
-    "imsrelay.commands.kcc",
-    "imsrelay.commands.site_addressing",
-    "imsrelay.commands.lab",
-    "imsrelay.commands.org_setup",
-    "imsrelay.commands.console",
-    "imsrelay.commands.track",
-]
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2 (or .status)."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
+# The sub-command each module registers: only the module of the command given is
+# imported (the CLI's deliberate lazy loading: ``check-config`` or ``queue list``
+# need not load the SMTP server, aiohttp and dnspython).  Help and unknown commands
+# load them all.
+COMMANDS = {
+    "serve": "imsrelay.commands.serve",
+    "check-config": "imsrelay.commands.check_config",
+    "directory": "imsrelay.commands.directory",
+    "route": "imsrelay.commands.route",
+    "queue": "imsrelay.commands.queue",
+    "replicate": "imsrelay.commands.replicate",
+    "kcc": "imsrelay.commands.kcc",
+    "site-addressing": "imsrelay.commands.site_addressing",
+    "lab": "imsrelay.commands.lab",
+    "org-setup": "imsrelay.commands.org_setup",
+    "track": "imsrelay.commands.track",
+    "console": "imsrelay.commands.console",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (None: every sub-command, as for ``--help``)."""
+    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
+    modules = [COMMANDS[chosen]] if chosen in COMMANDS else COMMAND_MODULES
     parser = argparse.ArgumentParser(
         prog="imsrelay",
         description="Exchange 5.5 Internet Mail Service emulation: one SMTP relay per site.")
     parser.add_argument("--version", action="version", version=f"imsrelay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"imsrelay: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # every error of the file, one line each
+        for line in exc.lines() if isinstance(exc, ConfigErrors) else [str(exc)]:
+            print(f"imsrelay: configuration error: {line}", file=sys.stderr)
         return 2
     except UserError as exc:
         print(f"imsrelay: {exc}", file=sys.stderr)

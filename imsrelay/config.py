@@ -1,41 +1,69 @@
-"""Site configuration: one TOML file per site, loaded into frozen dataclasses.
+"""Site configuration: one TOML file per site, loaded into the frozen values of
+``imsrelay.settings``.
 
-Every error a user can make names the file and the key (``ConfigError``); nothing
-here raises a bare traceback for bad input.  The file is the single source of truth
-for *static* set-up (listen address, limits, routing tables, connectors); the
-directory database is the truth for mailboxes and site addressing once provisioned.
+Every key is validated at load, and every error a user can make names the file and
+the key (``ConfigError``); ``load_config`` reports *all* the errors of a file at
+once (``ConfigErrors``), never a bare traceback.  Defaults are written once, in
+``imsrelay.settings``: a key that is absent is left to its dataclass default.  The
+file is the single source of truth for *static* set-up (listen address, limits,
+routing tables, connectors); the directory database is the truth for mailboxes and
+site addressing once provisioned.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from imsrelay.addresses import AddressError, normalise_domain, parse_address
+from imsrelay.addresses import (
+    AddressError,
+    ip_literal,
+    normalise_domain,
+    parse_address,
+    parse_host_port,
+)
+from imsrelay.errors import ConfigError, ConfigErrors
+from imsrelay.settings import (
+    DEFAULT_LIFETIME,
+    DEFAULT_RETRY_INTERVALS,
+    REPLICATION_ALWAYS,
+    AdminConfig,
+    ConnectedSite,
+    ConsoleConfig,
+    DeliveryConfig,
+    DnsConfig,
+    DomainRoute,
+    LoggingConfig,
+    MailboxConfig,
+    ReplicationConfig,
+    ReplicationConnector,
+    SiteConfig,
+    SmtpConfig,
+    TlsPolicy,
+    TrackingConfig,
+)
 
-# Exchange 5.5 IMC retry intervals: .25, .5, 1, 4 hours (the last one repeats).
-DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
-DEFAULT_LIFETIME = 2 * 86400.0
-REPLICATION_ALWAYS = 15 * 60.0
+__all__ = [
+    "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "ConfigError",
+    "ConfigErrors", "ConnectedSite", "ConsoleConfig", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
+    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
+    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_OFF = ("", "never", "off")
+STARTTLS_POLICIES = ("none", "opportunistic", "require")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
 
-
-class ConfigError(Exception):
-    """A problem in a configuration file, naming the file and the key."""
-
-    def __init__(self, path: Path | str, key: str, message: str) -> None:
-        self.path = str(path)
-        self.key = key
-        self.message = message
-        super().__init__(f"{self.path}: {key}: {message}")
+T = TypeVar("T")
 
 
 def parse_duration(value: Any) -> float:
@@ -53,385 +81,416 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"{value!r} is not a duration (e.g. 30, \"15m\", \"4h\", \"2d\")")
 
 
-@dataclass(frozen=True)
-class MailboxConfig:
-    alias: str
-    display_name: str
-    extra_addresses: tuple[str, ...] = ()  # additional proxy addresses, "smtp:x@y"
-
-
-@dataclass(frozen=True)
-class ConnectedSite:
-    """Connected Sites tab: a remote site by directory name and its routing address."""
-
-    name: str
-    routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
-    cost: int = 1
-
-    @property
-    def routing_domain(self) -> str:
-        return self.routing_address.lstrip("@")
-
-
-@dataclass(frozen=True)
-class DomainRoute:
-    """E-Mail Domain table: "forward all messages for this domain to host"."""
-
-    domain: str  # "SiteB.microsoft.com", or "#exact.example" for an exact match only
-    host: str
-    port: int = 25
-    starttls: str | None = None  # None = the delivery default
-
-
-@dataclass(frozen=True)
-class TlsPolicy:
-    domain: str
-    starttls: str  # "none" | "opportunistic" | "require"
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    listen: str = "127.0.0.1"
-    port: int = 2525
-    hostname: str = ""
-    max_message_size: int = 10 * 1024 * 1024
-    max_hops: int = 15
-    max_recipients: int = 100
-    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    accepted_domains: tuple[str, ...] = ()
-    idle_timeout: float = 300.0
-    session_timeout: float = 1800.0
-    max_errors: int = 20
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
-    queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    retry_intervals: tuple[float, ...] = DEFAULT_RETRY_INTERVALS
-    lifetime: float = DEFAULT_LIFETIME
-    delay_notice: float | None = None
-    smart_host: str | None = None
-    smart_host_port: int = 25
-    starttls: str = "opportunistic"
-    tls_policies: tuple[TlsPolicy, ...] = ()
-    max_per_destination: int = 20  # Postfix's default_destination_concurrency_limit
-    max_deliveries: int = 100
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    data_timeout_per_mib: float = 60.0
-    connection_idle: float = 30.0
-    mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
-
-
-@dataclass(frozen=True)
-class DnsConfig:
-    nameservers: tuple[str, ...] = ()
-    timeout: float = 5.0
-
-
-@dataclass(frozen=True)
-class ReplicationConnector:
-    site: str
-    schedule: float | None = REPLICATION_ALWAYS  # seconds between requests; None = never
-
-
-@dataclass(frozen=True)
-class ReplicationConfig:
-    key: str | None = None
-    key_env: str | None = "IMSRELAY_ORG_KEY"
-    connectors: tuple[ReplicationConnector, ...] = ()
-    startup_delay: float = 300.0
-    batch_size: int = 500
-    max_age: float = 7 * 86400.0
-    keep_old_address: bool = True
-    kcc_interval: float = 3 * 3600.0
-
-    def resolved_key(self) -> str | None:
-        if self.key:
-            return self.key
-        if self.key_env:
-            return os.environ.get(self.key_env) or None
-        return None
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: str = "127.0.0.1"
-    port: int = 0  # 0 = disabled
-    token: str | None = None
-    token_env: str | None = "IMSRELAY_ADMIN_TOKEN"
-
-    def resolved_token(self) -> str | None:
-        if self.token:
-            return self.token
-        if self.token_env:
-            return os.environ.get(self.token_env) or None
-        return None
-
-
-@dataclass(frozen=True)
-class ConsoleConfig:
-    """``[console]``: the web console of ``serve`` (it talks to this site's admin endpoint)."""
-
-    enabled: bool = False
-    listen: str = "127.0.0.1"
-    port: int = 8080
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
-    enabled: bool = True
-    days: float = 7.0  # events older than this are deleted
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "info"
-    format: str = "auto"  # auto | json | console
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    path: Path
-    organisation: str
-    site: str
-    server: str
-    site_domain: str
-    company_domain: str
-    data_dir: Path
-    smtp: SmtpConfig = field(default_factory=SmtpConfig)
-    mailboxes: tuple[MailboxConfig, ...] = ()
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    dns: DnsConfig = field(default_factory=DnsConfig)
-    connected_sites: tuple[ConnectedSite, ...] = ()
-    email_domains: tuple[DomainRoute, ...] = ()
-    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    console: ConsoleConfig = field(default_factory=ConsoleConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    @property
-    def hostname(self) -> str:
-        """The FQDN this site's server greets with (``ServerA.SiteA.microsoft.com``)."""
-        return self.smtp.hostname or f"{self.server}.{self.site_domain}"
-
-    @property
-    def site_address(self) -> str:
-        """The site-default SMTP address installed with IMS: ``@SiteA.microsoft.com``."""
-        return "@" + self.site_domain
-
-    def with_data_dir(self, data_dir: Path) -> SiteConfig:
-        return replace(self, data_dir=data_dir)
-
-
 # --------------------------------------------------------------------------- loading
 
 
-class _Section:
-    """Typed access to one TOML table; every error names file and dotted key."""
+class _Missing:
+    """A key the file does not set: the dataclass default applies."""
 
-    def __init__(self, path: Path, prefix: str, table: Mapping[str, Any]) -> None:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+
+
+def _build(cls: Callable[..., T], **values: Any) -> T:
+    """``cls(**values)`` without the keys the file left out (their default is the dataclass's)."""
+    return cls(**{k: v for k, v in values.items() if v is not MISSING})
+
+
+class _Section:
+    """Typed access to one TOML table.  A bad value is recorded (file, dotted key,
+    message) in the shared ``errors`` list and read as MISSING, so loading goes on
+    and the file's every error is reported together."""
+
+    def __init__(self, path: Path, prefix: str, table: Mapping[str, Any], errors: list[ConfigError]) -> None:
         self.path = path
         self.prefix = prefix
         self.table = table
+        self.errors = errors
         self.used: set[str] = set()
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(self.path, self.key(name), message)
+    def error(self, name: str, message: str) -> Any:
+        """Record a problem with key ``name``; returns MISSING (the value to use)."""
+        self.errors.append(ConfigError(self.path, self.key(name), message))
+        return MISSING
+
+    def item_error(self, name: str, index: int, message: str) -> Any:
+        self.errors.append(ConfigError(self.path, f"{self.key(name)}[{index}]", message))
+        return MISSING
 
     def _get(self, name: str, required: bool) -> Any:
         self.used.add(name)
         if name not in self.table:
-            if required:
-                raise self.error(name, "is required but missing")
-            return None
+            return self.error(name, "is required but missing") if required else MISSING
         return self.table[name]
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+    def string(self, name: str, *, required: bool = False) -> Any:
         value = self._get(name, required)
-        if value is None:
-            return default
+        if value is MISSING:
+            return value
         if not isinstance(value, str):
-            raise self.error(name, f"must be a string, not {type(value).__name__}")
+            return self.error(name, f"must be a string, not {type(value).__name__}")
         if required and not value.strip():
-            raise self.error(name, "must not be empty")
+            return self.error(name, "must not be empty")
         return value
 
-    def int(self, name: str, default: int, *, minimum: int | None = 0, maximum: int | None = None) -> int:
+    def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False,
+               fold: bool = False) -> Any:
+        value = self.string(name, required=required)
+        if value is MISSING:
+            return value
+        if fold:
+            value = value.lower()
+        if value not in choices:
+            return self.error(name, f"must be one of {', '.join(choices)}")
+        return value
+
+    def integer(self, name: str, *, minimum: int | None = 0, maximum: int | None = None) -> Any:
         value = self._get(name, False)
-        if value is None:
-            return default
+        if value is MISSING:
+            return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be a whole number, not {value!r}")
+            return self.error(name, f"must be a whole number, not {value!r}")
         if minimum is not None and value < minimum:
-            raise self.error(name, f"must be at least {minimum}, not {value}")
+            return self.error(name, f"must be at least {minimum}, not {value}")
         if maximum is not None and value > maximum:
-            raise self.error(name, f"must be at most {maximum}, not {value}")
+            return self.error(name, f"must be at most {maximum}, not {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def port(self, name: str, *, allow_zero: bool = False) -> Any:
+        return self.integer(name, minimum=0 if allow_zero else 1, maximum=65535)
+
+    def boolean(self, name: str) -> Any:
         value = self._get(name, False)
-        if value is None:
-            return default
+        if value is MISSING:
+            return value
         if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, not {value!r}")
+            return self.error(name, f"must be true or false, not {value!r}")
         return value
 
-    def duration(self, name: str, default: float | None) -> float | None:
+    def duration(self, name: str, *, off: float | None | _Missing = MISSING) -> Any:
+        """A duration; ``off`` is what "never"/"off" mean where the setting may be
+        switched off (left MISSING: they are an error)."""
         value = self._get(name, False)
-        if value is None:
-            return default
-        if value in ("", "never", "off"):
-            return None
+        if value is MISSING:
+            return value
+        if value in _OFF:
+            if off is MISSING:
+                return self.error(name, "must be a duration (it cannot be switched off)")
+            return off
         try:
             return parse_duration(value)
         except ValueError as exc:
-            raise self.error(name, str(exc)) from None
+            return self.error(name, str(exc))
 
-    def list(self, name: str) -> list[Any]:
+    def listing(self, name: str) -> list[Any]:
         value = self._get(name, False)
-        if value is None:
+        if value is MISSING:
             return []
         if not isinstance(value, list):
-            raise self.error(name, f"must be a list, not {type(value).__name__}")
+            self.error(name, f"must be a list, not {type(value).__name__}")
+            return []
         return value
+
+    def strings(self, name: str) -> list[tuple[int, str]]:
+        """(index, value) of a list of strings; other items are errors."""
+        out = []
+        for i, item in enumerate(self.listing(name)):
+            if isinstance(item, str):
+                out.append((i, item))
+            else:
+                self.item_error(name, i, f"must be a string, not {type(item).__name__}")
+        return out
 
     def table_of(self, name: str) -> _Section:
         value = self._get(name, False)
-        if value is None:
+        if value is MISSING:
             value = {}
-        if not isinstance(value, dict):
-            raise self.error(name, "must be a table")
-        return _Section(self.path, self.key(name), value)
+        elif not isinstance(value, dict):
+            self.error(name, "must be a table")
+            value = {}
+        return _Section(self.path, self.key(name), value, self.errors)
 
     def tables(self, name: str) -> list[_Section]:
         result = []
-        for i, item in enumerate(self.list(name)):
+        for i, item in enumerate(self.listing(name)):
             if not isinstance(item, dict):
-                raise ConfigError(self.path, f"{self.key(name)}[{i}]", "must be a table")
-            result.append(_Section(self.path, f"{self.key(name)}[{i}]", item))
+                self.item_error(name, i, "must be a table")
+                continue
+            result.append(_Section(self.path, f"{self.key(name)}[{i}]", item, self.errors))
         return result
 
     def reject_unknown(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "is not a known setting (check the spelling)")
+        for name in sorted(set(self.table) - self.used):
+            self.error(name, "is not a known setting (check the spelling)")
 
 
-def _domain(section: _Section, name: str, value: str) -> str:
-    """Validate a domain; keep its letter case for display (matching ignores case)."""
+def _domain(section: _Section, name: str, value: Any) -> Any:
+    """Validate a domain (``#`` prefix kept off); keep its letter case for display
+    (matching ignores case)."""
+    if value is MISSING:
+        return value
     bare = value.lstrip("#").strip().rstrip(".")
     try:
         normalised = normalise_domain(bare)
     except AddressError as exc:
-        raise section.error(name, str(exc)) from None
+        return section.error(name, str(exc))
     return bare if bare.isascii() else normalised
 
 
-def _starttls(section: _Section, name: str, value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value not in ("none", "opportunistic", "require"):
-        raise section.error(name, "must be one of none, opportunistic, require")
+def _listen(section: _Section, name: str) -> Any:
+    """A listen address: an IP address (0.0.0.0 or :: for every address), never a
+    host name (that would ask the system resolver)."""
+    value = section.string(name)
+    if value is MISSING:
+        return value
+    if ip_literal(value) is None or value.strip().startswith("["):
+        return section.error(name, f"{value!r} must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::), not a host name")
+    return ip_literal(value)
+
+
+def _host(section: _Section, name: str) -> Any:
+    """A next hop: an IP address (or [literal]) or a host name."""
+    value = section.string(name, required=True)
+    if value is MISSING:
+        return value
+    if ip_literal(value) is None:
+        try:
+            normalise_domain(value)
+        except AddressError:
+            return section.error(name, f"{value!r} is neither an IP address nor a host name")
     return value
-
-
-def _host_port(section: _Section, name: str, value: str, default_port: int) -> tuple[str, int]:
-    host, port = value, default_port
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:]) if rest[1:].isdigit() else -1
-    elif value.count(":") == 1:
-        host, _, p = value.partition(":")
-        port = int(p) if p.isdigit() else -1
-    if not host or not 0 < port < 65536:
-        raise section.error(name, f"{value!r} is not host or host:port")
-    return host, port
 
 
 def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
     networks = []
-    for i, net in enumerate(s.list("relay_networks")):
+    for i, net in s.strings("relay_networks"):
         try:
-            networks.append(ipaddress.ip_network(str(net), strict=False))
+            networks.append(ipaddress.ip_network(net, strict=False))
         except ValueError:
-            raise ConfigError(s.path, f"{s.key('relay_networks')}[{i}]", f"{net!r} is not an IP network") from None
-    accepted = tuple(
-        ("#" if str(d).startswith("#") else "") + _domain(s, "accepted_domains", str(d))
-        for d in s.list("accepted_domains")
-    )
-    cert = s.str("tls_cert")
-    key = s.str("tls_key")
-    if bool(cert) != bool(key):
-        raise s.error("tls_key" if cert else "tls_cert", "tls_cert and tls_key go together")
-    cfg = SmtpConfig(
-        listen=s.str("listen", "127.0.0.1"),
-        port=s.int("port", 2525, minimum=0, maximum=65535),
-        hostname=s.str("hostname", ""),
-        max_message_size=s.int("max_message_size", 10 * 1024 * 1024, minimum=1024),
-        max_hops=s.int("max_hops", 15, minimum=1),
-        max_recipients=s.int("max_recipients", 100, minimum=1),
+            s.item_error("relay_networks", i, f"{net!r} is not an IP network")
+    accepted = []
+    for i, d in s.strings("accepted_domains"):
+        try:
+            accepted.append(("#" if d.startswith("#") else "") + _checked_domain(d))
+        except AddressError as exc:
+            s.item_error("accepted_domains", i, str(exc))
+    hostname = s.string("hostname")
+    if hostname not in (MISSING, "") and _domain(s, "hostname", hostname) is MISSING:
+        hostname = MISSING
+    cert = s.string("tls_cert")
+    key = s.string("tls_key")
+    if bool(cert) != bool(key) and not any(e.key.startswith(s.key("tls_")) for e in s.errors):
+        s.error("tls_key" if cert is not MISSING else "tls_cert", "tls_cert and tls_key go together")
+    cfg = _build(
+        SmtpConfig,
+        listen=_listen(s, "listen"),
+        port=s.port("port", allow_zero=True),
+        hostname=hostname,
+        max_message_size=s.integer("max_message_size", minimum=1024),
+        max_hops=s.integer("max_hops", minimum=1),
+        max_recipients=s.integer("max_recipients", minimum=1),
         relay_networks=tuple(networks),
-        accepted_domains=accepted,
-        idle_timeout=s.duration("idle_timeout", 300.0) or 300.0,
-        session_timeout=s.duration("session_timeout", 1800.0) or 1800.0,
-        max_errors=s.int("max_errors", 20, minimum=1),
-        tls_cert=(config_dir / cert) if cert else None,
-        tls_key=(config_dir / key) if key else None,
-        workers=s.int("workers", 1, minimum=1, maximum=64),
-        queue_minfree=s.int("queue_minfree", 0, minimum=0),
+        accepted_domains=tuple(accepted),
+        idle_timeout=s.duration("idle_timeout"),
+        session_timeout=s.duration("session_timeout"),
+        max_errors=s.integer("max_errors", minimum=1),
+        tls_cert=(config_dir / cert) if cert else MISSING,
+        tls_key=(config_dir / key) if key else MISSING,
+        workers=s.integer("workers", minimum=1, maximum=64),
+        queue_minfree=s.integer("queue_minfree", minimum=0),
     )
     s.reject_unknown()
     return cfg
+
+
+def _checked_domain(value: str) -> str:
+    bare = value.lstrip("#").strip().rstrip(".")
+    normalised = normalise_domain(bare)
+    return bare if bare.isascii() else normalised
 
 
 def _load_delivery(s: _Section) -> DeliveryConfig:
     intervals = []
-    for i, value in enumerate(s.list("retry_intervals")):
+    for i, value in enumerate(s.listing("retry_intervals")):
         try:
             intervals.append(parse_duration(value))
         except ValueError as exc:
-            raise ConfigError(s.path, f"{s.key('retry_intervals')}[{i}]", str(exc)) from None
-    smart = s.str("smart_host")
-    smart_host, smart_port = (None, 25)
-    if smart:
-        smart_host, smart_port = _host_port(s, "smart_host", smart, 25)
+            s.item_error("retry_intervals", i, str(exc))
+    smart = s.string("smart_host")
+    smart_host, smart_port = MISSING, MISSING
+    if smart not in (MISSING, ""):
+        try:
+            smart_host, smart_port = parse_host_port(smart, 25)
+        except ValueError as exc:
+            s.error("smart_host", str(exc))
     policies = []
     for t in s.tables("tls"):
-        policies.append(TlsPolicy(_domain(t, "domain", t.str("domain", required=True)),
-                                  _starttls(t, "starttls", t.str("starttls", required=True)) or "opportunistic"))
+        domain = _domain(t, "domain", t.string("domain", required=True))
+        starttls = t.choice("starttls", STARTTLS_POLICIES, required=True)
+        if domain is not MISSING and starttls is not MISSING:
+            policies.append(TlsPolicy(domain, starttls))
         t.reject_unknown()
-    cfg = DeliveryConfig(
-        retry_intervals=tuple(intervals) or DEFAULT_RETRY_INTERVALS,
-        lifetime=s.duration("lifetime", DEFAULT_LIFETIME) or DEFAULT_LIFETIME,
-        delay_notice=s.duration("delay_notice", None),
+    cfg = _build(
+        DeliveryConfig,
+        retry_intervals=tuple(intervals) or MISSING,
+        lifetime=s.duration("lifetime"),
+        delay_notice=s.duration("delay_notice", off=None),
         smart_host=smart_host,
         smart_host_port=smart_port,
-        starttls=_starttls(s, "starttls", s.str("starttls", "opportunistic")) or "opportunistic",
+        starttls=s.choice("starttls", STARTTLS_POLICIES),
         tls_policies=tuple(policies),
-        max_per_destination=s.int("max_per_destination", 20, minimum=1),
-        max_deliveries=s.int("max_deliveries", 100, minimum=1),
-        connect_timeout=s.duration("connect_timeout", 30.0) or 30.0,
-        command_timeout=s.duration("command_timeout", 300.0) or 300.0,
-        data_timeout_per_mib=s.duration("data_timeout_per_mib", 60.0) or 60.0,
-        connection_idle=s.duration("connection_idle", 30.0) or 30.0,
-        mx_port=s.int("mx_port", 25, minimum=1, maximum=65535),
+        max_per_destination=s.integer("max_per_destination", minimum=1),
+        max_deliveries=s.integer("max_deliveries", minimum=1),
+        connect_timeout=s.duration("connect_timeout"),
+        command_timeout=s.duration("command_timeout"),
+        data_timeout_per_mib=s.duration("data_timeout_per_mib"),
+        connection_idle=s.duration("connection_idle"),
+        mx_port=s.port("mx_port"),
     )
     s.reject_unknown()
     return cfg
 
 
+def _load_dns(s: _Section) -> DnsConfig:
+    servers = []
+    for i, entry in s.strings("nameservers"):
+        try:
+            parse_host_port(entry, 53, ip_only=True)
+            servers.append(entry)
+        except ValueError as exc:
+            s.item_error("nameservers", i, f"{exc} (nameservers are IP addresses, optionally with :port)")
+    cfg = _build(DnsConfig, nameservers=tuple(servers), timeout=s.duration("timeout"))
+    s.reject_unknown()
+    return cfg
+
+
+def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
+    mailboxes = []
+    seen: set[str] = set()
+    for m in root.tables("mailboxes"):
+        alias = m.string("alias", required=True)
+        if alias is not MISSING and not _ALIAS.fullmatch(alias):
+            alias = m.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        elif alias is not MISSING and alias.lower() in seen:
+            alias = m.error("alias", f"{alias!r} is listed twice")
+        extra = []
+        for i, addr in m.strings("addresses"):
+            try:
+                parse_address(addr.split(":", 1)[-1])
+            except AddressError as exc:
+                m.item_error("addresses", i, str(exc))
+                continue
+            extra.append(addr if ":" in addr else f"smtp:{addr}")
+        display = m.string("display_name")
+        if alias is not MISSING:
+            seen.add(alias.lower())
+            mailboxes.append(MailboxConfig(alias, alias if display is MISSING else display, tuple(extra)))
+        m.reject_unknown()
+    return tuple(mailboxes)
+
+
+def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
+    connected = []
+    for c in root.tables("connected_sites"):
+        name = c.string("name", required=True)
+        if name is not MISSING and not _NAME.fullmatch(name):
+            name = c.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+        routing = c.string("routing_address", required=True)
+        if routing is not MISSING and not routing.startswith("@"):
+            routing = c.error("routing_address",
+                              f"{routing!r} must be an SMTP routing address like @SiteB.example.com")
+        elif routing is not MISSING:
+            routing = _domain(c, "routing_address", routing[1:])
+        cost = c.integer("cost", minimum=0, maximum=100)
+        if name is not MISSING and routing is not MISSING:
+            connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost))
+        c.reject_unknown()
+    return tuple(connected)
+
+
+def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
+    routes = []
+    for e in root.tables("email_domains"):
+        domain = e.string("domain", required=True)
+        exact = domain is not MISSING and domain.startswith("#")
+        domain = _domain(e, "domain", domain)
+        host = _host(e, "host")
+        port = e.port("port")
+        starttls = e.choice("starttls", STARTTLS_POLICIES)
+        if domain is not MISSING and host is not MISSING:
+            routes.append(_build(DomainRoute, domain=("#" if exact else "") + domain, host=host, port=port,
+                                 starttls=starttls))
+        e.reject_unknown()
+    return tuple(routes)
+
+
+def _load_replication(r: _Section) -> ReplicationConfig:
+    connectors = []
+    for c in r.tables("connectors"):
+        if c.table.get("schedule", "always") == "always":
+            c.used.add("schedule")
+            schedule: Any = MISSING
+        else:
+            schedule = c.duration("schedule", off=None)
+        site = c.string("site", required=True)
+        if site is not MISSING:
+            connectors.append(_build(ReplicationConnector, site=site, schedule=schedule))
+        c.reject_unknown()
+    cfg = _build(
+        ReplicationConfig,
+        key=r.string("key"),
+        key_env=r.string("key_env"),
+        connectors=tuple(connectors),
+        startup_delay=r.duration("startup_delay", off=0.0),
+        batch_size=r.integer("batch_size", minimum=1),
+        max_age=r.duration("max_age"),
+        keep_old_address=r.boolean("keep_old_address"),
+        kcc_interval=r.duration("kcc_interval"),
+    )
+    r.reject_unknown()
+    return cfg
+
+
+def _load_admin(a: _Section) -> AdminConfig:
+    cfg = _build(AdminConfig, listen=_listen(a, "listen"), port=a.port("port", allow_zero=True),
+                 token=a.string("token"), token_env=a.string("token_env"))
+    a.reject_unknown()
+    return cfg
+
+
+def _load_logging(lg: _Section) -> LoggingConfig:
+    cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
+                 format=lg.choice("format", LOG_FORMATS))
+    lg.reject_unknown()
+    return cfg
+
+
+def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
+    cfg = _build(ConsoleConfig, enabled=co.boolean("enabled"), listen=_listen(co, "listen"), port=co.port("port"))
+    if cfg.enabled and admin.port == 0:
+        co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
+    co.reject_unknown()
+    return cfg
+
+
+def _load_tracking(t: _Section) -> TrackingConfig:
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    t.reject_unknown()
+    return cfg
+
+
 def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig:
-    """Load and validate one site's TOML file; raise ``ConfigError`` on any problem."""
+    """Load and validate one site's TOML file; raise ``ConfigErrors`` (every problem
+    of the file) or ``ConfigError`` (the file cannot be read or parsed)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -447,125 +506,46 @@ def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig
 
 
 def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | None = None) -> SiteConfig:
-    root = _Section(path, "", raw)
+    errors: list[ConfigError] = []
+    root = _Section(path, "", raw, errors)
     config_dir = path.parent
     site = root.table_of("site")
-    organisation = site.str("organisation", required=True)
-    name = site.str("name", required=True)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise site.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
-    server = site.str("server", required=True)
-    site_domain = _domain(site, "email_domain", site.str("email_domain", required=True))
-    company_domain = _domain(site, "company_domain", site.str("company_domain", site_domain))
-    data = site.str("data_dir", f"data/{name}")
+    organisation = site.string("organisation", required=True)
+    name = site.string("name", required=True)
+    if name is not MISSING and not _NAME.fullmatch(name):
+        name = site.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+    server = site.string("server", required=True)
+    if server is not MISSING and _domain(site, "server", server) is MISSING:
+        server = MISSING
+    site_domain = _domain(site, "email_domain", site.string("email_domain", required=True))
+    company = site.string("company_domain")
+    company_domain = site_domain if company is MISSING else _domain(site, "company_domain", company)
+    data = site.string("data_dir")
     site.reject_unknown()
 
     smtp = _load_smtp(root.table_of("smtp"), config_dir)
-
-    mailboxes = []
-    seen: set[str] = set()
-    for m in root.tables("mailboxes"):
-        alias = m.str("alias", required=True)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
-            raise m.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
-        if alias.lower() in seen:
-            raise m.error("alias", f"{alias!r} is listed twice")
-        seen.add(alias.lower())
-        extra = []
-        for i, addr in enumerate(m.list("addresses")):
-            try:
-                parse_address(str(addr).split(":", 1)[-1])
-            except AddressError as exc:
-                raise ConfigError(path, f"{m.key('addresses')}[{i}]", str(exc)) from None
-            extra.append(str(addr) if ":" in str(addr) else f"smtp:{addr}")
-        mailboxes.append(MailboxConfig(alias, m.str("display_name", alias), tuple(extra)))
-        m.reject_unknown()
-
+    mailboxes = _load_mailboxes(root)
     delivery = _load_delivery(root.table_of("delivery"))
-
-    dns_s = root.table_of("dns")
-    dns = DnsConfig(tuple(str(n) for n in dns_s.list("nameservers")),
-                    dns_s.duration("timeout", 5.0) or 5.0)
-    dns_s.reject_unknown()
-
-    connected = []
-    for c in root.tables("connected_sites"):
-        routing = c.str("routing_address", required=True)
-        if not routing.startswith("@"):
-            raise c.error("routing_address", f"{routing!r} must be an SMTP routing address like @SiteB.example.com")
-        connected.append(ConnectedSite(c.str("name", required=True), "@" + _domain(c, "routing_address", routing[1:]),
-                                       c.int("cost", 1, minimum=0, maximum=100)))
-        c.reject_unknown()
-
-    routes = []
-    for e in root.tables("email_domains"):
-        domain = e.str("domain", required=True)
-        exact = domain.startswith("#")
-        host = e.str("host", required=True)
-        routes.append(DomainRoute(("#" if exact else "") + _domain(e, "domain", domain), host,
-                                  e.int("port", 25, minimum=1, maximum=65535),
-                                  _starttls(e, "starttls", e.str("starttls"))))
-        e.reject_unknown()
-
-    r = root.table_of("replication")
-    connectors = []
-    for c in r.tables("connectors"):
-        if c.table.get("schedule", "always") == "always":
-            c.used.add("schedule")
-            schedule: float | None = REPLICATION_ALWAYS
-        else:
-            schedule = c.duration("schedule", REPLICATION_ALWAYS)
-        connectors.append(ReplicationConnector(c.str("site", required=True), schedule))
-        c.reject_unknown()
-    replication = ReplicationConfig(
-        key=r.str("key"),
-        key_env=r.str("key_env", "IMSRELAY_ORG_KEY"),
-        connectors=tuple(connectors),
-        startup_delay=r.duration("startup_delay", 300.0) or 0.0,
-        batch_size=r.int("batch_size", 500, minimum=1),
-        max_age=r.duration("max_age", 7 * 86400.0) or 7 * 86400.0,
-        keep_old_address=r.bool("keep_old_address", True),
-        kcc_interval=r.duration("kcc_interval", 3 * 3600.0) or 3 * 3600.0,
-    )
-    r.reject_unknown()
-
-    a = root.table_of("admin")
-    admin = AdminConfig(a.str("listen", "127.0.0.1"), a.int("port", 0, minimum=0, maximum=65535),
-                        a.str("token"), a.str("token_env", "IMSRELAY_ADMIN_TOKEN"))
-    a.reject_unknown()
-
-    co = root.table_of("console")
-    console = ConsoleConfig(co.bool("enabled", False), co.str("listen", "127.0.0.1"),
-                            co.int("port", 8080, minimum=0, maximum=65535))
-    if console.enabled and admin.port == 0:
-        raise co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
-    co.reject_unknown()
-
-    lg = root.table_of("logging")
-    level = lg.str("level", "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise lg.error("level", "must be one of debug, info, warning, error")
-    fmt = lg.str("format", "auto")
-    if fmt not in ("auto", "json", "console"):
-        raise lg.error("format", "must be one of auto, json, console")
-    logging = LoggingConfig(level, fmt)
-    lg.reject_unknown()
-
-    tr = root.table_of("tracking")
-    days = tr.int("days", 7, minimum=1, maximum=3650)
-    tracking = TrackingConfig(tr.bool("enabled", True), float(days))
-    tr.reject_unknown()
-
+    dns = _load_dns(root.table_of("dns"))
+    connected = _load_connected_sites(root)
+    routes = _load_email_domains(root)
+    replication = _load_replication(root.table_of("replication"))
+    admin = _load_admin(root.table_of("admin"))
+    logging = _load_logging(root.table_of("logging"))
+    tracking = _load_tracking(root.table_of("tracking"))
+    console = _load_console(root.table_of("console"), admin)
     root.reject_unknown()
+    if errors:
+        raise ConfigErrors(errors)
 
     if data_dir is None:
-        data_dir = Path(data)
+        data_dir = Path(f"data/{name}" if data is MISSING else data)
         if not data_dir.is_absolute():
             data_dir = config_dir / data_dir
     return SiteConfig(
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
-        smtp=smtp, mailboxes=tuple(mailboxes), delivery=delivery, dns=dns,
-        connected_sites=tuple(connected), email_domains=tuple(routes),
+        smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
+        connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, tracking=tracking, console=console,
     )

@@ -2,7 +2,8 @@
 
 Like Postfix's qmgr: it takes messages from the spool, asks the router where each
 pending recipient goes, hands groups of recipients to a transport (Maildir, the
-directory service, or SMTP), and records each recipient's outcome durably:
+directory service, or SMTP), and records each recipient's outcome durably by the
+rules of ``imsrelay.queue_rules`` (the pure state machine; this module applies it):
 
 - delivered → terminal;
 - permanent failure → an NDR is queued durably to the envelope sender, then the
@@ -13,7 +14,10 @@ directory service, or SMTP), and records each recipient's outcome durably:
   for delivering the message expired").
 
 A message leaves the spool only when every recipient is terminal
-(DESIGN.md invariant 2).  Disk and directory work run off the event loop.
+(DESIGN.md invariant 2).  The queue manager is also the one owner of
+per-destination concurrency (``delivery.max_per_destination`` slots per relay host
+or MX domain, taken before a global delivery slot).  Disk and directory work run
+off the event loop.
 """
 
 from __future__ import annotations
@@ -24,33 +28,28 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from imsrelay import dsn, maildir, tracking
+from imsrelay.config import DeliveryConfig
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.objects import Mailbox
 from imsrelay.outcome import Outcome
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, route_for
-from imsrelay.spool import (
-    BOUNCED,
-    DELIVERED,
-    FAILED,
-    Envelope,
-    RecipientState,
-    Spool,
-    new_queue_id,
+from imsrelay.queue_rules import (
+    RetryPolicy,
+    Transition,
+    after_attempt,
+    after_internal_error,
+    report_status,
 )
+from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, RoutingTable, route_for
+from imsrelay.spool import Spool
 
-EXPIRED_TEXT = "The maximum time for delivering the message expired"
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
-
-
-def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
-    """Delay after the ``attempts``-th failed attempt; the last interval repeats."""
-    if not intervals:
-        return 900.0
-    return intervals[min(max(attempts, 1), len(intervals)) - 1]
 
 
 @dataclass(frozen=True)
@@ -59,24 +58,53 @@ class Recorded:
     outcome: Outcome
 
 
+class Transport(Protocol):
+    """Outbound SMTP (``imsrelay.smtp_client.SmtpClient``)."""
+
+    async def deliver(self, route: Route, env: Envelope, recipients: list[str],
+                      message: bytes) -> dict[str, Outcome]: ...
+
+    def forget_unreachable(self) -> None: ...
+
+
+class QueueInputs(Protocol):
+    """What the queue manager asks its site: the router's live inputs, who signs the
+    reports, and the queue door for the reports themselves (``imsrelay.site.Site``)."""
+
+    async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]: ...
+
+    async def routing_table(self) -> RoutingTable: ...
+
+    def reporting_site(self) -> dsn.ReportingSite: ...
+
+    def postmaster_address(self) -> str: ...
+
+    async def enqueue_local(self, env: Envelope, message: bytes) -> None: ...
+
+
 class QueueManager:
-    def __init__(self, site: Any, spool: Spool, *,
-                 smtp_deliver: Callable[[Route, Envelope, list[str], bytes], Awaitable[dict[str, Outcome]]],
+    def __init__(self, spool: Spool, *, inputs: QueueInputs, transport: Transport,
                  directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
-                 clock: Callable[[], float] = time.time) -> None:
-        self.site = site
-        self.config = site.config
+                 delivery: DeliveryConfig, data_dir: Path, hostname: str, log: Any,
+                 clock: Callable[[], float] = time.time, tracking_log: tracking.TrackingLog | None = None) -> None:
+        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
         self.spool = spool
-        self.smtp_deliver = smtp_deliver
+        self.tracking = tracking_log
+        self.inputs = inputs
+        self.transport = transport
         self.directory_deliver = directory_deliver
+        self.delivery = delivery
+        self.policy = RetryPolicy(delivery.retry_intervals, delivery.lifetime, delivery.delay_notice)
+        self.data_dir = data_dir
+        self.hostname = hostname
         self.clock = clock
-        self.log = site.log.bind(component="qmgr")
+        self.log = log.bind(component="qmgr")
         self.envelopes: dict[str, Envelope] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._running: set[str] = set()
         self._wake = asyncio.Event()
-        self._limit = asyncio.Semaphore(self.config.delivery.max_deliveries)
+        self._limit = asyncio.Semaphore(delivery.max_deliveries)
         self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}  # remote destination → (slots, users)
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
@@ -190,14 +218,13 @@ class QueueManager:
         spool's control/ directory (only this process writes the journal)."""
         for action, qid in self.spool.take_control_requests():
             if action == "retry":
-                if getattr(self.site, "smtp_client", None) is not None:
-                    self.site.smtp_client.forget_unreachable()  # a retry really tries hosts marked unreachable
+                self.transport.forget_unreachable()  # a retry really tries hosts marked unreachable
                 n = self.retry_now(None if qid == "*" else qid)
                 self.log.info("queue.retry_requested", queue_id=None if qid == "*" else qid, messages=n)
             elif action == "delete" and qid in self.envelopes:
                 self.forget(qid)  # an attempt under way is not recorded
                 await self.spool.remove(qid)
-                self.site.tracking.record(tracking.DELETED, qid)
+                self._note(tracking.DELETED, qid)
                 self.log.info("queue.deleted", queue_id=qid)
 
     async def _compact(self) -> None:
@@ -218,7 +245,7 @@ class QueueManager:
         except Exception as exc:  # never lose the message: log, retry later
             self.log.error("delivery.internal_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
             for r in env.pending:
-                r.next_attempt = self.clock() + retry_delay(1, self.config.delivery.retry_intervals)
+                r.next_attempt = after_internal_error(r, now=self.clock(), policy=self.policy).next_attempt
         finally:
             self._running.discard(env.queue_id)
             if env.queue_id in self.envelopes:
@@ -231,8 +258,8 @@ class QueueManager:
         due = [r for r in env.pending if r.next_attempt <= now]
         if not due:
             return []
-        mailboxes = await self.site.lookup_mailboxes([r.address for r in due])
-        table = await self.site.routing_table()
+        mailboxes = await self.inputs.lookup_mailboxes([r.address for r in due])
+        table = await self.inputs.routing_table()
         return [(r, route_for(r.address, mbx, table)) for r, mbx in zip(due, mailboxes, strict=True)]
 
     @contextlib.asynccontextmanager
@@ -245,7 +272,7 @@ class QueueManager:
         async with contextlib.AsyncExitStack() as stack:
             for key in sorted(keys):
                 sem, users = self._destinations.get(key) or (
-                    asyncio.Semaphore(self.config.delivery.max_per_destination), 0)
+                    asyncio.Semaphore(self.delivery.max_per_destination), 0)
                 self._destinations[key] = (sem, users + 1)
                 stack.callback(self._leave_destination, key)
                 await stack.enter_async_context(sem)
@@ -280,6 +307,13 @@ class QueueManager:
         recorded = [rec for group in results for rec in group]
         await self._record(env, message, recorded)
 
+    # ------------------------------------------------------------ message tracking
+
+    def _note(self, event: str, queue_id: str, **fields: Any) -> None:
+        """Record a message tracking event (when the site keeps them)."""
+        if self.tracking is not None:
+            self.tracking.record(event, queue_id, **fields)
+
     def _track_route(self, env: Envelope, r: RecipientState, route: Route) -> None:
         if route.kind == LOCAL:
             where = f"local mailbox {route.mailbox}"
@@ -291,21 +325,28 @@ class QueueManager:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
             where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
-        self.site.tracking.record(tracking.ROUTED, env.queue_id, recipient=r.address, route=where,
-                                  kind=route.kind, to_site=route.site, why="; ".join(route.steps))
+        self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
+                    to_site=route.site, why="; ".join(route.steps))
 
-    def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome) -> None:
-        log = self.site.tracking
-        kind = (r.route or "").split(":", 1)[0]
-        if kind == LOCAL:
-            log.record(tracking.DELIVERED, env.queue_id, recipient=r.address,
-                       mailbox=f"mailbox {(r.route or '').split(':', 1)[-1]}", diagnostic=o.diagnostic)
-        elif kind == DIRECTORY:
-            log.record(tracking.DELIVERED, env.queue_id, recipient=r.address,
-                       mailbox="the directory service (replication)", replication=True)
-        else:
-            log.record(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
-                       remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
+    def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome, event: str) -> None:
+        if event == "delivery.delivered":
+            kind, _, mailbox = (r.route or "").partition(":")
+            if kind == LOCAL:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address, mailbox=f"mailbox {mailbox}",
+                            diagnostic=o.diagnostic)
+            elif kind == DIRECTORY:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                            mailbox="the directory service (replication)", replication=True)
+            else:
+                self._note(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
+                            remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
+        elif event == "delivery.deferred":
+            self._note(tracking.DEFERRED, env.queue_id, recipient=r.address, status=o.status,
+                        diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts, next_attempt=r.next_attempt)
+        elif event in ("delivery.failed", "delivery.expired"):
+            self._note(tracking.FAILED if event == "delivery.failed" else tracking.EXPIRED, env.queue_id,
+                        recipient=r.address, status=r.status, diagnostic=r.diagnostic, remote=o.remote,
+                        attempts=r.attempts)
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
@@ -325,7 +366,7 @@ class QueueManager:
             return [Recorded(r, outcome) for r, _ in group]
         rcpts = [r.address for r, _ in group]
         try:
-            outcomes = await self.smtp_deliver(route, env, rcpts, message)
+            outcomes = await self.transport.deliver(route, env, rcpts, message)
         except Exception as exc:
             self.log.error("delivery.transport_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
             outcomes = {a: Outcome.temporary("4.3.0", f"transport error: {exc}") for a in rcpts}
@@ -334,10 +375,10 @@ class QueueManager:
 
     async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
         assert route.mailbox is not None
-        path = maildir.mailbox_dir(self.config.data_dir, route.mailbox)
+        path = maildir.mailbox_dir(self.data_dir, route.mailbox)
         write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
                                        message=message, sender=env.sender, recipient=r.address,
-                                       hostname=self.config.hostname)
+                                       hostname=self.hostname)
         try:
             if route.mailbox not in self._maildirs:
                 await asyncio.to_thread(maildir.ensure_maildir, path)
@@ -351,49 +392,40 @@ class QueueManager:
     # ------------------------------------------------------------ outcomes
 
     async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
+        """Apply ``queue_rules.after_attempt`` to each outcome: reports are queued
+        durably first, only then is a recipient recorded as bounced."""
         now = self.clock()
-        cfg = self.config.delivery
-        bounce: list[RecipientState] = []
+        # (read the header only when something failed)
+        may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
+        bounce: list[tuple[RecipientState, Transition]] = []
         delayed: list[RecipientState] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
-            r.attempts += 1
-            r.status, r.diagnostic, r.remote = o.status, o.diagnostic, o.remote
+            step = after_attempt(r, o, now=now, received_at=env.received_at, policy=self.policy,
+                                 may_report=may_report)
+            _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
-            if o.ok:
-                r.state = DELIVERED
-                self.log.info("delivery.delivered", outcome="delivered", **fields)
-                self._track_outcome(env, r, o)
-            elif o.permanent:
-                bounce.append(r)
-                self.log.info("delivery.failed", outcome="failed", **fields)
-                self.site.tracking.record(tracking.FAILED, env.queue_id, recipient=r.address, status=o.status,
-                                          diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
+            outcome = step.event.split(".")[1]
+            if step.event == "delivery.deferred":
+                self.log.info(step.event, outcome=outcome, next_attempt=r.next_attempt, **fields)
             else:
-                r.first_failure = r.first_failure or now
-                if now - env.received_at >= cfg.lifetime:
-                    r.status, r.diagnostic = "4.4.7", f"{EXPIRED_TEXT} (last error: {o.diagnostic})"
-                    bounce.append(r)
-                    self.log.info("delivery.expired", outcome="expired", **fields)
-                    self.site.tracking.record(tracking.EXPIRED, env.queue_id, recipient=r.address,
-                                              status=r.status, diagnostic=r.diagnostic, attempts=r.attempts)
-                else:
-                    r.next_attempt = min(now + retry_delay(r.attempts, cfg.retry_intervals),
-                                         env.received_at + cfg.lifetime)
-                    self.log.info("delivery.deferred", outcome="deferred", next_attempt=r.next_attempt, **fields)
-                    self.site.tracking.record(tracking.DEFERRED, env.queue_id, recipient=r.address, status=o.status,
-                                              diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts,
-                                              next_attempt=r.next_attempt)
-                    if (cfg.delay_notice is not None and not r.delay_notified
-                            and now - env.received_at >= cfg.delay_notice):
-                        delayed.append(r)
+                self.log.info(step.event, outcome=outcome, **fields)
+            self._track_outcome(env, r, o, step.event)
+            if step.ndr:
+                bounce.append((r, step))
+            elif step.suppressed:
+                self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
+                                 recipient=r.address, status=r.status,
+                                 reason="null sender or automatic report: no NDR is sent")
+            if step.delay_notice:
+                delayed.append(r)
         if bounce:
-            await self._send_report(env, message, bounce, delay=False)
+            await self._send_report(env, message, [r for r, _ in bounce], delay=False)
+            for r, step in bounce:
+                r.state = step.recipient.state
         if delayed:
             await self._send_report(env, message, delayed, delay=True)
-            for r in delayed:
-                r.delay_notified = True
         if env.queue_id not in self.envelopes:
             return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
@@ -405,47 +437,36 @@ class QueueManager:
 
     async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
                            delay: bool) -> None:
-        """Queue an NDR (or delay notice) durably, then mark the recipients."""
-        if not dsn.may_send_report(env.sender, message):
-            if not delay:
-                for r in recipients:
-                    r.state = FAILED
-                    self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
-                                     recipient=r.address, status=r.status,
-                                     reason="null sender or automatic report: no NDR is sent")
-            return
+        """Queue an NDR (or delay notice) for ``recipients`` durably."""
         now = self.clock()
         statuses = [
             dsn.RecipientStatus(
                 final_recipient=r.address, original_recipient=r.original,
-                action="delayed" if delay else "failed", status=_final_status(r.status, delay),
+                action="delayed" if delay else "failed", status=report_status(r.status, delay=delay),
                 diagnostic=r.diagnostic or "", remote_mta=r.remote,
                 last_attempt=datetime.fromtimestamp(now, UTC),
-                will_retry_until=datetime.fromtimestamp(env.received_at + self.config.delivery.lifetime, UTC) if delay else None)
+                will_retry_until=datetime.fromtimestamp(env.received_at + self.delivery.lifetime, UTC) if delay else None)
             for r in recipients
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
             dsn.build_report,
             original=message, envelope_sender=env.sender, recipients=statuses,
-            reporter=self.site.reporting_site(), queue_id=env.queue_id,
+            reporter=self.inputs.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
-            postmaster=self.site.postmaster_address())
+            postmaster=self.inputs.postmaster_address())
         ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
-        await self.site.enqueue_local(ndr, report)
-        if not delay:
-            for r in recipients:
-                r.state = BOUNCED
-        self.site.tracking.record(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id,
-                                  ndr_id=ndr.queue_id, recipients=[r.address for r in recipients])
+        await self.inputs.enqueue_local(ndr, report)
+        self._note(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id, ndr_id=ndr.queue_id,
+                    recipients=[r.address for r in recipients])
         self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
                       queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
                       recipients=[r.address for r in recipients])
 
 
-def _final_status(status: str | None, delay: bool) -> str:
-    s = status or ("4.0.0" if delay else "5.0.0")
-    if not delay and s.startswith("4."):
-        return "5." + s[2:] if s != "4.4.7" else "4.4.7"
-    return s
+def _assign(live: RecipientState, new: RecipientState, *, keep_pending: bool) -> None:
+    """Record ``new`` in the envelope's own recipient object (the envelope holds it)."""
+    state = live.state if keep_pending else new.state
+    live.__dict__.update(new.__dict__)
+    live.state = state

@@ -32,11 +32,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imsrelay.addresses import AddressError, parse_address, parse_proxy
+from imsrelay.objects import BulkReport, DirObject, Mailbox, SiteObject, Stamp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,87 +87,6 @@ T = TypeVar("T")
 
 class DirectoryError(Exception):
     """A directory operation a user asked for that cannot be done (clear message)."""
-
-
-@dataclass(frozen=True)
-class Stamp:
-    version: int
-    changed_at: float
-    origin: str
-
-    def key(self) -> tuple[int, float, str]:
-        return (self.version, self.changed_at, self.origin)
-
-
-@dataclass(frozen=True)
-class DirObject:
-    """One replicated directory object, as stored and as carried in dirsync messages."""
-
-    object_id: str
-    kind: str  # "mailbox" | "site"
-    home_site: str
-    stamp: Stamp
-    deleted: bool
-    data: dict[str, Any] = field(hash=False, compare=False)
-    usn: int = 0
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"id": self.object_id, "kind": self.kind, "home": self.home_site,
-                "version": self.stamp.version, "changed_at": self.stamp.changed_at,
-                "origin": self.stamp.origin, "deleted": self.deleted, "data": self.data}
-
-    @classmethod
-    def from_wire(cls, w: dict[str, Any]) -> DirObject:
-        kind = w["kind"]
-        if kind not in ("mailbox", "site"):
-            raise ValueError(f"unknown object kind {kind!r}")
-        data = w["data"]
-        if not isinstance(data, dict):
-            raise ValueError("object data must be a mapping")
-        return cls(str(w["id"]), kind, str(w["home"]),
-                   Stamp(int(w["version"]), float(w["changed_at"]), str(w["origin"])),
-                   bool(w["deleted"]), data)
-
-
-@dataclass(frozen=True)
-class Mailbox:
-    alias: str
-    display_name: str
-    home_site: str
-    proxy_addresses: tuple[str, ...]
-    deleted: bool = False
-
-    @property
-    def primary_address(self) -> str:
-        for p in self.proxy_addresses:
-            proxy = parse_proxy(p)
-            if proxy.type == "SMTP" and proxy.primary:
-                return proxy.address
-        return ""
-
-    @property
-    def smtp_addresses(self) -> list[str]:
-        return [parse_proxy(p).address for p in self.proxy_addresses if parse_proxy(p).type == "SMTP"]
-
-
-@dataclass(frozen=True)
-class SiteObject:
-    name: str
-    server: str
-    organisation: str
-    smtp_address: str  # Site Addressing: "@SiteA.microsoft.com" or "@microsoft.com"
-    routing_address: str  # where IMS traffic for this site goes: "@SiteA.microsoft.com"
-    hostname: str = ""
-
-
-@dataclass(frozen=True)
-class BulkReport:
-    """Result of a Site Addressing bulk update (Exchange events 2043/2044/2053)."""
-
-    scanned: int
-    updated: int
-    failed: int
-    substitutes: tuple[tuple[str, str], ...]  # (alias, the unique address chosen instead)
 
 
 def merge_order(obj: DirObject) -> tuple[Any, ...]:
@@ -381,15 +300,6 @@ class Directory:
         if applied:
             self._notify()
         return applied, ignored
-
-    def changes_since(self, usn: int, limit: int) -> tuple[list[DirObject], int]:
-        """Objects changed here above ``usn`` (oldest first), at most ``limit``;
-        returns them and the highest USN included (``usn`` when none)."""
-        rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
-            "FROM objects WHERE usn > ? ORDER BY usn LIMIT ?", (usn, limit)).fetchall()
-        objs = [_row_object(r) for r in rows]
-        return objs, (objs[-1].usn if objs else usn)
 
     def change_batches(self, usn: int, limit: int, *, max_bytes: int = 4 * 1024 * 1024
                        ) -> tuple[list[tuple[int, int, list[DirObject]]], int]:

@@ -9,7 +9,6 @@ answers — positive and negative — for their TTL, using an injected clock.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import structlog
+
+from imsrelay.addresses import ip_literal, parse_host_port
 
 log = structlog.get_logger("imsrelay.dns")
 
@@ -93,38 +94,12 @@ def _normal_name(name: str) -> str:
     return name.rstrip(".").lower() or "."
 
 
-def ip_literal(text: str) -> str | None:
-    """The IP address in `text` ("192.0.2.1", "[192.0.2.1]", "[IPv6:2001:db8::1]",
-    "2001:db8::1"), normalised; None when `text` is not an address literal."""
-    inner = text.strip()
-    if inner.startswith("[") and inner.endswith("]"):
-        inner = inner[1:-1]
-        if inner[:5].lower() == "ipv6:":
-            inner = inner[5:]
-    try:
-        return str(ipaddress.ip_address(inner))
-    except ValueError:
-        return None
-
-
 def parse_nameserver(entry: str) -> tuple[str, int]:
     """'127.0.0.1' | '127.0.0.1:5353' | '::1' | '[::1]:5353' → (address, port)."""
-    text = entry.strip()
-    address, port_text = text, ""
-    if text.startswith("["):
-        address, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad nameserver {entry!r}: expected [address]:port")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        address, _, port_text = text.partition(":")
-    if ip_literal(address) is None or "[" in address:
-        raise ValueError(f"bad nameserver {entry!r}: not an IP address")
-    if not port_text:
-        return address, 53
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad nameserver {entry!r}: port must be 1-65535")
-    return address, int(port_text)
+    try:
+        return parse_host_port(entry, 53, ip_only=True)
+    except ValueError as exc:
+        raise ValueError(f"bad nameserver: {exc}") from None
 
 
 def system_resolver() -> dns.asyncresolver.Resolver:
@@ -349,7 +324,7 @@ def _query_name(domain: str) -> str:
 def _negative_ttl(nx: dns.resolver.NXDOMAIN) -> int:
     """RFC 2308 negative TTL from the SOA in the NXDOMAIN response (dnspython's default without one)."""
     ttls = []
-    for response in nx.responses().values():
+    for response in nx.responses().values():  # type: ignore[no-untyped-call]
         try:
             ttls.append(response.resolve_chaining().minimum_ttl)
         except dns.exception.DNSException:

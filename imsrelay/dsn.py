@@ -24,6 +24,9 @@ from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
+from typing import Any, cast
+
+from imsrelay.rewrite import split_message
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -46,6 +49,9 @@ _IMS_TEXTS: dict[str, tuple[str, str]] = {
     "5.4.7": (EXPIRED_TEXT, "5.4.7 delivery time expired"),
     "5.7.1": ("The message was refused: relaying or sending is not allowed", "550 5.7.1 refused"),
 }
+
+
+_Policy = Any  # email.policy.SMTP / SMTPUTF8 (typeshed's policy generics do not fit MIMEPart)
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ def build_report(
             raise ValueError(f"bad DSN status {r.status!r} for {r.final_recipient}")
 
     original = _LINE_END.sub(b"\r\n", original)
-    headers, _, _body = original.partition(b"\r\n\r\n")
+    head, body = split_message(original)
+    headers = head[:-2] if body else head  # without the line break that ends the last field
     if original.startswith(b"\r\n"):
         headers = b""
     subject = _original_subject(headers)
@@ -149,10 +156,10 @@ def build_report(
     report["Content-Type"] = "multipart/report; report-type=delivery-status"
     report.preamble = "This is a MIME-formatted delivery status notification."
 
-    report.attach(_human_part(kind, recipients, reporter, subject, arrival_date, policy))
-    report.attach(_status_part(recipients, reporter, queue_id, arrival_date, policy))
+    report.attach(cast(EmailMessage, _human_part(kind, recipients, reporter, subject, arrival_date, policy)))
+    report.attach(cast(EmailMessage, _status_part(recipients, reporter, queue_id, arrival_date, policy)))
     returned = _returned_part(original, headers, include_full_message, max_original_bytes, policy)
-    report.attach(returned)
+    report.attach(cast(EmailMessage, returned))
     if returned["Content-Transfer-Encoding"] == "8bit":
         report["Content-Transfer-Encoding"] = "8bit"
 
@@ -210,7 +217,7 @@ def _human_part(
     reporter: ReportingSite,
     subject: str,
     arrival_date: datetime,
-    policy: email_policy.EmailPolicy,
+    policy: _Policy,
 ) -> MIMEPart:
     lines = [
         {
@@ -303,7 +310,7 @@ def _status_part(
     reporter: ReportingSite,
     queue_id: str,
     arrival_date: datetime,
-    policy: email_policy.EmailPolicy,
+    policy: _Policy,
 ) -> MIMEPart:
     per_message = Message(policy=policy)
     per_message["Reporting-MTA"] = f"dns; {reporter.hostname}"
@@ -331,7 +338,7 @@ def _status_part(
         blocks.append(block)
     part = MIMEPart(policy=policy)
     part["Content-Type"] = "message/delivery-status"
-    part.set_payload(blocks)
+    part.set_payload(cast(list[Message | str], blocks))
     return part
 
 
@@ -340,7 +347,7 @@ def _returned_part(
     headers: bytes,
     include_full_message: bool,
     max_original_bytes: int,
-    policy: email_policy.EmailPolicy,
+    policy: _Policy,
 ) -> MIMEPart:
     """The original as message/rfc822, or its headers as text/rfc822-headers, byte for byte."""
     part = MIMEPart(policy=policy)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from imsrelay.config import ConnectedSite, ReplicationConnector
-from imsrelay.directory import Directory, SiteObject
+from imsrelay.directory import Directory
+from imsrelay.objects import SiteObject
+from imsrelay.settings import ConnectedSite, ReplicationConnector, SiteConfig
 
 ERROR = "error"
 WARNING = "warning"
@@ -124,21 +125,21 @@ def plan(own_site: str, sites: Sequence[SiteObject], connected: Sequence[Connect
     return KccResult(tuple(learned), tuple(findings), tuple(sorted(by_name)))
 
 
-def _gather(directory: Any) -> tuple[list[SiteObject], dict[str, int], list[tuple[str, str, list[str]]]]:
+def _gather(directory: Directory) -> tuple[list[SiteObject], dict[str, int], list[tuple[str, str, list[str]]]]:
     homes = Counter(m.home_site for m in directory.mailboxes())
     return directory.sites(), dict(homes), directory.address_conflicts()
 
 
-async def check_now(site: Any) -> KccResult:
-    """Run the knowledge consistency check at a running site."""
-    directory = site.directory
-    cfg = site.config
+async def check_now(directory: Directory, cfg: SiteConfig, *, refresh: Callable[[], Awaitable[None]],
+                    log: Any) -> KccResult:
+    """Run the knowledge consistency check at a running site; ``refresh`` makes the
+    site re-read what it derives from its directory."""
     sites, homes, conflicts = await directory.run(_gather, directory)
     result = plan(cfg.site, sites, cfg.connected_sites, cfg.replication.connectors,
                   mailbox_homes=homes, address_conflicts=conflicts)
     await directory.run(directory.set_meta, KCC_SITES_KEY, json.dumps([list(x) for x in result.learned]))
-    await site.refresh()
-    log = site.log.bind(component="kcc")
+    await refresh()
+    log = log.bind(component="kcc")
     for f in result.findings:
         log_fn = log.warning if f.severity in (ERROR, WARNING) else log.info
         log_fn("kcc.finding", severity=f.severity, peer=f.site, finding=f.message)
@@ -146,13 +147,4 @@ async def check_now(site: Any) -> KccResult:
              errors=sum(f.severity == ERROR for f in result.findings),
              warnings=sum(f.severity == WARNING for f in result.findings),
              notes=sum(f.severity == INFO for f in result.findings))
-    return result
-
-
-def check_offline(config: Any, directory: Any) -> KccResult:
-    """Check Now against a stopped site's database (writes the learned sites too)."""
-    sites, homes, conflicts = _gather(directory)
-    result = plan(config.site, sites, config.connected_sites, config.replication.connectors,
-                  mailbox_homes=homes, address_conflicts=conflicts)
-    directory.set_meta(KCC_SITES_KEY, json.dumps([list(x) for x in result.learned]))
     return result

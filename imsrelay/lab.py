@@ -28,14 +28,18 @@ from typing import Any
 import tomli_w
 
 from imsrelay.config import load_config
+from imsrelay.logs import get_logger
+from imsrelay.message_api import LabEndpoint
+from imsrelay.org_setup import Endpoint, OrgSetup
 from imsrelay.site import Site
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
 
 ORGANISATION = "ExchangeORG"
 COMPANY_DOMAIN = "microsoft.com"
 LAB_KEY = "ExchangeORG-lab-replication-key"
-ADMIN_TOKEN = "lab-admin-token"
+ADMIN_TOKEN = LAB_TOKEN  # one token for every site's admin endpoint and the lab endpoint
 ADMIN_PORT = 8025
-API_HOST = "127.10.10.1"  # the lab endpoint: the message API for every host of the lab
+API_HOST = LAB_API_HOST  # the lab endpoint: the message API for every host of the lab
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
                         other.bind((a, port))
             except OSError:
                 continue
-            return port
+            return int(port)
     raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
 
 
@@ -141,6 +145,26 @@ def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT)
         "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
     }
+
+
+SITE_ADDRESSING_STAGES = {"site-addressing-a": "SiteA", "site-addressing-b": "SiteB", "site-addressing-c": "SiteC"}
+
+
+def administrator_action(org: OrgSetup, stage: str, timeout: float = 120.0) -> None:
+    """Do the administrator's action of an "action" stage, as ``imsrelay org-setup``
+    does it (blocking; every lab that walks the article uses this, the embedded one
+    and the compose walk): Check Now at each site; Request Now between the sites
+    until every one knows every mailbox (then Check Now again); Site Addressing
+    @microsoft.com at one site, replicated to the others."""
+    if stage == "check-now":
+        org.check_now()
+    elif stage == "request-now":
+        org.replicate_all(timeout)
+        org.check_now()
+    elif stage in SITE_ADDRESSING_STAGES:
+        org.site_addressing(SITE_ADDRESSING_STAGES[stage], f"@{COMPANY_DOMAIN}", timeout)
+    else:
+        raise ValueError(f"stage {stage!r} is not an administrator's action")
 
 
 class Lab:
@@ -204,9 +228,6 @@ class Lab:
         the announced SMTP port opens: the walk runs with every host on a private
         port, then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
         if self.api_port is not None and self.endpoint is None:
-            from imsrelay.logs import get_logger
-            from imsrelay.message_api import LabEndpoint
-
             self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
                                         token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),
                                         lab_ready=self._not_ready_reason)
@@ -315,7 +336,9 @@ class Lab:
                 for s in SITES:
                     await self.restart(s.name)
             else:
-                await getattr(self, "_do_" + name.replace("-", "_"))()
+                await asyncio.to_thread(administrator_action, await self._administrator(), name)
+                for site in self.sites.values():
+                    await site.refresh()
             self._save_stage(stage)
         finally:
             self._walking = walking
@@ -323,38 +346,13 @@ class Lab:
 
     # ------------------------------------------------------------ the article's actions
 
-    async def _administrator(self) -> Any:
-        """The article's administrator actions, done as ``imsrelay org-setup`` does them:
-        over each site's admin endpoint (blocking client, so on a thread)."""
-        from imsrelay.commands.org_setup import Endpoint, OrgSetup
-
+    async def _administrator(self) -> OrgSetup:
+        """The article's administrator, working as ``imsrelay org-setup`` does: over
+        each site's admin endpoint (blocking client, so on a thread)."""
         org = OrgSetup([Endpoint(f"http://{s.address}:{self.admin_port}", ADMIN_TOKEN) for s in SITES],
                        say=lambda line: self.say("lab:" + line), poll=0.1)
         await asyncio.to_thread(org.wait_ready, 30.0)
         return org
-
-    async def _do_check_now(self) -> None:
-        org = await self._administrator()
-        await asyncio.to_thread(org.check_now)
-
-    async def _do_request_now(self) -> None:
-        org = await self._administrator()
-        await asyncio.to_thread(org.replicate_all, 120.0)
-        await asyncio.to_thread(org.check_now)
-
-    async def _site_addressing(self, name: str) -> None:
-        org = await self._administrator()
-        await asyncio.to_thread(org.site_addressing, name, f"@{COMPANY_DOMAIN}", 120.0)
-        await self.sites[name].refresh()
-
-    async def _do_site_addressing_a(self) -> None:
-        await self._site_addressing("SiteA")
-
-    async def _do_site_addressing_b(self) -> None:
-        await self._site_addressing("SiteB")
-
-    async def _do_site_addressing_c(self) -> None:
-        await self._site_addressing("SiteC")
 
     async def describe(self) -> str:
         stage = self.stage

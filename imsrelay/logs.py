@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -59,7 +60,7 @@ class _StdlibBridge(logging.Handler):
             self.handleError(record)
 
 
-def _bind_site(site: str):
+def _bind_site(site: str) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
     def processor(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
         event.setdefault("site", site)
         return event

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from imsrelay import tracking
 from imsrelay.message_store import NotFound, Search, SearchError, Summary, parse_search, parse_time
+from imsrelay.openapi import document
 from imsrelay.readiness import combined
 
 PREFIX = "/api/v1"
@@ -111,28 +112,6 @@ def page(items: list[Summary], start: int, limit: int) -> dict[str, Any]:
     return {"total": len(items), "start": start, "count": len(chunk), "messages": [s.as_dict() for s in chunk]}
 
 
-def gather_tracking(fetch: Callable[[tracking.TrackingQuery], list[tracking.TrackingEvent]],
-                    q: tracking.TrackingQuery, *, max_rounds: int = 6) -> list[tracking.TrackingEvent]:
-    """Events of the messages ``q`` finds, then of every message sharing their
-    Message-IDs at the other sites (and of the NDRs about them), de-duplicated."""
-    seen: dict[tuple[Any, ...], tracking.TrackingEvent] = {}
-
-    def add(events: list[tracking.TrackingEvent]) -> None:
-        for e in events:
-            seen.setdefault((e.site, e.queue_id, e.time, e.event, e.recipient), e)
-
-    add(fetch(q))
-    asked: set[str] = set()
-    for _ in range(max_rounds):
-        ids = {e.message_id for e in seen.values() if e.message_id} - asked
-        if not ids:
-            break
-        for mid in sorted(ids)[:100]:
-            asked.add(mid)
-            add(fetch(tracking.TrackingQuery(message_id=mid, limit=MAX_LIMIT)))
-    return sorted(seen.values(), key=lambda e: (e.time, e.site))
-
-
 # ------------------------------------------------------------------ the API
 
 
@@ -190,10 +169,10 @@ class MessageApi:
             why = self._lab_ready()
             if why is not None:
                 body["ready"] = False
-                body["reasons"] = [f"lab: {why}", *body["reasons"]]
+                body["reasons"] = [f"lab: {why}", *_strings(body["reasons"])]
         if not reports:
             body["ready"] = False
-            body["reasons"] = ["no site is running yet", *body["reasons"]]
+            body["reasons"] = ["no site is running yet", *_strings(body["reasons"])]
         return body
 
     async def get_ready(self, request: web.Request) -> web.Response:
@@ -201,8 +180,6 @@ class MessageApi:
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def get_openapi(self, request: web.Request) -> web.Response:
-        from imsrelay.openapi import document
-
         return web.json_response(document())
 
     # -------------------------------------------------------------- sites, queue, replication
@@ -344,8 +321,8 @@ class MessageApi:
         def fetch(query: tracking.TrackingQuery) -> list[tracking.TrackingEvent]:
             return [e for s in sites for e in s.tracking.query_sync(query)]
 
-        events = await asyncio.to_thread(gather_tracking, fetch, q)
-        return web.json_response(tracking_body(events))
+        events = await asyncio.to_thread(tracking.gather, fetch, q)
+        return web.json_response(tracking.tracking_body(events))
 
 
 def queue_items(qmgr: Any) -> list[dict[str, Any]]:
@@ -358,8 +335,8 @@ def queue_items(qmgr: Any) -> list[dict[str, Any]]:
             for env in sorted(qmgr.envelopes.values(), key=lambda e: e.queue_id)]
 
 
-def tracking_body(events: list[tracking.TrackingEvent]) -> dict[str, Any]:
-    return {"events": [e.as_dict() for e in events], "messages": [s.as_dict() for s in tracking.follow(events)]}
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _term(key: str, value: str) -> str:

@@ -268,8 +268,9 @@ def message_detail(summary: Summary) -> dict[str, Any]:
         if part is not None and part.get_content_subtype() == kind:
             try:
                 content = part.get_content()
-            except (LookupError, ValueError):
-                content = part.get_payload(decode=True).decode("latin-1") if part.get_payload(decode=True) else ""
+            except (LookupError, ValueError):  # an unknown charset: the bytes as Latin-1
+                payload = part.get_payload(decode=True)
+                content = payload.decode("latin-1") if isinstance(payload, bytes) else ""
             if kind == "plain":
                 text = content
             else:

@@ -1,6 +1,6 @@
 """Who may send what to whom: the IMS's Routing tab and Routing Restrictions (pure).
 
-Every function here is a pure decision over values the SMTP edge gathered (client
+Every function here is a pure decision (hop counts and other loops: ``imsrelay.loops``) over values the SMTP edge gathered (client
 address, what the directory said about a recipient, counts).  Replies carry RFC 5321
 codes and RFC 3463 enhanced status codes.
 """
@@ -8,7 +8,6 @@ codes and RFC 3463 enhanced status codes.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,23 +83,4 @@ def check_storage(free_bytes: int, *, declared: int | None, max_message_size: in
     needed = max(minfree, int(1.5 * (declared if declared is not None else max_message_size)))
     if free_bytes < needed:
         return Reply(452, "4.3.1", "Insufficient system storage; please try again later")
-    return None
-
-
-_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-
-
-def count_hops(message: bytes) -> int:
-    """Number of ``Received:`` fields in the header block."""
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        end = message.find(b"\n\n")
-    header = message if end < 0 else message[: end + 2]
-    return len(_RECEIVED.findall(header))
-
-
-def check_hops(message: bytes, max_hops: int) -> Reply | None:
-    hops = count_hops(message)
-    if hops > max_hops:
-        return Reply(554, "5.4.6", f"Too many hops ({hops} Received: lines, at most {max_hops}): routing loop?")
     return None

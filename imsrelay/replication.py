@@ -47,7 +47,7 @@ import json
 import re
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -55,11 +55,13 @@ from email.message import Message
 from typing import Any
 
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
-from imsrelay.directory import DirObject
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
+from imsrelay.directory import Directory
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.objects import DIRSYNC_LOCAL, DirObject
+from imsrelay.router import RoutingTable, site_routing_domain
+from imsrelay.settings import SiteConfig
 
 PROTOCOL_VERSION = 1
-DIRSYNC_LOCAL = "dirsync"
 REQUEST = "request"
 UPDATE = "update"
 TYPES = (REQUEST, UPDATE)
@@ -350,16 +352,30 @@ def _part_text(part: Message) -> str:
 class Replicator:
     """One site's directory replication: connectors, Request Now, request/update handling."""
 
-    def __init__(self, site: Any) -> None:
-        self.site = site
-        self.config = site.config
-        self.settings = site.config.replication
+    def __init__(self, config: SiteConfig, directory: Directory, *,
+                 routing_table: Callable[[], Awaitable[RoutingTable]],
+                 enqueue: Callable[[Envelope, bytes], Awaitable[None]],
+                 queued: Callable[[], Iterable[Envelope]],
+                 check_now: Callable[[], Awaitable[object]], log: Any,
+                 clock: Callable[[], float]) -> None:
+        """``routing_table``: the site's live routing inputs (where a peer's dirsync
+        mail goes); ``enqueue``: the queue's door for messages the site writes itself;
+        ``queued``: the envelopes in the queue (backlog per peer); ``check_now``: the
+        site's Check Now, run on the KCC schedule."""
+        self.config = config
+        self.directory = directory
+        self.settings = config.replication
+        self._routing_table = routing_table
+        self._enqueue = enqueue
+        self._queued = queued
+        self._check_now = check_now
+        self._clock = clock
         key = self.settings.resolved_key()
         if not key:
             raise ReplicationError("replication needs an organisation key (replication.key or "
                                    f"${self.settings.key_env})")
         self._key = key
-        self.log = site.log.bind(component="replication")
+        self.log = log.bind(component="replication")
         self.rejected: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -392,13 +408,11 @@ class Replicator:
             await asyncio.sleep(max(every, 1.0))
 
     async def _kcc_loop(self) -> None:
-        from imsrelay import kcc
-
         await asyncio.sleep(self.settings.startup_delay)
         while True:
             try:
-                await kcc.check_now(self.site)
-                purged = await self.site.directory.run(self.site.directory.purge_tombstones)
+                await self._check_now()
+                purged = await self.directory.run(self.directory.purge_tombstones)
                 if purged:
                     self.log.info("directory.tombstones_purged", count=purged)
             except Exception as exc:
@@ -407,23 +421,14 @@ class Replicator:
 
     # ------------------------------------------------------------ helpers
 
-    @property
-    def directory(self) -> Any:
-        return self.site.directory
-
     def _now(self) -> float:
-        return float(self.site.clock())
+        return float(self._clock())
 
     async def peer_domain(self, peer: str) -> str | None:
         """The routing domain replication mail for ``peer`` goes to: Connected Sites,
         else a site learned by Check Now."""
-        from imsrelay.router import site_routing_domain
-
-        found = site_routing_domain(peer, await self.site.routing_table())
+        found = site_routing_domain(peer, await self._routing_table())
         return found[0] if found else None
-
-    def connector_sites(self) -> list[str]:
-        return [c.site for c in self.settings.connectors]
 
     async def _note_error(self, peer: str, error: str) -> None:
         def save() -> None:
@@ -440,7 +445,7 @@ class Replicator:
                        recipients=[RecipientState(recipient, recipient)], received_at=self._now(),
                        client="", helo="", origin="dirsync",
                        extra={"dirsync": payload["type"], "peer": payload["to_site"], "message_id": payload["id"]})
-        await self.site.enqueue_local(env, message)
+        await self._enqueue(env, message)
         return env
 
     def _render(self, payload: dict[str, Any], to_domain: str) -> bytes:
@@ -611,7 +616,7 @@ class Replicator:
         except AddressError:
             return 0
         count = 0
-        for env in list(self.site.qmgr.envelopes.values()):
+        for env in list(self._queued()):
             for r in env.pending:
                 try:
                     if parse_address(r.address).key == key:
@@ -628,7 +633,8 @@ class Replicator:
             lambda: (self.directory.invocation, self.directory.highest_usn))
         peers = []
         for name in sorted(set(schedules) | set(states)):
-            state = states.get(name) or await self.directory.run(self.directory.peer_state, name)
+            known = states.get(name)
+            state = known if known is not None else await self.directory.run(self.directory.peer_state, name)
             domain = await self.peer_domain(name)
             peers.append({
                 "site": name, "connector": name in schedules, "schedule": schedules.get(name),

@@ -14,11 +14,17 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import getaddresses
+from email._parseaddr import AddressList  # type: ignore[import-not-found]  # no stub: private module
 
 from imsrelay.addresses import AddressError, parse_address
 
 REWRITTEN_HEADERS = ("from", "sender", "reply-to")
+
+
+def getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses`` (the same parser) without importing email.utils,
+    which loads the socket module: this module stays free of I/O."""
+    return list(AddressList(", ".join(values)).addresslist)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 

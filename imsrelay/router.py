@@ -22,10 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from imsrelay.addresses import Address, AddressError, domain_matches, most_specific, parse_address
-from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.directory import Mailbox
-
-DIRSYNC_LOCAL = "dirsync"
+from imsrelay.loops import SelfEndpoints, points_at_self
+from imsrelay.objects import DIRSYNC_LOCAL, Mailbox
+from imsrelay.settings import ConnectedSite, DomainRoute, SiteConfig
 
 LOCAL = "local"
 DIRECTORY = "directory"
@@ -43,7 +42,7 @@ class RoutingTable:
     learned_sites: tuple[tuple[str, str], ...] = ()  # (site name, routing domain) known by KCC
     email_domains: tuple[DomainRoute, ...] = ()
     smart_host: tuple[str, int] | None = None
-    self_endpoints: frozenset[tuple[str, int]] = frozenset()
+    self_endpoints: SelfEndpoints = frozenset()
     starttls_default: str = "opportunistic"
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
@@ -122,7 +121,7 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
     if entry is not None:
         pattern, r = entry
         trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
-        if (r.host.lower(), r.port) in table.self_endpoints:
+        if points_at_self(r.host, r.port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
         return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
                      starttls=_starttls_for(domain, table, r.starttls), site=site)
@@ -130,7 +129,7 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
     if table.smart_host is not None:
         host, port = table.smart_host
         trail.add(f"smart host: forward all messages to host {host}:{port}")
-        if (host.lower(), port) in table.self_endpoints:
+        if points_at_self(host, port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
         return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
                      starttls=_starttls_for(domain, table), site=site)
@@ -204,4 +203,23 @@ def local_domains_for(site_domain: str, addressing_domain: str, accepted: Sequen
     return tuple(seen)
 
 
-__all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "domain_matches", "is_service_address"]
+def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
+                      self_endpoints: SelfEndpoints = frozenset()) -> RoutingTable:
+    """The router's input from the site's settings and what the directory says: its
+    Site Addressing domain and the sites learned by Check Now (pure); shared by the
+    running site and ``imsrelay route``."""
+    d = config.delivery
+    locals_ = local_domains_for(config.site_domain, addressing_domain,
+                                config.smtp.accepted_domains)
+    return RoutingTable(
+        site=config.site, site_domain=config.site_domain, local_domains=locals_,
+        connected_sites=config.connected_sites, learned_sites=tuple(learned_sites),
+        email_domains=config.email_domains,
+        smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
+        self_endpoints=self_endpoints, starttls_default=d.starttls,
+        starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
+        service_domains=(addressing_domain,), mx_port=d.mx_port)
+
+
+__all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
+           "is_service_address"]

@@ -10,28 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import ssl
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from imsrelay import dsn, tracking
+from imsrelay import dsn, kcc, loops, tracking
 from imsrelay.addresses import AddressError, parse_address
+from imsrelay.admin import AdminServer
 from imsrelay.config import SiteConfig
 from imsrelay.console.site_console import site_console
 from imsrelay.delivery import QueueManager
-from imsrelay.directory import Directory, Mailbox, SiteObject
-from imsrelay.kcc import learned_sites
+from imsrelay.directory import Directory
+from imsrelay.dns import MailResolver
+from imsrelay.envelope import Envelope
+from imsrelay.interfaces import site_endpoints
 from imsrelay.logs import get_logger
+from imsrelay.loops import SelfEndpoints
 from imsrelay.message_store import MessageStore
+from imsrelay.objects import Mailbox, SiteObject
 from imsrelay.policy import InboundPolicy
 from imsrelay.readiness import Readiness
+from imsrelay.replication import Replicator
 from imsrelay.rewrite import RewriteRules
-from imsrelay.router import RoutingTable, is_service_address, local_domains_for
-from imsrelay.smtpd import server_factory
-from imsrelay.spool import Envelope, Spool
+from imsrelay.router import RoutingTable, is_service_address, local_domains_for, routing_table_for
+from imsrelay.smtp_client import SmtpClient
+from imsrelay.smtpd import SiteHandler, server_factory
+from imsrelay.spool import Spool
 
 
 class Site:
@@ -51,12 +57,17 @@ class Site:
         self.spool = Spool(config.data_dir, worker=worker)
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
-        self._loop_marker = f"by {config.hostname} (imsrelay)".encode().lower()
-        self.smtp_client: Any = None
-        self.replicator: Any = None
-        self.admin: Any = None
-        self.qmgr = QueueManager(self, self.spool, smtp_deliver=self._smtp_deliver,
-                                 directory_deliver=self._directory_deliver, clock=clock)
+        self._loop_marker = loops.received_marker(config.hostname)
+        self.replicator: Replicator | None = None
+        self.admin: AdminServer | None = None
+        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+        self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log)
+        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
+                                             days=config.tracking.days, enabled=config.tracking.enabled,
+                                             clock=clock)
+        self.qmgr = QueueManager(self.spool, inputs=self, transport=self.smtp_client, tracking_log=self.tracking,
+                                 directory_deliver=self._directory_deliver, delivery=config.delivery,
+                                 data_dir=config.data_dir, hostname=config.hostname, log=self.log, clock=clock)
         self._free_bytes = 0
         self._endpoints: tuple[int, float, frozenset[tuple[str, int]]] | None = None
         self._free_checked = -10.0
@@ -75,8 +86,6 @@ class Site:
         self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
-        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
-                                    days=config.tracking.days, enabled=config.tracking.enabled, clock=clock)
         self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
         try:
             self._build_replication_and_admin()
@@ -94,11 +103,11 @@ class Site:
 
     def _build_replication_and_admin(self) -> None:
         """Directory replication needs the organisation key; the admin endpoint a token."""
-        from imsrelay.admin import AdminServer
-        from imsrelay.replication import Replicator
-
         if self.config.replication.resolved_key():
-            self.replicator = Replicator(self)
+            self.replicator = Replicator(
+                self.config, self.directory, routing_table=self.routing_table, enqueue=self.enqueue_local,
+                queued=lambda: self.qmgr.envelopes.values(), check_now=self.check_now, log=self.log,
+                clock=self.clock)
         elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
@@ -133,8 +142,11 @@ class Site:
         self._provisioned = True
         await self.refresh()
         loop = asyncio.get_running_loop()
-        self.directory.listeners.append(lambda: loop.call_soon_threadsafe(self._directory_changed))
-        self._build_outbound()
+
+        def changed() -> None:  # called on the directory's thread
+            loop.call_soon_threadsafe(self._directory_changed)
+
+        self.directory.listeners.append(changed)
         await self.qmgr.start()
         if self.worker == 0:
             adopted = await self.spool.adopt_orphans(self.workers)
@@ -144,7 +156,7 @@ class Site:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
         self._recovered = True
         tls = self._tls_context()
-        factory = server_factory(self, tls)
+        factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls)
 
         def session() -> Any:  # remember live sessions: stop() must end them too
             protocol = factory()
@@ -177,23 +189,11 @@ class Site:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
         await self.qmgr.stop()
-        if self.smtp_client is not None:
-            await self.smtp_client.close()
+        await self.smtp_client.close()
         await self.tracking.stop()
         self.spool.close()
         self.directory.close()
         self.log.info("site.stopped")
-
-    def _build_outbound(self) -> None:
-        """The SMTP client and replication, when their modules are present."""
-        try:
-            from imsrelay.smtp_client import SmtpClient
-        except ImportError:
-            return
-        from imsrelay.dns import MailResolver
-
-        resolver = MailResolver(self.config.dns.nameservers, timeout=self.config.dns.timeout)
-        self.smtp_client = SmtpClient(self.config, resolver, self.self_endpoints, self.log)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
@@ -219,7 +219,7 @@ class Site:
         self._table = None
 
     def _directory_snapshot(self) -> tuple[SiteObject | None, tuple[tuple[str, str], ...], int]:
-        return self.directory.site_object(), tuple(learned_sites(self.directory)), self.directory.highest_usn
+        return self.directory.site_object(), tuple(kcc.learned_sites(self.directory)), self.directory.highest_usn
 
     def _directory_changed(self) -> None:
         self._clear_lookups()
@@ -265,16 +265,25 @@ class Site:
                 self.log.warning("site.refresh_failed", error=repr(exc))
 
     @property
+    def learned_sites(self) -> tuple[tuple[str, str], ...]:
+        """(site, routing domain) pairs Check Now made known to routing."""
+        return self._learned_sites
+
+    async def check_now(self) -> kcc.KccResult:
+        """Check Now (the knowledge consistency check) at this site."""
+        return await kcc.check_now(self.directory, self.config, refresh=self.refresh, log=self.log)
+
+    @property
     def addressing_domain(self) -> str:
         return self._addressing.lstrip("@").lower()
 
-    def self_endpoints(self) -> frozenset[tuple[str, int]]:
+    def self_endpoints(self) -> SelfEndpoints:
         """Where this site listens (recomputed at most once a minute: interfaces may change)."""
         port = self.bound_port or self.config.smtp.port
         now = time.monotonic()
         cached = self._endpoints
         if cached is None or cached[0] != port or now - cached[1] > 60.0:
-            cached = self._endpoints = (port, now, endpoints_for(self.config, port))
+            cached = self._endpoints = (port, now, site_endpoints(self.config, port))
         return cached[2]
 
     def inbound_policy(self) -> InboundPolicy:
@@ -294,6 +303,7 @@ class Site:
     def _build_routing_table(self) -> RoutingTable:
         return routing_table_for(self.config, addressing_domain=self.addressing_domain,
                                  learned_sites=self._learned_sites, self_endpoints=self.self_endpoints())
+
 
     async def rewrite_rules(self) -> RewriteRules:
         return RewriteRules(self.config.site_domain, self.addressing_domain)
@@ -321,10 +331,7 @@ class Site:
         return out
 
     def seen_before(self, raw: bytes) -> bool:
-        """Our own Received: line is already in the header: the message came back."""
-        end = raw.find(b"\r\n\r\n")
-        header = raw if end < 0 else raw[:end]
-        return self._loop_marker in re.sub(rb"\s+", b" ", header.lower())
+        return loops.seen_before(raw, self._loop_marker)
 
     # ------------------------------------------------------------ queue
 
@@ -347,13 +354,6 @@ class Site:
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
 
-    async def _smtp_deliver(self, route: Any, env: Envelope, rcpts: list[str], message: bytes) -> dict[str, Any]:
-        from imsrelay.outcome import Outcome
-
-        if self.smtp_client is None:
-            return {r: Outcome.temporary("4.4.0", "no SMTP client configured") for r in rcpts}
-        return await self.smtp_client.deliver(route, env, rcpts, message)
-
     async def _directory_deliver(self, env: Envelope, message: bytes) -> None:
         if self.replicator is None:
             self.log.warning("replication.ignored", queue_id=env.queue_id, sender=env.sender,
@@ -367,64 +367,6 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
-
-
-def endpoints_for(config: SiteConfig, port: int) -> frozenset[tuple[str, int]]:
-    """Where this site itself listens: (address, port) and (host name, port); with a
-    wildcard listen address (0.0.0.0, ::) every address of this host, so that an MX
-    or table entry pointing back here is recognised as a loop."""
-    listen = config.smtp.listen.lower()
-    addresses = {listen}
-    if listen in ("", "0.0.0.0", "::"):
-        addresses |= local_addresses()
-    return frozenset({(a, port) for a in addresses} | {(config.hostname.lower(), port)})
-
-
-def local_addresses() -> set[str]:
-    """This host's interface addresses (Linux: IPv4 via SIOCGIFADDR, IPv6 from
-    /proc/net/if_inet6); no name lookups.  Empty where neither is available."""
-    import fcntl
-    import ipaddress
-    import socket
-    import struct
-
-    found = {"127.0.0.1", "::1"}
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        names = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name in names:
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:
-                continue  # no IPv4 address on this interface
-            found.add(socket.inet_ntoa(packed[20:24]))
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                raw = line.split()[0]
-                found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
-    except (OSError, ValueError):
-        pass
-    return found
-
-
-def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
-                      self_endpoints: frozenset[tuple[str, int]]) -> RoutingTable:
-    """The router's input from the config file and what the directory says (pure);
-    shared by the running site and ``imsrelay route``."""
-    d = config.delivery
-    locals_ = local_domains_for(config.site_domain, addressing_domain,
-                                config.smtp.accepted_domains)
-    return RoutingTable(
-        site=config.site, site_domain=config.site_domain, local_domains=locals_,
-        connected_sites=config.connected_sites, learned_sites=tuple(learned_sites),
-        email_domains=config.email_domains,
-        smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
-        self_endpoints=self_endpoints, starttls_default=d.starttls,
-        starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
-        service_domains=(addressing_domain,), mx_port=d.mx_port)
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imsrelay.directory import BulkReport, Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.objects import BulkReport
 
 
 def site_addressing_job(directory: Directory, log: Any, address: str, *, update_mailboxes: bool,

@@ -9,16 +9,17 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``mx`` route to every address of every MX host of the domain, in RFC 5321 §5.1
   order.  The next hop is tried on a connection failure or a temporary (4xx)
   failure; a permanent (5xx) reply ends the attempt for the recipients it covers.
-- **Loops.** An MX next hop that is this site (its listen address or host name
+- **Loops** (``imsrelay.loops``). An MX next hop that is this site (its listen address or host name
   at its port) is dropped together with every less preferred one, as RFC 5321
   §5.1 asks; when nothing is left the recipients fail with ``5.4.6``.
 - **Connections** are pooled per next hop (address, port) and reused: before
   reuse a connection is checked with ``RSET``; an idle one is closed (``QUIT``)
   after ``delivery.connection_idle``; one older than ``CONNECTION_MAX_AGE`` is not
-  reused.  At most ``delivery.max_per_destination`` transactions run against one
-  next hop at a time; a host that refused or timed out a connection is not tried
-  again for a short while (``DEAD_HOST_HOLD``), so a dead peer costs one timeout,
-  not one per message, and never holds up other destinations.
+  reused.  How many deliveries run against one destination at a time is decided
+  by the queue manager alone (``delivery.max_per_destination``).  A host that
+  refused or timed out a connection is not tried again for a short while
+  (``DEAD_HOST_HOLD``), so a dead peer costs one timeout, not one per message,
+  and never holds up other destinations.
 - **STARTTLS** per route: ``none``; ``opportunistic`` (used when offered, without
   certificate checks as in RFC 7435; if the handshake fails the hop is retried in
   clear and remembered as TLS-broken for ``TLS_BROKEN_HOLD``); ``require`` (a
@@ -45,12 +46,11 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,11 +68,14 @@ from aiosmtplib.errors import (
 from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtplib.response import SMTPResponse
 
+from imsrelay.addresses import ip_literal
 from imsrelay.config import SiteConfig
-from imsrelay.dns import DnsFailure, MailResolver, NextHop, ip_literal
+from imsrelay.dns import DnsFailure, MailResolver, NextHop
+from imsrelay.envelope import Envelope
+from imsrelay.loops import SelfEndpoints, is_self, without_self
 from imsrelay.outcome import Outcome
+from imsrelay.rewrite import split_message
 from imsrelay.router import MX, RELAY, Route
-from imsrelay.spool import Envelope
 
 MIB = 1024 * 1024
 CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
@@ -83,8 +86,6 @@ QUIT_TIMEOUT = 5.0
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
 _QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
-
-SelfEndpoints = frozenset[tuple[str, int]]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -128,8 +129,7 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
     if not env.sender.isascii() or not all(r.isascii() for r in recipients):
         return True
     if env.smtputf8:
-        end = message.find(b"\r\n\r\n")
-        header = message if end < 0 else message[:end]
+        header, _ = split_message(message)
         return not header.isascii()
     return False
 
@@ -144,30 +144,6 @@ def smtp_path(address: str) -> str:
 
 def data_timeout(size: int, command_timeout: float, per_mib: float) -> float:
     return command_timeout + per_mib * size / MIB
-
-
-def is_self(hop: NextHop, endpoints: SelfEndpoints) -> bool:
-    """Whether a next hop is this site: its address or name at our port, or any
-    loopback address when we listen on every address."""
-    if (hop.address.lower(), hop.port) in endpoints or (hop.host.lower().rstrip("."), hop.port) in endpoints:
-        return True
-    wildcard = {("0.0.0.0", hop.port), ("::", hop.port), ("", hop.port)} & endpoints
-    if wildcard:
-        try:
-            return ipaddress.ip_address(hop.address).is_loopback
-        except ValueError:
-            return False
-    return False
-
-
-def without_self(hops: Sequence[NextHop], endpoints: SelfEndpoints) -> tuple[list[NextHop], bool]:
-    """RFC 5321 §5.1: when this host is one of the MX hosts, only the more preferred
-    ones may be tried.  Returns the usable hops and whether this host was found."""
-    mine = [h.preference for h in hops if is_self(h, endpoints)]
-    if not mine:
-        return list(hops), False
-    cutoff = min(mine)
-    return [h for h in hops if h.preference < cutoff], True
 
 
 def remote_name(hop: NextHop) -> str:
@@ -213,7 +189,6 @@ class _Connection:
 class _HopState:
     """Everything known about one next hop (address, port)."""
 
-    semaphore: asyncio.Semaphore
     idle: list[_Connection] = field(default_factory=list)
     active: int = 0
     dead_until: float = 0.0
@@ -296,9 +271,6 @@ class SmtpClient:
             state.dead_until = 0.0
             state.tls_broken_until = 0.0
 
-    def pool_size(self) -> int:
-        return sum(len(s.idle) for s in self._hops.values())
-
     # ------------------------------------------------------------ next hops
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
@@ -316,7 +288,7 @@ class SmtpClient:
         key = (hop.address, hop.port)
         state = self._hops.get(key)
         if state is None:
-            state = self._hops[key] = _HopState(asyncio.Semaphore(self.delivery.max_per_destination))
+            state = self._hops[key] = _HopState()
         return state
 
     def _dead(self, hop: NextHop, state: _HopState) -> Outcome | None:
@@ -333,31 +305,27 @@ class SmtpClient:
         dead = self._dead(hop, state)
         if dead:
             return _all(rcpts, dead)
-        async with state.semaphore:
-            dead = self._dead(hop, state)  # it may have died while we waited
-            if dead:
-                return _all(rcpts, dead)
-            state.active += 1
-            conn: _Connection | None = None
-            try:
-                conn = await self._acquire(hop, route.starttls, state, log)
-                result = await self._transaction(conn, env, rcpts, message, log)
-            except _SessionFailure as failure:
-                if failure.dead:
-                    state.dead_until = self.clock() + self._dead_hold()
-                    state.dead_reason = failure.outcome.diagnostic
-                if conn is not None:
-                    conn.client.close()
-                    conn = None
-                return {**_all(rcpts, failure.outcome), **failure.answered}
-            except BaseException:
-                if conn is not None:  # cancelled mid-transaction: the session state is unknown
-                    conn.client.close()
-                raise
-            finally:
-                state.active -= 1
-            self._release(conn, state, log)
-            return result
+        state.active += 1
+        conn: _Connection | None = None
+        try:
+            conn = await self._acquire(hop, route.starttls, state, log)
+            result = await self._transaction(conn, env, rcpts, message, log)
+        except _SessionFailure as failure:
+            if failure.dead:
+                state.dead_until = self.clock() + self._dead_hold()
+                state.dead_reason = failure.outcome.diagnostic
+            if conn is not None:
+                conn.client.close()
+                conn = None
+            return {**_all(rcpts, failure.outcome), **failure.answered}
+        except BaseException:
+            if conn is not None:  # cancelled mid-transaction: the session state is unknown
+                conn.client.close()
+            raise
+        finally:
+            state.active -= 1
+        self._release(conn, state, log)
+        return result
 
     def _dead_hold(self) -> float:
         return min(DEAD_HOST_HOLD, min(self.delivery.retry_intervals, default=DEAD_HOST_HOLD))

@@ -1,7 +1,8 @@
 """The SMTP ingress: aiosmtpd glue between the wire and policy / rewrite / queue.
 
 Nothing here decides anything on its own: RCPT asks ``policy.check_recipient`` with
-what the directory said; DATA asks ``policy.check_hops``, rewrites with
+what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
+(through the site), rewrites with
 ``rewrite.rewrite_message`` and hands the bytes to the spool.  ``250`` is answered
 only after the spool says the message is durable.  Any unexpected error answers
 ``451 4.3.0`` so the client retries (DESIGN.md invariant 3).
@@ -12,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
-from imsrelay.policy import Reply, check_hops, check_recipient, check_size, check_storage
+from imsrelay.config import SiteConfig
+from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.loops import check_hops
+from imsrelay.policy import InboundPolicy, Reply, check_recipient, check_size, check_storage
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
-from imsrelay.spool import Envelope, RecipientState, new_queue_id
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -46,7 +49,25 @@ _DEFAULT_STATUS = {2: "2.0.0", 4: "4.0.0", 5: "5.5.2"}
 _BY_CODE = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
             553: "5.1.3", 554: "5.7.0", 555: "5.5.4", 421: "4.3.2", 451: "4.3.0", 452: "4.3.1"}
 
-Lookup = Callable[[list[str]], Awaitable[list[Any]]]
+
+
+class Ingress(Protocol):
+    """What the SMTP handler asks its site (``imsrelay.site.Site``): live inputs for
+    the decisions, and the queue's door."""
+
+    def free_space(self) -> int: ...
+
+    async def recipient_known(self, address: str) -> bool: ...
+
+    def inbound_policy(self) -> InboundPolicy: ...
+
+    def seen_before(self, raw: bytes) -> bool: ...
+
+    async def rewrite_rules(self) -> RewriteRules: ...
+
+    async def local_primaries(self, addresses: list[str]) -> dict[str, str]: ...
+
+    async def accept(self, env: Envelope, message: bytes) -> None: ...
 
 
 def with_enhanced_status(reply: str) -> str:
@@ -85,7 +106,7 @@ class ImsSMTP(SMTP):
         super().connection_lost(error)
 
     def _session_expired(self) -> None:
-        if self.transport is not None:
+        if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
             self.transport.close()
 
@@ -94,6 +115,7 @@ class ImsSMTP(SMTP):
         (about 50 µs per MAIL/RCPT); the same results."""
         if not arg:
             return "", ""
+        address: Any
         try:
             if arg.lstrip().startswith("<"):
                 address, rest = get_angle_addr(arg)
@@ -130,9 +152,11 @@ class SiteHandler:
     """aiosmtpd handler for one site. ``site`` supplies the live inputs (policy,
     rewrite rules, directory lookups) and the queue (``accept``)."""
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Ingress, config: SiteConfig, log: Any, clock: Callable[[], float]) -> None:
         self.site = site
-        self.log = site.log.bind(component="smtpd")
+        self.config = config
+        self.clock = clock
+        self.log = log.bind(component="smtpd")
 
     # -- EHLO: advertise what we do beyond aiosmtpd's own list
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
@@ -152,7 +176,7 @@ class SiteHandler:
         for opt in mail_options:
             if opt.upper().startswith("SIZE=") and opt[5:].isdigit():
                 size = int(opt[5:])
-        cfg = self.site.config.smtp
+        cfg = self.config.smtp
         too_big = check_size(size, cfg.max_message_size)
         if too_big:
             return str(too_big)
@@ -184,7 +208,7 @@ class SiteHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         raw: bytes = envelope.original_content or b""
-        cfg = self.site.config
+        cfg = self.config
         hops = check_hops(raw, cfg.smtp.max_hops)
         if hops:
             self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=str(hops))
@@ -214,7 +238,7 @@ class SiteHandler:
         env = Envelope(
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in envelope.rcpt_tos],
-            received_at=self.site.clock(), client=peer_ip, helo=session.host_name or "",
+            received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp")
         await self.site.accept(env, message)
         self.log.info("message.accepted", queue_id=queue_id, peer=peer_ip, sender=sender,
@@ -242,7 +266,7 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipien
             f"{for_part}; {format_datetime(now)}\r\n").encode("utf-8", "surrogateescape")
 
 
-def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
+def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
     """A protocol factory for the site's listening socket.
 
     aiosmtpd's ``SMTP.__init__`` inspects the handler and the protocol class on every
@@ -250,14 +274,13 @@ def server_factory(site: Any, tls_context: ssl.SSLContext | None) -> Callable[[]
     The result is the same for every connection of a site, so the first protocol is
     built normally and later ones copy its settings and rebind its method tables;
     only the per-connection stream state is made afresh."""
-    cfg = site.config.smtp
-    handler = SiteHandler(site)
+    cfg = handler.config.smtp
     template: dict[str, Any] | None = None
 
     def full() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-                       hostname=site.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
+                       hostname=handler.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
                        tls_context=tls_context, timeout=cfg.idle_timeout,
                        command_call_limit={"*": 100000, "NOOP": 50, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
                                            "HELO": 20})

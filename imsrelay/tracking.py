@@ -276,7 +276,8 @@ class TrackingLog:
         if not self.enabled or not self.path.exists():
             return []
         self.flush_sync()
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if q.message_id:
             where.append("message_id = ?")
             args.append(normalise_message_id(q.message_id))
@@ -375,9 +376,9 @@ def follow(events: Iterable[TrackingEvent]) -> list[Story]:
         groups.setdefault(mid or f"queue:{hop.site}:{hop.queue_id}", []).append(hop)
     by_queue = {h.queue_id: h for h in hops.values()}
     stories = []
-    for key, group in groups.items():
+    for gkey, group in groups.items():
         group.sort(key=lambda h: (h.received_at or min(e.time for e in h.events)))
-        mid = None if key.startswith("queue:") else key
+        mid = None if gkey.startswith("queue:") else gkey
         sender = next((e.sender for h in group for e in h.events if e.event == RECEIVED), None)
         stories.append(Story(mid, sender, tuple(group), tuple(_results(group, by_queue))))
     stories.sort(key=lambda s: s.hops[0].received_at or 0.0)
@@ -431,6 +432,34 @@ def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...]
         return RecipientResult(rcpt, "queued", hop.site,
                                f"in the queue at {hop.site}, routed {d.get('route')} (not attempted yet)", path)
     return RecipientResult(rcpt, last.event, hop.site, f"{last.event} at {hop.site}", path)
+
+
+def gather(fetch: Callable[[TrackingQuery], list[TrackingEvent]], q: TrackingQuery, *,
+           max_rounds: int = 6, per_round: int = 100) -> list[TrackingEvent]:
+    """Events of the messages ``q`` finds (``fetch`` asks one or many sites), then of
+    every message sharing their Message-IDs anywhere (and of the NDRs about them),
+    de-duplicated, oldest first."""
+    seen: dict[tuple[Any, ...], TrackingEvent] = {}
+
+    def add(events: list[TrackingEvent]) -> None:
+        for e in events:
+            seen.setdefault((e.site, e.queue_id, e.time, e.event, e.recipient), e)
+
+    add(fetch(q))
+    asked: set[str] = set()
+    for _ in range(max_rounds):
+        ids = {e.message_id for e in seen.values() if e.message_id} - asked
+        if not ids:
+            break
+        for mid in sorted(ids)[:per_round]:
+            asked.add(mid)
+            add(fetch(TrackingQuery(message_id=mid, limit=1000)))
+    return sorted(seen.values(), key=lambda e: (e.time, e.site))
+
+
+def tracking_body(events: list[TrackingEvent]) -> dict[str, Any]:
+    """``GET /api/v1/tracking``'s answer: the events and each message's story."""
+    return {"events": [e.as_dict() for e in events], "messages": [s.as_dict() for s in follow(events)]}
 
 
 def describe_event(e: TrackingEvent) -> str:

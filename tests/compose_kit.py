@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import smtplib
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,9 @@ from collections.abc import Callable, Iterator
 from email.utils import make_msgid
 from pathlib import Path
 from typing import Any, TypeVar
+
+import sitekit
+from sitekit import send_mail
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_SH = REPO / "docker" / "lab.sh"
@@ -255,16 +257,13 @@ class ComposeLab:
 
     @staticmethod
     def send(port: int, sender: str, rcpt: str, body: bytes) -> None:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            s.sendmail(sender, [rcpt], body)
+        send_mail("127.0.0.1", port, sender, rcpt, body, timeout=30)
 
     @staticmethod
     def rcpt_reply(port: int, rcpt: str) -> tuple[int, str]:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            s.ehlo("compose-test.example.net")
-            s.mail("tester@example.net")
-            code, text = s.rcpt(rcpt)
-            return code, text.decode()
+        code, text = sitekit.rcpt_reply("127.0.0.1", port, rcpt, sender="tester@example.net",
+                                        helo="compose-test.example.net", timeout=30)
+        return code, text.decode()
 
     # ------------------------------------------------------------ mail, through the message API
 

@@ -1,11 +1,30 @@
 """Shared pytest set-up.  Test helpers live in tests/sitekit.py (real sites on
-loopback) and tests/nsd_server.py (a real nsd)."""
+loopback, sending mail, free ports, an organisation of sites), tests/nsd_server.py
+(a real nsd) and tests/smtp_sink.py (Postfix's smtp-sink); ``tests`` is on the
+import path through ``pythonpath`` in pyproject.toml."""
 
-import sys
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
+import pytest
+from sitekit import Organisation
 
-from imsrelay.logs import configure_logging  # noqa: E402
+from imsrelay.logs import configure_logging
 
 configure_logging("warning", "json")
+
+
+@pytest.fixture
+async def organisation(tmp_path) -> AsyncIterator[Callable[..., Organisation]]:
+    """Make ``Organisation``s (KB Q196927's three sites) in this test's directory;
+    every site they started is stopped at the end."""
+    made: list[Organisation] = []
+
+    def make(**kw: Any) -> Organisation:
+        org = Organisation(tmp_path, **kw)
+        made.append(org)
+        return org
+
+    yield make
+    for org in made:
+        await org.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+from sitekit import free_port
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,20 +38,6 @@ def nsd_binary() -> str:
     if found is None:
         pytest.skip("nsd is not installed (apt-get install nsd): DNS integration tests need it")
     return found
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (racy, so callers retry)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((LOOPBACK, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((LOOPBACK, port))
-                except OSError:
-                    continue
-                return port
 
 
 class NsdServer:
@@ -116,7 +102,7 @@ class NsdServer:
     def _start(self, port: int | None, start_timeout: float) -> None:
         last_error = ""
         for _attempt in range(1 if port else 3):  # a probed port may be taken before nsd binds
-            self.port = port or free_port()
+            self.port = port or free_port(LOOPBACK, udp=True)
             config = self._write_config()
             self._process = subprocess.Popen(
                 [self._binary, "-d", "-c", str(config)],

@@ -1,16 +1,24 @@
-"""Helpers for tests that run real sites on loopback (no mocks of what can run here)."""
+"""Helpers for tests that run real sites on loopback (no mocks of what can run here):
+free ports, site mappings and configs, sending mail (``send_mail``, ``rcpt_reply``),
+running sites, and ``Organisation`` — KB Q196927's three sites, each with its own
+config file (the ``organisation`` fixture of conftest.py builds them)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
+import io
+import smtplib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from imsrelay import cli
 from imsrelay.config import SiteConfig, config_from_mapping
 from imsrelay.maildir import list_messages, mailbox_dir
 from imsrelay.site import Site
@@ -22,10 +30,44 @@ SEED = {
 }
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A free TCP port on ``host`` (``udp``: free for both UDP and TCP, e.g. for a DNS
+    server).  Racy by nature: servers bound to it retry or fail clearly."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as first:
+            first.bind((host, 0))
+            port = first.getsockname()[1]
+            if not udp:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+
+
+def send_mail(host: str, port: int, sender: str, rcpts: str | Sequence[str], message: bytes, *,
+              mail_options: Sequence[str] = (), source: str | None = None,
+              timeout: float = 10.0) -> dict[str, tuple[int, bytes]]:
+    """One SMTP transaction (blocking; run it on a thread beside sites on the test's
+    loop); returns smtplib's refused recipients, raises on a refusal of them all."""
+    with smtplib.SMTP(host, port, timeout=timeout, source_address=(source, 0) if source else None) as s:
+        return s.sendmail(sender, [rcpts] if isinstance(rcpts, str) else list(rcpts), message,
+                          mail_options=list(mail_options))
+
+
+def rcpt_reply(host: str, port: int, rcpt: str, *, sender: str = "someone@example.net",
+               helo: str = "client.example", source: str | None = None, timeout: float = 15.0) -> tuple[int, bytes]:
+    """The server's reply to RCPT TO for ``rcpt`` (blocking)."""
+    with smtplib.SMTP(host, port, timeout=timeout, source_address=(source, 0) if source else None) as s:
+        s.ehlo(helo)
+        s.mail(sender)
+        return s.rcpt(rcpt)
+
+
+def simple_message(sender: str, rcpt: str, subject: str, body: str = "hello") -> bytes:
+    return f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\n{body}\r\n".encode()
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -61,10 +103,14 @@ def make_config(tmp_path: Path, mapping: dict[str, Any]) -> SiteConfig:
     return config_from_mapping(mapping, tmp_path / f"{name}.toml", data_dir=tmp_path / name)
 
 
+def config_of(mapping: dict[str, Any]) -> SiteConfig:
+    """A site's settings from a mapping, with no file and no directory (pure tests)."""
+    name = mapping["site"]["name"]
+    return config_from_mapping(mapping, Path(f"{name}.toml"), data_dir=Path(name))
+
+
 def write_site_file(tmp_path: Path, mapping: dict[str, Any]) -> tuple[Path, SiteConfig]:
     """Write a site's TOML file (data in ``tmp_path/<name>``) and load it back."""
-    import tomli_w
-
     name = mapping["site"]["name"]
     mapping["site"]["data_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.toml"
@@ -98,3 +144,113 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """The real CLI in this process: (exit status, stdout, stderr); blocking."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+ORG_HOSTS = {"SiteA": "127.0.0.11", "SiteB": "127.0.0.12", "SiteC": "127.0.0.13"}
+ORG_KEY = "ExchangeORG-test-key"
+ORG_TOKEN = "admin-test-token"
+
+
+class Organisation:
+    """ExchangeORG's three sites as in KB Q196927, each with its own config file and
+    admin endpoint, on loopback addresses ``hosts``; E-Mail Domain entries point at
+    each other's listen addresses (no DNS).  ``links``: who connects to whom."""
+
+    def __init__(self, tmp_path: Path, *, hosts: dict[str, str] | None = None,
+                 links: dict[str, list[str]] | None = None,
+                 mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
+                 schedule: str = "never", startup_delay: str = "1h",
+                 routing: dict[str, dict[str, str]] | None = None, token: str = ORG_TOKEN) -> None:
+        self.tmp = tmp_path
+        self.hosts = hosts or ORG_HOSTS
+        self.token = token
+        self.links = links or {n: [o for o in self.hosts if o != n] for n in self.hosts}
+        self.ports = {n: free_port(h) for n, h in self.hosts.items()}
+        self.admin_ports = {n: free_port(h) for n, h in self.hosts.items()}
+        self.paths: dict[str, Path] = {}
+        self.configs: dict[str, SiteConfig] = {}
+        for name in self.hosts:
+            others = self.links.get(name, [])
+            mapping = site_mapping(
+                name, listen=self.hosts[name], port=self.ports[name],
+                connected_sites=[{"name": o, "routing_address": (routing or {}).get(name, {}).get(
+                    o, f"@{o}.microsoft.com")} for o in others],
+                email_domains=[{"domain": f"{o}.microsoft.com", "host": self.hosts[o], "port": self.ports[o]}
+                               for o in others],
+                delivery={"retry_intervals": [0.2, 0.5], "connect_timeout": 5, "command_timeout": 20},
+                replication={"key": ORG_KEY, "startup_delay": startup_delay, "batch_size": batch_size,
+                             "connectors": [{"site": o, "schedule": schedule} for o in others]},
+                admin={"listen": self.hosts[name], "port": self.admin_ports[name], "token": token},
+                logging={"level": "warning", "format": "json"})
+            if mailboxes and name in mailboxes:
+                mapping["mailboxes"] = mailboxes[name]
+            self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
+        self.sites: dict[str, Site] = {}
+
+    async def start(self, *names: str) -> None:
+        for name in names or tuple(self.hosts):
+            site = Site(self.configs[name])
+            await site.start()
+            self.sites[name] = site
+
+    async def stop(self, name: str) -> None:
+        await self.sites.pop(name).stop()
+
+    async def close(self) -> None:
+        for name in list(self.sites):
+            await self.stop(name)
+
+    def data(self, name: str) -> Path:
+        return self.configs[name].data_dir
+
+    def url(self, name: str) -> str:
+        return f"http://{self.hosts[name]}:{self.admin_ports[name]}"
+
+    def site_args(self, token: str | None = None) -> list[str]:
+        return [a for n in self.hosts for a in ("--site", f"{self.url(n)}={token or self.token}")]
+
+    async def cli(self, *args: str, site: str | None = None) -> tuple[int, str, str]:
+        """Run the real CLI (in-process, on a thread) against a site's config file."""
+        argv = list(args) + (["--config", str(self.paths[site])] if site else [])
+        return await asyncio.to_thread(run_cli, *argv)
+
+    async def ok(self, *args: str, site: str) -> str:
+        code, out, err = await self.cli(*args, site=site)
+        assert code == 0, f"imsrelay {' '.join(args)} at {site}: {err}"
+        return out
+
+    async def request_now(self, at: str, source: str, *, full: bool = False) -> str:
+        return await self.ok("replicate", "request-now", "--site", source, *(["--all"] if full else []), site=at)
+
+    async def knows(self, at: str, alias: str, home: str, *, address: str | None = None,
+                    timeout: float = 20.0) -> Any:
+        d = self.sites[at].directory
+
+        def check() -> Any:
+            m = d.mailbox(alias, home)
+            if m is None:
+                return None
+            if address and address.lower() not in (a.lower() for a in m.smtp_addresses):
+                return None
+            return m
+
+        return await wait_for(lambda: d.run(check), timeout=timeout)
+
+    async def quiet(self, *names: str) -> None:
+        """Every queue empty (all replication traffic delivered)."""
+        await wait_for(lambda: all(not self.sites[n].qmgr.envelopes for n in names or self.sites), timeout=20)
+
+    async def usns(self) -> dict[str, int]:
+        return {n: await s.directory.run(lambda d=s.directory: d.highest_usn) for n, s in self.sites.items()}
+
+    async def primaries(self, at: str) -> dict[tuple[str, str], str]:
+        d = self.sites[at].directory
+        return {(m.home_site, m.alias): m.primary_address for m in await d.run(d.mailboxes)}

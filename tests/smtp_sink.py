@@ -35,12 +35,6 @@ def sink_binary() -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class SmtpSink:
     def __init__(self, host: str, port: int, *options: str, start_timeout: float = 10.0) -> None:
         self.host, self.port, self.options = host, port, list(options)

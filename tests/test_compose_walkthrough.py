@@ -43,11 +43,11 @@ from compose_kit import (
     poll,
 )
 
-from imsrelay.commands.org_setup import Endpoint, OrgSetup
 from imsrelay.config import load_config
 from imsrelay.docker_configs import COMPOSE_ADDRESSES, compose_site_toml
-from imsrelay.lab import COMPANY_DOMAIN, STAGE_NAMES, STAGES, stage_index
 from imsrelay.lab import SITES as LAB_SITES
+from imsrelay.lab import STAGE_NAMES, STAGES, administrator_action, stage_index
+from imsrelay.org_setup import Endpoint, OrgSetup
 
 PROJECT = os.environ.get("IMSRELAY_TEST_WALK_PROJECT", "imsrelaywalk")
 OVERRIDE = REPO / "docker" / "walkthrough.override.yml"
@@ -146,37 +146,17 @@ class Walk:
                 self.lab.docker("restart", "-t", "20", *(self.lab.container(s) for s in SERVICES), timeout=120)
                 self.wait_sites()
             else:
-                getattr(self, "do_" + step.replace("-", "_"))()
+                administrator_action(self.administrator(), step)
             self.stage = stage
         assert self.stage == target, (STAGE_NAMES[self.stage], name)
 
-    # --- the administrator's actions, as `imsrelay org-setup` does them, over 127.0.0.1
+    # --- the administrator's actions: the lab's own (imsrelay.lab.administrator_action), over 127.0.0.1
 
     def administrator(self) -> OrgSetup:
         org = OrgSetup([Endpoint(f"http://127.0.0.1:{SITES[s][2]}", TOKEN) for s in SERVICES],
                        say=lambda line: None, poll=0.2)
         org.wait_ready(60.0)
         return org
-
-    def do_check_now(self) -> None:
-        self.administrator().check_now()
-
-    def do_request_now(self) -> None:
-        org = self.administrator()
-        org.replicate_all(120.0)
-        org.check_now()
-
-    def site_addressing(self, name: str) -> None:
-        self.administrator().site_addressing(name, f"@{COMPANY_DOMAIN}", 120.0)
-
-    def do_site_addressing_a(self) -> None:
-        self.site_addressing("SiteA")
-
-    def do_site_addressing_b(self) -> None:
-        self.site_addressing("SiteB")
-
-    def do_site_addressing_c(self) -> None:
-        self.site_addressing("SiteC")
 
     # --- what users observe
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.config import ConfigError, load_config, parse_duration
+from imsrelay.config import load_config, parse_duration
+from imsrelay.errors import ConfigError, ConfigErrors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,3 +99,69 @@ def test_check_config_cli_ok():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "site SiteB" in r.stdout
+
+
+@pytest.mark.parametrize("extra,key", [
+    ('[smtp]\nlisten = "localhost"\n', "smtp.listen"),
+    ('[smtp]\nlisten = "mail.example.net"\n', "smtp.listen"),
+    ('[admin]\nlisten = "localhost"\n', "admin.listen"),
+    ('[dns]\nnameservers = ["ns1.example.net"]\n', "dns.nameservers[0]"),
+    ('[dns]\nnameservers = ["127.0.0.1:99999"]\n', "dns.nameservers[0]"),
+    ('[dns]\nnameservers = [53]\n', "dns.nameservers[0]"),
+    ('[dns]\ntimeout = "off"\n', "dns.timeout"),
+    ('[smtp]\nidle_timeout = "never"\n', "smtp.idle_timeout"),
+    ('[smtp]\nhostname = "bad host"\n', "smtp.hostname"),
+    ('[smtp]\naccepted_domains = ["x..y"]\n', "smtp.accepted_domains[0]"),
+    ('[delivery]\nsmart_host = "relay.example:0"\n', "delivery.smart_host"),
+    ('[delivery]\nstarttls = "always"\n', "delivery.starttls"),
+    ('[[email_domains]]\ndomain = "b.example"\nhost = "bad host"\n', "email_domains[0].host"),
+    ('[replication]\nkeep_old_address = "yes"\n', "replication.keep_old_address"),
+    ('[logging]\nformat = "xml"\n', "logging.format"),
+])
+def test_every_key_is_validated_at_load(tmp_path, extra, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert err.value.key == key
+
+
+def test_all_errors_of_a_file_are_reported_at_once(tmp_path):
+    path = write(tmp_path, MINIMAL + '[smtp]\nport = "x"\nlisten = "localhost"\n'
+                 '[dns]\nnameservers = ["127.0.0.1", "resolver.example"]\n[logging]\nlevel = "loud"\n')
+    with pytest.raises(ConfigErrors) as err:
+        load_config(path)
+    keys = [e.key for e in err.value.errors]
+    assert keys == ["smtp.listen", "smtp.port", "dns.nameservers[1]", "logging.level"]
+    assert all(line.startswith(f"{path}: ") for line in err.value.lines())
+    r = subprocess.run([sys.executable, "-m", "imsrelay", "check-config", str(path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert [line.split(": ")[3] for line in lines] == keys
+    assert all(line.startswith("imsrelay: configuration error: ") for line in lines)
+
+
+def test_wildcard_and_ipv6_listen_addresses_load(tmp_path):
+    for listen in ("0.0.0.0", "::", "::1", "127.10.10.10"):
+        c = load_config(write(tmp_path, MINIMAL + f'[smtp]\nlisten = "{listen}"\n'))
+        assert c.smtp.listen == listen
+
+
+def test_defaults_come_from_the_settings_dataclasses(tmp_path):
+    from imsrelay.settings import DeliveryConfig, DnsConfig, ReplicationConfig, SmtpConfig
+
+    c = load_config(write(tmp_path, MINIMAL))
+    assert (c.smtp, c.delivery, c.dns, c.replication) == (SmtpConfig(), DeliveryConfig(), DnsConfig(),
+                                                          ReplicationConfig())
+
+
+def test_one_host_port_parser():
+    from imsrelay.addresses import parse_host_port
+
+    assert parse_host_port("relay.example", 25) == ("relay.example", 25)
+    assert parse_host_port("relay.example:2525", 25) == ("relay.example", 2525)
+    assert parse_host_port("[::1]:53", 53, ip_only=True) == ("::1", 53)
+    assert parse_host_port("::1", 53, ip_only=True) == ("::1", 53)
+    for bad in ("relay.example:", "relay.example:x", "[::1", "", "bad host:25"):
+        with pytest.raises(ValueError):
+            parse_host_port(bad, 25)
+    with pytest.raises(ValueError, match="not an IP address"):
+        parse_host_port("ns.example", 53, ip_only=True)

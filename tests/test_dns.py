@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nsd_server import NsdServer, free_port  # tests/ is on sys.path (see conftest.py)
+from nsd_server import NsdServer
+from sitekit import free_port
 
 from imsrelay.dns import (
     DnsFailure,
@@ -306,7 +307,7 @@ async def test_names_compare_case_insensitively(own_nsd: NsdServer) -> None:
 
 @pytest.mark.asyncio
 async def test_ip_literal_needs_no_query() -> None:
-    resolver = MailResolver([f"127.0.0.1:{free_port()}"], timeout=0.2)  # nothing listens there
+    resolver = MailResolver([f"127.0.0.1:{free_port(udp=True)}"], timeout=0.2)  # nothing listens there
     assert await resolver.addresses("[192.0.2.7]") == ["192.0.2.7"]
     assert await resolver.next_hops("[IPv6:2001:db8::7]", port=26) == [
         NextHop("2001:db8::7", "2001:db8::7", 26, 0)
@@ -323,7 +324,7 @@ async def test_zone_the_server_does_not_serve_is_temporary(nsd: NsdServer) -> No
 
 @pytest.mark.asyncio
 async def test_closed_port_is_temporary() -> None:
-    resolver = MailResolver([f"127.0.0.1:{free_port()}"], timeout=0.5)
+    resolver = MailResolver([f"127.0.0.1:{free_port(udp=True)}"], timeout=0.5)
     with pytest.raises(DnsFailure) as failure:
         await resolver.next_hops("ordered.example.test")
     assert (failure.value.permanent, failure.value.status) == (False, "4.4.3")
@@ -394,7 +395,7 @@ async def test_cache_ttl_is_capped(own_nsd: NsdServer) -> None:
 @pytest.mark.asyncio
 async def test_temporary_failures_are_not_cached(tmp_path: Path) -> None:
     clock = FakeClock()
-    port = free_port()
+    port = free_port(udp=True)
     resolver = MailResolver([f"127.0.0.1:{port}"], timeout=0.5, clock=clock)
     with pytest.raises(DnsFailure) as failure:
         await resolver.mx_hosts("ordered.example.test")

@@ -7,85 +7,26 @@ The compose lab runs the same command as its `setup` service (tests/test_compose
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
-import smtplib
-from pathlib import Path
 
 import pytest
-from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
+import sitekit
+from sitekit import Organisation, free_port, maildir_messages, send_mail, wait_for
 
-from imsrelay import cli
-from imsrelay.commands.org_setup import lagging, needs_site_addressing, view_of
-from imsrelay.site import Site
+from imsrelay.org_setup import lagging, needs_site_addressing, view_of
 
 HOSTS = {"SiteA": "127.0.0.21", "SiteB": "127.0.0.22", "SiteC": "127.0.0.23"}
 TOKEN = "org-setup-test-token"
 
 
-class Org:
-    def __init__(self, tmp_path: Path) -> None:
-        self.ports = {n: free_port(h) for n, h in HOSTS.items()}
-        self.admin_ports = {n: free_port(h) for n, h in HOSTS.items()}
-        self.paths: dict[str, Path] = {}
-        self.configs = {}
-        for name, host in HOSTS.items():
-            others = [o for o in HOSTS if o != name]
-            mapping = site_mapping(
-                name, listen=host, port=self.ports[name],
-                connected_sites=[{"name": o, "routing_address": f"@{o}.microsoft.com"} for o in others],
-                email_domains=[{"domain": f"{o}.microsoft.com", "host": HOSTS[o], "port": self.ports[o]}
-                               for o in others],
-                delivery={"retry_intervals": [0.2, 0.5], "connect_timeout": 5},
-                replication={"key": "org-setup-test-key", "startup_delay": "1h",
-                             "connectors": [{"site": o, "schedule": "never"} for o in others]},
-                admin={"listen": host, "port": self.admin_ports[name], "token": TOKEN},
-                logging={"level": "warning", "format": "json"})
-            self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
-        self.sites: dict[str, Site] = {}
-
-    def url(self, name: str) -> str:
-        return f"http://{HOSTS[name]}:{self.admin_ports[name]}"
-
-    def site_args(self, token: str = TOKEN) -> list[str]:
-        return [a for n in HOSTS for a in ("--site", f"{self.url(n)}={token}")]
-
-    async def start(self) -> None:
-        for name in HOSTS:
-            site = Site(self.configs[name])
-            await site.start()
-            self.sites[name] = site
-
-    async def close(self) -> None:
-        for name in list(self.sites):
-            await self.sites.pop(name).stop()
-
-    async def usns(self) -> dict[str, int]:
-        return {n: await s.directory.run(lambda d=s.directory: d.highest_usn) for n, s in self.sites.items()}
-
-    async def primaries(self, at: str) -> dict[tuple[str, str], str]:
-        d = self.sites[at].directory
-        return {(m.home_site, m.alias): m.primary_address for m in await d.run(d.mailboxes)}
-
-
 async def run_cli(*argv: str) -> tuple[int, str, str]:
-    def run() -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(argv))
-        return code, out.getvalue(), err.getvalue()
-
-    return await asyncio.to_thread(run)
+    return await asyncio.to_thread(sitekit.run_cli, *argv)
 
 
 @pytest.fixture
-async def org(tmp_path):
-    o = Org(tmp_path)
+async def org(organisation):
+    o = organisation(hosts=HOSTS, token=TOKEN)
     await o.start()
-    try:
-        yield o
-    finally:
-        await o.close()
+    return o
 
 
 END_STATE = {
@@ -95,7 +36,7 @@ END_STATE = {
 }
 
 
-async def test_org_setup_reaches_the_articles_end_state_then_changes_nothing(org: Org):
+async def test_org_setup_reaches_the_articles_end_state_then_changes_nothing(org: Organisation):
     code, out, err = await run_cli("org-setup", *org.site_args(), "--timeout", "60")
     assert code == 0, err
     # the article's order: Check Now, Request Now, then Site Addressing A, B, C in turn
@@ -106,12 +47,8 @@ async def test_org_setup_reaches_the_articles_end_state_then_changes_nothing(org
     for name in HOSTS:
         assert await org.primaries(name) == END_STATE
     # mail to the company address, sent to any site, reaches the home site's Maildir
-    def send() -> None:  # a thread: the sites run on this test's event loop
-        with smtplib.SMTP(HOSTS["SiteC"], org.ports["SiteC"], timeout=10) as s:
-            s.sendmail("alice@example.net", ["User2@microsoft.com"],
-                       b"From: alice@example.net\r\nSubject: org-setup\r\n\r\nhi\r\n")
-
-    await asyncio.to_thread(send)
+    await asyncio.to_thread(send_mail, HOSTS["SiteC"], org.ports["SiteC"], "alice@example.net",
+                            "User2@microsoft.com", b"From: alice@example.net\r\nSubject: org-setup\r\n\r\nhi\r\n")
     await wait_for(lambda: maildir_messages(org.configs["SiteB"].data_dir, "User2"), timeout=15)
 
     before = await org.usns()
@@ -124,7 +61,7 @@ async def test_org_setup_reaches_the_articles_end_state_then_changes_nothing(org
     assert all(s.qmgr.backlog == 0 for s in org.sites.values())  # no replication traffic
 
 
-async def test_check_reports_what_is_missing_and_changes_nothing(org: Org):
+async def test_check_reports_what_is_missing_and_changes_nothing(org: Organisation):
     before = await org.usns()
     code, out, _ = await run_cli("org-setup", "--check", *org.site_args())
     assert code == 1
@@ -144,7 +81,7 @@ async def test_check_reports_what_is_missing_and_changes_nothing(org: Org):
     assert code == 0 and out.rstrip().endswith("the organisation is set up")
 
 
-async def test_errors_are_one_line(org: Org, monkeypatch):
+async def test_errors_are_one_line(org: Organisation, monkeypatch):
     code, _, err = await run_cli("org-setup", *org.site_args(token="wrong"))
     assert code == 1
     assert err.startswith("imsrelay: org-setup: ") and "HTTP 401" in err and err.count("\n") == 1

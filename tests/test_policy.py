@@ -3,14 +3,13 @@
 import ipaddress
 
 from imsrelay.addresses import parse_address
+from imsrelay.loops import check_hops, count_hops
 from imsrelay.policy import (
     InboundPolicy,
-    check_hops,
     check_recipient,
     check_size,
     check_storage,
     client_may_relay,
-    count_hops,
 )
 from imsrelay.router import local_domains_for
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import smtplib
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from nsd_server import NsdServer
-from sitekit import running_site, site_mapping, wait_for
-from smtp_sink import SmtpSink, free_port
+from sitekit import free_port, running_site, send_mail, simple_message, site_mapping, wait_for
+from smtp_sink import SmtpSink
 
 from imsrelay.cli import main
 from imsrelay.config import load_config
@@ -57,8 +56,7 @@ async def acli(config: Path, data: Path, *args: str) -> subprocess.CompletedProc
 
 
 def send(port: int, rcpt: str, subject: str) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-        s.sendmail(USER1, [rcpt], f"From: {USER1}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nhello\r\n".encode())
+    send_mail("127.0.0.1", port, USER1, rcpt, simple_message(USER1, rcpt, subject))
 
 
 def state(data: Path, qid: str):

@@ -13,7 +13,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imsrelay.directory import Directory, DirObject, Stamp, merge_order
+from imsrelay.directory import Directory, merge_order
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import advance_high_water
 
 OBJECT_IDS = ["mailbox:SiteA:user1", "mailbox:SiteB:user2", "mailbox:SiteC:user3", "mailbox:SiteC:admin"]

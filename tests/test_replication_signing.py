@@ -11,7 +11,7 @@ import pytest
 from sitekit import make_config, running_site, site_mapping, wait_for
 
 from imsrelay import dsn
-from imsrelay.directory import DirObject, Stamp
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import (
     BAD_SIGNATURE,
     FOREIGN_ORGANISATION,

@@ -8,142 +8,24 @@ ever asked; all traffic stays on 127.0.0.0/8.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
-import smtplib
 import time
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
+from sitekit import ORG_HOSTS, ORG_KEY, ORG_TOKEN, maildir_messages, rcpt_reply, send_mail, wait_for
 
-from imsrelay import cli
-from imsrelay.directory import DirObject, Stamp
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.replication import build_request, render_message
 from imsrelay.site import Site
 
-HOSTS = {"SiteA": "127.0.0.11", "SiteB": "127.0.0.12", "SiteC": "127.0.0.13"}
+HOSTS = ORG_HOSTS
 USERS = {"SiteA": "User1", "SiteB": "User2", "SiteC": "User3"}
-KEY = "ExchangeORG-test-key"
-TOKEN = "admin-test-token"
+KEY = ORG_KEY
+TOKEN = ORG_TOKEN
 
 
-class Org:
-    """ExchangeORG's three sites as in KB Q196927, each with its own config file."""
-
-    def __init__(self, tmp_path: Path, *, links: dict[str, list[str]] | None = None,
-                 mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
-                 schedule: str = "never", startup_delay: str = "1h",
-                 routing: dict[str, dict[str, str]] | None = None) -> None:
-        self.tmp = tmp_path
-        self.links = links or {n: [o for o in HOSTS if o != n] for n in HOSTS}
-        self.ports = {n: free_port(h) for n, h in HOSTS.items()}
-        self.admin_ports = {n: free_port(h) for n, h in HOSTS.items()}
-        self.paths: dict[str, Path] = {}
-        self.configs = {}
-        for name in HOSTS:
-            others = self.links.get(name, [])
-            mapping = site_mapping(
-                name, listen=HOSTS[name], port=self.ports[name],
-                connected_sites=[{"name": o, "routing_address": (routing or {}).get(name, {}).get(
-                    o, f"@{o}.microsoft.com")} for o in others],
-                email_domains=[{"domain": f"{o}.microsoft.com", "host": HOSTS[o], "port": self.ports[o]}
-                               for o in others],
-                delivery={"retry_intervals": [0.2, 0.5], "connect_timeout": 5, "command_timeout": 20},
-                replication={"key": KEY, "startup_delay": startup_delay, "batch_size": batch_size,
-                             "connectors": [{"site": o, "schedule": schedule} for o in others]},
-                admin={"listen": HOSTS[name], "port": self.admin_ports[name], "token": TOKEN},
-                logging={"level": "warning", "format": "json"})
-            if mailboxes and name in mailboxes:
-                mapping["mailboxes"] = mailboxes[name]
-            self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
-        self.sites: dict[str, Site] = {}
-
-    async def start(self, *names: str) -> None:
-        for name in names or tuple(HOSTS):
-            site = Site(self.configs[name])
-            await site.start()
-            self.sites[name] = site
-
-    async def stop(self, name: str) -> None:
-        await self.sites.pop(name).stop()
-
-    async def close(self) -> None:
-        for name in list(self.sites):
-            await self.stop(name)
-
-    def data(self, name: str) -> Path:
-        return self.configs[name].data_dir
-
-    async def cli(self, *args: str, site: str | None = None) -> tuple[int, str, str]:
-        """Run the real CLI (in-process, on a thread) against a site's config file."""
-        argv = list(args) + (["--config", str(self.paths[site])] if site else [])
-
-        def run() -> tuple[int, str, str]:
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = cli.main(argv)
-            return code, out.getvalue(), err.getvalue()
-
-        return await asyncio.to_thread(run)
-
-    async def ok(self, *args: str, site: str) -> str:
-        code, out, err = await self.cli(*args, site=site)
-        assert code == 0, f"imsrelay {' '.join(args)} at {site}: {err}"
-        return out
-
-    async def request_now(self, at: str, source: str, *, full: bool = False) -> str:
-        return await self.ok("replicate", "request-now", "--site", source, *(["--all"] if full else []), site=at)
-
-    async def knows(self, at: str, alias: str, home: str, *, address: str | None = None,
-                    timeout: float = 20.0) -> Any:
-        d = self.sites[at].directory
-
-        def check() -> Any:
-            m = d.mailbox(alias, home)
-            if m is None:
-                return None
-            if address and address.lower() not in (a.lower() for a in m.smtp_addresses):
-                return None
-            return m
-
-        return await wait_for(lambda: d.run(check), timeout=timeout)
-
-    async def quiet(self, *names: str) -> None:
-        """Every queue empty (all replication traffic delivered)."""
-        await wait_for(lambda: all(not self.sites[n].qmgr.envelopes for n in names or self.sites), timeout=20)
-
-
-@pytest.fixture
-async def org_factory(tmp_path):
-    orgs: list[Org] = []
-
-    def make(**kw: Any) -> Org:
-        org = Org(tmp_path, **kw)
-        orgs.append(org)
-        return org
-
-    yield make
-    for org in orgs:
-        await org.close()
-
-
-def send(host: str, port: int, sender: str, rcpts: list[str], message: bytes) -> dict:
-    with smtplib.SMTP(host, port, timeout=15) as s:
-        return s.sendmail(sender, rcpts, message)
-
-
-def rcpt_reply(host: str, port: int, rcpt: str) -> tuple[int, bytes]:
-    with smtplib.SMTP(host, port, timeout=15) as s:
-        s.ehlo("client.example")
-        s.mail("someone@example.net")
-        return s.rcpt(rcpt)
-
-
-async def test_new_mailbox_replicates_and_its_deletion_as_a_tombstone(org_factory):
-    org = org_factory()
+async def test_new_mailbox_replicates_and_its_deletion_as_a_tombstone(organisation):
+    org = organisation()
     await org.start()
     out = await org.ok("directory", "add", "User7", "--display-name", "User Seven", site="SiteC")
     assert out.strip() == "SiteC: mailbox User7 created, SMTP:User7@SiteC.microsoft.com"
@@ -189,8 +71,8 @@ async def _gone(site: Site, alias: str, home: str) -> bool:
     return await site.directory.run(site.directory.mailbox, alias, home) is None
 
 
-async def test_wiped_directory_is_restored_by_request_now_all(org_factory):
-    org = org_factory()
+async def test_wiped_directory_is_restored_by_request_now_all(organisation):
+    org = organisation()
     await org.start("SiteA", "SiteC")
     await org.request_now("SiteA", "SiteC")
     await org.request_now("SiteC", "SiteA")
@@ -225,8 +107,8 @@ async def test_wiped_directory_is_restored_by_request_now_all(org_factory):
     assert state["high_water"] == await a.directory.run(lambda: a.directory.highest_usn)
 
 
-async def test_changes_reach_a_site_connected_only_through_another(org_factory):
-    org = org_factory(links={"SiteA": ["SiteB"], "SiteB": ["SiteA", "SiteC"], "SiteC": ["SiteB"]})
+async def test_changes_reach_a_site_connected_only_through_another(organisation):
+    org = organisation(links={"SiteA": ["SiteB"], "SiteB": ["SiteA", "SiteC"], "SiteC": ["SiteB"]})
     await org.start()
     await org.ok("directory", "add", "Remote9", site="SiteC")
     await org.request_now("SiteB", "SiteC")
@@ -249,9 +131,9 @@ async def test_changes_reach_a_site_connected_only_through_another(org_factory):
     assert ("SiteC", "SiteC.microsoft.com") in table.learned_sites
 
 
-async def test_two_thousand_mailboxes_replicate_in_several_batches(org_factory):
+async def test_two_thousand_mailboxes_replicate_in_several_batches(organisation):
     many = [{"alias": f"Bulk{i:05d}", "display_name": f"Bulk user {i}"} for i in range(2000)]
-    org = org_factory(mailboxes={"SiteC": many}, batch_size=300)
+    org = organisation(mailboxes={"SiteC": many}, batch_size=300)
     await org.start("SiteA", "SiteC")
     out = await org.request_now("SiteA", "SiteC", full=True)
     assert "all items" in out
@@ -268,9 +150,9 @@ async def test_two_thousand_mailboxes_replicate_in_several_batches(org_factory):
 
 
 @pytest.mark.slow
-async def test_ten_thousand_mailboxes_replicate_completely(org_factory):
+async def test_ten_thousand_mailboxes_replicate_completely(organisation):
     many = [{"alias": f"Bulk{i:05d}"} for i in range(10000)]
-    org = org_factory(mailboxes={"SiteC": many})
+    org = organisation(mailboxes={"SiteC": many})
     started = time.monotonic()
     await org.start("SiteA", "SiteC")
     await org.request_now("SiteA", "SiteC")
@@ -285,8 +167,8 @@ async def test_ten_thousand_mailboxes_replicate_completely(org_factory):
     print(f"10,000 mailboxes: start + replicate in {time.monotonic() - started:.1f}s")
 
 
-async def test_backlog_to_a_site_not_up_yet_drains_when_it_starts(org_factory):
-    org = org_factory()
+async def test_backlog_to_a_site_not_up_yet_drains_when_it_starts(organisation):
+    org = organisation()
     await org.start("SiteA")
     await org.request_now("SiteA", "SiteB")
     await org.request_now("SiteA", "SiteB", full=True)
@@ -314,8 +196,8 @@ async def test_backlog_to_a_site_not_up_yet_drains_when_it_starts(org_factory):
     assert peer["high_water"] == await b.directory.run(lambda: b.directory.highest_usn)
 
 
-async def test_schedule_and_start_up_request(org_factory):
-    org = org_factory(links={"SiteA": ["SiteB"], "SiteB": ["SiteA"], "SiteC": []},
+async def test_schedule_and_start_up_request(organisation):
+    org = organisation(links={"SiteA": ["SiteB"], "SiteB": ["SiteA"], "SiteC": []},
                       schedule="1s", startup_delay="0.2s")
     await org.start("SiteA", "SiteB")
     await org.knows("SiteA", "User2", "SiteB")
@@ -324,8 +206,8 @@ async def test_schedule_and_start_up_request(org_factory):
     await org.knows("SiteA", "Later", "SiteB", timeout=10)  # the next scheduled request brings it
 
 
-async def test_forged_request_changes_nothing_and_gets_no_answer(org_factory):
-    org = org_factory()
+async def test_forged_request_changes_nothing_and_gets_no_answer(organisation):
+    org = organisation()
     await org.start("SiteB")
     b = org.sites["SiteB"]
     usn = b.directory.highest_usn
@@ -333,7 +215,7 @@ async def test_forged_request_changes_nothing_and_gets_no_answer(org_factory):
                            reply_to="evil.example", since_usn=0, invocation="", full=True, now=time.time())
     raw = render_message(forged, key="not-the-org-key", from_domain="SiteA.microsoft.com",
                          to_domain="SiteB.microsoft.com", hostname="attacker.example")
-    await asyncio.to_thread(send, HOSTS["SiteB"], org.ports["SiteB"], "dirsync@SiteA.microsoft.com",
+    await asyncio.to_thread(send_mail, HOSTS["SiteB"], org.ports["SiteB"], "dirsync@SiteA.microsoft.com",
                             ["dirsync@SiteB.microsoft.com"], raw)
     await wait_for(lambda: b.replicator.rejected["bad-signature"] == 1)
     await org.quiet("SiteB")
@@ -345,7 +227,7 @@ async def test_forged_request_changes_nothing_and_gets_no_answer(org_factory):
     unsigned = (b"From: dirsync@SiteA.microsoft.com\r\nTo: dirsync@SiteB.microsoft.com\r\n"
                 b"Subject: Directory replication update SiteA -> SiteB\r\nX-IMS-Dirsync-Type: update\r\n\r\n"
                 + str(evil.to_wire()).encode() + b"\r\n")
-    await asyncio.to_thread(send, HOSTS["SiteB"], org.ports["SiteB"], "x@example.net",
+    await asyncio.to_thread(send_mail, HOSTS["SiteB"], org.ports["SiteB"], "x@example.net",
                             ["dirsync@SiteB.microsoft.com"], unsigned)
     await wait_for(lambda: b.replicator.rejected["unsigned"] == 1)
     await org.quiet("SiteB")
@@ -353,10 +235,10 @@ async def test_forged_request_changes_nothing_and_gets_no_answer(org_factory):
     assert not list(b.spool.envelopes())
 
 
-async def test_kb_q196927_end_to_end(org_factory):
+async def test_kb_q196927_end_to_end(organisation):
     """Connectors, Check Now, Request Now, Site Addressing at A, pull at B and C,
     repeat at B then C: one company domain for every user at every site."""
-    org = org_factory()
+    org = organisation()
     await org.start()
 
     # Check Now before any replication: the connected sites are not in the directory yet
@@ -405,21 +287,21 @@ async def test_kb_q196927_end_to_end(org_factory):
     for via in HOSTS:
         for user in USERS.values():
             body = f"From: x@example.net\r\nTo: {user}@microsoft.com\r\nSubject: via {via}\r\n\r\nhi\r\n".encode()
-            await asyncio.to_thread(send, HOSTS[via], org.ports[via], "x@example.net",
+            await asyncio.to_thread(send_mail, HOSTS[via], org.ports[via], "x@example.net",
                                     [f"{user}@microsoft.com"], body)
     for home, user in USERS.items():
         msgs = await wait_for(lambda h=home, u=user: len(maildir_messages(org.data(h), u)) == 3
                               and maildir_messages(org.data(h), u), timeout=20)
         assert {m.split(b"Subject: via ")[1][:5] for m in msgs} == {b"SiteA", b"SiteB", b"SiteC"}
     body = b"From: x@example.net\r\nTo: Administrator2@microsoft.com\r\nSubject: admin\r\n\r\nhi\r\n"
-    await asyncio.to_thread(send, HOSTS["SiteA"], org.ports["SiteA"], "x@example.net",
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], org.ports["SiteA"], "x@example.net",
                             ["Administrator2@microsoft.com"], body)
     await wait_for(lambda: maildir_messages(org.data("SiteB"), "Administrator"), timeout=20)
 
     # User1 writes to User2 through SiteA: sender rewritten to the company domain
     note = (b"From: User One <User1@SiteA.microsoft.com>\r\nTo: User2@microsoft.com\r\n"
             b"Subject: from user1\r\n\r\nhello from SiteA\r\n")
-    await asyncio.to_thread(send, HOSTS["SiteA"], org.ports["SiteA"], "User1@SiteA.microsoft.com",
+    await asyncio.to_thread(send_mail, HOSTS["SiteA"], org.ports["SiteA"], "User1@SiteA.microsoft.com",
                             ["User2@microsoft.com"], note)
     got = await wait_for(lambda: [m for m in maildir_messages(org.data("SiteB"), "User2")
                                   if b"Subject: from user1" in m], timeout=20)
@@ -437,10 +319,10 @@ async def test_kb_q196927_end_to_end(org_factory):
         assert site.replicator.rejected == {}
 
 
-async def test_wrong_routing_address_comes_back_as_ndr_q180401(org_factory):
+async def test_wrong_routing_address_comes_back_as_ndr_q180401(organisation):
     """A Connected Sites routing address the remote site does not answer to: its
     directory messages come back as NDRs (KB Q180401), shown in replicate status."""
-    org = org_factory(routing={"SiteA": {"SiteB": "@old.SiteB.microsoft.com"}})
+    org = organisation(routing={"SiteA": {"SiteB": "@old.SiteB.microsoft.com"}})
     await org.start("SiteA", "SiteB")
     out = await org.request_now("SiteA", "SiteB")
     assert "(dirsync@old.SiteB.microsoft.com)" in out
@@ -472,8 +354,8 @@ async def test_wrong_routing_address_comes_back_as_ndr_q180401(org_factory):
     assert "(KB Q180401)" in out
 
 
-async def test_admin_status_directory_and_queue(org_factory):
-    org = org_factory()
+async def test_admin_status_directory_and_queue(organisation):
+    org = organisation()
     await org.start("SiteA")
     await org.request_now("SiteA", "SiteB")  # SiteB is down: one message waits in the queue
     a = org.sites["SiteA"]

@@ -5,15 +5,24 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sitekit import make_config, site_mapping
+from sitekit import config_of, site_mapping
 
 from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.directory import Mailbox
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, RoutingTable, route_for
-from imsrelay.site import endpoints_for, local_addresses, routing_table_for
+from imsrelay.interfaces import local_addresses, site_endpoints
+from imsrelay.objects import Mailbox
+from imsrelay.router import (
+    DIRECTORY,
+    FAIL,
+    LOCAL,
+    MX,
+    RELAY,
+    RoutingTable,
+    route_for,
+    routing_table_for,
+)
 
 
-def table(tmp_path, *, addressing: str = "sitea.microsoft.com", learned=(), **extra) -> RoutingTable:
+def table(*, addressing: str = "sitea.microsoft.com", learned=(), **extra) -> RoutingTable:
     """SiteA of the seed as a running site would build its table (config + directory facts)."""
     mapping = site_mapping("SiteA", listen="127.10.10.10", port=2525, **{
         "connected_sites": [{"name": "SiteB", "routing_address": "@SiteB.microsoft.com"},
@@ -21,9 +30,9 @@ def table(tmp_path, *, addressing: str = "sitea.microsoft.com", learned=(), **ex
         "email_domains": [{"domain": "SiteB.microsoft.com", "host": "127.10.10.15", "port": 2525},
                           {"domain": "SiteC.microsoft.com", "host": "127.10.10.20", "port": 2525}],
         **extra})
-    config = make_config(tmp_path, mapping)
+    config = config_of(mapping)
     return routing_table_for(config, addressing_domain=addressing, learned_sites=tuple(learned),
-                             self_endpoints=endpoints_for(config, 2525))
+                             self_endpoints=site_endpoints(config, 2525))
 
 
 def mailbox(alias: str, home: str, *addresses: str) -> Mailbox:
@@ -31,52 +40,52 @@ def mailbox(alias: str, home: str, *addresses: str) -> Mailbox:
                                              for i, a in enumerate(addresses)))
 
 
-def test_local_mailbox(tmp_path):
-    r = route_for("User1@SiteA.microsoft.com", mailbox("User1", "SiteA", "User1@SiteA.microsoft.com"), table(tmp_path))
+def test_local_mailbox():
+    r = route_for("User1@SiteA.microsoft.com", mailbox("User1", "SiteA", "User1@SiteA.microsoft.com"), table())
     assert (r.kind, r.mailbox) == (LOCAL, "User1")
     assert r.steps == ("directory: User1@SiteA.microsoft.com is mailbox User1 (User1), home site SiteA",)
 
 
-def test_mailbox_of_a_connected_site_by_exact_directory_name(tmp_path):
+def test_mailbox_of_a_connected_site_by_exact_directory_name():
     user2 = mailbox("User2", "SiteB", "User2@microsoft.com")
-    r = route_for("User2@microsoft.com", user2, table(tmp_path))
+    r = route_for("User2@microsoft.com", user2, table())
     assert (r.kind, r.host, r.port, r.site) == (RELAY, "127.10.10.15", 2525, "SiteB")
     assert "Connected Sites: site SiteB has routing address SMTP @SiteB.microsoft.com" in r.steps
     # the remote site name must match exactly (the directory name, not a display name)
-    r = route_for("User2@microsoft.com", mailbox("User2", "siteb", "User2@microsoft.com"), table(tmp_path))
+    r = route_for("User2@microsoft.com", mailbox("User2", "siteb", "User2@microsoft.com"), table())
     assert (r.kind, r.permanent, r.status) == (FAIL, False, "4.4.0")
     assert "no route to site siteb" in r.reason
 
 
-def test_mailbox_of_a_site_learned_by_check_now(tmp_path):
-    t = table(tmp_path, learned=[("SiteD", "SiteD.microsoft.com")],
+def test_mailbox_of_a_site_learned_by_check_now():
+    t = table(learned=[("SiteD", "SiteD.microsoft.com")],
               email_domains=[{"domain": "SiteD.microsoft.com", "host": "127.10.10.25", "port": 2525}])
     r = route_for("User4@microsoft.com", mailbox("User4", "SiteD", "User4@microsoft.com"), t)
     assert (r.kind, r.host, r.site) == (RELAY, "127.10.10.25", "SiteD")
     assert any("a site learned by replication (Check Now)" in s for s in r.steps)
 
 
-def test_unknown_address_in_a_connected_sites_domain_goes_to_that_site(tmp_path):
-    r = route_for("someone@SiteC.microsoft.com", None, table(tmp_path))
+def test_unknown_address_in_a_connected_sites_domain_goes_to_that_site():
+    r = route_for("someone@SiteC.microsoft.com", None, table())
     assert (r.kind, r.host, r.site) == (RELAY, "127.10.10.20", "SiteC")
     assert r.steps[1] == "Connected Sites: sitec.microsoft.com is in the routing address of site SiteC"
 
 
 @pytest.mark.parametrize("address", ["nobody@SiteA.microsoft.com", "nobody@microsoft.com"])
-def test_unknown_user_in_our_own_domains_is_5_1_1(tmp_path, address):
+def test_unknown_user_in_our_own_domains_is_5_1_1(address):
     # once Site Addressing is @microsoft.com, both the install-time site domain and
     # the company domain are this site's
-    r = route_for(address, None, table(tmp_path, addressing="microsoft.com"))
+    r = route_for(address, None, table(addressing="microsoft.com"))
     assert (r.kind, r.permanent, r.status) == (FAIL, True, "5.1.1")
     assert "unknown or illegal user" in r.reason
 
 
-def test_company_domain_is_not_ours_before_site_addressing_changes(tmp_path):
-    assert route_for("nobody@microsoft.com", None, table(tmp_path)).kind == MX
+def test_company_domain_is_not_ours_before_site_addressing_changes():
+    assert route_for("nobody@microsoft.com", None, table()).kind == MX
 
 
-def test_email_domain_table_subdomain_exact_and_most_specific(tmp_path):
-    t = table(tmp_path, email_domains=[
+def test_email_domain_table_subdomain_exact_and_most_specific():
+    t = table(email_domains=[
         {"domain": "partner.example", "host": "10.0.0.1", "port": 25},
         {"domain": "sales.partner.example", "host": "10.0.0.2", "port": 2526},
         {"domain": "#exact.example", "host": "10.0.0.3", "port": 25}])
@@ -93,57 +102,57 @@ def test_email_domain_table_subdomain_exact_and_most_specific(tmp_path):
     assert route_for("a@sub.exact.example", None, t).kind == MX  # "#" = this domain only
 
 
-def test_smart_host_after_the_table_and_before_dns(tmp_path):
-    t = table(tmp_path, delivery={"smart_host": "relay.isp.example:587"})
+def test_smart_host_after_the_table_and_before_dns():
+    t = table(delivery={"smart_host": "relay.isp.example:587"})
     r = route_for("someone@example.net", None, t)
     assert (r.kind, r.host, r.port) == (RELAY, "relay.isp.example", 587)
     assert r.steps[-1] == "smart host: forward all messages to host relay.isp.example:587"
     assert route_for("x@SiteB.microsoft.com", None, t).host == "127.10.10.15"  # the table wins
 
 
-def test_dns_mx_last(tmp_path):
-    r = route_for("someone@Example.NET", None, table(tmp_path, delivery={"mx_port": 2500}))
+def test_dns_mx_last():
+    r = route_for("someone@Example.NET", None, table(delivery={"mx_port": 2500}))
     assert (r.kind, r.domain, r.port, r.starttls) == (MX, "example.net", 2500, "opportunistic")
     assert r.steps == ("directory: no mailbox has the address someone@Example.NET",
                        "E-Mail Domain table: no entry matches example.net",
                        "DNS: deliver to the MX hosts of example.net")
 
 
-def test_routes_back_to_this_site_are_loops(tmp_path):
-    t = table(tmp_path, email_domains=[{"domain": "partner.example", "host": "127.10.10.10", "port": 2525}])
+def test_routes_back_to_this_site_are_loops():
+    t = table(email_domains=[{"domain": "partner.example", "host": "127.10.10.10", "port": 2525}])
     r = route_for("a@partner.example", None, t)
     assert (r.kind, r.permanent, r.status) == (FAIL, True, "5.4.6")
-    t = table(tmp_path, delivery={"smart_host": "ServerA.SiteA.microsoft.com:2525"})
+    t = table(delivery={"smart_host": "ServerA.SiteA.microsoft.com:2525"})
     r = route_for("a@example.net", None, t)
     assert (r.kind, r.status) == (FAIL, "5.4.6") and "loop" in r.reason
 
 
-def test_directory_service_address_and_bad_addresses(tmp_path):
-    t = table(tmp_path, addressing="microsoft.com")
+def test_directory_service_address_and_bad_addresses():
+    t = table(addressing="microsoft.com")
     assert route_for("dirsync@SiteA.microsoft.com", None, t).kind == DIRECTORY
     assert route_for("dirsync@microsoft.com", None, t).kind == DIRECTORY
     r = route_for("not an address", None, t)
     assert (r.kind, r.permanent, r.status) == (FAIL, True, "5.1.3")
 
 
-def test_starttls_policy_per_domain_and_per_entry(tmp_path):
-    t = table(tmp_path, delivery={"starttls": "none", "tls": [{"domain": "secure.example", "starttls": "require"}]},
+def test_starttls_policy_per_domain_and_per_entry():
+    t = table(delivery={"starttls": "none", "tls": [{"domain": "secure.example", "starttls": "require"}]},
               email_domains=[{"domain": "partner.example", "host": "10.0.0.1", "starttls": "require"}])
     assert route_for("a@example.net", None, t).starttls == "none"
     assert route_for("a@mx.secure.example", None, t).starttls == "require"
     assert route_for("a@partner.example", None, t).starttls == "require"
 
 
-def test_recipients_of_one_destination_share_a_group(tmp_path):
-    t = table(tmp_path)
+def test_recipients_of_one_destination_share_a_group():
+    t = table()
     a, b = route_for("a@example.net", None, t), route_for("b@EXAMPLE.net", None, t)
     c = route_for("c@SiteB.microsoft.com", None, t)
     assert a.destination == b.destination == "mx:example.net:25:opportunistic"
     assert c.destination == "relay:127.10.10.15:2525:opportunistic"
 
 
-def test_explain_text(tmp_path):
-    text = route_for("User2@SiteB.microsoft.com", None, table(tmp_path)).explain()
+def test_explain_text():
+    text = route_for("User2@SiteB.microsoft.com", None, table()).explain()
     assert text.splitlines() == [
         "recipient: User2@SiteB.microsoft.com",
         "  1. directory: no mailbox has the address User2@SiteB.microsoft.com",
@@ -152,7 +161,7 @@ def test_explain_text(tmp_path):
         "127.10.10.15:2525",
         "=> SMTP to 127.10.10.15:2525 (STARTTLS opportunistic)",
     ]
-    fail = route_for("nobody@SiteA.microsoft.com", None, table(tmp_path)).explain()
+    fail = route_for("nobody@SiteA.microsoft.com", None, table()).explain()
     assert fail.splitlines()[-1].startswith("=> permanent failure 5.1.1: nobody@SiteA.microsoft.com: unknown")
 
 
@@ -176,13 +185,13 @@ def test_property_most_specific_entry_wins(patterns, domain_labels, rnd):
         assert (r.kind, r.host) == (RELAY, best.host)
 
 
-def test_a_wildcard_listener_knows_every_local_address_as_itself(tmp_path):
+def test_a_wildcard_listener_knows_every_local_address_as_itself():
     """With listen = 0.0.0.0 (containers), an entry pointing at any of this host's
     addresses is this site: a loop (5.4.6), not a peer."""
-    config = make_config(tmp_path, site_mapping(
+    config = config_of(site_mapping(
         "SiteA", listen="0.0.0.0", port=25,
         email_domains=[{"domain": "partner.test", "host": "127.0.0.1", "port": 25}]))
-    mine = endpoints_for(config, 25)
+    mine = site_endpoints(config, 25)
     assert {("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)} <= mine
     assert {(a, 25) for a in local_addresses()} <= mine
     table = routing_table_for(config, addressing_domain="sitea.microsoft.com", learned_sites=(),

@@ -15,9 +15,10 @@ import tomli_w
 from sitekit import free_port, make_config, running_site, site_mapping
 from structlog.testing import capture_logs
 
-from imsrelay.config import ConfigError
-from imsrelay.directory import Directory, DirectoryError, DirObject, Stamp
+from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import ConfigError
 from imsrelay.logs import configure_logging, get_logger
+from imsrelay.objects import DirObject, Stamp
 from imsrelay.site import Site
 from imsrelay.site_addressing import site_addressing_job
 

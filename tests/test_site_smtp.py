@@ -8,7 +8,7 @@ import subprocess
 
 import aiosmtplib
 import pytest
-from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
+from sitekit import maildir_messages, make_config, running_site, send_mail, site_mapping, wait_for
 
 from imsrelay.spool import Spool
 
@@ -28,8 +28,7 @@ async def in_thread(fn, *args):
 
 
 def send(site, sender, rcpts, body, source=None):
-    with smtp(site, source) as s:
-        return s.sendmail(sender, rcpts, body)
+    return send_mail(HOST, site.bound_port, sender, rcpts, body, source=source)
 
 
 MSG = b"From: user1@SiteA.microsoft.com\r\nTo: user1@SiteA.microsoft.com\r\nSubject: t\r\n\r\nhello \xe9 8-bit\r\n"

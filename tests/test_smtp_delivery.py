@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 from nsd_server import NsdServer
-from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
-from smtp_sink import SmtpSink, free_port
+from sitekit import (
+    free_port,
+    maildir_messages,
+    make_config,
+    running_site,
+    send_mail,
+    site_mapping,
+    wait_for,
+)
+from smtp_sink import SmtpSink
 
 from imsrelay.spool import Spool
 
@@ -47,8 +55,7 @@ def partner(host: str, port: int, **extra) -> dict:
 
 def send(port: int, rcpts: list[str], data: bytes, *, sender: str = USER1, host: str = "127.0.0.1",
          mail_options: tuple[str, ...] = ()) -> None:
-    with smtplib.SMTP(host, port, timeout=10) as s:
-        s.sendmail(sender, rcpts, data, mail_options=list(mail_options))
+    send_mail(host, port, sender, rcpts, data, mail_options=mail_options)
 
 
 async def submit(site, rcpts: list[str], data: bytes | None = None, **kw) -> None:
@@ -461,8 +468,8 @@ def test_reply_classification_and_diagnostics():
 
 
 def test_smtputf8_need_and_command_paths():
+    from imsrelay.envelope import Envelope, RecipientState
     from imsrelay.smtp_client import needs_smtputf8, smtp_path
-    from imsrelay.spool import Envelope, RecipientState
 
     env = Envelope("Q1", "a@b.example", [RecipientState("c@d.example")], 0.0)
     header_utf8 = "Subject: café\r\n\r\nbody".encode()
@@ -479,7 +486,7 @@ def test_smtputf8_need_and_command_paths():
 
 def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
     from imsrelay.dns import NextHop
-    from imsrelay.smtp_client import without_self
+    from imsrelay.loops import without_self
 
     me = frozenset({("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)})
     hops = [NextHop("mx1.x", "192.0.2.1", 25, 10), NextHop("ServerA.SiteA.microsoft.com", "10.0.0.9", 25, 20),

@@ -9,12 +9,11 @@ order (a module-scoped walk), each stage a test, so a failure names the step.
 from __future__ import annotations
 
 import asyncio
-import smtplib
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from sitekit import free_port, wait_for
+from sitekit import free_port, rcpt_reply, send_mail, wait_for
 
 from imsrelay.lab import INTERNET, SITES, Lab, stage_index
 from imsrelay.maildir import list_messages
@@ -45,20 +44,13 @@ class Walk:
         body = (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
                 f"Message-ID: <walk-{self.sent}@test>\r\n\r\nKB Q196927 walk\r\n").encode()
 
-        def go() -> str:
-            with smtplib.SMTP(via, self.port, timeout=10) as s:
-                s.sendmail(sender, [rcpt], body)
-                return "ok"
-        return await asyncio.to_thread(go)
+        await asyncio.to_thread(send_mail, via, self.port, sender, rcpt, body)
+        return "ok"
 
     async def rcpt_reply(self, via: str, rcpt: str, source: str | None = None) -> tuple[int, str]:
-        def go() -> tuple[int, str]:
-            with smtplib.SMTP(via, self.port, timeout=10, source_address=(source, 0) if source else None) as s:
-                s.ehlo()
-                s.mail("tester@example.net")
-                code, text = s.rcpt(rcpt)
-                return code, text.decode()
-        return await asyncio.to_thread(go)
+        code, text = await asyncio.to_thread(rcpt_reply, via, self.port, rcpt, sender="tester@example.net",
+                                             source=source, timeout=10)
+        return code, text.decode()
 
     async def arrives(self, site: str, alias: str, subject: str, timeout: float = 30.0) -> bytes:
         needle = f"Subject: {subject}\r\n".encode()

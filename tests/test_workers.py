@@ -1,12 +1,11 @@
 """`imsrelay serve --workers N`: several processes share one site's port and data."""
 
 import signal
-import smtplib
 import subprocess
 import sys
 import time
 
-from sitekit import free_port
+from sitekit import free_port, send_mail
 from test_crash import wait_listening, write_config
 
 from imsrelay.journal import Journal
@@ -22,8 +21,7 @@ def serve(config, workers):
 
 
 def send(port, rcpt, i):
-    with smtplib.SMTP(HOST, port, timeout=10) as s:
-        s.sendmail("w@example.org", [rcpt], b"Subject: w %d\r\n\r\nbody\r\n" % i)
+    send_mail(HOST, port, "w@example.org", rcpt, b"Subject: w %d\r\n\r\nbody\r\n" % i)
 
 
 def test_two_workers_share_the_port_and_hand_over_their_queue(tmp_path):

@@ -7,10 +7,10 @@ import argparse
 import asyncio
 import os
 
-from imsrelay.cli import UserError
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
+from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging
 
 

@@ -11,12 +11,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.directory import Directory, DirectoryError
+from imsrelay.errors import UserError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="show or change the site's directory (mailboxes, sites)",
                        description="Mailboxes and sites in a site's directory database.")
     dsub = d.add_subparsers(dest="directory_command", metavar="ACTION")
@@ -40,8 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
-    from imsrelay.cli import UserError
-
     config = load_config(args.config, data_dir=args.data)
     db = config.data_dir / "directory.sqlite3"
     if not db.exists():
@@ -68,7 +68,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{m.alias:<16} {m.home_site:<10} {m.display_name:<22} {' '.join(m.proxy_addresses)}")
         return 0
     except DirectoryError as exc:
-        from imsrelay.cli import UserError
 
         raise UserError(str(exc)) from None
     finally:
@@ -76,7 +75,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:
@@ -90,8 +88,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory], Any]) -> Any:
     """``--offline``: make the change in the stopped site's database directly."""
-    from imsrelay.admin_client import ensure_offline
-    from imsrelay.cli import UserError
 
     ensure_offline(config)
     directory = open_directory(args)
@@ -104,7 +100,6 @@ def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory]
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.admin_client import cli_call
 
     config = load_config(args.config, data_dir=args.data)
     if not args.offline:

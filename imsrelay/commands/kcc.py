@@ -11,7 +11,7 @@ from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     k = sub.add_parser("kcc", help="knowledge consistency check (Check Now)",
                        description="Make sites that arrived by replication known to routing and report "
                                    "inconsistencies (e.g. routing addresses, KB Q180401).")

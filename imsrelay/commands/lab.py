@@ -9,11 +9,12 @@ from pathlib import Path
 
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.lab_console import lab_console
+from imsrelay.errors import UserError
+from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, STAGES, Lab, stage_index
 from imsrelay.logs import configure_logging
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from imsrelay.lab import STAGE_NAMES
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "lab", help="run SiteA, SiteB, SiteC and an Internet host on loopback (KB Q196927)",
@@ -47,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, STAGES, Lab, stage_index
 
     data = args.data
     if args.action == "next":

@@ -4,13 +4,15 @@
 Works on the data directory whether the site runs or not:
 
 - ``list`` and ``show`` only read the spool;
-- ``retry`` rewrites each chosen message's ``.state`` with its pending recipients
-  due now (so a stopped site delivers them at its next start) and touches
-  ``queue/retry-now``, which a running site checks every second: it then takes the
-  earlier next-attempt times (never undoing a delivery it made meanwhile);
-- ``delete`` removes the message's files (no NDR is sent — an operator's decision,
-  as with ``postsuper -d``) and touches ``retry-now`` too, so a running site
-  forgets it at once.
+- ``retry`` makes each chosen message's pending recipients due now: in a stopped
+  site's queue journal directly (a STATE record; it delivers them at its next
+  start), else as a request in the running worker's ``queue/control*/``
+  directory, which its queue manager reads at most twice a second (only the
+  running process writes its journal) — it also forgets which hosts it had marked
+  unreachable;
+- ``delete`` removes the message (a DONE record; no NDR is sent — an operator's
+  decision, as with ``postsuper -d``), the same way: directly, or by a request to
+  the running worker, which forgets it at once.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from datetime import UTC, datetime
 
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.spool import PENDING, Envelope, RecipientState, Spool
+from imsrelay.envelope import PENDING, Envelope, RecipientState
+from imsrelay.errors import UserError
+from imsrelay.rewrite import split_message
+from imsrelay.spool import Spool
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = sub.add_parser("queue", help="list, show, retry or delete queued messages",
                        description="The site's mail queue (works whether the site runs or not).")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
@@ -54,8 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def open_spool(args: argparse.Namespace) -> Spool:
-    from imsrelay.cli import UserError
-
     config = load_config(args.config, data_dir=args.data)
     if not (config.data_dir / "queue" / "journal").is_dir():
         raise UserError(f"no queue at {config.data_dir / 'queue'}: the site has not been started yet "
@@ -64,8 +67,6 @@ def open_spool(args: argparse.Namespace) -> Spool:
 
 
 def _load(spool: Spool, queue_id: str) -> Envelope:
-    from imsrelay.cli import UserError
-
     try:
         env = spool.load(queue_id)
     except ValueError:
@@ -150,8 +151,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.body:
         text = message
     else:
-        end = message.find(b"\r\n\r\n")
-        text = message if end < 0 else message[:end + 2]
+        text, _ = split_message(message)
     print(text.decode("utf-8", "replace").replace("\r\n", "\n"), end="")
     return 0
 
@@ -177,8 +177,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-
     spool = open_spool(args)
     missing = []
     for qid in args.queue_ids:
@@ -193,7 +191,5 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _load_id_check(queue_id: str) -> None:
-    from imsrelay.cli import UserError
-
     if not queue_id.isalnum():
         raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)")

@@ -15,7 +15,7 @@ from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser("replicate", help="directory replication: Request Now, status",
                        description="Directory replication between the sites of the organisation (by mail).")
     rsub = r.add_subparsers(dest="replicate_command", metavar="ACTION")

@@ -17,14 +17,20 @@ from pathlib import Path
 
 import structlog
 
-from imsrelay.addresses import AddressError, parse_address
+from imsrelay.addresses import AddressError, ip_literal, parse_address
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.directory import Directory, DirectoryError
+from imsrelay.dns import DnsFailure, MailResolver, NextHop
+from imsrelay.errors import UserError
+from imsrelay.interfaces import site_endpoints
+from imsrelay.kcc import learned_sites
 from imsrelay.logs import configure_logging
-from imsrelay.router import MX, RELAY, Route, route_for
+from imsrelay.loops import is_self, without_self
+from imsrelay.router import MX, RELAY, Route, route_for, routing_table_for
+from imsrelay.smtp_client import remote_name
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "route", help="explain where mail for an address goes (the routing decision chain)",
         description="Print each routing decision for ADDRESS at this site: directory, Connected Sites, "
@@ -52,16 +58,13 @@ def open_directory_for_routing(config: SiteConfig) -> tuple[Directory, str]:
 
 def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
     """The route for ``address`` and a line naming the directory it came from."""
-    from imsrelay.kcc import learned_sites
-    from imsrelay.site import endpoints_for, routing_table_for
-
     directory, source = open_directory_for_routing(config)
     try:
         site = directory.site_object()
         addressing = (site.smtp_address if site else config.site_address).lstrip("@").lower()
         table = routing_table_for(config, addressing_domain=addressing,
                                   learned_sites=tuple(learned_sites(directory)),
-                                  self_endpoints=endpoints_for(config, config.smtp.port))
+                                  self_endpoints=site_endpoints(config, config.smtp.port))
         mailbox = directory.find_recipient(address)
     finally:
         directory.close()
@@ -70,13 +73,9 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
 
 async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
     """The next hops of an SMTP route as the SMTP client would try them."""
-    from imsrelay.dns import DnsFailure, MailResolver, ip_literal
-    from imsrelay.site import endpoints_for
-    from imsrelay.smtp_client import is_self, remote_name, without_self
-
     servers = ", ".join(config.dns.nameservers) or "the system resolver"
     resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
-    me = endpoints_for(config, config.smtp.port)
+    me = site_endpoints(config, config.smtp.port)
     try:
         if route.kind == RELAY:
             assert route.host is not None
@@ -84,8 +83,6 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
             if literal is not None:
                 return [f"next hop: {route.host} [{literal}]:{route.port} (fixed host, no DNS)"]
             lines = [f"next hops: A/AAAA of {route.host} via {servers}:"]
-            from imsrelay.dns import NextHop
-
             hops = [NextHop(route.host, a, route.port, 0) for a in await resolver.addresses(route.host)]
             lines += [f"  {i}. {remote_name(h)}{'  (this site: loop)' if is_self(h, me) else ''}"
                       for i, h in enumerate(hops, 1)]
@@ -108,8 +105,6 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-
     config = load_config(args.config, data_dir=args.data)
     if not structlog.is_configured():  # the explanation is the output: log only problems, on stderr
         configure_logging("warning", "console")

@@ -1,17 +1,22 @@
-"""``imsrelay serve`` and ``imsrelay check-config``."""
+"""``imsrelay serve`` — run one site (``--workers N``: N processes sharing its port)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 
-from imsrelay.config import load_config
-from imsrelay.logs import configure_logging
+from imsrelay.config import SiteConfig, load_config
+from imsrelay.errors import UserError
+from imsrelay.logs import configure_logging, get_logger
+from imsrelay.site import run_site
+from imsrelay.spool import SpoolLocked
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run one site's Internet Mail Service",
                        description="Run one site: SMTP server, queue, delivery, replication, admin endpoint.")
     p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
@@ -20,10 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "use about one per core for throughput)")
     p.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a site's TOML file and print a summary",
-                       description="Validate a site configuration file; exit 0 if it is usable.")
-    c.add_argument("config", type=Path, help="the site's TOML file")
-    c.set_defaults(func=cmd_check_config)
 
 
 def install_event_loop_policy() -> None:
@@ -34,7 +35,7 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_until_signalled(main_factory) -> None:
+def run_until_signalled(main_factory: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main_factory(stop_event)`` until SIGINT/SIGTERM set the event."""
     install_event_loop_policy()
 
@@ -49,9 +50,6 @@ def run_until_signalled(main_factory) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.site import run_site
-    from imsrelay.spool import SpoolLocked
 
     config = load_config(args.config, data_dir=args.data)
     workers = args.workers or config.smtp.workers
@@ -70,14 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def supervise(config, workers: int) -> int:
+def supervise(config: SiteConfig, workers: int) -> int:
     """Run ``workers`` processes of one site (forked before any event loop exists);
     SIGINT/SIGTERM stop them all; a worker that dies is started again."""
     import os
     import time
 
-    from imsrelay.logs import get_logger
-    from imsrelay.site import run_site
 
     log = get_logger("imsrelay").bind(site=config.site)
     children: dict[int, int] = {}  # pid -> worker number
@@ -100,7 +96,7 @@ def supervise(config, workers: int) -> int:
         children[pid] = worker
         started[worker] = time.monotonic()
 
-    def stop_all(signum, frame) -> None:
+    def stop_all(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
         for pid in list(children):
@@ -139,21 +135,3 @@ def supervise(config, workers: int) -> int:
             time.sleep(1.0)
             spawn(worker)
     return status
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    c = load_config(args.config)
-    print(f"{c.path}: ok")
-    print(f"  organisation {c.organisation}, site {c.site}, server {c.server} ({c.hostname})")
-    print(f"  site address @{c.site_domain}, company domain {c.company_domain}")
-    print(f"  SMTP {c.smtp.listen}:{c.smtp.port}, data {c.data_dir}")
-    print(f"  mailboxes: {', '.join(m.alias for m in c.mailboxes) or '(none)'}")
-    for cs in c.connected_sites:
-        print(f"  connected site {cs.name}: SMTP {cs.routing_address}")
-    for r in c.email_domains:
-        print(f"  e-mail domain {r.domain} -> {r.host}:{r.port}")
-    if c.delivery.smart_host:
-        print(f"  smart host {c.delivery.smart_host}:{c.delivery.smart_host_port}")
-    for rc in c.replication.connectors:
-        print(f"  replication connector to {rc.site}")
-    return 0

@@ -14,11 +14,15 @@ from typing import Any
 
 from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
+from imsrelay.commands.directory import open_directory
 from imsrelay.config import load_config
+from imsrelay.directory import DirectoryError
+from imsrelay.errors import UserError
+from imsrelay.logs import configure_logging, get_logger
 from imsrelay.site_addressing import report_dict, site_addressing_job
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("site-addressing", help="show or change the site's SMTP Site Addressing",
                        description="The site-default SMTP address (Site Addressing) and the bulk update of "
                                    "recipient addresses that follows a change.")
@@ -51,10 +55,6 @@ def print_report(site: str, r: dict[str, Any]) -> None:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.commands.directory import open_directory
-    from imsrelay.directory import DirectoryError
-    from imsrelay.logs import configure_logging, get_logger
 
     config = load_config(args.config, data_dir=args.data)
     keep_old = True if args.keep_old else (False if args.drop_old else None)
@@ -82,7 +82,6 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from imsrelay.commands.directory import open_directory
 
     config = load_config(args.config, data_dir=args.data)
     if args.offline:

@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import urllib.parse
 from pathlib import Path
 
-from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable
+from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable, cli_client
 from imsrelay.commands.org_setup import DEFAULT_TOKEN_ENV, parse_site_arg
+from imsrelay.config import load_config
+from imsrelay.errors import UserError
+from imsrelay.message_store import SearchError, parse_time
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
+from imsrelay.tracking import (
+    TrackingEvent,
+    TrackingQuery,
+    follow,
+    format_story,
+    gather,
+    tracking_body,
+)
 
-LAB_ENDPOINT = "http://127.10.10.1:8025"
+LAB_ENDPOINT = f"http://{LAB_API_HOST}:8025"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "track", help="follow a message across sites: every hop, with times (Message Tracking Center)",
         description="Follow messages through every site reachable by its admin endpoint: received, routed, "
@@ -44,30 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _clients(args: argparse.Namespace) -> list[AdminClient]:
-    import os
-
-    from imsrelay.admin_client import cli_client
-    from imsrelay.config import load_config
-    from imsrelay.lab import ADMIN_TOKEN
-
     clients = [cli_client(load_config(c)) for c in args.config]
     for value in args.site:
         if "=" not in value.rpartition("/")[2] and not os.environ.get(DEFAULT_TOKEN_ENV):
-            value = f"{value}={ADMIN_TOKEN}"  # the lab's token when none is given
+            value = f"{value}={LAB_TOKEN}"  # the lab's token when none is given
         url, token = parse_site_arg(value, DEFAULT_TOKEN_ENV)
         clients.append(AdminClient(url, token, timeout=30.0))
     if not clients:
-        clients.append(AdminClient(LAB_ENDPOINT, os.environ.get(DEFAULT_TOKEN_ENV) or ADMIN_TOKEN, timeout=30.0))
+        clients.append(AdminClient(LAB_ENDPOINT, os.environ.get(DEFAULT_TOKEN_ENV) or LAB_TOKEN, timeout=30.0))
     return clients
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from imsrelay.cli import UserError
-    from imsrelay.message_api import gather_tracking, tracking_body
-    from imsrelay.tracking import TrackingEvent, TrackingQuery, follow, format_story
-
-    from imsrelay.message_store import SearchError, parse_time
-
     if not any([args.message_id, args.queue_id, args.sender, args.recipient, args.since]):
         raise UserError("say which messages: --message-id, --queue-id, --sender, --recipient or --since")
     for name in ("since", "until"):
@@ -99,7 +100,7 @@ def cmd_track(args: argparse.Namespace) -> int:
 
     first = TrackingQuery(message_id=args.message_id, queue_id=args.queue_id, sender=args.sender,
                           recipient=args.recipient, limit=200)
-    events = gather_tracking(fetch, first)
+    events = gather(fetch, first)
     if args.json:
         print(json.dumps(tracking_body(events), indent=2))
         return 0 if events else 1

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from imsrelay import tracking
 from imsrelay.config import REPLICATION_ALWAYS, SiteConfig
-from imsrelay.spool import check_queue_id
+from imsrelay.envelope import check_queue_id
 
 
 def schedule_text(seconds: float | None) -> str:

@@ -172,7 +172,6 @@ class ConsoleServer:
         if request.method not in ("GET", "HEAD") and not self.sessions.csrf_ok(session, request.headers.get(CSRF_HEADER)):
             self.log.warning("console.csrf_rejected", method=request.method, path=request.path, peer=request.remote)
             return web.json_response({"error": f"missing or wrong {CSRF_HEADER} header"}, status=403)
-        request["session"] = session
         return await handler(request)
 
     # -------------------------------------------------------------- page and log-in
@@ -211,10 +210,17 @@ class ConsoleServer:
         return resp
 
     async def logout(self, request: web.Request) -> web.Response:
-        self.sessions.log_out(request["session"].id)
+        self.sessions.log_out(self._session(request).id)
         resp = web.json_response({"logged_out": True})
         resp.del_cookie(COOKIE, path="/")
         return resp
+
+    def _session(self, request: web.Request) -> Session:
+        """The request's session (the auth middleware let it through, so there is one)."""
+        session = self.sessions.find(request.cookies.get(COOKIE))
+        if session is None:
+            raise web.HTTPUnauthorized(reason="log in first (the admin token)")
+        return session
 
     def _session_dict(self, session: Session) -> dict[str, Any]:
         return {"csrf": session.csrf, "title": self.org.organisation or self.title, "sites": self.org.sites,
@@ -224,7 +230,7 @@ class ConsoleServer:
     async def get_session(self, request: web.Request) -> web.Response:
         if self.org.unreachable:
             await self.org.discover()
-        return web.json_response(self._session_dict(request["session"]))
+        return web.json_response(self._session_dict(self._session(request)))
 
     # -------------------------------------------------------------- organisation views
 

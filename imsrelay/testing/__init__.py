@@ -35,7 +35,10 @@ from collections.abc import Iterable, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from imsrelay.message_store import parse_time
+from imsrelay.tracking import TrackingEvent, TrackingQuery, gather, tracking_body
 
 LAB_TOKEN = "lab-admin-token"
 LAB_API_HOST = "127.10.10.1"
@@ -190,12 +193,14 @@ class LabClient:
 
     def message(self, message_id: str) -> dict[str, Any]:
         """Headers, decoded text and HTML, attachments."""
-        return self._endpoint_of(message_id.split(":", 1)[0]).request(
+        body: dict[str, Any] = self._endpoint_of(message_id.split(":", 1)[0]).request(
             "GET", f"/api/v1/messages/{urllib.parse.quote(message_id, safe='')}")
+        return body
 
     def raw(self, message_id: str) -> bytes:
-        return self._endpoint_of(message_id.split(":", 1)[0]).request(
+        data: bytes = self._endpoint_of(message_id.split(":", 1)[0]).request(
             "GET", f"/api/v1/messages/{urllib.parse.quote(message_id, safe='')}/raw", raw=True)
+        return data
 
     def wait_for(self, query: str, timeout: float = 30.0) -> dict[str, Any]:
         """The newest message matching ``query`` as soon as there is one (long-poll);
@@ -209,7 +214,7 @@ class LabClient:
                 try:
                     page = e.request("GET", "/api/v1/wait", {"query": query, "timeout": f"{wait:.3f}"},
                                      timeout=wait + 30.0)
-                    return page["messages"][0]
+                    return cast(dict[str, Any], page["messages"][0])
                 except LabError as exc:
                     if exc.status != 408:
                         raise
@@ -218,7 +223,7 @@ class LabClient:
 
     def delete(self, query: str) -> int:
         """Delete every message matching ``query``; returns how many."""
-        return sum(e.request("DELETE", "/api/v1/search", {"query": query})["deleted"] for e in self.endpoints)
+        return sum(int(e.request("DELETE", "/api/v1/search", {"query": query})["deleted"]) for e in self.endpoints)
 
     # ------------------------------------------------------------ tracking, queue, replication
 
@@ -226,10 +231,6 @@ class LabClient:
               recipient: str | None = None, since: str | float | None = None) -> dict[str, Any]:
         """Tracking events and hop chains (``messages[i]["chain"]``, ``["recipients"]``)
         of a Message-ID, a queue id, a sender or a recipient (since a time)."""
-        from imsrelay.message_api import gather_tracking, tracking_body
-        from imsrelay.message_store import parse_time
-        from imsrelay.tracking import TrackingEvent, TrackingQuery
-
         first = TrackingQuery(message_id=message_id, queue_id=queue_id, sender=sender, recipient=recipient,
                               since=parse_time(str(since)) if since is not None else None)
 
@@ -239,13 +240,13 @@ class LabClient:
             return [TrackingEvent.from_dict(ev) for e in self.endpoints
                     for ev in e.request("GET", "/api/v1/tracking", params)["events"]]
 
-        return tracking_body(gather_tracking(fetch, first))
+        return tracking_body(gather(fetch, first))
 
     def queue(self, site: str) -> list[dict[str, Any]]:
-        return self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/queue")["messages"]
+        return cast(list[dict[str, Any]], self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/queue")["messages"])
 
     def replication(self, site: str) -> dict[str, Any]:
-        return self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/replication")
+        return cast(dict[str, Any], self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/replication"))
 
 
 # ------------------------------------------------------------------ the embedded lab, in a subprocess
@@ -254,7 +255,7 @@ class LabClient:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def free_lab_port(addresses: Sequence[str] = LAB_ADDRESSES, attempts: int = 50) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from imsrelay.testing import LAB_TOKEN, EmbeddedLab, LabClient
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN, EmbeddedLab, LabClient
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -77,7 +77,7 @@ def imsrelay_lab(request: Any, tmp_path_factory: Any) -> Iterator[LabClient]:
         raise pytest.UsageError(f"--imsrelay-api {api!r}: expected HOST:PORT")
     lab = EmbeddedLab(tmp_path_factory.mktemp("imsrelay-lab"), port=request.config.getoption("--imsrelay-port"),
                       admin_port=request.config.getoption("--imsrelay-admin-port"),
-                      **({"api_host": api_host, "api_port": int(api_port)} if api else {}))
+                      api_host=api_host if api else LAB_API_HOST, api_port=int(api_port) if api else None)
     client = lab.start()
     client.smtp_override.update(smtp)
     try:

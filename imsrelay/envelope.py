@@ -1,0 +1,88 @@
+"""The queue's values: a message's envelope and each recipient's delivery state.
+
+No I/O here: the spool stores these (``imsrelay.spool``), the queue manager changes
+them by the rules of ``imsrelay.queue_rules``, the admin endpoint and the CLI show them.
+A recipient is ``pending`` until it reaches one of the ``TERMINAL`` states
+(DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PENDING = "pending"
+DELIVERED = "delivered"
+BOUNCED = "bounced"  # failed, NDR queued to the sender
+FAILED = "failed"  # failed, no NDR possible (null sender) or suppressed: logged
+TERMINAL = frozenset({DELIVERED, BOUNCED, FAILED})
+
+_ID_PREFIX = secrets.token_hex(2).upper()
+_ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
+
+
+def new_queue_id() -> str:
+    """Sortable and unique: 13 hex digits of microseconds, 4 of this process's random
+    prefix, 4 of a per-process counter (no system call per id)."""
+    return f"{int(time.time() * 1_000_000):013X}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF:04X}"
+
+
+def check_queue_id(queue_id: str) -> str:
+    if not queue_id.isalnum() or not queue_id.isascii():
+        raise ValueError(f"{queue_id!r} is not a queue id")
+    return queue_id
+
+
+@dataclass
+class RecipientState:
+    address: str
+    original: str | None = None
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    first_failure: float | None = None
+    status: str | None = None  # RFC 3463 code of the last outcome
+    diagnostic: str | None = None  # last reply / reason
+    remote: str | None = None  # the host that gave the last answer
+    delay_notified: bool = False
+    route: str | None = None
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    sender: str  # "" = null sender <>
+    recipients: list[RecipientState]
+    received_at: float
+    client: str = ""
+    helo: str = ""
+    smtputf8: bool = False
+    body_8bit: bool = False
+    size: int = 0
+    origin: str = "smtp"  # smtp | ndr | dirsync | local
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state not in TERMINAL]
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending
+
+    def next_due(self) -> float | None:
+        pending = self.pending
+        return min(r.next_attempt for r in pending) if pending else None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Envelope:
+        d = json.loads(raw)
+        d["recipients"] = [RecipientState(**r) for r in d["recipients"]]
+        return cls(**d)

@@ -1,0 +1,76 @@
+"""What the ingress relies on inside aiosmtpd (imsrelay.smtpd), checked loudly.
+
+``server_factory`` builds the first protocol of a site normally and later ones by
+copying its ``__dict__`` and rebuilding the per-connection parts; ``ImsSMTP._getaddr``
+replaces aiosmtpd's address parser.  Both depend on aiosmtpd's private attributes:
+when an aiosmtpd release changes them, these tests fail with a message that says
+what changed (pyproject.toml pins the tested range)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import aiosmtpd
+import pytest
+import structlog
+from aiosmtpd.smtp import SMTP, _AuthMechAttr
+from sitekit import config_of, site_mapping
+
+from imsrelay.smtpd import ImsSMTP, SiteHandler, server_factory
+
+# aiosmtpd state the template copy shares between connections: read-only tables
+SHARED_CONTAINERS = {"_handle_hooks", "_call_limit_base"}
+# rebuilt for each copy by server_factory
+REBUILT = {"_drain_waiters", "_stream_reader_wr", "_strong_reader", "_client_connected_cb", "_closed",
+           "_smtp_methods", "_auth_methods"}
+
+
+def test_aiosmtpd_is_the_tested_version():
+    major, minor = (int(x) for x in aiosmtpd.__version__.split(".")[:2])
+    assert (major, minor) == (1, 4), (
+        f"aiosmtpd {aiosmtpd.__version__}: imsrelay.smtpd was tested with 1.4.x; check server_factory "
+        "and ImsSMTP._getaddr against the new release, then widen the pin in pyproject.toml")
+
+
+def test_the_private_names_the_ingress_uses_exist():
+    for name in ("_getaddr", "_cb_client_connected", "push", "smtp_EHLO", "connection_made", "connection_lost"):
+        assert hasattr(SMTP, name), f"aiosmtpd.smtp.SMTP.{name} is gone"
+    assert list(inspect.signature(SMTP._getaddr).parameters) == ["self", "arg"]
+    assert {"method", "is_builtin"} <= set(_AuthMechAttr._fields), "_AuthMechAttr changed"
+    assert isinstance(SMTP.line_length_limit, int) and hasattr(SMTP, "local_part_limit")
+    assert issubclass(SMTP, asyncio.StreamReaderProtocol)
+
+
+@pytest.fixture
+async def protocols():
+    handler = SiteHandler(None, config_of(site_mapping("SiteA")), structlog.get_logger(), lambda: 0.0)  # type: ignore[arg-type]
+    factory = server_factory(handler, None)
+    first, copy = factory(), factory()
+    yield first, copy
+
+
+async def test_a_copied_protocol_has_the_same_state_and_its_own_per_connection_parts(protocols):
+    first, copy = protocols
+    assert set(first.__dict__) == set(copy.__dict__), "aiosmtpd's SMTP.__init__ sets other attributes now"
+    for name, value in first.__dict__.items():
+        other = copy.__dict__[name]
+        mutable = isinstance(value, dict | list | set) or name in REBUILT
+        if name in REBUILT:
+            assert other is not value, f"{name} must be made afresh for each connection"
+        elif mutable:
+            assert name in SHARED_CONTAINERS, (
+                f"SMTP.{name} ({type(value).__name__}) would be shared by every connection of a site: "
+                "server_factory must rebuild it")
+    for table in ("_smtp_methods", "_auth_methods"):
+        assert set(getattr(first, table)) == set(getattr(copy, table))
+    assert all(m.__self__ is copy for m in copy._smtp_methods.values())
+    assert all(a.method.__self__ is copy for a in copy._auth_methods.values() if a.is_builtin)
+    assert copy._stream_reader_wr() is copy._strong_reader
+
+
+@pytest.mark.parametrize("arg", ["<user@example.net>", "<user@example.net> SIZE=100", "user@example.net",
+                                 "<>", "", "<bad", "<\"quoted name\"@example.net>", "<a@[192.0.2.1]>"])
+async def test_getaddr_gives_aiosmtpd_s_answers(protocols, arg):
+    first, _ = protocols
+    assert ImsSMTP._getaddr(first, arg) == SMTP._getaddr(first, arg)
