@@ -47,6 +47,7 @@ from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, qu
 from imsrelay.objects import Mailbox
 from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.site_addressing import report_dict, site_addressing_job
+from imsrelay.tracking import TrackingLog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -75,6 +76,7 @@ class AdminSite(Protocol):
     qmgr: QueueManager
     replicator: Replicator | None
     bound_port: int | None
+    tracking: TrackingLog
     log: Any
 
     @property

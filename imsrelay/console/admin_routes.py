@@ -11,12 +11,13 @@ DELETE   /queue/QUEUE_ID             remove a queued message (no NDR, like
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from imsrelay import tracking
 from imsrelay.config import REPLICATION_ALWAYS, SiteConfig
+from imsrelay.delivery import QueueManager
 from imsrelay.envelope import check_queue_id
 
 
@@ -52,7 +53,16 @@ def config_dict(cfg: SiteConfig) -> dict[str, Any]:
     }
 
 
-def add_console_routes(app: web.Application, site: Any) -> None:
+class ConsoleSite(Protocol):
+    """What these endpoints use of a site (``imsrelay.site.Site``)."""
+
+    config: SiteConfig
+    qmgr: QueueManager
+    tracking: tracking.TrackingLog
+    log: Any
+
+
+def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
     """Register the console's admin endpoints (behind the admin token middleware)."""
 
     async def get_config(request: web.Request) -> web.Response:
