@@ -370,7 +370,7 @@
     return el("article", { class: "site-card", dataset: { site: s.site } },
       el("h3", {}, link(`#/site/${n}`, s.site)),
       el("dl", { class: "facts" },
-        el("dt", { text: "Server" }), el("dd", { text: `${st.server} (${st.hostname})` }),
+        el("dt", { text: "Server" }), el("dd", {}, st.server, el("div", { class: "muted small", text: st.hostname })),
         el("dt", { text: "IMS" }), el("dd", { text: `SMTP ${st.smtp.listen}:${st.smtp.port}` }),
         el("dt", { text: "Site Addressing" }), el("dd", { class: "addr", text: st.site_addressing || `@${st.site_domain}` }),
         el("dt", { text: "Mailboxes" }), el("dd", {}, link(`#/mail?site=${n}`, `${st.local_mailboxes} here`)),
