@@ -156,6 +156,7 @@ def test_the_console_on_127_0_0_1_shows_the_organisation_and_traces_mail(lab: Co
         browser = launch_browser(p)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
         log_in(page, url, TOKEN)
         expect(page.locator(".site-card")).to_have_count(3)
         expect(page.locator(".site-card[data-site=SiteB]")).to_contain_text("@microsoft.com")

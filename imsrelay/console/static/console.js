@@ -167,7 +167,16 @@
     const live = document.getElementById("live");
     const source = new EventSource("/api/events");
     state.events = source;
-    source.onopen = () => { live.className = "live on"; live.textContent = "live"; };
+    let opened = false;
+    source.onopen = () => {
+      live.className = "live on";
+      live.textContent = "live";
+      if (opened) {  // reconnected: what changed meanwhile was not told
+        if (state.stage) refreshStage();
+        refreshView();
+      }
+      opened = true;
+    };
     source.onerror = () => { live.className = "live off"; live.textContent = "reconnecting"; };
     source.addEventListener("change", (ev) => {
       const topics = JSON.parse(ev.data).topics || [];
@@ -520,6 +529,7 @@
       try {
         const r = await api("POST", site(name, "/site-addressing"), { address: address.value.trim(), update_mailboxes: update.checked, keep_old: keep.checked });
         result.replaceChildren(bulkReport(name, r));
+        refreshView();
       } catch (err) {
         result.replaceChildren(notice(err.message, "error"));
       } finally {
