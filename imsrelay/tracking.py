@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS events_related ON events(related);
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._-]+)", re.IGNORECASE)
 _HEADER_SCAN = 64 * 1024
+BATCH_WINDOW = 0.05  # seconds the writer gathers events before one commit
 
 
 def message_id_of(message: bytes) -> str | None:
@@ -219,11 +220,11 @@ class TrackingLog:
         next_purge = time.monotonic() + 3600.0
         try:
             while True:
-                item = self._queue.get()
-                batch = [item]
-                while len(batch) < 1000:
+                batch = [self._queue.get()]
+                gather_until = time.monotonic() + BATCH_WINDOW  # a short window: fewer, larger commits
+                while len(batch) < 1000 and batch[-1] is not None and not isinstance(batch[-1], threading.Event):
                     try:
-                        batch.append(self._queue.get_nowait())
+                        batch.append(self._queue.get(timeout=max(0.0, gather_until - time.monotonic())))
                     except queue.Empty:
                         break
                 events = [e for e in batch if isinstance(e, TrackingEvent)]
