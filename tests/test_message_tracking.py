@@ -10,7 +10,7 @@ import time
 import uuid
 
 from imsrelay.testing import LAB_TOKEN, LabClient
-from imsrelay.tracking import TrackingEvent, follow, message_id_of, remote_queue_id
+from imsrelay.tracking import TrackingEvent, TrackingQuery, follow, message_id_of, remote_queue_id
 
 
 def wait_story(lab: LabClient, message_id: str, done, timeout: float = 60.0) -> dict:
@@ -187,3 +187,35 @@ async def test_events_older_than_the_retention_are_deleted(tmp_path):
         assert new[-1].event == "delivered" and new[-1].message_id == "<new@x>"
     finally:
         await log.stop()
+
+
+async def test_expired_shows_the_lifetime_and_the_ndr(tmp_path):
+    """A message that outlives delivery.lifetime: tracking says it expired where it
+    waited, and that the NDR went back to the sender."""
+    import asyncio
+    import smtplib
+
+    from sitekit import free_port, make_config, running_site, site_mapping
+
+    cfg = make_config(tmp_path, site_mapping(
+        "SiteA", delivery={"smart_host": f"127.0.0.1:{free_port()}", "retry_intervals": [0.2], "lifetime": "1s"}))
+    async with running_site(cfg) as site:
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", site.bound_port, timeout=10) as s:
+                s.sendmail("User1@SiteA.microsoft.com", ["someone@example.org"],
+                           b"Message-ID: <expire-1@test>\r\nSubject: expire\r\n\r\nhello\r\n")
+
+        await asyncio.to_thread(send)
+        deadline = time.monotonic() + 30
+        while True:
+            events = await site.tracking.query(TrackingQuery(message_id="<expire-1@test>"))
+            if any(e.event == "ndr_sent" for e in events):
+                break
+            assert time.monotonic() < deadline, events
+            await asyncio.sleep(0.2)
+    (story,) = [s for s in follow(events) if s.message_id == "<expire-1@test>"]
+    (r,) = story.recipients
+    assert r.state == "expired" and r.site == "SiteA"
+    assert "4.4.7" in r.detail and "maximum time" in r.detail and "User1@SiteA.microsoft.com" in r.detail
+    assert [e.event for e in story.hops[0].events if e.event in ("deferred", "expired", "ndr_sent")][-2:] == \
+        ["expired", "ndr_sent"]
