@@ -318,10 +318,16 @@ def test_queue_retry_and_delete(page, lab, tmp_path):
     mapping.setdefault("email_domains", []).append({"domain": "unreachable.example", "host": "127.0.0.1",
                                                     "port": closed})
     path.write_text(tomli_w.dumps(mapping))
-    for _ in range(100):  # the lab restarts the Internet host within a second or two
-        if any("Internet.toml changed" in line for line in lab.output):
+    for _ in range(300):  # the lab restarts the Internet host: wait until it runs with the new table
+        try:
+            domains = [d["domain"] for d in lab.admin("Internet", "GET", "/config")["email_domains"]]
+            ready = lab.admin("Internet", "GET", "/ready")["ready"]  # 503 (an OSError) until it listens
+        except OSError:  # restarting
+            domains, ready = [], False
+        if "unreachable.example" in domains and ready:
             break
         page.wait_for_timeout(200)
+    assert "unreachable.example" in domains, lab.output[-20:]
     lab.send("Internet", sample_message("Stuck", to="carol@unreachable.example"), "alice@example.net",
              ["carol@unreachable.example"])
     page.goto(lab.console_url + "#/site/Internet/queue")

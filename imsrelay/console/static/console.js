@@ -658,6 +658,9 @@
   async function viewMessage(root, id, params) {
     const siteName = id.split(":")[0];
     const m = await api("GET", site(siteName, `/api/v1/messages/${encodeURIComponent(id)}`));
+    if (!m.read) {  // mark it read first: the file moves to cur/, and the parts are read after that
+      try { await api("PATCH", site(siteName, `/api/v1/messages/${encodeURIComponent(id)}`), { read: true }); } catch (err) { /* shown unread */ }
+    }
     const tabs = ["text", "html", "headers", "attachments", "raw"];
     const tab = tabs.includes(params.get("tab")) ? params.get("tab") : (m.text !== null ? "text" : m.html !== null ? "html" : "headers");
     const back = mailHash({ site: m.site, mailbox: m.mailbox });
@@ -704,7 +707,6 @@
       body.append(pre);
       pre.textContent = await api("GET", site(siteName, `/api/v1/messages/${encodeURIComponent(id)}/raw`));
     }
-    if (!m.read) api("PATCH", site(siteName, `/api/v1/messages/${encodeURIComponent(id)}`), { read: true }).catch(() => {});
     return { topics: [] };
   }
 
