@@ -412,7 +412,10 @@ class MessageStore:
         raise NotFound(message_id)
 
     def detail(self, message_id: str) -> dict[str, Any]:
-        return message_detail(self.find(message_id))
+        try:
+            return message_detail(self.find(message_id))
+        except FileNotFoundError:  # marked read meanwhile: the file moved to cur/ under the same id
+            return message_detail(self.find(message_id))
 
     def delete(self, message_id: str) -> bool:
         try:
