@@ -20,8 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PATH=/opt/imsrelay/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    IMSRELAY_LOG_FORMAT=json
+    PATH=/opt/imsrelay/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 # An unprivileged user owns the data directory; the SMTP port (25) is bound
 # thanks to net.ipv4.ip_unprivileged_port_start=0 (Docker's default since 20.10,
@@ -62,6 +61,8 @@ USER imsrelay
 WORKDIR /var/lib/imsrelay
 EXPOSE 25 8025
 
+# Logs: key=value lines a person can read (docker logs); IMSRELAY_LOG_FORMAT=json
+# in the environment gives one JSON object per line for a log collector.
 # Healthy when the site is ready: GET /ready on the admin endpoint answers 200
 # (listening, spool recovered, directory provisioned); 503 or no answer: not yet.
 HEALTHCHECK --interval=2s --timeout=5s --start-period=60s --retries=3 \

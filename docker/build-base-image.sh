@@ -104,10 +104,22 @@ fi
 start=$(date +%s)
 log "debootstrap $SUITE (minbase) from $DEBIAN_MIRROR into $ROOTFS"
 log "including: $INCLUDE"
-if ! DEBIAN_FRONTEND=noninteractive debootstrap \
+# debootstrap is quiet for minutes: print one progress line every 15 s (its last
+# I: line: retrieving, validating, unpacking or configuring which package).
+DEBIAN_FRONTEND=noninteractive debootstrap \
         --variant=minbase --merged-usr --components=main \
         "${CACHE_ARGS[@]}" --include="$INCLUDE" \
-        "$SUITE" "$ROOTFS" "$DEBIAN_MIRROR" >"$ROOTFS.log" 2>&1; then
+        "$SUITE" "$ROOTFS" "$DEBIAN_MIRROR" >"$ROOTFS.log" 2>&1 &
+boot_pid=$!
+while kill -0 "$boot_pid" 2>/dev/null; do
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do
+        kill -0 "$boot_pid" 2>/dev/null || break
+        sleep 1
+    done
+    kill -0 "$boot_pid" 2>/dev/null || break
+    log "debootstrap, $(( $(date +%s) - start ))s: $(grep '^I: ' "$ROOTFS.log" 2>/dev/null | tail -n 1 | cut -c4-)"
+done
+if ! wait "$boot_pid"; then
     log "debootstrap failed; last lines of its log ($ROOTFS.log):"
     tail -n 40 "$ROOTFS.log" >&2
     if [ -f "$ROOTFS/debootstrap/debootstrap.log" ]; then

@@ -24,11 +24,40 @@ class AddressError(ValueError):
     """An address or domain that cannot be used."""
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_literal(domain: str) -> IPAddress | None:
+    """The IP address of an RFC 5321 §4.1.3 address literal (``[192.0.2.1]``,
+    ``[IPv6:2001:db8::1]``); None when ``domain`` is a name; ``AddressError`` when it
+    is bracketed but not a valid IPv4 or IPv6 literal."""
+    d = domain.strip()
+    if not d.startswith("["):
+        return None
+    if not d.endswith("]"):
+        raise AddressError(f"{domain!r} is not a valid address literal (e.g. [192.0.2.1] or [IPv6:2001:db8::1])")
+    inner = d[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        raise AddressError(f"{domain!r} is not a valid address literal "
+                           "(e.g. [192.0.2.1] or [IPv6:2001:db8::1])") from None
+
+
+def literal_text(ip: IPAddress) -> str:
+    """The canonical address literal for an IP address: ``[192.0.2.1]``, ``[IPv6:2001:db8::1]``."""
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
+
+
 def normalise_domain(domain: str) -> str:
-    """Lower-case a domain, drop a trailing dot, check its labels; IDNA to A-labels."""
+    """Lower-case a domain, drop a trailing dot, check its labels; IDNA to A-labels.
+    An address literal is checked and written canonically (``[IPv6:...]`` compressed)."""
     d = domain.strip().rstrip(".")
-    if d.startswith("[") and d.endswith("]"):
-        return d  # address literal, kept as written
+    literal = address_literal(d)
+    if literal is not None:
+        return literal_text(literal)
     if not d:
         raise AddressError("empty domain")
     if not d.isascii():

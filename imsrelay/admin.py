@@ -23,8 +23,10 @@ GET      /health, /ready             alive; ready (200) or not (503 + reasons), 
 GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
 
-Errors answer ``{"error": "..."}`` with 400 (bad request), 401 (token), 404, 409
-(the directory refuses the change) or 500.
+Errors answer ``{"error": "..."}`` with 400 (bad request: malformed JSON, a missing
+or mistyped field, an invalid alias, address or domain), 401 (token), 404 (no such
+object), 409 (the directory refuses the change, e.g. the alias exists), 413 (body
+over 64 KiB); 500 only for an internal error (logged as ``admin.internal_error``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from aiohttp import web
 from imsrelay.config import SiteConfig
 from imsrelay.console.admin_routes import add_console_routes
 from imsrelay.delivery import QueueManager
-from imsrelay.directory import Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
 from imsrelay.kcc import KccResult
 from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
@@ -50,6 +52,8 @@ from imsrelay.site_addressing import report_dict, site_addressing_job
 from imsrelay.tracking import TrackingLog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024  # every request body is a small JSON object
+MAX_JSON_DEPTH = 8
 
 
 # ------------------------------------------------------------------ shared operations
@@ -98,7 +102,7 @@ class AdminServer:
                 f"environment variable {cfg.admin.token_env or 'named by admin.token_env'}"))
         self._token = token.encode()
         self.log = site.log.bind(component="admin")
-        self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=1024 * 1024)
+        self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY)
         r = self.app.router
         r.add_get("/status", self.get_status)
         r.add_get("/directory", self.get_directory)
@@ -155,6 +159,10 @@ class AdminServer:
             if exc.status >= 400 and not (exc.content_type or "").endswith("json"):
                 return web.json_response({"error": exc.reason}, status=exc.status)
             raise
+        except DirectoryInputError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except DirectoryNotFound as exc:
+            return web.json_response({"error": str(exc)}, status=404)
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
         except (_BadRequest, BadRequest) as exc:
@@ -272,14 +280,47 @@ class _Conflict(DirectoryError):
     pass
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or ``_BadRequest`` saying what is wrong
+    (not JSON, not UTF-8, not an object, nested too deeply, a number too long)."""
+    # Refuse deep nesting before parsing: json.loads recurses once per level.
+    opened = 0
+    deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            opened += 1
+            deepest = max(deepest, opened)
+            if deepest > MAX_JSON_DEPTH:
+                raise _BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        elif byte in (0x5D, 0x7D):
+            opened -= 1
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _BadRequest("the request body must be a JSON object") from None
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _BadRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _BadRequest(f"the request body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError):  # e.g. an integer of more than 4300 digits
+        raise _BadRequest("the request body has a value out of range (numbers are limited to 4300 digits)") from None
     if not isinstance(body, dict):
         raise _BadRequest("the request body must be a JSON object")
     return body
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    return parse_json_object(await request.read())
 
 
 def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
@@ -288,6 +329,9 @@ def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = Fals
         if required:
             raise _BadRequest(f"{name} is required")
         return None
-    if not isinstance(value, kind):
-        raise _BadRequest(f"{name} must be a {kind.__name__}")
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = {str: "string", bool: "boolean (true or false)", list: "list", int: "whole number"}
+        raise _BadRequest(f"{name} must be a {names.get(kind, kind.__name__)}")
+    if isinstance(value, str) and len(value) > 1000:
+        raise _BadRequest(f"{name} is too long (at most 1000 characters)")
     return value

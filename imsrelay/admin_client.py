@@ -108,7 +108,13 @@ def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | 
     except AdminUnavailable as exc:
         raise UserError(str(exc), status=3) from None
     except AdminRequestError as exc:
-        raise UserError(f"{config.site}: {exc} (HTTP {exc.status})") from None
+        raise UserError(f"{config.site}: {exc}", status=request_error_status(exc.status)) from None
+
+
+def request_error_status(http_status: int) -> int:
+    """The CLI exit status for an error the site answered (see ``imsrelay --help``):
+    1 when the thing asked for does not exist, 2 when the request was refused."""
+    return 1 if http_status == 404 else 2
 
 
 def ensure_offline(config: SiteConfig) -> None:

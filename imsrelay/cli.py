@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from imsrelay import __version__
 from imsrelay.errors import ConfigError, ConfigErrors, UserError
@@ -36,13 +37,38 @@ COMMANDS = {
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
+# Exit statuses of every command (listed by ``imsrelay --help``).
+EXIT_OK = 0
+EXIT_FAILED = 1  # nothing matched (no such message/mailbox), or a check found problems
+EXIT_USAGE = 2  # bad arguments, bad configuration, input the site refused
+EXIT_UNREACHABLE = 3  # the site's admin endpoint does not answer (site not running)
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit status:
+  0    done
+  1    nothing matched (no such queue id or mailbox), or a check found problems
+       (kcc check-now errors, org-setup --check not done)
+  2    usage or input error: bad arguments, a bad configuration file (one line per
+       error), a value the site refused (invalid alias, address or domain)
+  3    the site is not running (its admin endpoint does not answer)
+  130  interrupted (Ctrl-C)"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for ``argv`` (None: every sub-command, as for ``--help``)."""
     chosen = next((a for a in argv or [] if not a.startswith("-")), None)
     modules = [COMMANDS[chosen]] if chosen in COMMANDS else COMMAND_MODULES
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="imsrelay",
-        description="Exchange 5.5 Internet Mail Service emulation: one SMTP relay per site.")
+        description="Exchange 5.5 Internet Mail Service emulation: one SMTP relay per site.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"imsrelay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -60,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # every error of the file, one line each
         for line in exc.lines() if isinstance(exc, ConfigErrors) else [str(exc)]:
             print(f"imsrelay: configuration error: {line}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except UserError as exc:
         print(f"imsrelay: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `imsrelay check-config F | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a real bug, keep its traceback
+            raise
+        print(f"imsrelay: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE

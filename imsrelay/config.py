@@ -28,6 +28,7 @@ from imsrelay.addresses import (
 )
 from imsrelay.errors import ConfigError, ConfigErrors
 from imsrelay.settings import (
+    ADDRESS_LITERAL_POLICIES,
     DEFAULT_LIFETIME,
     DEFAULT_RETRY_INTERVALS,
     REPLICATION_ALWAYS,
@@ -41,6 +42,7 @@ from imsrelay.settings import (
     MailboxConfig,
     ReplicationConfig,
     ReplicationConnector,
+    RoutingConfig,
     SiteConfig,
     SmtpConfig,
     TlsPolicy,
@@ -49,9 +51,9 @@ from imsrelay.settings import (
 
 __all__ = [
     "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "ConfigError",
-    "ConfigErrors", "ConnectedSite", "ConsoleConfig", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
-    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "SiteConfig", "SmtpConfig", "TlsPolicy",
-    "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+    "ConfigErrors", "ConnectedSite", "ConsoleConfig", "DeliveryConfig", "DnsConfig", "DomainRoute",
+    "LoggingConfig", "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig",
+    "SmtpConfig", "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -307,9 +309,17 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_key=(config_dir / key) if key else MISSING,
         workers=s.integer("workers", minimum=1, maximum=64),
         queue_minfree=s.integer("queue_minfree", minimum=0),
+        banner=_banner(s),
     )
     s.reject_unknown()
     return cfg
+
+
+def _banner(s: _Section) -> Any:
+    value = s.string("banner")
+    if value is not MISSING and (not value.strip() or any(c in value for c in "\r\n")):
+        return s.error("banner", "must be one line of text")
+    return value
 
 
 def _checked_domain(value: str) -> str:
@@ -467,6 +477,12 @@ def _load_admin(a: _Section) -> AdminConfig:
     return cfg
 
 
+def _load_routing(rt: _Section) -> RoutingConfig:
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    rt.reject_unknown()
+    return cfg
+
+
 def _load_logging(lg: _Section) -> LoggingConfig:
     cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
                  format=lg.choice("format", LOG_FORMATS))
@@ -532,6 +548,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     replication = _load_replication(root.table_of("replication"))
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
+    routing = _load_routing(root.table_of("routing"))
     tracking = _load_tracking(root.table_of("tracking"))
     console = _load_console(root.table_of("console"), admin)
     root.reject_unknown()
@@ -547,5 +564,6 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
         connected_sites=connected, email_domains=routes,
-        replication=replication, admin=admin, logging=logging, tracking=tracking, console=console,
+        replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
+        console=console,
     )

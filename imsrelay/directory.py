@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imsrelay.addresses import AddressError, parse_address, parse_proxy
+from imsrelay.addresses import AddressError, normalise_domain, parse_address, parse_proxy
 from imsrelay.objects import BulkReport, DirObject, Mailbox, SiteObject, Stamp
 
 SCHEMA = """
@@ -87,6 +87,32 @@ T = TypeVar("T")
 
 class DirectoryError(Exception):
     """A directory operation a user asked for that cannot be done (clear message)."""
+
+
+def site_addressing_domain(smtp_address: str) -> str:
+    """The domain of a Site Addressing value such as ``@microsoft.com`` (normalised);
+    ``DirectoryInputError`` for anything else (``@``, ``@a..b``, ``@-x.com``, a literal)."""
+    text = smtp_address.strip()
+    example = "give the site address as @domain, e.g. @microsoft.com"
+    if not text.startswith("@") or len(text) == 1:
+        raise DirectoryInputError(f"{smtp_address!r} is not a site address: {example}")
+    domain = text[1:]
+    if domain.startswith("["):
+        raise DirectoryInputError(f"{smtp_address!r}: Site Addressing needs a domain name, not an address literal")
+    try:
+        normalised = normalise_domain(domain)
+    except AddressError:
+        raise DirectoryInputError(f"{smtp_address!r} is not a site address: {domain!r} is not a valid domain "
+                                  f"({example})") from None
+    return normalised
+
+
+class DirectoryInputError(DirectoryError):
+    """The request itself is malformed (a bad alias, address or domain): HTTP 400."""
+
+
+class DirectoryNotFound(DirectoryError):
+    """The object asked for does not exist: HTTP 404."""
 
 
 def merge_order(obj: DirObject) -> tuple[Any, ...]:
@@ -420,7 +446,7 @@ class Directory:
                     continue
                 key = parse_address(proxy.address).key
             except AddressError as exc:
-                raise DirectoryError(str(exc)) from None
+                raise DirectoryInputError(str(exc)) from None
             other = self._claimed_by_other(key, object_id)
             if other is not None:
                 raise DirectoryError(f"address {proxy.address} already belongs to {other}")
@@ -429,7 +455,7 @@ class Directory:
                     extra_addresses: Sequence[str] = ()) -> Mailbox:
         """Create a mailbox homed at this site, addressed by the site's Site Addressing."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
-            raise DirectoryError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+            raise DirectoryInputError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
         existing = self._load(mailbox_id(self.site, alias))
         if existing is not None and not existing.deleted:
             raise DirectoryError(f"mailbox {alias} already exists at {self.site}")
@@ -448,7 +474,7 @@ class Directory:
     def delete_mailbox(self, alias: str) -> None:
         obj = self._load(mailbox_id(self.site, alias))
         if obj is None or obj.deleted:
-            raise DirectoryError(f"no mailbox {alias} at {self.site}")
+            raise DirectoryNotFound(f"no mailbox {alias} at {self.site}")
         with self._transaction():
             self._local_change(obj.object_id, "mailbox", obj.data, deleted=True)
         self._notify()
@@ -483,9 +509,7 @@ class Directory:
                             keep_old: bool = True) -> BulkReport:
         """Change this site's SMTP Site Addressing; optionally re-address every local
         mailbox (new primary ``alias@new``; the old primary kept as secondary or dropped)."""
-        if not smtp_address.startswith("@"):
-            raise DirectoryError(f"{smtp_address!r} must look like @example.com")
-        new_domain = parse_address("x" + smtp_address).domain
+        new_domain = site_addressing_domain(smtp_address)
         site = self._load(site_id(self.site))
         if site is None:
             raise DirectoryError("this site is not provisioned")

@@ -13,21 +13,40 @@ restarted) or an administrator's action (Check Now, Request Now, Site Addressing
 By default the lab comes up in the article's end state; ``--stage install`` starts
 at step 1 so the walk can be done by hand (``imsrelay lab next``, or by editing the
 config files — a changed file restarts its site — and the usual CLI commands).
+
+Where the walk stands is read from the files and directories themselves
+(``imsrelay.lab_walk``), so what a person did by hand counts, and ``next`` only adds
+what is missing (or refuses, saying what it would change).  The lab writes its files
+with ``[[table]]`` blocks, the form a person adds by hand.  Replication runs by itself
+only on Exchange's documented schedule when the walk is done by hand (a request 5
+minutes after a site starts, then every 3 hours per connector); the lab's own fast
+walk (to the end state) uses lab-speed values.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
+import os
 import socket
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from imsrelay.config import load_config
+from imsrelay import toml_text
+from imsrelay.config import ConfigError, SiteConfig, config_from_mapping, load_config
+from imsrelay.lab_walk import (
+    ConfigEntries,
+    ConfigPlan,
+    StepState,
+    action_step_missing,
+    config_step_missing,
+    plan_config_step,
+    read_facts,
+    read_raw,
+)
 from imsrelay.logs import get_logger
 from imsrelay.message_api import LabEndpoint
 from imsrelay.org_setup import Endpoint, OrgSetup
@@ -87,31 +106,61 @@ def stage_index(name: str) -> int:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}, end") from None
 
 
-def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True,
-                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None) -> dict[str, Any]:
-    """The site's configuration at a stage of the walk (pure)."""
+# Exchange's documented replication timing (reference: requests 5 minutes after
+# start-up; a connector's default schedule is once every 3 hours) and the lab's fast walk.
+EXCHANGE_STARTUP_DELAY, EXCHANGE_SCHEDULE = "5m", "3h"
+FAST_STARTUP_DELAY, FAST_SCHEDULE = "10s", "always"
+# The lab's users submit from 127.0.0.1 (the seed's workstations; the Docker lab's
+# clients come through its gateway).  The sites are reached from their own addresses
+# (outbound connections are bound to them), so the Internet host, 127.10.10.100, is
+# outside every site's relay networks: a site is no open relay for it.
+SITE_RELAY_NETWORKS = ["127.0.0.1/32"]
+# The Internet host is the sites' ISP (their smart host): it relays for its customers,
+# the sites, and for its own users' workstation.
+INTERNET_RELAY_NETWORKS = ["127.0.0.1/32", "127.10.10.0/27"]
+INTERNET_BANNER = "ESMTP"
+
+
+def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = False) -> ConfigEntries:
+    """The ``[[table]]`` entries a configuration step adds to ``site``'s file (pure)."""
     others = [s for s in SITES if s is not site]
+    if stage_name == "connected-sites":
+        return (("connected_sites", "name",
+                 tuple({"name": o.name, "routing_address": f"@{o.domain}"} for o in others)),)
+    if stage_name == "domain-table":
+        return (("email_domains", "domain",
+                 tuple({"domain": o.domain, "host": o.address, "port": port} for o in others)),)
+    if stage_name == "replication-connectors":
+        schedule = EXCHANGE_SCHEDULE if hand else FAST_SCHEDULE
+        return (("replication.connectors", "site", tuple({"site": o.name, "schedule": schedule} for o in others)),)
+    return ()
+
+
+def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True,
+                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
+                 hand: bool = False) -> dict[str, Any]:
+    """The site's configuration at a stage of the walk (pure)."""
     mapping: dict[str, Any] = {
         "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
                  "email_domain": site.domain, "company_domain": COMPANY_DOMAIN,
                  "data_dir": str(data_dir / site.name)},
-        # lab users submit from 127.0.0.1; the sites trust each other; the Internet host
-        # (127.10.10.100) is outside, so the sites are no open relay for it
-        "smtp": {"listen": site.address, "port": port, "relay_networks": ["127.0.0.1/32", "127.10.10.0/27"]},
+        "smtp": {"listen": site.address, "port": port, "relay_networks": list(SITE_RELAY_NETWORKS)},
         "mailboxes": [{"alias": site.user, "display_name": site.display_name},
                       {"alias": "Administrator", "display_name": f"{site.name} Administrator"}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
                      "lifetime": "2d", "smart_host": f"{INTERNET.address}:{port}"},
-        "replication": {"key": LAB_KEY, "startup_delay": startup_delay or ("10s" if fast else "5m")},
+        "replication": {"key": LAB_KEY, "startup_delay": startup_delay or (
+            EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
         "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
         "logging": {"level": "info", "format": "auto"},
     }
-    if stage >= stage_index("connected-sites"):
-        mapping["connected_sites"] = [{"name": o.name, "routing_address": f"@{o.domain}"} for o in others]
-    if stage >= stage_index("domain-table"):
-        mapping["email_domains"] = [{"domain": o.domain, "host": o.address, "port": port} for o in others]
-    if stage >= stage_index("replication-connectors"):
-        mapping["replication"]["connectors"] = [{"site": o.name, "schedule": "always"} for o in others]
+    for name in STAGE_NAMES[1:stage + 1]:
+        for array, _, entries in stage_entries(site, name, port=port, hand=hand):
+            table = mapping
+            *parents, leaf = array.split(".")
+            for part in parents:
+                table = table.setdefault(part, {})
+            table[leaf] = [dict(e) for e in entries]
     return mapping
 
 
@@ -132,19 +181,25 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
 
 
 def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
-    """The outside world: owns example.net, forwards microsoft.com like the seed's MX records."""
+    """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
+    and greets as an ordinary Internet MTA."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
         "site": {"organisation": "Internet", "name": INTERNET.name, "server": INTERNET.server,
                  "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
-        "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": ["127.0.0.0/8"]},
+        "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": list(INTERNET_RELAY_NETWORKS),
+                 "hostname": f"{INTERNET.server}.{INTERNET_DOMAIN}", "banner": INTERNET_BANNER},
         "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
         "email_domains": routes,
         "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
     }
+
+
+class LabStepRefused(Exception):
+    """``lab next`` would have to change what a person wrote: one line saying what."""
 
 
 SITE_ADDRESSING_STAGES = {"site-addressing-a": "SiteA", "site-addressing-b": "SiteB", "site-addressing-c": "SiteC"}
@@ -172,12 +227,14 @@ class Lab:
 
     def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
                  startup_delay: str | None = None, say: Callable[[str], None] = print,
+                 hand: bool = False, detail: Callable[[str], None] | None = None,
                  api_host: str = API_HOST, api_port: int | None = None) -> None:
         """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
         None: no lab endpoint."""
         self.data_dir = Path(data_dir).resolve()
-        self.port = port
-        self._smtp_port = port  # the port in the config files: a private one while the lab builds its state
+        self.config_dir = self.data_dir / "config"
+        self.port = self._port_in_files() or port
+        self._smtp_port = self.port  # the port the hosts run on: a private one while the lab builds its state
         self.api_host = api_host
         self.api_port = api_port
         self.endpoint: Any = None
@@ -185,81 +242,172 @@ class Lab:
         self.fast = fast
         self.admin_port = admin_port
         self.startup_delay = startup_delay
+        self.hand = hand  # a person walks by hand: Exchange's replication timing in what the lab writes
         self.say = say
+        self.detail = detail or (lambda line: None)
         self.sites: dict[str, Site] = {}
-        self.config_dir = self.data_dir / "config"
-        self.state_file = self.data_dir / "lab.json"
         self._mtimes: dict[str, float] = {}
         self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
 
-    # ------------------------------------------------------------ state
-
-    @property
-    def stage(self) -> int:
-        try:
-            return int(json.loads(self.state_file.read_text())["stage"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return -1
-
-    def _save_stage(self, stage: int) -> None:
-        self.state_file.write_text(json.dumps({"stage": stage, "name": STAGE_NAMES[stage]}))
+    # ------------------------------------------------------------ state (read from the files)
 
     def config_path(self, name: str) -> Path:
         return self.config_dir / f"{name}.toml"
 
-    def _write_configs(self, stage: int, *, internet: bool = False) -> None:
-        self.config_dir.mkdir(parents=True, exist_ok=True)
-        header = "# Written by `imsrelay lab` for stage {}; edit it and the lab restarts the site.\n"
+    def _port_in_files(self) -> int | None:
+        raw = read_raw(self.config_path(SITES[0].name))
+        port = raw.get("smtp", {}).get("port") if isinstance(raw, dict) else None
+        return port if isinstance(port, int) and port > 0 else None
+
+    @property
+    def exists(self) -> bool:
+        return any(self.config_path(s.name).exists() for s in SITES)
+
+    def _plans(self, stage_name: str) -> list[ConfigPlan]:
+        plans = []
         for s in SITES:
-            text = header.format(STAGE_NAMES[stage]) + tomli_w.dumps(
-                site_mapping(s, stage, port=self._smtp_port, data_dir=self.data_dir, fast=self.fast,
-                             admin_port=self.admin_port, startup_delay=self.startup_delay))
-            self.config_path(s.name).write_text(text)
-        path = self.config_path(INTERNET.name)
-        if internet or not path.exists():  # the outside world does not change with the walk
-            path.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
-                            + tomli_w.dumps(internet_mapping(port=self._smtp_port, data_dir=self.data_dir,
-                                                            admin_port=self.admin_port)))
+            raw = read_raw(self.config_path(s.name))
+            if isinstance(raw, str):
+                plans.append(ConfigPlan(s.name, (), (raw,)))
+                continue
+            plans.append(plan_config_step(s.name, self.config_path(s.name).name, raw,
+                                          stage_entries(s, stage_name, port=self.port, hand=self.hand)))
+        return plans
+
+    def _data_dir_of(self, site: LabSite) -> Path:
+        try:
+            return load_config(self.config_path(site.name)).data_dir
+        except ConfigError:
+            return self.data_dir / site.name
+
+    def observe(self) -> tuple[StepState, ...]:
+        """Every step of the walk: done or not, and what is missing (reads only)."""
+        steps: list[StepState] = []
+        install_missing = []
+        for s in SITES:
+            try:
+                load_config(self.config_path(s.name))
+            except ConfigError as exc:
+                install_missing.append(str(exc))
+        steps.append(StepState(STAGES[0][0], STAGES[0][1], not install_missing, tuple(install_missing)))
+        facts = None
+        for name, text, kind in STAGES[1:]:
+            if kind == "config":
+                missing = config_step_missing(self._plans(name))
+            else:
+                if facts is None:
+                    facts = {s.name: read_facts(self._data_dir_of(s) / "directory.sqlite3", s.name) for s in SITES}
+                missing = action_step_missing(name, [(s.name, s.user) for s in SITES], facts, COMPANY_DOMAIN)
+            steps.append(StepState(name, text, not missing, tuple(missing)))
+        return tuple(steps)
+
+    @property
+    def stage(self) -> int:
+        """The last step done with every step before it done (-1: no lab here yet)."""
+        if not self.exists:
+            return -1
+        done = -1
+        for i, step in enumerate(self.observe()):
+            if not step.done:
+                break
+            done = i
+        return done
+
+    def status_lines(self, running: str) -> list[str]:
+        steps = self.observe()
+        reached = -1
+        for i, step in enumerate(steps):
+            if not step.done:
+                break
+            reached = i
+        at_end = reached == len(steps) - 1
+        name = "end" if at_end else (STAGE_NAMES[reached] if reached >= 0 else "none")
+        lines = [f"stage {name}" + (" (every step of KB Q196927 is done)" if at_end else "")
+                 + f"; lab {running}; data in {self.data_dir}"]
+        for i, step in enumerate(steps):
+            mark = "done" if step.done else "todo"
+            lines.append(f"  {mark}  {step.name:<24} {step.text}")
+            if i == reached + 1:
+                lines += [f"          missing: {m}" for m in step.missing]
+        if not at_end:
+            lines.append(f"next: {steps[reached + 1].name} (imsrelay lab next, or by hand)")
+        return lines
+
+    def _write_install(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        header = ("# Written by `imsrelay lab` (KB Q196927 step 1: IMS installed). Edit it and the lab\n"
+                  "# restarts the site; `imsrelay lab next` adds the next step's [[tables]] and keeps yours.\n")
+        for s in SITES:
+            path = self.config_path(s.name)
+            if not path.exists():
+                path.write_text(header + toml_text.dumps(
+                    site_mapping(s, 0, port=self.port, data_dir=self.data_dir, fast=self.fast,
+                                 admin_port=self.admin_port, startup_delay=self.startup_delay, hand=self.hand)))
+        internet = self.config_path(INTERNET.name)
+        if not internet.exists():  # the outside world does not change with the walk
+            internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
+                                + toml_text.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
+                                                                 admin_port=self.admin_port)))
+
+    def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
+        """Append the missing ``[[table]]`` entries to each file, keeping every line a
+        person wrote; returns the names of the sites whose file changed."""
+        changed = []
+        for plan in plans:
+            if not plan.additions:
+                continue
+            path = self.config_path(plan.site)
+            text = path.read_text(encoding="utf-8")
+            blocks = "\n".join(toml_text.table_block(array, entry) for array, entry in plan.additions)
+            new = text.rstrip("\n") + f"\n\n# Added by `imsrelay lab next` (stage {stage_name})\n" + blocks
+            try:
+                raw = tomllib.loads(new)
+            except tomllib.TOMLDecodeError:
+                # the file holds the array inline (`connected_sites = [...]`): write it
+                # again in [[table]] form with the same content plus the additions
+                raw = tomllib.loads(text)
+                for array, entry in plan.additions:
+                    table = raw
+                    *parents, leaf = array.split(".")
+                    for part in parents:
+                        table = table.setdefault(part, {})
+                    table.setdefault(leaf, []).append(entry)
+                new = toml_text.dumps(raw)
+            config_from_mapping(raw, path)  # never write a file the site would refuse
+            tmp = path.with_suffix(".toml.tmp")
+            tmp.write_text(new, encoding="utf-8")
+            os.replace(tmp, path)
+            changed.append(plan.site)
+        return changed
 
     # ------------------------------------------------------------ running
 
     async def start(self, target: int | None = None) -> None:
-        """Start at the stored stage (first run: stage 0) and reach ``target`` *before*
-        the announced SMTP port opens: the walk runs with every host on a private
-        port, then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
+        """Start the hosts (first run: write step 1's files) and reach ``target``
+        *before* the announced SMTP port opens: the walk runs with every host on a
+        private port (the files keep the lab's port; the hosts run with it replaced),
+        then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
         if self.api_port is not None and self.endpoint is None:
             self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
                                         token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),
                                         lab_ready=self._not_ready_reason)
             await self.endpoint.start()
-        current = self.stage
-        if current < 0:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._write_configs(0)
-            self._save_stage(0)
-            current = 0
-        if target is not None and target > current:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_install()
+        if target is not None and target > self.stage:
             self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
             self._smtp_port = private_port([INTERNET.address, *(s.address for s in SITES)])
-            self._write_configs(current, internet=True)
             try:
                 await self._start_all()
                 await self.advance_to(target)
+            except LabStepRefused as exc:  # what a person wrote stops the walk: say so, keep running
+                self.say(str(exc))
             finally:
                 await self._stop_sites()
                 self._smtp_port = self.port
-                self._write_configs(max(self.stage, 0), internet=True)
-        elif self._internet_port() != self.port:
-            self._write_configs(current, internet=True)
         self._walking = "starting the hosts on the lab's port"
         await self._start_all()
         self._walking = None
-
-    def _internet_port(self) -> int | None:
-        try:
-            return load_config(self.config_path(INTERNET.name)).smtp.port
-        except Exception:
-            return None
 
     async def _start_all(self) -> None:
         for name in [INTERNET.name] + [s.name for s in SITES]:
@@ -273,6 +421,19 @@ class Lab:
         return self._walking is None and len(self.sites) == len(SITES) + 1 and all(
             s.readiness.report().ready for s in self.sites.values())
 
+    def _running_config(self, config: SiteConfig) -> SiteConfig:
+        """The host's settings as it runs now: while the lab builds its state on a
+        private port, every use of the lab's port (listener, smart host, E-Mail Domain
+        entries) is that private port instead; the file is not changed."""
+        if self._smtp_port == self.port:
+            return config
+        swap = {self.port: self._smtp_port}
+        smtp = dataclasses.replace(config.smtp, port=swap.get(config.smtp.port, config.smtp.port))
+        delivery = dataclasses.replace(config.delivery, smart_host_port=swap.get(
+            config.delivery.smart_host_port, config.delivery.smart_host_port))
+        routes = tuple(dataclasses.replace(r, port=swap.get(r.port, r.port)) for r in config.email_domains)
+        return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes)
+
     async def stop(self) -> None:
         await self._stop_sites()
         if self.endpoint is not None:
@@ -285,7 +446,7 @@ class Lab:
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
-        site = Site(load_config(path))
+        site = Site(self._running_config(load_config(path)))
         site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
         self.sites[name] = site
@@ -321,25 +482,39 @@ class Lab:
 
     async def advance_to(self, target: int) -> None:
         while self.stage < target:
+            before = self.stage
             await self.next_stage()
+            if self.stage <= before:
+                missing = "; ".join(self.observe()[before + 1].missing)
+                raise LabStepRefused(f"lab: stage {STAGE_NAMES[before + 1]} is still not done: {missing}")
 
     async def next_stage(self) -> str | None:
-        stage = self.stage + 1
-        if stage >= len(STAGES):
+        """Do the first step of the walk that is not done yet (whatever was done by
+        hand counts); ``LabStepRefused`` when it would change what a person wrote."""
+        steps = self.observe()
+        todo = next((i for i, step in enumerate(steps) if not step.done), None)
+        if todo is None:
             return None
-        name, text, kind = STAGES[stage]
+        name, text, kind = STAGES[todo]
+        if kind == "config":
+            plans = self._plans(name)
+            conflicts = [c for p in plans for c in p.conflicts]
+            if conflicts:
+                raise LabStepRefused(f"lab next: stage {name} not done, nothing changed: {conflicts[0]}"
+                                     + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else "")
+                                     + "; correct or remove that entry, then run lab next again")
+        elif todo == 0:
+            raise LabStepRefused("lab next: step install is not done: " + "; ".join(steps[0].missing))
         self.say(f"lab: stage {name}: {text}")
         walking, self._walking = self._walking, self._walking or f"taking the step to stage {name}"
         try:
             if kind == "config":
-                self._write_configs(stage)
-                for s in SITES:
-                    await self.restart(s.name)
+                for changed in self._append_entries(name, plans):
+                    await self.restart(changed)
             else:
                 await asyncio.to_thread(administrator_action, await self._administrator(), name)
                 for site in self.sites.values():
                     await site.refresh()
-            self._save_stage(stage)
         finally:
             self._walking = walking
         return name
@@ -349,22 +524,29 @@ class Lab:
     async def _administrator(self) -> OrgSetup:
         """The article's administrator, working as ``imsrelay org-setup`` does: over
         each site's admin endpoint (blocking client, so on a thread)."""
-        org = OrgSetup([Endpoint(f"http://{s.address}:{self.admin_port}", ADMIN_TOKEN) for s in SITES],
-                       say=lambda line: self.say("lab:" + line), poll=0.1)
+        org = OrgSetup([Endpoint(f"http://{s.address}:{self._admin_port_of(s)}", ADMIN_TOKEN) for s in SITES],
+                       say=lambda line: self.detail("lab:" + line), poll=0.1)
         await asyncio.to_thread(org.wait_ready, 30.0)
         return org
 
+    def _admin_port_of(self, site: LabSite) -> int:
+        running = self.sites.get(site.name)
+        return running.config.admin.port if running is not None else self.admin_port
+
     async def describe(self) -> str:
         stage = self.stage
-        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}",
-                 f"stage {STAGE_NAMES[stage]}: {STAGES[stage][1]}", ""]
+        if stage == len(STAGES) - 1:
+            where = "stage end: every step of KB Q196927 is done; every user is UserN@microsoft.com"
+        else:
+            where = f"stage {STAGE_NAMES[max(stage, 0)]}: {STAGES[max(stage, 0)][1]}"
+        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}", where, ""]
         if self.endpoint is not None:
             lines += [f"lab endpoint  {self.endpoint.url}/api/v1  (token {ADMIN_TOKEN}): every host's mail, "
                       f"search, wait, tracking; {self.endpoint.url}/ready", ""]
         for s in SITES:
             site = self.sites[s.name]
             boxes = await site.directory.run(site.directory.mailboxes, s.name)
-            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{self.admin_port} "
+            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{self._admin_port_of(s)} "
                          f"(token {ADMIN_TOKEN})   config {self.config_path(s.name)}")
             for m in boxes:
                 lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/")

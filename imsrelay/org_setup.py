@@ -114,6 +114,10 @@ class SetupError(Exception):
     """org-setup cannot go on (one clear line)."""
 
 
+class SitesUnreachable(SetupError):
+    """A site's admin endpoint never answered (exit status 3, as for every command)."""
+
+
 class Endpoint(AdminClient):
     """One site's admin endpoint, with org-setup's errors: a refused request stops
     the setup (SetupError), an unreachable site is waited for (ConnectionError)."""
@@ -160,7 +164,7 @@ class OrgSetup:
                     break
                 except ConnectionError as exc:
                     if self.clock() > deadline:
-                        raise SetupError(f"{exc}; gave up after {timeout:g}s") from None
+                        raise SitesUnreachable(f"{exc}; gave up after {timeout:g}s") from None
                     time.sleep(self.poll)
             e.name = status["site"]
             self.by_name[e.name] = e

@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imsrelay.addresses import Address, most_specific
+from imsrelay.addresses import Address, AddressError, address_literal, most_specific
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -38,6 +38,8 @@ class InboundPolicy:
     max_recipients: int
     max_message_size: int
     max_hops: int
+    address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
+    self_addresses: frozenset[str] = frozenset()  # this site's own IP addresses
 
 
 def client_may_relay(client_ip: str | None, networks: Sequence[IPNetwork]) -> bool:
@@ -65,6 +67,18 @@ def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str |
         return Reply(452, "4.5.3", f"Too many recipients (at most {policy.max_recipients} per message)")
     if known:
         return Reply(250, "2.1.5", f"<{address}> recipient ok")
+    try:
+        literal = address_literal(address.domain)
+    except AddressError:
+        return Reply(553, "5.1.3", f"<{address}> is not a valid address literal")
+    if literal is not None:
+        if policy.address_literals == "refuse":
+            return Reply(550, "5.7.1", f"<{address}> address literals are not accepted here")
+        if str(literal) in policy.self_addresses:
+            return Reply(550, "5.1.1", f"<{address}> unknown or illegal user")
+        if client_may_relay(client_ip, policy.relay_networks):
+            return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed to the address literal)")
+        return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
     entries = [(d, "local") for d in policy.local_domains] + [(d, "site") for d in policy.org_routing_domains]
     match = most_specific(address.domain, entries)
     if match is not None:

@@ -18,10 +18,18 @@ Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from imsrelay.addresses import Address, AddressError, domain_matches, most_specific, parse_address
+from imsrelay.addresses import (
+    Address,
+    AddressError,
+    address_literal,
+    domain_matches,
+    most_specific,
+    parse_address,
+)
 from imsrelay.loops import SelfEndpoints, points_at_self
 from imsrelay.objects import DIRSYNC_LOCAL, Mailbox
 from imsrelay.settings import ConnectedSite, DomainRoute, SiteConfig
@@ -47,6 +55,31 @@ class RoutingTable:
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
     mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
+    address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
+
+
+def self_addresses(endpoints: frozenset[tuple[str, int]]) -> frozenset[str]:
+    """This site's own IP addresses (normalised), from where it listens."""
+    found = set()
+    for host, _ in endpoints:
+        try:
+            found.add(str(ipaddress.ip_address(host.split("%")[0])))
+        except ValueError:
+            continue  # the host name
+    return frozenset(found)
+
+
+def directory_lookup_address(recipient: str, site_domain: str, own: frozenset[str]) -> str:
+    """The address to look up in the directory: ``user@[this site's own address]`` is
+    ``user@site domain`` (RFC 5321 §4.1.3: a literal naming this host is this host)."""
+    try:
+        address = parse_address(recipient)
+        ip = address_literal(address.domain)
+    except AddressError:
+        return recipient
+    if ip is not None and str(ip) in own:
+        return f"{address.local}@{site_domain}"
+    return recipient
 
 
 @dataclass(frozen=True)
@@ -81,7 +114,8 @@ class Route:
         elif self.kind == DIRECTORY:
             lines.append("=> this site's directory service (replication)")
         elif self.kind == RELAY:
-            lines.append(f"=> SMTP to {self.host}:{self.port} (STARTTLS {self.starttls})")
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            lines.append(f"=> SMTP to {host}:{self.port} (STARTTLS {self.starttls})")
         elif self.kind == MX:
             lines.append(f"=> SMTP to the MX hosts of {self.domain}, port {self.port} (STARTTLS {self.starttls})")
         else:
@@ -138,6 +172,24 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
                  starttls=_starttls_for(domain, table), site=site)
 
 
+def _route_literal(recipient: str, address: Address, ip: object, table: RoutingTable, trail: _Trail) -> Route:
+    """An address literal goes to that address — never through the tables or MX
+    (RFC 5321 §5.1) — or is refused by policy; this site's own address is this site."""
+    literal = address.domain
+    if table.address_literals == "refuse":
+        trail.add(f"address literal {literal}: this site refuses address literals (routing.address_literals = \"refuse\")")
+        return _fail(recipient, trail, "5.7.1", f"address literals such as {literal} are not accepted here",
+                     permanent=True)
+    if str(ip) in self_addresses(table.self_endpoints):
+        trail.add(f"address literal {literal} is this site's own address")
+        return _fail(recipient, trail, "5.1.1", f"{recipient}: unknown or illegal user (no mailbox {address.local} "
+                     "at this site)", permanent=True)
+    trail.add(f"address literal {literal}: deliver to {ip} directly, no E-Mail Domain table, smart host or MX "
+              "(RFC 5321 §5.1)")
+    return Route(recipient, RELAY, tuple(trail.steps), host=str(ip), port=table.mx_port, domain=address.domain,
+                 starttls=table.starttls_default)
+
+
 def site_routing_domain(site: str, table: RoutingTable) -> tuple[str, str] | None:
     """(routing domain, where it was found) for a remote site, by exact directory name."""
     for c in table.connected_sites:
@@ -174,6 +226,9 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable) -> R
         return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site)
 
     trail.add(f"directory: no mailbox has the address {recipient}")
+    literal = address_literal(address.domain)
+    if literal is not None:
+        return _route_literal(recipient, address, literal, table, trail)
     entries = [(d, ("local", d)) for d in table.local_domains]
     entries += [(c.routing_domain, ("site", c.name)) for c in table.connected_sites]
     entries += [(domain, ("site", name)) for name, domain in table.learned_sites]
@@ -218,7 +273,8 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
         self_endpoints=self_endpoints, starttls_default=d.starttls,
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
-        service_domains=(addressing_domain,), mx_port=d.mx_port)
+        service_domains=(addressing_domain,), mx_port=d.mx_port,
+        address_literals=config.routing.address_literals)
 
 
 __all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",

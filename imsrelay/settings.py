@@ -12,6 +12,8 @@ from pathlib import Path
 DEFAULT_RETRY_INTERVALS = (900.0, 1800.0, 3600.0, 14400.0)
 DEFAULT_LIFETIME = 2 * 86400.0
 REPLICATION_ALWAYS = 15 * 60.0
+DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
+ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
 
 def secret_from(value: str | None, env: str | None) -> str | None:
     """A secret given in the file, else in the environment variable named ``env``."""
@@ -75,6 +77,7 @@ class SmtpConfig:
     tls_key: Path | None = None
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
+    banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,16 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """``[routing]``: how recipients at address literals (``user@[192.0.2.1]``) are
+    treated: ``deliver`` straight to that address, never through MX (RFC 5321 §5.1;
+    Postfix's behaviour), or ``refuse`` them (Exim's ``allow_domain_literals = false``).
+    A literal naming this site's own address is this site."""
+
+    address_literals: str = "deliver"
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
 
@@ -174,6 +187,7 @@ class SiteConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
 

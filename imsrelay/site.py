@@ -34,7 +34,14 @@ from imsrelay.policy import InboundPolicy
 from imsrelay.readiness import Readiness
 from imsrelay.replication import Replicator
 from imsrelay.rewrite import RewriteRules
-from imsrelay.router import RoutingTable, is_service_address, local_domains_for, routing_table_for
+from imsrelay.router import (
+    RoutingTable,
+    directory_lookup_address,
+    is_service_address,
+    local_domains_for,
+    routing_table_for,
+    self_addresses,
+)
 from imsrelay.smtp_client import SmtpClient
 from imsrelay.smtpd import SiteHandler, server_factory
 from imsrelay.spool import Spool
@@ -231,6 +238,9 @@ class Site:
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
+        own = self_addresses(self.self_endpoints())
+        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.config.site_domain, own) for a in addresses]
         missing = [a for a in addresses if a.lower() not in self._mailbox_cache]
         if missing:
             generation = self._cache_generation
@@ -293,7 +303,9 @@ class Site:
         org = tuple(c.routing_domain for c in cfg.connected_sites) + tuple(d for _, d in self._learned_sites)
         return InboundPolicy(local_domains=locals_, org_routing_domains=org,
                              relay_networks=cfg.smtp.relay_networks, max_recipients=cfg.smtp.max_recipients,
-                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops)
+                             max_message_size=cfg.smtp.max_message_size, max_hops=cfg.smtp.max_hops,
+                             address_literals=cfg.routing.address_literals,
+                             self_addresses=self_addresses(self.self_endpoints()))
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imsrelay.directory import Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError, site_addressing_domain
 from imsrelay.objects import BulkReport
 
 
@@ -13,7 +13,9 @@ def site_addressing_job(directory: Directory, log: Any, address: str, *, update_
                         keep_old: bool) -> BulkReport:
     """Change Site Addressing and (optionally) re-address every local mailbox, logging
     Exchange's bulk-update events: started (2043), substitutes (2053), finished (2044).
-    Synchronous: run it on the directory's thread (``directory.run``) or offline."""
+    Synchronous: run it on the directory's thread (``directory.run``) or offline.
+    A malformed address is refused (``DirectoryInputError``) before the job starts."""
+    site_addressing_domain(address)
     log.info("site_addressing.started", event_id=2043, address=address, update_mailboxes=update_mailboxes,
              keep_old=keep_old)
     try:

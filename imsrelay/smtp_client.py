@@ -46,6 +46,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import ssl
@@ -144,6 +145,23 @@ def smtp_path(address: str) -> str:
 
 def data_timeout(size: int, command_timeout: float, per_mib: float) -> float:
     return command_timeout + per_mib * size / MIB
+
+
+def source_address_for(listen: str, destination: str) -> str | None:
+    """The address outbound connections come from (Postfix's ``smtp_bind_address``):
+    the site's listen address when it is one specific IP of the destination's family —
+    so a peer's ``Received:`` line names this site — else the system's choice.  A
+    loopback listen address is used only towards loopback destinations."""
+    try:
+        own = ipaddress.ip_address(listen)
+        dest = ipaddress.ip_address(destination.split("%")[0])
+    except ValueError:
+        return None
+    if own.is_unspecified or own.version != dest.version:
+        return None
+    if own.is_loopback and not dest.is_loopback:
+        return None
+    return str(own)
 
 
 def remote_name(hop: NextHop) -> str:
@@ -362,8 +380,10 @@ class SmtpClient:
         cfg = self.delivery
         remote = remote_name(hop)
         peer = f"{hop.address}:{hop.port}"
+        source = source_address_for(self.config.smtp.listen, hop.address)
         client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
-                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False)
+                                 timeout=cfg.command_timeout, start_tls=False, use_tls=False,
+                                 source_address=(source, 0) if source else None)
         try:
             greeting = await client.connect(timeout=cfg.connect_timeout)
         except SMTPConnectResponseError as exc:

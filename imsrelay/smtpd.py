@@ -280,7 +280,7 @@ def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None) -> 
     def full() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-                       hostname=handler.config.hostname, ident="Microsoft Exchange Internet Mail Service 5.5 (imsrelay)",
+                       hostname=handler.config.hostname, ident=handler.config.smtp.banner,
                        tls_context=tls_context, timeout=cfg.idle_timeout,
                        command_call_limit={"*": 100000, "NOOP": 50, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
                                            "HELO": 20})

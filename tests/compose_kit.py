@@ -126,8 +126,9 @@ def engine_lock(timeout: float = 900.0) -> Iterator[None]:
 class ComposeLab:
     """The compose lab of one test session: up, inspect, fault, down."""
 
-    def __init__(self, project: str = PROJECT) -> None:
+    def __init__(self, project: str = PROJECT, progress: Callable[[str], None] | None = None) -> None:
         self.project = project
+        self.progress = progress or (lambda line: None)
         self.env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "IMSRELAY_ADMIN_TOKEN": TOKEN,
                     "IMSRELAY_ORG_KEY": ORG_KEY}
         if "PYTHON" not in self.env and _has_pip(sys.executable):
@@ -140,19 +141,41 @@ class ComposeLab:
     # ------------------------------------------------------------ lifecycle
 
     def lab_sh(self, *args: str, timeout: float = 900.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run docker/lab.sh; its output is appended to build/compose-lab-PROJECT.log."""
+        """Run docker/lab.sh; its output is appended to build/compose-lab-PROJECT.log
+        and, line by line as it comes (image builds take minutes), given to
+        ``self.progress`` (the test run's terminal, see ``progress_to_terminal``)."""
         started = time.monotonic()
-        proc = subprocess.run([str(LAB_SH), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if args and args[0] == "compose" and args[1:2] != ("-f",):  # a query: its stdout is parsed
+            proc = subprocess.run([str(LAB_SH), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                                  timeout=timeout)
+            if check and proc.returncode != 0:
+                raise LabError(f"docker/lab.sh {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr}")
+            return proc
+        lines: list[str] = []
         with self.log_path.open("a") as log:
-            log.write(f"$ docker/lab.sh {' '.join(args)}  ({time.monotonic() - started:.0f}s, "
-                      f"exit {proc.returncode})\n{proc.stdout}{proc.stderr}\n")
-        if check and proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-            raise LabError(f"docker/lab.sh {' '.join(args)} failed (exit {proc.returncode}); "
+            log.write(f"$ docker/lab.sh {' '.join(args)}\n")
+            proc = subprocess.Popen([str(LAB_SH), *args], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            assert proc.stdout is not None
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    lines.append(line)
+                    log.write(line)
+                    log.flush()
+                    self.progress(f"lab.sh {args[0] if args else ''}: {line.rstrip()}")
+                returncode = proc.wait()
+            finally:
+                timer.cancel()
+            log.write(f"({time.monotonic() - started:.0f}s, exit {returncode})\n")
+        output = "".join(lines)
+        if check and returncode != 0:
+            tail = "\n".join(output.splitlines()[-40:])
+            raise LabError(f"docker/lab.sh {' '.join(args)} failed (exit {returncode}); "
                            f"full log in {self.log_path}:\n{tail}")
-        return proc
+        return subprocess.CompletedProcess([str(LAB_SH), *args], returncode, output, "")
 
     def up(self) -> float:
         """A fresh lab (old containers and volumes of this project removed first);
@@ -379,3 +402,24 @@ class MailFlow(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"mail flow {self.tag} stopped after {len(self.sent)} messages: {self.error!r}")
         return self.sent
+
+
+def progress_to_terminal(config: Any) -> Callable[[str], None]:
+    """Print lines on the test run's terminal while pytest captures output (capture is
+    suspended for the line), so a four-minute image build shows what it is doing:
+    through the terminal reporter, or — in a pytest-xdist worker, whose own reporter writes nowhere —
+    on the worker's stderr, which is the terminal's.  Silent with ``-q -q``."""
+    worker = hasattr(config, "workerinput")  # a pytest-xdist worker: its reporter writes nowhere
+    reporter = None if worker else config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if config.get_verbosity() < -1:
+        return lambda line: None
+
+    def show(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            if reporter is not None:
+                reporter.write_line(f"[compose] {line}")
+            else:
+                sys.stderr.write(f"[compose] {line}\n")
+                sys.stderr.flush()
+    return show

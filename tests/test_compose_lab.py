@@ -30,6 +30,7 @@ from compose_kit import (
     header,
     message_ids,
     poll,
+    progress_to_terminal,
 )
 
 pytestmark = pytest.mark.docker
@@ -44,11 +45,11 @@ ALICE = "/home/alice/Maildir"
 
 
 @pytest.fixture(scope="module")
-def lab():
+def lab(pytestconfig):
     reason = docker_skip_reason()
     if reason:
         pytest.skip(reason)
-    lab = ComposeLab()
+    lab = ComposeLab(progress=progress_to_terminal(pytestconfig))
     with engine_lock():
         try:
             seconds = lab.up()
@@ -309,3 +310,18 @@ def test_sitec_cut_off_the_network_its_mail_and_replication_back_up_then_drain_e
     poll(lambda: lab.replication_peer("sitec", "SiteA")["backlog"] == 0, timeout=60,
          what="SiteC's replication queue to drain")
     assert lab.primaries("sitec")[("SiteA", "FaultUser")] == "FaultUser@microsoft.com"
+
+
+def test_logs_are_readable_and_every_container_stops_with_exit_0(lab: ComposeLab):
+    """Last (it stops the lab): `docker logs` of a site are key=value lines, not JSON
+    (IMSRELAY_LOG_FORMAT=json asks for JSON), and `docker stop` — Ctrl-C of
+    `docker compose up` — ends every container with exit status 0."""
+    out = lab.docker("logs", lab.container("sitea"))
+    logs = (out.stdout + out.stderr).splitlines()
+    events = [line for line in logs if "site.started" in line]
+    assert events, logs[-20:]
+    assert not events[0].lstrip().startswith("{") and "listen=" in events[0], events[0]
+    for service in ("internet", "sitea", "siteb", "sitec", "dns"):
+        lab.docker("stop", lab.container(service), timeout=60)
+        state = lab.state(service)
+        assert (state["Status"], state["ExitCode"]) == ("exited", 0), (service, state)

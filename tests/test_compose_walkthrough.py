@@ -41,6 +41,7 @@ from compose_kit import (
     engine_lock,
     header,
     poll,
+    progress_to_terminal,
 )
 
 from imsrelay.config import load_config
@@ -200,11 +201,11 @@ class Walk:
 
 
 @pytest.fixture(scope="module")
-def walk():
+def walk(pytestconfig):
     reason = docker_skip_reason()
     if reason:
         pytest.skip(reason)
-    lab = ComposeLab(PROJECT)
+    lab = ComposeLab(PROJECT, progress=progress_to_terminal(pytestconfig))
     w = Walk(lab, REPO / "build" / f"compose-walk-{PROJECT}")
     with engine_lock():
         try:

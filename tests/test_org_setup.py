@@ -89,7 +89,7 @@ async def test_errors_are_one_line(org: Organisation, monkeypatch):
     stopped = free_port("127.0.0.24")
     code, _, err = await run_cli("org-setup", "--site", f"{org.url('SiteA')}={TOKEN}",
                                  "--site", f"http://127.0.0.24:{stopped}={TOKEN}", "--wait", "0.3")
-    assert code == 1 and "no admin endpoint at http://127.0.0.24" in err and "gave up after 0.3s" in err
+    assert code == 3 and "no admin endpoint at http://127.0.0.24" in err and "gave up after 0.3s" in err
 
     monkeypatch.delenv("IMSRELAY_ADMIN_TOKEN", raising=False)
     code, _, err = await run_cli("org-setup", "--site", org.url("SiteA"), "--site", org.url("SiteB"))

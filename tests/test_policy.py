@@ -74,3 +74,18 @@ def test_storage_check_like_postfix_queue_minfree():
     assert (r.code, r.status) == (452, "4.3.1")
     assert check_storage(14 * mib, declared=1 * mib, max_message_size=10 * mib, minfree=0) is None
     assert check_storage(14 * mib, declared=1 * mib, max_message_size=10 * mib, minfree=20 * mib).code == 452
+
+
+def test_address_literals_at_rcpt():
+    import dataclasses
+
+    mine = dataclasses.replace(POLICY, self_addresses=frozenset({"10.10.10.10"}))
+    check = lambda addr, ip="192.0.2.1", p=mine: check_recipient(  # noqa: E731
+        parse_address(addr), policy=p, client_ip=ip, known=False, accepted_so_far=0)
+    assert (check("x@[192.0.2.9]").code, check("x@[192.0.2.9]").status) == (554, "5.7.1")  # relaying
+    assert check("x@[192.0.2.9]", ip="10.1.1.1").code == 250  # a relay client may
+    assert check("x@[IPv6:2001:db8::9]", ip="10.1.1.1").code == 250
+    assert check("nobody@[10.10.10.10]").status == "5.1.1"  # this site's own address
+    refuse = dataclasses.replace(mine, address_literals="refuse")
+    r = check("x@[192.0.2.9]", ip="10.1.1.1", p=refuse)
+    assert (r.code, r.status) == (550, "5.7.1") and "address literals" in r.text

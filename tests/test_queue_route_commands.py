@@ -210,3 +210,19 @@ def test_route_rejects_a_bad_address(tmp_path, capsys):
     path, data = write_config(tmp_path)
     assert main(["route", "not-an-address", "--config", str(path), "--data", str(data)]) == 2
     assert "is not an address of the form user@domain" in capsys.readouterr().err
+
+
+def test_route_explains_address_literals(tmp_path, capsys):
+    path, data = write_config(tmp_path, delivery={"smart_host": "127.0.0.50:2527"}, **ROUTE_SITE)
+    out = route(capsys, path, data, "a@[1.2.3.4]", "--resolve")
+    assert out[-3:] == [
+        "  2. address literal [1.2.3.4]: deliver to 1.2.3.4 directly, no E-Mail Domain table, smart host or MX "
+        "(RFC 5321 §5.1)",
+        "=> SMTP to 1.2.3.4:25 (STARTTLS opportunistic)",
+        "next hop: 1.2.3.4 [1.2.3.4]:25 (fixed host, no DNS)"]
+    v6 = route(capsys, path, data, "a@[IPv6:2001:db8::1]")
+    assert v6[-1] == "=> SMTP to [2001:db8::1]:25 (STARTTLS opportunistic)"
+    (tmp_path / "refuse").mkdir()
+    path2, data2 = write_config(tmp_path / "refuse", routing={"address_literals": "refuse"}, **ROUTE_SITE)
+    refused = route(capsys, path2, data2, "a@[1.2.3.4]")
+    assert refused[-1] == "=> permanent failure 5.7.1: address literals such as [1.2.3.4] are not accepted here"

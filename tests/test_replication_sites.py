@@ -384,7 +384,7 @@ async def test_admin_status_directory_and_queue(organisation):
         async with http.delete(f"{base}/directory/mailboxes/Nobody", headers=auth) as r:
             assert r.status == 404
         async with http.post(f"{base}/directory/mailboxes", headers=auth, json={"alias": "bad alias"}) as r:
-            assert r.status == 409 and "not a valid alias" in (await r.json())["error"]
+            assert r.status == 400 and "not a valid alias" in (await r.json())["error"]
     code, _, err = await org.cli("replicate", "request-now", "--site", "SiteA", site="SiteA")
     assert code == 2 and err.strip() == ("imsrelay: SiteA: SiteA is this site: replication requests go to "
-                                         "other sites (HTTP 409)")
+                                         "other sites")

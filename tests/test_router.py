@@ -198,3 +198,45 @@ def test_a_wildcard_listener_knows_every_local_address_as_itself():
                               self_endpoints=mine)
     route = route_for("bob@partner.test", None, table)
     assert (route.kind, route.status, route.permanent) == ("fail", "5.4.6", True)
+
+
+# ------------------------------------------------------------------ address literals (RFC 5321 §4.1.3, §5.1)
+
+
+def test_an_address_literal_goes_to_that_address_never_through_the_table_smart_host_or_mx():
+    t = table(delivery={"smart_host": "127.10.10.100:2525", "mx_port": 2600},
+              email_domains=[{"domain": "microsoft.com", "host": "127.10.10.15", "port": 2525}])
+    r = route_for("someone@[192.0.2.7]", None, t)
+    assert (r.kind, r.host, r.port, r.domain) == (RELAY, "192.0.2.7", 2600, "[192.0.2.7]")
+    assert r.steps[-1] == ("address literal [192.0.2.7]: deliver to 192.0.2.7 directly, no E-Mail Domain "
+                           "table, smart host or MX (RFC 5321 §5.1)")
+    assert not any("smart host:" in s or "DNS" in s for s in r.steps)
+    v6 = route_for("someone@[IPv6:2001:DB8::0:7]", None, t)
+    assert (v6.kind, v6.host, v6.domain) == (RELAY, "2001:db8::7", "[IPv6:2001:db8::7]")
+
+
+def test_an_address_literal_of_this_site_is_this_site():
+    t = table()
+    user1 = mailbox("User1", "SiteA", "User1@SiteA.microsoft.com")
+    assert route_for("User1@[127.10.10.10]", user1, t).kind == LOCAL
+    r = route_for("nobody@[127.10.10.10]", None, t)
+    assert (r.kind, r.status, r.permanent) == (FAIL, "5.1.1", True)
+    assert "address literal [127.10.10.10] is this site's own address" in r.steps
+    from imsrelay.router import directory_lookup_address, self_addresses
+    assert directory_lookup_address("User1@[127.10.10.10]", "SiteA.microsoft.com",
+                                    self_addresses(t.self_endpoints)) == "User1@SiteA.microsoft.com"
+    assert directory_lookup_address("User1@[192.0.2.1]", "SiteA.microsoft.com",
+                                    self_addresses(t.self_endpoints)) == "User1@[192.0.2.1]"
+
+
+def test_address_literals_refused_by_policy():
+    t = table(routing={"address_literals": "refuse"})
+    r = route_for("someone@[192.0.2.7]", None, t)
+    assert (r.kind, r.status, r.permanent) == (FAIL, "5.7.1", True)
+    assert 'routing.address_literals = "refuse"' in r.steps[-2]
+
+
+def test_a_malformed_address_literal_is_a_bad_address():
+    for bad in ("x@[999.0.0.1]", "x@[1.2.3]", "x@[::1]", "x@[IPv6:1.2.3.4]", "x@[tag:content]"):
+        r = route_for(bad, None, table())
+        assert (r.kind, r.status) == (FAIL, "5.1.3"), bad

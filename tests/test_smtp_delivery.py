@@ -516,3 +516,29 @@ async def test_delay_notice_then_expiry_ndr(tmp_path):
     _, status, _ = report_parts(final)
     assert "Action: failed" in status and "Status: 4.4.7" in status
     assert len(ndrs(config)) == 2  # one delay notice, not one per retry
+
+
+async def test_mail_to_an_address_literal_goes_to_that_address_from_the_sites_own_address(tmp_path):
+    """RFC 5321 §5.1: no MX, no smart host for ``bob@[127.0.0.62]``; and the connection
+    comes from the site's listen address (it is a specific one), as Postfix's
+    smtp_bind_address would make it."""
+    from imsrelay.smtp_client import source_address_for
+
+    port = free_port("127.0.0.62")
+    config = site_config(tmp_path, listen="127.0.0.61",
+                         delivery={"smart_host": f"127.0.0.63:{free_port('127.0.0.63')}", "mx_port": port})
+    with SmtpSink("127.0.0.62", port) as sink:
+        async with running_site(config) as site:
+            await submit(site, ["bob@[127.0.0.62]"], host="127.0.0.61")
+            dumps = await wait_for(sink.messages)
+            await wait_for(lambda: not queued(site))
+    assert b"X-Rcpt-Args: <bob@[127.0.0.62]>" in dumps[0]
+    assert b"X-Client-Addr: 127.0.0.61" in dumps[0]
+    # the decision (pure): only a specific address of the destination's family, and a
+    # loopback one only towards loopback
+    assert source_address_for("127.0.0.61", "127.0.0.62") == "127.0.0.61"
+    assert source_address_for("0.0.0.0", "127.0.0.62") is None
+    assert source_address_for("::", "::1") is None
+    assert source_address_for("127.0.0.61", "192.0.2.1") is None
+    assert source_address_for("192.0.2.10", "198.51.100.1") == "192.0.2.10"
+    assert source_address_for("192.0.2.10", "2001:db8::1") is None

@@ -102,13 +102,16 @@ async def test_step1_ims_installed_each_site_serves_its_own_domain(walk: Walk):
     await walk.send(A.address, "user1@SiteA.microsoft.com", "User2@SiteB.microsoft.com", "s1-to-b")
     got = await walk.arrives("SiteB", "User2", "s1-to-b")
     assert b"by mail.example.net (imsrelay)" in trace(got)
+    assert b"Received: from mail.example.net ([127.10.10.100])\r\n\tby ServerB" in trace(got)
+    assert b"Received: from ServerA.SiteA.microsoft.com ([127.10.10.10])\r\n\tby mail.example.net" in trace(got)
     assert got.startswith(b"Return-Path: <user1@SiteA.microsoft.com>")
     # the company domain is not usable yet: microsoft.com's MX is SiteA itself, which
-    # does not know User2 -- the mail comes back to SiteA and is stopped as a loop,
-    # and User1 gets a non-delivery report
+    # does not own microsoft.com yet and is no relay for the Internet host (it connects
+    # from its own address, outside the sites' relay networks) -- refused, and User1
+    # gets a non-delivery report from the Internet host
     await walk.send(A.address, "user1@SiteA.microsoft.com", "User2@microsoft.com", "s1-company")
     ndr = await walk.arrives("SiteA", "User1", "Undeliverable: s1-company")
-    assert b"multipart/report" in ndr and b"5.4.6" in ndr
+    assert b"multipart/report" in ndr and b"5.7.1" in ndr and b"relaying denied" in ndr
     # a client outside the relay networks may not use the site as a relay
     code, text = await walk.rcpt_reply(A.address, "someone@example.org", source="127.0.0.2")
     assert (code, text[:5]) == (554, "5.7.1")
@@ -135,9 +138,14 @@ async def test_step3_email_domain_table_sends_direct(walk: Walk):
     got = await walk.arrives("SiteC", "User3", "s3-to-c")
     assert b"mail.example.net" not in trace(got)  # straight from ServerA to ServerC
     assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)
+    # ServerA connected from its own address, as Server1.SiteA at 10.10.10.10 would
+    assert (b"Received: from ServerA.SiteA.microsoft.com ([127.10.10.10])\r\n"
+            b"\tby ServerC.SiteC.microsoft.com (imsrelay)") in trace(got)
     await walk.send(C.address, "user3@SiteC.microsoft.com", "User1@SiteA.microsoft.com", "s3-to-a")
     got = await walk.arrives("SiteA", "User1", "s3-to-a")
     assert b"mail.example.net" not in trace(got)
+    assert b"Received: from ServerC.SiteC.microsoft.com ([127.10.10.20])\r\n\tby ServerA" in trace(got)
+    assert b"[127.0.0.1])\r\n\tby ServerC" in trace(got)  # only the user's client is on 127.0.0.1
 
 
 async def test_step4_replication_connectors_then_check_now(walk: Walk):

@@ -53,4 +53,15 @@ postmap /etc/postfix/lab_users
 
 postfix check
 echo "internet: Postfix for $domain as $host; users: $users; mynetworks: $(postconf -h mynetworks)" >&2
-exec postfix start-fg
+# Postfix in the foreground, stopped cleanly on docker stop / Ctrl-C (SIGTERM or
+# SIGINT): `postfix stop`, then exit 0 -- not the 143 of a process killed by TERM.
+postfix start-fg &
+master=$!
+stop() {
+    echo "internet: stopping Postfix" >&2
+    postfix stop >/dev/null 2>&1 || kill -TERM "$master" 2>/dev/null || true
+    wait "$master" 2>/dev/null || true
+    exit 0
+}
+trap stop TERM INT
+wait "$master"

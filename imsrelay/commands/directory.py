@@ -14,7 +14,7 @@ from typing import Any
 from imsrelay.admin_client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
-from imsrelay.directory import Directory, DirectoryError
+from imsrelay.directory import Directory, DirectoryError, DirectoryNotFound
 from imsrelay.errors import UserError
 
 
@@ -93,6 +93,8 @@ def _offline(args: argparse.Namespace, config: Any, change: Callable[[Directory]
     directory = open_directory(args)
     try:
         return change(directory)
+    except DirectoryNotFound as exc:
+        raise UserError(f"{config.site}: {exc}", status=1) from None
     except DirectoryError as exc:
         raise UserError(f"{config.site}: {exc}") from None
     finally:

@@ -4,67 +4,73 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import secrets
+import time
 from pathlib import Path
+from typing import Any
 
+from imsrelay.commands import PORT, positive_seconds, whole_number
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.lab_console import lab_console
+from imsrelay.console.server import ConsoleServer
 from imsrelay.errors import UserError
-from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, STAGES, Lab, stage_index
+from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, Lab, LabStepRefused, stage_index
 from imsrelay.logs import configure_logging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-
     p = sub.add_parser(
         "lab", help="run SiteA, SiteB, SiteC and an Internet host on loopback (KB Q196927)",
         description="Run the seed organisation on 127.10.10.10/.15/.20 (+ Internet on 127.10.10.100). "
-                    "By default it comes up in the article's end state; --stage install starts at step 1. "
-                    "`imsrelay lab next` (another terminal) advances a running lab one step.",
+                    "By default it comes up in the article's end state (replication at lab speed); "
+                    "--stage install starts at step 1 for a walk by hand (Exchange's replication timing: "
+                    "first requests 5 minutes after a site starts, lab-added connectors every 3 hours). "
+                    "`imsrelay lab next` (another terminal) takes the first step the sites' files and "
+                    "directories show not done; `imsrelay lab status` lists them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages: " + ", ".join(STAGE_NAMES) + ", end")
     p.add_argument("action", nargs="?", default="run", choices=["run", "next", "status"],
-                   help="run the lab (default); next: advance a running lab one stage; status: print its stage")
+                   help="run the lab (default); next: a running lab takes the next step not done yet; "
+                        "status: which of the article's steps the files and directories show done")
     p.add_argument("--data", type=Path, default=Path("lab-data"), help="data directory (default ./lab-data)")
-    p.add_argument("--port", type=int, default=2525, help="SMTP port of every host (default 2525)")
-    p.add_argument("--admin-port", type=int, default=8025,
+    p.add_argument("--port", type=PORT, default=2525, help="SMTP port of every host (default 2525)")
+    p.add_argument("--admin-port", type=PORT, default=8025,
                    help="port of each site's admin endpoint on its own address (default 8025)")
     p.add_argument("--api-host", default=None,
                    help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
-    p.add_argument("--api-port", type=int, default=8025,
+    p.add_argument("--api-port", type=whole_number(0, 65535, "a TCP port (0: any free one)"), default=8025,
                    help="port of the lab endpoint (default 8025; 0: any free port)")
     p.add_argument("--stage", default=None,
                    help="stage to reach at start: install … site-addressing-c, or end (default); given, the "
-                        "console shows the stage with a 'next step' control")
+                        "web console shows the stage with a 'next step' control")
     p.add_argument("--console-listen", default="127.10.10.1",
                    help="address of the web console for the organisation (default 127.10.10.1)")
-    p.add_argument("--console-port", type=int, default=8080,
+    p.add_argument("--console-port", type=whole_number(0, 65535, "a TCP port (0: no console)"), default=8080,
                    help="port of the web console (default 8080; 0: no console)")
     p.add_argument("--exchange-timers", action="store_true",
                    help="use Exchange's real retry intervals (15m, 30m, 1h, 4h) instead of lab-speed ones")
+    p.add_argument("--wait", type=positive_seconds, default=300.0, metavar="SECONDS",
+                   help="next: how long to wait for the running lab's answer (default 300)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="log level of the sites' events on stderr (default warning)")
     p.set_defaults(func=cmd_lab)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-
     data = args.data
     if args.action == "next":
-        pid = _running_pid(data)
-        if pid is None:
-            raise UserError(f"no lab is running with data in {data} (start it with: imsrelay lab --data {data})")
-        (data / "lab-next").touch()
-        print(f"asked the lab (pid {pid}) to take the next step; it prints what it did")
-        return 0
+        return _ask_next(data, args.wait)
     if args.action == "status":
         lab = Lab(data, port=args.port)
-        if lab.stage < 0:
-            raise UserError(f"no lab in {data} yet")
-        running = "running" if _running_pid(data) else "not running"
-        print(f"stage {STAGE_NAMES[lab.stage]} ({STAGES[lab.stage][1]}); lab {running}")
+        if not lab.exists:
+            raise UserError(f"no lab in {data.resolve()} yet (start one with: imsrelay lab --data {data})")
+        pid = _running_pid(data)
+        for line in lab.status_lines(f"running (pid {pid})" if pid else "not running"):
+            print(line)
         return 0
-    staged = args.stage is not None
+    staged = args.stage is not None  # the console shows the walk and its "next step" control
     args.stage = args.stage or "end"
     try:
         target = stage_index(args.stage)
@@ -72,19 +78,29 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if _running_pid(data) is not None:
         raise UserError(f"a lab is already running with data in {data}")
-    configure_logging(args.log_level, "console" if args.log_level != "warning" else "auto")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the lab's data directory {data}: {exc.strerror or exc}") from None
+    configure_logging(args.log_level, "console")  # a person reads this console: key=value lines
+    verbose = args.log_level in ("debug", "info")
 
     async def main(stop: asyncio.Event) -> None:
+        # walking by hand (--stage before the end): Exchange's replication timing in
+        # what the lab writes, so nothing replicates before the person asks for it
         lab = Lab(data, port=args.port, admin_port=args.admin_port, fast=not args.exchange_timers,
-                  say=lambda s: print(s, flush=True), api_host=args.api_host or API_HOST, api_port=args.api_port)
-        if 0 <= lab.stage and target < lab.stage and args.stage != "end":
-            print(f"lab: {data} is already at stage {STAGE_NAMES[lab.stage]}; "
-                  f"delete it to start again from {args.stage}")
+                  hand=args.stage != "end", say=lambda s: print(s, flush=True),
+                  detail=(lambda s: print(s, flush=True)) if verbose else None,
+                  api_host=args.api_host or API_HOST, api_port=args.api_port)
         data.mkdir(parents=True, exist_ok=True)
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))
-        console = None
+        (data / NEXT_REQUEST).unlink(missing_ok=True)
+        console: ConsoleServer | None = None
         try:
+            if lab.exists and target < lab.stage:
+                print(f"lab: {lab.data_dir} is already past stage {args.stage} "
+                      f"(imsrelay lab status --data {data}); delete it to start again from {args.stage}")
             await lab.start(target)
             print(await lab.describe(), flush=True)
             if args.console_port:
@@ -103,11 +119,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
                     await asyncio.wait_for(stop.wait(), 1.0)
                 except TimeoutError:
                     pass
-                if (data / "lab-next").exists():
-                    (data / "lab-next").unlink()
+                request = data / NEXT_REQUEST
+                if request.exists():
                     async with lab.step_lock:
-                        done = await lab.next_stage()
-                    print(f"lab: now at stage {done}" if done else "lab: already at the last stage", flush=True)
+                        await _answer_next(lab, request)
                 await lab.restart_changed()
         finally:
             if console is not None:
@@ -124,10 +139,65 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
+NEXT_REQUEST = "lab-next"
+NEXT_ANSWER = "lab-next.answer"
+
+
+async def _answer_next(lab: Any, request: Path) -> None:
+    """Take the next step for ``imsrelay lab next`` and leave it the answer."""
+    token = request.read_text().strip()
+    request.unlink(missing_ok=True)
+    try:
+        done = await lab.next_stage()
+        stage = lab.stage
+        if done is None:
+            answer = {"ok": True, "message": "lab: already at the end: every step of KB Q196927 is done"}
+        else:
+            reached = "end" if stage == len(STAGE_NAMES) - 1 else STAGE_NAMES[stage]
+            answer = {"ok": True, "message": f"lab: did {done}; now at stage {reached}"}
+    except LabStepRefused as exc:
+        answer = {"ok": False, "message": str(exc)}
+    except Exception as exc:  # keep the lab running; tell the person what failed
+        answer = {"ok": False, "message": f"lab next: failed: {exc}"}
+    print(answer["message"], flush=True)
+    tmp = lab.data_dir / (NEXT_ANSWER + ".tmp")
+    tmp.write_text(json.dumps({"token": token, **answer}))
+    os.replace(tmp, lab.data_dir / NEXT_ANSWER)
+
+
+def _ask_next(data: Path, wait: float) -> int:
+    """``imsrelay lab next``: ask the running lab for the next step, print its answer."""
+    pid = _running_pid(data)
+    if pid is None:
+        raise UserError(f"no lab is running with data in {data} (start it with: imsrelay lab --data {data})")
+    token = secrets.token_hex(8)
+    answer_file = data / NEXT_ANSWER
+    answer_file.unlink(missing_ok=True)
+    tmp = data / (NEXT_REQUEST + ".tmp")
+    tmp.write_text(token)
+    os.replace(tmp, data / NEXT_REQUEST)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            answer = json.loads(answer_file.read_text())
+        except (FileNotFoundError, ValueError):
+            answer = None
+        if answer and answer.get("token") == token:
+            if not answer["ok"]:
+                raise UserError(str(answer["message"]).removeprefix("lab next: "))
+            print(answer["message"])
+            return 0
+        if _running_pid(data) is None:
+            raise UserError("the lab stopped before it answered", status=1)
+        time.sleep(0.2)
+    raise UserError(f"the lab (pid {pid}) has not answered within {wait:g}s; its console says what it is doing",
+                    status=1)
+
+
 def _running_pid(data: Path) -> int | None:
     try:
         pid = int((data / "lab.pid").read_text())
         os.kill(pid, 0)
         return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+    except (OSError, ValueError):
         return None

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from imsrelay.admin_client import cli_client
+from imsrelay.commands import positive_seconds
 from imsrelay.config import AdminConfig, load_config
 from imsrelay.errors import UserError
-from imsrelay.org_setup import Endpoint, OrgSetup, SetupError
+from imsrelay.org_setup import Endpoint, OrgSetup, SetupError, SitesUnreachable
 
 DEFAULT_TOKEN_ENV = str(AdminConfig.token_env)  # the site setting's default
 
@@ -35,9 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})")
     p.add_argument("--address", help="the Site Addressing to give every site (default: @<company domain>)")
-    p.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--wait", type=positive_seconds, default=120.0, metavar="SECONDS",
                    help="how long to wait for every admin endpoint to answer (default 120)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=300.0, metavar="SECONDS",
                    help="how long to wait for each round of replication (default 300)")
     p.add_argument("--check", action="store_true",
                    help="change nothing: report whether the organisation is set up (exit 1 if not)")
@@ -79,6 +80,8 @@ def cmd_org_setup(args: argparse.Namespace) -> int:
         if args.check:
             return 0 if setup.check(address=args.address, wait=args.wait) else 1
         setup.run(address=args.address, wait=args.wait, timeout=args.timeout)
-    except (SetupError, ConnectionError) as exc:
+    except (SitesUnreachable, ConnectionError) as exc:
+        raise UserError(f"org-setup: {exc}", status=3) from None
+    except SetupError as exc:
         raise UserError(f"org-setup: {exc}", status=1) from None
     return 0

@@ -72,7 +72,7 @@ def _load(spool: Spool, queue_id: str) -> Envelope:
     except ValueError:
         raise UserError(f"{queue_id!r} is not a queue id (see imsrelay queue list)") from None
     if env is None:
-        raise UserError(f"no message {queue_id} in the queue")
+        raise UserError(f"no message {queue_id} in the queue", status=1)
     return env
 
 

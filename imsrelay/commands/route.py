@@ -26,7 +26,15 @@ from imsrelay.interfaces import site_endpoints
 from imsrelay.kcc import learned_sites
 from imsrelay.logs import configure_logging
 from imsrelay.loops import is_self, without_self
-from imsrelay.router import MX, RELAY, Route, route_for, routing_table_for
+from imsrelay.router import (
+    MX,
+    RELAY,
+    Route,
+    directory_lookup_address,
+    route_for,
+    routing_table_for,
+    self_addresses,
+)
 from imsrelay.smtp_client import remote_name
 
 
@@ -65,7 +73,8 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
         table = routing_table_for(config, addressing_domain=addressing,
                                   learned_sites=tuple(learned_sites(directory)),
                                   self_endpoints=site_endpoints(config, config.smtp.port))
-        mailbox = directory.find_recipient(address)
+        mailbox = directory.find_recipient(directory_lookup_address(address, config.site_domain,
+                                                                    self_addresses(table.self_endpoints)))
     finally:
         directory.close()
     return route_for(address, mailbox, table), source

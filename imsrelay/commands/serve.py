@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 
+from imsrelay.commands import whole_number
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.errors import UserError
 from imsrelay.logs import configure_logging, get_logger
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Run one site: SMTP server, queue, delivery, replication, admin endpoint.")
     p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
     p.add_argument("--data", type=Path, help="data directory (overrides site.data_dir)")
-    p.add_argument("--workers", type=int, help="processes sharing the SMTP port (overrides smtp.workers; "
+    p.add_argument("--workers", type=whole_number(1, 64, "a number of worker processes"), help="processes sharing the SMTP port (overrides smtp.workers; "
                    "use about one per core for throughput)")
     p.set_defaults(func=cmd_serve)
 
@@ -52,9 +53,7 @@ def run_until_signalled(main_factory: Callable[[asyncio.Event], Awaitable[None]]
 def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, data_dir=args.data)
-    workers = args.workers or config.smtp.workers
-    if workers < 1:
-        raise UserError("--workers must be at least 1")
+    workers = args.workers if args.workers is not None else config.smtp.workers
     configure_logging(config.logging.level, config.logging.format)
     if workers > 1:
         return supervise(config, workers)

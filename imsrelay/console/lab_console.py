@@ -8,7 +8,7 @@ from typing import Any
 
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
-from imsrelay.lab import ADMIN_TOKEN, INTERNET, ORGANISATION, SITES, STAGES
+from imsrelay.lab import ADMIN_TOKEN, INTERNET, ORGANISATION, SITES, STAGES, LabStepRefused
 
 LAB_CONSOLE_LISTEN = "127.10.10.1"
 LAB_CONSOLE_PORT = 8080
@@ -23,6 +23,7 @@ class LabStage:
         self.last: str | None = None
 
     def state(self) -> dict[str, Any]:
+        """Where the walk is (read from the sites' files and directories: call it off the loop)."""
         index = self.lab.stage
         following = STAGES[index + 1] if 0 <= index + 1 < len(STAGES) else None
         return {"index": index, "total": len(STAGES), "name": STAGES[index][0] if index >= 0 else None,
@@ -31,10 +32,15 @@ class LabStage:
                 "stages": [{"name": n, "text": t} for n, t, _ in STAGES], "last_step": self.last}
 
     async def next(self) -> dict[str, Any]:
+        """Take the next step not done yet (as ``imsrelay lab next``); a step that would
+        change what a person wrote is refused, with the reason."""
         async with self.lock:
-            done = await self.lab.next_stage()
+            try:
+                done = await self.lab.next_stage()
+            except LabStepRefused as exc:
+                return {"done": None, "refused": str(exc), **await asyncio.to_thread(self.state)}
         self.last = done
-        return {"done": done, **self.state()}
+        return {"done": done, **await asyncio.to_thread(self.state)}
 
 
 def lab_console(lab: Any, *, listen: str = LAB_CONSOLE_LISTEN, port: int = LAB_CONSOLE_PORT,

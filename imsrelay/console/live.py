@@ -103,7 +103,7 @@ class LiveFeed:
             picture[f"tracking:{site}"] = signature(newest[0])
             picture[f"mail:{site}"] = signature(newest[1])
         if self.stage is not None:
-            picture["stage"] = signature(self.stage.state())
+            picture["stage"] = signature(await asyncio.to_thread(self.stage.state))
         return picture
 
 

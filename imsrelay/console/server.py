@@ -326,7 +326,7 @@ class ConsoleServer:
     async def get_stage(self, request: web.Request) -> web.Response:
         if self.stage is None:
             raise web.HTTPNotFound(reason="this console shows no lab stage (start the lab with --stage)")
-        return web.json_response(self.stage.state())
+        return web.json_response(await asyncio.to_thread(self.stage.state))
 
     async def post_stage_next(self, request: web.Request) -> web.Response:
         if self.stage is None:

@@ -225,7 +225,10 @@
     next.addEventListener("click", async () => {
       next.disabled = true;
       next.textContent = "Working…";
-      try { await api("POST", "/api/stage/next"); } catch (err) { alertBox(err.message); }
+      try {
+        const r = await api("POST", "/api/stage/next");
+        if (r.refused) alertBox(r.refused);
+      } catch (err) { alertBox(err.message); }
       refreshStage();
       refreshView();
     });
