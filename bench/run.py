@@ -611,7 +611,10 @@ class ImsSite:
                      "data_dir": str(self.data)},
             "smtp": {"listen": spec.listen, "port": spec.port, "relay_networks": ["127.0.0.0/8"],
                      "idle_timeout": "10m", "session_timeout": "1h", "max_errors": 1000,
-                     "workers": spec.workers},
+                     "workers": spec.workers,
+                     # the concurrency phase holds 1,000 sessions; load phases run many senders
+                     "max_inbound_connections": 100_000, "max_connections_per_ip": 100_000,
+                     "max_queued_messages": 10_000_000},
             "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
             "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.

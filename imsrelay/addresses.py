@@ -85,9 +85,14 @@ class Address:
         return f"{self.local.lower()}@{self.domain}"
 
 
+_UNSAFE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")  # undecodable bytes (surrogateescape), controls
+
+
 def parse_address(text: str) -> Address:
     """Parse ``local@domain`` (angle brackets allowed). Raise ``AddressError``."""
     t = text.strip()
+    if _UNSAFE.search(t):
+        raise AddressError(f"{text!r} is not valid UTF-8 text (or holds control characters)")
     if t.startswith("<") and t.endswith(">"):
         t = t[1:-1].strip()
     if ":" in t and t.startswith("@"):  # source route "@a,@b:user@host" (RFC 5321 §C)

@@ -31,6 +31,7 @@ over 64 KiB); 500 only for an internal error (logged as ``admin.internal_error``
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -39,16 +40,18 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from imsrelay.addresses import AddressError
 from imsrelay.config import SiteConfig
 from imsrelay.console.admin_routes import add_console_routes
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
 from imsrelay.kcc import KccResult
-from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, queue_items
+from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
 from imsrelay.objects import Mailbox
 from imsrelay.replication import ReplicationError, Replicator
 from imsrelay.site_addressing import report_dict, site_addressing_job
+from imsrelay.spool import Spool
 from imsrelay.tracking import TrackingLog
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,6 +85,8 @@ class AdminSite(Protocol):
     bound_port: int | None
     tracking: TrackingLog
     log: Any
+    spool: Spool
+    workers: int
 
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
@@ -165,14 +170,15 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=404)
         except (DirectoryError, ReplicationError) as exc:
             return web.json_response({"error": str(exc)}, status=409)
-        except (_BadRequest, BadRequest) as exc:
+        except (_BadRequest, BadRequest, AddressError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         except Missing as exc:
             return web.json_response({"error": str(exc)}, status=404)
         except Exception as exc:
             self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
                            exc_info=exc)
-            return web.json_response({"error": f"internal error: {exc!r}"}, status=500)
+            return web.json_response({"error": "internal error (logged at the site as admin.internal_error)"},
+                                     status=500)
 
     # -------------------------------------------------------------- handlers
 
@@ -190,7 +196,9 @@ class AdminServer:
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
-            "queue": {"messages": site.qmgr.backlog},
+            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers},
+            "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
+                              "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},
             "replication": {"enabled": site.replicator is not None,
                             "connectors": [c.site for c in cfg.replication.connectors]},
@@ -261,8 +269,15 @@ class AdminServer:
         await self.site.refresh()
         return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
 
+    async def _all_envelopes(self) -> list[Any]:
+        """This worker's queue from memory, the other workers' from their journals."""
+        others = await asyncio.to_thread(self.site.spool.other_workers_envelopes) if self.site.workers > 1 else []
+        own = list(self.site.qmgr.envelopes.values())
+        known = {e.queue_id for e in own}
+        return own + [e for e in others if e.queue_id not in known]
+
     async def get_queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"messages": queue_items(self.site.qmgr)})
+        return web.json_response({"messages": envelope_items(await self._all_envelopes())})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
         body = await _json_body(request) if request.can_read_body else {}

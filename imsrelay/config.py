@@ -12,6 +12,8 @@ site addressing once provisioned.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import tomllib
@@ -61,7 +63,10 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _OFF = ("", "never", "off")
-STARTTLS_POLICIES = ("none", "opportunistic", "require")
+# none; opportunistic (encrypt when offered); require (encrypt, no check: Postfix's "encrypt");
+# verify (encrypt, certificate from a trusted CA and matching the host name: Postfix's "secure")
+STARTTLS_POLICIES = ("none", "opportunistic", "require", "verify")
+BARE_NEWLINE = ("normalize", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -309,6 +314,11 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         tls_key=(config_dir / key) if key else MISSING,
         workers=s.integer("workers", minimum=1, maximum=64),
         queue_minfree=s.integer("queue_minfree", minimum=0),
+        max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
+        max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+        bare_newline=s.choice("bare_newline", BARE_NEWLINE),
+        postmaster=_alias(s, "postmaster"),
+        max_queued_messages=s.integer("max_queued_messages", minimum=1),
         banner=_banner(s),
     )
     s.reject_unknown()
@@ -328,7 +338,14 @@ def _checked_domain(value: str) -> str:
     return bare if bare.isascii() else normalised
 
 
-def _load_delivery(s: _Section) -> DeliveryConfig:
+def _alias(s: _Section, name: str) -> Any:
+    value = s.string(name)
+    if value is not MISSING and not _ALIAS.fullmatch(value):
+        return s.error(name, f"{value!r} is not a mailbox alias (letters, digits, . _ -)")
+    return value
+
+
+def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
     intervals = []
     for i, value in enumerate(s.listing("retry_intervals")):
         try:
@@ -365,6 +382,9 @@ def _load_delivery(s: _Section) -> DeliveryConfig:
         data_timeout_per_mib=s.duration("data_timeout_per_mib"),
         connection_idle=s.duration("connection_idle"),
         mx_port=s.port("mx_port"),
+        max_active_messages=s.integer("max_active_messages", minimum=1),
+        smart_host_starttls=s.choice("smart_host_starttls", STARTTLS_POLICIES),
+        tls_ca_file=(config_dir / ca) if (ca := s.string("tls_ca_file")) else MISSING,
     )
     s.reject_unknown()
     return cfg
@@ -443,7 +463,22 @@ def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
     return tuple(routes)
 
 
-def _load_replication(r: _Section) -> ReplicationConfig:
+def _public_key(t: _Section, site: str) -> Any:
+    """``ed25519:<base64 of 32 bytes>`` (``imsrelay replicate keygen`` prints it)."""
+    value = t.string(site, required=True)
+    if value is MISSING:
+        return value
+    scheme, _, b64 = value.strip().partition(":")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if scheme != "ed25519" or len(raw) != 32:
+        return t.error(site, "must be an Ed25519 public key, ed25519:<base64> (imsrelay replicate keygen prints it)")
+    return value
+
+
+def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
     connectors = []
     for c in r.tables("connectors"):
         if c.table.get("schedule", "always") == "always":
@@ -455,6 +490,7 @@ def _load_replication(r: _Section) -> ReplicationConfig:
         if site is not MISSING:
             connectors.append(_build(ReplicationConnector, site=site, schedule=schedule))
         c.reject_unknown()
+    trusted = r.table_of("trusted_keys")
     cfg = _build(
         ReplicationConfig,
         key=r.string("key"),
@@ -465,7 +501,13 @@ def _load_replication(r: _Section) -> ReplicationConfig:
         max_age=r.duration("max_age"),
         keep_old_address=r.boolean("keep_old_address"),
         kcc_interval=r.duration("kcc_interval"),
+        signing_key=(config_dir / sk) if (sk := r.string("signing_key")) else MISSING,
+        trusted_keys=tuple((site, k) for site in sorted(trusted.table)
+                           if (k := _public_key(trusted, site)) is not MISSING),
     )
+    if cfg.signing_key and not trusted.table:
+        r.error("trusted_keys", "signing_key needs the organisation's trusted public keys "
+                                "([replication.trusted_keys] SiteA = \"ed25519:...\")")
     r.reject_unknown()
     return cfg
 
@@ -541,11 +583,11 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
 
     smtp = _load_smtp(root.table_of("smtp"), config_dir)
     mailboxes = _load_mailboxes(root)
-    delivery = _load_delivery(root.table_of("delivery"))
+    delivery = _load_delivery(root.table_of("delivery"), config_dir)
     dns = _load_dns(root.table_of("dns"))
     connected = _load_connected_sites(root)
     routes = _load_email_domains(root)
-    replication = _load_replication(root.table_of("replication"))
+    replication = _load_replication(root.table_of("replication"), config_dir)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
     routing = _load_routing(root.table_of("routing"))

@@ -29,7 +29,7 @@ import itertools
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,37 @@ from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, RoutingTab
 from imsrelay.spool import Spool
 
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
+
+
+@dataclass
+class QmgrHealth:
+    """What the queue manager's supervisor knows: failures so far, and the stages
+    failing now (each backed off exponentially, 0.5 s doubling up to 30 s)."""
+
+    failures: int = 0
+    failing: dict[str, tuple[str, float, float]] = field(default_factory=dict)  # stage -> (error, retry at, delay)
+
+    def failed(self, stage: str, exc: BaseException, now: float) -> float:
+        self.failures += 1
+        previous = self.failing.get(stage)
+        delay = min(30.0, previous[2] * 2) if previous else 0.5
+        self.failing[stage] = (repr(exc), now + delay, delay)
+        return delay
+
+    def succeeded(self, stage: str) -> None:
+        self.failing.pop(stage, None)
+
+    def due(self, stage: str, now: float) -> bool:
+        entry = self.failing.get(stage)
+        return entry is None or now >= entry[1]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing
+
+    def reason(self) -> str:
+        return "; ".join(f"{stage} failing: {err}" for stage, (err, _, _) in sorted(self.failing.items()))
+
 
 
 @dataclass(frozen=True)
@@ -115,6 +146,8 @@ class QueueManager:
         self._maildirs: set[str] = set()
         self._next_compaction = 0.0
         self._next_control_check = 0.0
+        self.health = QmgrHealth()
+        self._last_trim = -60.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -124,7 +157,7 @@ class QueueManager:
             self._track(env)
         if recovered:
             self.log.info("queue.recovered", messages=len(recovered))
-        self._main = asyncio.create_task(self._loop(), name="qmgr")
+        self._main = asyncio.create_task(self._supervised(), name="qmgr")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -181,16 +214,49 @@ class QueueManager:
 
     # ------------------------------------------------------------ scheduling
 
+    async def _supervised(self) -> None:
+        """The main loop under supervision (DESIGN.md invariant 8): an unexpected
+        error is logged with its traceback, counted, backed off and the loop runs
+        again; it never ends the queue manager."""
+        while not self._stopping:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self.health.failed("main loop", exc, time.monotonic())
+                self.log.error("qmgr.internal_error", stage="main loop", error=repr(exc),
+                               failures=self.health.failures, retry_in=delay, exc_info=exc)
+                await asyncio.sleep(delay)
+
+    async def _stage(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """One housekeeping stage (operator requests, compaction): its failure (EMFILE,
+        ENOSPC...) is logged, counted and backed off without stopping deliveries."""
+        if not self.health.due(name, time.monotonic()):
+            return
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            delay = self.health.failed(name, exc, time.monotonic())
+            self.log.error("qmgr.internal_error", stage=name, error=repr(exc), failures=self.health.failures,
+                           retry_in=delay, exc_info=exc)
+        else:
+            self.health.succeeded(name)
+
     async def _loop(self) -> None:
         while not self._stopping:
             now = self.clock()
             if now >= self._next_control_check:  # imsrelay queue retry/delete, at most twice a second
                 self._next_control_check = now + 0.5
-                await self._operator_requests()
+                await self._stage("operator requests", self._operator_requests)
             if now >= self._next_compaction:
                 self._next_compaction = now + 60.0
-                await self._compact()
-            while self._heap and self._heap[0][0] <= now:
+                await self._stage("compaction", self._compact)
+            self.health.succeeded("main loop")
+            max_active = self.delivery.max_active_messages
+            while self._heap and self._heap[0][0] <= now and len(self._running) < max_active:
                 _, _, qid = heapq.heappop(self._heap)
                 env = self.envelopes.get(qid)
                 if env is None or qid in self._running:
@@ -198,20 +264,46 @@ class QueueManager:
                 due = env.next_due()
                 if due is None or due > now:
                     continue
+                if self._destination_crowded(env):  # leave room for the other destinations
+                    heapq.heappush(self._heap, (now + 1.0, next(self._seq), qid))
+                    continue
                 self._running.add(qid)
                 task = asyncio.create_task(self._attempt(env), name=f"deliver-{qid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             if not self.envelopes and not self._running:
+                if not self.idle.is_set():
+                    self._give_memory_back()
                 self.idle.set()
             timeout = 1.0
-            if self._heap:
+            if self._heap and len(self._running) < max_active:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - self.clock()))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def _destination_crowded(self, env: Envelope) -> bool:
+        """The destination of this message's last attempt already has twice its slots
+        in attempts waiting: don't add to the crowd (bounded memory, no starvation)."""
+        hint = next((r.route for r in env.pending if r.route), None)
+        entry = self._destinations.get(hint) if hint else None
+        return entry is not None and entry[1] >= 2 * self.delivery.max_per_destination
+
+    def _give_memory_back(self) -> None:
+        """The queue just emptied: return freed heap memory to the system (glibc keeps
+        it otherwise), so RSS follows the queue down, not its deepest point."""
+        now = time.monotonic()
+        if now - self._last_trim < 30.0:
+            return
+        self._last_trim = now
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     async def _operator_requests(self) -> None:
         """``imsrelay queue retry|delete`` ran beside us: they leave requests in the
@@ -248,6 +340,9 @@ class QueueManager:
                 r.next_attempt = after_internal_error(r, now=self.clock(), policy=self.policy).next_attempt
         finally:
             self._running.discard(env.queue_id)
+            body = self._bodies.pop(env.queue_id, None)  # a message that stays waits on disk, not in memory
+            if body is not None:
+                self._body_bytes -= len(body)
             if env.queue_id in self.envelopes:
                 self._push(env)
             self._wake.set()
@@ -375,7 +470,10 @@ class QueueManager:
 
     async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
         assert route.mailbox is not None
-        path = maildir.mailbox_dir(self.data_dir, route.mailbox)
+        try:
+            path = maildir.mailbox_dir(self.data_dir, route.mailbox)
+        except ValueError as exc:  # never a path outside the data directory
+            return Outcome(False, True, "5.1.3", f"local delivery refused: {exc}")
         write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
                                        message=message, sender=env.sender, recipient=r.address,
                                        hostname=self.hostname)
@@ -468,5 +566,6 @@ class QueueManager:
 def _assign(live: RecipientState, new: RecipientState, *, keep_pending: bool) -> None:
     """Record ``new`` in the envelope's own recipient object (the envelope holds it)."""
     state = live.state if keep_pending else new.state
-    live.__dict__.update(new.__dict__)
+    for f in fields(new):  # slotted dataclass: no __dict__
+        setattr(live, f.name, getattr(new, f.name))
     live.state = state

@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS seen_messages(
     message_id TEXT PRIMARY KEY,
     seen_at    REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sent_messages(
+    message_id TEXT PRIMARY KEY,
+    peer       TEXT NOT NULL,
+    sent_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections(
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+);
 """
 
 TOMBSTONE_LIFETIME = 30 * 86400.0
@@ -152,6 +161,8 @@ class Directory:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        if "sig" not in {r[1] for r in self._db.execute("PRAGMA table_info(objects)").fetchall()}:
+            self._db.execute("ALTER TABLE objects ADD COLUMN sig TEXT NOT NULL DEFAULT ''")  # older databases
         self._executor: ThreadPoolExecutor | None = None
         if self._meta("invocation") is None:
             self._set_meta("invocation", secrets.token_hex(8))
@@ -218,7 +229,7 @@ class Directory:
 
     def _load(self, object_id: str) -> DirObject | None:
         row = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects WHERE object_id=?", (object_id,)).fetchone()
         return _row_object(row) if row else None
 
@@ -226,12 +237,13 @@ class Directory:
         """Write obj (stamped with a fresh local USN) and re-index its addresses."""
         usn = self._next_usn()
         self._db.execute(
-            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn) "
-            "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
+            "INSERT INTO objects(object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig) "
+            "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(object_id) DO UPDATE SET kind=excluded.kind, "
             "home_site=excluded.home_site, version=excluded.version, changed_at=excluded.changed_at, "
-            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn",
+            "origin=excluded.origin, deleted=excluded.deleted, data=excluded.data, usn=excluded.usn, "
+            "sig=excluded.sig",
             (obj.object_id, obj.kind, obj.home_site, obj.stamp.version, obj.stamp.changed_at,
-             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn))
+             obj.stamp.origin, int(obj.deleted), json.dumps(obj.data, sort_keys=True), usn, obj.sig))
         self._index_addresses(obj)
 
     @staticmethod
@@ -279,7 +291,7 @@ class Directory:
             self._db.execute("DELETE FROM address_claims")
             self._db.execute("DELETE FROM proxy_addresses")
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE kind='mailbox' AND deleted=0").fetchall()
             for row in rows:
                 obj = _row_object(row)
@@ -311,6 +323,11 @@ class Directory:
         self._store(obj)
         return obj
 
+    def would_change(self, obj: DirObject) -> bool:
+        """Whether merging ``obj`` would change what is stored (it wins the join)."""
+        current = self._load(obj.object_id)
+        return current is None or merge_order(current) < merge_order(obj)
+
     def apply(self, objects: Iterable[DirObject]) -> tuple[int, int]:
         """Merge remote objects; returns (applied, ignored). Greatest stamp wins
         (``merge_order``), so applying twice or in any order gives the same result."""
@@ -341,7 +358,7 @@ class Directory:
         with self._transaction():
             highest = self.highest_usn
             rows = self._db.execute(
-                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+                "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
                 "FROM objects WHERE usn > ? ORDER BY usn", (usn,)).fetchall()
         batches: list[tuple[int, int, list[DirObject]]] = []
         current: list[DirObject] = []
@@ -360,7 +377,7 @@ class Directory:
 
     def all_objects(self) -> list[DirObject]:
         rows = self._db.execute(
-            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn "
+            "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
             "FROM objects ORDER BY usn").fetchall()
         return [_row_object(r) for r in rows]
 
@@ -590,6 +607,26 @@ class Directory:
         return True
 
 
+    def remember_sent(self, message_id: str, peer: str, max_age: float) -> None:
+        """A replication message this site sent (an NDR about it is believed)."""
+        now = self.clock()
+        with self._transaction():
+            self._db.execute("DELETE FROM sent_messages WHERE sent_at < ?", (now - max_age,))
+            self._db.execute("INSERT OR REPLACE INTO sent_messages(message_id, peer, sent_at) VALUES(?,?,?)",
+                             (message_id.lower(), peer, now))
+
+    def sent_to(self, message_id: str) -> str | None:
+        row = self._db.execute("SELECT peer FROM sent_messages WHERE message_id=?", (message_id.lower(),)).fetchone()
+        return row[0] if row else None
+
+    def count_rejection(self, reason: str) -> None:
+        self._db.execute("INSERT INTO rejections(reason, count) VALUES(?, 1) "
+                         "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+
+    def rejection_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT reason, count FROM rejections").fetchall())
+
+
 class _Tx:
     """BEGIN IMMEDIATE … COMMIT, nestable (inner levels are no-ops)."""
 
@@ -613,4 +650,5 @@ class _Tx:
 
 
 def _row_object(row: Sequence[Any]) -> DirObject:
-    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8])
+    return DirObject(row[0], row[1], row[2], Stamp(row[3], row[4], row[5]), bool(row[6]), json.loads(row[7]), row[8],
+                     sig=row[9] if len(row) > 9 else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,27 @@ TERMINAL = frozenset({DELIVERED, BOUNCED, FAILED})
 
 _ID_PREFIX = secrets.token_hex(2).upper()
 _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
+_BASE_PREFIX = _ID_PREFIX  # inherited unchanged by forked workers
+
+
+def _new_id_source() -> None:
+    """A forked process draws its own prefix and counter start."""
+    global _ID_PREFIX, _ID_COUNTER
+    old = _ID_PREFIX
+    while _ID_PREFIX == old:
+        _ID_PREFIX = secrets.token_hex(2).upper()
+    _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
+
+
+os.register_at_fork(after_in_child=_new_id_source)
+
+
+def use_worker_ids(worker: int) -> None:
+    """Worker N of ``serve --workers`` uses the supervisor's prefix + 1 + N: the
+    workers of one site never hand out the same queue id (Maildir's duplicate check
+    relies on it)."""
+    global _ID_PREFIX
+    _ID_PREFIX = f"{(int(_BASE_PREFIX, 16) + 1 + worker) & 0xFFFF:04X}"
 
 
 def new_queue_id() -> str:
@@ -37,7 +59,7 @@ def check_queue_id(queue_id: str) -> str:
     return queue_id
 
 
-@dataclass
+@dataclass(slots=True)
 class RecipientState:
     address: str
     original: str | None = None
@@ -52,7 +74,7 @@ class RecipientState:
     route: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Envelope:
     queue_id: str
     sender: str  # "" = null sender <>

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class Journal:
         self._fd: int | None = None
         self._segment = 0
         self._size = 0
+        self._lock = threading.Lock()  # segment switches vs. first_writable() from the loop
 
     # ------------------------------------------------------------ reading
 
@@ -101,14 +103,32 @@ class Journal:
     def current_segment(self) -> int:
         return self._segment
 
+    @property
+    def size(self) -> int:
+        """Bytes written to the open segment (0 when none is open)."""
+        return self._size if self._fd is not None else 0
+
+    def first_writable(self) -> int:
+        """The lowest segment number a record appended from now on can land in: the
+        open segment, or (none open) one above every segment seen so far."""
+        with self._lock:
+            return self._segment if self._fd is not None else self._segment + 1
+
+    def adopt_existing(self) -> None:
+        """At recovery: every segment on disk is closed (new records go to a fresh one)."""
+        with self._lock:
+            self._segment = max([self._segment, *self.segments()])
+
     def _open_next(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        existing = self.segments()
-        self._segment = max([self._segment, *existing]) + 1
-        path = self.directory / segment_name(self._segment)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        self._size = 0
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            existing = self.segments()
+            self._segment = max([self._segment, *existing]) + 1
+            path = self.directory / segment_name(self._segment)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            self._size = 0
         dfd = os.open(self.directory, os.O_RDONLY)  # the new segment's name is durable
         try:
             os.fsync(dfd)
@@ -138,19 +158,30 @@ class Journal:
             if durable:
                 os.fdatasync(self._fd)
         except OSError:
-            # The segment may now end in a torn record: never write after it again.
+            # Cut the partial records off (a full disk must not keep their space), then
+            # never write after this point again.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
             self._abandon_segment()
             raise
         self._size = pos
         return locations
 
+    def close_segment(self) -> None:
+        """Stop appending to the open segment; the next record starts a new one (so
+        the old one can be deleted once nothing in it is queued)."""
+        self._abandon_segment()
+
     def _abandon_segment(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
 
     def flush(self) -> None:
         if self._fd is not None:
@@ -158,7 +189,7 @@ class Journal:
 
     def remove_segments(self, numbers: Sequence[int]) -> None:
         for n in numbers:
-            if n == self._segment:
+            if n == self._segment and self._fd is not None:
                 continue
             try:
                 os.unlink(self.directory / segment_name(n))

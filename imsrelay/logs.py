@@ -36,7 +36,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     # aiosmtpd, asyncio and aiohttp log through the stdlib: route them into the same
@@ -47,6 +47,60 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             root.removeHandler(h)
     root.addHandler(_StdlibBridge())
     root.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+PIPE_BUF = 4096  # writes up to this size are atomic on a pipe
+
+
+class LineLogger:
+    """Each event as one ``write`` of one whole line, so processes sharing a stream
+    (``serve --workers``) never interleave their lines.  Lines longer than PIPE_BUF
+    (tracebacks) also take a lock file shared by those processes (``share_lock``)."""
+
+    _lock_path: str | None = None
+    _lock: tuple[int, int] | None = None  # (pid, fd): each process opens its own
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    @classmethod
+    def share_lock(cls, path: str) -> None:
+        cls._lock_path = path
+
+    def _lock_fd(self) -> int | None:
+        if LineLogger._lock_path is None:
+            return None
+        held = LineLogger._lock
+        if held is None or held[0] != os.getpid():
+            fd = os.open(LineLogger._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            LineLogger._lock = held = (os.getpid(), fd)
+        return held[1]
+
+    def msg(self, message: str) -> None:
+        line = (message + "\n").encode("utf-8", "replace")
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (tests' StringIO)
+            self._stream.write(message + "\n")
+            self._stream.flush()
+            return
+        self._stream.flush()
+        lock = self._lock_fd() if len(line) > PIPE_BUF else None
+        if lock is not None:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            if lock is not None:
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
 
 class _StdlibBridge(logging.Handler):

@@ -14,12 +14,16 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
 
+from imsrelay.object_rules import safe_alias
 from imsrelay.spool import Write
 
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
 
 
 def mailbox_dir(data_dir: Path, alias: str) -> Path:
+    """``<data>/mailboxes/<alias>``; an alias that could leave that directory is refused."""
+    if not safe_alias(alias):
+        raise ValueError(f"{alias!r} is not a mailbox alias")
     return Path(data_dir) / "mailboxes" / alias
 
 

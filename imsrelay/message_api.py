@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,12 +327,17 @@ class MessageApi:
 
 def queue_items(qmgr: Any) -> list[dict[str, Any]]:
     """A site's queued messages and their recipients' states (also ``GET /queue``)."""
+    return envelope_items(qmgr.envelopes.values())
+
+
+def envelope_items(envelopes: Iterable[Any]) -> list[dict[str, Any]]:
+    """Queued messages (of one or several workers) and their recipients' states."""
     return [{"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
              "received_at": env.received_at, "size": env.size,
              "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
                              "next_attempt": r.next_attempt, "status": r.status,
                              "diagnostic": r.diagnostic} for r in env.recipients]}
-            for env in sorted(qmgr.envelopes.values(), key=lambda e: e.queue_id)]
+            for env in sorted(envelopes, key=lambda e: e.queue_id)]
 
 
 def _strings(value: object) -> list[str]:

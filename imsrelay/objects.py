@@ -35,11 +35,15 @@ class DirObject:
     deleted: bool
     data: dict[str, Any] = field(hash=False, compare=False)
     usn: int = 0
+    sig: str = field(default="", hash=False, compare=False)  # the home site's Ed25519 signature, if any
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.object_id, "kind": self.kind, "home": self.home_site,
+        wire: dict[str, Any] = {"id": self.object_id, "kind": self.kind, "home": self.home_site,
                 "version": self.stamp.version, "changed_at": self.stamp.changed_at,
                 "origin": self.stamp.origin, "deleted": self.deleted, "data": self.data}
+        if self.sig:
+            wire["sig"] = self.sig
+        return wire
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> DirObject:
@@ -51,7 +55,7 @@ class DirObject:
             raise ValueError("object data must be a mapping")
         return cls(str(w["id"]), kind, str(w["home"]),
                    Stamp(int(w["version"]), float(w["changed_at"]), str(w["origin"])),
-                   bool(w["deleted"]), data)
+                   bool(w["deleted"]), data, sig=str(w.get("sig", "")))
 
 
 @dataclass(frozen=True)

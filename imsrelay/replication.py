@@ -41,14 +41,12 @@ import asyncio
 import base64
 import binascii
 import email.utils
-import hashlib
-import hmac
 import json
 import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
@@ -57,7 +55,16 @@ from typing import Any
 from imsrelay.addresses import AddressError, normalise_domain, parse_address
 from imsrelay.directory import Directory
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.object_rules import object_problem
 from imsrelay.objects import DIRSYNC_LOCAL, DirObject
+from imsrelay.replication_keys import (
+    ReplicationKeyError,
+    Trust,
+    load_private_key,
+    object_signing_bytes,
+    parse_public_key,
+    public_key_text,
+)
 from imsrelay.router import RoutingTable, site_routing_domain
 from imsrelay.settings import SiteConfig
 
@@ -81,6 +88,9 @@ WRONG_SITE = "wrong-site"
 STALE = "stale"
 FUTURE = "future"
 REPLAY = "replay"
+FORGED_BOUNCE = "forged-bounce"
+UNTRUSTED_SITE = "untrusted-site"
+REFUSED_OBJECT = "refused-object"
 
 
 class ReplicationError(Exception):
@@ -118,11 +128,13 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Bounce:
-    """An NDR about one of our replication messages."""
+    """An NDR about one of our replication messages (as it claims: the caller checks
+    ``message_id`` against the messages it really sent)."""
 
     peer: str | None
     status: str
     diagnostic: str
+    message_id: str | None = None
 
 
 def dirsync_address(domain: str) -> str:
@@ -133,13 +145,35 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def sign(key: str, body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> str:
-    """``hmac-sha256=<hex>`` over the type, sites and organisation, then the body bytes."""
-    mac = hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256)
-    mac.update(f"imsrelay-dirsync-v{PROTOCOL_VERSION}\n{type}\n{from_site}\n{to_site}\n{organisation}\n"
-               .encode())
-    mac.update(body)
-    return f"{SIGNATURE_SCHEME}={mac.hexdigest()}"
+def signed_bytes(body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> bytes:
+    """What a signature covers: the type, sites and organisation, then the body bytes."""
+    return (f"imsrelay-dirsync-v{PROTOCOL_VERSION}\n{type}\n{from_site}\n{to_site}\n{organisation}\n".encode()
+            + body)
+
+
+def as_trust(key: str | Trust, site: str = "") -> Trust:
+    return key if isinstance(key, Trust) else Trust(site, hmac_key=key)
+
+
+def sign(key: str | Trust, body: bytes, *, type: str, from_site: str, to_site: str, organisation: str) -> str:
+    """``hmac-sha256=<hex>`` with the organisation key, or ``ed25519=<base64>`` with
+    this site's own key."""
+    return as_trust(key).sign(signed_bytes(body, type=type, from_site=from_site, to_site=to_site,
+                                           organisation=organisation))
+
+
+def sign_own_objects(objects: Sequence[DirObject], trust: Trust, organisation: str) -> list[DirObject]:
+    """With per-site keys, the objects homed at this site carry its signature
+    (objects of other sites keep the signature their home gave them)."""
+    if not trust.per_site:
+        return list(objects)
+    return [replace(o, sig=trust.sign(object_signing_bytes(organisation, replace(o, sig="").to_wire())))
+            if o.home_site == trust.site else o for o in objects]
+
+
+def object_signed_by_home(obj: DirObject, trust: Trust, organisation: str) -> bool:
+    return not trust.per_site or (bool(obj.sig) and trust.check(
+        obj.sig, obj.home_site, object_signing_bytes(organisation, obj.to_wire())))
 
 
 def new_message_id() -> str:
@@ -171,7 +205,7 @@ def build_updates(*, organisation: str, from_site: str, to_site: str, invocation
     return out
 
 
-def render_message(payload: dict[str, Any], *, key: str, from_domain: str, to_domain: str,
+def render_message(payload: dict[str, Any], *, key: str | Trust, from_domain: str, to_domain: str,
                    hostname: str) -> bytes:
     """The signed RFC 5322 message (CRLF line ends, lines of at most 78 octets)."""
     body = canonical_json(payload)
@@ -215,7 +249,7 @@ def _header(msg: Message, name: str) -> str | None:
     return None if value is None else " ".join(str(value).split())
 
 
-def verify(message: bytes, *, key: str, organisation: str, site: str, now: float,
+def verify(message: bytes, *, key: str | Trust, organisation: str, site: str, now: float,
            max_age: float) -> Dirsync | Rejection:
     """Check one received message addressed to this site's directory service.
 
@@ -253,9 +287,12 @@ def verify(message: bytes, *, key: str, organisation: str, site: str, now: float
         return Rejection(MALFORMED, "bad message id", peer, mid)
     if org != organisation:
         return Rejection(FOREIGN_ORGANISATION, f"organisation {org!r} is not {organisation!r}", peer, mid)
-    expected = sign(key, body, type=type_, from_site=from_site, to_site=to_site, organisation=org)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
-        return Rejection(BAD_SIGNATURE, "the signature does not match the organisation key", peer, mid)
+    trust = as_trust(key, site)
+    if not trust.knows(from_site):
+        return Rejection(UNTRUSTED_SITE, f"no trusted public key for site {from_site!r}", peer, mid)
+    data = signed_bytes(body, type=type_, from_site=from_site, to_site=to_site, organisation=org)
+    if not trust.check(signature, from_site, data):
+        return Rejection(BAD_SIGNATURE, f"the signature does not match {'the key of site ' + from_site if trust.per_site else 'the organisation key'}", peer, mid)
     if to_site != site:
         return Rejection(WRONG_SITE, f"addressed to site {to_site!r}, this is {site!r}", peer, mid)
     if ts < now - max_age:
@@ -317,6 +354,7 @@ def bounce_info(message: bytes) -> Bounce | None:
     if msg.get_content_type() != "multipart/report":
         return None
     status, diagnostic, peer, ours = "", "", None, False
+    message_id: str | None = None
     for part in msg.walk():
         ctype = part.get_content_type()
         if ctype == "message/delivery-status":
@@ -331,9 +369,11 @@ def bounce_info(message: bytes) -> Bounce | None:
                 ours = True
                 m = re.search(r"^X-IMS-Dirsync-To-Site:\s*(\S+)", text, re.MULTILINE | re.IGNORECASE)
                 peer = m.group(1) if m else None
+                m = re.search(r"^Message-ID:\s*<([0-9a-fA-F]{16,64})\.dirsync@", text, re.MULTILINE | re.IGNORECASE)
+                message_id = m.group(1).lower() if m else None
     if not ours:
         return None
-    return Bounce(peer, status or "5.0.0", diagnostic)
+    return Bounce(peer, status or "5.0.0", diagnostic[:300], message_id)
 
 
 def _part_text(part: Message) -> str:
@@ -347,6 +387,28 @@ def _part_text(part: Message) -> str:
 
 
 # =========================================================================== I/O edge
+
+
+def trust_for(config: SiteConfig) -> Trust:
+    """The site's replication trust from its configuration (per-site Ed25519 keys
+    when ``replication.signing_key`` is set, else the organisation key)."""
+    settings = config.replication
+    if settings.signing_key:
+        try:
+            private = load_private_key(settings.signing_key)
+        except ReplicationKeyError as exc:
+            raise ReplicationError(f"replication.signing_key: {exc}") from None
+        keys = {site: parse_public_key(text) for site, text in settings.trusted_keys}
+        own = keys.get(config.site)
+        if own is None or public_key_text(own) != public_key_text(private):
+            raise ReplicationError(f"replication.trusted_keys must list this site ({config.site}) with the public "
+                                   "key of replication.signing_key")
+        return Trust(config.site, private_key=private, public_keys=keys)
+    key = settings.resolved_key()
+    if not key:
+        raise ReplicationError("replication needs an organisation key (replication.key or "
+                               f"${settings.key_env}) or per-site keys (replication.signing_key)")
+    return Trust(config.site, hmac_key=key)
 
 
 class Replicator:
@@ -370,13 +432,9 @@ class Replicator:
         self._queued = queued
         self._check_now = check_now
         self._clock = clock
-        key = self.settings.resolved_key()
-        if not key:
-            raise ReplicationError("replication needs an organisation key (replication.key or "
-                                   f"${self.settings.key_env})")
-        self._key = key
+        self._key = trust_for(config)
         self.log = log.bind(component="replication")
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter(directory.rejection_counts())  # kept across restarts
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -445,6 +503,8 @@ class Replicator:
                        recipients=[RecipientState(recipient, recipient)], received_at=self._now(),
                        client="", helo="", origin="dirsync",
                        extra={"dirsync": payload["type"], "peer": payload["to_site"], "message_id": payload["id"]})
+        await self.directory.run(self.directory.remember_sent, payload["id"], payload["to_site"],
+                                 self._seen_window)
         await self._enqueue(env, message)
         return env
 
@@ -496,13 +556,13 @@ class Replicator:
                 if bounce is not None:
                     await self._handle_bounce(env, bounce)
                     return
-            self._reject(env, result)
+            await self._reject(env, result)
             return
         # The id is recorded together with the work it stands for (an update: in the
         # same transaction as its objects; a request: once its answer is queued), so
         # a failure in between leaves the message to be retried, not lost as a "replay".
         if await self.directory.run(self.directory.seen_message, result.message_id):
-            self._replay(env, result)
+            await self._replay(env, result)
             return
         if result.type == REQUEST:
             await self._answer(env, result)
@@ -514,31 +574,40 @@ class Replicator:
     def _seen_window(self) -> float:
         return self.settings.max_age + FUTURE_TOLERANCE
 
-    def _replay(self, env: Envelope, message: Dirsync) -> None:
-        self._reject(env, Rejection(REPLAY, "this message id was already processed", message.from_site,
-                                    message.message_id))
+    async def _replay(self, env: Envelope, message: Dirsync) -> None:
+        await self._reject(env, Rejection(REPLAY, "this message id was already processed", message.from_site,
+                                          message.message_id))
 
-    def _reject(self, env: Envelope, rejection: Rejection) -> None:
+    async def _reject(self, env: Envelope, rejection: Rejection) -> None:
         self.rejected[rejection.reason] += 1
+        await self.directory.run(self.directory.count_rejection, rejection.reason)
         self.log.warning("replication.rejected", queue_id=env.queue_id, reason=rejection.reason,
                          detail=rejection.detail, peer=rejection.peer or "unknown",
                          sender=env.sender or "<>", client=env.client or "local",
                          message_id=rejection.message_id)
 
     async def _handle_bounce(self, env: Envelope, bounce: Bounce) -> None:
-        peer = bounce.peer or "unknown"
-        self.log.warning("replication.ndr_received", queue_id=env.queue_id, peer=peer, status=bounce.status,
-                         diagnostic=bounce.diagnostic)
-        if bounce.peer:
-            await self._note_error(bounce.peer, f"replication message returned as undeliverable: "
-                                                f"{bounce.status} {bounce.diagnostic}".strip())
+        """Believed only when it is a real NDR (null sender) about a message this site
+        really sent (its id recorded at sending); the peer is the one we sent it to."""
+        peer = None
+        if env.sender == "" and bounce.message_id:
+            peer = await self.directory.run(self.directory.sent_to, bounce.message_id)
+        if peer is None:
+            await self._reject(env, Rejection(FORGED_BOUNCE, "a delivery report about no replication message "
+                                              "this site sent", bounce.peer, bounce.message_id))
+            return
+        diagnostic = re.sub(r"[^\x20-\x7e]", "?", bounce.diagnostic)
+        status = bounce.status if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", bounce.status) else "5.0.0"
+        self.log.warning("replication.ndr_received", queue_id=env.queue_id, peer=peer, status=status,
+                         diagnostic=diagnostic)
+        await self._note_error(peer, f"replication message returned as undeliverable: {status} {diagnostic}".strip())
 
     async def _answer(self, env: Envelope, request: Dirsync) -> None:
         peer = request.from_site
         domain = await self.peer_domain(peer) or str(request.payload.get("reply_to") or "")
         if not domain:
-            self._reject(env, Rejection(MALFORMED, f"no routing address for site {peer} and no reply_to",
-                                        peer, request.message_id))
+            await self._reject(env, Rejection(MALFORMED, f"no routing address for site {peer} and no reply_to",
+                                              peer, request.message_id))
             return
         own_invocation = await self.directory.run(lambda: self.directory.invocation)
         since = int(request.payload["since_usn"])
@@ -551,6 +620,12 @@ class Replicator:
         max_bytes = min(MAX_BATCH_BYTES, max(64 * 1024, self.config.smtp.max_message_size // 2))
         batches, highest = await self.directory.run(self.directory.change_batches, since,
                                                     self.settings.batch_size, max_bytes=max_bytes)
+        org = self.config.organisation
+
+        def signed_batches() -> list[tuple[int, int, list[DirObject]]]:
+            return [(a, b, sign_own_objects(objs, self._key, org)) for a, b, objs in batches]
+
+        batches = await asyncio.to_thread(signed_batches)
         payloads = build_updates(organisation=self.config.organisation, from_site=self.config.site, to_site=peer,
                                  invocation=own_invocation, highest_usn=highest, since_usn=since, full=full,
                                  in_reply_to=request.message_id, batches=batches, now=self._now())
@@ -565,13 +640,25 @@ class Replicator:
         peer = update.from_site
         batch = update.payload["batch"]
         now = self._now()
+        org = self.config.organisation
+        problems = [(o, object_problem(o, receiving_site=self.config.site) or (
+            None if object_signed_by_home(o, self._key, org)
+            else f"{o.object_id} does not carry a valid signature of its home site {o.home_site}"))
+            for o in update.objects]
+        valid = [o for o, why in problems if why is None and o.home_site != self.config.site]
+        own = [o for o, why in problems if why is None and o.home_site == self.config.site]
+        for _, why in problems:
+            if why is not None:  # the rest of the batch still applies; its USNs count as received
+                await self._reject(env, Rejection(REFUSED_OBJECT, why, peer, update.message_id))
 
         def apply_sync() -> dict[str, Any]:
             switched_key = f"replication.{peer}.invocation_since"
             with self.directory.transaction():
                 if not self.directory.remember_message(update.message_id, self._seen_window):
                     return {"replay": True}
-                applied, ignored = self.directory.apply(update.objects)
+                changed_own = [o for o in own if self.directory.would_change(o)]
+                applied, ignored = self.directory.apply(valid)
+                ignored += len(own)
                 state = self.directory.peer_state(peer)
                 reset = outdated = False
                 if state["invocation"] != update.invocation:
@@ -590,13 +677,16 @@ class Replicator:
                     state.update(high_water=hw, ranges=ranges)
                 state.update(last_reply=now, last_error=None, applied=int(state["applied"]) + applied)
                 self.directory.save_peer_state(state)
-            return {"applied": applied, "ignored": ignored, "high_water": state["high_water"],
+            return {"applied": applied, "ignored": ignored, "high_water": state["high_water"], "own": changed_own,
                     "gaps": len(state["ranges"]), "reset": reset, "outdated": outdated}
 
         result = await self.directory.run(apply_sync)
         if result.get("replay"):
-            self._replay(env, update)
+            await self._replay(env, update)
             return
+        for o in result["own"]:  # a peer tried to change an object homed here
+            await self._reject(env, Rejection(REFUSED_OBJECT, f"{o.object_id} is homed at this site: only "
+                                              f"{self.config.site} changes it", peer, update.message_id))
         if result["reset"]:
             self.log.info("replication.invocation_changed", peer=peer, queue_id=env.queue_id,
                           invocation=update.invocation, reason="the peer's directory was rebuilt: high-water reset")

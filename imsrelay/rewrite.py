@@ -19,12 +19,15 @@ from email._parseaddr import AddressList  # type: ignore[import-not-found]  # no
 from imsrelay.addresses import AddressError, parse_address
 
 REWRITTEN_HEADERS = ("from", "sender", "reply-to")
+MAX_REWRITTEN_FIELDS = 100  # a message has one From:; beyond this many, fields stay as they are (hostile input)
 
 
 def getaddresses(values: list[str]) -> list[tuple[str, str]]:
     """``email.utils.getaddresses`` (the same parser) without importing email.utils,
     which loads the socket module: this module stays free of I/O."""
     return list(AddressList(", ".join(values)).addresslist)
+
+
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
@@ -79,9 +82,13 @@ def header_addresses(message: bytes) -> list[str]:
     """Addresses in the headers that rewriting may change."""
     header, _ = split_message(message)
     found = []
+    fields = 0
     for f in _header_fields(header):
         name, sep, value = f.partition(b":")
         if sep and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
+            fields += 1
+            if fields > MAX_REWRITTEN_FIELDS:
+                break
             text = value.decode("utf-8", "surrogateescape")
             found += [addr for _, addr in getaddresses([text]) if "@" in addr]
     return found
@@ -93,10 +100,14 @@ def rewrite_message(message: bytes, rules: RewriteRules, primaries: Mapping[str,
     header, body = split_message(message)
     fields = _header_fields(header)
     changed = False
+    seen = 0
     for i, f in enumerate(fields):
         name, sep, value = f.partition(b":")
         if not sep or name.strip().lower().decode("ascii", "replace") not in REWRITTEN_HEADERS:
             continue
+        seen += 1
+        if seen > MAX_REWRITTEN_FIELDS:
+            break
         text = value.decode("utf-8", "surrogateescape")
         new_text = text
         for _, addr in getaddresses([text]):

@@ -53,6 +53,7 @@ class RoutingTable:
     self_endpoints: SelfEndpoints = frozenset()
     starttls_default: str = "opportunistic"
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
+    smart_host_starttls: str | None = None
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
     mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
     address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
@@ -166,7 +167,7 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
         if points_at_self(host, port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
         return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
-                     starttls=_starttls_for(domain, table), site=site)
+                     starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site)
     trail.add(f"DNS: deliver to the MX hosts of {domain}")
     return Route(recipient, MX, tuple(trail.steps), domain=domain, port=table.mx_port,
                  starttls=_starttls_for(domain, table), site=site)
@@ -273,6 +274,7 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
         self_endpoints=self_endpoints, starttls_default=d.starttls,
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
+        smart_host_starttls=d.smart_host_starttls,
         service_domains=(addressing_domain,), mx_port=d.mx_port,
         address_literals=config.routing.address_literals)
 

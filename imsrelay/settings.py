@@ -57,7 +57,7 @@ class DomainRoute:
 @dataclass(frozen=True)
 class TlsPolicy:
     domain: str
-    starttls: str  # "none" | "opportunistic" | "require"
+    starttls: str  # "none" | "opportunistic" | "require" | "verify"
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class SmtpConfig:
     tls_key: Path | None = None
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
+    max_inbound_connections: int = 30  # Exchange 5.5 IMS's default; 421 4.7.0 at connect beyond it
+    max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
+    bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
+    postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
+    max_queued_messages: int = 50_000  # beyond this many queued, MAIL gets 452 4.3.1 (backpressure)
     banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
 
 
@@ -96,6 +101,9 @@ class DeliveryConfig:
     data_timeout_per_mib: float = 60.0
     connection_idle: float = 30.0
     mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
+    max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
+    smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
+    tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,12 @@ class ReplicationConfig:
     max_age: float = 7 * 86400.0
     keep_old_address: bool = True
     kcc_interval: float = 3 * 3600.0
+    signing_key: Path | None = None  # this site's Ed25519 private key (PEM): per-site replication keys
+    trusted_keys: tuple[tuple[str, str], ...] = ()  # (site, "ed25519:<base64>") of every site, itself included
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.resolved_key() or self.signing_key)
 
     def resolved_key(self) -> str | None:
         return secret_from(self.key, self.key_env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import ssl
 import time
 import weakref
@@ -20,11 +21,12 @@ from imsrelay import dsn, kcc, loops, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.admin import AdminServer
 from imsrelay.config import SiteConfig
+from imsrelay.connection_limits import Caps, ConnectionCounter
 from imsrelay.console.site_console import site_console
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory
 from imsrelay.dns import MailResolver
-from imsrelay.envelope import Envelope
+from imsrelay.envelope import Envelope, use_worker_ids
 from imsrelay.interfaces import site_endpoints
 from imsrelay.logs import get_logger
 from imsrelay.loops import SelfEndpoints
@@ -62,6 +64,9 @@ class Site:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.directory = Directory(config.data_dir / "directory.sqlite3", config.site, clock=clock)
         self.spool = Spool(config.data_dir, worker=worker)
+        if workers > 1:
+            use_worker_ids(worker)
+            self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = loops.received_marker(config.hostname)
@@ -86,6 +91,7 @@ class Site:
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         self._refresher: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
+        self.connections = ConnectionCounter(inbound_caps(config, workers))
         self._provisioned = False
         self._recovered = False
         self.readiness = Readiness()
@@ -94,6 +100,7 @@ class Site:
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
         self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.readiness.add("queue manager running", self._queue_manager_problem)
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -110,7 +117,7 @@ class Site:
 
     def _build_replication_and_admin(self) -> None:
         """Directory replication needs the organisation key; the admin endpoint a token."""
-        if self.config.replication.resolved_key():
+        if self.config.replication.enabled:
             self.replicator = Replicator(
                 self.config, self.directory, routing_table=self.routing_table, enqueue=self.enqueue_local,
                 queued=lambda: self.qmgr.envelopes.values(), check_now=self.check_now, log=self.log,
@@ -161,9 +168,10 @@ class Site:
                 self.qmgr.submit(env)
             if adopted:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
+        self._reserve_descriptors()
         self._recovered = True
         tls = self._tls_context()
-        factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls)
+        factory = server_factory(SiteHandler(self, cfg, self.log, self.clock), tls, self.connections)
 
         def session() -> Any:  # remember live sessions: stop() must end them too
             protocol = factory()
@@ -202,6 +210,28 @@ class Site:
         self.directory.close()
         self.log.info("site.stopped")
 
+    def _reserve_descriptors(self) -> None:
+        """Keep descriptors for delivery and the spool whatever inbound clients do:
+        raise the soft RLIMIT_NOFILE to the hard limit, and lower the inbound cap
+        when even that leaves too little (logged)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        reserved = descriptors_reserved(self.config)
+        caps = self.connections.caps
+        room = soft - reserved
+        if caps.total > room:
+            lowered = max(1, room)
+            self.log.warning("smtp.connection_cap_lowered", configured=caps.total, lowered=lowered,
+                             nofile=soft, reserved=reserved,
+                             reason="RLIMIT_NOFILE leaves too few descriptors for delivery and the spool")
+            self.connections.caps = Caps(lowered, min(caps.per_ip, lowered), caps.exempt)
+
     def _tls_context(self) -> ssl.SSLContext | None:
         cfg = self.config.smtp
         if not cfg.tls_cert or not cfg.tls_key:
@@ -237,6 +267,25 @@ class Site:
         self._cache_generation += 1
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address (postmaster at a local domain is the
+        ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
+        found = await self._lookup_mailboxes(addresses)
+        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            admin = await self.directory.run(self.directory.mailbox, self.config.smtp.postmaster)
+            found = [admin if m is None and self._is_postmaster(a) else m
+                     for a, m in zip(addresses, found, strict=True)]
+        return found
+
+    def _is_postmaster(self, address: str) -> bool:
+        local, _, domain = address.rpartition("@")
+        if local.lower() != "postmaster":
+            return False
+        domain = domain.lower().rstrip(".")
+        return domain in {self.config.site_domain.lower(), self.addressing_domain,
+                          *(d.lower() for d in self.config.smtp.accepted_domains if not d.startswith("#")),
+                          *(d[1:].lower() for d in self.config.smtp.accepted_domains if d.startswith("#"))}
+
+    async def _lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
         own = self_addresses(self.self_endpoints())
         if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
@@ -245,7 +294,7 @@ class Site:
         if missing:
             generation = self._cache_generation
             found = await self.directory.run(self.directory.find_recipients, missing)
-            if generation == self._cache_generation and len(self._mailbox_cache) < 100_000:
+            if generation == self._cache_generation and len(self._mailbox_cache) < 10_000:
                 for a, m in zip(missing, found, strict=True):
                     self._mailbox_cache[a.lower()] = m
             else:
@@ -282,6 +331,9 @@ class Site:
     async def check_now(self) -> kcc.KccResult:
         """Check Now (the knowledge consistency check) at this site."""
         return await kcc.check_now(self.directory, self.config, refresh=self.refresh, log=self.log)
+
+    def queued_messages(self) -> int:
+        return self.qmgr.backlog
 
     @property
     def addressing_domain(self) -> str:
@@ -328,19 +380,24 @@ class Site:
         table = await self.routing_table()
         if is_service_address(parsed, table):
             return True
-        if parsed.local.lower() == "postmaster" and any(
-                parsed.domain == d.lstrip("#") for d in table.local_domains):
-            return True
         return (await self.lookup_mailboxes([address]))[0] is not None
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
-        found = await self.lookup_mailboxes(addresses)
+        found = await self._lookup_mailboxes(addresses)  # postmaster stays postmaster (masqueraded)
         out: dict[str, str] = {}
         for addr, mbx in zip(addresses, found, strict=True):
             if mbx is not None and mbx.home_site == self.config.site and mbx.primary_address:
                 out[parse_address(addr).key] = mbx.primary_address
         return out
+
+    def _queue_manager_problem(self) -> str | None:
+        """The ``queue manager running`` readiness check: its supervisor's view
+        (a failing stage is retried with back-off; meanwhile the site is not ready)."""
+        main = self.qmgr._main
+        if main is None or main.done():
+            return "the queue manager is not running"
+        return None if self.qmgr.health.ok else self.qmgr.health.reason()
 
     def seen_before(self, raw: bytes) -> bool:
         return loops.seen_before(raw, self._loop_marker)
@@ -379,6 +436,17 @@ class Site:
 
     def postmaster_address(self) -> str:
         return f"postmaster@{self.addressing_domain}"
+
+
+def inbound_caps(config: SiteConfig, workers: int = 1) -> Caps:
+    smtp = config.smtp
+    return Caps(smtp.max_inbound_connections, smtp.max_connections_per_ip, smtp.relay_networks).for_workers(workers)
+
+
+def descriptors_reserved(config: SiteConfig) -> int:
+    """Descriptors kept for everything but inbound sessions: one per concurrent
+    delivery, plus the journal, SQLite, Maildir files, DNS, admin and the listener."""
+    return config.delivery.max_deliveries + 64
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:

@@ -230,6 +230,7 @@ class SmtpClient:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._tls_context = _opportunistic_tls_context()
+        self._verify_context: ssl.SSLContext | None = None  # built on first use (reads the CA bundle)
         self.connections_opened = 0  # counters, for tests and the admin endpoint
         self.connections_reused = 0
 
@@ -409,16 +410,16 @@ class SmtpClient:
         try:
             await self._hello(conn, log)
             offered = client.supports_extension("starttls")
-            if policy == "require" and not offered:
+            if policy in ("require", "verify") and not offered:
                 raise _SessionFailure(Outcome.temporary(
                     "4.7.4", f"TLS is required, but was not offered by host {remote}", remote))
-            use_tls = offered and (policy == "require" or (
+            use_tls = offered and (policy in ("require", "verify") or (
                 policy == "opportunistic" and allow_tls and state.tls_broken_until <= self.clock()))
             if use_tls:
                 try:
                     await self._starttls(conn, log)
                 except _SessionFailure:
-                    if policy == "require":
+                    if policy in ("require", "verify"):
                         raise
                     state.tls_broken_until = self.clock() + TLS_BROKEN_HOLD
                     client.close()
@@ -450,9 +451,13 @@ class SmtpClient:
 
     async def _starttls(self, conn: _Connection, log: Any) -> None:
         client = conn.client
-        server_name = conn.hop.host if ip_literal(conn.hop.host) is None else None
+        server_name: str | None
+        if conn.policy == "verify":  # the certificate must name the host we meant to reach
+            context, server_name = self._verifying_context(), conn.hop.host.strip("[]")
+        else:
+            context, server_name = self._tls_context, (conn.hop.host if ip_literal(conn.hop.host) is None else None)
         try:
-            await client.starttls(tls_context=self._tls_context, server_hostname=server_name,
+            await client.starttls(tls_context=context, server_hostname=server_name,
                                   timeout=self.delivery.command_timeout)
         except SMTPResponseException as exc:
             log.info("delivery.smtp_reply", peer=conn.peer, remote=conn.remote, command="STARTTLS",
@@ -470,6 +475,12 @@ class SmtpClient:
                  version=ssl_object.version() if ssl_object else None,
                  cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None)
         await self._hello(conn, log)
+
+    def _verifying_context(self) -> ssl.SSLContext:
+        if self._verify_context is None:
+            ca = self.delivery.tls_ca_file
+            self._verify_context = verifying_tls_context(str(ca) if ca else None)
+        return self._verify_context
 
     def _release(self, conn: _Connection, state: _HopState, log: Any) -> None:
         if self._closed or not conn.client.is_connected or self.clock() - conn.created > CONNECTION_MAX_AGE:
@@ -632,6 +643,14 @@ def _connect_error(exc: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(cause) or type(cause).__name__
+
+
+def verifying_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Postfix's "secure"/"verify" level: the peer's certificate must chain to a
+    trusted CA (``ca_file``, else the system's store) and name the host."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _opportunistic_tls_context() -> ssl.SSLContext:

@@ -11,6 +11,7 @@ only after the spool says the message is durable.  Any unexpected error answers
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import ssl
 from collections.abc import Callable
@@ -20,14 +21,22 @@ from email.errors import HeaderParseError
 from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.config import SiteConfig
+from imsrelay.connection_limits import ConnectionCounter
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.loops import check_hops
-from imsrelay.policy import InboundPolicy, Reply, check_recipient, check_size, check_storage
+from imsrelay.policy import (
+    InboundPolicy,
+    Reply,
+    check_queue_depth,
+    check_recipient,
+    check_size,
+    check_storage,
+)
 from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
@@ -69,6 +78,56 @@ class Ingress(Protocol):
 
     async def accept(self, env: Envelope, message: bytes) -> None: ...
 
+    @property
+    def addressing_domain(self) -> str: ...
+
+    def queued_messages(self) -> int: ...
+
+_UNPRINTABLE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")
+_SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
+_SIZE = re.compile(r"[0-9]{1,18}")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+MAX_REWRITE_LOOKUPS = 200  # distinct header addresses looked up per message (hostile headers)
+BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
+
+
+class BareNewline(Exception):
+    """A line ended in a bare LF and ``smtp.bare_newline = "reject"``."""
+
+
+class LineReader(asyncio.StreamReader):
+    """asyncio's StreamReader that can refuse lines ending in a bare LF (Postfix's
+    ``smtpd_forbid_bare_newline``): commands end at LF, DATA lines at CRLF, so a
+    bare LF is a command line without CR, or an LF inside a DATA line."""
+
+    forbid_bare_lf = False
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if self.forbid_bare_lf:
+            if separator == b"\n" and not line.endswith(b"\r\n"):
+                raise BareNewline()
+            if separator == b"\r\n" and b"\n" in line[:-2]:
+                raise BareNewline()
+        return line
+
+
+def bad_size(arg: str) -> bool:
+    """A SIZE= value aiosmtpd would take for digits (``str.isdigit``) that is not 1-18
+    ASCII digits: ``int()`` would fail on it (``²``), or it is absurd."""
+    return any(v.isdigit() and not _SIZE.fullmatch(v) for v in _SIZE_VALUE.findall(arg))
+
+
+def printable_reply(reply: str) -> str:
+    """A reply line that can always be encoded: bytes the client sent that were not
+    UTF-8 (kept as surrogates by aiosmtpd) and control characters become ``?``."""
+    return _UNPRINTABLE.sub("?", reply)
+
+
+def normalise_bare_lf(raw: bytes) -> bytes:
+    """Every bare LF in a message becomes CRLF (RFC 5321 §2.3.8)."""
+    return _BARE_LF.sub(b"\r\n", raw) if b"\n" in raw else raw
+
 
 def with_enhanced_status(reply: str) -> str:
     """Add an RFC 3463 code to a one-line reply that lacks one (not to 220/354/EHLO)."""
@@ -88,22 +147,60 @@ class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
-    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, session_timeout: float, max_errors: int,
+                 limits: ConnectionCounter | None = None, forbid_bare_lf: bool = False, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._session_timeout = session_timeout
         self._max_errors = max_errors
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_ehlo = False
+        self._ehlo_lines: list[bytes] = []
+        self._limits = limits
+        self._forbid_bare_lf = forbid_bare_lf
+        self._admitted = False
+        self._refused = False
+        self._client_ip: str | None = None
+        self.use_reader(LineReader(loop=self.loop, limit=self.line_length_limit))
+
+    def use_reader(self, reader: LineReader) -> None:
+        """(Re)initialise the stream plumbing with our own reader (per connection)."""
+        reader.forbid_bare_lf = self._forbid_bare_lf
+        asyncio.StreamReaderProtocol.__init__(self, reader, client_connected_cb=self._cb_client_connected,
+                                              loop=self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._admitted:  # the first call (a STARTTLS upgrade calls again)
+            peer = transport.get_extra_info("peername")
+            self._client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            refused = self._limits.admit(self._client_ip) if self._limits is not None else None
+            if refused is not None:
+                self._refused = True
+                transport.write(refused.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
+            self._admitted = True
         super().connection_made(transport)
-        self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
+        if self._session_timer is None:
+            self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # never started a session
+        if self._admitted and self._limits is not None:
+            self._limits.release(self._client_ip)
+            self._admitted = False
         if self._session_timer is not None:
             self._session_timer.cancel()
         super().connection_lost(error)
+        closed = getattr(self, "_closed", None)  # asyncio keeps the error for a waiter nobody has
+        if closed is not None and closed.done() and not closed.cancelled():
+            closed.exception()  # retrieved: no "Future exception was never retrieved" at GC
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
 
     def _session_expired(self) -> None:
         if isinstance(self.transport, asyncio.WriteTransport):
@@ -121,25 +218,64 @@ class ImsSMTP(SMTP):
                 address, rest = get_angle_addr(arg)
             else:
                 address, rest = get_addr_spec(arg)
-        except HeaderParseError:
-            return None, None
-        addr = address.addr_spec
+            addr = address.addr_spec
+        except (HeaderParseError, IndexError, ValueError, TypeError, AttributeError):
+            return None, None  # the email parser fails on "<", "<@a:" ...: a syntax error
         localpart = addr.rpartition("@")[0]
         if self.local_part_limit and len(localpart) > self.local_part_limit:
             return None, None
         return addr, rest
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        """The whole EHLO reply in one write (one TCP segment): clients and scanners
+        that read it as one reply never fall out of step."""
         self._in_ehlo = True
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+            lines, self._ehlo_lines = self._ehlo_lines, []
+            if lines and self.transport is not None:
+                self._writer.write(b"".join(lines))
+                await self._writer.drain()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
+            await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
+            return
+        assert self.envelope is not None
+        had_sender = self.envelope.mail_from is not None
+        try:
+            await super().smtp_MAIL(arg)
+        except BaseException:
+            if not had_sender:  # a failed MAIL leaves no sender behind
+                self.envelope.mail_from = None
+                self.envelope.mail_options.clear()
+            raise
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        assert self.envelope is not None
+        n, m = len(self.envelope.rcpt_tos), len(self.envelope.rcpt_options)
+        try:
+            await super().smtp_RCPT(arg)
+        except BaseException:
+            del self.envelope.rcpt_tos[n:]  # a failed RCPT adds no recipient
+            del self.envelope.rcpt_options[m:]
+            raise
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo:
-            status = with_enhanced_status(status)
+        if isinstance(status, str):
+            if not self._in_ehlo or status[:1] in ("4", "5"):  # EHLO's 250 lines stay as they are
+                status = with_enhanced_status(status)
+            status = printable_reply(status)
+        if self._in_ehlo:
+            self._ehlo_lines.append((status.encode("utf-8") if isinstance(status, str) else status) + b"\r\n")
+            return
         await super().push(status)
+        if isinstance(status, str) and status.startswith("521") and self.transport is not None:
+            self.transport.close()
+            return
         text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
@@ -174,23 +310,26 @@ class SiteHandler:
                 return f"553 5.1.7 Bad sender address syntax: {exc}"
         size = None
         for opt in mail_options:
-            if opt.upper().startswith("SIZE=") and opt[5:].isdigit():
+            if opt.upper().startswith("SIZE=") and _SIZE.fullmatch(opt[5:]):
                 size = int(opt[5:])
         cfg = self.config.smtp
         too_big = check_size(size, cfg.max_message_size)
         if too_big:
             return str(too_big)
         full = check_storage(self.site.free_space(), declared=size, max_message_size=cfg.max_message_size,
-                             minfree=cfg.queue_minfree)
+                             minfree=cfg.queue_minfree) or check_queue_depth(self.site.queued_messages(),
+                                                                             cfg.max_queued_messages)
         if full:
             self.log.warning("message.deferred_storage", peer=_peer_ip(session), sender=address, reply=str(full))
             return str(full)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return f"250 2.1.0 <{address}> sender ok"
+        return f"250 2.1.0 <{'' if address == '<>' else address}> sender ok"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if address.lower() == "postmaster":  # RFC 5321 4.5.1: accepted without a domain
+            address = f"postmaster@{self.site.addressing_domain}"
         try:
             parsed = parse_address(address)
         except AddressError as exc:
@@ -209,20 +348,19 @@ class SiteHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         raw: bytes = envelope.original_content or b""
         cfg = self.config
-        hops = check_hops(raw, cfg.smtp.max_hops)
-        if hops:
-            self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=str(hops))
-            return str(hops)
-        if self.site.seen_before(raw):
-            return "554 5.4.6 Routing loop detected: this message already passed through this site"
+        rules: RewriteRules = await self.site.rewrite_rules()
+        # Header work on a message of any size runs off the loop (DESIGN.md invariant 7).
+        raw, refusal, header_addrs = await asyncio.to_thread(self._examine, raw, rules.active)
+        if refusal is not None:
+            self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=refusal)
+            return refusal
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
-        rules: RewriteRules = await self.site.rewrite_rules()
         if rules.active:
-            lookups = [sender] + header_addresses(raw) if sender else header_addresses(raw)
+            lookups = [sender] + header_addrs if sender else header_addrs
             primaries = await self.site.local_primaries(lookups)
             new_sender = rewrite_address(sender, rules, primaries)
-            raw = rewrite_message(raw, rules, primaries)
+            raw = await asyncio.to_thread(rewrite_message, raw, rules, primaries)
             if new_sender != sender:
                 self.log.info("message.rewritten", queue_id=queue_id, sender=sender, rewritten=new_sender)
                 sender = new_sender
@@ -234,18 +372,57 @@ class SiteHandler:
         message = received + raw
         if len(message) > cfg.smtp.max_message_size + len(received):
             return "552 5.3.4 Message size exceeds fixed maximum message size"
+        full = check_storage(self.site.free_space(), declared=len(message), max_message_size=len(message),
+                             minfree=cfg.smtp.queue_minfree)
+        if full:  # SIZE= may have understated the message: check what really came
+            self.log.warning("message.deferred_storage", peer=peer_ip, sender=sender, reply=str(full))
+            return str(full)
         body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
         env = Envelope(
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in envelope.rcpt_tos],
             received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp")
-        await self.site.accept(env, message)
+        try:
+            await self.site.accept(env, message)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.log.warning("message.deferred_storage", peer=peer_ip, sender=sender, error=repr(exc),
+                             reply="452 4.3.1")
+            return "452 4.3.1 Insufficient system storage; please try again later"
         self.log.info("message.accepted", queue_id=queue_id, peer=peer_ip, sender=sender,
                       recipients=list(envelope.rcpt_tos), size=len(message))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
+    def _examine(self, raw: bytes, rewriting: bool) -> tuple[bytes, str | None, list[str]]:
+        """(message, refusal or None, header addresses to look up) — in a thread."""
+        if not self.forbid_bare_lf:
+            raw = normalise_bare_lf(raw)
+        hops = check_hops(raw, self.config.smtp.max_hops)
+        if hops:
+            return raw, str(hops), []
+        if self.site.seen_before(raw):
+            return raw, "554 5.4.6 Routing loop detected: this message already passed through this site", []
+        if not rewriting:
+            return raw, None, []
+        distinct = list(dict.fromkeys(a.lower() for a in header_addresses(raw)))[:MAX_REWRITE_LOOKUPS]
+        return raw, None, distinct
+
+    @property
+    def forbid_bare_lf(self) -> bool:
+        return self.config.smtp.bare_newline == "reject"
+
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BareNewline):
+            self.log.info("smtp.bare_newline", reply=BARE_NEWLINE_REPLY)
+            return BARE_NEWLINE_REPLY
+        if isinstance(error, TLSSetupException):  # the client's handshake failed: not our error
+            self.log.info("smtp.tls_failed", error=repr(error.__cause__ or error))
+            return "454 4.7.0 TLS negotiation failed"
+        if isinstance(error, UnicodeError):  # undecodable client input that slipped through
+            self.log.info("smtp.bad_input", error=repr(error))
+            return "501 5.5.2 Syntax error: the command is not valid UTF-8"
         self.log.error("smtp.internal_error", error=repr(error), exc_info=error)
         return "451 4.3.0 Internal error; the message was not accepted, please try again later"
 
@@ -266,8 +443,10 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipien
             f"{for_part}; {format_datetime(now)}\r\n").encode("utf-8", "surrogateescape")
 
 
-def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None) -> Callable[[], ImsSMTP]:
-    """A protocol factory for the site's listening socket.
+def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,
+                   limits: ConnectionCounter | None = None) -> Callable[[], ImsSMTP]:
+    """A protocol factory for the site's listening socket (``limits``: the inbound
+    connection caps its sessions count against).
 
     aiosmtpd's ``SMTP.__init__`` inspects the handler and the protocol class on every
     connection (``inspect.getmembers``, ``dir``, ``inspect.signature``: about 150 µs).
@@ -279,18 +458,18 @@ def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None) -> 
 
     def full() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
+                       limits=limits, forbid_bare_lf=cfg.bare_newline == "reject",
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                        hostname=handler.config.hostname, ident=handler.config.smtp.banner,
                        tls_context=tls_context, timeout=cfg.idle_timeout,
-                       command_call_limit={"*": 100000, "NOOP": 50, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
+                       command_call_limit={"*": 100000, "NOOP": 10000, "RSET": 200, "VRFY": 20, "HELP": 20, "EHLO": 20,
                                            "HELO": 20})
 
     def copy_of(state: dict[str, Any]) -> ImsSMTP:
         proto = ImsSMTP.__new__(ImsSMTP)
         proto.__dict__.update(state)
-        asyncio.StreamReaderProtocol.__init__(
-            proto, asyncio.StreamReader(loop=proto.loop, limit=proto.line_length_limit),
-            client_connected_cb=proto._cb_client_connected, loop=proto.loop)
+        proto._ehlo_lines = []
+        proto.use_reader(LineReader(loop=proto.loop, limit=proto.line_length_limit))
         proto._smtp_methods = {k: getattr(proto, m.__name__) for k, m in state["_smtp_methods"].items()}
         proto._auth_methods = {k: type(a)(getattr(proto, a.method.__name__) if a.is_builtin else a.method,
                                           a.is_builtin) for k, a in state["_auth_methods"].items()}

@@ -32,6 +32,7 @@ import queue as stdqueue
 import secrets
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.envelope import Envelope, check_queue_id
-from imsrelay.journal import DONE, ENQUEUE, SEGMENT_SIZE, STATE, Journal, Location
+from imsrelay.journal import DONE, ENQUEUE, SEGMENT_SIZE, STATE, Journal, Location, segment_name
+
+RECLAIM_AT = 1024 * 1024  # an empty queue's open segment is closed and deleted beyond this size
 
 
 class SpoolLocked(Exception):
@@ -102,7 +105,12 @@ class DropSegments:
     numbers: tuple[int, ...]
 
 
-Op = Write | Unlink | Append | DropSegments
+@dataclass(frozen=True)
+class CloseSegment:
+    """Close the journal's open segment (the queue is empty: its space can go)."""
+
+
+Op = Write | Unlink | Append | DropSegments | CloseSegment
 
 
 class GroupCommitter:
@@ -227,6 +235,8 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
                         dirs.add(op.path.parent)
                 elif isinstance(op, DropSegments) and journal is not None:
                     journal.remove_segments(op.numbers)
+                elif isinstance(op, CloseSegment) and journal is not None:
+                    journal.close_segment()
         except OSError as exc:
             results[i] = ([], exc)
     for d in dirs:
@@ -289,7 +299,9 @@ class Spool:
         self._lock_path = self.root / f"lock{suffix}"
         self._index: dict[str, Location] = {}
         self._live: Counter[int] = Counter()
+        self._inflight: Counter[int] = Counter()  # ENQUEUE appends under way, by lowest segment they can land in
         self._lock_fd: int | None = None
+        self.lock_wait = 0.0  # seconds recover() waits for a previous owner (a stopping worker)
 
     def workers_on_disk(self) -> list[int]:
         """Workers that have a journal here (0 always counts)."""
@@ -310,18 +322,34 @@ class Spool:
                 found[qid] = (w, q)
         return found
 
+    def other_workers_envelopes(self) -> list[Envelope]:
+        """Unfinished messages in the journals of the other workers (read from disk:
+        ``GET /queue`` and ``/status`` of worker 0 show the whole site)."""
+        found: list[Envelope] = []
+        for w in self.workers_on_disk():
+            if w != self.worker:
+                journal = Journal(self.root / f"journal{_worker_suffix(w)}")
+                found += [q.envelope for q in _replay(journal).values() if not q.envelope.finished]
+        return found
+
     # ------------------------------------------------------------ ownership
 
-    def acquire(self) -> None:
-        """Become the spool's only writer (the running site); SpoolLocked if taken."""
+    def acquire(self, wait: float = 0.0) -> None:
+        """Become the spool's only writer (the running site); SpoolLocked if taken
+        (after waiting up to ``wait`` seconds for a previous owner to finish)."""
         if self._lock_fd is not None:
             return
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(f"{self.root} is in use by a running site") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise SpoolLocked(f"{self.root} is in use by a running site") from None
+                time.sleep(0.1)
         self._lock_fd = fd
 
     def owned_by_another_process(self) -> bool:
@@ -347,19 +375,32 @@ class Spool:
     def recover(self) -> list[Envelope]:
         """At start-up (as the owner): clear tmp/, replay the journal, drop segments
         with nothing queued, and return the unfinished messages."""
-        self.acquire()
+        self.acquire(wait=self.lock_wait)
         for p in self.tmp.iterdir():
             p.unlink(missing_ok=True)
         queued = _replay(self.journal)
+        self.journal.adopt_existing()  # nothing is appended to an old segment again
         self._index = {qid: q.location for qid, q in queued.items()}
         self._live = Counter(loc.segment for loc in self._index.values())
         envelopes = [q.envelope for q in queued.values() if not q.envelope.finished]
         self._drop_empty_segments(sync=True)
         return envelopes
 
+    async def _commit_enqueue(self, ops: Sequence[Op]) -> list[Location]:
+        """Commit ops holding an ENQUEUE: the segments it may land in stay protected
+        from deletion until its location is known here."""
+        floor = self.journal.first_writable()
+        self._inflight[floor] += 1
+        try:
+            return await self.committer.commit(ops)
+        finally:
+            self._inflight[floor] -= 1
+            if self._inflight[floor] <= 0:
+                del self._inflight[floor]
+
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
         """Durably add a message; returns only when it is safe to answer 250."""
-        (loc,) = await self.committer.commit([Append(ENQUEUE, queue_file_bytes(envelope, message))])
+        (loc,) = await self._commit_enqueue([Append(ENQUEUE, queue_file_bytes(envelope, message))])
         self._index[envelope.queue_id] = loc
         self._live[loc.segment] += 1
 
@@ -369,6 +410,9 @@ class Spool:
     async def remove(self, queue_id: str) -> None:
         await self.committer.commit([Append(DONE, queue_id.encode())], durable=False)
         self._forget(queue_id)
+        if not self._index and not self._inflight and self.journal.size >= RECLAIM_AT:
+            # the queue is empty: give the open segment's space back too
+            await self.committer.commit([CloseSegment()], durable=False)
         drop = self._droppable()
         if drop:
             await self.committer.commit([DropSegments(tuple(drop))], durable=False)
@@ -383,9 +427,10 @@ class Spool:
     def _droppable(self) -> list[int]:
         """Oldest segments with nothing queued (deleted in order, so a DONE record is
         never lost while the ENQUEUE it cancels survives)."""
+        limit = min([self.journal.first_writable(), *self._inflight])
         drop = []
         for n in self.journal.segments():
-            if n >= self.journal.current_segment or self._live.get(n):
+            if n >= limit or self._live.get(n):
                 break
             drop.append(n)
         return drop
@@ -395,24 +440,40 @@ class Spool:
         if drop:
             self.journal.remove_segments(drop)
 
+    def _live_bytes(self, segment: int) -> int:
+        return sum(loc.length for loc in self._index.values() if loc.segment == segment)
+
     def segments_to_compact(self, keep: int = 2) -> list[str]:
-        """Queue ids pinning old segments when more than ``keep`` segments exist."""
-        segments = self.journal.segments()
-        if len(segments) <= keep:
+        """Queue ids pinning the oldest closed segment when more than ``keep`` segments
+        exist, or when less than a quarter of that segment is still queued."""
+        segments = [n for n in self.journal.segments() if n < self.journal.first_writable()]
+        if not segments:
             return []
         oldest = segments[0]
+        if len(self.journal.segments()) <= keep:
+            try:
+                size = (self.journal.directory / segment_name(oldest)).stat().st_size
+            except FileNotFoundError:
+                return []
+            if size < RECLAIM_AT or self._live_bytes(oldest) * 4 > size:
+                return []
         return [qid for qid, loc in self._index.items() if loc.segment == oldest]
 
     async def compact(self, envelopes: dict[str, Envelope]) -> int:
-        """Copy long-queued messages of the oldest segment forward; returns how many."""
+        """Copy long-queued messages of the oldest segment forward; returns how many.
+        An open segment that is large and mostly finished is closed first, so that
+        a few messages retrying for days never pin a whole segment's space."""
         moved = 0
+        open_size = self.journal.size
+        if open_size >= RECLAIM_AT and self._live_bytes(self.journal.current_segment) * 4 < open_size:
+            await self.committer.commit([CloseSegment()], durable=False)
         for qid in self.segments_to_compact():
             env = envelopes.get(qid)
             loc = self._index.get(qid)
             if env is None or loc is None:
                 continue
             payload = await asyncio.to_thread(self.journal.read, loc)
-            (new_loc, _) = await self.committer.commit([Append(ENQUEUE, payload), Append(STATE, env.to_json())])
+            (new_loc, _) = await self._commit_enqueue([Append(ENQUEUE, payload), Append(STATE, env.to_json())])
             self._forget(qid)
             self._index[qid] = new_loc
             self._live[new_loc.segment] += 1

@@ -6,6 +6,9 @@ import path through ``pythonpath`` in pyproject.toml."""
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+# Imported up front: the hypothesis plugin's late import at the session's end trips a CPython
+# 3.11 AST recursion-depth check after the TLS tests ("AST constructor recursion depth mismatch").
+import hypothesis  # noqa: F401
 import pytest
 from sitekit import Organisation
 

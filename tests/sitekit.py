@@ -168,9 +168,13 @@ class Organisation:
                  links: dict[str, list[str]] | None = None,
                  mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
                  schedule: str = "never", startup_delay: str = "1h",
-                 routing: dict[str, dict[str, str]] | None = None, token: str = ORG_TOKEN) -> None:
+                 routing: dict[str, dict[str, str]] | None = None, token: str = ORG_TOKEN,
+                 per_site_keys: bool = False) -> None:
+        """``per_site_keys``: each site signs with its own Ed25519 key (``imsrelay
+        replicate keygen``) and trusts the others' public keys, instead of the org key."""
         self.tmp = tmp_path
         self.hosts = hosts or ORG_HOSTS
+        trusted = self.make_keys() if per_site_keys else {}
         self.token = token
         self.links = links or {n: [o for o in self.hosts if o != n] for n in self.hosts}
         self.ports = {n: free_port(h) for n, h in self.hosts.items()}
@@ -190,10 +194,25 @@ class Organisation:
                              "connectors": [{"site": o, "schedule": schedule} for o in others]},
                 admin={"listen": self.hosts[name], "port": self.admin_ports[name], "token": token},
                 logging={"level": "warning", "format": "json"})
+            if per_site_keys:
+                del mapping["replication"]["key"]
+                mapping["replication"]["signing_key"] = str(tmp_path / "keys" / f"{name}.pem")
+                mapping["replication"]["trusted_keys"] = trusted
             if mailboxes and name in mailboxes:
                 mapping["mailboxes"] = mailboxes[name]
             self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
         self.sites: dict[str, Site] = {}
+
+    def make_keys(self) -> dict[str, str]:
+        """Each site's key pair with ``imsrelay replicate keygen``: the trusted keys table."""
+        trusted = {}
+        for name in self.hosts:
+            code, out, err = run_cli("replicate", "keygen", "--site", name,
+                                     "--out", str(self.tmp / "keys" / f"{name}.pem"))
+            assert code == 0, err
+            site, _, value = out.strip().partition(" = ")
+            trusted[site] = value.strip('"')
+        return trusted
 
     async def start(self, *names: str) -> None:
         for name in names or tuple(self.hosts):

@@ -23,7 +23,7 @@ from imsrelay.smtpd import ImsSMTP, SiteHandler, server_factory
 SHARED_CONTAINERS = {"_handle_hooks", "_call_limit_base"}
 # rebuilt for each copy by server_factory
 REBUILT = {"_drain_waiters", "_stream_reader_wr", "_strong_reader", "_client_connected_cb", "_closed",
-           "_smtp_methods", "_auth_methods"}
+           "_smtp_methods", "_auth_methods", "_ehlo_lines"}
 
 
 def test_aiosmtpd_is_the_tested_version():

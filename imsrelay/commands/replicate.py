@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from imsrelay.admin_client import cli_call
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
+from imsrelay.errors import UserError
+from imsrelay.replication_keys import generate_private_key, private_key_pem, public_key_text
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,12 +35,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_site_options(st, data=False)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+    kg = rsub.add_parser("keygen", help="make this site's Ed25519 replication key; print its public key",
+                         description="Write a new Ed25519 private key (PEM, mode 0600) for replication.signing_key "
+                                     "and print the line to add to every site's [replication.trusted_keys].")
+    kg.add_argument("--out", required=True, type=Path, help="where to write the private key")
+    kg.add_argument("--site", required=True, help="this site's directory name (for the printed line)")
+    kg.add_argument("--force", action="store_true", help="replace an existing key file")
+    kg.set_defaults(func=cmd_keygen)
 
 
 def when(ts: float | None) -> str:
     if not ts:
         return "never"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise UserError(f"{args.out} exists already (use --force to replace it)")
+    key = generate_private_key()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_key_pem(key))
+    print(f'{args.site} = "{public_key_text(key)}"')
+    return 0
 
 
 def cmd_request_now(args: argparse.Namespace) -> int:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from imsrelay.commands import whole_number
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.errors import UserError
-from imsrelay.logs import configure_logging, get_logger
+from imsrelay.logs import LineLogger, configure_logging, get_logger
 from imsrelay.site import run_site
 from imsrelay.spool import SpoolLocked
 
@@ -67,18 +71,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def die_with_parent(parent: int) -> None:
+    """In a worker: get SIGTERM when the supervisor dies (even by kill -9), so no
+    orphan keeps serving (and holding its spool) unsupervised (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's pipe below still tells
+        pass
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class Restarts:
+    """When a worker that died is started again, and when the supervisor gives up:
+    only deaths right after a start count, and a worker that ran a while starts
+    afresh (pure)."""
+
+    quick: float = 5.0  # a death this soon after a start is a quick death
+    limit: int = 4  # consecutive quick deaths of one worker before giving up
+    deaths: dict[int, int] = field(default_factory=dict)
+
+    def after_death(self, worker: int, ran_for: float) -> float | None:
+        """Seconds to wait before starting ``worker`` again, or None: give up."""
+        if ran_for >= self.quick:
+            self.deaths[worker] = 0
+            return 0.5
+        n = self.deaths.get(worker, 0) + 1
+        self.deaths[worker] = n
+        if n >= self.limit:
+            return None
+        return min(30.0, 0.5 * 2.0 ** (n - 1))
+
+
 def supervise(config: SiteConfig, workers: int) -> int:
     """Run ``workers`` processes of one site (forked before any event loop exists);
-    SIGINT/SIGTERM stop them all; a worker that dies is started again."""
-    import os
-    import time
-
-
+    SIGINT/SIGTERM stop them all; a worker that dies is started again (backed off)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    LineLogger.share_lock(str(config.data_dir / "log.lock"))  # long log lines never interleave
     log = get_logger("imsrelay").bind(site=config.site)
     children: dict[int, int] = {}  # pid -> worker number
     started: dict[int, float] = {}  # worker -> when it was last started
-    quick_deaths = 0
+    restarts = Restarts()
     stopping = False
+    supervisor = os.getpid()
 
     def spawn(worker: int) -> None:
         pid = os.fork()
@@ -87,6 +124,7 @@ def supervise(config: SiteConfig, workers: int) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                die_with_parent(supervisor)
                 run_until_signalled(lambda stop: run_site(config, stop, worker=worker, workers=workers))
             except BaseException as exc:  # noqa: BLE001 - report, then leave the child
                 log.error("worker.failed", worker=worker, error=repr(exc))
@@ -109,7 +147,8 @@ def supervise(config: SiteConfig, workers: int) -> int:
     spawn(0)
     time.sleep(0.5)  # worker 0 provisions the directory first
     for w in range(1, workers):
-        spawn(w)
+        if not stopping:  # a SIGTERM during start-up: start no more workers
+            spawn(w)
     log.info("site.supervising", workers=workers, pids=sorted(children))
     status = 0
     while children:
@@ -125,12 +164,13 @@ def supervise(config: SiteConfig, workers: int) -> int:
         if not stopping:
             log.error("worker.exited", worker=worker, pid=pid, status=code)
             status = 1
-            if time.monotonic() - started[worker] < 5.0:
-                quick_deaths += 1
-            if quick_deaths > 3:  # e.g. the port is taken: stop instead of looping
-                log.error("site.giving_up", reason="workers keep exiting right after start")
+            delay = restarts.after_death(worker, time.monotonic() - started[worker])
+            if delay is None:  # e.g. the port is taken: stop instead of looping
+                log.error("site.giving_up", worker=worker,
+                          reason=f"worker {worker} exited right after start {restarts.limit} times in a row")
                 stop_all(signal.SIGTERM, None)
                 continue
-            time.sleep(1.0)
-            spawn(worker)
+            time.sleep(delay)
+            if not stopping:
+                spawn(worker)
     return status
