@@ -180,7 +180,9 @@ async def test_internal_error_answers_451_and_nothing_is_lost(tmp_path):
 
 
 async def test_session_limits(tmp_path):
-    config = cfg(tmp_path, smtp={"idle_timeout": 0.5, "session_timeout": 1.5, "max_errors": 3})
+    # Generous margins: the NOOPs below come every 0.3 s, far inside the idle time-out
+    # even on a loaded machine, and the session limit ends them after ~4 s.
+    config = cfg(tmp_path, smtp={"idle_timeout": 2.0, "session_timeout": 4.0, "max_errors": 3})
     async with running_site(config) as site:
         def idle():
             with socket.create_connection((HOST, site.bound_port), timeout=5) as sock:
@@ -194,7 +196,7 @@ async def test_session_limits(tmp_path):
                 f = sock.makefile("rb")
                 f.readline()
                 lines = []
-                for _ in range(10):
+                for _ in range(40):
                     sock.sendall(b"NOOP\r\n")
                     line = f.readline()
                     lines.append(line)
@@ -237,6 +239,8 @@ async def test_client_disconnect_mid_data(tmp_path):
         await asyncio.sleep(0.2)
         await in_thread(send, site, "x@example.org", ["User1@SiteA.microsoft.com"], MSG)
         msgs = await wait_for(lambda: maildir_messages(config.data_dir, "User1"))
+        # the Maildir file comes before the queue's completion record: wait for both
+        await wait_for(lambda: not site.qmgr.envelopes)
     assert len(msgs) == 1 and b"half" not in msgs[0]
     assert Spool(config.data_dir).queue_ids() == []
 
