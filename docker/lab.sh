@@ -44,9 +44,9 @@ LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-240}"
 LOCAL_BASE="imsrelay-base:bookworm"
 REGISTRY_BASES=(python:3.11-slim-bookworm debian:bookworm-slim)
 SITES=(sitea siteb sitec)
-SITE_IMAGE_SERVICES=(sitea siteb sitec setup)   # services built from the root Dockerfile (imsrelay:lab)
+SITE_IMAGE_SERVICES=(sitea siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
 ONE_SHOT=setup                                  # runs once after the sites are healthy, then exits
-ALL_SERVICES=(dns sitea siteb sitec internet setup)
+ALL_SERVICES=(dns sitea siteb sitec internet setup console)
 LAB_SUBNET="10.10.10.0/24"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -224,6 +224,7 @@ port also serves GET /ready and the message API /api/v1 (bearer token):
   sitec    SMTP 2520  admin 8520     (10.10.10.20, Server1.SiteC.microsoft.com)
   internet SMTP 2600                 (10.10.10.100, mail.example.net: alice, bob)
   dns      5353 udp+tcp              (10.10.10.53, nsd: microsoft.com, example.net)
+  console  http://127.0.0.1:8580/    (10.10.10.8, the web console: log in with the admin token)
 EOF
 }
 

@@ -28,6 +28,8 @@ GET      /faults                     faults on demand now in force
 POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
 DELETE   /faults[/ID]                clear every fault, or one
 GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /config                     static set-up (imsrelay.console.admin_routes)
+DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
 GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
 GET      /api/v1/...                 the message API (``imsrelay.message_api``)
 =======  ==========================  ==========================================
@@ -52,6 +54,7 @@ from aiohttp import web
 from imsrelay.addresses import AddressError
 from imsrelay.auth import PasswordError, hash_password, parse_hash
 from imsrelay.config import SiteConfig
+from imsrelay.console.admin_routes import add_console_routes
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
@@ -66,6 +69,7 @@ from imsrelay.restrictions_report import Question, explain, site_rules
 from imsrelay.router import RoutingTable
 from imsrelay.site_addressing import report_dict, site_addressing_job
 from imsrelay.spool import Spool
+from imsrelay.tracking import TrackingLog
 from imsrelay.transfer_mode import TransferMode, parse_mode
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,6 +104,7 @@ class AdminSite(Protocol):
     qmgr: QueueManager
     replicator: Replicator | None
     bound_port: int | None
+    tracking: TrackingLog
     log: Any
     spool: Spool
     workers: int
@@ -160,6 +165,7 @@ class AdminServer:
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
         MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.message_api)
+        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 

@@ -35,6 +35,7 @@ COMMANDS = {
     "transfer-mode": "imsrelay.commands.transfer_mode",
     "faults": "imsrelay.commands.faults",
     "track": "imsrelay.commands.track",
+    "console": "imsrelay.commands.console",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 

@@ -45,6 +45,7 @@ from imsrelay.settings import (
     AuthConfig,
     ConnectedSite,
     ConnectionsConfig,
+    ConsoleConfig,
     DeliveryConfig,
     DiagnosticsConfig,
     DnsConfig,
@@ -75,7 +76,7 @@ __all__ = [
     "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
     "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
     "ConnectionsConfig", "DiagnosticsConfig", "EtrnConfig", "EtrnRequest", "MetricsConfig", "NotificationsConfig",
-    "TransferConfig",
+    "TransferConfig", "ConsoleConfig",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -581,6 +582,14 @@ def _load_transfer(t: _Section) -> TransferConfig:
     return cfg
 
 
+def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
+    cfg = _build(ConsoleConfig, enabled=co.boolean("enabled"), listen=_listen(co, "listen"), port=co.port("port"))
+    if cfg.enabled and admin.port == 0:
+        co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
+    co.reject_unknown()
+    return cfg
+
+
 def _load_tracking(t: _Section) -> TrackingConfig:
     cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
     t.reject_unknown()
@@ -791,6 +800,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
                                        "submission.tls_port",
                                        "submission listeners need TLS: set smtp.tls_cert and smtp.tls_key "
                                        "(or smtp.tls_generate = true for a throwaway lab certificate)"))
+    console = _load_console(root.table_of("console"), admin)
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
@@ -808,4 +818,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         auth=auth, submission=submission, restrictions=restrictions,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
+        console=console,
     )

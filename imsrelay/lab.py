@@ -205,7 +205,7 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
     raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
 
 
-def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
+def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
     and greets as an ordinary Internet MTA."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
@@ -218,6 +218,7 @@ def internet_mapping(*, port: int, data_dir: Path) -> dict[str, Any]:
         "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
         "email_domains": routes,
+        "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
     }
 
@@ -275,6 +276,7 @@ class Lab:
         self.detail = detail or (lambda line: None)
         self.sites: dict[str, Site] = {}
         self._mtimes: dict[str, float] = {}
+        self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
 
     # ------------------------------------------------------------ state (read from the files)
 
@@ -374,7 +376,8 @@ class Lab:
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
             internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
-                                + toml_text.dumps(internet_mapping(port=self.port, data_dir=self.data_dir)))
+                                + toml_text.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
+                                                                 admin_port=self.admin_port)))
 
     def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
         """Append the missing ``[[table]]`` entries to each file, keeping every line a

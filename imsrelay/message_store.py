@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -36,6 +37,7 @@ from typing import Any
 
 MAX_HEADER = 256 * 1024  # bytes of a message's header read for its summary
 MAX_TEXT_SEARCH = 8 * 1024 * 1024  # messages larger than this are free-text searched in their headers only
+LISTING_SETTLE = 2.0  # seconds: a mailbox directory changed more recently is listed again on every scan
 SEARCH_FIELDS = ("from", "to", "subject", "message-id", "mailbox", "site", "after", "before")
 
 
@@ -292,6 +294,7 @@ class MessageStore:
         self.site = site
         self.root = Path(root)
         self._index: dict[str, tuple[int, int, Summary]] = {}  # path → (mtime_ns, size, summary)
+        self._listings: dict[str, tuple[tuple[int, int], list[Summary]]] = {}  # mailbox → (dir mtimes, summaries)
         self._lock = threading.Lock()
 
     def mailbox_names(self) -> list[str]:
@@ -313,33 +316,59 @@ class MessageStore:
     def scan(self, mailboxes: list[str] | None = None) -> list[Summary]:
         """Summaries of every message (of the given mailboxes), newest first."""
         names = self.mailbox_names() if mailboxes is None else [m for m in mailboxes if m in self.mailbox_names()]
+        if len(names) == 1 and mailboxes is not None:
+            return list(self._scan_mailbox(names[0]))  # already newest first
         found: list[Summary] = []
-        seen: set[str] = set()
         for mbx in names:
-            for path in self._files(mbx):
-                key = str(path)
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue  # moved or deleted meanwhile
-                seen.add(key)
-                with self._lock:
-                    cached = self._index.get(key)
-                if cached and cached[0] == st.st_mtime_ns and cached[1] == st.st_size:
-                    found.append(cached[2])
-                    continue
-                try:
-                    summary = summarise(self.site, mbx, path)
-                except (FileNotFoundError, IsADirectoryError):
-                    continue
-                with self._lock:
-                    self._index[key] = (st.st_mtime_ns, st.st_size, summary)
-                found.append(summary)
+            found.extend(self._scan_mailbox(mbx))
         if mailboxes is None:
+            seen = {s.path for s in found}
             with self._lock:
                 for key in [k for k in self._index if k not in seen]:
                     del self._index[key]
         found.sort(key=lambda s: (s.received, s.id), reverse=True)
+        return found
+
+    def _stamp(self, mailbox: str) -> tuple[int, int] | None:
+        """The mtimes of a mailbox's new/ and cur/: any delivery, move or delete changes one."""
+        try:
+            return (os.stat(self.root / mailbox / "new").st_mtime_ns, os.stat(self.root / mailbox / "cur").st_mtime_ns)
+        except FileNotFoundError:
+            return None
+
+    def _scan_mailbox(self, mbx: str) -> list[Summary]:
+        """One mailbox's summaries: from the listing cache while new/ and cur/ are
+        unchanged (a page of a 100,000-message mailbox costs two stats, not 100,000);
+        a directory changed less than ``LISTING_SETTLE`` ago is read again every time
+        (its mtime may not show a second change within the same clock tick)."""
+        stamp = self._stamp(mbx)
+        with self._lock:
+            cached = self._listings.get(mbx)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return cached[1]
+        found: list[Summary] = []
+        for path in self._files(mbx):
+            key = str(path)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # moved or deleted meanwhile
+            with self._lock:
+                hit = self._index.get(key)
+            if hit and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
+                found.append(hit[2])
+                continue
+            try:
+                summary = summarise(self.site, mbx, path)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            with self._lock:
+                self._index[key] = (st.st_mtime_ns, st.st_size, summary)
+            found.append(summary)
+        found.sort(key=lambda s: (s.received, s.id), reverse=True)
+        if stamp is not None and time.time_ns() - max(stamp) > LISTING_SETTLE * 1e9:
+            with self._lock:
+                self._listings[mbx] = (stamp, found)
         return found
 
     def mailboxes(self) -> list[dict[str, Any]]:
@@ -371,16 +400,22 @@ class MessageStore:
         site, mbx, unique = split_id(message_id)
         if site != self.site or "/" in mbx or mbx in ("", ".", ".."):
             raise NotFound(message_id)
-        for path in self._files(mbx):
-            if _unique(path.name) == unique:
-                try:
-                    return summarise(self.site, mbx, path)
-                except FileNotFoundError:
-                    break
+        if "/" in unique or unique in (".", ".."):
+            raise NotFound(message_id)
+        direct = self.root / mbx / "new" / unique  # where a delivery puts it: no directory listing
+        candidates = [direct] if direct.is_file() else [p for p in self._files(mbx) if _unique(p.name) == unique]
+        for path in candidates:
+            try:
+                return summarise(self.site, mbx, path)
+            except FileNotFoundError:
+                break
         raise NotFound(message_id)
 
     def detail(self, message_id: str) -> dict[str, Any]:
-        return message_detail(self.find(message_id))
+        try:
+            return message_detail(self.find(message_id))
+        except FileNotFoundError:  # marked read meanwhile: the file moved to cur/ under the same id
+            return message_detail(self.find(message_id))
 
     def delete(self, message_id: str) -> bool:
         try:

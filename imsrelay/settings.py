@@ -165,6 +165,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """``[console]``: the web console of ``serve`` (it talks to this site's admin endpoint)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """``[routing]``: how recipients at address literals (``user@[192.0.2.1]``) are
     treated: ``deliver`` straight to that address, never through MX (RFC 5321 §5.1;
@@ -321,6 +330,7 @@ class SiteConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)

@@ -26,6 +26,7 @@ from imsrelay.admin import AdminServer
 from imsrelay.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
 from imsrelay.config import SiteConfig
 from imsrelay.connection_limits import Caps, ConnectionCounter
+from imsrelay.console.site_console import site_console
 from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory
 from imsrelay.dns import MailResolver
@@ -680,7 +681,13 @@ def descriptors_reserved(config: SiteConfig) -> int:
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
     site = Site(config, worker=worker, workers=workers)
     await site.start()
+    console = None
     try:
+        if config.console.enabled and worker == 0:
+            console = site_console(site)
+            await console.start()
         await stop.wait()
     finally:
+        if console is not None:
+            await console.stop()
         await site.stop()

@@ -62,6 +62,7 @@ SUBMISSION = {
     "siteb": (_port("LAB_SITEB_SUBMISSION_PORT", 5815), _port("LAB_SITEB_SMTPS_PORT", 4615)),
     "sitec": (_port("LAB_SITEC_SUBMISSION_PORT", 5820), _port("LAB_SITEC_SMTPS_PORT", 4620)),
 }
+CONSOLE_PORT = _port("LAB_CONSOLE_PORT", 8580)
 SITE_MAILBOXES = "/var/lib/imsrelay/mailboxes"
 
 T = TypeVar("T")

@@ -19,9 +19,11 @@ from collections import Counter
 
 import pytest
 from compose_kit import (
+    CONSOLE_PORT,
     INTERNET_SMTP,
     SITES,
     SUBMISSION,
+    TOKEN,
     ComposeLab,
     MailFlow,
     docker_skip_reason,
@@ -166,6 +168,51 @@ def test_user3_sent_to_siteb_reaches_sitec(lab: ComposeLab):
     for service in SITES:  # unknown company users are refused at RCPT everywhere
         code, text = lab.rcpt_reply(SMTP[service], "nobody@microsoft.com")
         assert (code, text[:5]) == (550, "5.1.1"), service
+
+
+# ------------------------------------------------------------------ the web console
+
+
+def test_the_console_on_127_0_0_1_shows_the_organisation_and_traces_mail(lab: ComposeLab, tmp_path):
+    """The `console` service, published on 127.0.0.1: in a real browser, the three
+    sites, the recipients at microsoft.com, a message from the Internet and its path."""
+    import shutil
+    import urllib.parse
+
+    from console_kit import launch_browser, log_in
+    from playwright.sync_api import expect, sync_playwright
+
+    assert lab.healthy("console")
+    assert shutil.which("chromium"), "the console test needs Debian's chromium (./dev test installs it)"
+    msgid, body = lab.message("alice@example.net", "User2@microsoft.com", "seen in the console", "console")
+    lab.send(INTERNET_SMTP, "alice@example.net", "User2@microsoft.com", body)
+    poll(lambda: lab.find("siteb", "/var/lib/imsrelay/mailboxes/User2", msgid), timeout=90,
+         what="the console's test mail in SiteB's Maildir")
+    url = f"http://127.0.0.1:{CONSOLE_PORT}/"
+    with sync_playwright() as p:
+        browser = launch_browser(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
+        log_in(page, url, TOKEN)
+        expect(page.locator(".site-card")).to_have_count(3)
+        expect(page.locator(".site-card[data-site=SiteB]")).to_contain_text("@microsoft.com")
+        page.screenshot(path=str(tmp_path / "compose-console.png"), full_page=True)
+        page.goto(url + "#/recipients")
+        user2 = page.locator("tr[data-alias=User2]")
+        expect(user2.locator("li.primary")).to_contain_text("User2@microsoft.com")
+        for site in ("SiteA", "SiteB", "SiteC"):
+            expect(user2.locator(".badge.ok", has_text=site)).to_have_count(1)
+        page.goto(url + "#/mail?site=SiteB&mailbox=User2")
+        row = page.locator("table.message-list tr", has_text="seen in the console")
+        expect(row).to_have_count(1)
+        page.goto(url + "#/tracking?q=" + urllib.parse.quote(msgid, safe=""))
+        labels = page.locator("article.story .hop-node .node-label")
+        expect(labels.filter(has_text="SiteA")).to_have_count(1)
+        expect(labels.filter(has_text="SiteB")).to_have_count(1)
+        expect(page.locator("article.story ul.outcomes")).to_contain_text("delivered at SiteB")
+        page.screenshot(path=str(tmp_path / "compose-tracking.png"), full_page=True)
+        browser.close()
 
 
 def test_message_api_tracking_and_the_client_on_the_published_ports(lab: ComposeLab):

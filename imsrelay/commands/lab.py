@@ -13,8 +13,10 @@ from typing import Any
 
 from imsrelay.commands import PORT, positive_seconds, whole_number
 from imsrelay.commands.serve import run_until_signalled
+from imsrelay.console.lab_console import lab_console
+from imsrelay.console.server import ConsoleServer
 from imsrelay.errors import UserError
-from imsrelay.lab import API_HOST, STAGE_NAMES, Lab, LabStepRefused, stage_index
+from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, Lab, LabStepRefused, stage_index
 from imsrelay.logs import configure_logging
 
 
@@ -44,8 +46,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
     p.add_argument("--api-port", type=whole_number(0, 65535, "a TCP port (0: any free one)"), default=8025,
                    help="port of the lab endpoint (default 8025; 0: any free port)")
-    p.add_argument("--stage", default="end",
-                   help="stage to reach at start: install … site-addressing-c, or end (default)")
+    p.add_argument("--stage", default=None,
+                   help="stage to reach at start: install … site-addressing-c, or end (default); given, the "
+                        "web console shows the stage with a 'next step' control")
+    p.add_argument("--console-listen", default="127.10.10.1",
+                   help="address of the web console for the organisation (default 127.10.10.1)")
+    p.add_argument("--console-port", type=whole_number(0, 65535, "a TCP port (0: no console)"), default=8080,
+                   help="port of the web console (default 8080; 0: no console)")
     p.add_argument("--exchange-timers", action="store_true",
                    help="use Exchange's real retry intervals (15m, 30m, 1h, 4h) instead of lab-speed ones")
     p.add_argument("--wait", type=positive_seconds, default=300.0, metavar="SECONDS",
@@ -67,6 +74,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for line in lab.status_lines(f"running (pid {pid})" if pid else "not running"):
             print(line)
         return 0
+    staged = args.stage is not None  # the console shows the walk and its "next step" control
+    args.stage = args.stage or "end"
     try:
         target = stage_index(args.stage)
     except ValueError as exc:
@@ -92,12 +101,23 @@ def cmd_lab(args: argparse.Namespace) -> int:
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))
         (data / NEXT_REQUEST).unlink(missing_ok=True)
+        console: ConsoleServer | None = None
         try:
             if lab.exists and target < lab.stage:
                 print(f"lab: {lab.data_dir} is already past stage {args.stage} "
                       f"(imsrelay lab status --data {data}); delete it to start again from {args.stage}")
             await lab.start(target)
             print(await lab.describe(), flush=True)
+            if args.console_port:
+                console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
+                try:
+                    await console.start()
+                    print(f"console  {console.url}  (log in with the admin token {ADMIN_TOKEN})", flush=True)
+                except OSError as exc:  # the lab works without its console
+                    await console.stop()
+                    console = None
+                    print(f"lab: no web console: {args.console_listen}:{args.console_port}: "
+                          f"{exc.strerror or exc} (choose another with --console-port)", flush=True)
             print("imsrelay lab: ready", flush=True)
             while not stop.is_set():
                 try:
@@ -106,9 +126,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
                     pass
                 request = data / NEXT_REQUEST
                 if request.exists():
-                    await _answer_next(lab, request)
+                    async with lab.step_lock:
+                        await _answer_next(lab, request)
                 await lab.restart_changed()
         finally:
+            if console is not None:
+                await console.stop()
             await lab.stop()
             pidfile.unlink(missing_ok=True)
             print("lab: stopped", flush=True)

@@ -1,0 +1,56 @@
+"""Organisation-wide views the console builds from the sites' answers (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def recipients(directories: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every mailbox of the organisation once: its home site's copy (proxy addresses,
+    primary first), at which sites it is known, and where a copy differs from home's."""
+    copies: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for site, snapshot in directories.items():
+        for m in snapshot.get("mailboxes", []):
+            key = (str(m["home_site"]), str(m["alias"]).lower())
+            copies.setdefault(key, {})[site] = m
+    rows = []
+    for (home, _), by_site in sorted(copies.items(), key=lambda kv: (kv[0][0].lower(), kv[0][1])):
+        own = by_site.get(home) or next(iter(by_site.values()))
+        addresses = _ordered(own)
+        stale = sorted(s for s, m in by_site.items() if _ordered(m) != addresses)
+        rows.append({"alias": own["alias"], "display_name": own.get("display_name") or own["alias"],
+                     "home_site": home, "primary_address": own.get("primary_address"),
+                     "proxy_addresses": addresses, "known_at": sorted(by_site),
+                     "home_copy": home in by_site, "differs_at": stale})
+    return rows
+
+
+def _ordered(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Proxy addresses, the primary SMTP address first (``SMTP:`` upper case = primary)."""
+    result: list[dict[str, Any]] = []
+    for p in m.get("proxy_addresses", []):
+        kind, _, address = str(p).partition(":")
+        result.append({"type": kind.upper(), "address": address, "primary": kind.isupper() and kind == "SMTP"})
+    result.sort(key=lambda a: (not a["primary"], a["type"], a["address"].lower()))
+    return result
+
+
+def signature(value: Any) -> str:
+    """A short digest of a JSON value: what the live feed compares between polls."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_topics(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def queue_signature(queue: dict[str, Any]) -> list[Any]:
+    return [(m["queue_id"], [(r["address"], r["state"], r["attempts"]) for r in m["recipients"]])
+            for m in queue.get("messages", [])]
+
+
+def replication_signature(status: dict[str, Any]) -> list[Any]:
+    return [(p["site"], p["high_water"], p["last_request"], p["last_reply"], p["last_error"], p["backlog"],
+             p["applied"]) for p in status.get("peers", [])] + [status.get("highest_usn")]
