@@ -532,6 +532,9 @@
       try {
         const r = await api("POST", site(name, "/site-addressing"), { address: address.value.trim(), update_mailboxes: update.checked, keep_old: keep.checked });
         result.replaceChildren(bulkReport(name, r));
+        // the site's answer is the truth now; the refresh below redraws the mailboxes
+        const shown = current.querySelector("#sa-current");
+        if (shown && r.address) shown.textContent = r.address;
         refreshView();
       } catch (err) {
         result.replaceChildren(notice(err.message, "error"));
