@@ -265,9 +265,26 @@ def test_request_now_moves_the_peers_high_water_mark(page, lab):
 # ---------------------------------------------------------------------------- Site Addressing
 
 
+SLOW_ORGANISATION = """() => {
+  const plain = window.fetch;
+  window.fetch = (url, options) => String(url).includes("/api/organisation")
+    ? new Promise((wake) => setTimeout(wake, 2500)).then(() => plain(url, options))
+        .finally(() => { window.__slowOrganisation = "answered"; })
+    : plain(url, options);
+}"""
+
+
 def test_site_addressing_bulk_update_shows_substitutes(page, lab):
+    # A page still waiting on its data (a slow organisation view) must not take the
+    # console back when its answer finally comes: the last page opened owns the view.
+    page.evaluate(SLOW_ORGANISATION)
+    page.evaluate("location.hash = '#/organisation'")
     page.goto(lab.console_url + "#/site/SiteB/addressing")
     expect(page.locator("#sa-current")).to_have_text("@SiteB.microsoft.com")
+    page.wait_for_function("() => window.__slowOrganisation === 'answered'", timeout=TIMEOUT)
+    page.wait_for_timeout(300)  # the late view's own drawing after its answer
+    expect(page.locator("body")).to_have_attribute("data-view", "site/SiteB/addressing")
+    expect(page.locator("#view h2")).to_have_text("SiteB — Site Addressing")
     page.fill("#sa-address", "@microsoft.com")
     assert page.is_checked("#sa-update")
     page.click("#sa-apply")

@@ -8,7 +8,7 @@
 
 (() => {
   const state = { csrf: null, title: "imsrelay", sites: [], outside: [], stage: false, view: null, events: null,
-                  refreshing: false, again: false };
+                  refreshing: false, again: false, routes: 0 };
   const PAGE = 50;
 
   // ------------------------------------------------------------------ DOM helpers
@@ -302,6 +302,10 @@
 
   async function route() {
     if (!state.csrf) return;
+    // Each route owns the page until the next one starts: an earlier route still
+    // waiting on its data must not take state.view back when it finally resolves.
+    const generation = ++state.routes;
+    state.view = null;
     const { parts, params } = parseHash();
     const view = document.getElementById("view");
     const root = el("div", { class: "view" });
@@ -322,6 +326,7 @@
       if (err.status === 401) return;
       root.append(notice(err.message, "error"));
     }
+    if (generation !== state.routes) return;  // a newer route replaced this page meanwhile
     state.view = built || null;
     document.body.dataset.view = parts.join("/") || "organisation";
   }
@@ -535,7 +540,7 @@
         // the site's answer is the truth now; the refresh below redraws the mailboxes
         const shown = current.querySelector("#sa-current");
         if (shown && r.address) shown.textContent = r.address;
-        refreshView();
+        if (view) await view.refresh();  // this page's own mailboxes, whatever else is refreshing
       } catch (err) {
         result.replaceChildren(notice(err.message, "error"));
       } finally {
@@ -543,7 +548,8 @@
       }
     });
     root.append(current, card("Change Site Addressing", form), result);
-    const view = await withData(root, [`directory:${name}`], async () => {
+    let view = null;
+    view = await withData(root, [`directory:${name}`], async () => {
       const [sa, dir] = await Promise.all([api("GET", site(name, "/site-addressing")), api("GET", site(name, `/directory?site=${encodeURIComponent(name)}`))]);
       if (!address.value) address.value = sa.smtp_address || "";
       current.replaceChildren(card("Current", el("dl", { class: "facts" },
