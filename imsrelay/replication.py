@@ -734,4 +734,14 @@ class Replicator:
                 "last_reply": state["last_reply"], "last_error": state["last_error"],
                 "applied": state["applied"], "backlog": self.backlog(domain)})
         return {"site": self.config.site, "invocation": invocation, "highest_usn": highest,
+                "key_scheme": self.key_scheme, "trusted_sites": list(self._key.trusted_sites),
                 "rejected": dict(self.rejected), "peers": peers}
+
+    @property
+    def key_scheme(self) -> str:
+        """How this site's replication is signed: ``per-site ed25519`` or ``shared organisation key``."""
+        return self._key.scheme
+
+    @property
+    def trusted_sites(self) -> tuple[str, ...]:
+        return self._key.trusted_sites
