@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from imsrelay import toml_text
+from imsrelay.config import ConfigError, config_from_mapping
 from imsrelay.lab import (
     COMPANY_DOMAIN,
     LAB_PASSWORD_HASHES,
@@ -152,7 +155,8 @@ def regenerate_keys(config_dir: Path = CONFIG_DIR, say: Callable[[str], None] = 
     for name, toml in tomls.items():
         try:
             texts[name] = with_trusted_keys(toml.read_text(encoding="utf-8"), keys)
-        except ValueError as exc:
+            config_from_mapping(tomllib.loads(texts[name]), toml)  # never write a file the site would refuse
+        except (OSError, ValueError, ConfigError) as exc:
             raise ValueError(f"{toml}: {exc}") from None
     for s in SITES:
         path = key_file(s, config_dir)
@@ -179,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     regen.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.command == "regenerate-keys":
-        regenerate_keys(args.config_dir)
+        try:
+            regenerate_keys(args.config_dir)
+        except (OSError, ValueError) as exc:
+            print(f"regenerate-keys: {exc}; nothing written" if isinstance(exc, ValueError) else
+                  f"regenerate-keys: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -34,6 +34,7 @@ from imsrelay.docker_configs import (
     regenerate_keys,
     with_trusted_keys,
 )
+from imsrelay.docker_configs import main as docker_configs_main
 from imsrelay.lab import (
     ADMIN_TOKEN,
     COMPANY_DOMAIN,
@@ -111,6 +112,19 @@ def test_regenerating_the_docker_keys_rewrites_only_the_trusted_keys(tmp_path: P
         changed = [(o, n) for o, n in zip(before[s.name].splitlines(), after.splitlines(), strict=True) if o != n]
         assert [o.split(" = ")[0] for o, _ in changed] == ["SiteA", "SiteB", "SiteC"]  # every comment kept
     assert sorted(p.name for p in (config_dir / "keys").iterdir()) == ["README.md", "siteA.pem", "siteB.pem", "siteC.pem"]
+
+
+def test_regenerating_writes_nothing_when_a_site_file_cannot_take_the_keys(tmp_path: Path, capsys):
+    config_dir = tmp_path / "docker"
+    shutil.copytree(CONFIG_DIR, config_dir)
+    broken = config_dir / "siteC.toml"
+    broken.write_text(broken.read_text().replace("[replication.trusted_keys]", "# (table removed)"))
+    before = {p.name: p.read_bytes() for p in config_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="siteC.toml: no \\[replication.trusted_keys\\] table"):
+        regenerate_keys(config_dir, say=lambda line: None)
+    assert docker_configs_main(["regenerate-keys", "--config-dir", str(config_dir)]) == 1
+    assert "siteC.toml: no [replication.trusted_keys] table; nothing written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in config_dir.rglob("*") if p.is_file()} == before
 
 
 def test_with_trusted_keys_keeps_comments_and_refuses_a_file_without_the_table():
