@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from imsrelay.settings import ReplicationConfig
+
 HMAC_SCHEME = "hmac-sha256"
 ED25519_SCHEME = "ed25519"
 # What ``/status`` and ``imsrelay replicate status`` call the two ways of trusting
@@ -172,3 +174,26 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(raw)
     except (binascii.Error, ValueError):
         raise ValueError("is not a base64 Ed25519 public key (32 bytes)") from None
+
+
+def trust_from(site: str, settings: ReplicationConfig) -> Trust:
+    """The site's replication trust from its ``[replication]`` settings (per-site
+    Ed25519 keys when ``signing_key`` is set, else the organisation key);
+    ``ReplicationKeyError`` when the key cannot be read, when the site's own entry
+    in ``trusted_keys`` is not its key's public half, or when there is no key."""
+    if settings.signing_key:
+        try:
+            private = load_private_key(settings.signing_key)
+        except ReplicationKeyError as exc:
+            raise ReplicationKeyError(f"replication.signing_key: {exc}") from None
+        keys = {name: parse_public_key(text) for name, text in settings.trusted_keys}
+        own = keys.get(site)
+        if own is None or public_key_text(own) != public_key_text(private):
+            raise ReplicationKeyError(f"replication.trusted_keys must list this site ({site}) with the public "
+                                      "key of replication.signing_key")
+        return Trust(site, private_key=private, public_keys=keys)
+    key = settings.resolved_key()
+    if not key:
+        raise ReplicationKeyError("replication needs an organisation key (replication.key or "
+                                  f"${settings.key_env}) or per-site keys (replication.signing_key)")
+    return Trust(site, hmac_key=key)

@@ -201,3 +201,27 @@ async def test_org_setup_refuses_sites_with_different_key_schemes(organisation):
             "shared organisation key: SiteC)") in err
     assert "Request Now" not in out  # nothing was done
     assert {n: s.directory.highest_usn for n, s in org.sites.items()} == before
+
+
+def test_a_key_that_does_not_match_its_trusted_entry_is_one_line_at_check_config_and_serve(tmp_path):
+    from sitekit import site_mapping, write_site_file
+
+    key = tmp_path / "SiteA.pem"
+    write_private_key(key, generate_private_key())
+    mapping = site_mapping("SiteA", replication={
+        "signing_key": str(key), "trusted_keys": {"SiteA": public_key_text(generate_private_key())}})
+    del mapping["replication"]["key"]
+    path, _ = write_site_file(tmp_path, mapping)
+    for argv in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        code, out, err = run_cli(*argv)
+        assert code == 2, argv
+        assert err == (f"imsrelay: {path}: replication.trusted_keys must list this site (SiteA) with the "
+                       "public key of replication.signing_key\n")
+        assert ": ok" not in out
+    key.unlink()
+    code, out, err = run_cli("serve", "--config", str(path))
+    assert (code, err) == (2, f"imsrelay: {path}: replication.signing_key: {key}: No such file or directory\n")
+    # a key that is not on this machine (a container's): check-config checks the rest and says so
+    code, out, err = run_cli("check-config", str(path))
+    assert code == 0, err
+    assert f"replication keys: per-site ed25519, own key {key} (not on this machine: not checked); trusted: SiteA" in out
