@@ -99,6 +99,7 @@ async def test_counters_move_as_mail_flows(tmp_path):
             assert value(last, "imsrelay_faults_fired_total", kind="reply") == 1
             # no per-message label explosion: every label is one of a few known ones
             assert {k for key in last for k, _ in key[1]} <= {"queue", "reason", "outcome", "peer", "kind", "mode",
+                                                               "state", "action",
                                                                "le"}
     finally:
         server.close()
