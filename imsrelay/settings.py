@@ -123,7 +123,7 @@ class DeliveryConfig:
 class QueueConfig:
     """[queue]: backpressure when acceptance outruns delivery (imsrelay.backpressure)."""
 
-    backpressure_at: int = 100  # messages waiting for their first attempt: MAIL FROM waits for delivery
+    backpressure_at: int = 50  # messages waiting for their first attempt: MAIL FROM waits for delivery
     refuse_at: int = 50_000  # messages queued (deferred too): MAIL FROM gets 452 4.3.1
     max_delay: float = 1.0  # seconds MAIL FROM waits at most (Postfix's in_flow_delay); 0 = never waits
 
