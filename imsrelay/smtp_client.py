@@ -40,8 +40,8 @@ per recipient.  It never raises for anything a peer or the network can do.
   the peer answered DATA with 354 anyway (§3.1).  Replies that did not come before a
   dropped connection leave their recipients deferred.  Without it, one command at a time.
 - **The message** goes out byte for byte as queued (``imsrelay.smtp_body``: only
-  dot-stuffed; a lone CR or LF made CRLF); ``SIZE=`` when the peer offers SIZE (and a message
-  above the peer's limit fails ``5.3.4`` without being sent), ``BODY=8BITMIME``
+  dot-stuffed; a lone CR or LF made CRLF); ``SIZE=`` when the peer offers SIZE (and a
+  message above the peer's limit fails ``5.3.4`` without being sent), ``BODY=8BITMIME``
   when the message was received as 8-bit and the peer offers 8BITMIME,
   ``SMTPUTF8`` when the message needs it and the peer offers it — when it needs
   it and the peer does not, a permanent ``5.6.7`` ("remote server does not
@@ -49,8 +49,8 @@ per recipient.  It never raises for anything a peer or the network can do.
 - **Outcomes** follow the reply code *and* the connection state (aiosmtplib
   #48): a RCPT 5xx fails that recipient only, 4xx defers it; the DATA reply
   applies to every accepted recipient (one other than 354 delivers nothing); a
-  timeout or a dropped connection is always temporary.  Diagnostics read ``smtp; 550 5.1.1 <x@y>: unknown user``,
-  ``remote`` reads ``host [address]:port``.
+  timeout or a dropped connection is always temporary.  Diagnostics read
+  ``smtp; 550 5.1.1 <x@y>: unknown user``, ``remote`` reads ``host [address]:port``.
 """
 
 from __future__ import annotations

@@ -109,8 +109,9 @@ async def test_pipelined_group_is_one_write_read_before_any_reply():
         "S: 354 End data with <CR><LF>.<CR><LF>", "S: 250 2.0.0 Ok: queued"]
 
 
-async def test_mixed_rcpt_results_send_the_message_for_the_accepted_ones_only():
-    peer = ScriptPeer(rcpt=rcpt_by_name)
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_mixed_rcpt_results_send_the_message_for_the_accepted_ones_only(pipelining):
+    peer = ScriptPeer(rcpt=rcpt_by_name, pipelining=pipelining)
     outcomes = await deliver(peer, ["good@partner.test", "bad@partner.test", "later@partner.test",
                                     "fine@partner.test"])
     assert by_kind(outcomes) == {"good@partner.test": ("delivered", "2.0.0"),
@@ -147,8 +148,9 @@ async def test_all_rcpts_refused_but_data_accepted_ends_with_an_empty_message():
     ("550 5.7.1 <User1@SiteA.microsoft.com>: Sender address rejected", "bounced", "5.7.1"),
     ("451 4.3.0 Try again later", "deferred", "4.3.0"),
 ])
-async def test_mail_refused_gives_every_recipient_its_outcome(mail, kind, status):
-    peer = ScriptPeer(mail=mail)
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_mail_refused_gives_every_recipient_its_outcome(mail, kind, status, pipelining):
+    peer = ScriptPeer(mail=mail, pipelining=pipelining)
     outcomes = await deliver(peer, ["a@partner.test", "b@partner.test"])
     assert by_kind(outcomes) == {"a@partner.test": (kind, status), "b@partner.test": (kind, status)}
     assert outcomes["a@partner.test"].diagnostic == f"smtp; {mail}"
@@ -160,15 +162,17 @@ async def test_mail_refused_gives_every_recipient_its_outcome(mail, kind, status
     ("451 4.3.0 Queue full", "deferred", "4.3.0"),
     ("250 2.0.0 Ok", "deferred", "4.5.0"),  # a 250 where 354 belongs delivers nothing
 ])
-async def test_data_refused_applies_to_every_accepted_recipient(data, kind, status):
-    peer = ScriptPeer(rcpt=rcpt_by_name, data=data)
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_data_refused_applies_to_every_accepted_recipient(data, kind, status, pipelining):
+    peer = ScriptPeer(rcpt=rcpt_by_name, data=data, pipelining=pipelining)
     outcomes = await deliver(peer, ["a@partner.test", "bad@partner.test"])
     assert by_kind(outcomes) == {"a@partner.test": (kind, status), "bad@partner.test": ("bounced", "5.1.1")}
     assert peer.sessions[0].bodies == []
 
 
-async def test_final_reply_after_the_body_decides():
-    peer = ScriptPeer(final="552 5.3.4 Message too big for this mailbox")
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_final_reply_after_the_body_decides(pipelining):
+    peer = ScriptPeer(final="552 5.3.4 Message too big for this mailbox", pipelining=pipelining)
     outcomes = await deliver(peer, ["a@partner.test"])
     assert by_kind(outcomes) == {"a@partner.test": ("bounced", "5.3.4")}
     assert len(peer.sessions[0].bodies) == 1
