@@ -178,7 +178,7 @@ def plot_scale(phases: dict[str, Any], path: Path) -> bool:
         twin = ax.twinx()
         xs2, ys2 = _series(points, xk, right)
         twin.plot(xs2, ys2, "s--", color="tab:red", label=labels[right])
-        if ys2 and min(ys2) > 0 and max(ys2) / min(ys2) >= 50:
+        if ys2 and min(ys2) > 0 and max(ys2) / min(ys2) >= 20:
             twin.set_yscale("log")
         twin.set_ylabel(labels[right], color="tab:red")
     for ax in list(axes.flat)[len(panels):]:

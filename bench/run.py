@@ -171,7 +171,7 @@ def machine_info(tools: dict[str, str]) -> dict[str, Any]:
                 mem_kib = int(line.split()[1])
     postfix_version = "?"
     with contextlib.suppress(Exception):
-        postfix_version = subprocess.run([tools["postconf"], "-h", "mail_version"], capture_output=True,
+        postfix_version = subprocess.run([tools["postconf"], "-d", "-h", "mail_version"], capture_output=True,
                                          text=True, timeout=10).stdout.strip()
     import importlib.metadata as md
 
