@@ -71,9 +71,8 @@ def behind(max_delay: float = 5.0) -> tuple[Counts, FlowGate]:
 async def test_the_gate_admits_at_once_below_the_bound():
     counts = Counts()
     gate = FlowGate(LIMITS, counts)
-    started = time.monotonic()
     assert await gate.admit() is None
-    assert time.monotonic() - started < 0.1 and gate.delayed == 0
+    assert gate.delayed == 0 and gate.delayed_seconds == 0.0
 
 
 async def test_a_waiting_session_goes_on_when_delivery_takes_one():
@@ -109,7 +108,7 @@ async def test_a_session_waits_at_most_max_delay():
     started = time.monotonic()
     assert await gate.admit() is None  # delivery still behind: it goes on anyway (Postfix's in_flow_delay)
     waited = time.monotonic() - started
-    assert 0.25 <= waited < 1.5, waited
+    assert 0.25 <= waited < 5.0, waited  # (it did not wait for a progress that never comes)
     assert gate.timed_out == 1 and gate.delayed_seconds >= 0.25
 
 
@@ -195,16 +194,16 @@ async def test_blocked_delivery_slows_then_refuses_then_resumes(tmp_path):
 
             first = await asyncio.to_thread(session, 3)  # one stalls in delivery, two wait for its slot
             assert [(m[:3], d[:3] if d else None) for m, d, _ in first] == [(b"250", b"250")] * 3, first
-            assert all(took < 0.3 for _, _, took in first[:2]), first
             await wait_for(lambda: site.qmgr.incoming == 2)
             status = await admin(site, "GET", "/status")
             assert status["queue"]["backpressure"]["state"] == "slowing"
             assert status["queue"]["backpressure"]["incoming"] == 2
 
+            delayed, timed_out = site.flow.delayed, site.flow.timed_out
             slowed = await asyncio.to_thread(session, 2)  # delivery is behind: each MAIL waits max_delay
             assert [(m[:3], d[:3] if d else None) for m, d, _ in slowed] == [(b"250", b"250")] * 2, slowed
             assert all(took >= 0.35 for _, _, took in slowed), slowed
-            assert site.flow.delayed >= 2 and site.flow.timed_out >= 2
+            assert (site.flow.delayed - delayed, site.flow.timed_out - timed_out) == (2, 2)
 
             refused = await asyncio.to_thread(session, 1)  # 5 queued: the hard bound
             assert refused[0][0].startswith(b"452 4.3.1"), refused
@@ -225,9 +224,10 @@ async def test_blocked_delivery_slows_then_refuses_then_resumes(tmp_path):
             site.qmgr.retry_now()
             await wait_for(lambda: site.qmgr.backlog == 0, timeout=30)
             assert site.flow.state() == "open"
+            delayed = site.flow.delayed
             again = await asyncio.to_thread(session, 2)
             assert [(m[:3], d[:3] if d else None) for m, d, _ in again] == [(b"250", b"250")] * 2, again
-            assert all(took < 0.3 for _, _, took in again), again
+            assert site.flow.delayed == delayed  # nothing waits: delivery keeps up again
             await wait_for(lambda: site.qmgr.backlog == 0, timeout=30)
             assert len(sink.messages()) == 7
     finally:
