@@ -59,6 +59,7 @@ from imsrelay.delivery import QueueManager
 from imsrelay.directory import Directory, DirectoryError, DirectoryInputError, DirectoryNotFound
 from imsrelay.errors import ConfigError
 from imsrelay.faults import FaultBook, FaultError
+from imsrelay.flow_gate import FlowGate, backpressure_status
 from imsrelay.kcc import KccResult
 from imsrelay.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
 from imsrelay.metrics import CONTENT_TYPE, SiteMetrics
@@ -108,6 +109,7 @@ class AdminSite(Protocol):
     log: Any
     spool: Spool
     workers: int
+    flow: FlowGate
 
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
@@ -242,7 +244,8 @@ class AdminServer:
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
-            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers},
+            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers,
+                      "backpressure": backpressure_status(site.flow)},
             "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
                               "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},

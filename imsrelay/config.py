@@ -56,6 +56,7 @@ from imsrelay.settings import (
     MailboxConfig,
     MetricsConfig,
     NotificationsConfig,
+    QueueConfig,
     ReplicationConfig,
     ReplicationConnector,
     RestrictionsConfig,
@@ -339,7 +340,6 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
-        max_queued_messages=s.integer("max_queued_messages", minimum=1),
         banner=_banner(s),
         tls_generate=s.boolean("tls_generate"),
     )
@@ -409,6 +409,23 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
         tls_ca_file=(config_dir / ca) if (ca := s.string("tls_ca_file")) else MISSING,
     )
     s.reject_unknown()
+    return cfg
+
+
+def _load_queue(q: _Section, smtp: _Section) -> QueueConfig:
+    """[queue]; ``smtp.max_queued_messages`` is the older name of ``queue.refuse_at``."""
+    refuse_at = q.integer("refuse_at", minimum=1)
+    older = smtp.integer("max_queued_messages", minimum=1)
+    if older is not MISSING:
+        if "refuse_at" in q.table:
+            smtp.error("max_queued_messages", "is the older name of queue.refuse_at: give only one of them")
+        else:
+            refuse_at = older
+    cfg = _build(QueueConfig, backpressure_at=q.integer("backpressure_at", minimum=1), refuse_at=refuse_at,
+                 max_delay=q.duration("max_delay", off=0.0))
+    if cfg.max_delay > 300.0:
+        q.error("max_delay", "must be at most 5m (RFC 5321's MAIL time-out: clients give up after it)")
+    q.reject_unknown()
     return cfg
 
 
@@ -773,7 +790,9 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     data = site.string("data_dir")
     site.reject_unknown()
 
-    smtp = _load_smtp(root.table_of("smtp"), config_dir)
+    smtp_section = root.table_of("smtp")
+    queue = _load_queue(root.table_of("queue"), smtp_section)
+    smtp = _load_smtp(smtp_section, config_dir)
     mailboxes = _load_mailboxes(root)
     delivery = _load_delivery(root.table_of("delivery"), config_dir)
     dns = _load_dns(root.table_of("dns"))
@@ -812,7 +831,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     return SiteConfig(
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
-        smtp=smtp, mailboxes=mailboxes, delivery=delivery, dns=dns,
+        smtp=smtp, mailboxes=mailboxes, delivery=delivery, queue=queue, dns=dns,
         connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions,

@@ -161,6 +161,8 @@ class QueueManager:
         self.etrn_released: set[str] = set()  # messages an ETRN let go for their next attempt
         self.health = QmgrHealth()
         self._last_trim = -60.0
+        self._incoming: set[str] = set()  # accepted here, waiting for their first attempt (backpressure)
+        self.on_progress: Callable[[], None] | None = None  # one of them left that wait (imsrelay.flow_gate)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -188,6 +190,7 @@ class QueueManager:
         if message is not None and self._body_bytes + len(message) <= MAX_CACHED_BODIES:
             self._bodies[env.queue_id] = message
             self._body_bytes += len(message)
+        self._incoming.add(env.queue_id)
         self._track(env)
 
     def retry_now(self, queue_id: str | None = None) -> int:
@@ -205,6 +208,7 @@ class QueueManager:
         return count
 
     def forget(self, queue_id: str) -> None:
+        self._first_attempt_started(queue_id)
         self.envelopes.pop(queue_id, None)
         self._held.pop(queue_id, None)
         self.etrn_released.discard(queue_id)
@@ -215,6 +219,19 @@ class QueueManager:
     @property
     def backlog(self) -> int:
         return len(self.envelopes)
+
+    @property
+    def incoming(self) -> int:
+        """Messages accepted by this process still waiting for their first attempt
+        (for the queue manager, or for a delivery slot): the work delivery has not
+        caught up with.  Deferred mail does not count, nor attempts under way."""
+        return len(self._incoming)
+
+    def _first_attempt_started(self, queue_id: str) -> None:
+        if queue_id in self._incoming:
+            self._incoming.discard(queue_id)
+            if self.on_progress is not None:
+                self.on_progress()
 
     def _track(self, env: Envelope) -> None:
         self.envelopes[env.queue_id] = env
@@ -429,6 +446,7 @@ class QueueManager:
         try:
             routed = self._without_held(env, await self._route_due(env))
             async with self._destination_slots(routed), self._limit:
+                self._first_attempt_started(env.queue_id)
                 await self._deliver(env, routed)
         except asyncio.CancelledError:
             raise
@@ -438,6 +456,7 @@ class QueueManager:
                 r.next_attempt = after_internal_error(r, now=self.clock(), policy=self.policy).next_attempt
         finally:
             self._running.discard(env.queue_id)
+            self._first_attempt_started(env.queue_id)  # (held: it waits for its link, not for us)
             self.etrn_released.discard(env.queue_id)
             body = self._bodies.pop(env.queue_id, None)  # a message that stays waits on disk, not in memory
             if body is not None:

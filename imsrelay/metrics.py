@@ -11,6 +11,13 @@ name                                                type     what
 ``imsrelay_queue_messages{queue}``                  gauge    queued messages; ``inbound`` (to
                                                              local mailboxes / the directory),
                                                              ``outbound`` (to SMTP next hops)
+``imsrelay_queue_incoming_messages``                gauge    accepted, first delivery attempt not
+                                                             finished (``queue.backpressure_at``)
+``imsrelay_backpressure_state{state}``              gauge    1 for the current state: ``open``,
+                                                             ``slowing``, ``refusing``
+``imsrelay_backpressure_total{action}``             counter  transactions ``delayed`` at MAIL FROM,
+                                                             ``refused`` (452 4.3.1, ``queue.refuse_at``)
+``imsrelay_backpressure_delay_seconds_total``       counter  seconds MAIL FROM replies were delayed
 ``imsrelay_messages_in_total``                      counter  messages accepted over SMTP
 ``imsrelay_bytes_in_total``                         counter  their bytes
 ``imsrelay_messages_out_total``                     counter  messages delivered by SMTP
@@ -94,6 +101,16 @@ class SiteMetrics:
         self.flush = Histogram("imsrelay_spool_flush_seconds", "Queue journal group commit (write and flush)",
                                buckets=FLUSH_BUCKETS, registry=r)
         self.faults = Counter("imsrelay_faults_fired", "Faults on demand that fired", ["kind"], registry=r)
+        self.incoming = Gauge("imsrelay_queue_incoming_messages",
+                              "Accepted messages whose first delivery attempt has not finished", registry=r)
+        self.backpressure_state = Gauge("imsrelay_backpressure_state", "1 for the current backpressure state",
+                                        ["state"], registry=r)
+        self.backpressure = Counter("imsrelay_backpressure", "Transactions delayed or refused by backpressure",
+                                    ["action"], registry=r)
+        self.backpressure_delay = Counter("imsrelay_backpressure_delay_seconds",
+                                          "Seconds MAIL FROM replies waited for delivery", registry=r)
+        for action in ("delayed", "refused"):
+            self.backpressure.labels(action)
         self.mode = Gauge("imsrelay_transfer_mode", "The current Transfer mode (1)", ["mode"], registry=r)
         for outcome in ("delivered", "deferred", "failed", "expired", "held"):
             self.deliveries.labels(outcome)
@@ -109,6 +126,10 @@ class SiteMetrics:
         inbound, outbound = queue_lengths(list(site.qmgr.envelopes.values()))
         self.queue.labels("inbound").set(inbound)
         self.queue.labels("outbound").set(outbound)
+        self.incoming.set(site.qmgr.incoming)
+        current = site.flow.state()
+        for name in ("open", "slowing", "refusing"):
+            self.backpressure_state.labels(name).set(1 if name == current else 0)
         if site.smtp_client is not None:
             self.conn_out_now.set(site.smtp_client.open_connections())
         if site.replicator is not None:

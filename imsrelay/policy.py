@@ -106,12 +106,3 @@ def check_storage(free_bytes: int, *, declared: int | None, max_message_size: in
     if free_bytes < needed:
         return Reply(452, "4.3.1", "Insufficient system storage; please try again later")
     return None
-
-
-def check_queue_depth(queued: int, limit: int) -> Reply | None:
-    """Backpressure: when acceptance outruns delivery and ``limit`` messages wait,
-    new mail is refused for now (452 4.3.1) instead of growing memory."""
-    if queued >= limit:
-        return Reply(452, "4.3.1", f"Too much mail is queued here ({queued}); please try again later")
-    return None
-

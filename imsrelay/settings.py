@@ -95,7 +95,6 @@ class SmtpConfig:
     max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
     bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
     postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
-    max_queued_messages: int = 50_000  # beyond this many queued, MAIL gets 452 4.3.1 (backpressure)
     banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
 
 
@@ -118,6 +117,15 @@ class DeliveryConfig:
     max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
     smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
     tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """[queue]: backpressure when acceptance outruns delivery (imsrelay.backpressure)."""
+
+    backpressure_at: int = 50  # messages waiting for their first attempt: MAIL FROM waits for delivery
+    refuse_at: int = 50_000  # messages queued (deferred too): MAIL FROM gets 452 4.3.1
+    max_delay: float = 1.0  # seconds MAIL FROM waits at most (Postfix's in_flow_delay); 0 = never waits
 
 
 @dataclass(frozen=True)
@@ -315,6 +323,7 @@ class SiteConfig:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     mailboxes: tuple[MailboxConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     connected_sites: tuple[ConnectedSite, ...] = ()
     email_domains: tuple[DomainRoute, ...] = ()

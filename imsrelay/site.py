@@ -24,6 +24,7 @@ from imsrelay import dsn, kcc, loops, tracking
 from imsrelay.addresses import AddressError, parse_address
 from imsrelay.admin import AdminServer
 from imsrelay.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
+from imsrelay.backpressure import Backlog, Limits
 from imsrelay.config import SiteConfig
 from imsrelay.connection_limits import Caps, ConnectionCounter
 from imsrelay.console.site_console import site_console
@@ -33,6 +34,7 @@ from imsrelay.dns import MailResolver
 from imsrelay.envelope import Envelope, use_worker_ids
 from imsrelay.etrn import etrn_schedule
 from imsrelay.faults import Fault, FaultBook
+from imsrelay.flow_gate import FlowGate
 from imsrelay.interfaces import local_addresses, site_endpoints
 from imsrelay.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.logs import site_logger
@@ -110,6 +112,9 @@ class Site:
                                  directory_deliver=self._directory_deliver, delivery=config.delivery,
                                  data_dir=config.data_dir, hostname=config.hostname, log=self.log,
                                  priorities=config.priorities, clock=clock)
+        q = config.queue
+        self.flow = FlowGate(Limits(q.backpressure_at, q.refuse_at, q.max_delay), self._backlog, metrics=self.metrics)
+        self.qmgr.on_progress = self.flow.progressed
         self._free_bytes = 0
         self._endpoints: tuple[int, float, frozenset[tuple[str, int]]] | None = None
         self._free_checked = -10.0
@@ -535,8 +540,8 @@ class Site:
         """Check Now (the knowledge consistency check) at this site."""
         return await kcc.check_now(self.directory, self.config, refresh=self.refresh, log=self.log)
 
-    def queued_messages(self) -> int:
-        return self.qmgr.backlog
+    def _backlog(self) -> Backlog:
+        return Backlog(queued=self.qmgr.backlog, incoming=self.qmgr.incoming)
 
     @property
     def addressing_domain(self) -> str:

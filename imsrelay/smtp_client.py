@@ -34,18 +34,23 @@ per recipient.  It never raises for anything a peer or the network can do.
 - **Timeouts:** ``connect_timeout`` for the TCP connection and greeting,
   ``command_timeout`` for each command, and for DATA ``command_timeout`` plus
   ``data_timeout_per_mib`` per MiB of message.
-- **The message** goes out byte for byte as queued (aiosmtplib only dot-stuffs
-  and makes line ends CRLF); ``SIZE=`` when the peer offers SIZE (and a message
-  above the peer's limit fails ``5.3.4`` without being sent), ``BODY=8BITMIME``
+- **PIPELINING** (RFC 2920, ``imsrelay.smtp_pipelining``) when the peer offers it:
+  MAIL, every RCPT and DATA in one write, then their replies in order; the body after
+  a 354 when a recipient was accepted; no recipient accepted: RSET, or a lone dot when
+  the peer answered DATA with 354 anyway (§3.1).  Replies that did not come before a
+  dropped connection leave their recipients deferred.  Without it, one command at a time.
+- **The message** goes out byte for byte as queued (``imsrelay.smtp_body``: only
+  dot-stuffed; a lone CR or LF made CRLF); ``SIZE=`` when the peer offers SIZE (and a
+  message above the peer's limit fails ``5.3.4`` without being sent), ``BODY=8BITMIME``
   when the message was received as 8-bit and the peer offers 8BITMIME,
   ``SMTPUTF8`` when the message needs it and the peer offers it — when it needs
   it and the peer does not, a permanent ``5.6.7`` ("remote server does not
   support SMTPUTF8").
 - **Outcomes** follow the reply code *and* the connection state (aiosmtplib
   #48): a RCPT 5xx fails that recipient only, 4xx defers it; the DATA reply
-  applies to every accepted recipient; a timeout or a dropped connection is
-  always temporary.  Diagnostics read ``smtp; 550 5.1.1 <x@y>: unknown user``,
-  ``remote`` reads ``host [address]:port``.
+  applies to every accepted recipient (one other than 354 delivers nothing); a
+  timeout or a dropped connection is always temporary.  Diagnostics read
+  ``smtp; 550 5.1.1 <x@y>: unknown user``, ``remote`` reads ``host [address]:port``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosmtplib
 from aiosmtplib.errors import (
     SMTPConnectError,
     SMTPConnectResponseError,
@@ -71,7 +75,6 @@ from aiosmtplib.errors import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtplib.response import SMTPResponse
 
 from imsrelay.addresses import ip_literal
@@ -83,6 +86,8 @@ from imsrelay.outcome import Outcome
 from imsrelay.protocol_log import session_id
 from imsrelay.rewrite import split_message
 from imsrelay.router import MX, RELAY, Route
+from imsrelay.smtp_body import LONE_DOT, crlf_message, dot_stuffed
+from imsrelay.smtp_pipelining import PipeliningSMTP
 
 MIB = 1024 * 1024
 CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
@@ -192,7 +197,7 @@ class _SessionFailure(Exception):
 
 @dataclass(eq=False)
 class _Connection:
-    client: aiosmtplib.SMTP
+    client: PipeliningSMTP
     hop: NextHop
     policy: str
     tls: bool
@@ -209,6 +214,23 @@ class _Connection:
     @property
     def peer(self) -> str:
         return f"{self.hop.address}:{self.hop.port}"
+
+
+@dataclass(eq=False)
+class _Transaction:
+    """One MAIL transaction under way: where it is, and what is known of each recipient."""
+
+    conn: _Connection
+    log: Any
+    outcomes: dict[str, Outcome]  # recipients answered for (refused, or the DATA reply)
+    size: int  # the message as sent, before dot-stuffing
+    encoding: str  # of command lines: utf-8 with SMTPUTF8
+    stage: str = "MAIL FROM"  # the command whose reply is awaited (diagnostics of a lost connection)
+    accepted: list[str] = field(default_factory=list)  # recipients whose RCPT got 250/251
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"peer": self.conn.peer, "remote": self.conn.remote}
 
 
 @dataclass(eq=False)
@@ -436,7 +458,7 @@ class SmtpClient:
         remote = remote_name(hop)
         peer = f"{hop.address}:{hop.port}"
         source = source_address_for(self.config.smtp.listen, hop.address)
-        client = aiosmtplib.SMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
+        client = PipeliningSMTP(hostname=hop.address, port=hop.port, local_hostname=self.config.hostname,
                                  timeout=cfg.command_timeout, start_tls=False, use_tls=False,
                                  source_address=(source, 0) if source else None)
         session = session_id() if self.protocol_log is not None else ""
@@ -602,86 +624,49 @@ class SmtpClient:
 
     async def _transaction(self, conn: _Connection, env: Envelope, rcpts: list[str], message: bytes,
                            log: Any) -> dict[str, Outcome]:
-        client, remote, cfg = conn.client, conn.remote, self.delivery
+        client, remote = conn.client, conn.remote
         ext = client.esmtp_extensions
         outcomes: dict[str, Outcome] = {}
         utf8 = needs_smtputf8(env, rcpts, message)
         if utf8 and "smtputf8" not in ext:
             return _all(rcpts, Outcome.permanent_failure(
                 "5.6.7", f"remote server does not support SMTPUTF8 ({remote}): the message needs it", remote))
-        # CRLF line ends as sent (SIZE counts them); a big message is scanned off the loop
-        wire = (await asyncio.to_thread(normalize_message_line_endings, message) if len(message) > MIB
-                else normalize_message_line_endings(message))
+        # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
+        size, body = await asyncio.to_thread(_wire, message) if len(message) > MIB else _wire(message)
         limit = ext.get("size", "")
-        if limit.isdigit() and int(limit) > 0 and len(wire) > int(limit):
+        if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
-                "5.3.4", f"message size {len(wire)} exceeds size limit {limit} of server {remote}", remote))
+                "5.3.4", f"message size {size} exceeds size limit {limit} of server {remote}", remote))
         options = []
         if "size" in ext:
-            options.append(f"SIZE={len(wire)}")
+            options.append(f"SIZE={size}")
         if env.body_8bit and "8bitmime" in ext:
             options.append("BODY=8BITMIME")
         smtputf8 = (utf8 or env.smtputf8) and "smtputf8" in ext
         if smtputf8:
             options.append("SMTPUTF8")
-        encoding = "utf-8" if smtputf8 else "ascii"
         try:
             sender_path = smtp_path(env.sender) if env.sender else "<>"
         except ValueError as exc:
             return _all(rcpts, Outcome.permanent_failure("5.1.7", str(exc)))
+        paths: dict[str, str] = {}
+        for rcpt in rcpts:
+            try:
+                paths[rcpt] = smtp_path(rcpt)
+            except ValueError as exc:
+                outcomes[rcpt] = Outcome.permanent_failure("5.1.3", str(exc))
+        if not paths:
+            return outcomes
 
-        stage = "MAIL FROM"
-        fields = dict(peer=conn.peer, remote=remote)
+        t = _Transaction(conn, log, outcomes, size, "utf-8" if smtputf8 else "ascii")
+        mail = " ".join(["MAIL FROM:" + sender_path, *options])
         conn.transactions += 1
         conn.queue_id = env.queue_id
         try:
-            self._trace(conn, "C", " ".join(["MAIL FROM:" + sender_path, *options]))
-            reply = await client.execute_command(b"MAIL", b"FROM:" + sender_path.encode(encoding),
-                                                 *[o.encode("ascii") for o in options],
-                                                 timeout=cfg.command_timeout)
-            self._trace_reply(conn, reply.code, reply.message)
-            self._log_reply(log, fields, "MAIL", reply.code, reply.message)
-            if reply.code != 250:
-                raise _SessionFailure(_session_reply(reply.code, reply.message, remote, client))
-            accepted: list[str] = []
-            stage = "RCPT TO"
-            for rcpt in rcpts:
-                try:
-                    path = smtp_path(rcpt)
-                except ValueError as exc:
-                    outcomes[rcpt] = Outcome.permanent_failure("5.1.3", str(exc))
-                    continue
-                self._trace(conn, "C", f"RCPT TO:{path}")
-                reply = await client.execute_command(b"RCPT", b"TO:" + path.encode(encoding),
-                                                     timeout=cfg.command_timeout)
-                self._trace_reply(conn, reply.code, reply.message)
-                self._log_reply(log, fields, "RCPT", reply.code, reply.message, recipient=rcpt)
-                if reply.code in (250, 251):
-                    accepted.append(rcpt)
-                elif reply.code == 421 or not client.is_connected:
-                    raise _SessionFailure(Outcome.temporary(
-                        reply_status(reply.code, reply.message) if reply.code // 100 == 4 else "4.4.2",
-                        smtp_diagnostic(reply.code, reply.message), remote))
-                else:
-                    outcomes[rcpt] = reply_outcome(reply.code, reply.message, remote)
-            if not accepted:
-                stage = "RSET"
-                self._trace(conn, "C", "RSET")
-                reply = await client.rset(timeout=cfg.command_timeout)
-                self._trace_reply(conn, reply.code, reply.message)
-                return outcomes
-            stage = "DATA"
-            try:
-                self._trace(conn, "C", f"DATA (then the message, {len(wire)} bytes)")
-                reply = await client.data(wire, timeout=data_timeout(len(wire), cfg.command_timeout,
-                                                                      cfg.data_timeout_per_mib))
-            except SMTPResponseException as exc:  # the reply to DATA or to the final dot
-                reply = SMTPResponse(exc.code, exc.message)
-            self._trace_reply(conn, reply.code, reply.message)
-            self._log_reply(log, fields, "DATA", reply.code, reply.message, recipients=accepted)
-            result = reply_outcome(reply.code, reply.message, remote)
-            for rcpt in accepted:
-                outcomes[rcpt] = result
+            if "pipelining" in ext:
+                await self._pipelined(t, mail, paths, body)
+            else:
+                await self._stepwise(t, mail, paths, body)
             return outcomes
         except _SessionFailure as failure:
             if failure.outcome.permanent:
@@ -690,10 +675,101 @@ class SmtpClient:
             raise
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPException, OSError) as exc:
             client.close()
-            lost = _lost(exc, remote, stage)
-            self._trace(conn, "S", f"<connection lost during {stage}: {lost.diagnostic}>")
-            log.info("delivery.connection_lost", stage=stage, error=lost.diagnostic, **fields)
+            lost = _lost(exc, remote, t.stage)
+            self._trace(conn, "S", f"<connection lost during {t.stage}: {lost.diagnostic}>")
+            log.info("delivery.connection_lost", stage=t.stage, error=lost.diagnostic, **t.fields)
             return {r: outcomes.get(r, lost) for r in rcpts}
+
+    async def _stepwise(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+        """One command, one reply: for a server that does not offer PIPELINING."""
+        conn, client, cfg = t.conn, t.conn.client, self.delivery
+        reply = await self._command(t, mail)
+        self._log_reply(t.log, t.fields, "MAIL", reply.code, reply.message)
+        if reply.code != 250:
+            raise _SessionFailure(_session_reply(reply.code, reply.message, conn.remote, client))
+        t.stage = "RCPT TO"
+        for rcpt, path in paths.items():
+            reply = await self._command(t, f"RCPT TO:{path}")
+            self._rcpt_reply(t, rcpt, reply, connected=client.is_connected)
+        if not t.accepted:
+            await self._rset(t)
+            return
+        t.stage = "DATA"
+        self._trace(conn, "C", f"DATA (then the message, {t.size} bytes)")
+        reply = await client.execute_command(b"DATA", timeout=cfg.command_timeout)
+        self._trace_reply(conn, reply.code, reply.message)
+        await self._data(t, reply, body)
+
+    async def _pipelined(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order;
+        the body after a 354 when a recipient was accepted."""
+        conn, client = t.conn, t.conn.client
+        lines = [mail, *(f"RCPT TO:{p}" for p in paths.values())]
+        for line in lines:
+            self._trace(conn, "C", line)
+        self._trace(conn, "C", f"DATA (then the message, {t.size} bytes)")
+        replies, error = await client.pipeline([line.encode(t.encoding) for line in [*lines, "DATA"]],
+                                               timeout=self.delivery.command_timeout)
+        for reply in replies:
+            self._trace_reply(conn, reply.code, reply.message)
+        t.stage = pipelined_stage(len(replies), len(paths))  # whose reply did not come, if one did not
+        data_reply = replies[-1] if len(replies) == len(lines) + 1 else None
+        if replies:
+            self._log_reply(t.log, t.fields, "MAIL", replies[0].code, replies[0].message)
+            if replies[0].code != 250:
+                if data_reply is not None and data_reply.code == 354:  # a server that took DATA anyway
+                    client.close()
+                raise _SessionFailure(_session_reply(replies[0].code, replies[0].message, conn.remote, client))
+        for rcpt, reply in zip(paths, replies[1:1 + len(paths)], strict=False):
+            self._rcpt_reply(t, rcpt, reply, connected=True)
+        if data_reply is None:  # the connection failed: recipients without an outcome are deferred
+            raise error or SMTPServerDisconnected("Connection lost")
+        if t.accepted:
+            await self._data(t, data_reply, body)
+        elif data_reply.code == 354:  # §3.1: DATA accepted with no recipient: end it with an empty message
+            self._trace(conn, "C", ".")
+            reply = await client.send_body(LONE_DOT, timeout=self.delivery.command_timeout)
+            self._trace_reply(conn, reply.code, reply.message)
+        else:  # §3.1: DATA refused, as it should be: RSET
+            await self._rset(t)
+
+    async def _command(self, t: _Transaction, line: str) -> SMTPResponse:
+        self._trace(t.conn, "C", line)
+        reply = await t.conn.client.execute_command(line.encode(t.encoding), timeout=self.delivery.command_timeout)
+        self._trace_reply(t.conn, reply.code, reply.message)
+        return reply
+
+    def _rcpt_reply(self, t: _Transaction, rcpt: str, reply: SMTPResponse, *, connected: bool) -> None:
+        self._log_reply(t.log, t.fields, "RCPT", reply.code, reply.message, recipient=rcpt)
+        if reply.code in (250, 251):
+            t.accepted.append(rcpt)
+        elif reply.code == 421 or not connected:
+            raise _SessionFailure(Outcome.temporary(
+                reply_status(reply.code, reply.message) if reply.code // 100 == 4 else "4.4.2",
+                smtp_diagnostic(reply.code, reply.message), t.conn.remote))
+        else:
+            t.outcomes[rcpt] = reply_outcome(reply.code, reply.message, t.conn.remote)
+
+    async def _rset(self, t: _Transaction) -> None:
+        t.stage = "RSET"
+        self._trace(t.conn, "C", "RSET")
+        reply = await t.conn.client.rset(timeout=self.delivery.command_timeout)
+        self._trace_reply(t.conn, reply.code, reply.message)
+
+    async def _data(self, t: _Transaction, reply: SMTPResponse, body: bytes) -> None:
+        """Given the reply to DATA: the body after a 354, and the outcome of every accepted recipient."""
+        t.stage = "DATA"
+        client, cfg = t.conn.client, self.delivery
+        if reply.code == 354:
+            reply = await client.send_body(body, timeout=data_timeout(t.size, cfg.command_timeout,
+                                                                      cfg.data_timeout_per_mib))
+            self._trace_reply(t.conn, reply.code, reply.message)
+            result = reply_outcome(reply.code, reply.message, t.conn.remote)
+        else:
+            result = _session_reply(reply.code, reply.message, t.conn.remote, client)
+        self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)
+        for rcpt in t.accepted:
+            t.outcomes[rcpt] = result
 
     def _log_reply(self, log: Any, fields: dict[str, Any], command: str, code: int, message: str,
                    **extra: Any) -> None:
@@ -704,11 +780,25 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
+def _wire(message: bytes) -> tuple[int, bytes]:
+    """(the SIZE of the message as sent, what follows the 354)."""
+    wire = crlf_message(message)
+    return len(wire), dot_stuffed(wire)
+
+
+def pipelined_stage(replies: int, rcpts: int) -> str:
+    """The command of a pipelined MAIL, RCPT x ``rcpts``, DATA group whose reply is the
+    first missing when ``replies`` came (``DATA`` when all came)."""
+    if replies == 0:
+        return "MAIL FROM"
+    return "RCPT TO" if replies <= rcpts else "DATA"
+
+
 def _all(rcpts: Iterable[str], outcome: Outcome) -> dict[str, Outcome]:
     return {r: outcome for r in rcpts}
 
 
-def _session_reply(code: int, message: str, remote: str, client: aiosmtplib.SMTP) -> Outcome:
+def _session_reply(code: int, message: str, remote: str, client: PipeliningSMTP) -> Outcome:
     """A reply that refuses the whole transaction (greeting, HELO, MAIL)."""
     outcome = reply_outcome(code, message, remote)
     if outcome.ok:  # an odd positive reply where a refusal was expected

@@ -35,13 +35,13 @@ from imsrelay.config import SiteConfig
 from imsrelay.connection_limits import ConnectionCounter
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.faults import FaultBook, SessionFaults
+from imsrelay.flow_gate import FlowGate
 from imsrelay.loops import check_hops
 from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox
 from imsrelay.policy import (
     InboundPolicy,
     Reply,
-    check_queue_depth,
     check_recipient,
     check_size,
     check_storage,
@@ -115,7 +115,7 @@ class Ingress(Protocol):
     @property
     def addressing_domain(self) -> str: ...
 
-    def queued_messages(self) -> int: ...
+    flow: FlowGate  # backpressure at MAIL FROM
 
     # the IMS's connection controls: Transfer mode, faults on demand, counters, protocol log, ETRN
     @property
@@ -678,8 +678,7 @@ class SiteHandler:
         if too_big:
             return str(too_big)
         full = check_storage(self.site.free_space(), declared=size, max_message_size=cfg.max_message_size,
-                             minfree=cfg.queue_minfree) or check_queue_depth(self.site.queued_messages(),
-                                                                             cfg.max_queued_messages)
+                             minfree=cfg.queue_minfree) or await self.site.flow.admit()  # imsrelay.backpressure
         if full:
             self.log.warning("message.deferred_storage", peer=_peer_ip(session), sender=address, reply=str(full))
             return str(full)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.envelope import Envelope, check_queue_id
+from imsrelay.file_group import FileGroup
 from imsrelay.journal import DONE, ENQUEUE, SEGMENT_SIZE, STATE, Journal, Location, segment_name
 
 RECLAIM_AT = 1024 * 1024  # an empty queue's open segment is closed and deleted beyond this size
@@ -115,8 +116,10 @@ Op = Write | Unlink | Append | DropSegments | CloseSegment
 
 class GroupCommitter:
     """One writer thread; each round makes every waiting request durable together:
-    all journal records of the round in one write + one flush, then the file writes
-    (each fsynced) and one fsync of each directory they touched."""
+    all journal records of the round in one write + one flush, then the round's
+    files — all written, then all flushed, then renamed into place — and one fsync
+    of each directory they touched (``imsrelay.file_group``).  A request's Unlink
+    and segment ops run in its order; its files appear at the end of the round."""
 
     def __init__(self, tmp_dir: Path, journal: Journal | None = None, *, max_batch: int = 512) -> None:
         self.tmp_dir = tmp_dir
@@ -210,48 +213,34 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
         except OSError as exc:
             for i in {i for i, _ in appends}:
                 results[i] = ([], exc)
-    # 2. files (Maildir deliveries), each fsynced, then their directories once
-    dirs: set[Path] = set()
+    # 2. the other ops; the round's files are written, then made durable together
+    #    (imsrelay.file_group): one file's data never waits for the next file's write
+    group = FileGroup(tmp_dir)
     for i, (ops, durable) in enumerate(batch):
         if results[i][1] is not None:
             continue
         try:
             for op in ops:
                 if isinstance(op, Write):
-                    if op.unless_exists and any(p.exists() for p in op.unless_exists):
-                        continue
-                    tmp = (op.tmp_dir or tmp_dir) / f"{op.path.name}.{secrets.token_hex(4)}"
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    try:
-                        view = memoryview(op.data)
-                        while view:
-                            view = view[os.write(fd, view):]
-                        if durable:
-                            os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, op.path)
-                    if durable:
-                        dirs.add(op.path.parent)
+                    group.stage(i, op.path, op.data, tmp_dir=op.tmp_dir, durable=durable,
+                                unless_exists=op.unless_exists)
                 elif isinstance(op, Unlink):
                     try:
                         os.unlink(op.path)
                     except FileNotFoundError:
                         pass
                     if durable:
-                        dirs.add(op.path.parent)
+                        group.touched(i, op.path.parent)
                 elif isinstance(op, DropSegments) and journal is not None:
                     journal.remove_segments(op.numbers)
                 elif isinstance(op, CloseSegment) and journal is not None:
                     journal.close_segment()
         except OSError as exc:
             results[i] = ([], exc)
-    for d in dirs:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            group.discard(i)
+    for i, error in group.finish().items():
+        if results[i][1] is None:
+            results[i] = ([], error)
     return results
 
 

@@ -1,0 +1,199 @@
+"""The issues' targets, evaluated from one run's results (pure: a dict in, rows out).
+
+Each row is (target, wanted, measured, verdict) where the verdict is True (met),
+False (not met) or None (not measured in this run, or measured at a smaller count
+than the target is about — the measured text then says so).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+# Issue 16 ("Twice Postfix").
+RELAY_RATIO = {4096: 2.0, 51200: 1.5}  # end-to-end msg/s, imsrelay / Postfix, by message size
+LOCAL_RATIO = 1.5  # local delivery into Maildir vs Postfix virtual(8)
+HEAVY_P99_MS = 250.0  # cross-site p99 at heavy load, while accepting >= Postfix's relay rate
+REPLICATION_S = 30.0
+REPLICATION_COUNT = 100_000
+SESSION_KIB = 20.0
+SESSION_COUNT = 10_000
+# Issue 6, still in force.
+LIGHT_P99_MS = 100.0
+
+
+class Target(NamedTuple):
+    name: str
+    wanted: str
+    measured: str
+    ok: bool | None
+
+
+def num(v: Any) -> float | None:
+    """A measured number, or None for missing / NaN / not a number."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return None if math.isnan(v) else float(v)
+
+
+def _f(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    text = f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return text + unit
+
+
+def size_label(size: int) -> str:
+    if size >= 1 << 20 and size % (1 << 20) == 0:
+        return f"{size >> 20} MB"
+    if size >= 1024 and size % 1024 == 0:
+        return f"{size >> 10} KB"
+    return f"{size} B"
+
+
+def throughput_entry(phases: dict[str, Any], size: int) -> dict[str, Any] | None:
+    """The throughput phase's entry for one message size, if it ran."""
+    for entry in (phases.get("throughput") or {}).get("sizes", []):
+        if entry.get("size") == size:
+            return dict(entry)
+    return None
+
+
+def postfix_relay_rate(phases: dict[str, Any]) -> float | None:
+    """Postfix's end-to-end relay rate at 4 KB in this run (msg/s)."""
+    entry = throughput_entry(phases, 4096)
+    return num(((entry or {}).get("postfix") or {}).get("end_to_end_per_s"))
+
+
+def _relay_targets(phases: dict[str, Any]) -> list[Target]:
+    rows = []
+    for size, want in RELAY_RATIO.items():
+        entry = throughput_entry(phases, size)
+        label = size_label(size)
+        if entry is None:
+            rows.append(Target(f"relay end to end vs Postfix, {label}", f"≥ {want}×", "not run", None))
+            rows.append(Target(f"relay CPU per message vs Postfix, {label}", "< 1.0×", "not run", None))
+            continue
+        ratios = entry.get("ratio_imsrelay_over_postfix") or {}
+        e2e = num(ratios.get("end_to_end_per_s"))
+        rows.append(Target(f"relay end to end vs Postfix, {label}", f"≥ {want}×", _f(e2e, "×"),
+                           None if e2e is None else e2e >= want))
+        cpu = num(ratios.get("cpu_ms_per_msg"))
+        ims = num((entry.get("imsrelay") or {}).get("cpu_ms_per_msg"))
+        pf = num((entry.get("postfix") or {}).get("cpu_ms_per_msg"))
+        measured = f"{_f(cpu, '×')} ({_f(ims)} vs {_f(pf)} ms/msg)" if cpu is not None else "—"
+        rows.append(Target(f"relay CPU per message vs Postfix, {label}", "< 1.0×", measured,
+                           None if cpu is None else cpu < 1.0))
+    return rows
+
+
+def _local_target(phases: dict[str, Any]) -> Target:
+    name = "local delivery into Maildir vs Postfix virtual(8)"
+    local = phases.get("local")
+    if not local:
+        return Target(name, f"≥ {LOCAL_RATIO}×", "not run", None)
+    ratio = num((local.get("ratio_imsrelay_over_postfix") or {}).get("end_to_end_per_s"))
+    return Target(name, f"≥ {LOCAL_RATIO}×", _f(ratio, "×"), None if ratio is None else ratio >= LOCAL_RATIO)
+
+
+def _latency_targets(phases: dict[str, Any]) -> list[Target]:
+    lat = phases.get("latency")
+    light_name = "p99 cross-site latency, light load (issue 6)"
+    heavy_name = "p99 cross-site latency at heavy load, accepting ≥ Postfix's relay rate"
+    heavy_want = f"< {HEAVY_P99_MS:.0f} ms at ≥ Postfix's 4 KB rate"
+    if not lat:
+        return [Target(light_name, f"< {LIGHT_P99_MS:.0f} ms", "not run", None),
+                Target(heavy_name, heavy_want, "not run", None)]
+    light_p99 = num((lat.get("light") or {}).get("p99_ms"))
+    rows = [Target(light_name, f"< {LIGHT_P99_MS:.0f} ms", _f(light_p99, " ms"),
+                   None if light_p99 is None else light_p99 < LIGHT_P99_MS)]
+    heavy = lat.get("heavy") or {}
+    p99 = num(heavy.get("p99_ms"))
+    rate = num(heavy.get("accepted_per_s"))
+    pf_rate = postfix_relay_rate(phases)
+    complete = heavy.get("delivered") is not None and heavy.get("delivered") == heavy.get("sent")
+    measured = f"{_f(p99, ' ms')} at {_f(rate)} msg/s accepted (Postfix relays {_f(pf_rate)} msg/s)"
+    if heavy and not complete:
+        measured += f"; {heavy.get('delivered')}/{heavy.get('sent')} delivered"
+    ok: bool | None
+    if p99 is None or rate is None:
+        ok = None
+    elif p99 >= HEAVY_P99_MS or not complete:
+        ok = False
+    elif pf_rate is None:
+        ok = None
+        measured += " — needs the throughput phase in the same run"
+    else:
+        ok = rate >= pf_rate
+    return rows + [Target(heavy_name, heavy_want, measured, ok)]
+
+
+def _counted(name: str, want: str, measured: str, value: float | None, *, ran: int, needed: int,
+             ok: bool, error: str = "") -> Target:
+    """A target about a count (mailboxes, sessions): failed without a figure, not judged
+    below the target's count, else ``ok``."""
+    if value is None:
+        return Target(name, want, measured + (f" ({error})" if error else ""), False)
+    if ran < needed:
+        return Target(name, want, measured + " — fewer than the target's count, not judged", None)
+    return Target(name, want, measured, ok)
+
+
+def _replication_target(phases: dict[str, Any]) -> Target:
+    rep = phases.get("replication")
+    name = f"replication of {REPLICATION_COUNT:,} mailboxes after Request Now"
+    want = f"< {REPLICATION_S:.0f} s"
+    if not rep:
+        return Target(name, want, "not run", None)
+    if rep.get("skipped"):
+        return Target(name, want, "skipped", None)
+    n = int(rep.get("mailboxes") or 0)
+    s = num(rep.get("seconds"))
+    return _counted(name, want, f"{_f(s, ' s')} for {n:,}", s, ran=n, needed=REPLICATION_COUNT,
+                    ok=s is not None and s < REPLICATION_S, error=str(rep.get("error") or ""))
+
+
+def _sessions_target(phases: dict[str, Any]) -> Target:
+    conc = phases.get("concurrency")
+    name = f"{SESSION_COUNT:,} idle sessions held, memory each"
+    want = f"< {SESSION_KIB:.0f} KiB"
+    if not conc:
+        return Target(name, want, "not run", None)
+    k = num(conc.get("kib_per_session"))
+    n = int(conc.get("sessions") or 0)
+    held = conc.get("opened") == n and conc.get("alive_after_hold") == n
+    measured = f"{_f(k, ' KiB')} with {int(conc.get('alive_after_hold') or 0):,}/{n:,} held"
+    return _counted(name, want, measured, k, ran=n, needed=SESSION_COUNT,
+                    ok=held and k is not None and k < SESSION_KIB, error=str(conc.get("error") or ""))
+
+
+def _scale_target(phases: dict[str, Any]) -> Target:
+    scale = phases.get("scale")
+    name = "scale table and plot (sessions, sizes, restart with a full queue)"
+    if not scale:
+        return Target(name, "every point measured", "not run", None)
+    points = list(scale.get("sessions", [])) + list(scale.get("sizes", []))
+    failed = [p for p in points if num(p.get("end_to_end_per_s")) is None]
+    restarts = scale.get("restart", [])
+    bad_restarts = [r for r in restarts if r.get("error") or num(r.get("ready_seconds")) is None]
+    measured = (f"{len(points) - len(failed)}/{len(points)} load points, "
+                f"{len(restarts) - len(bad_restarts)}/{len(restarts)} restarts")
+    if scale.get("error"):
+        measured += f" ({scale['error']})"
+    ok = bool(points) and bool(restarts) and not failed and not bad_restarts and not scale.get("error")
+    return Target(name, "every point measured", measured, ok)
+
+
+def evaluate_targets(phases: dict[str, Any]) -> list[Target]:
+    """Every target of issue 16 (and issue 6's light-load latency) from one run."""
+    return [*_relay_targets(phases), _local_target(phases), *_latency_targets(phases),
+            _replication_target(phases), _sessions_target(phases), _scale_target(phases)]
+
+
+def targets_markdown(targets: list[Target]) -> str:
+    rows = ["## Targets (issue 16; light-load latency from issue 6)\n",
+            "| target | wanted | measured | |", "|---|---|---|---|"]
+    for t in targets:
+        verdict = "—" if t.ok is None else ("**met**" if t.ok else "**not met**")
+        rows.append(f"| {t.name} | {t.wanted} | {t.measured} | {verdict} |")
+    return "\n".join(rows) + "\n"

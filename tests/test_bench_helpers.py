@@ -1,0 +1,331 @@
+"""The benchmark harness's pure helpers (bench/): plans, targets, tables, the plot,
+py-spy lookup, the Maildir counter and the backpressure-aware client.  The benchmark
+itself is not run here (it needs root, Postfix and minutes)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import bench_scale  # noqa: E402
+import bench_targets  # noqa: E402
+
+
+def _load_run() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_run()
+
+
+# ------------------------------------------------------------------ plans and options
+
+
+def test_throughput_plan_one_size_uses_messages_several_use_large_count() -> None:
+    assert run.throughput_plan([51200], 8000, 800) == [(51200, 8000)]
+    assert run.throughput_plan([4096, 51200], 20000, 8000) == [(4096, 20000), (51200, 8000)]
+    assert run.throughput_plan([1024, 8192, 8193], 10, 3) == [(1024, 10), (8192, 10), (8193, 3)]
+
+
+def test_parse_args_defaults_full_and_quick() -> None:
+    full = run.parse_args([])
+    assert full.sizes == [4096, 51200] and full.messages == 20000 and full.messages_large == 8000
+    assert full.mailboxes == 100_000 and full.idle_sessions == 10_000 and full.scale_queue == 100_000
+    assert full.local_messages == 10_000
+    assert full.phases == ["throughput", "local", "latency", "replication", "concurrency", "scale"]
+    quick = run.parse_args(["--quick"])
+    assert quick.mailboxes == 1000 and quick.idle_sessions == 1000 and quick.messages < full.messages
+    assert quick.scale_queue < 10_000 and quick.local_messages < full.local_messages
+    one = run.parse_args(["--size", "51200", "--messages", "8000", "--phases", "throughput"])
+    assert one.sizes == [51200] and run.throughput_plan(one.sizes, one.messages, one.messages_large) == [(51200, 8000)]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--phases", "nonsense"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--sizes", "4k"])
+
+
+def test_scale_plan_points_and_restart_depths() -> None:
+    full = bench_scale.scale_plan(False, 100_000)
+    assert [p.sessions for p in full.sessions] == [1, 20, 100, 500]
+    assert {p.size for p in full.sessions} == {4096}
+    assert [p.size for p in full.sizes] == [1024, 51200, 1 << 20]
+    assert {p.sessions for p in full.sizes} == {20}
+    assert full.restart_queued == (10_000, 100_000)
+    quick = bench_scale.scale_plan(True, 1000)
+    assert all(q.messages < f.messages for q, f in zip(quick.sessions + quick.sizes, full.sessions + full.sizes,
+                                                      strict=True))
+    assert bench_scale.scale_plan(True, 1).restart_queued == (1,)
+
+
+def test_session_steps_are_cumulative_and_end_at_the_total() -> None:
+    assert run.session_steps(10_000) == [2000, 4000, 6000, 8000, 10_000]
+    assert run.session_steps(3) == [1, 2, 3]
+    assert run.session_steps(0) == []
+
+
+# ------------------------------------------------------------------ targets
+
+
+def _phases(*, e2e4: float = 2.1, e2e50: float = 1.4, cpu4: float = 0.8, cpu50: float = 1.1,
+            local: float = 1.6, heavy_p99: float = 200.0, heavy_rate: float = 900.0,
+            pf_rate: float = 700.0, mailboxes: int = 100_000, rep_s: float = 12.0,
+            sessions: int = 10_000, kib: float = 15.0) -> dict[str, Any]:
+    def tp(size: int, e2e: float, cpu: float) -> dict[str, Any]:
+        return {"size": size, "postfix": {"end_to_end_per_s": pf_rate if size == 4096 else 400.0,
+                                          "cpu_ms_per_msg": 2.0},
+                "imsrelay": {"cpu_ms_per_msg": 2.0 * cpu},
+                "ratio_imsrelay_over_postfix": {"end_to_end_per_s": e2e, "cpu_ms_per_msg": cpu}}
+
+    return {
+        "throughput": {"sizes": [tp(4096, e2e4, cpu4), tp(51200, e2e50, cpu50)]},
+        "local": {"ratio_imsrelay_over_postfix": {"end_to_end_per_s": local}},
+        "latency": {"light": {"p99_ms": 5.0},
+                    "heavy": {"p99_ms": heavy_p99, "accepted_per_s": heavy_rate, "sent": 2000, "delivered": 2000}},
+        "replication": {"mailboxes": mailboxes, "seconds": rep_s},
+        "concurrency": {"sessions": sessions, "opened": sessions, "alive_after_hold": sessions,
+                        "kib_per_session": kib},
+        "scale": {"sessions": [{"end_to_end_per_s": 100.0}], "sizes": [{"end_to_end_per_s": 50.0}],
+                  "restart": [{"queued": 10, "ready_seconds": 1.0}]},
+    }
+
+
+def _verdicts(phases: dict[str, Any]) -> dict[str, bool | None]:
+    return {t.name: t.ok for t in bench_targets.evaluate_targets(phases)}
+
+
+def test_targets_met_and_not_met_from_one_run() -> None:
+    v = _verdicts(_phases())
+    assert v["relay end to end vs Postfix, 4 KB"] is True
+    assert v["relay end to end vs Postfix, 50 KB"] is False  # 1.4 < 1.5
+    assert v["relay CPU per message vs Postfix, 4 KB"] is True
+    assert v["relay CPU per message vs Postfix, 50 KB"] is False
+    assert v["local delivery into Maildir vs Postfix virtual(8)"] is True
+    assert v["p99 cross-site latency, light load (issue 6)"] is True
+    heavy = "p99 cross-site latency at heavy load, accepting ≥ Postfix's relay rate"
+    assert v[heavy] is True
+    assert v["replication of 100,000 mailboxes after Request Now"] is True
+    assert v["10,000 idle sessions held, memory each"] is True
+    assert v["scale table and plot (sessions, sizes, restart with a full queue)"] is True
+
+
+def test_heavy_latency_target_needs_the_rate_and_the_p99() -> None:
+    heavy = "p99 cross-site latency at heavy load, accepting ≥ Postfix's relay rate"
+    assert _verdicts(_phases(heavy_rate=600.0, pf_rate=700.0))[heavy] is False  # fast but accepting too little
+    assert _verdicts(_phases(heavy_p99=300.0))[heavy] is False
+    no_tp = _phases()
+    del no_tp["throughput"]
+    assert _verdicts(no_tp)[heavy] is None  # no Postfix rate in this run: not judged
+    lost = _phases()
+    lost["latency"]["heavy"]["delivered"] = 1999
+    assert _verdicts(lost)[heavy] is False
+
+
+def test_small_counts_are_not_judged_against_the_big_targets() -> None:
+    v = _verdicts(_phases(mailboxes=1000, sessions=1000))
+    assert v["replication of 100,000 mailboxes after Request Now"] is None
+    assert v["10,000 idle sessions held, memory each"] is None
+    v = _verdicts(_phases(rep_s=31.0, kib=25.0))
+    assert v["replication of 100,000 mailboxes after Request Now"] is False
+    assert v["10,000 idle sessions held, memory each"] is False
+
+
+def test_missing_phases_and_failed_points() -> None:
+    v = _verdicts({})
+    assert all(ok is None for ok in v.values())
+    failed = _phases()
+    failed["scale"]["restart"] = [{"queued": 10, "error": "/ready did not say 200"}]
+    assert _verdicts(failed)["scale table and plot (sessions, sizes, restart with a full queue)"] is False
+    md = bench_targets.targets_markdown(bench_targets.evaluate_targets(failed))
+    assert "**not met**" in md and "**met**" in md and "| — |" not in md.split("\n")[2]
+
+
+# ------------------------------------------------------------------ tables and the plot
+
+
+def _scale_results() -> dict[str, Any]:
+    return {
+        "scale": {
+            "sessions": [{"sessions": s, "size": 4096, "messages": 100, "accepted_per_s": 10.0 * s,
+                          "end_to_end_per_s": 9.0 * s, "cpu_ms_per_msg": 2.0, "relay_pss_mib": 80.0}
+                         for s in (1, 20, 100, 500)],
+            "sizes": [{"sessions": 20, "size": z, "messages": 10, "end_to_end_per_s": 1e6 / z,
+                       "cpu_ms_per_msg": z / 1e4} for z in (1024, 51200, 1 << 20)],
+            "restart": [{"queued": 100, "ready_seconds": 1.5, "rss_mib": 90.0, "pss_mib": 60.0, "queue_after": 100},
+                        {"queued": 1000, "ready_seconds": 2.5, "rss_mib": 120.0, "pss_mib": 69.0,
+                         "queue_after": 1000}],
+        },
+        "replication": {"mailboxes": 1000, "seconds": 2.0},
+        "concurrency": {"steps": [{"sessions": 500, "rss_mib": 60.0, "kib_per_session": 10.0},
+                                  {"sessions": 1000, "rss_mib": 70.0, "kib_per_session": 10.5}]},
+    }
+
+
+def test_render_scale_table() -> None:
+    text = bench_scale.render_scale(_scale_results(), "scale.png")
+    assert "| 500 sessions | 100 | 5,000.0 | 4,500.0 | 2.000 | 80.0 |  |" in text
+    assert "| 1 MB | 10 |" in text and "| 50 KB |" in text
+    # growth from the restart before: 9 MiB over 900 messages = 10.24 KiB each; 1 s over 900 = 1,111 ms per 1,000
+    assert "| 1,000 | — | — | 2.50 | 1,000 | 120.0 | 69.0 | 10.24 | 1,111.1 |  |" in text
+    assert "| 1 session | 50 |" not in text and "| 1 session | 100 |" in text
+    assert "1,000 mailboxes | 2.00 s (2.000 ms per mailbox)" in text
+    assert "![how cost grows with each dimension](scale.png)" in text
+    assert "![" not in bench_scale.render_scale(_scale_results(), None)
+
+
+def test_growth_per_unit() -> None:
+    rows = [{"x": 10, "y": 1.0}, {"x": 20, "y": 3.0}, {"x": 20, "y": 4.0}, {"x": 40}]
+    assert bench_scale.growth_per_unit(rows, "x", "y") == [None, 0.2, None, None]
+    assert bench_scale.growth_per_unit(rows[:2], "x", "y", 1000) == [None, 200.0]
+    assert bench_scale.growth_per_unit([], "x", "y") == []
+
+
+def test_plot_scale_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "scale.png"
+    assert bench_scale.plot_scale(_scale_results(), out) is True
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench_scale.plot_scale({}, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_render_results_has_every_section() -> None:
+    res = {"machine": {"nproc": 2, "cpu": "x", "memory_gib": 1, "kernel": "k", "tmp_filesystem": "ext4",
+                       "python": "3.11", "packages": {}, "postfix": "3.7", "loadavg_at_start": (0.1, 0.2, 0.3)},
+           "command": "python bench/run.py", "started": "s", "finished": "f", "options": {},
+           "phases": _phases() | _scale_results()}
+    ph = res["phases"]
+    ph["throughput"]["sizes"][0]["command"] = "smtp-source -l 4096"
+    ph["latency"]["light"] = run.summarize_ms([0.004, 0.005]) | {"lost": 0}
+    ph["latency"]["heavy"] = run.summarize_ms([0.1, 0.2]) | {
+        "senders": 20, "sent": 2, "delivered": 2, "accepted_per_s": 900.0, "delivered_per_s": 800.0,
+        "accept_p50_ms": 3.0, "accept_p99_ms": 9.0, "deferred_4xx": 7, "errors": []}
+    ph["concurrency"].update({"rss_before_mib": 50.0, "rss_held_mib": 190.0, "open_seconds": 3.0})
+    text = run.render_results(res, "", "scale.png")
+    for heading in ("## Targets", "## Relay throughput", "### 4 KB", "### 50 KB", "## Local delivery into Maildir",
+                    "## Cross-site latency", "## Replication", "## Concurrency", "## Scale"):
+        assert heading in text
+    assert text.index("## Targets") < text.index("## Relay throughput")
+    assert "deferred 7 attempts with a 4xx" in text
+    assert run.scale_png_path(Path("bench/RESULTS.md")) == Path("bench/scale.png")
+    assert run.scale_png_path(Path("/tmp/x.md")) == Path("/tmp/x.scale.png")
+
+
+# ------------------------------------------------------------------ py-spy
+
+
+def test_find_py_spy_looks_in_the_virtualenv_when_not_on_path(tmp_path: Path) -> None:
+    assert run.find_py_spy(lambda name: "/usr/bin/py-spy", prefixes=()) == "/usr/bin/py-spy"
+    assert run.find_py_spy(lambda name: None, prefixes=(str(tmp_path),)) is None
+    exe = tmp_path / "bin" / "py-spy"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    assert run.find_py_spy(lambda name: None, prefixes=(str(tmp_path),)) is None  # not executable
+    exe.chmod(0o755)
+    assert run.find_py_spy(lambda name: None, prefixes=(str(tmp_path),)) == str(exe)
+
+
+def test_py_spy_follows_the_workers() -> None:
+    argv = run.py_spy_argv("py-spy", 42, Path("/tmp/p.txt"), gil_only=False, subprocesses=True)
+    assert argv[:4] == ["py-spy", "record", "--pid", "42"] and "--subprocesses" in argv and "--gil" not in argv
+    argv = run.py_spy_argv("py-spy", 42, Path("/tmp/p.txt"), gil_only=True, subprocesses=False)
+    assert "--subprocesses" not in argv and "--gil" in argv
+
+
+def test_py_spy_summary_reads_subprocess_stacks(tmp_path: Path) -> None:
+    raw = tmp_path / "p.py-spy.txt"
+    raw.write_text(
+        'process 10:"python -m imsrelay serve";thread (0x1): "MainThread";run (asyncio/runners.py:118);'
+        "smtp_DATA (aiosmtpd/smtp.py:1400) 30\n"
+        'process 11:"python -m imsrelay serve";thread (0x2): "spool-writer";_apply_batch (imsrelay/journal.py:80) 10\n')
+    s = run.summarize_py_spy(raw, messages=100, rate=100)
+    assert s["samples"] == 40
+    threads = {r["function"]: r["samples"] for r in s["threads"]}
+    assert threads == {'thread (0x1): "MainThread"': 30, 'thread (0x2): "spool-writer"': 10}
+    stages = {r["function"]: r["samples"] for r in s["entry_points"]}
+    assert stages["spool writer thread (write + fsync + rename)"] == 10
+
+
+# ------------------------------------------------------------------ Postfix virtual(8), Maildir counter
+
+
+def test_virtual_maildir_settings_write_a_maildir_map(tmp_path: Path) -> None:
+    settings = run.virtual_maildir_settings(tmp_path, "local.bench.test", ["user1"], 65534, 65534)
+    assert (tmp_path / "vmailbox").read_text() == "user1@local.bench.test  local.bench.test/user1/\n"
+    assert settings["virtual_mailbox_maps"] == f"texthash:{tmp_path / 'vmailbox'}"
+    assert settings["virtual_uid_maps"] == "static:65534" and settings["relayhost"] == ""
+    assert settings["virtual_mailbox_base"] == str(tmp_path / "vmail")
+
+
+def test_maildir_counter_counts_new_files(tmp_path: Path) -> None:
+    new = run.make_maildir(tmp_path / "box")
+    assert {p.name for p in (tmp_path / "box").iterdir()} == {"tmp", "new", "cur"}
+    (new / "old").write_text("x")
+    counter = run.MaildirCounter(new, interval=0.01)
+    try:
+        assert counter.count == 1
+        assert counter.wait_count(3, time.monotonic() + 0.3, stall=5) is None  # nothing more yet
+        for i in range(2):
+            (new / f"m{i}").write_text("x")
+        assert counter.wait_count(3, time.monotonic() + 5, stall=5) is not None
+        assert counter.count == 3
+    finally:
+        counter.stop()
+
+
+# ------------------------------------------------------------------ the client at heavy load
+
+
+async def test_try_send_returns_backpressure_and_sends_again() -> None:
+    state = {"mails": 0}
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 fake\r\n")
+        while line := await reader.readline():
+            cmd = line.strip().upper()
+            if cmd.startswith(b"EHLO"):
+                writer.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif cmd.startswith(b"MAIL"):
+                state["mails"] += 1
+                writer.write(b"452 4.3.1 queue full\r\n" if state["mails"] == 1 else b"250 ok\r\n")
+            elif cmd.startswith((b"RCPT", b"RSET")):
+                writer.write(b"250 ok\r\n")
+            elif cmd == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (await reader.readline()) != b".\r\n":
+                    pass
+                writer.write(b"451 4.3.0 try later\r\n" if state["mails"] == 2 else b"250 queued\r\n")
+            elif cmd == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(server, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        smtp = await run.MiniSmtp.connect("127.0.0.1", port, timeout=5)
+        body = run.bench_message("a@x.test", "b@y.test", "id1", size=200)
+        assert await smtp.try_send("a@x.test", "b@y.test", body, 5) == (452, 0.0)
+        code, waited = await smtp.try_send("a@x.test", "b@y.test", body, 5)
+        assert code == 451 and waited >= 0.0
+        code, waited = await smtp.try_send("a@x.test", "b@y.test", body, 5)
+        assert code == 250 and waited >= 0.0
+        await smtp.quit()
+    finally:
+        srv.close()
+        await srv.wait_closed()
