@@ -219,6 +219,8 @@ async def test_a_site_cannot_speak_for_another_sites_objects_and_replication_sti
                                 [f"dirsync@SiteC.{COMPANY_DOMAIN}"], update("SiteA", b_trust))
         await wait_for(lambda: c.replicator.rejected[REFUSED_OBJECT] == before.get(REFUSED_OBJECT, 0) + 1
                        and c.replicator.rejected[BAD_SIGNATURE] == before.get(BAD_SIGNATURE, 0) + 1, timeout=30)
+        # counted first, then logged (after the count is stored)
+        await wait_for(lambda: len([e for e in logs if e["event"] == "replication.rejected"]) == 2, timeout=10)
     rejected = [e for e in logs if e["event"] == "replication.rejected"]
     assert sorted(e["reason"] for e in rejected) == [BAD_SIGNATURE, REFUSED_OBJECT]
     refused = next(e for e in rejected if e["reason"] == REFUSED_OBJECT)
