@@ -448,9 +448,8 @@ class ImsSMTP(SMTP):
         try:
             while not scanner.done:
                 chunk = await reader.read(DATA_CHUNK)
-                if not chunk:  # end of the stream (aiosmtpd cancels us first, as a rule): nothing queued
-                    self._writer.close()
-                    return
+                if not chunk:  # the client closed mid-DATA (aiosmtpd's eof_received cancels us first, as a rule)
+                    raise asyncio.CancelledError()  # as that cancellation would: nothing queued, no reply
                 used = scanner.feed(chunk)
                 if used < len(chunk):  # the commands after the final "." (PIPELINING)
                     reader.unread(chunk[used:])

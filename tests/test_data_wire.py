@@ -311,3 +311,31 @@ async def test_a_big_message_is_whole_and_byte_identical(tmp_path):
         assert (await asyncio.to_thread(send)).startswith(b"250 2.0.0 Ok: queued as")
         (got,) = await wait_for(lambda: maildir_messages(cfg.data_dir, "User1"), timeout=30)
         assert _strip_trace(got) == expected
+
+
+class NoCancelOnEof(ImsSMTP):
+    """aiosmtpd cancels the session when the client's side closes; without that, the
+    reader itself sees the end of the stream mid-DATA."""
+
+    def eof_received(self) -> bool | None:
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+
+async def test_the_end_of_the_stream_mid_data_queues_nothing_and_answers_nothing():
+    handler = Recorder()
+    server = await _serve(NoCancelOnEof, handler, forbid=False, limit=100_000)
+
+    def half_close(port: int) -> bytes:
+        with Wire(port) as w:
+            start_data(w, b"b@example.org")
+            w.send(b"Subject: cut\r\n\r\nno end")
+            w.sock.shutdown(socket.SHUT_WR)
+            return w.reply()
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            after = await asyncio.to_thread(half_close, server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+    assert after == b"" and handler.got == [], after
+    assert not [e for e in logs if e.get("log_level") == "error"], logs
