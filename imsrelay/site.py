@@ -61,7 +61,7 @@ from imsrelay.router import (
     self_addresses,
 )
 from imsrelay.smtp_client import SmtpClient
-from imsrelay.smtpd import SiteHandler, server_factory
+from imsrelay.smtpd import STOP_GRACE, SiteHandler, close_sessions, server_factory
 from imsrelay.spool import Spool
 from imsrelay.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
 
@@ -249,9 +249,9 @@ class Site:
             self._server.close()
             # Python 3.11's Server.close() leaves accepted connections open: a peer's pooled
             # connection would keep talking to this stopped site (and its stopped queue).
-            for protocol in list(self._sessions):
-                if protocol.transport is not None:
-                    protocol.transport.close()
+            # A session inside DATA first gets its reply out (bounded wait): a message made
+            # durable but never answered would come again from the sender, a duplicate.
+            await close_sessions(list(self._sessions), grace=STOP_GRACE)
             await self._server.wait_closed()
         for server in self._submission_servers:
             await server.wait_closed()

@@ -285,6 +285,7 @@ class ImsSMTP(SMTP):
         self._started = True
         self._greeted = False
         self._in_data = False
+        self._close_after_data = False
         site = self._site
         if site is None:
             return
@@ -424,6 +425,27 @@ class ImsSMTP(SMTP):
                     await super().smtp_DATA(arg)
             finally:
                 self._in_data = False
+                if self._close_after_data:
+                    self.close_now()
+
+    def close_when_transaction_done(self) -> bool:
+        """The site is stopping: close this session now, or — when it is inside DATA
+        (the message may already be durable, its ``250`` not yet written) — right after
+        its reply is written, so the client hears the outcome of what it handed over
+        instead of retrying a message already accepted.  True: closing later."""
+        if getattr(self, "_in_data", False):
+            self._close_after_data = True
+            return True
+        self.close_now()
+        return False
+
+    def close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # what was written (the reply) still goes out first
+
+    @property
+    def in_transaction_data(self) -> bool:
+        return bool(getattr(self, "_in_data", False))
 
     async def _data(self, arg: str | None) -> None:
         """aiosmtpd's ``smtp_DATA`` (1.4.6) with the content read in chunks
@@ -632,6 +654,27 @@ class ImsSMTP(SMTP):
 
 for _name in ("smtp_HELO", "smtp_EHLO", "smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
     getattr(ImsSMTP, _name).__dict__.update(getattr(SMTP, _name).__dict__)
+
+
+STOP_GRACE = 5.0  # seconds a stopping site gives sessions inside DATA to write their reply
+
+
+async def close_sessions(sessions: list[Any], *, grace: float = STOP_GRACE) -> int:
+    """Close every session of a stopping site: idle ones at once, those inside DATA
+    right after their reply (at most ``grace`` seconds, then they are closed anyway).
+    Returns how many had to be cut off at the deadline."""
+    waiting = [p for p in sessions if isinstance(p, ImsSMTP) and p.close_when_transaction_done()]
+    for p in sessions:
+        if not isinstance(p, ImsSMTP) and getattr(p, "transport", None) is not None:
+            p.transport.close()
+    deadline = time.monotonic() + grace
+    while waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        waiting = [p for p in waiting if p.in_transaction_data and p.transport is not None
+                   and not p.transport.is_closing()]
+    for p in waiting:
+        p.close_now()
+    return len(waiting)
 
 
 class SiteHandler:
