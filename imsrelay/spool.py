@@ -60,15 +60,21 @@ def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
     return _MAGIC + str(len(header)).encode() + b"\n" + header + message
 
 
-def parse_queue_file(data: bytes) -> tuple[Envelope, int]:
-    """(envelope, offset of the message bytes); ValueError when incomplete."""
-    if not data.startswith(_MAGIC):
+_MAX_PREFIX = len(_MAGIC) + 21  # the magic, a length of up to 20 digits, the newline
+
+
+def parse_queue_file(data: bytes | memoryview) -> tuple[Envelope, int]:
+    """(envelope, offset of the message bytes); ValueError when incomplete.  Only the
+    envelope is copied out of ``data`` (a journal view at replay: the body stays put)."""
+    view = memoryview(data)
+    prefix = bytes(view[:_MAX_PREFIX])
+    if not prefix.startswith(_MAGIC):
         raise ValueError("not a queue file")
-    nl = data.index(b"\n")
-    length = int(data[len(_MAGIC):nl])
+    nl = prefix.index(b"\n")
+    length = int(prefix[len(_MAGIC):nl])
     start = nl + 1 + length
-    envelope = Envelope.from_json(data[nl + 1:start])
-    if len(data) - start != envelope.size:
+    envelope = Envelope.from_json(bytes(view[nl + 1:start]))
+    if len(view) - start != envelope.size:
         raise ValueError("queue file is incomplete")
     return envelope, start
 
@@ -247,7 +253,7 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
 # ----------------------------------------------------------------- the spool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Queued:
     location: Location  # of the ENQUEUE payload
     envelope: Envelope  # the latest known (ENQUEUE, then STATE records)
@@ -262,11 +268,11 @@ def _replay(journal: Journal) -> dict[str, _Queued]:
                 env, _ = parse_queue_file(record.payload)
                 queued[env.queue_id] = _Queued(record.location, env)
             elif record.type == STATE:
-                env = Envelope.from_json(record.payload)
+                env = Envelope.from_json(bytes(record.payload))
                 if env.queue_id in queued:
                     queued[env.queue_id].envelope = env
             elif record.type == DONE:
-                queued.pop(record.payload.decode("ascii", "replace"), None)
+                queued.pop(bytes(record.payload).decode("ascii", "replace"), None)
         except (ValueError, TypeError, KeyError):
             continue  # an intact but unreadable record (foreign version): skip it
     return queued
