@@ -13,6 +13,9 @@
 #   status                 containers, health, addresses and the published ports
 #   smoke                  quick check of the infrastructure: lab DNS answers, the
 #                          Internet peer accepts a mail and files it in a Maildir
+#   keys                   make new throwaway replication keys for the three sites
+#                          (config/docker/keys/, lab-only, committed) and write
+#                          their public keys into config/docker/site?.toml
 #   logs [ARGS...]         docker-compose logs (e.g. `logs -f sitea`)
 #   down [-v|--volumes]    stop and remove containers and network (-v: the data
 #                          volumes too: queues, directories, Maildirs)
@@ -110,8 +113,20 @@ check_site_configs() {
         f="$(site_config_file "$s")"
         # A missing bind-mount source would be created by Docker as a directory.
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/site.toml in $s)"; missing=1; fi
+        f="config/docker/keys/$(basename "$f" .toml).pem"
+        if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/replication-key.pem in $s; docker/lab.sh keys makes new ones)"; missing=1; fi
     done
     [ "$missing" = 0 ] || die "site configuration missing"
+}
+
+do_keys() {
+    # New throwaway lab keys: config/docker/keys/site?.pem and the public keys in
+    # config/docker/site?.toml, written by imsrelay.docker_configs (needs the
+    # imsrelay package and `cryptography`: the checkout's .venv, or $PYTHON).
+    local py="${PYTHON:-}"
+    [ -n "$py" ] || { [ -x "$REPO/.venv/bin/python" ] && py="$REPO/.venv/bin/python"; } || py=python3
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$py" -m imsrelay.docker_configs regenerate-keys
+    log "new lab keys written; restart the sites to use them (docker/lab.sh down; docker/lab.sh up)"
 }
 
 check_subnet_free() {
@@ -273,6 +288,7 @@ case "$cmd" in
     wait) do_wait ;;
     status) do_status ;;
     smoke) do_smoke ;;
+    keys) do_keys ;;
     logs) compose logs "$@" ;;
     down)
         args=(down --remove-orphans)
@@ -286,6 +302,6 @@ case "$cmd" in
         fi
         compose "$@"
         ;;
-    ""|-h|--help|help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' ;;
+    ""|-h|--help|help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
 esac

@@ -250,6 +250,8 @@ class AdminServer:
                               "reason": site.qmgr.health.reason()},
             "directory": {"invocation": invocation, "highest_usn": highest},
             "replication": {"enabled": site.replicator is not None,
+                            "key_scheme": site.replicator.key_scheme if site.replicator else None,
+                            "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
                             "connectors": [c.site for c in cfg.replication.connectors]},
             "learned_sites": [list(x) for x in site.learned_sites],
         })

@@ -30,7 +30,7 @@ import dataclasses
 import os
 import socket
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +51,12 @@ from imsrelay.lab_walk import (
 from imsrelay.logs import get_logger
 from imsrelay.message_api import LabEndpoint
 from imsrelay.org_setup import Endpoint, OrgSetup
+from imsrelay.replication_keys import public_key_text, site_key
 from imsrelay.site import Site
 from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
 
 ORGANISATION = "ExchangeORG"
 COMPANY_DOMAIN = "microsoft.com"
-LAB_KEY = "ExchangeORG-lab-replication-key"
 ADMIN_TOKEN = LAB_TOKEN  # one token for every site's admin endpoint and the lab endpoint
 ADMIN_PORT = 8025
 SUBMISSION_PORT = 2587  # each site's RFC 6409 submission port (STARTTLS, AUTH before MAIL) on its address
@@ -149,12 +149,19 @@ def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = Fal
     return ()
 
 
-def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: bool = True,
-                 admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
+def key_path(data_dir: Path, site: LabSite) -> Path:
+    """Where the lab keeps ``site``'s replication private key."""
+    return data_dir / "keys" / f"{site.name}.pem"
+
+
+def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, trusted_keys: Mapping[str, str],
+                 fast: bool = True, admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
                  hand: bool = False, submission_port: int = SUBMISSION_PORT,
                  smtps_port: int = SMTPS_PORT) -> dict[str, Any]:
     """The site's configuration at a stage of the walk (pure).  TLS: the site's
-    certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them)."""
+    certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them).
+    Replication: per-site keys, the site's own in ``<data>/keys/<Site>.pem``
+    (``Lab.ensure_keys`` makes them) and ``trusted_keys``, every site's public key."""
     mapping: dict[str, Any] = {
         "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
                  "email_domain": site.domain, "company_domain": COMPANY_DOMAIN,
@@ -174,8 +181,9 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, fast: 
         # Time-outs by priority: the IMS's 24h/48h/72h with --exchange-timers, short ones in the lab
         "priorities": {"urgent_lifetime": "15m", "non_urgent_lifetime": "2h"} if fast else
                       {"urgent_lifetime": "1d", "non_urgent_lifetime": "3d"},
-        "replication": {"key": LAB_KEY, "startup_delay": startup_delay or (
-            EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
+        "replication": {"signing_key": str(key_path(data_dir, site)),
+                        "trusted_keys": {name: trusted_keys[name] for name in sorted(trusted_keys)},
+                        "startup_delay": startup_delay or (EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
         "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
         "logging": {"level": "info", "format": "auto"},
     }
@@ -362,15 +370,23 @@ class Lab:
             lines.append(f"next: {steps[reached + 1].name} (imsrelay lab next, or by hand)")
         return lines
 
+    def ensure_keys(self) -> dict[str, str]:
+        """Each site's replication key in ``<data>/keys`` (made once, kept across
+        restarts) and the organisation's trusted public keys, by site."""
+        return {s.name: public_key_text(site_key(key_path(self.data_dir, s))) for s in SITES}
+
     def _write_install(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         header = ("# Written by `imsrelay lab` (KB Q196927 step 1: IMS installed). Edit it and the lab\n"
-                  "# restarts the site; `imsrelay lab next` adds the next step's [[tables]] and keeps yours.\n")
+                  "# restarts the site; `imsrelay lab next` adds the next step's [[tables]] and keeps yours.\n"
+                  "# Replication: this site's own Ed25519 key (signing_key, made by the lab) and every\n"
+                  "# site's public key ([replication.trusted_keys]).\n")
+        trusted = self.ensure_keys()
         for s in SITES:
             path = self.config_path(s.name)
             if not path.exists():
                 path.write_text(header + toml_text.dumps(
-                    site_mapping(s, 0, port=self.port, data_dir=self.data_dir, fast=self.fast,
+                    site_mapping(s, 0, port=self.port, data_dir=self.data_dir, trusted_keys=trusted, fast=self.fast,
                                  admin_port=self.admin_port, startup_delay=self.startup_delay, hand=self.hand,
                                  submission_port=self.submission_port, smtps_port=self.smtps_port)))
         internet = self.config_path(INTERNET.name)

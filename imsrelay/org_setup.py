@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable
+from imsrelay.replication_keys import PER_SITE_KEYS
 
 # ============================================================================ pure
 
@@ -107,6 +108,29 @@ def needs_site_addressing(snapshot: Mapping[str, Any], site: str, address: str) 
     return any(not m.primary.lower().endswith("@" + domain) for m in own.mailboxes.values())
 
 
+def key_scheme_problem(replication: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why these sites (each one's ``/status`` ``replication`` part) cannot replicate
+    with each other because of their keys, or None (pure): every site must use the
+    same scheme — a site with the shared organisation key cannot verify per-site
+    signatures, nor the other way round — and with per-site keys each site must
+    trust every site of the set-up."""
+    schemes: dict[str, list[str]] = {}
+    for name, r in replication.items():
+        schemes.setdefault(str(r.get("key_scheme") or "unknown"), []).append(name)
+    if len(schemes) > 1:
+        mix = "; ".join(f"{scheme}: {', '.join(sorted(names))}" for scheme, names in sorted(schemes.items()))
+        return (f"the sites use different replication key schemes ({mix}): every site of the organisation "
+                "must use per-site keys (replication.signing_key + [replication.trusted_keys]) or every "
+                "site the shared organisation key")
+    if PER_SITE_KEYS in schemes:
+        for name, r in sorted(replication.items()):
+            missing = sorted(set(replication) - set(r.get("trusted_sites") or []))
+            if missing:
+                return (f"{name} has no trusted public key for {', '.join(missing)}: add "
+                        f"[replication.trusted_keys] entries (imsrelay replicate keygen prints them) at {name}")
+    return None
+
+
 # ============================================================================ I/O
 
 
@@ -176,8 +200,12 @@ class OrgSetup:
             raise SetupError(f"the sites belong to different organisations: {', '.join(sorted(orgs))}")
         for name, s in self.status.items():
             if not s["replication"]["enabled"]:
-                raise SetupError(f"{name}: replication is not enabled (no organisation key: set "
-                                 "replication.key or $IMSRELAY_ORG_KEY at that site)")
+                raise SetupError(f"{name}: replication is not enabled (no replication key: set "
+                                 "replication.signing_key and [replication.trusted_keys], or replication.key "
+                                 "or $IMSRELAY_ORG_KEY, at that site)")
+        problem = key_scheme_problem({n: s["replication"] for n, s in self.status.items()})
+        if problem:
+            raise SetupError(problem)
 
     def company_address(self) -> str:
         domains = {s["company_domain"].lower() for s in self.status.values()}

@@ -57,14 +57,7 @@ from imsrelay.directory import Directory
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.object_rules import object_problem
 from imsrelay.objects import DIRSYNC_LOCAL, DirObject
-from imsrelay.replication_keys import (
-    ReplicationKeyError,
-    Trust,
-    load_private_key,
-    object_signing_bytes,
-    parse_public_key,
-    public_key_text,
-)
+from imsrelay.replication_keys import ReplicationKeyError, Trust, object_signing_bytes, trust_from
 from imsrelay.router import RoutingTable, site_routing_domain
 from imsrelay.settings import SiteConfig
 
@@ -392,23 +385,10 @@ def _part_text(part: Message) -> str:
 def trust_for(config: SiteConfig) -> Trust:
     """The site's replication trust from its configuration (per-site Ed25519 keys
     when ``replication.signing_key`` is set, else the organisation key)."""
-    settings = config.replication
-    if settings.signing_key:
-        try:
-            private = load_private_key(settings.signing_key)
-        except ReplicationKeyError as exc:
-            raise ReplicationError(f"replication.signing_key: {exc}") from None
-        keys = {site: parse_public_key(text) for site, text in settings.trusted_keys}
-        own = keys.get(config.site)
-        if own is None or public_key_text(own) != public_key_text(private):
-            raise ReplicationError(f"replication.trusted_keys must list this site ({config.site}) with the public "
-                                   "key of replication.signing_key")
-        return Trust(config.site, private_key=private, public_keys=keys)
-    key = settings.resolved_key()
-    if not key:
-        raise ReplicationError("replication needs an organisation key (replication.key or "
-                               f"${settings.key_env}) or per-site keys (replication.signing_key)")
-    return Trust(config.site, hmac_key=key)
+    try:
+        return trust_from(config.site, config.replication)
+    except ReplicationKeyError as exc:
+        raise ReplicationError(str(exc)) from None
 
 
 class Replicator:
@@ -734,4 +714,14 @@ class Replicator:
                 "last_reply": state["last_reply"], "last_error": state["last_error"],
                 "applied": state["applied"], "backlog": self.backlog(domain)})
         return {"site": self.config.site, "invocation": invocation, "highest_usn": highest,
+                "key_scheme": self.key_scheme, "trusted_sites": list(self._key.trusted_sites),
                 "rejected": dict(self.rejected), "peers": peers}
+
+    @property
+    def key_scheme(self) -> str:
+        """How this site's replication is signed: ``per-site ed25519`` or ``shared organisation key``."""
+        return self._key.scheme
+
+    @property
+    def trusted_sites(self) -> tuple[str, ...]:
+        return self._key.trusted_sites

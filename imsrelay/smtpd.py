@@ -33,6 +33,7 @@ from imsrelay.addresses import AddressError, parse_address
 from imsrelay.auth import MECHANISMS, Credentials, FailureLimiter, Identity, decode_plain
 from imsrelay.config import SiteConfig
 from imsrelay.connection_limits import ConnectionCounter
+from imsrelay.data_reader import DataScanner, Outcome, normalise_bare_lf
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.faults import FaultBook, SessionFaults
 from imsrelay.flow_gate import FlowGate
@@ -135,7 +136,8 @@ class Ingress(Protocol):
 _UNPRINTABLE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+DATA_CHUNK = 256 * 1024  # bytes taken from the stream at a time in DATA (what one recv can bring)
+DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
 MAX_REWRITE_LOOKUPS = 200  # distinct header addresses looked up per message (hostile headers)
 BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
 
@@ -163,6 +165,11 @@ class LineReader(asyncio.StreamReader):
                 raise BareNewline()
         return line
 
+    def unread(self, data: bytes) -> None:
+        """Put back bytes read past the end of DATA: the next command reads them first."""
+        if data:
+            self._buffer[:0] = data  # type: ignore[attr-defined]  # asyncio.StreamReader's buffer (pinned by a test)
+
 
 def bad_size(arg: str) -> bool:
     """A SIZE= value aiosmtpd would take for digits (``str.isdigit``) that is not 1-18
@@ -174,11 +181,6 @@ def printable_reply(reply: str) -> str:
     """A reply line that can always be encoded: bytes the client sent that were not
     UTF-8 (kept as surrogates by aiosmtpd) and control characters become ``?``."""
     return _UNPRINTABLE.sub("?", reply)
-
-
-def normalise_bare_lf(raw: bytes) -> bytes:
-    """Every bare LF in a message becomes CRLF (RFC 5321 §2.3.8)."""
-    return _BARE_LF.sub(b"\r\n", raw) if b"\n" in raw else raw
 
 
 def with_enhanced_status(reply: str) -> str:
@@ -416,9 +418,69 @@ class ImsSMTP(SMTP):
         if not await self._faulted("data"):
             self._in_data = True
             try:
-                await super().smtp_DATA(arg)
+                if isinstance(self._reader, LineReader) and "DATA" in self._handle_hooks:
+                    await self._data(arg)
+                else:  # a handler of the deprecated process_message API: aiosmtpd's own reader
+                    await super().smtp_DATA(arg)
             finally:
                 self._in_data = False
+
+    async def _data(self, arg: str | None) -> None:
+        """aiosmtpd's ``smtp_DATA`` (1.4.6) with the content read in chunks
+        (``imsrelay.data_reader``) rather than one await per line: the same checks,
+        replies, envelope fields and handler hook."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        scanner = DataScanner(size_limit=self.data_size_limit, line_limit=self.line_length_limit,
+                              forbid_bare_lf=self._forbid_bare_lf)
+        reader = self._reader
+        assert isinstance(reader, LineReader)
+        try:
+            while not scanner.done:
+                chunk = await reader.read(DATA_CHUNK)
+                if not chunk:  # the client closed mid-DATA (aiosmtpd's eof_received cancels us first, as a rule)
+                    raise asyncio.CancelledError()  # as that cancellation would: nothing queued, no reply
+                used = scanner.feed(chunk)
+                if used < len(chunk):  # the commands after the final "." (PIPELINING)
+                    reader.unread(chunk[used:])
+        except asyncio.CancelledError:  # the connection was lost during DATA
+            self._writer.close()
+            raise
+        if scanner.outcome is Outcome.BARE_LF:
+            raise BareNewline()
+        if scanner.outcome is not Outcome.OK:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if scanner.outcome is Outcome.TOO_LONG
+                            else "552 Error: Too much mail data")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        # a big message is joined and un-stuffed off the loop (DESIGN.md invariant 7)
+        original_content = (scanner.content() if scanner.held < DATA_ON_LOOP
+                            else await asyncio.to_thread(scanner.content))
+        content: str | bytes = original_content
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original_content.decode("utf-8", errors="surrogateescape")
+            else:
+                try:
+                    content = original_content.decode("ascii", errors="strict")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: strict ASCII mode")
+                    return
+        self.envelope.content = content
+        self.envelope.original_content = original_content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     @syntax("ETRN node")
     async def smtp_ETRN(self, arg: str | None) -> None:

@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 LAB_SH = REPO / "docker" / "lab.sh"
 PROJECT = os.environ.get("IMSRELAY_TEST_COMPOSE_PROJECT", "imsrelaytest")
 TOKEN = "compose-test-admin-token"
-ORG_KEY = "compose-test-organisation-key"
 NETWORK = f"{PROJECT}_lab"
 # The lab's network (10.10.10.0/24) and ports are fixed: one lab per Docker engine.
 # Test sessions (of any checkout) take this lock while they use it.
@@ -135,8 +134,7 @@ class ComposeLab:
     def __init__(self, project: str = PROJECT, progress: Callable[[str], None] | None = None) -> None:
         self.project = project
         self.progress = progress or (lambda line: None)
-        self.env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "IMSRELAY_ADMIN_TOKEN": TOKEN,
-                    "IMSRELAY_ORG_KEY": ORG_KEY}
+        self.env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "IMSRELAY_ADMIN_TOKEN": TOKEN}
         if "PYTHON" not in self.env and _has_pip(sys.executable):
             # docker/build-wheels.sh: the interpreter running the tests (./dev test's
             # virtualenv) has pip; a fresh machine's system python3 may not

@@ -9,6 +9,7 @@ what changed (pyproject.toml pins the tested range)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 
 import aiosmtpd
@@ -17,7 +18,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, _AuthMechAttr
 from sitekit import config_of, site_mapping
 
-from imsrelay.smtpd import ImsSMTP, SiteHandler, server_factory
+from imsrelay.smtpd import ImsSMTP, LineReader, SiteHandler, server_factory
 
 # aiosmtpd state the template copy shares between connections: read-only tables
 SHARED_CONTAINERS = {"_handle_hooks", "_call_limit_base"}
@@ -74,3 +75,44 @@ async def test_a_copied_protocol_has_the_same_state_and_its_own_per_connection_p
 async def test_getaddr_gives_aiosmtpd_s_answers(protocols, arg):
     first, _ = protocols
     assert ImsSMTP._getaddr(first, arg) == SMTP._getaddr(first, arg)
+
+
+# ImsSMTP._data is aiosmtpd 1.4.6's smtp_DATA with the content read in chunks
+# (imsrelay.data_reader): the checks before 354, the replies, the envelope fields and
+# the hook are copied from it.  A release that changes it must be read again.
+SMTP_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
+DATA_REPLIES = ("503 Error: need RCPT command", "501 Syntax: DATA", "354 End data with <CR><LF>.<CR><LF>",
+                "500 Line too long (see RFC5321 4.5.3.1.6)", "552 Error: Too much mail data",
+                "500 Error: strict ASCII mode", "250 OK")
+
+
+def test_smtp_data_is_the_one_the_chunked_reader_copies():
+    source = inspect.getsource(SMTP.smtp_DATA)
+    for reply in DATA_REPLIES:
+        assert f"'{reply}'" in source or f'"{reply}"' in source, f"aiosmtpd's DATA reply {reply!r} changed"
+        assert f'"{reply}"' in inspect.getsource(ImsSMTP._data), reply
+    for name in ("check_helo_needed", 'check_auth_needed("DATA")', "_call_handler_hook('DATA')",
+                 "_set_post_data_state()", "readuntil(b'\\r\\n')", "line == b'.\\r\\n'", "del text[0]",
+                 "self.envelope.content = content", "self.envelope.original_content = original_content",
+                 "limit and num_bytes > limit", "self._writer.close()"):
+        assert name in source, f"aiosmtpd's smtp_DATA no longer has {name!r}: check ImsSMTP._data"
+    assert hashlib.sha256(source.encode()).hexdigest() == SMTP_DATA_SHA256, (
+        "aiosmtpd's smtp_DATA changed: compare it with ImsSMTP._data and imsrelay.data_reader, "
+        "then update SMTP_DATA_SHA256")
+    for name in ("_handle_hooks", "_decode_data", "data_size_limit", "enable_SMTPUTF8", "_reader", "_writer"):
+        assert name in inspect.getsource(SMTP.__init__) + inspect.getsource(SMTP._cb_client_connected), name
+    assert SMTP.line_length_limit == 1001
+
+
+async def test_the_reader_can_put_back_what_was_read_past_the_end():
+    """LineReader.unread puts bytes back into asyncio's StreamReader buffer (a
+    private ``bytearray``): the next readuntil reads them first."""
+    reader = LineReader(limit=1001)
+    assert isinstance(reader._buffer, bytearray)
+    reader.feed_data(b".\r\nQUIT\r\nNOOP")
+    chunk = await reader.read(65536)
+    assert chunk == b".\r\nQUIT\r\nNOOP"
+    reader.unread(chunk[3:])
+    reader.feed_data(b"\r\n")
+    assert await reader.readuntil(b"\n") == b"QUIT\r\n"
+    assert await reader.readuntil(b"\n") == b"NOOP\r\n"

@@ -89,6 +89,12 @@ def test_the_cli_inside_a_site_container(lab: ComposeLab):
         assert address in listing
     status = lab.exec("siteb", "imsrelay", "replicate", "status", "--config", "/etc/imsrelay/site.toml").stdout
     assert "SiteA" in status and "SiteC" in status
+    # each site signs with its own mounted key and trusts the three (config/docker/keys/)
+    assert "keys: per-site ed25519 (trusted: SiteA, SiteB, SiteC)" in status
+    for service in SITES:
+        replication = lab.admin(service, "GET", "/status")["replication"]
+        assert (replication["key_scheme"], replication["trusted_sites"]) == \
+            ("per-site ed25519", ["SiteA", "SiteB", "SiteC"]), service
     check = lab.exec("sitec", "imsrelay", "org-setup", "--check", "--site", "http://10.10.10.10:8025",
                      "--site", "http://10.10.10.15:8025", "--site", "http://10.10.10.20:8025").stdout
     assert check.rstrip().endswith("the organisation is set up")

@@ -23,10 +23,12 @@ from sitekit import free_port
 from imsrelay.config import load_config
 from imsrelay.lab import INTERNET, SITES, Lab, LabStepRefused, stage_index
 from imsrelay.lab_walk import plan_config_step
+from imsrelay.replication_keys import generate_private_key, public_key_text
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
 
 A, B, C = SITES
+KEYS = {s.name: public_key_text(generate_private_key()) for s in SITES}
 
 CONNECTED_BY_HAND = """
 # typed by hand, as the README's table says
@@ -278,7 +280,7 @@ def test_every_lab_written_file_takes_the_readmes_table_entries(tmp_path: Path):
              '\n[[replication.connectors]]\nsite = "SiteZ"\n'
              '\n[[mailboxes]]\nalias = "Sales"\n')
     for stage in range(len(STAGE_NAMES)):
-        for text in (toml_text.dumps(site_mapping(A, stage, port=2525, data_dir=tmp_path)),
+        for text in (toml_text.dumps(site_mapping(A, stage, port=2525, data_dir=tmp_path, trusted_keys=KEYS)),
                      compose_site_toml(A, stage)):
             path = tmp_path / "SiteA.toml"
             path.write_text(text + extra)

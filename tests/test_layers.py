@@ -42,7 +42,8 @@ def test_pure_deciders_import_no_io():
 
 def test_value_modules_import_no_io():
     new = imported_by("import imsrelay.envelope, imsrelay.objects, imsrelay.errors, imsrelay.settings, "
-                      "imsrelay.queue_rules, imsrelay.loops, imsrelay.outcome, imsrelay.smtp_body")
+                      "imsrelay.queue_rules, imsrelay.loops, imsrelay.outcome, imsrelay.smtp_body, "
+                      "imsrelay.data_reader")
     bad = {m for m in new if m in IO_MODULES}
     assert not bad, sorted(bad)
 

@@ -46,3 +46,4 @@ def positive_seconds(text: str) -> float:
 
 
 PORT = whole_number(1, 65535, "a TCP port")
+

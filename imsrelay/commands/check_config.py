@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imsrelay.config import load_config
+from imsrelay.config import SiteConfig, load_config
+from imsrelay.errors import UserError
+from imsrelay.replication_keys import ReplicationKeyError, trust_from
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,8 +17,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.set_defaults(func=cmd_check_config)
 
 
+def check_replication_keys(config: SiteConfig) -> None:
+    """A site whose replication key cannot be read, or whose own entry in
+    ``[replication.trusted_keys]`` is not its key's public half, cannot replicate:
+    one line saying why (``UserError``), not a traceback at start-up."""
+    if not config.replication.enabled:
+        return
+    try:
+        trust_from(config.site, config.replication)
+    except ReplicationKeyError as exc:
+        raise UserError(f"{config.path}: {exc}") from None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     c = load_config(args.config)
+    rep = c.replication
+    if rep.signing_key is None or rep.signing_key.exists():  # (a container's key may live elsewhere)
+        check_replication_keys(c)  # its key readable and the one the others are told to trust
     print(f"{c.path}: ok")
     print(f"  organisation {c.organisation}, site {c.site}, server {c.server} ({c.hostname})")
     print(f"  site address @{c.site_domain}, company domain {c.company_domain}")
@@ -34,6 +51,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  e-mail domain {r.domain} -> {r.host}:{r.port}")
     if c.delivery.smart_host:
         print(f"  smart host {c.delivery.smart_host}:{c.delivery.smart_host_port}")
+    if rep.signing_key is not None:
+        here = "" if rep.signing_key.exists() else " (not on this machine: not checked)"
+        print(f"  replication keys: per-site ed25519, own key {rep.signing_key}{here}; trusted: "
+              + ", ".join(site for site, _ in rep.trusted_keys))
+    elif rep.enabled:
+        print("  replication keys: shared organisation key")
     for rc in c.replication.connectors:
         print(f"  replication connector to {rc.site}")
     return 0

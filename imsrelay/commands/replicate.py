@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from imsrelay.admin_client import cli_call
 from imsrelay.commands import add_site_options
 from imsrelay.config import load_config
 from imsrelay.errors import UserError
-from imsrelay.replication_keys import generate_private_key, private_key_pem, public_key_text
+from imsrelay.replication_keys import generate_private_key, public_key_text, write_private_key
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,10 +53,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise UserError(f"{args.out} exists already (use --force to replace it)")
     key = generate_private_key()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_key_pem(key))
+    if args.force:
+        args.out.unlink(missing_ok=True)
+    try:
+        write_private_key(args.out, key)
+    except FileExistsError:
+        raise UserError(f"{args.out} exists already (use --force to replace it)") from None
+    except OSError as exc:
+        raise UserError(f"{args.out}: {exc.strerror or exc}") from None
     print(f'{args.site} = "{public_key_text(key)}"')
     return 0
 
@@ -69,6 +72,13 @@ def cmd_request_now(args: argparse.Namespace) -> int:
     print(f"{config.site}: Request Now sent to {result['site']} ({result['recipient']}): {what}; "
           f"queue id {result['queue_id']}")
     return 0
+
+
+def key_scheme_line(status: dict[str, Any]) -> str:
+    """``per-site ed25519 (trusted: SiteA, SiteB, SiteC)`` or ``shared organisation key``."""
+    scheme = str(status.get("key_scheme") or "unknown")
+    trusted = status.get("trusted_sites") or []
+    return scheme + (f" (trusted: {', '.join(trusted)})" if trusted else "")
 
 
 def _schedule(s: Any) -> str:
@@ -86,6 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(status["rejected"].items())) or "none"
     print(f"{status['site']}: invocation {status['invocation']}, highest USN {status['highest_usn']}, "
           f"rejected messages: {rejected}")
+    print(f"keys: {key_scheme_line(status)}")
     header = (f"{'peer':<10} {'schedule':<9} {'high-water':>10} {'invocation':<17} {'last request':<21} "
               f"{'last reply':<21} {'applied':>7} {'backlog':>7}  last error")
     print(header)

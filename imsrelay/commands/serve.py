@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from imsrelay.commands import whole_number
+from imsrelay.commands.check_config import check_replication_keys
 from imsrelay.config import SiteConfig, load_config
 from imsrelay.errors import UserError
 from imsrelay.logs import LineLogger, configure_logging, get_logger
@@ -57,6 +58,7 @@ def run_until_signalled(main_factory: Callable[[asyncio.Event], Awaitable[None]]
 def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, data_dir=args.data)
+    check_replication_keys(config)
     workers = args.workers if args.workers is not None else config.smtp.workers
     configure_logging(config.logging.level, config.logging.format)
     if workers > 1:
