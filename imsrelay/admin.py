@@ -244,7 +244,7 @@ class AdminServer:
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
             "local_mailboxes": mailboxes,
-            "queue": {"messages": len(await self._all_envelopes()), "workers": site.workers,
+            "queue": {"messages": await self._queue_size(), "workers": site.workers,
                       "backpressure": backpressure_status(site.flow)},
             "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
                               "reason": site.qmgr.health.reason()},
@@ -378,6 +378,12 @@ class AdminServer:
         own = list(self.site.qmgr.envelopes.values())
         known = {e.queue_id for e in own}
         return own + [e for e in others if e.queue_id not in known]
+
+    async def _queue_size(self) -> int:
+        """Messages in the whole site's queue (what ``_all_envelopes`` would list)."""
+        own = self.site.qmgr.envelopes
+        others = await asyncio.to_thread(self.site.spool.other_workers_unfinished) if self.site.workers > 1 else set()
+        return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
         return web.json_response({"messages": envelope_items(await self._all_envelopes(),

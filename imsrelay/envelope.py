@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import secrets
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -105,6 +106,20 @@ class Envelope:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
+        """An envelope from its JSON.  Its strings that repeat from message to message
+        (addresses, states, routes, the client, priorities) are interned: a replayed
+        queue of 100,000 messages to a few destinations holds each of them once, not
+        once per message (README "What imsrelay promises": memory per queued message)."""
         d = json.loads(raw)
-        d["recipients"] = [RecipientState(**r) for r in d["recipients"]]
-        return cls(**d)
+        d["recipients"] = [RecipientState(**_interned(r)) for r in d["recipients"]]
+        if isinstance(d.get("extra"), dict):
+            _interned(d["extra"])
+        return cls(**_interned(d, skip=("queue_id",)))
+
+
+def _interned(d: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``d`` with its string values (not nested ones) interned, except ``skip``."""
+    for key, value in d.items():
+        if type(value) is str and key not in skip:
+            d[key] = sys.intern(value)
+    return d

@@ -38,18 +38,18 @@ except (ValueError, OSError):
     IOV_MAX = 16  # POSIX's minimum (_XOPEN_IOV_MAX)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
     segment: int
     offset: int  # of the payload
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     type: int
     location: Location
-    payload: bytes
+    payload: memoryview  # a view of the segment read by ``scan`` (no copy per record)
 
 
 def write_chunks(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
@@ -95,9 +95,12 @@ class Journal:
 
     def scan(self) -> Iterator[Record]:
         """Every intact record, oldest first; each segment is read up to its first
-        damaged record (the torn tail of an interrupted append)."""
+        damaged record (the torn tail of an interrupted append).  Payloads are views
+        of the segment's bytes, not copies: at replay, a queued message's body is
+        checked (CRC) but never copied, and nothing of it stays in memory unless the
+        caller keeps the view (``bytes(record.payload)`` for a copy of its own)."""
         for number in self.segments():
-            data = (self.directory / segment_name(number)).read_bytes()
+            data = memoryview((self.directory / segment_name(number)).read_bytes())
             pos = 0
             while pos + HEADER.size <= len(data):
                 magic, rtype, length, crc = HEADER.unpack_from(data, pos)

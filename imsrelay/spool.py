@@ -34,10 +34,10 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imsrelay.envelope import Envelope, check_queue_id
 from imsrelay.file_group import FileGroup
@@ -60,15 +60,21 @@ def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
     return _MAGIC + str(len(header)).encode() + b"\n" + header + message
 
 
-def parse_queue_file(data: bytes) -> tuple[Envelope, int]:
-    """(envelope, offset of the message bytes); ValueError when incomplete."""
-    if not data.startswith(_MAGIC):
+_MAX_PREFIX = len(_MAGIC) + 21  # the magic, a length of up to 20 digits, the newline
+
+
+def parse_queue_file(data: bytes | memoryview) -> tuple[Envelope, int]:
+    """(envelope, offset of the message bytes); ValueError when incomplete.  Only the
+    envelope is copied out of ``data`` (a journal view at replay: the body stays put)."""
+    view = memoryview(data)
+    prefix = bytes(view[:_MAX_PREFIX])
+    if not prefix.startswith(_MAGIC):
         raise ValueError("not a queue file")
-    nl = data.index(b"\n")
-    length = int(data[len(_MAGIC):nl])
+    nl = prefix.index(b"\n")
+    length = int(prefix[len(_MAGIC):nl])
     start = nl + 1 + length
-    envelope = Envelope.from_json(data[nl + 1:start])
-    if len(data) - start != envelope.size:
+    envelope = Envelope.from_json(bytes(view[nl + 1:start]))
+    if len(view) - start != envelope.size:
         raise ValueError("queue file is incomplete")
     return envelope, start
 
@@ -247,7 +253,10 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
 # ----------------------------------------------------------------- the spool
 
 
-@dataclass
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
 class _Queued:
     location: Location  # of the ENQUEUE payload
     envelope: Envelope  # the latest known (ENQUEUE, then STATE records)
@@ -255,18 +264,28 @@ class _Queued:
 
 def _replay(journal: Journal) -> dict[str, _Queued]:
     """What the journal says is queued now (oldest first)."""
-    queued: dict[str, _Queued] = {}
+    return _replay_as(journal, lambda location, env: _Queued(location, env))
+
+
+def _replay_as(journal: Journal, keep: Callable[[Location, Envelope], T]) -> dict[str, T]:
+    """Each queued message's ``keep(location of its ENQUEUE, latest envelope)``: what a
+    caller keeps per message (a count keeps no envelopes: nothing to fragment the heap)."""
+    queued: dict[str, T] = {}
+    locations: dict[str, Location] = {}
     for record in journal.scan():
         try:
             if record.type == ENQUEUE:
                 env, _ = parse_queue_file(record.payload)
-                queued[env.queue_id] = _Queued(record.location, env)
+                locations[env.queue_id] = record.location
+                queued[env.queue_id] = keep(record.location, env)
             elif record.type == STATE:
-                env = Envelope.from_json(record.payload)
+                env = Envelope.from_json(bytes(record.payload))
                 if env.queue_id in queued:
-                    queued[env.queue_id].envelope = env
+                    queued[env.queue_id] = keep(locations[env.queue_id], env)
             elif record.type == DONE:
-                queued.pop(record.payload.decode("ascii", "replace"), None)
+                qid = bytes(record.payload).decode("ascii", "replace")
+                queued.pop(qid, None)
+                locations.pop(qid, None)
         except (ValueError, TypeError, KeyError):
             continue  # an intact but unreadable record (foreign version): skip it
     return queued
@@ -326,6 +345,17 @@ class Spool:
             if w != self.worker:
                 journal = Journal(self.root / f"journal{_worker_suffix(w)}")
                 found += [q.envelope for q in _replay(journal).values() if not q.envelope.finished]
+        return found
+
+    def other_workers_unfinished(self) -> set[str]:
+        """Queue ids of the unfinished messages in the other workers' journals (``GET
+        /status`` counts them; no envelope is kept, so the count costs no memory)."""
+        found: set[str] = set()
+        for w in self.workers_on_disk():
+            if w != self.worker:
+                journal = Journal(self.root / f"journal{_worker_suffix(w)}")
+                done = _replay_as(journal, lambda _, env: env.finished)
+                found.update(qid for qid, finished in done.items() if not finished)
         return found
 
     # ------------------------------------------------------------ ownership

@@ -2,12 +2,16 @@
 the queue, not as tasks), and a queue that is too deep pushes back with 452 4.3.1."""
 
 import asyncio
+import gc
 import time
+import tracemalloc
 
 from sitekit import free_port, make_config, running_site, site_mapping
 from smtp_wire import Wire
 
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.journal import ENQUEUE
+from imsrelay.spool import Spool, queue_file_bytes
 
 
 async def test_active_attempts_are_capped(tmp_path):
@@ -65,3 +69,47 @@ async def test_a_deep_queue_pushes_back_with_452(tmp_path):
         replies = await asyncio.to_thread(session)
         assert [r[:3] for r in replies] == [b"250"] * 6 + [b"452"], replies
         assert replies[-1].startswith(b"452 4.3.1")
+
+
+def _queue_on_disk(data_dir, count: int) -> None:
+    """``count`` queued 4 KB messages as an SMTP session leaves them (one recipient
+    each, among 50 addresses of one remote domain), written straight to the journal."""
+    body = b"Subject: queued\r\n\r\n" + (b"x" * 76 + b"\r\n") * 52
+    spool = Spool(data_dir)
+    spool.acquire()
+    records = []
+    for i in range(count):
+        rcpt = f"r{i % 50}@far.example"
+        env = Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                       recipients=[RecipientState(address=rcpt, original=rcpt)], received_at=time.time(),
+                       client="127.0.0.1", helo="client.example", origin="smtp", extra={"priority": "normal"})
+        records.append((ENQUEUE, queue_file_bytes(env, body)))
+    spool.journal.append(records)
+    spool.close()
+
+
+def test_a_replayed_queue_keeps_about_a_kibibyte_per_message(tmp_path):
+    """After a restart, what stays in memory per queued message is its envelope and
+    index entry (README: about 1 KiB): not its body, not the journal's records, and
+    not one copy per message of strings every message shares (sender, recipient
+    addresses, states, the client)."""
+    count = 5_000
+    _queue_on_disk(tmp_path, count)
+    spool = Spool(tmp_path)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        envelopes = spool.recover()
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        spool.close()
+    assert len(envelopes) == count
+    assert envelopes[0].recipients[0].address is envelopes[50].recipients[0].address
+    assert envelopes[0].sender is envelopes[1].sender
+    per_message = kept / count
+    # 0.87 KiB measured (Python 3.11; 1.35 KiB before strings were shared and the
+    # journal's locations lost their __dict__): a bound with headroom, under 1 KiB
+    assert per_message < 1_000, f"{per_message:.0f} bytes per queued message after replay"

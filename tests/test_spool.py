@@ -108,3 +108,24 @@ def test_new_queue_ids_are_unique_and_sortable():
     ids = [new_queue_id() for _ in range(2000)]
     assert len(set(ids)) == 2000 and all(i.isalnum() for i in ids)
     assert os.path.basename(ids[0]) == ids[0]
+
+
+async def test_other_workers_unfinished_counts_by_their_journals(tmp_path):
+    """Worker 0's count of worker 1's queue (GET /status): enqueued, minus what a
+    STATE record finished and what a DONE record removed; its own journal not read."""
+    peer = Spool(tmp_path, worker=1)
+    peer.recover()
+    waiting, finished, removed = envelope(), envelope(1), envelope()
+    for i, e in enumerate((waiting, finished, removed)):
+        await peer.enqueue(e, body(i))
+    finished.recipients[0].state = DELIVERED
+    await peer.save_state(finished)
+    await peer.remove(removed.queue_id)
+    peer.close()
+    own = Spool(tmp_path)
+    own.recover()
+    mine = envelope()
+    await own.enqueue(mine, body(9))
+    assert own.other_workers_unfinished() == {waiting.queue_id}
+    assert Spool(tmp_path, worker=1).other_workers_unfinished() == {mine.queue_id}
+    own.close()
