@@ -195,7 +195,6 @@ def test_growth_per_unit() -> None:
 
 
 def test_plot_scale_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     out = tmp_path / "scale.png"
     assert bench_scale.plot_scale(_scale_results(), out) is True
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
