@@ -433,7 +433,7 @@ class ImsSMTP(SMTP):
         (the message may already be durable, its ``250`` not yet written) — right after
         its reply is written, so the client hears the outcome of what it handed over
         instead of retrying a message already accepted.  True: closing later."""
-        if getattr(self, "_in_data", False):
+        if self.in_transaction_data:
             self._close_after_data = True
             return True
         self.close_now()

@@ -27,6 +27,23 @@ def _slow_accept(site: Site, durable: threading.Event, hold: float) -> None:
     site.accept = accept_then_pause  # type: ignore[method-assign]
 
 
+def _send_in_thread(port: int, outcome: dict[str, object]) -> threading.Thread:
+    """One transaction on a thread; ``outcome`` gets the DATA reply or the error."""
+    def client() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+                s.ehlo("client.example")
+                s.mail("alice@example.net")
+                s.rcpt("User1@SiteA.microsoft.com")
+                outcome["data"] = s.data(MESSAGE)
+        except (smtplib.SMTPException, OSError) as exc:
+            outcome["error"] = repr(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    return thread
+
+
 async def test_stop_during_data_still_answers_the_message_it_made_durable(tmp_path):
     config = make_config(tmp_path, site_mapping("SiteA"))
     site = Site(config)
@@ -34,19 +51,7 @@ async def test_stop_during_data_still_answers_the_message_it_made_durable(tmp_pa
     durable = threading.Event()
     _slow_accept(site, durable, hold=0.8)
     replies: dict[str, object] = {}
-
-    def client() -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", site.bound_port, timeout=15) as s:
-                s.ehlo("client.example")
-                s.mail("alice@example.net")
-                s.rcpt("User1@SiteA.microsoft.com")
-                replies["data"] = s.data(MESSAGE)
-        except (smtplib.SMTPException, OSError) as exc:
-            replies["error"] = repr(exc)
-
-    thread = threading.Thread(target=client)
-    thread.start()
+    thread = _send_in_thread(site.bound_port, replies)
     try:
         await wait_for(durable.is_set, timeout=15)
         await site.stop()  # while the session waits to write its 250
@@ -65,19 +70,7 @@ async def test_idle_sessions_close_at_once_and_a_stuck_one_at_the_deadline(tmp_p
         idle = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", site.bound_port, timeout=10)
         await asyncio.to_thread(idle.ehlo, "idle.example")
         outcome: dict[str, object] = {}
-
-        def stuck() -> None:
-            try:
-                with smtplib.SMTP("127.0.0.1", site.bound_port, timeout=15) as s:
-                    s.ehlo("stuck.example")
-                    s.mail("alice@example.net")
-                    s.rcpt("User1@SiteA.microsoft.com")
-                    outcome["data"] = s.data(MESSAGE)
-            except (smtplib.SMTPException, OSError) as exc:
-                outcome["error"] = repr(exc)
-
-        thread = threading.Thread(target=stuck)
-        thread.start()
+        thread = _send_in_thread(site.bound_port, outcome)
         await wait_for(lambda: durable.is_set() or outcome, timeout=15)
         assert durable.is_set(), outcome
         cut = await close_sessions(list(site._sessions), grace=0.5)
