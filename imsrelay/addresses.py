@@ -10,6 +10,7 @@ Exchange conventions kept here:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -88,8 +89,11 @@ class Address:
 _UNSAFE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")  # undecodable bytes (surrogateescape), controls
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address:
-    """Parse ``local@domain`` (angle brackets allowed). Raise ``AddressError``."""
+    """Parse ``local@domain`` (angle brackets allowed). Raise ``AddressError``.
+    Memoised (an immutable answer of the text alone; a refusal is not kept): one
+    message asks about the same recipient at RCPT, in routing and in delivery."""
     t = text.strip()
     if _UNSAFE.search(t):
         raise AddressError(f"{text!r} is not valid UTF-8 text (or holds control characters)")
@@ -168,9 +172,11 @@ def most_specific(domain: str, entries: Iterable[tuple[str, T]]) -> tuple[str, T
     return best[1] if best else None
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(text: str) -> str | None:
     """The IP address in `text` ("192.0.2.1", "[192.0.2.1]", "[IPv6:2001:db8::1]",
-    "2001:db8::1"), normalised; None when `text` is not an address literal."""
+    "2001:db8::1"), normalised; None when `text` is not an address literal.
+    Memoised (a next hop's host is asked about once per delivery)."""
     inner = text.strip()
     if inner.startswith("[") and inner.endswith("]"):
         inner = inner[1:-1]

@@ -49,10 +49,21 @@ from imsrelay.queue_rules import (
     after_internal_error,
     report_status,
 )
-from imsrelay.router import DIRECTORY, FAIL, LOCAL, MX, RELAY, Route, RoutingTable, route_for
+from imsrelay.router import (
+    DIRECTORY,
+    FAIL,
+    LOCAL,
+    MX,
+    RELAY,
+    Route,
+    RoutingTable,
+    route_for,
+    shares_load,
+)
 from imsrelay.spool import Spool
 
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
+MAX_CACHED_ROUTES = 1024  # routing decisions remembered for the current routing table
 
 
 @dataclass
@@ -150,6 +161,7 @@ class QueueManager:
         self.delivery = delivery
         self.policy = RetryPolicy(delivery.retry_intervals, delivery.lifetime, delivery.delay_notice)
         self.priorities = priorities  # Time-outs by priority (None: delivery.lifetime for every message)
+        self._policies: dict[str, RetryPolicy] = {}  # priority -> its retry policy (the settings are fixed)
         self.data_dir = data_dir
         self.hostname = hostname
         self.clock = clock
@@ -175,6 +187,9 @@ class QueueManager:
         self.health = QmgrHealth()
         self._last_trim = -60.0
         self._incoming: set[str] = set()  # accepted here, waiting for their first attempt (backpressure)
+        self._routes: dict[tuple[str, Mailbox | None], Route] = {}  # routing decisions of _routes_table
+        self._routes_table: RoutingTable | None = None
+        self._routes_shared = False  # _routes_table spreads messages over equal-cost routes
         self.on_progress: Callable[[], None] | None = None  # one of them left that wait (imsrelay.flow_gate)
 
     # ------------------------------------------------------------ lifecycle
@@ -337,7 +352,7 @@ class QueueManager:
             reason = sys.intern(reason)  # one string for every message held for the same reason
             held = self._held.setdefault(env.queue_id, {})
             if r.address not in held:
-                self.inputs.metrics.deliveries.labels("held").inc()
+                self.inputs.metrics.delivery_outcome("held").inc()
                 self.log.info("delivery.held", queue_id=env.queue_id, recipient=r.address, reason=reason,
                               route=route.destination)
             r.route = sys.intern(route.destination)
@@ -485,7 +500,26 @@ class QueueManager:
             return []
         mailboxes = await self.inputs.lookup_mailboxes([r.address for r in due])
         table = await self.inputs.routing_table()
-        return [(r, route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
+        return [(r, self._route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
+
+    def _route_for(self, recipient: str, mailbox: Mailbox | None, table: RoutingTable, queue_id: str) -> Route:
+        """``router.route_for``, remembered for the routing table it was made with (a pure
+        function of the recipient, its mailbox and the table; a new table — the site
+        refreshes it from its settings and directory — starts afresh).  Not when the
+        table spreads messages over equal-cost routes: then the queue id matters."""
+        if table is not self._routes_table:
+            self._routes.clear()
+            self._routes_table = table
+            self._routes_shared = shares_load(table)
+        if self._routes_shared:
+            return route_for(recipient, mailbox, table, queue_id)
+        key = (recipient, mailbox)
+        route = self._routes.get(key)
+        if route is None:
+            route = route_for(recipient, mailbox, table, queue_id)
+            if len(self._routes) < MAX_CACHED_ROUTES:
+                self._routes[key] = route
+        return route
 
     @contextlib.asynccontextmanager
     async def _destination_slots(self, routed: list[tuple[RecipientState, Route]]) -> AsyncIterator[None]:
@@ -493,15 +527,23 @@ class QueueManager:
         recipients, taken (in a fixed order) *before* a global delivery slot: messages
         waiting for a slow or dead destination never hold the slots that other
         destinations need (Postfix's per-destination concurrency in qmgr)."""
-        keys = {route.destination for _, route in routed if route.kind in (RELAY, MX)}
-        async with contextlib.AsyncExitStack() as stack:
-            for key in sorted(keys):
+        keys = sorted({route.destination for _, route in routed if route.kind in (RELAY, MX)})
+        joined: list[str] = []  # destinations counted as used by this attempt
+        held: list[asyncio.Semaphore] = []  # their slots taken so far
+        try:
+            for key in keys:
                 sem, users = self._destinations.get(key) or (
                     asyncio.Semaphore(self.delivery.max_per_destination), 0)
                 self._destinations[key] = (sem, users + 1)
-                stack.callback(self._leave_destination, key)
-                await stack.enter_async_context(sem)
+                joined.append(key)
+                await sem.acquire()
+                held.append(sem)
             yield
+        finally:
+            for sem in held:
+                sem.release()
+            for key in joined:
+                self._leave_destination(key)
 
     def _leave_destination(self, key: str) -> None:
         sem, users = self._destinations[key]
@@ -528,8 +570,12 @@ class QueueManager:
             r.route = sys.intern(route.destination)
             groups[route.destination].append((r, route))
 
-        results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
-        recorded = [rec for group in results for rec in group]
+        if len(groups) == 1:  # the common case: no task and no gathering future for it
+            (only,) = groups.values()
+            recorded = await self._deliver_group(env, message, only)
+        else:
+            results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
+            recorded = [rec for group in results for rec in group]
         await self._record(env, message, recorded)
 
     # ------------------------------------------------------------ message tracking
@@ -624,7 +670,7 @@ class QueueManager:
         durably first, only then is a recipient recorded as bounced."""
         now = self.clock()
         policy = self.policy_for(env)
-        outcomes = self.inputs.metrics.deliveries
+        metrics = self.inputs.metrics
         # (read the header only when something failed)
         may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
         bounce: list[tuple[RecipientState, Transition]] = []
@@ -637,7 +683,7 @@ class QueueManager:
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
             outcome = step.event.split(".")[1]
-            outcomes.labels(outcome).inc()
+            metrics.delivery_outcome(outcome).inc()
             if step.event == "delivery.deferred":
                 self.log.info(step.event, outcome=outcome, next_attempt=r.next_attempt, **fields)
             elif step.event == "delivery.expired":
@@ -673,8 +719,14 @@ class QueueManager:
         priority (the IMS's Time-outs by priority)."""
         if self.priorities is None:
             return self.policy
-        t = self.priorities.for_priority(str(env.extra.get("priority", NORMAL)))
-        return RetryPolicy(self.delivery.retry_intervals, t.lifetime, t.delay_notice)
+        priority = str(env.extra.get("priority", NORMAL))
+        policy = self._policies.get(priority)
+        if policy is None:
+            t = self.priorities.for_priority(priority)
+            policy = RetryPolicy(self.delivery.retry_intervals, t.lifetime, t.delay_notice)
+            if len(self._policies) < 16:  # (the priorities there are, not whatever a header says)
+                self._policies[priority] = policy
+        return policy
 
     async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
                            delay: bool) -> None:
@@ -712,9 +764,12 @@ class QueueManager:
                       recipients=[r.address for r in recipients])
 
 
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
+
+
 def _assign(live: RecipientState, new: RecipientState, *, keep_pending: bool) -> None:
     """Record ``new`` in the envelope's own recipient object (the envelope holds it)."""
     state = live.state if keep_pending else new.state
-    for f in fields(new):  # slotted dataclass: no __dict__
-        setattr(live, f.name, getattr(new, f.name))
+    for name in _RECIPIENT_FIELDS:  # slotted dataclass: no __dict__
+        setattr(live, name, getattr(new, name))
     live.state = state

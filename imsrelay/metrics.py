@@ -112,10 +112,16 @@ class SiteMetrics:
         for action in ("delayed", "refused"):
             self.backpressure.labels(action)
         self.mode = Gauge("imsrelay_transfer_mode", "The current Transfer mode (1)", ["mode"], registry=r)
-        for outcome in ("delivered", "deferred", "failed", "expired", "held"):
-            self.deliveries.labels(outcome)
+        # the children of the outcomes, looked up once (``labels()`` per recipient costs more than the count)
+        self.outcomes = {outcome: self.deliveries.labels(outcome)
+                         for outcome in ("delivered", "deferred", "failed", "expired", "held")}
         for q in ("inbound", "outbound"):
             self.queue.labels(q)
+
+    def delivery_outcome(self, outcome: str) -> Any:
+        """The ``imsrelay_deliveries_total{outcome}`` counter of one outcome."""
+        child = self.outcomes.get(outcome)
+        return child if child is not None else self.deliveries.labels(outcome)
 
     def set_mode(self, mode: TransferMode) -> None:
         for m in TransferMode:

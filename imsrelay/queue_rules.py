@@ -82,14 +82,16 @@ def after_attempt(recipient: RecipientState, outcome: Outcome, *, now: float, re
     ``may_report``: an NDR may go to the envelope sender (not ``<>``, not a report)."""
     if recipient.state != PENDING:
         raise ValueError(f"{recipient.address} is already {recipient.state}")
-    r = replace(recipient, attempts=recipient.attempts + 1, status=outcome.status,
-                diagnostic=outcome.diagnostic, remote=outcome.remote)
     final = BOUNCED if may_report else FAILED
-    if outcome.ok:
-        return Transition(replace(r, state=DELIVERED), DELIVERED_EVENT)
-    if outcome.permanent:
-        return Transition(replace(r, state=final), FAILED_EVENT, ndr=may_report)
-    r = replace(r, first_failure=r.first_failure or now)
+    if outcome.ok or outcome.permanent:  # (one copy: the common case, every delivered recipient)
+        done = replace(recipient, attempts=recipient.attempts + 1, status=outcome.status,
+                       diagnostic=outcome.diagnostic, remote=outcome.remote,
+                       state=DELIVERED if outcome.ok else final)
+        if outcome.ok:
+            return Transition(done, DELIVERED_EVENT)
+        return Transition(done, FAILED_EVENT, ndr=may_report)
+    r = replace(recipient, attempts=recipient.attempts + 1, status=outcome.status,
+                diagnostic=outcome.diagnostic, remote=outcome.remote, first_failure=recipient.first_failure or now)
     if now - received_at >= policy.lifetime:
         expired = replace(r, state=final, status="4.4.7",
                           diagnostic=f"{EXPIRED_TEXT} (last error: {outcome.diagnostic})")

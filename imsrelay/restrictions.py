@@ -19,6 +19,7 @@ logs can say why.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,8 +75,16 @@ class SenderRules:
 
 
 def ip_of(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client address in ``text`` (an IPv4-mapped IPv6 address as IPv4), or None."""
     if not text:
         return None
+    return _parsed_ip(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Memoised: a peer's address is parsed once, not once per check (the answer is
+    an immutable value of the text alone)."""
     try:
         ip = ipaddress.ip_address(text.split("%")[0].strip("[]"))
     except ValueError:
@@ -86,6 +95,8 @@ def ip_of(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
 
 
 def _in(ip_text: str | None, networks: Sequence[IPNetwork]) -> IPNetwork | None:
+    if not networks:
+        return None
     ip = ip_of(ip_text)
     if ip is None:
         return None

@@ -18,6 +18,7 @@ Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import zlib
 from collections.abc import Sequence
@@ -60,8 +61,11 @@ class RoutingTable:
     address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
 
 
+@functools.lru_cache(maxsize=8)
 def self_addresses(endpoints: frozenset[tuple[str, int]]) -> frozenset[str]:
-    """This site's own IP addresses (normalised), from where it listens."""
+    """This site's own IP addresses (normalised), from where it listens.  Memoised by
+    the endpoints themselves: a new set of endpoints (another port, an interface
+    that came or went) is a new key, so the answer always follows them."""
     found = set()
     for host, _ in endpoints:
         try:
@@ -202,6 +206,13 @@ def order_by_cost(entries: Sequence[ConnectedSite], share_key: str) -> list[Conn
         shift = zlib.crc32(share_key.encode()) % len(group) if share_key and len(group) > 1 else 0
         out += group[shift:] + group[:shift]
     return out
+
+
+def shares_load(table: RoutingTable) -> bool:
+    """Whether some site has several Connected Sites entries of one cost: only then does
+    a route depend on the ``share_key`` (``order_by_cost``)."""
+    groups = [(c.name, c.cost) for c in table.connected_sites]
+    return len(groups) != len(set(groups))
 
 
 def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTable, trail: _Trail,

@@ -122,6 +122,7 @@ class Site:
         self._cache_generation = 0
         self._seen_usn = -1
         self._table: RoutingTable | None = None
+        self._policy: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[str]], InboundPolicy] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._submission_servers: list[asyncio.base_events.Server] = []
         self.submission_ports: dict[str, int] = {}  # "submission" / "smtps" -> bound port
@@ -557,9 +558,15 @@ class Site:
         return cached[2]
 
     def inbound_policy(self) -> InboundPolicy:
-        return inbound_policy_for(self.config, addressing_domain=self.addressing_domain,
-                                  learned_sites=self._learned_sites,
-                                  own_addresses=self_addresses(self.self_endpoints()))
+        """The RCPT policy, rebuilt only when one of its live inputs changed (the Site
+        Addressing domain, the sites learned by Check Now, this site's own addresses)."""
+        inputs = (self.addressing_domain, self._learned_sites, self_addresses(self.self_endpoints()))
+        cached = self._policy
+        if cached is None or cached[0] != inputs:
+            policy = inbound_policy_for(self.config, addressing_domain=inputs[0], learned_sites=inputs[1],
+                                        own_addresses=inputs[2])
+            cached = self._policy = (inputs, policy)
+        return cached[1]
 
     async def routing_table(self) -> RoutingTable:
         if self._table is None:

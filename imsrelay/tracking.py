@@ -68,17 +68,16 @@ _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNOREC
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9._-]+)", re.IGNORECASE)
 _HEADER_SCAN = 64 * 1024
 BATCH_WINDOW = 0.05  # seconds the writer gathers events before one commit
+MAX_BATCH = 1000  # events in one commit at most
+_DETAIL_JSON = json.JSONEncoder(default=str)  # json.dumps(detail, default=str), without a new encoder per event
 
 
 def message_id_of(message: bytes) -> str | None:
     """The Message-ID header of a message (looked for in its first 64 KiB of header)."""
-    head = message[:_HEADER_SCAN]
-    end = head.find(b"\r\n\r\n")
+    end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN)  # (no copy of the header: search within bounds)
     if end < 0:
-        end = head.find(b"\n\n")
-    if end >= 0:
-        head = head[:end + 1]
-    m = _MESSAGE_ID.search(head)
+        end = message.find(b"\n\n", 0, _HEADER_SCAN)
+    m = _MESSAGE_ID.search(message, 0, end + 1 if end >= 0 else _HEADER_SCAN)
     if not m:
         return None
     value = re.sub(rb"\s+", b"", m.group(1)).decode("utf-8", "replace")
@@ -153,6 +152,7 @@ class TrackingLog:
         self.enabled = enabled
         self.clock = clock
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # a flush or stop waits: the writer ends its gathering window now
         self._thread: threading.Thread | None = None
         self._known: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()  # queue id → (msgid, sender)
         self._listeners: list[Callable[[TrackingEvent], None]] = []
@@ -170,6 +170,7 @@ class TrackingLog:
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
+            self._urgent.set()
             await asyncio.to_thread(thread.join, 30.0)
 
     def _connect(self) -> sqlite3.Connection:
@@ -199,35 +200,51 @@ class TrackingLog:
 
     def record(self, event: str, queue_id: str, *, message_id: str | None = None, sender: str | None = None,
                recipient: str | None = None, related: str | None = None, **detail: Any) -> None:
-        """Record one event (never blocks: the writer thread stores it)."""
+        """Record one event (never blocks: the writer thread stores it).  On the loop
+        only a tuple is built; the writer makes the row (and the detail's JSON)."""
+        known = self._known
         if event == RECEIVED:
-            self._known[queue_id] = (message_id, sender)
-            while len(self._known) > 10_000:
-                self._known.popitem(last=False)
-        elif queue_id in self._known:
-            known_id, known_sender = self._known[queue_id]
-            message_id = message_id or known_id
-            sender = sender if sender is not None else known_sender
-        ev = TrackingEvent(self.clock(), self.site, event, queue_id, message_id, sender, recipient, related,
-                           {k: v for k, v in detail.items() if v is not None})
+            known[queue_id] = (message_id, sender)
+            while len(known) > 10_000:
+                known.popitem(last=False)
+            resolved = True
+        else:
+            found = known.get(queue_id)
+            resolved = found is not None or message_id is not None  # else the writer asks the table
+            if found is not None:
+                message_id = message_id or found[0]
+                sender = sender if sender is not None else found[1]
+        if detail:
+            detail = {k: v for k, v in detail.items() if v is not None}
+        now = self.clock()
         if self._thread is not None:
-            self._queue.put(ev)
-        for listener in self._listeners:
-            listener(ev)
+            self._queue.put((now, event, queue_id, message_id, sender, recipient, related, detail, resolved))
+        if self._listeners:
+            ev = TrackingEvent(now, self.site, event, queue_id, message_id, sender, recipient, related, detail)
+            for listener in self._listeners:
+                listener(ev)
 
     def _run(self) -> None:
         db = self._connect()
         next_purge = time.monotonic() + 3600.0
+        gather = True
         try:
             while True:
-                batch = [self._queue.get()]
-                gather_until = time.monotonic() + BATCH_WINDOW  # a short window: fewer, larger commits
-                while len(batch) < 1000 and batch[-1] is not None and not isinstance(batch[-1], threading.Event):
+                first = self._queue.get()
+                if gather and isinstance(first, tuple):
+                    # A short window: fewer, larger commits.  The writer waits on its
+                    # own event, not on the queue, so the events recorded meanwhile
+                    # wake no thread; a flush or stop ends the window early.
+                    self._urgent.wait(BATCH_WINDOW)
+                self._urgent.clear()
+                batch = [first]
+                while len(batch) < MAX_BATCH:
                     try:
-                        batch.append(self._queue.get(timeout=max(0.0, gather_until - time.monotonic())))
+                        batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                events = [e for e in batch if isinstance(e, TrackingEvent)]
+                gather = len(batch) < MAX_BATCH  # a backlog is written without waiting
+                events = [e for e in batch if isinstance(e, tuple)]
                 if events:
                     self._write(db, events)
                 for e in batch:
@@ -241,17 +258,18 @@ class TrackingLog:
         finally:
             db.close()
 
-    def _write(self, db: sqlite3.Connection, events: list[TrackingEvent]) -> None:
+    def _write(self, db: sqlite3.Connection, events: list[tuple[Any, ...]]) -> None:
         rows = []
-        for e in events:
-            message_id, sender = e.message_id, e.sender
-            if message_id is None and e.event != RECEIVED:  # e.g. after a restart: ask the table
+        site = self.site
+        encode = _DETAIL_JSON.encode
+        for when, event, queue_id, message_id, sender, recipient, related, detail, resolved in events:
+            if not resolved:  # e.g. after a restart: ask the table
                 found = db.execute("SELECT message_id, sender FROM events WHERE queue_id = ? AND event = ? "
-                                   "ORDER BY id LIMIT 1", (e.queue_id, RECEIVED)).fetchone()
+                                   "ORDER BY id LIMIT 1", (queue_id, RECEIVED)).fetchone()
                 if found:
                     message_id, sender = found[0], sender if sender is not None else found[1]
-            rows.append((e.time, e.site, e.event, e.queue_id, message_id, sender, e.recipient, e.related,
-                         json.dumps(e.detail, default=str)))
+            rows.append((when, site, event, queue_id, message_id, sender, recipient, related,
+                         encode(detail) if detail else "{}"))
         try:
             with db:
                 db.executemany("INSERT INTO events (time, site, event, queue_id, message_id, sender, recipient, "
@@ -265,6 +283,7 @@ class TrackingLog:
             return
         done = threading.Event()
         self._queue.put(done)
+        self._urgent.set()
         done.wait(timeout)
 
     # ------------------------------------------------------------ queries
