@@ -13,7 +13,9 @@ per recipient.  It never raises for anything a peer or the network can do.
   at its port) is dropped together with every less preferred one, as RFC 5321
   §5.1 asks; when nothing is left the recipients fail with ``5.4.6``.
 - **Connections** are pooled per next hop (address, port) and reused: before
-  reuse a connection is checked with ``RSET``; an idle one is closed (``QUIT``)
+  reuse a connection is checked with ``RSET`` (with PIPELINING, the first command
+  of the transaction's group: no reply at all, or a refused RSET, and the
+  transaction goes to another connection — no body was sent); an idle one is closed (``QUIT``)
   after ``delivery.connection_idle``; one older than ``CONNECTION_MAX_AGE`` is not
   reused.  How many deliveries run against one destination at a time is decided
   by the queue manager alone (``delivery.max_per_destination``); the IMS's
@@ -56,7 +58,9 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
+import logging
 import os
 import re
 import ssl
@@ -97,6 +101,7 @@ QUIT_TIMEOUT = 5.0
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
+_SPACE = re.compile(r"\s")  # str.isspace()'s characters (both are Py_UNICODE_ISSPACE)
 _QUOTED_LOCAL = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 
 
@@ -149,7 +154,7 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
 def smtp_path(address: str) -> str:
     """``<address>`` for MAIL/RCPT; ValueError for what cannot go on a command line."""
     unquoted = _QUOTED_LOCAL.sub("", address, count=1)
-    if _UNSAFE.search(address) or any(c.isspace() for c in unquoted):
+    if _UNSAFE.search(address) or _SPACE.search(unquoted):
         raise ValueError(f"{address!r} cannot be sent in an SMTP command")
     return f"<{address}>"
 
@@ -183,6 +188,11 @@ def remote_name(hop: NextHop) -> str:
 # --------------------------------------------------------------------------- connections
 
 
+class _StaleConnection(Exception):
+    """A pooled connection failed its RSET check (pipelined with the transaction, before
+    any body was sent): the transaction is made again on another connection."""
+
+
 class _SessionFailure(Exception):
     """The whole session with one next hop failed; ``outcome`` applies to every
     recipient still open.  ``dead``: the host did not take a connection at all."""
@@ -206,12 +216,13 @@ class _Connection:
     idle_timer: asyncio.TimerHandle | None = None
     session: str = ""  # protocol log session id
     queue_id: str | None = None  # of the transaction under way (protocol log)
+    unchecked: bool = False  # taken from the pool: its RSET leads the next pipelined group
 
-    @property
-    def remote(self) -> str:
+    @functools.cached_property
+    def remote(self) -> str:  # (the hop never changes: its names are made once)
         return remote_name(self.hop)
 
-    @property
+    @functools.cached_property
     def peer(self) -> str:
         return f"{self.hop.address}:{self.hop.port}"
 
@@ -228,7 +239,7 @@ class _Transaction:
     stage: str = "MAIL FROM"  # the command whose reply is awaited (diagnostics of a lost connection)
     accepted: list[str] = field(default_factory=list)  # recipients whose RCPT got 250/251
 
-    @property
+    @functools.cached_property
     def fields(self) -> dict[str, Any]:
         return {"peer": self.conn.peer, "remote": self.conn.remote}
 
@@ -397,8 +408,16 @@ class SmtpClient:
             try:
                 self._make_room(state)
                 self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
-                conn = await self._acquire(hop, route.starttls, state, log)
-                result = await self._transaction(conn, env, rcpts, message, log)
+                while True:
+                    conn = await self._acquire(hop, route.starttls, state, log)
+                    try:
+                        result = await self._transaction(conn, env, rcpts, message, log)
+                    except _StaleConnection as stale:  # (a new connection is never stale: this ends)
+                        log.debug("delivery.reuse_failed", peer=conn.peer, error=str(stale))
+                        conn.client.close()
+                        conn = None
+                        continue
+                    break
             except _SessionFailure as failure:
                 if failure.dead:
                     state.dead_until = self.clock() + self._dead_hold()
@@ -433,6 +452,9 @@ class SmtpClient:
             if conn.policy != policy or now - conn.created > CONNECTION_MAX_AGE or not conn.client.is_connected:
                 self._close_later(conn, "not reusable")
                 continue
+            if conn.client.supports_extension("pipelining"):
+                conn.unchecked = True  # the RSET goes with the transaction's group (_pipelined)
+                return conn
             try:  # health check (aiosmtplib #243: never trust a long-idle connection)
                 self._trace(conn, "C", "RSET")
                 reply = await conn.client.rset(timeout=min(self.delivery.command_timeout, 30.0))
@@ -705,13 +727,27 @@ class SmtpClient:
         the body after a 354 when a recipient was accepted."""
         conn, client = t.conn, t.conn.client
         lines = [mail, *(f"RCPT TO:{p}" for p in paths.values())]
+        check = conn.unchecked  # a pooled connection: RSET first (aiosmtplib #243), in the same write
+        if check:
+            self._trace(conn, "C", "RSET")
         for line in lines:
             self._trace(conn, "C", line)
         self._trace(conn, "C", f"DATA (then the message, {t.size} bytes)")
-        replies, error = await client.pipeline([line.encode(t.encoding) for line in [*lines, "DATA"]],
-                                               timeout=self.delivery.command_timeout)
+        timeout = self.delivery.command_timeout
+        replies, error = await client.pipeline([line.encode(t.encoding) for line in
+                                                [*(["RSET"] if check else []), *lines, "DATA"]],
+                                               timeout=timeout, first_timeout=min(timeout, 30.0) if check else None)
         for reply in replies:
             self._trace_reply(conn, reply.code, reply.message)
+        if check:
+            if not replies or replies[0].code != 250:
+                if client.is_connected:
+                    client.close()  # (a 354 to DATA waits for a body it will never get)
+                raise _StaleConnection(f"RSET answered {replies[0].code}" if replies else str(error))
+            conn.unchecked = False
+            replies = replies[1:]
+            self.connections_reused += 1
+            t.log.debug("delivery.reuse", peer=conn.peer, remote=conn.remote, transactions=conn.transactions)
         t.stage = pipelined_stage(len(replies), len(paths))  # whose reply did not come, if one did not
         data_reply = replies[-1] if len(replies) == len(lines) + 1 else None
         if replies:
@@ -773,7 +809,11 @@ class SmtpClient:
 
     def _log_reply(self, log: Any, fields: dict[str, Any], command: str, code: int, message: str,
                    **extra: Any) -> None:
-        level = log.debug if 200 <= code < 400 else log.info
+        positive = 200 <= code < 400
+        enabled = getattr(log, "is_enabled_for", None)  # structlog's filtering loggers: skip the text when off
+        if enabled is not None and not enabled(logging.DEBUG if positive else logging.INFO):
+            return
+        level = log.debug if positive else log.info
         level("delivery.smtp_reply", command=command, code=code, reply=reply_text(message)[:500], **fields, **extra)
 
 

@@ -13,6 +13,12 @@ of a group are due and hands them out in order; aiosmtplib's reply parsing
   order; what came before a timeout or a dropped connection is returned with the error.
 - ``send_body(body, timeout)``: after a 354, the already dot-stuffed, terminated body
   in one write (no line-ending regex), and the reply to it.
+
+Every reply is awaited on the protocol's own deadline instead of ``asyncio.wait_for``
+(a new future, a timer and an extra loop hop per reply): each read sets the deadline
+(now + its timeout) and one timer per connection checks it, re-arming itself when the
+deadline moved on.  A read that outlives its deadline fails with aiosmtplib's
+``SMTPReadTimeoutError``, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from aiosmtplib.errors import (
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
     SMTPException,
+    SMTPReadTimeoutError,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
@@ -33,12 +40,72 @@ from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SM
 from aiosmtplib.response import SMTPResponse
 
 CLOSING = 421  # the server is closing the connection: no reply follows
+EARLY = 0.001  # seconds a timer may fire before its time (the loop's clock resolution)
 
 
 class PipeliningProtocol(SMTPProtocol):
     """aiosmtplib's protocol, which keeps every reply of a pipelined group."""
 
     _due = 0  # replies of the current group not yet handed out
+    _deadline: float | None = None  # loop time by which the awaited reply must have come
+    _timer: asyncio.TimerHandle | None = None
+    _timer_at = 0.0  # when _timer fires
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def _await_until(self, timeout: float) -> None:
+        """The awaited reply must come within ``timeout`` seconds from now."""
+        deadline = self._loop.time() + timeout
+        self._deadline = deadline
+        if self._timer is not None and self._timer_at <= deadline:
+            return  # it fires first and re-arms for the rest
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._check_deadline)
+        self._timer_at = deadline
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no read waits (the last one was answered in time)
+        if deadline - self._loop.time() > EARLY:  # a later read moved it on
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            self._timer_at = deadline
+            return
+        self._deadline = None
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    async def _read_reply(self, timeout: float | None) -> SMTPResponse:
+        """aiosmtplib's ``read_response`` with the deadline for its timeout."""
+        waiter = self._response_waiter
+        if waiter is None:
+            raise SMTPServerDisconnected("Connection lost")
+        self._response_pending = True  # (a read not preceded by a write: the greeting)
+        try:
+            if waiter.done() or timeout is None:
+                result = await waiter
+            elif timeout <= 0:
+                raise TimeoutError
+            else:
+                self._await_until(timeout)
+                try:
+                    result = await waiter
+                finally:
+                    self._deadline = None
+        except TimeoutError as exc:
+            raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        finally:
+            self._response_pending = False
+            # If we were disconnected, don't create a new waiter
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+        return result
 
     def data_received(self, data: bytes) -> None:
         if not self._due:
@@ -69,7 +136,7 @@ class PipeliningProtocol(SMTPProtocol):
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:
         if not self._due:
-            return await super().read_response(timeout=timeout)
+            return await self._read_reply(timeout)
         self._due -= 1
         try:
             if self._response_waiter is None:  # closed, but replies sent before still count
@@ -78,13 +145,15 @@ class PipeliningProtocol(SMTPProtocol):
                     raise SMTPServerDisconnected("Connection lost")
                 return response
             self._hand_out()
-            return await super().read_response(timeout=timeout)
+            return await self._read_reply(timeout)
         except BaseException:
             self._due = 0
             raise
 
-    async def execute_pipelined(self, lines: Sequence[bytes], timeout: float | None
+    async def execute_pipelined(self, lines: Sequence[bytes], timeout: float | None,
+                                first_timeout: float | None = None
                                 ) -> tuple[list[SMTPResponse], SMTPException | OSError | None]:
+        """``first_timeout``: for the first reply (default ``timeout``)."""
         for line in lines:
             if COMMAND_INJECTION_REGEX.search(line):
                 raise ValueError("Command contains a prohibited control character")
@@ -95,8 +164,8 @@ class PipeliningProtocol(SMTPProtocol):
             self._due = len(lines)
             try:
                 self.write(b"".join(line + b"\r\n" for line in lines))
-                for _ in lines:
-                    reply = await self.read_response(timeout=timeout)
+                for i in range(len(lines)):
+                    reply = await self.read_response(timeout=first_timeout if i == 0 and first_timeout else timeout)
                     replies.append(reply)
                     if reply.code == CLOSING:
                         break
@@ -122,12 +191,13 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             raise SMTPServerDisconnected("Server not connected")
         return self.protocol
 
-    async def pipeline(self, lines: Sequence[bytes], timeout: float | None
+    async def pipeline(self, lines: Sequence[bytes], timeout: float | None, first_timeout: float | None = None
                        ) -> tuple[list[SMTPResponse], SMTPException | OSError | None]:
         """Send the command lines (without CRLF) in one write and read their replies in
-        order.  Returns the replies received and, when not all came, the error that ended
-        the group (the connection is then closed).  A 421 reply ends the group too."""
-        replies, error = await self._pipelining().execute_pipelined(lines, timeout)
+        order (``first_timeout``: the first reply's time-out, default ``timeout``).
+        Returns the replies received and, when not all came, the error that ended the
+        group (the connection is then closed).  A 421 reply ends the group too."""
+        replies, error = await self._pipelining().execute_pipelined(lines, timeout, first_timeout)
         if error is not None or (replies and replies[-1].code == CLOSING):
             self.close()
         return replies, error
