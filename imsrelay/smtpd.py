@@ -138,6 +138,7 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # "<local@domain>" with a dot-atom local part and a plain domain: the address aiosmtpd's
 # parser (email._header_value_parser.get_angle_addr) finds, without its token tree
 _SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
+_HELO_PRINTABLE = re.compile(r"[\x21-\x7e]*")
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
 DATA_CHUNK = 256 * 1024  # bytes taken from the stream at a time in DATA (what one recv can bring)
@@ -192,8 +193,8 @@ def printable_reply(reply: str) -> str:
 
 def with_enhanced_status(reply: str) -> str:
     """Add an RFC 3463 code to a one-line reply that lacks one (not to 220/354/EHLO)."""
-    if _ENHANCED.match(reply):  # has one already (no fixed reply below does)
-        return reply
+    if reply[:4] in ("220 ", "354 ", "214 ") or _ENHANCED.match(reply):  # left as they are (no fixed reply below
+        return reply                                                     # is one of them)
     for old, new in _FIXED_REPLIES:
         if reply.startswith(old):
             return new
@@ -681,6 +682,7 @@ class SiteHandler:
         self.config = config
         self.clock = clock
         self.log = log.bind(component="smtpd")
+        self.date_line = DateLine()
 
     # -- EHLO: advertise what we do beyond aiosmtpd's own list
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
@@ -849,7 +851,7 @@ class SiteHandler:
         client = self._client(server, session)
         first_rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         received = received_header(helo=session.host_name or "unknown", peer_ip=peer_ip, by=cfg.hostname,
-                                   queue_id=queue_id, recipient=first_rcpt,
+                                   queue_id=queue_id, recipient=first_rcpt, date=self.date_line.now(),
                                    protocol=received_protocol(utf8=bool(envelope.smtp_utf8), tls=client.encrypted,
                                                               authenticated=client.authenticated is not None))
         message = received + raw
@@ -1010,12 +1012,33 @@ async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -
 
 
 def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipient: str | None,
-                    protocol: str = "ESMTP", now: datetime | None = None) -> bytes:
-    now = now or datetime.now(UTC)
+                    protocol: str = "ESMTP", now: datetime | None = None, date: str | None = None) -> bytes:
+    """The Received: line of a message accepted now (or at ``now``; ``date``: that
+    moment already formatted as RFC 5322 date-time)."""
+    if date is None:
+        date = format_datetime(now or datetime.now(UTC))
     for_part = f"\r\n\tfor <{recipient}>" if recipient else ""
-    helo = re.sub(r"[^\x21-\x7e]", "?", helo)[:255]
-    return (f"Received: from {helo} ([{peer_ip}])\r\n\tby {by} (imsrelay) with {protocol} id {queue_id}"
-            f"{for_part}; {format_datetime(now)}\r\n").encode("utf-8", "surrogateescape")
+    if not _HELO_PRINTABLE.fullmatch(helo):
+        helo = re.sub(r"[^\x21-\x7e]", "?", helo)
+    return (f"Received: from {helo[:255]} ([{peer_ip}])\r\n\tby {by} (imsrelay) with {protocol} id {queue_id}"
+            f"{for_part}; {date}\r\n").encode("utf-8", "surrogateescape")
+
+
+class DateLine:
+    """The RFC 5322 date-time of the current second, formatted once a second (the
+    Received: line of every message accepted in that second shares it)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        second = int(self.clock())
+        if second != self._second:
+            self._text = format_datetime(datetime.fromtimestamp(second, UTC))
+            self._second = second
+        return self._text
 
 
 def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,

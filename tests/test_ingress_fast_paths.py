@@ -138,3 +138,32 @@ def test_a_cut_short_address_list_always_rewrites() -> None:
     many = [f"u{i}@other.example" for i in range(MAX_REWRITE_LOOKUPS)]
     assert needs_header_rewrite(many, RULES, {})
     assert not needs_header_rewrite(many[:-1], RULES, {})
+
+
+def test_date_line_formats_each_second_once_and_follows_the_clock() -> None:
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    from imsrelay.smtpd import DateLine
+
+    now = [1_790_000_000.2]
+    line = DateLine(clock=lambda: now[0])
+    first = line.now()
+    now[0] += 0.5
+    assert line.now() is first  # the same second: the same text, not formatted again
+    now[0] += 1.0
+    second = line.now()
+    assert second != first
+    assert parsedate_to_datetime(second).timestamp() == 1_790_000_001
+    from datetime import UTC, datetime
+    assert first == format_datetime(datetime.fromtimestamp(1_790_000_000, UTC))
+
+
+def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
+    from imsrelay.smtpd import received_header
+
+    line = received_header(helo="bad\x00helo é", peer_ip="127.0.0.1", by="mx.example", queue_id="Q1",
+                           recipient="a@b.c", date="Wed, 02 Dec 2026 05:00:00 +0000")
+    assert line == (b"Received: from bad?helo?? ([127.0.0.1])\r\n\tby mx.example (imsrelay) with ESMTP id Q1"
+                    b"\r\n\tfor <a@b.c>; Wed, 02 Dec 2026 05:00:00 +0000\r\n")
+    assert b"from " + b"h" * 255 + b" (" in received_header(helo="h" * 300, peer_ip="::1", by="x", queue_id="Q",
+                                                            recipient=None, date="d")
