@@ -128,6 +128,9 @@ def relay_decision(client: Client, rules: RelayRules) -> Decision:
 # ------------------------------------------------------------------ connections
 
 
+_ALL_HOSTS = Decision(True, "connections accepted from all hosts")  # (a value: one for every session)
+
+
 def connect_decision(client_ip: str | None, rules: AcceptRules) -> Decision:
     """Checked when a client connects: the host reject and accept lists."""
     rejected = _in(client_ip, rules.reject_hosts)
@@ -138,7 +141,7 @@ def connect_decision(client_ip: str | None, rules: AcceptRules) -> Decision:
         if accepted is None:
             return Decision(False, f"client {client_ip} is not on the accept list")
         return Decision(True, f"client {client_ip} is on the accept list ({accepted})")
-    return Decision(True, "connections accepted from all hosts")
+    return _ALL_HOSTS
 
 
 def connect_reply(decision: Decision) -> str:
