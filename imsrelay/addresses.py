@@ -89,7 +89,7 @@ class Address:
 _UNSAFE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")  # undecodable bytes (surrogateescape), controls
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def parse_address(text: str) -> Address:
     """Parse ``local@domain`` (angle brackets allowed). Raise ``AddressError``.
     Memoised (an immutable answer of the text alone; a refusal is not kept): one

@@ -81,7 +81,7 @@ def ip_of(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return _parsed_ip(text)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _parsed_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """Memoised: a peer's address is parsed once, not once per check (the answer is
     an immutable value of the text alone)."""
