@@ -8,13 +8,15 @@ A recipient is ``pending`` until it reaches one of the ``TERMINAL`` states
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import secrets
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 PENDING = "pending"
@@ -102,7 +104,13 @@ class Envelope:
         return min(r.next_attempt for r in pending) if pending else None
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        """The envelope as compact JSON with sorted keys: the same bytes as
+        ``json.dumps(dataclasses.asdict(self), separators=(",", ":"), sort_keys=True)``,
+        without asdict's recursive deep copy (it cost ~50 µs a message, on the loop)."""
+        d = dict(zip(_ENVELOPE_FIELDS, _envelope_values(self), strict=True))
+        d["recipients"] = [dict(zip(_RECIPIENT_FIELDS, _recipient_values(r), strict=True))
+                           for r in self.recipients]
+        return _ENCODER.encode(d).encode("ascii")
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -115,6 +123,22 @@ class Envelope:
         if isinstance(d.get("extra"), dict):
             _interned(d["extra"])
         return cls(**_interned(d, skip=("queue_id",)))
+
+
+def _plain(value: Any) -> Any:
+    """What ``dataclasses.asdict`` makes of a dataclass nested in ``extra``; the JSON
+    encoder calls this only for values it cannot encode itself."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_ENVELOPE_FIELDS = tuple(sorted(f.name for f in dataclasses.fields(Envelope)))
+_RECIPIENT_FIELDS = tuple(sorted(f.name for f in dataclasses.fields(RecipientState)))
+_envelope_values = attrgetter(*_ENVELOPE_FIELDS)
+_recipient_values = attrgetter(*_RECIPIENT_FIELDS)
+# json.dumps(..., separators=...) builds a new encoder on every call; this one is reused
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_plain)
 
 
 def _interned(d: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:

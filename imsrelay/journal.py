@@ -14,6 +14,14 @@ its flush, nothing after that point was ever acknowledged.  After a restart, new
 records go to a fresh segment, never after a torn tail.
 
 A ``Journal`` is used by exactly one thread at a time (the spool's writer).
+
+The list of segments: while a ``Journal`` owns its directory (from ``adopt_existing``
+or its first new segment until ``close``; the spool's lock keeps every other process
+out meanwhile) it is kept in memory and changed only by this object's own segment
+creation and removal: ``segments()`` is asked once or twice per message and a
+directory listing each time cost more than the rest of the bookkeeping.  A journal
+that does not own its directory (a reader: ``imsrelay queue``, another worker's
+journal) lists it on every call, since someone else may be writing there.
 """
 
 from __future__ import annotations
@@ -52,22 +60,34 @@ class Record:
     payload: memoryview  # a view of the segment read by ``scan`` (no copy per record)
 
 
-def write_chunks(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
-    """Write ``chunks`` back to back with ``writev`` (no joined copy of a round's
-    messages: at 50 KB a message, joining cost more than the checksums), at most
-    IOV_MAX at a time; a short write goes on from where it stopped."""
-    pending: list[bytes | memoryview] = list(chunks)
+def write_chunks(fd: int, chunks: Sequence[bytes | memoryview], total: int | None = None) -> None:
+    """Write ``chunks`` (``total`` bytes, when the caller knows) back to back with
+    ``writev`` (no joined copy of a round's messages: at 50 KB a message, joining cost
+    more than the checksums), at most IOV_MAX at a time; a short write goes on from
+    where it stopped.  The usual case, one call writing everything, looks at no chunk."""
+    if total is None:
+        total = sum(map(len, chunks))
+    if len(chunks) <= IOV_MAX:
+        written = os.writev(fd, chunks)
+        if written == total:
+            return
+        pending = _unwritten(chunks, written)
+    else:
+        pending = list(chunks)
     while pending:
-        batch = pending[:IOV_MAX]
-        written = os.writev(fd, batch)
-        done = 0
-        while done < len(batch) and written >= len(batch[done]):
-            written -= len(batch[done])
-            done += 1
-        rest = pending[done:]
-        if written and rest:
-            rest[0] = memoryview(rest[0])[written:]
-        pending = rest
+        pending = _unwritten(pending, os.writev(fd, pending[:IOV_MAX]))
+
+
+def _unwritten(chunks: Sequence[bytes | memoryview], written: int) -> list[bytes | memoryview]:
+    """What is left of ``chunks`` once their first ``written`` bytes are out."""
+    done = 0
+    while done < len(chunks) and written >= len(chunks[done]):
+        written -= len(chunks[done])
+        done += 1
+    rest = list(chunks[done:])
+    if written and rest:
+        rest[0] = memoryview(rest[0])[written:]
+    return rest
 
 
 def segment_name(number: int) -> str:
@@ -83,15 +103,31 @@ class Journal:
         self._segment = 0
         self._size = 0
         self._lock = threading.Lock()  # segment switches vs. first_writable() from the loop
+        self._known: list[int] | None = None  # the segments on disk, sorted, while we own them
 
     # ------------------------------------------------------------ reading
 
     def segments(self) -> list[int]:
+        """The segment numbers on disk, oldest first."""
+        with self._lock:
+            if self._known is not None:
+                return list(self._known)
+        return self._list_segments()
+
+    def _list_segments(self) -> list[int]:
         numbers = []
-        for p in self.directory.glob("*.log"):
-            if p.stem.isdigit():
-                numbers.append(int(p.stem))
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                stem, dot, ext = entry.name.partition(".")
+                if dot and ext == "log" and stem.isdigit():
+                    numbers.append(int(stem))
         return sorted(numbers)
+
+    def _own_segments(self) -> list[int]:
+        """(Holding ``_lock``) the kept segment list, read from disk the first time."""
+        if self._known is None:
+            self._known = self._list_segments()
+        return self._known
 
     def scan(self) -> Iterator[Record]:
         """Every intact record, oldest first; each segment is read up to its first
@@ -142,18 +178,19 @@ class Journal:
     def adopt_existing(self) -> None:
         """At recovery: every segment on disk is closed (new records go to a fresh one)."""
         with self._lock:
-            self._segment = max([self._segment, *self.segments()])
+            self._segment = max([self._segment, *self._own_segments()])
 
     def _open_next(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            existing = self.segments()
-            self._segment = max([self._segment, *existing]) + 1
+            known = self._own_segments()
+            self._segment = max([self._segment, *known]) + 1
             path = self.directory / segment_name(self._segment)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             self._size = 0
+            known.append(self._segment)  # the highest number so far: the list stays sorted
         dfd = os.open(self.directory, os.O_RDONLY)  # the new segment's name is durable
         try:
             os.fsync(dfd)
@@ -169,14 +206,14 @@ class Journal:
         assert self._fd is not None
         chunks: list[bytes] = []
         locations: list[Location] = []
-        pos = self._size
+        segment, pos, head = self._segment, self._size, HEADER.size
         for rtype, payload in records:
-            chunks.append(HEADER.pack(MAGIC, rtype, len(payload), zlib.crc32(payload)))
-            chunks.append(payload)
-            locations.append(Location(self._segment, pos + HEADER.size, len(payload)))
-            pos += HEADER.size + len(payload)
+            length = len(payload)
+            chunks += (HEADER.pack(MAGIC, rtype, length, zlib.crc32(payload)), payload)
+            locations.append(Location(segment, pos + head, length))
+            pos += head + length
         try:
-            write_chunks(self._fd, chunks)
+            write_chunks(self._fd, chunks, pos - self._size)
             if durable:
                 os.fdatasync(self._fd)
         except OSError:
@@ -217,8 +254,15 @@ class Journal:
                 os.unlink(self.directory / segment_name(n))
             except FileNotFoundError:
                 pass
+            with self._lock:
+                if self._known is not None and n in self._known:
+                    self._known.remove(n)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Stop writing; from now on ``segments()`` lists the directory again (another
+        process may become its writer)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._known = None

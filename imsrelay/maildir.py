@@ -10,8 +10,10 @@ deliver twice.
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from pathlib import Path
 
 from imsrelay.object_rules import safe_alias
@@ -34,13 +36,20 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(parents=True, exist_ok=True)
 
 
+@lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    """The RFC 5322 date of a Unix second (a header's date has no finer resolution:
+    the deliveries of one second share one formatting)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def trace_headers(*, sender: str, recipient: str, hostname: str, queue_id: str, now: datetime | None = None) -> bytes:
-    now = now or datetime.now(UTC)
+    date = format_datetime(now) if now is not None else _date_of_second(int(time.time()))
     return (
         f"Return-Path: <{sender}>\r\n"
         f"Delivered-To: {recipient}\r\n"
         f"Received: by {hostname} (imsrelay) with local id {queue_id}\r\n"
-        f"\tfor <{recipient}>; {format_datetime(now)}\r\n"
+        f"\tfor <{recipient}>; {date}\r\n"
     ).encode("utf-8", "surrogateescape")
 
 
@@ -55,8 +64,15 @@ def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, 
     this (queue id, recipient) was delivered before, in new/ or unflagged in cur/."""
     unique = unique_name(queue_id, index)
     data = trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id) + message
-    return Write(maildir / "new" / unique, data, tmp_dir=maildir / "tmp",
-                 unless_exists=(maildir / "new" / unique, maildir / "cur" / unique, maildir / "cur" / f"{unique}:2,"))
+    new, cur, tmp = _subdirs(maildir)
+    final = new / unique
+    return Write(final, data, tmp_dir=tmp, unless_exists=(final, cur / unique, cur / f"{unique}:2,"))
+
+
+@lru_cache(maxsize=256)
+def _subdirs(maildir: Path) -> tuple[Path, Path, Path]:
+    """``new/``, ``cur/`` and ``tmp/`` of a Maildir (paths only: nothing is looked up)."""
+    return maildir / "new", maildir / "cur", maildir / "tmp"
 
 
 def list_messages(maildir: Path) -> list[Path]:

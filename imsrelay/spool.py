@@ -57,7 +57,7 @@ def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
     """An ENQUEUE payload: ``IMSQ1 <n>\\n``, n bytes of envelope JSON, the message."""
     envelope.size = len(message)
     header = envelope.to_json()
-    return _MAGIC + str(len(header)).encode() + b"\n" + header + message
+    return b"%s%d\n%s%s" % (_MAGIC, len(header), header, message)
 
 
 _MAX_PREFIX = len(_MAGIC) + 21  # the magic, a length of up to 20 digits, the newline
@@ -188,29 +188,42 @@ class GroupCommitter:
                     pass
             self.rounds += 1
             self.requests += len(batch)
+            # one wake-up of each waiting loop per round, not one per request
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[Location]], Any]]] = {}
             for (_, _, loop, fut), outcome in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(_settle, fut, outcome)
+                settled.setdefault(loop, []).append((fut, outcome))
+            for loop, futures in settled.items():
+                loop.call_soon_threadsafe(_settle_all, futures)
             if stop:
                 return
 
 
-def _settle(fut: asyncio.Future[list[Location]], outcome: tuple[list[Location], BaseException | None]) -> None:
-    if fut.cancelled():
-        return
-    result, error = outcome
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
+def _settle_all(futures: list[tuple[asyncio.Future[list[Location]], tuple[list[Location], BaseException | None]]],
+                ) -> None:
+    for fut, (result, error) in futures:
+        if fut.cancelled():
+            continue
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
 
 
 def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
                  journal: Journal | None) -> list[tuple[list[Location], BaseException | None]]:
     results: list[tuple[list[Location], BaseException | None]] = [([], None) for _ in batch]
     # 1. every journal record of the round: one write, one flush
-    appends = [(i, op) for i, (ops, _) in enumerate(batch) for op in ops if isinstance(op, Append)]
+    appends: list[tuple[int, Append]] = []
+    others = False  # any op besides journal records (most rounds have none)
+    durable = False
+    for i, (ops, request_durable) in enumerate(batch):
+        for op in ops:
+            if isinstance(op, Append):
+                appends.append((i, op))
+                durable = durable or request_durable
+            else:
+                others = True
     if appends:
-        durable = any(batch[i][1] for i, _ in appends)
         try:
             assert journal is not None, "this spool has no journal"
             locations = journal.append([(op.type, op.payload) for _, op in appends], durable=durable)
@@ -219,6 +232,8 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
         except OSError as exc:
             for i in {i for i, _ in appends}:
                 results[i] = ([], exc)
+    if not others:
+        return results
     # 2. the other ops; the round's files are written, then made durable together
     #    (imsrelay.file_group): one file's data never waits for the next file's write
     group = FileGroup(tmp_dir)
