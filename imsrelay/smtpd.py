@@ -19,7 +19,7 @@ import re
 import ssl
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -230,6 +230,7 @@ class ImsSMTP(SMTP):
         self._max_errors = max_errors
         self._errors = 0
         self._session_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0  # loop time the idle timer (aiosmtpd's _timeout_handle) is for
         self._in_ehlo = False
         self._site = site  # the Transfer mode, faults, metrics, protocol log, ETRN (None: plain aiosmtpd use)
         self._config = config
@@ -548,6 +549,26 @@ class ImsSMTP(SMTP):
         else:
             await self.push(f"253 2.0.0 OK, {started} pending messages for node {node} started")
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The idle timer, once per command: aiosmtpd cancels its timer and makes a new
+        one every time; here the armed timer stays when it fires no later than the new
+        deadline, and on firing early re-arms for what is left (the same deadline)."""
+        now = self.loop.time()
+        deadline = now + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and now < handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer_fired)
+
+    def _idle_timer_fired(self) -> None:
+        if self.loop.time() < self._idle_deadline - IDLE_TIMER_SLACK:  # a command came meanwhile
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer_fired)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd's: closes the transport
+
     def _session_expired(self) -> None:
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
@@ -652,6 +673,7 @@ for _name in ("smtp_HELO", "smtp_EHLO", "smtp_MAIL", "smtp_RCPT", "smtp_DATA"):
     getattr(ImsSMTP, _name).__dict__.update(getattr(SMTP, _name).__dict__)
 
 
+IDLE_TIMER_SLACK = 0.001  # seconds: an idle timer firing this close to its deadline has expired
 STOP_GRACE = 5.0  # seconds a stopping site gives sessions inside DATA to write their reply
 
 
@@ -1041,6 +1063,27 @@ class DateLine:
         return self._text
 
 
+class BoundMethods(Mapping[str, Any]):
+    """A protocol's command table (aiosmtpd's ``_smtp_methods``: command → bound
+    ``smtp_*`` method) that binds a method only when it is looked up, instead of
+    binding all of them for every connection."""
+
+    __slots__ = ("_names", "_proto")
+
+    def __init__(self, proto: Any, names: dict[str, str]) -> None:
+        self._proto = proto
+        self._names = names  # command → method name, shared by every connection of a listener
+
+    def __getitem__(self, command: str) -> Any:
+        return getattr(self._proto, self._names[command])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,
                    limits: ConnectionCounter | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for one of the site's listening sockets (``limits``: the
@@ -1085,16 +1128,19 @@ def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,
         proto.__dict__.update(state)
         proto._ehlo_lines = []
         proto.use_reader(LineReader(loop=proto.loop, limit=proto.line_length_limit))
-        proto._smtp_methods = {k: getattr(proto, m.__name__) for k, m in state["_smtp_methods"].items()}
+        proto._smtp_methods = BoundMethods(proto, command_names)  # type: ignore[assignment]  # read as a mapping
         proto._auth_methods = {k: type(a)(getattr(proto, a.method.__name__) if a.is_builtin else a.method,
                                           a.is_builtin) for k, a in state["_auth_methods"].items()}
         return proto
+
+    command_names: dict[str, str] = {}
 
     def factory() -> ImsSMTP:
         nonlocal template
         if template is None:
             proto = full()
             template = dict(proto.__dict__)
+            command_names.update({k: m.__name__ for k, m in proto._smtp_methods.items()})
             return proto
         return copy_of(template)
 

@@ -167,3 +167,24 @@ def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
                     b"\r\n\tfor <a@b.c>; Wed, 02 Dec 2026 05:00:00 +0000\r\n")
     assert b"from " + b"h" * 255 + b" (" in received_header(helo="h" * 300, peer_ip="::1", by="x", queue_id="Q",
                                                             recipient=None, date="d")
+
+
+def test_bound_methods_binds_on_lookup_and_reads_as_the_old_table() -> None:
+    from imsrelay.smtpd import BoundMethods
+
+    class Proto:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def smtp_NOOP(self, arg: str | None) -> str:
+            return f"{self.name} noop {arg}"
+
+        def smtp_QUIT(self, arg: str | None) -> str:
+            return f"{self.name} quit"
+
+    names = {"NOOP": "smtp_NOOP", "QUIT": "smtp_QUIT"}
+    a, b = BoundMethods(Proto("a"), names), BoundMethods(Proto("b"), names)
+    assert a.get("NOOP")("x") == "a noop x" and b["NOOP"]("y") == "b noop y"  # each bound to its own protocol
+    assert a.get("BOGUS") is None
+    assert sorted(a) == ["NOOP", "QUIT"] and len(a) == 2
+    assert [(k, m(None)) for k, m in b.items()] == [("NOOP", "b noop None"), ("QUIT", "b quit")]

@@ -179,6 +179,25 @@ async def test_internal_error_answers_451_and_nothing_is_lost(tmp_path):
         await wait_for(lambda: len(maildir_messages(config.data_dir, "User1")) == 2)
 
 
+async def test_idle_time_counts_from_the_last_command(tmp_path):
+    # One idle timer per session, re-armed lazily: a command pushes the deadline back,
+    # so the session closes idle_timeout after the NOOP, not after the greeting.
+    config = cfg(tmp_path, smtp={"idle_timeout": 1.0, "session_timeout": 60.0})
+    async with running_site(config) as site:
+        def idle_after_noop():
+            import time
+            with socket.create_connection((HOST, site.bound_port), timeout=10) as sock:
+                f = sock.makefile("rb")
+                assert f.readline().startswith(b"220 ")
+                time.sleep(0.7)
+                noop_sent = time.monotonic()
+                sock.sendall(b"NOOP\r\n")
+                assert f.readline().startswith(b"250 ")
+                assert f.readline() == b""  # closed by the server after idling
+                return time.monotonic() - noop_sent
+        assert await in_thread(idle_after_noop) >= 0.95
+
+
 async def test_session_limits(tmp_path):
     # Generous margins: the NOOPs below come every 0.3 s, far inside the idle time-out
     # even on a loaded machine, and the session limit ends them after ~4 s.
