@@ -10,12 +10,12 @@ deliver twice.
 from __future__ import annotations
 
 import socket
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import format_datetime
 from functools import lru_cache
 from pathlib import Path
 
+from imsrelay.header_date import header_date_now
 from imsrelay.object_rules import safe_alias
 from imsrelay.spool import Write
 
@@ -36,15 +36,8 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(parents=True, exist_ok=True)
 
 
-@lru_cache(maxsize=4)
-def _date_of_second(second: int) -> str:
-    """The RFC 5322 date of a Unix second (a header's date has no finer resolution:
-    the deliveries of one second share one formatting)."""
-    return format_datetime(datetime.fromtimestamp(second, UTC))
-
-
 def trace_headers(*, sender: str, recipient: str, hostname: str, queue_id: str, now: datetime | None = None) -> bytes:
-    date = format_datetime(now) if now is not None else _date_of_second(int(time.time()))
+    date = format_datetime(now) if now is not None else header_date_now()
     return (
         f"Return-Path: <{sender}>\r\n"
         f"Delivered-To: {recipient}\r\n"

@@ -37,6 +37,7 @@ from imsrelay.data_reader import DataScanner, Outcome, normalise_bare_lf
 from imsrelay.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.faults import FaultBook, SessionFaults
 from imsrelay.flow_gate import FlowGate
+from imsrelay.header_date import header_date_now
 from imsrelay.loops import check_hops
 from imsrelay.metrics import SiteMetrics
 from imsrelay.objects import Mailbox
@@ -704,7 +705,6 @@ class SiteHandler:
         self.config = config
         self.clock = clock
         self.log = log.bind(component="smtpd")
-        self.date_line = DateLine()
 
     # -- EHLO: advertise what we do beyond aiosmtpd's own list
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
@@ -873,7 +873,7 @@ class SiteHandler:
         client = self._client(server, session)
         first_rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         received = received_header(helo=session.host_name or "unknown", peer_ip=peer_ip, by=cfg.hostname,
-                                   queue_id=queue_id, recipient=first_rcpt, date=self.date_line.now(),
+                                   queue_id=queue_id, recipient=first_rcpt, date=header_date_now(self.clock()),
                                    protocol=received_protocol(utf8=bool(envelope.smtp_utf8), tls=client.encrypted,
                                                               authenticated=client.authenticated is not None))
         message = received + raw
@@ -1045,22 +1045,6 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipien
     return (f"Received: from {helo[:255]} ([{peer_ip}])\r\n\tby {by} (imsrelay) with {protocol} id {queue_id}"
             f"{for_part}; {date}\r\n").encode("utf-8", "surrogateescape")
 
-
-class DateLine:
-    """The RFC 5322 date-time of the current second, formatted once a second (the
-    Received: line of every message accepted in that second shares it)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self._second = -1
-        self._text = ""
-
-    def now(self) -> str:
-        second = int(self.clock())
-        if second != self._second:
-            self._text = format_datetime(datetime.fromtimestamp(second, UTC))
-            self._second = second
-        return self._text
 
 
 class BoundMethods(Mapping[str, Any]):

@@ -140,23 +140,18 @@ def test_a_cut_short_address_list_always_rewrites() -> None:
     assert not needs_header_rewrite(many[:-1], RULES, {})
 
 
-def test_date_line_formats_each_second_once_and_follows_the_clock() -> None:
+def test_header_date_is_formatted_once_a_second_and_follows_the_clock() -> None:
+    from datetime import UTC, datetime
     from email.utils import format_datetime, parsedate_to_datetime
 
-    from imsrelay.smtpd import DateLine
+    from imsrelay.header_date import header_date_now
 
-    now = [1_790_000_000.2]
-    line = DateLine(clock=lambda: now[0])
-    first = line.now()
-    now[0] += 0.5
-    assert line.now() is first  # the same second: the same text, not formatted again
-    now[0] += 1.0
-    second = line.now()
-    assert second != first
-    assert parsedate_to_datetime(second).timestamp() == 1_790_000_001
-    from datetime import UTC, datetime
+    first = header_date_now(1_790_000_000.2)
+    assert header_date_now(1_790_000_000.7) is first  # the same second: the same text, not formatted again
+    second = header_date_now(1_790_000_001.0)
+    assert second != first and parsedate_to_datetime(second).timestamp() == 1_790_000_001
     assert first == format_datetime(datetime.fromtimestamp(1_790_000_000, UTC))
-
+    assert abs(parsedate_to_datetime(header_date_now()).timestamp() - datetime.now(UTC).timestamp()) < 5
 
 def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
     from imsrelay.smtpd import received_header

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
-from imsrelay import maildir
+from imsrelay import header_date
 from imsrelay.maildir import delivery_write, ensure_maildir, trace_headers, unique_name
 from imsrelay.spool import Spool
 
@@ -18,7 +18,7 @@ def received_date(headers: bytes) -> str:
 
 def test_the_received_date_follows_the_clock(monkeypatch):
     clock = [1796189373.9]
-    monkeypatch.setattr(maildir.time, "time", lambda: clock[0])
+    monkeypatch.setattr(header_date.time, "time", lambda: clock[0])
     kw = dict(sender="a@example.org", recipient="b@example.net", hostname="mx.example.net", queue_id="Q1")
     first = trace_headers(**kw)
     assert received_date(first) == format_datetime(datetime.fromtimestamp(1796189373, UTC))
