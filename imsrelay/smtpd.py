@@ -199,11 +199,9 @@ def with_enhanced_status(reply: str) -> str:
     for old, new in _FIXED_REPLIES:
         if reply.startswith(old):
             return new
-    if len(reply) < 4 or reply[3] != " " or not reply[:3].isdigit() or _ENHANCED.match(reply):
+    if len(reply) < 4 or reply[3] != " " or not reply[:3].isdigit():
         return reply
     code = int(reply[:3])
-    if code in (220, 354, 214):
-        return reply
     status = _BY_CODE.get(code) or _DEFAULT_STATUS.get(code // 100)
     return f"{reply[:3]} {status} {reply[4:]}" if status else reply
 
