@@ -52,7 +52,7 @@ class Probe:
         # (t, backlog, in flight, free delivery slots, free per-destination slots, spool requests waiting)
 
     def install(self) -> None:
-        import imsrelay.spool as spool
+        import imsrelay.queue.spool as spool
 
         original_apply = spool._apply_batch
         probe = self
@@ -80,8 +80,8 @@ class Probe:
         os.fdatasync = counted(os.fdatasync)
 
         # Time a few awaitables the delivery path waits on (class attributes, wrapped).
-        from imsrelay.delivery import QueueManager
-        from imsrelay.smtp_client import SmtpClient
+        from imsrelay.queue.manager import QueueManager
+        from imsrelay.transport.smtp import SmtpClient
 
         self.timings: dict[str, list[float]] = {}
         for cls, name in ((spool.Spool, "enqueue"), (spool.Spool, "remove"), (spool.Spool, "save_state"),
@@ -120,8 +120,8 @@ class Probe:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from imsrelay.config import load_config
-    from imsrelay.logs import configure_logging
+    from imsrelay.config.loader import load_config
+    from imsrelay.observe.logs import configure_logging
     from imsrelay.site import Site
 
     tools = bench.ensure_tools()

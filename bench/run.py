@@ -1742,7 +1742,7 @@ def _imsrelay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
 def replication_available() -> tuple[bool, str]:
     import importlib
 
-    for module in ("imsrelay.replication", "imsrelay.admin"):
+    for module in ("imsrelay.directory.replication", "imsrelay.admin.server"):
         try:
             importlib.import_module(module)
         except ImportError as exc:
@@ -1766,8 +1766,8 @@ def add_mailboxes(site: ImsSite, n: int, *, workers: int = 8) -> None:
     directory add`` does, without starting a Python process per mailbox)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from imsrelay.admin_client import AdminClient
-    from imsrelay.config import load_config
+    from imsrelay.admin.client import AdminClient
+    from imsrelay.config.loader import load_config
 
     config = load_config(site.config)
     clients = threading.local()
@@ -1802,8 +1802,8 @@ def count_mailboxes(site: ImsSite, home: str) -> int:
 
 def admin_queue_size(site: ImsSite) -> int | None:
     """Messages in the site's queue (every worker's), from ``GET /status``."""
-    from imsrelay.admin_client import AdminClient
-    from imsrelay.config import load_config
+    from imsrelay.admin.client import AdminClient
+    from imsrelay.config.loader import load_config
 
     try:
         status = AdminClient.for_config(load_config(site.config), timeout=60).call("GET", "/status")
@@ -1899,7 +1899,7 @@ def start_py_spy(procs: Processes, pid: int, out: Path, *, gil_only: bool = Fals
 
 
 def _frame_name(frame: str) -> str:
-    """'handle_DATA (imsrelay/smtpd.py:158)' → 'smtpd.py:handle_DATA'."""
+    """'handle_DATA (imsrelay/ingress/smtpd.py:158)' → 'smtpd.py:handle_DATA'."""
     m = re.match(r"(.*) \((.*?):\d+\)$", frame.strip())
     if not m:
         return frame.strip()

@@ -121,11 +121,11 @@ check_site_configs() {
 
 do_keys() {
     # New throwaway lab keys: config/docker/keys/site?.pem and the public keys in
-    # config/docker/site?.toml, written by imsrelay.docker_configs (needs the
+    # config/docker/site?.toml, written by imsrelay.lab.docker_configs (needs the
     # imsrelay package and `cryptography`: the checkout's .venv, or $PYTHON).
     local py="${PYTHON:-}"
     [ -n "$py" ] || { [ -x "$REPO/.venv/bin/python" ] && py="$REPO/.venv/bin/python"; } || py=python3
-    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$py" -m imsrelay.docker_configs regenerate-keys
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$py" -m imsrelay.lab.docker_configs regenerate-keys
     log "new lab keys written; restart the sites to use them (docker/lab.sh down; docker/lab.sh up)"
 }
 

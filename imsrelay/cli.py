@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from imsrelay import __version__
-from imsrelay.errors import ConfigError, ConfigErrors, UserError
+from imsrelay.model.errors import ConfigError, ConfigErrors, UserError
 
 # The sub-command each module registers: only the module of the command given is
 # imported (the CLI's deliberate lazy loading: ``check-config`` or ``queue list``

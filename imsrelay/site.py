@@ -20,37 +20,45 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imsrelay import dsn, kcc, loops, tracking
-from imsrelay.addresses import AddressError, parse_address
-from imsrelay.admin import AdminServer
-from imsrelay.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
-from imsrelay.backpressure import Backlog, Limits
-from imsrelay.config import SiteConfig
-from imsrelay.connection_limits import Caps, ConnectionCounter
+from imsrelay.admin.message_store import MessageStore
+from imsrelay.admin.server import AdminServer
+from imsrelay.config.loader import SiteConfig
 from imsrelay.console.site_console import site_console
-from imsrelay.delivery import QueueManager
-from imsrelay.directory import Directory
-from imsrelay.dns import MailResolver
-from imsrelay.envelope import Envelope, use_worker_ids
-from imsrelay.etrn import etrn_schedule
-from imsrelay.faults import Fault, FaultBook
-from imsrelay.flow_gate import FlowGate
-from imsrelay.interfaces import local_addresses, site_endpoints
-from imsrelay.lab_ca import ensure_ca, ensure_certificate
-from imsrelay.logs import site_logger
-from imsrelay.loops import SelfEndpoints
-from imsrelay.message_store import MessageStore
-from imsrelay.metrics import SiteMetrics
-from imsrelay.objects import Mailbox, SiteObject
-from imsrelay.outbound import CostedTransport
-from imsrelay.policy import InboundPolicy
-from imsrelay.protocol_log import ProtocolLog
-from imsrelay.readiness import Readiness
-from imsrelay.replication import Replicator
-from imsrelay.restrictions import AcceptRules, Client, FilterDecision, RelayRules
-from imsrelay.restrictions_report import accept_rules_for, inbound_policy_for, relay_rules_for
-from imsrelay.rewrite import RewriteRules
-from imsrelay.router import (
+from imsrelay.directory import kcc
+from imsrelay.directory.replication import Replicator
+from imsrelay.directory.restrictions_report import (
+    accept_rules_for,
+    inbound_policy_for,
+    relay_rules_for,
+)
+from imsrelay.directory.store import Directory
+from imsrelay.ingress.flow_gate import FlowGate
+from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
+from imsrelay.ingress.smtpd import STOP_GRACE, SiteHandler, close_sessions, server_factory
+from imsrelay.model.addresses import AddressError, parse_address
+from imsrelay.model.envelope import Envelope, use_worker_ids
+from imsrelay.model.objects import Mailbox, SiteObject
+from imsrelay.observe import tracking
+from imsrelay.observe.faults import Fault, FaultBook
+from imsrelay.observe.logs import site_logger
+from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.observe.protocol_log import ProtocolLog
+from imsrelay.observe.readiness import Readiness
+from imsrelay.policy import loops
+from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
+from imsrelay.policy.backpressure import Backlog, Limits
+from imsrelay.policy.connection_limits import Caps, ConnectionCounter
+from imsrelay.policy.inbound import InboundPolicy
+from imsrelay.policy.loops import SelfEndpoints
+from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
+from imsrelay.policy.rewrite import RewriteRules
+from imsrelay.policy.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
+from imsrelay.queue import dsn
+from imsrelay.queue.manager import QueueManager
+from imsrelay.queue.spool import Spool
+from imsrelay.routing.dns import MailResolver
+from imsrelay.routing.host_addresses import local_addresses, site_endpoints
+from imsrelay.routing.router import (
     MX,
     RELAY,
     Route,
@@ -60,10 +68,9 @@ from imsrelay.router import (
     routing_table_for,
     self_addresses,
 )
-from imsrelay.smtp_client import SmtpClient
-from imsrelay.smtpd import STOP_GRACE, SiteHandler, close_sessions, server_factory
-from imsrelay.spool import Spool
-from imsrelay.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
+from imsrelay.transport.costed import CostedTransport
+from imsrelay.transport.etrn import etrn_schedule
+from imsrelay.transport.smtp import SmtpClient
 
 
 class Site:

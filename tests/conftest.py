@@ -12,7 +12,7 @@ import hypothesis  # noqa: F401
 import pytest
 from sitekit import Organisation
 
-from imsrelay.logs import configure_logging
+from imsrelay.observe.logs import configure_logging
 
 configure_logging("warning", "json")
 

@@ -16,8 +16,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP as AioSMTP
 from sitekit import free_port, maildir_messages
 
-from imsrelay.admin_client import AdminClient
-from imsrelay.spool import Spool
+from imsrelay.admin.client import AdminClient
+from imsrelay.queue.spool import Spool
 
 USER1 = "User1@SiteA.microsoft.com"
 TOKEN = "test-admin-token"

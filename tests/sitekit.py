@@ -19,9 +19,9 @@ from typing import Any
 import tomli_w
 
 from imsrelay import cli
-from imsrelay.config import SiteConfig, config_from_mapping
-from imsrelay.maildir import list_messages, mailbox_dir
+from imsrelay.config.loader import SiteConfig, config_from_mapping
 from imsrelay.site import Site
+from imsrelay.transport.maildir import list_messages, mailbox_dir
 
 SEED = {
     "SiteA": ("ServerA", "User1", "User One"),

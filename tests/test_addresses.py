@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imsrelay.addresses import (
+from imsrelay.model.addresses import (
     AddressError,
     domain_matches,
     most_specific,

@@ -1,4 +1,4 @@
-"""What the ingress relies on inside aiosmtpd (imsrelay.smtpd), checked loudly.
+"""What the ingress relies on inside aiosmtpd (imsrelay.ingress.smtpd), checked loudly.
 
 ``server_factory`` builds the first protocol of a site normally and later ones by
 copying its ``__dict__`` and rebuilding the per-connection parts; ``ImsSMTP._getaddr``
@@ -18,7 +18,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, _AuthMechAttr
 from sitekit import config_of, site_mapping
 
-from imsrelay.smtpd import ImsSMTP, LineReader, SiteHandler, server_factory
+from imsrelay.ingress.smtpd import ImsSMTP, LineReader, SiteHandler, server_factory
 
 # aiosmtpd state the template copy shares between connections: read-only tables
 SHARED_CONTAINERS = {"_handle_hooks", "_call_limit_base"}
@@ -30,7 +30,7 @@ REBUILT = {"_drain_waiters", "_stream_reader_wr", "_strong_reader", "_client_con
 def test_aiosmtpd_is_the_tested_version():
     major, minor = (int(x) for x in aiosmtpd.__version__.split(".")[:2])
     assert (major, minor) == (1, 4), (
-        f"aiosmtpd {aiosmtpd.__version__}: imsrelay.smtpd was tested with 1.4.x; check server_factory "
+        f"aiosmtpd {aiosmtpd.__version__}: imsrelay.ingress.smtpd was tested with 1.4.x; check server_factory "
         "and ImsSMTP._getaddr against the new release, then widen the pin in pyproject.toml")
 
 
@@ -78,7 +78,7 @@ async def test_getaddr_gives_aiosmtpd_s_answers(protocols, arg):
 
 
 # ImsSMTP._data is aiosmtpd 1.4.6's smtp_DATA with the content read in chunks
-# (imsrelay.data_reader): the checks before 354, the replies, the envelope fields and
+# (imsrelay.ingress.data_reader): the checks before 354, the replies, the envelope fields and
 # the hook are copied from it.  A release that changes it must be read again.
 SMTP_DATA_SHA256 = "3a33f30d3fd6d02f39c7d78a08288bffea9170525b62e2161568041ae7e018df"
 DATA_REPLIES = ("503 Error: need RCPT command", "501 Syntax: DATA", "354 End data with <CR><LF>.<CR><LF>",
@@ -97,7 +97,7 @@ def test_smtp_data_is_the_one_the_chunked_reader_copies():
                  "limit and num_bytes > limit", "self._writer.close()"):
         assert name in source, f"aiosmtpd's smtp_DATA no longer has {name!r}: check ImsSMTP._data"
     assert hashlib.sha256(source.encode()).hexdigest() == SMTP_DATA_SHA256, (
-        "aiosmtpd's smtp_DATA changed: compare it with ImsSMTP._data and imsrelay.data_reader, "
+        "aiosmtpd's smtp_DATA changed: compare it with ImsSMTP._data and imsrelay.ingress.data_reader, "
         "then update SMTP_DATA_SHA256")
     for name in ("_handle_hooks", "_decode_data", "data_size_limit", "enable_SMTPUTF8", "_reader", "_writer"):
         assert name in inspect.getsource(SMTP.__init__) + inspect.getsource(SMTP._cb_client_connected), name

@@ -1,4 +1,4 @@
-"""Unit tests for imsrelay.auth: scrypt hashes, SASL PLAIN, the failed-attempt limiter."""
+"""Unit tests for imsrelay.policy.auth: scrypt hashes, SASL PLAIN, the failed-attempt limiter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from imsrelay.auth import (
+from imsrelay.policy.auth import (
     AuthLimits,
     FailureLimiter,
     PasswordError,

@@ -15,8 +15,8 @@ import pytest
 import tomli_w
 from sitekit import free_port, running_site, site_mapping, wait_for, write_site_file
 
-from imsrelay.auth import verify_password
-from imsrelay.directory import Directory
+from imsrelay.directory.store import Directory
+from imsrelay.policy.auth import verify_password
 from imsrelay.site import Site
 
 HOST = "127.0.0.1"
@@ -202,7 +202,7 @@ async def test_restrictions_replicate_credentials_only_when_the_org_allows(tmp_p
     sites = await two_sites(tmp_path, replicate_credentials=replicate)
     a, b = sites["SiteA"], sites["SiteB"]
     try:
-        from imsrelay.auth import hash_password
+        from imsrelay.policy.auth import hash_password
 
         await a.directory.run(a.directory.set_password_hash, "User1", hash_password("repl-pw"),
                               replicate=replicate)
@@ -237,7 +237,7 @@ async def test_restrictions_replicate_credentials_only_when_the_org_allows(tmp_p
 async def test_plaintext_auth_received_esmtpa_disabled_auth_and_internal_error_454(tmp_path):
     from sitekit import maildir_messages
 
-    from imsrelay.auth import hash_password
+    from imsrelay.policy.auth import hash_password
 
     mapping = site_mapping("SiteA", listen=HOST, port=free_port(), auth={"allow_plaintext": True},
                            mailboxes=[{"alias": "User1", "display_name": "U", "password_hash": hash_password("pw")}])

@@ -26,8 +26,8 @@ from sitekit import free_port, make_config, running_site, site_mapping, wait_for
 from smtp_sink import SmtpSink
 from structlog.testing import capture_logs
 
-from imsrelay.auth import hash_password
-from imsrelay.tracking import TrackingQuery, describe_event
+from imsrelay.observe.tracking import TrackingQuery, describe_event
+from imsrelay.policy.auth import hash_password
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 HOST = "127.0.0.1"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.auth import hash_password, verify_password
-from imsrelay.config import ConfigError, config_from_mapping
-from imsrelay.directory import Directory, DirectoryError
-from imsrelay.smtpd import received_protocol
+from imsrelay.config.loader import ConfigError, config_from_mapping
+from imsrelay.directory.store import Directory, DirectoryError
+from imsrelay.ingress.smtpd import received_protocol
+from imsrelay.policy.auth import hash_password, verify_password
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_new_keys_errors_name_the_key(extra: dict, key: str):
 def test_lab_ca_issues_verifiable_certificates_once(tmp_path: Path):
     import ssl
 
-    from imsrelay.lab_ca import ensure_ca, ensure_certificate
+    from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
 
     ca = ensure_ca(tmp_path)
     assert ensure_ca(tmp_path) == ca and (ca[1].stat().st_mode & 0o777) == 0o600

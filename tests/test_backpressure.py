@@ -13,9 +13,9 @@ from sitekit import config_of, make_config, running_site, site_mapping, wait_for
 from smtp_sink import SmtpSink
 from smtp_wire import Wire
 
-from imsrelay.backpressure import ADMIT, REFUSE, WAIT, Backlog, Limits, decide, state
-from imsrelay.errors import ConfigErrors
-from imsrelay.flow_gate import FlowGate
+from imsrelay.ingress.flow_gate import FlowGate
+from imsrelay.model.errors import ConfigErrors
+from imsrelay.policy.backpressure import ADMIT, REFUSE, WAIT, Backlog, Limits, decide, state
 
 LIMITS = Limits(backpressure_at=10, refuse_at=100, max_delay=1.0)
 

@@ -250,7 +250,7 @@ def test_py_spy_summary_reads_subprocess_stacks(tmp_path: Path) -> None:
     raw.write_text(
         'process 10:"python -m imsrelay serve";thread (0x1): "MainThread";run (asyncio/runners.py:118);'
         "smtp_DATA (aiosmtpd/smtp.py:1400) 30\n"
-        'process 11:"python -m imsrelay serve";thread (0x2): "spool-writer";_apply_batch (imsrelay/journal.py:80) 10\n')
+        'process 11:"python -m imsrelay serve";thread (0x2): "spool-writer";_apply_batch (imsrelay/durable/journal.py:80) 10\n')
     s = run.summarize_py_spy(raw, messages=100, rate=100)
     assert s["samples"] == 40
     threads = {r["function"]: r["samples"] for r in s["threads"]}

@@ -109,7 +109,7 @@ def test_submission_587_and_465_with_the_documented_accounts(lab: ComposeLab, tm
     import smtplib
     import ssl
 
-    from imsrelay.lab import LAB_PASSWORDS
+    from imsrelay.lab.embedded import LAB_PASSWORDS
 
     ca = tmp_path / "siteA-ca.crt"
     ca.write_text(lab.exec("sitea", "cat", "/var/lib/imsrelay/tls/ca.crt").stdout)

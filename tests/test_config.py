@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.config import load_config, parse_duration
-from imsrelay.errors import ConfigError, ConfigErrors
+from imsrelay.config.loader import load_config, parse_duration
+from imsrelay.model.errors import ConfigError, ConfigErrors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def test_wildcard_and_ipv6_listen_addresses_load(tmp_path):
 
 
 def test_defaults_come_from_the_settings_dataclasses(tmp_path):
-    from imsrelay.settings import DeliveryConfig, DnsConfig, ReplicationConfig, SmtpConfig
+    from imsrelay.model.settings import DeliveryConfig, DnsConfig, ReplicationConfig, SmtpConfig
 
     c = load_config(write(tmp_path, MINIMAL))
     assert (c.smtp, c.delivery, c.dns, c.replication) == (SmtpConfig(), DeliveryConfig(), DnsConfig(),
@@ -154,7 +154,7 @@ def test_defaults_come_from_the_settings_dataclasses(tmp_path):
 
 
 def test_one_host_port_parser():
-    from imsrelay.addresses import parse_host_port
+    from imsrelay.model.addresses import parse_host_port
 
     assert parse_host_port("relay.example", 25) == ("relay.example", 25)
     assert parse_host_port("relay.example:2525", 25) == ("relay.example", 2525)

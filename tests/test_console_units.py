@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sitekit import make_config, site_mapping
 
-from imsrelay.config import ConfigError
-from imsrelay.console.admin_routes import schedule_text
+from imsrelay.admin.console_routes import schedule_text
+from imsrelay.config.loader import ConfigError
 from imsrelay.console.html_safety import CONSOLE_CSP, MESSAGE_CSP, message_document, neutralise_html
 from imsrelay.console.mail_views import tracking_queries
 from imsrelay.console.sessions import MAX_SESSIONS, Sessions

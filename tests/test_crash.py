@@ -11,8 +11,8 @@ import time
 
 from sitekit import free_port
 
-from imsrelay.maildir import list_messages, mailbox_dir
-from imsrelay.spool import Spool
+from imsrelay.queue.spool import Spool
+from imsrelay.transport.maildir import list_messages, mailbox_dir
 
 HOST = "127.0.0.1"
 

@@ -1,4 +1,4 @@
-"""imsrelay.data_reader: the DATA stream taken in chunks gives what aiosmtpd's
+"""imsrelay.ingress.data_reader: the DATA stream taken in chunks gives what aiosmtpd's
 line-at-a-time loop gives — end, content, refusal, and the bytes left for the next
 command — however the stream is cut (byte by byte, random chunks, all at once)."""
 
@@ -8,7 +8,13 @@ import random
 
 import pytest
 
-from imsrelay.data_reader import SCAN_EVERY, DataScanner, Outcome, normalise_bare_lf, unstuff
+from imsrelay.ingress.data_reader import (
+    SCAN_EVERY,
+    DataScanner,
+    Outcome,
+    normalise_bare_lf,
+    unstuff,
+)
 
 
 def reference(stream: bytes, *, size_limit: int | None, line_limit: int,

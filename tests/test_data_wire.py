@@ -17,7 +17,13 @@ import structlog
 from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
 from smtp_wire import Wire, code
 
-from imsrelay.smtpd import BARE_NEWLINE_REPLY, DATA_ON_LOOP, BareNewline, ImsSMTP, LineReader
+from imsrelay.ingress.smtpd import (
+    BARE_NEWLINE_REPLY,
+    DATA_ON_LOOP,
+    BareNewline,
+    ImsSMTP,
+    LineReader,
+)
 
 USER1 = b"User1@SiteA.microsoft.com"
 _PREFIX = re.compile(rb"Return-Path: [^\r]*\r\nDelivered-To: [^\r]*\r\nReceived: by [^\r]*\r\n\t[^\r]*\r\n"

@@ -11,14 +11,14 @@ import structlog
 from ims_kit import Peer, message, queued, start_peer, submit
 from sitekit import free_port, make_config, running_site, site_mapping, wait_for
 
-from imsrelay.logs import (
+from imsrelay.observe.logs import (
     CategoryFilter,
     category_levels,
     category_of,
     configure_logging,
     site_logger,
 )
-from imsrelay.protocol_log import ProtocolLog, format_line
+from imsrelay.observe.protocol_log import ProtocolLog, format_line
 
 
 async def test_protocol_log_records_both_directions_with_session_and_queue_ids(tmp_path):

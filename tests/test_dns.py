@@ -1,4 +1,4 @@
-"""imsrelay.dns: pure MX ordering, and lookups against a real nsd on 127.0.0.1.
+"""imsrelay.routing.dns: pure MX ordering, and lookups against a real nsd on 127.0.0.1.
 
 No test here uses the system resolver: every MailResolver is given the address
 of an nsd this module started (or a loopback port that never answers).
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from nsd_server import NsdServer
 from sitekit import free_port
 
-from imsrelay.dns import (
+from imsrelay.routing.dns import (
     DnsFailure,
     MailResolver,
     MxHost,

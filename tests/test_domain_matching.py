@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imsrelay.addresses import domain_matches, most_specific
+from imsrelay.model.addresses import domain_matches, most_specific
 
 label = st.from_regex(r"[a-z][a-z0-9-]{0,6}[a-z0-9]|[a-z]", fullmatch=True)
 domain = st.lists(label, min_size=1, max_size=4).map(".".join)

@@ -1,4 +1,4 @@
-"""imsrelay.dsn: RFC 3464 reports read back by the stdlib parser, and loop safety."""
+"""imsrelay.queue.dsn: RFC 3464 reports read back by the stdlib parser, and loop safety."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imsrelay.dsn import (
+from imsrelay.queue.dsn import (
     EXPIRED_TEXT,
     RecipientStatus,
     ReportingSite,

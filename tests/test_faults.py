@@ -18,10 +18,10 @@ from sitekit import (
     write_site_file,
 )
 
-from imsrelay.admin_client import AdminRequestError
+from imsrelay.admin.client import AdminRequestError
 from imsrelay.cli import main
+from imsrelay.observe.tracking import TrackingEvent, TrackingQuery
 from imsrelay.site import Site
-from imsrelay.tracking import TrackingEvent, TrackingQuery
 
 HOSTS = {"SiteA": "127.0.0.31", "SiteB": "127.0.0.32"}
 

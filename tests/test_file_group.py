@@ -1,4 +1,4 @@
-"""Maildir deliveries of one commit round made durable together (imsrelay.file_group):
+"""Maildir deliveries of one commit round made durable together (imsrelay.durable.file_group):
 a file appears in new/ only complete and only after its data was flushed; the
 directory is flushed before anyone hears "delivered"; a failing file never appears
 and fails only its own request."""
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay import file_group
-from imsrelay.file_group import MAX_OPEN, FileGroup
-from imsrelay.maildir import delivery_write, ensure_maildir, list_messages
-from imsrelay.spool import Spool
+from imsrelay.durable import file_group
+from imsrelay.durable.file_group import MAX_OPEN, FileGroup
+from imsrelay.queue.spool import Spool
+from imsrelay.transport.maildir import delivery_write, ensure_maildir, list_messages
 
 
 def maildir(tmp_path: Path, name: str = "UserA") -> Path:

@@ -278,7 +278,7 @@ def test_fuzz_smtp_sessions(fuzzed_site):
 
 
 def test_fuzz_replication_messages(fuzzed_site):
-    from imsrelay.replication import build_request, build_updates, render_message
+    from imsrelay.directory.replication import build_request, build_updates, render_message
 
     site = fuzzed_site
     rnd = random.Random(SEED + 1)

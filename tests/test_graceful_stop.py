@@ -9,9 +9,9 @@ import threading
 
 from sitekit import make_config, running_site, site_mapping, wait_for
 
+from imsrelay.ingress.smtpd import close_sessions
+from imsrelay.queue.spool import Spool
 from imsrelay.site import Site
-from imsrelay.smtpd import close_sessions
-from imsrelay.spool import Spool
 
 MESSAGE = b"Subject: stop\r\nMessage-ID: <stop-1@example.net>\r\n\r\nbody\r\n"
 

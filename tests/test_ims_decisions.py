@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sitekit import make_config, site_mapping
 
-from imsrelay.config import ConfigError
-from imsrelay.faults import (
+from imsrelay.config.loader import ConfigError
+from imsrelay.observe.faults import (
     Fault,
     FaultBook,
     FaultError,
@@ -15,7 +15,7 @@ from imsrelay.faults import (
     matches_client,
     matches_link,
 )
-from imsrelay.transfer_mode import TransferMode, accepts_inbound, holds, parse_mode
+from imsrelay.policy.transfer_mode import TransferMode, accepts_inbound, holds, parse_mode
 
 
 def test_transfer_modes():

@@ -14,8 +14,7 @@ import random
 
 import pytest
 
-from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_message
-from imsrelay.smtpd import (
+from imsrelay.ingress.smtpd import (
     _FIXED_REPLIES,
     _SIMPLE_PATH,
     _UNPRINTABLE,
@@ -26,6 +25,7 @@ from imsrelay.smtpd import (
     printable_reply,
     with_enhanced_status,
 )
+from imsrelay.policy.rewrite import RewriteRules, header_addresses, rewrite_message
 
 HAND_PICKED = [
     "", "<>", "<a@b.c>", " <a@b.c>", "\t<a@b.c>", "<a@b.c> SIZE=12", "<a@b.c>  SIZE=12 BODY=8BITMIME",
@@ -144,7 +144,7 @@ def test_header_date_is_formatted_once_a_second_and_follows_the_clock() -> None:
     from datetime import UTC, datetime
     from email.utils import format_datetime, parsedate_to_datetime
 
-    from imsrelay.header_date import header_date_now
+    from imsrelay.model.header_date import header_date_now
 
     first = header_date_now(1_790_000_000.2)
     assert header_date_now(1_790_000_000.7) is first  # the same second: the same text, not formatted again
@@ -154,7 +154,7 @@ def test_header_date_is_formatted_once_a_second_and_follows_the_clock() -> None:
     assert abs(parsedate_to_datetime(header_date_now()).timestamp() - datetime.now(UTC).timestamp()) < 5
 
 def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
-    from imsrelay.smtpd import received_header
+    from imsrelay.ingress.smtpd import received_header
 
     line = received_header(helo="bad\x00helo é", peer_ip="127.0.0.1", by="mx.example", queue_id="Q1",
                            recipient="a@b.c", date="Wed, 02 Dec 2026 05:00:00 +0000")
@@ -165,7 +165,7 @@ def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
 
 
 def test_bound_methods_binds_on_lookup_and_reads_as_the_old_table() -> None:
-    from imsrelay.smtpd import BoundMethods
+    from imsrelay.ingress.smtpd import BoundMethods
 
     class Proto:
         def __init__(self, name: str) -> None:

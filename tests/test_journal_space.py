@@ -7,8 +7,8 @@ import os
 import pytest
 from test_spool import envelope
 
-from imsrelay.journal import DONE, ENQUEUE, Journal
-from imsrelay.spool import RECLAIM_AT, Append, Spool
+from imsrelay.durable.journal import DONE, ENQUEUE, Journal
+from imsrelay.queue.spool import RECLAIM_AT, Append, Spool
 
 
 def journal_bytes(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from imsrelay import journal as journal_module
-from imsrelay.journal import ENQUEUE, IOV_MAX, STATE, Journal, write_chunks
+from imsrelay.durable import journal as journal_module
+from imsrelay.durable.journal import ENQUEUE, IOV_MAX, STATE, Journal, write_chunks
 
 
 def records(n: int) -> list[tuple[int, bytes]]:

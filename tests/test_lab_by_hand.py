@@ -20,10 +20,10 @@ import pytest
 import pytest_asyncio
 from sitekit import free_port
 
-from imsrelay.config import load_config
-from imsrelay.lab import INTERNET, SITES, Lab, LabStepRefused, stage_index
-from imsrelay.lab_walk import plan_config_step
-from imsrelay.replication_keys import generate_private_key, public_key_text
+from imsrelay.config.loader import load_config
+from imsrelay.directory.keys import generate_private_key, public_key_text
+from imsrelay.lab.embedded import INTERNET, SITES, Lab, LabStepRefused, stage_index
+from imsrelay.lab.walk import plan_config_step
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
 
@@ -271,9 +271,9 @@ def test_every_lab_written_file_takes_the_readmes_table_entries(tmp_path: Path):
     """At every stage, what the lab writes accepts `[[connected_sites]]`,
     `[[email_domains]]` and `[[replication.connectors]]` appended by hand (inline
     arrays would make TOML refuse them: "Cannot mutate immutable namespace")."""
-    from imsrelay import toml_text
-    from imsrelay.docker_configs import compose_site_toml
-    from imsrelay.lab import STAGE_NAMES, internet_mapping, site_mapping
+    from imsrelay.config import toml_text
+    from imsrelay.lab.docker_configs import compose_site_toml
+    from imsrelay.lab.embedded import STAGE_NAMES, internet_mapping, site_mapping
 
     extra = ('\n[[connected_sites]]\nname = "SiteZ"\nrouting_address = "@SiteZ.example"\n'
              '\n[[email_domains]]\ndomain = "partner.example"\nhost = "127.0.0.40"\n'

@@ -4,7 +4,7 @@ The embedded lab (``imsrelay lab``) makes each site's Ed25519 key in
 ``<data>/keys/SiteX.pem`` at install and writes every site's public key into each
 site's file; the Docker lab's throwaway keys are committed under
 ``config/docker/keys/`` and their public halves in ``config/docker/siteX.toml``
-(written by ``imsrelay.docker_configs``).  In both, a site can speak only for the
+(written by ``imsrelay.lab.docker_configs``).  In both, a site can speak only for the
 objects it owns.
 """
 
@@ -22,9 +22,18 @@ import pytest_asyncio
 from sitekit import free_port, send_mail, wait_for
 from structlog.testing import capture_logs
 
-from imsrelay.admin_client import AdminClient
-from imsrelay.config import load_config
-from imsrelay.docker_configs import (
+from imsrelay.admin.client import AdminClient
+from imsrelay.config.loader import load_config
+from imsrelay.directory.keys import PER_SITE_KEYS, Trust, load_private_key, public_key_text
+from imsrelay.directory.replication import (
+    BAD_SIGNATURE,
+    REFUSED_OBJECT,
+    build_updates,
+    render_message,
+    sign_own_objects,
+    trust_for,
+)
+from imsrelay.lab.docker_configs import (
     COMPOSE_KEY_PATH,
     CONFIG_DIR,
     committed_public_keys,
@@ -34,8 +43,8 @@ from imsrelay.docker_configs import (
     regenerate_keys,
     with_trusted_keys,
 )
-from imsrelay.docker_configs import main as docker_configs_main
-from imsrelay.lab import (
+from imsrelay.lab.docker_configs import main as docker_configs_main
+from imsrelay.lab.embedded import (
     ADMIN_TOKEN,
     COMPANY_DOMAIN,
     ORGANISATION,
@@ -45,16 +54,7 @@ from imsrelay.lab import (
     key_path,
     stage_index,
 )
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.replication import (
-    BAD_SIGNATURE,
-    REFUSED_OBJECT,
-    build_updates,
-    render_message,
-    sign_own_objects,
-    trust_for,
-)
-from imsrelay.replication_keys import PER_SITE_KEYS, Trust, load_private_key, public_key_text
+from imsrelay.model.objects import DirObject, Stamp
 
 REPO = Path(__file__).resolve().parent.parent
 A, B, C = SITES

@@ -15,11 +15,11 @@ PACKAGE = ROOT / "imsrelay"
 IO_MODULES = {
     "sqlite3", "ssl", "asyncio", "tomllib", "fcntl", "mmap", "threading",
     "aiosmtpd", "aiosmtplib", "aiohttp", "dns", "uvloop", "structlog", "urllib.request", "http.client",
-    "imsrelay.config", "imsrelay.spool", "imsrelay.journal", "imsrelay.directory", "imsrelay.dns",
-    "imsrelay.maildir", "imsrelay.smtp_client", "imsrelay.smtp_pipelining", "imsrelay.smtpd", "imsrelay.site",
-    "imsrelay.admin",
-    "imsrelay.admin_client", "imsrelay.replication", "imsrelay.interfaces", "imsrelay.logs",
-    "imsrelay.delivery", "imsrelay.lab", "imsrelay.cli",
+    "imsrelay.config.loader", "imsrelay.queue.spool", "imsrelay.durable.journal", "imsrelay.directory.store", "imsrelay.routing.dns",
+    "imsrelay.transport.maildir", "imsrelay.transport.smtp", "imsrelay.transport.pipelining", "imsrelay.ingress.smtpd", "imsrelay.site",
+    "imsrelay.admin.server",
+    "imsrelay.admin.client", "imsrelay.directory.replication", "imsrelay.routing.host_addresses", "imsrelay.observe.logs",
+    "imsrelay.queue.manager", "imsrelay.lab.embedded", "imsrelay.cli",
 }
 
 
@@ -32,8 +32,8 @@ def imported_by(statement: str) -> set[str]:
 
 
 def test_pure_deciders_import_no_io():
-    new = imported_by("import imsrelay.router, imsrelay.policy, imsrelay.rewrite, imsrelay.backpressure")
-    assert "imsrelay.router" in new  # the probe works
+    new = imported_by("import imsrelay.routing.router, imsrelay.policy.inbound, imsrelay.policy.rewrite, imsrelay.policy.backpressure")
+    assert "imsrelay.routing.router" in new  # the probe works
     assert not {m for m in new if m in IO_MODULES or m.split(".")[0] in IO_MODULES - {"imsrelay"}}, \
         sorted(new & IO_MODULES)
     # not even the socket module (the stdlib's email.utils would bring it in)
@@ -41,15 +41,15 @@ def test_pure_deciders_import_no_io():
 
 
 def test_value_modules_import_no_io():
-    new = imported_by("import imsrelay.envelope, imsrelay.objects, imsrelay.errors, imsrelay.settings, "
-                      "imsrelay.queue_rules, imsrelay.loops, imsrelay.outcome, imsrelay.smtp_body, "
-                      "imsrelay.data_reader")
+    new = imported_by("import imsrelay.model.envelope, imsrelay.model.objects, imsrelay.model.errors, imsrelay.model.settings, "
+                      "imsrelay.queue.rules, imsrelay.policy.loops, imsrelay.model.outcome, imsrelay.transport.smtp_body, "
+                      "imsrelay.ingress.data_reader")
     bad = {m for m in new if m in IO_MODULES}
     assert not bad, sorted(bad)
 
 
 def test_the_probe_sees_io_modules():
-    assert "sqlite3" in imported_by("import imsrelay.directory")
+    assert "sqlite3" in imported_by("import imsrelay.directory.store")
 
 
 def function_local_imports(path: Path) -> list[str]:

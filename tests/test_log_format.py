@@ -8,7 +8,7 @@ import json
 
 import structlog
 
-from imsrelay.logs import configure_logging, get_logger
+from imsrelay.observe.logs import configure_logging, get_logger
 
 
 def emit(monkeypatch, fmt: str, env: str | None) -> str:

@@ -1,7 +1,6 @@
-"""Loop detection (imsrelay.loops, pure): the one owner of every "this came back" decision."""
+"""Loop detection (imsrelay.policy.loops, pure): the one owner of every "this came back" decision."""
 
-from imsrelay.dns import NextHop
-from imsrelay.loops import (
+from imsrelay.policy.loops import (
     endpoints_for,
     is_self,
     points_at_self,
@@ -9,6 +8,7 @@ from imsrelay.loops import (
     seen_before,
     without_self,
 )
+from imsrelay.routing.dns import NextHop
 
 ME = endpoints_for("127.10.10.10", "ServerA.SiteA.microsoft.com", 2525)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
-from imsrelay import header_date
-from imsrelay.maildir import delivery_write, ensure_maildir, trace_headers, unique_name
-from imsrelay.spool import Spool
+from imsrelay.model import header_date
+from imsrelay.queue.spool import Spool
+from imsrelay.transport.maildir import delivery_write, ensure_maildir, trace_headers, unique_name
 
 
 def received_date(headers: bytes) -> str:

@@ -9,9 +9,9 @@ import tracemalloc
 from sitekit import free_port, make_config, running_site, site_mapping
 from smtp_wire import Wire
 
-from imsrelay.envelope import Envelope, RecipientState, new_queue_id
-from imsrelay.journal import ENQUEUE
-from imsrelay.spool import Spool, queue_file_bytes
+from imsrelay.durable.journal import ENQUEUE
+from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.queue.spool import Spool, queue_file_bytes
 
 
 async def test_active_attempts_are_capped(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.message_store import SearchError, parse_search
+from imsrelay.admin.message_store import SearchError, parse_search
 from imsrelay.testing import LAB_TOKEN, LabClient, LabError
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

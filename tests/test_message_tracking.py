@@ -9,8 +9,14 @@ import sys
 import time
 import uuid
 
+from imsrelay.observe.tracking import (
+    TrackingEvent,
+    TrackingQuery,
+    follow,
+    message_id_of,
+    remote_queue_id,
+)
 from imsrelay.testing import LAB_TOKEN, LabClient
-from imsrelay.tracking import TrackingEvent, TrackingQuery, follow, message_id_of, remote_queue_id
 
 
 def wait_story(lab: LabClient, message_id: str, done, timeout: float = 60.0) -> dict:
@@ -163,7 +169,7 @@ def test_replication_mail_is_tracked_too(imsrelay_lab: LabClient):
 
 
 async def test_events_older_than_the_retention_are_deleted(tmp_path):
-    from imsrelay.tracking import TrackingLog, TrackingQuery
+    from imsrelay.observe.tracking import TrackingLog, TrackingQuery
 
     now = [1_000_000.0]
     log = TrackingLog(tmp_path / "t.sqlite3", "SiteA", days=2, clock=lambda: now[0])

@@ -11,8 +11,8 @@ from ims_kit import Peer, admin, admin_section, message, start_peer, submit
 from prometheus_client.parser import text_string_to_metric_families
 from sitekit import free_port, make_config, running_site, site_mapping, wait_for
 
-from imsrelay.envelope import Envelope, RecipientState
-from imsrelay.metrics import SiteMetrics, queue_lengths
+from imsrelay.model.envelope import Envelope, RecipientState
+from imsrelay.observe.metrics import SiteMetrics, queue_lengths
 
 
 class Refusing(Peer):

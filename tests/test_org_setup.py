@@ -12,7 +12,7 @@ import pytest
 import sitekit
 from sitekit import Organisation, free_port, maildir_messages, send_mail, wait_for
 
-from imsrelay.org_setup import lagging, needs_site_addressing, view_of
+from imsrelay.lab.org_setup import lagging, needs_site_addressing, view_of
 
 HOSTS = {"SiteA": "127.0.0.21", "SiteB": "127.0.0.22", "SiteC": "127.0.0.23"}
 TOKEN = "org-setup-test-token"

@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import pytest
 from sitekit import make_config, running_site, site_mapping
 
-from imsrelay import tracking
-from imsrelay.addresses import AddressError, ip_literal, parse_address
-from imsrelay.delivery import QueueManager, _assign
-from imsrelay.envelope import RecipientState
-from imsrelay.metrics import SiteMetrics
-from imsrelay.restrictions import Client, RelayRules, _in, _parsed_ip, ip_of, relay_decision
-from imsrelay.router import RELAY, Route, route_for, self_addresses, shares_load
+from imsrelay.model.addresses import AddressError, ip_literal, parse_address
+from imsrelay.model.envelope import RecipientState
+from imsrelay.observe import tracking
+from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.observe.tracking import TrackingLog, TrackingQuery, message_id_of
+from imsrelay.policy.restrictions import Client, RelayRules, _in, _parsed_ip, ip_of, relay_decision
+from imsrelay.queue.manager import QueueManager, _assign
+from imsrelay.routing.router import RELAY, Route, route_for, self_addresses, shares_load
 from imsrelay.site import Site
-from imsrelay.smtp_client import smtp_path
-from imsrelay.tracking import TrackingLog, TrackingQuery, message_id_of
+from imsrelay.transport.smtp import smtp_path
 
 # ------------------------------------------------------------------ pure memoised look-ups
 

@@ -2,16 +2,16 @@
 
 import ipaddress
 
-from imsrelay.addresses import parse_address
-from imsrelay.loops import check_hops, count_hops
-from imsrelay.policy import (
+from imsrelay.model.addresses import parse_address
+from imsrelay.policy.inbound import (
     InboundPolicy,
     check_recipient,
     check_size,
     check_storage,
     client_may_relay,
 )
-from imsrelay.router import local_domains_for
+from imsrelay.policy.loops import check_hops, count_hops
+from imsrelay.routing.router import local_domains_for
 
 POLICY = InboundPolicy(
     local_domains=local_domains_for("SiteA.microsoft.com", "microsoft.com", ()),

@@ -9,7 +9,7 @@ from ims_kit import human_text, mailbox, message, queued, status_text, submit
 from sitekit import free_port, running_site, site_mapping, wait_for, write_site_file
 
 from imsrelay.cli import main
-from imsrelay.priority import NON_URGENT, NORMAL, URGENT, priority_of
+from imsrelay.model.priority import NON_URGENT, NORMAL, URGENT, priority_of
 
 
 async def test_lifetimes_and_delay_notices_by_priority(tmp_path, capsys):

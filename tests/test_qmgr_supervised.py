@@ -7,7 +7,7 @@ import smtplib
 import aiohttp
 from sitekit import free_port, maildir_messages, make_config, running_site, site_mapping, wait_for
 
-from imsrelay.delivery import QmgrHealth
+from imsrelay.queue.manager import QmgrHealth
 
 TOKEN = "t0ken"
 

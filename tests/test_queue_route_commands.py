@@ -19,8 +19,8 @@ from sitekit import free_port, running_site, send_mail, simple_message, site_map
 from smtp_sink import SmtpSink
 
 from imsrelay.cli import main
-from imsrelay.config import load_config
-from imsrelay.spool import Spool
+from imsrelay.config.loader import load_config
+from imsrelay.queue.spool import Spool
 
 USER1 = "User1@SiteA.microsoft.com"
 

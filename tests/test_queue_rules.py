@@ -1,14 +1,14 @@
-"""The queue's state machine for one recipient (imsrelay.queue_rules), without I/O:
+"""The queue's state machine for one recipient (imsrelay.queue.rules), without I/O:
 every transition Exchange's retry / expiry / NDR rules and DESIGN.md invariant 2 need."""
 
 from __future__ import annotations
 
 import pytest
 
-from imsrelay.dsn import EXPIRED_TEXT
-from imsrelay.envelope import BOUNCED, DELIVERED, FAILED, PENDING, TERMINAL, RecipientState
-from imsrelay.outcome import Outcome
-from imsrelay.queue_rules import (
+from imsrelay.model.envelope import BOUNCED, DELIVERED, FAILED, PENDING, TERMINAL, RecipientState
+from imsrelay.model.outcome import Outcome
+from imsrelay.queue.dsn import EXPIRED_TEXT
+from imsrelay.queue.rules import (
     DEFAULT_RETRY,
     RetryPolicy,
     after_attempt,

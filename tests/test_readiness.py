@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
-from imsrelay.readiness import Readiness
+from imsrelay.observe.readiness import Readiness
 from imsrelay.testing import free_lab_port, free_port
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sitekit import free_port
 
-from imsrelay.maildir import list_messages
+from imsrelay.transport.maildir import list_messages
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

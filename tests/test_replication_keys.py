@@ -11,20 +11,8 @@ import pytest
 from sitekit import ORG_HOSTS as HOSTS
 from sitekit import ORG_KEY, Organisation, run_cli, send_mail, wait_for
 
-from imsrelay.admin_client import AdminClient
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.org_setup import key_scheme_problem
-from imsrelay.replication import (
-    BAD_SIGNATURE,
-    REFUSED_OBJECT,
-    UNTRUSTED_SITE,
-    build_updates,
-    render_message,
-    sign_own_objects,
-    trust_for,
-    verify,
-)
-from imsrelay.replication_keys import (
+from imsrelay.admin.client import AdminClient
+from imsrelay.directory.keys import (
     ORGANISATION_KEY,
     PER_SITE_KEYS,
     ReplicationKeyError,
@@ -35,6 +23,18 @@ from imsrelay.replication_keys import (
     site_key,
     write_private_key,
 )
+from imsrelay.directory.replication import (
+    BAD_SIGNATURE,
+    REFUSED_OBJECT,
+    UNTRUSTED_SITE,
+    build_updates,
+    render_message,
+    sign_own_objects,
+    trust_for,
+    verify,
+)
+from imsrelay.lab.org_setup import key_scheme_problem
+from imsrelay.model.objects import DirObject, Stamp
 
 
 async def test_transitive_replication_with_per_site_keys(organisation):

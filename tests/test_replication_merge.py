@@ -13,9 +13,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imsrelay.directory import Directory, merge_order
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.replication import advance_high_water
+from imsrelay.directory.replication import advance_high_water
+from imsrelay.directory.store import Directory, merge_order
+from imsrelay.model.objects import DirObject, Stamp
 
 OBJECT_IDS = ["mailbox:SiteA:user1", "mailbox:SiteB:user2", "mailbox:SiteC:user3", "mailbox:SiteC:admin"]
 ADDRESSES = ["user@microsoft.com", "admin@microsoft.com", "user1@sitea.microsoft.com", "x@example.net"]

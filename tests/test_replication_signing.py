@@ -10,9 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from sitekit import make_config, running_site, site_mapping, wait_for
 
-from imsrelay import dsn
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.replication import (
+from imsrelay.directory.replication import (
     BAD_SIGNATURE,
     FOREIGN_ORGANISATION,
     FUTURE,
@@ -32,6 +30,8 @@ from imsrelay.replication import (
     sign,
     verify,
 )
+from imsrelay.model.objects import DirObject, Stamp
+from imsrelay.queue import dsn
 
 KEY = "test-org-key"
 NOW = 1_700_000_000.0

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from sitekit import ORG_HOSTS, ORG_KEY, ORG_TOKEN, maildir_messages, rcpt_reply, send_mail, wait_for
 
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.replication import build_request, render_message
+from imsrelay.directory.replication import build_request, render_message
+from imsrelay.model.objects import DirObject, Stamp
 from imsrelay.site import Site
 
 HOSTS = ORG_HOSTS

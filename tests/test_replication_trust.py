@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from sitekit import make_config, running_site, site_mapping, wait_for
 from test_replication_signing import mailbox, render, request, smtp_send
 
-from imsrelay import dsn
-from imsrelay.object_rules import object_problem
-from imsrelay.objects import DirObject, Stamp
-from imsrelay.replication import FORGED_BOUNCE, REFUSED_OBJECT, build_updates
+from imsrelay.directory.replication import FORGED_BOUNCE, REFUSED_OBJECT, build_updates
+from imsrelay.model.object_rules import object_problem
+from imsrelay.model.objects import DirObject, Stamp
+from imsrelay.queue import dsn
 
 DIRSYNC_A = "dirsync@SiteA.microsoft.com"
 

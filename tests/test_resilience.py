@@ -22,8 +22,8 @@ import pytest
 from sitekit import free_port, maildir_messages, make_config, running_site, site_mapping, wait_for
 from test_crash import wait_listening, write_config
 
-from imsrelay.maildir import list_messages, mailbox_dir
-from imsrelay.spool import Spool
+from imsrelay.queue.spool import Spool
+from imsrelay.transport.maildir import list_messages, mailbox_dir
 
 HOST = "127.0.0.1"
 

@@ -1,4 +1,4 @@
-"""Unit tests for imsrelay.restrictions: relay, connections, submission, delivery, filtering."""
+"""Unit tests for imsrelay.policy.restrictions: relay, connections, submission, delivery, filtering."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from imsrelay.restrictions import (
+from imsrelay.policy.restrictions import (
     AcceptRules,
     Client,
     SenderRules,
@@ -20,7 +20,7 @@ from imsrelay.restrictions import (
     relay_decision,
     sender_decision,
 )
-from imsrelay.restrictions import RelayRules as R
+from imsrelay.policy.restrictions import RelayRules as R
 
 
 def nets(*texts: str) -> tuple:
@@ -133,7 +133,7 @@ def test_filter_decision_site_first_then_mailbox() -> None:
 
 
 def test_recipient_verdict_restrictions_before_filtering() -> None:
-    from imsrelay.restrictions import recipient_verdict
+    from imsrelay.policy.restrictions import recipient_verdict
 
     box = SenderRules(reject_from=("@bad.example",), filter_senders=("@junk.example",), filter_action="delete")
     v = recipient_verdict("x@bad.example", "Boss@x", box, site_filter=("@bad.example",), site_action="turf")
@@ -146,7 +146,7 @@ def test_recipient_verdict_restrictions_before_filtering() -> None:
 
 
 def test_rules_from_replicated_data_tolerate_junk() -> None:
-    from imsrelay.restrictions import rules_from_data
+    from imsrelay.policy.restrictions import rules_from_data
 
     r = rules_from_data({"accept_from": ["@Corp.Example", 7, "no at", None], "reject_from": "x@y.example",
                          "filter_senders": ["<>"], "filter_action": "bounce"})

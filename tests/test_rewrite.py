@@ -1,6 +1,6 @@
 """Address rewriting by Site Addressing (pure, bytes kept)."""
 
-from imsrelay.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
+from imsrelay.policy.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
 
 ON = RewriteRules("SiteA.microsoft.com", "microsoft.com")
 OFF = RewriteRules("SiteA.microsoft.com", "SiteA.microsoft.com")

@@ -9,8 +9,8 @@ from ims_kit import Peer, message, queued, start_peer, submit
 from sitekit import free_port, running_site, site_mapping, wait_for, write_site_file
 
 from imsrelay.cli import main
-from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.router import RELAY, RoutingTable, order_by_cost, route_for
+from imsrelay.config.loader import ConnectedSite, DomainRoute
+from imsrelay.routing.router import RELAY, RoutingTable, order_by_cost, route_for
 
 
 def two_routes(cheap: int, dear: int, cost_b: int = 2) -> dict:

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sitekit import config_of, site_mapping
 
-from imsrelay.config import ConnectedSite, DomainRoute
-from imsrelay.interfaces import local_addresses, site_endpoints
-from imsrelay.objects import Mailbox
-from imsrelay.router import (
+from imsrelay.config.loader import ConnectedSite, DomainRoute
+from imsrelay.model.objects import Mailbox
+from imsrelay.routing.host_addresses import local_addresses, site_endpoints
+from imsrelay.routing.router import (
     DIRECTORY,
     FAIL,
     LOCAL,
@@ -222,7 +222,7 @@ def test_an_address_literal_of_this_site_is_this_site():
     r = route_for("nobody@[127.10.10.10]", None, t)
     assert (r.kind, r.status, r.permanent) == (FAIL, "5.1.1", True)
     assert "address literal [127.10.10.10] is this site's own address" in r.steps
-    from imsrelay.router import directory_lookup_address, self_addresses
+    from imsrelay.routing.router import directory_lookup_address, self_addresses
     assert directory_lookup_address("User1@[127.10.10.10]", "SiteA.microsoft.com",
                                     self_addresses(t.self_endpoints)) == "User1@SiteA.microsoft.com"
     assert directory_lookup_address("User1@[192.0.2.1]", "SiteA.microsoft.com",

@@ -15,12 +15,12 @@ import tomli_w
 from sitekit import free_port, make_config, running_site, site_mapping
 from structlog.testing import capture_logs
 
-from imsrelay.directory import Directory, DirectoryError
-from imsrelay.errors import ConfigError
-from imsrelay.logs import configure_logging, get_logger
-from imsrelay.objects import DirObject, Stamp
+from imsrelay.directory.site_addressing import site_addressing_job
+from imsrelay.directory.store import Directory, DirectoryError
+from imsrelay.model.errors import ConfigError
+from imsrelay.model.objects import DirObject, Stamp
+from imsrelay.observe.logs import configure_logging, get_logger
 from imsrelay.site import Site
-from imsrelay.site_addressing import site_addressing_job
 
 TOKEN = "site-addressing-test-token"
 

@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 from sitekit import maildir_messages, make_config, running_site, send_mail, site_mapping, wait_for
 
-from imsrelay.spool import Spool
+from imsrelay.queue.spool import Spool
 
 HOST = "127.0.0.1"
 

@@ -31,7 +31,7 @@ from sitekit import (
 )
 from smtp_sink import SmtpSink
 
-from imsrelay.spool import Spool
+from imsrelay.queue.spool import Spool
 
 USER1 = "User1@SiteA.microsoft.com"
 SUBJECT = "Quarterly figures"
@@ -455,7 +455,7 @@ async def test_two_sites_exchange_mail_through_their_email_domain_tables(tmp_pat
 
 
 def test_reply_classification_and_diagnostics():
-    from imsrelay.smtp_client import reply_outcome, reply_status, smtp_diagnostic
+    from imsrelay.transport.smtp import reply_outcome, reply_status, smtp_diagnostic
 
     assert reply_status(550, "5.1.1 <x@y>: unknown user") == "5.1.1"
     assert reply_status(550, "4.2.0 mismatched class") == "5.0.0"  # the reply code decides the class
@@ -468,8 +468,8 @@ def test_reply_classification_and_diagnostics():
 
 
 def test_smtputf8_need_and_command_paths():
-    from imsrelay.envelope import Envelope, RecipientState
-    from imsrelay.smtp_client import needs_smtputf8, smtp_path
+    from imsrelay.model.envelope import Envelope, RecipientState
+    from imsrelay.transport.smtp import needs_smtputf8, smtp_path
 
     env = Envelope("Q1", "a@b.example", [RecipientState("c@d.example")], 0.0)
     header_utf8 = "Subject: café\r\n\r\nbody".encode()
@@ -485,8 +485,8 @@ def test_smtputf8_need_and_command_paths():
 
 
 def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
-    from imsrelay.dns import NextHop
-    from imsrelay.loops import without_self
+    from imsrelay.policy.loops import without_self
+    from imsrelay.routing.dns import NextHop
 
     me = frozenset({("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)})
     hops = [NextHop("mx1.x", "192.0.2.1", 25, 10), NextHop("ServerA.SiteA.microsoft.com", "10.0.0.9", 25, 20),
@@ -522,7 +522,7 @@ async def test_mail_to_an_address_literal_goes_to_that_address_from_the_sites_ow
     """RFC 5321 §5.1: no MX, no smart host for ``bob@[127.0.0.62]``; and the connection
     comes from the site's listen address (it is a specific one), as Postfix's
     smtp_bind_address would make it."""
-    from imsrelay.smtp_client import source_address_for
+    from imsrelay.transport.smtp import source_address_for
 
     port = free_port("127.0.0.62")
     config = site_config(tmp_path, listen="127.0.0.61",

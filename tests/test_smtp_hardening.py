@@ -8,7 +8,7 @@ import structlog
 from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
 from smtp_wire import Wire, code
 
-from imsrelay.connection_limits import Caps, refusal
+from imsrelay.policy.connection_limits import Caps, refusal
 
 USER1 = b"User1@SiteA.microsoft.com"
 

@@ -13,12 +13,12 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from sitekit import config_of, site_mapping
 from smtp_script_peer import ScriptPeer
 
-from imsrelay.dns import NextHop
-from imsrelay.envelope import Envelope
-from imsrelay.router import RELAY, Route
-from imsrelay.smtp_body import crlf_clean, crlf_message, dot_stuffed
-from imsrelay.smtp_client import SmtpClient, pipelined_stage
-from imsrelay.smtp_pipelining import PipeliningProtocol, PipeliningSMTP
+from imsrelay.model.envelope import Envelope
+from imsrelay.routing.dns import NextHop
+from imsrelay.routing.router import RELAY, Route
+from imsrelay.transport.pipelining import PipeliningProtocol, PipeliningSMTP
+from imsrelay.transport.smtp import SmtpClient, pipelined_stage
+from imsrelay.transport.smtp_body import crlf_clean, crlf_message, dot_stuffed
 
 SENDER = "User1@SiteA.microsoft.com"
 MESSAGE = b"From: User One <User1@SiteA.microsoft.com>\r\nTo: bob@partner.test\r\nSubject: hi\r\n\r\nhello\r\n"

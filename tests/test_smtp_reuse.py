@@ -11,7 +11,7 @@ from aiosmtplib.errors import SMTPReadTimeoutError, SMTPServerDisconnected
 from smtp_script_peer import ScriptPeer, _Session
 from test_smtp_pipelining import MESSAGE, by_kind, envelope, route, smtp_client
 
-from imsrelay.smtp_pipelining import PipeliningProtocol
+from imsrelay.transport.pipelining import PipeliningProtocol
 
 SILENT = "silent"  # the peer answers nothing more (a half-open connection)
 

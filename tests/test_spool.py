@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from imsrelay.envelope import DELIVERED, Envelope, RecipientState, new_queue_id
-from imsrelay.journal import Journal
-from imsrelay.spool import Spool, SpoolLocked
+from imsrelay.durable.journal import Journal
+from imsrelay.model.envelope import DELIVERED, Envelope, RecipientState, new_queue_id
+from imsrelay.queue.spool import Spool, SpoolLocked
 
 
 def envelope(n_rcpts=2):

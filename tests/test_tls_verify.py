@@ -57,7 +57,7 @@ async def test_verify_level(tmp_path, pki, cert, level, with_ca, delivered):
 
 
 def test_smart_host_level_is_its_own(tmp_path):
-    from imsrelay.router import route_for, routing_table_for
+    from imsrelay.routing.router import route_for, routing_table_for
 
     cfg = make_config(tmp_path, site_mapping("SiteA", delivery={
         "smart_host": "relay.example:2525", "smart_host_starttls": "verify"}))

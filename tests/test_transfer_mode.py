@@ -18,8 +18,8 @@ from sitekit import (
 )
 
 from imsrelay.cli import main
-from imsrelay.envelope import Envelope, RecipientState, new_queue_id
-from imsrelay.transfer_mode import TransferMode
+from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.policy.transfer_mode import TransferMode
 
 
 def mapping_for(peer_port: int, **extra):
@@ -139,7 +139,7 @@ async def test_the_mode_survives_a_restart_and_offline_commands(tmp_path, capsys
 async def test_user_errors_are_one_line(tmp_path, capsys):
     config = config_for(tmp_path, free_port())
     async with running_site(config) as site:
-        from imsrelay.admin_client import AdminRequestError
+        from imsrelay.admin.client import AdminRequestError
 
         with pytest.raises(AdminRequestError) as err:
             await admin(site, "PUT", "/transfer-mode", {"mode": "sideways"})

@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 from sitekit import free_port, rcpt_reply, send_mail, wait_for
 
-from imsrelay.lab import INTERNET, SITES, Lab, stage_index
-from imsrelay.maildir import list_messages
+from imsrelay.lab.embedded import INTERNET, SITES, Lab, stage_index
+from imsrelay.transport.maildir import list_messages
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -225,7 +225,7 @@ async def test_lab_submission_587_465_with_the_documented_accounts(walk: Walk):
     import ssl
     import subprocess
 
-    from imsrelay.lab import LAB_PASSWORDS
+    from imsrelay.lab.embedded import LAB_PASSWORDS
 
     lab = walk.lab
     ca = str(lab.ca_cert)

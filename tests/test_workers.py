@@ -8,9 +8,9 @@ import time
 from sitekit import free_port, send_mail
 from test_crash import wait_listening, write_config
 
-from imsrelay.journal import Journal
-from imsrelay.maildir import list_messages, mailbox_dir
-from imsrelay.spool import Spool, _replay
+from imsrelay.durable.journal import Journal
+from imsrelay.queue.spool import Spool, _replay
+from imsrelay.transport.maildir import list_messages, mailbox_dir
 
 HOST = "127.0.0.1"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imsrelay.config import SiteConfig, load_config
-from imsrelay.errors import UserError
-from imsrelay.replication_keys import ReplicationKeyError, trust_from
+from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.directory.keys import ReplicationKeyError, trust_from
+from imsrelay.model.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

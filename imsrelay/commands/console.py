@@ -10,8 +10,8 @@ import os
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
-from imsrelay.errors import UserError
-from imsrelay.logs import configure_logging
+from imsrelay.model.errors import UserError
+from imsrelay.observe.logs import configure_logging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from imsrelay.admin_client import cli_call, ensure_offline
-from imsrelay.auth import PasswordError, hash_password
+from imsrelay.admin.client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.directory import Directory, DirectoryError, DirectoryNotFound
-from imsrelay.errors import UserError
-from imsrelay.objects import Mailbox
+from imsrelay.config.loader import load_config
+from imsrelay.directory.store import Directory, DirectoryError, DirectoryNotFound
+from imsrelay.model.errors import UserError
+from imsrelay.model.objects import Mailbox
+from imsrelay.policy.auth import PasswordError, hash_password
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,7 +1,7 @@
 """``imsrelay faults add|list|clear`` — make a running site misbehave on purpose (lab).
 
 Faults live in the running site (admin endpoint ``/faults``); each has an expiry
-(``--expires``, default 1h).  See ``imsrelay.faults`` for what each kind does.
+(``--expires``, default 1h).  See ``imsrelay.observe.faults`` for what each kind does.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from imsrelay.admin_client import cli_call
+from imsrelay.admin.client import cli_call
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.faults import KINDS, STAGES
+from imsrelay.config.loader import load_config
+from imsrelay.observe.faults import KINDS, STAGES
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

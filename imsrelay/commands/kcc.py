@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from imsrelay.admin_client import cli_call
+from imsrelay.admin.client import cli_call
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
+from imsrelay.config.loader import load_config
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,9 +15,16 @@ from imsrelay.commands import PORT, positive_seconds, whole_number
 from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.lab_console import lab_console
 from imsrelay.console.server import ConsoleServer
-from imsrelay.errors import UserError
-from imsrelay.lab import ADMIN_TOKEN, API_HOST, STAGE_NAMES, Lab, LabStepRefused, stage_index
-from imsrelay.logs import configure_logging
+from imsrelay.lab.embedded import (
+    ADMIN_TOKEN,
+    API_HOST,
+    STAGE_NAMES,
+    Lab,
+    LabStepRefused,
+    stage_index,
+)
+from imsrelay.model.errors import UserError
+from imsrelay.observe.logs import configure_logging
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,5 +1,5 @@
 """``imsrelay org-setup`` — KB Q196927's administrator actions across the sites'
-admin endpoints (the work itself is ``imsrelay.org_setup``, which the lab uses too)."""
+admin endpoints (the work itself is ``imsrelay.lab.org_setup``, which the lab uses too)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import argparse
 import os
 from pathlib import Path
 
-from imsrelay.admin_client import cli_client
+from imsrelay.admin.client import cli_client
 from imsrelay.commands import positive_seconds
-from imsrelay.config import AdminConfig, load_config
-from imsrelay.errors import UserError
-from imsrelay.org_setup import Endpoint, OrgSetup, SetupError, SitesUnreachable
+from imsrelay.config.loader import AdminConfig, load_config
+from imsrelay.lab.org_setup import Endpoint, OrgSetup, SetupError, SitesUnreachable
+from imsrelay.model.errors import UserError
 
 DEFAULT_TOKEN_ENV = str(AdminConfig.token_env)  # the site setting's default
 

@@ -23,12 +23,12 @@ import time
 from datetime import UTC, datetime
 
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.envelope import PENDING, Envelope, RecipientState
-from imsrelay.errors import UserError
-from imsrelay.priority import NORMAL, PriorityTimeouts
-from imsrelay.rewrite import split_message
-from imsrelay.spool import Spool
+from imsrelay.config.loader import load_config
+from imsrelay.model.envelope import PENDING, Envelope, RecipientState
+from imsrelay.model.errors import UserError
+from imsrelay.model.priority import NORMAL, PriorityTimeouts
+from imsrelay.policy.rewrite import split_message
+from imsrelay.queue.spool import Spool
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

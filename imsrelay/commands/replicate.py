@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imsrelay.admin_client import cli_call
+from imsrelay.admin.client import cli_call
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.errors import UserError
-from imsrelay.replication_keys import generate_private_key, public_key_text, write_private_key
+from imsrelay.config.loader import load_config
+from imsrelay.directory.keys import generate_private_key, public_key_text, write_private_key
+from imsrelay.model.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,8 +13,8 @@ import argparse
 import json
 
 from imsrelay.commands import add_site_options
-from imsrelay.config import load_config
-from imsrelay.restrictions_report import site_rules
+from imsrelay.config.loader import load_config
+from imsrelay.directory.restrictions_report import site_rules
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,6 +1,6 @@
 """``imsrelay route ADDRESS`` — where would this site send mail for ADDRESS, and why.
 
-The same pure router the queue manager uses (``imsrelay.router.route_for``), fed
+The same pure router the queue manager uses (``imsrelay.routing.router.route_for``), fed
 from the same inputs: the site's TOML file and its directory database.  Works
 whether the site runs or not.  Before the site's first start there is no
 directory yet: the mailboxes of the config file are then provisioned into a
@@ -17,17 +17,17 @@ from pathlib import Path
 
 import structlog
 
-from imsrelay.addresses import AddressError, ip_literal, parse_address
-from imsrelay.config import SiteConfig, load_config
-from imsrelay.directory import Directory, DirectoryError
-from imsrelay.dns import DnsFailure, MailResolver, NextHop
-from imsrelay.errors import UserError
-from imsrelay.interfaces import site_endpoints
-from imsrelay.kcc import learned_sites
-from imsrelay.logs import configure_logging
-from imsrelay.loops import is_self, without_self
-from imsrelay.restrictions_report import Question, explain, inbound_policy_for
-from imsrelay.router import (
+from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.directory.kcc import learned_sites
+from imsrelay.directory.restrictions_report import Question, explain, inbound_policy_for
+from imsrelay.directory.store import Directory, DirectoryError
+from imsrelay.model.addresses import AddressError, ip_literal, parse_address
+from imsrelay.model.errors import UserError
+from imsrelay.observe.logs import configure_logging
+from imsrelay.policy.loops import is_self, without_self
+from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
+from imsrelay.routing.host_addresses import site_endpoints
+from imsrelay.routing.router import (
     MX,
     RELAY,
     Route,
@@ -36,7 +36,7 @@ from imsrelay.router import (
     routing_table_for,
     self_addresses,
 )
-from imsrelay.smtp_client import remote_name
+from imsrelay.transport.smtp import remote_name
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -121,7 +121,7 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
 
 
 def restriction_lines(config: SiteConfig, args: argparse.Namespace) -> list[str]:
-    """Who may send this mail (``imsrelay.restrictions_report.explain``): the same
+    """Who may send this mail (``imsrelay.directory.restrictions_report.explain``): the same
     RCPT policy and routing table as the running site."""
     directory, _ = open_directory_for_routing(config)
     try:

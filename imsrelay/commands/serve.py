@@ -15,11 +15,11 @@ from types import FrameType
 
 from imsrelay.commands import whole_number
 from imsrelay.commands.check_config import check_replication_keys
-from imsrelay.config import SiteConfig, load_config
-from imsrelay.errors import UserError
-from imsrelay.logs import LineLogger, configure_logging, get_logger
+from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.model.errors import UserError
+from imsrelay.observe.logs import LineLogger, configure_logging, get_logger
+from imsrelay.queue.spool import SpoolLocked
 from imsrelay.site import run_site
-from imsrelay.spool import SpoolLocked
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,14 +12,14 @@ import argparse
 import sys
 from typing import Any
 
-from imsrelay.admin_client import cli_call, ensure_offline
+from imsrelay.admin.client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
 from imsrelay.commands.directory import open_directory
-from imsrelay.config import load_config
-from imsrelay.directory import DirectoryError
-from imsrelay.errors import UserError
-from imsrelay.logs import configure_logging, get_logger
-from imsrelay.site_addressing import report_dict, site_addressing_job
+from imsrelay.config.loader import load_config
+from imsrelay.directory.site_addressing import report_dict, site_addressing_job
+from imsrelay.directory.store import DirectoryError
+from imsrelay.model.errors import UserError
+from imsrelay.observe.logs import configure_logging, get_logger
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

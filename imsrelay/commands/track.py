@@ -14,13 +14,12 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from imsrelay.admin_client import AdminClient, AdminRequestError, AdminUnavailable, cli_client
+from imsrelay.admin.client import AdminClient, AdminRequestError, AdminUnavailable, cli_client
+from imsrelay.admin.message_store import SearchError, parse_time
 from imsrelay.commands.org_setup import DEFAULT_TOKEN_ENV, parse_site_arg
-from imsrelay.config import load_config
-from imsrelay.errors import UserError
-from imsrelay.message_store import SearchError, parse_time
-from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
-from imsrelay.tracking import (
+from imsrelay.config.loader import load_config
+from imsrelay.model.errors import UserError
+from imsrelay.observe.tracking import (
     TrackingEvent,
     TrackingQuery,
     follow,
@@ -28,6 +27,7 @@ from imsrelay.tracking import (
     gather,
     tracking_body,
 )
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
 
 LAB_ENDPOINT = f"http://{LAB_API_HOST}:8025"
 

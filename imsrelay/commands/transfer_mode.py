@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from imsrelay.admin_client import cli_call, ensure_offline
+from imsrelay.admin.client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
-from imsrelay.config import SiteConfig, load_config
-from imsrelay.directory import Directory
-from imsrelay.errors import UserError
-from imsrelay.transfer_mode import MODE_NAMES, TRANSFER_MODE_KEY, parse_mode
+from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.directory.store import Directory
+from imsrelay.model.errors import UserError
+from imsrelay.policy.transfer_mode import MODE_NAMES, TRANSFER_MODE_KEY, parse_mode
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

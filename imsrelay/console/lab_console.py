@@ -8,7 +8,7 @@ from typing import Any
 
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
-from imsrelay.lab import ADMIN_TOKEN, INTERNET, ORGANISATION, SITES, STAGES, LabStepRefused
+from imsrelay.lab.embedded import ADMIN_TOKEN, INTERNET, ORGANISATION, SITES, STAGES, LabStepRefused
 
 LAB_CONSOLE_LISTEN = "127.10.10.1"
 LAB_CONSOLE_PORT = 8080

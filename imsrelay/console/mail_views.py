@@ -2,7 +2,7 @@
 
 Each site's admin endpoint answers ``/api/v1`` for its own mailboxes and tracking
 events; the console joins them: mailboxes and messages of every site (newest
-first, paginated), and a message's story across sites (``imsrelay.tracking.follow``
+first, paginated), and a message's story across sites (``imsrelay.observe.tracking.follow``
 over the events of every site, Message-IDs followed from site to site, as the lab
 endpoint does in one process).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imsrelay import tracking
 from imsrelay.console.backend import Organisation
+from imsrelay.observe import tracking
 
 MAX_SITE_LIMIT = 1000  # the message API's largest page
 MAX_ROUNDS = 6

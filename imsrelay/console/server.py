@@ -46,7 +46,7 @@ from imsrelay.console.html_safety import (
 from imsrelay.console.live import LiveFeed
 from imsrelay.console.sessions import COOKIE, CSRF_HEADER, Session, Sessions
 from imsrelay.console.views import recipients
-from imsrelay.logs import get_logger
+from imsrelay.observe.logs import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -37,8 +37,8 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, cast
 
-from imsrelay.message_store import parse_time
-from imsrelay.tracking import TrackingEvent, TrackingQuery, gather, tracking_body
+from imsrelay.admin.message_store import parse_time
+from imsrelay.observe.tracking import TrackingEvent, TrackingQuery, gather, tracking_body
 
 LAB_TOKEN = "lab-admin-token"
 LAB_API_HOST = "127.10.10.1"

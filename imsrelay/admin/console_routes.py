@@ -1,0 +1,87 @@
+"""Admin endpoints the console needs beyond the CLI's: the site's static set-up
+(the organisation tree's property pages) and deleting one queued message.
+
+=======  ==========================  ==========================================
+GET      /config                     IMS, Connected Sites, E-Mail Domain table,
+                                     smart host, replication connectors
+DELETE   /queue/QUEUE_ID             remove a queued message (no NDR, like
+                                     ``imsrelay queue delete``)
+=======  ==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from imsrelay.config.loader import REPLICATION_ALWAYS, SiteConfig
+from imsrelay.model.envelope import check_queue_id
+from imsrelay.observe import tracking
+from imsrelay.queue.manager import QueueManager
+
+
+def schedule_text(seconds: float | None) -> str:
+    """A replication connector's schedule as the Exchange Administrator shows it."""
+    if seconds is None:
+        return "never"
+    if seconds == REPLICATION_ALWAYS:
+        return "always (every 15 minutes)"
+    if seconds % 3600 == 0:
+        return f"every {int(seconds // 3600)} h"
+    if seconds % 60 == 0:
+        return f"every {int(seconds // 60)} min"
+    return f"every {seconds:g} s"
+
+
+def config_dict(cfg: SiteConfig) -> dict[str, Any]:
+    """The static set-up of a site, for display (no secrets: no keys, no tokens)."""
+    d = cfg.delivery
+    return {
+        "organisation": cfg.organisation, "site": cfg.site, "server": cfg.server, "hostname": cfg.hostname,
+        "site_domain": cfg.site_domain, "company_domain": cfg.company_domain,
+        "ims": {"listen": cfg.smtp.listen, "port": cfg.smtp.port, "max_message_size": cfg.smtp.max_message_size,
+                "relay_networks": [str(n) for n in cfg.smtp.relay_networks],
+                "accepted_domains": list(cfg.smtp.accepted_domains),
+                "retry_intervals": list(d.retry_intervals), "lifetime": d.lifetime},
+        "connected_sites": [{"name": c.name, "routing_address": c.routing_address, "cost": c.cost}
+                            for c in cfg.connected_sites],
+        "email_domains": [{"domain": r.domain, "host": r.host, "port": r.port} for r in cfg.email_domains],
+        "smart_host": f"{d.smart_host}:{d.smart_host_port}" if d.smart_host else None,
+        "replication_connectors": [{"site": c.site, "schedule": c.schedule, "schedule_text": schedule_text(c.schedule)}
+                                   for c in cfg.replication.connectors],
+    }
+
+
+class ConsoleSite(Protocol):
+    """What these endpoints use of a site (``imsrelay.site.Site``)."""
+
+    config: SiteConfig
+    qmgr: QueueManager
+    tracking: tracking.TrackingLog
+    log: Any
+
+
+def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
+    """Register the console's admin endpoints (behind the admin token middleware)."""
+
+    async def get_config(request: web.Request) -> web.Response:
+        return web.json_response(config_dict(site.config))
+
+    async def delete_queued(request: web.Request) -> web.Response:
+        queue_id = request.match_info["queue_id"]
+        try:
+            check_queue_id(queue_id)
+        except ValueError:
+            return web.json_response({"error": f"{queue_id!r} is not a queue id"}, status=400)
+        qmgr = site.qmgr
+        if queue_id not in qmgr.envelopes:
+            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+        qmgr.forget(queue_id)  # an attempt under way is not recorded
+        await qmgr.spool.remove(queue_id)
+        site.tracking.record(tracking.DELETED, queue_id)
+        site.log.info("queue.deleted", queue_id=queue_id, by="admin")
+        return web.json_response({"deleted": queue_id, "site": site.config.site})
+
+    app.router.add_get("/config", get_config)
+    app.router.add_delete("/queue/{queue_id}", delete_queued)

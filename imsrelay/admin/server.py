@@ -1,0 +1,507 @@
+"""The site's admin endpoint (aiohttp.web); the CLI's client is ``imsrelay.admin.client``.
+
+A small JSON API on ``admin.listen:admin.port`` (loopback by default; disabled when
+the port is 0), separate from the SMTP listener so no SMTP client can reach it.
+Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
+``$IMSRELAY_ADMIN_TOKEN``); a site with an admin port and no token refuses to start.
+
+=======  ==========================  ==========================================
+GET      /status                     site, addressing, queue size, replication
+GET      /directory                  sites and mailboxes (``?site=`` filters)
+POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
+DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
+POST     /directory/mailboxes/ALIAS/password      ``{password_hash}`` (or ``{password}``)
+PUT      /directory/mailboxes/ALIAS/restrictions  ``{accept_from, reject_from,
+                                     filter_senders, filter_action}``: lists replace
+GET      /restrictions               the site's relay, accept, submission, filter rules
+POST     /restrictions/explain       ``{recipient, sender?, client?, auth?, local_address?}``
+POST     /replication/request-now    ``{site, full}``: Request Now
+GET      /replication/status         per peer: high-water, last request/reply, backlog
+POST     /kcc/check-now              Check Now (knowledge consistency check)
+GET      /site-addressing            this site's Site Addressing
+POST     /site-addressing            ``{address, update_mailboxes, keep_old}`` → report
+GET      /queue                      queued messages and their recipients
+POST     /queue/retry                ``{queue_id?}``: retry deferred recipients now
+GET      /transfer-mode              the Transfer mode and how many messages it holds
+PUT      /transfer-mode              ``{mode}``: change it now (kept across restarts)
+GET      /faults                     faults on demand now in force
+POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
+DELETE   /faults[/ID]                clear every fault, or one
+GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /config                     static set-up (imsrelay.admin.console_routes)
+DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
+GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
+GET      /api/v1/...                 the message API (``imsrelay.admin.message_api``)
+=======  ==========================  ==========================================
+
+Errors answer ``{"error": "..."}`` with 400 (bad request: malformed JSON, a missing
+or mistyped field, an invalid alias, address or domain), 401 (token), 404 (no such
+object), 409 (the directory refuses the change, e.g. the alias exists), 413 (body
+over 64 KiB); 500 only for an internal error (logged as ``admin.internal_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from imsrelay.admin.console_routes import add_console_routes
+from imsrelay.admin.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
+from imsrelay.config.loader import SiteConfig
+from imsrelay.directory.kcc import KccResult
+from imsrelay.directory.replication import ReplicationError, Replicator
+from imsrelay.directory.restrictions_report import Question, explain, site_rules
+from imsrelay.directory.site_addressing import report_dict, site_addressing_job
+from imsrelay.directory.store import (
+    Directory,
+    DirectoryError,
+    DirectoryInputError,
+    DirectoryNotFound,
+)
+from imsrelay.ingress.flow_gate import FlowGate, backpressure_status
+from imsrelay.model.addresses import AddressError
+from imsrelay.model.errors import ConfigError
+from imsrelay.model.objects import Mailbox
+from imsrelay.observe.faults import FaultBook, FaultError
+from imsrelay.observe.metrics import CONTENT_TYPE, SiteMetrics
+from imsrelay.observe.tracking import TrackingLog
+from imsrelay.policy.auth import PasswordError, hash_password, parse_hash
+from imsrelay.policy.inbound import InboundPolicy
+from imsrelay.policy.transfer_mode import TransferMode, parse_mode
+from imsrelay.queue.manager import QueueManager
+from imsrelay.queue.spool import Spool
+from imsrelay.routing.router import RoutingTable
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024  # every request body is a small JSON object
+MAX_JSON_DEPTH = 8
+
+
+# ------------------------------------------------------------------ shared operations
+
+
+def mailbox_dict(m: Mailbox) -> dict[str, Any]:
+    r = m.sender_rules
+    return {"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
+            "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
+            "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
+            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action}
+
+
+def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
+    return {"sites": [asdict(s) for s in directory.sites()],
+            "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)]}
+
+
+# ------------------------------------------------------------------ server
+
+
+class AdminSite(Protocol):
+    """What the admin endpoint shows and drives at its site (``imsrelay.site.Site``)."""
+
+    config: SiteConfig
+    directory: Directory
+    qmgr: QueueManager
+    replicator: Replicator | None
+    bound_port: int | None
+    tracking: TrackingLog
+    log: Any
+    spool: Spool
+    workers: int
+    flow: FlowGate
+
+    @property
+    def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
+
+    async def refresh(self) -> None: ...
+
+    async def check_now(self) -> KccResult: ...
+
+    async def routing_table(self) -> RoutingTable: ...
+
+    def inbound_policy(self) -> InboundPolicy: ...
+
+    # the IMS's connection controls
+    transfer_mode: TransferMode
+    faults: FaultBook
+    metrics: SiteMetrics
+    clock: Callable[[], float]
+
+    async def set_transfer_mode(self, mode: TransferMode) -> TransferMode: ...
+
+
+class AdminServer:
+    def __init__(self, site: AdminSite) -> None:
+        self.site = site
+        cfg: SiteConfig = site.config
+        token = cfg.admin.resolved_token()
+        if not token:
+            raise ConfigError(cfg.path, "admin.token", (
+                f"admin.port is {cfg.admin.port} but no token is configured: set admin.token, or the "
+                f"environment variable {cfg.admin.token_env or 'named by admin.token_env'}"))
+        self._token = token.encode()
+        self.log = site.log.bind(component="admin")
+        self.app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY)
+        r = self.app.router
+        r.add_get("/status", self.get_status)
+        r.add_get("/directory", self.get_directory)
+        r.add_post("/directory/mailboxes", self.post_mailbox)
+        r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
+        r.add_post("/directory/mailboxes/{alias}/password", self.post_password)
+        r.add_put("/directory/mailboxes/{alias}/restrictions", self.put_restrictions)
+        r.add_get("/restrictions", self.get_restrictions)
+        r.add_post("/restrictions/explain", self.post_explain)
+        r.add_post("/replication/request-now", self.post_request_now)
+        r.add_get("/replication/status", self.get_replication_status)
+        r.add_post("/kcc/check-now", self.post_check_now)
+        r.add_get("/site-addressing", self.get_site_addressing)
+        r.add_post("/site-addressing", self.post_site_addressing)
+        r.add_get("/queue", self.get_queue)
+        r.add_post("/queue/retry", self.post_queue_retry)
+        r.add_get("/transfer-mode", self.get_transfer_mode)
+        r.add_put("/transfer-mode", self.put_transfer_mode)
+        r.add_get("/faults", self.get_faults)
+        r.add_post("/faults", self.post_fault)
+        r.add_delete("/faults", self.delete_faults)
+        r.add_delete("/faults/{fault_id}", self.delete_faults)
+        r.add_get("/metrics", self.get_metrics)
+        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
+        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        cfg = self.site.config.admin
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
+        await tcp.start()
+        addresses = self._runner.addresses
+        port = addresses[0][1] if addresses else cfg.port
+        self.bound = (cfg.listen, port)
+        self.log.info("admin.started", listen=cfg.listen, port=port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self.log.info("admin.stopped")
+
+    # -------------------------------------------------------------- middleware
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:  # /health, /ready and the OpenAPI document need no token
+            return await handler(request)
+        if request.path == "/metrics" and not self.site.config.metrics.require_token:
+            return await handler(request)  # scrapers need no token unless asked for
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            self.log.warning("admin.unauthorized", peer=request.remote, method=request.method, path=request.path)
+            return web.json_response({"error": "a valid admin token is required (Authorization: Bearer ...)"},
+                                     status=401, headers={"WWW-Authenticate": 'Bearer realm="imsrelay"'})
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and not (exc.content_type or "").endswith("json"):
+                return web.json_response({"error": exc.reason}, status=exc.status)
+            raise
+        except DirectoryInputError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except DirectoryNotFound as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except (DirectoryError, ReplicationError) as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except (_BadRequest, BadRequest, AddressError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except Missing as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except Exception as exc:
+            self.log.error("admin.internal_error", method=request.method, path=request.path, error=repr(exc),
+                           exc_info=exc)
+            return web.json_response({"error": "internal error (logged at the site as admin.internal_error)"},
+                                     status=500)
+
+    # -------------------------------------------------------------- handlers
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        site = self.site
+        cfg = site.config
+        directory = site.directory
+        own = await directory.run(directory.site_object)
+        invocation, highest, mailboxes = await directory.run(
+            lambda: (directory.invocation, directory.highest_usn, len(directory.mailboxes(cfg.site))))
+        return web.json_response({
+            "organisation": cfg.organisation, "site": cfg.site, "server": cfg.server, "hostname": cfg.hostname,
+            "site_domain": cfg.site_domain, "company_domain": cfg.company_domain,
+            "site_addressing": own.smtp_address if own else None,
+            "routing_address": own.routing_address if own else None,
+            "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
+            "local_mailboxes": mailboxes,
+            "queue": {"messages": await self._queue_size(), "workers": site.workers,
+                      "backpressure": backpressure_status(site.flow)},
+            "queue_manager": {"ok": site.qmgr.health.ok, "failures": site.qmgr.health.failures,
+                              "reason": site.qmgr.health.reason()},
+            "directory": {"invocation": invocation, "highest_usn": highest},
+            "replication": {"enabled": site.replicator is not None,
+                            "key_scheme": site.replicator.key_scheme if site.replicator else None,
+                            "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
+                            "connectors": [c.site for c in cfg.replication.connectors]},
+            "learned_sites": [list(x) for x in site.learned_sites],
+        })
+
+    async def get_directory(self, request: web.Request) -> web.Response:
+        directory = self.site.directory
+        return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
+
+    async def post_mailbox(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        alias = _field(body, "alias", str, required=True)
+        display = _field(body, "display_name", str) or None
+        extra = _field(body, "addresses", list) or []
+        directory = self.site.directory
+        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra])
+        self.site.log.info("directory.mailbox_added", alias=mbx.alias, address=mbx.primary_address)
+        return web.json_response(mailbox_dict(mbx), status=201)
+
+    async def delete_mailbox(self, request: web.Request) -> web.Response:
+        alias = request.match_info["alias"]
+        directory = self.site.directory
+        if await directory.run(directory.mailbox, alias) is None:
+            return web.json_response({"error": f"no mailbox {alias} at {self.site.config.site}"}, status=404)
+        await directory.run(directory.delete_mailbox, alias)
+        self.site.log.info("directory.mailbox_deleted", alias=alias)
+        return web.json_response({"deleted": alias, "site": self.site.config.site})
+
+    async def post_password(self, request: web.Request) -> web.Response:
+        alias = request.match_info["alias"]
+        body = await _json_body(request)
+        stored = _field(body, "password_hash", str)
+        password = _field(body, "password", str)
+        if (stored is None) == (password is None):
+            raise _BadRequest("give password_hash (imsrelay directory hash-password) or password")
+        try:
+            if stored is not None:
+                parse_hash(stored)
+            else:
+                stored = await asyncio.to_thread(hash_password, password)
+        except PasswordError as exc:
+            raise _BadRequest(str(exc)) from None
+        directory = self.site.directory
+        await directory.run(directory.set_password_hash, alias, stored,
+                            replicate=self.site.config.auth.replicate_credentials)
+        self.site.log.info("auth.password_set", alias=alias, source="admin", peer=request.remote)
+        return web.json_response({"alias": alias, "site": self.site.config.site, "password": "set"})
+
+    async def put_restrictions(self, request: web.Request) -> web.Response:
+        alias = request.match_info["alias"]
+        body = await _json_body(request)
+        lists = {}
+        for name in ("accept_from", "reject_from", "filter_senders"):
+            value = _field(body, name, list)
+            if value is not None and not all(isinstance(v, str) for v in value):
+                raise _BadRequest(f"{name} must be a list of strings")
+            lists[name] = value
+        action = _field(body, "filter_action", str)
+        directory = self.site.directory
+        mbx = await directory.run(lambda: directory.set_sender_rules(alias, filter_action=action, **lists))
+        self.site.log.info("directory.restrictions_set", alias=alias, accept_from=list(mbx.sender_rules.accept_from),
+                           reject_from=list(mbx.sender_rules.reject_from),
+                           filter_senders=list(mbx.sender_rules.filter_senders))
+        return web.json_response(mailbox_dict(mbx))
+
+    async def get_restrictions(self, request: web.Request) -> web.Response:
+        return web.json_response(site_rules(self.site.config))
+
+    async def post_explain(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        question = Question(recipient=_field(body, "recipient", str, required=True),
+                            sender=_field(body, "sender", str), client=_field(body, "client", str),
+                            auth=_field(body, "auth", str), local_address=_field(body, "local_address", str),
+                            encrypted=bool(_field(body, "encrypted", bool)))
+        directory = self.site.directory
+        table, policy = await self.site.routing_table(), self.site.inbound_policy()
+        lines = await directory.run(lambda: explain(self.site.config, directory, question, table=table,
+                                                    policy=policy))
+        return web.json_response({"lines": lines})
+
+    def _replicator(self) -> Replicator:
+        if self.site.replicator is None:
+            raise _Conflict("replication is not configured at this site (no organisation key: set "
+                            "replication.key or the environment variable named by replication.key_env)")
+        return self.site.replicator
+
+    async def post_request_now(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        peer = _field(body, "site", str, required=True)
+        full = bool(_field(body, "full", bool))
+        return web.json_response(await self._replicator().request_now(peer, full=full), status=202)
+
+    async def get_replication_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._replicator().status())
+
+    async def post_check_now(self, request: web.Request) -> web.Response:
+        result = await self.site.check_now()
+        return web.json_response(result.as_dict())
+
+    async def get_site_addressing(self, request: web.Request) -> web.Response:
+        directory = self.site.directory
+        own = await directory.run(directory.site_object)
+        cfg = self.site.config
+        return web.json_response({"site": cfg.site, "smtp_address": own.smtp_address if own else None,
+                                  "routing_address": own.routing_address if own else None,
+                                  "site_domain": cfg.site_domain,
+                                  "keep_old_address": cfg.replication.keep_old_address})
+
+    async def post_site_addressing(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        address = _field(body, "address", str, required=True)
+        update = bool(_field(body, "update_mailboxes", bool))
+        keep_old = _field(body, "keep_old", bool)
+        if keep_old is None:
+            keep_old = self.site.config.replication.keep_old_address
+        directory = self.site.directory
+        report = await directory.run(site_addressing_job, directory, self.site.log, address,
+                                     update_mailboxes=update, keep_old=keep_old)
+        await self.site.refresh()
+        return web.json_response(report_dict(address, report, update_mailboxes=update, keep_old=keep_old))
+
+    async def _all_envelopes(self) -> list[Any]:
+        """This worker's queue from memory, the other workers' from their journals."""
+        others = await asyncio.to_thread(self.site.spool.other_workers_envelopes) if self.site.workers > 1 else []
+        own = list(self.site.qmgr.envelopes.values())
+        known = {e.queue_id for e in own}
+        return own + [e for e in others if e.queue_id not in known]
+
+    async def _queue_size(self) -> int:
+        """Messages in the whole site's queue (what ``_all_envelopes`` would list)."""
+        own = self.site.qmgr.envelopes
+        others = await asyncio.to_thread(self.site.spool.other_workers_unfinished) if self.site.workers > 1 else set()
+        return len(own) + len(others - own.keys())
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        return web.json_response({"messages": envelope_items(await self._all_envelopes(),
+                                                             held=self.site.qmgr.held_recipients)})
+
+    async def post_queue_retry(self, request: web.Request) -> web.Response:
+        body = await _json_body(request) if request.can_read_body else {}
+        queue_id = _field(body, "queue_id", str)
+        if queue_id and queue_id not in self.site.qmgr.envelopes:
+            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+        return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+
+
+    async def get_transfer_mode(self, request: web.Request) -> web.Response:
+        return web.json_response({"site": self.site.config.site, "mode": self.site.transfer_mode.value,
+                                  "held_messages": self.site.qmgr.held_messages()})
+
+    async def put_transfer_mode(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            mode = parse_mode(_field(body, "mode", str, required=True))
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        previous = await self.site.set_transfer_mode(mode)
+        return web.json_response({"site": self.site.config.site, "mode": mode.value, "previous": previous.value})
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response({"site": self.site.config.site, "faults": self.site.faults.listing()})
+
+    async def post_fault(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            fault = self.site.faults.add(body)
+        except FaultError as exc:
+            raise _BadRequest(str(exc)) from None
+        return web.json_response(fault.as_dict(remaining=fault.sessions, now=self.site.clock()), status=201)
+
+    async def delete_faults(self, request: web.Request) -> web.Response:
+        fault_id = request.match_info.get("fault_id")
+        try:
+            removed = self.site.faults.clear([fault_id] if fault_id else None)
+        except FaultError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        if not self.site.config.metrics.enabled:
+            return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
+                                     status=404)
+        body = await self.site.metrics.render(self.site)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class _Conflict(DirectoryError):
+    pass
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or ``_BadRequest`` saying what is wrong
+    (not JSON, not UTF-8, not an object, nested too deeply, a number too long)."""
+    # Refuse deep nesting before parsing: json.loads recurses once per level.
+    opened = 0
+    deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            opened += 1
+            deepest = max(deepest, opened)
+            if deepest > MAX_JSON_DEPTH:
+                raise _BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        elif byte in (0x5D, 0x7D):
+            opened -= 1
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _BadRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _BadRequest(f"the request body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError):  # e.g. an integer of more than 4300 digits
+        raise _BadRequest("the request body has a value out of range (numbers are limited to 4300 digits)") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("the request body must be a JSON object")
+    return body
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length)
+    return parse_json_object(await request.read())
+
+
+def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _BadRequest(f"{name} is required")
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = {str: "string", bool: "boolean (true or false)", list: "list", int: "whole number"}
+        raise _BadRequest(f"{name} must be a {names.get(kind, kind.__name__)}")
+    if isinstance(value, str) and len(value) > 1000:
+        raise _BadRequest(f"{name} is too long (at most 1000 characters)")
+    return value

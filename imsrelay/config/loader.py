@@ -1,0 +1,841 @@
+"""Site configuration: one TOML file per site, loaded into the frozen values of
+``imsrelay.model.settings``.
+
+Every key is validated at load, and every error a user can make names the file and
+the key (``ConfigError``); ``load_config`` reports *all* the errors of a file at
+once (``ConfigErrors``), never a bare traceback.  Defaults are written once, in
+``imsrelay.model.settings``: a key that is absent is left to its dataclass default.  The
+file is the single source of truth for *static* set-up (listen address, limits,
+routing tables, connectors); the directory database is the truth for mailboxes and
+site addressing once provisioned.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imsrelay.model.addresses import (
+    AddressError,
+    ip_literal,
+    normalise_domain,
+    parse_address,
+    parse_host_port,
+)
+from imsrelay.model.errors import ConfigError, ConfigErrors
+from imsrelay.model.priority import PriorityTimeouts, Timeouts
+from imsrelay.model.settings import (
+    ADDRESS_LITERAL_POLICIES,
+    DEFAULT_LIFETIME,
+    DEFAULT_NON_URGENT_LIFETIME,
+    DEFAULT_RETRY_INTERVALS,
+    DEFAULT_URGENT_LIFETIME,
+    DIAGNOSTIC_CATEGORIES,
+    DIAGNOSTIC_LEVELS,
+    REPLICATION_ALWAYS,
+    AdminConfig,
+    AuthConfig,
+    ConnectedSite,
+    ConnectionsConfig,
+    ConsoleConfig,
+    DeliveryConfig,
+    DiagnosticsConfig,
+    DnsConfig,
+    DomainRoute,
+    EtrnConfig,
+    EtrnRequest,
+    LoggingConfig,
+    MailboxConfig,
+    MetricsConfig,
+    NotificationsConfig,
+    QueueConfig,
+    ReplicationConfig,
+    ReplicationConnector,
+    RestrictionsConfig,
+    RoutingConfig,
+    SiteConfig,
+    SmtpConfig,
+    SubmissionConfig,
+    TlsPolicy,
+    TrackingConfig,
+    TransferConfig,
+)
+from imsrelay.policy.auth import MECHANISMS, PasswordError, parse_hash
+from imsrelay.policy.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
+from imsrelay.policy.transfer_mode import parse_mode
+
+__all__ = [
+    "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "AuthConfig",
+    "RestrictionsConfig", "SubmissionConfig", "ConfigError",
+    "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
+    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
+    "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
+    "ConnectionsConfig", "DiagnosticsConfig", "EtrnConfig", "EtrnRequest", "MetricsConfig", "NotificationsConfig",
+    "TransferConfig", "ConsoleConfig",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_OFF = ("", "never", "off")
+# none; opportunistic (encrypt when offered); require (encrypt, no check: Postfix's "encrypt");
+# verify (encrypt, certificate from a trusted CA and matching the host name: Postfix's "secure")
+STARTTLS_POLICIES = ("none", "opportunistic", "require", "verify")
+BARE_NEWLINE = ("normalize", "reject")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+T = TypeVar("T")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"15m"``, ``"2d"``, ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, e.g. 30, \"15m\", \"2d\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (e.g. 30, \"15m\", \"4h\", \"2d\")")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Missing:
+    """A key the file does not set: the dataclass default applies."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Any = _Missing()
+
+
+def _build(cls: Callable[..., T], **values: Any) -> T:
+    """``cls(**values)`` without the keys the file left out (their default is the dataclass's)."""
+    return cls(**{k: v for k, v in values.items() if v is not MISSING})
+
+
+class _Section:
+    """Typed access to one TOML table.  A bad value is recorded (file, dotted key,
+    message) in the shared ``errors`` list and read as MISSING, so loading goes on
+    and the file's every error is reported together."""
+
+    def __init__(self, path: Path, prefix: str, table: Mapping[str, Any], errors: list[ConfigError]) -> None:
+        self.path = path
+        self.prefix = prefix
+        self.table = table
+        self.errors = errors
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> Any:
+        """Record a problem with key ``name``; returns MISSING (the value to use)."""
+        self.errors.append(ConfigError(self.path, self.key(name), message))
+        return MISSING
+
+    def item_error(self, name: str, index: int, message: str) -> Any:
+        self.errors.append(ConfigError(self.path, f"{self.key(name)}[{index}]", message))
+        return MISSING
+
+    def _get(self, name: str, required: bool) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return self.error(name, "is required but missing") if required else MISSING
+        return self.table[name]
+
+    def string(self, name: str, *, required: bool = False) -> Any:
+        value = self._get(name, required)
+        if value is MISSING:
+            return value
+        if not isinstance(value, str):
+            return self.error(name, f"must be a string, not {type(value).__name__}")
+        if required and not value.strip():
+            return self.error(name, "must not be empty")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False,
+               fold: bool = False) -> Any:
+        value = self.string(name, required=required)
+        if value is MISSING:
+            return value
+        if fold:
+            value = value.lower()
+        if value not in choices:
+            return self.error(name, f"must be one of {', '.join(choices)}")
+        return value
+
+    def integer(self, name: str, *, minimum: int | None = 0, maximum: int | None = None) -> Any:
+        value = self._get(name, False)
+        if value is MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            return self.error(name, f"must be a whole number, not {value!r}")
+        if minimum is not None and value < minimum:
+            return self.error(name, f"must be at least {minimum}, not {value}")
+        if maximum is not None and value > maximum:
+            return self.error(name, f"must be at most {maximum}, not {value}")
+        return value
+
+    def port(self, name: str, *, allow_zero: bool = False) -> Any:
+        return self.integer(name, minimum=0 if allow_zero else 1, maximum=65535)
+
+    def boolean(self, name: str) -> Any:
+        value = self._get(name, False)
+        if value is MISSING:
+            return value
+        if not isinstance(value, bool):
+            return self.error(name, f"must be true or false, not {value!r}")
+        return value
+
+    def duration(self, name: str, *, off: float | None | _Missing = MISSING) -> Any:
+        """A duration; ``off`` is what "never"/"off" mean where the setting may be
+        switched off (left MISSING: they are an error)."""
+        value = self._get(name, False)
+        if value is MISSING:
+            return value
+        if value in _OFF:
+            if off is MISSING:
+                return self.error(name, "must be a duration (it cannot be switched off)")
+            return off
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            return self.error(name, str(exc))
+
+    def listing(self, name: str) -> list[Any]:
+        value = self._get(name, False)
+        if value is MISSING:
+            return []
+        if not isinstance(value, list):
+            self.error(name, f"must be a list, not {type(value).__name__}")
+            return []
+        return value
+
+    def strings(self, name: str) -> list[tuple[int, str]]:
+        """(index, value) of a list of strings; other items are errors."""
+        out = []
+        for i, item in enumerate(self.listing(name)):
+            if isinstance(item, str):
+                out.append((i, item))
+            else:
+                self.item_error(name, i, f"must be a string, not {type(item).__name__}")
+        return out
+
+    def table_of(self, name: str) -> _Section:
+        value = self._get(name, False)
+        if value is MISSING:
+            value = {}
+        elif not isinstance(value, dict):
+            self.error(name, "must be a table")
+            value = {}
+        return _Section(self.path, self.key(name), value, self.errors)
+
+    def tables(self, name: str) -> list[_Section]:
+        result = []
+        for i, item in enumerate(self.listing(name)):
+            if not isinstance(item, dict):
+                self.item_error(name, i, "must be a table")
+                continue
+            result.append(_Section(self.path, f"{self.key(name)}[{i}]", item, self.errors))
+        return result
+
+    def reject_unknown(self) -> None:
+        for name in sorted(set(self.table) - self.used):
+            self.error(name, "is not a known setting (check the spelling)")
+
+
+def _domain(section: _Section, name: str, value: Any) -> Any:
+    """Validate a domain (``#`` prefix kept off); keep its letter case for display
+    (matching ignores case)."""
+    if value is MISSING:
+        return value
+    bare = value.lstrip("#").strip().rstrip(".")
+    try:
+        normalised = normalise_domain(bare)
+    except AddressError as exc:
+        return section.error(name, str(exc))
+    return bare if bare.isascii() else normalised
+
+
+def _listen(section: _Section, name: str) -> Any:
+    """A listen address: an IP address (0.0.0.0 or :: for every address), never a
+    host name (that would ask the system resolver)."""
+    value = section.string(name)
+    if value is MISSING:
+        return value
+    if ip_literal(value) is None or value.strip().startswith("["):
+        return section.error(name, f"{value!r} must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::), not a host name")
+    return ip_literal(value)
+
+
+def _host(section: _Section, name: str) -> Any:
+    """A next hop: an IP address (or [literal]) or a host name."""
+    value = section.string(name, required=True)
+    if value is MISSING:
+        return value
+    if ip_literal(value) is None:
+        try:
+            normalise_domain(value)
+        except AddressError:
+            return section.error(name, f"{value!r} is neither an IP address nor a host name")
+    return value
+
+
+def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
+    networks = []
+    for i, net in s.strings("relay_networks"):
+        try:
+            networks.append(ipaddress.ip_network(net, strict=False))
+        except ValueError:
+            s.item_error("relay_networks", i, f"{net!r} is not an IP network")
+    accepted = []
+    for i, d in s.strings("accepted_domains"):
+        try:
+            accepted.append(("#" if d.startswith("#") else "") + _checked_domain(d))
+        except AddressError as exc:
+            s.item_error("accepted_domains", i, str(exc))
+    hostname = s.string("hostname")
+    if hostname not in (MISSING, "") and _domain(s, "hostname", hostname) is MISSING:
+        hostname = MISSING
+    cert = s.string("tls_cert")
+    key = s.string("tls_key")
+    if bool(cert) != bool(key) and not any(e.key.startswith(s.key("tls_")) for e in s.errors):
+        s.error("tls_key" if cert is not MISSING else "tls_cert", "tls_cert and tls_key go together")
+    cfg = _build(
+        SmtpConfig,
+        listen=_listen(s, "listen"),
+        port=s.port("port", allow_zero=True),
+        hostname=hostname,
+        max_message_size=s.integer("max_message_size", minimum=1024),
+        max_hops=s.integer("max_hops", minimum=1),
+        max_recipients=s.integer("max_recipients", minimum=1),
+        relay_networks=tuple(networks),
+        accepted_domains=tuple(accepted),
+        idle_timeout=s.duration("idle_timeout"),
+        session_timeout=s.duration("session_timeout"),
+        max_errors=s.integer("max_errors", minimum=1),
+        tls_cert=(config_dir / cert) if cert else MISSING,
+        tls_key=(config_dir / key) if key else MISSING,
+        workers=s.integer("workers", minimum=1, maximum=64),
+        queue_minfree=s.integer("queue_minfree", minimum=0),
+        max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
+        max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+        bare_newline=s.choice("bare_newline", BARE_NEWLINE),
+        postmaster=_alias(s, "postmaster"),
+        banner=_banner(s),
+        tls_generate=s.boolean("tls_generate"),
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _banner(s: _Section) -> Any:
+    value = s.string("banner")
+    if value is not MISSING and (not value.strip() or any(c in value for c in "\r\n")):
+        return s.error("banner", "must be one line of text")
+    return value
+
+
+def _checked_domain(value: str) -> str:
+    bare = value.lstrip("#").strip().rstrip(".")
+    normalised = normalise_domain(bare)
+    return bare if bare.isascii() else normalised
+
+
+def _alias(s: _Section, name: str) -> Any:
+    value = s.string(name)
+    if value is not MISSING and not _ALIAS.fullmatch(value):
+        return s.error(name, f"{value!r} is not a mailbox alias (letters, digits, . _ -)")
+    return value
+
+
+def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
+    intervals = []
+    for i, value in enumerate(s.listing("retry_intervals")):
+        try:
+            intervals.append(parse_duration(value))
+        except ValueError as exc:
+            s.item_error("retry_intervals", i, str(exc))
+    smart = s.string("smart_host")
+    smart_host, smart_port = MISSING, MISSING
+    if smart not in (MISSING, ""):
+        try:
+            smart_host, smart_port = parse_host_port(smart, 25)
+        except ValueError as exc:
+            s.error("smart_host", str(exc))
+    policies = []
+    for t in s.tables("tls"):
+        domain = _domain(t, "domain", t.string("domain", required=True))
+        starttls = t.choice("starttls", STARTTLS_POLICIES, required=True)
+        if domain is not MISSING and starttls is not MISSING:
+            policies.append(TlsPolicy(domain, starttls))
+        t.reject_unknown()
+    cfg = _build(
+        DeliveryConfig,
+        retry_intervals=tuple(intervals) or MISSING,
+        lifetime=s.duration("lifetime"),
+        delay_notice=s.duration("delay_notice", off=None),
+        smart_host=smart_host,
+        smart_host_port=smart_port,
+        starttls=s.choice("starttls", STARTTLS_POLICIES),
+        tls_policies=tuple(policies),
+        max_per_destination=s.integer("max_per_destination", minimum=1),
+        max_deliveries=s.integer("max_deliveries", minimum=1),
+        connect_timeout=s.duration("connect_timeout"),
+        command_timeout=s.duration("command_timeout"),
+        data_timeout_per_mib=s.duration("data_timeout_per_mib"),
+        connection_idle=s.duration("connection_idle"),
+        mx_port=s.port("mx_port"),
+        max_active_messages=s.integer("max_active_messages", minimum=1),
+        smart_host_starttls=s.choice("smart_host_starttls", STARTTLS_POLICIES),
+        tls_ca_file=(config_dir / ca) if (ca := s.string("tls_ca_file")) else MISSING,
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _load_queue(q: _Section, smtp: _Section) -> QueueConfig:
+    """[queue]; ``smtp.max_queued_messages`` is the older name of ``queue.refuse_at``."""
+    refuse_at = q.integer("refuse_at", minimum=1)
+    older = smtp.integer("max_queued_messages", minimum=1)
+    if older is not MISSING:
+        if "refuse_at" in q.table:
+            smtp.error("max_queued_messages", "is the older name of queue.refuse_at: give only one of them")
+        else:
+            refuse_at = older
+    cfg = _build(QueueConfig, backpressure_at=q.integer("backpressure_at", minimum=1), refuse_at=refuse_at,
+                 max_delay=q.duration("max_delay", off=0.0))
+    if cfg.max_delay > 300.0:
+        q.error("max_delay", "must be at most 5m (RFC 5321's MAIL time-out: clients give up after it)")
+    q.reject_unknown()
+    return cfg
+
+
+def _load_dns(s: _Section) -> DnsConfig:
+    servers = []
+    for i, entry in s.strings("nameservers"):
+        try:
+            parse_host_port(entry, 53, ip_only=True)
+            servers.append(entry)
+        except ValueError as exc:
+            s.item_error("nameservers", i, f"{exc} (nameservers are IP addresses, optionally with :port)")
+    cfg = _build(DnsConfig, nameservers=tuple(servers), timeout=s.duration("timeout"))
+    s.reject_unknown()
+    return cfg
+
+
+def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
+    mailboxes = []
+    seen: set[str] = set()
+    for m in root.tables("mailboxes"):
+        alias = m.string("alias", required=True)
+        if alias is not MISSING and not _ALIAS.fullmatch(alias):
+            alias = m.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        elif alias is not MISSING and alias.lower() in seen:
+            alias = m.error("alias", f"{alias!r} is listed twice")
+        extra = []
+        for i, addr in m.strings("addresses"):
+            try:
+                parse_address(addr.split(":", 1)[-1])
+            except AddressError as exc:
+                m.item_error("addresses", i, str(exc))
+                continue
+            extra.append(addr if ":" in addr else f"smtp:{addr}")
+        display = m.string("display_name")
+        password_hash = m.string("password_hash")
+        if password_hash is not MISSING:
+            try:
+                parse_hash(password_hash)
+            except PasswordError as exc:
+                password_hash = m.error("password_hash", f"{exc} (make one with: imsrelay directory hash-password)")
+        if alias is not MISSING:
+            seen.add(alias.lower())
+            mailboxes.append(MailboxConfig(alias, alias if display is MISSING else display, tuple(extra),
+                                           password_hash or None))
+        m.reject_unknown()
+    return tuple(mailboxes)
+
+
+def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
+    connected = []
+    for c in root.tables("connected_sites"):
+        name = c.string("name", required=True)
+        if name is not MISSING and not _NAME.fullmatch(name):
+            name = c.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+        routing = c.string("routing_address", required=True)
+        if routing is not MISSING and not routing.startswith("@"):
+            routing = c.error("routing_address",
+                              f"{routing!r} must be an SMTP routing address like @SiteB.example.com")
+        elif routing is not MISSING:
+            routing = _domain(c, "routing_address", routing[1:])
+        cost = c.integer("cost", minimum=0, maximum=100)
+        via = c.string("host")
+        via_host, via_port = MISSING, c.port("port")
+        if via not in (MISSING, ""):
+            try:
+                via_host, via_port = parse_host_port(via, 25 if via_port is MISSING else via_port)
+            except ValueError as exc:
+                c.error("host", str(exc))
+        if name is not MISSING and routing is not MISSING:
+            connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost,
+                                    host=via_host, port=via_port))
+        c.reject_unknown()
+    return tuple(connected)
+
+
+def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
+    routes = []
+    for e in root.tables("email_domains"):
+        domain = e.string("domain", required=True)
+        exact = domain is not MISSING and domain.startswith("#")
+        domain = _domain(e, "domain", domain)
+        host = _host(e, "host")
+        port = e.port("port")
+        starttls = e.choice("starttls", STARTTLS_POLICIES)
+        etrn = e.boolean("etrn")
+        if domain is not MISSING and host is not MISSING:
+            routes.append(_build(DomainRoute, domain=("#" if exact else "") + domain, host=host, port=port,
+                                 starttls=starttls, etrn=etrn))
+        e.reject_unknown()
+    return tuple(routes)
+
+
+def _public_key(t: _Section, site: str) -> Any:
+    """``ed25519:<base64 of 32 bytes>`` (``imsrelay replicate keygen`` prints it)."""
+    value = t.string(site, required=True)
+    if value is MISSING:
+        return value
+    scheme, _, b64 = value.strip().partition(":")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if scheme != "ed25519" or len(raw) != 32:
+        return t.error(site, "must be an Ed25519 public key, ed25519:<base64> (imsrelay replicate keygen prints it)")
+    return value
+
+
+def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
+    connectors = []
+    for c in r.tables("connectors"):
+        if c.table.get("schedule") == "always":
+            c.used.add("schedule")
+            schedule: Any = REPLICATION_ALWAYS
+        else:
+            schedule = c.duration("schedule", off=None)
+        site = c.string("site", required=True)
+        if site is not MISSING:
+            connectors.append(_build(ReplicationConnector, site=site, schedule=schedule))
+        c.reject_unknown()
+    trusted = r.table_of("trusted_keys")
+    cfg = _build(
+        ReplicationConfig,
+        key=r.string("key"),
+        key_env=r.string("key_env"),
+        connectors=tuple(connectors),
+        startup_delay=r.duration("startup_delay", off=0.0),
+        batch_size=r.integer("batch_size", minimum=1),
+        max_age=r.duration("max_age"),
+        keep_old_address=r.boolean("keep_old_address"),
+        kcc_interval=r.duration("kcc_interval"),
+        signing_key=(config_dir / sk) if (sk := r.string("signing_key")) else MISSING,
+        trusted_keys=tuple((site, k) for site in sorted(trusted.table)
+                           if (k := _public_key(trusted, site)) is not MISSING),
+    )
+    if cfg.signing_key and not trusted.table:
+        r.error("trusted_keys", "signing_key needs the organisation's trusted public keys "
+                                "([replication.trusted_keys] SiteA = \"ed25519:...\")")
+    r.reject_unknown()
+    return cfg
+
+
+def _load_admin(a: _Section) -> AdminConfig:
+    cfg = _build(AdminConfig, listen=_listen(a, "listen"), port=a.port("port", allow_zero=True),
+                 token=a.string("token"), token_env=a.string("token_env"))
+    a.reject_unknown()
+    return cfg
+
+
+def _load_routing(rt: _Section) -> RoutingConfig:
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    rt.reject_unknown()
+    return cfg
+
+
+def _load_logging(lg: _Section) -> LoggingConfig:
+    cfg = _build(LoggingConfig, level=lg.choice("level", LOG_LEVELS, fold=True),
+                 format=lg.choice("format", LOG_FORMATS))
+    lg.reject_unknown()
+    return cfg
+
+
+def _load_transfer(t: _Section) -> TransferConfig:
+    mode = t.string("mode")
+    if mode is not MISSING:
+        try:
+            mode = parse_mode(mode).value
+        except ValueError as exc:
+            mode = t.error("mode", str(exc))
+    cfg = _build(TransferConfig, mode=mode)
+    t.reject_unknown()
+    return cfg
+
+
+def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
+    cfg = _build(ConsoleConfig, enabled=co.boolean("enabled"), listen=_listen(co, "listen"), port=co.port("port"))
+    if cfg.enabled and admin.port == 0:
+        co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
+    co.reject_unknown()
+    return cfg
+
+
+def _load_tracking(t: _Section) -> TrackingConfig:
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    t.reject_unknown()
+    return cfg
+
+
+def _networks(s: _Section, name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for i, net in s.strings(name):
+        try:
+            out.append(ipaddress.ip_network(net, strict=False))
+        except ValueError:
+            s.item_error(name, i, f"{net!r} is not an IP address or network")
+    return tuple(out)
+
+
+def _load_auth(s: _Section) -> AuthConfig:
+    mechanisms: Any = MISSING
+    if "mechanisms" in s.table:
+        mechanisms = []
+        for i, m in s.strings("mechanisms"):
+            if m.upper() in MECHANISMS:
+                mechanisms.append(m.upper())
+            else:
+                s.item_error("mechanisms", i, f"{m!r}: supported are {', '.join(MECHANISMS)}")
+        mechanisms = tuple(mechanisms)
+    cfg = _build(
+        AuthConfig,
+        enabled=s.boolean("enabled"),
+        mechanisms=mechanisms,
+        allow_plaintext=s.boolean("allow_plaintext"),
+        replicate_credentials=s.boolean("replicate_credentials"),
+        max_failures=s.integer("max_failures", minimum=1),
+        failure_window=s.duration("failure_window"),
+        lockout=s.duration("lockout", off=0.0),
+        failure_delay=s.duration("failure_delay", off=0.0),
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _load_submission(s: _Section) -> SubmissionConfig:
+    def port(name: str) -> Any:  # 0 or absent: that listener is off
+        value = s.port(name, allow_zero=True)
+        return None if value == 0 else value
+
+    cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"))
+    s.reject_unknown()
+    return cfg
+
+
+def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
+    senders = []
+    for i, entry in s.strings("filter_senders"):
+        try:
+            senders.append(check_entry(entry))
+        except ValueError as exc:
+            s.item_error("filter_senders", i, str(exc))
+    turf = s.string("turf_dir")
+    cfg = _build(
+        RestrictionsConfig,
+        relay_authenticated=s.boolean("relay_authenticated"),
+        relay_internal_addresses=_networks(s, "relay_internal_addresses"),
+        never_relay=_networks(s, "never_relay"),
+        sender_must_match=s.boolean("sender_must_match"),
+        accept=s.choice("accept", ACCEPT_MODES),
+        accept_hosts=_networks(s, "accept_hosts"),
+        reject_hosts=_networks(s, "reject_hosts"),
+        filter_senders=tuple(senders),
+        filter_action=s.choice("filter_action", FILTER_ACTIONS),
+        turf_dir=(config_dir / turf) if turf else MISSING,
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _load_connections(c: _Section) -> ConnectionsConfig:
+    cfg = _build(ConnectionsConfig, max_outbound=c.integer("max_outbound", minimum=1),
+                 max_outbound_per_host=c.integer("max_outbound_per_host", minimum=1),
+                 messages_per_connection=c.integer("messages_per_connection", minimum=0))
+    c.reject_unknown()
+    return cfg
+
+
+def _load_priorities(p: _Section, delivery: DeliveryConfig) -> PriorityTimeouts:
+    """Urgent and non-urgent Time-outs; normal ones are delivery.lifetime / delay_notice."""
+    def get(value: Any, default: float | None) -> float | None:
+        return default if value is MISSING else value
+
+    urgent_lifetime = get(p.duration("urgent_lifetime"), DEFAULT_URGENT_LIFETIME)
+    non_urgent_lifetime = get(p.duration("non_urgent_lifetime"), DEFAULT_NON_URGENT_LIFETIME)
+    assert urgent_lifetime is not None and non_urgent_lifetime is not None
+    cfg = PriorityTimeouts(
+        urgent=Timeouts(urgent_lifetime, get(p.duration("urgent_delay_notice", off=None), delivery.delay_notice)),
+        normal=Timeouts(delivery.lifetime, delivery.delay_notice),
+        non_urgent=Timeouts(non_urgent_lifetime,
+                            get(p.duration("non_urgent_delay_notice", off=None), delivery.delay_notice)))
+    p.reject_unknown()
+    return cfg
+
+
+def _load_notifications(n: _Section) -> NotificationsConfig:
+    cfg = _build(NotificationsConfig, administrator=n.string("administrator"), copy_ndrs=n.boolean("copy_ndrs"))
+    if cfg.copy_ndrs and not cfg.administrator and not any(e.key == n.key("administrator") for e in n.errors):
+        n.error("administrator", "copy_ndrs = true needs the administrator mailbox (alias or address)")
+    n.reject_unknown()
+    return cfg
+
+
+def _load_etrn(e: _Section) -> EtrnConfig:
+    requests = []
+    for r in e.tables("requests"):
+        host, port = MISSING, r.port("port")
+        given = r.string("host", required=True)
+        if given is not MISSING:
+            try:
+                host, port = parse_host_port(given, 25 if port is MISSING else port)
+            except ValueError as exc:
+                r.error("host", str(exc))
+        domain = _domain(r, "domain", r.string("domain", required=True))
+        schedule = r.duration("schedule")
+        if host is not MISSING and domain is not MISSING:
+            requests.append(_build(EtrnRequest, host=host, port=port, domain=domain, schedule=schedule))
+        r.reject_unknown()
+    cfg = EtrnConfig(_networks(e, "allowed_hosts"), tuple(requests))
+    e.reject_unknown()
+    return cfg
+
+
+def _load_diagnostics(d: _Section) -> DiagnosticsConfig:
+    levels = []
+    for category in DIAGNOSTIC_CATEGORIES:
+        value = d.choice(category, DIAGNOSTIC_LEVELS, fold=True)
+        if value is not MISSING:
+            levels.append((category, value))
+    cfg = _build(DiagnosticsConfig, levels=tuple(levels),
+                 protocol_log_max_bytes=d.integer("protocol_log_max_bytes", minimum=4096),
+                 protocol_log_files=d.integer("protocol_log_files", minimum=1, maximum=100))
+    d.reject_unknown()
+    return cfg
+
+
+def _load_metrics(m: _Section) -> MetricsConfig:
+    cfg = _build(MetricsConfig, enabled=m.boolean("enabled"), require_token=m.boolean("require_token"))
+    m.reject_unknown()
+    return cfg
+
+
+def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig:
+    """Load and validate one site's TOML file; raise ``ConfigErrors`` (every problem
+    of the file) or ``ConfigError`` (the file cannot be read or parsed)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "(file)", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "(file)", "is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "(syntax)", str(exc)) from None
+    return config_from_mapping(raw, path, data_dir=data_dir)
+
+
+def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | None = None) -> SiteConfig:
+    errors: list[ConfigError] = []
+    root = _Section(path, "", raw, errors)
+    config_dir = path.parent
+    site = root.table_of("site")
+    organisation = site.string("organisation", required=True)
+    name = site.string("name", required=True)
+    if name is not MISSING and not _NAME.fullmatch(name):
+        name = site.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+    server = site.string("server", required=True)
+    if server is not MISSING and _domain(site, "server", server) is MISSING:
+        server = MISSING
+    site_domain = _domain(site, "email_domain", site.string("email_domain", required=True))
+    company = site.string("company_domain")
+    company_domain = site_domain if company is MISSING else _domain(site, "company_domain", company)
+    data = site.string("data_dir")
+    site.reject_unknown()
+
+    smtp_section = root.table_of("smtp")
+    queue = _load_queue(root.table_of("queue"), smtp_section)
+    smtp = _load_smtp(smtp_section, config_dir)
+    mailboxes = _load_mailboxes(root)
+    delivery = _load_delivery(root.table_of("delivery"), config_dir)
+    dns = _load_dns(root.table_of("dns"))
+    connected = _load_connected_sites(root)
+    routes = _load_email_domains(root)
+    replication = _load_replication(root.table_of("replication"), config_dir)
+    admin = _load_admin(root.table_of("admin"))
+    logging = _load_logging(root.table_of("logging"))
+    transfer = _load_transfer(root.table_of("transfer"))
+    connections = _load_connections(root.table_of("connections"))
+    priorities = _load_priorities(root.table_of("priorities"), delivery)
+    notifications = _load_notifications(root.table_of("notifications"))
+    etrn = _load_etrn(root.table_of("etrn"))
+    diagnostics = _load_diagnostics(root.table_of("diagnostics"))
+    metrics = _load_metrics(root.table_of("metrics"))
+    routing = _load_routing(root.table_of("routing"))
+    tracking = _load_tracking(root.table_of("tracking"))
+    auth = _load_auth(root.table_of("auth"))
+    submission = _load_submission(root.table_of("submission"))
+    restrictions = _load_restrictions(root.table_of("restrictions"), config_dir)
+    if (submission.port is not None or submission.tls_port is not None) and not (
+            smtp.tls_cert or smtp.tls_generate):
+        root.errors.append(ConfigError(path, "submission.port" if submission.port is not None else
+                                       "submission.tls_port",
+                                       "submission listeners need TLS: set smtp.tls_cert and smtp.tls_key "
+                                       "(or smtp.tls_generate = true for a throwaway lab certificate)"))
+    console = _load_console(root.table_of("console"), admin)
+    root.reject_unknown()
+    if errors:
+        raise ConfigErrors(errors)
+
+    if data_dir is None:
+        data_dir = Path(f"data/{name}" if data is MISSING else data)
+        if not data_dir.is_absolute():
+            data_dir = config_dir / data_dir
+    return SiteConfig(
+        path=path, organisation=organisation, site=name, server=server,
+        site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
+        smtp=smtp, mailboxes=mailboxes, delivery=delivery, queue=queue, dns=dns,
+        connected_sites=connected, email_domains=routes,
+        replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
+        auth=auth, submission=submission, restrictions=restrictions,
+        transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
+        etrn=etrn, diagnostics=diagnostics, metrics=metrics,
+        console=console,
+    )

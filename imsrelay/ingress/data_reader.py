@@ -1,0 +1,191 @@
+"""The bytes of the DATA phase, taken in chunks: where the message ends, what it says
+once un-stuffed, and which of aiosmtpd's refusals it earns (pure; the reading is in
+``imsrelay.ingress.smtpd``).
+
+aiosmtpd 1.4 reads DATA one CRLF-line at a time (an await and a buffer per line).
+``DataScanner`` takes whatever the socket delivered and gives the same results with
+``bytes`` operations.  The rules are aiosmtpd's, to the byte:
+
+- lines end at CRLF only (a bare LF or CR is part of a line); the message ends at the
+  first line that is exactly ``.`` CRLF, that is the first ``CRLF . CRLF`` in the stream
+  with a CRLF imagined before its first byte (``.`` CRLF straight after DATA: empty);
+- a line that starts with ``.`` loses that dot (RFC 5321 4.5.2; aiosmtpd removes any
+  leading dot, not only a doubled one);
+- the byte count is of the lines as sent (dots and CRLFs included, the final ``.``
+  line not); past ``size_limit``: ``TOO_MUCH`` (552), read to the end all the same;
+- a line longer than ``line_limit`` (CRLF included): ``TOO_LONG`` (500).  Whichever
+  comes first in the stream wins; a line whose text alone is longer than
+  ``line_limit`` counts as too long before its bytes count towards the size (aiosmtpd
+  sees it as a ``LimitOverrunError`` before adding it up);
+- ``forbid_bare_lf``: an LF not preceded by CR anywhere before the end is ``BARE_LF``
+  (521, the connection closes), at once, whatever else was wrong.
+
+``feed`` returns how many bytes of a chunk belong to DATA: what follows the final
+``.`` CRLF is the client's next command (PIPELINING) and must be read as one.  Memory
+stays bounded: past the size limit (or after a line too long) only a few bytes are
+kept, to find the end."""
+
+from __future__ import annotations
+
+import enum
+
+TERMINATOR = b"\r\n.\r\n"
+CRLF = b"\r\n"
+SCAN_EVERY = 256 * 1024  # line checks on a long message as it comes (bounded memory with no size limit)
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    TOO_LONG = "too long"  # 500 5.5.2 Line too long
+    TOO_MUCH = "too much"  # 552 5.3.4 message size
+    BARE_LF = "bare lf"  # 521 5.5.2 (smtp.bare_newline = "reject")
+
+
+class DataScanner:
+    """One DATA phase: feed it the stream after ``354`` until ``done``."""
+
+    def __init__(self, *, size_limit: int | None, line_limit: int, forbid_bare_lf: bool) -> None:
+        self.size_limit = size_limit or None  # aiosmtpd: 0 or None is no limit
+        self.line_limit = line_limit
+        self.forbid_bare_lf = forbid_bare_lf
+        self.outcome = Outcome.OK
+        self.done = False
+        self._buf = bytearray()  # the stream so far, while every line is still acceptable
+        self._seen = 0  # bytes of the stream taken
+        self._tail = CRLF  # the last (up to 4) bytes taken: a CRLF before the first line
+        self._checked = 0  # lines of _buf before this offset are known to be fine
+        self._counted = 0  # their bytes (aiosmtpd's num_bytes)
+        self._end: int | None = None  # offset of the final "." line
+
+    def feed(self, chunk: bytes) -> int:
+        """Take the next bytes; how many of them belong to DATA (``len(chunk)`` unless
+        this chunk holds the end: the rest is the next command's)."""
+        if self.done or not chunk:
+            return 0
+        tail = self._tail
+        window = tail + chunk
+        found = window.find(TERMINATOR)
+        used = len(chunk) if found < 0 else found + len(TERMINATOR) - len(tail)
+        taken = chunk if used == len(chunk) else chunk[:used]
+        if self.forbid_bare_lf and _has_bare_lf(tail[-1], taken):
+            self.outcome, self.done = Outcome.BARE_LF, True
+            self._buf = bytearray()
+            return used
+        start = self._seen
+        self._seen += used
+        if self.outcome is Outcome.OK:
+            self._buf += taken
+        self._tail = (tail + taken)[-4:] if len(taken) < 4 else taken[-4:]
+        if found >= 0:
+            self.done = True
+            end = start - len(tail) + found + 2  # the final "." line starts here
+            if self.outcome is Outcome.OK:
+                self._end = end
+                self._check_lines(end)
+            self._buf = self._buf if self.outcome is Outcome.OK else bytearray()
+            return used
+        if self.outcome is Outcome.OK and self._due():
+            self._check_growing()
+        return used
+
+    @property
+    def held(self) -> int:
+        """Bytes of the message kept so far (0 once it was refused)."""
+        return len(self._buf)
+
+    def content(self) -> bytes:
+        """The message as the client meant it (dots un-stuffed): aiosmtpd's
+        ``envelope.original_content``.  Only when ``done`` with ``Outcome.OK``."""
+        if not self.done or self.outcome is not Outcome.OK or self._end is None:
+            raise ValueError("no message: DATA is not over, or it was refused")
+        raw = bytes(memoryview(self._buf)[:self._end])
+        return unstuff(raw)
+
+    # -- the line checks (aiosmtpd's TOO_LONG / TOO_MUCH, first in the stream wins)
+    def _due(self) -> bool:
+        grown = len(self._buf) - self._checked
+        return grown >= SCAN_EVERY or (self.size_limit is not None
+                                       and len(self._buf) >= self.size_limit + self.line_limit + 2)
+
+    def _check_growing(self) -> None:
+        """Check the complete lines so far; then the line still arriving, whose text
+        may already be longer than the limit.  Past size_limit + line_limit + 2 bytes
+        this always settles TOO_MUCH or TOO_LONG (and the kept bytes are dropped)."""
+        last = self._buf.rfind(CRLF, self._checked)
+        complete = self._checked if last < 0 else last + 2
+        self._check_lines(complete)
+        if self.outcome is Outcome.OK and len(self._buf) - complete >= self.line_limit + 2:
+            self.outcome = Outcome.TOO_LONG  # its text passed line_limit: aiosmtpd's LimitOverrunError
+        if self.outcome is not Outcome.OK:
+            self._buf = bytearray()
+
+    def _check_lines(self, end: int) -> None:
+        """The complete lines from ``_checked`` up to ``end`` (just after a CRLF)."""
+        start = self._checked
+        if end <= start:
+            return
+        fits = self.size_limit is None or self._counted + (end - start) <= self.size_limit
+        if fits and _lines_fit(self._buf, start, end, self.line_limit):
+            self._counted += end - start
+            self._checked = end
+            return
+        self.outcome = _first_refusal(self._buf, start, end, self._counted, self.size_limit, self.line_limit)
+        self._checked = end
+        self._counted += end - start
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Remove the dot that starts a line (RFC 5321 4.5.2), as aiosmtpd does: any
+    leading dot, at the start and after every CRLF (bare LF or CR start no line)."""
+    if raw[:1] == b".":
+        raw = raw[1:]
+    return raw.replace(b"\r\n.", CRLF)
+
+
+def normalise_bare_lf(raw: bytes) -> bytes:
+    """Every bare LF in a message becomes CRLF (RFC 5321 2.3.8; ``smtp.bare_newline =
+    "normalize"``); a CR is left as it is.  Two counts find most messages have none."""
+    if raw.count(b"\n") == raw.count(CRLF):
+        return raw
+    return raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+
+
+def _has_bare_lf(previous: int, data: bytes) -> bool:
+    """An LF in ``data`` with no CR before it (``previous``: the byte before ``data``)."""
+    lfs = data.count(b"\n")
+    if not lfs:
+        return False
+    crlfs = data.count(CRLF) + (1 if previous == 13 and data[:1] == b"\n" else 0)
+    return lfs != crlfs
+
+
+def _lines_fit(buf: bytearray, start: int, end: int, line_limit: int) -> bool:
+    """Every CRLF-line of ``buf[start:end]`` (which ends just after a CRLF) is at most
+    ``line_limit`` bytes, CRLF included: each window of ``line_limit`` bytes from a
+    line's start holds a CRLF, and the last one found starts the next window."""
+    pos = start
+    while pos < end:
+        crlf = buf.rfind(CRLF, pos, min(pos + line_limit, end))
+        if crlf < 0:
+            return False
+        pos = crlf + 2
+    return True
+
+
+def _first_refusal(buf: bytearray, start: int, end: int, counted: int, size_limit: int | None,
+                   line_limit: int) -> Outcome:
+    """aiosmtpd's loop over the lines of ``buf[start:end]``, line by line (only when a
+    limit is crossed in them): the first refusal, or OK."""
+    pos = start
+    while pos < end:
+        nxt = buf.find(CRLF, pos, end) + 2
+        length = nxt - pos
+        if length - 2 > line_limit:  # its text alone is too long: refused before it is counted
+            return Outcome.TOO_LONG
+        counted += length
+        if size_limit is not None and counted > size_limit:
+            return Outcome.TOO_MUCH
+        if length > line_limit:
+            return Outcome.TOO_LONG
+        pos = nxt
+    return Outcome.OK

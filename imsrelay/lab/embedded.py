@@ -1,0 +1,633 @@
+"""The embedded three-site lab: KB Q196927's organisation on loopback addresses.
+
+SiteA, SiteB and SiteC run as real sites (each its own SMTP server, queue,
+directory and Maildirs) on 127.10.10.10, .15 and .20 — the seed's 10.10.10.x on
+loopback — plus an "Internet" host on 127.10.10.100 that owns ``example.net`` and
+forwards the ``microsoft.com`` domains to the sites the way the seed's DNS MX
+records would (``microsoft.com`` → Server1.SiteA).  Every site reaches the Internet
+through it as its smart host.
+
+The lab walks the article's steps as *stages*; each stage is either a change to
+the sites' configuration (written to ``<data>/config/<Site>.toml``, the sites are
+restarted) or an administrator's action (Check Now, Request Now, Site Addressing).
+By default the lab comes up in the article's end state; ``--stage install`` starts
+at step 1 so the walk can be done by hand (``imsrelay lab next``, or by editing the
+config files — a changed file restarts its site — and the usual CLI commands).
+
+Where the walk stands is read from the files and directories themselves
+(``imsrelay.lab.walk``), so what a person did by hand counts, and ``next`` only adds
+what is missing (or refuses, saying what it would change).  The lab writes its files
+with ``[[table]]`` blocks, the form a person adds by hand.  Replication runs by itself
+only on Exchange's documented schedule when the walk is done by hand (a request 5
+minutes after a site starts, then every 3 hours per connector); the lab's own fast
+walk (to the end state) uses lab-speed values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imsrelay.admin.message_api import LabEndpoint
+from imsrelay.config import toml_text
+from imsrelay.config.loader import ConfigError, SiteConfig, config_from_mapping, load_config
+from imsrelay.directory.keys import public_key_text, site_key
+from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate, trust_hint
+from imsrelay.lab.org_setup import Endpoint, OrgSetup
+from imsrelay.lab.walk import (
+    ConfigEntries,
+    ConfigPlan,
+    StepState,
+    action_step_missing,
+    config_step_missing,
+    plan_config_step,
+    read_facts,
+    read_raw,
+)
+from imsrelay.observe.logs import get_logger
+from imsrelay.site import Site
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
+
+ORGANISATION = "ExchangeORG"
+COMPANY_DOMAIN = "microsoft.com"
+ADMIN_TOKEN = LAB_TOKEN  # one token for every site's admin endpoint and the lab endpoint
+ADMIN_PORT = 8025
+SUBMISSION_PORT = 2587  # each site's RFC 6409 submission port (STARTTLS, AUTH before MAIL) on its address
+SMTPS_PORT = 2465  # each site's RFC 8314 implicit-TLS submission port
+
+# The labs' test accounts (SMTP AUTH): only the scrypt hashes go into the sites'
+# config files and directories; the passwords are documented in README.md.
+LAB_PASSWORDS = {"User1": "user1-lab", "User2": "user2-lab", "User3": "user3-lab", "Administrator": "admin-lab"}
+LAB_PASSWORD_HASHES = {
+    "User1": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIx$0f8ny3RdyGe8FvhLFWUhfnBjaSbP7S9bNSi3CpELc0A=",
+    "User2": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIy$A6ZFY1V9JzftjHdQSwtkJbfwo+uVuyaFvro8SwwKz9A=",
+    "User3": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIz$4ZYP3/TsCAeoinoq7tNz3XozCZitoMNnVBD6EtgHK9k=",
+    "Administrator": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLUFkbWluaXN0cmF0b3I=$Yv9Hq8RXb8rJCC0aEOuq7a4E+mbJNNIyy8F5f0TmEgw=",
+}
+API_HOST = LAB_API_HOST  # the lab endpoint: the message API for every host of the lab
+
+
+@dataclass(frozen=True)
+class LabSite:
+    name: str
+    server: str
+    address: str
+    user: str
+    display_name: str
+
+    @property
+    def domain(self) -> str:
+        return f"{self.name}.{COMPANY_DOMAIN}"
+
+
+SITES = (
+    LabSite("SiteA", "ServerA", "127.10.10.10", "User1", "User One"),
+    LabSite("SiteB", "ServerB", "127.10.10.15", "User2", "User Two"),
+    LabSite("SiteC", "ServerC", "127.10.10.20", "User3", "User Three"),
+)
+INTERNET = LabSite("Internet", "mail", "127.10.10.100", "alice", "Alice (outside)")
+INTERNET_DOMAIN = "example.net"
+
+# (name, what the article says, kind) — kind "config" changes the files, "action" runs a command.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("install", "1. IMS installed at each site with its site domain (SiteX.microsoft.com)", "config"),
+    ("connected-sites", "2-5. Connected Sites: each remote site by directory name, routing address SMTP @SiteX.microsoft.com", "config"),
+    ("domain-table", "Domain-specific routing: E-Mail Domain table forwards SiteX.microsoft.com to the site's address", "config"),
+    ("replication-connectors", "Directory Replication Connectors to every other site", "config"),
+    ("check-now", "Check Now (knowledge consistency check) at each site", "action"),
+    ("request-now", "Request Now, 'Update only new and modified items', at each site for each peer", "action"),
+    ("site-addressing-a", "Single domain: SiteA Site Addressing @microsoft.com (update all mailboxes); SiteB and SiteC Request Now", "action"),
+    ("site-addressing-b", "Repeat at SiteB; SiteA and SiteC Request Now", "action"),
+    ("site-addressing-c", "Repeat at SiteC; SiteA and SiteB Request Now: every user is UserN@microsoft.com", "action"),
+)
+STAGE_NAMES = tuple(s[0] for s in STAGES)
+
+
+def stage_index(name: str) -> int:
+    if name == "end":
+        return len(STAGES) - 1
+    try:
+        return STAGE_NAMES.index(name)
+    except ValueError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}, end") from None
+
+
+# Exchange's documented replication timing (reference: requests 5 minutes after
+# start-up; a connector's default schedule is once every 3 hours) and the lab's fast walk.
+EXCHANGE_STARTUP_DELAY, EXCHANGE_SCHEDULE = "5m", "3h"
+FAST_STARTUP_DELAY, FAST_SCHEDULE = "10s", "always"
+# The lab's users submit from 127.0.0.1 (the seed's workstations; the Docker lab's
+# clients come through its gateway).  The sites are reached from their own addresses
+# (outbound connections are bound to them), so the Internet host, 127.10.10.100, is
+# outside every site's relay networks: a site is no open relay for it.
+SITE_RELAY_NETWORKS = ["127.0.0.1/32"]
+# The Internet host is the sites' ISP (their smart host): it relays for its customers,
+# the sites, and for its own users' workstation.
+INTERNET_RELAY_NETWORKS = ["127.0.0.1/32", "127.10.10.0/27"]
+INTERNET_BANNER = "ESMTP"
+
+
+def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = False) -> ConfigEntries:
+    """The ``[[table]]`` entries a configuration step adds to ``site``'s file (pure)."""
+    others = [s for s in SITES if s is not site]
+    if stage_name == "connected-sites":
+        return (("connected_sites", "name",
+                 tuple({"name": o.name, "routing_address": f"@{o.domain}"} for o in others)),)
+    if stage_name == "domain-table":
+        return (("email_domains", "domain",
+                 tuple({"domain": o.domain, "host": o.address, "port": port} for o in others)),)
+    if stage_name == "replication-connectors":
+        schedule = EXCHANGE_SCHEDULE if hand else FAST_SCHEDULE
+        return (("replication.connectors", "site", tuple({"site": o.name, "schedule": schedule} for o in others)),)
+    return ()
+
+
+def key_path(data_dir: Path, site: LabSite) -> Path:
+    """Where the lab keeps ``site``'s replication private key."""
+    return data_dir / "keys" / f"{site.name}.pem"
+
+
+def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, trusted_keys: Mapping[str, str],
+                 fast: bool = True, admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
+                 hand: bool = False, submission_port: int = SUBMISSION_PORT,
+                 smtps_port: int = SMTPS_PORT) -> dict[str, Any]:
+    """The site's configuration at a stage of the walk (pure).  TLS: the site's
+    certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them).
+    Replication: per-site keys, the site's own in ``<data>/keys/<Site>.pem``
+    (``Lab.ensure_keys`` makes them) and ``trusted_keys``, every site's public key."""
+    mapping: dict[str, Any] = {
+        "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
+                 "email_domain": site.domain, "company_domain": COMPANY_DOMAIN,
+                 "data_dir": str(data_dir / site.name)},
+        "smtp": {"listen": site.address, "port": port, "relay_networks": list(SITE_RELAY_NETWORKS),
+                 "tls_cert": str(data_dir / "tls" / f"{site.name}.crt"),
+                 "tls_key": str(data_dir / "tls" / f"{site.name}.key")},
+        # lab switch: AUTH also before STARTTLS on the main port, so smtplib.login() works as is
+        "auth": {"allow_plaintext": True},
+        "submission": {"port": submission_port, "tls_port": smtps_port},
+        "mailboxes": [{"alias": site.user, "display_name": site.display_name,
+                       "password_hash": LAB_PASSWORD_HASHES[site.user]},
+                      {"alias": "Administrator", "display_name": f"{site.name} Administrator",
+                       "password_hash": LAB_PASSWORD_HASHES["Administrator"]}],
+        "delivery": {"retry_intervals": ["5s", "15s", "1m", "5m"] if fast else ["15m", "30m", "1h", "4h"],
+                     "lifetime": "1h" if fast else "2d", "smart_host": f"{INTERNET.address}:{port}"},
+        # Time-outs by priority: the IMS's 24h/48h/72h with --exchange-timers, short ones in the lab
+        "priorities": {"urgent_lifetime": "15m", "non_urgent_lifetime": "2h"} if fast else
+                      {"urgent_lifetime": "1d", "non_urgent_lifetime": "3d"},
+        "replication": {"signing_key": str(key_path(data_dir, site)),
+                        "trusted_keys": {name: trusted_keys[name] for name in sorted(trusted_keys)},
+                        "startup_delay": startup_delay or (EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
+        "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
+        "logging": {"level": "info", "format": "auto"},
+    }
+    for name in STAGE_NAMES[1:stage + 1]:
+        for array, _, entries in stage_entries(site, name, port=port, hand=hand):
+            table = mapping
+            *parents, leaf = array.split(".")
+            for part in parents:
+                table = table.setdefault(part, {})
+            table[leaf] = [dict(e) for e in entries]
+    return mapping
+
+
+def private_port(addresses: list[str], attempts: int = 50) -> int:
+    """A TCP port free on every one of ``addresses`` (for the lab's build phase)."""
+    for _ in range(attempts):
+        with socket.socket() as first:
+            first.bind((addresses[0], 0))
+            port = first.getsockname()[1]
+            try:
+                for a in addresses[1:]:
+                    with socket.socket() as other:
+                        other.bind((a, port))
+            except OSError:
+                continue
+            return int(port)
+    raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
+
+
+def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
+    """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
+    and greets as an ordinary Internet MTA."""
+    routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
+    routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
+    return {
+        "site": {"organisation": "Internet", "name": INTERNET.name, "server": INTERNET.server,
+                 "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
+        "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": list(INTERNET_RELAY_NETWORKS),
+                 "hostname": f"{INTERNET.server}.{INTERNET_DOMAIN}", "banner": INTERNET_BANNER},
+        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
+        "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
+        "email_domains": routes,
+        "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
+        "logging": {"level": "info", "format": "auto"},
+    }
+
+
+class LabStepRefused(Exception):
+    """``lab next`` would have to change what a person wrote: one line saying what."""
+
+
+SITE_ADDRESSING_STAGES = {"site-addressing-a": "SiteA", "site-addressing-b": "SiteB", "site-addressing-c": "SiteC"}
+
+
+def administrator_action(org: OrgSetup, stage: str, timeout: float = 120.0) -> None:
+    """Do the administrator's action of an "action" stage, as ``imsrelay org-setup``
+    does it (blocking; every lab that walks the article uses this, the embedded one
+    and the compose walk): Check Now at each site; Request Now between the sites
+    until every one knows every mailbox (then Check Now again); Site Addressing
+    @microsoft.com at one site, replicated to the others."""
+    if stage == "check-now":
+        org.check_now()
+    elif stage == "request-now":
+        org.replicate_all(timeout)
+        org.check_now()
+    elif stage in SITE_ADDRESSING_STAGES:
+        org.site_addressing(SITE_ADDRESSING_STAGES[stage], f"@{COMPANY_DOMAIN}", timeout)
+    else:
+        raise ValueError(f"stage {stage!r} is not an administrator's action")
+
+
+class Lab:
+    """Runs the four hosts in this process; advances the walk stage by stage."""
+
+    def __init__(self, data_dir: Path, *, port: int = 2525, fast: bool = True, admin_port: int = ADMIN_PORT,
+                 startup_delay: str | None = None, say: Callable[[str], None] = print,
+                 hand: bool = False, detail: Callable[[str], None] | None = None,
+                 api_host: str = API_HOST, api_port: int | None = None,
+                 submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT) -> None:
+        """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
+        None: no lab endpoint.  ``submission_port``/``smtps_port``: each site's 587/465
+        (written into the files at the first start)."""
+        self.submission_port = submission_port
+        self.smtps_port = smtps_port
+        self.data_dir = Path(data_dir).resolve()
+        self.config_dir = self.data_dir / "config"
+        self.port = self._port_in_files() or port
+        self._smtp_port = self.port  # the port the hosts run on: a private one while the lab builds its state
+        self.api_host = api_host
+        self.api_port = api_port
+        self.endpoint: Any = None
+        self._walking: str | None = "starting"  # why the lab is not at its announced stage yet
+        self.fast = fast
+        self.admin_port = admin_port
+        self.startup_delay = startup_delay
+        self.hand = hand  # a person walks by hand: Exchange's replication timing in what the lab writes
+        self.say = say
+        self.detail = detail or (lambda line: None)
+        self.sites: dict[str, Site] = {}
+        self._mtimes: dict[str, float] = {}
+        self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
+
+    # ------------------------------------------------------------ state (read from the files)
+
+    def config_path(self, name: str) -> Path:
+        return self.config_dir / f"{name}.toml"
+
+    def _port_in_files(self) -> int | None:
+        raw = read_raw(self.config_path(SITES[0].name))
+        port = raw.get("smtp", {}).get("port") if isinstance(raw, dict) else None
+        return port if isinstance(port, int) and port > 0 else None
+
+    @property
+    def exists(self) -> bool:
+        return any(self.config_path(s.name).exists() for s in SITES)
+
+    def _plans(self, stage_name: str) -> list[ConfigPlan]:
+        plans = []
+        for s in SITES:
+            raw = read_raw(self.config_path(s.name))
+            if isinstance(raw, str):
+                plans.append(ConfigPlan(s.name, (), (raw,)))
+                continue
+            plans.append(plan_config_step(s.name, self.config_path(s.name).name, raw,
+                                          stage_entries(s, stage_name, port=self.port, hand=self.hand)))
+        return plans
+
+    def _data_dir_of(self, site: LabSite) -> Path:
+        try:
+            return load_config(self.config_path(site.name)).data_dir
+        except ConfigError:
+            return self.data_dir / site.name
+
+    def observe(self) -> tuple[StepState, ...]:
+        """Every step of the walk: done or not, and what is missing (reads only)."""
+        steps: list[StepState] = []
+        install_missing = []
+        for s in SITES:
+            try:
+                load_config(self.config_path(s.name))
+            except ConfigError as exc:
+                install_missing.append(str(exc))
+        steps.append(StepState(STAGES[0][0], STAGES[0][1], not install_missing, tuple(install_missing)))
+        facts = None
+        for name, text, kind in STAGES[1:]:
+            if kind == "config":
+                missing = config_step_missing(self._plans(name))
+            else:
+                if facts is None:
+                    facts = {s.name: read_facts(self._data_dir_of(s) / "directory.sqlite3", s.name) for s in SITES}
+                missing = action_step_missing(name, [(s.name, s.user) for s in SITES], facts, COMPANY_DOMAIN)
+            steps.append(StepState(name, text, not missing, tuple(missing)))
+        return tuple(steps)
+
+    @property
+    def stage(self) -> int:
+        """The last step done with every step before it done (-1: no lab here yet)."""
+        if not self.exists:
+            return -1
+        done = -1
+        for i, step in enumerate(self.observe()):
+            if not step.done:
+                break
+            done = i
+        return done
+
+    def status_lines(self, running: str) -> list[str]:
+        steps = self.observe()
+        reached = -1
+        for i, step in enumerate(steps):
+            if not step.done:
+                break
+            reached = i
+        at_end = reached == len(steps) - 1
+        name = "end" if at_end else (STAGE_NAMES[reached] if reached >= 0 else "none")
+        lines = [f"stage {name}" + (" (every step of KB Q196927 is done)" if at_end else "")
+                 + f"; lab {running}; data in {self.data_dir}"]
+        for i, step in enumerate(steps):
+            mark = "done" if step.done else "todo"
+            lines.append(f"  {mark}  {step.name:<24} {step.text}")
+            if i == reached + 1:
+                lines += [f"          missing: {m}" for m in step.missing]
+        if not at_end:
+            lines.append(f"next: {steps[reached + 1].name} (imsrelay lab next, or by hand)")
+        return lines
+
+    def ensure_keys(self) -> dict[str, str]:
+        """Each site's replication key in ``<data>/keys`` (made once, kept across
+        restarts) and the organisation's trusted public keys, by site."""
+        return {s.name: public_key_text(site_key(key_path(self.data_dir, s))) for s in SITES}
+
+    def _write_install(self) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        header = ("# Written by `imsrelay lab` (KB Q196927 step 1: IMS installed). Edit it and the lab\n"
+                  "# restarts the site; `imsrelay lab next` adds the next step's [[tables]] and keeps yours.\n"
+                  "# Replication: this site's own Ed25519 key (signing_key, made by the lab) and every\n"
+                  "# site's public key ([replication.trusted_keys]).\n")
+        trusted = self.ensure_keys()
+        for s in SITES:
+            path = self.config_path(s.name)
+            if not path.exists():
+                path.write_text(header + toml_text.dumps(
+                    site_mapping(s, 0, port=self.port, data_dir=self.data_dir, trusted_keys=trusted, fast=self.fast,
+                                 admin_port=self.admin_port, startup_delay=self.startup_delay, hand=self.hand,
+                                 submission_port=self.submission_port, smtps_port=self.smtps_port)))
+        internet = self.config_path(INTERNET.name)
+        if not internet.exists():  # the outside world does not change with the walk
+            internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
+                                + toml_text.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
+                                                                 admin_port=self.admin_port)))
+
+    def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
+        """Append the missing ``[[table]]`` entries to each file, keeping every line a
+        person wrote; returns the names of the sites whose file changed."""
+        changed = []
+        for plan in plans:
+            if not plan.additions:
+                continue
+            path = self.config_path(plan.site)
+            text = path.read_text(encoding="utf-8")
+            blocks = "\n".join(toml_text.table_block(array, entry) for array, entry in plan.additions)
+            new = text.rstrip("\n") + f"\n\n# Added by `imsrelay lab next` (stage {stage_name})\n" + blocks
+            try:
+                raw = tomllib.loads(new)
+            except tomllib.TOMLDecodeError:
+                # the file holds the array inline (`connected_sites = [...]`): write it
+                # again in [[table]] form with the same content plus the additions
+                raw = tomllib.loads(text)
+                for array, entry in plan.additions:
+                    table = raw
+                    *parents, leaf = array.split(".")
+                    for part in parents:
+                        table = table.setdefault(part, {})
+                    table.setdefault(leaf, []).append(entry)
+                new = toml_text.dumps(raw)
+            config_from_mapping(raw, path)  # never write a file the site would refuse
+            tmp = path.with_suffix(".toml.tmp")
+            tmp.write_text(new, encoding="utf-8")
+            os.replace(tmp, path)
+            changed.append(plan.site)
+        return changed
+
+    # ------------------------------------------------------------ running
+
+    async def start(self, target: int | None = None) -> None:
+        """Start the hosts (first run: write step 1's files) and reach ``target``
+        *before* the announced SMTP port opens: the walk runs with every host on a
+        private port (the files keep the lab's port; the hosts run with it replaced),
+        then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
+        if self.api_port is not None and self.endpoint is None:
+            self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
+                                        token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),
+                                        lab_ready=self._not_ready_reason)
+            await self.endpoint.start()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.ensure_tls)
+        self._write_install()
+        if target is not None and target > self.stage:
+            self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
+            self._smtp_port = private_port([INTERNET.address, *(s.address for s in SITES)])
+            try:
+                await self._start_all()
+                await self.advance_to(target)
+            except LabStepRefused as exc:  # what a person wrote stops the walk: say so, keep running
+                self.say(str(exc))
+            finally:
+                await self._stop_sites()
+                self._smtp_port = self.port
+        self._walking = "starting the hosts on the lab's port"
+        await self._start_all()
+        self._walking = None
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "tls" / "ca.crt"
+
+    def ensure_tls(self) -> None:
+        """The lab's throwaway CA and each site's certificate (its server name and address)."""
+        tls = self.data_dir / "tls"
+        ca = ensure_ca(tls)
+        for s in SITES:
+            ensure_certificate(tls, s.name, ca=ca, hostnames=[f"{s.server}.{s.domain}", s.domain],
+                               addresses=[s.address])
+
+    async def _start_all(self) -> None:
+        for name in [INTERNET.name] + [s.name for s in SITES]:
+            await self._start_site(name)
+
+    def _not_ready_reason(self) -> str | None:
+        return self._walking
+
+    @property
+    def ready(self) -> bool:
+        return self._walking is None and len(self.sites) == len(SITES) + 1 and all(
+            s.readiness.report().ready for s in self.sites.values())
+
+    def _running_config(self, config: SiteConfig) -> SiteConfig:
+        """The host's settings as it runs now: while the lab builds its state on a
+        private port, every use of the lab's port (listener, smart host, E-Mail Domain
+        entries) is that private port instead, and no submission listener opens; the
+        file is not changed."""
+        if self._smtp_port == self.port:
+            return config
+        swap = {self.port: self._smtp_port}
+        smtp = dataclasses.replace(config.smtp, port=swap.get(config.smtp.port, config.smtp.port))
+        delivery = dataclasses.replace(config.delivery, smart_host_port=swap.get(
+            config.delivery.smart_host_port, config.delivery.smart_host_port))
+        routes = tuple(dataclasses.replace(r, port=swap.get(r.port, r.port)) for r in config.email_domains)
+        submission = dataclasses.replace(config.submission, port=None, tls_port=None)
+        return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes, submission=submission)
+
+    async def stop(self) -> None:
+        await self._stop_sites()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
+            self.endpoint = None
+
+    async def _stop_sites(self) -> None:
+        for name in list(self.sites):
+            await self.sites.pop(name).stop()
+
+    async def _start_site(self, name: str) -> Site:
+        path = self.config_path(name)
+        site = Site(self._running_config(load_config(path)))
+        site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
+        await site.start()
+        self.sites[name] = site
+        self._mtimes[name] = path.stat().st_mtime
+        return site
+
+    async def restart(self, name: str) -> None:
+        old = self.sites.pop(name, None)
+        if old is not None:
+            await old.stop()
+        await self._start_site(name)
+
+    async def restart_changed(self) -> list[str]:
+        """Restart the sites whose config file changed (an administrator edited it)."""
+        changed = []
+        for name in list(self.sites):
+            path = self.config_path(name)
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime != self._mtimes.get(name):
+                try:
+                    load_config(path)
+                except Exception as exc:
+                    self.say(f"lab: {path} not applied: {exc}")
+                    self._mtimes[name] = mtime
+                    continue
+                self.say(f"lab: {path.name} changed, restarting {name}")
+                await self.restart(name)
+                changed.append(name)
+        return changed
+
+    async def advance_to(self, target: int) -> None:
+        while self.stage < target:
+            before = self.stage
+            await self.next_stage()
+            if self.stage <= before:
+                missing = "; ".join(self.observe()[before + 1].missing)
+                raise LabStepRefused(f"lab: stage {STAGE_NAMES[before + 1]} is still not done: {missing}")
+
+    async def next_stage(self) -> str | None:
+        """Do the first step of the walk that is not done yet (whatever was done by
+        hand counts); ``LabStepRefused`` when it would change what a person wrote."""
+        steps = self.observe()
+        todo = next((i for i, step in enumerate(steps) if not step.done), None)
+        if todo is None:
+            return None
+        name, text, kind = STAGES[todo]
+        if kind == "config":
+            plans = self._plans(name)
+            conflicts = [c for p in plans for c in p.conflicts]
+            if conflicts:
+                raise LabStepRefused(f"lab next: stage {name} not done, nothing changed: {conflicts[0]}"
+                                     + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else "")
+                                     + "; correct or remove that entry, then run lab next again")
+        elif todo == 0:
+            raise LabStepRefused("lab next: step install is not done: " + "; ".join(steps[0].missing))
+        self.say(f"lab: stage {name}: {text}")
+        walking, self._walking = self._walking, self._walking or f"taking the step to stage {name}"
+        try:
+            if kind == "config":
+                for changed in self._append_entries(name, plans):
+                    await self.restart(changed)
+            else:
+                await asyncio.to_thread(administrator_action, await self._administrator(), name)
+                for site in self.sites.values():
+                    await site.refresh()
+        finally:
+            self._walking = walking
+        return name
+
+    # ------------------------------------------------------------ the article's actions
+
+    async def _administrator(self) -> OrgSetup:
+        """The article's administrator, working as ``imsrelay org-setup`` does: over
+        each site's admin endpoint (blocking client, so on a thread)."""
+        org = OrgSetup([Endpoint(f"http://{s.address}:{self._admin_port_of(s)}", ADMIN_TOKEN) for s in SITES],
+                       say=lambda line: self.detail("lab:" + line), poll=0.1)
+        await asyncio.to_thread(org.wait_ready, 30.0)
+        return org
+
+    def _admin_port_of(self, site: LabSite) -> int:
+        running = self.sites.get(site.name)
+        return running.config.admin.port if running is not None else self.admin_port
+
+    async def describe(self) -> str:
+        stage = self.stage
+        if stage == len(STAGES) - 1:
+            where = "stage end: every step of KB Q196927 is done; every user is UserN@microsoft.com"
+        else:
+            where = f"stage {STAGE_NAMES[max(stage, 0)]}: {STAGES[max(stage, 0)][1]}"
+        lines = [f"imsrelay lab: organisation {ORGANISATION}, data in {self.data_dir}", where, ""]
+        if self.endpoint is not None:
+            lines += [f"lab endpoint  {self.endpoint.url}/api/v1  (token {ADMIN_TOKEN}): every host's mail, "
+                      f"search, wait, tracking; {self.endpoint.url}/ready", ""]
+        for s in SITES:
+            site = self.sites[s.name]
+            boxes = await site.directory.run(site.directory.mailboxes, s.name)
+            lines.append(f"{s.name}  SMTP {s.address}:{self.port}   admin http://{s.address}:{self._admin_port_of(s)} "
+                         f"(token {ADMIN_TOKEN})   config {self.config_path(s.name)}")
+            ports = site.submission_ports
+            if ports:
+                lines.append("       submission " + "   ".join(
+                    f"{s.address}:{ports[k]} ({what})" for k, what in (("submission", "STARTTLS + AUTH"),
+                                                                      ("smtps", "TLS + AUTH")) if k in ports))
+            for m in boxes:
+                password = LAB_PASSWORDS.get(m.alias, "") if ports else ""
+                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/"
+                             + (f"  password {password}" if password else ""))
+        lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
+                     f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
+        first = SITES[0]
+        to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
+        lines += ["", trust_hint(self.ca_cert),
+                  "", f"try:  swaks --server {first.address}:{self.port} -f user1@{first.domain} -t {to}"]
+        sub = self.sites[first.name].submission_ports.get("submission")
+        if sub:
+            lines.append(f"      swaks --server {first.address}:{sub} --tls --tls-ca-path {self.ca_cert} "
+                         f"--auth PLAIN --auth-user User1 --auth-password {LAB_PASSWORDS['User1']} "
+                         f"-f user1@{first.domain} -t alice@{INTERNET_DOMAIN}")
+        lines.append("Ctrl-C stops the lab; the data stays for the next start.")
+        return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Directory objects as values: mailboxes, sites and their replicated form (no I/O).
+
+``Directory`` (SQLite) stores them, replication carries ``DirObject`` in dirsync
+messages, the router and the KCC decide with ``Mailbox`` and ``SiteObject``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from imsrelay.model.addresses import parse_proxy
+from imsrelay.policy.restrictions import SenderRules
+
+DIRSYNC_LOCAL = "dirsync"  # the local part of every site's directory service address (dirsync@domain)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    version: int
+    changed_at: float
+    origin: str
+
+    def key(self) -> tuple[int, float, str]:
+        return (self.version, self.changed_at, self.origin)
+
+
+@dataclass(frozen=True)
+class DirObject:
+    """One replicated directory object, as stored and as carried in dirsync messages."""
+
+    object_id: str
+    kind: str  # "mailbox" | "site"
+    home_site: str
+    stamp: Stamp
+    deleted: bool
+    data: dict[str, Any] = field(hash=False, compare=False)
+    usn: int = 0
+    sig: str = field(default="", hash=False, compare=False)  # the home site's Ed25519 signature, if any
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"id": self.object_id, "kind": self.kind, "home": self.home_site,
+                "version": self.stamp.version, "changed_at": self.stamp.changed_at,
+                "origin": self.stamp.origin, "deleted": self.deleted, "data": self.data}
+        if self.sig:
+            wire["sig"] = self.sig
+        return wire
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> DirObject:
+        kind = w["kind"]
+        if kind not in ("mailbox", "site"):
+            raise ValueError(f"unknown object kind {kind!r}")
+        data = w["data"]
+        if not isinstance(data, dict):
+            raise ValueError("object data must be a mapping")
+        return cls(str(w["id"]), kind, str(w["home"]),
+                   Stamp(int(w["version"]), float(w["changed_at"]), str(w["origin"])),
+                   bool(w["deleted"]), data, sig=str(w.get("sig", "")))
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    alias: str
+    display_name: str
+    home_site: str
+    proxy_addresses: tuple[str, ...]
+    deleted: bool = False
+    sender_rules: SenderRules = SenderRules()  # Delivery Restrictions and Message Filter
+
+    @property
+    def primary_address(self) -> str:
+        for p in self.proxy_addresses:
+            proxy = parse_proxy(p)
+            if proxy.type == "SMTP" and proxy.primary:
+                return proxy.address
+        return ""
+
+    @property
+    def smtp_addresses(self) -> list[str]:
+        return [parse_proxy(p).address for p in self.proxy_addresses if parse_proxy(p).type == "SMTP"]
+
+
+@dataclass(frozen=True)
+class SiteObject:
+    name: str
+    server: str
+    organisation: str
+    smtp_address: str  # Site Addressing: "@SiteA.microsoft.com" or "@microsoft.com"
+    routing_address: str  # where IMS traffic for this site goes: "@SiteA.microsoft.com"
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class BulkReport:
+    """Result of a Site Addressing bulk update (Exchange events 2043/2044/2053)."""
+
+    scanned: int
+    updated: int
+    failed: int
+    substitutes: tuple[tuple[str, str], ...]  # (alias, the unique address chosen instead)

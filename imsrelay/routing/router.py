@@ -1,0 +1,360 @@
+"""Where each recipient goes, and why (pure).
+
+Order of decisions, as the Exchange 5.5 IMS made them:
+
+1. the site's directory service address (replication traffic) → the directory;
+2. a mailbox in the directory: homed here → its Maildir; homed at another site →
+   that site's routing address (Connected Sites, by exact directory name, or a site
+   learned by replication once Check Now has run);
+3. an unknown address in a domain this site owns → permanent failure (5.1.1);
+4. a domain in a Connected Site's routing address → that site;
+5. the E-Mail Domain table ("forward all messages for this domain to host"): whole
+   sub-domain match, ``#`` = exact, the most specific entry wins;
+6. the smart host ("forward all messages to host");
+7. DNS MX for the domain.
+
+Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from imsrelay.model.addresses import (
+    Address,
+    AddressError,
+    address_literal,
+    domain_matches,
+    most_specific,
+    parse_address,
+)
+from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
+from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig
+from imsrelay.policy.loops import SelfEndpoints, points_at_self
+
+LOCAL = "local"
+DIRECTORY = "directory"
+RELAY = "relay"  # a fixed next hop (E-Mail Domain table entry or smart host)
+MX = "mx"  # next hops from DNS
+FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    site: str
+    site_domain: str
+    local_domains: tuple[str, ...]
+    connected_sites: tuple[ConnectedSite, ...] = ()
+    learned_sites: tuple[tuple[str, str], ...] = ()  # (site name, routing domain) known by KCC
+    email_domains: tuple[DomainRoute, ...] = ()
+    smart_host: tuple[str, int] | None = None
+    self_endpoints: SelfEndpoints = frozenset()
+    starttls_default: str = "opportunistic"
+    starttls_by_domain: tuple[tuple[str, str], ...] = ()
+    smart_host_starttls: str | None = None
+    service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
+    mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
+    address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
+
+
+@functools.lru_cache(maxsize=8)
+def self_addresses(endpoints: frozenset[tuple[str, int]]) -> frozenset[str]:
+    """This site's own IP addresses (normalised), from where it listens.  Memoised by
+    the endpoints themselves: a new set of endpoints (another port, an interface
+    that came or went) is a new key, so the answer always follows them."""
+    found = set()
+    for host, _ in endpoints:
+        try:
+            found.add(str(ipaddress.ip_address(host.split("%")[0])))
+        except ValueError:
+            continue  # the host name
+    return frozenset(found)
+
+
+def directory_lookup_address(recipient: str, site_domain: str, own: frozenset[str]) -> str:
+    """The address to look up in the directory: ``user@[this site's own address]`` is
+    ``user@site domain`` (RFC 5321 §4.1.3: a literal naming this host is this host)."""
+    try:
+        address = parse_address(recipient)
+        ip = address_literal(address.domain)
+    except AddressError:
+        return recipient
+    if ip is not None and str(ip) in own:
+        return f"{address.local}@{site_domain}"
+    return recipient
+
+
+@dataclass(frozen=True)
+class Route:
+    recipient: str
+    kind: str
+    steps: tuple[str, ...]
+    mailbox: str | None = None  # alias, for LOCAL
+    host: str | None = None  # RELAY next hop
+    port: int = 25
+    domain: str | None = None  # MX domain, or the domain the relay entry matched
+    starttls: str = "opportunistic"
+    permanent: bool = False  # FAIL: permanent (NDR now) or temporary (retry)
+    status: str | None = None  # FAIL: RFC 3463 code
+    reason: str | None = None
+    site: str | None = None  # the remote site when routed to one
+    cost: int | None = None  # Connected Sites cost of this route to the site
+    alternatives: tuple[Route, ...] = ()  # dearer (or equal-cost) routes, tried in order when this one fails
+    etrn: str | None = None  # E-Mail Domain entry holding this mail until the peer issues ETRN
+
+    @property
+    def destination(self) -> str:
+        """Key grouping recipients that share a delivery (one SMTP transaction)."""
+        if self.kind == RELAY:
+            return f"relay:{self.host}:{self.port}:{self.starttls}"
+        if self.kind == MX:
+            return f"mx:{self.domain}:{self.port}:{self.starttls}"
+        return f"{self.kind}:{self.mailbox or ''}"
+
+    def explain(self) -> str:
+        lines = [f"recipient: {self.recipient}"]
+        lines += [f"  {i}. {s}" for i, s in enumerate(self.steps, 1)]
+        if self.kind == LOCAL:
+            lines.append(f"=> local delivery to mailbox {self.mailbox}")
+        elif self.kind == DIRECTORY:
+            lines.append("=> this site's directory service (replication)")
+        elif self.kind == RELAY:
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            lines.append(f"=> SMTP to {host}:{self.port} (STARTTLS {self.starttls})")
+        elif self.kind == MX:
+            lines.append(f"=> SMTP to the MX hosts of {self.domain}, port {self.port} (STARTTLS {self.starttls})")
+        else:
+            kind = "permanent" if self.permanent else "temporary"
+            lines.append(f"=> {kind} failure {self.status}: {self.reason}")
+        if self.cost is not None and self.alternatives:
+            lines[-1] += f" (cost {self.cost})"
+            for alt in self.alternatives:
+                lines.append(f"   if that fails: {alt.next_hop_text()} (cost {alt.cost})")
+        if self.etrn:
+            lines.append(f"   held until the peer issues ETRN for {self.etrn} (E-Mail Domain entry)")
+        return "\n".join(lines)
+
+    def next_hop_text(self) -> str:
+        if self.kind == RELAY:
+            return f"SMTP to {self.host}:{self.port}"
+        if self.kind == MX:
+            return f"SMTP to the MX hosts of {self.domain}, port {self.port}"
+        return self.kind
+
+
+@dataclass
+class _Trail:
+    steps: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.steps.append(text)
+
+
+def is_service_address(address: Address, table: RoutingTable) -> bool:
+    return address.local.lower() == DIRSYNC_LOCAL and any(
+        address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
+
+
+def _starttls_for(domain: str, table: RoutingTable, override: str | None = None) -> str:
+    if override:
+        return override
+    match = most_specific(domain, [(d, p) for d, p in table.starttls_by_domain])
+    return match[1] if match else table.starttls_default
+
+
+def _fail(recipient: str, trail: _Trail, status: str, reason: str, *, permanent: bool) -> Route:
+    trail.add(f"no route: {reason}")
+    return Route(recipient, FAIL, tuple(trail.steps), permanent=permanent, status=status, reason=reason)
+
+
+def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trail, site: str | None) -> Route:
+    """Steps 5–7 for a domain: E-Mail Domain table, smart host, DNS MX."""
+    entry = most_specific(domain, [(r.domain, r) for r in table.email_domains])
+    if entry is not None:
+        pattern, r = entry
+        trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
+        if points_at_self(r.host, r.port, table.self_endpoints):
+            return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
+        if r.etrn:
+            trail.add(f"E-Mail Domain table: entry {pattern} holds its mail until the peer issues ETRN")
+        return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
+                     starttls=_starttls_for(domain, table, r.starttls), site=site,
+                     etrn=r.domain.lstrip("#") if r.etrn else None)
+    trail.add(f"E-Mail Domain table: no entry matches {domain}")
+    if table.smart_host is not None:
+        host, port = table.smart_host
+        trail.add(f"smart host: forward all messages to host {host}:{port}")
+        if points_at_self(host, port, table.self_endpoints):
+            return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
+        return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
+                     starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site)
+    trail.add(f"DNS: deliver to the MX hosts of {domain}")
+    return Route(recipient, MX, tuple(trail.steps), domain=domain, port=table.mx_port,
+                 starttls=_starttls_for(domain, table), site=site)
+
+
+def order_by_cost(entries: Sequence[ConnectedSite], share_key: str) -> list[ConnectedSite]:
+    """Least cost first; entries of equal cost share the load: each group is rotated
+    by a stable hash of ``share_key`` (the queue id), so messages spread over them."""
+    out: list[ConnectedSite] = []
+    for cost in sorted({c.cost for c in entries}):
+        group = [c for c in entries if c.cost == cost]
+        shift = zlib.crc32(share_key.encode()) % len(group) if share_key and len(group) > 1 else 0
+        out += group[shift:] + group[:shift]
+    return out
+
+
+def shares_load(table: RoutingTable) -> bool:
+    """Whether some site has several Connected Sites entries of one cost: only then does
+    a route depend on the ``share_key`` (``order_by_cost``)."""
+    groups = [(c.name, c.cost) for c in table.connected_sites]
+    return len(groups) != len(set(groups))
+
+
+def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTable, trail: _Trail,
+                share_key: str) -> Route:
+    """A remote site by its Connected Sites entries (one or more, by cost); ``domain``
+    None = each entry's routing domain (mail for a mailbox homed there)."""
+    entries = [c for c in table.connected_sites if c.name == site]
+    if len(entries) <= 1 and not any(c.host for c in entries):
+        routing = domain or (entries[0].routing_domain if entries else None)
+        assert routing is not None
+        return _route_domain(recipient, routing, table, trail, site)
+    ordered = order_by_cost(entries, share_key)
+    trail.add(f"Connected Sites: site {site} has {len(entries)} route(s): " + ", ".join(
+        f"cost {c.cost} @{c.routing_domain}" + (f" via host {c.host}:{c.port}" if c.host else "") for c in ordered)
+        + "; least cost first, equal costs share the load, a dearer one is used when it fails")
+    routes: list[Route] = []
+    for c in ordered:
+        branch = _Trail(list(trail.steps))
+        target = domain or c.routing_domain
+        if c.host:
+            branch.add(f"route of cost {c.cost}: forward to host {c.host}:{c.port}")
+            if (c.host.lower(), c.port) in table.self_endpoints:
+                continue
+            route = Route(recipient, RELAY, tuple(branch.steps), host=c.host, port=c.port, domain=target,
+                          starttls=_starttls_for(target, table), site=site)
+        else:
+            branch.add(f"route of cost {c.cost}: routing address @{c.routing_domain}")
+            route = _route_domain(recipient, target, table, branch, site)
+        routes.append(replace(route, cost=c.cost))
+    usable = [r for r in routes if r.kind != FAIL] or routes
+    if not usable:
+        return _fail(recipient, trail, "5.4.6", f"every route to site {site} points back at this site", permanent=True)
+    return replace(usable[0], alternatives=tuple(usable[1:]))
+def _route_literal(recipient: str, address: Address, ip: object, table: RoutingTable, trail: _Trail) -> Route:
+    """An address literal goes to that address — never through the tables or MX
+    (RFC 5321 §5.1) — or is refused by policy; this site's own address is this site."""
+    literal = address.domain
+    if table.address_literals == "refuse":
+        trail.add(f"address literal {literal}: this site refuses address literals (routing.address_literals = \"refuse\")")
+        return _fail(recipient, trail, "5.7.1", f"address literals such as {literal} are not accepted here",
+                     permanent=True)
+    if str(ip) in self_addresses(table.self_endpoints):
+        trail.add(f"address literal {literal} is this site's own address")
+        return _fail(recipient, trail, "5.1.1", f"{recipient}: unknown or illegal user (no mailbox {address.local} "
+                     "at this site)", permanent=True)
+    trail.add(f"address literal {literal}: deliver to {ip} directly, no E-Mail Domain table, smart host or MX "
+              "(RFC 5321 §5.1)")
+    return Route(recipient, RELAY, tuple(trail.steps), host=str(ip), port=table.mx_port, domain=address.domain,
+                 starttls=table.starttls_default)
+
+
+def site_routing_domain(site: str, table: RoutingTable) -> tuple[str, str] | None:
+    """(routing domain, where it was found) for a remote site, by exact directory name."""
+    for c in table.connected_sites:
+        if c.name == site:
+            return c.routing_domain, "Connected Sites"
+    for name, domain in table.learned_sites:
+        if name == site:
+            return domain, "a site learned by replication (Check Now)"
+    return None
+
+
+def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, share_key: str = "") -> Route:
+    """The route for one recipient; ``share_key`` (the queue id) spreads messages over
+    equal-cost routes to a site."""
+    trail = _Trail()
+    try:
+        address = parse_address(recipient)
+    except AddressError as exc:
+        return _fail(recipient, trail, "5.1.3", str(exc), permanent=True)
+
+    if is_service_address(address, table):
+        trail.add(f"{recipient} is the directory service address of site {table.site}")
+        return Route(recipient, DIRECTORY, tuple(trail.steps))
+
+    if mailbox is not None:
+        trail.add(f"directory: {recipient} is mailbox {mailbox.alias} ({mailbox.display_name}), home site {mailbox.home_site}")
+        if mailbox.home_site == table.site:
+            return Route(recipient, LOCAL, tuple(trail.steps), mailbox=mailbox.alias)
+        found = site_routing_domain(mailbox.home_site, table)
+        if found is None:
+            return _fail(recipient, trail, "4.4.0",
+                         f"no route to site {mailbox.home_site}: add it to Connected Sites or run Check Now",
+                         permanent=False)
+        routing_domain, source = found
+        trail.add(f"{source}: site {mailbox.home_site} has routing address SMTP @{routing_domain}")
+        if source == "Connected Sites":
+            return _route_site(recipient, None, mailbox.home_site, table, trail, share_key)
+        return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site)
+
+    trail.add(f"directory: no mailbox has the address {recipient}")
+    literal = address_literal(address.domain)
+    if literal is not None:
+        return _route_literal(recipient, address, literal, table, trail)
+    entries = [(d, ("local", d)) for d in table.local_domains]
+    entries += [(c.routing_domain, ("site", c.name)) for c in table.connected_sites]
+    entries += [(domain, ("site", name)) for name, domain in table.learned_sites]
+    match = most_specific(address.domain, entries)
+    if match is not None and match[1][0] == "local":
+        return _fail(recipient, trail, "5.1.1", f"{recipient}: unknown or illegal user (domain {match[0]} is this site's)",
+                     permanent=True)
+    if match is not None:
+        site = match[1][1]
+        trail.add(f"Connected Sites: {address.domain} is in the routing address of site {site}")
+        return _route_site(recipient, address.domain, site, table, trail, share_key)
+    return _route_domain(recipient, address.domain, table, trail, None)
+
+
+def local_domains_for(site_domain: str, addressing_domain: str, accepted: Sequence[str]) -> tuple[str, ...]:
+    """The domains a site owns: its install-time site domain, its current Site
+    Addressing domain (the company domain once the article's last step is done) and
+    any extra accepted domains.  An unknown user there is refused (5.1.1).  The site
+    domain is kept exact (``#``) so other sites' sub-domains are not swallowed.
+    Mailboxes of other sites are accepted because the directory knows them, whatever
+    their domain (the shared address space)."""
+    domains = ["#" + site_domain, addressing_domain, *accepted]
+    seen: list[str] = []
+    for d in domains:
+        if d and d.lower() not in (s.lower() for s in seen):
+            seen.append(d.lower())
+    return tuple(seen)
+
+
+def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
+                      self_endpoints: SelfEndpoints = frozenset()) -> RoutingTable:
+    """The router's input from the site's settings and what the directory says: its
+    Site Addressing domain and the sites learned by Check Now (pure); shared by the
+    running site and ``imsrelay route``."""
+    d = config.delivery
+    locals_ = local_domains_for(config.site_domain, addressing_domain,
+                                config.smtp.accepted_domains)
+    return RoutingTable(
+        site=config.site, site_domain=config.site_domain, local_domains=locals_,
+        connected_sites=config.connected_sites, learned_sites=tuple(learned_sites),
+        email_domains=config.email_domains,
+        smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
+        self_endpoints=self_endpoints, starttls_default=d.starttls,
+        starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
+        smart_host_starttls=d.smart_host_starttls,
+        service_domains=(addressing_domain,), mx_port=d.mx_port,
+        address_literals=config.routing.address_literals)
+
+
+__all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
+           "is_service_address"]

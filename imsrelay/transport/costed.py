@@ -1,0 +1,54 @@
+"""Outbound SMTP by route cost, with the lab's cut links (the queue manager's transport).
+
+A route to a site can carry dearer (or equal-cost) alternatives (Connected Sites
+``cost``, Q156063): a delivery that fails temporarily on one is tried on the next at
+once.  A ``link`` fault on demand (``imsrelay faults``) makes a route's deliveries
+fail with ``4.4.1`` without a connection, as a cut link would.  Messages and bytes
+that leave by SMTP are counted here (PerfMon's "messages/bytes out").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imsrelay.model.envelope import Envelope
+from imsrelay.model.outcome import Outcome
+from imsrelay.observe.faults import FaultBook
+from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.routing.router import Route
+from imsrelay.transport.smtp import SmtpClient
+
+
+class CostedTransport:
+    def __init__(self, client: SmtpClient, *, faults: FaultBook, metrics: SiteMetrics, log: Any) -> None:
+        self.client = client
+        self.faults = faults
+        self.metrics = metrics
+        self.log = log.bind(component="smtp")
+
+    async def deliver(self, route: Route, env: Envelope, recipients: list[str],
+                      message: bytes) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        pending = recipients
+        for choice in (route, *route.alternatives):  # least cost first; a dearer route when it fails
+            if choice is not route:
+                self.log.info("delivery.route_failover", queue_id=env.queue_id, site=route.site,
+                              failed=route.destination, cost=choice.cost, next=choice.destination)
+            cut = self.faults.link_cut(site=choice.site, host=choice.host,
+                                       port=choice.port if choice.host else None, domain=choice.domain)
+            if cut is not None:
+                result = {r: Outcome.temporary("4.4.1", f"link to {cut.peer} is cut (fault {cut.id})")
+                          for r in pending}
+            else:
+                result = await self.client.deliver(choice, env, pending, message)
+            outcomes.update(result)
+            if any(o.ok for o in result.values()):
+                self.metrics.messages_out.inc()
+                self.metrics.bytes_out.inc(len(message))
+            pending = [r for r in pending if not result[r].ok and not result[r].permanent]
+            if not pending:
+                break
+        return outcomes
+
+    def forget_unreachable(self) -> None:
+        self.client.forget_unreachable()

@@ -1,0 +1,74 @@
+"""Local delivery into Maildir (``<data>/mailboxes/<alias>/{tmp,new,cur}``).
+
+A delivered file starts with ``Return-Path``, ``Delivered-To`` and a ``Received:``
+line, followed by the message bytes exactly as queued.  The file name is derived
+from the queue id and the recipient, so a delivery repeated after a crash finds
+its own earlier file (in ``new/``, or in ``cur/`` without flags) and does not
+deliver twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime
+from email.utils import format_datetime
+from functools import lru_cache
+from pathlib import Path
+
+from imsrelay.model.header_date import header_date_now
+from imsrelay.model.object_rules import safe_alias
+from imsrelay.queue.spool import Write
+
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def mailbox_dir(data_dir: Path, alias: str) -> Path:
+    """``<data>/mailboxes/<alias>``; an alias that could leave that directory is refused."""
+    if not safe_alias(alias):
+        raise ValueError(f"{alias!r} is not a mailbox alias")
+    return Path(data_dir) / "mailboxes" / alias
+
+
+def ensure_maildir(path: Path) -> None:
+    if (path / "new").is_dir() and (path / "tmp").is_dir():
+        return
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+
+
+def trace_headers(*, sender: str, recipient: str, hostname: str, queue_id: str, now: datetime | None = None) -> bytes:
+    date = format_datetime(now) if now is not None else header_date_now()
+    return (
+        f"Return-Path: <{sender}>\r\n"
+        f"Delivered-To: {recipient}\r\n"
+        f"Received: by {hostname} (imsrelay) with local id {queue_id}\r\n"
+        f"\tfor <{recipient}>; {date}\r\n"
+    ).encode("utf-8", "surrogateescape")
+
+
+def unique_name(queue_id: str, index: int) -> str:
+    return f"{queue_id}.R{index}.{_HOST}"
+
+
+def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, sender: str, recipient: str,
+                   hostname: str) -> Write:
+    """The spool write that delivers one message into ``maildir``: written in its
+    tmp/, fsynced, renamed into new/ (new/ fsynced by the group commit); skipped if
+    this (queue id, recipient) was delivered before, in new/ or unflagged in cur/."""
+    unique = unique_name(queue_id, index)
+    data = trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id) + message
+    new, cur, tmp = _subdirs(maildir)
+    final = new / unique
+    return Write(final, data, tmp_dir=tmp, unless_exists=(final, cur / unique, cur / f"{unique}:2,"))
+
+
+@lru_cache(maxsize=256)
+def _subdirs(maildir: Path) -> tuple[Path, Path, Path]:
+    """``new/``, ``cur/`` and ``tmp/`` of a Maildir (paths only: nothing is looked up)."""
+    return maildir / "new", maildir / "cur", maildir / "tmp"
+
+
+def list_messages(maildir: Path) -> list[Path]:
+    """Messages in new/ and cur/, oldest first."""
+    files = [p for sub in ("new", "cur") if (maildir / sub).is_dir() for p in (maildir / sub).iterdir()]
+    return sorted(files, key=lambda p: p.name)
