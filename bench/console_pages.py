@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from imsrelay.commands.serve import run_site  # noqa: E402
 from imsrelay.config.loader import config_from_mapping  # noqa: E402
-from imsrelay.site import run_site  # noqa: E402
 
 TOKEN = "bench-token"
 

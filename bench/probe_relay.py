@@ -52,9 +52,10 @@ class Probe:
         # (t, backlog, in flight, free delivery slots, free per-destination slots, spool requests waiting)
 
     def install(self) -> None:
+        import imsrelay.durable.committer as committer
         import imsrelay.queue.spool as spool
 
-        original_apply = spool._apply_batch
+        original_apply = committer._apply_batch
         probe = self
 
         def counted(original: Any) -> Any:
@@ -75,7 +76,7 @@ class Probe:
             finally:
                 probe.rounds.append((t, len(batch), probe.fsyncs - before, time.perf_counter() - t))
 
-        spool._apply_batch = apply_batch
+        committer._apply_batch = apply_batch
         os.fsync = counted(os.fsync)
         os.fdatasync = counted(os.fdatasync)
 

@@ -19,7 +19,8 @@ from typing import Any
 import tomli_w
 
 from imsrelay import cli
-from imsrelay.config.loader import SiteConfig, config_from_mapping
+from imsrelay.config.loader import config_from_mapping
+from imsrelay.model.settings import SiteConfig
 from imsrelay.site import Site
 from imsrelay.transport.maildir import list_messages, mailbox_dir
 

@@ -220,7 +220,7 @@ async def test_blocked_delivery_slows_then_refuses_then_resumes(tmp_path):
             await hole.wait_closed()
             sink = await asyncio.to_thread(SmtpSink, "127.0.0.1", port)
             await wait_for(lambda: site.qmgr.incoming == 0, timeout=30)
-            site.qmgr.transport.forget_unreachable()  # as `imsrelay queue retry` does
+            site.qmgr.forget_unreachable()  # as `imsrelay queue retry` does
             site.qmgr.retry_now()
             await wait_for(lambda: site.qmgr.backlog == 0, timeout=30)
             assert site.flow.state() == "open"

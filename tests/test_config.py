@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from imsrelay.config.loader import load_config, parse_duration
+from imsrelay.config.loader import load_config
 from imsrelay.model.errors import ConfigError, ConfigErrors
+from imsrelay.model.settings import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 

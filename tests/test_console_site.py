@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from sitekit import free_port, make_config, site_mapping, wait_for
 
-from imsrelay.site import run_site
+from imsrelay.commands.serve import run_site
 
 TOKEN = "console-test-token"
 

@@ -7,11 +7,11 @@ import pytest
 from sitekit import make_config, site_mapping
 
 from imsrelay.admin.console_routes import schedule_text
-from imsrelay.config.loader import ConfigError
 from imsrelay.console.html_safety import CONSOLE_CSP, MESSAGE_CSP, message_document, neutralise_html
 from imsrelay.console.mail_views import tracking_queries
 from imsrelay.console.sessions import MAX_SESSIONS, Sessions
 from imsrelay.console.views import changed_topics, recipients
+from imsrelay.model.errors import ConfigError
 
 # ---------------------------------------------------------------------------- sessions
 

@@ -247,7 +247,7 @@ async def test_a_client_that_hangs_up_mid_data_leaves_nothing_queued(tmp_path):
         with structlog.testing.capture_logs() as logs:
             for reset in (False, True):
                 await asyncio.to_thread(hang_up, reset)
-            await wait_for(lambda: not [p for p in site._sessions if p.transport is not None])
+            await wait_for(lambda: not [p for p in site.listeners.sessions if p.transport is not None])
             r = await asyncio.to_thread(lambda: Wire(site.bound_port).reply())  # the site still serves
             assert code(r) == 220
         assert site.qmgr.backlog == 0 and maildir_messages(cfg.data_dir, "User1") == []

@@ -106,7 +106,7 @@ async def test_a_site_issues_etrn_on_a_schedule(tmp_path):
 
 
 def test_etrn_config_errors_name_the_key(tmp_path):
-    from imsrelay.config.loader import ConfigError
+    from imsrelay.model.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"etrn.allowed_hosts\[0\]"):
         make_config(tmp_path, site_mapping("SiteA", etrn={"allowed_hosts": ["nonsense"]}))

@@ -73,7 +73,7 @@ async def test_idle_sessions_close_at_once_and_a_stuck_one_at_the_deadline(tmp_p
         thread = _send_in_thread(site.bound_port, outcome)
         await wait_for(lambda: durable.is_set() or outcome, timeout=15)
         assert durable.is_set(), outcome
-        cut = await close_sessions(list(site._sessions), grace=0.5)
+        cut = await close_sessions(list(site.listeners.sessions), grace=0.5)
         await asyncio.to_thread(thread.join, 20)
         assert cut == 1  # the session still inside DATA at the deadline
         assert "error" in outcome, outcome  # cut off: no reply (the sender retries; at worst a duplicate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sitekit import make_config, site_mapping
 
-from imsrelay.config.loader import ConfigError
+from imsrelay.model.errors import ConfigError
 from imsrelay.observe.faults import (
     Fault,
     FaultBook,

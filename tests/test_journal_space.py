@@ -7,8 +7,9 @@ import os
 import pytest
 from test_spool import envelope
 
+from imsrelay.durable.committer import Append
 from imsrelay.durable.journal import DONE, ENQUEUE, Journal
-from imsrelay.queue.spool import RECLAIM_AT, Append, Spool
+from imsrelay.queue.spool import RECLAIM_AT, Spool
 
 
 def journal_bytes(tmp_path):

@@ -1,8 +1,8 @@
 """Check Now (knowledge consistency check): the pure decision ``kcc.plan``."""
 
-from imsrelay.config.loader import ConnectedSite, ReplicationConnector
 from imsrelay.directory.kcc import ERROR, INFO, WARNING, plan
 from imsrelay.model.objects import SiteObject
+from imsrelay.model.settings import ConnectedSite, ReplicationConnector
 
 
 def site(name, smtp=None, routing=None):

@@ -21,7 +21,15 @@ from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.tracking import TrackingLog, TrackingQuery, message_id_of
 from imsrelay.policy.restrictions import Client, RelayRules, _in, _parsed_ip, ip_of, relay_decision
 from imsrelay.queue.manager import QueueManager, _assign
-from imsrelay.routing.router import RELAY, Route, route_for, self_addresses, shares_load
+from imsrelay.routing.router import (
+    RELAY,
+    Route,
+    RoutingTable,
+    route_for,
+    routing_table_for,
+    self_addresses,
+    shares_load,
+)
 from imsrelay.site import Site
 from imsrelay.transport.smtp import smtp_path
 
@@ -303,21 +311,27 @@ def _two_site_routes(cost_b: int) -> dict:
          "port": 2602}]}
 
 
+def table_of(site: Site) -> RoutingTable:
+    """A routing table made afresh from the site's settings and live state."""
+    return routing_table_for(site.config, addressing_domain=site.addressing_domain,
+                             learned_sites=site.learned_sites, self_endpoints=site.self_endpoints())
+
+
 def test_routing_decisions_are_kept_for_the_table_they_were_made_with(tmp_path):
     site = Site(make_config(tmp_path, site_mapping("SiteA", email_domains=[
         {"domain": "partner.test", "host": "127.0.0.1", "port": 2600}], **_two_site_routes(2))))
     try:
-        qmgr, table = site.qmgr, site._build_routing_table()
-        first = qmgr._route_for("bob@partner.test", None, table, "Q1")
+        qmgr, table = site.qmgr, table_of(site)
+        first = qmgr.route_for_cached("bob@partner.test", None, table, "Q1")
         assert first == route_for("bob@partner.test", None, table, "Q1") and first.port == 2600
-        assert qmgr._route_for("bob@partner.test", None, table, "Q2") is first  # the same decision again
-        assert qmgr._route_for("eve@partner.test", None, table, "Q3").recipient == "eve@partner.test"
+        assert qmgr.route_for_cached("bob@partner.test", None, table, "Q2") is first  # the same decision again
+        assert qmgr.route_for_cached("eve@partner.test", None, table, "Q3").recipient == "eve@partner.test"
         # different costs: the queue id plays no part, the decision is kept too
-        c = qmgr._route_for("User3@SiteC.microsoft.com", None, table, "Q1")
-        assert c.port == 2601 and qmgr._route_for("User3@SiteC.microsoft.com", None, table, "Q2") is c
+        c = qmgr.route_for_cached("User3@SiteC.microsoft.com", None, table, "Q1")
+        assert c.port == 2601 and qmgr.route_for_cached("User3@SiteC.microsoft.com", None, table, "Q2") is c
         # a new table (the site refreshed it): decided afresh
-        newer = site._build_routing_table()
-        again = qmgr._route_for("bob@partner.test", None, newer, "Q4")
+        newer = table_of(site)
+        again = qmgr.route_for_cached("bob@partner.test", None, newer, "Q4")
         assert again == first and again is not first
     finally:
         site.directory.close()
@@ -327,9 +341,9 @@ def test_routing_decisions_are_kept_for_the_table_they_were_made_with(tmp_path):
 def test_equal_cost_routes_are_decided_per_message(tmp_path):
     site = Site(make_config(tmp_path, site_mapping("SiteA", **_two_site_routes(1))))
     try:
-        qmgr, table = site.qmgr, site._build_routing_table()
+        qmgr, table = site.qmgr, table_of(site)
         assert shares_load(table)
-        ports = {qid: qmgr._route_for("User3@SiteC.microsoft.com", None, table, qid).port
+        ports = {qid: qmgr.route_for_cached("User3@SiteC.microsoft.com", None, table, qid).port
                  for qid in (f"Q{i}" for i in range(40))}
         assert set(ports.values()) == {2601, 2602}  # the load is shared, message by message
         assert all(port == route_for("User3@SiteC.microsoft.com", None, table, qid).port

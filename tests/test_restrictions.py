@@ -6,10 +6,10 @@ import ipaddress
 
 import pytest
 
+from imsrelay.model.objects import SenderRules
 from imsrelay.policy.restrictions import (
     AcceptRules,
     Client,
-    SenderRules,
     check_entries,
     check_entry,
     connect_decision,

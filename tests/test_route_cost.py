@@ -9,7 +9,7 @@ from ims_kit import Peer, message, queued, start_peer, submit
 from sitekit import free_port, running_site, site_mapping, wait_for, write_site_file
 
 from imsrelay.cli import main
-from imsrelay.config.loader import ConnectedSite, DomainRoute
+from imsrelay.model.settings import ConnectedSite, DomainRoute
 from imsrelay.routing.router import RELAY, RoutingTable, order_by_cost, route_for
 
 

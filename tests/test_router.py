@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sitekit import config_of, site_mapping
 
-from imsrelay.config.loader import ConnectedSite, DomainRoute
 from imsrelay.model.objects import Mailbox
+from imsrelay.model.settings import ConnectedSite, DomainRoute
 from imsrelay.routing.host_addresses import local_addresses, site_endpoints
 from imsrelay.routing.router import (
     DIRECTORY,

@@ -93,7 +93,7 @@ async def test_noop_ehlo_in_one_write_and_bare_lf_normalised(tmp_path):
         def ehlo_writes():
             with Wire(site.bound_port) as w:
                 w.reply()
-                (proto,) = [p for p in site._sessions if p.transport is not None]
+                (proto,) = [p for p in site.listeners.sessions if p.transport is not None]
                 writes = []
                 original = proto._writer.write
                 proto._writer.write = lambda data: (writes.append(data), original(data))[1]

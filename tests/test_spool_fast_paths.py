@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from imsrelay.durable import journal as journal_module
+from imsrelay.durable.committer import Append, GroupCommitter
 from imsrelay.durable.journal import DONE, ENQUEUE, IOV_MAX, STATE, Journal
 from imsrelay.model.envelope import DELIVERED, Envelope, RecipientState, new_queue_id
-from imsrelay.queue.spool import Append, GroupCommitter, Spool, parse_queue_file, queue_file_bytes
+from imsrelay.queue.spool import Spool, parse_queue_file, queue_file_bytes
 
 # ------------------------------------------------------------------ envelope JSON
 

@@ -11,8 +11,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from imsrelay.config.loader import SiteConfig
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import SiteConfig
 
 
 class AdminUnavailable(Exception):

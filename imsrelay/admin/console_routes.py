@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from imsrelay.config.loader import REPLICATION_ALWAYS, SiteConfig
 from imsrelay.model.envelope import check_queue_id
+from imsrelay.model.settings import REPLICATION_ALWAYS, SiteConfig
 from imsrelay.observe import tracking
 from imsrelay.queue.manager import QueueManager
 

@@ -53,7 +53,6 @@ from aiohttp import web
 
 from imsrelay.admin.console_routes import add_console_routes
 from imsrelay.admin.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
-from imsrelay.config.loader import SiteConfig
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -68,6 +67,7 @@ from imsrelay.ingress.flow_gate import FlowGate, backpressure_status
 from imsrelay.model.addresses import AddressError
 from imsrelay.model.errors import ConfigError
 from imsrelay.model.objects import Mailbox
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import FaultBook, FaultError
 from imsrelay.observe.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.observe.tracking import TrackingLog
@@ -109,12 +109,14 @@ class AdminSite(Protocol):
     directory: Directory
     qmgr: QueueManager
     replicator: Replicator | None
-    bound_port: int | None
     tracking: TrackingLog
     log: Any
     spool: Spool
     workers: int
     flow: FlowGate
+
+    @property
+    def bound_port(self) -> int | None: ...
 
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...

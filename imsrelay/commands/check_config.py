@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.config.loader import load_config
 from imsrelay.directory.keys import ReplicationKeyError, trust_from
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import SiteConfig
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

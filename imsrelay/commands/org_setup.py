@@ -9,9 +9,10 @@ from pathlib import Path
 
 from imsrelay.admin.client import cli_client
 from imsrelay.commands import positive_seconds
-from imsrelay.config.loader import AdminConfig, load_config
+from imsrelay.config.loader import load_config
 from imsrelay.lab.org_setup import Endpoint, OrgSetup, SetupError, SitesUnreachable
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import AdminConfig
 
 DEFAULT_TOKEN_ENV = str(AdminConfig.token_env)  # the site setting's default
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import structlog
 
-from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.config.loader import load_config
 from imsrelay.directory.kcc import learned_sites
 from imsrelay.directory.restrictions_report import Question, explain, inbound_policy_for
 from imsrelay.directory.store import Directory, DirectoryError
 from imsrelay.model.addresses import AddressError, ip_literal, parse_address
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.logs import configure_logging
 from imsrelay.policy.loops import is_self, without_self
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop

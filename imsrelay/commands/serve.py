@@ -15,11 +15,13 @@ from types import FrameType
 
 from imsrelay.commands import whole_number
 from imsrelay.commands.check_config import check_replication_keys
-from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.config.loader import load_config
+from imsrelay.console.site_console import site_console
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.logs import LineLogger, configure_logging, get_logger
 from imsrelay.queue.spool import SpoolLocked
-from imsrelay.site import run_site
+from imsrelay.site import Site
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,3 +178,18 @@ def supervise(config: SiteConfig, workers: int) -> int:
             if not stopping:
                 spawn(worker)
     return status
+
+
+async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
+    site = Site(config, worker=worker, workers=workers)
+    await site.start()
+    console = None
+    try:
+        if config.console.enabled and worker == 0:
+            console = site_console(site)
+            await console.start()
+        await stop.wait()
+    finally:
+        if console is not None:
+            await console.stop()
+        await site.stop()

@@ -11,9 +11,10 @@ import argparse
 
 from imsrelay.admin.client import cli_call, ensure_offline
 from imsrelay.commands import add_site_options
-from imsrelay.config.loader import SiteConfig, load_config
+from imsrelay.config.loader import load_config
 from imsrelay.directory.store import Directory
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.transfer_mode import MODE_NAMES, TRANSFER_MODE_KEY, parse_mode
 
 

@@ -32,9 +32,7 @@ from imsrelay.model.errors import ConfigError, ConfigErrors
 from imsrelay.model.priority import PriorityTimeouts, Timeouts
 from imsrelay.model.settings import (
     ADDRESS_LITERAL_POLICIES,
-    DEFAULT_LIFETIME,
     DEFAULT_NON_URGENT_LIFETIME,
-    DEFAULT_RETRY_INTERVALS,
     DEFAULT_URGENT_LIFETIME,
     DIAGNOSTIC_CATEGORIES,
     DIAGNOSTIC_LEVELS,
@@ -65,23 +63,12 @@ from imsrelay.model.settings import (
     TlsPolicy,
     TrackingConfig,
     TransferConfig,
+    parse_duration,
 )
 from imsrelay.policy.auth import MECHANISMS, PasswordError, parse_hash
 from imsrelay.policy.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
 from imsrelay.policy.transfer_mode import parse_mode
 
-__all__ = [
-    "DEFAULT_LIFETIME", "DEFAULT_RETRY_INTERVALS", "REPLICATION_ALWAYS", "AdminConfig", "AuthConfig",
-    "RestrictionsConfig", "SubmissionConfig", "ConfigError",
-    "ConfigErrors", "ConnectedSite", "DeliveryConfig", "DnsConfig", "DomainRoute", "LoggingConfig",
-    "MailboxConfig", "ReplicationConfig", "ReplicationConnector", "RoutingConfig", "SiteConfig", "SmtpConfig",
-    "TlsPolicy", "TrackingConfig", "config_from_mapping", "load_config", "parse_duration",
-    "ConnectionsConfig", "DiagnosticsConfig", "EtrnConfig", "EtrnRequest", "MetricsConfig", "NotificationsConfig",
-    "TransferConfig", "ConsoleConfig",
-]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _OFF = ("", "never", "off")
@@ -95,19 +82,6 @@ LOG_FORMATS = ("auto", "json", "console")
 T = TypeVar("T")
 
 
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as ``"15m"``, ``"2d"``, ``"500ms"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration, e.g. 30, \"15m\", \"2d\"")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"{value!r} is not a duration (e.g. 30, \"15m\", \"4h\", \"2d\")")
 
 
 # --------------------------------------------------------------------------- loading

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from imsrelay.config.loader import SiteConfig
 from imsrelay.directory.store import Directory
 from imsrelay.model.addresses import AddressError, parse_address
+from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.inbound import InboundPolicy, check_recipient
 from imsrelay.policy.restrictions import (
     AcceptRules,

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from imsrelay.config.loader import SiteConfig
 from imsrelay.ingress.data_reader import DataScanner, Outcome, normalise_bare_lf
 from imsrelay.ingress.flow_gate import FlowGate
 from imsrelay.model.addresses import AddressError, parse_address
@@ -37,6 +36,7 @@ from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.model.header_date import header_date_now
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.priority import priority_of
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import FaultBook, SessionFaults
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog, session_id

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.config import toml_text
-from imsrelay.config.loader import ConfigError, config_from_mapping
+from imsrelay.config.loader import config_from_mapping
 from imsrelay.directory.keys import (
     generate_private_key,
     load_private_key,
@@ -50,6 +50,7 @@ from imsrelay.lab.embedded import (
     LabSite,
     stage_index,
 )
+from imsrelay.model.errors import ConfigError
 
 # The compose lab's addresses (docker-compose.yml, network 10.10.10.0/24).
 COMPOSE_ADDRESSES = {"SiteA": "10.10.10.10", "SiteB": "10.10.10.15", "SiteC": "10.10.10.20"}

@@ -37,7 +37,7 @@ from typing import Any
 
 from imsrelay.admin.message_api import LabEndpoint
 from imsrelay.config import toml_text
-from imsrelay.config.loader import ConfigError, SiteConfig, config_from_mapping, load_config
+from imsrelay.config.loader import config_from_mapping, load_config
 from imsrelay.directory.keys import public_key_text, site_key
 from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate, trust_hint
 from imsrelay.lab.org_setup import Endpoint, OrgSetup
@@ -51,6 +51,8 @@ from imsrelay.lab.walk import (
     read_facts,
     read_raw,
 )
+from imsrelay.model.errors import ConfigError
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.logs import get_logger
 from imsrelay.site import Site
 from imsrelay.testing import LAB_API_HOST, LAB_TOKEN

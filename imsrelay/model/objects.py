@@ -10,9 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imsrelay.model.addresses import parse_proxy
-from imsrelay.policy.restrictions import SenderRules
 
 DIRSYNC_LOCAL = "dirsync"  # the local part of every site's directory service address (dirsync@domain)
+
+
+@dataclass(frozen=True)
+class SenderRules:
+    """A mailbox's Delivery Restrictions and Message Filter (they replicate with it)."""
+
+    accept_from: tuple[str, ...] = ()
+    reject_from: tuple[str, ...] = ()
+    filter_senders: tuple[str, ...] = ()
+    filter_action: str = "turf"
 
 
 @dataclass(frozen=True)

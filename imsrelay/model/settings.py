@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imsrelay.model.priority import PriorityTimeouts, Timeouts
 
@@ -358,3 +360,21 @@ class SiteConfig:
     def site_address(self) -> str:
         """The site-default SMTP address installed with IMS: ``@SiteA.microsoft.com``."""
         return "@" + self.site_domain
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"15m"``, ``"2d"``, ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, e.g. 30, \"15m\", \"2d\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (e.g. 30, \"15m\", \"4h\", \"2d\")")

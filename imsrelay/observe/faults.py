@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from imsrelay.config.loader import parse_duration
+from imsrelay.model.settings import parse_duration
 
 STAGES = ("connect", "helo", "mail", "rcpt", "data")
 KINDS = ("reply", "drop", "latency", "link")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imsrelay.model.addresses import AddressError, normalise_domain, parse_address
+from imsrelay.model.objects import SenderRules
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ACCEPT_MODES = ("all", "authenticated", "encrypted", "authenticated+encrypted")
@@ -62,16 +63,6 @@ class AcceptRules:
     mode: str = "all"  # one of ACCEPT_MODES
     accept_hosts: tuple[IPNetwork, ...] = ()  # when set: only these may connect
     reject_hosts: tuple[IPNetwork, ...] = ()  # never these (wins over accept_hosts)
-
-
-@dataclass(frozen=True)
-class SenderRules:
-    """A mailbox's Delivery Restrictions and Message Filter (they replicate with it)."""
-
-    accept_from: tuple[str, ...] = ()
-    reject_from: tuple[str, ...] = ()
-    filter_senders: tuple[str, ...] = ()
-    filter_action: str = "turf"
 
 
 def ip_of(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -32,17 +32,17 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
-from imsrelay.config.loader import DeliveryConfig
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
+from imsrelay.model.settings import DeliveryConfig
 from imsrelay.observe import tracking
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.queue import dsn
+from imsrelay.queue.agents import Transports
 from imsrelay.queue.rules import (
     RetryPolicy,
     Transition,
@@ -53,7 +53,6 @@ from imsrelay.queue.rules import (
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import (
     DIRECTORY,
-    FAIL,
     LOCAL,
     MX,
     RELAY,
@@ -62,7 +61,6 @@ from imsrelay.routing.router import (
     route_for,
     shares_load,
 )
-from imsrelay.transport import maildir
 
 MAX_CACHED_BODIES = 64 * 1024 * 1024  # bytes of queued messages kept in memory
 MAX_CACHED_ROUTES = 1024  # routing decisions remembered for the current routing table
@@ -105,15 +103,6 @@ class Recorded:
     outcome: Outcome
 
 
-class Transport(Protocol):
-    """Outbound SMTP (``imsrelay.transport.smtp.SmtpClient``)."""
-
-    async def deliver(self, route: Route, env: Envelope, recipients: list[str],
-                      message: bytes) -> dict[str, Outcome]: ...
-
-    def forget_unreachable(self) -> None: ...
-
-
 class QueueInputs(Protocol):
     """What the queue manager asks its site: the router's live inputs, who signs the
     reports, and the queue door for the reports themselves (``imsrelay.site.Site``)."""
@@ -149,23 +138,19 @@ def return_freed_memory() -> bool:
 
 
 class QueueManager:
-    def __init__(self, spool: Spool, *, inputs: QueueInputs, transport: Transport,
-                 directory_deliver: Callable[[Envelope, bytes], Awaitable[None]],
-                 delivery: DeliveryConfig, data_dir: Path, hostname: str, log: Any,
+    def __init__(self, spool: Spool, *, inputs: QueueInputs, transports: Transports,
+                 delivery: DeliveryConfig, log: Any,
                  priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time,
                  tracking_log: tracking.TrackingLog | None = None) -> None:
         """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
         self.spool = spool
         self.tracking = tracking_log
         self.inputs = inputs
-        self.transport = transport
-        self.directory_deliver = directory_deliver
+        self.transports = transports  # route kind -> delivery agent (imsrelay.queue.agents)
         self.delivery = delivery
         self.policy = RetryPolicy(delivery.retry_intervals, delivery.lifetime, delivery.delay_notice)
         self.priorities = priorities  # Time-outs by priority (None: delivery.lifetime for every message)
         self._policies: dict[str, RetryPolicy] = {}  # priority -> its retry policy (the settings are fixed)
-        self.data_dir = data_dir
-        self.hostname = hostname
         self.clock = clock
         self.log = log.bind(component="qmgr")
         self.envelopes: dict[str, Envelope] = {}
@@ -181,7 +166,6 @@ class QueueManager:
         self.idle = asyncio.Event()
         self._bodies: dict[str, bytes] = {}  # messages accepted by this process, kept while queued
         self._body_bytes = 0
-        self._maildirs: set[str] = set()
         self._next_compaction = 0.0
         self._next_control_check = 0.0
         self._held: dict[str, dict[str, str]] = {}  # queue id -> recipient -> why it waits (transfer mode, ETRN)
@@ -217,6 +201,11 @@ class QueueManager:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def running(self) -> bool:
+        """The main loop is running (under its supervisor: a failing stage does not end it)."""
+        return self._main is not None and not self._main.done()
+
     def submit(self, env: Envelope, message: bytes | None = None) -> None:
         """A message just made durable: schedule it now.  Its bytes are kept in memory
         (within a bound) so the first attempt needs no disk read."""
@@ -239,6 +228,11 @@ class QueueManager:
             count += 1
         self._wake.set()
         return count
+
+    def forget_unreachable(self) -> None:
+        """Every agent forgets the next hops it found unreachable (an operator's retry)."""
+        for transport in {id(t): t for t in self.transports.values()}.values():
+            transport.forget_unreachable()
 
     def forget(self, queue_id: str) -> None:
         self._first_attempt_started(queue_id)
@@ -454,7 +448,7 @@ class QueueManager:
         spool's control/ directory (only this process writes the journal)."""
         for action, qid in self.spool.take_control_requests():
             if action == "retry":
-                self.transport.forget_unreachable()  # a retry really tries hosts marked unreachable
+                self.forget_unreachable()  # a retry really tries hosts marked unreachable
                 n = self.retry_now(None if qid == "*" else qid)
                 self.log.info("queue.retry_requested", queue_id=None if qid == "*" else qid, messages=n)
             elif action == "delete" and qid in self.envelopes:
@@ -502,9 +496,9 @@ class QueueManager:
             return []
         mailboxes = await self.inputs.lookup_mailboxes([r.address for r in due])
         table = await self.inputs.routing_table()
-        return [(r, self._route_for(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
+        return [(r, self.route_for_cached(r.address, mbx, table, env.queue_id)) for r, mbx in zip(due, mailboxes, strict=True)]
 
-    def _route_for(self, recipient: str, mailbox: Mailbox | None, table: RoutingTable, queue_id: str) -> Route:
+    def route_for_cached(self, recipient: str, mailbox: Mailbox | None, table: RoutingTable, queue_id: str) -> Route:
         """``router.route_for``, remembered for the routing table it was made with (a pure
         function of the recipient, its mailbox and the table; a new table — the site
         refreshes it from its settings and directory — starts afresh).  Not when the
@@ -623,47 +617,16 @@ class QueueManager:
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
+        """One group of recipients sharing a route, handed to the agent for its kind."""
         route = group[0][1]
-        if route.kind == FAIL:
-            return [Recorded(r, Outcome(False, rt.permanent, rt.status or "5.0.0", rt.reason or "no route"))
-                    for r, rt in group]
-        if route.kind == LOCAL:
-            return [Recorded(r, await self._deliver_local(env, message, r, rt)) for r, rt in group]
-        if route.kind == DIRECTORY:
-            try:
-                await self.directory_deliver(env, message)
-                outcome = Outcome.delivered("directory service")
-            except Exception as exc:
-                self.log.error("replication.internal_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
-                outcome = Outcome.temporary("4.3.0", f"directory service error: {exc}")
-            return [Recorded(r, outcome) for r, _ in group]
-        rcpts = [r.address for r, _ in group]
+        recipients = [r for r, _ in group]
         try:
-            outcomes = await self.transport.deliver(route, env, rcpts, message)
+            outcomes = await self.transports[route.kind].deliver(route, env, recipients, message)
         except Exception as exc:
             self.log.error("delivery.transport_error", queue_id=env.queue_id, error=repr(exc), exc_info=exc)
-            outcomes = {a: Outcome.temporary("4.3.0", f"transport error: {exc}") for a in rcpts}
+            outcomes = {r.address: Outcome.temporary("4.3.0", f"transport error: {exc}") for r in recipients}
         return [Recorded(r, outcomes.get(r.address, Outcome.temporary("4.3.0", "no result from transport")))
-                for r, _ in group]
-
-    async def _deliver_local(self, env: Envelope, message: bytes, r: RecipientState, route: Route) -> Outcome:
-        assert route.mailbox is not None
-        try:
-            path = maildir.mailbox_dir(self.data_dir, route.mailbox)
-        except ValueError as exc:  # never a path outside the data directory
-            return Outcome(False, True, "5.1.3", f"local delivery refused: {exc}")
-        write = maildir.delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
-                                       message=message, sender=env.sender, recipient=r.address,
-                                       hostname=self.hostname)
-        try:
-            if route.mailbox not in self._maildirs:
-                await asyncio.to_thread(maildir.ensure_maildir, path)
-                self._maildirs.add(route.mailbox)
-            await self.spool.committer.commit([write])
-        except OSError as exc:
-            self._maildirs.discard(route.mailbox)
-            return Outcome.temporary("4.3.0", f"local delivery failed: {exc.strerror or exc}")
-        return Outcome.delivered(f"delivered to {write.path}")
+                for r in recipients]
 
     # ------------------------------------------------------------ outcomes
 

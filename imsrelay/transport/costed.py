@@ -1,4 +1,5 @@
-"""Outbound SMTP by route cost, with the lab's cut links (the queue manager's transport).
+"""The SMTP delivery agent: outbound SMTP by route cost, with the lab's cut links
+(the transport for the RELAY and MX route kinds).
 
 A route to a site can carry dearer (or equal-cost) alternatives (Connected Sites
 ``cost``, Q156063): a delivery that fails temporarily on one is tried on the next at
@@ -9,9 +10,10 @@ that leave by SMTP are counted here (PerfMon's "messages/bytes out").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from imsrelay.model.envelope import Envelope
+from imsrelay.model.envelope import Envelope, RecipientState
 from imsrelay.model.outcome import Outcome
 from imsrelay.observe.faults import FaultBook
 from imsrelay.observe.metrics import SiteMetrics
@@ -26,10 +28,10 @@ class CostedTransport:
         self.metrics = metrics
         self.log = log.bind(component="smtp")
 
-    async def deliver(self, route: Route, env: Envelope, recipients: list[str],
+    async def deliver(self, route: Route, env: Envelope, recipients: Sequence[RecipientState],
                       message: bytes) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
-        pending = recipients
+        pending = [r.address for r in recipients]
         for choice in (route, *route.alternatives):  # least cost first; a dearer route when it fails
             if choice is not route:
                 self.log.info("delivery.route_failover", queue_id=env.queue_id, site=route.site,

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiosmtplib
 
-from imsrelay.config.loader import EtrnRequest
+from imsrelay.model.settings import EtrnRequest
 
 
 async def issue_etrn(request: EtrnRequest, *, hostname: str, timeout: float = 30.0) -> tuple[int, str]:

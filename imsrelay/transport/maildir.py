@@ -1,4 +1,5 @@
-"""Local delivery into Maildir (``<data>/mailboxes/<alias>/{tmp,new,cur}``).
+"""Local delivery into Maildir (``<data>/mailboxes/<alias>/{tmp,new,cur}``): the local
+delivery agent, ``MaildirTransport``.
 
 A delivered file starts with ``Return-Path``, ``Delivered-To`` and a ``Received:``
 line, followed by the message bytes exactly as queued.  The file name is derived
@@ -9,15 +10,20 @@ deliver twice.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Sequence
 from datetime import datetime
 from email.utils import format_datetime
 from functools import lru_cache
 from pathlib import Path
 
+from imsrelay.durable.committer import GroupCommitter, Write
+from imsrelay.model.envelope import Envelope, RecipientState
 from imsrelay.model.header_date import header_date_now
 from imsrelay.model.object_rules import safe_alias
-from imsrelay.queue.spool import Write
+from imsrelay.model.outcome import Outcome
+from imsrelay.routing.router import Route
 
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
 
@@ -72,3 +78,41 @@ def list_messages(maildir: Path) -> list[Path]:
     """Messages in new/ and cur/, oldest first."""
     files = [p for sub in ("new", "cur") if (maildir / sub).is_dir() for p in (maildir / sub).iterdir()]
     return sorted(files, key=lambda p: p.name)
+
+
+class MaildirTransport:
+    """The local delivery agent: one file per recipient in its mailbox's Maildir under
+    ``<data>/mailboxes``, made durable by the site's group committer (the same
+    rounds as the queue's own records)."""
+
+    def __init__(self, data_dir: Path, committer: GroupCommitter, *, hostname: str) -> None:
+        self.data_dir = data_dir
+        self.committer = committer
+        self.hostname = hostname
+        self._maildirs: set[str] = set()  # mailboxes whose Maildir is known to exist
+
+    async def deliver(self, route: Route, env: Envelope, recipients: Sequence[RecipientState],
+                      message: bytes) -> dict[str, Outcome]:
+        return {r.address: await self._deliver_one(route, env, r, message) for r in recipients}
+
+    async def _deliver_one(self, route: Route, env: Envelope, r: RecipientState, message: bytes) -> Outcome:
+        assert route.mailbox is not None
+        try:
+            path = mailbox_dir(self.data_dir, route.mailbox)
+        except ValueError as exc:  # never a path outside the data directory
+            return Outcome(False, True, "5.1.3", f"local delivery refused: {exc}")
+        write = delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
+                               message=message, sender=env.sender, recipient=r.address,
+                               hostname=self.hostname)
+        try:
+            if route.mailbox not in self._maildirs:
+                await asyncio.to_thread(ensure_maildir, path)
+                self._maildirs.add(route.mailbox)
+            await self.committer.commit([write])
+        except OSError as exc:
+            self._maildirs.discard(route.mailbox)
+            return Outcome.temporary("4.3.0", f"local delivery failed: {exc.strerror or exc}")
+        return Outcome.delivered(f"delivered to {write.path}")
+
+    def forget_unreachable(self) -> None:
+        pass

@@ -81,10 +81,10 @@ from aiosmtplib.errors import (
 )
 from aiosmtplib.response import SMTPResponse
 
-from imsrelay.config.loader import SiteConfig
 from imsrelay.model.addresses import ip_literal
 from imsrelay.model.envelope import Envelope
 from imsrelay.model.outcome import Outcome
+from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.loops import SelfEndpoints, is_self, without_self
 from imsrelay.policy.rewrite import split_message

@@ -1,0 +1,89 @@
+"""Recipient look-ups in the directory, answered from memory when possible.
+
+The ingress asks for every RCPT and the queue manager for every due recipient, so
+the answers are kept (at most ``MAX_CACHED`` addresses) until the directory
+changes: ``clear`` is called when this process or another one (an offline CLI
+command, another worker) wrote to it.  A look-up that raced with a change is
+answered but not kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from imsrelay.directory.store import Directory
+from imsrelay.model.addresses import parse_address
+from imsrelay.model.objects import Mailbox
+from imsrelay.routing.router import directory_lookup_address
+
+MAX_CACHED = 10_000  # addresses whose answer is kept
+
+
+class MailboxLookups:
+    def __init__(self, directory: Directory, *, site: str, site_domain: str, postmaster: str,
+                 accepted_domains: tuple[str, ...], addressing_domain: Callable[[], str],
+                 own_addresses: Callable[[], frozenset[str]]) -> None:
+        """``postmaster``: the alias of the ``smtp.postmaster`` mailbox;
+        ``addressing_domain``: the Site Addressing domain now; ``own_addresses``: this
+        site's own IP addresses now (``user@[address]`` is ``user@site domain``)."""
+        self.directory = directory
+        self.site = site
+        self.site_domain = site_domain
+        self.postmaster = postmaster
+        self.accepted_domains = accepted_domains
+        self.addressing_domain = addressing_domain
+        self.own_addresses = own_addresses
+        self._cache: dict[str, Mailbox | None] = {}
+        self._generation = 0
+
+    def clear(self) -> None:
+        """The directory changed: forget every answer."""
+        self._cache.clear()
+        self._generation += 1
+
+    async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address (postmaster at a local domain is the
+        ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
+        found = await self.lookup(addresses)
+        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            admin = await self.directory.run(self.directory.mailbox, self.postmaster)
+            found = [admin if m is None and self._is_postmaster(a) else m
+                     for a, m in zip(addresses, found, strict=True)]
+        return found
+
+    async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
+        """Lookup key → primary address, for addresses of mailboxes homed here."""
+        found = await self.lookup(addresses)  # postmaster stays postmaster (masqueraded)
+        out: dict[str, str] = {}
+        for addr, mbx in zip(addresses, found, strict=True):
+            if mbx is not None and mbx.home_site == self.site and mbx.primary_address:
+                out[parse_address(addr).key] = mbx.primary_address
+        return out
+
+    async def lookup(self, addresses: list[str]) -> list[Mailbox | None]:
+        """Directory look-ups by address, answered from memory when possible."""
+        own = self.own_addresses()
+        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.site_domain, own) for a in addresses]
+        cache = self._cache
+        missing = [a for a in addresses if a.lower() not in cache]
+        if missing:
+            generation = self._generation
+            found = await self.directory.run(self.directory.find_recipients, missing)
+            if generation == self._generation and len(cache) < MAX_CACHED:
+                for a, m in zip(missing, found, strict=True):
+                    cache[a.lower()] = m
+            else:
+                answers = {a.lower(): m for a, m in zip(missing, found, strict=True)}
+                return [answers[a.lower()] if a.lower() in answers else cache.get(a.lower())
+                        for a in addresses]
+        return [cache.get(a.lower()) for a in addresses]
+
+    def _is_postmaster(self, address: str) -> bool:
+        local, _, domain = address.rpartition("@")
+        if local.lower() != "postmaster":
+            return False
+        domain = domain.lower().rstrip(".")
+        return domain in {self.site_domain.lower(), self.addressing_domain(),
+                          *(d.lower() for d in self.accepted_domains if not d.startswith("#")),
+                          *(d[1:].lower() for d in self.accepted_domains if d.startswith("#"))}
