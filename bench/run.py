@@ -1899,7 +1899,7 @@ def start_py_spy(procs: Processes, pid: int, out: Path, *, gil_only: bool = Fals
 
 
 def _frame_name(frame: str) -> str:
-    """'handle_DATA (imsrelay/ingress/smtpd.py:158)' → 'smtpd.py:handle_DATA'."""
+    """'handle_DATA (imsrelay/ingress/adapter.py:158)' → 'smtpd.py:handle_DATA'."""
     m = re.match(r"(.*) \((.*?):\d+\)$", frame.strip())
     if not m:
         return frame.strip()

@@ -28,9 +28,10 @@ from imsrelay.directory.restrictions_report import (
     relay_rules_for,
 )
 from imsrelay.directory.store import Directory
+from imsrelay.ingress.adapter import ImsSMTP, server_factory
 from imsrelay.ingress.flow_gate import FlowGate
+from imsrelay.ingress.handler import SiteHandler
 from imsrelay.ingress.listeners import Listeners, inbound_caps
-from imsrelay.ingress.smtpd import ImsSMTP, SiteHandler, server_factory
 from imsrelay.ingress.turf import Turf
 from imsrelay.model.addresses import AddressError, parse_address
 from imsrelay.model.envelope import Envelope, use_worker_ids

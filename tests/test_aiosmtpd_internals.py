@@ -1,4 +1,4 @@
-"""What the ingress relies on inside aiosmtpd (imsrelay.ingress.smtpd), checked loudly.
+"""What the ingress relies on inside aiosmtpd (imsrelay.ingress.adapter), checked loudly.
 
 ``server_factory`` builds the first protocol of a site normally and later ones by
 copying its ``__dict__`` and rebuilding the per-connection parts; ``ImsSMTP._getaddr``
@@ -18,7 +18,8 @@ import structlog
 from aiosmtpd.smtp import SMTP, _AuthMechAttr
 from sitekit import config_of, site_mapping
 
-from imsrelay.ingress.smtpd import ImsSMTP, LineReader, SiteHandler, server_factory
+from imsrelay.ingress.adapter import ImsSMTP, LineReader, server_factory
+from imsrelay.ingress.handler import SiteHandler
 
 # aiosmtpd state the template copy shares between connections: read-only tables
 SHARED_CONTAINERS = {"_handle_hooks", "_call_limit_base"}
@@ -30,7 +31,7 @@ REBUILT = {"_drain_waiters", "_stream_reader_wr", "_strong_reader", "_client_con
 def test_aiosmtpd_is_the_tested_version():
     major, minor = (int(x) for x in aiosmtpd.__version__.split(".")[:2])
     assert (major, minor) == (1, 4), (
-        f"aiosmtpd {aiosmtpd.__version__}: imsrelay.ingress.smtpd was tested with 1.4.x; check server_factory "
+        f"aiosmtpd {aiosmtpd.__version__}: imsrelay.ingress.adapter was tested with 1.4.x; check server_factory "
         "and ImsSMTP._getaddr against the new release, then widen the pin in pyproject.toml")
 
 

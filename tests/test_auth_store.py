@@ -10,7 +10,7 @@ import pytest
 
 from imsrelay.config.loader import ConfigError, config_from_mapping
 from imsrelay.directory.store import Directory, DirectoryError
-from imsrelay.ingress.smtpd import received_protocol
+from imsrelay.ingress.handler import received_protocol
 from imsrelay.policy.auth import hash_password, verify_password
 
 

@@ -17,7 +17,7 @@ import structlog
 from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
 from smtp_wire import Wire, code
 
-from imsrelay.ingress.smtpd import (
+from imsrelay.ingress.adapter import (
     BARE_NEWLINE_REPLY,
     DATA_ON_LOOP,
     BareNewline,

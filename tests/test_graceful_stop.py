@@ -9,7 +9,7 @@ import threading
 
 from sitekit import make_config, running_site, site_mapping, wait_for
 
-from imsrelay.ingress.smtpd import close_sessions
+from imsrelay.ingress.adapter import close_sessions
 from imsrelay.queue.spool import Spool
 from imsrelay.site import Site
 

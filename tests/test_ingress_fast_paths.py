@@ -14,17 +14,16 @@ import random
 
 import pytest
 
-from imsrelay.ingress.smtpd import (
+from imsrelay.ingress.adapter import (
     _FIXED_REPLIES,
     _SIMPLE_PATH,
     _UNPRINTABLE,
-    MAX_REWRITE_LOOKUPS,
-    needs_header_rewrite,
     parse_path,
     parse_path_with_email_parser,
     printable_reply,
     with_enhanced_status,
 )
+from imsrelay.ingress.handler import MAX_REWRITE_LOOKUPS, needs_header_rewrite
 from imsrelay.policy.rewrite import RewriteRules, header_addresses, rewrite_message
 
 HAND_PICKED = [
@@ -154,7 +153,7 @@ def test_header_date_is_formatted_once_a_second_and_follows_the_clock() -> None:
     assert abs(parsedate_to_datetime(header_date_now()).timestamp() - datetime.now(UTC).timestamp()) < 5
 
 def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
-    from imsrelay.ingress.smtpd import received_header
+    from imsrelay.ingress.handler import received_header
 
     line = received_header(helo="bad\x00helo é", peer_ip="127.0.0.1", by="mx.example", queue_id="Q1",
                            recipient="a@b.c", date="Wed, 02 Dec 2026 05:00:00 +0000")
@@ -165,7 +164,7 @@ def test_received_header_with_a_given_date_and_an_unprintable_helo() -> None:
 
 
 def test_bound_methods_binds_on_lookup_and_reads_as_the_old_table() -> None:
-    from imsrelay.ingress.smtpd import BoundMethods
+    from imsrelay.ingress.adapter import BoundMethods
 
     class Proto:
         def __init__(self, name: str) -> None:

@@ -16,7 +16,7 @@ IO_MODULES = {
     "sqlite3", "ssl", "asyncio", "tomllib", "fcntl", "mmap", "threading",
     "aiosmtpd", "aiosmtplib", "aiohttp", "dns", "uvloop", "structlog", "urllib.request", "http.client",
     "imsrelay.config.loader", "imsrelay.queue.spool", "imsrelay.durable.journal", "imsrelay.directory.store", "imsrelay.routing.dns",
-    "imsrelay.transport.maildir", "imsrelay.transport.smtp", "imsrelay.transport.pipelining", "imsrelay.ingress.smtpd", "imsrelay.site",
+    "imsrelay.transport.maildir", "imsrelay.transport.smtp", "imsrelay.transport.pipelining", "imsrelay.ingress.adapter", "imsrelay.ingress.handler", "imsrelay.ingress.listeners", "imsrelay.site",
     "imsrelay.admin.server",
     "imsrelay.admin.client", "imsrelay.directory.replication", "imsrelay.routing.host_addresses", "imsrelay.observe.logs",
     "imsrelay.queue.manager", "imsrelay.lab.embedded", "imsrelay.cli",

@@ -1,6 +1,6 @@
 """The bytes of the DATA phase, taken in chunks: where the message ends, what it says
 once un-stuffed, and which of aiosmtpd's refusals it earns (pure; the reading is in
-``imsrelay.ingress.smtpd``).
+``imsrelay.ingress.adapter``).
 
 aiosmtpd 1.4 reads DATA one CRLF-line at a time (an await and a buffer per line).
 ``DataScanner`` takes whatever the socket delivered and gives the same results with

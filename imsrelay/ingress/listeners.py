@@ -3,7 +3,7 @@
 ``Listeners`` builds the TLS context (the configured certificate, or a lab CA's
 with ``smtp.tls_generate``), keeps descriptors for delivery and the spool whatever
 inbound clients do (RLIMIT_NOFILE), opens the sockets with a protocol factory from
-``imsrelay.ingress.smtpd`` per listener, remembers every live session, and on stop
+``imsrelay.ingress.adapter`` per listener, remembers every live session, and on stop
 closes them the way a clean stop must (a session inside DATA gets its reply out
 first: ``STOP_GRACE``).
 """
@@ -18,8 +18,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from imsrelay.ingress.adapter import STOP_GRACE, ImsSMTP, close_sessions
 from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
-from imsrelay.ingress.smtpd import STOP_GRACE, ImsSMTP, close_sessions
 from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.connection_limits import Caps, ConnectionCounter
 from imsrelay.routing.host_addresses import local_addresses

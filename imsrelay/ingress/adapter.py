@@ -1,11 +1,15 @@
-"""The SMTP ingress: aiosmtpd glue between the wire and policy / rewrite / queue.
+"""The one module that knows aiosmtpd's internals: the SMTP protocol of every listener.
 
-Nothing here decides anything on its own: RCPT asks ``policy.check_recipient`` with
-what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
-(through the site), rewrites with
-``rewrite.rewrite_message`` and hands the bytes to the spool.  ``250`` is answered
-only after the spool says the message is durable.  Any unexpected error answers
-``451 4.3.0`` so the client retries (DESIGN.md invariant 3).
+``ImsSMTP`` is aiosmtpd's ``SMTP`` with what the IMS adds on the wire: enhanced
+status codes on every reply, bounded sessions (idle time, total time, errors),
+connection caps, the Connections tab's accept/reject lists and Transfer mode at
+connect (asked of the handler), faults on demand, the protocol log, ETRN, DATA
+read in chunks (``imsrelay.ingress.data_reader``), and path parsing without the
+email parser for plain ``<local@domain>``.  ``server_factory`` builds a protocol
+per connection by copying the first one's settings (aiosmtpd inspects the handler
+on every connection otherwise).  What this relies on of aiosmtpd's private state is
+checked by tests/test_aiosmtpd_internals.py.  Decisions are the handler's
+(``imsrelay.ingress.handler``); this module only speaks SMTP.
 """
 
 from __future__ import annotations
@@ -13,61 +17,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import errno
 import ipaddress
 import re
 import ssl
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException, syntax
-from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
-from imsrelay.ingress.data_reader import DataScanner, Outcome, normalise_bare_lf
-from imsrelay.ingress.flow_gate import FlowGate
-from imsrelay.model.addresses import AddressError, parse_address
-from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
-from imsrelay.model.header_date import header_date_now
-from imsrelay.model.objects import Mailbox
-from imsrelay.model.priority import priority_of
+from imsrelay.ingress.data_reader import DataScanner, Outcome
+from imsrelay.ingress.ports import Ingress
 from imsrelay.model.settings import SiteConfig
-from imsrelay.observe.faults import FaultBook, SessionFaults
-from imsrelay.observe.metrics import SiteMetrics
-from imsrelay.observe.protocol_log import ProtocolLog, session_id
-from imsrelay.policy.auth import MECHANISMS, Credentials, FailureLimiter, Identity, decode_plain
+from imsrelay.observe.faults import SessionFaults
+from imsrelay.observe.protocol_log import session_id
+from imsrelay.policy.auth import MECHANISMS, Credentials, Identity, decode_plain
 from imsrelay.policy.connection_limits import ConnectionCounter
-from imsrelay.policy.inbound import (
-    InboundPolicy,
-    Reply,
-    check_recipient,
-    check_size,
-    check_storage,
-)
-from imsrelay.policy.loops import check_hops
-from imsrelay.policy.restrictions import (
-    AcceptRules,
-    Client,
-    FilterDecision,
-    connect_decision,
-    connect_reply,
-    mail_requirement,
-    recipient_verdict,
-    sender_decision,
-    sender_reply,
-)
-from imsrelay.policy.rewrite import RewriteRules, header_addresses, rewrite_address, rewrite_message
-from imsrelay.policy.transfer_mode import (
-    REFUSAL,
-    TRANSACTION_REFUSAL,
-    TransferMode,
-    accepts_inbound,
-)
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -88,71 +56,18 @@ _DEFAULT_STATUS = {2: "2.0.0", 4: "4.0.0", 5: "5.5.2"}
 _BY_CODE = {500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
             553: "5.1.3", 554: "5.7.0", 555: "5.5.4", 421: "4.3.2", 451: "4.3.0", 452: "4.3.1"}
 
-
-
-class Ingress(Protocol):
-    """What the SMTP handler asks its site (``imsrelay.site.Site``): live inputs for
-    the decisions, and the queue's door."""
-
-    def free_space(self) -> int: ...
-
-    async def recipient_known(self, address: str) -> bool: ...
-
-    def inbound_policy(self) -> InboundPolicy: ...
-
-    def seen_before(self, raw: bytes) -> bool: ...
-
-    async def rewrite_rules(self) -> RewriteRules: ...
-
-    async def local_primaries(self, addresses: list[str]) -> dict[str, str]: ...
-
-    async def accept(self, env: Envelope, message: bytes) -> None: ...
-
-    # AUTH and the restrictions (imsrelay.policy.auth, imsrelay.policy.restrictions)
-    auth_failures: FailureLimiter
-
-    def accept_rules(self) -> AcceptRules: ...
-
-    async def authenticate(self, login: str, password: bytes) -> Identity | None: ...
-
-    async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]: ...
-
-    async def keep_filtered(self, queue_id: str, sender: str, filtered: dict[str, FilterDecision],
-                            message: bytes, client: Client) -> None: ...
-    @property
-    def addressing_domain(self) -> str: ...
-
-    flow: FlowGate  # backpressure at MAIL FROM
-
-    # the IMS's connection controls: Transfer mode, faults on demand, counters, protocol log, ETRN
-    @property
-    def transfer_mode(self) -> TransferMode: ...
-
-    @property
-    def faults(self) -> FaultBook: ...
-
-    @property
-    def metrics(self) -> SiteMetrics: ...
-
-    @property
-    def protocol_log(self) -> ProtocolLog | None: ...
-
-    def release_etrn(self, node: str) -> int: ...
-
 _UNPRINTABLE = re.compile("[\udc80-\udcff\x00-\x1f\x7f]")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-# "<local@domain>" with a dot-atom local part and a plain domain: the address aiosmtpd's
-# parser (email._header_value_parser.get_angle_addr) finds, without its token tree
+
 _SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
-_HELO_PRINTABLE = re.compile(r"[\x21-\x7e]*")
+
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
 DATA_CHUNK = 256 * 1024  # bytes taken from the stream at a time in DATA (what one recv can bring)
-HEADER_WORK_ON_LOOP = 128 * 1024  # a message up to this size has its headers examined on the loop
-DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
-MAX_REWRITE_LOOKUPS = 200  # distinct header addresses looked up per message (hostile headers)
-BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
 
+DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
+
+BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
 
 class BareNewline(Exception):
     """A line ended in a bare LF and ``smtp.bare_newline = "reject"``."""
@@ -211,6 +126,23 @@ def with_enhanced_status(reply: str) -> str:
     return f"{reply[:3]} {status} {reply[4:]}" if status else reply
 
 
+class SessionHandler(Protocol):
+    """What the protocol asks of its handler besides aiosmtpd's ``handle_*`` hooks
+    (``imsrelay.ingress.handler.SiteHandler``)."""
+
+    config: SiteConfig
+    site: Ingress
+    log: Any
+
+    def connect_refusal(self, peer_ip: str | None, listener: str) -> str | None:
+        """The accept/reject lists' refusal at connect (None: welcome)."""
+        ...
+
+    def transfer_refusal(self, peer_ip: str | None, hostname: str) -> str | None:
+        """The Transfer mode's refusal at connect (None: inbound mail is accepted)."""
+        ...
+
+
 class ImsSession(Session):
     """aiosmtpd's session plus the site address the client connected to and the
     authenticated identity."""
@@ -219,7 +151,6 @@ class ImsSession(Session):
         super().__init__(loop)
         self.local_ip: str | None = None
         self.identity: Identity | None = None  # the mailbox account AUTH proved
-
 
 class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
@@ -377,11 +308,9 @@ class ImsSMTP(SMTP):
         site = self._site
         if site is None:
             return None
-        if not accepts_inbound(site.transfer_mode):
-            site.metrics.conn_rejected.labels("transfer_mode").inc()
-            self._log.info("smtp.refused", peer=self._client_ip, reason="transfer mode",
-                           mode=site.transfer_mode.value)
-            return REFUSAL.format(host=self.hostname, mode=site.transfer_mode.value)
+        refusal = self.event_handler.transfer_refusal(self._client_ip, self.hostname)
+        if refusal is not None:
+            return str(refusal)
         if not site.faults:
             return None
         for f in site.faults.firing(self._faults(), "connect"):
@@ -698,254 +627,6 @@ async def close_sessions(sessions: list[Any], *, grace: float = STOP_GRACE) -> i
         p.close_now()
     return len(waiting)
 
-
-class SiteHandler:
-    """aiosmtpd handler for one site. ``site`` supplies the live inputs (policy,
-    rewrite rules, directory lookups) and the queue (``accept``)."""
-
-    def __init__(self, site: Ingress, config: SiteConfig, log: Any, clock: Callable[[], float]) -> None:
-        self.site = site
-        self.config = config
-        self.clock = clock
-        self.log = log.bind(component="smtpd")
-
-    # -- EHLO: advertise what we do beyond aiosmtpd's own list
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
-        responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # no mechanism left: no AUTH
-        if self.config.etrn.allowed_hosts:
-            extra.append("250-ETRN")
-        return responses[:-1] + extra + responses[-1:]
-
-    # -- connections: the accept / reject host lists
-    def connect_refusal(self, peer_ip: str | None, listener: str) -> str | None:
-        decision = connect_decision(peer_ip, self.site.accept_rules())
-        if decision.allowed:
-            return None
-        self.log.warning("connection.refused", peer=peer_ip, listener=listener, reason=decision.rule)
-        return connect_reply(decision)
-
-    # -- AUTH (RFC 4954): PLAIN and LOGIN against the directory's accounts
-    async def handle_AUTH(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
-                          args: list[str]) -> str | None:
-        mechanism = args[0].upper()
-        peer = _peer_ip(session) or "unknown"
-        limiter = self.site.auth_failures
-        locked = limiter.locked_for(peer, time.monotonic())
-        if locked > 0:
-            self.log.warning("auth.refused", peer=peer, mechanism=mechanism, reason="too many failed attempts",
-                             retry_after=int(locked) + 1)
-            await server.push(f"421 4.7.0 Too many failed authentication attempts from {peer}; "
-                              f"try again in {int(locked) + 1} s")
-            if server.transport is not None:
-                server.transport.close()
-            return None
-        try:
-            creds = await _read_credentials(server, mechanism, args[1] if len(args) > 1 else None)
-        except ValueError as exc:
-            return f"501 5.5.2 {exc}"
-        if creds is None:
-            return None  # the client cancelled ("*"); aiosmtpd answered 501
-        try:
-            identity: Identity | None = None
-            if not creds.authzid or creds.authzid.lower() == creds.login.lower():
-                identity = await self.site.authenticate(creds.login, creds.password)
-        except Exception as exc:
-            self.log.error("auth.internal_error", peer=peer, mechanism=mechanism, error=repr(exc), exc_info=exc)
-            return "454 4.7.0 Temporary authentication failure; please try again later"
-        if identity is None:
-            failures = limiter.failure(peer, time.monotonic())
-            locked_out = limiter.locked_for(peer, time.monotonic()) > 0
-            self.log.warning("auth.failed", peer=peer, mechanism=mechanism, login=creds.login[:100],
-                             failures=failures, locked_out=locked_out)
-            await asyncio.sleep(limiter.delay(failures))
-            return "535 5.7.8 Authentication credentials invalid"
-        limiter.success(peer)
-        session.authenticated = True
-        if isinstance(session, ImsSession):
-            session.identity = identity
-        self.log.info("auth.succeeded", peer=peer, mechanism=mechanism, user=identity.alias,
-                      encrypted=server.encrypted, listener=server.listener)
-        return "235 2.7.0 Authentication successful"
-
-    def _client(self, server: ImsSMTP, session: Session) -> Client:
-        ims = session if isinstance(session, ImsSession) else None
-        identity = ims.identity if ims is not None and session.authenticated else None
-        return Client(_peer_ip(session), ims.local_ip if ims is not None else None,
-                      identity.alias if identity else None, server.encrypted,
-                      identity.addresses if identity else ())
-
-    async def handle_MAIL(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
-                          address: str, mail_options: list[str]) -> str:
-        if not accepts_inbound(self.site.transfer_mode):
-            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
-        if address and address != "<>":  # aiosmtpd hands the null sender over as "<>"
-            try:
-                parse_address(address)
-            except AddressError as exc:
-                return f"553 5.1.7 Bad sender address syntax: {exc}"
-        client = self._client(server, session)
-        need = mail_requirement(client, self.site.accept_rules().mode) if server.listener == "smtp" else None
-        if need:
-            self.log.info("sender.rejected", peer=client.ip, sender=address, reply=need)
-            return need
-        as_sender = sender_decision(address, client, must_match=self.config.restrictions.sender_must_match)
-        if not as_sender.allowed:
-            self.log.warning("sender.rejected", peer=client.ip, sender=address, user=client.authenticated,
-                             reply=sender_reply(as_sender))
-            return sender_reply(as_sender)
-        size = None
-        for opt in mail_options:
-            if opt.upper().startswith("SIZE=") and _SIZE.fullmatch(opt[5:]):
-                size = int(opt[5:])
-        cfg = self.config.smtp
-        too_big = check_size(size, cfg.max_message_size)
-        if too_big:
-            return str(too_big)
-        full = check_storage(self.site.free_space(), declared=size, max_message_size=cfg.max_message_size,
-                             minfree=cfg.queue_minfree) or await self.site.flow.admit()  # imsrelay.policy.backpressure
-        if full:
-            self.log.warning("message.deferred_storage", peer=_peer_ip(session), sender=address, reply=str(full))
-            return str(full)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return f"250 2.1.0 <{'' if address == '<>' else address}> sender ok"
-
-    async def handle_RCPT(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        if address.lower() == "postmaster":  # RFC 5321 4.5.1: accepted without a domain
-            address = f"postmaster@{self.site.addressing_domain}"
-        try:
-            parsed = parse_address(address)
-        except AddressError as exc:
-            return f"553 5.1.3 {exc}"
-        known = await self.site.recipient_known(address)
-        client = self._client(server, session)
-        reply: Reply = check_recipient(parsed, policy=self.site.inbound_policy(), client_ip=client.ip,
-                                       known=known, accepted_so_far=len(envelope.rcpt_tos), client=client)
-        if reply.ok:
-            sender = envelope.mail_from or "<>"
-            mailbox = (await self.site.lookup_mailboxes([address]))[0] if known else None
-            rcfg = self.config.restrictions
-            verdict = recipient_verdict(sender, address, mailbox.sender_rules if mailbox is not None else None,
-                                        site_filter=rcfg.filter_senders, site_action=rcfg.filter_action)
-            if verdict.refusal:
-                self.log.info("recipient.restricted", peer=client.ip, sender=sender, recipient=address,
-                              reason=verdict.rule, reply=verdict.refusal)
-                return verdict.refusal
-            if verdict.filter.action != "deliver":
-                if not hasattr(envelope, "filtered"):
-                    envelope.filtered = {}  # type: ignore[attr-defined]
-                envelope.filtered[address] = verdict.filter  # type: ignore[attr-defined]
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-        else:
-            self.log.info("recipient.rejected", peer=_peer_ip(session), sender=envelope.mail_from,
-                          recipient=address, reply=str(reply))
-        return str(reply)
-
-    async def handle_DATA(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        raw: bytes = envelope.original_content or b""
-        cfg = self.config
-        rules: RewriteRules = await self.site.rewrite_rules()
-        # Header work on a large message runs off the loop (DESIGN.md invariant 7); on a
-        # small one it takes microseconds, less than the hop to a thread and back.
-        small = len(raw) <= HEADER_WORK_ON_LOOP
-        raw, refusal, header_addrs = (self._examine(raw, rules.active) if small
-                                      else await asyncio.to_thread(self._examine, raw, rules.active))
-        if refusal is not None:
-            self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=refusal)
-            return refusal
-        if not accepts_inbound(self.site.transfer_mode):  # switched while the message was on its way
-            return TRANSACTION_REFUSAL.format(mode=self.site.transfer_mode.value)
-        queue_id = new_queue_id()
-        sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
-        if rules.active:
-            lookups = [sender] + header_addrs if sender else header_addrs
-            primaries = await self.site.local_primaries(lookups)
-            new_sender = rewrite_address(sender, rules, primaries)
-            if needs_header_rewrite(header_addrs, rules, primaries):
-                raw = (rewrite_message(raw, rules, primaries) if small
-                       else await asyncio.to_thread(rewrite_message, raw, rules, primaries))
-            if new_sender != sender:
-                self.log.info("message.rewritten", queue_id=queue_id, sender=sender, rewritten=new_sender)
-                sender = new_sender
-        peer_ip = _peer_ip(session) or "unknown"
-        client = self._client(server, session)
-        first_rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        received = received_header(helo=session.host_name or "unknown", peer_ip=peer_ip, by=cfg.hostname,
-                                   queue_id=queue_id, recipient=first_rcpt, date=header_date_now(self.clock()),
-                                   protocol=received_protocol(utf8=bool(envelope.smtp_utf8), tls=client.encrypted,
-                                                              authenticated=client.authenticated is not None))
-        message = received + raw
-        if len(message) > cfg.smtp.max_message_size + len(received):
-            return "552 5.3.4 Message size exceeds fixed maximum message size"
-        full = check_storage(self.site.free_space(), declared=len(message), max_message_size=len(message),
-                             minfree=cfg.smtp.queue_minfree)
-        if full:  # SIZE= may have understated the message: check what really came
-            self.log.warning("message.deferred_storage", peer=peer_ip, sender=sender, reply=str(full))
-            return str(full)
-        filtered: dict[str, FilterDecision] = getattr(envelope, "filtered", {})
-        if filtered:
-            await self.site.keep_filtered(queue_id, sender, filtered, message, client)
-        recipients = [r for r in envelope.rcpt_tos if r not in filtered]
-        if not recipients:
-            return f"250 2.0.0 Ok: queued as {queue_id}"
-        body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
-        extra = {"auth": client.authenticated} if client.authenticated else {}
-        env = Envelope(
-            queue_id=queue_id, sender=sender,
-            recipients=[RecipientState(address=r, original=r) for r in recipients],
-            received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
-            smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
-            extra={**extra, "priority": priority_of(raw)})
-        try:
-            await self.site.accept(env, message)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self.log.warning("message.deferred_storage", peer=peer_ip, sender=sender, error=repr(exc),
-                             reply="452 4.3.1")
-            return "452 4.3.1 Insufficient system storage; please try again later"
-        self.log.info("message.accepted", queue_id=queue_id, peer=peer_ip, sender=sender,
-                      recipients=recipients, size=len(message), auth=client.authenticated,
-                      tls=client.encrypted, listener=server.listener)
-        return f"250 2.0.0 Ok: queued as {queue_id}"
-
-    def _examine(self, raw: bytes, rewriting: bool) -> tuple[bytes, str | None, list[str]]:
-        """(message, refusal or None, header addresses to look up) — in a thread."""
-        if not self.forbid_bare_lf:
-            raw = normalise_bare_lf(raw)
-        hops = check_hops(raw, self.config.smtp.max_hops)
-        if hops:
-            return raw, str(hops), []
-        if self.site.seen_before(raw):
-            return raw, "554 5.4.6 Routing loop detected: this message already passed through this site", []
-        if not rewriting:
-            return raw, None, []
-        distinct = list(dict.fromkeys(a.lower() for a in header_addresses(raw)))[:MAX_REWRITE_LOOKUPS]
-        return raw, None, distinct
-
-    @property
-    def forbid_bare_lf(self) -> bool:
-        return self.config.smtp.bare_newline == "reject"
-
-    async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, BareNewline):
-            self.log.info("smtp.bare_newline", reply=BARE_NEWLINE_REPLY)
-            return BARE_NEWLINE_REPLY
-        if isinstance(error, TLSSetupException):  # the client's handshake failed: not our error
-            self.log.info("smtp.tls_failed", error=repr(error.__cause__ or error))
-            return "454 4.7.0 TLS negotiation failed"
-        if isinstance(error, UnicodeError):  # undecodable client input that slipped through
-            self.log.info("smtp.bad_input", error=repr(error))
-            return "501 5.5.2 Syntax error: the command is not valid UTF-8"
-        self.log.error("smtp.internal_error", error=repr(error), exc_info=error)
-        return "451 4.3.0 Internal error; the message was not accepted, please try again later"
-
-
 def parse_path(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | None]:
     """(address, rest) of a MAIL FROM / RCPT TO argument as aiosmtpd 1.4.6 parses it
     (``email._header_value_parser``): ``("", "")`` for nothing, ``(None, None)`` for a
@@ -984,28 +665,11 @@ def parse_path_with_email_parser(arg: str, local_part_limit: int = 0) -> tuple[s
         return None, None
     return addr, rest
 
-
-def needs_header_rewrite(header_addrs: list[str], rules: RewriteRules, primaries: dict[str, str]) -> bool:
-    """Whether ``rewrite_message`` could change the headers whose addresses ``_examine``
-    found (lower-cased, at most ``MAX_REWRITE_LOOKUPS``): a mailbox's primary address
-    (maybe only a change of case), or the site domain becoming the addressing domain.
-    When the list was cut short, or a local mailbox is involved, the answer is yes."""
-    if len(header_addrs) >= MAX_REWRITE_LOOKUPS or primaries:
-        return True
-    return any(rewrite_address(a, rules, primaries) != a for a in header_addrs)
-
-
 def _peer_ip(session: Session) -> str | None:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return None
-
-
-def received_protocol(*, utf8: bool, tls: bool, authenticated: bool) -> str:
-    """The ``with`` of a Received: line: RFC 3848 ESMTP/ESMTPS/ESMTPA/ESMTPSA, RFC 6531 UTF8SMTP…"""
-    return ("UTF8SMTP" if utf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
-
 
 async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -> Credentials | None:
     """The login and password a client sends for PLAIN or LOGIN (None: it cancelled)."""
@@ -1035,21 +699,6 @@ async def _read_credentials(server: SMTP, mechanism: str, initial: str | None) -
             raise ValueError("the login is not UTF-8") from None
     raise ValueError(f"unsupported mechanism {mechanism}")
 
-
-def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, recipient: str | None,
-                    protocol: str = "ESMTP", now: datetime | None = None, date: str | None = None) -> bytes:
-    """The Received: line of a message accepted now (or at ``now``; ``date``: that
-    moment already formatted as RFC 5322 date-time)."""
-    if date is None:
-        date = format_datetime(now or datetime.now(UTC))
-    for_part = f"\r\n\tfor <{recipient}>" if recipient else ""
-    if not _HELO_PRINTABLE.fullmatch(helo):
-        helo = re.sub(r"[^\x21-\x7e]", "?", helo)
-    return (f"Received: from {helo[:255]} ([{peer_ip}])\r\n\tby {by} (imsrelay) with {protocol} id {queue_id}"
-            f"{for_part}; {date}\r\n").encode("utf-8", "surrogateescape")
-
-
-
 class BoundMethods(Mapping[str, Any]):
     """A protocol's command table (aiosmtpd's ``_smtp_methods``: command → bound
     ``smtp_*`` method) that binds a method only when it is looked up, instead of
@@ -1071,7 +720,7 @@ class BoundMethods(Mapping[str, Any]):
         return len(self._names)
 
 
-def server_factory(handler: SiteHandler, tls_context: ssl.SSLContext | None,
+def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
                    limits: ConnectionCounter | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for one of the site's listening sockets (``limits``: the
     inbound connection caps its sessions count against; ``listener``: ``smtp``, or
