@@ -2121,7 +2121,7 @@ def render_results(res: dict[str, Any], notes: str = "", plot_name: str | None =
                  "Postfix relays with `relayhost = [127.0.0.1]:SINKPORT` (default durability: the queue "
                  "file is fsynced before `250`); imsrelay relays through its E-Mail Domain table entry "
                  "`bench.example → 127.0.0.1:SINKPORT` (`250` only once its spool has flushed the message "
-                 "to disk, DESIGN.md invariant 1). "
+                 "to disk, docs/design.md invariant 1). "
                  "Each relay got a warm-up batch first (not counted). End to end = until smtp-sink's "
                  "counter has every message. CPU = utime+stime of the relay's whole process tree "
                  "(Postfix: master and all its children).\n")

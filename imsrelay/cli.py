@@ -41,10 +41,7 @@ COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 
 
 # Exit statuses of every command (listed by ``imsrelay --help``).
-EXIT_OK = 0
-EXIT_FAILED = 1  # nothing matched (no such message/mailbox), or a check found problems
 EXIT_USAGE = 2  # bad arguments, bad configuration, input the site refused
-EXIT_UNREACHABLE = 3  # the site's admin endpoint does not answer (site not running)
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """exit status:

@@ -101,7 +101,7 @@ class Site:
         self.spool = Spool(config.data_dir, worker=worker)
         self.spool.committer.on_flush = self.metrics.flush.observe
         self.protocol_log: ProtocolLog | None = None
-        if config.diagnostics.level("smtp_protocol_log", "none") != "none":
+        if config.diagnostics.protocol_log_enabled:
             self.protocol_log = ProtocolLog(config.data_dir, max_bytes=config.diagnostics.protocol_log_max_bytes,
                                             files=config.diagnostics.protocol_log_files,
                                             name=f"{config.site}.{worker}")
@@ -237,7 +237,8 @@ class Site:
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
         if self.worker == 0:
-            self._etrn_tasks = [asyncio.create_task(etrn_schedule(self, r), name=f"etrn-{r.host}")
+            self._etrn_tasks = [asyncio.create_task(etrn_schedule(r, hostname=cfg.hostname, timeout=cfg.delivery.command_timeout, log=self.log),
+                                                   name=f"etrn-{r.host}")
                                 for r in cfg.etrn.requests]
         self.log.info("site.started", listen=cfg.smtp.listen, port=self.bound_port, hostname=cfg.hostname,
                       data_dir=str(cfg.data_dir), tls=self.listeners.tls is not None)

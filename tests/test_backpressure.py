@@ -1,4 +1,4 @@
-"""Backpressure (DESIGN.md invariant 9): the pure decision, the gate where sessions
+"""Backpressure (docs/design.md invariant 9): the pure decision, the gate where sessions
 wait, its [queue] settings, and a real site whose delivery is blocked — slowed at
 MAIL FROM, refused with 452 4.3.1 at the hard bound, open again once the queue drains."""
 

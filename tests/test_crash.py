@@ -1,4 +1,4 @@
-"""kill -9 under load loses nothing that was acknowledged (DESIGN.md invariant 1)."""
+"""kill -9 under load loses nothing that was acknowledged (docs/design.md invariant 1)."""
 
 import os
 import re

@@ -10,47 +10,47 @@ import pytest
 
 from imsrelay.ingress.data_reader import (
     SCAN_EVERY,
+    DataResult,
     DataScanner,
-    Outcome,
     normalise_bare_lf,
     unstuff,
 )
 
 
 def reference(stream: bytes, *, size_limit: int | None, line_limit: int,
-              forbid_bare_lf: bool) -> tuple[Outcome, bytes | None, int | None] | None:
+              forbid_bare_lf: bool) -> tuple[DataResult, bytes | None, int | None] | None:
     """aiosmtpd 1.4.6's smtp_DATA loop written out line by line (plus LineReader's
     bare-LF check): (outcome, content, bytes of DATA), or None when the stream never
     ends the message."""
     pos = counted = 0
-    state = Outcome.OK
+    state = DataResult.OK
     lines: list[bytes] = []
     while True:
         nxt = stream.find(b"\r\n", pos)
         if nxt < 0:
             if forbid_bare_lf and b"\n" in stream[pos:]:
-                return Outcome.BARE_LF, None, None
+                return DataResult.BARE_LF, None, None
             return None
         line = stream[pos:nxt + 2]
         if forbid_bare_lf and b"\n" in line[:-2]:
-            return Outcome.BARE_LF, None, None  # 521 and the connection closes: nothing is left to read
+            return DataResult.BARE_LF, None, None  # 521 and the connection closes: nothing is left to read
         pos = nxt + 2
         if line == b".\r\n":
             break
-        if state is Outcome.OK and len(line) - 2 > line_limit:  # StreamReader's LimitOverrunError
-            state = Outcome.TOO_LONG
+        if state is DataResult.OK and len(line) - 2 > line_limit:  # StreamReader's LimitOverrunError
+            state = DataResult.TOO_LONG
         counted += len(line)
-        if state is Outcome.OK and size_limit and counted > size_limit:
-            state = Outcome.TOO_MUCH
-        if state is Outcome.OK and len(line) > line_limit:
-            state = Outcome.TOO_LONG
-        if state is Outcome.OK:
+        if state is DataResult.OK and size_limit and counted > size_limit:
+            state = DataResult.TOO_MUCH
+        if state is DataResult.OK and len(line) > line_limit:
+            state = DataResult.TOO_LONG
+        if state is DataResult.OK:
             lines.append(line[1:] if line.startswith(b".") else line)
-    return state, (b"".join(lines) if state is Outcome.OK else None), pos
+    return state, (b"".join(lines) if state is DataResult.OK else None), pos
 
 
 def scan(stream: bytes, cuts: list[int] | None = None, *, size_limit: int | None = 10_000,
-         line_limit: int = 1001, forbid_bare_lf: bool = False) -> tuple[Outcome, bytes | None, int | None] | None:
+         line_limit: int = 1001, forbid_bare_lf: bool = False) -> tuple[DataResult, bytes | None, int | None] | None:
     """Feed ``stream`` cut at ``cuts`` (offsets); the same shape as ``reference``."""
     s = DataScanner(size_limit=size_limit, line_limit=line_limit, forbid_bare_lf=forbid_bare_lf)
     bounds = [0, *(cuts or []), len(stream)]
@@ -67,10 +67,10 @@ def scan(stream: bytes, cuts: list[int] | None = None, *, size_limit: int | None
         assert took == len(chunk), "bytes left over before the end"
     if not s.done:
         return None
-    if s.outcome is Outcome.BARE_LF:
+    if s.outcome is DataResult.BARE_LF:
         return s.outcome, None, None
-    content = s.content() if s.outcome is Outcome.OK else None
-    if s.outcome is not Outcome.OK:
+    content = s.content() if s.outcome is DataResult.OK else None
+    if s.outcome is not DataResult.OK:
         with pytest.raises(ValueError):
             s.content()
     return s.outcome, content, used
@@ -124,14 +124,14 @@ def test_every_cut_of_the_curated_streams_matches_the_line_reader(stream, forbid
 
 
 def test_the_named_cases():
-    assert scan(b".\r\n") == (Outcome.OK, b"", 3)
-    assert scan(b"..\r\n.\r\n") == (Outcome.OK, b".\r\n", 7)
-    assert scan(b"..a\r\n.b\r\nc.\r\n.\r\n") == (Outcome.OK, b".a\r\nb\r\nc.\r\n", 16)
-    assert scan(b"a\r\n.\r\nQUIT\r\n") == (Outcome.OK, b"a\r\n", 6)  # QUIT stays for the next command
-    assert scan(b"a\nb\r\n.\r\n") == (Outcome.OK, b"a\nb\r\n", 8)  # normalised later (smtp.bare_newline)
-    assert scan(b"a\nb\r\n.\r\n", forbid_bare_lf=True)[0] is Outcome.BARE_LF
-    assert scan(b"a\rb\r\n.\r\n", forbid_bare_lf=True) == (Outcome.OK, b"a\rb\r\n", 8)  # a bare CR is data
-    assert scan(b"a\r\n.\r\n\n", forbid_bare_lf=True) == (Outcome.OK, b"a\r\n", 6)  # after the end: a command's
+    assert scan(b".\r\n") == (DataResult.OK, b"", 3)
+    assert scan(b"..\r\n.\r\n") == (DataResult.OK, b".\r\n", 7)
+    assert scan(b"..a\r\n.b\r\nc.\r\n.\r\n") == (DataResult.OK, b".a\r\nb\r\nc.\r\n", 16)
+    assert scan(b"a\r\n.\r\nQUIT\r\n") == (DataResult.OK, b"a\r\n", 6)  # QUIT stays for the next command
+    assert scan(b"a\nb\r\n.\r\n") == (DataResult.OK, b"a\nb\r\n", 8)  # normalised later (smtp.bare_newline)
+    assert scan(b"a\nb\r\n.\r\n", forbid_bare_lf=True)[0] is DataResult.BARE_LF
+    assert scan(b"a\rb\r\n.\r\n", forbid_bare_lf=True) == (DataResult.OK, b"a\rb\r\n", 8)  # a bare CR is data
+    assert scan(b"a\r\n.\r\n\n", forbid_bare_lf=True) == (DataResult.OK, b"a\r\n", 6)  # after the end: a command's
     assert scan(b"a\r\n.\r") is None and scan(b"a\r\n") is None and scan(b"") is None
 
 
@@ -196,24 +196,24 @@ def test_an_oversized_message_is_read_to_the_end_in_bounded_memory():
         assert s.feed(block) == len(block) and not s.done
         held.append(s.held)
     assert max(held) <= limit + 1003 + len(block)
-    assert held[-1] == 0 and s.outcome is Outcome.TOO_MUCH  # past the limit nothing is kept
-    assert s.feed(b".\r\nQUIT\r\n") == 3 and s.done and s.outcome is Outcome.TOO_MUCH
+    assert held[-1] == 0 and s.outcome is DataResult.TOO_MUCH  # past the limit nothing is kept
+    assert s.feed(b".\r\nQUIT\r\n") == 3 and s.done and s.outcome is DataResult.TOO_MUCH
 
 
 def test_a_message_just_under_the_limit_is_whole():
     body = (b"x" * 98 + b"\r\n") * 10  # 1000 bytes
-    assert scan(body + b".\r\n", size_limit=1000) == (Outcome.OK, body, 1003)
-    assert scan(body + b"y\r\n.\r\n", size_limit=1000)[0] is Outcome.TOO_MUCH
-    assert scan(body + b"y\r\n.\r\n", size_limit=None) == (Outcome.OK, body + b"y\r\n", 1006)
+    assert scan(body + b".\r\n", size_limit=1000) == (DataResult.OK, body, 1003)
+    assert scan(body + b"y\r\n.\r\n", size_limit=1000)[0] is DataResult.TOO_MUCH
+    assert scan(body + b"y\r\n.\r\n", size_limit=None) == (DataResult.OK, body + b"y\r\n", 1006)
 
 
 def test_with_no_size_limit_a_long_line_drops_what_was_kept():
     s = DataScanner(size_limit=None, line_limit=1001, forbid_bare_lf=False)
     s.feed(b"ok\r\n" * 10)
     s.feed(b"z" * (SCAN_EVERY + 10))
-    assert s.outcome is Outcome.TOO_LONG and s.held == 0
+    assert s.outcome is DataResult.TOO_LONG and s.held == 0
     s.feed(b"z" * SCAN_EVERY + b"\r\n")
-    assert s.feed(b".\r\n") == 3 and s.done and s.outcome is Outcome.TOO_LONG
+    assert s.feed(b".\r\n") == 3 and s.done and s.outcome is DataResult.TOO_LONG
 
 
 def test_a_big_message_in_chunks_is_byte_identical():
@@ -224,7 +224,7 @@ def test_a_big_message_in_chunks_is_byte_identical():
         lines.append(b"." + text + b"\r\n" if i % 7 == 0 else text + b"\r\n")
     stream = b"".join(lines) + b".\r\nQUIT\r\n"
     want = reference(stream, size_limit=None, line_limit=1001, forbid_bare_lf=True)
-    assert want is not None and want[0] is Outcome.OK
+    assert want is not None and want[0] is DataResult.OK
     assert scan(stream, random_cuts(rng, len(stream)), size_limit=None, forbid_bare_lf=True) == want
     assert scan(stream, list(range(65536, len(stream), 65536)), size_limit=None) == want
 

@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (DESIGN.md conventions)."""
+"""The code base stays ruff-clean (docs/design.md, Conventions)."""
 
 import shutil
 import subprocess

@@ -1,5 +1,5 @@
 """The queue manager is supervised: a failing stage is logged, counted, backed off and
-retried, deliveries go on, and ``GET /ready`` reports it (DESIGN.md invariant 8)."""
+retried, deliveries go on, and ``GET /ready`` reports it (docs/design.md invariant 8)."""
 
 import shutil
 import smtplib

@@ -1,5 +1,5 @@
 """The queue's state machine for one recipient (imsrelay.queue.rules), without I/O:
-every transition Exchange's retry / expiry / NDR rules and DESIGN.md invariant 2 need."""
+every transition Exchange's retry / expiry / NDR rules and docs/design.md invariant 2 need."""
 
 from __future__ import annotations
 

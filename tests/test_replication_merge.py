@@ -1,4 +1,4 @@
-"""Merge rules of the replicated directory (DESIGN.md invariant 6), with hypothesis.
+"""Merge rules of the replicated directory (docs/design.md invariant 6), with hypothesis.
 
 Applying a set of object versions in any order, any number of times, gives the same
 directory; a tombstone wins exactly when its stamp is greater; the owner of an SMTP

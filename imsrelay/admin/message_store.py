@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +201,6 @@ def _headers_of(path: Path) -> tuple[bytes, int]:
         if end >= 0:
             return head[:end + len(sep)], size
     return head, size
-
-
-def _address_list(value: str | None) -> str:
-    return ", ".join(a for _, a in getaddresses([value])) if value else ""
 
 
 def summarise(site: str, mailbox: str, path: Path) -> Summary:

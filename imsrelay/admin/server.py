@@ -77,6 +77,7 @@ from imsrelay.policy.transfer_mode import TransferMode, parse_mode
 from imsrelay.queue.manager import QueueManager
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import RoutingTable
+from imsrelay.transport.smtp import SmtpClient
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024  # every request body is a small JSON object
@@ -109,6 +110,7 @@ class AdminSite(Protocol):
     directory: Directory
     qmgr: QueueManager
     replicator: Replicator | None
+    smtp_client: SmtpClient
     tracking: TrackingLog
     log: Any
     spool: Spool
@@ -440,7 +442,11 @@ class AdminServer:
         if not self.site.config.metrics.enabled:
             return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
                                      status=404)
-        body = await self.site.metrics.render(self.site)
+        site = self.site
+        replication = await site.replicator.status() if site.replicator is not None else None
+        body = site.metrics.render(queued=list(site.qmgr.envelopes.values()), incoming=site.qmgr.incoming,
+                                   flow_state=site.flow.state(), open_connections=site.smtp_client.open_connections(),
+                                   replication=replication, now=site.clock())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -26,8 +26,8 @@ from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
 from imsrelay.model.envelope import PENDING, Envelope, RecipientState
 from imsrelay.model.errors import UserError
+from imsrelay.model.message import split_message
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
-from imsrelay.policy.rewrite import split_message
 from imsrelay.queue.spool import Spool
 
 

@@ -186,7 +186,11 @@ async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, 
     console = None
     try:
         if config.console.enabled and worker == 0:
-            console = site_console(site)
+            bound = site.admin.bound if site.admin is not None else None
+            token = config.admin.resolved_token()
+            if bound is None or not token:  # (the configuration check makes [console] need both)
+                raise RuntimeError(f"{config.path}: the console needs the admin endpoint and its token")
+            console = site_console(config, bound, token)
             await console.start()
         await stop.wait()
     finally:

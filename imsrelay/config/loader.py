@@ -37,6 +37,7 @@ from imsrelay.model.settings import (
     DIAGNOSTIC_CATEGORIES,
     DIAGNOSTIC_LEVELS,
     REPLICATION_ALWAYS,
+    SMTP_PORT,
     AdminConfig,
     AuthConfig,
     ConnectedSite,
@@ -352,7 +353,7 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
     smart_host, smart_port = MISSING, MISSING
     if smart not in (MISSING, ""):
         try:
-            smart_host, smart_port = parse_host_port(smart, 25)
+            smart_host, smart_port = parse_host_port(smart, SMTP_PORT)
         except ValueError as exc:
             s.error("smart_host", str(exc))
     policies = []
@@ -465,7 +466,7 @@ def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
         via_host, via_port = MISSING, c.port("port")
         if via not in (MISSING, ""):
             try:
-                via_host, via_port = parse_host_port(via, 25 if via_port is MISSING else via_port)
+                via_host, via_port = parse_host_port(via, SMTP_PORT if via_port is MISSING else via_port)
             except ValueError as exc:
                 c.error("host", str(exc))
         if name is not MISSING and routing is not MISSING:
@@ -697,7 +698,7 @@ def _load_etrn(e: _Section) -> EtrnConfig:
         given = r.string("host", required=True)
         if given is not MISSING:
             try:
-                host, port = parse_host_port(given, 25 if port is MISSING else port)
+                host, port = parse_host_port(given, SMTP_PORT if port is MISSING else port)
             except ValueError as exc:
                 r.error("host", str(exc))
         domain = _domain(r, "domain", r.string("domain", required=True))

@@ -67,7 +67,6 @@ UPDATE = "update"
 TYPES = (REQUEST, UPDATE)
 HEADER_TYPE = "X-IMS-Dirsync-Type"
 HEADER_SIGNATURE = "X-IMS-Dirsync-Signature"
-SIGNATURE_SCHEME = "hmac-sha256"
 FUTURE_TOLERANCE = 300.0  # seconds a sender's clock may run ahead of ours
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # wire JSON per update message, whatever batch_size says
 

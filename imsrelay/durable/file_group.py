@@ -19,7 +19,7 @@ promises.  The per-file calls stay; what is grouped is the waiting.
 (``fdatasync`` and not ``fsync``: it flushes the data and the size needed to read
 it back; a new file's timestamps are not worth a second journal write.)
 
-Crash safety (DESIGN.md invariant 1): a file gets its final name only after its data
+Crash safety (docs/design.md invariant 1): a file gets its final name only after its data
 is durable, and the round's callers hear "done" only after the directory fsync, so
 a recipient is recorded as delivered only once its file is there for good.  A crash
 before the rename leaves only a temporary file in ``tmp/`` (the spool clears its

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
-from imsrelay.ingress.data_reader import DataScanner, Outcome
+from imsrelay.ingress.data_reader import DataResult, DataScanner
 from imsrelay.ingress.ports import Ingress
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import SessionFaults
@@ -422,14 +422,14 @@ class ImsSMTP(SMTP):
         except asyncio.CancelledError:  # the connection was lost during DATA
             self._writer.close()
             raise
-        if scanner.outcome is Outcome.BARE_LF:
+        if scanner.outcome is DataResult.BARE_LF:
             raise BareNewline()
-        if scanner.outcome is not Outcome.OK:
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if scanner.outcome is Outcome.TOO_LONG
+        if scanner.outcome is not DataResult.OK:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if scanner.outcome is DataResult.TOO_LONG
                             else "552 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        # a big message is joined and un-stuffed off the loop (DESIGN.md invariant 7)
+        # a big message is joined and un-stuffed off the loop (docs/design.md invariant 7)
         original_content = (scanner.content() if scanner.held < DATA_ON_LOOP
                             else await asyncio.to_thread(scanner.content))
         content: str | bytes = original_content

@@ -34,7 +34,9 @@ CRLF = b"\r\n"
 SCAN_EVERY = 256 * 1024  # line checks on a long message as it comes (bounded memory with no size limit)
 
 
-class Outcome(enum.Enum):
+class DataResult(enum.Enum):
+    """How a DATA phase ends: the message is taken (``OK``) or which refusal it earns."""
+
     OK = "ok"
     TOO_LONG = "too long"  # 500 5.5.2 Line too long
     TOO_MUCH = "too much"  # 552 5.3.4 message size
@@ -48,7 +50,7 @@ class DataScanner:
         self.size_limit = size_limit or None  # aiosmtpd: 0 or None is no limit
         self.line_limit = line_limit
         self.forbid_bare_lf = forbid_bare_lf
-        self.outcome = Outcome.OK
+        self.outcome = DataResult.OK
         self.done = False
         self._buf = bytearray()  # the stream so far, while every line is still acceptable
         self._seen = 0  # bytes of the stream taken
@@ -68,23 +70,23 @@ class DataScanner:
         used = len(chunk) if found < 0 else found + len(TERMINATOR) - len(tail)
         taken = chunk if used == len(chunk) else chunk[:used]
         if self.forbid_bare_lf and _has_bare_lf(tail[-1], taken):
-            self.outcome, self.done = Outcome.BARE_LF, True
+            self.outcome, self.done = DataResult.BARE_LF, True
             self._buf = bytearray()
             return used
         start = self._seen
         self._seen += used
-        if self.outcome is Outcome.OK:
+        if self.outcome is DataResult.OK:
             self._buf += taken
         self._tail = (tail + taken)[-4:] if len(taken) < 4 else taken[-4:]
         if found >= 0:
             self.done = True
             end = start - len(tail) + found + 2  # the final "." line starts here
-            if self.outcome is Outcome.OK:
+            if self.outcome is DataResult.OK:
                 self._end = end
                 self._check_lines(end)
-            self._buf = self._buf if self.outcome is Outcome.OK else bytearray()
+            self._buf = self._buf if self.outcome is DataResult.OK else bytearray()
             return used
-        if self.outcome is Outcome.OK and self._due():
+        if self.outcome is DataResult.OK and self._due():
             self._check_growing()
         return used
 
@@ -95,8 +97,8 @@ class DataScanner:
 
     def content(self) -> bytes:
         """The message as the client meant it (dots un-stuffed): aiosmtpd's
-        ``envelope.original_content``.  Only when ``done`` with ``Outcome.OK``."""
-        if not self.done or self.outcome is not Outcome.OK or self._end is None:
+        ``envelope.original_content``.  Only when ``done`` with ``DataResult.OK``."""
+        if not self.done or self.outcome is not DataResult.OK or self._end is None:
             raise ValueError("no message: DATA is not over, or it was refused")
         raw = bytes(memoryview(self._buf)[:self._end])
         return unstuff(raw)
@@ -114,9 +116,9 @@ class DataScanner:
         last = self._buf.rfind(CRLF, self._checked)
         complete = self._checked if last < 0 else last + 2
         self._check_lines(complete)
-        if self.outcome is Outcome.OK and len(self._buf) - complete >= self.line_limit + 2:
-            self.outcome = Outcome.TOO_LONG  # its text passed line_limit: aiosmtpd's LimitOverrunError
-        if self.outcome is not Outcome.OK:
+        if self.outcome is DataResult.OK and len(self._buf) - complete >= self.line_limit + 2:
+            self.outcome = DataResult.TOO_LONG  # its text passed line_limit: aiosmtpd's LimitOverrunError
+        if self.outcome is not DataResult.OK:
             self._buf = bytearray()
 
     def _check_lines(self, end: int) -> None:
@@ -173,7 +175,7 @@ def _lines_fit(buf: bytearray, start: int, end: int, line_limit: int) -> bool:
 
 
 def _first_refusal(buf: bytearray, start: int, end: int, counted: int, size_limit: int | None,
-                   line_limit: int) -> Outcome:
+                   line_limit: int) -> DataResult:
     """aiosmtpd's loop over the lines of ``buf[start:end]``, line by line (only when a
     limit is crossed in them): the first refusal, or OK."""
     pos = start
@@ -181,11 +183,11 @@ def _first_refusal(buf: bytearray, start: int, end: int, counted: int, size_limi
         nxt = buf.find(CRLF, pos, end) + 2
         length = nxt - pos
         if length - 2 > line_limit:  # its text alone is too long: refused before it is counted
-            return Outcome.TOO_LONG
+            return DataResult.TOO_LONG
         counted += length
         if size_limit is not None and counted > size_limit:
-            return Outcome.TOO_MUCH
+            return DataResult.TOO_MUCH
         if length > line_limit:
-            return Outcome.TOO_LONG
+            return DataResult.TOO_LONG
         pos = nxt
-    return Outcome.OK
+    return DataResult.OK

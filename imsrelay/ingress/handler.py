@@ -232,7 +232,7 @@ class SiteHandler:
         raw: bytes = envelope.original_content or b""
         cfg = self.config
         rules: RewriteRules = await self.site.rewrite_rules()
-        # Header work on a large message runs off the loop (DESIGN.md invariant 7); on a
+        # Header work on a large message runs off the loop (docs/design.md invariant 7); on a
         # small one it takes microseconds, less than the hop to a thread and back.
         small = len(raw) <= HEADER_WORK_ON_LOOP
         raw, refusal, header_addrs = (self._examine(raw, rules.active) if small

@@ -434,7 +434,7 @@ class Lab:
         """Start the hosts (first run: write step 1's files) and reach ``target``
         *before* the announced SMTP port opens: the walk runs with every host on a
         private port (the files keep the lab's port; the hosts run with it replaced),
-        then the hosts restart on the lab's port (DESIGN.md invariant 10)."""
+        then the hosts restart on the lab's port (docs/design.md invariant 10)."""
         if self.api_port is not None and self.endpoint is None:
             self.endpoint = LabEndpoint(lambda: list(self.sites.values()), host=self.api_host, port=self.api_port,
                                         token=ADMIN_TOKEN, log=get_logger("imsrelay").bind(site="lab"),

@@ -3,7 +3,7 @@
 No I/O here: the spool stores these (``imsrelay.queue.spool``), the queue manager changes
 them by the rules of ``imsrelay.queue.rules``, the admin endpoint and the CLI show them.
 A recipient is ``pending`` until it reaches one of the ``TERMINAL`` states
-(DESIGN.md invariant 2).
+(docs/design.md invariant 2).
 """
 
 from __future__ import annotations

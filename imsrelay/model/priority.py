@@ -20,7 +20,6 @@ from dataclasses import dataclass
 URGENT = "urgent"
 NORMAL = "normal"
 NON_URGENT = "non-urgent"
-PRIORITIES = (URGENT, NORMAL, NON_URGENT)
 MAX_HEADER_SCAN = 64 * 1024  # the priority headers are read from the first 64 KiB of the header (runs on the loop)
 
 _HEADER = re.compile(rb"^(priority|importance|x-priority)[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",

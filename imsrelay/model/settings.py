@@ -20,8 +20,14 @@ REPLICATION_DEFAULT_SCHEDULE = 3 * 3600.0  # a connector's default schedule: eve
 # IMS Time-outs button (Q184051, Q166587): normal is delivery.lifetime (48 h); [I] urgent 24 h, non-urgent 72 h
 DEFAULT_URGENT_LIFETIME = 86400.0
 DEFAULT_NON_URGENT_LIFETIME = 3 * 86400.0
-DIAGNOSTIC_CATEGORIES = ("initialization_termination", "addressing", "message_archival",
-                         "smtp_interface_events", "internal_processing", "smtp_protocol_log")
+SMTP_PORT = 25  # a next hop's port when none is given (smart host, connected site, domain route, ETRN, MX)
+# Diagnostics Logging (Q146669): the categories of logged events (each defaults to logging.level) ...
+EVENT_CATEGORIES = ("initialization_termination", "addressing", "message_archival",
+                    "smtp_interface_events", "internal_processing")
+# ... and the per-session SMTP protocol log (off unless its level is set)
+PROTOCOL_LOG_CATEGORY = "smtp_protocol_log"
+PROTOCOL_LOG_DEFAULT = "none"
+DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY)
 DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
@@ -51,7 +57,7 @@ class ConnectedSite:
     routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
     cost: int = 1
     host: str | None = None  # this route's next hop, instead of the E-Mail Domain table (a dearer route via another site)
-    port: int = 25
+    port: int = SMTP_PORT
 
     @property
     def routing_domain(self) -> str:
@@ -64,7 +70,7 @@ class DomainRoute:
 
     domain: str  # "SiteB.microsoft.com", or "#exact.example" for an exact match only
     host: str
-    port: int = 25
+    port: int = SMTP_PORT
     starttls: str | None = None  # None = the delivery default
     etrn: bool = False  # hold the domain's mail until the peer issues ETRN (RFC 1985)
 
@@ -106,7 +112,7 @@ class DeliveryConfig:
     lifetime: float = DEFAULT_LIFETIME
     delay_notice: float | None = None
     smart_host: str | None = None
-    smart_host_port: int = 25
+    smart_host_port: int = SMTP_PORT
     starttls: str = "opportunistic"
     tls_policies: tuple[TlsPolicy, ...] = ()
     max_per_destination: int = 20  # Postfix's default_destination_concurrency_limit
@@ -115,7 +121,7 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     data_timeout_per_mib: float = 60.0
     connection_idle: float = 30.0
-    mx_port: int = 25  # port for next hops found by DNS MX (tests and labs use another)
+    mx_port: int = SMTP_PORT  # port for next hops found by DNS MX (tests and labs use another)
     max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
     smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
     tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
@@ -274,7 +280,7 @@ class NotificationsConfig:
 @dataclass(frozen=True)
 class EtrnRequest:
     host: str
-    port: int = 25
+    port: int = SMTP_PORT
     domain: str = ""
     schedule: float = 3600.0
 
@@ -298,6 +304,11 @@ class DiagnosticsConfig:
 
     def level(self, category: str, default: str) -> str:
         return dict(self.levels).get(category, default)
+
+    @property
+    def protocol_log_enabled(self) -> bool:
+        """The SMTP protocol log is written: its level is set and is not ``none``."""
+        return self.level(PROTOCOL_LOG_CATEGORY, PROTOCOL_LOG_DEFAULT) != "none"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from imsrelay.model.settings import EVENT_CATEGORIES
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -158,9 +160,7 @@ def category_levels(config: Any) -> dict[str, int]:
     """Category -> lowest logging level let through, from [diagnostics] (each category
     defaults to logging.level: debug = maximum, info = medium, warning = minimum)."""
     default = _FROM_LOGGING_LEVEL.get(config.logging.level, "medium")
-    return {c: CATEGORY_LEVELS[config.diagnostics.level(c, default)]
-            for c in ("initialization_termination", "addressing", "message_archival", "smtp_interface_events",
-                      "internal_processing")}
+    return {c: CATEGORY_LEVELS[config.diagnostics.level(c, default)] for c in EVENT_CATEGORIES}
 
 
 class CategoryFilter:

@@ -50,6 +50,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from imsrelay.model.envelope import Envelope
 from imsrelay.policy.transfer_mode import TransferMode
 
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -127,23 +128,22 @@ class SiteMetrics:
         for m in TransferMode:
             self.mode.labels(m.value).set(1 if m is mode else 0)
 
-    async def render(self, site: Any) -> bytes:
-        """Refresh the gauges read from the site's state, then the text exposition."""
-        inbound, outbound = queue_lengths(list(site.qmgr.envelopes.values()))
+    def render(self, *, queued: list[Envelope], incoming: int, flow_state: str, open_connections: int,
+               replication: dict[str, Any] | None, now: float) -> bytes:
+        """Refresh the gauges read from the site's state (what is queued, messages waiting
+        for their first attempt, the backpressure state, open outbound connections, the
+        replicator's status), then the text exposition."""
+        inbound, outbound = queue_lengths(queued)
         self.queue.labels("inbound").set(inbound)
         self.queue.labels("outbound").set(outbound)
-        self.incoming.set(site.qmgr.incoming)
-        current = site.flow.state()
+        self.incoming.set(incoming)
         for name in ("open", "slowing", "refusing"):
-            self.backpressure_state.labels(name).set(1 if name == current else 0)
-        if site.smtp_client is not None:
-            self.conn_out_now.set(site.smtp_client.open_connections())
-        if site.replicator is not None:
-            status = await site.replicator.status()
-            now = site.clock()
+            self.backpressure_state.labels(name).set(1 if name == flow_state else 0)
+        self.conn_out_now.set(open_connections)
+        if replication is not None:
             self.replication_backlog.clear()
             self.replication_age.clear()
-            for peer in status["peers"]:
+            for peer in replication["peers"]:
                 self.replication_backlog.labels(peer["site"]).set(peer["backlog"])
                 if peer["last_reply"]:
                     self.replication_age.labels(peer["site"]).set(max(0.0, now - float(peer["last_reply"])))

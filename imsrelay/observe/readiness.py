@@ -4,7 +4,7 @@ Each part of a site that must be working before the site can do what it announce
 adds a check: a name and a function answering ``None`` when satisfied, or a short
 reason when not.  ``GET /ready`` on the admin endpoint (and on the lab endpoint)
 answers 200 only when every check passes, 503 with the reasons otherwise
-(DESIGN.md invariant 10: a site or lab is ready when it listens).
+(docs/design.md invariant 10: a site or lab is ready when it listens).
 
 The site adds ``listening``, ``spool recovered`` and ``directory provisioned``;
 the embedded lab adds ``lab stage reached``; other parts add their own (e.g. the

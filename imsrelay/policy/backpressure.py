@@ -1,5 +1,5 @@
 """Backpressure: when acceptance outruns delivery, new mail is slowed, then refused
-(DESIGN.md invariant 9).
+(docs/design.md invariant 9).
 
 Two measures of the queue, two bounds (``[queue]`` in the site's TOML file):
 

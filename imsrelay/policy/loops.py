@@ -21,8 +21,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
+from imsrelay.model.message import split_message
 from imsrelay.policy.inbound import Reply
-from imsrelay.policy.rewrite import split_message
 
 SelfEndpoints = frozenset[tuple[str, int]]
 WILDCARDS = ("", "0.0.0.0", "::")

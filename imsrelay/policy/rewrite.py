@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from email._parseaddr import AddressList  # type: ignore[import-not-found]  # no stub: private module
 
 from imsrelay.model.addresses import AddressError, parse_address
+from imsrelay.model.message import split_message
 
 REWRITTEN_HEADERS = ("from", "sender", "reply-to")
 MAX_REWRITTEN_FIELDS = 100  # a message has one From:; beyond this many, fields stay as they are (hostile input)
@@ -26,9 +27,6 @@ def getaddresses(values: list[str]) -> list[tuple[str, str]]:
     """``email.utils.getaddresses`` (the same parser) without importing email.utils,
     which loads the socket module: this module stays free of I/O."""
     return list(AddressList(", ".join(values)).addresslist)
-
-
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass(frozen=True)
@@ -56,15 +54,6 @@ def rewrite_address(address: str, rules: RewriteRules, primaries: Mapping[str, s
     if parsed.domain == rules.site_domain.lower():
         return f"{parsed.local}@{rules.addressing_domain}"
     return address
-
-
-def split_message(message: bytes) -> tuple[bytes, bytes]:
-    """(header block including its final line break, rest) of a raw message."""
-    m = _HEADER_END.search(message)
-    if not m:
-        return message, b""
-    cut = m.start() + (2 if message[m.start():m.start() + 2] == b"\r\n" else 1)
-    return message[:cut], message[cut:]
 
 
 def _header_fields(header: bytes) -> list[bytes]:

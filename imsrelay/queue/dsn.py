@@ -26,7 +26,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from typing import Any, cast
 
-from imsrelay.policy.rewrite import split_message
+from imsrelay.model.message import split_message
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")

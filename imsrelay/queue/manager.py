@@ -14,7 +14,7 @@ rules of ``imsrelay.queue.rules`` (the pure state machine; this module applies i
   for delivering the message expired").
 
 A message leaves the spool only when every recipient is terminal
-(DESIGN.md invariant 2).  The queue manager is also the one owner of
+(docs/design.md invariant 2).  The queue manager is also the one owner of
 per-destination concurrency (``delivery.max_per_destination`` slots per relay host
 or MX domain, taken before a global delivery slot).  Disk and directory work run
 off the event loop.
@@ -358,7 +358,7 @@ class QueueManager:
     # ------------------------------------------------------------ scheduling
 
     async def _supervised(self) -> None:
-        """The main loop under supervision (DESIGN.md invariant 8): an unexpected
+        """The main loop under supervision (docs/design.md invariant 8): an unexpected
         error is logged with its traceback, counted, backed off and the loop runs
         again; it never ends the queue manager."""
         while not self._stopping:

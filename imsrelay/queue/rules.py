@@ -3,7 +3,7 @@
 ``after_attempt(recipient, outcome, now=..., received_at=..., policy=..., may_report=...)``
 answers what an attempt's outcome means, by Exchange 5.5's rules (retry on the
 IMS's schedule, the last interval repeating, until the message's lifetime expires;
-then, or on a permanent failure, a non-delivery report) and DESIGN.md invariant 2
+then, or on a permanent failure, a non-delivery report) and docs/design.md invariant 2
 (every recipient ends in exactly one terminal state; never an NDR to ``<>``):
 
 ===================  ===========================================  =====================

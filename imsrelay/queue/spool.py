@@ -10,7 +10,7 @@ Layout under ``<data>/queue/``::
     control/              requests from ``imsrelay queue`` to a running site
     lock                  held (flock) by the running site: one writer at a time
 
-Durability (DESIGN.md invariant 1): ``enqueue`` appends the message to the journal
+Durability (docs/design.md invariant 1): ``enqueue`` appends the message to the journal
 and returns only after the journal is flushed (fdatasync); only then does the SMTP
 server answer ``250``.  One writer thread takes every request waiting at that
 moment and makes them durable with one write and one flush (group commit), so many

@@ -32,12 +32,13 @@ async def issue_etrn(request: EtrnRequest, *, hostname: str, timeout: float = 30
             client.close()
 
 
-async def etrn_schedule(site: Any, request: EtrnRequest) -> None:
-    log = site.log.bind(component="etrn", peer=f"{request.host}:{request.port}")
+async def etrn_schedule(request: EtrnRequest, *, hostname: str, timeout: float, log: Any) -> None:
+    """Issue ``request`` every ``request.schedule`` seconds, until cancelled (``hostname``:
+    this site's EHLO name; ``timeout``: per command)."""
+    log = log.bind(component="etrn", peer=f"{request.host}:{request.port}")
     while True:
         try:
-            code, message = await issue_etrn(request, hostname=site.config.hostname,
-                                             timeout=site.config.delivery.command_timeout)
+            code, message = await issue_etrn(request, hostname=hostname, timeout=timeout)
             log.info("etrn.issued", node=request.domain, code=code, reply=" ".join(message.split()))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             log.warning("etrn.failed", node=request.domain, error=str(exc) or type(exc).__name__)

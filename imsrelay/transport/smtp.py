@@ -83,11 +83,11 @@ from aiosmtplib.response import SMTPResponse
 
 from imsrelay.model.addresses import ip_literal
 from imsrelay.model.envelope import Envelope
+from imsrelay.model.message import split_message
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.loops import SelfEndpoints, is_self, without_self
-from imsrelay.policy.rewrite import split_message
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route
 from imsrelay.transport.pipelining import PipeliningSMTP
