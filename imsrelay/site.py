@@ -43,12 +43,12 @@ from imsrelay.observe.logs import site_logger
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
 from imsrelay.observe.readiness import Readiness
-from imsrelay.policy import loops
+from imsrelay.policy import mail_loops
 from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
 from imsrelay.policy.inbound import InboundPolicy
-from imsrelay.policy.loops import SelfEndpoints
+from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
 from imsrelay.policy.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
@@ -111,7 +111,7 @@ class Site:
             self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
-        self._loop_marker = loops.received_marker(config.hostname)
+        self._loop_marker = mail_loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
@@ -461,7 +461,7 @@ class Site:
         return None if self.qmgr.health.ok else self.qmgr.health.reason()
 
     def seen_before(self, raw: bytes) -> bool:
-        return loops.seen_before(raw, self._loop_marker)
+        return mail_loops.seen_before(raw, self._loop_marker)
 
     # ------------------------------------------------------------ the parts, as the protocols name them
 

@@ -1,7 +1,7 @@
 """The site's SMTP handler: aiosmtpd's hooks between the wire and policy / rewrite / queue.
 
 Nothing here decides anything on its own: RCPT asks ``policy.inbound.check_recipient``
-with what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
+with what the directory said; DATA asks ``mail_loops.check_hops`` and ``mail_loops.seen_before``
 (through the site), rewrites with ``rewrite.rewrite_message`` and hands the bytes to
 the queue's door.  ``250`` is answered only after the door says the message is
 durable.  Any unexpected error answers ``451 4.3.0`` so the client retries
@@ -46,7 +46,7 @@ from imsrelay.policy.inbound import (
     check_size,
     check_storage,
 )
-from imsrelay.policy.loops import check_hops
+from imsrelay.policy.mail_loops import check_hops
 from imsrelay.policy.restrictions import (
     Client,
     FilterDecision,

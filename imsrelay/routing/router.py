@@ -34,7 +34,7 @@ from imsrelay.model.addresses import (
 )
 from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
 from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig
-from imsrelay.policy.loops import SelfEndpoints, points_at_self
+from imsrelay.policy.mail_loops import SelfEndpoints, points_at_self
 
 LOCAL = "local"
 DIRECTORY = "directory"

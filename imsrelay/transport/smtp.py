@@ -9,7 +9,7 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``mx`` route to every address of every MX host of the domain, in RFC 5321 §5.1
   order.  The next hop is tried on a connection failure or a temporary (4xx)
   failure; a permanent (5xx) reply ends the attempt for the recipients it covers.
-- **Loops** (``imsrelay.policy.loops``). An MX next hop that is this site (its listen address or host name
+- **Loops** (``imsrelay.policy.mail_loops``). An MX next hop that is this site (its listen address or host name
   at its port) is dropped together with every less preferred one, as RFC 5321
   §5.1 asks; when nothing is left the recipients fail with ``5.4.6``.
 - **Connections** are pooled per next hop (address, port) and reused: before
@@ -87,7 +87,7 @@ from imsrelay.model.message import split_message
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.protocol_log import session_id
-from imsrelay.policy.loops import SelfEndpoints, is_self, without_self
+from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route
 from imsrelay.transport.pipelining import PipeliningSMTP
