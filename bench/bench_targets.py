@@ -18,6 +18,9 @@ REPLICATION_S = 30.0
 REPLICATION_COUNT = 100_000
 SESSION_KIB = 20.0
 SESSION_COUNT = 10_000
+# Issue 28: no cliff as sessions grow (500 and 1,000 sessions against 100, scale phase, 4 KB).
+CLIFF_SHARE = 0.9
+CLIFF_SESSIONS = (500, 1000)
 # Issue 6, still in force.
 LIGHT_P99_MS = 100.0
 
@@ -184,10 +187,29 @@ def _scale_target(phases: dict[str, Any]) -> Target:
     return Target(name, "every point measured", measured, ok)
 
 
+def _cliff_targets(phases: dict[str, Any]) -> list[Target]:
+    """500 and 1,000 concurrent sessions keep at least 90 % of the 100-session rate."""
+    rows = {int(p.get("sessions") or 0): num(p.get("end_to_end_per_s"))
+            for p in (phases.get("scale") or {}).get("sessions", []) if p.get("size") == 4096}
+    base = rows.get(100)
+    out = []
+    for n in CLIFF_SESSIONS:
+        name = f"no cliff: {n:,} sessions vs 100, 4 KB end to end"
+        want = f"≥ {CLIFF_SHARE:.0%}"
+        rate = rows.get(n)
+        if base is None or rate is None:
+            out.append(Target(name, want, "not run" if not rows else "—", None))
+            continue
+        share = rate / base
+        out.append(Target(name, want, f"{share:.0%} ({_f(rate)} vs {_f(base)} msg/s)", share >= CLIFF_SHARE))
+    return out
+
+
 def evaluate_targets(phases: dict[str, Any]) -> list[Target]:
-    """Every target of issue 16 (and issue 6's light-load latency) from one run."""
+    """Every target of issue 16 (and issue 6's light-load latency, issue 28's cliff) from one run."""
     return [*_relay_targets(phases), _local_target(phases), *_latency_targets(phases),
-            _replication_target(phases), _sessions_target(phases), _scale_target(phases)]
+            _replication_target(phases), _sessions_target(phases), _scale_target(phases),
+            *_cliff_targets(phases)]
 
 
 def targets_markdown(targets: list[Target]) -> str:

@@ -61,7 +61,7 @@ def test_parse_args_defaults_full_and_quick() -> None:
 
 def test_scale_plan_points_and_restart_depths() -> None:
     full = bench_scale.scale_plan(False, 100_000)
-    assert [p.sessions for p in full.sessions] == [1, 20, 100, 500]
+    assert [p.sessions for p in full.sessions] == [1, 20, 100, 500, 1000]
     assert {p.size for p in full.sessions} == {4096}
     assert [p.size for p in full.sizes] == [1024, 51200, 1 << 20]
     assert {p.sessions for p in full.sizes} == {20}
@@ -328,3 +328,13 @@ async def test_try_send_returns_backpressure_and_sends_again() -> None:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+def test_no_cliff_targets_compare_500_and_1000_sessions_with_100() -> None:
+    phases = _phases()
+    phases["scale"]["sessions"] = [{"sessions": s, "size": 4096, "end_to_end_per_s": r}
+                                   for s, r in ((1, 200.0), (100, 900.0), (500, 850.0), (1000, 700.0))]
+    v = _verdicts(phases)
+    assert v["no cliff: 500 sessions vs 100, 4 KB end to end"] is True  # 94 %
+    assert v["no cliff: 1,000 sessions vs 100, 4 KB end to end"] is False  # 78 %
+    assert _verdicts(_phases())["no cliff: 500 sessions vs 100, 4 KB end to end"] is None  # not measured

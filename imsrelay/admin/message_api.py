@@ -30,6 +30,7 @@ from imsrelay.admin.message_store import (
     parse_time,
 )
 from imsrelay.admin.openapi import document
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.observe import tracking
 from imsrelay.observe.readiness import combined
 
@@ -416,7 +417,8 @@ class LabEndpoint:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                          backlog=accept_backlog()).start()
         addresses = self._runner.addresses
         if addresses:
             self.port = addresses[0][1]

@@ -63,6 +63,7 @@ from imsrelay.directory.store import (
     DirectoryInputError,
     DirectoryNotFound,
 )
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.flow_gate import FlowGate, backpressure_status
 from imsrelay.model.addresses import AddressError
 from imsrelay.model.errors import ConfigError
@@ -184,7 +185,8 @@ class AdminServer:
         cfg = self.site.config.admin
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
+        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True,
+                          backlog=accept_backlog(self.site.config.smtp.listen_backlog))
         await tcp.start()
         addresses = self._runner.addresses
         port = addresses[0][1] if addresses else cfg.port

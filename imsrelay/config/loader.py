@@ -313,6 +313,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         queue_minfree=s.integer("queue_minfree", minimum=0),
         max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
         max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+        listen_backlog=s.integer("listen_backlog", minimum=0, maximum=65535),
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
         banner=_banner(s),

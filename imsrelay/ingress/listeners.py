@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 from imsrelay.ingress.adapter import STOP_GRACE, ImsSMTP, close_sessions
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.connection_limits import Caps, ConnectionCounter
 from imsrelay.routing.host_addresses import local_addresses
 
 ProtocolFactory = Callable[[ssl.SSLContext | None, str], Callable[[], ImsSMTP]]
-
 
 class Listeners:
     def __init__(self, config: SiteConfig, protocols: ProtocolFactory, connections: ConnectionCounter, *,
@@ -67,7 +67,7 @@ class Listeners:
 
         return await asyncio.get_running_loop().create_server(
             session, host=host, port=port, reuse_address=True, reuse_port=self.workers > 1,
-            ssl=self.tls if listener == "smtps" else None)
+            ssl=self.tls if listener == "smtps" else None, backlog=accept_backlog(self.config.smtp.listen_backlog))
 
     async def _start_submission(self) -> None:
         """[submission]: port 587 (STARTTLS, AUTH before MAIL) and 465 (implicit TLS)."""

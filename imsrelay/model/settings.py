@@ -104,6 +104,9 @@ class SmtpConfig:
     bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
     postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
     banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
+    # accept queue of every listening socket of the site (SMTP, submission, admin, console);
+    # 0 = the kernel's maximum (net.core.somaxconn), which listen(2) caps any larger value to
+    listen_backlog: int = 0
 
 
 @dataclass(frozen=True)
