@@ -338,3 +338,15 @@ def test_no_cliff_targets_compare_500_and_1000_sessions_with_100() -> None:
     assert v["no cliff: 500 sessions vs 100, 4 KB end to end"] is True  # 94 %
     assert v["no cliff: 1,000 sessions vs 100, 4 KB end to end"] is False  # 78 %
     assert _verdicts(_phases())["no cliff: 500 sessions vs 100, 4 KB end to end"] is None  # not measured
+
+
+def test_ratios_come_from_interleaved_rounds_not_from_one_noisy_run() -> None:
+    pf = [{"end_to_end_per_s": 400.0, "cpu_ms_per_msg": 3.0}, {"end_to_end_per_s": 100.0, "cpu_ms_per_msg": 3.0},
+          {"end_to_end_per_s": 500.0, "cpu_ms_per_msg": 3.0}]
+    ims = [{"end_to_end_per_s": 800.0, "cpu_ms_per_msg": 1.5}, {"end_to_end_per_s": 780.0, "cpu_ms_per_msg": 1.5},
+           {"end_to_end_per_s": 1000.0, "cpu_ms_per_msg": 1.5}]
+    r = run.paired_ratios(pf, ims)
+    assert r["end_to_end_per_s"] == 2.0  # ratios 2.0, 7.8, 2.0: the noisy second Postfix round does not decide
+    assert r["cpu_ms_per_msg"] == 0.5 and len(r["rounds"]) == 3
+    assert run.paired_ratios(pf[:1], ims[:1]) == {"end_to_end_per_s": 2.0, "cpu_ms_per_msg": 0.5}
+    assert run.parse_args([]).rounds == 3 and run.parse_args(["--quick"]).rounds == 1
