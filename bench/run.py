@@ -93,6 +93,12 @@ HELD_DOMAIN = "held.bench.example"
 PHASES = ("throughput", "local", "latency", "replication", "concurrency", "scale")
 # Sizes above this use --messages-large in the throughput phase.
 LARGE_SIZE = 8192
+HUGE_SIZE = 64 * 1024  # above this, a size's message count comes from a byte budget
+BIG_BYTES = 512 << 20  # bytes relayed per big size in the full run (1 MB: 512 messages, 10 MB: 51)
+QUICK_BIG_BYTES = 48 << 20
+MIN_BIG_MESSAGES = 10
+MAX_MESSAGE_SIZE = 32 << 20  # both relays accept messages up to this size in the bench
+DEFAULT_SIZES = "4096,51200,1048576,10485760"
 
 
 class BenchError(Exception):
@@ -250,6 +256,19 @@ def tree_pss_bytes(root: int) -> int:
         except OSError:
             total += stats[pid][5] * PAGE
     return total
+
+
+def tree_peak_rss_bytes(root: int) -> tuple[int, int]:
+    """(largest, sum of) the peak resident sizes (VmHWM) of the processes of a tree."""
+    peaks = []
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return (max(peaks), sum(peaks)) if peaks else (0, 0)
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -481,12 +500,22 @@ def source_command(messages: int, sessions: int, size: int, rcpt: str = SINK_RCP
             f"-M bench-client.invalid 127.0.0.1:PORT")
 
 
-def throughput_plan(sizes: Sequence[int], messages: int, messages_large: int) -> list[tuple[int, int]]:
+def throughput_plan(sizes: Sequence[int], messages: int, messages_large: int,
+                    big_bytes: int = BIG_BYTES) -> list[tuple[int, int]]:
     """(size, messages) per throughput run: with one size, ``--messages`` of it; with
-    several, ``--messages`` for sizes up to 8 KB and ``--messages-large`` above."""
+    several, ``--messages`` for sizes up to 8 KB, ``--messages-large`` up to 64 KB, and
+    above that as many as ``big_bytes`` holds (at least ``MIN_BIG_MESSAGES``)."""
     if len(sizes) == 1:
         return [(sizes[0], messages)]
-    return [(s, messages if s <= LARGE_SIZE else messages_large) for s in sizes]
+
+    def count(s: int) -> int:
+        if s <= LARGE_SIZE:
+            return messages
+        if s <= HUGE_SIZE:
+            return messages_large
+        return max(MIN_BIG_MESSAGES, min(messages_large, big_bytes // s))
+
+    return [(s, count(s)) for s in sizes]
 
 
 @dataclass(frozen=True)
@@ -564,7 +593,7 @@ class PrivatePostfix:
             "smtpd_tls_security_level": "none", "smtp_tls_security_level": "none",
             "smtp_dns_support_level": "disabled", "syslog_name": "postfix-bench",
             "maillog_file": str(self.logfile), "maillog_file_prefixes": str(root),
-            "compatibility_level": "3.6",
+            "compatibility_level": "3.6", "message_size_limit": str(MAX_MESSAGE_SIZE),
             **(extra or {}),
         }
         self.postconf(*[f"{k}={v}" for k, v in settings.items()])
@@ -721,7 +750,7 @@ class ImsSite:
                      "workers": spec.workers,
                      # the concurrency phase holds 1,000 sessions; load phases run many senders
                      "max_inbound_connections": 100_000, "max_connections_per_ip": 100_000,
-                     "max_queued_messages": 10_000_000, **spec.smtp},
+                     "max_queued_messages": 10_000_000, "max_message_size": MAX_MESSAGE_SIZE, **spec.smtp},
             "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
             "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.
@@ -1133,6 +1162,9 @@ class Bench:
         if pss0 is not None and relay_pid:
             r["relay_pss_before_mib"] = round(pss0 / 2**20, 1)
             r["relay_pss_mib"] = round(tree_pss_bytes(relay_pid) / 2**20, 1)
+            largest, total = tree_peak_rss_bytes(relay_pid)
+            r["relay_peak_rss_mib"] = round(largest / 2**20, 1)  # the largest process's high-water mark
+            r["relay_peak_rss_sum_mib"] = round(total / 2**20, 1)
         if cpu0 is not None and cpu1 is not None:
             r["relay_cpu_seconds"] = round(cpu1 - cpu0, 2)
             r["cpu_ms_per_msg"] = round(1000 * (cpu1 - cpu0) / n, 3)
@@ -1230,7 +1262,8 @@ class Bench:
     def phase_throughput(self) -> dict[str, Any]:
         o = self.opts
         return {"sizes": [self._throughput_at(Load(n, o.sessions, size))
-                          for size, n in throughput_plan(o.sizes, o.messages, o.messages_large)]}
+                          for size, n in throughput_plan(o.sizes, o.messages, o.messages_large,
+                                                         QUICK_BIG_BYTES if o.quick else BIG_BYTES)]}
 
     def _throughput_at(self, load: Load) -> dict[str, Any]:
         o = self.opts
@@ -2038,6 +2071,9 @@ def _run_note(r: dict[str, Any]) -> str:
     if r.get("relay_pss_mib"):
         notes.append(f"memory (PSS of the process tree) {r.get('relay_pss_before_mib', '?')} MiB before, "
                      f"{r['relay_pss_mib']} MiB after")
+    if r.get("relay_peak_rss_mib"):
+        notes.append(f"peak RSS {r['relay_peak_rss_mib']} MiB (largest process), "
+                     f"{r.get('relay_peak_rss_sum_mib', '?')} MiB (all processes)")
     if r.get("error"):
         notes.append(str(r["error"]))
     return "; ".join(notes)
@@ -2273,8 +2309,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--rounds", type=int,
                    help="throughput and local rounds per relay, interleaved (Postfix, imsrelay, then the other "
                         "way round); each ratio is the median of the rounds' ratios (default 3, quick 1)")
-    p.add_argument("--sizes", default="4096,51200",
-                   help="throughput message sizes, bytes, comma separated (default 4096,51200)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES,
+                   help=f"throughput message sizes, bytes, comma separated (default {DEFAULT_SIZES}: 4 KB, "
+                        "50 KB, 1 MB, 10 MB)")
     p.add_argument("--size", type=int, help="one throughput size instead of --sizes (its count: --messages)")
     p.add_argument("--messages-large", type=int,
                    help="throughput messages at sizes above 8 KB when several sizes run (default 8000, quick 500)")

@@ -44,7 +44,7 @@ def test_throughput_plan_one_size_uses_messages_several_use_large_count() -> Non
 
 def test_parse_args_defaults_full_and_quick() -> None:
     full = run.parse_args([])
-    assert full.sizes == [4096, 51200] and full.messages == 20000 and full.messages_large == 8000
+    assert full.sizes == [4096, 51200, 1 << 20, 10 << 20] and full.messages == 20000 and full.messages_large == 8000
     assert full.mailboxes == 100_000 and full.idle_sessions == 10_000 and full.scale_queue == 100_000
     assert full.local_messages == 10_000
     assert full.phases == ["throughput", "local", "latency", "replication", "concurrency", "scale"]
@@ -350,3 +350,23 @@ def test_ratios_come_from_interleaved_rounds_not_from_one_noisy_run() -> None:
     assert r["cpu_ms_per_msg"] == 0.5 and len(r["rounds"]) == 3
     assert run.paired_ratios(pf[:1], ims[:1]) == {"end_to_end_per_s": 2.0, "cpu_ms_per_msg": 0.5}
     assert run.parse_args([]).rounds == 3 and run.parse_args(["--quick"]).rounds == 1
+
+
+def test_big_message_counts_come_from_a_byte_budget() -> None:
+    plan = run.throughput_plan([4096, 51200, 1 << 20, 10 << 20], 20000, 8000, 512 << 20)
+    assert plan == [(4096, 20000), (51200, 8000), (1 << 20, 512), (10 << 20, 51)]
+    assert run.throughput_plan([1 << 20, 100 << 20], 1500, 500, 48 << 20) == [(1 << 20, 48), (100 << 20, 10)]
+    assert run.parse_args([]).sizes == [4096, 51200, 1 << 20, 10 << 20]
+
+
+def test_big_message_targets_ratio_and_memory() -> None:
+    phases = _phases()
+    phases["throughput"]["sizes"].append(
+        {"size": 1 << 20, "sessions": 20, "ratio_imsrelay_over_postfix": {"end_to_end_per_s": 1.4},
+         "imsrelay": {"relay_peak_rss_mib": 100.0 + 60.0, "relay_pss_before_mib": 100.0}})
+    v = _verdicts(phases)
+    assert v["relay end to end vs Postfix, 1 MB"] is True
+    assert v["peak memory at 1 MB, above the site's size before the run"] is True  # 60 MiB / 20 MiB = 3×
+    phases["throughput"]["sizes"][-1]["imsrelay"]["relay_peak_rss_mib"] = 200.0  # 5× in flight
+    assert _verdicts(phases)["peak memory at 1 MB, above the site's size before the run"] is False
+    assert v["relay end to end vs Postfix, 10 MB"] is None  # not run
