@@ -144,12 +144,16 @@ def unstuff(raw: bytes) -> bytes:
     return raw.replace(b"\r\n.", CRLF)
 
 
-def normalise_bare_lf(raw: bytes) -> bytes:
-    """Every bare LF in a message becomes CRLF (RFC 5321 2.3.8; ``smtp.bare_newline =
-    "normalize"``); a CR is left as it is.  Two counts find most messages have none."""
-    if raw.count(b"\n") == raw.count(CRLF):
-        return raw
-    return raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+def line_ends_clean(raw: bytes, *, bare_lf_possible: bool = True) -> tuple[bytes, bool]:
+    """(the message with every bare LF made CRLF, whether every CR and LF of it now
+    belongs to a CRLF pair).  Outbound delivery must send CRLF line ends
+    (``imsrelay.transport.smtp_body``); knowing this at ingress spares it three
+    whole-message passes.  ``bare_lf_possible=False`` (the DATA reader refused bare LFs
+    already) skips the slow two-byte count.  The counts of CR and LF are fast."""
+    lfs = raw.count(b"\n")
+    if bare_lf_possible and raw.count(CRLF) != lfs:
+        raw = raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+    return raw, raw.count(b"\r") == lfs
 
 
 def _has_bare_lf(previous: int, data: bytes) -> bool:

@@ -654,7 +654,8 @@ class SmtpClient:
             return _all(rcpts, Outcome.permanent_failure(
                 "5.6.7", f"remote server does not support SMTPUTF8 ({remote}): the message needs it", remote))
         # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
-        size, body = await asyncio.to_thread(_wire, message) if len(message) > MIB else _wire(message)
+        clean = env.extra.get("crlf") is True  # the ingress found every line end a CRLF
+        size, body = await asyncio.to_thread(_wire, message, clean) if len(message) > MIB else _wire(message, clean)
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
@@ -820,9 +821,9 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def _wire(message: bytes) -> tuple[int, bytes]:
+def _wire(message: bytes, known_clean: bool = False) -> tuple[int, bytes]:
     """(the SIZE of the message as sent, what follows the 354)."""
-    wire = crlf_message(message)
+    wire = crlf_message(message, known_clean=known_clean)
     return len(wire), dot_stuffed(wire)
 
 

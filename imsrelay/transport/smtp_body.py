@@ -21,10 +21,11 @@ def crlf_clean(message: bytes) -> bool:
     return message.count(b"\n") == pairs and message.count(b"\r") == pairs
 
 
-def crlf_message(message: bytes) -> bytes:
+def crlf_message(message: bytes, *, known_clean: bool = False) -> bytes:
     """The message as it is sent and as SIZE counts it: CRLF line ends, a CRLF at the end.
-    Returns ``message`` itself when it is already so."""
-    if not crlf_clean(message):
+    Returns ``message`` itself when it is already so.  ``known_clean``: the ingress
+    found every line end a CRLF (the envelope's ``crlf``), so it is not counted again."""
+    if not known_clean and not crlf_clean(message):
         message = _LINE_ENDS.sub(b"\r\n", message)
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
