@@ -15,7 +15,7 @@ from imsrelay.ingress.data_reader import (
     line_ends_clean,
     unstuff,
 )
-from imsrelay.transport.smtp_body import crlf_clean
+from imsrelay.transport.smtp_body import crlf_clean, dot_stuffed
 
 
 def reference(stream: bytes, *, size_limit: int | None, line_limit: int,
@@ -71,6 +71,9 @@ def scan(stream: bytes, cuts: list[int] | None = None, *, size_limit: int | None
     if s.outcome is DataResult.BARE_LF:
         return s.outcome, None, None
     content = s.content() if s.outcome is DataResult.OK else None
+    if content is not None and not s.dot_lines:  # "no line starts with a dot" is never wrong
+        assert not content.startswith(b".") and b"\r\n." not in content, content
+        assert dot_stuffed(content, known_dotless=True) == dot_stuffed(content)  # the plain path
     if s.outcome is not DataResult.OK:
         with pytest.raises(ValueError):
             s.content()

@@ -58,6 +58,7 @@ class DataScanner:
         self._checked = 0  # lines of _buf before this offset are known to be fine
         self._counted = 0  # their bytes (aiosmtpd's num_bytes)
         self._end: int | None = None  # offset of the final "." line
+        self.dot_lines = True  # known after content(): whether a line of the message starts with a dot
 
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes; how many of them belong to DATA (``len(chunk)`` unless
@@ -101,7 +102,10 @@ class DataScanner:
         if not self.done or self.outcome is not DataResult.OK or self._end is None:
             raise ValueError("no message: DATA is not over, or it was refused")
         raw = bytes(memoryview(self._buf)[:self._end])
-        return unstuff(raw)
+        # One search tells whether any line starts with a dot (each such line came stuffed):
+        # when none does, there is nothing to un-stuff here, nor to stuff on the way out.
+        self.dot_lines = raw[:1] == b"." or raw.find(b"\r\n.") >= 0
+        return unstuff(raw) if self.dot_lines else raw
 
     # -- the line checks (aiosmtpd's TOO_LONG / TOO_MUCH, first in the stream wins)
     def _due(self) -> bool:

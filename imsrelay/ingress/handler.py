@@ -281,6 +281,8 @@ class SiteHandler:
         extra: dict[str, object] = {"auth": client.authenticated} if client.authenticated else {}
         if crlf:
             extra["crlf"] = True  # every line ends with CRLF (our Received: line too): outbound need not look
+            if getattr(envelope, "dot_lines", True) is False:
+                extra["dotless"] = True  # no line starts with a dot: outbound has nothing to stuff
         env = Envelope(
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in recipients],

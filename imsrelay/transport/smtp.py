@@ -654,8 +654,10 @@ class SmtpClient:
             return _all(rcpts, Outcome.permanent_failure(
                 "5.6.7", f"remote server does not support SMTPUTF8 ({remote}): the message needs it", remote))
         # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
-        clean = env.extra.get("crlf") is True  # the ingress found every line end a CRLF
-        size, body = await asyncio.to_thread(_wire, message, clean) if len(message) > MIB else _wire(message, clean)
+        # what the ingress found: every line end a CRLF, no line starting with a dot
+        clean, dotless = env.extra.get("crlf") is True, env.extra.get("dotless") is True
+        size, body = (await asyncio.to_thread(_wire, message, clean, dotless) if len(message) > MIB
+                      else _wire(message, clean, dotless))
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
@@ -821,10 +823,10 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def _wire(message: bytes, known_clean: bool = False) -> tuple[int, bytes]:
+def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, bytes]:
     """(the SIZE of the message as sent, what follows the 354)."""
     wire = crlf_message(message, known_clean=known_clean)
-    return len(wire), dot_stuffed(wire)
+    return len(wire), dot_stuffed(wire, known_dotless=known_dotless)
 
 
 def pipelined_stage(replies: int, rcpts: int) -> str:

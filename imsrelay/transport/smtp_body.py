@@ -30,9 +30,13 @@ def crlf_message(message: bytes, *, known_clean: bool = False) -> bytes:
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
-def dot_stuffed(wire: bytes) -> bytes:
+def dot_stuffed(wire: bytes, *, known_dotless: bool = False) -> bytes:
     """What follows the 354: ``wire`` (from ``crlf_message``) with a dot added before
-    every line that starts with one (RFC 5321 §4.5.2), then the terminating ``.CRLF``."""
+    every line that starts with one (RFC 5321 §4.5.2), then the terminating ``.CRLF``.
+    ``known_dotless``: the ingress found no line starting with a dot (the envelope's
+    ``dotless``), so the message is not searched again."""
+    if known_dotless:
+        return wire + b".\r\n"
     body = wire.replace(b"\r\n.", b"\r\n..")
     if body.startswith(b"."):
         body = b"." + body
