@@ -1,0 +1,145 @@
+"""The documentation site is tested like code: the pages generated from the code are not
+stale (tools/docs_reference.py), ``mkdocs build --strict`` passes (no broken link or anchor,
+no page left out of the navigation) and the built site loads nothing from elsewhere, the
+events page lists exactly the events the code logs, and figures quoted in the docs are the
+ones the code or bench/RESULTS.md has."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import docs_reference  # noqa: E402  (tools/ is not a package)
+
+from imsrelay.config import reference  # noqa: E402
+from imsrelay.lab.embedded import STAGE_NAMES  # noqa: E402
+from imsrelay.model import settings  # noqa: E402
+
+LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "msg"}
+EVENT = re.compile(r"[a-z_0-9]+(?:\.[a-z_0-9]+)+")
+
+
+def test_generated_pages_are_current() -> None:
+    assert docs_reference.stale() == [], "run ./dev docs gen and commit the pages"
+
+
+def test_a_stale_page_is_found(tmp_path: Path) -> None:
+    assert set(docs_reference.stale(tmp_path)) == set(docs_reference.pages())  # missing
+    page = tmp_path / "docs" / "reference" / "metrics.md"
+    page.parent.mkdir(parents=True)
+    page.write_text(docs_reference.metrics_page().replace("imsrelay_ndrs_total", "imsrelay_ndrs"))
+    assert "docs/reference/metrics.md" in docs_reference.stale(tmp_path)
+    page.write_text(docs_reference.metrics_page())
+    assert "docs/reference/metrics.md" not in docs_reference.stale(tmp_path)
+
+
+def test_every_setting_has_its_default_and_meaning_from_settings() -> None:
+    keys = {k.name: k for k in reference.keys()}
+    # one of every kind of key: a plain field, a renamed field, an array of tables, KEY_DOCS
+    assert keys["smtp.max_inbound_connections"].default == f"`{settings.SmtpConfig().max_inbound_connections}`"
+    assert keys["site.email_domain"].default == "required"
+    assert keys["replication.connectors[].schedule"].default == '`"3h"`' == \
+        f'`"{int(settings.REPLICATION_DEFAULT_SCHEDULE // 3600)}h"`'
+    assert keys["delivery.retry_intervals"].default == '`["15m", "30m", "1h", "4h"]`'
+    assert keys["priorities.non_urgent_lifetime"].default == '`"3d"`'
+    assert keys["mailboxes[].addresses"].doc.startswith("secondary proxy addresses")
+    assert "auth.mechanisms" in keys and "smtp.max_queued_messages" in keys
+    # every key the loader reads is on the page, and nothing else
+    assert set(keys) == set(reference.loader_keys())
+
+
+def test_a_setting_without_a_docstring_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "KEY_DOCS", {k: v for k, v in settings.KEY_DOCS.items()
+                                               if k != "priorities.urgent_lifetime"})
+    with pytest.raises(LookupError, match="priorities.urgent_lifetime"):
+        reference.keys()
+    field_docs = reference._field_docs(settings.SmtpConfig)
+    assert {f.name for f in dataclasses.fields(settings.SmtpConfig)} - set(field_docs) == set(), \
+        "every field of [smtp] read from the file has its docstring"
+
+
+def test_mkdocs_builds_strictly_and_offline(tmp_path: Path) -> None:
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    site = tmp_path / "site"
+    assert (site / "reference" / "configuration.html").exists()
+    assert (site / "console.png").exists()
+    for page in site.rglob("*.html"):
+        html = page.read_text()
+        # nothing fetched from elsewhere when a page is viewed: no web fonts, scripts or styles from a CDN
+        remote = re.findall(r'<(?:link|script|img)[^>]+(?:href|src)="(https?://[^"]+)"', html)
+        assert remote == [], (page, remote)
+        assert "fonts.googleapis" not in html and "fonts.gstatic" not in html
+
+
+def _logged_events() -> tuple[set[str], set[str], set[str]]:
+    """(event names the code passes to a logger, every event-shaped string constant in the
+    code, the prefixes of f-string event names such as ``f"fault.{what}"``)."""
+    logged, constants, prefixes = set(), set(), set()
+    for path in (REPO / "imsrelay").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and EVENT.fullmatch(node.value):
+                constants.add(node.value)
+            if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+                head = str(node.values[0].value)
+                if re.fullmatch(r"[a-z_]+\.", head):
+                    prefixes.add(head)
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                    and EVENT.fullmatch(node.args[0].value)):
+                logged.add(node.args[0].value)
+    return logged, constants, prefixes
+
+
+def _documented_events() -> set[str]:
+    names = set()
+    for line in (REPO / "docs" / "events.md").read_text().splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([a-z_0-9]+(?:\.[a-z_0-9]+)+)`", line.split("|")[1]))
+    return names
+
+
+def test_the_events_page_lists_the_events_the_code_logs() -> None:
+    logged, constants, prefixes = _logged_events()
+    documented = _documented_events()
+    assert len(logged) > 80
+    assert logged - documented == set(), "events logged but not in docs/events.md"
+    gone = {name for name in documented - constants if not name.startswith(tuple(prefixes))}
+    assert gone == set(), "docs/events.md lists events the code no longer has"
+
+
+def test_figures_in_the_docs_are_the_codes() -> None:
+    promises = (REPO / "docs" / "explanation" / "promises.md").read_text()
+    bound = re.search(r"assert per_message < ([\d_]+)", (REPO / "tests" / "test_memory_bounds.py").read_text())
+    assert bound and f"under {int(bound.group(1).replace('_', '')):,} bytes" in promises
+    results = (REPO / "bench" / "RESULTS.md").read_text()
+    figures = (REPO / "docs" / "reference" / "benchmarks.md").read_text()
+    assert re.search(r"^## Targets.*?\n\n(\|.*?)\n\n", results, re.S | re.M).group(1) in figures  # type: ignore[union-attr]
+    # no page but the generated one quotes the benchmark's ratios to Postfix
+    for page in (REPO / "docs").rglob("*.md"):
+        if page.name != "benchmarks.md":
+            assert not re.search(r"\d\.\d+× Postfix", page.read_text()), page
+
+
+def test_the_kb_page_covers_every_stage_of_the_labs() -> None:
+    page = (REPO / "docs" / "explanation" / "kb-q196927.md").read_text()
+    for stage in STAGE_NAMES:
+        assert f"`{stage}`" in page, stage
+
+
+def test_dev_docs_knows_its_commands() -> None:
+    result = subprocess.run([str(REPO / "dev"), "docs", "nonsense"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO)
+    assert result.returncode == 2 and "serve, build, gen" in result.stderr
