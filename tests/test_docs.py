@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import re
+import signal
+import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
 import docs_reference  # noqa: E402  (tools/ is not a package)
+from console_kit import DOCS_PICTURES, chromium, make_docs_pictures  # noqa: E402
+from sitekit import free_port  # noqa: E402
 
 from imsrelay.config import reference  # noqa: E402
 from imsrelay.lab.embedded import STAGE_NAMES  # noqa: E402
@@ -67,21 +74,80 @@ def test_a_setting_without_a_docstring_fails(monkeypatch: pytest.MonkeyPatch) ->
         "every field of [smtp] read from the file has its docstring"
 
 
-def test_mkdocs_builds_strictly_and_offline(tmp_path: Path) -> None:
-    mkdocs = Path(sys.executable).parent / "mkdocs"
-    result = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={"PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(tmp_path)})
+def _dev_env(tmp_path: Path) -> dict[str, str]:
+    """./dev with this test run's virtualenv (its stamp is current: nothing is installed)."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+            "IMSRELAY_VENV": str(Path(sys.executable).parent.parent), "NO_MKDOCS_2_WARNING": "1"}
+
+
+def test_dev_docs_build_is_strict_and_offline(tmp_path: Path) -> None:
+    result = subprocess.run([str(REPO / "dev"), "docs", "build", "--site-dir", str(tmp_path / "site")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=_dev_env(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     site = tmp_path / "site"
     assert (site / "reference" / "configuration.html").exists()
-    assert (site / "console.png").exists()
+    for suffix, _, _ in DOCS_PICTURES:
+        assert (site / f"console{suffix}.png").exists(), suffix
     for page in site.rglob("*.html"):
         html = page.read_text()
         # nothing fetched from elsewhere when a page is viewed: no web fonts, scripts or styles from a CDN
         remote = re.findall(r'<(?:link|script|img)[^>]+(?:href|src)="(https?://[^"]+)"', html)
         assert remote == [], (page, remote)
         assert "fonts.googleapis" not in html and "fonts.gstatic" not in html
+
+
+def test_a_broken_link_fails_the_build(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# x\n\n[gone](nowhere.md) and [anchor](#no-such-heading)\n")
+    (tmp_path / "mkdocs.yml").write_text((REPO / "mkdocs.yml").read_text().split("\nnav:")[0] + "\n")
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run([str(mkdocs), "build", "--strict"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=_dev_env(tmp_path))
+    assert result.returncode != 0
+    assert "nowhere.md" in result.stderr and "no-such-heading" in result.stderr
+
+
+def test_dev_docs_serves_the_site_on_loopback(tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    server = subprocess.Popen([str(REPO / "dev"), "docs", "serve", "-a", f"127.0.0.1:{port}", "--no-livereload"],
+                              cwd=REPO, env=_dev_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/how-to/console.html", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:] if server.stderr else ""
+                assert time.monotonic() < deadline, "mkdocs serve did not answer in time"
+                time.sleep(0.5)
+        assert "console-replication.png" in page
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_the_console_pictures_are_the_browser_helpers(tmp_path: Path) -> None:
+    referenced = "\n".join(p.read_text() for p in (REPO / "docs").rglob("*.md"))
+    for suffix, _, _ in DOCS_PICTURES:
+        name = f"console{suffix}.png"
+        assert f"]({name})" in referenced or f"](../{name})" in referenced, f"docs never show {name}"
+        assert _png_size(REPO / "docs" / name) == (1280, 800)
+    assert chromium(), "the console's pictures need Debian's chromium (./dev test installs it)"
+    made = make_docs_pictures(tmp_path / "console.png")
+    assert [p.name for p in made] == [f"console{s}.png" for s, _, _ in DOCS_PICTURES]
+    for path in made:
+        assert _png_size(path) == (1280, 800) and path.stat().st_size > 20_000
 
 
 def _logged_events() -> tuple[set[str], set[str], set[str]]:
@@ -139,7 +205,7 @@ def test_the_kb_page_covers_every_stage_of_the_labs() -> None:
         assert f"`{stage}`" in page, stage
 
 
-def test_dev_docs_knows_its_commands() -> None:
+def test_dev_docs_knows_its_commands(tmp_path: Path) -> None:
     result = subprocess.run([str(REPO / "dev"), "docs", "nonsense"], capture_output=True, text=True, timeout=120,
-                            cwd=REPO)
+                            cwd=REPO, env=_dev_env(tmp_path))
     assert result.returncode == 2 and "serve, build, gen" in result.stderr

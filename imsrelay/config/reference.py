@@ -187,8 +187,7 @@ def toml_value(value: Any, kind: str) -> str:
     if kind.startswith("duration") and isinstance(value, int | float):
         return _duration(float(value))
     if isinstance(value, tuple):
-        items = [toml_value(v, "duration" if kind == "array" and isinstance(v, float) else "string")
-                 for v in value]
+        items = [toml_value(v, "duration" if kind == "array of durations" else "string") for v in value]
         return "[" + ", ".join(items) + "]"
     if isinstance(value, str | Path | ipaddress.IPv4Network | ipaddress.IPv6Network):
         return f'"{value}"'
@@ -221,6 +220,8 @@ def keys() -> list[Key]:
             raise LookupError(f"{name}: the loader reads it, but it is no field of imsrelay.model.settings "
                               "and has no entry in settings.KEY_DOCS")
         field = next(f for f in dataclasses.fields(cls) if f.name == field_name)
+        if kind == "array" and isinstance(field.default, tuple) and all(isinstance(v, float) for v in field.default):
+            kind = "array of durations"
         if name in _Recording.required:
             default = "required"
         elif field.default is not dataclasses.MISSING:
