@@ -27,6 +27,7 @@ import docs_reference  # noqa: E402  (tools/ is not a package)
 from console_kit import DOCS_PICTURES, chromium, make_docs_pictures  # noqa: E402
 from sitekit import free_port  # noqa: E402
 
+from imsrelay.cli import COMMANDS  # noqa: E402
 from imsrelay.config import reference  # noqa: E402
 from imsrelay.lab.embedded import STAGE_NAMES  # noqa: E402
 from imsrelay.model import settings  # noqa: E402
@@ -209,3 +210,9 @@ def test_dev_docs_knows_its_commands(tmp_path: Path) -> None:
     result = subprocess.run([str(REPO / "dev"), "docs", "nonsense"], capture_output=True, text=True, timeout=120,
                             cwd=REPO, env=_dev_env(tmp_path))
     assert result.returncode == 2 and "serve, build, gen" in result.stderr
+
+
+def test_the_command_map_lists_every_command() -> None:
+    table = (REPO / "docs" / "how-to" / "real-site.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z-]+)", table, re.M))
+    assert listed == set(COMMANDS), "docs/how-to/real-site.md's command table and imsrelay's commands differ"
