@@ -6,6 +6,7 @@ ones the code or bench/RESULTS.md has."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import os
@@ -27,10 +28,11 @@ import docs_reference  # noqa: E402  (tools/ is not a package)
 from console_kit import DOCS_PICTURES, chromium, make_docs_pictures  # noqa: E402
 from sitekit import free_port  # noqa: E402
 
-from imsrelay.cli import COMMANDS  # noqa: E402
+from imsrelay.cli import COMMANDS, build_parser  # noqa: E402
 from imsrelay.config import reference  # noqa: E402
-from imsrelay.lab.embedded import STAGE_NAMES  # noqa: E402
+from imsrelay.lab.embedded import INTERNET, LAB_PASSWORDS, SITES, STAGE_NAMES  # noqa: E402
 from imsrelay.model import settings  # noqa: E402
+from imsrelay.testing import LAB_API_HOST, LAB_TOKEN  # noqa: E402
 
 LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "msg"}
 EVENT = re.compile(r"[a-z_0-9]+(?:\.[a-z_0-9]+)+")
@@ -216,3 +218,30 @@ def test_the_command_map_lists_every_command() -> None:
     table = (REPO / "docs" / "how-to" / "real-site.md").read_text()
     listed = set(re.findall(r"^\| `([a-z-]+)", table, re.M))
     assert listed == set(COMMANDS), "docs/how-to/real-site.md's command table and imsrelay's commands differ"
+
+
+def _lab_defaults() -> dict[str, object]:
+    parser = build_parser(["lab"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["lab"]
+    return {a.dest: a.default for a in sub._actions}
+
+
+def test_the_readme_and_tutorial_quote_the_labs_own_defaults() -> None:
+    """The addresses, ports, token and passwords a newcomer types are the lab's."""
+    d = _lab_defaults()
+    readme = (REPO / "README.md").read_text()
+    tutorial = (REPO / "docs" / "tutorials" / "embedded-lab.md").read_text()
+    a, b, c = (s.address for s in SITES)
+    assert f"{a}/.{b.rsplit('.', 1)[1]}/.{c.rsplit('.', 1)[1]}, port {d['port']}" in readme
+    assert f"--server {a}:{d['port']}" in readme and f"--server {INTERNET.address}:{d['port']}" in tutorial
+    assert f"http://{LAB_API_HOST}:{d['api_port']}/api/v1" in tutorial and f"token {LAB_TOKEN}" in tutorial
+    for site in SITES:
+        assert f"SMTP {site.address}:{d['port']}   admin http://{site.address}:{d['admin_port']}" in tutorial
+        assert f"submission {site.address}:{d['submission_port']} (STARTTLS + AUTH)" in tutorial
+        assert f"{site.address}:{d['smtps_port']} (TLS + AUTH)" in tutorial
+    console = (REPO / "docs" / "how-to" / "console.md").read_text()
+    assert f"http://{d['console_listen']}:{d['console_port']}/" in console
+    assert f"default {d['console_listen']}, {d['console_port']}" in console
+    assert f"(how long `lab next` waits for the lab's answer, default {d['wait']:g})" in tutorial
+    for login, password in LAB_PASSWORDS.items():
+        assert password in tutorial and login in tutorial
