@@ -245,3 +245,27 @@ def test_the_readme_and_tutorial_quote_the_labs_own_defaults() -> None:
     assert f"(how long `lab next` waits for the lab's answer, default {d['wait']:g})" in tutorial
     for login, password in LAB_PASSWORDS.items():
         assert password in tutorial and login in tutorial
+
+
+def test_the_docker_tutorial_uses_only_commands_lab_sh_has() -> None:
+    script = (REPO / "docker" / "lab.sh").read_text()
+    known = set(re.findall(r"^    ([a-z]+)\)", script[script.index('case "$cmd" in'):], re.M))
+    used = set(re.findall(r"docker/lab\.sh ([a-z]+)", (REPO / "docs" / "tutorials" / "docker-lab.md").read_text()))
+    assert {"up", "down", "compose"} <= used
+    assert used <= known, f"the Docker tutorial uses commands docker/lab.sh lacks: {sorted(used - known)}"
+    services = set(re.findall(r"^  ([a-z]+):$", (REPO / "docker-compose.yml").read_text(), re.M))
+    for service in re.findall(r"docker/lab\.sh compose exec(?: -T)? ([a-z]+) ", (REPO / "docs" / "tutorials" /
+                                                                                 "docker-lab.md").read_text()):
+        assert service in services, service
+
+
+def test_an_admin_route_without_a_docstring_fails(tmp_path: Path) -> None:
+    module = tmp_path / "server.py"
+    module.write_text("class S:\n    def routes(self, r):\n        r.add_get('/documented', self.a)\n"
+                      "        r.add_post('/bare', self.b)\n\n"
+                      "    async def a(self, request):\n        \"\"\"Answers.\"\"\"\n\n"
+                      "    async def b(self, request):\n        pass\n")
+    with pytest.raises(LookupError, match="handler b of /bare has no docstring"):
+        docs_reference._routes(module)
+    module.write_text(module.read_text().replace("        pass\n", '        """Takes."""\n'))
+    assert docs_reference._routes(module) == [("GET", "/documented", "Answers."), ("POST", "/bare", "Takes.")]

@@ -68,9 +68,10 @@ def _routes(path: Path) -> list[tuple[str, str, str]]:
                 and len(node.args) >= 2 and isinstance(node.args[0], ast.Constant)):
             handler = node.args[1]
             name = handler.attr if isinstance(handler, ast.Attribute) else getattr(handler, "id", "")
+            route = str(node.args[0].value)
             if not docs.get(name):
-                raise LookupError(f"{path.relative_to(REPO)}: handler {name} of {node.args[0].value} has no docstring")
-            out.append((node.func.attr[4:].upper(), str(node.args[0].value), docs[name]))
+                raise LookupError(f"{path}: handler {name} of {route} has no docstring (the HTTP reference shows it)")
+            out.append((node.func.attr[4:].upper(), route, docs[name]))
     return out
 
 
