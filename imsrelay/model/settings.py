@@ -52,9 +52,9 @@ class MailboxConfig:
     then the directory is the truth"""
     display_name: str
     """the mailbox's display name (left out: the alias)"""
-    extra_addresses: tuple[str, ...] = ()  # additional proxy addresses, "smtp:x@y"
+    extra_addresses: tuple[str, ...] = ()
     """secondary proxy addresses (`smtp:x@y`), besides the primary `alias@` the Site Addressing domain"""
-    password_hash: str | None = None  # scrypt hash set when the mailbox has no password yet
+    password_hash: str | None = None
     """an scrypt hash (`imsrelay directory hash-password`) set as the mailbox's SMTP AUTH password
     when it has none yet; never a password in clear"""
 
@@ -65,12 +65,12 @@ class ConnectedSite:
 
     name: str
     """Connected Sites tab: the remote site's directory name (exact, e.g. `SiteB`)"""
-    routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
+    routing_address: str
     """its routing address, type SMTP (`@SiteB.microsoft.com`)"""
     cost: int = 1
     """the same site may be listed several times: least cost first, equal costs share the load, a
     dearer entry is used when the cheaper one fails (Q156063)"""
-    host: str | None = None  # this route's next hop, instead of the E-Mail Domain table (a dearer route via another site)
+    host: str | None = None
     """this route's next hop (e.g. through another site) instead of the E-Mail Domain table"""
     port: int = SMTP_PORT
     """the port of `host`"""
@@ -84,16 +84,16 @@ class ConnectedSite:
 class DomainRoute:
     """E-Mail Domain table: "forward all messages for this domain to host"."""
 
-    domain: str  # "SiteB.microsoft.com", or "#exact.example" for an exact match only
+    domain: str
     """E-Mail Domain table: forward this domain and its sub-domains (`#domain`: the domain only) to
     `host`"""
     host: str
     """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX)"""
     port: int = SMTP_PORT
     """the port of `host`"""
-    starttls: str | None = None  # None = the delivery default
+    starttls: str | None = None
     """outbound STARTTLS level for this domain (unset: `delivery.starttls`)"""
-    etrn: bool = False  # hold the domain's mail until the peer issues ETRN (RFC 1985)
+    etrn: bool = False
     """hold the domain's mail until the peer issues ETRN (RFC 1985)"""
 
 
@@ -101,7 +101,7 @@ class DomainRoute:
 class TlsPolicy:
     domain: str
     """per-domain outbound STARTTLS (`[[delivery.tls]]`): the domain (and its sub-domains)"""
-    starttls: str  # "none" | "opportunistic" | "require" | "verify"
+    starttls: str
     """the STARTTLS level for that domain (see `delivery.starttls`)"""
 
 
@@ -136,29 +136,29 @@ class SmtpConfig:
     offered"""
     tls_key: Path | None = None
     """PEM private key of `tls_cert`"""
-    tls_generate: bool = False  # no tls_cert: make a throwaway CA + certificate in <data_dir>/tls
+    tls_generate: bool = False
     """without `tls_cert`: make a throwaway CA and a certificate for this site in `<data>/tls` (labs
     only; trust `<data>/tls/ca.crt`)"""
-    workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
+    workers: int = 1
     """processes serving the site (`serve --workers N` overrides): they share the port
     (SO_REUSEPORT), the directory and the Maildirs, each with its own queue journal; about one
     per core for throughput"""
-    queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
+    queue_minfree: int = 0
     """bytes the queue's file system must keep free besides room for 1.5 × the message; below that,
     MAIL gets `452 4.3.1` (as Postfix's `queue_minfree`)"""
-    max_inbound_connections: int = 30  # Exchange 5.5 IMS's default; 421 4.7.0 at connect beyond it
+    max_inbound_connections: int = 30
     """SMTP sessions at once (Exchange 5.5 IMS's default); beyond, `421 4.7.0` at connect. With
     `--workers N` each process takes its share"""
-    max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
+    max_connections_per_ip: int = 10
     """sessions at once from one client address (`421 4.7.0`); clients in `smtp.relay_networks` are
     exempt, as Postfix exempts `$mynetworks`"""
-    bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
+    bare_newline: str = "normalize"
     """a bare LF (no CR): `normalize` stores it as CRLF; `reject` answers `521 5.5.2` and closes
     (Postfix's `smtpd_forbid_bare_newline`)"""
-    postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
+    postmaster: str = "Administrator"
     """the mailbox that receives `postmaster@` any local domain and `RCPT TO:<Postmaster>` (RFC 5321
     §4.5.1)"""
-    banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
+    banner: str = DEFAULT_BANNER
     """the greeting after `220 <hostname>` (Postfix's `smtpd_banner`); the lab's Internet host says
     `ESMTP`"""
 
@@ -181,7 +181,7 @@ class DeliveryConfig:
     else the message waits with `4.7.5`); per domain with `[[delivery.tls]] domain/starttls` or
     `[[email_domains]] starttls`"""
     tls_policies: tuple[TlsPolicy, ...] = ()
-    max_per_destination: int = 20  # Postfix's default_destination_concurrency_limit
+    max_per_destination: int = 20
     """deliveries at once to one destination (a relay host or an MX domain), kept by the queue
     manager (Postfix's `default_destination_concurrency_limit`)"""
     max_deliveries: int = 100
@@ -194,16 +194,16 @@ class DeliveryConfig:
     """outbound: DATA may take `command_timeout` plus this per MiB of the message"""
     connection_idle: float = 30.0
     """an idle pooled outbound connection is closed (`QUIT`) after this long"""
-    mx_port: int = SMTP_PORT  # port for next hops found by DNS MX (tests and labs use another)
+    mx_port: int = SMTP_PORT
     """port used for next hops found by DNS MX (a zone cannot carry a port; tests and labs use
     another)"""
-    max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
+    max_active_messages: int = 2000
     """messages being attempted or waiting for a slot at once (the rest wait in the queue on disk,
     as Postfix's active queue); a destination already holding twice its slots in waiting attempts
     gets no more"""
-    smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
+    smart_host_starttls: str | None = None
     """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
-    tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
+    tls_ca_file: Path | None = None
     """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
 
 
@@ -211,16 +211,16 @@ class DeliveryConfig:
 class QueueConfig:
     """[queue]: backpressure when acceptance outruns delivery (imsrelay.policy.backpressure)."""
 
-    backpressure_at: int = 50  # messages waiting for their first attempt: MAIL FROM waits for delivery
+    backpressure_at: int = 50
     """messages accepted here and still waiting for their first delivery attempt (for the queue
     manager or a delivery slot; deferred mail and attempts under way do not count) from which a
     new transaction waits at `MAIL FROM` until delivery takes one — each started first attempt
     lets the longest-waiting session go. Lower keeps latency lower under load (queue wait ≈ this
     ÷ the delivery rate); with `--workers N` each process counts its own"""
-    refuse_at: int = 50_000  # messages queued (deferred too): MAIL FROM gets 452 4.3.1
+    refuse_at: int = 50_000
     """messages queued (deferred ones included) from which `MAIL FROM` gets `452 4.3.1` — the hard
     bound on queue memory and disk; per worker process"""
-    max_delay: float = 1.0  # seconds MAIL FROM waits at most (Postfix's in_flow_delay); 0 = never waits
+    max_delay: float = 1.0
     """the longest a `MAIL FROM` reply waits for delivery, then the transaction goes on (Postfix's
     `in_flow_delay`); at most `5m` (RFC 5321's MAIL time-out); `0`/`"off"`: never wait"""
 
@@ -238,7 +238,7 @@ class DnsConfig:
 class ReplicationConnector:
     site: str
     """Directory Replication Connector to this site (directory name)"""
-    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE  # seconds between requests; None = never
+    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE
     """how often it requests updates: `"always"` (every 15 minutes), `"never"`, or a duration; the
     default is Exchange's every 3 hours (Q195918); the labs and `config/*.toml` say `"always"`
     explicitly"""
@@ -263,10 +263,10 @@ class ReplicationConfig:
     `false`)"""
     kcc_interval: float = 3 * 3600.0
     """Check Now (knowledge consistency check) runs this often, and on demand"""
-    signing_key: Path | None = None  # this site's Ed25519 private key (PEM): per-site replication keys
+    signing_key: Path | None = None
     """this site's Ed25519 private key (PEM, from `imsrelay replicate keygen`; relative to the
     file): per-site replication keys instead of the organisation key"""
-    trusted_keys: tuple[tuple[str, str], ...] = ()  # (site, "ed25519:<base64>") of every site, itself included
+    trusted_keys: tuple[tuple[str, str], ...] = ()
     """the organisation's public keys, every site (this one too), provisioned at set-up: `SiteA =
     "ed25519:…"`; with them a message verifies only with its sender's key and each object needs
     its home site's signature"""
@@ -283,7 +283,7 @@ class ReplicationConfig:
 class AdminConfig:
     listen: str = "127.0.0.1"
     """the admin endpoint's address: an IP address (loopback unless you mean it)"""
-    port: int = 0  # 0 = disabled
+    port: int = 0
     """the admin endpoint's port (0: no admin endpoint); a site with an admin port and no token
     refuses to start"""
     token: str | None = None
@@ -329,7 +329,7 @@ class TrackingConfig:
 
     enabled: bool = True
     """message tracking in `<data>/tracking.sqlite3` (`imsrelay track`, `/api/v1/tracking`)"""
-    days: int = 7  # events older than this are deleted
+    days: int = 7
     """tracking events older than this many days are deleted"""
 
 
@@ -337,7 +337,7 @@ class TrackingConfig:
 class LoggingConfig:
     level: str = "info"
     """the lowest level logged"""
-    format: str = "auto"  # auto | json | console
+    format: str = "auto"
     """`auto` = JSON when stderr is not a terminal, key=value lines on one; `IMSRELAY_LOG_FORMAT`
     overrides it"""
 
@@ -350,10 +350,10 @@ class AuthConfig:
     """SMTP AUTH (RFC 4954) against the mailboxes' accounts in the directory"""
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     """the SASL mechanisms offered (of `PLAIN`, `LOGIN`)"""
-    allow_plaintext: bool = False  # offer AUTH before STARTTLS on the main port (a lab switch)
+    allow_plaintext: bool = False
     """offer AUTH before STARTTLS on the main port (a lab switch; else `538 5.7.11`); port 587
     always wants STARTTLS first"""
-    replicate_credentials: bool = False  # the organisation lets password hashes replicate
+    replicate_credentials: bool = False
     """the organisation lets password hashes replicate with their mailboxes (set it at every site);
     off: a hash stays at its home site"""
     max_failures: int = 5
@@ -371,12 +371,12 @@ class AuthConfig:
 class SubmissionConfig:
     """[submission]: message submission listeners (RFC 6409 port 587, RFC 8314 port 465)."""
 
-    listen: str = ""  # "" = smtp.listen
+    listen: str = ""
     """address of both submission listeners (empty: `smtp.listen`)"""
-    port: int | None = None  # STARTTLS then AUTH before MAIL; None = off
+    port: int | None = None
     """RFC 6409 submission listener (587): STARTTLS, then AUTH before MAIL; needs TLS
     (`smtp.tls_cert` or `smtp.tls_generate`); 0 or unset: off"""
-    tls_port: int | None = None  # implicit TLS, AUTH before MAIL; None = off
+    tls_port: int | None = None
     """RFC 8314 implicit-TLS submission listener (465): AUTH before MAIL; 0 or unset: off"""
 
 
@@ -407,7 +407,7 @@ class RestrictionsConfig:
     filter_action: str = "turf"
     """what happens to filtered mail: `delete`, or `turf` (kept in `turf_dir`); the sender hears
     `250` either way"""
-    turf_dir: Path | None = None  # None = <data_dir>/turf
+    turf_dir: Path | None = None
     """where filtered mail is kept, relative to the file (unset: `<data>/turf`): `<queue id>.eml`
     (as received) and `.json` (sender, client, recipients, the rule)"""
 
@@ -426,12 +426,12 @@ class ConnectionsConfig:
     """[connections]: the Connections tab's Advanced button (outbound side; the inbound
     cap is smtp.max_inbound_connections)."""
 
-    max_outbound: int = 100  # SMTP connections open at once, to all hosts
+    max_outbound: int = 100
     """outbound SMTP connections open at once, to all hosts (idle pooled ones are closed to make
     room)"""
-    max_outbound_per_host: int = 20  # to one next hop (address, port)
+    max_outbound_per_host: int = 20
     """connections (transactions at once) to one next hop"""
-    messages_per_connection: int = 0  # transactions before a connection is closed; 0 = no limit
+    messages_per_connection: int = 0
     """transactions on one connection before it is closed; 0 = no limit"""
 
 
@@ -439,7 +439,7 @@ class ConnectionsConfig:
 class NotificationsConfig:
     """[notifications]: the Internet Mail tab's administrator mailbox (Q190708)."""
 
-    administrator: str | None = None  # mailbox alias here, or an address
+    administrator: str | None = None
     """administrator mailbox (alias here, or an address) of the Internet Mail tab (Q190708)"""
     copy_ndrs: bool = False
     """send the administrator a copy of every NDR (needs `administrator`)"""
