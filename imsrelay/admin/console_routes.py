@@ -66,9 +66,11 @@ def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
     """Register the console's admin endpoints (behind the admin token middleware)."""
 
     async def get_config(request: web.Request) -> web.Response:
+        """The site's static set-up (IMS, Connected Sites, E-Mail Domain table, smart host, connectors); no secrets."""
         return web.json_response(config_dict(site.config))
 
     async def delete_queued(request: web.Request) -> web.Response:
+        """Remove a queued message without an NDR (as `imsrelay queue delete`)."""
         queue_id = request.match_info["queue_id"]
         try:
             check_queue_id(queue_id)

@@ -242,6 +242,7 @@ class AdminServer:
     # -------------------------------------------------------------- handlers
 
     async def get_status(self, request: web.Request) -> web.Response:
+        """The site at a glance: listeners, queue (with backpressure), directory, replication (key scheme, trusted sites), Transfer mode, workers."""
         site = self.site
         cfg = site.config
         directory = site.directory
@@ -268,10 +269,12 @@ class AdminServer:
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
+        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions) and sites; `?site=` for one site's."""
         directory = self.site.directory
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 
     async def post_mailbox(self, request: web.Request) -> web.Response:
+        """Create a mailbox: `{"alias", "display_name"}` (409 when the alias exists)."""
         body = await _json_body(request)
         alias = _field(body, "alias", str, required=True)
         display = _field(body, "display_name", str) or None
@@ -282,6 +285,7 @@ class AdminServer:
         return web.json_response(mailbox_dict(mbx), status=201)
 
     async def delete_mailbox(self, request: web.Request) -> web.Response:
+        """Delete a mailbox homed here (a tombstone that replicates)."""
         alias = request.match_info["alias"]
         directory = self.site.directory
         if await directory.run(directory.mailbox, alias) is None:
@@ -291,6 +295,7 @@ class AdminServer:
         return web.json_response({"deleted": alias, "site": self.site.config.site})
 
     async def post_password(self, request: web.Request) -> web.Response:
+        """Set a mailbox's SMTP AUTH password: `{"password_hash"}` (scrypt, from `imsrelay directory hash-password`) or `{"password"}`."""
         alias = request.match_info["alias"]
         body = await _json_body(request)
         stored = _field(body, "password_hash", str)
@@ -311,6 +316,7 @@ class AdminServer:
         return web.json_response({"alias": alias, "site": self.site.config.site, "password": "set"})
 
     async def put_restrictions(self, request: web.Request) -> web.Response:
+        """A mailbox's Delivery Restrictions and Message Filter: `{"accept_from", "reject_from", "filter_senders", "filter_action"}`; a list given replaces the old one."""
         alias = request.match_info["alias"]
         body = await _json_body(request)
         lists = {}
@@ -328,9 +334,11 @@ class AdminServer:
         return web.json_response(mailbox_dict(mbx))
 
     async def get_restrictions(self, request: web.Request) -> web.Response:
+        """The site's own rules: Routing Restrictions, accept rules, Message Filtering, AUTH and submission settings."""
         return web.json_response(site_rules(self.site.config))
 
     async def post_explain(self, request: web.Request) -> web.Response:
+        """What the site would answer a client, and which rule applies: `{"recipient", "sender", "client", "auth", "local_address", "encrypted"}` (as `imsrelay route --from`)."""
         body = await _json_body(request)
         question = Question(recipient=_field(body, "recipient", str, required=True),
                             sender=_field(body, "sender", str), client=_field(body, "client", str),
@@ -349,19 +357,23 @@ class AdminServer:
         return self.site.replicator
 
     async def post_request_now(self, request: web.Request) -> web.Response:
+        """Request Now from a peer: `{"site", "full"}` (`full`: all items, not only new and modified ones)."""
         body = await _json_body(request)
         peer = _field(body, "site", str, required=True)
         full = bool(_field(body, "full", bool))
         return web.json_response(await self._replicator().request_now(peer, full=full), status=202)
 
     async def get_replication_status(self, request: web.Request) -> web.Response:
+        """Per-peer replication state: schedule, high-water mark, invocation, last request and reply, applied batches, backlog, last error."""
         return web.json_response(await self._replicator().status())
 
     async def post_check_now(self, request: web.Request) -> web.Response:
+        """Check Now (knowledge consistency check): the sites it learned and its findings."""
         result = await self.site.check_now()
         return web.json_response(result.as_dict())
 
     async def get_site_addressing(self, request: web.Request) -> web.Response:
+        """The site's SMTP Site Addressing and routing address."""
         directory = self.site.directory
         own = await directory.run(directory.site_object)
         cfg = self.site.config
@@ -371,6 +383,7 @@ class AdminServer:
                                   "keep_old_address": cfg.replication.keep_old_address})
 
     async def post_site_addressing(self, request: web.Request) -> web.Response:
+        """Set Site Addressing: `{"address", "update_mailboxes", "keep_old"}`; with `update_mailboxes`, the bulk update of every mailbox homed here."""
         body = await _json_body(request)
         address = _field(body, "address", str, required=True)
         update = bool(_field(body, "update_mailboxes", bool))
@@ -397,10 +410,12 @@ class AdminServer:
         return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
+        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's)."""
         return web.json_response({"messages": envelope_items(await self._all_envelopes(),
                                                              held=self.site.qmgr.held_recipients)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
+        """Retry now: `{"queue_id"}` for one message, `{}` for all."""
         body = await _json_body(request) if request.can_read_body else {}
         queue_id = _field(body, "queue_id", str)
         if queue_id and queue_id not in self.site.qmgr.envelopes:
@@ -409,10 +424,12 @@ class AdminServer:
 
 
     async def get_transfer_mode(self, request: web.Request) -> web.Response:
+        """The Transfer mode and how many messages it holds."""
         return web.json_response({"site": self.site.config.site, "mode": self.site.transfer_mode.value,
                                   "held_messages": self.site.qmgr.held_messages()})
 
     async def put_transfer_mode(self, request: web.Request) -> web.Response:
+        """Change the Transfer mode at once: `{"mode": "none"}` (`inbound-outbound`, `inbound`, `outbound`, `none`)."""
         body = await _json_body(request)
         try:
             mode = parse_mode(_field(body, "mode", str, required=True))
@@ -422,9 +439,11 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "mode": mode.value, "previous": previous.value})
 
     async def get_faults(self, request: web.Request) -> web.Response:
+        """The faults on demand of this site."""
         return web.json_response({"site": self.site.config.site, "faults": self.site.faults.listing()})
 
     async def post_fault(self, request: web.Request) -> web.Response:
+        """Add a fault on demand (`imsrelay faults add` sends this)."""
         body = await _json_body(request)
         try:
             fault = self.site.faults.add(body)
@@ -433,6 +452,7 @@ class AdminServer:
         return web.json_response(fault.as_dict(remaining=fault.sessions, now=self.site.clock()), status=201)
 
     async def delete_faults(self, request: web.Request) -> web.Response:
+        """Clear every fault, or the one named in the path."""
         fault_id = request.match_info.get("fault_id")
         try:
             removed = self.site.faults.clear([fault_id] if fault_id else None)
@@ -441,6 +461,7 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
+        """PerfMon counters as Prometheus metrics (text format 0.0.4); no token unless `metrics.require_token`."""
         if not self.site.config.metrics.enabled:
             return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
                                      status=404)

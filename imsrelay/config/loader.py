@@ -221,7 +221,7 @@ class _Section:
         elif not isinstance(value, dict):
             self.error(name, "must be a table")
             value = {}
-        return _Section(self.path, self.key(name), value, self.errors)
+        return type(self)(self.path, self.key(name), value, self.errors)
 
     def tables(self, name: str) -> list[_Section]:
         result = []
@@ -229,7 +229,7 @@ class _Section:
             if not isinstance(item, dict):
                 self.item_error(name, i, "must be a table")
                 continue
-            result.append(_Section(self.path, f"{self.key(name)}[{i}]", item, self.errors))
+            result.append(type(self)(self.path, f"{self.key(name)}[{i}]", item, self.errors))
         return result
 
     def reject_unknown(self) -> None:
@@ -749,8 +749,14 @@ def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig
 
 
 def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | None = None) -> SiteConfig:
-    errors: list[ConfigError] = []
-    root = _Section(path, "", raw, errors)
+    return config_from_root(_Section(path, "", raw, []), data_dir=data_dir)
+
+
+def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteConfig:
+    """The site's settings from its file's root table (``imsrelay.config.reference`` passes
+    a section that records which key is read as what)."""
+    errors = root.errors
+    path = root.path
     config_dir = path.parent
     site = root.table_of("site")
     organisation = site.string("organisation", required=True)

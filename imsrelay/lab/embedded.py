@@ -65,7 +65,7 @@ SUBMISSION_PORT = 2587  # each site's RFC 6409 submission port (STARTTLS, AUTH b
 SMTPS_PORT = 2465  # each site's RFC 8314 implicit-TLS submission port
 
 # The labs' test accounts (SMTP AUTH): only the scrypt hashes go into the sites'
-# config files and directories; the passwords are documented in README.md.
+# config files and directories; the passwords are documented in docs/tutorials/embedded-lab.md.
 LAB_PASSWORDS = {"User1": "user1-lab", "User2": "user2-lab", "User3": "user3-lab", "Administrator": "admin-lab"}
 LAB_PASSWORD_HASHES = {
     "User1": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIx$0f8ny3RdyGe8FvhLFWUhfnBjaSbP7S9bNSi3CpELc0A=",
