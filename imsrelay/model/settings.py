@@ -27,7 +27,9 @@ EVENT_CATEGORIES = ("initialization_termination", "addressing", "message_archiva
 # ... and the per-session SMTP protocol log (off unless its level is set)
 PROTOCOL_LOG_CATEGORY = "smtp_protocol_log"
 PROTOCOL_LOG_DEFAULT = "none"
-DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY)
+# ... and the IMAP4 and POP3 protocol logs (Exchange 5.5: IMAP4/POP3 protocol logging), off by default
+ACCESS_LOG_CATEGORIES = ("imap4_protocol_log", "pop3_protocol_log")
+DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY, *ACCESS_LOG_CATEGORIES)
 DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
@@ -236,6 +238,32 @@ class SubmissionConfig:
     tls_port: int | None = None  # implicit TLS, AUTH before MAIL; None = off
 
 
+IMAP_PORT, IMAPS_PORT, POP3_PORT, POP3S_PORT = 143, 993, 110, 995  # RFC 9051/8314, RFC 1939/8314
+ACCESS_PROTOCOLS = ("imap4", "pop3")  # Exchange 5.5's names for the mailbox protocols (Q233081)
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """[access]: IMAP4rev1 and POP3 for the mailboxes homed on this server (Exchange 5.5's
+    IMAP4 and POP3 services), served by Dovecot over the site's Maildirs; logins are
+    checked against the directory through imsrelay (``imsrelay.access``).  A port of
+    0 turns that listener off."""
+
+    enabled: bool = False
+    listen: str = ""  # "" = smtp.listen
+    imap_port: int | None = IMAP_PORT  # STARTTLS
+    imaps_port: int | None = IMAPS_PORT  # implicit TLS
+    pop3_port: int | None = POP3_PORT  # STLS
+    pop3s_port: int | None = POP3S_PORT  # implicit TLS
+    imap4: bool | None = None  # this server's Protocols setting; None = the site's defaults
+    pop3: bool | None = None
+    dovecot: str = "dovecot"  # the Dovecot binary (a name is looked up in PATH and /usr/sbin)
+    mail_user: str = "mail"  # run as root: the user Dovecot's mail processes run as (never root)
+
+    def server_setting(self, protocol: str) -> bool | None:
+        return self.imap4 if protocol == "imap4" else self.pop3
+
+
 @dataclass(frozen=True)
 class RestrictionsConfig:
     """[restrictions]: Routing Restrictions, submission and connection rules, message filtering."""
@@ -310,6 +338,10 @@ class DiagnosticsConfig:
         """The SMTP protocol log is written: its level is set and is not ``none``."""
         return self.level(PROTOCOL_LOG_CATEGORY, PROTOCOL_LOG_DEFAULT) != "none"
 
+    def access_log_enabled(self, protocol: str) -> bool:
+        """The IMAP4 (``imap4``) or POP3 (``pop3``) protocol log is written."""
+        return self.level(f"{protocol}_protocol_log", PROTOCOL_LOG_DEFAULT) != "none"
+
 
 @dataclass(frozen=True)
 class MetricsConfig:
@@ -355,6 +387,7 @@ class SiteConfig:
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
 
     @property
