@@ -37,9 +37,10 @@ MAX_LINE = 8192
 
 class AuthBridge:
     def __init__(self, socket_path: Path, site: AccessSite, *, home_of: Callable[[str], Path],
-                 prepare: Callable[[str], None], log: Any, clock: Callable[[], float] = time.time) -> None:
+                 prepare: Callable[[str], None], log: Any, clock: Callable[[], float] = time.monotonic) -> None:
         """``home_of(alias)``: the mailbox's Maildir; ``prepare(alias)`` (blocking, run on
-        a thread): make it ready for Dovecot's mail processes."""
+        a thread): make it ready for Dovecot's mail processes.  ``clock``: the one the
+        SMTP side gives the shared ``FailureLimiter`` (monotonic)."""
         self.socket_path = socket_path
         self.site = site
         self.home_of = home_of

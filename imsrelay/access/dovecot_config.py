@@ -38,6 +38,7 @@ class DovecotPlan:
     mail_gid: int
     root: bool  # Dovecot starts as root
     own_user: str  # imsrelay's user: the auth process, and every process when not root
+    own_group: str  # its group: Dovecot's internal sockets' group when not root
     tls_cert: Path | None
     tls_key: Path | None
     allow_plaintext: bool  # plaintext logins before TLS (a lab switch, as smtp's auth.allow_plaintext)
@@ -53,7 +54,7 @@ def _quote(value: str | Path) -> str:
 
 def _listener(name: str, port: int | None, *, ssl: bool) -> list[str]:
     lines = [f"  inet_listener {name} {{", f"    port = {port or 0}"]
-    if ssl:
+    if ssl and port:
         lines.append("    ssl = yes")
     return lines + ["  }"]
 
@@ -77,6 +78,7 @@ def render(plan: DovecotPlan) -> str:
         "login_log_format_elements = user=<%u> method=%m rip=%r lip=%l mpid=%e %c session=<%{session}>",
         f"default_login_user = {'dovenull' if plan.root else plan.own_user}",
         f"default_internal_user = {'dovecot' if plan.root else plan.own_user}",
+        f"default_internal_group = {'dovecot' if plan.root else plan.own_group}",
         f"first_valid_uid = {plan.mail_uid}",
         f"last_valid_uid = {plan.mail_uid}",
         f"first_valid_gid = {plan.mail_gid}",

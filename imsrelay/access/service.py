@@ -134,6 +134,7 @@ class MailboxAccess:
             imap_port=cfg.imap_port, imaps_port=cfg.imaps_port, pop3_port=cfg.pop3_port, pop3s_port=cfg.pop3s_port,
             checkpassword=self.dir / "checkpassword", mail_root=self.mail_root, mail_uid=uid, mail_gid=gid,
             root=os.geteuid() == 0, own_user=pwd.getpwuid(os.geteuid()).pw_name,
+            own_group=grp.getgrgid(os.getegid()).gr_name,
             tls_cert=cert[0] if cert else None, tls_key=cert[1] if cert else None,
             allow_plaintext=self.allow_plaintext, rawlog=rawlog)
 
