@@ -55,7 +55,14 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from imsrelay.admin.console_routes import add_console_routes
-from imsrelay.admin.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
+from imsrelay.admin.message_api import (
+    OPEN_PATHS,
+    BadRequest,
+    MessageApi,
+    Missing,
+    access_info,
+    envelope_items,
+)
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -273,6 +280,7 @@ class AdminServer:
             "site_addressing": own.smtp_address if own else None,
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
+            "access": access_info(site),
             "local_mailboxes": mailboxes,
             "queue": {"messages": await self._queue_size(), "workers": site.workers,
                       "backpressure": backpressure_status(site.flow)},
