@@ -287,14 +287,15 @@ class Lab:
                  hand: bool = False, detail: Callable[[str], None] | None = None,
                  api_host: str = API_HOST, api_port: int | None = None,
                  submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT,
-                 access_ports: Mapping[str, int] | None = None) -> None:
+                 access_ports: Mapping[str, int] | None = None, dovecot: str = AccessConfig().dovecot) -> None:
         """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
         None: no lab endpoint.  ``submission_port``/``smtps_port``: each site's 587/465;
         ``access_ports``: its IMAP4/POP3 ports (``ACCESS_PORTS``' keys) (all written
-        into the files at the first start)."""
+        into the files at the first start); ``dovecot``: the Dovecot the sites run."""
         self.submission_port = submission_port
         self.smtps_port = smtps_port
         self.access_ports = dict(access_ports or ACCESS_PORTS)
+        self.dovecot = dovecot
         self.no_access: str | None = None  # why the sites run without IMAP4/POP3 (Dovecot missing)
         self.data_dir = Path(data_dir).resolve()
         self.config_dir = self.data_dir / "config"
@@ -505,7 +506,7 @@ class Lab:
     def _check_access(self) -> None:
         """IMAP4/POP3 need Dovecot: without it, say so in one line and run without."""
         try:
-            find_dovecot(AccessConfig().dovecot)
+            find_dovecot(self.dovecot)
         except DovecotUnavailable as exc:
             self.no_access = str(exc)
             self.say(f"lab: no IMAP4/POP3: {exc}")
@@ -523,8 +524,9 @@ class Lab:
         private port, every use of the lab's port (listener, smart host, E-Mail Domain
         entries) is that private port instead, and no submission listener opens; the
         file is not changed."""
-        if self.no_access is not None and config.access.enabled:
-            config = dataclasses.replace(config, access=dataclasses.replace(config.access, enabled=False))
+        if config.access.enabled:
+            config = dataclasses.replace(config, access=dataclasses.replace(
+                config.access, enabled=self.no_access is None, dovecot=self.dovecot))
         if self._smtp_port == self.port:
             return config
         swap = {self.port: self._smtp_port}
