@@ -67,8 +67,9 @@ SMTPS_PORT = 2465  # each site's RFC 8314 implicit-TLS submission port
 # each site's IMAP4 and POP3 (Dovecot, imsrelay.access) on its address: 143/993/110/995 in the lab's range
 ACCESS_PORTS = {"imap_port": 2143, "imaps_port": 2993, "pop3_port": 2110, "pop3s_port": 2995}
 
-# The labs' test accounts (SMTP AUTH): only the scrypt hashes go into the sites'
-# config files and directories; the passwords are documented in README.md.
+# The labs' test accounts (SMTP AUTH, IMAP4, POP3): only the scrypt hashes go into the
+# sites' config files and directories; the passwords (imsrelay.testing.LAB_PASSWORDS)
+# are documented in README.md.
 LAB_PASSWORD_HASHES = {
     "User1": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIx$0f8ny3RdyGe8FvhLFWUhfnBjaSbP7S9bNSi3CpELc0A=",
     "User2": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIy$A6ZFY1V9JzftjHdQSwtkJbfwo+uVuyaFvro8SwwKz9A=",
