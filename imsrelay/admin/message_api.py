@@ -200,6 +200,7 @@ class MessageApi:
                         "smtp": {"host": cfg.smtp.listen, "port": s.bound_port},
                         "admin": ({"host": s.admin.bound[0], "port": s.admin.bound[1]}
                                   if getattr(s, "admin", None) is not None and s.admin.bound else None),
+                        "access": access_info(s),
                         "data_dir": str(cfg.data_dir),
                         "ready": s.readiness.report().ready,
                         "queue": {"messages": s.qmgr.backlog},
@@ -396,6 +397,17 @@ def errors_middleware(log: Any) -> Any:
                       exc_info=exc)
             return json_error(500, f"internal error: {exc!r}")
     return errors
+
+
+def access_info(site: Any) -> dict[str, Any] | None:
+    """Where a site's IMAP4 and POP3 listen (imsrelay.access), why not, or None (off)."""
+    access = getattr(site, "access", None)
+    if access is None:
+        return None
+    endpoints = access.endpoints
+    if endpoints is None:
+        return {"unavailable": access.problem}
+    return {"host": endpoints.host, **endpoints.ports}
 
 
 class LabEndpoint:

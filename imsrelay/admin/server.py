@@ -13,6 +13,9 @@ DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
 POST     /directory/mailboxes/ALIAS/password      ``{password_hash}`` (or ``{password}``)
 PUT      /directory/mailboxes/ALIAS/restrictions  ``{accept_from, reject_from,
                                      filter_senders, filter_action}``: lists replace
+PUT      /directory/mailboxes/ALIAS/protocols     ``{imap4, pop3}``: true, false or null
+                                     (the protocol defaults); a protocol left out is kept
+PUT      /directory/protocols        ``{imap4, pop3}``: the site's protocol defaults
 GET      /restrictions               the site's relay, accept, submission, filter rules
 POST     /restrictions/explain       ``{recipient, sender?, client?, auth?, local_address?}``
 POST     /replication/request-now    ``{site, full}``: Request Now
@@ -52,7 +55,14 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from imsrelay.admin.console_routes import add_console_routes
-from imsrelay.admin.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
+from imsrelay.admin.message_api import (
+    OPEN_PATHS,
+    BadRequest,
+    MessageApi,
+    Missing,
+    access_info,
+    envelope_items,
+)
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -93,12 +103,28 @@ def mailbox_dict(m: Mailbox) -> dict[str, Any]:
     return {"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
             "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
             "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
-            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action}
+            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
+            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3}}
 
 
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
     return {"sites": [asdict(s) for s in directory.sites()],
             "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)]}
+
+
+def _protocol_changes(body: dict[str, Any]) -> dict[str, bool | None]:
+    """``{imap4, pop3}`` of a request: true, false or null; unknown keys refused."""
+    unknown = sorted(set(body) - {"imap4", "pop3"})
+    if unknown:
+        raise _BadRequest(f"unknown protocol {unknown[0]!r} (imap4, pop3)")
+    changes: dict[str, bool | None] = {}
+    for name, value in body.items():
+        if value is not None and not isinstance(value, bool):
+            raise _BadRequest(f"{name} must be true, false or null (the protocol defaults)")
+        changes[name] = value
+    if not changes:
+        raise _BadRequest("give imap4 and/or pop3: true, false or null")
+    return changes
 
 
 # ------------------------------------------------------------------ server
@@ -160,6 +186,8 @@ class AdminServer:
         r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
         r.add_post("/directory/mailboxes/{alias}/password", self.post_password)
         r.add_put("/directory/mailboxes/{alias}/restrictions", self.put_restrictions)
+        r.add_put("/directory/mailboxes/{alias}/protocols", self.put_mailbox_protocols)
+        r.add_put("/directory/protocols", self.put_site_protocols)
         r.add_get("/restrictions", self.get_restrictions)
         r.add_post("/restrictions/explain", self.post_explain)
         r.add_post("/replication/request-now", self.post_request_now)
@@ -255,6 +283,7 @@ class AdminServer:
             "site_addressing": own.smtp_address if own else None,
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
+            "access": access_info(site),
             "local_mailboxes": mailboxes,
             "queue": {"messages": await self._queue_size(), "workers": site.workers,
                       "backpressure": backpressure_status(site.flow)},
@@ -332,6 +361,26 @@ class AdminServer:
                            reject_from=list(mbx.sender_rules.reject_from),
                            filter_senders=list(mbx.sender_rules.filter_senders))
         return web.json_response(mailbox_dict(mbx))
+
+    async def put_mailbox_protocols(self, request: web.Request) -> web.Response:
+        """A mailbox's IMAP4/POP3 Protocols settings: `{"imap4": true|false|null, "pop3": …}`
+        (null: the server's and site's); replicated with the mailbox."""
+        alias = request.match_info["alias"]
+        changes = _protocol_changes(await _json_body(request))
+        directory = self.site.directory
+        mbx = await directory.run(directory.set_mailbox_protocols, alias, changes)
+        self.site.log.info("directory.protocols_set", alias=alias, imap4=mbx.protocols.imap4, pop3=mbx.protocols.pop3)
+        return web.json_response(mailbox_dict(mbx))
+
+    async def put_site_protocols(self, request: web.Request) -> web.Response:
+        """The site's IMAP4/POP3 Protocols defaults (`{"imap4": …, "pop3": …}`), replicated in the
+        site object."""
+        changes = _protocol_changes(await _json_body(request))
+        directory = self.site.directory
+        site = await directory.run(directory.set_site_protocols, changes)
+        self.site.log.info("directory.protocols_set", site=site.name, imap4=site.protocols.imap4,
+                           pop3=site.protocols.pop3)
+        return web.json_response(asdict(site))
 
     async def get_restrictions(self, request: web.Request) -> web.Response:
         """The site's own rules: Routing Restrictions, accept rules, Message Filtering, AUTH and submission settings."""

@@ -38,6 +38,7 @@ from imsrelay.model.settings import (
     DIAGNOSTIC_LEVELS,
     REPLICATION_ALWAYS,
     SMTP_PORT,
+    AccessConfig,
     AdminConfig,
     AuthConfig,
     ConnectedSite,
@@ -634,6 +635,25 @@ def _load_submission(s: _Section) -> SubmissionConfig:
     return cfg
 
 
+def _load_access(s: _Section) -> AccessConfig:
+    def port(name: str) -> Any:  # 0: that listener is off
+        value = s.port(name, allow_zero=True)
+        return None if value == 0 else value
+
+    mail_user = s.string("mail_user")
+    if mail_user is not MISSING and (not mail_user or mail_user == "root" or not _USER.fullmatch(mail_user)):
+        mail_user = s.error("mail_user", f"{mail_user!r} is not a user name other than root")
+    cfg = _build(AccessConfig, enabled=s.boolean("enabled"), listen=_listen(s, "listen"),
+                 imap_port=port("imap_port"), imaps_port=port("imaps_port"), pop3_port=port("pop3_port"),
+                 pop3s_port=port("pop3s_port"), imap4=s.boolean("imap4"), pop3=s.boolean("pop3"),
+                 dovecot=s.string("dovecot"), mail_user=mail_user)
+    s.reject_unknown()
+    return cfg
+
+
+_USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
+
+
 def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
     senders = []
     for i, entry in s.strings("filter_senders"):
@@ -795,6 +815,11 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     auth = _load_auth(root.table_of("auth"))
     submission = _load_submission(root.table_of("submission"))
     restrictions = _load_restrictions(root.table_of("restrictions"), config_dir)
+    access = _load_access(root.table_of("access"))
+    if access.enabled and (access.imaps_port or access.pop3s_port) and not (smtp.tls_cert or smtp.tls_generate):
+        root.errors.append(ConfigError(path, "access.imaps_port" if access.imaps_port else "access.pop3s_port",
+                                       "implicit TLS needs a certificate: set smtp.tls_cert and smtp.tls_key "
+                                       "(or smtp.tls_generate = true), or set the port to 0"))
     if (submission.port is not None or submission.tls_port is not None) and not (
             smtp.tls_cert or smtp.tls_generate):
         root.errors.append(ConfigError(path, "submission.port" if submission.port is not None else
@@ -816,7 +841,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, queue=queue, dns=dns,
         connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
-        auth=auth, submission=submission, restrictions=restrictions,
+        auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
         console=console,

@@ -16,6 +16,7 @@ import resource
 import ssl
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from imsrelay.ingress.adapter import STOP_GRACE, ImsSMTP, close_sessions
@@ -41,6 +42,7 @@ class Listeners:
         self.bound_port: int | None = None
         self.submission_ports: dict[str, int] = {}  # "submission" / "smtps" -> bound port
         self.tls: ssl.SSLContext | None = None
+        self.certificate_files: tuple[Path, Path] | None = None  # (certificate, key) of self.tls
         self._server: asyncio.base_events.Server | None = None
         self._submission_servers: list[asyncio.base_events.Server] = []
 
@@ -130,6 +132,7 @@ class Listeners:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(cert), str(key))
+        self.certificate_files = (Path(cert), Path(key))
         return ctx
 
     def _throwaway_certificate(self) -> tuple[Any, Any]:

@@ -27,7 +27,9 @@ EVENT_CATEGORIES = ("initialization_termination", "addressing", "message_archiva
 # ... and the per-session SMTP protocol log (off unless its level is set)
 PROTOCOL_LOG_CATEGORY = "smtp_protocol_log"
 PROTOCOL_LOG_DEFAULT = "none"
-DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY)
+# ... and the IMAP4 and POP3 protocol logs (Exchange 5.5: IMAP4/POP3 protocol logging), off by default
+ACCESS_LOG_CATEGORIES = ("imap4_protocol_log", "pop3_protocol_log")
+DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY, *ACCESS_LOG_CATEGORIES)
 DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
@@ -384,6 +386,45 @@ class SubmissionConfig:
     """RFC 8314 implicit-TLS submission listener (465): AUTH before MAIL; 0 or unset: off"""
 
 
+IMAP_PORT, IMAPS_PORT, POP3_PORT, POP3S_PORT = 143, 993, 110, 995  # RFC 9051/8314, RFC 1939/8314
+ACCESS_PROTOCOLS = ("imap4", "pop3")  # Exchange 5.5's names for the mailbox protocols (Q233081)
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """[access]: IMAP4rev1 and POP3 for the mailboxes homed on this server (Exchange 5.5's
+    IMAP4 and POP3 services), served by Dovecot over the site's Maildirs; logins are
+    checked against the directory through imsrelay (``imsrelay.access``).  A port of
+    0 turns that listener off."""
+
+    enabled: bool = False
+    """serve IMAP4 and POP3 from this server (starts a Dovecot; `imsrelay lab` turns it on). Off
+    by default for `serve`: it needs Dovecot installed (`dovecot-imapd`, `dovecot-pop3d`)"""
+    listen: str = ""
+    """the address the IMAP4/POP3 listeners use (empty: `smtp.listen`)"""
+    imap_port: int | None = IMAP_PORT
+    """IMAP4 with STARTTLS (0: off)"""
+    imaps_port: int | None = IMAPS_PORT
+    """IMAP4 over implicit TLS, with the SMTP certificate (0: off)"""
+    pop3_port: int | None = POP3_PORT
+    """POP3 with STLS (0: off)"""
+    pop3s_port: int | None = POP3S_PORT
+    """POP3 over implicit TLS (0: off)"""
+    imap4: bool | None = None
+    """this server's IMAP4 Protocols setting (left out: the site's defaults, replicated in the
+    directory); a mailbox can turn a protocol off, never on"""
+    pop3: bool | None = None
+    """this server's POP3 Protocols setting (left out: the site's defaults)"""
+    dovecot: str = "dovecot"
+    """the Dovecot binary (a name is looked up in PATH and /usr/sbin)"""
+    mail_user: str = "mail"
+    """run as root: the user Dovecot's mail processes run as (never root); the Maildirs belong to
+    it, and the data directory must be enterable by other users"""
+
+    def server_setting(self, protocol: str) -> bool | None:
+        return self.imap4 if protocol == "imap4" else self.pop3
+
+
 @dataclass(frozen=True)
 class RestrictionsConfig:
     """[restrictions]: Routing Restrictions, submission and connection rules, message filtering."""
@@ -489,6 +530,10 @@ class DiagnosticsConfig:
         """The SMTP protocol log is written: its level is set and is not ``none``."""
         return self.level(PROTOCOL_LOG_CATEGORY, PROTOCOL_LOG_DEFAULT) != "none"
 
+    def access_log_enabled(self, protocol: str) -> bool:
+        """The IMAP4 (``imap4``) or POP3 (``pop3``) protocol log is written."""
+        return self.level(f"{protocol}_protocol_log", PROTOCOL_LOG_DEFAULT) != "none"
+
 
 @dataclass(frozen=True)
 class MetricsConfig:
@@ -543,6 +588,7 @@ class SiteConfig:
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
 
     @property
@@ -583,6 +629,11 @@ def parse_duration(value: Any) -> float:
 # reference, imsrelay.config.reference, takes every other key's default and meaning from
 # its field): key -> (default, meaning).
 KEY_DOCS: dict[str, tuple[Any, str]] = {
+    "diagnostics.imap4_protocol_log": (DefaultText("`none`"), "IMAP4 protocol logging (`none`, `minimum`, "
+                                       "`medium`, `maximum`): each session's traffic under "
+                                       "`<data>/logs/imap4/<alias>/`"),
+    "diagnostics.pop3_protocol_log": (DefaultText("`none`"), "POP3 protocol logging, as `imap4_protocol_log`, "
+                                      "under `<data>/logs/pop3/<alias>/`"),
     "smtp.max_queued_messages": (DefaultText("—"), "the older name of `queue.refuse_at` (still read; give only "
                                  "one of them)"),
     "priorities.urgent_lifetime": (DEFAULT_URGENT_LIFETIME, "Time-out of urgent messages (IMS Time-outs "
