@@ -296,3 +296,19 @@ def test_a_large_message_streams_whole(lab: LabClient, api: str):
     assert detail["attachments"] == [{"filename": "big.bin", "content_type": "application/octet-stream",
                                       "size": len(blob), "disposition": "attachment"}]
     assert http(f"{lab.endpoints[0].url}/health", token=None)[0] == 200
+
+
+def test_a_header_with_a_broken_charset_is_shown_as_written(tmp_path):
+    """An encoded word naming a charset that is not even ASCII (found by tests/test_fuzz.py:
+    the email package raises CharsetError, which is no ValueError) is shown as it was
+    written, not answered with a 500."""
+    from imsrelay.admin.message_store import message_detail, summarise
+
+    new = tmp_path / "new"
+    new.mkdir()
+    path = new / "1.R0.host"
+    path.write_bytes("Subject: =?u\ufffdtf-8?q?hi?=\r\nFrom: =?\udcff?b?eA==?= <a@b>\r\n\r\nbody\r\n"
+                     .encode("utf-8", "surrogateescape"))
+    summary = summarise("SiteA", "User1", path)
+    assert summary.subject.startswith("=?u") and "a@b" in summary.from_
+    assert {h["name"] for h in message_detail(summary)["headers"]} >= {"Subject", "From"}

@@ -213,7 +213,7 @@ def summarise(site: str, mailbox: str, path: Path) -> Summary:
             return ""
         try:
             return str(email.header.make_header(email.header.decode_header(str(value))))
-        except (ValueError, LookupError, email.errors.HeaderParseError):
+        except (ValueError, LookupError, email.errors.MessageError):  # (CharsetError, HeaderParseError)
             return str(value)
 
     return_path = h("Return-Path").strip().strip("<>") if msg.get("Return-Path") is not None else None
@@ -254,7 +254,7 @@ def message_detail(summary: Summary) -> dict[str, Any]:
     for name, value in msg.raw_items():
         try:
             decoded = str(email.header.make_header(email.header.decode_header(str(value))))
-        except (ValueError, LookupError, email.errors.HeaderParseError):
+        except (ValueError, LookupError, email.errors.MessageError):  # (CharsetError, HeaderParseError)
             decoded = str(value)
         headers.append({"name": name, "value": re.sub(r"\r?\n[ \t]*", " ", decoded)})
     text = html = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -112,7 +113,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         sites = directory.sites()
         if args.json:
             print(json.dumps({
-                "sites": [s.__dict__ for s in sites],
+                "sites": [dataclasses.asdict(s) for s in sites],
                 "mailboxes": [{"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
                                "proxy_addresses": list(m.proxy_addresses)} for m in boxes]}, indent=2))
             return 0
