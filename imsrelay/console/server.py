@@ -44,13 +44,15 @@ from imsrelay.console.html_safety import (
     message_document,
 )
 from imsrelay.console.live import LiveFeed
+from imsrelay.console.property_pages import PROPERTY_CALLS
 from imsrelay.console.sessions import COOKIE, CSRF_HEADER, Session, Sessions
 from imsrelay.console.views import recipients
 from imsrelay.observe.logs import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
+STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml",
+                "properties.js": "text/javascript"}
 
 # (method, path under the site's admin endpoint) the console may call for the page
 SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) for m, p in (
@@ -60,7 +62,7 @@ SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) f
     ("GET", r"/site-addressing"), ("POST", r"/site-addressing"),
     ("GET", r"/api/v1/[A-Za-z0-9_.,/:@%+=-]{1,400}"), ("DELETE", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
     ("PATCH", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
-))
+)) + PROPERTY_CALLS
 
 
 class StageControl(Protocol):

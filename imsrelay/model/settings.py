@@ -146,6 +146,7 @@ class DnsConfig:
 class ReplicationConnector:
     site: str
     schedule: float | None = REPLICATION_DEFAULT_SCHEDULE  # seconds between requests; None = never
+    server: str | None = None  # the remote bridgehead's server name (the New dialog's "server name")
 
 
 @dataclass(frozen=True)
