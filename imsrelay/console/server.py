@@ -281,7 +281,7 @@ class ConsoleServer:
         path = "/" + request.match_info["path"]
         if not any(m == request.method and p.fullmatch(path) for m, p in SITE_CALLS):
             raise web.HTTPNotFound(reason=f"the console does not offer {request.method} {path}")
-        body = await _json_body(request) if request.method in ("POST", "PATCH") and request.can_read_body else None
+        body = await _json_body(request) if request.method in ("POST", "PATCH", "PUT") and request.can_read_body else None
         raw = path.endswith("/raw")
         reply = await self.org.call(site, request.method, path, params=dict(request.query), body=body, raw=raw)
         if request.method != "GET":

@@ -43,8 +43,9 @@ def known_after_check(directory: Directory) -> dict[str, list[str]] | None:
     if not raw:
         return None
     data = json.loads(raw)
-    return {"known_sites": [str(x) for x in data.get("known_sites", [])],
-            "awaiting_replication": [str(x) for x in data.get("awaiting_replication", [])]}
+    arrived = {s.name for s in directory.sites()}  # replication has brought their site objects since
+    return {"known_sites": sorted({str(x) for x in data.get("known_sites", [])} | arrived),
+            "awaiting_replication": [str(x) for x in data.get("awaiting_replication", []) if str(x) not in arrived]}
 
 
 def learned_sites(directory: Directory) -> list[tuple[str, str]]:

@@ -344,6 +344,7 @@
           r.awaiting_replication.length ? el("p", { class: "muted", text: `Site and Configuration objects only until replication completes: ${r.awaiting_replication.join(", ")} (Request Now on their Directory Replication Connectors).` }) : null,
           r.findings.length ? el("ul", { class: "findings" }, r.findings.map((f) => el("li", {}, badge(f.severity, f.severity === "info" ? "ok" : "warn"), ` ${f.site}: ${f.message}`))) : el("p", { class: "muted", text: "No inconsistencies found." })));
         await refreshKnown();
+        C.refreshView();
       }));
     root.append(result);
     return C.withData(root, [`directory:${name}`], async () => {
