@@ -114,6 +114,8 @@ class Site:
         self._loop_marker = loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
+        # who restarts this site when its administrator asks (imsrelay serve, the lab); None: nobody
+        self.on_restart: Callable[[], None] | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)

@@ -302,3 +302,48 @@ async def test_check_now_at_a_running_site_shows_the_connector_sites(organisatio
     assert body == {"site": "SiteA", "checked": True, "known_sites": ["SiteA", "SiteB", "SiteC"],
                     "awaiting_replication": ["SiteB", "SiteC"]}
     assert isinstance(org.sites["SiteA"], Site)
+
+
+async def test_serve_restarts_the_ims_from_its_file_when_asked(tmp_path):
+    """`imsrelay serve`'s site takes a changed file when its administrator restarts the
+    IMS (POST /ims/restart, the console's button), and not before; a file that would
+    not load is refused with the reason and the site keeps running."""
+    from sitekit import free_port, site_mapping, write_site_file
+
+    from imsrelay.commands.serve import run_site
+
+    admin = free_port()
+    mapping = site_mapping("SiteA", port=free_port(), admin={"port": admin, "token": ORG_TOKEN})
+    path, cfg = write_site_file(tmp_path, mapping)
+    path.write_text(toml_text.dumps(tomllib.loads(path.read_text())))
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_site(load_config(path), stop))
+    url = f"http://127.0.0.1:{admin}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def up():
+                try:
+                    return (await _call(http, url, "GET", "/config"))[1]
+                except aiohttp.ClientError:
+                    return None
+            assert (await wait_for(up, timeout=20))["connected_sites"] == []
+            status, body = await _call(http, url, "POST", "/config/connected-sites",
+                                       {"name": "SiteB", "type": "SMTP", "routing_address": "@SiteB.microsoft.com"})
+            assert status == 201
+            assert (await _call(http, url, "GET", "/config"))[1]["connected_sites"] == []  # not before a restart
+            path.write_text(path.read_text() + "\n[smtp.bogus]\n")
+            status, body = await _call(http, url, "POST", "/ims/restart")
+            assert status == 400 and "would not load" in body["error"]
+            path.write_text(path.read_text().replace("\n[smtp.bogus]\n", ""))
+            status, body = await _call(http, url, "POST", "/ims/restart")
+            assert status == 202 and body["restarting"] is True
+
+            async def restarted():
+                config = await up()
+                return config is not None and config["connected_sites"] != []
+            await wait_for(restarted, timeout=20)
+            status, file = await _call(http, url, "GET", "/config/file")
+            assert file["pending_restart"] is False
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 30)

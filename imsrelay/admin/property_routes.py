@@ -6,6 +6,7 @@ Addresses pages (in the directory).
 =======  =========================================  ================================
 GET      /config/file                               the file, and whether the running
                                                     IMS has loaded what it says now
+POST     /ims/restart                               restart the IMS now (it loads its file)
 GET      /kcc/known                                 the sites the last Check Now made
                                                     appear (and which await replication)
 POST     /config/connected-sites                    ``{name, routing_address, cost?}``
@@ -44,7 +45,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from imsrelay.config import toml_edit
-from imsrelay.config.loader import config_from_mapping
+from imsrelay.config.loader import config_from_mapping, load_config
 from imsrelay.directory.kcc import known_after_check
 from imsrelay.directory.store import Directory
 from imsrelay.model.errors import ConfigError, ConfigErrors
@@ -62,6 +63,8 @@ class PropertySite(Protocol):
     config: SiteConfig
     directory: Directory
     log: Any
+    workers: int
+    on_restart: Callable[[], None] | None  # set by what runs the site: serve, the lab
 
     @property
     def learned_sites(self) -> tuple[tuple[str, str], ...]: ...
@@ -336,7 +339,29 @@ def add_property_routes(app: web.Application, site: PropertySite) -> None:
         return web.json_response({"site": site.config.site, "checked": known is not None,
                                   **(known or {"known_sites": [], "awaiting_replication": []})})
 
+    async def post_restart(request: web.Request) -> web.Response:
+        """Restart the Internet Mail Service now (Exchange Administrator's question
+        after a change; the Services applet's Restart): the site starts again from its
+        file.  Refused, with the reason, when the file would not load."""
+        if site.on_restart is None or site.workers > 1:
+            raise PropertyError(f"restart {site.config.site} where it runs (imsrelay serve"
+                                + (f" --workers {site.workers}): a restart from here is for one-process sites"
+                                   if site.workers > 1 else "): nothing here can restart it") + ")")
+        try:
+            await asyncio.to_thread(load_config, path, data_dir=site.config.data_dir)
+        except ConfigErrors as exc:
+            raise PropertyError(f"{path.name} would not load: " + "; ".join(
+                f"{e.key}: {e.message}" for e in exc.errors)) from None
+        except ConfigError as exc:
+            raise PropertyError(f"{path.name} would not load: {exc.key}: {exc.message}") from None
+        site.log.info("site.restart_requested", by="admin", file=str(path))
+        site.on_restart()
+        return web.json_response({"site": site.config.site, "restarting": True,
+                                  "message": f"{site.config.site}'s Internet Mail Service is restarting with "
+                                             f"{path.name}."}, status=202)
+
     app.router.add_get("/config/file", get_file)
+    app.router.add_post("/ims/restart", post_restart)
     app.router.add_get("/kcc/known", get_known)
     app.router.add_put("/directory/mailboxes/{alias}", put_mailbox)
 

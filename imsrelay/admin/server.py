@@ -117,6 +117,7 @@ class AdminSite(Protocol):
     spool: Spool
     workers: int
     flow: FlowGate
+    on_restart: Callable[[], None] | None  # who restarts the site when asked (imsrelay.admin.property_routes)
 
     @property
     def bound_port(self) -> int | None: ...

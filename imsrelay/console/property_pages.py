@@ -9,7 +9,7 @@ import re
 
 _KEY = r"[A-Za-z0-9][A-Za-z0-9_.#-]{0,252}"
 PROPERTY_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) for m, p in (
-    ("GET", r"/config/file"), ("GET", r"/kcc/known"),
+    ("GET", r"/config/file"), ("GET", r"/kcc/known"), ("POST", r"/ims/restart"),
     ("POST", r"/config/(connected-sites|email-domains|replication-connectors)"),
     ("PUT", rf"/config/(connected-sites|email-domains|replication-connectors)/{_KEY}"),
     ("DELETE", rf"/config/(connected-sites|email-domains|replication-connectors)/{_KEY}"),

@@ -105,8 +105,14 @@
 
   function restartNote(name, file, saved) {
     if (!file) return notice(`${name} does not answer: its Internet Mail Service is restarting…`, "warn restarting");
-    if (file.pending_restart) return el("p", { class: "notice warn", id: "restart-note", role: "status" },
-      `Saved to ${file.file}. `, file.message);
+    if (file.pending_restart) {
+      const restart = C.actionButton("Restart the Internet Mail Service now", { id: "ims-restart" }, async () => {
+        const r = await api("POST", site(name, "/ims/restart"));
+        restart.replaceWith(el("span", { class: "muted", text: ` ${r.message}` }));
+        C.refreshView();
+      });
+      return el("p", { class: "notice warn", id: "restart-note", role: "status" }, `Saved to ${file.file}. `, file.message, " ", restart);
+    }
     if (saved) return el("p", { class: "notice ok", id: "restart-done", role: "status",
       text: `${name} runs with ${file.file} as it is now.` });
     return null;
