@@ -5,6 +5,8 @@ is not configured (KB Q196927's NOTE) and Check Now's new sites."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import tomllib
 
 import pytest
@@ -108,6 +110,29 @@ def test_write_atomically_replaces_whole(tmp_path):
     write_atomically(path, "new\n")
     assert path.read_text() == "new\n" and path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["SiteA.toml"]
+
+
+async def test_a_file_that_cannot_be_written_is_answered_in_the_form(organisation):
+    org = organisation()
+    await org.start("SiteA")
+    path = org.paths["SiteA"]
+    before = path.read_text()
+    # as a read-only mount: no temporary file, no rename (root needs the immutable flag)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path.parent)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr: a directory cannot be made unwritable")
+        undo = ["chattr", "-i", str(path.parent)]
+    else:
+        path.parent.chmod(0o555)
+        undo = ["chmod", "755", str(path.parent)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, body = await _call(http, org.url("SiteA"), "POST", "/config/email-domains",
+                                       {"domain": "branch.example", "host": "127.0.0.99"})
+    finally:
+        subprocess.run(undo, check=True)
+    assert status == 400 and "cannot be written" in body["error"] and "nothing changed" in body["error"]
+    assert path.read_text() == before
 
 
 def test_form_entries_are_checked():

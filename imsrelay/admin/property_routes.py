@@ -235,7 +235,11 @@ def add_property_routes(app: web.Application, site: PropertySite) -> None:
                 raise PropertyError("; ".join(f"{e.key}: {e.message}" for e in exc.errors)) from None
             except ConfigError as exc:
                 raise PropertyError(f"{exc.key}: {exc.message}") from None
-            await asyncio.to_thread(write_atomically, path, edit.text)
+            try:
+                await asyncio.to_thread(write_atomically, path, edit.text)
+            except OSError as exc:  # e.g. a file mounted read-only (the Docker lab's config/docker/)
+                raise PropertyError(f"{path} cannot be written ({exc.strerror or exc}): nothing changed; "
+                                    "change it where it is kept, then restart the site") from None
         site.log.info("config.changed", file=str(path), page=label, action=action, key=key,
                       rewritten=edit.rewritten)
         entry = toml_edit.find(edit.data, array, key_field, key)
