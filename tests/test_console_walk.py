@@ -343,6 +343,7 @@ def walk_the_article(walk: Walk) -> None:
 
     # Single domain: Site Addressing @microsoft.com, Yes to updating every mailbox; the others pull
     walk.go("#/site/SiteA/addressing")
+    expect(page.locator("#sa-current")).to_have_text("@SiteA.microsoft.com")  # drawn: the field holds it
     page.fill("#sa-address", "@microsoft.com")
     page.click("#sa-apply")
     page.click("#sa-question-no")  # No: the site's address changes, the mailboxes keep theirs
@@ -351,7 +352,9 @@ def walk_the_article(walk: Walk) -> None:
     walk.shot("site-addressing-answered-no")
     for n, s in enumerate(SITES):
         walk.go(f"#/site/{s}/addressing")
+        expect(page.locator("#sa-current")).to_be_visible()  # drawn: the field holds the current address
         page.fill("#sa-address", "@microsoft.com")
+        expect(page.locator("#sa-address")).to_have_value("@microsoft.com")
         page.click("#sa-apply")
         expect(page.locator("#sa-question")).to_contain_text("update all recipient e-mail addresses")
         walk.shot(f"site-addressing-question-{s}", dialog=True)

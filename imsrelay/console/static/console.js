@@ -552,9 +552,11 @@
     });
     root.append(current, card("Change Site Addressing", form), result);
     let view = null;
+    let filled = false;
     view = await withData(root, [`directory:${name}`], async () => {
       const [sa, dir] = await Promise.all([api("GET", site(name, "/site-addressing")), api("GET", site(name, `/directory?site=${encodeURIComponent(name)}`))]);
-      if (!address.value) address.value = sa.smtp_address || "";
+      if (!filled && !address.value) address.value = sa.smtp_address || "";  // once: never while a person types
+      filled = true;
       current.replaceChildren(card("Current", el("dl", { class: "facts" },
         el("dt", { text: "SMTP" }), el("dd", { class: "addr", id: "sa-current", text: sa.smtp_address || `@${sa.site_domain}` }),
         el("dt", { text: "Routing address" }), el("dd", { class: "addr", text: sa.routing_address || "–" }))));
