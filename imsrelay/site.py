@@ -22,7 +22,7 @@ from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
 from imsrelay.directory.lookups import MailboxLookups
-from imsrelay.directory.replication import Replicator
+from imsrelay.directory.replication import Replicator, unconfigured_peer_reply
 from imsrelay.directory.restrictions_report import (
     accept_rules_for,
     inbound_policy_for,
@@ -115,6 +115,8 @@ class Site:
         self._loop_marker = mail_loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
+        # who restarts this site when its administrator asks (imsrelay serve, the lab); None: nobody
+        self.on_restart: Callable[[], None] | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
@@ -479,6 +481,21 @@ class Site:
         if is_service_address(parsed, table):
             return True
         return (await self.lookups.lookup_mailboxes([address]))[0] is not None
+
+    async def directory_refusal(self, sender: str, address: str) -> str | None:
+        """Replication mail from a site this one has no connector to is deferred
+        (``directory.replication.unconfigured_peer_reply``); None: no objection."""
+        if self.replicator is None:
+            return None
+        try:
+            parsed = parse_address(address)
+        except AddressError:
+            return None
+        table = await self.routing_table()
+        if not is_service_address(parsed, table):
+            return None
+        connectors = [c.site for c in self.config.replication.connectors]
+        return unconfigured_peer_reply(sender, self.config.site, connectors, table)
 
     def _queue_manager_problem(self) -> str | None:
         """The ``queue manager running`` readiness check: its supervisor's view

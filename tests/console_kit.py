@@ -83,12 +83,12 @@ def start_lab(data: Path, *, stage: str = "site-addressing-a", timeout: float = 
     admin_port = free_port("127.10.10.10")
     console_port = free_port(CONSOLE_HOST)
     api_port = free_port(CONSOLE_HOST)
+    # two labs may run at once (test files in parallel): every port of theirs a free one
+    submission_port, smtps_port = free_port("127.10.10.10"), free_port("127.10.10.10")
     exe = Path(sys.executable).with_name("imsrelay")
     cmd = [str(exe), "lab", "--data", str(data), "--port", str(smtp_port), "--admin-port", str(admin_port),
            "--api-port", str(api_port), "--console-listen", CONSOLE_HOST, "--console-port", str(console_port),
-           "--stage", stage,
-           # free ports for submission too: the defaults (2587, 2465) may be another lab's on this machine
-           "--submission-port", str(free_port("127.10.10.10")), "--smtps-port", str(free_port("127.10.10.10"))]
+           "--submission-port", str(submission_port), "--smtps-port", str(smtps_port), "--stage", stage]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []

@@ -74,9 +74,12 @@ async def test_serve_console_login_csrf_and_views(console):
         assert r.status == 200 and (await r.json()) == {"retried": 0}
     async with http.delete(base + "/api/site/SiteA/queue/NOSUCHID", headers={"X-CSRF-Token": csrf}) as r:
         assert r.status == 404 and "no message NOSUCHID" in (await r.json())["error"]
-    async with http.post(base + "/api/site/SiteA/directory/mailboxes", json={"alias": "x"},
+    async with http.post(base + "/api/site/SiteA/directory/mailboxes/User1/password", json={"password": "x"},
                          headers={"X-CSRF-Token": csrf}) as r:
         assert r.status == 404  # not on the console's allow-list
+    async with http.put(base + "/api/site/SiteA/transfer-mode", json={"mode": "none"},
+                        headers={"X-CSRF-Token": csrf}) as r:
+        assert r.status == 404
     async with http.get(base + "/api/site/SiteZ/status") as r:
         assert r.status == 502 and "no site 'SiteZ'" in (await r.json())["error"]
     async with http.get(base + "/api/stage") as r:

@@ -241,10 +241,11 @@ async def test_kb_q196927_end_to_end(organisation):
     org = organisation()
     await org.start()
 
-    # Check Now before any replication: the connected sites are not in the directory yet
+    # Check Now before any replication: the sites of the connectors appear (KB Q196927,
+    # "Speeding up Initial Directory Replication" 3), their objects still to come
     code, out, _ = await org.cli("kcc", "check-now", site="SiteA")
-    assert code == 0 and "Check Now at SiteA: 1 site(s) in the directory (SiteA)" in out
-    assert "info    SiteB: Connected Sites lists SiteB" in out
+    assert code == 0 and "Check Now at SiteA: 3 site(s) known (SiteA, SiteB (Site and Configuration" in out
+    assert "info    SiteB: SiteB appears through its Directory Replication Connector" in out
 
     # Request Now on every connector ("update only new and modified items")
     for at in HOSTS:
@@ -256,7 +257,7 @@ async def test_kb_q196927_end_to_end(organisation):
     await org.quiet()
     for at in HOSTS:
         code, out, _ = await org.cli("kcc", "check-now", site=at)
-        assert code == 0 and "3 site(s) in the directory (SiteA, SiteB, SiteC)" in out
+        assert code == 0 and "3 site(s) known (SiteA, SiteB, SiteC)" in out
         assert "no inconsistencies found" in out
 
     async def site_addressing(name: str, substitute: str | None) -> None:

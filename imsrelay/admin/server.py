@@ -63,6 +63,7 @@ from imsrelay.admin.message_api import (
     access_info,
     envelope_items,
 )
+from imsrelay.admin.property_routes import add_property_routes, property_errors
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -143,6 +144,7 @@ class AdminSite(Protocol):
     spool: Spool
     workers: int
     flow: FlowGate
+    on_restart: Callable[[], None] | None  # who restarts the site when asked (imsrelay.admin.property_routes)
 
     @property
     def bound_port(self) -> int | None: ...
@@ -206,6 +208,8 @@ class AdminServer:
         r.add_get("/metrics", self.get_metrics)
         MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
         add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
+        self.app.middlewares.append(property_errors)  # the property pages (imsrelay.admin.property_routes)
+        add_property_routes(self.app, site)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 

@@ -8,8 +8,8 @@ directly.  ``passwd`` hashes the password here (scrypt) and sends only the hash.
 from __future__ import annotations
 
 import argparse
-import getpass
 import dataclasses
+import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence

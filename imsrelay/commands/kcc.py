@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def print_result(site: str, result: dict[str, Any]) -> None:
     known = result["known_sites"]
-    print(f"Check Now at {site}: {len(known)} site(s) in the directory ({', '.join(known) or 'none'})")
+    awaiting = set(result.get("awaiting_replication", []))
+    shown = [f"{n} (Site and Configuration only until replication completes)" if n in awaiting else n for n in known]
+    print(f"Check Now at {site}: {len(known)} site(s) known ({', '.join(shown) or 'none'})")
     if result["learned"]:
         learned = ", ".join(f"{name} (@{domain})" for name, domain in result["learned"])
         print(f"known to routing by replication: {learned}")

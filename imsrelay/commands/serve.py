@@ -181,7 +181,22 @@ def supervise(config: SiteConfig, workers: int) -> int:
 
 
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
+    """Run the site until ``stop``; a one-process site restarts from its file when its
+    administrator asks (``POST /ims/restart``, the console's "Restart now")."""
+    while True:
+        restart = asyncio.Event()
+        await _run_once(config, stop, restart, worker=worker, workers=workers)
+        if stop.is_set() or not restart.is_set():
+            return
+        config = load_config(config.path, data_dir=config.data_dir)
+        get_logger("imsrelay").bind(site=config.site).info("site.restarting", file=str(config.path))
+
+
+async def _run_once(config: SiteConfig, stop: asyncio.Event, restart: asyncio.Event, *, worker: int,
+                    workers: int) -> None:
     site = Site(config, worker=worker, workers=workers)
+    if workers == 1:
+        site.on_restart = restart.set
     await site.start()
     console = None
     try:
@@ -192,7 +207,14 @@ async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, 
                 raise RuntimeError(f"{config.path}: the console needs the admin endpoint and its token")
             console = site_console(config, bound, token)
             await console.start()
-        await stop.wait()
+        done = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(restart.wait())}
+        try:
+            await asyncio.wait(done, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in done:
+                task.cancel()
+        if restart.is_set() and not stop.is_set():
+            await asyncio.sleep(0.2)  # the admin call's answer goes out first
     finally:
         if console is not None:
             await console.stop()

@@ -519,8 +519,11 @@ def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
         else:
             schedule = c.duration("schedule", off=None)
         site = c.string("site", required=True)
+        server = c.string("server")
+        if server is not MISSING and not _NAME.fullmatch(server):
+            server = c.error("server", f"{server!r} is not a server name (letters, digits, - _ .)")
         if site is not MISSING:
-            connectors.append(_build(ReplicationConnector, site=site, schedule=schedule))
+            connectors.append(_build(ReplicationConnector, site=site, schedule=schedule, server=server))
         c.reject_unknown()
     trusted = r.table_of("trusted_keys")
     cfg = _build(

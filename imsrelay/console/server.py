@@ -44,6 +44,7 @@ from imsrelay.console.html_safety import (
     message_document,
 )
 from imsrelay.console.live import LiveFeed
+from imsrelay.console.property_pages import PROPERTY_CALLS
 from imsrelay.console.sessions import COOKIE, CSRF_HEADER, Session, Sessions
 from imsrelay.console.views import recipients
 from imsrelay.ingress.backlog import accept_backlog
@@ -51,7 +52,8 @@ from imsrelay.observe.logs import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
+STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml",
+                "properties.js": "text/javascript"}
 
 # (method, path under the site's admin endpoint) the console may call for the page
 SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) for m, p in (
@@ -61,7 +63,7 @@ SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) f
     ("GET", r"/site-addressing"), ("POST", r"/site-addressing"),
     ("GET", r"/api/v1/[A-Za-z0-9_.,/:@%+=-]{1,400}"), ("DELETE", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
     ("PATCH", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
-))
+)) + PROPERTY_CALLS
 
 
 class StageControl(Protocol):
@@ -284,7 +286,7 @@ class ConsoleServer:
         path = "/" + request.match_info["path"]
         if not any(m == request.method and p.fullmatch(path) for m, p in SITE_CALLS):
             raise web.HTTPNotFound(reason=f"the console does not offer {request.method} {path}")
-        body = await _json_body(request) if request.method in ("POST", "PATCH") and request.can_read_body else None
+        body = await _json_body(request) if request.method in ("POST", "PATCH", "PUT") and request.can_read_body else None
         raw = path.endswith("/raw")
         reply = await self.org.call(site, request.method, path, params=dict(request.query), body=body, raw=raw)
         if request.method != "GET":

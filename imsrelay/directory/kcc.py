@@ -33,6 +33,19 @@ ERROR = "error"
 WARNING = "warning"
 INFO = "info"
 KCC_SITES_KEY = "kcc.sites"
+KCC_KNOWN_KEY = "kcc.known"  # the sites the last Check Now made appear (shown by the console)
+
+
+def known_after_check(directory: Directory) -> dict[str, list[str]] | None:
+    """What the last Check Now made known: ``known_sites`` and ``awaiting_replication``
+    (synchronous: on the directory's thread); None before the first Check Now."""
+    raw = directory.get_meta(KCC_KNOWN_KEY)
+    if not raw:
+        return None
+    data = json.loads(raw)
+    arrived = {s.name for s in directory.sites()}  # replication has brought their site objects since
+    return {"known_sites": sorted({str(x) for x in data.get("known_sites", [])} | arrived),
+            "awaiting_replication": [str(x) for x in data.get("awaiting_replication", []) if str(x) not in arrived]}
 
 
 def learned_sites(directory: Directory) -> list[tuple[str, str]]:
@@ -53,11 +66,12 @@ class Finding:
 class KccResult:
     learned: tuple[tuple[str, str], ...]  # (site, routing domain) newly known to routing
     findings: tuple[Finding, ...]
-    known_sites: tuple[str, ...] = ()  # every site object in the directory
+    known_sites: tuple[str, ...] = ()  # every site object in the directory, and the sites below
+    awaiting: tuple[str, ...] = ()  # known through a replication connector; no objects replicated yet
 
     def as_dict(self) -> dict[str, Any]:
         return {"learned": [list(x) for x in self.learned], "known_sites": list(self.known_sites),
-                "findings": [asdict(f) for f in self.findings]}
+                "awaiting_replication": list(self.awaiting), "findings": [asdict(f) for f in self.findings]}
 
 
 def _domain(address: str) -> str:
@@ -81,12 +95,24 @@ def plan(own_site: str, sites: Sequence[SiteObject], connected: Sequence[Connect
             continue
         learned.append((s.name, s.routing_address.strip().lstrip("@")))
 
+    connector_sites = {rc.site for rc in connectors}
+    awaiting: list[str] = []
     for c in connected:
         site = by_name.get(c.name)
+        if site is None and c.name in connector_sites:
+            # KB Q196927 "Speeding up Initial Directory Replication", step 3: Check Now
+            # and the new sites appear; only their Site and Configuration objects until
+            # replication completes (the article's NOTE to step 6)
+            awaiting.append(c.name)
+            findings.append(Finding(INFO, c.name, f"{c.name} appears through its Directory Replication "
+                                                  f"Connector (routing address SMTP {c.routing_address}): "
+                                                  "its directory arrives with replication (Request Now)"))
+            continue
         if site is None:
             findings.append(Finding(INFO, c.name, f"Connected Sites lists {c.name} (routing address SMTP "
                                                   f"{c.routing_address}), which replication has not brought "
-                                                  "into the directory yet (Request Now from it)"))
+                                                  "into the directory yet (add a Directory Replication "
+                                                  "Connector to it, then Request Now)"))
             continue
         ours = _domain(c.routing_address)
         if site.routing_address and ours != _domain(site.routing_address):
@@ -122,7 +148,8 @@ def plan(own_site: str, sites: Sequence[SiteObject], connected: Sequence[Connect
             f"address {address} is claimed by several mailboxes: it belongs to {owner}; "
             f"also claimed by {', '.join(others)}")))
 
-    return KccResult(tuple(learned), tuple(findings), tuple(sorted(by_name)))
+    return KccResult(tuple(learned), tuple(findings), tuple(sorted(set(by_name) | set(awaiting))),
+                     tuple(sorted(awaiting)))
 
 
 def _gather(directory: Directory) -> tuple[list[SiteObject], dict[str, int], list[tuple[str, str, list[str]]]]:
@@ -138,12 +165,15 @@ async def check_now(directory: Directory, cfg: SiteConfig, *, refresh: Callable[
     result = plan(cfg.site, sites, cfg.connected_sites, cfg.replication.connectors,
                   mailbox_homes=homes, address_conflicts=conflicts)
     await directory.run(directory.set_meta, KCC_SITES_KEY, json.dumps([list(x) for x in result.learned]))
+    await directory.run(directory.set_meta, KCC_KNOWN_KEY, json.dumps(
+        {"known_sites": list(result.known_sites), "awaiting_replication": list(result.awaiting)}))
     await refresh()
     log = log.bind(component="kcc")
     for f in result.findings:
         log_fn = log.warning if f.severity in (ERROR, WARNING) else log.info
         log_fn("kcc.finding", severity=f.severity, peer=f.site, finding=f.message)
     log.info("kcc.checked", sites=list(result.known_sites), learned=[n for n, _ in result.learned],
+             awaiting_replication=list(result.awaiting),
              errors=sum(f.severity == ERROR for f in result.findings),
              warnings=sum(f.severity == WARNING for f in result.findings),
              notes=sum(f.severity == INFO for f in result.findings))

@@ -378,6 +378,40 @@ def _part_text(part: Message) -> str:
     return str(inner or "")
 
 
+def sending_site(sender: str, table: RoutingTable) -> str | None:
+    """The site of the organisation whose directory service ``sender`` is
+    (``dirsync@`` its routing domain, through Connected Sites or Check Now), or None."""
+    try:
+        address = parse_address(sender)
+    except AddressError:
+        return None
+    if address.local.lower() != DIRSYNC_LOCAL:
+        return None
+    for c in table.connected_sites:
+        if c.routing_domain.lower() == address.domain:
+            return c.name
+    for name, domain in table.learned_sites:
+        if domain.lower() == address.domain:
+            return name
+    return None
+
+
+def unconfigured_peer_reply(sender: str, own_site: str, connectors: Sequence[str], table: RoutingTable) -> str | None:
+    """The RCPT reply for replication mail from a site of the organisation this site
+    has no Directory Replication Connector to, or None to accept it (pure).
+
+    KB Q196927's NOTE: replication connectors set up at one site only give "a backlog
+    of replication messages that cannot be sent to the remote sites that are not
+    configured".  So the message is deferred (4xx): it waits in the sender's queue,
+    counted as its backlog, and goes through on a retry once this site has a
+    connector back.  Mail from no known site, and NDRs (null sender), are not held."""
+    peer = sending_site(sender, table) if sender and sender != "<>" else None
+    if peer is None or peer == own_site or peer in connectors:
+        return None
+    return (f"450 4.3.2 the directory service of {own_site} has no Directory Replication Connector to {peer} "
+            "yet: replication mail waits until both sites are configured (KB Q196927)")
+
+
 # =========================================================================== I/O edge
 
 

@@ -506,6 +506,41 @@ class Directory:
             self._local_change(obj.object_id, "mailbox", data, deleted=True)
         self._notify()
 
+    def set_mailbox_properties(self, alias: str, *, display_name: str | None = None,
+                               secondary: Sequence[str] | None = None) -> Mailbox:
+        """A local mailbox's General page (display name) and E-mail Addresses page
+        (the secondary SMTP proxies; the primary stays, Site Addressing owns it).
+        None keeps a value; the change replicates with the mailbox."""
+        obj = self._load(mailbox_id(self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryNotFound(f"no mailbox {alias} at {self.site}")
+        data = dict(obj.data)
+        if display_name is not None:
+            if not display_name.strip() or len(display_name) > 256 or any(ord(c) < 32 for c in display_name):
+                raise DirectoryInputError("the display name must be 1 to 256 printable characters")
+            data["display_name"] = display_name.strip()
+        if secondary is not None:
+            proxies = [p for p in data.get("proxy_addresses", [])
+                       if parse_proxy(p).primary or parse_proxy(p).type != "SMTP"]
+            for address in secondary:
+                text = address.strip()
+                text = text.split(":", 1)[1] if text.lower().startswith("smtp:") else text
+                try:
+                    key = parse_address(text).key
+                except AddressError as exc:
+                    raise DirectoryInputError(f"{address!r} is not an SMTP address: {exc}") from None
+                if any(parse_address(parse_proxy(p).address).key == key for p in proxies
+                       if parse_proxy(p).type == "SMTP"):
+                    continue  # the primary, or given twice
+                proxies.append(f"smtp:{text}")
+            data["proxy_addresses"] = proxies
+        if data != obj.data:
+            with self._transaction():
+                self._check_free(data["proxy_addresses"], obj.object_id)
+                obj = self._local_change(obj.object_id, "mailbox", data)
+            self._notify()
+        return _mailbox_from(obj.data, self.site, False)
+
     def set_sender_rules(self, alias: str, *, accept_from: Sequence[str] | None = None,
                          reject_from: Sequence[str] | None = None, filter_senders: Sequence[str] | None = None,
                          filter_action: str | None = None) -> Mailbox:

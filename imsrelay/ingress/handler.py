@@ -204,6 +204,11 @@ class SiteHandler:
         except AddressError as exc:
             return f"553 5.1.3 {exc}"
         known = await self.site.recipient_known(address)
+        held = await self.site.directory_refusal(envelope.mail_from or "", address) if known else None
+        if held is not None:
+            self.log.info("recipient.deferred", peer=_peer_ip(session), sender=envelope.mail_from,
+                          recipient=address, reply=held)
+            return held
         client = self._client(server, session)
         reply: Reply = check_recipient(parsed, policy=self.site.inbound_policy(), client_ip=client.ip,
                                        known=known, accepted_so_far=len(envelope.rcpt_tos), client=client)

@@ -314,6 +314,8 @@ class Lab:
         self.detail = detail or (lambda line: None)
         self.sites: dict[str, Site] = {}
         self._mtimes: dict[str, float] = {}
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._restart_lock = asyncio.Lock()
         self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
 
     # ------------------------------------------------------------ state (read from the files)
@@ -553,17 +555,25 @@ class Lab:
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
         site = Site(self._running_config(load_config(path)))
+        site.on_restart = lambda: self._restart_soon(name)
         site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
         self.sites[name] = site
         self._mtimes[name] = path.stat().st_mtime
         return site
 
+    def _restart_soon(self, name: str) -> None:
+        """A site's administrator asked to restart its IMS (``POST /ims/restart``)."""
+        task = asyncio.get_running_loop().create_task(self.restart(name), name=f"restart-{name}")
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
     async def restart(self, name: str) -> None:
-        old = self.sites.pop(name, None)
-        if old is not None:
-            await old.stop()
-        await self._start_site(name)
+        async with self._restart_lock:
+            old = self.sites.pop(name, None)
+            if old is not None:
+                await old.stop()
+            await self._start_site(name)
 
     async def restart_changed(self) -> list[str]:
         """Restart the sites whose config file changed (an administrator edited it)."""

@@ -248,6 +248,8 @@ class ReplicationConnector:
     """how often it requests updates: `"always"` (every 15 minutes), `"never"`, or a duration; the
     default is Exchange's every 3 hours (Q195918); the labs and `config/*.toml` say `"always"`
     explicitly"""
+    server: str | None = None
+    """the remote bridgehead's server name (the New dialog's "server name"; informational)"""
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,7 @@
              el("span", { class: "count", dataset: { queue: name } })),
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/replication`, "Directory Replication")) : null,
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/addressing`, "Site Addressing")) : null,
+          inside ? treeExtras(name) : null,
           el("li", {}, link(`#/mail?site=${encodeURIComponent(name)}`, "Mailboxes")))));
     const inside = state.sites.filter((n) => !state.outside.includes(n));
     nav.replaceChildren(el("ul", { class: "tree" },
@@ -315,7 +316,7 @@
     try {
       if (parts[0] === "site" && parts[1]) {
         const page = { config: viewConfig, queue: viewQueue, replication: viewReplication,
-                       addressing: viewAddressing }[parts[2] || "config"] || viewConfig;
+                       addressing: viewAddressing, ...sitePages }[parts[2] || "config"] || viewConfig;
         built = await page(root, parts[1], params);
       } else if (parts[0] === "recipients") built = await viewRecipients(root, params);
       else if (parts[0] === "mail") built = await viewMail(root, params);
@@ -542,21 +543,23 @@
     viewTitle(root, `${name} — Site Addressing`, "The site's SMTP address; 'update all' re-addresses every mailbox of the site (Exchange's bulk update, events 2043, 2053, 2044).");
     const current = el("div", { class: "current" });
     const address = el("input", { id: "sa-address", name: "address", required: true, placeholder: "@microsoft.com", spellcheck: "false" });
-    const update = el("input", { id: "sa-update", type: "checkbox", checked: true });
     const keep = el("input", { id: "sa-keep", type: "checkbox", checked: true });
     const result = el("div", { class: "result", id: "sa-result" });
     const form = el("form", { class: "inline-form", id: "sa-form" },
       el("label", { for: "sa-address", text: "SMTP address" }), address,
-      el("label", { class: "check" }, update, " Update all recipient e-mail addresses"),
       el("label", { class: "check" }, keep, " Keep the old address as a secondary proxy"),
-      el("button", { type: "submit", class: "primary", id: "sa-apply" }, "Apply"));
+      el("button", { type: "submit", class: "primary", id: "sa-apply" }, "OK"));
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const button = form.querySelector("button");
       button.disabled = true;
-      result.replaceChildren(notice("Working…"));
       try {
-        const r = await api("POST", site(name, "/site-addressing"), { address: address.value.trim(), update_mailboxes: update.checked, keep_old: keep.checked });
+        // Exchange's question after the site's SMTP address changed (KB Q196927 step 4: Yes)
+        const ask = window.imsConsole.questionBox;
+        const update = ask ? await ask({ id: "sa-question", title: "Site Addressing",
+          text: `The SMTP address for the site has been changed to ${address.value.trim()}. Do you want to update all recipient e-mail addresses of ${name} to match the new site address?` }) : true;
+        result.replaceChildren(notice("Working…"));
+        const r = await api("POST", site(name, "/site-addressing"), { address: address.value.trim(), update_mailboxes: update, keep_old: keep.checked });
         result.replaceChildren(bulkReport(name, r));
         // the site's answer is the truth now; the refresh below redraws the mailboxes
         const shown = current.querySelector("#sa-current");
@@ -570,9 +573,11 @@
     });
     root.append(current, card("Change Site Addressing", form), result);
     let view = null;
+    let filled = false;
     view = await withData(root, [`directory:${name}`], async () => {
       const [sa, dir] = await Promise.all([api("GET", site(name, "/site-addressing")), api("GET", site(name, `/directory?site=${encodeURIComponent(name)}`))]);
-      if (!address.value) address.value = sa.smtp_address || "";
+      if (!filled && !address.value) address.value = sa.smtp_address || "";  // once: never while a person types
+      filled = true;
       current.replaceChildren(card("Current", el("dl", { class: "facts" },
         el("dt", { text: "SMTP" }), el("dd", { class: "addr", id: "sa-current", text: sa.smtp_address || `@${sa.site_domain}` }),
         el("dt", { text: "Routing address" }), el("dd", { class: "addr", text: sa.routing_address || "–" }))));
@@ -790,10 +795,27 @@
       el("ul", { class: "outcomes" }, story.recipients.map((r) => el("li", {}, el("span", { class: "addr", text: r.recipient }), " ", badge(r.state, r.state), " ", el("span", { text: r.detail })))));
   }
 
+  // ------------------------------------------------------------------ property pages (properties.js)
+
+  // properties.js adds the pages that change a site (#/site/NAME/PAGE) and the tree's
+  // entries for them; it gets the helpers above through window.imsConsole.
+  const sitePages = {};
+  let treeExtras = () => null;
+  window.imsConsole = {
+    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle,
+    withData, alertBox, state, refreshView, refreshTreeCounts,
+    addSitePage(name, view) { sitePages[name] = view; },
+    setTreeExtras(make) { treeExtras = make; if (state.csrf) buildTree(); },
+    current() { return state.routes; },
+  };
+
   // ------------------------------------------------------------------ start
 
   document.getElementById("login-form").addEventListener("submit", logIn);
   document.getElementById("logout").addEventListener("click", logOut);
   window.addEventListener("hashchange", route);
-  api("GET", "/api/session").then(start).catch((err) => { if (err.status !== 401) showLogin(err.message); });
+  // properties.js (loaded after this file) registers its pages first
+  window.addEventListener("DOMContentLoaded", () => {
+    api("GET", "/api/session").then(start).catch((err) => { if (err.status !== 401) showLogin(err.message); });
+  });
 })();
