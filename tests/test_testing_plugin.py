@@ -38,3 +38,20 @@ def test_attach_to_a_lab_that_is_not_there_says_so(tmp_path):
                          env={**__import__("os").environ, "IMSRELAY_LAB_READY_TIMEOUT": "1"})
     assert out.returncode != 0
     assert "not ready" in out.stdout
+
+
+def test_a_users_async_suite_runs_without_pytest_asyncios_unset_scope_warning(tmp_path):
+    """A user's suite with pytest-asyncio and no loop-scope setting of its own: the plugin
+    that comes with imsrelay's environment keeps the run quiet (and changes nothing else)."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n")
+    (tmp_path / "test_async.py").write_text("async def test_a():\n    assert True\n")
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    quiet = run()
+    assert quiet.returncode == 0 and "1 passed" in quiet.stdout
+    assert "asyncio_default_fixture_loop_scope" not in quiet.stdout + quiet.stderr
+    loud = run("-p", "no:imsrelay")  # the probe: without the plugin, pytest-asyncio warns
+    assert "asyncio_default_fixture_loop_scope" in loud.stdout + loud.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,18 @@ def _lab_data_dir(tmp_path_factory: Any) -> tuple[Path, bool]:
     data = Path(tempfile.mkdtemp(prefix="imsrelay-lab-"))
     os.chmod(data, 0o711)
     return data, True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: Any) -> None:
+    """pytest-asyncio warns, once per run, about a suite that leaves
+    ``asyncio_default_fixture_loop_scope`` unset.  A user's suite gets this plugin with
+    imsrelay's environment and should not see that noise about a setting it never made;
+    its behaviour is left as it is (setting the option would change the loop of its
+    session-scoped async fixtures).  Only that one warning, of that one plugin, is
+    ignored; a suite that sets the option sees no difference."""
+    warnings.filterwarnings("ignore", message=LOOP_SCOPE_UNSET, category=pytest.PytestDeprecationWarning,
+                            module="pytest_asyncio")
+
+
+LOOP_SCOPE_UNSET = 'The configuration option "asyncio_default_fixture_loop_scope" is unset'
