@@ -114,7 +114,8 @@ class Site:
         self._loop_marker = loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
-        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout,
+                                system=not config.lab.sealed)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
         self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,

@@ -90,8 +90,9 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
 
 async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
     """The next hops of an SMTP route as the SMTP client would try them."""
-    servers = ", ".join(config.dns.nameservers) or "the system resolver"
-    resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+    servers = ", ".join(config.dns.nameservers) or ("no DNS (a sealed lab)" if config.lab.sealed
+                                                    else "the system resolver")
+    resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout, system=not config.lab.sealed)
     me = site_endpoints(config, config.smtp.port)
     try:
         if route.kind == RELAY:

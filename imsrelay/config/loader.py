@@ -49,6 +49,7 @@ from imsrelay.model.settings import (
     DomainRoute,
     EtrnConfig,
     EtrnRequest,
+    LabConfig,
     LoggingConfig,
     MailboxConfig,
     MetricsConfig,
@@ -68,6 +69,7 @@ from imsrelay.model.settings import (
 )
 from imsrelay.policy.auth import MECHANISMS, PasswordError, parse_hash
 from imsrelay.policy.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
+from imsrelay.policy.sealed import host_refusal
 from imsrelay.policy.transfer_mode import parse_mode
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -582,6 +584,46 @@ def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
     return cfg
 
 
+def _load_lab(s: _Section) -> LabConfig:
+    networks = _networks(s, "networks") if "networks" in s.table else MISSING
+    cfg = _build(LabConfig, sealed=s.boolean("sealed"), networks=networks, catch_all=_alias(s, "catch_all"))
+    s.reject_unknown()
+    return cfg
+
+
+def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, dns: DnsConfig,
+                  connected: tuple[ConnectedSite, ...], routes: tuple[DomainRoute, ...], etrn: EtrnConfig,
+                  mailboxes: tuple[MailboxConfig, ...]) -> None:
+    """A sealed lab's file names no host outside the lab (imsrelay.policy.sealed)."""
+    if lab.catch_all is not None:
+        if not lab.sealed:
+            root.errors.append(ConfigError(root.path, "lab.catch_all", "only a sealed lab (lab.sealed = true) "
+                                           "keeps the rest of the Internet in a catch-all mailbox"))
+        elif lab.catch_all.lower() not in {m.alias.lower() for m in mailboxes}:
+            root.errors.append(ConfigError(root.path, "lab.catch_all", f"{lab.catch_all!r} is not one of this "
+                                           "site's [[mailboxes]]"))
+    if not lab.sealed:
+        return
+    lab_dns = bool(dns.nameservers)
+
+    def check(key: str, host: str) -> None:
+        refused = host_refusal(host, lab.networks, lab_dns=lab_dns)
+        if refused:
+            root.errors.append(ConfigError(root.path, key, refused))
+
+    for i, server in enumerate(dns.nameservers):
+        check(f"dns.nameservers[{i}]", parse_host_port(server, 53, ip_only=True)[0])
+    if delivery.smart_host:
+        check("delivery.smart_host", delivery.smart_host)
+    for i, c in enumerate(connected):
+        if c.host:
+            check(f"connected_sites[{i}].host", c.host)
+    for i, r in enumerate(routes):
+        check(f"email_domains[{i}].host", r.host)
+    for i, e in enumerate(etrn.requests):
+        check(f"etrn.requests[{i}].host", e.host)
+
+
 def _load_tracking(t: _Section) -> TrackingConfig:
     cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
     t.reject_unknown()
@@ -795,6 +837,10 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
                                        "submission listeners need TLS: set smtp.tls_cert and smtp.tls_key "
                                        "(or smtp.tls_generate = true for a throwaway lab certificate)"))
     console = _load_console(root.table_of("console"), admin)
+    lab = _load_lab(root.table_of("lab"))
+    if not errors:
+        _check_sealed(root, lab, delivery=delivery, dns=dns, connected=connected, routes=routes, etrn=etrn,
+                      mailboxes=mailboxes)
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
@@ -812,5 +858,5 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         auth=auth, submission=submission, restrictions=restrictions,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
-        console=console,
+        console=console, lab=lab,
     )

@@ -52,7 +52,7 @@ from imsrelay.lab.walk import (
     read_raw,
 )
 from imsrelay.model.errors import ConfigError
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import LabConfig, MailboxConfig, SiteConfig
 from imsrelay.observe.logs import get_logger
 from imsrelay.site import Site
 from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
@@ -96,6 +96,11 @@ SITES = (
 )
 INTERNET = LabSite("Internet", "mail", "127.10.10.100", "alice", "Alice (outside)")
 INTERNET_DOMAIN = "example.net"
+# The Internet in a box: the Internet host keeps mail for every domain outside the
+# organisation (and outside example.net) in this mailbox, "the rest of the Internet";
+# every host of the lab is sealed (lab.sealed): no connection leaves loopback.
+REST_OF_INTERNET = "rest-of-internet"
+REST_OF_INTERNET_NAME = "The rest of the Internet"
 
 # (name, what the article says, kind) — kind "config" changes the files, "action" runs a command.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -188,6 +193,7 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
                         "startup_delay": startup_delay or (EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
         "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
         "logging": {"level": "info", "format": "auto"},
+        "lab": {"sealed": True},  # no connection leaves loopback; no system resolver
     }
     for name in STAGE_NAMES[1:stage + 1]:
         for array, _, entries in stage_entries(site, name, port=port, hand=hand):
@@ -217,7 +223,8 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
 
 def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
-    and greets as an ordinary Internet MTA."""
+    keeps the mail for every other domain in its catch-all mailbox (the rest of the
+    Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
@@ -225,12 +232,27 @@ def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT)
                  "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
         "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": list(INTERNET_RELAY_NETWORKS),
                  "hostname": f"{INTERNET.server}.{INTERNET_DOMAIN}", "banner": INTERNET_BANNER},
-        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
+        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"},
+                      {"alias": REST_OF_INTERNET, "display_name": REST_OF_INTERNET_NAME}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
         "email_domains": routes,
         "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
+        "lab": {"sealed": True, "catch_all": REST_OF_INTERNET},
     }
+
+
+def sealed_config(config: SiteConfig) -> SiteConfig:
+    """``config`` as a host of the embedded lab runs it: sealed to loopback (the file's
+    own lab.networks if it is sealed), and the Internet host with its catch-all
+    mailbox (pure)."""
+    lab = config.lab if config.lab.sealed else LabConfig(sealed=True)
+    mailboxes = config.mailboxes
+    if config.site == INTERNET.name and lab.catch_all is None:
+        lab = dataclasses.replace(lab, catch_all=REST_OF_INTERNET)
+        if REST_OF_INTERNET not in {m.alias.lower() for m in mailboxes}:
+            mailboxes = (*mailboxes, MailboxConfig(REST_OF_INTERNET, REST_OF_INTERNET_NAME))
+    return dataclasses.replace(config, lab=lab, mailboxes=mailboxes)
 
 
 class LabStepRefused(Exception):
@@ -483,10 +505,13 @@ class Lab:
             s.readiness.report().ready for s in self.sites.values())
 
     def _running_config(self, config: SiteConfig) -> SiteConfig:
-        """The host's settings as it runs now: while the lab builds its state on a
-        private port, every use of the lab's port (listener, smart host, E-Mail Domain
-        entries) is that private port instead, and no submission listener opens; the
-        file is not changed."""
+        """The host's settings as it runs now: always sealed (a file written before
+        the lab was sealed, or edited, cannot open the lab: the Internet host keeps
+        the rest of the Internet in its catch-all mailbox); while the lab builds its
+        state on a private port, every use of the lab's port (listener, smart host,
+        E-Mail Domain entries) is that private port instead, and no submission
+        listener opens; the file is not changed."""
+        config = sealed_config(config)
         if self._smtp_port == self.port:
             return config
         swap = {self.port: self._smtp_port}
@@ -622,6 +647,8 @@ class Lab:
                              + (f"  password {password}" if password else ""))
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
+        lines.append(f"          every other domain: kept in {REST_OF_INTERNET} (the rest of the Internet); "
+                     "no connection leaves the lab")
         first = SITES[0]
         to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
         lines += ["", trust_hint(self.ca_cert),

@@ -199,6 +199,25 @@ class RoutingConfig:
     address_literals: str = "deliver"
 
 
+LAB_NETWORKS_DEFAULT = ("127.0.0.0/8",)  # a sealed lab's own networks unless lab.networks says more
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """``[lab]``: a sealed lab (``imsrelay lab`` and the Docker lab write it).  A sealed
+    site opens no connection outside ``networks``: next hops, address literals and the
+    DNS servers must be inside them; host names and MX are resolved only with the
+    lab's own DNS (``[dns] nameservers``), never the system resolver.  ``catch_all``:
+    the mailbox (alias) that keeps mail for every domain no route names, "the rest
+    of the Internet" (the lab's Internet host).  Unsealed (the default, ``imsrelay
+    serve``): real DNS and real next hops."""
+
+    sealed: bool = False
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in LAB_NETWORKS_DEFAULT)
+    catch_all: str | None = None
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
@@ -356,6 +375,7 @@ class SiteConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
 
     @property
     def turf_dir(self) -> Path:
