@@ -330,6 +330,28 @@ class ImsSMTP(SMTP):
             self._fault_session = self._site.faults.session(self._client_ip)
         return self._fault_session
 
+    async def _late_connect_fault(self) -> bool:
+        """A ``connect`` fault added while this connection was already open: its reply
+        answers this transaction's MAIL and the connection closes (True), as if the
+        client had connected now."""
+        site = self._site
+        if site is None or not site.faults:
+            return False
+        for f in site.faults.late_connect(self._faults()):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+                continue
+            site.metrics.conn_rejected.labels("fault").inc()
+            if f.kind == "reply":
+                await self.push(f.reply_line())
+                self.close_now()
+            else:
+                self._log_line("S", "<connection dropped by fault>")
+                if isinstance(self.transport, asyncio.Transport):
+                    self.transport.abort()
+            return True
+        return False
+
     async def _faulted(self, stage: str) -> bool:
         """Apply the faults that fire at ``stage``; True when one answered or hung up."""
         site = self._site
@@ -536,7 +558,7 @@ class ImsSMTP(SMTP):
                 await self._writer.drain()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self._faulted("mail"):
+        if await self._late_connect_fault() or await self._faulted("mail"):
             return
         if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
