@@ -142,6 +142,21 @@ class DnsConfig:
     timeout: float = 5.0
 
 
+def schedule_text(seconds: float | None) -> str:
+    """A replication connector's schedule, the one way the CLI, the API
+    (``schedule_text``) and the console write it: ``always (every 15 min)``,
+    ``every 3 h``, ``every 20 min``, ``every 30 s``, ``never``."""
+    if seconds is None:
+        return "never"
+    if seconds == REPLICATION_ALWAYS:
+        return f"always (every {REPLICATION_ALWAYS / 60:g} min)"
+    if seconds % 3600 == 0:
+        return f"every {seconds / 3600:g} h"
+    if seconds % 60 == 0:
+        return f"every {seconds / 60:g} min"
+    return f"every {seconds:g} s"
+
+
 @dataclass(frozen=True)
 class ReplicationConnector:
     site: str

@@ -491,7 +491,7 @@
       try { st = await api("GET", site(name, "/replication/status")); } catch (err) { return notice(err.message, "error"); }
       const rows = st.peers.map((p) => el("tr", { dataset: { peer: p.site } },
         el("td", {}, el("strong", { text: p.site }), el("div", { class: "muted", text: p.routing_domain || "no routing address" })),
-        el("td", { text: !p.connector ? "no connector" : p.schedule === null ? "never" : p.schedule === 900 ? "always (every 15 min)" : `every ${Math.round(p.schedule / 60)} min` }),
+        el("td", { text: !p.connector ? "no connector" : p.schedule_text }),
         el("td", { class: "num hwm", text: String(p.high_water) }),
         el("td", { class: "num", text: String(p.backlog) }),
         el("td", { text: ago(p.last_request) }),
