@@ -83,6 +83,8 @@ def offline_rows(cfg: str, tmp: Path) -> list[tuple[list[str], int, str]]:
         (["queue", "retry", "NOPE", "-c", cfg], 1, "no message NOPE"),
         (["route", "not-an-address", "-c", cfg], 2, "user@domain"),
         (["route", "a@[999.1.1.1]", "-c", cfg], 2, "address literal"),
+        (["route", "User1@SiteA.microsoft.com", "--from", "not an address", "-c", cfg], 2,
+         "553 5.1.7 Bad sender address syntax"),
         (["serve", "--workers", "0", "-c", cfg], 2, "--workers"),
         (["serve", "--workers", "many", "-c", cfg], 2, "--workers"),
         (["serve", "-c", str(tmp / "missing.toml")], 2, "no such file"),
@@ -203,3 +205,31 @@ def test_check_config_reports_every_error_one_line_each_listen_must_be_an_ip(tmp
     # serve refuses the same file before anything starts (nothing asks a resolver)
     status, _, err = run_cli(capsys, ["serve", "-c", str(bad)])
     assert status == 2 and len(err.strip().splitlines()) == 4
+
+
+def test_check_config_refuses_a_connected_site_differing_only_in_case(tmp_path: Path, capsys) -> None:
+    path, _ = write_site_file(tmp_path, site_mapping("SiteA", port=free_port()))
+    text = path.read_text() + ('\n[[connected_sites]]\nname = "SiteB"\nrouting_address = "@SiteB.microsoft.com"\n'
+                               '\n[[connected_sites]]\nname = "siteb"\nrouting_address = "@SiteB.microsoft.com"\n')
+    path.write_text(text)
+    status, _, err = run_cli(capsys, ["check-config", str(path)])
+    assert_one_line(err, status, 2, "connected_sites[1].name: 'siteb' differs from the entry 'SiteB' only in case")
+
+
+def test_every_sub_command_help_page_says_what_it_does() -> None:
+    import argparse
+
+    from imsrelay.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if not (sub.description or "").strip():
+                        missing.append(sub.prog)
+                    walk(sub)
+
+    walk(build_parser(None))
+    assert missing == []

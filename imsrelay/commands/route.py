@@ -149,6 +149,12 @@ def cmd_route(args: argparse.Namespace) -> int:
         parse_address(args.address)
     except AddressError as exc:
         raise UserError(str(exc)) from None
+    if args.sender not in (None, "", "<>"):
+        try:  # as the site's MAIL FROM does (ingress/handler.py): refused before any recipient
+            parse_address(args.sender)
+        except AddressError as exc:
+            raise UserError(f"--from {args.sender!r}: the site answers MAIL FROM with "
+                            f"553 5.1.7 Bad sender address syntax: {exc}") from None
     try:
         route, source = decide(config, args.address)
     except DirectoryError as exc:

@@ -453,10 +453,14 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
 
 def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
     connected = []
+    spelled: dict[str, str] = {}  # lower-case name -> the first spelling
     for c in root.tables("connected_sites"):
         name = c.string("name", required=True)
         if name is not MISSING and not _NAME.fullmatch(name):
             name = c.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+        elif name is not MISSING and spelled.setdefault(name.lower(), name) != name:
+            name = c.error("name", f"{name!r} differs from the entry {spelled[name.lower()]!r} only in case: a "
+                                   "site's directory name is exact (Q196927); write it the same way or remove one")
         routing = c.string("routing_address", required=True)
         if routing is not MISSING and not routing.startswith("@"):
             routing = c.error("routing_address",
