@@ -233,3 +233,29 @@ def test_every_sub_command_help_page_says_what_it_does() -> None:
 
     walk(build_parser(None))
     assert missing == []
+
+
+def test_lab_stage_before_the_lab_on_disk_is_refused_before_anything_starts(tmp_path: Path, capsys) -> None:
+    from imsrelay.lab.embedded import Lab
+
+    lab = Lab(tmp_path / "lab", say=lambda line: None)
+    lab._write_install()
+    lab._append_entries("connected-sites", lab._plans("connected-sites"))
+    assert lab.stage == 1
+    status, out, err = run_cli(capsys, ["lab", "--stage", "install", "--data", str(tmp_path / "lab")])
+    assert_one_line(err, status, 2, "is already at stage connected-sites, past install")
+    assert out == "" and not (tmp_path / "lab" / "lab.pid").exists()
+
+
+def test_a_busy_port_names_the_option_that_moves_it() -> None:
+    import argparse
+
+    from imsrelay.commands.lab import busy_port_hint
+
+    args = argparse.Namespace(port=2525, admin_port=8025, submission_port=2587, smtps_port=2465, api_host=None,
+                              api_port=8025, console_listen="127.10.10.1", console_port=8080)
+    bind = "[Errno 98] error while attempting to bind on address ('{}', {}): address already in use"
+    assert "--api-port" in busy_port_hint(bind.format("127.10.10.1", 8025), args)
+    assert busy_port_hint(bind.format("127.10.10.10", 8025), args) == "choose another port with --admin-port"
+    assert busy_port_hint(bind.format("127.10.10.15", 2525), args) == "choose another port with --port"
+    assert "--console-port" in busy_port_hint(bind.format("127.10.10.1", 8080), args)

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import logging
 import re
 import ssl
 import time
@@ -742,6 +743,10 @@ class BoundMethods(Mapping[str, Any]):
         return len(self._names)
 
 
+def _no_smtps_auth_warning(record: logging.LogRecord) -> bool:
+    return "auth_required == True but auth_require_tls == False" not in record.getMessage()
+
+
 def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
                    limits: ConnectionCounter | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for one of the site's listening sockets (``limits``: the
@@ -766,9 +771,16 @@ def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
     }
 
     def full() -> ImsSMTP:
-        with warnings.catch_warnings():  # 465: AUTH without STARTTLS is fine, TLS is on from the start
+        # 465: AUTH without STARTTLS is fine, TLS is on from the start: neither aiosmtpd's
+        # warning nor the log line it also writes (mail.log) reaches the site's console
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
-            return _protocol()
+            aiosmtpd_log = logging.getLogger("mail.log")
+            aiosmtpd_log.addFilter(_no_smtps_auth_warning)
+            try:
+                return _protocol()
+            finally:
+                aiosmtpd_log.removeFilter(_no_smtps_auth_warning)
 
     def _protocol() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
