@@ -309,11 +309,50 @@ class Lab:
         self.sites: dict[str, Site] = {}
         self._mtimes: dict[str, float] = {}
         self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
+        self._raw_cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any] | str]] = {}
+        self._config_cache: dict[Path, tuple[tuple[int, int, int], SiteConfig | ConfigError]] = {}
 
     # ------------------------------------------------------------ state (read from the files)
 
     def config_path(self, name: str) -> Path:
         return self.config_dir / f"{name}.toml"
+
+    def _file_key(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read_raw(self, path: Path) -> dict[str, Any] | str:
+        """``read_raw``, remembered while the file is unchanged (the walk asks for every
+        file many times per step; each file is parsed again only when it changes)."""
+        key = self._file_key(path)
+        cached = self._raw_cache.get(path)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        raw = read_raw(path)
+        if key is not None:
+            self._raw_cache[path] = (key, raw)
+        return raw
+
+    def _load_config(self, path: Path) -> SiteConfig:
+        """``load_config``, remembered while the file is unchanged (its error too)."""
+        key = self._file_key(path)
+        cached = self._config_cache.get(path)
+        if key is None or cached is None or cached[0] != key:
+            try:
+                result: SiteConfig | ConfigError = load_config(path)
+            except ConfigError as exc:
+                result = exc
+            if key is None:
+                if isinstance(result, ConfigError):
+                    raise result
+                return result
+            cached = self._config_cache[path] = (key, result)
+        if isinstance(cached[1], ConfigError):
+            raise cached[1]
+        return cached[1]
 
     def _port_in_files(self) -> int | None:
         raw = read_raw(self.config_path(SITES[0].name))
@@ -327,7 +366,7 @@ class Lab:
     def _plans(self, stage_name: str) -> list[ConfigPlan]:
         plans = []
         for s in SITES:
-            raw = read_raw(self.config_path(s.name))
+            raw = self._read_raw(self.config_path(s.name))
             if isinstance(raw, str):
                 plans.append(ConfigPlan(s.name, (), (raw,)))
                 continue
@@ -337,7 +376,7 @@ class Lab:
 
     def _data_dir_of(self, site: LabSite) -> Path:
         try:
-            return load_config(self.config_path(site.name)).data_dir
+            return self._load_config(self.config_path(site.name)).data_dir
         except ConfigError:
             return self.data_dir / site.name
 
@@ -347,7 +386,7 @@ class Lab:
         install_missing = []
         for s in SITES:
             try:
-                load_config(self.config_path(s.name))
+                self._load_config(self.config_path(s.name))
             except ConfigError as exc:
                 install_missing.append(str(exc))
         steps.append(StepState(STAGES[0][0], STAGES[0][1], not install_missing, tuple(install_missing)))
@@ -534,7 +573,7 @@ class Lab:
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
-        site = Site(self._running_config(load_config(path)))
+        site = Site(self._running_config(self._load_config(path)))
         site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
         self.sites[name] = site
@@ -558,7 +597,7 @@ class Lab:
                 continue
             if mtime != self._mtimes.get(name):
                 try:
-                    load_config(path)
+                    self._load_config(path)
                 except Exception as exc:
                     self.say(f"lab: {path} not applied: {exc}")
                     self._mtimes[name] = mtime
@@ -613,7 +652,7 @@ class Lab:
         """The article's administrator, working as ``imsrelay org-setup`` does: over
         each site's admin endpoint (blocking client, so on a thread)."""
         org = OrgSetup([Endpoint(f"http://{s.address}:{self._admin_port_of(s)}", ADMIN_TOKEN) for s in SITES],
-                       say=lambda line: self.detail("lab:" + line), poll=0.1)
+                       say=lambda line: self.detail("lab:" + line), poll=0.02)  # loopback: ask often
         await asyncio.to_thread(org.wait_ready, 30.0)
         return org
 
