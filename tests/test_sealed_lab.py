@@ -116,7 +116,9 @@ def test_check_config_names_the_lab_address_for_a_seed_address(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "10.10.10.15 is outside this sealed lab" in out.stderr
-    assert "use 127.10.10.15 (SiteB in the embedded lab" in out.stderr
+    assert "use 127.10.10.15 (the embedded lab puts the article's 10.10.10.15 at 127.10.10.15" in out.stderr
+    # the hint's rule is the lab's own addresses
+    assert any(s.address == "127.10.10.15" for s in SITES)
 
 
 def test_sealed_config_seals_old_lab_files_and_adds_the_catch_all():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from imsrelay.config.loader import load_config
 from imsrelay.directory.keys import ReplicationKeyError, trust_from
-from imsrelay.lab.embedded import INTERNET, SITES
 from imsrelay.model.errors import ConfigError, ConfigErrors, UserError
 from imsrelay.model.settings import SiteConfig
 
-# KB Q196927's addresses (10.10.10.x) and where each host is in the embedded lab (127.10.10.x)
-SEED_TO_LAB = {s.address.replace("127.", "10.", 1): (s.address, s.name) for s in (*SITES, INTERNET)}
+# KB Q196927's network (10.10.10.x) is the embedded lab's 127.10.10.x: the same last
+# number on loopback (imsrelay.lab.embedded; not imported here: check-config stays light)
+SEED_NETWORK, LAB_NETWORK = "10.10.10.", "127.10.10."
 _OUTSIDE = re.compile(r"^(\S+) is outside this sealed lab")
 
 
@@ -40,11 +40,12 @@ def with_lab_hint(error: ConfigError) -> ConfigError:
     """A sealed lab file that names one of the article's 10.10.10.x addresses: the
     error also names the embedded lab's address of that host."""
     match = _OUTSIDE.match(error.message)
-    if match is None or match.group(1) not in SEED_TO_LAB:
+    if match is None or not match.group(1).startswith(SEED_NETWORK):
         return error
-    address, name = SEED_TO_LAB[match.group(1)]
-    return ConfigError(error.path, error.key, f"{error.message}; use {address} ({name} in the embedded lab; "
-                                               f"the article's {match.group(1)} is {address} on loopback)")
+    seed = match.group(1)
+    address = LAB_NETWORK + seed[len(SEED_NETWORK):]
+    return ConfigError(error.path, error.key, f"{error.message}; use {address} (the embedded lab puts the "
+                                               f"article's {seed} at {address}, on loopback)")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
