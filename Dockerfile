@@ -31,6 +31,16 @@ RUN set -eu; \
     install -d -o imsrelay -g imsrelay -m 0750 /var/lib/imsrelay; \
     install -d -m 0755 /etc/imsrelay
 
+# IMAP4 and POP3 (imsrelay/access): Dovecot, run by the site as its own user.
+# Already in imsrelay-base:bookworm (docker/build-base-image.sh); else from Debian.
+RUN set -eu; \
+    if [ ! -x /usr/lib/dovecot/imap ] || [ ! -x /usr/lib/dovecot/pop3 ]; then \
+        apt-get update; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dovecot-imapd dovecot-pop3d; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    dovecot --version
+
 # The wheel directories are optional: a wildcard that matches nothing is
 # allowed as long as another source (pyproject.toml) exists.
 COPY pyproject.toml docker/wheels/*.whl /tmp/wheels/
@@ -59,7 +69,7 @@ RUN set -eu; \
 
 USER imsrelay
 WORKDIR /var/lib/imsrelay
-EXPOSE 25 465 587 8025
+EXPOSE 25 110 143 465 587 993 995 8025
 
 # Logs: key=value lines a person can read (docker logs); IMSRELAY_LOG_FORMAT=json
 # in the environment gives one JSON object per line for a log collector.

@@ -31,10 +31,10 @@ class ScalePlan:
 def scale_plan(quick: bool, queued: int) -> ScalePlan:
     """Counts per point: enough for a few seconds each on a 2-core machine (quick: ~1 s)."""
     if quick:
-        sess = {1: 50, 20: 300, 100: 300, 500: 500}
+        sess = {1: 50, 20: 300, 100: 300, 500: 500, 1000: 1000}
         sizes = {1024: 300, 51200: 100, 1 << 20: 10}
     else:
-        sess = {1: 1000, 20: 10_000, 100: 10_000, 500: 10_000}
+        sess = {1: 1000, 20: 10_000, 100: 10_000, 500: 10_000, 1000: 10_000}
         sizes = {1024: 10_000, 51200: 4000, 1 << 20: 200}
     depths = tuple(sorted({max(1, queued // 10), queued}))
     return ScalePlan(sessions=tuple(LoadPoint(s, 4096, m) for s, m in sess.items()),

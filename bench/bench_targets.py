@@ -12,12 +12,18 @@ from typing import Any, NamedTuple
 
 # Issue 16 ("Twice Postfix").
 RELAY_RATIO = {4096: 2.0, 51200: 1.5}  # end-to-end msg/s, imsrelay / Postfix, by message size
+# Issue 28: big messages (end to end against Postfix) and memory per message in flight.
+BIG_RATIO = {1 << 20: 1.3, 10 << 20: 1.0}
+BIG_MEMORY_MULTIPLE = 4.0  # peak RSS of the largest process ≤ this × size × sessions, above its size before
 LOCAL_RATIO = 1.5  # local delivery into Maildir vs Postfix virtual(8)
 HEAVY_P99_MS = 250.0  # cross-site p99 at heavy load, while accepting >= Postfix's relay rate
 REPLICATION_S = 30.0
 REPLICATION_COUNT = 100_000
 SESSION_KIB = 20.0
 SESSION_COUNT = 10_000
+# Issue 28: no cliff as sessions grow (500 and 1,000 sessions against 100, scale phase, 4 KB).
+CLIFF_SHARE = 0.9
+CLIFF_SESSIONS = (500, 1000)
 # Issue 6, still in force.
 LIGHT_P99_MS = 100.0
 
@@ -184,10 +190,56 @@ def _scale_target(phases: dict[str, Any]) -> Target:
     return Target(name, "every point measured", measured, ok)
 
 
+def _big_targets(phases: dict[str, Any]) -> list[Target]:
+    """1 MB and 10 MB: end to end against Postfix, and the site's peak memory a bounded
+    multiple of what the sessions have in flight (size × sessions)."""
+    rows = []
+    for size, want in BIG_RATIO.items():
+        label = size_label(size)
+        entry = throughput_entry(phases, size)
+        name = f"relay end to end vs Postfix, {label}"
+        mem = f"peak memory at {label}, above the site's size before the run"
+        mem_want = f"≤ {BIG_MEMORY_MULTIPLE:g} × size × sessions"
+        if entry is None:
+            rows += [Target(name, f"≥ {want}×", "not run", None), Target(mem, mem_want, "not run", None)]
+            continue
+        e2e = num((entry.get("ratio_imsrelay_over_postfix") or {}).get("end_to_end_per_s"))
+        rows.append(Target(name, f"≥ {want}×", _f(e2e, "×"), None if e2e is None else e2e >= want))
+        ims = entry.get("imsrelay") or {}
+        peak, before = num(ims.get("relay_peak_rss_mib")), num(ims.get("relay_pss_before_mib"))
+        sessions = int(entry.get("sessions") or 0)
+        if peak is None or before is None or not sessions:
+            rows.append(Target(mem, mem_want, "—", None))
+            continue
+        multiple = (peak - before) * 2**20 / (size * sessions)
+        rows.append(Target(mem, mem_want, f"{multiple:.2f} × ({_f(peak, ' MiB')} peak, {_f(before, ' MiB')} before, "
+                                          f"{sessions} sessions)", multiple <= BIG_MEMORY_MULTIPLE))
+    return rows
+
+
+def _cliff_targets(phases: dict[str, Any]) -> list[Target]:
+    """500 and 1,000 concurrent sessions keep at least 90 % of the 100-session rate."""
+    rows = {int(p.get("sessions") or 0): num(p.get("end_to_end_per_s"))
+            for p in (phases.get("scale") or {}).get("sessions", []) if p.get("size") == 4096}
+    base = rows.get(100)
+    out = []
+    for n in CLIFF_SESSIONS:
+        name = f"no cliff: {n:,} sessions vs 100, 4 KB end to end"
+        want = f"≥ {CLIFF_SHARE:.0%}"
+        rate = rows.get(n)
+        if base is None or rate is None:
+            out.append(Target(name, want, "not run" if not rows else "—", None))
+            continue
+        share = rate / base
+        out.append(Target(name, want, f"{share:.0%} ({_f(rate)} vs {_f(base)} msg/s)", share >= CLIFF_SHARE))
+    return out
+
+
 def evaluate_targets(phases: dict[str, Any]) -> list[Target]:
-    """Every target of issue 16 (and issue 6's light-load latency) from one run."""
+    """Every target of issue 16 (and issue 6's light-load latency, issue 28's cliff) from one run."""
     return [*_relay_targets(phases), _local_target(phases), *_latency_targets(phases),
-            _replication_target(phases), _sessions_target(phases), _scale_target(phases)]
+            _replication_target(phases), _sessions_target(phases), _scale_target(phases),
+            *_cliff_targets(phases), *_big_targets(phases)]
 
 
 def targets_markdown(targets: list[Target]) -> str:

@@ -93,6 +93,12 @@ HELD_DOMAIN = "held.bench.example"
 PHASES = ("throughput", "local", "latency", "replication", "concurrency", "scale")
 # Sizes above this use --messages-large in the throughput phase.
 LARGE_SIZE = 8192
+HUGE_SIZE = 64 * 1024  # above this, a size's message count comes from a byte budget
+BIG_BYTES = 512 << 20  # bytes relayed per big size in the full run (1 MB: 512 messages, 10 MB: 51)
+QUICK_BIG_BYTES = 48 << 20
+MIN_BIG_MESSAGES = 10
+MAX_MESSAGE_SIZE = 32 << 20  # both relays accept messages up to this size in the bench
+DEFAULT_SIZES = "4096,51200,1048576,10485760"
 
 
 class BenchError(Exception):
@@ -250,6 +256,19 @@ def tree_pss_bytes(root: int) -> int:
         except OSError:
             total += stats[pid][5] * PAGE
     return total
+
+
+def tree_peak_rss_bytes(root: int) -> tuple[int, int]:
+    """(largest, sum of) the peak resident sizes (VmHWM) of the processes of a tree."""
+    peaks = []
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return (max(peaks), sum(peaks)) if peaks else (0, 0)
 
 
 def tree_rss_bytes(root: int) -> int:
@@ -481,12 +500,22 @@ def source_command(messages: int, sessions: int, size: int, rcpt: str = SINK_RCP
             f"-M bench-client.invalid 127.0.0.1:PORT")
 
 
-def throughput_plan(sizes: Sequence[int], messages: int, messages_large: int) -> list[tuple[int, int]]:
+def throughput_plan(sizes: Sequence[int], messages: int, messages_large: int,
+                    big_bytes: int = BIG_BYTES) -> list[tuple[int, int]]:
     """(size, messages) per throughput run: with one size, ``--messages`` of it; with
-    several, ``--messages`` for sizes up to 8 KB and ``--messages-large`` above."""
+    several, ``--messages`` for sizes up to 8 KB, ``--messages-large`` up to 64 KB, and
+    above that as many as ``big_bytes`` holds (at least ``MIN_BIG_MESSAGES``)."""
     if len(sizes) == 1:
         return [(sizes[0], messages)]
-    return [(s, messages if s <= LARGE_SIZE else messages_large) for s in sizes]
+
+    def count(s: int) -> int:
+        if s <= LARGE_SIZE:
+            return messages
+        if s <= HUGE_SIZE:
+            return messages_large
+        return max(MIN_BIG_MESSAGES, min(messages_large, big_bytes // s))
+
+    return [(s, count(s)) for s in sizes]
 
 
 @dataclass(frozen=True)
@@ -564,7 +593,7 @@ class PrivatePostfix:
             "smtpd_tls_security_level": "none", "smtp_tls_security_level": "none",
             "smtp_dns_support_level": "disabled", "syslog_name": "postfix-bench",
             "maillog_file": str(self.logfile), "maillog_file_prefixes": str(root),
-            "compatibility_level": "3.6",
+            "compatibility_level": "3.6", "message_size_limit": str(MAX_MESSAGE_SIZE),
             **(extra or {}),
         }
         self.postconf(*[f"{k}={v}" for k, v in settings.items()])
@@ -721,7 +750,7 @@ class ImsSite:
                      "workers": spec.workers,
                      # the concurrency phase holds 1,000 sessions; load phases run many senders
                      "max_inbound_connections": 100_000, "max_connections_per_ip": 100_000,
-                     "max_queued_messages": 10_000_000, **spec.smtp},
+                     "max_queued_messages": 10_000_000, "max_message_size": MAX_MESSAGE_SIZE, **spec.smtp},
             "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
             "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.
@@ -987,6 +1016,23 @@ def relay_ratios(pf: dict[str, Any], ims: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def paired_ratios(pf_runs: list[dict[str, Any]], ims_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """imsrelay / Postfix round by round (round i of one against round i of the other, run
+    back to back), then the median of each ratio: one noisy Postfix round moves one
+    pair, not the figure.  With one round, ``relay_ratios`` of that pair."""
+    pairs = [relay_ratios(pf, ims) for pf, ims in zip(pf_runs, ims_runs, strict=True)]
+    if len(pairs) == 1:
+        return pairs[0]
+    out: dict[str, Any] = {}
+    for key in ("accepted_per_s", "end_to_end_per_s", "cpu_ms_per_msg"):
+        values = sorted(p[key] for p in pairs if key in p)
+        if values:
+            mid = len(values) // 2
+            out[key] = values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 2)
+    out["rounds"] = pairs
+    return out
+
+
 def session_steps(total: int, steps: int = 5) -> list[int]:
     """Cumulative session counts at which the concurrency phase reads the site's RSS."""
     points = sorted({max(1, round(total * k / steps)) for k in range(1, steps + 1)})
@@ -1116,6 +1162,9 @@ class Bench:
         if pss0 is not None and relay_pid:
             r["relay_pss_before_mib"] = round(pss0 / 2**20, 1)
             r["relay_pss_mib"] = round(tree_pss_bytes(relay_pid) / 2**20, 1)
+            largest, total = tree_peak_rss_bytes(relay_pid)
+            r["relay_peak_rss_mib"] = round(largest / 2**20, 1)  # the largest process's high-water mark
+            r["relay_peak_rss_sum_mib"] = round(total / 2**20, 1)
         if cpu0 is not None and cpu1 is not None:
             r["relay_cpu_seconds"] = round(cpu1 - cpu0, 2)
             r["cpu_ms_per_msg"] = round(1000 * (cpu1 - cpu0) / n, 3)
@@ -1213,7 +1262,8 @@ class Bench:
     def phase_throughput(self) -> dict[str, Any]:
         o = self.opts
         return {"sizes": [self._throughput_at(Load(n, o.sessions, size))
-                          for size, n in throughput_plan(o.sizes, o.messages, o.messages_large)]}
+                          for size, n in throughput_plan(o.sizes, o.messages, o.messages_large,
+                                                         QUICK_BIG_BYTES if o.quick else BIG_BYTES)]}
 
     def _throughput_at(self, load: Load) -> dict[str, Any]:
         o = self.opts
@@ -1244,7 +1294,7 @@ class Bench:
         for r in runs["imsrelay"]:
             if "exit_status" in r:
                 out.setdefault("notes", []).append(f"an imsrelay site exited with status {r['exit_status']}")
-        out["ratio_imsrelay_over_postfix"] = relay_ratios(out["postfix"], out["imsrelay"])
+        out["ratio_imsrelay_over_postfix"] = paired_ratios(runs["postfix"], runs["imsrelay"])
         return out
 
     # ---------------------------------------------------------- local delivery
@@ -1266,7 +1316,7 @@ class Bench:
             out[key] = median_run(rs)
             if o.rounds > 1:
                 out[f"{key}_rounds"] = rs
-        out["ratio_imsrelay_over_postfix"] = relay_ratios(out["postfix"], out["imsrelay"])
+        out["ratio_imsrelay_over_postfix"] = paired_ratios(runs["postfix"], runs["imsrelay"])
         return out
 
     def _local_postfix(self, round_no: int) -> dict[str, Any]:
@@ -2021,6 +2071,9 @@ def _run_note(r: dict[str, Any]) -> str:
     if r.get("relay_pss_mib"):
         notes.append(f"memory (PSS of the process tree) {r.get('relay_pss_before_mib', '?')} MiB before, "
                      f"{r['relay_pss_mib']} MiB after")
+    if r.get("relay_peak_rss_mib"):
+        notes.append(f"peak RSS {r['relay_peak_rss_mib']} MiB (largest process), "
+                     f"{r.get('relay_peak_rss_sum_mib', '?')} MiB (all processes)")
     if r.get("error"):
         notes.append(str(r["error"]))
     return "; ".join(notes)
@@ -2052,8 +2105,17 @@ def _relay_table(L: list[str], entry: dict[str, Any], keys: Sequence[str]) -> No
                  f"{_run_note(r)} |")
     ratios = entry.get("ratio_imsrelay_over_postfix", {})
     L.append(f"| **imsrelay / Postfix** | **{fmt(ratios.get('accepted_per_s'), '×')}** | "
-             f"**{fmt(ratios.get('end_to_end_per_s'), '×')}** | {fmt(ratios.get('cpu_ms_per_msg'), '×')} | | | | |")
+             f"**{fmt(ratios.get('end_to_end_per_s'), '×')}** | {fmt(ratios.get('cpu_ms_per_msg'), '×')} | | | | "
+             f"{_rounds_note(ratios)} |")
     L.append("")
+
+
+def _rounds_note(ratios: dict[str, Any]) -> str:
+    rounds = ratios.get("rounds") or []
+    if len(rounds) < 2:
+        return ""
+    e2e = ", ".join(fmt(r.get("end_to_end_per_s"), "×") for r in rounds)
+    return f"median of {len(rounds)} interleaved rounds' ratios (end to end: {e2e})"
 
 
 def _profile_tables(L: list[str], prof: dict[str, Any] | None) -> None:
@@ -2244,10 +2306,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--messages", type=int, help="smtp-source -m (default 20000, quick 1500)")
     p.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="throughput rounds per relay, alternating Postfix and imsrelay; the median is reported")
-    p.add_argument("--sizes", default="4096,51200",
-                   help="throughput message sizes, bytes, comma separated (default 4096,51200)")
+    p.add_argument("--rounds", type=int,
+                   help="throughput and local rounds per relay, interleaved (Postfix, imsrelay, then the other "
+                        "way round); each ratio is the median of the rounds' ratios (default 3, quick 1)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES,
+                   help=f"throughput message sizes, bytes, comma separated (default {DEFAULT_SIZES}: 4 KB, "
+                        "50 KB, 1 MB, 10 MB)")
     p.add_argument("--size", type=int, help="one throughput size instead of --sizes (its count: --messages)")
     p.add_argument("--messages-large", type=int,
                    help="throughput messages at sizes above 8 KB when several sizes run (default 8000, quick 500)")
@@ -2282,7 +2346,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error("--sizes needs at least one positive size")
     q = a.quick
     return Options(
-        quick=q, phases=phases, messages=a.messages or (1500 if q else 20000), rounds=max(1, a.rounds),
+        quick=q, phases=phases, messages=a.messages or (1500 if q else 20000), rounds=max(1, a.rounds if a.rounds is not None else (1 if q else 3)),
         sessions=a.sessions, sizes=sizes, messages_large=a.messages_large or (500 if q else 8000),
         local_messages=a.local_messages or (600 if q else 10000),
         scale_queue=a.scale_queue or (1000 if q else 100_000),

@@ -60,6 +60,7 @@ PACKAGES=(
     iproute2 procps       # ip, ss, ps: debugging inside containers
     bind9-dnsutils        # dig: look at the lab DNS from inside a container
     python3 python3-venv python3-pip   # imsrelay sites (Python 3.11)
+    dovecot-imapd dovecot-pop3d        # the sites' IMAP4 and POP3 (imsrelay/access)
     nsd                   # lab DNS server
     postfix               # the "Internet" peer MTA
     swaks libnet-ssleay-perl libio-socket-ssl-perl perl-openssl-defaults  # SMTP client (+TLS)

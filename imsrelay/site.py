@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Callable
 
+from imsrelay.access.service import MailboxAccess, mail_owner
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
@@ -35,7 +36,7 @@ from imsrelay.ingress.listeners import Listeners, inbound_caps
 from imsrelay.ingress.turf import Turf
 from imsrelay.model.addresses import AddressError, parse_address
 from imsrelay.model.envelope import Envelope, use_worker_ids
-from imsrelay.model.objects import Mailbox, SiteObject
+from imsrelay.model.objects import Mailbox, Protocols, SiteObject
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe import tracking
 from imsrelay.observe.faults import Fault, FaultBook
@@ -43,12 +44,12 @@ from imsrelay.observe.logs import site_logger
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
 from imsrelay.observe.readiness import Readiness
-from imsrelay.policy import loops
+from imsrelay.policy import mail_loops, protocols
 from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
 from imsrelay.policy.inbound import InboundPolicy
-from imsrelay.policy.loops import SelfEndpoints
+from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
 from imsrelay.policy.transfer_mode import TRANSFER_MODE_KEY, TransferMode, holds, parse_mode
@@ -111,7 +112,7 @@ class Site:
             self.spool.lock_wait = 15.0  # a restarted worker waits for its predecessor to let go
         self._addressing = config.site_address  # refreshed from the directory
         self._learned_sites: tuple[tuple[str, str], ...] = ()
-        self._loop_marker = loops.received_marker(config.hostname)
+        self._loop_marker = mail_loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
         self.admin: AdminServer | None = None
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout,
@@ -123,7 +124,8 @@ class Site:
                                              clock=clock)
         smtp = CostedTransport(self.smtp_client, faults=self.faults, metrics=self.metrics, log=self.log)
         transports: dict[str, Transport] = {
-            LOCAL: MaildirTransport(config.data_dir, self.spool.committer, hostname=config.hostname),
+            LOCAL: MaildirTransport(config.data_dir, self.spool.committer, hostname=config.hostname,
+                                    owner=mail_owner(config.access)),
             DIRECTORY: DirectoryTransport(self._directory_deliver, log=self.log),
             RELAY: smtp, MX: smtp, FAIL: ErrorTransport()}
         self.qmgr = QueueManager(self.spool, inputs=self, transports=transports, tracking_log=self.tracking,
@@ -159,6 +161,12 @@ class Site:
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
         self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.access: MailboxAccess | None = None
+        if config.access.enabled and worker == 0:  # one Dovecot per server, next to worker 0
+            self.access = MailboxAccess(
+                config.access, site=self, site_name=config.site, data_dir=config.data_dir,
+                listen=config.smtp.listen, allow_plaintext=config.auth.allow_plaintext,
+                diagnostics=config.diagnostics, certificate=lambda: self.listeners.certificate_files, log=self.log)
         self.readiness.add("queue manager running", self._queue_manager_problem)
         try:
             self._build_replication_and_admin()
@@ -234,6 +242,8 @@ class Site:
                 self.log.info("queue.adopted", messages=len(adopted), reason="journals of workers no longer running")
         self._recovered = True
         await self.listeners.start()
+        if self.access is not None:
+            await self.access.start()
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
@@ -249,6 +259,8 @@ class Site:
             await self.admin.stop()
         if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
+        if self.access is not None:
+            await self.access.stop()
         await self.listeners.stop()
         if self._refresher is not None:
             self._refresher.cancel()
@@ -344,6 +356,21 @@ class Site:
             return None
         mbx = found[0]
         return Identity(mbx.alias, mbx.home_site, tuple(mbx.smtp_addresses))
+
+    async def protocol_refusal(self, identity: Identity, protocol: str) -> str | None:
+        """Why a mailbox may not use IMAP4/POP3 here (imsrelay/access asks at each
+        login): homed at another site, or disabled at site, server or mailbox level."""
+        cfg = self.config
+        if identity.home_site != cfg.site:
+            return (f"mailbox {identity.alias} is homed at site {identity.home_site}: "
+                    f"log in at that site's server")
+        site, mbx = await self.directory.run(lambda: (self.directory.site_object(),
+                                                      self.directory.mailbox(identity.alias)))
+        if mbx is None:
+            return f"no mailbox {identity.alias} at {cfg.site}"
+        return protocols.refusal(protocol, site=site.protocols if site else Protocols(),
+                                 server=cfg.access.server_setting(protocol), mailbox=mbx.protocols,
+                                 site_name=cfg.site, server_name=cfg.server, alias=mbx.alias)
 
     def accept_rules(self) -> AcceptRules:
         return self._accept_rules
@@ -462,7 +489,7 @@ class Site:
         return None if self.qmgr.health.ok else self.qmgr.health.reason()
 
     def seen_before(self, raw: bytes) -> bool:
-        return loops.seen_before(raw, self._loop_marker)
+        return mail_loops.seen_before(raw, self._loop_marker)
 
     # ------------------------------------------------------------ the parts, as the protocols name them
 

@@ -1,6 +1,6 @@
 """Helpers for the console's browser tests: a real `imsrelay lab` process, Debian's
 chromium driven by Playwright, a loopback "remote" server that counts requests,
-and the README picture (docs/console.png) made by the same code:
+and the documentation's pictures (docs/console*.png) made by the same code:
 
     .venv/bin/python tests/console_kit.py docs/console.png
 """
@@ -86,7 +86,9 @@ def start_lab(data: Path, *, stage: str = "site-addressing-a", timeout: float = 
     exe = Path(sys.executable).with_name("imsrelay")
     cmd = [str(exe), "lab", "--data", str(data), "--port", str(smtp_port), "--admin-port", str(admin_port),
            "--api-port", str(api_port), "--console-listen", CONSOLE_HOST, "--console-port", str(console_port),
-           "--stage", stage]
+           "--stage", stage,
+           # free ports for submission too: the defaults (2587, 2465) may be another lab's on this machine
+           "--submission-port", str(free_port("127.10.10.10")), "--smtps-port", str(free_port("127.10.10.10"))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
@@ -182,28 +184,59 @@ def readme_picture(page: Any, url: str, path: Path, *, message_id: str | None = 
     return path
 
 
-def main(argv: list[str]) -> int:
+# The documentation's pictures of the console (docs/how-to/console.md): file name suffix,
+# the console's route, what to wait for.  "" is the message's path (``readme_picture``).
+DOCS_PICTURES = (
+    ("", "#/tracking?q=", "article.story .hop-node.mailbox"),
+    ("-organisation", "#/", ".site-card"),
+    ("-mail", "#/mail", ".messages tr.unread, .messages tr.read"),
+    ("-replication", "#/site/SiteA/replication", "table.replication"),
+)
+DOCS_MESSAGE_ID = "<readme-1@example.net>"
+
+
+def docs_picture(page: Any, url: str, path: Path, route: str, ready: str) -> Path:
+    """One of the documentation's pictures, at a laptop's width."""
+    page.set_viewport_size({"width": 1280, "height": 800})
+    if route == "#/tracking?q=":
+        route += urllib.parse.quote(DOCS_MESSAGE_ID, safe="")
+    page.goto(url + route)
+    page.wait_for_selector(ready)
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path))
+    return path
+
+
+def make_docs_pictures(out: Path) -> list[Path]:
+    """Start a lab at the article's end, send a message from the Internet to User2, log in
+    with chromium and take every picture of ``DOCS_PICTURES`` next to ``out``
+    (``docs/console.png``, ``docs/console-organisation.png``, ...)."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
 
-    out = Path(argv[1] if len(argv) > 1 else "docs/console.png").resolve()
-    organisation = out.with_name(out.stem + "-organisation" + out.suffix)
+    paths = [out.with_name(out.stem + suffix + out.suffix) for suffix, _, _ in DOCS_PICTURES]
     with tempfile.TemporaryDirectory() as tmp:
         lab = start_lab(Path(tmp) / "lab", stage="end")
         try:
-            lab.send("Internet", sample_message("Quarterly numbers", message_id="<readme-1@example.net>"),
+            lab.send("Internet", sample_message("Quarterly numbers", message_id=DOCS_MESSAGE_ID),
                      "alice@example.net", ["User2@microsoft.com"])
             with sync_playwright() as p:
                 browser = launch_browser(p)
                 page = browser.new_page()
                 log_in(page, lab.console_url)
-                readme_picture(page, lab.console_url, out, message_id="<readme-1@example.net>")
-                readme_picture(page, lab.console_url, organisation)
+                for path, (_, route, ready) in zip(paths, DOCS_PICTURES, strict=True):
+                    docs_picture(page, lab.console_url, path, route, ready)
                 browser.close()
         finally:
             lab.stop()
-    print(f"wrote {out} and {organisation}")
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[1] if len(argv) > 1 else "docs/console.png").resolve()
+    paths = make_docs_pictures(out)
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

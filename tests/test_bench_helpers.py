@@ -44,7 +44,7 @@ def test_throughput_plan_one_size_uses_messages_several_use_large_count() -> Non
 
 def test_parse_args_defaults_full_and_quick() -> None:
     full = run.parse_args([])
-    assert full.sizes == [4096, 51200] and full.messages == 20000 and full.messages_large == 8000
+    assert full.sizes == [4096, 51200, 1 << 20, 10 << 20] and full.messages == 20000 and full.messages_large == 8000
     assert full.mailboxes == 100_000 and full.idle_sessions == 10_000 and full.scale_queue == 100_000
     assert full.local_messages == 10_000
     assert full.phases == ["throughput", "local", "latency", "replication", "concurrency", "scale"]
@@ -61,7 +61,7 @@ def test_parse_args_defaults_full_and_quick() -> None:
 
 def test_scale_plan_points_and_restart_depths() -> None:
     full = bench_scale.scale_plan(False, 100_000)
-    assert [p.sessions for p in full.sessions] == [1, 20, 100, 500]
+    assert [p.sessions for p in full.sessions] == [1, 20, 100, 500, 1000]
     assert {p.size for p in full.sessions} == {4096}
     assert [p.size for p in full.sizes] == [1024, 51200, 1 << 20]
     assert {p.sessions for p in full.sizes} == {20}
@@ -328,3 +328,45 @@ async def test_try_send_returns_backpressure_and_sends_again() -> None:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+def test_no_cliff_targets_compare_500_and_1000_sessions_with_100() -> None:
+    phases = _phases()
+    phases["scale"]["sessions"] = [{"sessions": s, "size": 4096, "end_to_end_per_s": r}
+                                   for s, r in ((1, 200.0), (100, 900.0), (500, 850.0), (1000, 700.0))]
+    v = _verdicts(phases)
+    assert v["no cliff: 500 sessions vs 100, 4 KB end to end"] is True  # 94 %
+    assert v["no cliff: 1,000 sessions vs 100, 4 KB end to end"] is False  # 78 %
+    assert _verdicts(_phases())["no cliff: 500 sessions vs 100, 4 KB end to end"] is None  # not measured
+
+
+def test_ratios_come_from_interleaved_rounds_not_from_one_noisy_run() -> None:
+    pf = [{"end_to_end_per_s": 400.0, "cpu_ms_per_msg": 3.0}, {"end_to_end_per_s": 100.0, "cpu_ms_per_msg": 3.0},
+          {"end_to_end_per_s": 500.0, "cpu_ms_per_msg": 3.0}]
+    ims = [{"end_to_end_per_s": 800.0, "cpu_ms_per_msg": 1.5}, {"end_to_end_per_s": 780.0, "cpu_ms_per_msg": 1.5},
+           {"end_to_end_per_s": 1000.0, "cpu_ms_per_msg": 1.5}]
+    r = run.paired_ratios(pf, ims)
+    assert r["end_to_end_per_s"] == 2.0  # ratios 2.0, 7.8, 2.0: the noisy second Postfix round does not decide
+    assert r["cpu_ms_per_msg"] == 0.5 and len(r["rounds"]) == 3
+    assert run.paired_ratios(pf[:1], ims[:1]) == {"end_to_end_per_s": 2.0, "cpu_ms_per_msg": 0.5}
+    assert run.parse_args([]).rounds == 3 and run.parse_args(["--quick"]).rounds == 1
+
+
+def test_big_message_counts_come_from_a_byte_budget() -> None:
+    plan = run.throughput_plan([4096, 51200, 1 << 20, 10 << 20], 20000, 8000, 512 << 20)
+    assert plan == [(4096, 20000), (51200, 8000), (1 << 20, 512), (10 << 20, 51)]
+    assert run.throughput_plan([1 << 20, 100 << 20], 1500, 500, 48 << 20) == [(1 << 20, 48), (100 << 20, 10)]
+    assert run.parse_args([]).sizes == [4096, 51200, 1 << 20, 10 << 20]
+
+
+def test_big_message_targets_ratio_and_memory() -> None:
+    phases = _phases()
+    phases["throughput"]["sizes"].append(
+        {"size": 1 << 20, "sessions": 20, "ratio_imsrelay_over_postfix": {"end_to_end_per_s": 1.4},
+         "imsrelay": {"relay_peak_rss_mib": 100.0 + 60.0, "relay_pss_before_mib": 100.0}})
+    v = _verdicts(phases)
+    assert v["relay end to end vs Postfix, 1 MB"] is True
+    assert v["peak memory at 1 MB, above the site's size before the run"] is True  # 60 MiB / 20 MiB = 3×
+    phases["throughput"]["sizes"][-1]["imsrelay"]["relay_peak_rss_mib"] = 200.0  # 5× in flight
+    assert _verdicts(phases)["peak memory at 1 MB, above the site's size before the run"] is False
+    assert v["relay end to end vs Postfix, 10 MB"] is None  # not run

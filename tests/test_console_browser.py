@@ -155,6 +155,9 @@ def test_organisation_tree_and_property_pages(page, lab):
     # a lab walked by hand (--stage) writes Exchange's 3-hour connector schedule
     expect(view.locator("table").nth(2)).to_contain_text(re.compile(r"SiteA\s*every 3 h"))
     expect(view).to_contain_text(f"127.10.10.100:{lab.smtp_port}")  # smart host
+    protocols = view.locator("#protocols")  # the Protocols page: site defaults, the server's own setting
+    expect(protocols).to_contain_text("site default, server uses the site's defaults")
+    expect(protocols).to_contain_text("Listeners")
 
 
 def test_recipients_with_proxy_addresses_and_where_known(page):
@@ -166,6 +169,7 @@ def test_recipients_with_proxy_addresses_and_where_known(page):
     expect(user1.locator("td").nth(2)).to_have_text("SiteA")
     for s in ("SiteA", "SiteB", "SiteC"):
         expect(user1.locator(".badge.ok", has_text=s)).to_have_count(1)
+    expect(user1.locator("td.protocols")).to_contain_text("IMAP4 default")  # the mailbox's Protocols tab
     expect(page.locator("tr[data-alias=alice]")).to_have_count(0)  # the Internet is not the organisation
     page.fill("#recipient-filter", "user two")
     expect(page.locator("table.recipients tbody tr")).to_have_count(1)

@@ -134,6 +134,10 @@ def test_recipients_join_the_sites_directories():
     assert user2["known_at"] == ["SiteA", "SiteB", "SiteC"]
     assert user2["differs_at"] == ["SiteA"]  # SiteA has not replicated SiteB's change yet
     assert rows[0]["known_at"] == ["SiteA"] and rows[0]["home_copy"] is True
+    assert rows[0]["protocols"] == {}  # no Protocols settings: the defaults
+    rows = recipients({"SiteB": {"mailboxes": [{**fresh, "protocols": {"imap4": False, "pop3": None}}]},
+                       "SiteC": {"mailboxes": [fresh]}})
+    assert rows[0]["protocols"] == {"imap4": False, "pop3": None}  # the home site's copy speaks
 
 
 def test_changed_topics():

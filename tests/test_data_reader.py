@@ -12,9 +12,10 @@ from imsrelay.ingress.data_reader import (
     SCAN_EVERY,
     DataResult,
     DataScanner,
-    normalise_bare_lf,
+    line_ends_clean,
     unstuff,
 )
+from imsrelay.transport.smtp_body import crlf_clean, dot_stuffed
 
 
 def reference(stream: bytes, *, size_limit: int | None, line_limit: int,
@@ -70,6 +71,9 @@ def scan(stream: bytes, cuts: list[int] | None = None, *, size_limit: int | None
     if s.outcome is DataResult.BARE_LF:
         return s.outcome, None, None
     content = s.content() if s.outcome is DataResult.OK else None
+    if content is not None and not s.dot_lines:  # "no line starts with a dot" is never wrong
+        assert not content.startswith(b".") and b"\r\n." not in content, content
+        assert dot_stuffed(content, known_dotless=True) == dot_stuffed(content)  # the plain path
     if s.outcome is not DataResult.OK:
         with pytest.raises(ValueError):
             s.content()
@@ -235,13 +239,17 @@ def test_nothing_is_taken_after_the_end():
     assert s.feed(b"QUIT\r\n") == 0 and s.content() == b"a\r\n"
 
 
-def test_normalise_bare_lf_is_the_regular_expression_it_replaces():
+def test_line_ends_clean_is_the_regular_expression_and_the_outbound_check_it_replaces():
     import re
     bare = re.compile(rb"(?<!\r)\n")
     rng = random.Random(2)
     for _ in range(3000):
         raw = b"".join(rng.choice([b"a", b"\r", b"\n", b"\r\n", b"\r\r\n", b"\n\n", b"."])
                        for _ in range(rng.randint(0, 30)))
-        assert normalise_bare_lf(raw) == bare.sub(b"\r\n", raw), raw
+        normalised, clean = line_ends_clean(raw)
+        assert normalised == bare.sub(b"\r\n", raw), raw
+        assert clean == crlf_clean(normalised), raw  # what outbound delivery would have counted
+        if not bare.search(raw):  # what the DATA reader lets through with bare_newline = "reject"
+            assert line_ends_clean(raw, bare_lf_possible=False) == (raw, crlf_clean(raw)), raw
     crlf = b"a\r\nb\r\n"
-    assert normalise_bare_lf(crlf) is crlf  # nothing to change: no copy
+    assert line_ends_clean(crlf)[0] is crlf  # nothing to change: no copy

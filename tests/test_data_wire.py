@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import structlog
 from sitekit import maildir_messages, make_config, running_site, site_mapping, wait_for
+from smtp_script_peer import ScriptPeer
 from smtp_wire import Wire, code
 
 from imsrelay.ingress.adapter import (
@@ -345,3 +346,41 @@ async def test_the_end_of_the_stream_mid_data_queues_nothing_and_answers_nothing
         server.close()
     assert after == b"" and handler.got == [], after
     assert not [e for e in logs if e.get("log_level") == "error"], logs
+
+
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+async def test_the_ingress_tells_outbound_delivery_whether_line_ends_are_clean(tmp_path, mode):
+    """A message whose every line ends in CRLF is queued with ``crlf``: outbound delivery
+    sends it without counting again.  One with a lone CR is not, and is sent with CRLF
+    line ends as before (the plain path)."""
+    peer = ScriptPeer()
+    port = await peer.start()
+    cfg = make_config(tmp_path, site_mapping(smtp={"bare_newline": mode}, email_domains=[
+        {"domain": "partner.test", "host": "127.0.0.1", "port": port}]))
+    messages = {"clean": b"Subject: clean\r\n\r\nline\r\n", "lone cr": b"Subject: cr\r\n\r\nlone\rcr\r\n",
+                "dot": b"Subject: dot\r\n\r\n..dot line\r\n"}
+    queued: list[dict[str, Any]] = []
+    try:
+        async with running_site(cfg) as site:
+            accept = site.accept
+
+            async def recording(env: Any, message: bytes) -> None:
+                queued.append(dict(env.extra))
+                await accept(env, message)
+
+            site.accept = recording  # type: ignore[method-assign]
+
+            def send(body: bytes) -> bytes:
+                with Wire(site.bound_port, timeout=30) as w:
+                    start_data(w, b"bob@partner.test")
+                    return w.cmd(body + b".")
+
+            for body in messages.values():
+                assert (await asyncio.to_thread(send, body)).startswith(b"250 ")
+            await wait_for(lambda: sum(len(s.bodies) for s in peer.sessions) == 3, timeout=30)
+    finally:
+        peer.close()
+    assert [(e.get("crlf"), e.get("dotless")) for e in queued] == [(True, True), (None, None), (True, None)]
+    bodies = sorted(b[b.index(b"Subject:"):] for s in peer.sessions for b in s.bodies)
+    assert bodies == [b"Subject: clean\r\n\r\nline\r\n.\r\n", b"Subject: cr\r\n\r\nlone\r\ncr\r\n.\r\n",
+                      b"Subject: dot\r\n\r\n..dot line\r\n.\r\n"]  # the dot line stuffed again

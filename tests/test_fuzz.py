@@ -366,9 +366,15 @@ def test_fuzz_admin_api(fuzzed_site):
 
     def one(n):
         method = rnd.choice(["GET", "POST", "DELETE", "PUT", "PATCH"])
-        status, answer = http(method, site["admin"], rnd.choice(paths), body() if method != "GET" else None,
+        path = rnd.choice(paths)  # (the arguments in the order the sequence has always drawn them)
+        data = body() if method != "GET" else None
+        status, answer = http(method, site["admin"], path, data,
                               token=rnd.choice([TOKEN, TOKEN, TOKEN, "wrong", None]), timeout=30)
-        assert status < 500, (method, status, answer[:300])
+        if status >= 500:  # say what the site logged, and how to draw this sequence again
+            errors = [line[:3000] for line in site["log"].read_text(errors="replace").splitlines()
+                      if "internal_error" in line]
+            raise AssertionError(f"IMSRELAY_FUZZ_SEED={SEED} request {n}: {method} {path} -> {status} "
+                                 f"{answer[:300]!r}; site log: {errors[-2:]}")
 
     run_for(SECONDS, one)
     healthy(site)

@@ -42,7 +42,7 @@ def test_pure_deciders_import_no_io():
 
 def test_value_modules_import_no_io():
     new = imported_by("import imsrelay.model.envelope, imsrelay.model.message, imsrelay.model.objects, imsrelay.model.errors, imsrelay.model.settings, "
-                      "imsrelay.queue.rules, imsrelay.policy.loops, imsrelay.model.outcome, imsrelay.transport.smtp_body, "
+                      "imsrelay.queue.rules, imsrelay.policy.mail_loops, imsrelay.model.outcome, imsrelay.transport.smtp_body, "
                       "imsrelay.ingress.data_reader")
     bad = {m for m in new if m in IO_MODULES}
     assert not bad, sorted(bad)

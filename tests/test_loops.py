@@ -1,6 +1,6 @@
-"""Loop detection (imsrelay.policy.loops, pure): the one owner of every "this came back" decision."""
+"""Loop detection (imsrelay.policy.mail_loops, pure): the one owner of every "this came back" decision."""
 
-from imsrelay.policy.loops import (
+from imsrelay.policy.mail_loops import (
     endpoints_for,
     is_self,
     points_at_self,

@@ -10,7 +10,7 @@ from imsrelay.policy.inbound import (
     check_storage,
     client_may_relay,
 )
-from imsrelay.policy.loops import check_hops, count_hops
+from imsrelay.policy.mail_loops import check_hops, count_hops
 from imsrelay.routing.router import local_domains_for
 
 POLICY = InboundPolicy(

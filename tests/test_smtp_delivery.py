@@ -485,7 +485,7 @@ def test_smtputf8_need_and_command_paths():
 
 
 def test_mx_list_is_cut_at_this_host_as_rfc5321_asks():
-    from imsrelay.policy.loops import without_self
+    from imsrelay.policy.mail_loops import without_self
     from imsrelay.routing.dns import NextHop
 
     me = frozenset({("127.0.0.1", 25), ("servera.sitea.microsoft.com", 25)})

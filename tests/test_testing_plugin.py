@@ -21,7 +21,7 @@ def test_attach_by_url_runs_the_sample_user_test(imsrelay_lab: LabClient, tmp_pa
                           "--imsrelay-url", url, "--rootdir", str(user_tests)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "1 passed" in out.stdout
+    assert "2 passed" in out.stdout  # mail seen over the API, then read over IMAP
     # the plugin's options are in pytest's help
     helptext = subprocess.run([sys.executable, "-m", "pytest", "--help"], capture_output=True, text=True,
                               timeout=120, cwd=tmp_path).stdout

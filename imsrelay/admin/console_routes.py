@@ -3,7 +3,7 @@
 
 =======  ==========================  ==========================================
 GET      /config                     IMS, Connected Sites, E-Mail Domain table,
-                                     smart host, replication connectors
+                                     smart host, replication connectors, IMAP4/POP3
 DELETE   /queue/QUEUE_ID             remove a queued message (no NDR, like
                                      ``imsrelay queue delete``)
 =======  ==========================  ==========================================
@@ -37,6 +37,11 @@ def config_dict(cfg: SiteConfig) -> dict[str, Any]:
         "smart_host": f"{d.smart_host}:{d.smart_host_port}" if d.smart_host else None,
         "replication_connectors": [{"site": c.site, "schedule": c.schedule, "schedule_text": schedule_text(c.schedule)}
                                    for c in cfg.replication.connectors],
+        # the server's Protocols: IMAP4 and POP3 (null: the site's defaults)
+        "access": {"enabled": cfg.access.enabled, "listen": cfg.access.listen or cfg.smtp.listen,
+                   "imap_port": cfg.access.imap_port, "imaps_port": cfg.access.imaps_port,
+                   "pop3_port": cfg.access.pop3_port, "pop3s_port": cfg.access.pop3s_port,
+                   "imap4": cfg.access.imap4, "pop3": cfg.access.pop3},
     }
 
 
@@ -53,9 +58,11 @@ def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
     """Register the console's admin endpoints (behind the admin token middleware)."""
 
     async def get_config(request: web.Request) -> web.Response:
+        """The site's static set-up (IMS, Connected Sites, E-Mail Domain table, smart host, connectors); no secrets."""
         return web.json_response(config_dict(site.config))
 
     async def delete_queued(request: web.Request) -> web.Response:
+        """Remove a queued message without an NDR (as `imsrelay queue delete`)."""
         queue_id = request.match_info["queue_id"]
         try:
             check_queue_id(queue_id)

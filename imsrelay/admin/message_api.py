@@ -30,6 +30,7 @@ from imsrelay.admin.message_store import (
     parse_time,
 )
 from imsrelay.admin.openapi import document
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.model.envelope import DEFERRED, QUEUED, queue_state
 from imsrelay.observe import tracking
 from imsrelay.observe.readiness import combined
@@ -201,6 +202,7 @@ class MessageApi:
                         "smtp": {"host": cfg.smtp.listen, "port": s.bound_port},
                         "admin": ({"host": s.admin.bound[0], "port": s.admin.bound[1]}
                                   if getattr(s, "admin", None) is not None and s.admin.bound else None),
+                        "access": access_info(s),
                         "data_dir": str(cfg.data_dir),
                         "ready": s.readiness.report().ready,
                         "queue": {"messages": s.qmgr.backlog},
@@ -404,6 +406,17 @@ def errors_middleware(log: Any) -> Any:
     return errors
 
 
+def access_info(site: Any) -> dict[str, Any] | None:
+    """Where a site's IMAP4 and POP3 listen (imsrelay.access), why not, or None (off)."""
+    access = getattr(site, "access", None)
+    if access is None:
+        return None
+    endpoints = access.endpoints
+    if endpoints is None:
+        return {"unavailable": access.problem}
+    return {"host": endpoints.host, **endpoints.ports}
+
+
 class LabEndpoint:
     """The embedded lab's one endpoint for every host (``127.10.10.1:8025``)."""
 
@@ -423,7 +436,8 @@ class LabEndpoint:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                          backlog=accept_backlog()).start()
         addresses = self._runner.addresses
         if addresses:
             self.port = addresses[0][1]

@@ -13,6 +13,9 @@ DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
 POST     /directory/mailboxes/ALIAS/password      ``{password_hash}`` (or ``{password}``)
 PUT      /directory/mailboxes/ALIAS/restrictions  ``{accept_from, reject_from,
                                      filter_senders, filter_action}``: lists replace
+PUT      /directory/mailboxes/ALIAS/protocols     ``{imap4, pop3}``: true, false or null
+                                     (the protocol defaults); a protocol left out is kept
+PUT      /directory/protocols        ``{imap4, pop3}``: the site's protocol defaults
 GET      /restrictions               the site's relay, accept, submission, filter rules
 POST     /restrictions/explain       ``{recipient, sender?, client?, auth?, local_address?}``
 POST     /replication/request-now    ``{site, full}``: Request Now
@@ -52,7 +55,14 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from imsrelay.admin.console_routes import add_console_routes
-from imsrelay.admin.message_api import OPEN_PATHS, BadRequest, MessageApi, Missing, envelope_items
+from imsrelay.admin.message_api import (
+    OPEN_PATHS,
+    BadRequest,
+    MessageApi,
+    Missing,
+    access_info,
+    envelope_items,
+)
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -63,6 +73,7 @@ from imsrelay.directory.store import (
     DirectoryInputError,
     DirectoryNotFound,
 )
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.flow_gate import FlowGate, backpressure_status
 from imsrelay.model.addresses import AddressError
 from imsrelay.model.errors import ConfigError
@@ -92,12 +103,28 @@ def mailbox_dict(m: Mailbox) -> dict[str, Any]:
     return {"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
             "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
             "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
-            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action}
+            "filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
+            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3}}
 
 
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
     return {"sites": [asdict(s) for s in directory.sites()],
             "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)]}
+
+
+def _protocol_changes(body: dict[str, Any]) -> dict[str, bool | None]:
+    """``{imap4, pop3}`` of a request: true, false or null; unknown keys refused."""
+    unknown = sorted(set(body) - {"imap4", "pop3"})
+    if unknown:
+        raise _BadRequest(f"unknown protocol {unknown[0]!r} (imap4, pop3)")
+    changes: dict[str, bool | None] = {}
+    for name, value in body.items():
+        if value is not None and not isinstance(value, bool):
+            raise _BadRequest(f"{name} must be true, false or null (the protocol defaults)")
+        changes[name] = value
+    if not changes:
+        raise _BadRequest("give imap4 and/or pop3: true, false or null")
+    return changes
 
 
 # ------------------------------------------------------------------ server
@@ -159,6 +186,8 @@ class AdminServer:
         r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
         r.add_post("/directory/mailboxes/{alias}/password", self.post_password)
         r.add_put("/directory/mailboxes/{alias}/restrictions", self.put_restrictions)
+        r.add_put("/directory/mailboxes/{alias}/protocols", self.put_mailbox_protocols)
+        r.add_put("/directory/protocols", self.put_site_protocols)
         r.add_get("/restrictions", self.get_restrictions)
         r.add_post("/restrictions/explain", self.post_explain)
         r.add_post("/replication/request-now", self.post_request_now)
@@ -184,7 +213,8 @@ class AdminServer:
         cfg = self.site.config.admin
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
+        tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True,
+                          backlog=accept_backlog(self.site.config.smtp.listen_backlog))
         await tcp.start()
         addresses = self._runner.addresses
         port = addresses[0][1] if addresses else cfg.port
@@ -240,6 +270,7 @@ class AdminServer:
     # -------------------------------------------------------------- handlers
 
     async def get_status(self, request: web.Request) -> web.Response:
+        """The site at a glance: listeners, queue (with backpressure), directory, replication (key scheme, trusted sites), Transfer mode, workers."""
         site = self.site
         cfg = site.config
         directory = site.directory
@@ -253,6 +284,7 @@ class AdminServer:
             "site_addressing": own.smtp_address if own else None,
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
+            "access": access_info(site),
             "local_mailboxes": mailboxes,
             "queue": {"messages": await self._queue_size(), "workers": site.workers,
                       "backpressure": backpressure_status(site.flow)},
@@ -267,10 +299,12 @@ class AdminServer:
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
+        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions) and sites; `?site=` for one site's."""
         directory = self.site.directory
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 
     async def post_mailbox(self, request: web.Request) -> web.Response:
+        """Create a mailbox: `{"alias", "display_name"}` (409 when the alias exists)."""
         body = await _json_body(request)
         alias = _field(body, "alias", str, required=True)
         display = _field(body, "display_name", str) or None
@@ -281,6 +315,7 @@ class AdminServer:
         return web.json_response(mailbox_dict(mbx), status=201)
 
     async def delete_mailbox(self, request: web.Request) -> web.Response:
+        """Delete a mailbox homed here (a tombstone that replicates)."""
         alias = request.match_info["alias"]
         directory = self.site.directory
         if await directory.run(directory.mailbox, alias) is None:
@@ -290,6 +325,7 @@ class AdminServer:
         return web.json_response({"deleted": alias, "site": self.site.config.site})
 
     async def post_password(self, request: web.Request) -> web.Response:
+        """Set a mailbox's SMTP AUTH password: `{"password_hash"}` (scrypt, from `imsrelay directory hash-password`) or `{"password"}`."""
         alias = request.match_info["alias"]
         body = await _json_body(request)
         stored = _field(body, "password_hash", str)
@@ -310,6 +346,7 @@ class AdminServer:
         return web.json_response({"alias": alias, "site": self.site.config.site, "password": "set"})
 
     async def put_restrictions(self, request: web.Request) -> web.Response:
+        """A mailbox's Delivery Restrictions and Message Filter: `{"accept_from", "reject_from", "filter_senders", "filter_action"}`; a list given replaces the old one."""
         alias = request.match_info["alias"]
         body = await _json_body(request)
         lists = {}
@@ -326,10 +363,32 @@ class AdminServer:
                            filter_senders=list(mbx.sender_rules.filter_senders))
         return web.json_response(mailbox_dict(mbx))
 
+    async def put_mailbox_protocols(self, request: web.Request) -> web.Response:
+        """A mailbox's IMAP4/POP3 Protocols settings: `{"imap4": true|false|null, "pop3": …}`
+        (null: the server's and site's); replicated with the mailbox."""
+        alias = request.match_info["alias"]
+        changes = _protocol_changes(await _json_body(request))
+        directory = self.site.directory
+        mbx = await directory.run(directory.set_mailbox_protocols, alias, changes)
+        self.site.log.info("directory.protocols_set", alias=alias, imap4=mbx.protocols.imap4, pop3=mbx.protocols.pop3)
+        return web.json_response(mailbox_dict(mbx))
+
+    async def put_site_protocols(self, request: web.Request) -> web.Response:
+        """The site's IMAP4/POP3 Protocols defaults (`{"imap4": …, "pop3": …}`), replicated in the
+        site object."""
+        changes = _protocol_changes(await _json_body(request))
+        directory = self.site.directory
+        site = await directory.run(directory.set_site_protocols, changes)
+        self.site.log.info("directory.protocols_set", site=site.name, imap4=site.protocols.imap4,
+                           pop3=site.protocols.pop3)
+        return web.json_response(asdict(site))
+
     async def get_restrictions(self, request: web.Request) -> web.Response:
+        """The site's own rules: Routing Restrictions, accept rules, Message Filtering, AUTH and submission settings."""
         return web.json_response(site_rules(self.site.config))
 
     async def post_explain(self, request: web.Request) -> web.Response:
+        """What the site would answer a client, and which rule applies: `{"recipient", "sender", "client", "auth", "local_address", "encrypted"}` (as `imsrelay route --from`)."""
         body = await _json_body(request)
         question = Question(recipient=_field(body, "recipient", str, required=True),
                             sender=_field(body, "sender", str), client=_field(body, "client", str),
@@ -348,19 +407,23 @@ class AdminServer:
         return self.site.replicator
 
     async def post_request_now(self, request: web.Request) -> web.Response:
+        """Request Now from a peer: `{"site", "full"}` (`full`: all items, not only new and modified ones)."""
         body = await _json_body(request)
         peer = _field(body, "site", str, required=True)
         full = bool(_field(body, "full", bool))
         return web.json_response(await self._replicator().request_now(peer, full=full), status=202)
 
     async def get_replication_status(self, request: web.Request) -> web.Response:
+        """Per-peer replication state: schedule, high-water mark, invocation, last request and reply, applied batches, backlog, last error."""
         return web.json_response(await self._replicator().status())
 
     async def post_check_now(self, request: web.Request) -> web.Response:
+        """Check Now (knowledge consistency check): the sites it learned and its findings."""
         result = await self.site.check_now()
         return web.json_response(result.as_dict())
 
     async def get_site_addressing(self, request: web.Request) -> web.Response:
+        """The site's SMTP Site Addressing and routing address."""
         directory = self.site.directory
         own = await directory.run(directory.site_object)
         cfg = self.site.config
@@ -370,6 +433,7 @@ class AdminServer:
                                   "keep_old_address": cfg.replication.keep_old_address})
 
     async def post_site_addressing(self, request: web.Request) -> web.Response:
+        """Set Site Addressing: `{"address", "update_mailboxes", "keep_old"}`; with `update_mailboxes`, the bulk update of every mailbox homed here."""
         body = await _json_body(request)
         address = _field(body, "address", str, required=True)
         update = bool(_field(body, "update_mailboxes", bool))
@@ -396,10 +460,12 @@ class AdminServer:
         return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
+        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's)."""
         return web.json_response({"messages": envelope_items(await self._all_envelopes(),
                                                              held=self.site.qmgr.held_recipients)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
+        """Retry now: `{"queue_id"}` for one message, `{}` for all."""
         body = await _json_body(request) if request.can_read_body else {}
         queue_id = _field(body, "queue_id", str)
         if queue_id and queue_id not in self.site.qmgr.envelopes:
@@ -408,10 +474,12 @@ class AdminServer:
 
 
     async def get_transfer_mode(self, request: web.Request) -> web.Response:
+        """The Transfer mode and how many messages it holds."""
         return web.json_response({"site": self.site.config.site, "mode": self.site.transfer_mode.value,
                                   "held_messages": self.site.qmgr.held_messages()})
 
     async def put_transfer_mode(self, request: web.Request) -> web.Response:
+        """Change the Transfer mode at once: `{"mode": "none"}` (`inbound-outbound`, `inbound`, `outbound`, `none`)."""
         body = await _json_body(request)
         try:
             mode = parse_mode(_field(body, "mode", str, required=True))
@@ -421,9 +489,11 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "mode": mode.value, "previous": previous.value})
 
     async def get_faults(self, request: web.Request) -> web.Response:
+        """The faults on demand of this site."""
         return web.json_response({"site": self.site.config.site, "faults": self.site.faults.listing()})
 
     async def post_fault(self, request: web.Request) -> web.Response:
+        """Add a fault on demand (`imsrelay faults add` sends this)."""
         body = await _json_body(request)
         try:
             fault = self.site.faults.add(body)
@@ -432,6 +502,7 @@ class AdminServer:
         return web.json_response(fault.as_dict(remaining=fault.sessions, now=self.site.clock()), status=201)
 
     async def delete_faults(self, request: web.Request) -> web.Response:
+        """Clear every fault, or the one named in the path."""
         fault_id = request.match_info.get("fault_id")
         try:
             removed = self.site.faults.clear([fault_id] if fault_id else None)
@@ -440,6 +511,7 @@ class AdminServer:
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
+        """PerfMon counters as Prometheus metrics (text format 0.0.4); no token unless `metrics.require_token`."""
         if not self.site.config.metrics.enabled:
             return web.json_response({"error": "metrics are disabled at this site (metrics.enabled = false)"},
                                      status=404)

@@ -1,4 +1,4 @@
-"""``imsrelay directory list|add|delete|passwd|restrict|hash-password`` — the site's directory.
+"""``imsrelay directory list|show|add|delete|passwd|restrict|protocols|hash-password`` — the site's directory.
 
 ``list`` reads the database; ``add``/``delete``/``passwd``/``restrict`` go through the
 running site's admin endpoint, or (``--offline``) change the stopped site's database
@@ -19,7 +19,9 @@ from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
 from imsrelay.directory.store import Directory, DirectoryError, DirectoryNotFound
 from imsrelay.model.errors import UserError
-from imsrelay.model.objects import Mailbox
+from imsrelay.model.objects import Mailbox, Protocols, SiteObject
+from imsrelay.model.settings import ACCESS_PROTOCOLS, SiteConfig
+from imsrelay.policy import protocols as protocol_policy
 from imsrelay.policy.auth import PasswordError, hash_password
 
 
@@ -71,6 +73,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rs.add_argument("--filter-action", choices=("delete", "turf"), help="what filtering does (default turf)")
     rs.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
     rs.set_defaults(func=cmd_restrict)
+    sh = dsub.add_parser("show", help="a mailbox's properties: addresses, restrictions, protocols",
+                         description="Show a mailbox's property pages as the directory holds them (read from the "
+                                     "site's database): General, E-mail Addresses, Delivery Restrictions, and "
+                                     "Protocols with what is in force at this server (site, server, mailbox).")
+    sh.add_argument("alias", help="the mailbox alias")
+    add_site_options(sh)
+    sh.add_argument("--site", help="the mailbox's home site (default: this site)")
+    sh.add_argument("--json", action="store_true", help="machine-readable output")
+    sh.set_defaults(func=cmd_show)
+    pr = dsub.add_parser("protocols", help="enable or disable IMAP4 and POP3 for a mailbox or the site",
+                         description="Exchange 5.5's Protocols settings (Q233081): for a mailbox homed at this "
+                                     "site (ALIAS; replicates with it) or, with --site-defaults, the site's "
+                                     "defaults (they replicate with the site).  on / off, or default: use the "
+                                     "defaults of the level above (the server's [access] imap4/pop3, then the "
+                                     "site's).  Without --imap4/--pop3: show them.")
+    pr.add_argument("alias", nargs="?", help="the mailbox alias")
+    pr.add_argument("--site-defaults", action="store_true", help="change the site's protocol defaults")
+    for name in ("imap4", "pop3"):
+        pr.add_argument(f"--{name}", choices=("on", "off", "default"), help=f"{name.upper()}: on, off or default")
+    add_site_options(pr)
+    pr.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    pr.set_defaults(func=cmd_protocols)
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
@@ -229,3 +253,104 @@ def _print_rules(site: str, alias: str, accept: Sequence[str], reject: Sequence[
 
     print(f"{site}: {alias}: accept from {show(accept, '(everyone)')}; reject from {show(reject, '(nobody)')}; "
           f"filter {show(filtered, '(nobody)')} ({action})")
+
+
+# ------------------------------------------------------------------ show, protocols
+
+_SETTING = {True: "on", False: "off", None: "default"}
+
+
+def protocol_lines(config: SiteConfig, site: SiteObject | None, mbx: Mailbox) -> list[str]:
+    """The Protocols page of a mailbox homed here: each level's setting and the result."""
+    site_protocols = site.protocols if site is not None else Protocols()
+    lines = []
+    for p in ACCESS_PROTOCOLS:
+        server = config.access.server_setting(p)
+        refusal = protocol_policy.refusal(p, site=site_protocols, server=server, mailbox=mbx.protocols,
+                                          site_name=config.site, server_name=config.server, alias=mbx.alias)
+        served = "" if config.access.enabled else " (this server does not run IMAP4/POP3: [access] enabled)"
+        lines.append(f"  {protocol_policy.NAMES[p]:<6} site {_SETTING[site_protocols.get(p)]:<8} "
+                     f"server {_SETTING[server]:<8} mailbox {_SETTING[mbx.protocols.get(p)]:<8} -> "
+                     + ("enabled" if refusal is None else f"disabled ({refusal})") + served)
+    return lines
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    directory = open_directory(args)
+    try:
+        home = args.site or config.site
+        mbx = directory.mailbox(args.alias, home)
+        if mbx is None:
+            raise UserError(f"{config.site}: no mailbox {args.alias} homed at {home}", status=1)
+        site = directory.site_object(home)
+        has_password = directory.has_password(mbx.alias) if home == config.site else None
+    finally:
+        directory.close()
+    r = mbx.sender_rules
+    if args.json:
+        print(json.dumps({"alias": mbx.alias, "display_name": mbx.display_name, "home_site": mbx.home_site,
+                          "proxy_addresses": list(mbx.proxy_addresses), "password": has_password,
+                          "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
+                          "filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
+                          "protocols": {"imap4": mbx.protocols.imap4, "pop3": mbx.protocols.pop3},
+                          "site_protocols": ({"imap4": site.protocols.imap4, "pop3": site.protocols.pop3}
+                                             if site else None)}, indent=2))
+        return 0
+    print(f"{mbx.alias} ({mbx.display_name}), homed at {mbx.home_site}")
+    print("  E-mail addresses: " + " ".join(mbx.proxy_addresses))
+    if has_password is not None:
+        print(f"  password: {'set' if has_password else 'none (no SMTP AUTH, IMAP4 or POP3 login)'}")
+    print(f"  delivery restrictions: accept from {', '.join(r.accept_from) or '(everyone)'}; "
+          f"reject from {', '.join(r.reject_from) or '(nobody)'}; filter {', '.join(r.filter_senders) or '(nobody)'}")
+    print("Protocols:")
+    if home == config.site:
+        for line in protocol_lines(config, site, mbx):
+            print(line)
+    else:
+        print(f"  IMAP4 {_SETTING[mbx.protocols.imap4]}, POP3 {_SETTING[mbx.protocols.pop3]} "
+              f"(in force at {home}'s server)")
+    return 0
+
+
+def _protocol_changes(args: argparse.Namespace) -> dict[str, bool | None]:
+    values = {"on": True, "off": False, "default": None}
+    return {p: values[getattr(args, p)] for p in ACCESS_PROTOCOLS if getattr(args, p) is not None}
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    if bool(args.alias) == bool(args.site_defaults):
+        raise UserError("name a mailbox (ALIAS) or give --site-defaults")
+    changes = _protocol_changes(args)
+    if args.site_defaults:
+        if changes and not args.offline:
+            site = cli_call(config, "PUT", "/directory/protocols", changes)
+            p = Protocols.from_data({k: v for k, v in site["protocols"].items() if v is not None})
+        elif changes:
+            p = _offline(args, config, lambda d: d.set_site_protocols(changes)).protocols
+        else:
+            directory = open_directory(args)
+            try:
+                own = directory.site_object()
+            finally:
+                directory.close()
+            p = own.protocols if own else Protocols()
+        print(f"{config.site}: site protocol defaults: IMAP4 {_SETTING[p.imap4]}, POP3 {_SETTING[p.pop3]}")
+        return 0
+    if changes and not args.offline:
+        cli_call(config, "PUT", f"/directory/mailboxes/{args.alias}/protocols", changes)
+    elif changes:
+        _offline(args, config, lambda d: d.set_mailbox_protocols(args.alias, changes))
+    directory = open_directory(args)
+    try:
+        mbx = directory.mailbox(args.alias)
+        site = directory.site_object()
+    finally:
+        directory.close()
+    if mbx is None:
+        raise UserError(f"{config.site}: no mailbox {args.alias}", status=1)
+    print(f"{config.site}: {mbx.alias}: protocols")
+    for line in protocol_lines(config, site, mbx):
+        print(line)
+    return 0

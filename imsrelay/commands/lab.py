@@ -17,6 +17,7 @@ from imsrelay.commands.serve import run_until_signalled
 from imsrelay.console.lab_console import lab_console
 from imsrelay.console.server import ConsoleServer
 from imsrelay.lab.embedded import (
+    ACCESS_PORTS,
     ADMIN_TOKEN,
     API_HOST,
     STAGE_NAMES,
@@ -50,6 +51,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="each site's submission port, STARTTLS + AUTH (default 2587)")
     p.add_argument("--smtps-port", type=int, default=2465,
                    help="each site's implicit-TLS submission port (default 2465)")
+    for option, key, what in (("--imap-port", "imap_port", "IMAP4 port, STARTTLS"),
+                              ("--imaps-port", "imaps_port", "IMAP4 implicit-TLS port"),
+                              ("--pop3-port", "pop3_port", "POP3 port, STLS"),
+                              ("--pop3s-port", "pop3s_port", "POP3 implicit-TLS port")):
+        p.add_argument(option, type=whole_number(0, 65535, "a TCP port (0: that listener off)"),
+                       default=ACCESS_PORTS[key], help=f"each site's {what} (default {ACCESS_PORTS[key]}; Dovecot)")
+    p.add_argument("--dovecot", default="dovecot",
+                   help="the Dovecot binary the sites run for IMAP4/POP3 (default: dovecot, from PATH or /usr/sbin)")
     p.add_argument("--api-host", default=None,
                    help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
     p.add_argument("--api-port", type=whole_number(0, 65535, "a TCP port (0: any free one)"), default=8025,
@@ -110,7 +119,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
                   hand=args.stage != "end", say=lambda s: print(s, flush=True),
                   detail=(lambda s: print(s, flush=True)) if verbose else None,
                   api_host=args.api_host or API_HOST, api_port=args.api_port,
-                  submission_port=args.submission_port, smtps_port=args.smtps_port)
+                  submission_port=args.submission_port, smtps_port=args.smtps_port,
+                  access_ports={k: getattr(args, k) for k in ACCESS_PORTS}, dovecot=args.dovecot)
         data.mkdir(parents=True, exist_ok=True)
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))

@@ -25,7 +25,7 @@ from imsrelay.model.addresses import AddressError, ip_literal, parse_address
 from imsrelay.model.errors import UserError
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.logs import configure_logging
-from imsrelay.policy.loops import is_self, without_self
+from imsrelay.policy.mail_loops import is_self, without_self
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.host_addresses import site_endpoints
 from imsrelay.routing.router import (

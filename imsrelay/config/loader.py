@@ -38,6 +38,7 @@ from imsrelay.model.settings import (
     DIAGNOSTIC_LEVELS,
     REPLICATION_ALWAYS,
     SMTP_PORT,
+    AccessConfig,
     AdminConfig,
     AuthConfig,
     ConnectedSite,
@@ -223,7 +224,7 @@ class _Section:
         elif not isinstance(value, dict):
             self.error(name, "must be a table")
             value = {}
-        return _Section(self.path, self.key(name), value, self.errors)
+        return type(self)(self.path, self.key(name), value, self.errors)
 
     def tables(self, name: str) -> list[_Section]:
         result = []
@@ -231,7 +232,7 @@ class _Section:
             if not isinstance(item, dict):
                 self.item_error(name, i, "must be a table")
                 continue
-            result.append(_Section(self.path, f"{self.key(name)}[{i}]", item, self.errors))
+            result.append(type(self)(self.path, f"{self.key(name)}[{i}]", item, self.errors))
         return result
 
     def reject_unknown(self) -> None:
@@ -315,6 +316,7 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         queue_minfree=s.integer("queue_minfree", minimum=0),
         max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
         max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+        listen_backlog=s.integer("listen_backlog", minimum=0, maximum=65535),
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
         banner=_banner(s),
@@ -679,6 +681,25 @@ def _load_submission(s: _Section) -> SubmissionConfig:
     return cfg
 
 
+def _load_access(s: _Section) -> AccessConfig:
+    def port(name: str) -> Any:  # 0: that listener is off
+        value = s.port(name, allow_zero=True)
+        return None if value == 0 else value
+
+    mail_user = s.string("mail_user")
+    if mail_user is not MISSING and (not mail_user or mail_user == "root" or not _USER.fullmatch(mail_user)):
+        mail_user = s.error("mail_user", f"{mail_user!r} is not a user name other than root")
+    cfg = _build(AccessConfig, enabled=s.boolean("enabled"), listen=_listen(s, "listen"),
+                 imap_port=port("imap_port"), imaps_port=port("imaps_port"), pop3_port=port("pop3_port"),
+                 pop3s_port=port("pop3s_port"), imap4=s.boolean("imap4"), pop3=s.boolean("pop3"),
+                 dovecot=s.string("dovecot"), mail_user=mail_user)
+    s.reject_unknown()
+    return cfg
+
+
+_USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
+
+
 def _load_restrictions(s: _Section, config_dir: Path) -> RestrictionsConfig:
     senders = []
     for i, entry in s.strings("filter_senders"):
@@ -794,8 +815,14 @@ def load_config(path: Path | str, *, data_dir: Path | None = None) -> SiteConfig
 
 
 def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | None = None) -> SiteConfig:
-    errors: list[ConfigError] = []
-    root = _Section(path, "", raw, errors)
+    return config_from_root(_Section(path, "", raw, []), data_dir=data_dir)
+
+
+def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteConfig:
+    """The site's settings from its file's root table (``imsrelay.config.reference`` passes
+    a section that records which key is read as what)."""
+    errors = root.errors
+    path = root.path
     config_dir = path.parent
     site = root.table_of("site")
     organisation = site.string("organisation", required=True)
@@ -834,6 +861,11 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
     auth = _load_auth(root.table_of("auth"))
     submission = _load_submission(root.table_of("submission"))
     restrictions = _load_restrictions(root.table_of("restrictions"), config_dir)
+    access = _load_access(root.table_of("access"))
+    if access.enabled and (access.imaps_port or access.pop3s_port) and not (smtp.tls_cert or smtp.tls_generate):
+        root.errors.append(ConfigError(path, "access.imaps_port" if access.imaps_port else "access.pop3s_port",
+                                       "implicit TLS needs a certificate: set smtp.tls_cert and smtp.tls_key "
+                                       "(or smtp.tls_generate = true), or set the port to 0"))
     if (submission.port is not None or submission.tls_port is not None) and not (
             smtp.tls_cert or smtp.tls_generate):
         root.errors.append(ConfigError(path, "submission.port" if submission.port is not None else
@@ -859,7 +891,7 @@ def config_from_mapping(raw: Mapping[str, Any], path: Path, *, data_dir: Path | 
         smtp=smtp, mailboxes=mailboxes, delivery=delivery, queue=queue, dns=dns,
         connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
-        auth=auth, submission=submission, restrictions=restrictions,
+        auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
         console=console, lab=lab,

@@ -1,5 +1,5 @@
 """TOML text the way a person writes a site file: tables as ``[section]`` and arrays
-of tables as ``[[connected_sites]]`` blocks — the form the README tells people to
+of tables as ``[[connected_sites]]`` blocks — the form the docs tell people to
 add — never inline ``name = [{...}]`` arrays (which a ``[[name]]`` added by hand
 could not extend).  Values are rendered by tomli_w; this module only lays out the
 headers (pure)."""

@@ -46,6 +46,7 @@ from imsrelay.console.html_safety import (
 from imsrelay.console.live import LiveFeed
 from imsrelay.console.sessions import COOKIE, CSRF_HEADER, Session, Sessions
 from imsrelay.console.views import recipients
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.observe.logs import get_logger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,8 +74,11 @@ class StageControl(Protocol):
 
 class ConsoleServer:
     def __init__(self, organisation: Organisation, token: str, *, listen: str = "127.0.0.1", port: int = 8080,
-                 stage: StageControl | None = None, title: str = "imsrelay", live_interval: float = 1.0) -> None:
+                 stage: StageControl | None = None, title: str = "imsrelay", live_interval: float = 1.0,
+                 backlog: int = 0) -> None:
+        """``backlog``: the listening socket's accept queue (0: the kernel's maximum)."""
         self.org = organisation
+        self.backlog = backlog
         self.sessions = Sessions(token)
         self.listen = listen
         self.port = port
@@ -114,7 +118,8 @@ class ConsoleServer:
         await self.org.start()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.listen, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.listen, self.port, reuse_address=True,
+                           backlog=accept_backlog(self.backlog))
         await site.start()
         addresses = self._runner.addresses
         self.bound = (self.listen, addresses[0][1] if addresses else self.port)

@@ -16,5 +16,5 @@ def site_console(cfg: SiteConfig, admin: tuple[str, int], token: str) -> Console
     elif host == "::":
         host = "::1"
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    return ConsoleServer(Organisation([base], token), token, listen=cfg.console.listen, port=cfg.console.port,
+    return ConsoleServer(Organisation([base], token), token, listen=cfg.console.listen, port=cfg.console.port, backlog=cfg.smtp.listen_backlog,
                          title=cfg.organisation)

@@ -23,6 +23,7 @@ def recipients(directories: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"alias": own["alias"], "display_name": own.get("display_name") or own["alias"],
                      "home_site": home, "primary_address": own.get("primary_address"),
                      "proxy_addresses": addresses, "known_at": sorted(by_site),
+                     "protocols": dict(own.get("protocols") or {}),
                      "home_copy": home in by_site, "differs_at": stale})
     return rows
 

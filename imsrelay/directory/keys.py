@@ -8,7 +8,7 @@ trusted public keys (``[replication.trusted_keys]``, provisioned at set-up with
 it says it comes from, and every directory object it carries must bear its *home*
 site's signature: a site can speak only for the objects it owns, also when another
 site relays them.  With the shared key any holder can speak for any site; only
-objects homed at the receiving site are protected (documented in the README)."""
+objects homed at the receiving site are protected (docs/explanation/replication.md, "Security")."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imsrelay.model.addresses import AddressError, normalise_domain, parse_address, parse_proxy
-from imsrelay.model.objects import BulkReport, DirObject, Mailbox, SiteObject, Stamp
+from imsrelay.model.objects import BulkReport, DirObject, Mailbox, Protocols, SiteObject, Stamp
 from imsrelay.policy.restrictions import FILTER_ACTIONS, check_entries, rules_from_data
 
 SCHEMA = """
@@ -146,13 +146,14 @@ def site_id(name: str) -> str:
 def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox:
     rules = rules_from_data(obj_data)
     return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
-                   tuple(obj_data.get("proxy_addresses", ())), deleted, rules)
+                   tuple(obj_data.get("proxy_addresses", ())), deleted, rules,
+                   Protocols.from_data(obj_data.get("protocols")))
 
 
 def _site_from(data: dict[str, Any]) -> SiteObject:
     return SiteObject(data["name"], data.get("server", ""), data.get("organisation", ""),
                       data.get("smtp_address", ""), data.get("routing_address", ""),
-                      data.get("hostname", ""))
+                      data.get("hostname", ""), Protocols.from_data(data.get("protocols")))
 
 
 class Directory:
@@ -533,6 +534,39 @@ class Directory:
             self._notify()
         return _mailbox_from(obj.data, self.site, False)
 
+    # ---------------------------------------------------------------- protocols (IMAP4, POP3)
+
+    def set_mailbox_protocols(self, alias: str, changes: dict[str, bool | None]) -> Mailbox:
+        """A local mailbox's Protocols settings: per protocol True, False or None (use
+        the defaults); protocols not named keep their setting.  Replicates with it."""
+        obj = self._load(mailbox_id(self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryNotFound(f"no mailbox {alias} at {self.site}")
+        data = dict(obj.data)
+        data["protocols"] = _changed_protocols(data.get("protocols"), changes)
+        if not data["protocols"]:
+            del data["protocols"]
+        if data != obj.data:
+            with self._transaction():
+                obj = self._local_change(obj.object_id, "mailbox", data)
+            self._notify()
+        return _mailbox_from(obj.data, self.site, False)
+
+    def set_site_protocols(self, changes: dict[str, bool | None]) -> SiteObject:
+        """This site's protocol defaults (the site's Protocols container); they replicate."""
+        obj = self._load(site_id(self.site))
+        if obj is None or obj.deleted:
+            raise DirectoryError("this site is not provisioned")
+        data = dict(obj.data)
+        data["protocols"] = _changed_protocols(data.get("protocols"), changes)
+        if not data["protocols"]:
+            del data["protocols"]
+        if data != obj.data:
+            with self._transaction():
+                obj = self._local_change(obj.object_id, "site", data)
+            self._notify()
+        return _site_from(obj.data)
+
     # ---------------------------------------------------------------- credentials
 
     def set_password_hash(self, alias: str, password_hash: str, *, replicate: bool = False) -> None:
@@ -727,6 +761,20 @@ class Directory:
 
     def rejection_counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT reason, count FROM rejections").fetchall())
+
+
+def _changed_protocols(current: Any, changes: dict[str, bool | None]) -> dict[str, bool]:
+    """``current`` protocol data with ``changes`` applied (None removes a setting)."""
+    known = ("imap4", "pop3")
+    data = Protocols.from_data(current).as_data()
+    for protocol, value in changes.items():
+        if protocol not in known:
+            raise DirectoryInputError(f"unknown protocol {protocol!r} (imap4 or pop3)")
+        if value is None:
+            data.pop(protocol, None)
+        else:
+            data[protocol] = bool(value)
+    return data
 
 
 class _Tx:

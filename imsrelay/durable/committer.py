@@ -35,6 +35,7 @@ class Write:
     data: bytes
     tmp_dir: Path | None = None
     unless_exists: tuple[Path, ...] = ()
+    owner: tuple[int, int] | None = None  # (uid, gid) the file is given (a Maildir read by another user)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _apply_batch(batch: list[tuple[Sequence[Op], bool]], tmp_dir: Path,
             for op in ops:
                 if isinstance(op, Write):
                     group.stage(i, op.path, op.data, tmp_dir=op.tmp_dir, durable=durable,
-                                unless_exists=op.unless_exists)
+                                unless_exists=op.unless_exists, owner=op.owner)
                 elif isinstance(op, Unlink):
                     try:
                         os.unlink(op.path)

@@ -66,15 +66,18 @@ class FileGroup:
         self._errors: dict[int, OSError] = {}
 
     def stage(self, request: int, path: Path, data: bytes, *, tmp_dir: Path | None = None, durable: bool = True,
-              unless_exists: tuple[Path, ...] = ()) -> None:
+              unless_exists: tuple[Path, ...] = (), owner: tuple[int, int] | None = None) -> None:
         """Write ``data`` under a temporary name; it becomes ``path`` in ``finish``.
         Skipped when one of ``unless_exists`` is there (an earlier delivery).
+        ``owner``: the (uid, gid) the file is given.
         OSError (the temporary file removed) when it cannot be written."""
         if unless_exists and any(p.exists() for p in unless_exists):
             return
         tmp = (tmp_dir or self.default_tmp) / f"{path.name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

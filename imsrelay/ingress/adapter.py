@@ -467,6 +467,7 @@ class ImsSMTP(SMTP):
                     return
         self.envelope.content = content
         self.envelope.original_content = original_content
+        self.envelope.dot_lines = scanner.dot_lines  # type: ignore[attr-defined]  # (read by the handler)
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)

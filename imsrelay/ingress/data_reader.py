@@ -58,6 +58,7 @@ class DataScanner:
         self._checked = 0  # lines of _buf before this offset are known to be fine
         self._counted = 0  # their bytes (aiosmtpd's num_bytes)
         self._end: int | None = None  # offset of the final "." line
+        self.dot_lines = True  # known after content(): whether a line of the message starts with a dot
 
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes; how many of them belong to DATA (``len(chunk)`` unless
@@ -101,7 +102,10 @@ class DataScanner:
         if not self.done or self.outcome is not DataResult.OK or self._end is None:
             raise ValueError("no message: DATA is not over, or it was refused")
         raw = bytes(memoryview(self._buf)[:self._end])
-        return unstuff(raw)
+        # One search tells whether any line starts with a dot (each such line came stuffed):
+        # when none does, there is nothing to un-stuff here, nor to stuff on the way out.
+        self.dot_lines = raw[:1] == b"." or raw.find(b"\r\n.") >= 0
+        return unstuff(raw) if self.dot_lines else raw
 
     # -- the line checks (aiosmtpd's TOO_LONG / TOO_MUCH, first in the stream wins)
     def _due(self) -> bool:
@@ -144,12 +148,16 @@ def unstuff(raw: bytes) -> bytes:
     return raw.replace(b"\r\n.", CRLF)
 
 
-def normalise_bare_lf(raw: bytes) -> bytes:
-    """Every bare LF in a message becomes CRLF (RFC 5321 2.3.8; ``smtp.bare_newline =
-    "normalize"``); a CR is left as it is.  Two counts find most messages have none."""
-    if raw.count(b"\n") == raw.count(CRLF):
-        return raw
-    return raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+def line_ends_clean(raw: bytes, *, bare_lf_possible: bool = True) -> tuple[bytes, bool]:
+    """(the message with every bare LF made CRLF, whether every CR and LF of it now
+    belongs to a CRLF pair).  Outbound delivery must send CRLF line ends
+    (``imsrelay.transport.smtp_body``); knowing this at ingress spares it three
+    whole-message passes.  ``bare_lf_possible=False`` (the DATA reader refused bare LFs
+    already) skips the slow two-byte count.  The counts of CR and LF are fast."""
+    lfs = raw.count(b"\n")
+    if bare_lf_possible and raw.count(CRLF) != lfs:
+        raw = raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+    return raw, raw.count(b"\r") == lfs
 
 
 def _has_bare_lf(previous: int, data: bytes) -> bool:

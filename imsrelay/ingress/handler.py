@@ -1,7 +1,7 @@
 """The site's SMTP handler: aiosmtpd's hooks between the wire and policy / rewrite / queue.
 
 Nothing here decides anything on its own: RCPT asks ``policy.inbound.check_recipient``
-with what the directory said; DATA asks ``loops.check_hops`` and ``loops.seen_before``
+with what the directory said; DATA asks ``mail_loops.check_hops`` and ``mail_loops.seen_before``
 (through the site), rewrites with ``rewrite.rewrite_message`` and hands the bytes to
 the queue's door.  ``250`` is answered only after the door says the message is
 durable.  Any unexpected error answers ``451 4.3.0`` so the client retries
@@ -32,7 +32,7 @@ from imsrelay.ingress.adapter import (
     _peer_ip,
     _read_credentials,
 )
-from imsrelay.ingress.data_reader import normalise_bare_lf
+from imsrelay.ingress.data_reader import line_ends_clean
 from imsrelay.ingress.ports import Ingress
 from imsrelay.model.addresses import AddressError, parse_address
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
@@ -46,7 +46,7 @@ from imsrelay.policy.inbound import (
     check_size,
     check_storage,
 )
-from imsrelay.policy.loops import check_hops
+from imsrelay.policy.mail_loops import check_hops
 from imsrelay.policy.restrictions import (
     Client,
     FilterDecision,
@@ -235,8 +235,8 @@ class SiteHandler:
         # Header work on a large message runs off the loop (docs/design.md invariant 7); on a
         # small one it takes microseconds, less than the hop to a thread and back.
         small = len(raw) <= HEADER_WORK_ON_LOOP
-        raw, refusal, header_addrs = (self._examine(raw, rules.active) if small
-                                      else await asyncio.to_thread(self._examine, raw, rules.active))
+        raw, refusal, header_addrs, crlf = (self._examine(raw, rules.active) if small
+                                            else await asyncio.to_thread(self._examine, raw, rules.active))
         if refusal is not None:
             self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=refusal)
             return refusal
@@ -252,6 +252,7 @@ class SiteHandler:
             if needs_header_rewrite(header_addrs, rules, primaries):
                 raw = (rewrite_message(raw, rules, primaries) if small
                        else await asyncio.to_thread(rewrite_message, raw, rules, primaries))
+                crlf = False  # (the rewritten header was not counted: outbound checks the message)
             if new_sender != sender:
                 self.log.info("message.rewritten", queue_id=queue_id, sender=sender, rewritten=new_sender)
                 sender = new_sender
@@ -277,7 +278,11 @@ class SiteHandler:
         if not recipients:
             return f"250 2.0.0 Ok: queued as {queue_id}"
         body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
-        extra = {"auth": client.authenticated} if client.authenticated else {}
+        extra: dict[str, object] = {"auth": client.authenticated} if client.authenticated else {}
+        if crlf:
+            extra["crlf"] = True  # every line ends with CRLF (our Received: line too): outbound need not look
+            if getattr(envelope, "dot_lines", True) is False:
+                extra["dotless"] = True  # no line starts with a dot: outbound has nothing to stuff
         env = Envelope(
             queue_id=queue_id, sender=sender,
             recipients=[RecipientState(address=r, original=r) for r in recipients],
@@ -297,19 +302,20 @@ class SiteHandler:
                       tls=client.encrypted, listener=server.listener)
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
-    def _examine(self, raw: bytes, rewriting: bool) -> tuple[bytes, str | None, list[str]]:
-        """(message, refusal or None, header addresses to look up) — in a thread."""
-        if not self.forbid_bare_lf:
-            raw = normalise_bare_lf(raw)
+    def _examine(self, raw: bytes, rewriting: bool) -> tuple[bytes, str | None, list[str], bool]:
+        """(message, refusal or None, header addresses to look up, whether its line ends
+        are all CRLF) — in a thread for a large message.  Bare LFs become CRLF
+        (``smtp.bare_newline = "normalize"``; with "reject" the DATA reader refused them)."""
+        raw, crlf = line_ends_clean(raw, bare_lf_possible=not self.forbid_bare_lf)
         hops = check_hops(raw, self.config.smtp.max_hops)
         if hops:
-            return raw, str(hops), []
+            return raw, str(hops), [], crlf
         if self.site.seen_before(raw):
-            return raw, "554 5.4.6 Routing loop detected: this message already passed through this site", []
+            return raw, "554 5.4.6 Routing loop detected: this message already passed through this site", [], crlf
         if not rewriting:
-            return raw, None, []
+            return raw, None, [], crlf
         distinct = list(dict.fromkeys(a.lower() for a in header_addresses(raw)))[:MAX_REWRITE_LOOKUPS]
-        return raw, None, distinct
+        return raw, None, distinct, crlf
 
     @property
     def forbid_bare_lf(self) -> bool:

@@ -16,16 +16,17 @@ import resource
 import ssl
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from imsrelay.ingress.adapter import STOP_GRACE, ImsSMTP, close_sessions
+from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.connection_limits import Caps, ConnectionCounter
 from imsrelay.routing.host_addresses import local_addresses
 
 ProtocolFactory = Callable[[ssl.SSLContext | None, str], Callable[[], ImsSMTP]]
-
 
 class Listeners:
     def __init__(self, config: SiteConfig, protocols: ProtocolFactory, connections: ConnectionCounter, *,
@@ -41,6 +42,7 @@ class Listeners:
         self.bound_port: int | None = None
         self.submission_ports: dict[str, int] = {}  # "submission" / "smtps" -> bound port
         self.tls: ssl.SSLContext | None = None
+        self.certificate_files: tuple[Path, Path] | None = None  # (certificate, key) of self.tls
         self._server: asyncio.base_events.Server | None = None
         self._submission_servers: list[asyncio.base_events.Server] = []
 
@@ -67,7 +69,7 @@ class Listeners:
 
         return await asyncio.get_running_loop().create_server(
             session, host=host, port=port, reuse_address=True, reuse_port=self.workers > 1,
-            ssl=self.tls if listener == "smtps" else None)
+            ssl=self.tls if listener == "smtps" else None, backlog=accept_backlog(self.config.smtp.listen_backlog))
 
     async def _start_submission(self) -> None:
         """[submission]: port 587 (STARTTLS, AUTH before MAIL) and 465 (implicit TLS)."""
@@ -130,6 +132,7 @@ class Listeners:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(str(cert), str(key))
+        self.certificate_files = (Path(cert), Path(key))
         return ctx
 
     def _throwaway_certificate(self) -> tuple[Any, Any]:

@@ -63,6 +63,9 @@ COMPOSE_SMTP_PORT = 25
 COMPOSE_ADMIN_PORT = 8025
 COMPOSE_SUBMISSION_PORT = 587  # published on 127.0.0.1:5810/5815/5820 (docker-compose.yml)
 COMPOSE_SMTPS_PORT = 465  # published on 127.0.0.1:4610/4615/4620
+# IMAP4 and POP3 (imsrelay.access, Dovecot in the site's container), published on 127.0.0.1
+# (docker-compose.yml): 143 on 1410/1415/1420, 993 on 9910/..., 110 on 1110/..., 995 on 9510/...
+COMPOSE_ACCESS_PORTS = {"imap_port": 143, "imaps_port": 993, "pop3_port": 110, "pop3s_port": 995}
 COMPOSE_KEY_PATH = "/etc/imsrelay/replication-key.pem"  # where docker-compose.yml mounts the site's key
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "config" / "docker"  # siteX.toml and keys/siteX.pem (lab-only, committed)
@@ -111,6 +114,7 @@ def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, s
         # lab's Internet (config/dns/root.zone), which keeps it in rest-of-internet's Maildir
         "lab": {"sealed": True, "networks": list(COMPOSE_NETWORKS)},
     }
+    mapping["access"] = compose_access_mapping()
     if stage >= stage_index("connected-sites"):
         mapping["connected_sites"] = [{"name": o.name, "routing_address": f"@{o.domain}"} for o in others]
     if stage >= stage_index("domain-table"):
@@ -119,6 +123,11 @@ def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, s
     if stage >= stage_index("replication-connectors"):
         mapping["replication"]["connectors"] = [{"site": o.name, "schedule": "always"} for o in others]
     return mapping
+
+
+def compose_access_mapping() -> dict[str, Any]:
+    """A compose-lab site's ``[access]``: IMAP4 and POP3 on the standard ports in its container."""
+    return {"enabled": True, **COMPOSE_ACCESS_PORTS}
 
 
 def compose_site_toml(site: LabSite, stage: int, trusted_keys: Mapping[str, str] | None = None) -> str:

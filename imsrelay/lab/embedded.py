@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imsrelay.access.dovecot import DovecotUnavailable, find_dovecot
 from imsrelay.admin.message_api import LabEndpoint
 from imsrelay.config import toml_text
 from imsrelay.config.loader import config_from_mapping, load_config
@@ -52,10 +53,10 @@ from imsrelay.lab.walk import (
     read_raw,
 )
 from imsrelay.model.errors import ConfigError
-from imsrelay.model.settings import LabConfig, MailboxConfig, SiteConfig
+from imsrelay.model.settings import AccessConfig, LabConfig, MailboxConfig, SiteConfig
 from imsrelay.observe.logs import get_logger
 from imsrelay.site import Site
-from imsrelay.testing import LAB_API_HOST, LAB_TOKEN
+from imsrelay.testing import LAB_API_HOST, LAB_PASSWORDS, LAB_TOKEN
 
 ORGANISATION = "ExchangeORG"
 COMPANY_DOMAIN = "microsoft.com"
@@ -63,10 +64,12 @@ ADMIN_TOKEN = LAB_TOKEN  # one token for every site's admin endpoint and the lab
 ADMIN_PORT = 8025
 SUBMISSION_PORT = 2587  # each site's RFC 6409 submission port (STARTTLS, AUTH before MAIL) on its address
 SMTPS_PORT = 2465  # each site's RFC 8314 implicit-TLS submission port
+# each site's IMAP4 and POP3 (Dovecot, imsrelay.access) on its address: 143/993/110/995 in the lab's range
+ACCESS_PORTS = {"imap_port": 2143, "imaps_port": 2993, "pop3_port": 2110, "pop3s_port": 2995}
 
-# The labs' test accounts (SMTP AUTH): only the scrypt hashes go into the sites'
-# config files and directories; the passwords are documented in README.md.
-LAB_PASSWORDS = {"User1": "user1-lab", "User2": "user2-lab", "User3": "user3-lab", "Administrator": "admin-lab"}
+# The labs' test accounts (SMTP AUTH, IMAP4, POP3): only the scrypt hashes go into the
+# sites' config files and directories; the passwords (imsrelay.testing.LAB_PASSWORDS)
+# are documented in docs/tutorials/embedded-lab.md.
 LAB_PASSWORD_HASHES = {
     "User1": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIx$0f8ny3RdyGe8FvhLFWUhfnBjaSbP7S9bNSi3CpELc0A=",
     "User2": "scrypt$16384$8$1$aW1zcmVsYXktbGFiLVVzZXIy$A6ZFY1V9JzftjHdQSwtkJbfwo+uVuyaFvro8SwwKz9A=",
@@ -164,7 +167,7 @@ def key_path(data_dir: Path, site: LabSite) -> Path:
 def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, trusted_keys: Mapping[str, str],
                  fast: bool = True, admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
                  hand: bool = False, submission_port: int = SUBMISSION_PORT,
-                 smtps_port: int = SMTPS_PORT) -> dict[str, Any]:
+                 smtps_port: int = SMTPS_PORT, access_ports: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The site's configuration at a stage of the walk (pure).  TLS: the site's
     certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them).
     Replication: per-site keys, the site's own in ``<data>/keys/<Site>.pem``
@@ -179,6 +182,7 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
         # lab switch: AUTH also before STARTTLS on the main port, so smtplib.login() works as is
         "auth": {"allow_plaintext": True},
         "submission": {"port": submission_port, "tls_port": smtps_port},
+        "access": access_mapping(access_ports or ACCESS_PORTS),
         "mailboxes": [{"alias": site.user, "display_name": site.display_name,
                        "password_hash": LAB_PASSWORD_HASHES[site.user]},
                       {"alias": "Administrator", "display_name": f"{site.name} Administrator",
@@ -203,6 +207,25 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
                 table = table.setdefault(part, {})
             table[leaf] = [dict(e) for e in entries]
     return mapping
+
+
+def access_mapping(ports: Mapping[str, int]) -> dict[str, Any]:
+    """The ``[access]`` table of a lab site: IMAP4 and POP3 on the site's address (pure)."""
+    return {"enabled": True, **{k: ports[k] for k in ACCESS_PORTS}}
+
+
+def access_lines(site: Site, address: str) -> list[str]:
+    """What ``describe`` says about a running site's IMAP4 and POP3."""
+    access = site.access
+    if access is None:
+        return []
+    endpoints = access.endpoints
+    if endpoints is None:
+        return [f"       IMAP4/POP3 not running: {access.problem}"]
+    p = endpoints.ports
+    parts = [f"{address}:{p[k]} ({what})" for k, what in (("imap", "IMAP4, STARTTLS"), ("imaps", "IMAP4 TLS"),
+                                                          ("pop3", "POP3, STLS"), ("pop3s", "POP3 TLS")) if k in p]
+    return ["       mail access " + "   ".join(parts)]
 
 
 def private_port(addresses: list[str], attempts: int = 50) -> int:
@@ -286,12 +309,17 @@ class Lab:
                  startup_delay: str | None = None, say: Callable[[str], None] = print,
                  hand: bool = False, detail: Callable[[str], None] | None = None,
                  api_host: str = API_HOST, api_port: int | None = None,
-                 submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT) -> None:
+                 submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT,
+                 access_ports: Mapping[str, int] | None = None, dovecot: str = AccessConfig().dovecot) -> None:
         """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
-        None: no lab endpoint.  ``submission_port``/``smtps_port``: each site's 587/465
-        (written into the files at the first start)."""
+        None: no lab endpoint.  ``submission_port``/``smtps_port``: each site's 587/465;
+        ``access_ports``: its IMAP4/POP3 ports (``ACCESS_PORTS``' keys) (all written
+        into the files at the first start); ``dovecot``: the Dovecot the sites run."""
         self.submission_port = submission_port
         self.smtps_port = smtps_port
+        self.access_ports = dict(access_ports or ACCESS_PORTS)
+        self.dovecot = dovecot
+        self.no_access: str | None = None  # why the sites run without IMAP4/POP3 (Dovecot missing)
         self.data_dir = Path(data_dir).resolve()
         self.config_dir = self.data_dir / "config"
         self.port = self._port_in_files() or port
@@ -451,7 +479,8 @@ class Lab:
                 path.write_text(header + toml_text.dumps(
                     site_mapping(s, 0, port=self.port, data_dir=self.data_dir, trusted_keys=trusted, fast=self.fast,
                                  admin_port=self.admin_port, startup_delay=self.startup_delay, hand=self.hand,
-                                 submission_port=self.submission_port, smtps_port=self.smtps_port)))
+                                 submission_port=self.submission_port, smtps_port=self.smtps_port,
+                                 access_ports=self.access_ports)))
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
             internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
@@ -503,6 +532,7 @@ class Lab:
             await self.endpoint.start()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.ensure_tls)
+        self._check_access()
         self._write_install()
         if target is not None and target > self.stage:
             self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
@@ -535,6 +565,14 @@ class Lab:
         for name in [INTERNET.name] + [s.name for s in SITES]:
             await self._start_site(name)
 
+    def _check_access(self) -> None:
+        """IMAP4/POP3 need Dovecot: without it, say so in one line and run without."""
+        try:
+            find_dovecot(self.dovecot)
+        except DovecotUnavailable as exc:
+            self.no_access = str(exc)
+            self.say(f"lab: no IMAP4/POP3: {exc}")
+
     def _not_ready_reason(self) -> str | None:
         return self._walking
 
@@ -551,6 +589,9 @@ class Lab:
         E-Mail Domain entries) is that private port instead, and no submission
         listener opens; the file is not changed."""
         config = sealed_config(config)
+        if config.access.enabled:
+            config = dataclasses.replace(config, access=dataclasses.replace(
+                config.access, enabled=self.no_access is None, dovecot=self.dovecot))
         if self._smtp_port == self.port:
             return config
         swap = {self.port: self._smtp_port}
@@ -559,7 +600,9 @@ class Lab:
             config.delivery.smart_host_port, config.delivery.smart_host_port))
         routes = tuple(dataclasses.replace(r, port=swap.get(r.port, r.port)) for r in config.email_domains)
         submission = dataclasses.replace(config.submission, port=None, tls_port=None)
-        return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes, submission=submission)
+        access = dataclasses.replace(config.access, enabled=False)  # no IMAP/POP3 until the lab's port
+        return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes, submission=submission,
+                                   access=access)
 
     async def stop(self) -> None:
         await self._stop_sites()
@@ -680,6 +723,7 @@ class Lab:
                 lines.append("       submission " + "   ".join(
                     f"{s.address}:{ports[k]} ({what})" for k, what in (("submission", "STARTTLS + AUTH"),
                                                                       ("smtps", "TLS + AUTH")) if k in ports))
+            lines += access_lines(site, s.address)
             for m in boxes:
                 password = LAB_PASSWORDS.get(m.alias, "") if ports else ""
                 lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/"
@@ -697,5 +741,9 @@ class Lab:
             lines.append(f"      swaks --server {first.address}:{sub} --tls --tls-ca-path {self.ca_cert} "
                          f"--auth PLAIN --auth-user User1 --auth-password {LAB_PASSWORDS['User1']} "
                          f"-f user1@{first.domain} -t alice@{INTERNET_DOMAIN}")
+        access = self.sites[first.name].access
+        if access is not None and access.endpoints is not None and "imap" in access.endpoints.ports:
+            lines.append(f"      curl --ssl-reqd --cacert {self.ca_cert} -u User1:{LAB_PASSWORDS['User1']} "
+                         f"imap://{first.address}:{access.endpoints.ports['imap']}/INBOX?ALL")
         lines.append("Ctrl-C stops the lab; the data stays for the next start.")
         return "\n".join(lines)

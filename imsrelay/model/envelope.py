@@ -131,7 +131,7 @@ class Envelope:
         """An envelope from its JSON.  Its strings that repeat from message to message
         (addresses, states, routes, the client, priorities) are interned: a replayed
         queue of 100,000 messages to a few destinations holds each of them once, not
-        once per message (README "What imsrelay promises": memory per queued message)."""
+        once per message (docs/explanation/promises.md, "Limits": memory per queued message)."""
         d = json.loads(raw)
         d["recipients"] = [RecipientState(**_interned(r)) for r in d["recipients"]]
         if isinstance(d.get("extra"), dict):

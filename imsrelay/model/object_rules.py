@@ -25,6 +25,16 @@ def safe_alias(alias: Any) -> bool:
     return isinstance(alias, str) and bool(ALIAS.fullmatch(alias)) and ".." not in alias
 
 
+def protocols_problem(data: Any) -> str | None:
+    """Why a ``protocols`` value (Protocols tab settings) is malformed, or None."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or any(k not in ("imap4", "pop3") or not isinstance(v, bool)
+                                         for k, v in data.items()):
+        return f"bad protocol settings {data!r} (imap4/pop3: true or false)"
+    return None
+
+
 def object_problem(obj: Any, *, receiving_site: str) -> str | None:
     """Why ``obj`` (a DirObject from a peer) must not be merged, or None."""
     home = obj.home_site
@@ -54,7 +64,7 @@ def object_problem(obj: Any, *, receiving_site: str) -> str | None:
                     parse_address(proxy.address)
             except AddressError as exc:
                 return f"bad proxy address {p!r}: {exc}"
-        return None
+        return protocols_problem(data.get("protocols"))
     if obj.kind == "site":
         if obj.object_id != f"site:{home}" or data.get("name") != home:
             return f"site object {obj.object_id!r} does not describe its home site {home}"
@@ -72,5 +82,5 @@ def object_problem(obj: Any, *, receiving_site: str) -> str | None:
             value = data.get(key, "")
             if not isinstance(value, str) or len(value) > MAX_TEXT or re.search(r"[\x00-\x20\x7f/]", value):
                 return f"bad {key} {value!r}"
-        return None
+        return protocols_problem(data.get("protocols"))
     return f"unknown object kind {obj.kind!r}"

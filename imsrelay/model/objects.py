@@ -25,6 +25,38 @@ class SenderRules:
 
 
 @dataclass(frozen=True)
+class Protocols:
+    """Protocol settings as Exchange 5.5's Protocols tabs keep them (site, server,
+    mailbox; Q233081): per protocol enabled (True), disabled (False) or unset (None:
+    use the defaults of the level above).  Kept in an object's data as
+    ``{"protocols": {"imap4": true, ...}}`` (unset ones left out)."""
+
+    imap4: bool | None = None
+    pop3: bool | None = None
+
+    def get(self, protocol: str) -> bool | None:
+        if protocol == "imap4":
+            return self.imap4
+        if protocol == "pop3":
+            return self.pop3
+        raise ValueError(f"unknown protocol {protocol!r} (imap4 or pop3)")
+
+    def as_data(self) -> dict[str, bool]:
+        return {k: v for k, v in (("imap4", self.imap4), ("pop3", self.pop3)) if v is not None}
+
+    @classmethod
+    def from_data(cls, data: Any) -> Protocols:
+        if not isinstance(data, dict):
+            return cls()
+
+        def flag(key: str) -> bool | None:
+            value = data.get(key)
+            return value if isinstance(value, bool) else None
+
+        return cls(flag("imap4"), flag("pop3"))
+
+
+@dataclass(frozen=True)
 class Stamp:
     version: int
     changed_at: float
@@ -76,6 +108,7 @@ class Mailbox:
     proxy_addresses: tuple[str, ...]
     deleted: bool = False
     sender_rules: SenderRules = SenderRules()  # Delivery Restrictions and Message Filter
+    protocols: Protocols = Protocols()  # IMAP4 and POP3 for this mailbox (they replicate with it)
 
     @property
     def primary_address(self) -> str:
@@ -98,6 +131,7 @@ class SiteObject:
     smtp_address: str  # Site Addressing: "@SiteA.microsoft.com" or "@microsoft.com"
     routing_address: str  # where IMS traffic for this site goes: "@SiteA.microsoft.com"
     hostname: str = ""
+    protocols: Protocols = Protocols()  # the site's protocol defaults (the site's Protocols container)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,16 @@ EVENT_CATEGORIES = ("initialization_termination", "addressing", "message_archiva
 # ... and the per-session SMTP protocol log (off unless its level is set)
 PROTOCOL_LOG_CATEGORY = "smtp_protocol_log"
 PROTOCOL_LOG_DEFAULT = "none"
-DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY)
+# ... and the IMAP4 and POP3 protocol logs (Exchange 5.5: IMAP4/POP3 protocol logging), off by default
+ACCESS_LOG_CATEGORIES = ("imap4_protocol_log", "pop3_protocol_log")
+DIAGNOSTIC_CATEGORIES = (*EVENT_CATEGORIES, PROTOCOL_LOG_CATEGORY, *ACCESS_LOG_CATEGORIES)
 DIAGNOSTIC_LEVELS = ("none", "minimum", "medium", "maximum")
 DEFAULT_BANNER = "Microsoft Exchange Internet Mail Service 5.5 (imsrelay)"
 ADDRESS_LITERAL_POLICIES = ("deliver", "refuse")
+
+class DefaultText(str):
+    """A default told in words (``KEY_DOCS``): what a key left out means."""
+
 
 def secret_from(value: str | None, env: str | None) -> str | None:
     """A secret given in the file, else in the environment variable named ``env``."""
@@ -44,9 +50,15 @@ def secret_from(value: str | None, env: str | None) -> str | None:
 @dataclass(frozen=True)
 class MailboxConfig:
     alias: str
+    """the mailbox's alias (letters, digits, `. _ -`); mailboxes are provisioned on the first start,
+    then the directory is the truth"""
     display_name: str
-    extra_addresses: tuple[str, ...] = ()  # additional proxy addresses, "smtp:x@y"
-    password_hash: str | None = None  # scrypt hash set when the mailbox has no password yet
+    """the mailbox's display name (left out: the alias)"""
+    extra_addresses: tuple[str, ...] = ()
+    """secondary proxy addresses (`smtp:x@y`), besides the primary `alias@` the Site Addressing domain"""
+    password_hash: str | None = None
+    """an scrypt hash (`imsrelay directory hash-password`) set as the mailbox's SMTP AUTH password
+    when it has none yet; never a password in clear"""
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,16 @@ class ConnectedSite:
     """Connected Sites tab: a remote site by directory name and its routing address."""
 
     name: str
-    routing_address: str  # "@SiteB.microsoft.com" (type SMTP)
+    """Connected Sites tab: the remote site's directory name (exact, e.g. `SiteB`)"""
+    routing_address: str
+    """its routing address, type SMTP (`@SiteB.microsoft.com`)"""
     cost: int = 1
-    host: str | None = None  # this route's next hop, instead of the E-Mail Domain table (a dearer route via another site)
+    """the same site may be listed several times: least cost first, equal costs share the load, a
+    dearer entry is used when the cheaper one fails (Q156063)"""
+    host: str | None = None
+    """this route's next hop (e.g. through another site) instead of the E-Mail Domain table"""
     port: int = SMTP_PORT
+    """the port of `host`"""
 
     @property
     def routing_domain(self) -> str:
@@ -68,78 +86,158 @@ class ConnectedSite:
 class DomainRoute:
     """E-Mail Domain table: "forward all messages for this domain to host"."""
 
-    domain: str  # "SiteB.microsoft.com", or "#exact.example" for an exact match only
+    domain: str
+    """E-Mail Domain table: forward this domain and its sub-domains (`#domain`: the domain only) to
+    `host`"""
     host: str
+    """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX)"""
     port: int = SMTP_PORT
-    starttls: str | None = None  # None = the delivery default
-    etrn: bool = False  # hold the domain's mail until the peer issues ETRN (RFC 1985)
+    """the port of `host`"""
+    starttls: str | None = None
+    """outbound STARTTLS level for this domain (unset: `delivery.starttls`)"""
+    etrn: bool = False
+    """hold the domain's mail until the peer issues ETRN (RFC 1985)"""
 
 
 @dataclass(frozen=True)
 class TlsPolicy:
     domain: str
-    starttls: str  # "none" | "opportunistic" | "require" | "verify"
+    """per-domain outbound STARTTLS (`[[delivery.tls]]`): the domain (and its sub-domains)"""
+    starttls: str
+    """the STARTTLS level for that domain (see `delivery.starttls`)"""
 
 
 @dataclass(frozen=True)
 class SmtpConfig:
     listen: str = "127.0.0.1"
+    """where the SMTP server listens: an IP address (`0.0.0.0` / `::` = every address), never a host
+    name (that would ask the system resolver)"""
     port: int = 2525
+    """the SMTP port (0: any free port)"""
     hostname: str = ""
+    """name in the greeting and `Received:` lines (empty: `server.email_domain`, e.g.
+    `ServerA.SiteA.microsoft.com`)"""
     max_message_size: int = 10 * 1024 * 1024
+    """bytes; advertised in SIZE"""
     max_hops: int = 15
+    """`Received:` lines allowed before `554 5.4.6`"""
     max_recipients: int = 100
+    """per message, then `452 4.5.3`"""
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """client networks allowed to relay to other domains"""
     accepted_domains: tuple[str, ...] = ()
+    """extra domains owned by this site (`#domain` = exact only)"""
     idle_timeout: float = 300.0
+    """a session idle this long is closed (`421`)"""
     session_timeout: float = 1800.0
+    """a session is closed after this long in all (`421`)"""
     max_errors: int = 20
+    """a session is closed after this many error replies (`421`)"""
     tls_cert: Path | None = None
+    """PEM certificate (chain) for STARTTLS, relative to the file; with `tls_key`, STARTTLS is
+    offered"""
     tls_key: Path | None = None
-    tls_generate: bool = False  # no tls_cert: make a throwaway CA + certificate in <data_dir>/tls
-    workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own queue journal
-    queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
-    max_inbound_connections: int = 30  # Exchange 5.5 IMS's default; 421 4.7.0 at connect beyond it
-    max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
-    bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
-    postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
-    banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
+    """PEM private key of `tls_cert`"""
+    tls_generate: bool = False
+    """without `tls_cert`: make a throwaway CA and a certificate for this site in `<data>/tls` (labs
+    only; trust `<data>/tls/ca.crt`)"""
+    workers: int = 1
+    """processes serving the site (`serve --workers N` overrides): they share the port
+    (SO_REUSEPORT), the directory and the Maildirs, each with its own queue journal; about one
+    per core for throughput"""
+    queue_minfree: int = 0
+    """bytes the queue's file system must keep free besides room for 1.5 × the message; below that,
+    MAIL gets `452 4.3.1` (as Postfix's `queue_minfree`)"""
+    max_inbound_connections: int = 30
+    """SMTP sessions at once (Exchange 5.5 IMS's default); beyond, `421 4.7.0` at connect. With
+    `--workers N` each process takes its share"""
+    max_connections_per_ip: int = 10
+    """sessions at once from one client address (`421 4.7.0`); clients in `smtp.relay_networks` are
+    exempt, as Postfix exempts `$mynetworks`"""
+    bare_newline: str = "normalize"
+    """a bare LF (no CR): `normalize` stores it as CRLF; `reject` answers `521 5.5.2` and closes
+    (Postfix's `smtpd_forbid_bare_newline`)"""
+    postmaster: str = "Administrator"
+    """the mailbox that receives `postmaster@` any local domain and `RCPT TO:<Postmaster>` (RFC 5321
+    §4.5.1)"""
+    banner: str = DEFAULT_BANNER
+    """the greeting after `220 <hostname>` (Postfix's `smtpd_banner`); the lab's Internet host says
+    `ESMTP`"""
+    listen_backlog: int = 0
+    """the accept queue of every listening socket of the site (SMTP, submission, implicit TLS,
+    admin, console); 0 = the kernel's maximum (`net.core.somaxconn`), which listen(2) caps any
+    larger value to anyway: a burst of clients is queued by the kernel, not dropped"""
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
     retry_intervals: tuple[float, ...] = DEFAULT_RETRY_INTERVALS
+    """Exchange IMC retry schedule (.25, .5, 1, 4 hours); the last interval repeats"""
     lifetime: float = DEFAULT_LIFETIME
+    """time before an undeliverable (normal-priority) message is returned with an NDR (`4.4.7`); see
+    `[priorities]`"""
     delay_notice: float | None = None
+    """send a delay DSN after this long"""
     smart_host: str | None = None
+    """"forward all messages to host" (`host[:port]`)"""
     smart_host_port: int = SMTP_PORT
     starttls: str = "opportunistic"
+    """outbound STARTTLS: `none`, `opportunistic` (when offered, unchecked), `require` (encrypt,
+    unchecked), `verify` (encrypt; the certificate must chain to a trusted CA and name the host,
+    else the message waits with `4.7.5`); per domain with `[[delivery.tls]] domain/starttls` or
+    `[[email_domains]] starttls`"""
     tls_policies: tuple[TlsPolicy, ...] = ()
-    max_per_destination: int = 20  # Postfix's default_destination_concurrency_limit
+    max_per_destination: int = 20
+    """deliveries at once to one destination (a relay host or an MX domain), kept by the queue
+    manager (Postfix's `default_destination_concurrency_limit`)"""
     max_deliveries: int = 100
+    """deliveries at once, all destinations"""
     connect_timeout: float = 30.0
+    """outbound: connection and greeting"""
     command_timeout: float = 300.0
+    """outbound: each command's reply"""
     data_timeout_per_mib: float = 60.0
+    """outbound: DATA may take `command_timeout` plus this per MiB of the message"""
     connection_idle: float = 30.0
-    mx_port: int = SMTP_PORT  # port for next hops found by DNS MX (tests and labs use another)
-    max_active_messages: int = 2000  # attempts under way or waiting for a slot (Postfix's active queue)
-    smart_host_starttls: str | None = None  # TLS level for the smart host (None: as for the domain)
-    tls_ca_file: Path | None = None  # CA bundle for starttls = "verify" (None: the system's)
+    """an idle pooled outbound connection is closed (`QUIT`) after this long"""
+    mx_port: int = SMTP_PORT
+    """port used for next hops found by DNS MX (a zone cannot carry a port; tests and labs use
+    another)"""
+    max_active_messages: int = 2000
+    """messages being attempted or waiting for a slot at once (the rest wait in the queue on disk,
+    as Postfix's active queue); a destination already holding twice its slots in waiting attempts
+    gets no more"""
+    smart_host_starttls: str | None = None
+    """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
+    tls_ca_file: Path | None = None
+    """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
 
 
 @dataclass(frozen=True)
 class QueueConfig:
     """[queue]: backpressure when acceptance outruns delivery (imsrelay.policy.backpressure)."""
 
-    backpressure_at: int = 50  # messages waiting for their first attempt: MAIL FROM waits for delivery
-    refuse_at: int = 50_000  # messages queued (deferred too): MAIL FROM gets 452 4.3.1
-    max_delay: float = 1.0  # seconds MAIL FROM waits at most (Postfix's in_flow_delay); 0 = never waits
+    backpressure_at: int = 50
+    """messages accepted here and still waiting for their first delivery attempt (for the queue
+    manager or a delivery slot; deferred mail and attempts under way do not count) from which a
+    new transaction waits at `MAIL FROM` until delivery takes one — each started first attempt
+    lets the longest-waiting session go. Lower keeps latency lower under load (queue wait ≈ this
+    ÷ the delivery rate); with `--workers N` each process counts its own"""
+    refuse_at: int = 50_000
+    """messages queued (deferred ones included) from which `MAIL FROM` gets `452 4.3.1` — the hard
+    bound on queue memory and disk; per worker process"""
+    max_delay: float = 1.0
+    """the longest a `MAIL FROM` reply waits for delivery, then the transaction goes on (Postfix's
+    `in_flow_delay`); at most `5m` (RFC 5321's MAIL time-out); `0`/`"off"`: never wait"""
 
 
 @dataclass(frozen=True)
 class DnsConfig:
     nameservers: tuple[str, ...] = ()
+    """resolvers for MX lookups: IP addresses, optionally with a port (`"127.0.0.1:5353"`,
+    `"[::1]:53"`); a host name is refused at load; empty: the system's resolver"""
     timeout: float = 5.0
+    """time-out of one DNS lookup"""
 
 
 def schedule_text(seconds: float | None) -> str:
@@ -160,21 +258,39 @@ def schedule_text(seconds: float | None) -> str:
 @dataclass(frozen=True)
 class ReplicationConnector:
     site: str
-    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE  # seconds between requests; None = never
+    """Directory Replication Connector to this site (directory name)"""
+    schedule: float | None = REPLICATION_DEFAULT_SCHEDULE
+    """how often it requests updates: `"always"` (every 15 minutes), `"never"`, or a duration; the
+    default is Exchange's every 3 hours (Q195918); the labs and `config/*.toml` say `"always"`
+    explicitly"""
 
 
 @dataclass(frozen=True)
 class ReplicationConfig:
     key: str | None = None
+    """organisation key that signs directory replication (HMAC-SHA256: any holder can speak for any
+    site; only objects homed at the receiving site are protected); prefer `signing_key`"""
     key_env: str | None = "IMSRELAY_ORG_KEY"
+    """the environment variable read for `key` when the file does not give it"""
     connectors: tuple[ReplicationConnector, ...] = ()
     startup_delay: float = 300.0
+    """the first replication requests go this long after the start"""
     batch_size: int = 500
+    """directory objects per replication update message"""
     max_age: float = 7 * 86400.0
+    """a replication message older than this is rejected (replay protection)"""
     keep_old_address: bool = True
+    """Site Addressing keeps the old primary address as a secondary one (Exchange 5.5 did not:
+    `false`)"""
     kcc_interval: float = 3 * 3600.0
-    signing_key: Path | None = None  # this site's Ed25519 private key (PEM): per-site replication keys
-    trusted_keys: tuple[tuple[str, str], ...] = ()  # (site, "ed25519:<base64>") of every site, itself included
+    """Check Now (knowledge consistency check) runs this often, and on demand"""
+    signing_key: Path | None = None
+    """this site's Ed25519 private key (PEM, from `imsrelay replicate keygen`; relative to the
+    file): per-site replication keys instead of the organisation key"""
+    trusted_keys: tuple[tuple[str, str], ...] = ()
+    """the organisation's public keys, every site (this one too), provisioned at set-up: `SiteA =
+    "ed25519:…"`; with them a message verifies only with its sender's key and each object needs
+    its home site's signature"""
 
     @property
     def enabled(self) -> bool:
@@ -187,9 +303,14 @@ class ReplicationConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: str = "127.0.0.1"
-    port: int = 0  # 0 = disabled
+    """the admin endpoint's address: an IP address (loopback unless you mean it)"""
+    port: int = 0
+    """the admin endpoint's port (0: no admin endpoint); a site with an admin port and no token
+    refuses to start"""
     token: str | None = None
+    """the bearer token every admin request needs (better: `token_env`)"""
     token_env: str | None = "IMSRELAY_ADMIN_TOKEN"
+    """the environment variable read for `token` when the file does not give it"""
 
     def resolved_token(self) -> str | None:
         return secret_from(self.token, self.token_env)
@@ -200,8 +321,12 @@ class ConsoleConfig:
     """``[console]``: the web console of ``serve`` (it talks to this site's admin endpoint)."""
 
     enabled: bool = False
+    """`serve` also runs the web console for this site (needs `admin.port` and a token; log in with
+    the admin token)"""
     listen: str = "127.0.0.1"
+    """the console's address (an IP address)"""
     port: int = 8080
+    """the console's port"""
 
 
 @dataclass(frozen=True)
@@ -212,6 +337,11 @@ class RoutingConfig:
     A literal naming this site's own address is this site."""
 
     address_literals: str = "deliver"
+    """recipients at an address literal (`user@[192.0.2.1]`, `user@[IPv6:2001:db8::1]`): `deliver`
+    straight to that address — never the E-Mail Domain table, smart host or MX (RFC 5321 §5.1;
+    Postfix's behaviour) — or `refuse` them (`550 5.7.1` at RCPT, as Exim's
+    `allow_domain_literals = false`). A literal of this site's own address is this site; relaying
+    to other literals needs `smtp.relay_networks`"""
 
 
 LAB_NETWORKS_DEFAULT = ("127.0.0.0/8",)  # a sealed lab's own networks unless lab.networks says more
@@ -238,13 +368,18 @@ class TrackingConfig:
     """``[tracking]``: message tracking (Exchange 5.5's Message Tracking Center)."""
 
     enabled: bool = True
-    days: int = 7  # events older than this are deleted
+    """message tracking in `<data>/tracking.sqlite3` (`imsrelay track`, `/api/v1/tracking`)"""
+    days: int = 7
+    """tracking events older than this many days are deleted"""
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
-    format: str = "auto"  # auto | json | console
+    """the lowest level logged"""
+    format: str = "auto"
+    """`auto` = JSON when stderr is not a terminal, key=value lines on one; `IMSRELAY_LOG_FORMAT`
+    overrides it"""
 
 
 @dataclass(frozen=True)
@@ -252,22 +387,76 @@ class AuthConfig:
     """[auth]: SMTP AUTH (RFC 4954) against the mailboxes' accounts in the directory."""
 
     enabled: bool = True
+    """SMTP AUTH (RFC 4954) against the mailboxes' accounts in the directory"""
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-    allow_plaintext: bool = False  # offer AUTH before STARTTLS on the main port (a lab switch)
-    replicate_credentials: bool = False  # the organisation lets password hashes replicate
+    """the SASL mechanisms offered (of `PLAIN`, `LOGIN`)"""
+    allow_plaintext: bool = False
+    """offer AUTH before STARTTLS on the main port (a lab switch; else `538 5.7.11`); port 587
+    always wants STARTTLS first"""
+    replicate_credentials: bool = False
+    """the organisation lets password hashes replicate with their mailboxes (set it at every site);
+    off: a hash stays at its home site"""
     max_failures: int = 5
+    """failed AUTH attempts from one client address within `failure_window` that lock it out (`421
+    4.7.0`)"""
     failure_window: float = 900.0
+    """the window `max_failures` are counted in"""
     lockout: float = 900.0
+    """how long a client address stays locked out"""
     failure_delay: float = 1.0
+    """each `535` waits this long, doubling per failure, at most 8 s"""
 
 
 @dataclass(frozen=True)
 class SubmissionConfig:
     """[submission]: message submission listeners (RFC 6409 port 587, RFC 8314 port 465)."""
 
-    listen: str = ""  # "" = smtp.listen
-    port: int | None = None  # STARTTLS then AUTH before MAIL; None = off
-    tls_port: int | None = None  # implicit TLS, AUTH before MAIL; None = off
+    listen: str = ""
+    """address of both submission listeners (empty: `smtp.listen`)"""
+    port: int | None = None
+    """RFC 6409 submission listener (587): STARTTLS, then AUTH before MAIL; needs TLS
+    (`smtp.tls_cert` or `smtp.tls_generate`); 0 or unset: off"""
+    tls_port: int | None = None
+    """RFC 8314 implicit-TLS submission listener (465): AUTH before MAIL; 0 or unset: off"""
+
+
+IMAP_PORT, IMAPS_PORT, POP3_PORT, POP3S_PORT = 143, 993, 110, 995  # RFC 9051/8314, RFC 1939/8314
+ACCESS_PROTOCOLS = ("imap4", "pop3")  # Exchange 5.5's names for the mailbox protocols (Q233081)
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """[access]: IMAP4rev1 and POP3 for the mailboxes homed on this server (Exchange 5.5's
+    IMAP4 and POP3 services), served by Dovecot over the site's Maildirs; logins are
+    checked against the directory through imsrelay (``imsrelay.access``).  A port of
+    0 turns that listener off."""
+
+    enabled: bool = False
+    """serve IMAP4 and POP3 from this server (starts a Dovecot; `imsrelay lab` turns it on). Off
+    by default for `serve`: it needs Dovecot installed (`dovecot-imapd`, `dovecot-pop3d`)"""
+    listen: str = ""
+    """the address the IMAP4/POP3 listeners use (empty: `smtp.listen`)"""
+    imap_port: int | None = IMAP_PORT
+    """IMAP4 with STARTTLS (0: off)"""
+    imaps_port: int | None = IMAPS_PORT
+    """IMAP4 over implicit TLS, with the SMTP certificate (0: off)"""
+    pop3_port: int | None = POP3_PORT
+    """POP3 with STLS (0: off)"""
+    pop3s_port: int | None = POP3S_PORT
+    """POP3 over implicit TLS (0: off)"""
+    imap4: bool | None = None
+    """this server's IMAP4 Protocols setting (left out: the site's defaults, replicated in the
+    directory); a mailbox can turn a protocol off, never on"""
+    pop3: bool | None = None
+    """this server's POP3 Protocols setting (left out: the site's defaults)"""
+    dovecot: str = "dovecot"
+    """the Dovecot binary (a name is looked up in PATH and /usr/sbin)"""
+    mail_user: str = "mail"
+    """run as root: the user Dovecot's mail processes run as (never root); the Maildirs belong to
+    it, and the data directory must be enterable by other users"""
+
+    def server_setting(self, protocol: str) -> bool | None:
+        return self.imap4 if protocol == "imap4" else self.pop3
 
 
 @dataclass(frozen=True)
@@ -275,15 +464,31 @@ class RestrictionsConfig:
     """[restrictions]: Routing Restrictions, submission and connection rules, message filtering."""
 
     relay_authenticated: bool = True
+    """Routing Restrictions (Q196626): clients that authenticated may relay"""
     relay_internal_addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """clients that connected to these addresses of the site may relay (with `smtp.relay_networks`:
+    the listed client ranges)"""
     never_relay: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """client networks that never relay, whatever else allows it"""
     sender_must_match: bool = False
+    """Q262945: an authenticated client may send only as an address of its own mailbox (else `550
+    5.7.1`)"""
     accept: str = "all"
+    """Accept connections: `all`, `authenticated`, `encrypted`, `authenticated+encrypted` (checked
+    at MAIL on the main port: `530 5.7.0`)"""
     accept_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """if set, only these client hosts/networks may connect (checked at connect: others get `554
+    5.7.1` instead of the greeting, then only QUIT)"""
     reject_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """client hosts/networks refused at connect (`554 5.7.1`); reject wins over `accept_hosts`"""
     filter_senders: tuple[str, ...] = ()
+    """the site's Message Filtering (Q245465): senders or `@domains` whose mail is filtered"""
     filter_action: str = "turf"
-    turf_dir: Path | None = None  # None = <data_dir>/turf
+    """what happens to filtered mail: `delete`, or `turf` (kept in `turf_dir`); the sender hears
+    `250` either way"""
+    turf_dir: Path | None = None
+    """where filtered mail is kept, relative to the file (unset: `<data>/turf`): `<queue id>.eml`
+    (as received) and `.json` (sender, client, recipients, the rule)"""
 
 
 @dataclass(frozen=True)
@@ -291,6 +496,8 @@ class TransferConfig:
     """[transfer]: the Transfer mode of the first start; then the site's state is the truth."""
 
     mode: str = "inbound-outbound"
+    """Transfer mode at the **first** start (`inbound-outbound`, `inbound`, `outbound`, `none`);
+    then the directory database holds it (`imsrelay transfer-mode`)"""
 
 
 @dataclass(frozen=True)
@@ -298,25 +505,35 @@ class ConnectionsConfig:
     """[connections]: the Connections tab's Advanced button (outbound side; the inbound
     cap is smtp.max_inbound_connections)."""
 
-    max_outbound: int = 100  # SMTP connections open at once, to all hosts
-    max_outbound_per_host: int = 20  # to one next hop (address, port)
-    messages_per_connection: int = 0  # transactions before a connection is closed; 0 = no limit
+    max_outbound: int = 100
+    """outbound SMTP connections open at once, to all hosts (idle pooled ones are closed to make
+    room)"""
+    max_outbound_per_host: int = 20
+    """connections (transactions at once) to one next hop"""
+    messages_per_connection: int = 0
+    """transactions on one connection before it is closed; 0 = no limit"""
 
 
 @dataclass(frozen=True)
 class NotificationsConfig:
     """[notifications]: the Internet Mail tab's administrator mailbox (Q190708)."""
 
-    administrator: str | None = None  # mailbox alias here, or an address
+    administrator: str | None = None
+    """administrator mailbox (alias here, or an address) of the Internet Mail tab (Q190708)"""
     copy_ndrs: bool = False
+    """send the administrator a copy of every NDR (needs `administrator`)"""
 
 
 @dataclass(frozen=True)
 class EtrnRequest:
     host: str
+    """issue ETRN to this host (`host` or `host:port`) on a schedule (the dial-up side)"""
     port: int = SMTP_PORT
+    """the port of `host`"""
     domain: str = ""
+    """the domain named in `ETRN domain`"""
     schedule: float = 3600.0
+    """how often the ETRN is issued"""
 
 
 @dataclass(frozen=True)
@@ -324,6 +541,7 @@ class EtrnConfig:
     """[etrn]: who may ask this site to start delivery (RFC 1985), and whom it asks."""
 
     allowed_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """networks that may issue ETRN here (empty: ETRN refused with 459, or 502 when ETRN is unused)"""
     requests: tuple[EtrnRequest, ...] = ()
 
 
@@ -334,7 +552,9 @@ class DiagnosticsConfig:
 
     levels: tuple[tuple[str, str], ...] = ()  # (category, level) for categories set explicitly
     protocol_log_max_bytes: int = 10 * 1024 * 1024
+    """the SMTP protocol log is rotated at this size"""
     protocol_log_files: int = 5
+    """rotated protocol log files kept"""
 
     def level(self, category: str, default: str) -> str:
         return dict(self.levels).get(category, default)
@@ -344,13 +564,19 @@ class DiagnosticsConfig:
         """The SMTP protocol log is written: its level is set and is not ``none``."""
         return self.level(PROTOCOL_LOG_CATEGORY, PROTOCOL_LOG_DEFAULT) != "none"
 
+    def access_log_enabled(self, protocol: str) -> bool:
+        """The IMAP4 (``imap4``) or POP3 (``pop3``) protocol log is written."""
+        return self.level(f"{protocol}_protocol_log", PROTOCOL_LOG_DEFAULT) != "none"
+
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: PerfMon counters as Prometheus metrics on the admin endpoint."""
 
     enabled: bool = True
+    """`GET /metrics` on the admin endpoint: PerfMon counters as Prometheus metrics"""
     require_token: bool = False
+    """`/metrics` needs the admin token"""
 
 
 def default_priorities() -> PriorityTimeouts:
@@ -362,11 +588,18 @@ def default_priorities() -> PriorityTimeouts:
 class SiteConfig:
     path: Path
     organisation: str
+    """organisation name (ExchangeORG)"""
     site: str
+    """the site's directory name (exact, e.g. `SiteA`)"""
     server: str
+    """server (NetBIOS) name, e.g. `ServerA`; the SMTP host name is `server.email_domain`"""
     site_domain: str
+    """site e-mail domain given at IMS install (`SiteA.microsoft.com`)"""
     company_domain: str
+    """the organisation's shared domain (`microsoft.com`); left out: `email_domain`"""
     data_dir: Path
+    """data directory, relative to the config file (left out: `data/<name>`); `serve --data`
+    overrides it"""
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     mailboxes: tuple[MailboxConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -389,6 +622,7 @@ class SiteConfig:
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
     lab: LabConfig = field(default_factory=LabConfig)
 
@@ -424,3 +658,32 @@ def parse_duration(value: Any) -> float:
         if match:
             return float(match.group(1)) * _UNITS[match.group(2)]
     raise ValueError(f"{value!r} is not a duration (e.g. 30, \"15m\", \"4h\", \"2d\")")
+
+
+# The keys of a site file that are no field of the dataclasses above (the configuration
+# reference, imsrelay.config.reference, takes every other key's default and meaning from
+# its field): key -> (default, meaning).
+KEY_DOCS: dict[str, tuple[Any, str]] = {
+    "diagnostics.imap4_protocol_log": (DefaultText("`none`"), "IMAP4 protocol logging (`none`, `minimum`, "
+                                       "`medium`, `maximum`): each session's traffic under "
+                                       "`<data>/logs/imap4/<alias>/`"),
+    "diagnostics.pop3_protocol_log": (DefaultText("`none`"), "POP3 protocol logging, as `imap4_protocol_log`, "
+                                      "under `<data>/logs/pop3/<alias>/`"),
+    "smtp.max_queued_messages": (DefaultText("—"), "the older name of `queue.refuse_at` (still read; give only "
+                                 "one of them)"),
+    "priorities.urgent_lifetime": (DEFAULT_URGENT_LIFETIME, "Time-out of urgent messages (IMS Time-outs "
+                                   "button, Q184051): then the NDR; normal ones use `delivery.lifetime`"),
+    "priorities.urgent_delay_notice": (DefaultText("`delivery.delay_notice`"), "delay-notice time of urgent "
+                                       "messages (`\"never\"` = none)"),
+    "priorities.non_urgent_lifetime": (DEFAULT_NON_URGENT_LIFETIME, "Time-out of non-urgent messages"),
+    "priorities.non_urgent_delay_notice": (DefaultText("`delivery.delay_notice`"), "delay-notice time of "
+                                           "non-urgent messages (`\"never\"` = none)"),
+    **{f"diagnostics.{category}": (DefaultText("from `logging.level`"),
+                                   f"Diagnostics Logging level (Q146669) of the `{category}` events: `none` = "
+                                   "errors only, `minimum` = warnings, `medium` = info, `maximum` = debug; "
+                                   "docs/events.md says which events are in which category")
+       for category in EVENT_CATEGORIES},
+    f"diagnostics.{PROTOCOL_LOG_CATEGORY}": (PROTOCOL_LOG_DEFAULT, "any level but `none` writes the per-session "
+                                             "SMTP protocol log, `<data>/logs/smtp-protocol.log`: every command "
+                                             "and reply, both directions, without message content or AUTH lines"),
+}

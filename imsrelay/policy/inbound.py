@@ -1,6 +1,6 @@
 """Who may send what to whom: the IMS's Routing tab and Routing Restrictions (pure).
 
-Every function here is a pure decision (hop counts and other loops: ``imsrelay.policy.loops``) over values the SMTP edge gathered (client
+Every function here is a pure decision (hop counts and other loops: ``imsrelay.policy.mail_loops``) over values the SMTP edge gathered (client
 address, what the directory said about a recipient, counts).  Replies carry RFC 5321
 codes and RFC 3463 enhanced status codes.
 """

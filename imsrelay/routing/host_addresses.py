@@ -1,7 +1,7 @@
 """This host's own interface addresses (I/O: an ioctl per interface, /proc/net/if_inet6).
 
 A site listening on a wildcard address uses them to recognise mail coming back to
-itself (``imsrelay.policy.loops.endpoints_for``); no name lookups.
+itself (``imsrelay.policy.mail_loops.endpoints_for``); no name lookups.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import struct
 
 from imsrelay.model.settings import SiteConfig
-from imsrelay.policy.loops import WILDCARDS, SelfEndpoints, endpoints_for
+from imsrelay.policy.mail_loops import WILDCARDS, SelfEndpoints, endpoints_for
 
 
 def local_addresses() -> set[str]:

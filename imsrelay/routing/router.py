@@ -39,7 +39,7 @@ from imsrelay.model.addresses import (
 )
 from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
 from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig
-from imsrelay.policy.loops import SelfEndpoints, points_at_self
+from imsrelay.policy.mail_loops import SelfEndpoints, points_at_self
 from imsrelay.policy.sealed import SEALED_STATUS, Network, host_refusal, inside, networks_text
 
 LOCAL = "local"

@@ -12,6 +12,14 @@ sends mail over SMTP::
     assert msg["site"] == "SiteB"
     print(lab.track(msgid)["messages"][0]["chain"])   # ['Internet', 'SiteA', 'SiteB']
 
+    with lab.imap("User2") as imap:                    # IMAP4 at User2's server, STARTTLS
+        imap.select("INBOX")                           # (the lab CA verified), logged in
+        lab.idle(imap, timeout=5)                      # IDLE until new mail arrives
+
+``imap``/``pop3`` log in as a lab user (the lab's passwords, or the one given) the
+way a mail client would: STARTTLS (or implicit TLS, ``tls="implicit"``) with the
+lab's CA verified.
+
 ``EmbeddedLab`` starts ``imsrelay lab`` in a directory on free ports and waits for
 it to be ready.  The pytest plugin (``imsrelay.testing.plugin``, registered as a
 ``pytest11`` entry point) gives tests the ``imsrelay_lab`` fixture built on both.
@@ -21,12 +29,15 @@ Only the standard library is used here (blocking, like a test).
 from __future__ import annotations
 
 import http.client
+import imaplib
 import json
 import os
+import poplib
 import queue
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,6 +57,10 @@ from imsrelay.observe.tracking import TrackingEvent, TrackingQuery, gather, trac
 LAB_TOKEN = "lab-admin-token"
 LAB_API_HOST = "127.10.10.1"
 LAB_ADDRESSES = ("127.10.10.10", "127.10.10.15", "127.10.10.20", "127.10.10.100")
+# The labs' test accounts (SMTP AUTH, IMAP4, POP3): only their scrypt hashes go into
+# the sites' files and directories.  Each user's home site; Administrator is at every site.
+LAB_PASSWORDS = {"User1": "user1-lab", "User2": "user2-lab", "User3": "user3-lab", "Administrator": "admin-lab"}
+LAB_HOMES = {"User1": "SiteA", "User2": "SiteB", "User3": "SiteC"}
 
 
 class LabError(Exception):
@@ -129,13 +144,20 @@ class LabClient:
     """One lab: its lab endpoint, or the admin endpoints of its sites (joined)."""
 
     def __init__(self, endpoints: str | Sequence[str], token: str = LAB_TOKEN, *,
-                 smtp: dict[str, tuple[str, int]] | None = None, timeout: float = 30.0) -> None:
+                 smtp: dict[str, tuple[str, int]] | None = None, timeout: float = 30.0,
+                 ca_file: str | Path | None = None, access: dict[str, tuple[str, dict[str, int]]] | None = None
+                 ) -> None:
+        """``ca_file``: the lab CA that IMAP/POP3 TLS is verified with (default: found
+        from the sites' data directories); ``access``: per site (host, {imap, imaps,
+        pop3, pop3s: port}) where the endpoints' own addresses are not reachable."""
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         urls = [u.strip() for url in urls for u in url.split(",") if u.strip()]
         if not urls:
             raise ValueError("LabClient needs at least one endpoint URL")
         self.endpoints = [_Endpoint(u, token, timeout) for u in urls]
         self.smtp_override = dict(smtp or {})
+        self.ca_file = Path(ca_file) if ca_file is not None else None
+        self.access_override = dict(access or {})
         self._site_endpoint: dict[str, _Endpoint] = {}
         self._sites: list[dict[str, Any]] = []
 
@@ -227,6 +249,133 @@ class LabClient:
             s.send_message(msg, from_addr=sender, to_addrs=rcpts)
         return str(msg["Message-ID"])
 
+    # ------------------------------------------------------------ reading mail as a client (IMAP4, POP3)
+
+    def _site_of(self, user: str, site: str | None) -> str:
+        if site is not None:
+            return site
+        home = LAB_HOMES.get(_lab_name(user))
+        if home is None:
+            raise ValueError(f"give the site {user!r} is homed at (site=...)")
+        return home
+
+    @staticmethod
+    def _password_of(user: str, password: str | None) -> str:
+        if password is not None:
+            return password
+        try:
+            return LAB_PASSWORDS[_lab_name(user)]
+        except KeyError:
+            raise ValueError(f"{user!r} is not a lab user: give its password") from None
+
+    def access_address(self, site: str, listener: str) -> tuple[str, int]:
+        """(host, port) of a site's ``imap``, ``imaps``, ``pop3`` or ``pop3s`` listener."""
+        if site in self.access_override:
+            host, ports = self.access_override[site]
+        else:
+            self._endpoint_of(site)
+            info = next(s for s in self._sites if s["site"].lower() == site.lower()).get("access")
+            if not info:
+                raise LabError(404, f"{site} does not serve IMAP4/POP3 ([access] enabled = false)")
+            if "unavailable" in info:
+                raise LabError(503, f"{site}: no IMAP4/POP3: {info['unavailable']}")
+            host, ports = info["host"], info
+        if listener not in ports:
+            raise LabError(404, f"{site} has no {listener} listener")
+        return ("127.0.0.1" if host in ("0.0.0.0", "", "::") else host), int(ports[listener])
+
+    def tls_context(self, site: str | None = None) -> ssl.SSLContext:
+        """A client TLS context that trusts the lab's CA (and checks host names)."""
+        ca = self.ca_file
+        if ca is None and site is not None:
+            self._endpoint_of(site)
+            data = Path(next(s for s in self._sites if s["site"].lower() == site.lower())["data_dir"])
+            ca = next((c for c in (data.parent / "tls" / "ca.crt", data / "tls" / "ca.crt") if c.is_file()), None)
+        if ca is None:
+            raise LabError(404, "the lab's CA certificate is not known here: give LabClient(ca_file=...)")
+        return ssl.create_default_context(cafile=str(ca))
+
+    def imap(self, user: str, password: str | None = None, *, site: str | None = None,
+             tls: str = "starttls", timeout: float = 30.0) -> imaplib.IMAP4:
+        """An IMAP4rev1 session logged in as ``user`` (alias or SMTP address) at the
+        user's server: ``tls`` is ``starttls`` (port 143's way), ``implicit`` (993's)
+        or ``none`` (plaintext; the lab allows it).  Use it as a context manager."""
+        site = self._site_of(user, site)
+        secret = self._password_of(user, password)
+        conn: imaplib.IMAP4
+        if tls == "implicit":
+            host, port = self.access_address(site, "imaps")
+            conn = imaplib.IMAP4_SSL(host, port, ssl_context=self.tls_context(site), timeout=timeout)
+        else:
+            host, port = self.access_address(site, "imap")
+            conn = imaplib.IMAP4(host, port, timeout=timeout)
+            if tls == "starttls":
+                conn.starttls(self.tls_context(site))
+        try:
+            conn.login(user, secret)
+        except BaseException:
+            conn.shutdown()
+            raise
+        return conn
+
+    def pop3(self, user: str, password: str | None = None, *, site: str | None = None,
+             tls: str = "starttls", timeout: float = 30.0) -> poplib.POP3:
+        """A POP3 session logged in as ``user`` (USER/PASS), like ``imap``; close it with ``quit()``."""
+        site = self._site_of(user, site)
+        secret = self._password_of(user, password)
+        conn: poplib.POP3
+        if tls == "implicit":
+            host, port = self.access_address(site, "pop3s")
+            conn = poplib.POP3_SSL(host, port, context=self.tls_context(site), timeout=timeout)
+        else:
+            host, port = self.access_address(site, "pop3")
+            conn = poplib.POP3(host, port, timeout=timeout)
+            if tls == "starttls":
+                conn.stls(self.tls_context(site))
+        try:
+            conn.user(user)
+            conn.pass_(secret)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def idle(conn: imaplib.IMAP4, timeout: float = 30.0) -> list[bytes]:
+        """IMAP IDLE (RFC 2177) on the selected mailbox until the server reports a
+        change (EXISTS, EXPUNGE or FETCH) or ``timeout`` seconds pass; returns the
+        untagged lines received (empty: nothing happened).  Ends with DONE."""
+        tag = conn._new_tag()
+        conn.send(tag + b" IDLE\r\n")
+        first = conn.readline()
+        if not first.startswith(b"+"):
+            raise imaplib.IMAP4.error(f"IDLE refused: {first.decode(errors='replace').strip()}")
+        seen: list[bytes] = []
+        sock = conn.socket()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    line = conn.readline()
+                except (TimeoutError, ssl.SSLError):
+                    break
+                if not line:
+                    raise imaplib.IMAP4.abort("the server closed the connection during IDLE")
+                if line.startswith(b"* ") and not line.startswith(b"* OK"):
+                    seen.append(line.strip())
+                    break
+        finally:
+            sock.settimeout(None)
+            conn.send(b"DONE\r\n")
+            while True:
+                line = conn.readline()
+                if not line or line.startswith(tag):
+                    break
+                if line.startswith(b"* ") and not line.startswith(b"* OK"):
+                    seen.append(line.strip())
+        return seen
+
     # ------------------------------------------------------------ messages
 
     def messages(self, query: str = "", *, site: str | None = None, mailbox: str | None = None,
@@ -307,6 +456,12 @@ class LabClient:
         return cast(dict[str, Any], self._endpoint_of(site).request("GET", f"/api/v1/sites/{site}/replication"))
 
 
+def _lab_name(user: str) -> str:
+    """The lab account a login names: ``user2@microsoft.com`` → ``User2``."""
+    local = user.split("@", 1)[0].lower()
+    return next((name for name in LAB_PASSWORDS if name.lower() == local), "")
+
+
 # ------------------------------------------------------------------ the embedded lab, in a subprocess
 
 
@@ -337,18 +492,22 @@ class EmbeddedLab:
     def __init__(self, data_dir: Path, *, port: int | None = None, admin_port: int | None = None,
                  api_host: str = LAB_API_HOST, api_port: int | None = None, stage: str = "end",
                  ready_timeout: float = 120.0, submission_port: int | None = None,
-                 smtps_port: int | None = None) -> None:
+                 smtps_port: int | None = None, access_ports: dict[str, int] | None = None) -> None:
+        """``access_ports``: the sites' ``imap_port``, ``imaps_port``, ``pop3_port`` and
+        ``pop3s_port`` (default: free ones)."""
         self.data_dir = Path(data_dir)
         self.port = port or free_lab_port()
         self.admin_port = admin_port or free_lab_port(LAB_ADDRESSES[:3])
         self.submission_port = submission_port or free_lab_port(LAB_ADDRESSES[:3])  # 587 and 465 of the sites
         self.smtps_port = smtps_port or free_lab_port(LAB_ADDRESSES[:3])
+        self.access_ports = {k: (access_ports or {}).get(k) or free_lab_port(LAB_ADDRESSES[:3])
+                             for k in ("imap_port", "imaps_port", "pop3_port", "pop3s_port")}
         self.api_host = api_host
         self.api_port = api_port or free_port(api_host)
         self.stage = stage
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self.client = LabClient(self.url)
+        self.client = LabClient(self.url, ca_file=self.data_dir / "tls" / "ca.crt")
 
     @property
     def url(self) -> str:
@@ -361,6 +520,7 @@ class EmbeddedLab:
             [sys.executable, "-m", "imsrelay", "lab", "--data", str(self.data_dir), "--port", str(self.port),
              "--admin-port", str(self.admin_port), "--api-host", self.api_host, "--api-port", str(self.api_port),
              "--submission-port", str(self.submission_port), "--smtps-port", str(self.smtps_port),
+             *[a for k, port in self.access_ports.items() for a in (f"--{k.replace('_', '-')}", str(port))],
              "--stage", self.stage, "--log-level", "error"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()

@@ -20,7 +20,10 @@ moves it, as it moves the Docker lab's published port) unless ``--imsrelay-smtp`
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,12 +88,27 @@ def imsrelay_lab(request: Any, tmp_path_factory: Any) -> Iterator[LabClient]:
     api_host, _, api_port = (api or "").rpartition(":")
     if api and not api_port.isdigit():
         raise pytest.UsageError(f"--imsrelay-api {api!r}: expected HOST:PORT")
-    lab = EmbeddedLab(tmp_path_factory.mktemp("imsrelay-lab"), port=request.config.getoption("--imsrelay-port"),
+    data, own = _lab_data_dir(tmp_path_factory)
+    lab = EmbeddedLab(data, port=request.config.getoption("--imsrelay-port"),
                       admin_port=request.config.getoption("--imsrelay-admin-port"),
                       api_host=api_host if api else LAB_API_HOST, api_port=int(api_port) if api else None)
-    client = lab.start()
-    client.smtp_override.update(smtp)
     try:
+        client = lab.start()
+        client.smtp_override.update(smtp)
         yield client
     finally:
         lab.stop()
+        if own:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _lab_data_dir(tmp_path_factory: Any) -> tuple[Path, bool]:
+    """Where the embedded lab keeps its data, and whether the fixture removes it.
+    Run as root, pytest's own temporary directories are closed to other users, and
+    the lab's IMAP4/POP3 (Dovecot's mail processes, never root) must reach the
+    Maildirs: then a directory of its own that others may enter but not list."""
+    if os.geteuid() != 0:
+        return Path(tmp_path_factory.mktemp("imsrelay-lab")), False
+    data = Path(tempfile.mkdtemp(prefix="imsrelay-lab-"))
+    os.chmod(data, 0o711)
+    return data, True

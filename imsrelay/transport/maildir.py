@@ -11,6 +11,7 @@ deliver twice.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Sequence
 from datetime import datetime
@@ -35,11 +36,18 @@ def mailbox_dir(data_dir: Path, alias: str) -> Path:
     return Path(data_dir) / "mailboxes" / alias
 
 
-def ensure_maildir(path: Path) -> None:
-    if (path / "new").is_dir() and (path / "tmp").is_dir():
-        return
-    for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+def ensure_maildir(path: Path, owner: tuple[int, int] | None = None) -> None:
+    """The Maildir's tmp/, new/ and cur/; with ``owner`` (uid, gid), the Maildir and
+    its three directories belong to that user (Dovecot's mail processes, when the
+    site runs as root: see imsrelay/access)."""
+    if not ((path / "new").is_dir() and (path / "tmp").is_dir() and (path / "cur").is_dir()):
+        for sub in ("tmp", "new", "cur"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        for d in (path, path / "tmp", path / "new", path / "cur"):
+            st = d.stat()
+            if (st.st_uid, st.st_gid) != owner:
+                os.chown(d, *owner)
 
 
 def trace_headers(*, sender: str, recipient: str, hostname: str, queue_id: str, now: datetime | None = None) -> bytes:
@@ -57,7 +65,7 @@ def unique_name(queue_id: str, index: int) -> str:
 
 
 def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, sender: str, recipient: str,
-                   hostname: str) -> Write:
+                   hostname: str, owner: tuple[int, int] | None = None) -> Write:
     """The spool write that delivers one message into ``maildir``: written in its
     tmp/, fsynced, renamed into new/ (new/ fsynced by the group commit); skipped if
     this (queue id, recipient) was delivered before, in new/ or unflagged in cur/."""
@@ -65,7 +73,7 @@ def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, 
     data = trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id) + message
     new, cur, tmp = _subdirs(maildir)
     final = new / unique
-    return Write(final, data, tmp_dir=tmp, unless_exists=(final, cur / unique, cur / f"{unique}:2,"))
+    return Write(final, data, tmp_dir=tmp, unless_exists=(final, cur / unique, cur / f"{unique}:2,"), owner=owner)
 
 
 @lru_cache(maxsize=256)
@@ -83,12 +91,15 @@ def list_messages(maildir: Path) -> list[Path]:
 class MaildirTransport:
     """The local delivery agent: one file per recipient in its mailbox's Maildir under
     ``<data>/mailboxes``, made durable by the site's group committer (the same
-    rounds as the queue's own records)."""
+    rounds as the queue's own records).  ``owner`` (uid, gid): who the Maildirs and
+    delivered files belong to, when not the site's own user (IMAP/POP3 as root)."""
 
-    def __init__(self, data_dir: Path, committer: GroupCommitter, *, hostname: str) -> None:
+    def __init__(self, data_dir: Path, committer: GroupCommitter, *, hostname: str,
+                 owner: tuple[int, int] | None = None) -> None:
         self.data_dir = data_dir
         self.committer = committer
         self.hostname = hostname
+        self.owner = owner
         self._maildirs: set[str] = set()  # mailboxes whose Maildir is known to exist
 
     async def deliver(self, route: Route, env: Envelope, recipients: Sequence[RecipientState],
@@ -103,10 +114,10 @@ class MaildirTransport:
             return Outcome(False, True, "5.1.3", f"local delivery refused: {exc}")
         write = delivery_write(path, queue_id=env.queue_id, index=env.recipients.index(r),
                                message=message, sender=env.sender, recipient=r.address,
-                               hostname=self.hostname)
+                               hostname=self.hostname, owner=self.owner)
         try:
             if route.mailbox not in self._maildirs:
-                await asyncio.to_thread(ensure_maildir, path)
+                await asyncio.to_thread(ensure_maildir, path, self.owner)
                 self._maildirs.add(route.mailbox)
             await self.committer.commit([write])
         except OSError as exc:

@@ -9,7 +9,7 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``mx`` route to every address of every MX host of the domain, in RFC 5321 §5.1
   order.  The next hop is tried on a connection failure or a temporary (4xx)
   failure; a permanent (5xx) reply ends the attempt for the recipients it covers.
-- **Loops** (``imsrelay.policy.loops``). An MX next hop that is this site (its listen address or host name
+- **Loops** (``imsrelay.policy.mail_loops``). An MX next hop that is this site (its listen address or host name
   at its port) is dropped together with every less preferred one, as RFC 5321
   §5.1 asks; when nothing is left the recipients fail with ``5.4.6``.
 - **Connections** are pooled per next hop (address, port) and reused: before
@@ -87,7 +87,7 @@ from imsrelay.model.message import split_message
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.protocol_log import session_id
-from imsrelay.policy.loops import SelfEndpoints, is_self, without_self
+from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
 from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route
@@ -671,7 +671,10 @@ class SmtpClient:
             return _all(rcpts, Outcome.permanent_failure(
                 "5.6.7", f"remote server does not support SMTPUTF8 ({remote}): the message needs it", remote))
         # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
-        size, body = await asyncio.to_thread(_wire, message) if len(message) > MIB else _wire(message)
+        # what the ingress found: every line end a CRLF, no line starting with a dot
+        clean, dotless = env.extra.get("crlf") is True, env.extra.get("dotless") is True
+        size, body = (await asyncio.to_thread(_wire, message, clean, dotless) if len(message) > MIB
+                      else _wire(message, clean, dotless))
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
@@ -837,10 +840,10 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def _wire(message: bytes) -> tuple[int, bytes]:
+def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, bytes]:
     """(the SIZE of the message as sent, what follows the 354)."""
-    wire = crlf_message(message)
-    return len(wire), dot_stuffed(wire)
+    wire = crlf_message(message, known_clean=known_clean)
+    return len(wire), dot_stuffed(wire, known_dotless=known_dotless)
 
 
 def pipelined_stage(replies: int, rcpts: int) -> str:

@@ -21,17 +21,22 @@ def crlf_clean(message: bytes) -> bool:
     return message.count(b"\n") == pairs and message.count(b"\r") == pairs
 
 
-def crlf_message(message: bytes) -> bytes:
+def crlf_message(message: bytes, *, known_clean: bool = False) -> bytes:
     """The message as it is sent and as SIZE counts it: CRLF line ends, a CRLF at the end.
-    Returns ``message`` itself when it is already so."""
-    if not crlf_clean(message):
+    Returns ``message`` itself when it is already so.  ``known_clean``: the ingress
+    found every line end a CRLF (the envelope's ``crlf``), so it is not counted again."""
+    if not known_clean and not crlf_clean(message):
         message = _LINE_ENDS.sub(b"\r\n", message)
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
-def dot_stuffed(wire: bytes) -> bytes:
+def dot_stuffed(wire: bytes, *, known_dotless: bool = False) -> bytes:
     """What follows the 354: ``wire`` (from ``crlf_message``) with a dot added before
-    every line that starts with one (RFC 5321 §4.5.2), then the terminating ``.CRLF``."""
+    every line that starts with one (RFC 5321 §4.5.2), then the terminating ``.CRLF``.
+    ``known_dotless``: the ingress found no line starting with a dot (the envelope's
+    ``dotless``), so the message is not searched again."""
+    if known_dotless:
+        return wire + b".\r\n"
     body = wire.replace(b"\r\n.", b"\r\n..")
     if body.startswith(b"."):
         body = b"." + body

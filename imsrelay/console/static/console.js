@@ -407,7 +407,8 @@
   async function viewConfig(root, name) {
     viewTitle(root, `${name} — Configuration`, "Property pages of the site: Internet Mail Service, Connected Sites, E-Mail Domain table, smart host, Directory Replication Connectors.");
     return withData(root, [`directory:${name}`], async () => {
-      const [cfg, st] = await Promise.all([api("GET", site(name, "/config")), api("GET", site(name, "/status"))]);
+      const [cfg, st, dir] = await Promise.all([api("GET", site(name, "/config")), api("GET", site(name, "/status")),
+        api("GET", site(name, `/directory?site=${encodeURIComponent(name)}`))]);
       return [
         card("General",
           el("dl", { class: "facts" },
@@ -432,8 +433,28 @@
         card("Smart host", el("p", { text: cfg.smart_host || "none: mail for other domains goes by DNS MX" })),
         card("Directory Replication Connectors",
           table(["To site", "Schedule"], cfg.replication_connectors.map((c) => row(c.site, c.schedule_text)))),
+        protocolsCard(cfg, st, dir),
       ];
     });
+  }
+
+  // The Protocols property page (Exchange 5.5: IMAP4 and POP3 at site, server and mailbox level).
+  function protocolsCard(cfg, st, dir) {
+    const a = cfg.access;
+    const own = (dir.sites || []).find((x) => x.name === cfg.site) || {};
+    const siteDefaults = own.protocols || {};
+    const setting = (v) => (v === true ? "enabled" : v === false ? "disabled" : "default");
+    const running = st.access;
+    const listeners = !a.enabled ? "not served by this server ([access] enabled = false)"
+      : running && running.unavailable ? `not running: ${running.unavailable}`
+      : running ? ["imap", "imaps", "pop3", "pop3s"].filter((k) => running[k]).map((k) => `${k} ${running.host}:${running[k]}`).join(", ")
+      : "starting";
+    return card("Protocols (IMAP4, POP3)",
+      el("dl", { class: "facts", id: "protocols" },
+        el("dt", { text: "Listeners" }), el("dd", { text: listeners }),
+        el("dt", { text: "IMAP4" }), el("dd", { text: `site ${setting(siteDefaults.imap4)}, server ${a.imap4 === null ? "uses the site's defaults" : setting(a.imap4)}` }),
+        el("dt", { text: "POP3" }), el("dd", { text: `site ${setting(siteDefaults.pop3)}, server ${a.pop3 === null ? "uses the site's defaults" : setting(a.pop3)}` })),
+      el("p", { class: "muted", text: "Per mailbox: the Recipients page; imsrelay directory protocols ALIAS --imap4 on|off|default." }));
   }
 
   // ------------------------------------------------------------------ a site: queue
@@ -592,8 +613,12 @@
             el("span", { class: "ptype", text: a.type }), " ", el("span", { class: "addr", text: a.address }), a.primary ? badge("primary", "ok") : null)))),
           el("td", { text: r.home_site }),
           el("td", {}, last.sites.map((s) => badge(s, r.known_at.includes(s) ? (r.differs_at.includes(s) ? "warn" : "ok") : "absent")),
-            r.differs_at.length ? el("div", { class: "muted", text: `older copy at ${r.differs_at.join(", ")}` }) : null)));
-      return [table(["Mailbox", "Proxy addresses", "Home site", "Known at"], rows, { class: "recipients" }),
+            r.differs_at.length ? el("div", { class: "muted", text: `older copy at ${r.differs_at.join(", ")}` }) : null),
+          el("td", { class: "protocols" }, ["imap4", "pop3"].map((p) => {
+            const v = (r.protocols || {})[p];
+            return badge(`${p === "imap4" ? "IMAP4" : "POP3"} ${v === true ? "on" : v === false ? "off" : "default"}`, v === false ? "warn" : "ok");
+          }))));
+      return [table(["Mailbox", "Proxy addresses", "Home site", "Known at", "Protocols"], rows, { class: "recipients" }),
               Object.keys(last.errors).length ? notice(`Not answering: ${Object.keys(last.errors).join(", ")}`, "error") : null];
     }
     filter.addEventListener("input", () => { if (last) fill(root.querySelector(".data"), draw()); });

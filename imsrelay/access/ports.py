@@ -1,0 +1,22 @@
+"""What the mailbox-access service asks of its site (``imsrelay.site.Site`` matches it)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from imsrelay.policy.auth import FailureLimiter, Identity
+
+
+class AccessSite(Protocol):
+    @property
+    def auth_failures(self) -> FailureLimiter:
+        """Failed logins per client address: shared with SMTP AUTH (one lock-out)."""
+        ...
+
+    async def authenticate(self, login: str, password: bytes) -> Identity | None:
+        """The mailbox a login (alias or any SMTP address) and password name, if right."""
+        ...
+
+    async def protocol_refusal(self, identity: Identity, protocol: str) -> str | None:
+        """Why ``identity`` may not use ``protocol`` (imap4/pop3) here, or None."""
+        ...
