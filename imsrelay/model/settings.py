@@ -358,9 +358,14 @@ class LabConfig:
     serve``): real DNS and real next hops."""
 
     sealed: bool = False
+    """a lab: no connection outside `lab.networks` (next hops, address literals, DNS servers),
+    names resolved only by `[dns] nameservers` (none: no DNS at all), never the system resolver"""
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
         ipaddress.ip_network(n) for n in LAB_NETWORKS_DEFAULT)
+    """the lab's own networks: the only addresses a sealed site connects to"""
     catch_all: str | None = None
+    """a sealed lab's mailbox (alias) keeping the mail for every domain no route names: the rest
+    of the Internet (the lab's Internet host)"""
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,7 @@ class FaultBook:
         self._faults: dict[str, Fault] = {}
         self._left: dict[str, int] = {}
         self._ids = itertools.count(1)
-        self.listeners: list[Callable[[str, Fault], None]] = []  # ("added"|"cleared"|"fired", fault)
+        self.listeners: list[Callable[[str, Fault], None]] = []  # ("added"|"cleared"|"expired"|"used_up"|"fired", fault)
 
     def __bool__(self) -> bool:
         return bool(self._faults)
@@ -320,7 +320,7 @@ class FaultBook:
             fault = self._faults.pop(fid, None)
             del self._left[fid]
             if fault is not None:
-                self._tell("used up", fault)
+                self._tell("used_up", fault)
 
     def firing(self, session: SessionFaults, stage: str) -> list[Fault]:
         """The inbound faults that fire now for this session at ``stage``, latency first.
