@@ -74,7 +74,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub.required = True
     for name in modules:
         importlib.import_module(name).register(sub)
+    describe(parser)
     return parser
+
+
+def describe(parser: argparse.ArgumentParser) -> None:
+    """Every sub-command's ``--help`` page opens with what it does: its one-line help
+    (as ``imsrelay --help`` lists it) unless it has a description of its own."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, sub in action.choices.items():
+            if sub.description is None and helps.get(name):
+                text = str(helps[name])
+                sub.description = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+            describe(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

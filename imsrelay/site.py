@@ -117,7 +117,8 @@ class Site:
         self.admin: AdminServer | None = None
         # who restarts this site when its administrator asks (imsrelay serve, the lab); None: nobody
         self.on_restart: Callable[[], None] | None = None
-        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+        resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout,
+                                system=not config.lab.sealed)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
         self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,

@@ -265,7 +265,7 @@ class ComposeLab:
         out = []
         for msg in self.admin(service, "GET", "/queue")["messages"]:
             for r in msg["recipients"]:
-                if r["address"].lower() == recipient.lower() and r["state"] == "pending":
+                if r["address"].lower() == recipient.lower() and r["state"] in ("queued", "deferred", "held"):
                     out.append({**r, "queue_id": msg["queue_id"]})
         return out
 

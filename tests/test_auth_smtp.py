@@ -473,3 +473,25 @@ async def test_open_relay_matrix_from_outside_accepts_nothing(gate: Gate):
     assert {c for _, c, _ in results} <= {550, 553, 554, 501, 555}
     await asyncio.sleep(1.0)  # anything queued would be on its way to the smart host by now
     assert not any(b"relay-matrix" in m for m in gate.relayed())
+
+
+async def test_the_465_listener_writes_no_aiosmtpd_auth_warning(tmp_path, caplog):
+    """AUTH without STARTTLS on 465 is right (TLS from the start): aiosmtpd's warning
+    about it (a Python warning and a mail.log line, at the first connection) does not
+    reach the console."""
+    import logging
+    import ssl
+
+    caplog.set_level(logging.WARNING, logger="mail.log")
+    config = make_config(tmp_path, site_mapping("SiteA", listen=HOST, port=free_port(),
+                                                smtp={"tls_generate": True},
+                                                submission={"port": free_port(), "tls_port": free_port()}))
+    async with running_site(config) as site:
+        def connect() -> None:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with smtplib.SMTP_SSL(HOST, site.submission_ports["smtps"], timeout=20, context=context) as s:
+                assert s.ehlo()[0] == 250
+        await asyncio.to_thread(connect)
+    assert not [r for r in caplog.records if "auth_require_tls" in r.getMessage()]

@@ -43,6 +43,7 @@ END_STATE = {
     ("SiteC", "User3"): "User3@microsoft.com", ("SiteC", "Administrator"): "Administrator3@microsoft.com",
 }
 ALICE = "/home/alice/Maildir"
+REST_OF_INTERNET = "/home/rest-of-internet/Maildir"
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,25 @@ def test_mail_to_the_internet_leaves_by_dns_mx_with_the_company_address(lab: Com
     assert head.startswith(b"Return-Path: <User1@microsoft.com>")  # the envelope sender, rewritten
     assert b"\nFrom: User1@microsoft.com\n" in head  # and the From: header
     assert b"[10.10.10.10]" in head  # straight from SiteA (Postfix's Received: line)
+
+
+def test_the_rest_of_the_internet_is_in_a_box(lab: ComposeLab):
+    """A sealed lab: mail to a domain outside the lab, from a site and from the Internet's
+    own users, goes by the lab DNS's root wildcard MX to the Internet host and is kept in
+    rest-of-internet's Maildir; nothing asks a real resolver or leaves 10.10.10.0/24."""
+    msgid, body = lab.message("user1@SiteA.microsoft.com", "someone@real-company.example", "to a real domain",
+                              "box-site")
+    lab.send(SMTP["sitea"], "user1@SiteA.microsoft.com", "someone@real-company.example", body)
+    got = poll(lambda: lab.find("internet", REST_OF_INTERNET, msgid), timeout=90,
+               what="the site's outside mail in rest-of-internet's Maildir")
+    assert len(got) == 1
+    msgid, body = lab.message("alice@example.net", "bob@gmail.com", "from alice outwards", "box-alice")
+    lab.send(INTERNET_SMTP, "alice@example.net", "bob@gmail.com", body)
+    poll(lambda: lab.find("internet", REST_OF_INTERNET, msgid), timeout=90,
+         what="alice's outside mail in rest-of-internet's Maildir")
+    # SiteA refuses an address literal outside the lab (sealed): the sender gets an NDR
+    route = lab.exec("sitea", "imsrelay", "route", "x@[192.0.2.1]", "--config", "/etc/imsrelay/site.toml").stdout
+    assert "outside this sealed lab" in route
 
 
 def test_user3_sent_to_siteb_reaches_sitec(lab: ComposeLab):

@@ -331,6 +331,19 @@ def test_trace_a_message_through_the_organisation(page, lab):
     expect(hops.nth(2).locator(".badge.delivered")).to_have_count(1)
     expect(story.locator("ul.outcomes")).to_contain_text("delivered at SiteB to mailbox User2")
     assert page.evaluate("window.__noReload") == "still here"
+    # a fan-out is drawn as branches: SiteA -> {SiteB -> User2, SiteC -> User3}
+    lab.send("Internet", sample_message("Fan", to="User2@microsoft.com", message_id="<trace-2@example.net>"),
+             "alice@example.net", ["User2@microsoft.com", "User3@SiteC.microsoft.com"])
+    page.fill("#track-query", "<trace-2@example.net>")
+    page.click("#track-form button")
+    fan = page.locator("article.story", has_text="trace-2@example.net")
+    expect(fan.locator(".hop-node.mailbox")).to_have_count(2)
+    branches = fan.locator("ul.branches.fan-out > li.branch")
+    expect(branches).to_have_count(2)
+    expect(branches.nth(0)).to_contain_text("SiteB")
+    expect(branches.nth(0)).to_contain_text("mailbox User2")
+    expect(branches.nth(1)).to_contain_text("SiteC")
+    expect(branches.nth(1)).to_contain_text("mailbox User3")
 
 
 # ---------------------------------------------------------------------------- queues
@@ -359,7 +372,7 @@ def test_queue_retry_and_delete(page, lab, tmp_path):
     page.goto(lab.console_url + "#/site/Internet/queue")
     row = page.locator("table.queue tbody tr", has_text="carol@unreachable.example")
     expect(row).to_have_count(1)
-    expect(row.locator(".badge.pending")).to_have_count(1)
+    expect(row.locator(".badge.queued, .badge.deferred")).to_have_count(1)  # one name per state, as the CLI
     page.wait_for_function(
         "() => /attempts [1-9]/.test(document.querySelector('table.queue tbody tr').textContent)", timeout=TIMEOUT)
     expect(row.locator(".diag")).to_contain_text("refused")

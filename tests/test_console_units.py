@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from sitekit import make_config, site_mapping
 
-from imsrelay.admin.console_routes import schedule_text
 from imsrelay.console.html_safety import CONSOLE_CSP, MESSAGE_CSP, message_document, neutralise_html
 from imsrelay.console.mail_views import tracking_queries
 from imsrelay.console.sessions import MAX_SESSIONS, Sessions
 from imsrelay.console.views import changed_topics, recipients
 from imsrelay.model.errors import ConfigError
+from imsrelay.model.settings import schedule_text
 
 # ---------------------------------------------------------------------------- sessions
 
@@ -155,7 +155,8 @@ def test_tracking_queries_from_what_the_user_typed():
 
 
 def test_schedule_text():
-    assert schedule_text(900.0) == "always (every 15 minutes)"
+    assert schedule_text(900.0) == "always (every 15 min)"
+    assert schedule_text(10800.0) == "every 3 h"  # the default schedule (Q195918), one way everywhere
     assert schedule_text(None) == "never"
     assert schedule_text(7200.0) == "every 2 h"
     assert schedule_text(300.0) == "every 5 min"

@@ -54,7 +54,9 @@ async def test_mail_is_held_until_the_peer_issues_etrn(tmp_path, capsys):
             await asyncio.sleep(1.0)  # several retry intervals: nothing leaves
             assert peer.messages == [] and all(r.attempts == 0 for e in queued(site) for r in e.recipients)
             listing = (await admin(site, "GET", "/queue"))["messages"]
-            assert [r["held"] for m in listing for r in m["recipients"]] == ["etrn:partner.test:partner.test"] * 2
+            assert [r["held"] for m in listing for r in m["recipients"]] == \
+                ["held until the peer issues ETRN for partner.test"] * 2
+            assert [(r["state"], r["next_attempt"]) for m in listing for r in m["recipients"]] == [("held", None)] * 2
 
             code, text = await asyncio.to_thread(etrn, site.bound_port, "partner.test")
             assert code == 253 and text == b"2.0.0 OK, 2 pending messages for node partner.test started"

@@ -269,3 +269,34 @@ async def test_faults_of_a_stopped_site_are_one_line(tmp_path, capsys):
     assert await cli("faults", "list", "--config", str(path)) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not running" in err
+
+
+async def test_sessions_n_means_n_refused_attempts_on_a_reused_connection(tmp_path, capsys):
+    """SiteA keeps its connection to SiteB open and retries on it (its connection
+    cache): ``--sessions 1`` at rcpt is one deferral, then delivery at the next
+    attempt; a connect fault added on a warm link refuses the next attempts; a
+    used-up fault leaves the list."""
+    files = site_files(tmp_path)
+    a_cfg, (b_path, b_cfg) = files["SiteA"][1], files["SiteB"]
+    async with running_site(b_cfg) as b, running_site(a_cfg) as a:
+        await submit(a, ["User2@SiteB.microsoft.com"], message("warm up"))  # the link is warm now
+        await wait_for(lambda: maildir_messages(b_cfg.data_dir, "User2"))
+        reused = a.smtp_client.connections_reused
+        assert await cli("faults", "add", "--config", str(b_path), "--stage", "rcpt", "--reply",
+                         "451 4.3.0 fault: later", "--sessions", "1", "--peer", HOSTS["SiteA"]) == 0
+        assert "next 1 attempt(s)" in capsys.readouterr().out
+        qid = await submit(a, ["User2@SiteB.microsoft.com"], message("refused once"))
+        await wait_for(lambda: len(maildir_messages(b_cfg.data_dir, "User2")) == 2)
+        assert len(await tracked(a, qid, "deferred")) == 1  # exactly one refused attempt
+        assert a.smtp_client.connections_reused > reused  # ... on the reused connection
+        assert await cli("faults", "list", "--config", str(b_path)) == 0
+        assert "fault: later" not in capsys.readouterr().out  # used up: not listed
+
+        opened = a.smtp_client.connections_opened
+        await admin(b, "POST", "/faults", {"stage": "connect", "reply": "421 4.3.2 fault: not now", "sessions": 2})
+        qid = await submit(a, ["User2@SiteB.microsoft.com"], message("refused at connect twice"))
+        await wait_for(lambda: len(maildir_messages(b_cfg.data_dir, "User2")) == 3)
+        deferred = await tracked(a, qid, "deferred")
+        assert len(deferred) == 2 and all("fault: not now" in d.detail["diagnostic"] for d in deferred)
+        assert a.smtp_client.connections_opened > opened  # the warm connection was closed by the 421
+        assert (await admin(b, "GET", "/faults"))["faults"] == []

@@ -80,13 +80,27 @@ def test_fault_book_sessions_and_expiry():
     now = [0.0]
     book = FaultBook(clock=lambda: now[0], rng=lambda: 0.0)
     f = book.add({"stage": "mail", "code": 451, "sessions": 2, "expires": 60})
-    s1, s2, s3 = book.session(None), book.session(None), book.session(None)
-    assert book.firing(s1, "mail") == [f] and book.firing(s1, "mail") == [f]  # the same session: still armed
-    assert book.firing(s2, "mail") == [f]
-    assert book.firing(s3, "mail") == []  # the third session is past "next 2 sessions"
-    assert book.listing()[0]["sessions_left"] == 0
-    now[0] = 61.0
-    assert book.faults() == [] and not book
+    s1, s2 = book.session(None), book.session(None)
+    # an attempt is a transaction: a client retrying on its open connection meets exactly 2 refusals
+    assert book.firing(s1, "mail") == [f]
+    assert book.listing()[0]["sessions_left"] == 1 and "next 2 attempt(s)" in book.listing()[0]["description"]
+    assert book.firing(s1, "mail") == [f]
+    assert book.listing() == []  # used up: it leaves the list
+    assert book.firing(s1, "mail") == [] and book.firing(s2, "mail") == []
+    assert not book
+    # a rcpt fault refuses every recipient of its transaction, and counts the transaction once
+    r = book.add({"stage": "rcpt", "code": 451, "sessions": 1})
+    assert book.firing(s1, "mail") == [] and book.firing(s1, "rcpt") == [r] and book.firing(s1, "rcpt") == [r]
+    assert book.firing(s1, "mail") == [] and book.firing(s1, "rcpt") == [] and not book
+    # a connect fault added while a connection is open fires at its next transaction, once
+    now[0] = 1.0
+    c = book.add({"stage": "connect", "code": 421, "text": "4.3.2 going away", "sessions": 2})
+    assert book.late_connect(s1) == [c] and book.late_connect(s1) == []
+    assert book.firing(book.session(None), "connect") == [c]
+    assert book.listing() == []
+    book.add({"stage": "mail", "code": 451, "expires": 60})
+    now[0] = 62.0
+    assert book.faults() == []
     g = book.add({"kind": "link", "peer": "SiteB"})
     assert book.link_cut(site="SiteB", host=None, port=None, domain=None) == g
     assert [x.id for x in book.clear()] == [g.id]

@@ -13,6 +13,7 @@ from imsrelay.observe.tracking import (
     TrackingEvent,
     TrackingQuery,
     follow,
+    format_story,
     message_id_of,
     remote_queue_id,
 )
@@ -225,3 +226,44 @@ async def test_expired_shows_the_lifetime_and_the_ndr(tmp_path):
     assert "4.4.7" in r.detail and "maximum time" in r.detail and "User1@SiteA.microsoft.com" in r.detail
     assert [e.event for e in story.hops[0].events if e.event in ("deferred", "expired", "ndr_sent")][-2:] == \
         ["expired", "ndr_sent"]
+
+
+def _ev(t, site, event, qid, rcpt=None, **detail):
+    return TrackingEvent(t, site, event, qid, "<m>", "User1@microsoft.com", rcpt, None, detail)
+
+
+def test_fan_out_is_drawn_as_branches():
+    rcpts = ["User2@microsoft.com", "User3@microsoft.com", "bob@example.net"]
+    ev = [_ev(1.0, "SiteA", "received", "QA", recipients=rcpts)]
+    for i, (rcpt, site, box) in enumerate(zip(rcpts, ["SiteB", "SiteC", "Internet"], ["User2", "User3", "bob"],
+                                              strict=True)):
+        ev += [_ev(2.0 + i, "SiteA", "transferred", "QA", rcpt, next_hop=site, remote_queue_id=f"Q{site}"),
+               _ev(2.1 + i, site, "received", f"Q{site}", recipients=[rcpt]),
+               _ev(2.2 + i, site, "delivered", f"Q{site}", rcpt, mailbox=f"mailbox {box}")]
+    (story,) = follow(ev)
+    body = story.as_dict()
+    assert body["chain"] == ["SiteA"]  # the way every recipient shares
+    assert body["path"] == "SiteA -> {SiteB -> mailbox User2, SiteC -> mailbox User3, Internet -> mailbox bob}"
+    tree = body["tree"]
+    assert tree["site"] == "SiteA" and [b["site"] for b in tree["next"]] == ["SiteB", "SiteC", "Internet"]
+    assert [b["recipients"][0]["mailbox"] for b in tree["next"]] == ["User2", "User3", "bob"]
+    assert "path: SiteA -> {SiteB -> mailbox User2," in format_story(story)
+    # one way is one chain, ending at the mailbox
+    (single,) = follow(ev[:1] + ev[1:4])
+    assert single.as_dict()["path"] == "SiteA -> {SiteB -> mailbox User2, User3@microsoft.com queued, " \
+        "bob@example.net queued}"
+
+
+def test_deleted_and_held_recipients_are_shown_as_such():
+    ev = [_ev(1.0, "SiteA", "received", "QA", recipients=["User2@microsoft.com"]),
+          _ev(1.1, "SiteA", "deferred", "QA", "User2@microsoft.com", status="4.4.1", diagnostic="link cut",
+              attempts=1, next_attempt=99.0),
+          _ev(2.0, "SiteA", "deleted", "QA")]
+    (story,) = follow(ev)
+    (r,) = story.recipients
+    assert r.state == "deleted" and "next attempt" not in r.detail and "by an operator" in r.detail
+    held = [_ev(1.0, "SiteA", "received", "QA", recipients=["x@example.net"]),
+            _ev(1.1, "SiteA", "deferred", "QA", "x@example.net", held=True,
+                diagnostic="Transfer mode inbound: outbound mail is held", next_attempt=5.0)]
+    (r,) = follow(held)[0].recipients
+    assert r.state == "held" and "next attempt" not in r.detail and "Transfer mode inbound" in r.detail

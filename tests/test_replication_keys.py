@@ -225,3 +225,12 @@ def test_a_key_that_does_not_match_its_trusted_entry_is_one_line_at_check_config
     code, out, err = run_cli("check-config", str(path))
     assert code == 0, err
     assert f"replication keys: per-site ed25519, own key {key} (not on this machine: not checked); trusted: SiteA" in out
+
+
+async def test_a_schedule_is_written_one_way_in_the_cli_and_the_api(organisation):
+    org = organisation(schedule="3h")
+    await org.start("SiteA")
+    out = await org.ok("replicate", "status", site="SiteA")
+    assert out.count("every 3 h") == 2, out  # SiteB and SiteC, Exchange's default schedule (Q195918)
+    status = json.loads(await org.ok("replicate", "status", "--json", site="SiteA"))
+    assert {p["schedule_text"] for p in status["peers"]} == {"every 3 h"}

@@ -66,6 +66,17 @@ async def test_each_mode_with_mail_in_flight(tmp_path, capsys):
             state = await admin(site, "GET", "/transfer-mode")
             assert state == {"site": "SiteA", "mode": "inbound", "held_messages": 3}
             assert all(r.attempts == 0 for e in queued(site) for r in e.recipients)  # held, not failed
+            # every view names it "held", with no next attempt: queue list, the API, tracking
+            assert await cli("queue", "list", "--config", path) == 0
+            listing = capsys.readouterr().out
+            assert listing.count("held      bob@partner.test  attempts 0, no attempt while held: Transfer mode "
+                                 "inbound: outbound mail is held") == 3, listing
+            assert "next attempt" not in listing
+            queue = (await admin(site, "GET", "/queue"))["messages"]
+            assert {(r["state"], r["next_attempt"]) for m in queue for r in m["recipients"]} == {("held", None)}
+            story = (await admin(site, "GET", "/api/v1/tracking?recipient=bob@partner.test"))["messages"][0]
+            assert story["recipients"][0]["state"] == "held"
+            assert "Transfer mode inbound" in story["recipients"][0]["detail"]
 
             # None: new mail is refused with a 4xx, every queue is held (local too)
             assert await cli("transfer-mode", "set", "none", "--config", path) == 0

@@ -83,6 +83,8 @@ def offline_rows(cfg: str, tmp: Path) -> list[tuple[list[str], int, str]]:
         (["queue", "retry", "NOPE", "-c", cfg], 1, "no message NOPE"),
         (["route", "not-an-address", "-c", cfg], 2, "user@domain"),
         (["route", "a@[999.1.1.1]", "-c", cfg], 2, "address literal"),
+        (["route", "User1@SiteA.microsoft.com", "--from", "not an address", "-c", cfg], 2,
+         "553 5.1.7 Bad sender address syntax"),
         (["serve", "--workers", "0", "-c", cfg], 2, "--workers"),
         (["serve", "--workers", "many", "-c", cfg], 2, "--workers"),
         (["serve", "-c", str(tmp / "missing.toml")], 2, "no such file"),
@@ -203,3 +205,57 @@ def test_check_config_reports_every_error_one_line_each_listen_must_be_an_ip(tmp
     # serve refuses the same file before anything starts (nothing asks a resolver)
     status, _, err = run_cli(capsys, ["serve", "-c", str(bad)])
     assert status == 2 and len(err.strip().splitlines()) == 4
+
+
+def test_check_config_refuses_a_connected_site_differing_only_in_case(tmp_path: Path, capsys) -> None:
+    path, _ = write_site_file(tmp_path, site_mapping("SiteA", port=free_port()))
+    text = path.read_text() + ('\n[[connected_sites]]\nname = "SiteB"\nrouting_address = "@SiteB.microsoft.com"\n'
+                               '\n[[connected_sites]]\nname = "siteb"\nrouting_address = "@SiteB.microsoft.com"\n')
+    path.write_text(text)
+    status, _, err = run_cli(capsys, ["check-config", str(path)])
+    assert_one_line(err, status, 2, "connected_sites[1].name: 'siteb' differs from the entry 'SiteB' only in case")
+
+
+def test_every_sub_command_help_page_says_what_it_does() -> None:
+    import argparse
+
+    from imsrelay.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if not (sub.description or "").strip():
+                        missing.append(sub.prog)
+                    walk(sub)
+
+    walk(build_parser(None))
+    assert missing == []
+
+
+def test_lab_stage_before_the_lab_on_disk_is_refused_before_anything_starts(tmp_path: Path, capsys) -> None:
+    from imsrelay.lab.embedded import Lab
+
+    lab = Lab(tmp_path / "lab", say=lambda line: None)
+    lab._write_install()
+    lab._append_entries("connected-sites", lab._plans("connected-sites"))
+    assert lab.stage == 1
+    status, out, err = run_cli(capsys, ["lab", "--stage", "install", "--data", str(tmp_path / "lab")])
+    assert_one_line(err, status, 2, "is already at stage connected-sites, past install")
+    assert out == "" and not (tmp_path / "lab" / "lab.pid").exists()
+
+
+def test_a_busy_port_names_the_option_that_moves_it() -> None:
+    import argparse
+
+    from imsrelay.commands.lab import busy_port_hint
+
+    args = argparse.Namespace(port=2525, admin_port=8025, submission_port=2587, smtps_port=2465, api_host=None,
+                              api_port=8025, console_listen="127.10.10.1", console_port=8080)
+    bind = "[Errno 98] error while attempting to bind on address ('{}', {}): address already in use"
+    assert "--api-port" in busy_port_hint(bind.format("127.10.10.1", 8025), args)
+    assert busy_port_hint(bind.format("127.10.10.10", 8025), args) == "choose another port with --admin-port"
+    assert busy_port_hint(bind.format("127.10.10.15", 2525), args) == "choose another port with --port"
+    assert "--console-port" in busy_port_hint(bind.format("127.10.10.1", 8080), args)

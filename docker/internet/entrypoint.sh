@@ -4,7 +4,8 @@
 # Environment (all optional):
 #   INTERNET_DOMAIN      mail domain served here            (default example.net)
 #   INTERNET_HOSTNAME    this MTA's name                    (default mail.$INTERNET_DOMAIN)
-#   INTERNET_USERS       local users with a Maildir         (default "alice bob")
+#   INTERNET_USERS       local users with a Maildir         (default "alice bob rest-of-internet";
+#                        rest-of-internet keeps mail for every domain outside the lab)
 #   INTERNET_MYNETWORKS  clients allowed to relay           (default from main.cf)
 #   LAB_NAMESERVER       DNS server written to resolv.conf  (default: Docker's)
 # Mail for postmaster/root/abuse goes to the user "postmaster" (a Maildir too).
@@ -12,7 +13,7 @@ set -euo pipefail
 
 domain="${INTERNET_DOMAIN:-example.net}"
 host="${INTERNET_HOSTNAME:-mail.$domain}"
-users="${INTERNET_USERS:-alice bob}"
+users="${INTERNET_USERS:-alice bob rest-of-internet}"
 
 if [ -n "${LAB_NAMESERVER:-}" ]; then
     # Ask the lab DNS directly, never the host's resolver. (Docker bind-mounts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from imsrelay.model.errors import UserError
@@ -17,6 +18,11 @@ from imsrelay.model.settings import SiteConfig
 
 class AdminUnavailable(Exception):
     """The endpoint cannot be reached (site stopped, admin disabled, no token)."""
+
+
+class WrongSite(AdminUnavailable):
+    """The endpoint answered, but for another site or another data directory (another
+    lab or instance listens at the file's admin address): this file's site is not there."""
 
 
 class AdminRequestError(Exception):
@@ -33,12 +39,16 @@ class AdminRequestError(Exception):
 class AdminClient:
     """Blocking JSON client for a site's admin endpoint (loopback; proxies ignored)."""
 
-    def __init__(self, base: str, token: str, *, site: str = "", timeout: float = 120.0) -> None:
+    def __init__(self, base: str, token: str, *, site: str = "", timeout: float = 120.0,
+                 expect: tuple[str, Path, Path] | None = None) -> None:
+        """``expect``: (site name, data directory, config file) the endpoint must serve;
+        checked once, before the first request (``WrongSite`` when it does not)."""
         self.base = base.rstrip("/")
         self.site = site or self.base
         self._token = token
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._expect = expect
 
     @classmethod
     def for_config(cls, config: SiteConfig, *, timeout: float = 120.0) -> AdminClient:
@@ -56,9 +66,28 @@ class AdminClient:
         if not token:
             raise AdminUnavailable(f"no admin token for {config.site}: set admin.token in {config.path} or "
                                    f"the environment variable {admin.token_env}")
-        return cls(base, token, site=config.site, timeout=timeout)
+        return cls(base, token, site=config.site, timeout=timeout,
+                   expect=(config.site, config.data_dir, config.path))
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        if self._expect is not None:
+            self._check_identity(self._expect)
+            self._expect = None
+        return self._request(method, path, body)
+
+    def _check_identity(self, expect: tuple[str, Path, Path]) -> None:
+        site, data_dir, path = expect
+        status = self._request("GET", "/status")
+        served_site = status.get("site") if isinstance(status, dict) else None
+        served_data = status.get("data_dir") if isinstance(status, dict) else None
+        mine = data_dir.resolve()
+        if served_site == site and (served_data is None or Path(served_data) == mine):
+            return
+        raise WrongSite(f"{path}: the admin endpoint {self.base} serves site {served_site} with data in "
+                        f"{served_data}, not this file's site {site} with data in {mine} (another lab or "
+                        "instance listens there; start this one, or give its --config/--data)")
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self._token}", "Content-Type": "application/json",

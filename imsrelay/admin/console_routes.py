@@ -16,22 +16,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from imsrelay.model.envelope import check_queue_id
-from imsrelay.model.settings import REPLICATION_ALWAYS, SiteConfig
+from imsrelay.model.settings import SiteConfig, schedule_text
 from imsrelay.observe import tracking
 from imsrelay.queue.manager import QueueManager
-
-
-def schedule_text(seconds: float | None) -> str:
-    """A replication connector's schedule as the Exchange Administrator shows it."""
-    if seconds is None:
-        return "never"
-    if seconds == REPLICATION_ALWAYS:
-        return "always (every 15 minutes)"
-    if seconds % 3600 == 0:
-        return f"every {int(seconds // 3600)} h"
-    if seconds % 60 == 0:
-        return f"every {int(seconds // 60)} min"
-    return f"every {seconds:g} s"
 
 
 def config_dict(cfg: SiteConfig) -> dict[str, Any]:

@@ -31,8 +31,10 @@ from imsrelay.admin.message_store import (
 )
 from imsrelay.admin.openapi import document
 from imsrelay.ingress.backlog import accept_backlog
+from imsrelay.model.envelope import DEFERRED, QUEUED, queue_state
 from imsrelay.observe import tracking
 from imsrelay.observe.readiness import combined
+from imsrelay.queue.manager import held_text
 
 PREFIX = "/api/v1"
 MAX_LIMIT = 1000
@@ -346,12 +348,17 @@ def envelope_items(envelopes: Iterable[Any],
     return [{"queue_id": env.queue_id, "sender": env.sender, "origin": env.origin,
              "received_at": env.received_at, "size": env.size,
              "priority": env.extra.get("priority", "normal"),  # Time-outs by priority
-             "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
-                             "next_attempt": r.next_attempt, "status": r.status,
-                             "diagnostic": r.diagnostic,
-                             "held": held(env.queue_id).get(r.address)}  # Transfer mode, ETRN
-                            for r in env.recipients]}
+             "recipients": [_recipient_item(r, held(env.queue_id).get(r.address)) for r in env.recipients]}
             for env in sorted(envelopes, key=lambda e: e.queue_id)]
+
+
+def _recipient_item(r: Any, held: str | None) -> dict[str, Any]:
+    """One recipient in the queue: ``state`` one of ``QUEUE_STATES`` (queued, deferred,
+    held, delivered, bounced, failed), as the CLI names it; a held one has no next attempt."""
+    state = queue_state(r.state, r.attempts, held=held is not None)
+    return {"address": r.address, "state": state, "attempts": r.attempts,
+            "next_attempt": r.next_attempt if state in (QUEUED, DEFERRED) else None, "status": r.status,
+            "diagnostic": r.diagnostic, "held": held_text(held) if held else None}  # Transfer mode, ETRN
 
 
 def _strings(value: object) -> list[str]:

@@ -284,6 +284,7 @@ class AdminServer:
         return web.json_response({
             "organisation": cfg.organisation, "site": cfg.site, "server": cfg.server, "hostname": cfg.hostname,
             "site_domain": cfg.site_domain, "company_domain": cfg.company_domain,
+            "data_dir": str(cfg.data_dir.resolve()),  # the CLI checks it talks to its file's site (client.py)
             "site_addressing": own.smtp_address if own else None,
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from imsrelay.config.loader import load_config
 from imsrelay.directory.keys import ReplicationKeyError, trust_from
-from imsrelay.model.errors import UserError
+from imsrelay.model.errors import ConfigError, ConfigErrors, UserError
 from imsrelay.model.settings import SiteConfig
+
+# KB Q196927's network (10.10.10.x) is the embedded lab's 127.10.10.x: the same last
+# number on loopback (imsrelay.lab.embedded; not imported here: check-config stays light)
+SEED_NETWORK, LAB_NETWORK = "10.10.10.", "127.10.10."
+_OUTSIDE = re.compile(r"^(\S+) is outside this sealed lab")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,8 +36,23 @@ def check_replication_keys(config: SiteConfig) -> None:
         raise UserError(f"{config.path}: {exc}") from None
 
 
+def with_lab_hint(error: ConfigError) -> ConfigError:
+    """A sealed lab file that names one of the article's 10.10.10.x addresses: the
+    error also names the embedded lab's address of that host."""
+    match = _OUTSIDE.match(error.message)
+    if match is None or not match.group(1).startswith(SEED_NETWORK):
+        return error
+    seed = match.group(1)
+    address = LAB_NETWORK + seed[len(SEED_NETWORK):]
+    return ConfigError(error.path, error.key, f"{error.message}; use {address} (the embedded lab puts the "
+                                               f"article's {seed} at {address}, on loopback)")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    c = load_config(args.config)
+    try:
+        c = load_config(args.config)
+    except ConfigErrors as exc:
+        raise ConfigErrors([with_lab_hint(e) for e in exc.errors]) from None
     rep = c.replication
     if rep.signing_key is None or rep.signing_key.exists():  # (a container's key may live elsewhere)
         check_replication_keys(c)  # its key readable and the one the others are told to trust

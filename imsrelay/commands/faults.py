@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.add_argument("--stage", help=f"{', '.join(STAGES)} (latency also: any)")
     add.add_argument("--reply", help='the reply, e.g. "451 4.3.0 try again later" (kind reply)')
     add.add_argument("--probability", type=float, help="fire with this probability (0-1]; default always")
-    add.add_argument("--sessions", type=int, help="only for the next N SMTP sessions")
+    add.add_argument("--sessions", type=int, help="only for the next N attempts: connections for connect/helo faults, "
+                          "mail transactions for mail/rcpt/data faults (a client retrying on an open "
+                          "connection meets exactly N refusals); used up, the fault leaves the list")
     add.add_argument("--peer", help="inbound: only sessions from this address/network; "
                                     "link: the peer site, host or host:port whose traffic is refused")
     add.add_argument("--delay", help="latency: how long to wait before answering, e.g. 2s")
@@ -67,7 +69,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{config.site}: no faults")
         return 0
     for f in answer["faults"]:
-        left = f" ({f['sessions_left']} session(s) left)" if f.get("sessions") is not None else ""
+        left = f" ({f['sessions_left']} attempt(s) left)" if f.get("sessions") is not None else ""
         print(f"{f['id']:<5} {f['description']}{left}; expires in {f['expires_in']:.0f}s")
     return 0
 

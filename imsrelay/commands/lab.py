@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -98,6 +99,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     if _running_pid(data) is not None:
         raise UserError(f"a lab is already running with data in {data}")
+    if staged:
+        existing = Lab(data, port=args.port)
+        if existing.exists and target < existing.stage:
+            at = "end" if existing.stage == len(STAGE_NAMES) - 1 else STAGE_NAMES[existing.stage]
+            raise UserError(f"the lab in {data} is already at stage {at}, past {args.stage}, and a lab does not "
+                            f"go back: give another --data (or delete {data}) to start from {args.stage}")
     try:
         data.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -119,11 +126,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         pidfile.write_text(str(os.getpid()))
         (data / NEXT_REQUEST).unlink(missing_ok=True)
         console: ConsoleServer | None = None
+        started = False
         try:
-            if lab.exists and target < lab.stage:
-                print(f"lab: {lab.data_dir} is already past stage {args.stage} "
-                      f"(imsrelay lab status --data {data}); delete it to start again from {args.stage}")
             await lab.start(target)
+            started = True
             print(await lab.describe(), flush=True)
             if args.console_port:
                 console = lab_console(lab, listen=args.console_listen, port=args.console_port, with_stage=staged)
@@ -151,14 +157,35 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 await console.stop()
             await lab.stop()
             pidfile.unlink(missing_ok=True)
-            print("lab: stopped", flush=True)
+            if started:
+                print("lab: stopped", flush=True)
 
     try:
         run_until_signalled(main)
     except OSError as exc:
         raise UserError(f"cannot start the lab: {exc.strerror or exc} (another lab or site running? "
-                        f"choose other ports with --port / --admin-port)") from None
+                        f"{busy_port_hint(str(exc), args)})") from None
     return 0
+
+
+_BIND = re.compile(r"\('([^']*)', (\d+)\)")
+
+
+def busy_port_hint(message: str, args: argparse.Namespace) -> str:
+    """Which option moves the port a bind error names (pure)."""
+    found = _BIND.search(message)
+    options = [("--port", args.port), ("--admin-port", args.admin_port), ("--submission-port", args.submission_port),
+               ("--smtps-port", args.smtps_port)]
+    if found is not None:
+        host, port = found.group(1), int(found.group(2))
+        if host == (args.api_host or API_HOST) and port == args.api_port:
+            return "choose another port with --api-port (the lab endpoint), or 0 for any free one"
+        if host == args.console_listen and port == args.console_port:
+            return "choose another port with --console-port, or 0 for no console"
+        for option, value in options:
+            if port == value:
+                return f"choose another port with {option}"
+    return "choose other ports with --port / --admin-port / --api-port"
 
 
 NEXT_REQUEST = "lab-next"

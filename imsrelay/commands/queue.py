@@ -22,12 +22,17 @@ import json
 import time
 from datetime import UTC, datetime
 
+from imsrelay.admin.client import AdminClient, AdminRequestError, AdminUnavailable
 from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
-from imsrelay.model.envelope import PENDING, Envelope, RecipientState
+from imsrelay.directory.store import Directory
+from imsrelay.model.envelope import PENDING, Envelope, RecipientState, queue_state
 from imsrelay.model.errors import UserError
 from imsrelay.model.message import split_message
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
+from imsrelay.model.settings import SiteConfig
+from imsrelay.policy.transfer_mode import TRANSFER_MODE_KEY, holds, parse_mode
+from imsrelay.queue.manager import held_text
 from imsrelay.queue.spool import Spool
 
 
@@ -83,16 +88,47 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def recipient_state(r: RecipientState) -> str:
-    if r.state != PENDING:
-        return r.state
-    return "deferred" if r.attempts else "queued"
+def recipient_state(r: RecipientState, held: str | None = None) -> str:
+    return queue_state(r.state, r.attempts, held=held is not None)
 
 
-def recipient_lines(r: RecipientState, now: float) -> list[str]:
-    state = recipient_state(r)
+def held_by_transfer_mode(config: SiteConfig, r: RecipientState) -> str | None:
+    """Why a pending recipient is held by the site's Transfer mode (read from its
+    directory, where the site keeps it), or None: outbound SMTP routes wait in
+    ``inbound`` and ``none``."""
+    remote = (r.route or "").startswith(("relay:", "mx:"))
+    if r.state != PENDING or not remote:
+        return None
+    db = config.data_dir / "directory.sqlite3"
+    if not db.exists():
+        return None
+    directory = Directory(db, config.site)
+    try:
+        mode = parse_mode(directory.get_meta(TRANSFER_MODE_KEY) or config.transfer.mode)
+    finally:
+        directory.close()
+    return held_text(f"transfer:{mode.value}") if holds(mode, remote=True) else None
+
+
+def running_holds(config: SiteConfig) -> dict[tuple[str, str], str] | None:
+    """What the running site holds (Transfer mode, ETRN: it keeps that in memory), by
+    (queue id, recipient); None when the site is not running (or has no admin endpoint)."""
+    if config.admin.port == 0 or not config.admin.resolved_token():
+        return None
+    try:
+        queue = AdminClient.for_config(config, timeout=5.0).call("GET", "/queue")
+    except (AdminUnavailable, AdminRequestError):
+        return None
+    return {(m["queue_id"], r["address"]): r["held"] for m in queue.get("messages", [])
+            for r in m.get("recipients", []) if r.get("held")}
+
+
+def recipient_lines(r: RecipientState, now: float, held: str | None = None) -> list[str]:
+    state = recipient_state(r, held)
     line = f"    {state:<9} {r.address}"
-    if r.state == PENDING:
+    if held is not None:
+        line += f"  attempts {r.attempts}, no attempt while held: {held}"
+    elif r.state == PENDING:
         due = "now" if r.next_attempt <= now else when(r.next_attempt)
         line += f"  attempts {r.attempts}, next attempt {due}"
     elif r.attempts:
@@ -106,6 +142,7 @@ def recipient_lines(r: RecipientState, now: float) -> list[str]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     spool = open_spool(args)
+    config = load_config(args.config, data_dir=args.data)
     envelopes = list(spool.envelopes())
     if args.json:
         print(json.dumps([json.loads(e.to_json()) for e in envelopes], indent=2))
@@ -114,13 +151,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("Mail queue is empty")
         return 0
     now = time.time()
+    holds_now = running_holds(config)
+
+    def held(env: Envelope, r: RecipientState) -> str | None:
+        if holds_now is not None:
+            return holds_now.get((env.queue_id, r.address))
+        return held_by_transfer_mode(config, r)
+
     width = max(len(e.queue_id) for e in envelopes)
     print(f"{'-Queue ID-':<{width}} {'--Size--':>8} {'----Arrival Time----':<20}  -Sender/Recipient-")
     pending = 0
     for env in envelopes:
         print(f"{env.queue_id:<{width}} {env.size:>8} {when(env.received_at):<20}  {env.sender or '<>'}")
         for r in env.recipients:
-            for line in recipient_lines(r, now):
+            for line in recipient_lines(r, now, held(env, r)):
                 print(line)
         pending += len(env.pending)
         print()

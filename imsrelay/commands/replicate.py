@@ -16,6 +16,7 @@ from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
 from imsrelay.directory.keys import generate_private_key, public_key_text, write_private_key
 from imsrelay.model.errors import UserError
+from imsrelay.model.settings import schedule_text
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,12 +82,6 @@ def key_scheme_line(status: dict[str, Any]) -> str:
     return scheme + (f" (trusted: {', '.join(trusted)})" if trusted else "")
 
 
-def _schedule(s: Any) -> str:
-    if s is None:
-        return "never"
-    return f"{s / 60:g}m" if s >= 60 else f"{s:g}s"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     status = cli_call(config, "GET", "/replication/status")
@@ -97,13 +92,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{status['site']}: invocation {status['invocation']}, highest USN {status['highest_usn']}, "
           f"rejected messages: {rejected}")
     print(f"keys: {key_scheme_line(status)}")
-    header = (f"{'peer':<10} {'schedule':<9} {'high-water':>10} {'invocation':<17} {'last request':<21} "
+    header = (f"{'peer':<10} {'schedule':<21} {'high-water':>10} {'invocation':<17} {'last request':<21} "
               f"{'last reply':<21} {'applied':>7} {'backlog':>7}  last error")
     print(header)
     for p in status["peers"]:
-        schedule = _schedule(p["schedule"]) if p["connector"] else "-"
+        schedule = schedule_text(p["schedule"]) if p["connector"] else "-"
         hw = str(p["high_water"]) + ("+" if p["pending_ranges"] else "")
-        print(f"{p['site']:<10} {schedule:<9} {hw:>10} {(p['invocation'] or '-'):<17} "
+        print(f"{p['site']:<10} {schedule:<21} {hw:>10} {(p['invocation'] or '-'):<17} "
               f"{when(p['last_request']):<21} {when(p['last_reply']):<21} {p['applied']:>7} "
               f"{p['backlog']:>7}  {p['last_error'] or '-'}")
     if not status["peers"]:

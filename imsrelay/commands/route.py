@@ -90,8 +90,9 @@ def decide(config: SiteConfig, address: str) -> tuple[Route, str]:
 
 async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
     """The next hops of an SMTP route as the SMTP client would try them."""
-    servers = ", ".join(config.dns.nameservers) or "the system resolver"
-    resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
+    servers = ", ".join(config.dns.nameservers) or ("no DNS (a sealed lab)" if config.lab.sealed
+                                                    else "the system resolver")
+    resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout, system=not config.lab.sealed)
     me = site_endpoints(config, config.smtp.port)
     try:
         if route.kind == RELAY:
@@ -148,6 +149,12 @@ def cmd_route(args: argparse.Namespace) -> int:
         parse_address(args.address)
     except AddressError as exc:
         raise UserError(str(exc)) from None
+    if args.sender not in (None, "", "<>"):
+        try:  # as the site's MAIL FROM does (ingress/handler.py): refused before any recipient
+            parse_address(args.sender)
+        except AddressError as exc:
+            raise UserError(f"--from {args.sender!r}: the site answers MAIL FROM with "
+                            f"553 5.1.7 Bad sender address syntax: {exc}") from None
     try:
         route, source = decide(config, args.address)
     except DirectoryError as exc:

@@ -50,6 +50,7 @@ from imsrelay.model.settings import (
     DomainRoute,
     EtrnConfig,
     EtrnRequest,
+    LabConfig,
     LoggingConfig,
     MailboxConfig,
     MetricsConfig,
@@ -69,6 +70,7 @@ from imsrelay.model.settings import (
 )
 from imsrelay.policy.auth import MECHANISMS, PasswordError, parse_hash
 from imsrelay.policy.restrictions import ACCEPT_MODES, FILTER_ACTIONS, check_entry
+from imsrelay.policy.sealed import host_refusal
 from imsrelay.policy.transfer_mode import parse_mode
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -453,10 +455,14 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
 
 def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
     connected = []
+    spelled: dict[str, str] = {}  # lower-case name -> the first spelling
     for c in root.tables("connected_sites"):
         name = c.string("name", required=True)
         if name is not MISSING and not _NAME.fullmatch(name):
             name = c.error("name", f"{name!r} is not a site directory name (letters, digits, - _ .)")
+        elif name is not MISSING and spelled.setdefault(name.lower(), name) != name:
+            name = c.error("name", f"{name!r} differs from the entry {spelled[name.lower()]!r} only in case: a "
+                                   "site's directory name is exact (Q196927); write it the same way or remove one")
         routing = c.string("routing_address", required=True)
         if routing is not MISSING and not routing.startswith("@"):
             routing = c.error("routing_address",
@@ -585,6 +591,46 @@ def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
         co.error("enabled", "the console needs the admin endpoint: set admin.port (and admin.token)")
     co.reject_unknown()
     return cfg
+
+
+def _load_lab(s: _Section) -> LabConfig:
+    networks = _networks(s, "networks") if "networks" in s.table else MISSING
+    cfg = _build(LabConfig, sealed=s.boolean("sealed"), networks=networks, catch_all=_alias(s, "catch_all"))
+    s.reject_unknown()
+    return cfg
+
+
+def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, dns: DnsConfig,
+                  connected: tuple[ConnectedSite, ...], routes: tuple[DomainRoute, ...], etrn: EtrnConfig,
+                  mailboxes: tuple[MailboxConfig, ...]) -> None:
+    """A sealed lab's file names no host outside the lab (imsrelay.policy.sealed)."""
+    if lab.catch_all is not None:
+        if not lab.sealed:
+            root.errors.append(ConfigError(root.path, "lab.catch_all", "only a sealed lab (lab.sealed = true) "
+                                           "keeps the rest of the Internet in a catch-all mailbox"))
+        elif lab.catch_all.lower() not in {m.alias.lower() for m in mailboxes}:
+            root.errors.append(ConfigError(root.path, "lab.catch_all", f"{lab.catch_all!r} is not one of this "
+                                           "site's [[mailboxes]]"))
+    if not lab.sealed:
+        return
+    lab_dns = bool(dns.nameservers)
+
+    def check(key: str, host: str) -> None:
+        refused = host_refusal(host, lab.networks, lab_dns=lab_dns)
+        if refused:
+            root.errors.append(ConfigError(root.path, key, refused))
+
+    for i, server in enumerate(dns.nameservers):
+        check(f"dns.nameservers[{i}]", parse_host_port(server, 53, ip_only=True)[0])
+    if delivery.smart_host:
+        check("delivery.smart_host", delivery.smart_host)
+    for i, c in enumerate(connected):
+        if c.host:
+            check(f"connected_sites[{i}].host", c.host)
+    for i, r in enumerate(routes):
+        check(f"email_domains[{i}].host", r.host)
+    for i, e in enumerate(etrn.requests):
+        check(f"etrn.requests[{i}].host", e.host)
 
 
 def _load_tracking(t: _Section) -> TrackingConfig:
@@ -830,6 +876,10 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
                                        "submission listeners need TLS: set smtp.tls_cert and smtp.tls_key "
                                        "(or smtp.tls_generate = true for a throwaway lab certificate)"))
     console = _load_console(root.table_of("console"), admin)
+    lab = _load_lab(root.table_of("lab"))
+    if not errors:
+        _check_sealed(root, lab, delivery=delivery, dns=dns, connected=connected, routes=routes, etrn=etrn,
+                      mailboxes=mailboxes)
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
@@ -847,5 +897,5 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
         auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
         etrn=etrn, diagnostics=diagnostics, metrics=metrics,
-        console=console,
+        console=console, lab=lab,
     )

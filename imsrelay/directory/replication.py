@@ -58,7 +58,7 @@ from imsrelay.model.addresses import AddressError, normalise_domain, parse_addre
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.model.object_rules import object_problem
 from imsrelay.model.objects import DIRSYNC_LOCAL, DirObject
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import SiteConfig, schedule_text
 from imsrelay.routing.router import RoutingTable, site_routing_domain
 
 PROTOCOL_VERSION = 1
@@ -741,6 +741,7 @@ class Replicator:
             domain = await self.peer_domain(name)
             peers.append({
                 "site": name, "connector": name in schedules, "schedule": schedules.get(name),
+                "schedule_text": schedule_text(schedules.get(name)) if name in schedules else None,
                 "routing_domain": domain, "address": dirsync_address(domain) if domain else None,
                 "invocation": state["invocation"], "high_water": state["high_water"],
                 "pending_ranges": state["ranges"], "last_request": state["last_request"],

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import logging
 import re
 import ssl
 import time
@@ -330,6 +331,28 @@ class ImsSMTP(SMTP):
             self._fault_session = self._site.faults.session(self._client_ip)
         return self._fault_session
 
+    async def _late_connect_fault(self) -> bool:
+        """A ``connect`` fault added while this connection was already open: its reply
+        answers this transaction's MAIL and the connection closes (True), as if the
+        client had connected now."""
+        site = self._site
+        if site is None or not site.faults:
+            return False
+        for f in site.faults.late_connect(self._faults()):
+            if f.kind == "latency":
+                await asyncio.sleep(f.delay)
+                continue
+            site.metrics.conn_rejected.labels("fault").inc()
+            if f.kind == "reply":
+                await self.push(f.reply_line())
+                self.close_now()
+            else:
+                self._log_line("S", "<connection dropped by fault>")
+                if isinstance(self.transport, asyncio.Transport):
+                    self.transport.abort()
+            return True
+        return False
+
     async def _faulted(self, stage: str) -> bool:
         """Apply the faults that fire at ``stage``; True when one answered or hung up."""
         site = self._site
@@ -537,7 +560,7 @@ class ImsSMTP(SMTP):
                 await self._writer.drain()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self._faulted("mail"):
+        if await self._late_connect_fault() or await self._faulted("mail"):
             return
         if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
@@ -721,6 +744,10 @@ class BoundMethods(Mapping[str, Any]):
         return len(self._names)
 
 
+def _no_smtps_auth_warning(record: logging.LogRecord) -> bool:
+    return "auth_required == True but auth_require_tls == False" not in record.getMessage()
+
+
 def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
                    limits: ConnectionCounter | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for one of the site's listening sockets (``limits``: the
@@ -745,9 +772,16 @@ def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
     }
 
     def full() -> ImsSMTP:
-        with warnings.catch_warnings():  # 465: AUTH without STARTTLS is fine, TLS is on from the start
+        # 465: AUTH without STARTTLS is fine, TLS is on from the start: neither aiosmtpd's
+        # warning nor the log line it also writes (mail.log) reaches the site's console
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
-            return _protocol()
+            aiosmtpd_log = logging.getLogger("mail.log")
+            aiosmtpd_log.addFilter(_no_smtps_auth_warning)
+            try:
+                return _protocol()
+            finally:
+                aiosmtpd_log.removeFilter(_no_smtps_auth_warning)
 
     def _protocol() -> ImsSMTP:
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,

@@ -7,7 +7,8 @@ in between; this module generates it, the way :func:`imsrelay.lab.embedded.site_
 does for the embedded lab, but with the compose lab's network: each site listens on
 ``0.0.0.0:25`` (admin ``0.0.0.0:8025``) in its container, keeps its data in the
 volume at ``/var/lib/imsrelay``, resolves through the lab nsd (10.10.10.53), reaches
-the Internet by DNS MX (no smart host), signs replication with its own Ed25519 key
+the Internet by DNS MX (no smart host; the lab DNS answers every outside domain with
+the lab's Internet host, and the site is sealed to 10.10.10.0/24 and loopback), signs replication with its own Ed25519 key
 (the lab's throwaway ``config/docker/keys/siteX.pem``, mounted at
 ``/etc/imsrelay/replication-key.pem``) and trusts the three sites' public keys, and
 takes its admin token from the container's environment.  Connected Sites, E-Mail Domain entries
@@ -55,6 +56,7 @@ from imsrelay.model.errors import ConfigError
 # The compose lab's addresses (docker-compose.yml, network 10.10.10.0/24).
 COMPOSE_ADDRESSES = {"SiteA": "10.10.10.10", "SiteB": "10.10.10.15", "SiteC": "10.10.10.20"}
 COMPOSE_NAMESERVER = "10.10.10.53"
+COMPOSE_NETWORKS = ("10.10.10.0/24", "127.0.0.0/8")  # the sealed lab: the compose network and loopback
 COMPOSE_GATEWAY = "10.10.10.1"  # clients on the host come in through the Docker gateway
 COMPOSE_DATA_DIR = "/var/lib/imsrelay"
 COMPOSE_SMTP_PORT = 25
@@ -108,6 +110,9 @@ def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, s
         "dns": {"nameservers": [COMPOSE_NAMESERVER], "timeout": "5s"},
         "admin": {"listen": "0.0.0.0", "port": COMPOSE_ADMIN_PORT},
         "logging": {"level": "info", "format": "console"},
+        # sealed: no connection outside the compose network; every other domain's MX is the
+        # lab's Internet (config/dns/root.zone), which keeps it in rest-of-internet's Maildir
+        "lab": {"sealed": True, "networks": list(COMPOSE_NETWORKS)},
     }
     mapping["access"] = compose_access_mapping()
     if stage >= stage_index("connected-sites"):

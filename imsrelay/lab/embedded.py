@@ -53,7 +53,7 @@ from imsrelay.lab.walk import (
     read_raw,
 )
 from imsrelay.model.errors import ConfigError
-from imsrelay.model.settings import AccessConfig, SiteConfig
+from imsrelay.model.settings import AccessConfig, LabConfig, MailboxConfig, SiteConfig
 from imsrelay.observe.logs import get_logger
 from imsrelay.site import Site
 from imsrelay.testing import LAB_API_HOST, LAB_PASSWORDS, LAB_TOKEN
@@ -99,6 +99,11 @@ SITES = (
 )
 INTERNET = LabSite("Internet", "mail", "127.10.10.100", "alice", "Alice (outside)")
 INTERNET_DOMAIN = "example.net"
+# The Internet in a box: the Internet host keeps mail for every domain outside the
+# organisation (and outside example.net) in this mailbox, "the rest of the Internet";
+# every host of the lab is sealed (lab.sealed): no connection leaves loopback.
+REST_OF_INTERNET = "rest-of-internet"
+REST_OF_INTERNET_NAME = "The rest of the Internet"
 
 # (name, what the article says, kind) — kind "config" changes the files, "action" runs a command.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -192,6 +197,7 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
                         "startup_delay": startup_delay or (EXCHANGE_STARTUP_DELAY if hand else FAST_STARTUP_DELAY)},
         "admin": {"listen": site.address, "port": admin_port, "token": ADMIN_TOKEN},
         "logging": {"level": "info", "format": "auto"},
+        "lab": {"sealed": True},  # no connection leaves loopback; no system resolver
     }
     for name in STAGE_NAMES[1:stage + 1]:
         for array, _, entries in stage_entries(site, name, port=port, hand=hand):
@@ -240,7 +246,8 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
 
 def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
-    and greets as an ordinary Internet MTA."""
+    keeps the mail for every other domain in its catch-all mailbox (the rest of the
+    Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
@@ -248,12 +255,27 @@ def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT)
                  "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
         "smtp": {"listen": INTERNET.address, "port": port, "relay_networks": list(INTERNET_RELAY_NETWORKS),
                  "hostname": f"{INTERNET.server}.{INTERNET_DOMAIN}", "banner": INTERNET_BANNER},
-        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"}],
+        "mailboxes": [{"alias": "alice", "display_name": "Alice"}, {"alias": "bob", "display_name": "Bob"},
+                      {"alias": REST_OF_INTERNET, "display_name": REST_OF_INTERNET_NAME}],
         "delivery": {"retry_intervals": ["5s", "15s", "1m"]},
         "email_domains": routes,
         "admin": {"listen": INTERNET.address, "port": admin_port, "token": ADMIN_TOKEN},  # the console's view
         "logging": {"level": "info", "format": "auto"},
+        "lab": {"sealed": True, "catch_all": REST_OF_INTERNET},
     }
+
+
+def sealed_config(config: SiteConfig) -> SiteConfig:
+    """``config`` as a host of the embedded lab runs it: sealed to loopback (the file's
+    own lab.networks if it is sealed), and the Internet host with its catch-all
+    mailbox (pure)."""
+    lab = config.lab if config.lab.sealed else LabConfig(sealed=True)
+    mailboxes = config.mailboxes
+    if config.site == INTERNET.name and lab.catch_all is None:
+        lab = dataclasses.replace(lab, catch_all=REST_OF_INTERNET)
+        if REST_OF_INTERNET not in {m.alias.lower() for m in mailboxes}:
+            mailboxes = (*mailboxes, MailboxConfig(REST_OF_INTERNET, REST_OF_INTERNET_NAME))
+    return dataclasses.replace(config, lab=lab, mailboxes=mailboxes)
 
 
 class LabStepRefused(Exception):
@@ -317,11 +339,50 @@ class Lab:
         self._restarts: set[asyncio.Task[None]] = set()
         self._restart_lock = asyncio.Lock()
         self.step_lock = asyncio.Lock()  # one "next step" at a time (`lab next`, the console)
+        self._raw_cache: dict[Path, tuple[tuple[int, int, int], dict[str, Any] | str]] = {}
+        self._config_cache: dict[Path, tuple[tuple[int, int, int], SiteConfig | ConfigError]] = {}
 
     # ------------------------------------------------------------ state (read from the files)
 
     def config_path(self, name: str) -> Path:
         return self.config_dir / f"{name}.toml"
+
+    def _file_key(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read_raw(self, path: Path) -> dict[str, Any] | str:
+        """``read_raw``, remembered while the file is unchanged (the walk asks for every
+        file many times per step; each file is parsed again only when it changes)."""
+        key = self._file_key(path)
+        cached = self._raw_cache.get(path)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        raw = read_raw(path)
+        if key is not None:
+            self._raw_cache[path] = (key, raw)
+        return raw
+
+    def _load_config(self, path: Path) -> SiteConfig:
+        """``load_config``, remembered while the file is unchanged (its error too)."""
+        key = self._file_key(path)
+        cached = self._config_cache.get(path)
+        if key is None or cached is None or cached[0] != key:
+            try:
+                result: SiteConfig | ConfigError = load_config(path)
+            except ConfigError as exc:
+                result = exc
+            if key is None:
+                if isinstance(result, ConfigError):
+                    raise result
+                return result
+            cached = self._config_cache[path] = (key, result)
+        if isinstance(cached[1], ConfigError):
+            raise cached[1]
+        return cached[1]
 
     def _port_in_files(self) -> int | None:
         raw = read_raw(self.config_path(SITES[0].name))
@@ -335,7 +396,7 @@ class Lab:
     def _plans(self, stage_name: str) -> list[ConfigPlan]:
         plans = []
         for s in SITES:
-            raw = read_raw(self.config_path(s.name))
+            raw = self._read_raw(self.config_path(s.name))
             if isinstance(raw, str):
                 plans.append(ConfigPlan(s.name, (), (raw,)))
                 continue
@@ -345,7 +406,7 @@ class Lab:
 
     def _data_dir_of(self, site: LabSite) -> Path:
         try:
-            return load_config(self.config_path(site.name)).data_dir
+            return self._load_config(self.config_path(site.name)).data_dir
         except ConfigError:
             return self.data_dir / site.name
 
@@ -355,7 +416,7 @@ class Lab:
         install_missing = []
         for s in SITES:
             try:
-                load_config(self.config_path(s.name))
+                self._load_config(self.config_path(s.name))
             except ConfigError as exc:
                 install_missing.append(str(exc))
         steps.append(StepState(STAGES[0][0], STAGES[0][1], not install_missing, tuple(install_missing)))
@@ -523,10 +584,13 @@ class Lab:
             s.readiness.report().ready for s in self.sites.values())
 
     def _running_config(self, config: SiteConfig) -> SiteConfig:
-        """The host's settings as it runs now: while the lab builds its state on a
-        private port, every use of the lab's port (listener, smart host, E-Mail Domain
-        entries) is that private port instead, and no submission listener opens; the
-        file is not changed."""
+        """The host's settings as it runs now: always sealed (a file written before
+        the lab was sealed, or edited, cannot open the lab: the Internet host keeps
+        the rest of the Internet in its catch-all mailbox); while the lab builds its
+        state on a private port, every use of the lab's port (listener, smart host,
+        E-Mail Domain entries) is that private port instead, and no submission
+        listener opens; the file is not changed."""
+        config = sealed_config(config)
         if config.access.enabled:
             config = dataclasses.replace(config, access=dataclasses.replace(
                 config.access, enabled=self.no_access is None, dovecot=self.dovecot))
@@ -554,7 +618,7 @@ class Lab:
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
-        site = Site(self._running_config(load_config(path)))
+        site = Site(self._running_config(self._load_config(path)))
         site.on_restart = lambda: self._restart_soon(name)
         site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
@@ -586,7 +650,7 @@ class Lab:
                 continue
             if mtime != self._mtimes.get(name):
                 try:
-                    load_config(path)
+                    self._load_config(path)
                 except Exception as exc:
                     self.say(f"lab: {path} not applied: {exc}")
                     self._mtimes[name] = mtime
@@ -641,7 +705,7 @@ class Lab:
         """The article's administrator, working as ``imsrelay org-setup`` does: over
         each site's admin endpoint (blocking client, so on a thread)."""
         org = OrgSetup([Endpoint(f"http://{s.address}:{self._admin_port_of(s)}", ADMIN_TOKEN) for s in SITES],
-                       say=lambda line: self.detail("lab:" + line), poll=0.1)
+                       say=lambda line: self.detail("lab:" + line), poll=0.02)  # loopback: ask often
         await asyncio.to_thread(org.wait_ready, 30.0)
         return org
 
@@ -676,6 +740,8 @@ class Lab:
                              + (f"  password {password}" if password else ""))
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
+        lines.append(f"          every other domain: kept in {REST_OF_INTERNET} (the rest of the Internet); "
+                     "no connection leaves the lab")
         first = SITES[0]
         to = f"User2@{COMPANY_DOMAIN}" if stage == len(STAGES) - 1 else f"User2@{SITES[1].domain}"
         lines += ["", trust_hint(self.ca_cert),

@@ -24,6 +24,11 @@ DELIVERED = "delivered"
 BOUNCED = "bounced"  # failed, NDR queued to the sender
 FAILED = "failed"  # failed, no NDR possible (null sender) or suppressed: logged
 TERMINAL = frozenset({DELIVERED, BOUNCED, FAILED})
+# A pending recipient as the CLI, the API and the console name it (one name each):
+QUEUED = "queued"  # not attempted yet
+DEFERRED = "deferred"  # attempted, waiting for its next attempt
+HELD = "held"  # not attempted while a hold lasts (Transfer mode, ETRN): no next attempt
+QUEUE_STATES = (QUEUED, DEFERRED, HELD, DELIVERED, BOUNCED, FAILED)
 
 _ID_PREFIX = secrets.token_hex(2).upper()
 _ID_COUNTER = itertools.count(secrets.randbelow(1 << 16))
@@ -60,6 +65,15 @@ def check_queue_id(queue_id: str) -> str:
     if not queue_id.isalnum() or not queue_id.isascii():
         raise ValueError(f"{queue_id!r} is not a queue id")
     return queue_id
+
+
+def queue_state(state: str, attempts: int, *, held: bool = False) -> str:
+    """A recipient's state in the queue as every view names it (``QUEUE_STATES``)."""
+    if state != PENDING:
+        return state
+    if held:
+        return HELD
+    return DEFERRED if attempts else QUEUED
 
 
 @dataclass(slots=True)

@@ -240,6 +240,21 @@ class DnsConfig:
     """time-out of one DNS lookup"""
 
 
+def schedule_text(seconds: float | None) -> str:
+    """A replication connector's schedule, the one way the CLI, the API
+    (``schedule_text``) and the console write it: ``always (every 15 min)``,
+    ``every 3 h``, ``every 20 min``, ``every 30 s``, ``never``."""
+    if seconds is None:
+        return "never"
+    if seconds == REPLICATION_ALWAYS:
+        return f"always (every {REPLICATION_ALWAYS / 60:g} min)"
+    if seconds % 3600 == 0:
+        return f"every {seconds / 3600:g} h"
+    if seconds % 60 == 0:
+        return f"every {seconds / 60:g} min"
+    return f"every {seconds:g} s"
+
+
 @dataclass(frozen=True)
 class ReplicationConnector:
     site: str
@@ -329,6 +344,30 @@ class RoutingConfig:
     Postfix's behaviour) — or `refuse` them (`550 5.7.1` at RCPT, as Exim's
     `allow_domain_literals = false`). A literal of this site's own address is this site; relaying
     to other literals needs `smtp.relay_networks`"""
+
+
+LAB_NETWORKS_DEFAULT = ("127.0.0.0/8",)  # a sealed lab's own networks unless lab.networks says more
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """``[lab]``: a sealed lab (``imsrelay lab`` and the Docker lab write it).  A sealed
+    site opens no connection outside ``networks``: next hops, address literals and the
+    DNS servers must be inside them; host names and MX are resolved only with the
+    lab's own DNS (``[dns] nameservers``), never the system resolver.  ``catch_all``:
+    the mailbox (alias) that keeps mail for every domain no route names, "the rest
+    of the Internet" (the lab's Internet host).  Unsealed (the default, ``imsrelay
+    serve``): real DNS and real next hops."""
+
+    sealed: bool = False
+    """a lab: no connection outside `lab.networks` (next hops, address literals, DNS servers),
+    names resolved only by `[dns] nameservers` (none: no DNS at all), never the system resolver"""
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in LAB_NETWORKS_DEFAULT)
+    """the lab's own networks: the only addresses a sealed site connects to"""
+    catch_all: str | None = None
+    """a sealed lab's mailbox (alias) keeping the mail for every domain no route names: the rest
+    of the Internet (the lab's Internet host)"""
 
 
 @dataclass(frozen=True)
@@ -592,6 +631,7 @@ class SiteConfig:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     restrictions: RestrictionsConfig = field(default_factory=RestrictionsConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
 
     @property
     def turf_dir(self) -> Path:

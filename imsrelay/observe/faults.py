@@ -17,7 +17,14 @@ kind        effect
 ==========  ==================================================================
 
 Each fault fires always, with a ``probability``, or for the next ``sessions``
-SMTP sessions; every fault has an expiry.  Inbound faults may be limited to one
+attempts; every fault has an expiry.  An *attempt* is what a client retries: a
+connection for ``connect`` and ``helo`` faults, one mail transaction (``MAIL`` to
+the end of ``DATA``) for ``mail``, ``rcpt`` and ``data`` faults, so a client that
+keeps its connection open and tries again on it (as SMTP clients with a connection
+cache do) meets exactly N refusals.  A ``connect`` fault added while a client's
+connection is already open (a warm link) applies at that connection's next
+transaction: its reply answers the ``MAIL`` and the connection is closed, as a
+server that went away would.  A used-up fault leaves the list.  Inbound faults may be limited to one
 ``peer`` (a client address or network).  Faults live in the running site's memory
 (``imsrelay faults add|list|clear``, ``/faults`` on the admin endpoint): a restart
 clears them, like the lab conditions they model.
@@ -79,7 +86,7 @@ class Fault:
         if self.probability < 1.0:
             what += f", probability {self.probability:g}"
         if self.sessions is not None:
-            what += f", next {self.sessions} session(s)"
+            what += f", next {self.sessions} attempt(s)"
         return what
 
     def as_dict(self, *, remaining: int | None = None, now: float | None = None) -> dict[str, Any]:
@@ -213,11 +220,16 @@ def _number(value: Any, name: str) -> float:
 # --------------------------------------------------------------------------- state
 
 
+TRANSACTION_STAGES = ("mail", "rcpt", "data")  # a counted fault at these stages counts transactions
+
+
 @dataclass
 class SessionFaults:
-    """What one SMTP session knows about counted faults: which it armed."""
+    """What one SMTP session knows about counted faults: which it armed (for this
+    connection, or for its current transaction) and when it began."""
 
     client_ip: str | None
+    started_at: float = 0.0
     seen: set[str] = field(default_factory=set)
     armed: set[str] = field(default_factory=set)
 
@@ -232,7 +244,7 @@ class FaultBook:
         self._faults: dict[str, Fault] = {}
         self._left: dict[str, int] = {}
         self._ids = itertools.count(1)
-        self.listeners: list[Callable[[str, Fault], None]] = []  # ("added"|"cleared"|"fired", fault)
+        self.listeners: list[Callable[[str, Fault], None]] = []  # ("added"|"cleared"|"expired"|"used_up"|"fired", fault)
 
     def __bool__(self) -> bool:
         return bool(self._faults)
@@ -246,26 +258,30 @@ class FaultBook:
         return fault
 
     def faults(self) -> list[Fault]:
+        """The faults in force: not expired, and a counted one with attempts left."""
         self._expire()
-        return list(self._faults.values())
+        return [f for f in self._faults.values() if self._left.get(f.id, 1) > 0]
 
     def listing(self) -> list[dict[str, Any]]:
+        """The faults still in force: a counted fault with no attempt left is not listed."""
         now = self.clock()
         return [f.as_dict(remaining=self._left.get(f.id), now=now) for f in self.faults()]
 
     def clear(self, ids: Iterable[str] | None = None) -> list[Fault]:
         """Remove the given faults (all when None); returns those removed.  Raises
         FaultError for an id that is not there."""
+        in_force = {f.id for f in self.faults()}
         if ids is None:
-            chosen = list(self._faults)
+            chosen = list(self._faults)  # the used-up ones go too, silently
         else:
             chosen = list(ids)
-            missing = [i for i in chosen if i not in self._faults]
+            missing = [i for i in chosen if i not in in_force]
             if missing:
                 raise FaultError(f"no fault {', '.join(missing)} (see imsrelay faults list)")
-        removed = [self._faults.pop(i) for i in chosen]
+        for i in chosen:
+            self._left.pop(i, None)
+        removed = [f for f in (self._faults.pop(i) for i in chosen) if f.id in in_force]
         for f in removed:
-            self._left.pop(f.id, None)
             self._tell("cleared", f)
         return removed
 
@@ -283,28 +299,70 @@ class FaultBook:
     # ------------------------------------------------------------ decisions at run time
 
     def session(self, client_ip: str | None) -> SessionFaults:
-        return SessionFaults(client_ip)
+        return SessionFaults(client_ip, started_at=self.clock())
+
+    def _armed(self, session: SessionFaults, f: Fault) -> bool:
+        """A counted fault is armed for this attempt when it still has attempts left
+        the first time the attempt meets it (that uses one)."""
+        if f.sessions is None:
+            return True
+        if f.id not in session.seen:
+            session.seen.add(f.id)
+            if self._left.get(f.id, 0) > 0:
+                self._left[f.id] -= 1
+                session.armed.add(f.id)
+        return f.id in session.armed
+
+    def _used_up(self, session: SessionFaults) -> None:
+        """A counted fault whose every attempt has begun leaves the book once the
+        attempt at hand no longer holds it (``listing`` hides it already)."""
+        for fid in [fid for fid, left in self._left.items() if left <= 0 and fid not in session.armed]:
+            fault = self._faults.pop(fid, None)
+            del self._left[fid]
+            if fault is not None:
+                self._tell("used_up", fault)
 
     def firing(self, session: SessionFaults, stage: str) -> list[Fault]:
-        """The inbound faults that fire now for this session at ``stage``, latency first."""
+        """The inbound faults that fire now for this session at ``stage``, latency first.
+        ``mail`` begins a new attempt for the transaction stages' counted faults."""
+        if not self._faults:
+            return []
+        self._expire()
+        if stage == "mail":
+            session.seen -= {f.id for f in self._faults.values() if f.stage in TRANSACTION_STAGES}
+            session.armed -= {f.id for f in self._faults.values() if f.stage in TRANSACTION_STAGES}
+        out = []
+        for f in list(self._faults.values()):
+            if f.kind == "link" or not matches_stage(f, stage) or not matches_client(f, session.client_ip):
+                continue
+            if not self._armed(session, f):
+                continue
+            if fires(f, stage=stage, roll=self.rng()):
+                out.append(f)
+                self._tell("fired", f)
+        self._used_up(session)
+        out.sort(key=lambda f: f.kind != "latency")
+        return out
+
+    def late_connect(self, session: SessionFaults) -> list[Fault]:
+        """``connect`` faults added after this session began (its client reuses a warm
+        connection): they fire at its next transaction instead, once per session."""
         if not self._faults:
             return []
         self._expire()
         out = []
-        for f in self._faults.values():
-            if f.kind == "link" or not matches_stage(f, stage) or not matches_client(f, session.client_ip):
+        for f in list(self._faults.values()):
+            if f.kind == "link" or f.stage != "connect" or f.created_at < session.started_at \
+                    or f.id in session.seen or not matches_client(f, session.client_ip):
                 continue
-            if f.sessions is not None:
-                if f.id not in session.seen:  # the first time this session meets it: arm if any left
-                    session.seen.add(f.id)
-                    if self._left.get(f.id, 0) > 0:
-                        self._left[f.id] -= 1
-                        session.armed.add(f.id)
-                if f.id not in session.armed:
-                    continue
-            if fires(f, stage=stage, roll=self.rng()):
+            armed = self._armed(session, f)
+            session.seen.add(f.id)  # once per session (the adapter closes it when it fires)
+            if not armed:
+                continue
+            if fires(f, stage="connect", roll=self.rng()):
                 out.append(f)
                 self._tell("fired", f)
+        self._used_up(session)
         out.sort(key=lambda f: f.kind != "latency")
         return out
 

@@ -350,14 +350,85 @@ class Hop:
 @dataclass(frozen=True)
 class RecipientResult:
     recipient: str
-    state: str  # delivered | bounced | failed | expired | deferred | in-transit | queued | deleted
+    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted
     site: str
     detail: str
     path: tuple[str, ...]  # sites it went through
+    mailbox: str | None = None  # delivered: the mailbox (alias)
+    left_to: str | None = None  # delivered into a lab's catch-all: the domain it left the organisation to
 
     def as_dict(self) -> dict[str, Any]:
         return {"recipient": self.recipient, "state": self.state, "site": self.site, "detail": self.detail,
-                "path": list(self.path)}
+                "path": list(self.path), "mailbox": self.mailbox, "left_to": self.left_to}
+
+    def end_text(self) -> str:
+        """Where this recipient's branch ends, for a path: ``mailbox User2``, or its state."""
+        if self.left_to:
+            return f"{self.left_to} (the rest of the Internet)"
+        if self.state == "delivered" and self.mailbox:
+            return f"mailbox {self.mailbox}"
+        return f"{self.recipient} {self.state}"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One site of a message's path and where the message went from it: the sites it
+    was transferred to (a fan-out has several) and the recipients whose way ended here."""
+
+    site: str
+    queue_id: str | None
+    next: tuple[Branch, ...]
+    ends: tuple[RecipientResult, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "queue_id": self.queue_id, "next": [b.as_dict() for b in self.next],
+                "recipients": [{"recipient": r.recipient, "state": r.state, "mailbox": r.mailbox,
+                                "left_to": r.left_to} for r in self.ends]}
+
+    def text(self) -> str:
+        """``SiteA -> {SiteB -> mailbox User2, SiteC -> mailbox User3}``; one way is one chain."""
+        items = [b.text() for b in self.next] + [r.end_text() for r in self.ends]
+        if not items:
+            return self.site
+        if len(items) == 1:
+            return f"{self.site} -> {items[0]}"
+        return f"{self.site} -> {{{', '.join(items)}}}"
+
+
+def branches(hops: tuple[Hop, ...], recipients: tuple[RecipientResult, ...]) -> Branch | None:
+    """The message's path as a tree, from each recipient's way through the sites (pure)."""
+    if not hops:
+        return None
+    queue_ids: dict[str, str] = {}
+    for h in hops:
+        queue_ids.setdefault(h.site, h.queue_id)
+    root: dict[str, Any] = {"site": hops[0].site, "next": {}, "ends": []}
+    for r in recipients:
+        node = root
+        for site in r.path[1:] if r.path and r.path[0] == root["site"] else ():
+            node = node["next"].setdefault(site, {"site": site, "next": {}, "ends": []})
+        node["ends"].append(r)
+
+    def build(node: dict[str, Any]) -> Branch:
+        return Branch(node["site"], queue_ids.get(node["site"]), tuple(build(n) for n in node["next"].values()),
+                      tuple(node["ends"]))
+
+    return build(root)
+
+
+def trunk(hops: tuple[Hop, ...], recipients: tuple[RecipientResult, ...]) -> list[str]:
+    """The sites every recipient's way went through (the whole path when there is one
+    way; the fan-out's common start otherwise)."""
+    paths = [list(r.path) for r in recipients if r.path]
+    if not paths:
+        return [h.site for h in hops]
+    common = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return common
 
 
 @dataclass(frozen=True)
@@ -368,8 +439,11 @@ class Story:
     recipients: tuple[RecipientResult, ...]
 
     def as_dict(self) -> dict[str, Any]:
+        tree = branches(self.hops, self.recipients)
         return {"message_id": self.message_id, "sender": self.sender,
-                "chain": [h.site for h in self.hops],
+                "chain": trunk(self.hops, self.recipients),
+                "tree": tree.as_dict() if tree else None,
+                "path": tree.text() if tree else "",
                 "hops": [{"site": h.site, "queue_id": h.queue_id, "received_at": h.received_at,
                           "received_at_iso": iso(h.received_at) if h.received_at else None,
                           "origin": h.origin, "client": h.client,
@@ -414,7 +488,8 @@ def _results(group: list[Hop], by_queue: dict[str, Hop]) -> list[RecipientResult
 
 def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...] = ()) -> RecipientResult:
     path = (*path, hop.site)
-    mine = [e for e in hop.events if (e.recipient or "").lower() == rcpt.lower()]
+    mine = [e for e in hop.events if (e.recipient or "").lower() == rcpt.lower()
+            or (e.event == DELETED and e.recipient is None)]  # an operator deletes the whole message
     if not mine:
         return RecipientResult(rcpt, "queued", hop.site, f"received at {hop.site} (queue id {hop.queue_id}), "
                                "not routed yet", path)
@@ -422,7 +497,14 @@ def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...]
     d = last.detail
     if last.event == DELIVERED:
         where = d.get("mailbox") or "the mailbox"
-        return RecipientResult(rcpt, "delivered", hop.site, f"delivered at {hop.site} to {where}", path)
+        alias = where[len("mailbox "):] if where.startswith("mailbox ") else None
+        routed = next((e for e in reversed(mine) if e.event == ROUTED), None)
+        left_to = routed.detail.get("left_to") if routed is not None else None
+        if left_to:
+            return RecipientResult(rcpt, "delivered", hop.site,
+                                   f"left the organisation to {left_to}: kept at {hop.site} in the lab's catch-all "
+                                   f"{where} (the rest of the Internet)", path, alias, str(left_to))
+        return RecipientResult(rcpt, "delivered", hop.site, f"delivered at {hop.site} to {where}", path, alias)
     if last.event == TRANSFERRED:
         nxt = by_queue.get(d.get("remote_queue_id") or "")
         if nxt is not None and nxt.site not in path:
@@ -439,6 +521,9 @@ def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...]
                 else "; no NDR (null sender or automatic report)")
         return RecipientResult(rcpt, what if ndr else "failed", hop.site,
                                f"stopped at {hop.site}: {d.get('status')} {d.get('diagnostic')}{tail}", path)
+    if last.event == DEFERRED and d.get("held"):
+        return RecipientResult(rcpt, "held", hop.site, f"held at {hop.site}: {d.get('diagnostic')} "
+                               "(no attempt until the hold ends)", path)
     if last.event == DEFERRED:
         nxt = d.get("next_attempt")
         when = f"; next attempt {iso(nxt)}" if isinstance(nxt, int | float) else ""
@@ -514,8 +599,9 @@ def describe_event(e: TrackingEvent) -> str:
 
 def format_story(story: Story) -> str:
     """The hop chain with times, as ``imsrelay track`` prints it."""
+    tree = branches(story.hops, story.recipients)
     lines = [f"message {story.message_id or '(no Message-ID)'} from {story.sender or '<>'}",
-             "  path: " + " -> ".join(h.site for h in story.hops)]
+             "  path: " + (tree.text() if tree else "(no hop)")]
     for hop in story.hops:
         lines.append(f"  {hop.site} (queue id {hop.queue_id})")
         for e in hop.events:

@@ -137,6 +137,16 @@ def return_freed_memory() -> bool:
     return True
 
 
+def held_text(reason: str) -> str:
+    """A hold reason (``transfer:inbound``, ``etrn:domain:entry``) as a person reads it."""
+    kind, _, rest = reason.partition(":")
+    if kind == "transfer":
+        return f"Transfer mode {rest}: outbound mail is held"
+    if kind == "etrn":
+        return f"held until the peer issues ETRN for {rest.partition(':')[2] or rest}"
+    return reason
+
+
 class QueueManager:
     def __init__(self, spool: Spool, *, inputs: QueueInputs, transports: Transports,
                  delivery: DeliveryConfig, log: Any,
@@ -351,6 +361,8 @@ class QueueManager:
                 self.inputs.metrics.delivery_outcome("held").inc()
                 self.log.info("delivery.held", queue_id=env.queue_id, recipient=r.address, reason=reason,
                               route=route.destination)
+                self._note(tracking.DEFERRED, env.queue_id, recipient=r.address, held=True,
+                            diagnostic=held_text(reason))
             r.route = sys.intern(route.destination)
             held[r.address] = reason
         return go
@@ -582,7 +594,9 @@ class QueueManager:
             self.tracking.record(event, queue_id, **fields)
 
     def _track_route(self, env: Envelope, r: RecipientState, route: Route) -> None:
-        if route.kind == LOCAL:
+        if route.kind == LOCAL and route.domain:  # a lab's catch-all: the rest of the Internet
+            where = f"the lab's catch-all mailbox {route.mailbox} (the rest of the Internet: {route.domain})"
+        elif route.kind == LOCAL:
             where = f"local mailbox {route.mailbox}"
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
@@ -592,8 +606,9 @@ class QueueManager:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
             where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
+        extra = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
         self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
-                    to_site=route.site, why="; ".join(route.steps))
+                    to_site=route.site, why="; ".join(route.steps), **extra)
 
     def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome, event: str) -> None:
         if event == "delivery.delivered":

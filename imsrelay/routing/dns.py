@@ -128,7 +128,10 @@ class MailResolver:
         clock: Callable[[], float] = time.monotonic,
         max_cache_ttl: int = 3600,
         max_cache_entries: int = 10_000,
+        system: bool = True,
     ) -> None:
+        """``nameservers`` empty: the system resolver, unless ``system`` is False (a
+        sealed lab: no DNS at all, every look-up fails as "no nameservers")."""
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._max_cache_ttl = max_cache_ttl
@@ -141,6 +144,8 @@ class MailResolver:
             self._resolver.nameservers = [
                 dns.nameserver.Do53Nameserver(address, port) for address, port in servers
             ]
+        elif not system:
+            self._resolver = None
         else:
             try:
                 self._resolver = system_resolver()

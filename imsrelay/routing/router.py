@@ -13,6 +13,11 @@ Order of decisions, as the Exchange 5.5 IMS made them:
 6. the smart host ("forward all messages to host");
 7. DNS MX for the domain.
 
+In a sealed lab (``[lab] sealed``) a next hop outside the lab's networks is refused
+(5.7.1, ``imsrelay.policy.sealed``), MX needs the lab's own DNS, and a catch-all
+mailbox (``lab.catch_all``, the lab's Internet host) keeps mail for every domain no
+entry names in place of steps 6 and 7: "the rest of the Internet".
+
 Every step taken is recorded in ``Route.steps`` for ``imsrelay route``.
 """
 
@@ -35,6 +40,7 @@ from imsrelay.model.addresses import (
 from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
 from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig
 from imsrelay.policy.mail_loops import SelfEndpoints, points_at_self
+from imsrelay.policy.sealed import SEALED_STATUS, Network, host_refusal, inside, networks_text
 
 LOCAL = "local"
 DIRECTORY = "directory"
@@ -59,6 +65,9 @@ class RoutingTable:
     service_domains: tuple[str, ...] = ()  # domains whose dirsync@ address is this site's directory
     mx_port: int = 25  # port of next hops found by DNS MX (delivery.mx_port)
     address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
+    sealed: tuple[Network, ...] | None = None  # a sealed lab's networks (lab.networks); None = not a lab
+    lab_dns: bool = False  # the sealed lab has DNS servers of its own ([dns] nameservers)
+    catch_all: str | None = None  # lab.catch_all: the mailbox keeping mail for the rest of the Internet
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,7 +127,10 @@ class Route:
     def explain(self) -> str:
         lines = [f"recipient: {self.recipient}"]
         lines += [f"  {i}. {s}" for i, s in enumerate(self.steps, 1)]
-        if self.kind == LOCAL:
+        if self.kind == LOCAL and self.domain:
+            lines.append(f"=> left the organisation to {self.domain}: kept in the lab's catch-all mailbox "
+                         f"{self.mailbox} (the rest of the Internet)")
+        elif self.kind == LOCAL:
             lines.append(f"=> local delivery to mailbox {self.mailbox}")
         elif self.kind == DIRECTORY:
             lines.append("=> this site's directory service (replication)")
@@ -179,22 +191,48 @@ def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trai
         trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
         if points_at_self(r.host, r.port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
+        refused = _sealed_refusal(r.host, table)
+        if refused:
+            return _fail(recipient, trail, SEALED_STATUS, f"entry {pattern}: {refused}", permanent=True)
         if r.etrn:
             trail.add(f"E-Mail Domain table: entry {pattern} holds its mail until the peer issues ETRN")
         return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
                      starttls=_starttls_for(domain, table, r.starttls), site=site,
                      etrn=r.domain.lstrip("#") if r.etrn else None)
     trail.add(f"E-Mail Domain table: no entry matches {domain}")
+    if table.catch_all is not None:
+        return _catch_all(recipient, domain, table.catch_all, trail)
     if table.smart_host is not None:
         host, port = table.smart_host
         trail.add(f"smart host: forward all messages to host {host}:{port}")
         if points_at_self(host, port, table.self_endpoints):
             return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
+        refused = _sealed_refusal(host, table)
+        if refused:
+            return _fail(recipient, trail, SEALED_STATUS, f"smart host: {refused}", permanent=True)
         return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
                      starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site)
-    trail.add(f"DNS: deliver to the MX hosts of {domain}")
+    if table.sealed is not None and not table.lab_dns:
+        return _fail(recipient, trail, SEALED_STATUS,
+                     f"{domain} is outside this sealed lab, which has no DNS of its own to find its MX hosts "
+                     "and no smart host; no connection leaves the lab", permanent=True)
+    trail.add(f"DNS: deliver to the MX hosts of {domain}"
+              + (" (found with the lab's own DNS; only hosts inside the lab are tried)" if table.sealed is not None
+                 else ""))
     return Route(recipient, MX, tuple(trail.steps), domain=domain, port=table.mx_port,
                  starttls=_starttls_for(domain, table), site=site)
+
+
+def _sealed_refusal(host: str, table: RoutingTable) -> str | None:
+    if table.sealed is None:
+        return None
+    return host_refusal(host, table.sealed, lab_dns=table.lab_dns)
+
+
+def _catch_all(recipient: str, domain: str, mailbox: str, trail: _Trail) -> Route:
+    trail.add(f"the rest of the Internet: {domain} is outside the organisation and the lab; its mail is kept "
+              f"in the lab's catch-all mailbox {mailbox} (lab.catch_all), no connection leaves the lab")
+    return Route(recipient, LOCAL, tuple(trail.steps), mailbox=mailbox, domain=domain)
 
 
 def order_by_cost(entries: Sequence[ConnectedSite], share_key: str) -> list[ConnectedSite]:
@@ -236,6 +274,10 @@ def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTab
             branch.add(f"route of cost {c.cost}: forward to host {c.host}:{c.port}")
             if (c.host.lower(), c.port) in table.self_endpoints:
                 continue
+            refused = _sealed_refusal(c.host, table)
+            if refused:
+                routes.append(replace(_fail(recipient, branch, SEALED_STATUS, refused, permanent=True), cost=c.cost))
+                continue
             route = Route(recipient, RELAY, tuple(branch.steps), host=c.host, port=c.port, domain=target,
                           starttls=_starttls_for(target, table), site=site)
         else:
@@ -258,6 +300,12 @@ def _route_literal(recipient: str, address: Address, ip: object, table: RoutingT
         trail.add(f"address literal {literal} is this site's own address")
         return _fail(recipient, trail, "5.1.1", f"{recipient}: unknown or illegal user (no mailbox {address.local} "
                      "at this site)", permanent=True)
+    if table.sealed is not None and not inside(str(ip), table.sealed):
+        if table.catch_all is not None:
+            return _catch_all(recipient, literal, table.catch_all, trail)
+        trail.add(f"address literal {literal}: outside this sealed lab (lab.networks: {networks_text(table.sealed)})")
+        return _fail(recipient, trail, SEALED_STATUS, f"{literal} is outside this sealed lab; no connection leaves "
+                     "the lab", permanent=True)
     trail.add(f"address literal {literal}: deliver to {ip} directly, no E-Mail Domain table, smart host or MX "
               "(RFC 5321 §5.1)")
     return Route(recipient, RELAY, tuple(trail.steps), host=str(ip), port=table.mx_port, domain=address.domain,
@@ -353,7 +401,9 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
         smart_host_starttls=d.smart_host_starttls,
         service_domains=(addressing_domain,), mx_port=d.mx_port,
-        address_literals=config.routing.address_literals)
+        address_literals=config.routing.address_literals,
+        sealed=config.lab.networks if config.lab.sealed else None, lab_dns=bool(config.dns.nameservers),
+        catch_all=config.lab.catch_all if config.lab.sealed else None)
 
 
 __all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",

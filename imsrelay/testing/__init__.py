@@ -28,16 +28,19 @@ Only the standard library is used here (blocking, like a test).
 
 from __future__ import annotations
 
+import http.client
 import imaplib
 import json
 import os
 import poplib
+import queue
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -94,6 +97,47 @@ class _Endpoint:
                 message = text.decode("utf-8", "replace")
             raise LabError(exc.code, message) from None
         return payload if raw else json.loads(payload or b"null")
+
+
+class _Poll:
+    """One long-poll to one endpoint on its own thread (plain ``http.client``, so
+    ``close`` can end it from another thread); puts (status, body) on ``answers``."""
+
+    def __init__(self, endpoint: _Endpoint, path: str, params: dict[str, Any], timeout: float,
+                 answers: queue.Queue[tuple[int, Any]]) -> None:
+        url = urllib.parse.urlsplit(endpoint.url)
+        self._conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout)
+        self._target = (url.path.rstrip("/") + path + "?" + urllib.parse.urlencode(params))
+        self._token = endpoint.token
+        self._answers = answers
+        self._closed = False
+        threading.Thread(target=self._run, name=f"imsrelay-wait-{endpoint.url}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._conn.request("GET", self._target, headers={"Authorization": f"Bearer {self._token}"})
+            resp = self._conn.getresponse()
+            payload = resp.read()
+            try:
+                body: Any = json.loads(payload or b"null")
+            except ValueError:
+                body = payload.decode("utf-8", "replace")
+            if resp.status != 200 and isinstance(body, dict):
+                body = body.get("error", "")
+            self._answers.put((resp.status, body))
+        except (OSError, http.client.HTTPException) as exc:
+            if not self._closed:
+                self._answers.put((0, exc))
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._conn.close()
 
 
 class LabClient:
@@ -157,7 +201,12 @@ class LabClient:
         try:
             return self._site_endpoint[site.lower()]
         except KeyError:
-            raise LabError(404, f"no site {site!r} in this lab") from None
+            hint = ""
+            if site.lower() == "internet":  # the Docker lab's Internet is Postfix: no admin endpoint
+                hint = ("; the Docker lab's Internet host is Postfix on 127.0.0.1:2600: give "
+                        "--imsrelay-smtp Internet=127.0.0.1:2600 (or IMSRELAY_LAB_SMTP), or smtp={'Internet': "
+                        "('127.0.0.1', 2600)} to LabClient")
+            raise LabError(404, f"no site {site!r} in this lab{hint}") from None
 
     def smtp_address(self, site: str) -> tuple[str, int]:
         if site in self.smtp_override:
@@ -353,22 +402,31 @@ class LabClient:
 
     def wait_for(self, query: str, timeout: float = 30.0) -> dict[str, Any]:
         """The newest message matching ``query`` as soon as there is one (long-poll);
-        ``TimeoutError`` if none arrives within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        slice_ = timeout if len(self.endpoints) == 1 else 1.0
-        while True:
-            for e in self.endpoints:
-                left = max(0.0, deadline - time.monotonic())
-                wait = min(slice_, left)
-                try:
-                    page = e.request("GET", "/api/v1/wait", {"query": query, "timeout": f"{wait:.3f}"},
-                                     timeout=wait + 30.0)
-                    return cast(dict[str, Any], page["messages"][0])
-                except LabError as exc:
-                    if exc.status != 408:
-                        raise
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"no message matching {query!r} within {timeout:g}s")
+        ``TimeoutError`` if none arrives within ``timeout`` seconds.  Several endpoints
+        (the Docker lab's sites) are long-polled at once: the first answer wins and
+        the other polls are closed, so a delivery is seen as soon as it happens."""
+        params = {"query": query, "timeout": f"{timeout:.3f}"}
+        if len(self.endpoints) == 1:
+            try:
+                page = self.endpoints[0].request("GET", "/api/v1/wait", params, timeout=timeout + 30.0)
+            except LabError as exc:
+                if exc.status != 408:
+                    raise
+                raise TimeoutError(f"no message matching {query!r} within {timeout:g}s") from None
+            return cast(dict[str, Any], page["messages"][0])
+        answers: queue.Queue[tuple[int, Any]] = queue.Queue()
+        polls = [_Poll(e, "/api/v1/wait", params, timeout + 30.0, answers) for e in self.endpoints]
+        try:
+            for _ in polls:
+                status, body = answers.get(timeout=timeout + 60.0)
+                if status == 200:
+                    return cast(dict[str, Any], body["messages"][0])
+                if status != 408:
+                    raise body if isinstance(body, BaseException) else LabError(status, str(body))
+        finally:
+            for poll in polls:
+                poll.close()
+        raise TimeoutError(f"no message matching {query!r} within {timeout:g}s")
 
     def delete(self, query: str) -> int:
         """Delete every message matching ``query``; returns how many."""

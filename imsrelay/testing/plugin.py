@@ -9,6 +9,10 @@ temporary directory on free loopback ports, waits until it is ready and yields a
     pytest --imsrelay-url http://127.0.0.1:8510,http://127.0.0.1:8515,http://127.0.0.1:8520 \\
            --imsrelay-smtp SiteA=127.0.0.1:2510 --imsrelay-smtp SiteB=127.0.0.1:2515
 
+Attached to a lab with no ``Internet`` site of its own (the Docker lab, whose Internet
+host is Postfix), ``via="Internet"`` sends to ``127.0.0.1:2600`` (``LAB_INTERNET_SMTP_PORT``
+moves it, as it moves the Docker lab's published port) unless ``--imsrelay-smtp`` says.
+
 (or ``IMSRELAY_LAB_URL``, ``IMSRELAY_LAB_TOKEN``, ``IMSRELAY_LAB_SMTP``;
 ``IMSRELAY_LAB_READY_TIMEOUT`` seconds to wait for readiness, default 120).
 """
@@ -26,6 +30,8 @@ from typing import Any
 import pytest
 
 from imsrelay.testing import LAB_API_HOST, LAB_TOKEN, EmbeddedLab, LabClient
+
+DOCKER_INTERNET_SMTP_PORT = 2600  # docker-compose.yml: the Internet (Postfix) on 127.0.0.1:${LAB_INTERNET_SMTP_PORT:-2600}
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -72,7 +78,11 @@ def imsrelay_lab(request: Any, tmp_path_factory: Any) -> Iterator[LabClient]:
     if urls:
         client = LabClient(urls, token, smtp=smtp)
         client.wait_ready(float(os.environ.get("IMSRELAY_LAB_READY_TIMEOUT", "120")))
-        client.sites()
+        names = {s["site"].lower() for s in client.sites()}
+        if "internet" not in names and "Internet" not in client.smtp_override:
+            # the Docker lab: its Internet host is Postfix (no admin endpoint), published on 127.0.0.1
+            client.smtp_override["Internet"] = ("127.0.0.1", int(os.environ.get("LAB_INTERNET_SMTP_PORT") or
+                                                               DOCKER_INTERNET_SMTP_PORT))
         yield client
         return
     api = request.config.getoption("--imsrelay-api")

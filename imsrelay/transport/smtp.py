@@ -88,6 +88,7 @@ from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
+from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route
 from imsrelay.transport.pipelining import PipeliningSMTP
@@ -302,6 +303,13 @@ class SmtpClient:
             if failure.permanent:
                 return _all(rcpts, Outcome.permanent_failure(failure.status, failure.reason))
             return _all(rcpts, Outcome.temporary(failure.status, failure.reason))
+        hops, outside = self._inside_lab(hops)
+        if not hops:
+            reason = (f"every next hop of {route.host or route.domain} ({', '.join(remote_name(h) for h in outside)}) "
+                      f"is outside this sealed lab (lab.networks: {networks_text(self.config.lab.networks)}); "
+                      "no connection leaves the lab")
+            log.warning("delivery.sealed", domain=route.domain, host=route.host, reason=reason)
+            return _all(rcpts, Outcome.permanent_failure(SEALED_STATUS, reason))
         if route.kind == MX:
             hops, looped = without_self(hops, self._self_endpoints())
             if not hops and looped:
@@ -377,6 +385,15 @@ class SmtpClient:
             return [NextHop(route.host, a, route.port, 0) for a in addresses]
         assert route.domain is not None
         return await self.resolver.next_hops(route.domain, port=route.port)
+
+    def _inside_lab(self, hops: list[NextHop]) -> tuple[list[NextHop], list[NextHop]]:
+        """(hops inside the lab, hops outside it): a sealed lab connects only inside
+        its networks, whatever DNS or a table said (imsrelay.policy.sealed)."""
+        lab = self.config.lab
+        if not lab.sealed:
+            return hops, []
+        return ([h for h in hops if inside(h.address, lab.networks)],
+                [h for h in hops if not inside(h.address, lab.networks)])
 
     def _state(self, hop: NextHop) -> _HopState:
         key = (hop.address, hop.port)

@@ -477,7 +477,7 @@
         el("td", { text: size(m.size) }),
         el("td", {}, el("ul", { class: "rcpts" }, m.recipients.map((r) => el("li", {},
           el("span", { class: "addr", text: r.address }), " ", badge(r.state, r.state),
-          ` attempts ${r.attempts}`, r.state === "pending" ? ` · next ${ago(r.next_attempt)}` : "",
+          ` attempts ${r.attempts}`, r.state === "held" ? ` · ${r.held} (no attempt while held)` : (r.next_attempt ? ` · next ${ago(r.next_attempt)}` : ""),
           r.diagnostic ? el("div", { class: "diag", text: `${r.status || ""} ${r.diagnostic}` }) : null)))),
         el("td", { class: "buttons" },
           actionButton("Retry", { class: "retry" }, async () => {
@@ -513,7 +513,7 @@
       try { st = await api("GET", site(name, "/replication/status")); } catch (err) { return notice(err.message, "error"); }
       const rows = st.peers.map((p) => el("tr", { dataset: { peer: p.site } },
         el("td", {}, el("strong", { text: p.site }), el("div", { class: "muted", text: p.routing_domain || "no routing address" })),
-        el("td", { text: !p.connector ? "no connector" : p.schedule === null ? "never" : p.schedule === 900 ? "always (every 15 min)" : `every ${Math.round(p.schedule / 60)} min` }),
+        el("td", { text: !p.connector ? "no connector" : p.schedule_text }),
         el("td", { class: "num hwm", text: String(p.high_water) }),
         el("td", { class: "num", text: String(p.backlog) }),
         el("td", { text: ago(p.last_request) }),
@@ -774,15 +774,25 @@
     });
   }
 
+  // The message's way as a tree (story.tree): one branch per site it was sent to from
+  // each site, ending at the recipients whose way ended there (a fan-out has branches).
+  function drawBranch(node) {
+    const ends = (node.recipients || []).map((r) => el("li", { class: `hop-node ${r.state === "delivered" ? "mailbox" : "end"}` },
+      el("span", { class: "arrow", "aria-hidden": "true", text: "→" }),
+      el("span", { class: "node-label", text: r.left_to ? `${r.left_to} (the rest of the Internet)` : (r.state === "delivered" && r.mailbox ? `mailbox ${r.mailbox}` : `${r.recipient} ${r.state}`) })));
+    const next = (node.next || []).map((child) => el("li", { class: "branch" }, el("span", { class: "arrow", "aria-hidden": "true", text: "→" }), drawBranch(child)));
+    return el("div", { class: "hop-branch", dataset: { site: node.site } },
+      el("span", { class: "hop-node site" }, el("span", { class: "node-label", text: node.site })),
+      next.length + ends.length ? el("ul", { class: next.length + ends.length > 1 ? "branches fan-out" : "branches" }, next, ends) : null);
+  }
+
   function drawStory(story) {
-    const chain = [];
     const first = story.hops[0];
     const origin = first && first.origin === "smtp" ? (first.client_site || `SMTP client ${first.client || ""}`.trim()) : (first ? `${first.site} (${first.origin || "generated"})` : "?");
-    chain.push({ label: origin, kind: "origin" });
-    for (const h of story.hops) chain.push({ label: h.site, kind: "site" });
-    for (const r of story.recipients) if (r.state === "delivered") chain.push({ label: r.mailbox || r.recipient, kind: "mailbox" });
-    const path = el("ol", { class: "path" }, chain.filter((c, i) => !(c.kind === "origin" && chain[1] && c.label === chain[1].label))
-      .map((c, i) => el("li", { class: `hop-node ${c.kind}` }, i ? el("span", { class: "arrow", "aria-hidden": "true", text: "→" }) : null, el("span", { class: "node-label", text: c.label }))));
+    const path = el("div", { class: "path tree", "aria-label": story.path || "" },
+      first && origin !== first.site ? el("span", { class: "hop-node origin" }, el("span", { class: "node-label", text: origin })) : null,
+      first && origin !== first.site ? el("span", { class: "arrow", "aria-hidden": "true", text: "→" }) : null,
+      story.tree ? drawBranch(story.tree) : null);
     return el("article", { class: "story card" },
       el("h3", {}, "Message ", el("span", { class: "addr", text: story.message_id || "(no Message-ID)" })),
       el("p", { class: "muted", text: `from ${story.sender || "<>"}` }),
