@@ -207,7 +207,8 @@ class AdminServer:
             return await handler(request)  # scrapers need no token unless asked for
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self._token):
             self.log.warning("admin.unauthorized", peer=request.remote, method=request.method, path=request.path)
             return web.json_response({"error": "a valid admin token is required (Authorization: Bearer ...)"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="imsrelay"'})

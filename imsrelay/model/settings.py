@@ -383,7 +383,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int such as 10**400
+            raise ValueError("the duration is too large") from None
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
