@@ -44,7 +44,14 @@ from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
 from imsrelay.observe.readiness import Readiness
 from imsrelay.policy import loops
-from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
+from imsrelay.policy.auth import (
+    AuthLimits,
+    GuessGuard,
+    GuessLimits,
+    Identity,
+    dummy_hash,
+    verify_password,
+)
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
 from imsrelay.policy.inbound import InboundPolicy
@@ -143,8 +150,12 @@ class Site:
         self._table: RoutingTable | None = None
         self._policy: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[str]], InboundPolicy] | None = None
         a = config.auth
-        self.auth_failures = FailureLimiter(AuthLimits(max_failures=a.max_failures, window=a.failure_window,
-                                                       lockout=a.lockout, failure_delay=a.failure_delay))
+        self.auth_guard = GuessGuard(GuessLimits(
+            pair=AuthLimits(max_failures=a.max_failures, window=a.failure_window, lockout=a.lockout,
+                            failure_delay=a.failure_delay),
+            address=AuthLimits(max_failures=a.max_failures_per_address, window=a.failure_window, lockout=a.lockout),
+            account=AuthLimits(max_failures=a.max_failures_per_account, window=a.failure_window, lockout=a.lockout),
+            trusted_for=a.trusted_for))
         self._relay_rules = relay_rules_for(config)
         self._accept_rules = accept_rules_for(config)
         self._refresher: asyncio.Task[None] | None = None
@@ -331,6 +342,13 @@ class Site:
             if m.password_hash and self.directory.ensure_password_hash(m.alias, m.password_hash,
                                                                         replicate=replicate):
                 self.log.info("auth.password_set", alias=m.alias, source="config")
+
+    async def account_of(self, login: str) -> str:
+        """The key failed attempts at ``login`` are counted under: the account it names
+        (whatever form of the login: alias or address), else the login as given."""
+        found = await self.directory.run(self.directory.credential, login,
+                                         replicated=self.config.auth.replicate_credentials)
+        return (found[0].alias if found is not None else login).lower()
 
     async def authenticate(self, login: str, password: bytes) -> Identity | None:
         """The mailbox account ``login`` names, if ``password`` is its password.

@@ -618,6 +618,9 @@ def _load_auth(s: _Section) -> AuthConfig:
         failure_window=s.duration("failure_window"),
         lockout=s.duration("lockout", off=0.0),
         failure_delay=s.duration("failure_delay", off=0.0),
+        max_failures_per_address=s.integer("max_failures_per_address", minimum=1),
+        max_failures_per_account=s.integer("max_failures_per_account", minimum=1),
+        trusted_for=s.duration("trusted_for", off=0.0),
     )
     s.reject_unknown()
     return cfg

@@ -221,10 +221,15 @@ class AuthConfig:
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     allow_plaintext: bool = False  # offer AUTH before STARTTLS on the main port (a lab switch)
     replicate_credentials: bool = False  # the organisation lets password hashes replicate
-    max_failures: int = 5
+    max_failures: int = 5  # failures for one account from one address in failure_window: locked out (421)
     failure_window: float = 900.0
     lockout: float = 900.0
     failure_delay: float = 1.0
+    # any account from one address: locked out, except account/address pairs that logged in before
+    max_failures_per_address: int = 20
+    # one account from any address: then only addresses it logged in from may try it (454 4.7.0)
+    max_failures_per_account: int = 20
+    trusted_for: float = 30 * 86400.0  # a successful login trusts its (account, address) this long
 
 
 @dataclass(frozen=True)
