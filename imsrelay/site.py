@@ -28,7 +28,7 @@ from imsrelay.directory.restrictions_report import (
     relay_rules_for,
 )
 from imsrelay.directory.store import Directory
-from imsrelay.ingress.adapter import ImsSMTP, server_factory
+from imsrelay.ingress.adapter import ImsSMTP, Slots, server_factory
 from imsrelay.ingress.flow_gate import FlowGate
 from imsrelay.ingress.handler import SiteHandler
 from imsrelay.ingress.listeners import Listeners, inbound_caps
@@ -483,9 +483,9 @@ class Site:
 
     # ------------------------------------------------------------ the parts, as the protocols name them
 
-    def _protocols(self, tls: ssl.SSLContext | None, listener: str) -> Callable[[], ImsSMTP]:
+    def _protocols(self, tls: ssl.SSLContext | None, listener: str, slots: Slots) -> Callable[[], ImsSMTP]:
         """The session factory of one listener (``imsrelay.ingress.listeners``)."""
-        return server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, self.connections,
+        return server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, slots,
                               listener=listener)
 
     @property

@@ -313,6 +313,8 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         queue_minfree=s.integer("queue_minfree", minimum=0),
         max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
         max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+        handshake_timeout=s.duration("handshake_timeout"),
+        busy_idle_timeout=s.duration("busy_idle_timeout"),
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
         banner=_banner(s),
@@ -631,7 +633,9 @@ def _load_submission(s: _Section) -> SubmissionConfig:
         value = s.port(name, allow_zero=True)
         return None if value == 0 else value
 
-    cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"))
+    cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"),
+                 max_connections=s.integer("max_connections", minimum=1),
+                 max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1))
     s.reject_unknown()
     return cfg
 

@@ -142,6 +142,7 @@ class SiteHandler:
         if identity is None:
             now = time.monotonic()
             failures = guard.failure(account, peer, now)
+            server.note_auth_failure()  # while it waits for its 535, a full listener may close it
             self.log.warning("auth.failed", peer=peer, mechanism=mechanism, login=creds.login[:100],
                              failures=failures, locked_out=guard.refusal(account, peer, now) is not None)
             await asyncio.sleep(guard.delay(failures))

@@ -101,6 +101,10 @@ class SmtpConfig:
     queue_minfree: int = 0  # bytes the queue's file system keeps free, besides 1.5 x the message
     max_inbound_connections: int = 30  # Exchange 5.5 IMS's default; 421 4.7.0 at connect beyond it
     max_connections_per_ip: int = 10  # per client IP; relay_networks are exempt (as Postfix's mynetworks)
+    # a client must say HELO/EHLO (and finish a TLS handshake on 465) within this; then idle_timeout applies
+    handshake_timeout: float = 30.0
+    # a full listener closes a session idle this long (or one with failed commands) to admit a new client
+    busy_idle_timeout: float = 10.0
     bare_newline: str = "normalize"  # normalize (bare LF -> CRLF) | reject (521 5.5.2, as Postfix)
     postmaster: str = "Administrator"  # the mailbox that receives postmaster@ (RFC 5321 4.5.1)
     banner: str = DEFAULT_BANNER  # the greeting after "220 hostname" (Postfix's smtpd_banner)
@@ -239,6 +243,9 @@ class SubmissionConfig:
     listen: str = ""  # "" = smtp.listen
     port: int | None = None  # STARTTLS then AUTH before MAIL; None = off
     tls_port: int | None = None  # implicit TLS, AUTH before MAIL; None = off
+    # each submission listener's own caps (587 and 465 never take the SMTP port's slots, nor each other's)
+    max_connections: int = 30
+    max_connections_per_ip: int = 10
 
 
 @dataclass(frozen=True)
