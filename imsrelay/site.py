@@ -54,7 +54,7 @@ from imsrelay.policy.auth import (
 )
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
-from imsrelay.policy.inbound import InboundPolicy
+from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
 from imsrelay.policy.loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
@@ -124,9 +124,12 @@ class Site:
         resolver = MailResolver(config.dns.nameservers, timeout=config.dns.timeout)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
-        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
-                                             days=config.tracking.days, enabled=config.tracking.enabled,
-                                             clock=clock)
+        self.tracking = tracking.TrackingLog(
+            config.data_dir / "tracking.sqlite3", config.site, days=config.tracking.days,
+            enabled=config.tracking.enabled, clock=clock, max_bytes=config.tracking.max_bytes,
+            free_space=self._free_space_now, log=self.log,
+            min_free=tracking_reserve(max_message_size=config.smtp.max_message_size,
+                                      minfree=config.smtp.queue_minfree))
         smtp = CostedTransport(self.smtp_client, faults=self.faults, metrics=self.metrics, log=self.log)
         transports: dict[str, Transport] = {
             LOCAL: MaildirTransport(config.data_dir, self.spool.committer, hostname=config.hostname),
@@ -395,6 +398,11 @@ class Site:
     def _directory_changed(self) -> None:
         self.lookups.clear()
         self._schedule_refresh()
+
+    def _free_space_now(self) -> int:
+        """(Any thread) bytes free on the queue's file system."""
+        st = os.statvfs(self.config.data_dir)
+        return st.f_bavail * st.f_frsize
 
     def free_space(self) -> int:
         """Bytes free on the queue's file system (statvfs, re-read at most once a second)."""

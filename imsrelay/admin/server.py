@@ -264,6 +264,7 @@ class AdminServer:
                             "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
                             "connectors": [c.site for c in cfg.replication.connectors]},
             "learned_sites": [list(x) for x in site.learned_sites],
+            "tracking": site.tracking.status(),
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
@@ -447,7 +448,7 @@ class AdminServer:
         replication = await site.replicator.status() if site.replicator is not None else None
         body = site.metrics.render(queued=list(site.qmgr.envelopes.values()), incoming=site.qmgr.incoming,
                                    flow_state=site.flow.state(), open_connections=site.smtp_client.open_connections(),
-                                   replication=replication, now=site.clock())
+                                   replication=replication, now=site.clock(), tracking=site.tracking.status())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -585,7 +585,8 @@ def _load_console(co: _Section, admin: AdminConfig) -> ConsoleConfig:
 
 
 def _load_tracking(t: _Section) -> TrackingConfig:
-    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650),
+                 max_bytes=t.integer("max_bytes", minimum=0))
     t.reject_unknown()
     return cfg
 

@@ -209,6 +209,7 @@ class TrackingConfig:
 
     enabled: bool = True
     days: int = 7  # events older than this are deleted
+    max_bytes: int = 256 * 1024 * 1024  # the database's own quota: beyond it the oldest events go (0 = none)
 
 
 @dataclass(frozen=True)
