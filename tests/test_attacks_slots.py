@@ -33,7 +33,7 @@ async def site(tmp_path):
         smtp={"relay_networks": [], "tls_generate": True, "max_inbound_connections": 6,
               "max_connections_per_ip": 3, "handshake_timeout": "2s", "busy_idle_timeout": "1s"},
         submission={"port": free_port(), "tls_port": free_port(), "max_connections": 6,
-                    "max_connections_per_ip": 3},
+                    "max_connections_per_ip": 3, "sender_must_match": True},
         auth={"allow_plaintext": True, "failure_delay": "1s", "max_failures": 3},
         mailboxes=[{"alias": "User1", "display_name": "User One", "password_hash": hash_password("pw-User1")},
                    {"alias": "Victim", "display_name": "Victim", "password_hash": hash_password("pw-Victim")}])
@@ -237,3 +237,37 @@ async def test_a_normal_client_gets_through_a_many_address_guessing_run(site):
                                                     addresses=60)
     print(f"\nguessing from 60 addresses: normal client served {share:.0%} (slots in use at worst {worst_slots})")
     assert share >= 0.8, ("guessing", share, FAILED[-5:])
+
+
+async def test_submission_ports_can_require_the_users_own_sender(site):
+    """``submission.sender_must_match`` (the labs' setting): on 465/587 an authenticated
+    user sends only as itself; port 25 keeps Exchange 5.5's default (anyone)."""
+    def attempt(use_465: bool, sender: str) -> int:
+        if use_465:
+            c: smtplib.SMTP = smtplib.SMTP_SSL(HOST, site.submission_ports["smtps"], timeout=10,
+                                               context=tls_context(site))
+        else:
+            c = smtplib.SMTP(HOST, site.bound_port, timeout=10)
+        with c:
+            c.ehlo()
+            c.login("User1", "pw-User1")
+            code, _ = c.mail(sender)
+            return code
+    assert await asyncio.to_thread(attempt, True, "User1@SiteA.microsoft.com") == 250
+    assert await asyncio.to_thread(attempt, True, "ceo@example.com") == 550
+    assert await asyncio.to_thread(attempt, True, "<>") == 550
+    assert await asyncio.to_thread(attempt, False, "ceo@example.com") == 250
+
+
+def test_the_labs_submission_ports_use_the_safe_setting():
+    from imsrelay.lab.docker_configs import compose_site_mapping
+    from imsrelay.lab.embedded import SITES
+    from imsrelay.lab.embedded import site_mapping as lab_mapping
+    from imsrelay.model.settings import RestrictionsConfig, SubmissionConfig
+    assert RestrictionsConfig().sender_must_match is False and SubmissionConfig().sender_must_match is False
+    from pathlib import Path
+    embedded = lab_mapping(SITES[0], 0, port=25, data_dir=Path("/nonexistent"), trusted_keys={})
+    assert embedded["submission"]["sender_must_match"] is True
+    compose = compose_site_mapping(SITES[0], 0, {s.name: "ed25519:x" for s in SITES})
+    assert compose["submission"]["sender_must_match"] is True
+    assert "restrictions" not in embedded or not embedded["restrictions"].get("sender_must_match")

@@ -636,7 +636,8 @@ def _load_submission(s: _Section) -> SubmissionConfig:
 
     cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"),
                  max_connections=s.integer("max_connections", minimum=1),
-                 max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1))
+                 max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+                 sender_must_match=s.boolean("sender_must_match"))
     s.reject_unknown()
     return cfg
 

@@ -177,7 +177,9 @@ class SiteHandler:
         if need:
             self.log.info("sender.rejected", peer=client.ip, sender=address, reply=need)
             return need
-        as_sender = sender_decision(address, client, must_match=self.config.restrictions.sender_must_match)
+        must_match = self.config.restrictions.sender_must_match or (
+            server.listener != "smtp" and self.config.submission.sender_must_match)
+        as_sender = sender_decision(address, client, must_match=must_match)
         if not as_sender.allowed:
             self.log.warning("sender.rejected", peer=client.ip, sender=address, user=client.authenticated,
                              reply=sender_reply(as_sender))

@@ -247,6 +247,9 @@ class SubmissionConfig:
     # each submission listener's own caps (587 and 465 never take the SMTP port's slots, nor each other's)
     max_connections: int = 30
     max_connections_per_ip: int = 10
+    # on 587/465 only: an authenticated client sends only as its own mailbox's addresses (Q262945);
+    # restrictions.sender_must_match (off by default, as Exchange 5.5) applies to every port
+    sender_must_match: bool = False
 
 
 @dataclass(frozen=True)
