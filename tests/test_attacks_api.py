@@ -34,11 +34,16 @@ async def served(tmp_path):
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(run_site(config, stop))
 
-        async def answers() -> bool:
+        async def answers() -> bool:  # the admin endpoint, the console and the SMTP port
             try:
-                async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin_port}/health") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
+                async with aiohttp.ClientSession() as s:
+                    for url in (f"http://127.0.0.1:{admin_port}/ready", f"http://127.0.0.1:{console_port}/"):
+                        async with s.get(url) as r:
+                            if r.status != 200:
+                                return False
+                socket.create_connection(("127.0.0.1", smtp_port), timeout=2).close()
+                return True
+            except (aiohttp.ClientError, OSError):
                 return False
         await wait_for(answers, timeout=30)
         yield {"admin": f"http://127.0.0.1:{admin_port}", "console": f"http://127.0.0.1:{console_port}",

@@ -72,7 +72,7 @@ def test_eviction_choice_is_pure():
     assert evictable(h.items(), busy_idle=10) == "guesser"
     assert evictable([(k, v) for k, v in h.items() if k != "guesser"], busy_idle=10) == "idle"
     assert evictable([("fresh", h["fresh"]), ("busy", h["busy"])], busy_idle=10) is None
-    talker = Holder(idle=0.2, errors=0, in_data=False, age=12, working=False)
+    talker = Holder(idle=0.2, errors=0, in_data=False, age=31, working=False)
     sender = Holder(idle=0.2, errors=0, in_data=False, age=30, working=True)
     assert evictable([("talker", talker), ("sender", sender), ("fresh", h["fresh"])], busy_idle=10) == "talker"
     assert evictable([("sender", sender)], busy_idle=10) is None

@@ -42,6 +42,7 @@ def refusal(caps: Caps, *, open_total: int, open_from_ip: int, ip: str | None) -
 
 
 T = TypeVar("T")
+TALKER_AGE = 3  # a session connected this many busy_idle periods with nothing done may be closed for a newcomer
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def evictable(holders: Iterable[tuple[T, Holder]], *, busy_idle: float) -> T | N
     """The session a full listener closes to admit a new client (None: refuse the
     newcomer): first the one with the most failed commands; then the one idle
     longest, if idle ``busy_idle`` seconds; then the oldest that has been connected
-    ``busy_idle`` seconds without authenticating or starting a transaction.  Never
+    ``TALKER_AGE * busy_idle`` seconds without authenticating or starting a transaction.  Never
     one inside DATA.  Idle TLS connections, password guessers and clients that
     only talk cannot hold every slot against a client with work to do (as Postfix
     shortens its time-outs under stress)."""
@@ -72,7 +73,7 @@ def evictable(holders: Iterable[tuple[T, Holder]], *, busy_idle: float) -> T | N
             rank = (2, h.errors, h.idle)
         elif h.idle >= busy_idle:
             rank = (1, 0, h.idle)
-        elif h.age >= busy_idle and not h.working:
+        elif h.age >= TALKER_AGE * busy_idle and not h.working:
             rank = (0, 0, h.age)
         else:
             continue
