@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
@@ -183,8 +183,12 @@ class Slots:
         ``max_wait`` seconds: smtp.handshake_timeout; first come first served) for a slot instead of taking
         ``421`` at once: slots that turn over fast serve everyone in turn, however many
         connections an attacker opens.  False: no room to wait (WAITING_PER_SLOT times
-        as many waiting as there are slots)."""
+        as many waiting as there are slots), or the client already holds a slot or waits
+        for one: only a client with nothing yet may wait (a flood from one address gets
+        ``421`` at once, and holds no descriptors waiting)."""
         if not self.counter.only_total_is_full(ip) or len(self._waiting) >= WAITING_PER_SLOT * self.counter.caps.total:
+            return False
+        if ip is not None and (self.counter.by_ip.get(ip) or any(w.client_ip == ip for w in self._waiting)):
             return False
         self.waited += 1
         self._waiting[session] = session.loop.call_later(self.max_wait, self._expired, session, refusal)
@@ -326,8 +330,8 @@ class ImsSMTP(SMTP):
         if self._site is not None:
             self._site.metrics.conn_rejected.labels("connection_cap").inc()
         self._refused = True
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(refusal.encode("ascii") + b"\r\n")
+        if transport is not None and not transport.is_closing():  # (uvloop's transports are no asyncio.Transport)
+            cast(asyncio.WriteTransport, transport).write(refusal.encode("ascii") + b"\r\n")
             transport.close()
 
     def admitted(self) -> None:
@@ -400,16 +404,17 @@ class ImsSMTP(SMTP):
         """A closing session's socket goes within CLOSE_GRACE seconds even if the client
         reads nothing (a full send buffer) or never answers TLS's close_notify."""
         transport = self._original_transport or self.transport
-        if self._abort_handle is None and isinstance(transport, asyncio.Transport):
+        if self._abort_handle is None and transport is not None and hasattr(transport, "abort"):
             self._abort_handle = self.loop.call_later(CLOSE_GRACE, transport.abort)
 
     def _close_session(self, reply: bytes | None = None) -> None:
         """Close the session for good (time-outs, eviction): slot back at once."""
         self._release_slot()
-        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             if reply:
-                self.transport.write(reply)
-            self.transport.close()
+                cast(asyncio.WriteTransport, transport).write(reply)
+            transport.close()
         self._abort_later()
 
     def holder(self, now: float) -> Holder:
