@@ -29,7 +29,7 @@ from imsrelay.directory.restrictions_report import (
     relay_rules_for,
 )
 from imsrelay.directory.store import Directory
-from imsrelay.ingress.adapter import ImsSMTP, server_factory
+from imsrelay.ingress.adapter import ImsSMTP, Slots, server_factory
 from imsrelay.ingress.flow_gate import FlowGate
 from imsrelay.ingress.handler import SiteHandler
 from imsrelay.ingress.listeners import Listeners, inbound_caps
@@ -45,10 +45,17 @@ from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
 from imsrelay.observe.readiness import Readiness
 from imsrelay.policy import mail_loops, protocols
-from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity, dummy_hash, verify_password
+from imsrelay.policy.auth import (
+    AuthLimits,
+    GuessGuard,
+    GuessLimits,
+    Identity,
+    dummy_hash,
+    verify_password,
+)
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
-from imsrelay.policy.inbound import InboundPolicy
+from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
 from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
@@ -121,9 +128,12 @@ class Site:
                                 system=not config.lab.sealed)
         self.smtp_client = SmtpClient(config, resolver, self.self_endpoints, self.log, metrics=self.metrics,
                                       protocol_log=self.protocol_log)
-        self.tracking = tracking.TrackingLog(config.data_dir / "tracking.sqlite3", config.site,
-                                             days=config.tracking.days, enabled=config.tracking.enabled,
-                                             clock=clock)
+        self.tracking = tracking.TrackingLog(
+            config.data_dir / "tracking.sqlite3", config.site, days=config.tracking.days,
+            enabled=config.tracking.enabled, clock=clock, max_bytes=config.tracking.max_bytes,
+            free_space=self._free_space_now, log=self.log,
+            min_free=tracking_reserve(max_message_size=config.smtp.max_message_size,
+                                      minfree=config.smtp.queue_minfree))
         smtp = CostedTransport(self.smtp_client, faults=self.faults, metrics=self.metrics, log=self.log)
         transports: dict[str, Transport] = {
             LOCAL: MaildirTransport(config.data_dir, self.spool.committer, hostname=config.hostname,
@@ -148,8 +158,12 @@ class Site:
         self._table: RoutingTable | None = None
         self._policy: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[str]], InboundPolicy] | None = None
         a = config.auth
-        self.auth_failures = FailureLimiter(AuthLimits(max_failures=a.max_failures, window=a.failure_window,
-                                                       lockout=a.lockout, failure_delay=a.failure_delay))
+        self.auth_guard = GuessGuard(GuessLimits(
+            pair=AuthLimits(max_failures=a.max_failures, window=a.failure_window, lockout=a.lockout,
+                            failure_delay=a.failure_delay),
+            address=AuthLimits(max_failures=a.max_failures_per_address, window=a.failure_window, lockout=a.lockout),
+            account=AuthLimits(max_failures=a.max_failures_per_account, window=a.failure_window, lockout=a.lockout),
+            trusted_for=a.trusted_for))
         self._relay_rules = relay_rules_for(config)
         self._accept_rules = accept_rules_for(config)
         self._refresher: asyncio.Task[None] | None = None
@@ -347,6 +361,13 @@ class Site:
                                                                         replicate=replicate):
                 self.log.info("auth.password_set", alias=m.alias, source="config")
 
+    async def account_of(self, login: str) -> str:
+        """The key failed attempts at ``login`` are counted under: the account it names
+        (whatever form of the login: alias or address), else the login as given."""
+        found = await self.directory.run(self.directory.credential, login,
+                                         replicated=self.config.auth.replicate_credentials)
+        return (found[0].alias if found is not None else login).lower()
+
     async def authenticate(self, login: str, password: bytes) -> Identity | None:
         """The mailbox account ``login`` names, if ``password`` is its password.
         The scrypt check runs off the event loop; an unknown login costs the same."""
@@ -407,6 +428,11 @@ class Site:
     def _directory_changed(self) -> None:
         self.lookups.clear()
         self._schedule_refresh()
+
+    def _free_space_now(self) -> int:
+        """(Any thread) bytes free on the queue's file system."""
+        st = os.statvfs(self.config.data_dir)
+        return st.f_bavail * st.f_frsize
 
     def free_space(self) -> int:
         """Bytes free on the queue's file system (statvfs, re-read at most once a second)."""
@@ -510,9 +536,9 @@ class Site:
 
     # ------------------------------------------------------------ the parts, as the protocols name them
 
-    def _protocols(self, tls: ssl.SSLContext | None, listener: str) -> Callable[[], ImsSMTP]:
+    def _protocols(self, tls: ssl.SSLContext | None, listener: str, slots: Slots) -> Callable[[], ImsSMTP]:
         """The session factory of one listener (``imsrelay.ingress.listeners``)."""
-        return server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, self.connections,
+        return server_factory(SiteHandler(self, self.config, self.log, self.clock), tls, slots,
                               listener=listener)
 
     @property

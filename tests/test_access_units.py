@@ -30,7 +30,7 @@ from imsrelay.directory.store import Directory, DirectoryInputError, DirectoryNo
 from imsrelay.model.object_rules import object_problem
 from imsrelay.model.objects import Protocols
 from imsrelay.policy import protocols
-from imsrelay.policy.auth import AuthLimits, FailureLimiter, Identity
+from imsrelay.policy.auth import AuthLimits, GuessGuard, GuessLimits, Identity
 from imsrelay.transport.maildir import delivery_write, ensure_maildir
 
 # ------------------------------------------------------------------ the decision (pure)
@@ -156,9 +156,14 @@ def test_unreachable_names_the_closed_directory(tmp_path: Path):
 
 class FakeSite:
     def __init__(self) -> None:
-        self.auth_failures = FailureLimiter(AuthLimits(max_failures=2, window=60, lockout=60, failure_delay=0))
+        limits = AuthLimits(max_failures=2, window=60, lockout=60, failure_delay=0)
+        wide = AuthLimits(max_failures=20, window=60, lockout=60, failure_delay=0)
+        self.auth_guard = GuessGuard(GuessLimits(pair=limits, address=wide, account=wide))
         self.refusals: dict[str, str] = {}
         self.asked: list[str] = []
+
+    async def account_of(self, login: str) -> str:
+        return "user1" if login in ("User1", "u1@SiteA.microsoft.com") else login.lower()
 
     async def authenticate(self, login: str, password: bytes) -> Identity | None:
         self.asked.append(login)

@@ -9,6 +9,8 @@ import pytest
 from imsrelay.policy.auth import (
     AuthLimits,
     FailureLimiter,
+    GuessGuard,
+    GuessLimits,
     PasswordError,
     decode_plain,
     dummy_hash,
@@ -97,3 +99,45 @@ def test_limiter_memory_is_bounded() -> None:
     for i in range(500):
         lim.failure(f"10.0.{i // 256}.{i % 256}", float(i))
     assert len(lim._failures) <= 50
+
+
+def test_guess_guard_counts_per_pair_address_and_account():
+
+    guard = GuessGuard(GuessLimits(pair=AuthLimits(max_failures=3, window=60, lockout=100),
+                                   address=AuthLimits(max_failures=5, window=60, lockout=100),
+                                   account=AuthLimits(max_failures=4, window=60, lockout=100), trusted_for=1000))
+    # a valid login of the attacker's own account clears nothing of the victim's count
+    for t in range(3):
+        assert guard.refusal("victim", "x", t) is None
+        guard.failure("victim", "x", t)
+        guard.success("mallory", "x", t)
+    refused = guard.refusal("victim", "x", 3)
+    assert refused is not None and refused.close and refused.reply.startswith("421 4.7.0")
+    assert guard.refusal("mallory", "x", 3) is None  # its own pair is trusted
+    # the victim from its own trusted address is never refused for the account's count
+    guard.success("victim", "home", 4)
+    for i in range(10):
+        guard.failure("victim", f"a{i}", 5)
+    far = guard.refusal("victim", "elsewhere", 6)
+    assert far is not None and not far.close and far.reply.startswith("454 4.7.0")
+    assert guard.refusal("victim", "home", 6) is None
+    # the address lock spares pairs that logged in there before
+    for i in range(5):
+        guard.failure(f"nobody{i}", "nat", 7)
+    assert guard.refusal("carol", "nat", 8) is not None
+    guard.success("dave", "nat", 0)  # (logged in there earlier)
+    assert guard.refusal("dave", "nat", 8) is None
+    # trust and counts expire
+    assert guard.refusal("victim", "elsewhere", 5 + 101) is None
+    assert not guard.trusted("dave", "nat", 1001)
+
+
+def test_guess_guard_memory_is_bounded():
+
+    lim = AuthLimits(max_failures=3, window=60, lockout=100)
+    guard = GuessGuard(GuessLimits(pair=lim, address=lim, account=lim), max_keys=50)
+    for i in range(1000):
+        guard.failure(f"acct{i}", f"addr{i}", 0)
+        guard.success(f"ok{i}", f"addr{i}", 0)
+    assert len(guard._trusted) <= 50
+    assert len(guard.pairs._failures) <= 50 and len(guard.accounts._failures) <= 50

@@ -151,18 +151,20 @@ def test_connection_cap_decisions():
 
 async def test_inbound_connection_caps_total_and_per_ip(tmp_path):
     cfg = make_config(tmp_path, site_mapping(smtp={"relay_networks": ["127.0.0.9/32"],
-                                                   "max_inbound_connections": 5, "max_connections_per_ip": 2}))
+                                                   "max_inbound_connections": 5, "max_connections_per_ip": 2,
+                                                   # a newcomer waits this long for a slot, then 421
+                                                   "handshake_timeout": "1s"}))
     async with running_site(cfg) as site:
         port = site.bound_port
 
         def scenario():
             held = [Wire(port) for _ in range(2)]
-            assert all(w.reply().startswith(b"220") for w in held)
+            assert all(w.reply().startswith(b"220") and w.cmd(b"EHLO c").startswith(b"250") for w in held)
             third = Wire(port)
             r = third.reply()
             assert r.startswith(b"421 4.7.0") and third.closed(), r  # per IP
             other = [Wire(port, source="127.0.0.9") for _ in range(3)]  # relay network: per-IP exempt
-            assert all(w.reply().startswith(b"220") for w in other)
+            assert all(w.reply().startswith(b"220") and w.cmd(b"EHLO c").startswith(b"250") for w in other)
             sixth = Wire(port, source="127.0.0.7")
             r = sixth.reply()
             assert r.startswith(b"421 4.7.0 Too many connections (5)"), r  # total

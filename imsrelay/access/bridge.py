@@ -87,23 +87,24 @@ class AuthBridge:
             client = str(req.get("remote_ip", "")) or "unknown"
         except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
             return {"result": "tempfail", "reason": "a malformed request"}
-        limiter = self.site.auth_failures
-        locked = limiter.locked_for(client, self.clock())
-        if locked > 0:
-            self.log.warning("access.locked_out", protocol=protocol, client=client, login=login,
-                             seconds=round(locked))
-            return {"result": "fail"}
+        guard = self.site.auth_guard  # the same counts as SMTP AUTH: one lock-out for every protocol
         try:
+            account = await self.site.account_of(login)
+            refused = guard.refusal(account, client, self.clock())
+            if refused is not None:
+                self.log.warning("access.locked_out", protocol=protocol, client=client, login=login,
+                                 seconds=round(refused.retry_after))
+                return {"result": "fail"}
             identity = await self.site.authenticate(login, password)
         except Exception as exc:  # the directory could not answer: Dovecot says "try again later"
             self.log.error("access.auth_error", protocol=protocol, client=client, error=repr(exc))
             return {"result": "tempfail", "reason": "the directory could not be read"}
         if identity is None:
-            failures = limiter.failure(client, self.clock())
+            failures = guard.failure(account, client, self.clock())
             self.log.info("access.login_failed", protocol=protocol, client=client, login=login, failures=failures)
-            await asyncio.sleep(limiter.delay(failures))
+            await asyncio.sleep(guard.delay(failures))
             return {"result": "fail"}
-        limiter.success(client)
+        guard.success(account, client, self.clock())
         refusal = await self.site.protocol_refusal(identity, protocol)
         home = self.home_of(identity.alias)
         if refusal is None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from imsrelay.policy.auth import FailureLimiter, Identity
+from imsrelay.policy.auth import GuessGuard, Identity
 
 
 class AccessSite(Protocol):
     @property
-    def auth_failures(self) -> FailureLimiter:
-        """Failed logins per client address: shared with SMTP AUTH (one lock-out)."""
+    def auth_guard(self) -> GuessGuard:
+        """Failed logins counted per account and address, per address and per account:
+        shared with SMTP AUTH (one lock-out for every protocol)."""
+        ...
+
+    async def account_of(self, login: str) -> str:
+        """The key a login's failures are counted under (the account it names)."""
         ...
 
     async def authenticate(self, login: str, password: bytes) -> Identity | None:

@@ -249,19 +249,20 @@ class MessageApi:
 
     async def get_search(self, request: web.Request) -> web.Response:
         q = request.query
-        if not q.get("query", "").strip():
-            raise BadRequest("query is required (e.g. query=from:alice subject:hello)")
         search = search_param(q)
+        if search.empty:
+            raise BadRequest("query is required (e.g. query=from:alice subject:hello)")
         start = int_param(q, "start", 0)
         limit = int_param(q, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
         return web.json_response(page(await self._search(search), start, limit))
 
     async def delete_search(self, request: web.Request) -> web.Response:
         q = request.query
-        if not q.get("query", "").strip():
+        search = search_param(q)
+        if search.empty:  # "", '""', "''": nothing left after parsing would match (and delete) everything
             raise BadRequest("query is required: DELETE /api/v1/search?query=... deletes what it finds "
                              "(query=site:SiteA deletes a whole site's mail)")
-        found = await self._search(search_param(q))
+        found = await self._search(search)
 
         def delete() -> int:
             return sum(1 for m in found if self._store_for(m.id).delete(m.id))

@@ -95,6 +95,19 @@ class Search:
     def needs_body(self) -> bool:
         return bool(self.text)
 
+    @property
+    def empty(self) -> bool:
+        """No criterion at all (``query=""`` or blanks): it would match every message."""
+        return self == Search()
+
+
+NAME_MAX = 255  # bytes in one file name (Linux): a longer "name" is no message here
+
+
+def _file_name(part: str) -> bool:
+    """Whether ``part`` of a message id can name a file at all (ENAMETOOLONG, NUL)."""
+    return "\0" not in part and len(part.encode("utf-8", "surrogateescape")) <= NAME_MAX
+
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -127,6 +140,8 @@ def parse_search(query: str) -> Search:
     fields: dict[str, list[str]] = {k: [] for k in SEARCH_FIELDS}
     text: list[str] = []
     for tok in tokens:
+        if not tok.strip():  # '""' is no criterion (it would match every message)
+            continue
         m = re.fullmatch(r"([A-Za-z][A-Za-z-]*):(.*)", tok, re.DOTALL)
         if m is None:
             text.append(tok.lower())
@@ -393,9 +408,9 @@ class MessageStore:
 
     def find(self, message_id: str) -> Summary:
         site, mbx, unique = split_id(message_id)
-        if site != self.site or "/" in mbx or mbx in ("", ".", ".."):
+        if site != self.site or "/" in mbx or mbx in ("", ".", "..") or not _file_name(mbx):
             raise NotFound(message_id)
-        if "/" in unique or unique in (".", ".."):
+        if "/" in unique or unique in (".", "..") or not _file_name(unique):
             raise NotFound(message_id)
         direct = self.root / mbx / "new" / unique  # where a delivery puts it: no directory listing
         candidates = [direct] if direct.is_file() else [p for p in self._files(mbx) if _unique(p.name) == unique]

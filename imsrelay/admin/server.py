@@ -241,7 +241,8 @@ class AdminServer:
             return await handler(request)  # scrapers need no token unless asked for
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self._token):
             self.log.warning("admin.unauthorized", peer=request.remote, method=request.method, path=request.path)
             return web.json_response({"error": "a valid admin token is required (Authorization: Bearer ...)"},
                                      status=401, headers={"WWW-Authenticate": 'Bearer realm="imsrelay"'})
@@ -300,6 +301,7 @@ class AdminServer:
                             "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
                             "connectors": [c.site for c in cfg.replication.connectors]},
             "learned_sites": [list(x) for x in site.learned_sites],
+            "tracking": site.tracking.status(),
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
@@ -523,7 +525,7 @@ class AdminServer:
         replication = await site.replicator.status() if site.replicator is not None else None
         body = site.metrics.render(queued=list(site.qmgr.envelopes.values()), incoming=site.qmgr.incoming,
                                    flow_state=site.flow.state(), open_connections=site.smtp_client.open_connections(),
-                                   replication=replication, now=site.clock())
+                                   replication=replication, now=site.clock(), tracking=site.tracking.status())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

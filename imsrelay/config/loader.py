@@ -317,6 +317,8 @@ def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
         max_inbound_connections=s.integer("max_inbound_connections", minimum=1),
         max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
         listen_backlog=s.integer("listen_backlog", minimum=0, maximum=65535),
+        handshake_timeout=s.duration("handshake_timeout"),
+        busy_idle_timeout=s.duration("busy_idle_timeout"),
         bare_newline=s.choice("bare_newline", BARE_NEWLINE),
         postmaster=_alias(s, "postmaster"),
         banner=_banner(s),
@@ -634,7 +636,8 @@ def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, d
 
 
 def _load_tracking(t: _Section) -> TrackingConfig:
-    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650))
+    cfg = _build(TrackingConfig, enabled=t.boolean("enabled"), days=t.integer("days", minimum=1, maximum=3650),
+                 max_bytes=t.integer("max_bytes", minimum=0))
     t.reject_unknown()
     return cfg
 
@@ -669,6 +672,9 @@ def _load_auth(s: _Section) -> AuthConfig:
         failure_window=s.duration("failure_window"),
         lockout=s.duration("lockout", off=0.0),
         failure_delay=s.duration("failure_delay", off=0.0),
+        max_failures_per_address=s.integer("max_failures_per_address", minimum=1),
+        max_failures_per_account=s.integer("max_failures_per_account", minimum=1),
+        trusted_for=s.duration("trusted_for", off=0.0),
     )
     s.reject_unknown()
     return cfg
@@ -679,7 +685,10 @@ def _load_submission(s: _Section) -> SubmissionConfig:
         value = s.port(name, allow_zero=True)
         return None if value == 0 else value
 
-    cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"))
+    cfg = _build(SubmissionConfig, listen=_listen(s, "listen"), port=port("port"), tls_port=port("tls_port"),
+                 max_connections=s.integer("max_connections", minimum=1),
+                 max_connections_per_ip=s.integer("max_connections_per_ip", minimum=1),
+                 sender_must_match=s.boolean("sender_must_match"))
     s.reject_unknown()
     return cfg
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Protocol
@@ -45,7 +48,7 @@ from imsrelay.console.html_safety import (
 )
 from imsrelay.console.live import LiveFeed
 from imsrelay.console.property_pages import PROPERTY_CALLS
-from imsrelay.console.sessions import COOKIE, CSRF_HEADER, Session, Sessions
+from imsrelay.console.sessions import COOKIE, CSRF_HEADER, LoginThrottle, Session, Sessions
 from imsrelay.console.views import recipients
 from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.observe.logs import get_logger
@@ -66,6 +69,20 @@ SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) f
 )) + PROPERTY_CALLS
 
 
+def site_call_allowed(method: str, path: str) -> bool:
+    """Whether the console relays ``method path`` to a site's admin endpoint: on the
+    allow-list, and with no ``.``/``..`` segment (``/api/v1/../../faults`` is ``/faults``
+    once a client normalises it), escaped or not, and no empty segment."""
+    segments = path.split("/")[1:]
+    for segment in segments:
+        plain = segment
+        for _ in range(3):  # %2e%2e, %252e%252e ...
+            plain = urllib.parse.unquote(plain)
+        if plain in ("", ".", "..") or "/" in plain or "\\" in plain:
+            return False
+    return any(m == method and p.fullmatch(path) for m, p in SITE_CALLS)
+
+
 class StageControl(Protocol):
     """The lab's walk through the article (``imsrelay lab --stage``)."""
 
@@ -82,6 +99,7 @@ class ConsoleServer:
         self.org = organisation
         self.backlog = backlog
         self.sessions = Sessions(token)
+        self.login_throttle = LoginThrottle()
         self.listen = listen
         self.port = port
         self.stage = stage
@@ -206,8 +224,14 @@ class ConsoleServer:
         token = body.get("token")
         if not isinstance(token, str) or not token:
             raise _BadRequest("token is required")
+        wait = self.login_throttle.retry_after(request.remote, time.monotonic())
+        if wait > 0:
+            self.log.info("console.login_throttled", peer=request.remote, retry_after=math.ceil(wait))
+            return web.json_response({"error": f"too many failed log-ins; try again in {math.ceil(wait)} s"},
+                                     status=429, headers={"Retry-After": str(math.ceil(wait))})
         session = self.sessions.log_in(token)
         if session is None:
+            self.login_throttle.failure(request.remote, time.monotonic())
             self.log.warning("console.login_failed", peer=request.remote)
             await asyncio.sleep(0.5)  # a guess costs time
             return web.json_response({"error": "that is not the admin token"}, status=401)
@@ -284,7 +308,7 @@ class ConsoleServer:
     async def site_call(self, request: web.Request) -> web.Response:
         site = request.match_info["site"]
         path = "/" + request.match_info["path"]
-        if not any(m == request.method and p.fullmatch(path) for m, p in SITE_CALLS):
+        if not site_call_allowed(request.method, path):
             raise web.HTTPNotFound(reason=f"the console does not offer {request.method} {path}")
         body = await _json_body(request) if request.method in ("POST", "PATCH", "PUT") and request.can_read_body else None
         raw = path.endswith("/raw")

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
@@ -36,7 +36,7 @@ from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import SessionFaults
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.auth import MECHANISMS, Credentials, Identity, decode_plain
-from imsrelay.policy.connection_limits import ConnectionCounter
+from imsrelay.policy.connection_limits import ConnectionCounter, Holder, evictable
 
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
@@ -144,6 +144,91 @@ class SessionHandler(Protocol):
         ...
 
 
+WAITING_PER_SLOT = 4  # newcomers that may wait for a slot of a full listener, per slot
+CLOSE_GRACE = 5.0  # seconds a closing session's unsent replies may take before the socket is aborted
+
+
+class Slots:
+    """One listener's inbound connection caps (``ConnectionCounter``) and the
+    sessions holding its slots.  A full listener closes a session that has failed
+    commands or has been idle ``busy_idle`` seconds to admit a newcomer
+    (``imsrelay.policy.connection_limits.evictable``)."""
+
+    def __init__(self, counter: ConnectionCounter, *, busy_idle: float, max_wait: float) -> None:
+        self.counter = counter
+        self.busy_idle = busy_idle
+        self.max_wait = max_wait
+        self.evicted = 0
+        self.waited = 0
+        self._holders: dict[ImsSMTP, str | None] = {}
+        self._waiting: dict[ImsSMTP, asyncio.TimerHandle] = {}  # FIFO: newcomers waiting for a slot
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def admit(self, ip: str | None, session: ImsSMTP) -> str | None:
+        """Take a slot for ``session`` (None) or the ``421`` refusal."""
+        if self.counter.only_total_is_full(ip):
+            now = session.loop.time()
+            victim = evictable(((s, s.holder(now)) for s in self._holders), busy_idle=self.busy_idle)
+            if victim is not None:
+                self.evicted += 1
+                victim.evict()
+        refused = self.counter.admit(ip)
+        if refused is None:
+            self._holders[session] = ip
+        return refused
+
+    def wait(self, session: ImsSMTP, ip: str | None, refusal: str) -> bool:
+        """A newcomer refused only by the total cap waits (before its greeting, at most
+        ``max_wait`` seconds: smtp.handshake_timeout; first come first served) for a slot instead of taking
+        ``421`` at once: slots that turn over fast serve everyone in turn, however many
+        connections an attacker opens.  False: no room to wait (WAITING_PER_SLOT times
+        as many waiting as there are slots), or the client already holds a slot or waits
+        for one: only a client with nothing yet may wait (a flood from one address gets
+        ``421`` at once, and holds no descriptors waiting)."""
+        if not self.counter.only_total_is_full(ip) or len(self._waiting) >= WAITING_PER_SLOT * self.counter.caps.total:
+            return False
+        if ip is not None and (self.counter.by_ip.get(ip) or any(w.client_ip == ip for w in self._waiting)):
+            return False
+        self.waited += 1
+        self._waiting[session] = session.loop.call_later(self.max_wait, self._expired, session, refusal)
+        return True
+
+    def make_room(self, session: ImsSMTP) -> None:
+        """``session`` has just failed (a wrong password): if newcomers are waiting,
+        it makes room for the first of them now."""
+        if self._waiting and session in self._holders:
+            self.evicted += 1
+            session.evict()
+
+    def _expired(self, session: ImsSMTP, refusal: str) -> None:
+        if self._waiting.pop(session, None) is not None:
+            session.refuse(refusal)
+
+    def forget(self, session: ImsSMTP) -> None:
+        """A waiting newcomer hung up."""
+        handle = self._waiting.pop(session, None)
+        if handle is not None:
+            handle.cancel()
+
+    def release(self, session: ImsSMTP) -> None:
+        """Give ``session``'s slot back (once; a session that holds none is ignored);
+        the first newcomer waiting takes it."""
+        if session not in self._holders:
+            return
+        self.counter.release(self._holders.pop(session))
+        while self._waiting:
+            waiter = next(iter(self._waiting))
+            ip = waiter.client_ip
+            if self.counter.admit(ip) is not None:
+                break
+            self._waiting.pop(waiter).cancel()
+            self._holders[waiter] = ip
+            waiter.loop.call_soon(waiter.admitted)
+            break
+
+
 class ImsSession(Session):
     """aiosmtpd's session plus the site address the client connected to and the
     authenticated identity."""
@@ -158,7 +243,8 @@ class ImsSMTP(SMTP):
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
     def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, listener: str = "smtp",
-                 implicit_tls: bool = False, limits: ConnectionCounter | None = None, forbid_bare_lf: bool = False,
+                 implicit_tls: bool = False, limits: Slots | None = None, forbid_bare_lf: bool = False,
+                 handshake_timeout: float | None = None,
                  site: Ingress | None = None, config: SiteConfig | None = None, log: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -176,6 +262,12 @@ class ImsSMTP(SMTP):
 
         self._ehlo_lines: list[bytes] = []
         self._limits = limits
+        self._handshake_timeout = handshake_timeout  # until HELO/EHLO (None: the idle timeout)
+        self._last_command = 0.0  # loop time of the last command (eviction of idle sessions)
+        self._auth_failures = 0
+        self._connected_at = 0.0
+        self._waiting_transport: asyncio.BaseTransport | None = None  # waiting for a slot (Slots.wait)
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._forbid_bare_lf = forbid_bare_lf
         self._admitted = False
         self._refused = False
@@ -183,6 +275,7 @@ class ImsSMTP(SMTP):
         self.listener = listener  # "smtp" | "submission" (587, STARTTLS) | "smtps" (465, implicit TLS)
         self._implicit_tls = implicit_tls
         self._refusal: str | None = None
+        self._reading_secret = False  # an AUTH continuation line is due: never logged
         self.use_reader(LineReader(loop=self.loop, limit=self.line_length_limit))
 
     def use_reader(self, reader: LineReader) -> None:
@@ -204,13 +297,13 @@ class ImsSMTP(SMTP):
         if not self._admitted:  # the first call (a STARTTLS upgrade calls again)
             peer = transport.get_extra_info("peername")
             self._client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            refused = self._limits.admit(self._client_ip) if self._limits is not None else None
+            self._last_command = self._connected_at = self.loop.time()
+            refused = self._limits.admit(self._client_ip, self) if self._limits is not None else None
             if refused is not None:
-                if self._site is not None:
-                    self._site.metrics.conn_rejected.labels("connection_cap").inc()
-                self._refused = True
-                transport.write(refused.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
-                transport.close()
+                self._waiting_transport = transport
+                if self._limits is not None and self._limits.wait(self, self._client_ip, refused):
+                    return  # reading goes on: a client that hangs up (or talks first) leaves the line
+                self.refuse(refused)
                 return
             self._admitted = True
         first = not self._started
@@ -226,6 +319,40 @@ class ImsSMTP(SMTP):
             self._session_timer = self.loop.call_later(self._session_timeout, self._session_expired)
         if first:
             self._start_session(transport)
+
+    @property
+    def client_ip(self) -> str | None:
+        return self._client_ip
+
+    def refuse(self, refusal: str) -> None:
+        """``421`` at connect: no slot (now, or after waiting for one)."""
+        transport = self._waiting_transport
+        self._waiting_transport = None
+        if self._site is not None:
+            self._site.metrics.conn_rejected.labels("connection_cap").inc()
+        self._refused = True
+        if transport is not None and not transport.is_closing():  # (uvloop's transports are no asyncio.Transport)
+            cast(asyncio.WriteTransport, transport).write(refusal.encode("ascii") + b"\r\n")
+            transport.close()
+
+    def admitted(self) -> None:
+        """A slot came free for this waiting newcomer: the session starts (greeting)."""
+        transport = self._waiting_transport
+        self._waiting_transport = None
+        if transport is None or transport.is_closing():
+            self._release_slot()
+            return
+        self._admitted = True
+        self._last_command = self._connected_at = self.loop.time()  # its time starts now
+        self.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting_transport is not None:  # talked before its greeting (RFC 5321 3.1): no wait for it
+            if self._limits is not None:
+                self._limits.forget(self)
+            self.refuse("554 5.5.1 Error: SMTP protocol violation (data before the greeting)")
+            return
+        super().data_received(data)
 
     def _start_session(self, transport: asyncio.BaseTransport) -> None:
         """Per-session state of the IMS controls (Transfer mode, faults, counters, protocol log)."""
@@ -269,12 +396,63 @@ class ImsSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
 
+    # -- slots: given back the moment the session is over for us, not when the socket is
+    def _release_slot(self) -> None:
+        if self._limits is not None:
+            self._limits.release(self)  # once: Slots knows whether this session holds one
+
+    def _abort_later(self) -> None:
+        """A closing session's socket goes within CLOSE_GRACE seconds even if the client
+        reads nothing (a full send buffer) or never answers TLS's close_notify."""
+        transport = self._original_transport or self.transport
+        if self._abort_handle is None and transport is not None and hasattr(transport, "abort"):
+            self._abort_handle = self.loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def _close_session(self, reply: bytes | None = None) -> None:
+        """Close the session for good (time-outs, eviction): slot back at once."""
+        self._release_slot()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if reply:
+                cast(asyncio.WriteTransport, transport).write(reply)
+            transport.close()
+        self._abort_later()
+
+    def holder(self, now: float) -> Holder:
+        """What the eviction choice needs to know of this session."""
+        envelope, session = self.envelope, self.session
+        working = bool(session is not None and session.authenticated
+                       or envelope is not None and envelope.mail_from is not None)
+        return Holder(idle=now - self._last_command, errors=self._errors + self._auth_failures,
+                      in_data=self.in_transaction_data, age=now - self._connected_at, working=working)
+
+    def note_auth_failure(self) -> None:  # (not auth_*: aiosmtpd takes those for SASL mechanisms)
+        """A failed AUTH (told before its delayed ``535``): evictable from now on."""
+        self._auth_failures += 1
+        if self._limits is not None:
+            self._limits.make_room(self)
+
+    def evict(self) -> None:
+        """A full listener needs this slot (idle or failing session)."""
+        if self._log is not None:
+            self._log.info("smtp.evicted", peer=self._client_ip, listener=self.listener, errors=self._errors,
+                           idle=round(self.loop.time() - self._last_command, 1))
+        self._log_line("S", "421 4.7.0 Too many connections: closing an idle session")
+        self._close_session(b"421 4.7.0 Too many connections: closing an idle session\r\n")
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._waiting_transport is not None:  # hung up while waiting for a slot
+            self._waiting_transport = None
+            if self._limits is not None:
+                self._limits.forget(self)
+                self._limits.release(self)  # (admitted in this very loop turn)
+            return
         if self._refused:
             return  # never started a session
-        if self._admitted and self._limits is not None:
-            self._limits.release(self._client_ip)
-            self._admitted = False
+        self._release_slot()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self._site is not None and self._started:
@@ -286,15 +464,27 @@ class ImsSMTP(SMTP):
             closed.exception()  # retrieved: no "Future exception was never retrieved" at GC
 
     def eof_received(self) -> bool | None:
+        if self._waiting_transport is not None:
+            if self._limits is not None:
+                self._limits.forget(self)  # hung up while waiting: out of the line
+            self._waiting_transport = None
+            self._refused = True
+            return False
         if self._refused:
             return False
+        self._release_slot()  # the client has gone: its slot is free now, whatever we still write
+        self._abort_later()
         return super().eof_received()
 
     # -- the protocol log: client lines as read, our replies as sent
     def _command_line(self, line: bytes) -> None:
         """A command line as read (the protocol log); never AUTH credentials."""
+        if self._reading_secret:  # AUTH LOGIN's user name and password, PLAIN's blob after "334 "
+            self._reading_secret = False
+            self._log_line("C", "<credentials not logged>")
+            return
         text = line.decode("utf-8", "replace")
-        if text[:5].upper() == "AUTH ":
+        if text.lstrip()[:4].upper() == "AUTH":
             text = " ".join(text.split()[:2]) + " <credentials not logged>"
         self._log_line("C", text)
 
@@ -381,6 +571,12 @@ class ImsSMTP(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         if not await self._faulted("helo"):
             await super().smtp_HELO(hostname)
+            self._greeted_by_client()
+
+    def _greeted_by_client(self) -> None:
+        """HELO/EHLO done: from now on the idle time-out, not the handshake time-out."""
+        if self.session is not None and self.session.host_name and self.transport is not None:
+            self._reset_timeout()
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if not await self._faulted("data"):
@@ -511,6 +707,10 @@ class ImsSMTP(SMTP):
         one every time; here the armed timer stays when it fires no later than the new
         deadline, and on firing early re-arms for what is left (the same deadline)."""
         now = self.loop.time()
+        self._last_command = now
+        if duration is None and self._handshake_timeout is not None and self.session is not None \
+                and not self.session.host_name:
+            duration = min(self._handshake_timeout, self._timeout_duration)  # no HELO/EHLO yet
         deadline = now + (duration or self._timeout_duration)
         self._idle_deadline = deadline
         handle = self._timeout_handle
@@ -524,17 +724,27 @@ class ImsSMTP(SMTP):
         if self.loop.time() < self._idle_deadline - IDLE_TIMER_SLACK:  # a command came meanwhile
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer_fired)
             return
-        self._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd's: closes the transport
+        self._log_line("S", "<idle time-out: connection closed>")
+        self._close_session()  # aiosmtpd's _timeout_cb, with the slot back at once
 
     def _session_expired(self) -> None:
-        if isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
-            self.transport.close()
+        self._close_session(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser without its per-call ``typing.Protocol`` class
         (about 50 µs per MAIL/RCPT); the same results (``parse_path``)."""
         return parse_path(arg, self.local_part_limit)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's "334" challenge; the line that answers it carries credentials
+        (AUTH LOGIN, PLAIN without an initial response): the protocol log gets
+        ``<credentials not logged>`` for it, whatever it holds (docs/design.md)."""
+        self._reading_secret = True
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, False)
+        finally:
+            self._reading_secret = False
 
     async def smtp_AUTH(self, arg: str) -> None:
         """SASL mechanism names are case-insensitive (RFC 4954 4)."""
@@ -550,6 +760,7 @@ class ImsSMTP(SMTP):
         self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
+            self._greeted_by_client()
         finally:
             self._in_ehlo = False
             lines, self._ehlo_lines = self._ehlo_lines, []
@@ -749,7 +960,7 @@ def _no_smtps_auth_warning(record: logging.LogRecord) -> bool:
 
 
 def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
-                   limits: ConnectionCounter | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
+                   limits: Slots | None = None, *, listener: str = "smtp") -> Callable[[], ImsSMTP]:
     """A protocol factory for one of the site's listening sockets (``limits``: the
     inbound connection caps its sessions count against; ``listener``: ``smtp``, or
     ``submission`` (587) / ``smtps`` (465)).
@@ -787,6 +998,7 @@ def server_factory(handler: SessionHandler, tls_context: ssl.SSLContext | None,
         return ImsSMTP(handler, session_timeout=cfg.session_timeout, max_errors=cfg.max_errors,
                        listener=listener, implicit_tls=listener == "smtps", **auth_options,
                        limits=limits, forbid_bare_lf=cfg.bare_newline == "reject", site=handler.site,
+                       handshake_timeout=cfg.handshake_timeout,
                        config=handler.config, log=handler.log,
                        data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True, decode_data=False,
                        hostname=handler.config.hostname, ident=handler.config.smtp.banner,

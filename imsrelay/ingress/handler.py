@@ -113,16 +113,7 @@ class SiteHandler:
                           args: list[str]) -> str | None:
         mechanism = args[0].upper()
         peer = _peer_ip(session) or "unknown"
-        limiter = self.site.auth_failures
-        locked = limiter.locked_for(peer, time.monotonic())
-        if locked > 0:
-            self.log.warning("auth.refused", peer=peer, mechanism=mechanism, reason="too many failed attempts",
-                             retry_after=int(locked) + 1)
-            await server.push(f"421 4.7.0 Too many failed authentication attempts from {peer}; "
-                              f"try again in {int(locked) + 1} s")
-            if server.transport is not None:
-                server.transport.close()
-            return None
+        guard = self.site.auth_guard
         try:
             creds = await _read_credentials(server, mechanism, args[1] if len(args) > 1 else None)
         except ValueError as exc:
@@ -130,6 +121,18 @@ class SiteHandler:
         if creds is None:
             return None  # the client cancelled ("*"); aiosmtpd answered 501
         try:
+            account = await self.site.account_of(creds.login)
+            refused = guard.refusal(account, peer, time.monotonic())
+            if refused is not None:  # not even checked: a guess costs the guesser, not us
+                self.log.warning("auth.refused", peer=peer, mechanism=mechanism, login=creds.login[:100],
+                                 reason=f"too many failed attempts ({refused.reason})",
+                                 retry_after=int(refused.retry_after) + 1)
+                if not refused.close:
+                    return refused.reply
+                await server.push(refused.reply)
+                if server.transport is not None:
+                    server.transport.close()
+                return None
             identity: Identity | None = None
             if not creds.authzid or creds.authzid.lower() == creds.login.lower():
                 identity = await self.site.authenticate(creds.login, creds.password)
@@ -137,13 +140,14 @@ class SiteHandler:
             self.log.error("auth.internal_error", peer=peer, mechanism=mechanism, error=repr(exc), exc_info=exc)
             return "454 4.7.0 Temporary authentication failure; please try again later"
         if identity is None:
-            failures = limiter.failure(peer, time.monotonic())
-            locked_out = limiter.locked_for(peer, time.monotonic()) > 0
+            now = time.monotonic()
+            failures = guard.failure(account, peer, now)
+            server.note_auth_failure()  # while it waits for its 535, a full listener may close it
             self.log.warning("auth.failed", peer=peer, mechanism=mechanism, login=creds.login[:100],
-                             failures=failures, locked_out=locked_out)
-            await asyncio.sleep(limiter.delay(failures))
+                             failures=failures, locked_out=guard.refusal(account, peer, now) is not None)
+            await asyncio.sleep(guard.delay(failures))
             return "535 5.7.8 Authentication credentials invalid"
-        limiter.success(peer)
+        guard.success(account, peer, time.monotonic())
         session.authenticated = True
         if isinstance(session, ImsSession):
             session.identity = identity
@@ -173,7 +177,9 @@ class SiteHandler:
         if need:
             self.log.info("sender.rejected", peer=client.ip, sender=address, reply=need)
             return need
-        as_sender = sender_decision(address, client, must_match=self.config.restrictions.sender_must_match)
+        must_match = self.config.restrictions.sender_must_match or (
+            server.listener != "smtp" and self.config.submission.sender_must_match)
+        as_sender = sender_decision(address, client, must_match=must_match)
         if not as_sender.allowed:
             self.log.warning("sender.rejected", peer=client.ip, sender=address, user=client.authenticated,
                              reply=sender_reply(as_sender))

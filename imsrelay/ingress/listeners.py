@@ -19,26 +19,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imsrelay.ingress.adapter import STOP_GRACE, ImsSMTP, close_sessions
+from imsrelay.ingress.adapter import CLOSE_GRACE, STOP_GRACE, ImsSMTP, Slots, close_sessions
 from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.lab_ca import ensure_ca, ensure_certificate
 from imsrelay.model.settings import SiteConfig
 from imsrelay.policy.connection_limits import Caps, ConnectionCounter
 from imsrelay.routing.host_addresses import local_addresses
 
-ProtocolFactory = Callable[[ssl.SSLContext | None, str], Callable[[], ImsSMTP]]
+ProtocolFactory = Callable[[ssl.SSLContext | None, str, Slots], Callable[[], ImsSMTP]]
 
 class Listeners:
     def __init__(self, config: SiteConfig, protocols: ProtocolFactory, connections: ConnectionCounter, *,
                  workers: int, log: Any) -> None:
-        """``protocols(tls, listener)``: the session factory for one listener (``smtp``,
-        ``submission`` or ``smtps``)."""
+        """``protocols(tls, listener, slots)``: the session factory for one listener
+        (``smtp``, ``submission`` or ``smtps``).  Each listener has its own slots: the
+        SMTP port ``connections`` (smtp.max_inbound_connections), 587 and 465 each
+        ``submission.max_connections``: no port can starve another."""
         self.config = config
         self.protocols = protocols
         self.connections = connections
         self.workers = workers
         self.log = log
         self.sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # live sessions: stop() ends them too
+        busy_idle, wait = config.smtp.busy_idle_timeout, config.smtp.handshake_timeout
+        sub = config.submission
+        self.slots: dict[str, Slots] = {"smtp": Slots(connections, busy_idle=busy_idle, max_wait=wait)}
+        for name in ("submission", "smtps"):
+            caps = Caps(sub.max_connections, sub.max_connections_per_ip, config.smtp.relay_networks)
+            self.slots[name] = Slots(ConnectionCounter(caps.for_workers(workers)), busy_idle=busy_idle,
+                                     max_wait=wait)
         self.bound_port: int | None = None
         self.submission_ports: dict[str, int] = {}  # "submission" / "smtps" -> bound port
         self.tls: ssl.SSLContext | None = None
@@ -59,7 +68,7 @@ class Listeners:
         await self._start_submission()
 
     async def _listen(self, listener: str, host: str, port: int) -> asyncio.base_events.Server:
-        factory = self.protocols(self.tls, listener)
+        factory = self.protocols(self.tls, listener, self.slots[listener])
         sessions = self.sessions
 
         def session() -> Any:
@@ -67,9 +76,14 @@ class Listeners:
             sessions.add(protocol)
             return protocol
 
+        implicit = listener == "smtps"
         return await asyncio.get_running_loop().create_server(
             session, host=host, port=port, reuse_address=True, reuse_port=self.workers > 1,
-            ssl=self.tls if listener == "smtps" else None, backlog=accept_backlog(self.config.smtp.listen_backlog))
+            ssl=self.tls if implicit else None,
+            # 465: the TLS handshake is bounded like the greeting (it takes no slot until done)
+            ssl_handshake_timeout=self.config.smtp.handshake_timeout if implicit else None,
+            ssl_shutdown_timeout=CLOSE_GRACE if implicit else None,
+            backlog=accept_backlog(self.config.smtp.listen_backlog))
 
     async def _start_submission(self) -> None:
         """[submission]: port 587 (STARTTLS, AUTH before MAIL) and 465 (implicit TLS)."""

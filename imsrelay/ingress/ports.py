@@ -16,7 +16,7 @@ from imsrelay.model.objects import Mailbox
 from imsrelay.observe.faults import FaultBook
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
-from imsrelay.policy.auth import FailureLimiter, Identity
+from imsrelay.policy.auth import GuessGuard, Identity
 from imsrelay.policy.inbound import (
     InboundPolicy,
 )
@@ -54,7 +54,9 @@ class Ingress(Protocol):
     async def accept(self, env: Envelope, message: bytes) -> None: ...
 
     # AUTH and the restrictions (imsrelay.policy.auth, imsrelay.policy.restrictions)
-    auth_failures: FailureLimiter
+    auth_guard: GuessGuard
+
+    async def account_of(self, login: str) -> str: ...
 
     def accept_rules(self) -> AcceptRules: ...
 

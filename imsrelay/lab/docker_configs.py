@@ -96,7 +96,7 @@ def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, s
         "smtp": {"listen": "0.0.0.0", "port": COMPOSE_SMTP_PORT, "max_message_size": 10485760, "max_hops": 15,
                  "max_recipients": 100, "relay_networks": ["127.0.0.0/8", f"{COMPOSE_GATEWAY}/32"],
                  "idle_timeout": "5m", "session_timeout": "30m", "max_errors": 20, "tls_generate": True},
-        "submission": {"port": COMPOSE_SUBMISSION_PORT, "tls_port": COMPOSE_SMTPS_PORT},
+        "submission": {"port": COMPOSE_SUBMISSION_PORT, "tls_port": COMPOSE_SMTPS_PORT, "sender_must_match": True},
         "mailboxes": [{"alias": site.user, "display_name": site.display_name,
                        "password_hash": LAB_PASSWORD_HASHES[site.user]},
                       {"alias": "Administrator", "display_name": f"{site.name} Administrator",

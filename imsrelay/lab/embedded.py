@@ -181,7 +181,8 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
                  "tls_key": str(data_dir / "tls" / f"{site.name}.key")},
         # lab switch: AUTH also before STARTTLS on the main port, so smtplib.login() works as is
         "auth": {"allow_plaintext": True},
-        "submission": {"port": submission_port, "tls_port": smtps_port},
+        # the submission ports show the safe setting (the main port keeps Exchange 5.5's default)
+        "submission": {"port": submission_port, "tls_port": smtps_port, "sender_must_match": True},
         "access": access_mapping(access_ports or ACCESS_PORTS),
         "mailboxes": [{"alias": site.user, "display_name": site.display_name,
                        "password_hash": LAB_PASSWORD_HASHES[site.user]},

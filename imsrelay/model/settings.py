@@ -149,11 +149,19 @@ class SmtpConfig:
     """bytes the queue's file system must keep free besides room for 1.5 × the message; below that,
     MAIL gets `452 4.3.1` (as Postfix's `queue_minfree`)"""
     max_inbound_connections: int = 30
-    """SMTP sessions at once (Exchange 5.5 IMS's default); beyond, `421 4.7.0` at connect. With
-    `--workers N` each process takes its share"""
+    """SMTP sessions at once on port 25 (Exchange 5.5 IMS's default); beyond, a new client waits
+    up to `handshake_timeout` for a slot (a full listener closes an idle session for it), then
+    `421 4.7.0`. With `--workers N` each process takes its share"""
     max_connections_per_ip: int = 10
     """sessions at once from one client address (`421 4.7.0`); clients in `smtp.relay_networks` are
     exempt, as Postfix exempts `$mynetworks`"""
+    handshake_timeout: float = 30.0
+    """a client must say HELO/EHLO (and finish the TLS handshake on 465) within this; then
+    `idle_timeout` applies. A new client holding no slot waits this long in line for a free one"""
+    busy_idle_timeout: float = 10.0
+    """when a listener is full, a new client may take the slot of a session with failed commands,
+    one idle this long, or one connected 3 × this long without authenticating or starting a
+    transaction (`421 4.7.0 Too many connections: closing an idle session`)"""
     bare_newline: str = "normalize"
     """a bare LF (no CR): `normalize` stores it as CRLF; `reject` answers `521 5.5.2` and closes
     (Postfix's `smtpd_forbid_bare_newline`)"""
@@ -378,6 +386,10 @@ class TrackingConfig:
     """message tracking in `<data>/tracking.sqlite3` (`imsrelay track`, `/api/v1/tracking`)"""
     days: int = 7
     """tracking events older than this many days are deleted"""
+    max_bytes: int = 256 * 1024 * 1024
+    """the tracking database's own quota (0: none): beyond it the oldest events go, and the file
+    shrinks after deletions; tracking also pauses while free disk is below twice what the queue
+    needs to accept a message"""
 
 
 @dataclass(frozen=True)
@@ -404,14 +416,23 @@ class AuthConfig:
     """the organisation lets password hashes replicate with their mailboxes (set it at every site);
     off: a hash stays at its home site"""
     max_failures: int = 5
-    """failed AUTH attempts from one client address within `failure_window` that lock it out (`421
-    4.7.0`)"""
+    """failed AUTH (or IMAP4/POP3) logins for one account from one client address within
+    `failure_window` that lock that pair out (`421 4.7.0`); a successful login resets only its
+    own pair"""
     failure_window: float = 900.0
     """the window `max_failures` are counted in"""
     lockout: float = 900.0
     """how long a client address stays locked out"""
     failure_delay: float = 1.0
     """each `535` waits this long, doubling per failure, at most 8 s"""
+    max_failures_per_address: int = 20
+    """failures for any account from one address: the address is locked out, except for accounts
+    that logged in from it before (users behind a shared NAT keep working)"""
+    max_failures_per_account: int = 20
+    """failures for one account from any address: then only addresses it logged in from before may
+    try it (`454 4.7.0`)"""
+    trusted_for: float = 30 * 86400.0
+    """how long a successful login trusts its (account, address) pair"""
 
 
 @dataclass(frozen=True)
@@ -426,6 +447,14 @@ class SubmissionConfig:
     tls_port: int | None = None
     """RFC 8314 implicit-TLS submission listener (465): AUTH before MAIL; 0 or unset: off"""
 
+    max_connections: int = 30
+    """sessions at once on each submission listener (587 and 465 never take port 25's slots, nor
+    each other's)"""
+    max_connections_per_ip: int = 10
+    """sessions at once from one client address on each submission listener"""
+    sender_must_match: bool = False
+    """on 587/465 only: an authenticated client may send only as its own mailbox's addresses
+    (Q262945; the labs set it). `restrictions.sender_must_match` applies to every port"""
 
 IMAP_PORT, IMAPS_PORT, POP3_PORT, POP3S_PORT = 143, 993, 110, 995  # RFC 9051/8314, RFC 1939/8314
 ACCESS_PROTOCOLS = ("imap4", "pop3")  # Exchange 5.5's names for the mailbox protocols (Q233081)
@@ -659,7 +688,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int such as 10**400
+            raise ValueError("the duration is too large") from None
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,8 @@ KINDS = ("reply", "drop", "latency", "link")
 DEFAULT_EXPIRY = 3600.0
 MAX_EXPIRY = 7 * 86400.0
 MAX_DELAY = 600.0
+MAX_FAULTS = 100  # armed at once: each is looked at in every SMTP session (5,000 cost ~55 ms a transaction)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class FaultError(ValueError):
@@ -191,11 +194,16 @@ def fault_from_request(body: Mapping[str, Any], *, fault_id: str, now: float) ->
             raise FaultError(f"the reply code must be 4xx or 5xx, not {code}")
         if any(c in text for c in "\r\n"):
             raise FaultError("the reply text must be one line")
+        if _CONTROL.search(text):
+            raise FaultError("the reply text must not hold control characters (NUL, TAB, ESC, DEL ...)")
     if kind == "latency":
         delay = _number(get("delay", (int, float, str)), "delay")
         if not 0 < delay <= MAX_DELAY:
             raise FaultError(f"delay must be more than 0 and at most {MAX_DELAY:g}s")
-    probability = float(get("probability", (int, float), 1.0))
+    try:
+        probability = float(get("probability", (int, float), 1.0))
+    except OverflowError:
+        raise FaultError("probability must be more than 0 and at most 1") from None
     if not 0.0 < probability <= 1.0:
         raise FaultError("probability must be more than 0 and at most 1")
     sessions = get("sessions", int)
@@ -251,6 +259,9 @@ class FaultBook:
 
     def add(self, body: Mapping[str, Any]) -> Fault:
         fault = fault_from_request(body, fault_id=f"f{next(self._ids)}", now=self.clock())
+        self._expire()
+        if len(self._faults) >= MAX_FAULTS:
+            raise FaultError(f"too many faults ({MAX_FAULTS} armed): clear some first (imsrelay faults clear)")
         self._faults[fault.id] = fault
         if fault.sessions is not None:
             self._left[fault.id] = fault.sessions

@@ -49,6 +49,40 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             root.removeHandler(h)
     root.addHandler(_StdlibBridge())
     root.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+    for name in ("asyncio", "aiohttp.server"):
+        lib = logging.getLogger(name)
+        if not any(isinstance(f, ClientFaultFilter) for f in lib.filters):
+            lib.addFilter(ClientFaultFilter())
+
+
+# What a client's garbage makes the libraries log at error level (asyncio: TLS from a
+# client that hangs up or speaks no TLS; aiohttp: a request it cannot parse or a client
+# that goes mid-request): the client's fault, not ours.  Anything else stays an error.
+_CLIENT_FAULT_MESSAGES = ("Fatal error on SSL protocol", "SSL handshake failed", "Error handling request",
+                          "Fatal read error on socket transport", "Fatal write error on socket transport")
+
+
+def _client_fault(exc: BaseException | None) -> bool:
+    if exc is None or isinstance(exc, (OSError, EOFError, TimeoutError)):  # ssl.SSLError, ConnectionError too
+        return True
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:  # pragma: no cover - aiohttp is a dependency
+        return False
+    return isinstance(exc, HttpProcessingError)
+
+
+class ClientFaultFilter(logging.Filter):
+    """Lower the libraries' error lines caused by a client (``_CLIENT_FAULT_MESSAGES``
+    with a network, TLS or HTTP-parsing exception) to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and isinstance(record.msg, str) \
+                and record.msg.startswith(_CLIENT_FAULT_MESSAGES):
+            exc = record.exc_info[1] if record.exc_info else None
+            if _client_fault(exc):
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 PIPE_BUF = 4096  # writes up to this size are atomic on a pipe
@@ -109,6 +143,8 @@ class _StdlibBridge(logging.Handler):
     """Forward stdlib log records (libraries) to structlog as ``library.log`` events."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.root.level:  # lowered by ClientFaultFilter after the level check
+            return
         try:
             structlog.get_logger(record.name).log(
                 record.levelno, "library.log", logger=record.name, message=record.getMessage())

@@ -113,6 +113,11 @@ class SiteMetrics:
         for action in ("delayed", "refused"):
             self.backpressure.labels(action)
         self.mode = Gauge("imsrelay_transfer_mode", "The current Transfer mode (1)", ["mode"], registry=r)
+        self.tracking_bytes = Gauge("imsrelay_tracking_bytes", "Size of the message tracking database", registry=r)
+        self.tracking_paused = Gauge("imsrelay_tracking_paused",
+                                     "1 while message tracking writes nothing (the disk is nearly full)", registry=r)
+        self.tracking_dropped = Gauge("imsrelay_tracking_dropped_events",
+                                      "Tracking events not written while paused (since start)", registry=r)
         # the children of the outcomes, looked up once (``labels()`` per recipient costs more than the count)
         self.outcomes = {outcome: self.deliveries.labels(outcome)
                          for outcome in ("delivered", "deferred", "failed", "expired", "held")}
@@ -129,7 +134,7 @@ class SiteMetrics:
             self.mode.labels(m.value).set(1 if m is mode else 0)
 
     def render(self, *, queued: list[Envelope], incoming: int, flow_state: str, open_connections: int,
-               replication: dict[str, Any] | None, now: float) -> bytes:
+               replication: dict[str, Any] | None, now: float, tracking: dict[str, Any] | None = None) -> bytes:
         """Refresh the gauges read from the site's state (what is queued, messages waiting
         for their first attempt, the backpressure state, open outbound connections, the
         replicator's status), then the text exposition."""
@@ -140,6 +145,10 @@ class SiteMetrics:
         for name in ("open", "slowing", "refusing"):
             self.backpressure_state.labels(name).set(1 if name == flow_state else 0)
         self.conn_out_now.set(open_connections)
+        if tracking is not None:
+            self.tracking_bytes.set(tracking["bytes"])
+            self.tracking_paused.set(1 if tracking["paused"] else 0)
+            self.tracking_dropped.set(tracking["dropped"])
         if replication is not None:
             self.replication_backlog.clear()
             self.replication_age.clear()

@@ -11,7 +11,9 @@ talking to next hops) — goes to ``<data>/logs/smtp-protocol.log``, one line ea
 ``in``/``out`` is the session's direction, ``C:`` what the client sent, ``S:`` what
 the server answered; ``q`` the queue id once known (outbound: always; inbound: from
 the ``250`` that queued the message).  Message content is not logged (``C: <message,
-N bytes>``), nor AUTH secrets.  The file is rotated at ``protocol_log_max_bytes``,
+N bytes>``), nor AUTH secrets: neither the AUTH command's initial response nor any
+line answering a ``334`` challenge (``C: <credentials not logged>``).  The files are
+created mode 0600: session metadata is for the administrator.  The file is rotated at ``protocol_log_max_bytes``,
 keeping ``protocol_log_files`` old files.  Lines are written by a background thread
 (logging's QueueListener): the event loop never waits for the disk.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import secrets
@@ -41,12 +44,26 @@ def format_line(*, when: float, direction: str, session: str, peer: str, queue_i
     return f"{stamp} {direction:<3} s={session} peer={peer} q={queue_id or '-'} {who}: {clean}"
 
 
+LOG_MODE = 0o600  # the protocol log's files: the site's owner only
+
+
+class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotating file created 0600 whatever the umask (each new file after rotation too)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE)
+        os.fchmod(fd, LOG_MODE)  # a file left by an older version (0644) is closed up too
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 class ProtocolLog:
     def __init__(self, data_dir: Path, *, max_bytes: int, files: int, name: str) -> None:
         self.path = Path(data_dir) / "logs" / "smtp-protocol.log"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = logging.handlers.RotatingFileHandler(self.path, maxBytes=max_bytes, backupCount=files,
-                                                          encoding="utf-8", delay=True)
+        for old in self.path.parent.glob(self.path.name + "*"):  # rotated files of an older version
+            old.chmod(LOG_MODE)
+        self._file = _PrivateRotatingFile(self.path, maxBytes=max_bytes, backupCount=files,
+                                          encoding="utf-8", delay=True)
         self._file.setFormatter(logging.Formatter("%(message)s"))
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._listener = logging.handlers.QueueListener(self._queue, self._file)

@@ -6,7 +6,12 @@ router's decision and why), transferred (next hop and the queue id in the peer's
 ``250`` reply), delivered (to a mailbox, or to the directory service for
 replication mail), deferred (with the reason and the next attempt), failed,
 expired, NDR sent, deleted by an operator — in ``<data>/tracking.sqlite3``, kept
-``tracking.days`` days.
+``tracking.days`` days and at most ``tracking.max_bytes`` (the oldest events go
+first); the file shrinks after deletions (SQLite's incremental vacuum, the WAL
+truncated).  It shares the queue's disk, so it never takes the queue's room:
+below ``min_free`` free bytes (more than the queue needs to accept mail) events are
+not written and old ones are deleted; ``paused`` and ``dropped`` say so (metrics,
+``/status``), and the change is logged.
 
 Recording never blocks the event loop: ``record`` puts the event on a queue that
 one writer thread drains in batches (and purges old events from).  Queries run
@@ -43,6 +48,9 @@ FAILED = "failed"
 EXPIRED = "expired"
 NDR_SENT = "ndr_sent"
 DELETED = "deleted"
+
+INCREMENTAL = 2  # PRAGMA auto_vacuum
+BOUNDS_EVERY = 5.0  # seconds between looks at the database's size and the free disk
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -144,8 +152,16 @@ class TrackingLog:
     """One site's tracking events in SQLite, written by one thread."""
 
     def __init__(self, path: Path, site: str, *, days: float = 7.0, enabled: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_bytes: int = 0,
+                 free_space: Callable[[], int] | None = None, min_free: int = 0, log: Any = None) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes  # 0: no size limit
+        self.free_space = free_space  # bytes free on its file system (None: not watched)
+        self.min_free = min_free
+        self.log = log
+        self.paused: str | None = None  # why events are not written now ("disk")
+        self.dropped = 0  # events not written while paused
+        self.size = 0  # bytes of the database (with its WAL) when last looked at
         self.site = site
         self.days = days
         self.enabled = enabled
@@ -182,16 +198,68 @@ class TrackingLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._connect()
         try:
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+                db.execute(f"PRAGMA auto_vacuum={INCREMENTAL}")  # deleted pages can go back to the disk
+                db.execute("VACUUM")  # (an existing file switches mode only by a VACUUM)
             db.executescript(_SCHEMA)
             self._purge(db)
+            self._keep_bounds(db)
         finally:
             db.close()
 
     def _purge(self, db: sqlite3.Connection) -> None:
         with db:
-            db.execute("DELETE FROM events WHERE time < ?", (self.clock() - self.days * 86400.0,))
+            gone = db.execute("DELETE FROM events WHERE time < ?", (self.clock() - self.days * 86400.0,)).rowcount
+        if gone:
+            self._shrink(db)
+
+    def _shrink(self, db: sqlite3.Connection) -> None:
+        """Give the pages of deleted events back to the file system."""
+        db.executescript("PRAGMA incremental_vacuum;")  # (sqlite3_exec: every step; execute() frees one page)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(f"{self.path}{suffix}").stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def _keep_bounds(self, db: sqlite3.Connection) -> None:
+        """Within ``max_bytes``, and off the queue's room: the oldest events go first."""
+        low_disk = self.free_space is not None and self.free_space() < self.min_free
+        paused = "disk" if low_disk else None
+        if paused != self.paused:
+            if self.log is not None:
+                if paused:
+                    self.log.warning("tracking.paused", reason="the disk is nearly full: the queue needs the room",
+                                     min_free=self.min_free)
+                else:
+                    self.log.info("tracking.resumed", dropped=self.dropped)
+            self.paused = paused
+        self.size = self._bytes()
+        over = self.max_bytes and self.size > self.max_bytes
+        if not over and not low_disk:
+            return
+        rows = db.execute("SELECT count(*) FROM events").fetchone()[0]
+        keep = int(rows * 0.8 * self.max_bytes / self.size) if over else rows // 2  # low disk: half goes
+        with db:
+            db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
+                       (max(0, rows - keep),))
+        self._shrink(db)
+        self.size = self._bytes()
+        if self.log is not None:
+            self.log.info("tracking.trimmed", deleted=rows - keep, bytes=self.size, max_bytes=self.max_bytes,
+                          reason="low disk" if low_disk else "max_bytes")
 
     # ------------------------------------------------------------ recording
+
+    def status(self) -> dict[str, Any]:
+        """Its bounds and state (``/status``, metrics)."""
+        return {"enabled": self.enabled, "bytes": self.size, "max_bytes": self.max_bytes, "paused": self.paused,
+                "dropped": self.dropped, "min_free": self.min_free}
 
     def on_event(self, listener: Callable[[TrackingEvent], None]) -> None:
         """Call ``listener`` (on the loop) with every event recorded from now on."""
@@ -226,6 +294,7 @@ class TrackingLog:
     def _run(self) -> None:
         db = self._connect()
         next_purge = time.monotonic() + 3600.0
+        next_bounds = time.monotonic() + BOUNDS_EVERY
         gather = True
         try:
             while True:
@@ -244,7 +313,15 @@ class TrackingLog:
                         break
                 gather = len(batch) < MAX_BATCH  # a backlog is written without waiting
                 events = [e for e in batch if isinstance(e, tuple)]
-                if events:
+                if time.monotonic() > next_bounds:  # (before writing: a full disk gets no more rows)
+                    next_bounds = time.monotonic() + BOUNDS_EVERY
+                    try:
+                        self._keep_bounds(db)
+                    except (sqlite3.Error, OSError):
+                        pass  # tracking is a record, never a reason to stop mail
+                if events and self.paused:
+                    self.dropped += len(events)
+                elif events:
                     self._write(db, events)
                 for e in batch:
                     if isinstance(e, threading.Event):

@@ -6,8 +6,8 @@ kept only as a salted ``hashlib.scrypt`` hash (memory-hard), never in clear:
     scrypt$<n>$<r>$<p>$<salt, base64>$<hash, base64>
 
 Everything here is pure except the hashing itself (CPU-bound: the SMTP edge runs
-it off the event loop).  ``FailureLimiter`` keeps the failed attempts per client
-for rate limiting; its clock is passed in, so it is tested without waiting.
+it off the event loop).  ``FailureLimiter`` keeps the failed attempts per key (``GuessGuard``:
+per account and address, address, account); clocks are passed in (tested without waiting).
 """
 
 from __future__ import annotations
@@ -184,3 +184,97 @@ class FailureLimiter:
 
     def success(self, client: str) -> None:
         self._failures.pop(client, None)
+
+
+# ------------------------------------------------------------------ password guessing
+
+
+@dataclass(frozen=True)
+class GuessLimits:
+    """The three counts of failed AUTH attempts (``[auth]``) and how long a success
+    keeps an (account, address) pair trusted."""
+
+    pair: AuthLimits  # one account from one address: ``max_failures`` then locked out
+    address: AuthLimits  # any account from one address: ``max_failures_per_address``
+    account: AuthLimits  # one account from any address: ``max_failures_per_account``
+    trusted_for: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
+class GuessRefusal:
+    reply: str
+    close: bool  # 421: the session ends; 454: the client may try another way later
+    reason: str
+    retry_after: float
+
+
+class GuessGuard:
+    """Failed AUTH attempts counted three ways, so that an attacker can neither guess
+    much nor lock the real user out (pure; the clock is passed in).
+
+    * per (account, address): ``max_failures`` then that pair is locked out for
+      ``lockout`` (``421``): the usual brute force from one place;
+    * per address, any account: a higher limit (password spraying from one place);
+      the lock-out spares pairs that logged in successfully before (``trusted``), so
+      the users behind a shared NAT keep working;
+    * per account, any address: a higher limit (guesses spread over many addresses);
+      then only trusted pairs may try that account (``454 4.7.0``, temporary, no
+      lock-out of the real user at the places it logged in from).
+
+    A success clears only its own pair's failures and makes that pair trusted: a
+    valid login never clears another account's count nor its address's count, so
+    an attacker with one account of its own gains nothing by logging in with it.
+    The memory used is bounded (``max_keys`` per count, oldest forgotten)."""
+
+    def __init__(self, limits: GuessLimits, *, max_keys: int = 10_000) -> None:
+        self.limits = limits
+        self.pairs = FailureLimiter(limits.pair, max_clients=max_keys)
+        self.addresses = FailureLimiter(limits.address, max_clients=max_keys)
+        self.accounts = FailureLimiter(limits.account, max_clients=max_keys)
+        self.max_keys = max_keys
+        self._trusted: OrderedDict[tuple[str, str], float] = OrderedDict()  # pair -> until
+
+    def trusted(self, account: str, address: str, now: float) -> bool:
+        until = self._trusted.get((account, address))
+        if until is None:
+            return False
+        if now >= until:
+            del self._trusted[(account, address)]
+            return False
+        return True
+
+    def refusal(self, account: str, address: str, now: float) -> GuessRefusal | None:
+        """Why this attempt is not even checked (None: check the password)."""
+        pair = self.pairs.locked_for(f"{account}\0{address}", now)
+        if pair > 0:
+            return GuessRefusal(f"421 4.7.0 Too many failed authentication attempts from {address}; "
+                                f"try again in {int(pair) + 1} s", True, "account and address", pair)
+        if self.trusted(account, address, now):
+            return None
+        by_address = self.addresses.locked_for(address, now)
+        if by_address > 0:
+            return GuessRefusal(f"421 4.7.0 Too many failed authentication attempts from {address}; "
+                                f"try again in {int(by_address) + 1} s", True, "address", by_address)
+        by_account = self.accounts.locked_for(account, now)
+        if by_account > 0:
+            return GuessRefusal("454 4.7.0 Temporary authentication failure: too many failed attempts for "
+                                "this account; try again later", False, "account", by_account)
+        return None
+
+    def failure(self, account: str, address: str, now: float) -> int:
+        """Record a failure; the pair's failures in the window (``delay`` of it: how
+        long its ``535`` waits, doubling, capped)."""
+        failures = self.pairs.failure(f"{account}\0{address}", now)
+        self.addresses.failure(address, now)
+        self.accounts.failure(account, now)
+        return failures
+
+    def delay(self, failures: int) -> float:
+        return self.pairs.delay(failures)
+
+    def success(self, account: str, address: str, now: float) -> None:
+        self.pairs.success(f"{account}\0{address}")
+        self._trusted[(account, address)] = now + self.limits.trusted_for
+        self._trusted.move_to_end((account, address))
+        while len(self._trusted) > self.max_keys:
+            self._trusted.popitem(last=False)

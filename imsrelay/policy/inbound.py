@@ -98,6 +98,13 @@ def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str |
     return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
 
 
+def tracking_reserve(*, max_message_size: int, minfree: int) -> int:
+    """Free bytes below which message tracking stops writing: twice what the queue
+    needs to accept a message (``check_storage``), so tracking never fills the disk
+    the queue needs."""
+    return 2 * max(minfree, int(1.5 * max_message_size))
+
+
 def check_storage(free_bytes: int, *, declared: int | None, max_message_size: int, minfree: int) -> Reply | None:
     """Refuse new mail for now (452 4.3.1) when the queue's file system is nearly
     full: it must keep ``minfree`` bytes and room for 1.5 times the message (its

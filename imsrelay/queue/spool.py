@@ -148,6 +148,7 @@ class Spool:
         self._index: dict[str, Location] = {}
         self._live: Counter[int] = Counter()
         self._inflight: Counter[int] = Counter()  # ENQUEUE appends under way, by lowest segment they can land in
+        self._leaving: set[str] = set()  # removals under way (compaction must not copy them back)
         self._lock_fd: int | None = None
         self.lock_wait = 0.0  # seconds recover() waits for a previous owner (a stopping worker)
 
@@ -239,7 +240,13 @@ class Spool:
             p.unlink(missing_ok=True)
         queued = _replay(self.journal)
         self.journal.adopt_existing()  # nothing is appended to an old segment again
-        self._index = {qid: q.location for qid, q in queued.items()}
+        finished = [qid for qid, q in queued.items() if q.envelope.finished]
+        if finished:
+            # every recipient done but no DONE record (a crash between the two, or a copy
+            # an older compaction wrote after the DONE): finished now, or its segment stays
+            self.committer.commit_sync([Append(DONE, qid.encode()) for qid in finished])
+            self.journal.close_segment()  # that DONE's segment is dropped as soon as it can be
+        self._index = {qid: q.location for qid, q in queued.items() if not q.envelope.finished}
         self._live = Counter(loc.segment for loc in self._index.values())
         envelopes = [q.envelope for q in queued.values() if not q.envelope.finished]
         self._drop_empty_segments(sync=True)
@@ -267,8 +274,12 @@ class Spool:
         await self.committer.commit([Append(STATE, envelope.to_json())])
 
     async def remove(self, queue_id: str) -> None:
-        await self.committer.commit([Append(DONE, queue_id.encode())], durable=False)
-        self._forget(queue_id)
+        self._leaving.add(queue_id)
+        try:
+            await self.committer.commit([Append(DONE, queue_id.encode())], durable=False)
+            self._forget(queue_id)
+        finally:
+            self._leaving.discard(queue_id)
         if not self._index and not self._inflight and self.journal.size >= RECLAIM_AT:
             # the queue is empty: give the open segment's space back too
             await self.committer.commit([CloseSegment()], durable=False)
@@ -329,10 +340,15 @@ class Spool:
         for qid in self.segments_to_compact():
             env = envelopes.get(qid)
             loc = self._index.get(qid)
-            if env is None or loc is None:
-                continue
+            if env is None or loc is None or env.finished or qid in self._leaving:
+                continue  # a finished message is about to be removed: never copy it
             payload = await asyncio.to_thread(self.journal.read, loc)
             (new_loc, _) = await self._commit_enqueue([Append(ENQUEUE, payload), Append(STATE, env.to_json())])
+            if qid in self._leaving or self._index.get(qid) != loc:
+                # removed while the copy was written (its DONE may be before the copy in
+                # the journal): cancel the copy too, or it is queued again at restart
+                await self.committer.commit([Append(DONE, qid.encode())], durable=False)
+                continue
             self._forget(qid)
             self._index[qid] = new_loc
             self._live[new_loc.segment] += 1

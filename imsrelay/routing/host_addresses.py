@@ -41,7 +41,7 @@ def local_addresses() -> set[str]:
 
 
 def site_endpoints(config: SiteConfig, port: int) -> SelfEndpoints:
-    """Where a site listens (``loops.endpoints_for``); with a wildcard listen address
+    """Where a site listens (``mail_loops.endpoints_for``); with a wildcard listen address
     every address of this host's interfaces too."""
     listen = config.smtp.listen
     return endpoints_for(listen, config.hostname, port, local_addresses() if listen.lower() in WILDCARDS else ())
