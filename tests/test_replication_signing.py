@@ -223,3 +223,35 @@ async def test_site_without_key_ignores_dirsync_mail(tmp_path, monkeypatch):
 def test_canonical_json_is_stable():
     assert canonical_json({"b": 1, "a": [1, "é"]}) == b'{"a":[1,"\\u00e9"],"b":1}'
     assert json.loads(canonical_json({"x": 1.5})) == {"x": 1.5}
+
+
+def test_verify_never_raises_on_mangled_messages():
+    """Whatever a mangled message holds (an RFC 2231 charset the email package hands the
+    codecs as a tuple, NULs, broken encoded words: found by tests/test_fuzz.py), the
+    check answers a rejection; it never raises into the delivery of the message."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_fuzz import mutate
+
+    from imsrelay.directory.replication import MALFORMED, _verify, build_request, render_message
+
+    raised_before = 0
+    for seed in range(3000):
+        rnd = random.Random(seed)
+        payload = build_request(organisation="ExchangeORG", from_site="SiteB", to_site="SiteA",
+                                reply_to="SiteB.microsoft.com", since_usn=1, invocation="x", full=False, now=1000.0)
+        raw = render_message(payload, key=KEY, from_domain="SiteB.microsoft.com", to_domain="SiteA.microsoft.com",
+                             hostname="x")
+        for _ in range(rnd.randint(1, 4)):
+            raw = mutate(rnd, raw)
+        result = verify(raw, key=KEY, organisation="ExchangeORG", site="SiteA", now=1000.0, max_age=100)
+        assert isinstance(result, Rejection | Dirsync), result
+        try:
+            _verify(raw, key=KEY, organisation="ExchangeORG", site="SiteA", now=1000.0, max_age=100)
+        except Exception:
+            raised_before += 1  # what the old check did with it
+            assert result.reason == MALFORMED
+    assert raised_before > 0  # the probe: some of these messages do break the parsers

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email.errors
 import email.utils
 import json
 import re
@@ -247,7 +248,17 @@ def verify(message: bytes, *, key: str | Trust, organisation: str, site: str, no
 
     Order: is it a replication message at all, signed, well-formed, of our
     organisation, correctly signed, for this site, fresh.  (Replay is checked by the
-    caller against the database of message ids already seen.)"""
+    caller against the database of message ids already seen.)  Never raises for what
+    a message contains: anything the parsers refuse (an RFC 2231 charset the email
+    package hands to the codecs as a tuple, a NUL; found by tests/test_fuzz.py) is ``MALFORMED``."""
+    try:
+        return _verify(message, key=key, organisation=organisation, site=site, now=now, max_age=max_age)
+    except (ValueError, TypeError, LookupError, email.errors.MessageError) as exc:
+        return Rejection(MALFORMED, f"unreadable: {exc!r}")
+
+
+def _verify(message: bytes, *, key: str | Trust, organisation: str, site: str, now: float,
+            max_age: float) -> Dirsync | Rejection:
     msg = message_from_bytes(message)
     type_header = _header(msg, HEADER_TYPE)
     if type_header is None:
