@@ -33,3 +33,29 @@ async def test_hostile_json_bodies_get_400(tmp_path):
                 async with http.get(f"http://127.0.0.1:{port}/health") as r:
                     assert r.status == 200
         assert [e for e in logs if e.get("event") == "admin.internal_error"] == []
+
+
+async def test_a_long_poll_does_not_hold_the_sites_stop(tmp_path):
+    """A client waiting in ``GET /api/v1/wait`` (the fixture waits on every site at once)
+    must not keep a stopping site waiting for it: `docker stop` kills a site that takes
+    more than 10 s."""
+    import asyncio
+    import time
+
+    from imsrelay.admin.message_api import SHUTDOWN_TIMEOUT
+    from imsrelay.site import Site
+
+    port = free_port()
+    cfg = make_config(tmp_path, site_mapping(admin={"port": port, "token": TOKEN}))
+    site = Site(cfg)
+    await site.start()
+    async with aiohttp.ClientSession() as http:
+        poll = asyncio.ensure_future(http.get(f"http://127.0.0.1:{port}/api/v1/wait?timeout=60&q=to:nobody@x.y",
+                                              headers=AUTH))
+        await asyncio.sleep(0.5)  # the request is under way at the site
+        started = time.monotonic()
+        await site.stop()
+        took = time.monotonic() - started
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+    assert took < SHUTDOWN_TIMEOUT + 3, took

@@ -384,6 +384,11 @@ def test_logs_are_readable_and_every_container_stops_with_exit_0(lab: ComposeLab
     assert events, logs[-20:]
     assert not events[0].lstrip().startswith("{") and "listen=" in events[0], events[0]
     for service in ("internet", "sitea", "siteb", "sitec", "dns"):
+        started = time.monotonic()
         lab.docker("stop", lab.container(service), timeout=60)
+        took = time.monotonic() - started
         state = lab.state(service)
-        assert (state["Status"], state["ExitCode"]) == ("exited", 0), (service, state)
+        if (state["Status"], state["ExitCode"]) != ("exited", 0):  # what it was doing when it was stopped
+            tail = lab.docker("logs", "--tail", "40", lab.container(service))
+            raise AssertionError(f"{service}: {state['Status']} {state['ExitCode']} after {took:.1f} s; "
+                                 f"its last log lines:\n{tail.stdout}{tail.stderr}")

@@ -36,6 +36,10 @@ from imsrelay.observe import tracking
 from imsrelay.observe.readiness import combined
 from imsrelay.queue.manager import held_text
 
+# seconds a stopping endpoint lets requests under way finish: a long poll (/api/v1/wait,
+# up to its timeout) must not hold a site's stop past what `docker stop` allows
+SHUTDOWN_TIMEOUT = 2.0
+
 PREFIX = "/api/v1"
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
@@ -435,7 +439,8 @@ class LabEndpoint:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
                           backlog=accept_backlog()).start()

@@ -57,6 +57,7 @@ from aiohttp import web
 from imsrelay.admin.console_routes import add_console_routes
 from imsrelay.admin.message_api import (
     OPEN_PATHS,
+    SHUTDOWN_TIMEOUT,
     BadRequest,
     MessageApi,
     Missing,
@@ -215,7 +216,8 @@ class AdminServer:
 
     async def start(self) -> None:
         cfg = self.site.config.admin
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         tcp = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True,
                           backlog=accept_backlog(self.site.config.smtp.listen_backlog))
