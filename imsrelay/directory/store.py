@@ -577,30 +577,26 @@ class Directory:
         obj = self._load(mailbox_id(self.site, alias))
         if obj is None or obj.deleted:
             raise DirectoryNotFound(f"no mailbox {alias} at {self.site}")
-        data = dict(obj.data)
-        data["protocols"] = _changed_protocols(data.get("protocols"), changes)
-        if not data["protocols"]:
-            del data["protocols"]
-        if data != obj.data:
-            with self._transaction():
-                obj = self._local_change(obj.object_id, "mailbox", data)
-            self._notify()
-        return _mailbox_from(obj.data, self.site, False)
+        return _mailbox_from(self._change_protocols(obj, "mailbox", changes).data, self.site, False)
 
     def set_site_protocols(self, changes: dict[str, bool | None]) -> SiteObject:
         """This site's protocol defaults (the site's Protocols container); they replicate."""
         obj = self._load(site_id(self.site))
         if obj is None or obj.deleted:
             raise DirectoryError("this site is not provisioned")
+        return _site_from(self._change_protocols(obj, "site", changes).data)
+
+    def _change_protocols(self, obj: DirObject, kind: str, changes: dict[str, bool | None]) -> DirObject:
+        """``obj`` with its Protocols settings changed (a local change when they differ)."""
         data = dict(obj.data)
         data["protocols"] = _changed_protocols(data.get("protocols"), changes)
         if not data["protocols"]:
             del data["protocols"]
         if data != obj.data:
             with self._transaction():
-                obj = self._local_change(obj.object_id, "site", data)
+                obj = self._local_change(obj.object_id, kind, data)
             self._notify()
-        return _site_from(obj.data)
+        return obj
 
     # ---------------------------------------------------------------- credentials
 
