@@ -31,3 +31,15 @@ async def organisation(tmp_path) -> AsyncIterator[Callable[..., Organisation]]:
     yield make
     for org in made:
         await org.close()
+
+
+# The longest files start first: with the suite's files spread over a few workers
+# (--dist loadfile), a long file picked up last would keep the whole run waiting.
+SLOW_FIRST = ("test_compose_console_walk.py", "test_compose_walkthrough.py", "test_compose_lab.py",
+              "test_console_walk.py", "test_fuzz.py", "test_crash.py", "test_console_browser.py",
+              "test_access.py", "test_docs.py", "test_walkthrough.py")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
