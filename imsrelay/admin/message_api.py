@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imsrelay.access.service import MailboxAccess
 from imsrelay.admin.message_store import (
     NotFound,
     Search,
@@ -206,7 +207,7 @@ class MessageApi:
                         "smtp": {"host": cfg.smtp.listen, "port": s.bound_port},
                         "admin": ({"host": s.admin.bound[0], "port": s.admin.bound[1]}
                                   if getattr(s, "admin", None) is not None and s.admin.bound else None),
-                        "access": access_info(s),
+                        "access": access_info(getattr(s, "access", None)),
                         "data_dir": str(cfg.data_dir),
                         "ready": s.readiness.report().ready,
                         "queue": {"messages": s.qmgr.backlog},
@@ -411,9 +412,8 @@ def errors_middleware(log: Any) -> Any:
     return errors
 
 
-def access_info(site: Any) -> dict[str, Any] | None:
+def access_info(access: MailboxAccess | None) -> dict[str, Any] | None:
     """Where a site's IMAP4 and POP3 listen (imsrelay.access), why not, or None (off)."""
-    access = getattr(site, "access", None)
     if access is None:
         return None
     endpoints = access.endpoints

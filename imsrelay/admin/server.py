@@ -54,6 +54,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from imsrelay.access.service import MailboxAccess
 from imsrelay.admin.console_routes import add_console_routes
 from imsrelay.admin.message_api import (
     OPEN_PATHS,
@@ -139,6 +140,7 @@ class AdminSite(Protocol):
     directory: Directory
     qmgr: QueueManager
     replicator: Replicator | None
+    access: MailboxAccess | None  # IMAP4 and POP3 (None: off)
     smtp_client: SmtpClient
     tracking: TrackingLog
     log: Any
@@ -291,7 +293,7 @@ class AdminServer:
             "site_addressing": own.smtp_address if own else None,
             "routing_address": own.routing_address if own else None,
             "smtp": {"listen": cfg.smtp.listen, "port": site.bound_port},
-            "access": access_info(site),
+            "access": access_info(site.access),
             "local_mailboxes": mailboxes,
             "queue": {"messages": await self._queue_size(), "workers": site.workers,
                       "backpressure": backpressure_status(site.flow)},
