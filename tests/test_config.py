@@ -166,3 +166,28 @@ def test_one_host_port_parser():
             parse_host_port(bad, 25)
     with pytest.raises(ValueError, match="not an IP address"):
         parse_host_port("ns.example", 53, ip_only=True)
+
+
+SERVERS = ('[[servers]]\nname = "S"\nhost = "127.10.10.10:2525"\nadmin = "http://127.10.10.10:8025/"\n'
+           '[[servers]]\nname = "Server2"\nhost = "127.10.10.11"\nport = 2526\n')
+
+
+def test_servers_of_a_site_and_home_servers(tmp_path):
+    c = load_config(write(tmp_path, MINIMAL + SERVERS + '[[mailboxes]]\nalias = "U"\nhome_server = "Server2"\n'))
+    assert [(s.name, s.host, s.port, s.admin) for s in c.servers] == [
+        ("S", "127.10.10.10", 2525, "http://127.10.10.10:8025"), ("Server2", "127.10.10.11", 2526, None)]
+    assert c.mailboxes[0].home_server == "Server2"
+    assert load_config(write(tmp_path, MINIMAL)).servers == ()
+
+
+@pytest.mark.parametrize("extra,key", [
+    ('[[servers]]\nname = "Other"\nhost = "127.0.0.2"\n', "servers"),  # this server is not listed
+    (SERVERS + '[[servers]]\nname = "s"\nhost = "127.0.0.3"\n', "servers[2].name"),
+    (SERVERS.replace('"127.10.10.11"', '"not a host!"'), "servers[1].host"),
+    (SERVERS.replace("http://127.10.10.10:8025/", "ftp://x"), "servers[0].admin"),
+    (SERVERS + '[[mailboxes]]\nalias = "U"\nhome_server = "Nowhere"\n', "mailboxes.home_server"),
+])
+def test_servers_errors(tmp_path, extra, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert err.value.key == key

@@ -53,6 +53,7 @@ from imsrelay.model.settings import (
     LabConfig,
     LoggingConfig,
     MailboxConfig,
+    SiteServer,
     MetricsConfig,
     NotificationsConfig,
     QueueConfig,
@@ -442,6 +443,9 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
             extra.append(addr if ":" in addr else f"smtp:{addr}")
         display = m.string("display_name")
         password_hash = m.string("password_hash")
+        home_server = m.string("home_server")
+        if home_server is not MISSING and not _NAME.fullmatch(home_server):
+            home_server = m.error("home_server", f"{home_server!r} is not a server name (letters, digits, - _ .)")
         if password_hash is not MISSING:
             try:
                 parse_hash(password_hash)
@@ -450,9 +454,53 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
         if alias is not MISSING:
             seen.add(alias.lower())
             mailboxes.append(MailboxConfig(alias, alias if display is MISSING else display, tuple(extra),
-                                           password_hash or None))
+                                           password_hash or None,
+                                           None if home_server is MISSING else home_server))
         m.reject_unknown()
     return tuple(mailboxes)
+
+
+def _load_servers(root: _Section, server: str | object) -> tuple[SiteServer, ...]:
+    """``[[servers]]``: every server of the site, this one included (issue 24; KB Q199354)."""
+    servers: list[SiteServer] = []
+    seen: set[str] = set()
+    for t in root.tables("servers"):
+        name = t.string("name", required=True)
+        if name is not MISSING and not _NAME.fullmatch(name):
+            name = t.error("name", f"{name!r} is not a server name (letters, digits, - _ .)")
+        elif name is not MISSING and name.lower() in seen:
+            name = t.error("name", f"{name!r} is listed twice")
+        host_text = t.string("host", required=True)
+        port = t.port("port")
+        host = MISSING
+        if host_text is not MISSING:
+            try:
+                host, port = parse_host_port(host_text, SMTP_PORT if port is MISSING else port)
+            except ValueError as exc:
+                t.error("host", str(exc))
+        admin = t.string("admin")
+        if admin is not MISSING and not re.fullmatch(r"https?://[^\s/]+/?", admin):
+            admin = t.error("admin", f"{admin!r} is not an admin endpoint URL like http://127.10.10.11:8025")
+        if name is not MISSING and host is not MISSING:
+            seen.add(name.lower())
+            servers.append(_build(SiteServer, name=name, host=host, port=port,
+                                  admin=None if admin is MISSING else admin.rstrip("/")))
+        t.reject_unknown()
+    if servers and isinstance(server, str) and server.lower() not in seen:
+        root.errors.append(ConfigError(root.path, "servers",
+                                       f"this server, site.server = {server!r}, is not among [[servers]]"))
+    return tuple(servers)
+
+
+def _check_home_servers(root: _Section, mailboxes: tuple[MailboxConfig, ...],
+                        servers: tuple[SiteServer, ...]) -> None:
+    names = {s.name.lower() for s in servers}
+    for m in mailboxes:
+        if m.home_server is not None and m.home_server.lower() not in names:
+            root.errors.append(ConfigError(
+                root.path, "mailboxes.home_server",
+                f"{m.alias}: home_server {m.home_server!r} is not one of [[servers]] "
+                f"({', '.join(s.name for s in servers) or 'none listed'})"))
 
 
 def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
@@ -854,6 +902,8 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     queue = _load_queue(root.table_of("queue"), smtp_section)
     smtp = _load_smtp(smtp_section, config_dir)
     mailboxes = _load_mailboxes(root)
+    servers = _load_servers(root, server)
+    _check_home_servers(root, mailboxes, servers)
     delivery = _load_delivery(root.table_of("delivery"), config_dir)
     dns = _load_dns(root.table_of("dns"))
     connected = _load_connected_sites(root)
@@ -900,7 +950,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     return SiteConfig(
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
-        smtp=smtp, mailboxes=mailboxes, delivery=delivery, queue=queue, dns=dns,
+        smtp=smtp, mailboxes=mailboxes, servers=servers, delivery=delivery, queue=queue, dns=dns,
         connected_sites=connected, email_domains=routes,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions, access=access,

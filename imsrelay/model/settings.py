@@ -59,6 +59,25 @@ class MailboxConfig:
     password_hash: str | None = None
     """an scrypt hash (`imsrelay directory hash-password`) set as the mailbox's SMTP AUTH password
     when it has none yet; never a password in clear"""
+    home_server: str | None = None
+    """the server of a multi-server site the mailbox is homed on (its Maildir lives there; one of
+    `[[servers]]`); left out: the server whose file lists it"""
+
+
+@dataclass(frozen=True)
+class SiteServer:
+    """One server of a site made of several servers (`[[servers]]`). In Exchange 5.5 a site was a
+    set of servers, each with a full directory replica and its own MTA, queue, store and tracking
+    log (KB Q199354, Q170334)."""
+    name: str
+    """the server's NetBIOS name (e.g. `Server1`); its SMTP host name is `name.email_domain`"""
+    host: str
+    """the address the site's other servers reach its SMTP listener at"""
+    port: int = SMTP_PORT
+    """its SMTP port"""
+    admin: str | None = None
+    """its admin endpoint's base URL (`http://host:port`): intra-site directory replication and
+    the site's federated views (message API, tracking, queues, console) go there"""
 
 
 @dataclass(frozen=True)
@@ -638,6 +657,8 @@ class SiteConfig:
     overrides it"""
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     mailboxes: tuple[MailboxConfig, ...] = ()
+    servers: tuple[SiteServer, ...] = ()
+    """the site's servers, this one (`site.server`) included; left out: this server alone"""
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
