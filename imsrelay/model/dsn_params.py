@@ -34,7 +34,7 @@ MAX_ENVID = 100  # characters of the ENVID parameter's value, as sent (RFC 3461 
 MAX_ORCPT = 500  # characters of the ORCPT parameter's value, as sent (RFC 3461 4.2)
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-Fa-f]{2})*")  # RFC 3461 4: xchar / "+" HEXCHAR HEXCHAR
-_HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
+_HEXCHAR = re.compile(rb"\+([0-9A-Fa-f]{2})")
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext
 
 
@@ -59,11 +59,12 @@ class RcptDsn:
 
 
 def xtext_decode(text: str) -> str:
-    """The text an xtext stands for (``+2B`` is ``+``); DsnSyntaxError when it is not xtext."""
+    """The text an xtext stands for (``+2B`` is ``+``; bytes that are not UTF-8 kept as
+    surrogates); DsnSyntaxError when it is not xtext."""
     if not _XTEXT.fullmatch(text):
         raise DsnSyntaxError("not xtext (printable ASCII; '+' and '=' written as +2B and +3D)")
-    raw = _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
-    return raw
+    raw = _HEXCHAR.sub(lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii"))
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def xtext_encode(text: str) -> str:
@@ -74,7 +75,7 @@ def xtext_encode(text: str) -> str:
         if "!" <= ch <= "~" and ch not in "+=":
             out.append(ch)
         else:
-            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8", "surrogateescape"))
     return "".join(out)
 
 
@@ -121,8 +122,8 @@ def parse_orcpt(value: str) -> str:
         address = xtext_decode(encoded)
     except DsnSyntaxError as exc:
         raise DsnSyntaxError(f"ORCPT's address is {exc}") from None
-    if any(c < " " or c == "\x7f" for c in address):
-        raise DsnSyntaxError("ORCPT's address holds control characters")
+    if any(c < " " or c == "\x7f" or "\udc80" <= c <= "\udcff" for c in address):
+        raise DsnSyntaxError("ORCPT's address holds control characters or bytes that are not UTF-8")
     return f"{kind.lower() if kind.lower() in ('rfc822', 'utf-8') else kind};{address}"
 
 
