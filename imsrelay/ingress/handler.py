@@ -36,7 +36,7 @@ from imsrelay.ingress.adapter import (
 from imsrelay.ingress.data_reader import line_ends_clean
 from imsrelay.ingress.ports import Ingress
 from imsrelay.model.addresses import AddressError, parse_address
-from imsrelay.model.dsn_params import RcptDsn
+from imsrelay.model.dsn_params import MailDsn, RcptDsn
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.model.header_date import header_date_now
 from imsrelay.model.priority import priority_of
@@ -287,7 +287,7 @@ class SiteHandler:
         filtered: dict[str, FilterDecision] = getattr(envelope, "filtered", {})
         if filtered:
             await self.site.keep_filtered(queue_id, sender, filtered, message, client)
-        asked = envelope.rcpt_dsn if isinstance(envelope, ImsEnvelope) else []
+        dsn, asked = (envelope.dsn, envelope.rcpt_dsn) if isinstance(envelope, ImsEnvelope) else (MailDsn(), [])
         queued = [RecipientState(address=r, original=r, notify=d.notify, orcpt=d.orcpt)
                   for i, r in enumerate(envelope.rcpt_tos) if r not in filtered
                   for d in [asked[i] if i < len(asked) else RcptDsn()]]
@@ -305,8 +305,7 @@ class SiteHandler:
             recipients=queued,
             received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
-            extra={**extra, "priority": priority_of(raw)},
-            **({"ret": envelope.dsn.ret, "envid": envelope.dsn.envid} if isinstance(envelope, ImsEnvelope) else {}))
+            extra={**extra, "priority": priority_of(raw)}, ret=dsn.ret, envid=dsn.envid)
         try:
             await self.site.accept(env, message)
         except OSError as exc:
