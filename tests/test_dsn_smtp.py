@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from sitekit import free_port, maildir_messages, make_config, running_site, site_mapping, wait_for
+from sitekit import (
+    free_port,
+    maildir_messages,
+    make_config,
+    run_cli,
+    running_site,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 from smtp_script_peer import ScriptPeer
 
 from imsrelay.model.envelope import PENDING
@@ -134,7 +143,8 @@ def _session_replies(port: int) -> dict[str, tuple[int, bytes]]:
         out["dsn_offered"] = (250 if s.has_extn("dsn") else 0, b"")
         for name, options in [("ret", ["RET=BOGUS"]), ("ret twice", ["RET=FULL", "RET=HDRS"]),
                               ("envid xtext", ["ENVID=a+zz"]), ("envid long", ["ENVID=" + "x" * 101]),
-                              ("envid empty", ["ENVID="]), ("unknown", ["FOO=1"])]:
+                              ("envid empty", ["ENVID="]), ("ret bare", ["RET"]),
+                              ("unknown", ["FOO=1"])]:
             out[name] = s.mail(USER1, options)
             s.rset()
         assert s.mail(USER1, ["RET=hdrs", "ENVID=Ab+2Bc"])[0] == 250  # case-insensitive keyword and value
@@ -152,7 +162,7 @@ def _session_replies(port: int) -> dict[str, tuple[int, bytes]]:
 async def test_dsn_is_offered_and_bad_parameters_get_501_with_a_clear_text(rig):
     r = await asyncio.to_thread(_session_replies, rig.site.bound_port)
     assert r["dsn_offered"][0] == 250
-    for name in ("ret", "ret twice", "envid xtext", "envid long", "envid empty",
+    for name in ("ret", "ret twice", "envid xtext", "envid long", "envid empty", "ret bare",
                  "never and more", "notify word", "orcpt", "orcpt xtext", "notify twice"):
         code, text = r[name]
         assert code == 501 and text.startswith(b"5.5.4 Syntax error in the DSN parameters"), (name, code, text)
@@ -269,7 +279,7 @@ async def test_notify_delay_governs_delay_notices(rig):
 
 async def test_dsn_parameters_survive_a_restart_with_the_message_queued(tmp_path):
     port = free_port()  # the DSN peer is down at first
-    config = make_config(tmp_path, site_mapping(
+    path, config = write_site_file(tmp_path, site_mapping(
         "SiteA", email_domains=[{"domain": "partner.test", "host": "127.0.0.1", "port": port}],
         delivery={"retry_intervals": [0.2], "connect_timeout": 2}))
     async with running_site(config) as site:
@@ -278,6 +288,9 @@ async def test_dsn_parameters_survive_a_restart_with_the_message_queued(tmp_path
                                 message("durable"), mail_options=["RET=HDRS", "ENVID=keep+2Bme"])
         await wait_for(lambda: any(r.attempts for e in Spool(config.data_dir).envelopes() for r in e.recipients))
     (env,) = list(Spool(config.data_dir).envelopes())  # read back from the journal, site stopped
+    code, shown, _ = await asyncio.to_thread(run_cli, "queue", "show", env.queue_id, "--config", str(path))
+    assert code == 0 and "dsn:        RET=HDRS ENVID=keep+me" in shown
+    assert "dsn NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Ok+1@partner.test" in shown
     assert (env.ret, env.envid) == ("HDRS", "keep+me")
     (r,) = env.recipients
     assert (r.state, r.notify, r.orcpt) == (PENDING, "SUCCESS,DELAY", "rfc822;Ok+1@partner.test")

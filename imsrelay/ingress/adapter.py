@@ -266,8 +266,9 @@ def without_dsn_params(arg: str, keyword: str, names: tuple[str, ...], local_par
     with their values as given: case kept, aiosmtpd upper-cases the rest), or None when
     ``arg`` has none of them or cannot be parsed (aiosmtpd answers it as before).
     DsnSyntaxError for a parameter given twice or without a value."""
-    if arg[:len(keyword)].upper() != keyword:
-        return None
+    upper = arg.upper()
+    if not upper.startswith(keyword) or not any(name in upper for name in names):
+        return None  # (the usual MAIL/RCPT: no second look at its path)
     stripped = arg[len(keyword):].strip()
     address, rest = parse_path(stripped, local_part_limit)
     if not address or not rest:
