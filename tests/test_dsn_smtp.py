@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from sitekit import (
+    Organisation,
     free_port,
     maildir_messages,
     make_config,
@@ -95,9 +96,9 @@ def message(subject: str, body: str = "the body text") -> bytes:
 
 
 def transaction(port: int, rcpts: Sequence[tuple[str, Sequence[str]]], data: bytes, *,
-                mail_options: Sequence[str] = (), sender: str = USER1) -> str:
+                mail_options: Sequence[str] = (), sender: str = USER1, host: str = "127.0.0.1") -> str:
     """One transaction with per-recipient parameters (blocking); the queue id."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+    with smtplib.SMTP(host, port, timeout=20) as s:
         s.ehlo("client.test")
         code, reply = s.mail(sender, list(mail_options))
         assert code == 250, reply
@@ -305,3 +306,33 @@ async def test_dsn_parameters_survive_a_restart_with_the_message_queued(tmp_path
     assert any(line.startswith(b"MAIL FROM:<User1@") and b"RET=HDRS ENVID=keep+2Bme" in line for line in lines)
     assert b"RCPT TO:<ok@partner.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Ok+2B1@partner.test" in lines
 
+
+
+# ---------------------------------------------------------------- between two sites
+
+async def test_between_sites_the_next_site_reports_delivery_and_the_first_sends_none(tmp_path):
+    """SiteA passes NOTIFY, ORCPT, RET and ENVID on to SiteB (which offers DSN), so
+    SiteA sends no "relayed" report; SiteB delivers to User2's mailbox and its
+    "delivered" report comes back to the sender at SiteA, naming the ORCPT and ENVID
+    the sender gave SiteA."""
+    org = Organisation(tmp_path, hosts={"SiteA": "127.0.0.71", "SiteB": "127.0.0.72"})
+    try:
+        await org.start()
+        user2 = "User2@SiteB.microsoft.com"
+        await asyncio.to_thread(
+            transaction, org.sites["SiteA"].bound_port,
+            [(user2, ["NOTIFY=SUCCESS", "ORCPT=rfc822;user2+40SiteB.microsoft.com"])],
+            message("two sites"), mail_options=["ENVID=two+2Bsites", "RET=HDRS"], host="127.0.0.71")
+        reports = await wait_for(lambda: maildir_messages(org.data("SiteA"), "User1"))
+        await org.quiet()
+        assert len(maildir_messages(org.data("SiteB"), "User2")) == 1
+    finally:
+        await org.close()
+    assert len(maildir_messages(org.data("SiteA"), "User1")) == 1  # SiteB's report only: no "relayed" one
+    report = email.message_from_bytes(reports[0], policy=email.policy.default)
+    assert report["Subject"] == "Delivered: two sites"
+    _, status, _ = parts(report)
+    assert f"Reporting-MTA: dns; {org.configs['SiteB'].hostname}" in status
+    assert "Original-Envelope-Id: two+sites" in status
+    (block,) = blocks(status)
+    assert "Original-Recipient: rfc822;user2@SiteB.microsoft.com" in block and "Action: delivered" in block
