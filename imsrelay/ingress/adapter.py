@@ -4,8 +4,10 @@
 status codes on every reply, bounded sessions (idle time, total time, errors),
 connection caps, the Connections tab's accept/reject lists and Transfer mode at
 connect (asked of the handler), faults on demand, the protocol log, ETRN, DATA
-read in chunks (``imsrelay.ingress.data_reader``), and path parsing without the
-email parser for plain ``<local@domain>``.  ``server_factory`` builds a protocol
+read in chunks (``imsrelay.ingress.data_reader``), path parsing without the
+email parser for plain ``<local@domain>``, and the DSN parameters of MAIL and RCPT
+(RFC 3461: RET, ENVID, NOTIFY, ORCPT) taken off the command before aiosmtpd sees it
+(which would upper-case their values and refuse them), kept in ``ImsEnvelope``.  ``server_factory`` builds a protocol
 per connection by copying the first one's settings (aiosmtpd inspects the handler
 on every connection otherwise).  What this relies on of aiosmtpd's private state is
 checked by tests/test_aiosmtpd_internals.py.  Decisions are the handler's

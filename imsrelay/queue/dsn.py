@@ -6,6 +6,12 @@ message/delivery-status, and the original headers (or the whole original).
 `may_send_report` says whether a report may be sent at all (never to `<>`,
 never about a report or auto-reply — so reports never loop).
 
+What the sender asked for (RFC 3461, ``imsrelay.model.dsn_params``) decides the rest:
+`report_wanted` (NOTIFY: NEVER, SUCCESS, FAILURE, DELAY; without it failure and delay
+reports only), `success_action` (``delivered`` here, ``relayed`` to a next hop without
+DSN, nothing when the next hop took the request) and `returns_full_message` (RET=FULL
+for failure reports); `build_report` gives ENVID back as Original-Envelope-Id.
+
 The original is kept byte for byte. When it holds 8-bit bytes the parts that
 carry it, and the report itself, are labelled `Content-Transfer-Encoding: 8bit`
 (as Postfix does): the report then needs a peer offering 8BITMIME.
