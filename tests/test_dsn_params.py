@@ -165,3 +165,20 @@ def test_reports_carry_envid_orcpt_and_relayed():
         recipients=[dsn.RecipientStatus("x@y.z", None, "delivered", "2.0.0", "")]), policy=email.policy.default)
     assert "Original-Envelope-Id" not in str(without.get_payload()[1])
     assert without["Subject"] == "Delivered: hi"
+
+
+@given(st.text(max_size=80), st.sampled_from(["FROM:", "TO:"]))
+def test_splitting_any_argument_either_works_or_is_a_dsn_syntax_error(rest, keyword):
+    names = MAIL_PARAMS if keyword == "FROM:" else RCPT_PARAMS
+    for arg in (keyword + rest, f"{keyword}<a@b.c> {rest}", f"{keyword}<a@b.c> NOTIFY={rest} RET={rest}"):
+        try:
+            split = without_dsn_params(arg, keyword, names)
+        except DsnSyntaxError:
+            continue
+        if split is not None:
+            assert split[0].upper().startswith(keyword) and set(split[1]) <= set(names)
+
+
+def test_postmaster_without_a_domain_keeps_its_parameters():
+    assert without_dsn_params("TO:<postmaster> NOTIFY=NEVER", "TO:", RCPT_PARAMS) == (
+        "TO:<postmaster>", {"NOTIFY": "NEVER"})
