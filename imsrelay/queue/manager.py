@@ -601,7 +601,7 @@ class QueueManager:
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
         elif route.kind == RELAY:
-            where = f"SMTP to {route.host}:{route.port}"
+            where = route.next_hop_text()
         elif route.kind == MX:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
