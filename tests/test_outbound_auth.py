@@ -83,7 +83,7 @@ async def test_right_credentials_deliver_and_the_password_never_shows(tmp_path, 
         email_domains=[domain_entry(port, password_env="IMSRELAY_TEST_PARTNER_PW")],
         diagnostics={"smtp_protocol_log": "maximum"}, **admin_section()))
     try:
-        with structlog.testing.capture_logs() as logs:
+        with structlog.testing.capture_logs() as logs:  # (before the start: the site's logger is made then)
             async with running_site(config) as site:
                 await submit(site, ["bob@partner.test"], message("by the domain's credentials"))
                 await submit(site, ["carol@elsewhere.test"], message("by the smart host's credentials"))
