@@ -11,11 +11,27 @@ from dataclasses import replace
 import pytest
 import structlog
 from ims_kit import Peer, message, queued, start_peer, submit
-from sitekit import config_of, free_port, run_cli, running_site, site_mapping, wait_for, write_site_file
+from sitekit import (
+    config_of,
+    free_port,
+    run_cli,
+    running_site,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 
 from imsrelay.model.errors import ConfigErrors
 from imsrelay.model.settings import ConnectedSite, DomainRoute, OutboundAuth, Secret
-from imsrelay.routing.router import FAIL, RELAY, RoutingTable, hosts_in_turn, rotate, route_for, shares_load
+from imsrelay.routing.router import (
+    FAIL,
+    RELAY,
+    RoutingTable,
+    hosts_in_turn,
+    rotate,
+    route_for,
+    shares_load,
+)
 
 A, B, C = ("10.0.0.1", 25), ("10.0.0.2", 2525), ("10.0.0.3", 25)
 
@@ -144,7 +160,7 @@ async def test_host1_down_host2_carries_the_mail_and_host1_is_skipped_after(tmp_
                 while not refused() and sent < 16:  # until a message's turn put the dead host first
                     await submit(site, ["bob@elsewhere.test"], message(f"m{sent}"))
                     sent += 1
-                    await wait_for(lambda: len(peer.messages) == sent)
+                    await wait_for(lambda n=sent: len(peer.messages) == n)
                 for i in range(2):  # then it is skipped, whatever the turn
                     await submit(site, ["bob@elsewhere.test"], message(f"after {i}"))
                 await wait_for(lambda: len(peer.messages) == sent + 2)
