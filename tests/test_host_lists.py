@@ -222,3 +222,16 @@ async def test_least_cost_only_keeps_mail_off_the_dearer_route(tmp_path):
         server.close()
     assert dear.subjects() == ["failover"]
     assert code == 0 and "routing.least_cost_only, KB Q233081" in out and "if that fails" not in out
+
+
+def test_the_property_pages_never_show_the_password_and_keep_the_security_tab_on_a_change():
+    from imsrelay.admin.property_routes import email_domain_entry, without_secrets
+
+    old = {"domain": "p.test", "host": "10.0.0.1", "starttls": "require",
+           "auth": {"username": "ims", "password": "hunter2"}}
+    shown = without_secrets(old)
+    assert shown is not None and shown["auth"] == {"username": "ims", "password": "********"}
+    assert old["auth"]["password"] == "hunter2"  # (the file's data is not changed)
+    changed = email_domain_entry({"host": "10.0.0.2,10.0.0.3:2525"}, "p.test", old)
+    assert changed == {"domain": "p.test", "host": "10.0.0.2,10.0.0.3:2525", "starttls": "require",
+                       "auth": {"username": "ims", "password": "hunter2"}}
