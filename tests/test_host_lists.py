@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import structlog
-from ims_kit import Peer, message, queued, start_peer, submit
+from ims_kit import Peer, message, queued, spread_over_two_peers, start_peer, submit
 from sitekit import (
     config_of,
     free_port,
@@ -177,21 +177,8 @@ async def test_host1_down_host2_carries_the_mail_and_host1_is_skipped_after(tmp_
 
 
 async def test_equal_cost_servers_of_a_connected_site_share_the_load(tmp_path):
-    port_1, port_2 = free_port(), free_port()
-    one, two = Peer(), Peer()
-    s1, s2 = await start_peer("127.0.0.1", port_1, one), await start_peer("127.0.0.1", port_2, two)
-    _, config = write_site_file(tmp_path, site_mapping(
-        "SiteA", delivery={"retry_intervals": [0.3]},
-        connected_sites=[{"name": "SiteC", "routing_address": "@SiteC.microsoft.com",
-                          "host": f"127.0.0.1:{port_1},127.0.0.1:{port_2}"}]))
-    try:
-        async with running_site(config) as site:
-            for i in range(16):
-                await submit(site, ["User3@SiteC.microsoft.com"], message(f"m{i}"))
-            await wait_for(lambda: len(one.messages) + len(two.messages) == 16)
-    finally:
-        s1.close()
-        s2.close()
+    one, two = await spread_over_two_peers(tmp_path, lambda p1, p2: {"connected_sites": [
+        {"name": "SiteC", "routing_address": "@SiteC.microsoft.com", "host": f"127.0.0.1:{p1},127.0.0.1:{p2}"}]})
     assert one.messages and two.messages  # both servers carried mail (crc32 of 16 queue ids: never all on one)
 
 
