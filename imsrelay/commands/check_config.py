@@ -53,7 +53,9 @@ def auth_text(auth: OutboundAuth | None) -> str:
     if auth is None:
         return ""
     clear = ", also without TLS" if auth.allow_plaintext else ""
-    return f" (AUTH as {auth.username}, password from {auth.password_source}{clear})"
+    missing = (", which does not exist here: the mail will wait (4.7.0)"
+               if auth.password_file is not None and not auth.password_file.exists() else "")
+    return f" (AUTH as {auth.username}, password from {auth.password_source}{missing}{clear})"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

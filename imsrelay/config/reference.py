@@ -55,7 +55,8 @@ class Key:
         head, _, _ = self.name.rpartition(".")
         if head.endswith("[]"):
             return f"[[{head[:-2]}]]"
-        return f"[{head}]" if head else "(top level)"
+        # a table inside an array's entry: `[email_domains.auth]` under its `[[email_domains]]`
+        return f"[{head.replace('[]', '')}]" if head else "(top level)"
 
     @property
     def leaf(self) -> str:
