@@ -56,6 +56,7 @@ from imsrelay.policy.auth import (
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
 from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
+from imsrelay.policy.internet_mail import OutboundRules
 from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
@@ -141,8 +142,12 @@ class Site:
             DIRECTORY: DirectoryTransport(self._directory_deliver, log=self.log),
             RELAY: smtp, MX: smtp, FAIL: ErrorTransport()}
         self.qmgr = QueueManager(self.spool, inputs=self, transports=transports, tracking_log=self.tracking,
-                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock)
-        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log)
+                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock,
+                                 outbound=OutboundRules(config.internet_mail, config.delivery.max_message_size))
+        self._journal: tuple[int, str | None] | None = None  # (directory USN, the journal recipient's address)
+        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log,
+                              journal=self if config.journaling.recipient else None,
+                              journal_reports=config.journaling.reports)
         self.lookups = MailboxLookups(
             self.directory, site=config.site, site_domain=config.site_domain, postmaster=config.smtp.postmaster,
             accepted_domains=config.smtp.accepted_domains, addressing_domain=lambda: self.addressing_domain,
@@ -351,6 +356,26 @@ class Site:
                              reason="no such mailbox at this site: NDR copies are not sent")
             return None
         return mbx.primary_address
+
+    async def journal_address(self) -> str | None:
+        """The journal recipient's address (Message Journaling, Q239427): the setting when
+        it is an address, else the primary address of the mailbox with that alias
+        (looked up again when the directory changed)."""
+        recipient = self.config.journaling.recipient
+        if not recipient or "@" in recipient:
+            return recipient
+        cached = self._journal
+        if cached is not None and cached[0] == self._seen_usn:
+            return cached[1]
+        mbx = await self.directory.run(self.directory.mailbox, recipient, self.config.site)
+        address = mbx.primary_address if mbx is not None and mbx.primary_address else None
+        if address is None:
+            # accepted mail is never held back for it: the site logs, and journals again once it exists
+            self.log.error("journaling.no_recipient", recipient=recipient,
+                           reason="no such mailbox at this site: messages are not journaled")
+        self._journal = (self._seen_usn, address)
+        return address
+
     # ------------------------------------------------------------ auth and restrictions
 
     def _provision_passwords(self) -> None:

@@ -137,7 +137,8 @@ class SmtpConfig:
     """name in the greeting and `Received:` lines (empty: `server.email_domain`, e.g.
     `ServerA.SiteA.microsoft.com`)"""
     max_message_size: int = 10 * 1024 * 1024
-    """bytes; advertised in SIZE"""
+    """the inbound size limit in bytes (Exchange 5.5 SP3's InboundSizeLimit, Q231303): advertised in
+    SIZE, a bigger message gets `552 5.3.4`; the outbound limit is `delivery.max_message_size`"""
     max_hops: int = 15
     """`Received:` lines allowed before `554 5.4.6`"""
     max_recipients: int = 100
@@ -238,6 +239,11 @@ class DeliveryConfig:
     """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
     tls_ca_file: Path | None = None
     """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
+    max_message_size: int = 0
+    """the IMS's outbound size limit in bytes (Exchange 5.5 SP3's OutboundSizeLimit, Q231303): a
+    bigger message leaving by SMTP (to other sites and the Internet) is returned with an NDR,
+    `5.3.4`; 0 = no limit. The inbound limit is `smtp.max_message_size`; per remote domain:
+    `[[internet_mail]] max_message_size`"""
 
 
 @dataclass(frozen=True)
@@ -579,6 +585,47 @@ class NotificationsConfig:
     """send the administrator a copy of every NDR (needs `administrator`)"""
 
 
+INTERNET_MAIL_DEFAULT = "*"  # the [[internet_mail]] entry for every domain not listed (Exchange's "Default")
+
+
+@dataclass(frozen=True)
+class InternetMailDomain:
+    """The IMS Internet Mail tab's "Specify by E-Mail Domain" (Q262126, Q176161): what may be sent
+    to one remote domain. A key left out takes the `*` entry's value, then the default."""
+
+    domain: str
+    """the remote domain (and its sub-domains; `#domain`: that domain only); `*` is the entry for
+    every other domain (Exchange's "Default")"""
+    out_of_office: bool | None = None
+    """send out-of-office replies to the domain (`false`: "Disable out of office responses to the
+    Internet"; such a reply is discarded without an NDR, as the IMS did); default true"""
+    auto_replies: bool | None = None
+    """send automatic replies to the domain (`false`: "Disable automatic replies to the Internet";
+    discarded without an NDR); default true"""
+    auto_forwards: bool | None = None
+    """send automatically forwarded messages to the domain (left out: as `auto_replies`, since in
+    Exchange 5.5 that check box disables automatic forwards too, Q176161)"""
+    display_names: bool | None = None
+    """send display names (`false`: "Disable sending display names to the Internet": the `From:`,
+    `To:` and `Cc:` fields carry bare addresses); default true"""
+    max_message_size: int | None = None
+    """the largest message in bytes sent to the domain, then an NDR `5.3.4` (0: no limit); default
+    no limit"""
+
+
+@dataclass(frozen=True)
+class JournalingConfig:
+    """[journaling]: Message Journaling at site level (Exchange 5.5 SP1, KB Q239427)."""
+
+    recipient: str | None = None
+    """the journal recipient (an alias of a mailbox here, or an address): it receives one copy of
+    every message accepted at this site, once per message, wrapped with its envelope (sender and
+    recipients). Unset: no journaling"""
+    reports: bool = True
+    """journal the reports this site writes (NDRs, delay notices) too; replication mail and journal
+    copies are never journaled"""
+
+
 @dataclass(frozen=True)
 class EtrnRequest:
     host: str
@@ -664,6 +711,9 @@ class SiteConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     connected_sites: tuple[ConnectedSite, ...] = ()
     email_domains: tuple[DomainRoute, ...] = ()
+    internet_mail: tuple[InternetMailDomain, ...] = ()
+    """the Internet Mail tab's settings by E-Mail Domain (`[[internet_mail]]`)"""
+    journaling: JournalingConfig = field(default_factory=JournalingConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
