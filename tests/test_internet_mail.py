@@ -8,7 +8,19 @@ import asyncio
 import smtplib
 
 import pytest
-from ims_kit import USER1, Peer, human_text, mailbox, message, queued, start_peer, status_text, submit
+from ims_kit import (
+    USER1,
+    Peer,
+    admin,
+    admin_section,
+    human_text,
+    mailbox,
+    message,
+    queued,
+    start_peer,
+    status_text,
+    submit,
+)
 from sitekit import free_port, make_config, running_site, site_mapping, wait_for
 
 from imsrelay.observe import tracking
@@ -35,7 +47,8 @@ async def world(tmp_path):
                        {"domain": "partner.test", "auto_replies": False},
                        {"domain": "open.test", "out_of_office": True},
                        {"domain": "names.test", "display_names": False},
-                       {"domain": "small.test", "max_message_size": 2048}]))
+                       {"domain": "small.test", "max_message_size": 2048}],
+        **admin_section()))
     try:
         async with running_site(config) as site:
             yield site, peer
@@ -122,3 +135,16 @@ async def test_size_limits_inbound_outbound_and_per_domain(world):
     assert all("Status: 5.3.4" in t for t in texts)
     assert any("bob@small.test" in t and "limit of 2048 bytes for small.test" in t for t in texts)
     assert any("bob@open.test" in t and "outbound size limit of 4096 bytes" in t for t in texts)
+
+
+async def test_the_console_shows_the_settings_as_they_apply(world):
+    site, _ = world
+    cfg = await admin(site, "GET", "/config")
+    assert cfg["ims"]["max_message_size"] == 8192 and cfg["ims"]["max_outbound_message_size"] == 4096
+    assert cfg["journaling"] == {"recipient": None, "reports": True}
+    entries = {e["entry"]: e for e in cfg["internet_mail"]}
+    assert list(entries) == ["*", *DOMAINS]
+    assert entries["*"]["out_of_office"] is False and entries["*"]["auto_replies"] is True
+    assert entries["partner.test"] == {"entry": "partner.test", "out_of_office": False, "auto_replies": False,
+                                       "auto_forwards": False, "display_names": True, "max_message_size": 0}
+    assert entries["small.test"]["max_message_size"] == 2048

@@ -108,7 +108,18 @@ def settings_for(domain: str, entries: Sequence[InternetMailDomain]) -> DomainMa
     there taken from the ``*`` entry, then from the defaults (everything allowed)."""
     default = next((e for e in entries if e.domain == INTERNET_MAIL_DEFAULT), None)
     match = most_specific(domain.lower(), [(e.domain, e) for e in entries if e.domain != INTERNET_MAIL_DEFAULT])
-    entry = match[1] if match else None
+    return _effective(match[1] if match else None, default)
+
+
+def effective_entries(entries: Sequence[InternetMailDomain]) -> list[DomainMailSettings]:
+    """Each entry as it applies (keys left out filled from ``*`` and the defaults), the
+    ``*`` entry first, always present: what the console shows."""
+    default = next((e for e in entries if e.domain == INTERNET_MAIL_DEFAULT), None)
+    return [_effective(None, default)] + [_effective(e, default) for e in entries
+                                          if e.domain != INTERNET_MAIL_DEFAULT]
+
+
+def _effective(entry: InternetMailDomain | None, default: InternetMailDomain | None) -> DomainMailSettings:
     layers = [e for e in (entry, default) if e is not None]
 
     def pick(name: str) -> bool | int | None:
