@@ -83,7 +83,8 @@ async def test_a_queued_journal_copy_survives_a_restart(tmp_path):
         "SiteA", email_domains=[{"domain": "vault.test", "host": "127.0.0.1", "port": port}],
         journaling={"recipient": "archive@vault.test"}, delivery={"retry_intervals": [0.2]}))
     async with running_site(config) as site:
-        qid = await submit(site, ["User1@SiteA.microsoft.com"], message("kept"))
+        big = (b"y" * 70 + b"\r\n") * 4500  # over 256 KB: its copy is built off the event loop
+        qid = await submit(site, ["User1@SiteA.microsoft.com"], message("kept", body=big))
         await wait_for(lambda: mailbox(config.data_dir, "User1"))
         await wait_for(lambda: [e.origin for e in queued(site)] == ["journal"])
         await wait_for(lambda: queued(site)[0].recipients[0].attempts >= 1)  # tried, and refused
@@ -100,6 +101,7 @@ async def test_a_queued_journal_copy_survives_a_restart(tmp_path):
     copy = email.message_from_bytes(raw, policy=email.policy.default)
     assert rcpts == ["archive@vault.test"] and str(copy[JOURNAL_HEADER]).startswith(qid)
     assert unfolded(copy, RECIPIENTS_HEADER) == "<User1@SiteA.microsoft.com>"
+    assert big in raw and raw.count(b"Subject: kept\r\n") == 1
 
 
 def test_kill_9_after_250_keeps_each_message_with_its_journal_copy(tmp_path):

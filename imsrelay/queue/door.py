@@ -16,6 +16,8 @@ without its copy), so the copy is as durable as the message.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any, Protocol
 
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
@@ -26,6 +28,8 @@ from imsrelay.policy import journaling
 from imsrelay.queue import dsn
 from imsrelay.queue.manager import QueueManager
 from imsrelay.queue.spool import Spool
+
+OFF_LOOP_AT = 256 * 1024  # a journal copy of a bigger message is built on a worker thread
 
 
 class JournalInputs(Protocol):
@@ -97,9 +101,11 @@ class QueueDoor:
             queue_id=env.queue_id, sender=env.sender, site=site.site, hostname=site.hostname,
             recipients=tuple((r.address, r.original) for r in env.recipients),
             received=header_date_now(env.received_at), client=env.client, helo=env.helo, origin=env.origin)
-        copy = journaling.build_journal_copy(message, record, journal_address=address,
-                                             from_address=self.journal.postmaster_address(),
-                                             date=header_date_now(env.received_at))
+        build = functools.partial(journaling.build_journal_copy, message, record, journal_address=address,
+                                  from_address=self.journal.postmaster_address(),
+                                  date=header_date_now(env.received_at))
+        # (copying a large message: off the event loop, as the reports are built)
+        copy = build() if len(message) <= OFF_LOOP_AT else await asyncio.to_thread(build)
         journal_env = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(address, address)],
                                received_at=env.received_at, origin=journaling.ORIGIN,
                                smtputf8=env.smtputf8 or not address.isascii(), body_8bit=not copy.isascii(),
