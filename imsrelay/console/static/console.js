@@ -433,10 +433,6 @@
             cfg.connected_sites.map((c) => row(c.name, el("span", { class: "addr", text: c.routing_address }), String(c.cost))))),
         card("E-Mail Domain table",
           table(["Domain", "Forward to host", "Port"], cfg.email_domains.map((d) => row(d.domain, d.host, String(d.port))))),
-        card("Internet Mail by E-Mail Domain",
-          table(["Domain", "Out of office", "Automatic replies", "Automatic forwards", "Display names", "Largest message"],
-            cfg.internet_mail.map((e) => row(e.entry === "*" ? "* (default)" : e.entry, ...["out_of_office", "auto_replies", "auto_forwards", "display_names"]
-              .map((k) => (e[k] ? "sent" : "disabled")), e.max_message_size ? size(e.max_message_size) : "no limit")))),
         card("Smart host", el("p", { text: cfg.smart_host || "none: mail for other domains goes by DNS MX" })),
         card("Directory Replication Connectors",
           table(["To site", "Schedule"], cfg.replication_connectors.map((c) => row(c.site, c.schedule_text)))),
@@ -818,7 +814,7 @@
   const sitePages = {};
   let treeExtras = () => null;
   window.imsConsole = {
-    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle,
+    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle, size,
     withData, alertBox, state, refreshView, refreshTreeCounts,
     addSitePage(name, view) { sitePages[name] = view; },
     setTreeExtras(make) { treeExtras = make; if (state.csrf) buildTree(); },
