@@ -5,6 +5,7 @@ what reaches the peer, what is discarded without an NDR, what comes back as an N
 from __future__ import annotations
 
 import asyncio
+import itertools
 import smtplib
 
 import pytest
@@ -56,6 +57,14 @@ async def world(tmp_path):
         server.close()
 
 
+_NUMBERS = itertools.count(2)
+
+
+def numbered(data: bytes) -> bytes:
+    """The message with a Message-ID of its own (tracking tells messages apart by it)."""
+    return data.replace(b"<m1@", f"<m{next(_NUMBERS)}@".encode())
+
+
 async def settle(site) -> None:
     await wait_for(lambda: not queued(site), timeout=15)
 
@@ -69,13 +78,13 @@ async def events(site, event: str) -> list[tracking.TrackingEvent]:
 async def test_automatic_messages_are_discarded_by_domain_without_an_ndr(world):
     site, peer = world
     oof = "Subject: Out of Office AutoReply: Figures\r\n"
-    await submit(site, ["bob@partner.test"], message("plain mail"))
-    await submit(site, ["bob@partner.test"], message("away", headers="Auto-Submitted: auto-replied\r\n"))
-    await submit(site, ["bob@partner.test"], message("fwd", headers="Autoforwarded: TRUE\r\n"))
-    await submit(site, ["bob@open.test"], message("fwd open", headers="Autoforwarded: TRUE\r\n"))
-    await submit(site, ["bob@open.test"], message(headers=oof).replace(b"Subject: Figures\r\n", b""))
+    await submit(site, ["bob@partner.test"], numbered(message("plain mail")))
+    await submit(site, ["bob@partner.test"], numbered(message("away", headers="Auto-Submitted: auto-replied\r\n")))
+    await submit(site, ["bob@partner.test"], numbered(message("fwd", headers="Autoforwarded: TRUE\r\n")))
+    await submit(site, ["bob@open.test"], numbered(message("fwd open", headers="Autoforwarded: TRUE\r\n")))
+    await submit(site, ["bob@open.test"], numbered(message(headers=oof).replace(b"Subject: Figures\r\n", b"")))
     await submit(site, ["bob@small.test", "bob@open.test", "User2@SiteB.microsoft.com"],
-                 message(headers=oof + "Auto-Submitted: auto-replied\r\n").replace(b"Subject: Figures\r\n", b""))
+                 numbered(message(headers=oof + "Auto-Submitted: auto-replied\r\n").replace(b"Subject: Figures\r\n", b"")))
     await settle(site)
     got = sorted((r, subject) for (rcpts, _), subject in zip(peer.messages, peer.subjects(), strict=True)
                  for r in rcpts)
@@ -91,6 +100,10 @@ async def test_automatic_messages_are_discarded_by_domain_without_an_ndr(world):
         ("bob@partner.test", "auto-forward"), ("bob@partner.test", "auto-reply"),
         ("bob@small.test", "out-of-office")]
     assert all("without an NDR" in e.detail["diagnostic"] for e in discarded)
+    # the Message Tracking Center's story says where each ended
+    stories = tracking.follow(await site.tracking.query(tracking.TrackingQuery(limit=500)))
+    ended = sorted((r.recipient, r.state) for story in stories for r in story.recipients if r.state == "discarded")
+    assert ended == [("bob@partner.test", "discarded")] * 2 + [("bob@small.test", "discarded")]
 
 
 async def test_display_names_are_stripped_for_that_domain_only(world):

@@ -432,7 +432,7 @@ class Hop:
 @dataclass(frozen=True)
 class RecipientResult:
     recipient: str
-    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted
+    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted | discarded
     site: str
     detail: str
     path: tuple[str, ...]  # sites it went through
