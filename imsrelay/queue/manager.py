@@ -629,7 +629,8 @@ class QueueManager:
                 go.append((r, route))
                 continue
             settings = self._internet_settings(r, route)
-            if settings is not None and not classified:
+            if settings is not None and not classified and not (
+                    settings.out_of_office and settings.auto_replies and settings.auto_forwards):
                 kind, classified = internet_mail.classify(message), True
             verdict = internet_mail.outbound_verdict(
                 kind=kind if settings is not None else None, size=len(message),
