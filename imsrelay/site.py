@@ -21,6 +21,7 @@ from imsrelay.access.service import MailboxAccess, mail_owner
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
+from imsrelay.directory.intrasite import IntraSite
 from imsrelay.directory.lookups import MailboxLookups
 from imsrelay.directory.replication import Replicator, unconfigured_peer_reply
 from imsrelay.directory.restrictions_report import (
@@ -121,6 +122,7 @@ class Site:
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = mail_loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
+        self.intrasite: IntraSite | None = None  # a site of several servers: replication between them
         self.admin: AdminServer | None = None
         # who restarts this site when its administrator asks (imsrelay serve, the lab); None: nobody
         self.on_restart: Callable[[], None] | None = None
@@ -193,6 +195,11 @@ class Site:
                 self.protocol_log.close()
             raise
 
+    def home_server_for(self, named: str | None) -> str:
+        """The home server of a mailbox created here: the one named, else this server
+        on a site of several servers ("" on a site of one server)."""
+        return named or (self.config.server if self.config.servers else "")
+
     async def _wait_for_provisioning(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not await self.directory.run(lambda: self.directory.provisioned):
@@ -210,6 +217,8 @@ class Site:
         elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
+        if self.config.peer_servers and self.worker == 0:
+            self.intrasite = IntraSite(self.config, self.directory, log=self.log, clock=self.clock)
         if self.config.admin.port != 0 and self.worker == 0:
             self.admin = AdminServer(self)
 
@@ -233,7 +242,8 @@ class Site:
             provisioned = await self.directory.run(
                 self.directory.provision, organisation=cfg.organisation, server=cfg.server,
                 site_domain=cfg.site_domain, hostname=cfg.hostname,
-                mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in cfg.mailboxes])
+                mailboxes=[(m.alias, m.display_name, m.extra_addresses, self.home_server_for(m.home_server))
+                           for m in cfg.mailboxes])
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
             await self.directory.run(self._provision_passwords)
@@ -261,6 +271,8 @@ class Site:
         if self.access is not None:
             await self.access.start()
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
+        if self.intrasite is not None:
+            await self.intrasite.start()  # the site's other servers: pull, notify, backstop
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
         if self.worker == 0:
@@ -275,6 +287,8 @@ class Site:
             await self.admin.stop()
         if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
+        if self.intrasite is not None:
+            await self.intrasite.stop()
         if self.access is not None:
             await self.access.stop()
         await self.listeners.stop()

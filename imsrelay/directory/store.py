@@ -402,8 +402,10 @@ class Directory:
         return self._meta("provisioned") == "1"
 
     def provision(self, *, organisation: str, server: str, site_domain: str, hostname: str,
-                  mailboxes: Sequence[tuple[str, str, Sequence[str]]]) -> bool:
-        """First start only: create the site object and the configured mailboxes.
+                  mailboxes: Sequence[tuple[str, str, Sequence[str]] | tuple[str, str, Sequence[str], str]]
+                  ) -> bool:
+        """First start only: create the site object and the configured mailboxes
+        (``(alias, display name, extra addresses[, home server])``).
         Returns False (and changes nothing) when already provisioned."""
         if self.provisioned:
             return False
@@ -412,11 +414,12 @@ class Directory:
             self._local_change(site_id(self.site), "site", {
                 "name": self.site, "server": server, "organisation": organisation,
                 "smtp_address": site_address, "routing_address": site_address, "hostname": hostname})
-            for alias, display, extra in mailboxes:
+            for alias, display, extra, *home in mailboxes:
                 proxies = [f"SMTP:{alias}@{site_domain}"] + [p for p in extra]
                 self._check_free(proxies, mailbox_id(self.site, alias))
                 self._local_change(mailbox_id(self.site, alias), "mailbox",
-                                   {"alias": alias, "display_name": display, "proxy_addresses": proxies})
+                                   {"alias": alias, "display_name": display, "proxy_addresses": proxies,
+                                    **({"home_server": home[0]} if home and home[0] else {})})
             self._set_meta("provisioned", "1")
         self._notify()
         return True
