@@ -160,7 +160,7 @@ def test_concurrent_changes_resolve_by_stamp_in_any_order(tmp_path):
     results = []
     for first in ("a", "b"):
         ticks_a, ticks_b = itertools.count(1000.0), itertools.count(2000.0)  # Server1's change is the later one
-        a, b = _site_dirs(tmp_path / first, lambda: next(ticks_a), lambda: next(ticks_b))
+        a, b = _site_dirs(tmp_path / first, ticks_a.__next__, ticks_b.__next__)
         _pull_all(b, "ServerA", a)
         _pull_all(a, "Server1", b)
         a.set_mailbox_properties("User1", display_name="Changed on ServerA")

@@ -176,7 +176,7 @@ class IntraSite:
                 if r.status >= 300:
                     raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
             self.log.debug("intrasite.notified", peer=peer.name)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
             self.log.info("intrasite.notify_failed", peer=peer.name, error=str(exc) or repr(exc),
                           reason=f"the backstop pull ({self.interval:.0f}s) brings the change there")
 
