@@ -276,3 +276,18 @@ async def test_a_change_on_one_server_reaches_the_other_by_notification(tmp_path
                     assert r.status == 400
 
 
+
+
+async def test_a_cut_link_between_two_servers_holds_the_hop_until_it_is_back(tmp_path):
+    async with two_servers(tmp_path) as sites:
+        a, one = sites["ServerA"], sites["Server1"]
+        fault = a.faults.add({"kind": "link", "peer": "Server1"})
+        await asyncio.to_thread(send_mail, "127.10.10.10", a.bound_port, "alice@example.net",
+                                "User4@SiteA.microsoft.com", simple_message("a@example.net", "User4", "cut link"))
+
+        def deferred() -> bool:
+            return any(r.status == "4.4.1" for env in a.qmgr.envelopes.values() for r in env.recipients)
+        await wait_for(deferred)
+        assert not maildir_messages(one.config.data_dir, "User4")
+        a.faults.clear([fault.id])  # the link is back: what waited goes now
+        assert b"cut link" in (await wait_for(lambda: maildir_messages(one.config.data_dir, "User4")))[0]
