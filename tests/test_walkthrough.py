@@ -235,6 +235,31 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
         assert (code, text[:5]) == (550, "5.1.1")
 
 
+async def test_two_servers_a_mailbox_made_on_server1_reaches_the_organisation(walk: Walk):
+    """SiteA as two servers (issue 24): a mailbox created on Server1 is homed there, reaches
+    ServerA by intra-site replication and the other sites through ServerA, the bridgehead;
+    their mail for it ends in Server1's Maildir."""
+    if not walk.lab.extra_servers:
+        pytest.skip("SiteA runs as one server here")
+    server1, server_a = walk.lab.sites["SiteA-Server1"], walk.lab.sites["SiteA"]
+    made = await server1.directory.run(server1.directory.add_mailbox, "User5", "User Five", (),
+                                       server1.home_server_for(None))
+    assert made.home_server == "Server1"
+    assert (await wait_for(lambda: server_a.directory.run(server_a.directory.mailbox, "User5"))).home_server == "Server1"
+    site_b = walk.lab.sites["SiteB"]
+    assert site_b.replicator is not None
+    await site_b.replicator.request_now("SiteA")  # answered by ServerA, which has it from Server1
+    await wait_for(lambda: walk.primary("SiteB", "SiteA", "User5"), timeout=30)
+    assert await walk.primary("SiteB", "SiteA", "User5") == "User5@microsoft.com"
+    await walk.send(B.address, "user2@SiteB.microsoft.com", "User5@microsoft.com", "to-user5")
+    got = await walk.arrives("SiteA-Server1", "User5", "to-user5")
+    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)  # through the site's bridgehead, one hop
+    assert not walk.maildir("SiteA", "User5").exists()
+    # Check Now works per server; only ServerA runs the replication connectors
+    assert (await server1.check_now()).as_dict() is not None
+    assert server_a.config.bridgehead and not server1.config.bridgehead
+
+
 @pytest.mark.skipif(__import__("shutil").which("swaks") is None, reason="swaks not installed")
 async def test_lab_submission_587_465_with_the_documented_accounts(walk: Walk):
     """The lab's TLS works out of the box (its throwaway CA), and its test accounts
