@@ -844,10 +844,19 @@ class Lab:
                     f"{s.address}:{ports[k]} ({what})" for k, what in (("submission", "STARTTLS + AUTH"),
                                                                       ("smtps", "TLS + AUTH")) if k in ports))
             lines += access_lines(site, s.address)
+            servers = self.servers[s.name]
             for m in boxes:
                 password = LAB_PASSWORDS.get(m.alias, "") if ports else ""
-                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/"
+                where = next((v.key for v in servers if v.name.lower() == m.home_server.lower()), s.name)
+                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / where / 'mailboxes' / m.alias}/"
                              + (f"  password {password}" if password else ""))
+            for v in servers[1:]:
+                other = self.sites.get(v.key)
+                admin = other.config.admin.port if other is not None else self.admin_port
+                lines.append(f"  {s.name} also runs {v.name}: SMTP {v.address}:{self.port}   admin "
+                             f"http://{v.address}:{admin}   data {self.data_dir / v.key} (the same users: it "
+                             f"relays to their home server; the directory replicates within the site)")
+
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
         lines.append(f"          every other domain: kept in {REST_OF_INTERNET} (the rest of the Internet); "
