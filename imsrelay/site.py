@@ -79,6 +79,7 @@ from imsrelay.routing.router import (
     is_service_address,
     routing_table_for,
     self_addresses,
+    sent_back,
 )
 from imsrelay.transport.costed import CostedTransport
 from imsrelay.transport.directory import DirectoryTransport
@@ -335,6 +336,11 @@ class Site:
 
     def hold_reason(self, queue_id: str, route: Route) -> str | None:
         """Why a due recipient must wait instead of being attempted (None: go)."""
+        if route.server:  # an intra-site hop: the site's own traffic, not the IMS's (no Transfer mode)
+            env = self.qmgr.envelopes.get(queue_id)
+            if env is not None and sent_back(env.client, route, self.config.servers):
+                return f"intrasite:{route.server}"
+            return None
         if holds(self.transfer_mode, remote=route.kind in (RELAY, MX)):
             return f"transfer:{self.transfer_mode.value}"
         if route.etrn and queue_id not in self.qmgr.etrn_released:
@@ -442,6 +448,8 @@ class Site:
     def _directory_changed(self) -> None:
         self.lookups.clear()
         self._schedule_refresh()
+        if self.config.servers and self.qmgr.held_messages():
+            self.qmgr.release_held("intrasite:")  # routed again with what the directory says now
 
     def _free_space_now(self) -> int:
         """(Any thread) bytes free on the queue's file system."""

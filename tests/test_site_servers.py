@@ -27,7 +27,9 @@ from imsrelay.model.objects import Mailbox
 from imsrelay.model.settings import intrasite_interval
 from imsrelay.observe.tracking import ROUTED, TrackingQuery
 from imsrelay.routing.host_addresses import site_endpoints
-from imsrelay.routing.router import FAIL, LOCAL, RELAY, route_for, routing_table_for
+from imsrelay.model.envelope import Envelope, RecipientState
+from imsrelay.policy.transfer_mode import TransferMode
+from imsrelay.routing.router import FAIL, LOCAL, RELAY, route_for, routing_table_for, sent_back
 from imsrelay.site import Site
 
 TOKEN = "intrasite-test-token"
@@ -90,6 +92,16 @@ def test_mail_for_another_sites_mailbox_ignores_home_servers():
         connected_sites=[{"name": "SiteB", "routing_address": "@SiteB.microsoft.com"}],
         email_domains=[{"domain": "SiteB.microsoft.com", "host": "127.10.10.15", "port": 2525}]))
     assert (route.kind, route.host, route.server) == (RELAY, "127.10.10.15", None)
+
+
+def test_a_hop_back_to_the_server_that_handed_the_mail_over_is_recognised():
+    table = two_server_table()
+    servers = config_of(site_mapping("SiteA", servers=SERVERS)).servers
+    hop = route_for("User1@SiteA.microsoft.com", box("User1", "Server1"), table)
+    assert sent_back("127.10.10.11", hop, servers)  # Server1 gave it to us and we would give it back
+    assert not sent_back("127.0.0.1", hop, servers)  # a client: the hop is the way
+    local = route_for("User1@SiteA.microsoft.com", box("User1", "ServerA"), table)
+    assert not sent_back("127.10.10.11", local, servers)
 
 
 def test_the_backstop_is_exchanges_300_s_plus_30_s_per_server_unless_set():
@@ -244,6 +256,28 @@ async def test_any_server_accepts_mail_for_the_site_and_the_home_server_delivers
         await asyncio.to_thread(send_mail, "127.10.10.11", one.bound_port, "alice@example.net",
                                 "User1@SiteA.microsoft.com", simple_message("a@example.net", "User1", "via Server1"))
         assert b"via Server1" in (await wait_for(lambda: maildir_messages(a.config.data_dir, "User1")))[0]
+
+
+async def test_the_hop_ignores_the_transfer_mode_and_never_ping_pongs(tmp_path):
+    async with two_servers(tmp_path) as sites:
+        a, one = sites["ServerA"], sites["Server1"]
+        await a.set_transfer_mode(TransferMode.INBOUND)  # the IMS's outbound held: the site's own hops go on
+        await asyncio.to_thread(send_mail, "127.10.10.10", a.bound_port, "alice@example.net",
+                                "User4@SiteA.microsoft.com", simple_message("a@example.net", "User4", "inbound only"))
+        await wait_for(lambda: maildir_messages(one.config.data_dir, "User4"))
+        # a message Server1 handed to ServerA, which thinks its mailbox lives on Server1: held, not sent back
+        table = await a.routing_table()
+        mbx = await a.directory.run(a.directory.mailbox, "User4")
+        route = route_for("User4@SiteA.microsoft.com", mbx, table)
+        env = Envelope(queue_id="Q1", sender="x@example.net", received_at=0.0, client="127.10.10.11",
+                       recipients=[RecipientState("User4@SiteA.microsoft.com", "User4@SiteA.microsoft.com")])
+        a.qmgr.envelopes["Q1"] = env
+        try:
+            assert a.hold_reason("Q1", route) == "intrasite:Server1"
+            env.client = "127.0.0.1"
+            assert a.hold_reason("Q1", route) is None
+        finally:
+            del a.qmgr.envelopes["Q1"]
 
 
 async def test_a_change_on_one_server_reaches_the_other_by_notification(tmp_path):

@@ -144,6 +144,9 @@ def held_text(reason: str) -> str:
         return f"Transfer mode {rest}: outbound mail is held"
     if kind == "etrn":
         return f"held until the peer issues ETRN for {rest.partition(':')[2] or rest}"
+    if kind == "intrasite":
+        return (f"server {rest} handed this mail here, yet this server's directory says it is homed there: "
+                "held until the directory changes (intra-site replication), not sent back")
     return reason
 
 

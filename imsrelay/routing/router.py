@@ -335,6 +335,16 @@ def home_server_route(recipient: str, mailbox: Mailbox, table: RoutingTable, tra
                  starttls=table.starttls_default, server=home.name)
 
 
+def sent_back(client: str, route: Route, servers: Sequence[SiteServer]) -> bool:
+    """Whether an intra-site hop would return a message to the server of the site that
+    handed it here (the two servers' directories disagree on the mailbox's home server
+    until replication settles): such mail waits rather than bouncing between them."""
+    if not route.server or not client:
+        return False
+    host = client.split("%")[0].lower()
+    return any(s.name.lower() == route.server.lower() and s.host.lower() == host for s in servers)
+
+
 def _route_literal(recipient: str, address: Address, ip: object, table: RoutingTable, trail: _Trail) -> Route:
     """An address literal goes to that address — never through the tables or MX
     (RFC 5321 §5.1) — or is refused by policy; this site's own address is this site."""
@@ -454,5 +464,5 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         server=config.server, servers=config.servers)
 
 
-__all__ = ["route_for", "home_server_of", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
+__all__ = ["route_for", "home_server_of", "sent_back", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
            "is_service_address"]
