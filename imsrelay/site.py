@@ -196,11 +196,6 @@ class Site:
                 self.protocol_log.close()
             raise
 
-    def home_server_for(self, named: str | None) -> str:
-        """The home server of a mailbox created here: the one named, else this server
-        on a site of several servers ("" on a site of one server)."""
-        return named or (self.config.server if self.config.servers else "")
-
     async def _wait_for_provisioning(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not await self.directory.run(lambda: self.directory.provisioned):
@@ -243,8 +238,7 @@ class Site:
             provisioned = await self.directory.run(
                 self.directory.provision, organisation=cfg.organisation, server=cfg.server,
                 site_domain=cfg.site_domain, hostname=cfg.hostname,
-                mailboxes=[(m.alias, m.display_name, m.extra_addresses, self.home_server_for(m.home_server))
-                           for m in cfg.mailboxes])
+                mailboxes=cfg.provisioned_mailboxes())
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
             await self.directory.run(self._provision_passwords)

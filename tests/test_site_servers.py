@@ -10,8 +10,11 @@ import itertools
 import json
 
 import aiohttp
+import pytest
 from sitekit import (
     config_of,
+    run_cli,
+    write_site_file,
     free_port,
     maildir_messages,
     make_config,
@@ -109,6 +112,24 @@ def test_the_backstop_is_exchanges_300_s_plus_30_s_per_server_unless_set():
     assert intrasite_interval(config.replication, 2) == 360.0
     config = config_of(site_mapping("SiteA", servers=SERVERS, replication={"intrasite_interval": "2s"}))
     assert intrasite_interval(config.replication, 2) == 2.0
+
+
+def test_imsrelay_route_shows_the_intra_site_hop(tmp_path):
+    mapping = site_mapping("SiteA", listen="127.10.10.10", port=2525, servers=SERVERS,
+                           mailboxes=[{"alias": "User1"}, {"alias": "User4", "home_server": "server1"}])
+    path, _ = write_site_file(tmp_path, mapping)
+    code, out, _ = run_cli("route", "User4@SiteA.microsoft.com", "--config", str(path))
+    assert code == 0 and "intra-site hop to 127.10.10.11:2525" in out and "home server Server1" in out
+    code, out, _ = run_cli("route", "User1@SiteA.microsoft.com", "--config", str(path))
+    assert code == 0 and "home server: ServerA (this server)" in out and "local delivery" in out
+
+
+def test_bridgehead_must_be_a_server_of_the_site():
+    from imsrelay.model.errors import ConfigErrors
+
+    with pytest.raises(ConfigErrors) as errors:
+        config_of(site_mapping("SiteA", servers=SERVERS, replication={"bridgehead": "Elsewhere"}))
+    assert "replication.bridgehead" in str(errors.value) and "'Elsewhere' is not one of [[servers]]" in str(errors.value)
 
 
 def test_bridgehead_is_configured_or_the_first_server():

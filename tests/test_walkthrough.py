@@ -243,7 +243,7 @@ async def test_two_servers_a_mailbox_made_on_server1_reaches_the_organisation(wa
         pytest.skip("SiteA runs as one server here")
     server1, server_a = walk.lab.sites["SiteA-Server1"], walk.lab.sites["SiteA"]
     made = await server1.directory.run(server1.directory.add_mailbox, "User5", "User Five", (),
-                                       server1.home_server_for(None))
+                                       server1.config.home_server_for(None))
     assert made.home_server == "Server1"
     assert (await wait_for(lambda: server_a.directory.run(server_a.directory.mailbox, "User5"))).home_server == "Server1"
     site_b = walk.lab.sites["SiteB"]

@@ -334,10 +334,9 @@ class AdminServer:
         if home is not None and home.lower() not in {s.name.lower() for s in servers}:
             raise _BadRequest(f"home_server {home!r} is not one of this site's servers "
                               f"({', '.join(s.name for s in servers) or 'a site of one server: leave it out'})")
-        home = next((s.name for s in servers if home and s.name.lower() == home.lower()), None)
         directory = self.site.directory
         mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra],
-                                  home or (self.site.config.server if servers else None))
+                                  self.site.config.home_server_for(home) or None)
         self.site.log.info("directory.mailbox_added", alias=mbx.alias, address=mbx.primary_address)
         return web.json_response(mailbox_dict(mbx), status=201)
 

@@ -139,7 +139,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"{config.site}: mailbox {m['alias']} created, SMTP:{m['primary_address']}")
         return 0
     mbx = _offline(args, config, lambda d: d.add_mailbox(args.alias, args.display_name,
-                                                         home_server=config.server if config.servers else None))
+                                                         home_server=config.home_server_for(None) or None))
     print(f"{config.site}: mailbox {mbx.alias} created, SMTP:{mbx.primary_address} (offline)")
     return 0
 

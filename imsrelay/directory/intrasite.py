@@ -128,14 +128,13 @@ class IntraSite:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
-        self._announced = await self.directory.run(lambda: self.directory.highest_usn)
         self.directory.listeners.append(self._changed)
         for peer in self.peers:
             self._tasks.append(asyncio.create_task(self._peer_loop(peer), name=f"intrasite-{peer.name}"))
         for peer in self.peers:
             self._wanted[peer.name.lower()].set()  # catch up at start
         if self.peers:
-            self._schedule_notify()  # and tell the others this server is back
+            self._schedule_notify()  # and tell the others this server is back: they pull what it has
 
     async def stop(self) -> None:
         if self._changed in self.directory.listeners:

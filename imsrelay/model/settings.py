@@ -722,6 +722,20 @@ class SiteConfig:
         """The site's other servers (``[[servers]]`` but this one)."""
         return tuple(s for s in self.servers if s.name.lower() != self.server.lower())
 
+    def home_server_for(self, named: str | None) -> str:
+        """The home server of a mailbox provisioned or created here: the one named (as
+        ``[[servers]]`` spells it), else this server on a site of several servers ("" on a
+        site of one server)."""
+        if named:
+            return next((s.name for s in self.servers if s.name.lower() == named.lower()), named)
+        return self.server if self.servers else ""
+
+    def provisioned_mailboxes(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """``[[mailboxes]]`` as the directory provisions them: alias, display name, extra
+        addresses, home server."""
+        return [(m.alias, m.display_name, m.extra_addresses, self.home_server_for(m.home_server))
+                for m in self.mailboxes]
+
     @property
     def bridgehead(self) -> bool:
         """Whether this server runs the site's Directory Replication Connectors: a site of one
