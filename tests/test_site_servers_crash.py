@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from sitekit import free_port
+from sitekit import free_port, wait_smtp
 
 from imsrelay.transport.maildir import list_messages, mailbox_dir
 
@@ -78,18 +78,6 @@ def start(config):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def wait_listening(host, port, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with smtplib.SMTP(host, port, timeout=2) as s:
-                s.noop()
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{host}:{port} did not start")
-
-
 def subjects(data_dir, alias):
     found = set()
     for p in list_messages(mailbox_dir(data_dir, alias)):
@@ -130,7 +118,7 @@ def test_kill_9_one_server_of_the_site_loses_nothing_acknowledged(tmp_path):
     procs = {n: start(p) for n, p in paths.items()}
     try:
         for n, h in HOSTS.items():
-            wait_listening(h, ports[n])
+            wait_smtp(h, ports[n])
         acked: dict[str, set[str]] = {"User1": set(), "User4": set()}
         dead_at = None
         with smtplib.SMTP(HOSTS["ServerA"], ports["ServerA"], timeout=10) as smtp:
@@ -158,7 +146,7 @@ def test_kill_9_one_server_of_the_site_loses_nothing_acknowledged(tmp_path):
         made = admin_call(HOSTS["ServerA"], admin["ServerA"], "POST", "/directory/mailboxes", {"alias": "User6"})
         assert made["home_server"] == "ServerA"
         procs["Server1"] = start(paths["Server1"])
-        wait_listening(HOSTS["Server1"], ports["Server1"])
+        wait_smtp(HOSTS["Server1"], ports["Server1"])
         wait_until(lambda: subjects(data["Server1"], "User4") == acked["User4"])
         wait_until(lambda: knows(HOSTS["Server1"], admin["Server1"], "User6"), timeout=15)
         wait_until(lambda: not queue_of(HOSTS["ServerA"], admin["ServerA"])["messages"])
