@@ -127,6 +127,11 @@ class IntraSite:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        for s in self.config.peer_servers:
+            if not s.admin:
+                self.log.warning("intrasite.no_admin_endpoint", peer=s.name,
+                                 reason="[[servers]] gives no admin URL for it: the directory does not replicate "
+                                        "with that server")
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
         self.directory.listeners.append(self._changed)
         for peer in self.peers:
