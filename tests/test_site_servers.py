@@ -147,7 +147,8 @@ def test_bridgehead_is_configured_or_the_first_server():
 
 def _pull(into: Directory, peer: str, source: Directory) -> dict:
     state = peer_state(into, peer)
-    answer = json.loads(json.dumps(changes_since(source, peer, state["high_water"], state["invocation"], limit=2)))
+    answer = json.loads(json.dumps(changes_since(source, peer, state["high_water"], state["invocation"], limit=2,
+                                                 passwords_after=state["passwords_after"])))
     return apply_changes(into, peer, answer, receiving_site="SiteA", now=0.0)
 
 
@@ -221,6 +222,20 @@ def test_a_rebuilt_peer_database_is_pulled_again_from_zero(tmp_path):
     _pull_all(b, "ServerA", a)
     assert b.mailbox("AfterRebuild") is not None
     assert peer_state(b, "ServerA")["invocation"] == a.invocation
+
+
+def test_passwords_set_on_one_server_reach_the_other_and_the_later_one_wins(tmp_path):
+    ticks_a, ticks_b = itertools.count(1000.0), itertools.count(2000.0)
+    a, b = _site_dirs(tmp_path, ticks_a.__next__, ticks_b.__next__)
+    a.set_password_hash("User1", "scrypt$hash-set-on-A")
+    _pull_all(b, "ServerA", a)
+    found = b.credential("User1")
+    assert found is not None and found[1] == "scrypt$hash-set-on-A"
+    assert peer_state(b, "ServerA")["passwords_after"] > 0
+    b.set_password_hash("User1", "scrypt$later-on-B")  # B's clock is later: B's wins on both
+    _pull_all(a, "Server1", b)
+    _pull_all(b, "ServerA", a)
+    assert a.credential("User1")[1] == b.credential("User1")[1] == "scrypt$later-on-B"
 
 
 def test_a_malformed_object_from_a_peer_is_refused(tmp_path):
@@ -316,6 +331,13 @@ async def test_a_change_on_one_server_reaches_the_other_by_notification(tmp_path
             await asyncio.to_thread(send_mail, "127.10.10.11", one.bound_port, "bob@example.net",
                                     "NewOnA@SiteA.microsoft.com", simple_message("b@example.net", "NewOnA", "new one"))
             await wait_for(lambda: maildir_messages(a.config.data_dir, "NewOnA"))
+            # a password set on ServerA works on Server1 too (the notification carries it over)
+            async with http.post(f"{one.config.servers[0].admin}/directory/mailboxes/User1/password", headers=headers,
+                                 json={"password": "site-wide secret"}) as r:
+                assert r.status == 200
+            identity = await wait_for(lambda: one.authenticate("User1", b"site-wide secret"), timeout=8)
+            assert identity.alias == "User1"
+            assert await one.authenticate("User1", b"wrong") is None
             async with http.get(f"{a.config.servers[1].admin}/directory/intrasite", headers=headers) as r:
                 status = await r.json()
             assert status["server"] == "Server1" and status["peers"][0]["server"] == "ServerA"

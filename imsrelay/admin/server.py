@@ -437,16 +437,22 @@ class AdminServer:
         return web.json_response(await self._intrasite().status())
 
     async def get_intrasite_changes(self, request: web.Request) -> web.Response:
-        """The objects changed on this server above `?since=USN` (one batch; `invocation`: the puller's idea of this database, another one answers from 0): what the site's other servers pull."""
+        """The objects changed on this server above `?since=USN` (one batch; `invocation`: the puller's idea of this database, another one answers from 0) and, with `passwords_after=TIME`, the password hashes set since: what the site's other servers pull."""
         try:
             since = int(request.query.get("since", "0"))
         except ValueError:
             raise _BadRequest("since must be a USN (an integer)") from None
         if since < 0:
             raise _BadRequest("since must be a USN (an integer, 0 or more)")
+        after = request.query.get("passwords_after")
+        try:
+            passwords_after = None if after is None else float(after)
+        except ValueError:
+            raise _BadRequest("passwords_after must be a time (seconds since the epoch)") from None
         directory = self.site.directory
         return web.json_response(await directory.run(changes_since, directory, self.site.config.server, since,
-                                                     request.query.get("invocation", "")))
+                                                     request.query.get("invocation", ""),
+                                                     passwords_after=passwords_after))
 
     async def post_intrasite_notify(self, request: web.Request) -> web.Response:
         """`{"server"}`: another server of the site changed its directory; this one pulls from it now."""

@@ -50,17 +50,23 @@ def _key(server: str, what: str) -> str:
 
 
 def changes_since(directory: Directory, server: str, since: int, invocation: str,
-                  limit: int = BATCH) -> dict[str, Any]:
+                  limit: int = BATCH, passwords_after: float | None = None) -> dict[str, Any]:
     """What this server answers a pull: the first batch of its objects changed above
-    ``since`` (from 0 when the puller knows another invocation of this database)."""
+    ``since`` (from 0 when the puller knows another invocation of this database), and
+    with ``passwords_after`` the password hashes set after that time (the site's
+    servers share their users' passwords, as Exchange's servers shared the domain's
+    accounts; only scrypt hashes travel)."""
     own = directory.invocation
     if invocation != own:
         since = 0
     batches, highest = directory.change_batches(since, limit)
     from_usn, to_usn, objects = batches[0]
-    return {"server": server, "invocation": own, "highest_usn": highest, "since_usn": since,
-            "from_usn": from_usn, "to_usn": to_usn, "more": to_usn < highest,
-            "objects": [o.to_wire() for o in objects]}
+    answer: dict[str, Any] = {"server": server, "invocation": own, "highest_usn": highest, "since_usn": since,
+                              "from_usn": from_usn, "to_usn": to_usn, "more": to_usn < highest,
+                              "objects": [o.to_wire() for o in objects]}
+    if passwords_after is not None:
+        answer["passwords"] = [list(r) for r in directory.credentials_since(passwords_after)]
+    return answer
 
 
 def apply_changes(directory: Directory, peer: str, answer: dict[str, Any], *,
@@ -78,6 +84,12 @@ def apply_changes(directory: Directory, peer: str, answer: dict[str, Any], *,
         if known != answer["invocation"]:
             mark = 0  # another database there (rebuilt): it answered from USN 0
         applied, ignored = directory.apply(o for o in objects if o.object_id not in bad)
+        passwords = [(str(r[0]), str(r[1]), float(r[2])) for r in answer.get("passwords", ())]
+        passwords_set = directory.merge_credentials(passwords)
+        if passwords:
+            directory.set_meta(_key(peer, "passwords_after"),
+                               repr(max(float(directory.get_meta(_key(peer, "passwords_after")) or 0.0),
+                                        *(r[2] for r in passwords))))
         if int(answer["from_usn"]) <= mark:  # the answer covers (from_usn, to_usn] completely
             mark = max(mark, int(answer["to_usn"]))
         directory.set_meta(_key(peer, "invocation"), str(answer["invocation"]))
@@ -87,14 +99,18 @@ def apply_changes(directory: Directory, peer: str, answer: dict[str, Any], *,
                            str(int(directory.get_meta(_key(peer, "applied")) or 0) + applied))
         directory.set_meta(_key(peer, "last_error"), "")
         highest = directory.highest_usn
+        passwords_mark = directory.credentials_mark
     return {"applied": applied, "ignored": ignored, "refused": refused, "high_water": mark,
-            "more": bool(answer.get("more")), "highest_before": before, "highest_usn": highest}
+            "passwords": passwords_set,
+            "more": bool(answer.get("more")), "highest_before": before, "highest_usn": highest,
+            "passwords_mark": passwords_mark}
 
 
 def peer_state(directory: Directory, peer: str) -> dict[str, Any]:
     def meta(what: str) -> str:
         return directory.get_meta(_key(peer, what)) or ""
     return {"server": peer, "invocation": meta("invocation"), "high_water": int(meta("high_water") or 0),
+            "passwords_after": float(meta("passwords_after") or 0.0),
             "last_pull": float(meta("last_pull")) if meta("last_pull") else None,
             "last_error": meta("last_error") or None, "applied": int(meta("applied") or 0)}
 
@@ -119,7 +135,8 @@ class IntraSite:
         self._locks = {p.name.lower(): asyncio.Lock() for p in self.peers}
         self._wanted: dict[str, asyncio.Event] = {p.name.lower(): asyncio.Event() for p in self.peers}
         self._notify_task: asyncio.Task[None] | None = None
-        self._announced = -1  # the highest USN already announced to (or learned from) the peers
+        # the directory's state already announced to (or learned from) the peers: (highest USN, last password set)
+        self._announced: tuple[int, float] = (-1, -1.0)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -166,10 +183,10 @@ class IntraSite:
 
     async def _notify_soon(self) -> None:
         await asyncio.sleep(NOTIFY_DELAY)
-        highest = await self.directory.run(lambda: self.directory.highest_usn)
-        if highest <= self._announced:
+        state = await self.directory.run(self._state)
+        if state[0] <= self._announced[0] and state[1] <= self._announced[1]:
             return  # only what was pulled from the peers themselves: nothing new for them
-        self._announced = highest
+        self._announced = state
         await asyncio.gather(*(self._notify(p) for p in self.peers))
 
     async def _notify(self, peer: SiteServer) -> None:
@@ -183,6 +200,9 @@ class IntraSite:
         except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError) as exc:
             self.log.info("intrasite.notify_failed", peer=peer.name, error=str(exc) or repr(exc),
                           reason=f"the backstop pull ({self.interval:.0f}s) brings the change there")
+
+    def _state(self) -> tuple[int, float]:
+        return self.directory.highest_usn, self.directory.credentials_mark
 
     def notified(self, server: str) -> bool:
         """A peer announced a change: pull from it now.  False: not a server of this site."""
@@ -217,7 +237,8 @@ class IntraSite:
         async with self._locks[peer.name.lower()]:
             for _ in range(10_000):  # bounded: a batch always advances the mark
                 state = await self.directory.run(peer_state, self.directory, peer.name)
-                params = {"since": str(state["high_water"]), "invocation": state["invocation"]}
+                params = {"since": str(state["high_water"]), "invocation": state["invocation"],
+                          "passwords_after": repr(state["passwords_after"])}
                 async with self._session.get(f"{peer.admin}/directory/intrasite/changes", params=params,
                                              headers=self._headers()) as r:
                     if r.status != 200:
@@ -225,19 +246,21 @@ class IntraSite:
                     answer = await r.json()
                 result = await self.directory.run(apply_changes, self.directory, peer.name, answer,
                                                   receiving_site=self.config.site, now=self._clock())
-                if result["highest_before"] <= self._announced:  # what the pull added came from the peers
-                    self._announced = max(self._announced, result["highest_usn"])
+                if result["highest_before"] <= self._announced[0]:  # what the pull added came from the peers
+                    self._announced = (max(self._announced[0], result["highest_usn"]),
+                                       max(self._announced[1], result["passwords_mark"]))
                 total["applied"] += result["applied"]
                 total["ignored"] += result["ignored"]
                 total["refused"] += len(result["refused"])
+                total["passwords"] = total.get("passwords", 0) + result["passwords"]
                 total["batches"] += 1
                 for object_id, why in result["refused"]:
                     self.log.warning("intrasite.refused_object", peer=peer.name, object_id=object_id, reason=why)
                 if not result["more"]:
                     break
-        if total["applied"]:
+        if total["applied"] or total.get("passwords"):
             self.log.info("intrasite.applied", peer=peer.name, applied=total["applied"], ignored=total["ignored"],
-                          batches=total["batches"])
+                          batches=total["batches"], passwords=total.get("passwords", 0))
         return total
 
     async def pull_all(self) -> list[dict[str, Any]]:

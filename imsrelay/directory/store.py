@@ -637,6 +637,38 @@ class Directory:
         self.set_password_hash(alias, password_hash, replicate=replicate)
         return True
 
+    def credentials_since(self, changed_after: float) -> list[tuple[str, str, float]]:
+        """(object id, hash, changed at) of this site's passwords set after ``changed_after``:
+        what the site's other servers pull (intra-site replication)."""
+        return [(r[0], r[1], float(r[2])) for r in self._db.execute(
+            "SELECT object_id, hash, changed_at FROM credentials WHERE changed_at > ? ORDER BY changed_at",
+            (changed_after,)).fetchall()]
+
+    @property
+    def credentials_mark(self) -> float:
+        """When a password was last set here (0: never)."""
+        row = self._db.execute("SELECT MAX(changed_at) FROM credentials").fetchone()
+        return float(row[0] or 0.0)
+
+    def merge_credentials(self, rows: Iterable[tuple[str, str, float]]) -> int:
+        """Passwords set on another server of the site: the later one wins (equal times:
+        the greater hash, so every server keeps the same); returns how many changed."""
+        changed = 0
+        with self._transaction():
+            for object_id, password_hash, changed_at in rows:
+                if not object_id.startswith(f"mailbox:{self.site}:"):
+                    continue  # only this site's mailboxes have passwords here
+                row = self._db.execute("SELECT hash, changed_at FROM credentials WHERE object_id=?",
+                                       (object_id,)).fetchone()
+                if row is not None and (float(row[1]), row[0]) >= (float(changed_at), password_hash):
+                    continue
+                self._db.execute(
+                    "INSERT INTO credentials(object_id, hash, changed_at) VALUES(?,?,?) ON CONFLICT(object_id) "
+                    "DO UPDATE SET hash=excluded.hash, changed_at=excluded.changed_at",
+                    (object_id, password_hash, float(changed_at)))
+                changed += 1
+        return changed
+
     def has_password(self, alias: str) -> bool:
         return self._db.execute("SELECT 1 FROM credentials WHERE object_id=?",
                                 (mailbox_id(self.site, alias),)).fetchone() is not None
