@@ -17,7 +17,6 @@ from sitekit import (
     write_site_file,
     free_port,
     maildir_messages,
-    make_config,
     send_mail,
     simple_message,
     site_mapping,
@@ -263,7 +262,8 @@ async def two_servers(tmp_path, **extra):
                                admin={"listen": h, "port": admin[n], "token": TOKEN},
                                replication={"intrasite_interval": "30s"}, **extra)
         mapping["site"]["server"] = n
-        configs[n] = make_config(tmp_path / n, mapping)
+        (tmp_path / n).mkdir(parents=True, exist_ok=True)
+        configs[n] = write_site_file(tmp_path / n, mapping)[1]
     sites = {n: Site(c) for n, c in configs.items()}
     try:
         for s in sites.values():
@@ -368,3 +368,23 @@ async def test_a_cut_link_between_two_servers_holds_the_hop_until_it_is_back(tmp
         assert not maildir_messages(one.config.data_dir, "User4")
         a.faults.clear([fault.id])  # the link is back: what waited goes now
         assert b"cut link" in (await wait_for(lambda: maildir_messages(one.config.data_dir, "User4")))[0]
+
+
+async def test_the_cli_runs_check_now_at_every_server_and_pulls_within_the_site(tmp_path):
+    async with two_servers(tmp_path) as sites:
+        a = sites["ServerA"]
+        path = str(a.config.path)
+        code, out, err = await asyncio.to_thread(run_cli, "kcc", "check-now", "--all-servers", "--config", path)
+        assert code == 0, err
+        assert "Check Now at SiteA/ServerA" in out and "Check Now at SiteA/Server1" in out
+        code, out, err = await asyncio.to_thread(run_cli, "replicate", "servers", "--pull-now", "--config", path)
+        assert code == 0, err
+        assert "ServerA: pulled from Server1:" in out and "not the bridgehead" not in out
+        assert "Server1 " in out.splitlines()[-1]
+        await sites["Server1"].stop()  # a server that is down: the site-wide command says so
+        sites["Server1"] = Site(sites["Server1"].config)
+        try:
+            code, out, err = await asyncio.to_thread(run_cli, "kcc", "check-now", "--all-servers", "--config", path)
+            assert code == 3 and "127.10.10.11" in err
+        finally:
+            await sites["Server1"].start()
