@@ -13,24 +13,24 @@ import aiohttp
 import pytest
 from sitekit import (
     config_of,
-    run_cli,
-    write_site_file,
     free_port,
     maildir_messages,
+    run_cli,
     send_mail,
     simple_message,
     site_mapping,
     wait_for,
+    write_site_file,
 )
 
 from imsrelay.directory.intrasite import apply_changes, changes_since, peer_state
 from imsrelay.directory.store import Directory
+from imsrelay.model.envelope import Envelope, RecipientState
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.settings import intrasite_interval
 from imsrelay.observe.tracking import ROUTED, TrackingQuery
-from imsrelay.routing.host_addresses import site_endpoints
-from imsrelay.model.envelope import Envelope, RecipientState
 from imsrelay.policy.transfer_mode import TransferMode
+from imsrelay.routing.host_addresses import site_endpoints
 from imsrelay.routing.router import FAIL, LOCAL, RELAY, route_for, routing_table_for, sent_back
 from imsrelay.site import Site
 
