@@ -388,3 +388,20 @@ async def test_the_cli_runs_check_now_at_every_server_and_pulls_within_the_site(
             assert code == 3 and "127.10.10.11" in err
         finally:
             await sites["Server1"].start()
+
+
+def test_lab_servers_option_and_addresses():
+    from imsrelay.lab.embedded import SITES, parse_servers, site_servers
+    from imsrelay.testing import lab_server_addresses
+
+    assert parse_servers(["SiteA=2"]) == {"SiteA": 2} and parse_servers(["sitea=2,SiteC=3"]) == {"SiteA": 2, "SiteC": 3}
+    for bad in (["SiteZ=2"], ["SiteA"], ["SiteA=0"], ["SiteA=9"]):
+        with pytest.raises(ValueError):
+            parse_servers(bad)
+    a = site_servers(SITES[0], 2)
+    assert [(v.name, v.address, v.key) for v in a] == [("ServerA", "127.10.10.10", "SiteA"),
+                                                      ("Server1", "127.10.10.11", "SiteA-Server1")]
+    assert [v.address for v in site_servers(SITES[2], 3)[1:]] == lab_server_addresses({"SiteC": 3})
+    assert lab_server_addresses({"SiteA": 2}) == ["127.10.10.11"]
+    code, _, err = run_cli("lab", "--servers", "SiteQ=2", "--data", "/nonexistent-imsrelay-lab")
+    assert code != 0 and "SITE=N" in err
