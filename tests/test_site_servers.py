@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import smtplib
 
 import aiohttp
 import pytest
@@ -405,3 +406,17 @@ def test_lab_servers_option_and_addresses():
     assert lab_server_addresses({"SiteA": 2}) == ["127.10.10.11"]
     code, _, err = run_cli("lab", "--servers", "SiteQ=2", "--data", "/nonexistent-imsrelay-lab")
     assert code != 0 and "SITE=N" in err
+
+
+async def test_the_ims_connection_restrictions_do_not_stop_the_sites_own_hops(tmp_path):
+    """Accept connections only from 127.0.0.1 (the users' workstations): the site's other
+    server still hands its mail over (Exchange moved it by MTA, not through the IMS)."""
+    async with two_servers(tmp_path, restrictions={"accept_hosts": ["127.0.0.1/32"]}) as sites:
+        a, one = sites["ServerA"], sites["Server1"]
+        await asyncio.to_thread(send_mail, "127.10.10.10", a.bound_port, "alice@example.net",
+                                "User4@SiteA.microsoft.com", simple_message("a@example.net", "User4", "restricted"),
+                                source="127.0.0.1")
+        assert b"restricted" in (await wait_for(lambda: maildir_messages(one.config.data_dir, "User4")))[0]
+        with pytest.raises(smtplib.SMTPConnectError):  # anyone else is still refused
+            await asyncio.to_thread(send_mail, "127.10.10.11", one.bound_port, "alice@example.net",
+                                    "User4@SiteA.microsoft.com", b"Subject: x\r\n\r\nx\r\n", source="127.0.0.2")
