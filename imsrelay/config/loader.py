@@ -638,12 +638,29 @@ def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
         signing_key=(config_dir / sk) if (sk := r.string("signing_key")) else MISSING,
         trusted_keys=tuple((site, k) for site in sorted(trusted.table)
                            if (k := _public_key(trusted, site)) is not MISSING),
+        bridgehead=_server_name(r, "bridgehead"),
+        intrasite_interval=r.duration("intrasite_interval"),
     )
     if cfg.signing_key and not trusted.table:
         r.error("trusted_keys", "signing_key needs the organisation's trusted public keys "
                                 "([replication.trusted_keys] SiteA = \"ed25519:...\")")
     r.reject_unknown()
     return cfg
+
+
+def _server_name(section: _Section, key: str) -> Any:
+    name = section.string(key)
+    if name is not MISSING and not _NAME.fullmatch(name):
+        return section.error(key, f"{name!r} is not a server name (letters, digits, - _ .)")
+    return name
+
+
+def _check_bridgehead(root: _Section, replication: ReplicationConfig, servers: tuple[SiteServer, ...]) -> None:
+    named = replication.bridgehead
+    if named is not None and named.lower() not in {s.name.lower() for s in servers}:
+        root.errors.append(ConfigError(root.path, "replication.bridgehead",
+                                       f"{named!r} is not one of [[servers]] "
+                                       f"({', '.join(s.name for s in servers) or 'none listed'})"))
 
 
 def _load_admin(a: _Section) -> AdminConfig:
@@ -954,6 +971,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     internet_mail = _load_internet_mail(root)
     journaling = _load_journaling(root.table_of("journaling"))
     replication = _load_replication(root.table_of("replication"), config_dir)
+    _check_bridgehead(root, replication, servers)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
     transfer = _load_transfer(root.table_of("transfer"))

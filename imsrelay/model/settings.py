@@ -326,6 +326,14 @@ class ReplicationConfig:
     """the organisation's public keys, every site (this one too), provisioned at set-up: `SiteA =
     "ed25519:…"`; with them a message verifies only with its sender's key and each object needs
     its home site's signature"""
+    bridgehead: str | None = None
+    """the server of this site that runs the Directory Replication Connectors to other sites (one of
+    `[[servers]]`; configured, not elected, as in Exchange 5.5, KB Q182963); left out: the first of
+    `[[servers]]`. The site's other servers get remote sites' objects by intra-site replication"""
+    intrasite_interval: float | None = None
+    """how often each server of a site pulls the changes of the site's other servers by USN, the
+    backstop behind the notification they send at every change; left out: Exchange's 300 s + 30 s
+    per server (KB Q199354)"""
 
     @property
     def enabled(self) -> bool:
@@ -333,6 +341,17 @@ class ReplicationConfig:
 
     def resolved_key(self) -> str | None:
         return secret_from(self.key, self.key_env)
+
+
+INTRASITE_BASE = 300.0  # KB Q199354: intra-site replication latency, 300 s + 30 s per server
+INTRASITE_PER_SERVER = 30.0
+
+
+def intrasite_interval(replication: ReplicationConfig, servers: int) -> float:
+    """The intra-site backstop: ``replication.intrasite_interval``, else 300 s + 30 s per server."""
+    if replication.intrasite_interval is not None:
+        return replication.intrasite_interval
+    return INTRASITE_BASE + INTRASITE_PER_SERVER * max(servers, 1)
 
 
 @dataclass(frozen=True)
@@ -747,6 +766,34 @@ class SiteConfig:
     def site_address(self) -> str:
         """The site-default SMTP address installed with IMS: ``@SiteA.microsoft.com``."""
         return "@" + self.site_domain
+
+    @property
+    def peer_servers(self) -> tuple[SiteServer, ...]:
+        """The site's other servers (``[[servers]]`` but this one)."""
+        return tuple(s for s in self.servers if s.name.lower() != self.server.lower())
+
+    def home_server_for(self, named: str | None) -> str:
+        """The home server of a mailbox provisioned or created here: the one named (as
+        ``[[servers]]`` spells it), else this server on a site of several servers ("" on a
+        site of one server)."""
+        if named:
+            return next((s.name for s in self.servers if s.name.lower() == named.lower()), named)
+        return self.server if self.servers else ""
+
+    def provisioned_mailboxes(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """``[[mailboxes]]`` as the directory provisions them: alias, display name, extra
+        addresses, home server."""
+        return [(m.alias, m.display_name, m.extra_addresses, self.home_server_for(m.home_server))
+                for m in self.mailboxes]
+
+    @property
+    def bridgehead(self) -> bool:
+        """Whether this server runs the site's Directory Replication Connectors: a site of one
+        server, or the server ``replication.bridgehead`` names (else the first of ``[[servers]]``)."""
+        if not self.servers:
+            return True
+        named = self.replication.bridgehead or self.servers[0].name
+        return named.lower() == self.server.lower()
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -146,6 +146,9 @@ def held_text(reason: str) -> str:
         return f"Transfer mode {rest}: outbound mail is held"
     if kind == "etrn":
         return f"held until the peer issues ETRN for {rest.partition(':')[2] or rest}"
+    if kind == "intrasite":
+        return (f"server {rest} handed this mail here, yet this server's directory says it is homed there: "
+                "held until the directory changes (intra-site replication), not sent back")
     return reason
 
 
@@ -668,13 +671,17 @@ class QueueManager:
             where = f"local mailbox {route.mailbox}"
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
+        elif route.kind == RELAY and route.server:
+            where = f"SMTP to {route.host}:{route.port}, intra-site hop to the home server {route.server}"
         elif route.kind == RELAY:
             where = f"SMTP to {route.host}:{route.port}"
         elif route.kind == MX:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
             where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
-        extra = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
+        extra: dict[str, str] = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
+        if route.server:
+            extra["to_server"] = route.server
         self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
                     to_site=route.site, why="; ".join(route.steps), **extra)
 
