@@ -28,6 +28,7 @@ _PROBE: dict[str, Any] = {
     "connected_sites": [{"name": "SiteB", "routing_address": "@b.example"}],
     "email_domains": [{"domain": "b.example", "host": "127.0.0.2",
                        "auth": {"username": "ims", "password_env": "IMS_B_PASSWORD"}}],
+    "internet_mail": [{"domain": "*"}],
     "delivery": {"tls": [{"domain": "b.example", "starttls": "require"}],
                  "smart_host_auth": {"username": "ims", "password_env": "IMS_SMART_HOST_PASSWORD"}},
     "replication": {"connectors": [{"site": "SiteB"}], "trusted_keys": {}},
