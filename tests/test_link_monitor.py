@@ -6,14 +6,16 @@ ping or answer in a user's Maildir."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import json
 
 import aiohttp
-
 from ims_kit import TOKEN, admin
-from sitekit import free_port, maildir_messages, site_mapping, wait_for, write_site_file
+from sitekit import free_port, maildir_messages, run_cli, site_mapping, wait_for, write_site_file
 
+from imsrelay.commands.serve import run_site
 from imsrelay.site import Site
 
 HOSTS = {"SiteA": "127.0.0.91", "SiteB": "127.0.0.92", "SiteC": "127.0.0.93"}
@@ -111,3 +113,57 @@ async def _metrics(site: Site) -> str:
             f"http://{HOSTS['SiteA']}:{site.admin.bound[1]}/metrics",
             headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
         return await resp.text()
+
+
+async def test_console_monitor_window_self_ping_and_local_ndr(tmp_path):
+    """One site monitoring its own system attendant and an unknown user of its own
+    domain (the local NDR is the answer): both come up; the console relays the
+    monitor window's data and its live feed tells of the changes; ``imsrelay route``
+    names the attendant."""
+    admin_port, console_port, smtp_port = free_port(), free_port(), free_port()
+    _, config = write_site_file(tmp_path, site_mapping(
+        "SiteA", port=smtp_port, admin={"port": admin_port, "token": TOKEN},
+        console={"enabled": True, "listen": "127.0.0.1", "port": console_port},
+        link_monitors=[{"name": "Self", "targets": ["SiteA", "nobody@SiteA.microsoft.com"],
+                        "interval": "0.5s", "warning_after": "5s", "alert_after": "10s"}]))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_site(config, stop))
+    base = f"http://127.0.0.1:{console_port}"
+    try:
+        async def answers() -> bool:
+            try:
+                async with aiohttp.ClientSession() as s, s.get(base + "/") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await wait_for(answers, timeout=30)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.post(base + "/login", json={"token": TOKEN}) as r:
+                assert r.status == 200
+
+            async def window() -> dict[str, str]:
+                async with http.get(base + "/api/site/SiteA/link-monitors") as r:
+                    assert r.status == 200
+                    body = await r.json()
+                return {t["target"]: t["state"] for m in body["monitors"] for t in m["targets"]}
+            await wait_for(lambda: _all_up(window), timeout=20)
+            async with http.get(base + "/api/events", timeout=aiohttp.ClientTimeout(total=30)) as events:
+                topics: set[str] = set()
+                deadline = asyncio.get_running_loop().time() + 20
+                while "linkmon:SiteA" not in topics and asyncio.get_running_loop().time() < deadline:
+                    line = await asyncio.wait_for(events.content.readline(), 20)
+                    if line.startswith(b"data: "):
+                        topics |= set(json.loads(line[6:])["topics"])
+                assert "linkmon:SiteA" in topics  # the answers keep coming: the window redraws
+        assert maildir_messages(config.data_dir, "User1") == []
+        assert maildir_messages(config.data_dir, "Administrator") == []  # never alert: no mail
+        code, out, _ = await asyncio.to_thread(run_cli, "route", "--config", str(config.path),
+                                               "attendant@SiteA.microsoft.com")
+        assert code == 0 and "system attendant" in out, out
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _all_up(window) -> bool:
+    return set((await window()).values()) == {"up"}

@@ -841,12 +841,15 @@ def _load_etrn(e: _Section) -> EtrnConfig:
 
 def _load_link_monitors(root: _Section) -> tuple[LinkMonitorConfig, ...]:
     monitors: list[LinkMonitorConfig] = []
+    names: set[str] = set()
     for m in root.tables("link_monitors"):
         name = m.string("name", required=True)
         if name is not MISSING and (not name.strip() or any(ord(c) < 32 for c in name)):
             name = m.error("name", "must be a non-empty name on one line")
-        if name is not MISSING and any(x.name.lower() == name.lower() for x in monitors):
+        if name is not MISSING and name.lower() in names:
             name = m.error("name", f"a link monitor named {name!r} is already defined")
+        elif name is not MISSING:
+            names.add(name.lower())
         targets = []
         for i, target in m.strings("targets"):
             text = target.strip()
