@@ -51,13 +51,13 @@ from imsrelay.model.settings import (
     EtrnConfig,
     EtrnRequest,
     LabConfig,
+    LinkMonitorConfig,
     LoggingConfig,
     MailboxConfig,
     MetricsConfig,
     NotificationsConfig,
     QueueConfig,
     ReplicationConfig,
-    LinkMonitorConfig,
     ReplicationConnector,
     RestrictionsConfig,
     RoutingConfig,
@@ -850,7 +850,7 @@ def _load_link_monitors(root: _Section) -> tuple[LinkMonitorConfig, ...]:
             name = m.error("name", f"a link monitor named {name!r} is already defined")
         elif name is not MISSING:
             names.add(name.lower())
-        targets = []
+        targets: list[str] = []
         for i, target in m.strings("targets"):
             text = target.strip()
             problem = _link_target_problem(text)

@@ -30,6 +30,7 @@ _PROBE: dict[str, Any] = {
     "delivery": {"tls": [{"domain": "b.example", "starttls": "require"}]},
     "replication": {"connectors": [{"site": "SiteB"}], "trusted_keys": {}},
     "etrn": {"requests": [{"host": "127.0.0.3", "domain": "a.example"}]},
+    "link_monitors": [{"name": "Sites", "targets": ["SiteB"]}],
     "auth": {"mechanisms": ["PLAIN"]},  # read only when given
 }
 

@@ -31,7 +31,12 @@ from imsrelay.policy.restrictions import (
     sender_decision,
     sender_reply,
 )
-from imsrelay.routing.router import RoutingTable, is_attendant_address, is_service_address, local_domains_for
+from imsrelay.routing.router import (
+    RoutingTable,
+    is_attendant_address,
+    is_service_address,
+    local_domains_for,
+)
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,9 @@ def answered(status: TargetStatus, sent_at: float, now: float,
     is the newest answered ping's.  An answer older than one already seen only clears."""
     outstanding = tuple(t for t in status.outstanding if t > sent_at)
     newer = status.answered_sent is None or sent_at >= status.answered_sent
-    status = replace(status, outstanding=outstanding, answers=status.answers + 1, last_answer=now,
-                     **({"last_rtt": max(0.0, now - sent_at), "answered_sent": sent_at} if newer else {}))
+    status = replace(status, outstanding=outstanding, answers=status.answers + 1, last_answer=now)
+    if newer:
+        status = replace(status, last_rtt=max(0.0, now - sent_at), answered_sent=sent_at)
     return _decide(status, now, thresholds)
 
 
