@@ -62,10 +62,21 @@ def test_a_slow_round_trip_is_a_warning_and_an_older_answer_does_not_undo_a_newe
     assert s.state == lm.WARNING and change is not None and "round trip took 400.0s" in change.reason
 
 
+def test_a_cut_link_does_not_pile_pings_up_in_the_queue():
+    s = lm.initial("SiteB", 0.0)
+    for t in (0.0, 60.0, 120.0):
+        assert lm.due(s, t, TH)
+        s = lm.sent(s, t)
+    assert not lm.due(s, 180.0, TH) and not lm.due(s, 719.0, TH)  # three in flight
+    assert lm.due(s, 720.0, TH)  # the newest has waited alert_after: one more probe
+    s, _ = lm.answered(s, 120.0, 200.0, TH)
+    assert lm.due(s, 200.0, TH)  # answered: polling goes on
+
+
 def test_outstanding_pings_are_bounded_and_keep_the_oldest():
     s = lm.initial("SiteB", 0.0)
     for t in range(200):
-        s = lm.sent(s, float(t))
+        s = lm.sent(s, float(t))  # sent() keeps the books whatever due() says
     assert len(s.outstanding) == lm.MAX_OUTSTANDING and s.outstanding[0] == 0.0 and s.outstanding[-1] == 199.0
     assert lm.lateness_of_oldest(s, 250.0) == 250.0
 
@@ -84,6 +95,7 @@ def test_answers_are_recognised_by_their_marker_or_the_ndr_that_quotes_the_ping(
            b"X-Link-Monitor: ping lm-0123456789abcdef0123\r\n")
     assert quoted_ping(ndr) == "lm-0123456789abcdef0123"
     assert quoted_ping(ndr.replace(b"Action: failed", b"Action: delayed")) is None  # a delay is no answer
+    assert quoted_ping(ndr.replace(b"Status: 5.1.1", b"Status: 4.4.7")) is None  # expired in a queue
 
 
 def test_link_monitors_load_with_exchange_defaults_and_checks():

@@ -45,6 +45,7 @@ HEADER = "X-Link-Monitor"
 _ID = re.compile(r"^\s*(ping|reply)\s+(lm-[0-9a-f]{20})\s*$", re.I)
 _QUOTED_PING = re.compile(rb"X-Link-Monitor:\s*ping\s+(lm-[0-9a-f]{20})", re.I)
 _FAILED = re.compile(rb"^Action:\s*failed\s*$", re.I | re.M)
+_EXPIRED = re.compile(rb"^Status:\s*[45]\.4\.7\b", re.I | re.M)  # our own queue gave up: no answer
 MAX_PENDING = 10_000  # pings remembered at once (all monitors): the oldest go first
 MAX_SCAN = 256 * 1024  # bytes of an NDR searched for the ping's id
 
@@ -72,10 +73,13 @@ def parse_marker(value: str | None) -> tuple[str, str] | None:
 
 
 def quoted_ping(message: bytes) -> str | None:
-    """The id of a ping an NDR quotes, when the report says the delivery failed (pure)."""
+    """The id of a ping an NDR quotes, when the report says the delivery failed (pure).
+    A ping that expired in a queue (4.4.7/5.4.7) was never answered: its NDR is no answer."""
     head = message[:MAX_SCAN]
     found = _QUOTED_PING.search(head)
-    return found.group(1).decode().lower() if found and _FAILED.search(head) else None
+    if found is None or not _FAILED.search(head) or _EXPIRED.search(head):
+        return None
+    return found.group(1).decode().lower()
 
 
 def _render(msg: EmailMessage) -> bytes:

@@ -32,6 +32,7 @@ WARNING = "warning"
 ALERT = "alert"
 STATES = (UNKNOWN, UP, WARNING, ALERT)
 MAX_OUTSTANDING = 64  # unanswered pings remembered per target (the oldest is always kept)
+MAX_IN_FLIGHT = 3  # unanswered pings per target before the monitor stops adding more to the queue
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,14 @@ def level(lateness: float, thresholds: Thresholds) -> str:
 
 
 def due(status: TargetStatus, now: float, thresholds: Thresholds) -> bool:
-    """Whether the next ping to this target is due (the first one at once)."""
-    return status.last_sent is None or now - status.last_sent >= thresholds.interval
+    """Whether the next ping to this target is due (the first one at once).  While
+    ``MAX_IN_FLIGHT`` pings wait (a cut link), no more pile up in the queue: one more
+    goes only once the newest has waited ``alert_after`` (a ping that was lost)."""
+    if status.last_sent is None:
+        return True
+    if now - status.last_sent < thresholds.interval:
+        return False
+    return len(status.outstanding) < MAX_IN_FLIGHT or now - status.outstanding[-1] >= thresholds.alert_after
 
 
 def sent(status: TargetStatus, now: float) -> TargetStatus:
