@@ -154,6 +154,7 @@ class Site:
             config.link_monitors if worker == 0 else (), site=config.site,
             attendant=f"{ATTENDANT_LOCAL}@{config.site_domain}", hostname=config.hostname,
             resolve=self._link_target_address, enqueue=self.enqueue_local, notify_address=self._notify_address,
+            answers_to=self._is_organisation_attendant,
             metrics=self.metrics, log=self.log, clock=clock)
         self.lookups = MailboxLookups(
             self.directory, site=config.site, site_domain=config.site_domain, postmaster=config.smtp.postmaster,
@@ -387,6 +388,20 @@ class Site:
             return f"{ATTENDANT_LOCAL}@{self.config.site_domain}"
         found = site_routing_domain(target, await self.routing_table())
         return f"{ATTENDANT_LOCAL}@{found[0]}" if found else None
+
+    async def _is_organisation_attendant(self, sender: str) -> bool:
+        """Whether ``sender`` is the system attendant of this site or of a site it knows
+        (Connected Sites, or learned by Check Now): the pings the attendant answers."""
+        try:
+            address = parse_address(sender)
+        except AddressError:
+            return False
+        if address.local.lower() != ATTENDANT_LOCAL:
+            return False
+        table = await self.routing_table()
+        domains = {self.config.site_domain.lower(), *(c.routing_domain.lower() for c in table.connected_sites),
+                   *(d.lower() for _, d in table.learned_sites)}
+        return address.domain in domains
 
     async def _attendant_deliver(self, env: Envelope, message: bytes) -> str:
         return await self.link_monitors.receive(env, message)

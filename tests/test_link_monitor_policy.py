@@ -126,3 +126,74 @@ def test_the_system_attendant_address_is_routed_to_the_attendant_not_a_mailbox()
     assert route_for("dirsync@SiteA.microsoft.com", None, table).kind == DIRECTORY
     remote = route_for("attendant@SiteB.microsoft.com", None, table)
     assert remote.site == "SiteB" and remote.kind != ATTENDANT
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def info(self, event: str, **kw) -> None:
+        self.events.append((event, kw))
+
+    debug = warning = info
+
+
+async def test_the_attendant_answers_only_the_organisations_pings_and_matches_answers():
+    from imsrelay.model.envelope import Envelope, RecipientState
+    from imsrelay.model.settings import LinkMonitorConfig
+    from imsrelay.observe.link_monitor import LinkMonitors
+    from imsrelay.observe.metrics import SiteMetrics
+
+    queued: list[tuple[Envelope, bytes]] = []
+    now = [1000.0]
+
+    async def enqueue(env, raw):
+        queued.append((env, raw))
+
+    async def resolve(target):
+        return f"attendant@{target}.microsoft.com"
+
+    async def notify(name):
+        return None
+
+    async def answers_to(sender):
+        return sender.lower() == "attendant@siteb.microsoft.com"
+
+    log = _Log()
+    monitors = LinkMonitors(
+        (LinkMonitorConfig("M", ("SiteB",), interval=60.0, warning_after=300.0, alert_after=600.0),),
+        site="SiteA", attendant="attendant@SiteA.microsoft.com", hostname="ServerA.SiteA.microsoft.com",
+        resolve=resolve, enqueue=enqueue, notify_address=notify, answers_to=answers_to, metrics=SiteMetrics(),
+        log=log, clock=lambda: now[0])
+
+    def env(sender: str) -> Envelope:
+        return Envelope("q1", sender, [RecipientState("attendant@SiteA.microsoft.com")], now[0])
+
+    ping = b"Subject: p\r\nX-Link-Monitor: ping lm-0123456789abcdef0123\r\n\r\nx\r\n"
+    assert "not answered" in await monitors.receive(env("mallory@example.net"), ping)
+    assert "not answered" in await monitors.receive(env(""), ping)
+    assert queued == []  # no reflection to a forged or null sender
+    assert "answered" in await monitors.receive(env("attendant@SiteB.microsoft.com"), ping)
+    (reply_env, reply), = queued
+    assert reply_env.sender == "" and [r.address for r in reply_env.recipients] == ["attendant@SiteB.microsoft.com"]
+    assert b"X-Link-Monitor: reply lm-0123456789abcdef0123" in reply and b"Auto-Submitted: auto-replied" in reply
+
+    # our own ping goes out, its reply comes back 2.5 s later: the target is up with that round trip
+    queued.clear()
+    await monitors.poll()
+    (ping_env, raw), = queued
+    assert ping_env.sender == "attendant@SiteA.microsoft.com" and ping_env.recipients[0].notify == "FAILURE"
+    ping_id = parse_marker(email_header(raw))[1]
+    now[0] += 2.5
+    answer = f"X-Link-Monitor: reply {ping_id}\r\n\r\n".encode()
+    assert await monitors.receive(env(""), answer) == f"reply to ping {ping_id}"
+    (target,) = monitors.snapshot()[0]["targets"]
+    assert (target["state"], target["last_rtt"], target["answers"]) == ("up", 2.5, 1)
+    assert monitors.summary() == {"M: SiteB": "up"}
+    assert "unknown ping" in await monitors.receive(env(""), answer)  # answered already
+    assert "discarded" in await monitors.receive(env("someone@example.net"), b"Subject: hi\r\n\r\nhello\r\n")
+
+
+def email_header(raw: bytes) -> str:
+    from email.parser import BytesHeaderParser
+    return str(BytesHeaderParser().parsebytes(raw)["X-Link-Monitor"])

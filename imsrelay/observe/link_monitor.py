@@ -91,11 +91,14 @@ class LinkMonitors:
 
     def __init__(self, monitors: tuple[LinkMonitorConfig, ...], *, site: str, attendant: str, hostname: str,
                  resolve: Callable[[str], Awaitable[str | None]], enqueue: Enqueue,
-                 notify_address: Callable[[str | None], Awaitable[str | None]], metrics: SiteMetrics,
+                 notify_address: Callable[[str | None], Awaitable[str | None]],
+                 answers_to: Callable[[str], Awaitable[bool]], metrics: SiteMetrics,
                  log: Any, clock: Callable[[], float] = time.time) -> None:
         """``attendant``: this site's system attendant address (the pings' sender);
         ``resolve``: a target → the address its ping goes to (None: no route yet);
-        ``notify_address``: a monitor's ``notify`` → where its alert mail goes (None: nowhere)."""
+        ``notify_address``: a monitor's ``notify`` → where its alert mail goes (None: nowhere);
+        ``answers_to``: whether a ping's sender is a system attendant of the organisation
+        (only those are answered: the attendant is no reflector for forged senders)."""
         self.monitors = monitors
         self.site = site
         self.attendant = attendant
@@ -103,6 +106,7 @@ class LinkMonitors:
         self.resolve = resolve
         self.enqueue = enqueue
         self.notify_address = notify_address
+        self.answers_to = answers_to
         self.metrics = metrics
         self.log = log
         self.clock = clock
@@ -192,7 +196,7 @@ class LinkMonitors:
             self.pending.pop(next(iter(self.pending)))
         self.status[key] = lm.sent(self.status[key], now)
         self.metrics.link_pings.labels(m.name, target).inc()
-        self.log.info("link_monitor.ping", monitor=m.name, target=target, address=address, ping=ping_id,
+        self.log.debug("link_monitor.ping", monitor=m.name, target=target, address=address, ping=ping_id,
                       queue_id=env.queue_id)
 
     # ------------------------------------------------------------ the attendant: answers in
@@ -207,6 +211,10 @@ class LinkMonitors:
             if not env.sender:
                 self.log.info("link_monitor.ignored", queue_id=env.queue_id, reason="a ping with a null sender")
                 return "ping with a null sender: not answered"
+            if not await self.answers_to(env.sender):
+                self.log.info("link_monitor.ignored", queue_id=env.queue_id, sender=env.sender,
+                              reason="a ping from no system attendant of the organisation: not answered")
+                return f"ping from {env.sender}: not a system attendant of the organisation, not answered"
             await self._answer_ping(env, headers, marker[1])
             return f"ping {marker[1]} answered"
         ping_id = marker[1] if marker is not None else (quoted_ping(message) if not env.sender else None)
@@ -239,7 +247,7 @@ class LinkMonitors:
         out = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(env.sender, env.sender)],
                        received_at=now, origin="local", extra={"link_monitor_reply": ping_id, "report_for": env.queue_id})
         await self.enqueue(out, _render(reply))
-        self.log.info("link_monitor.answered_ping", ping=ping_id, to=env.sender, queue_id=env.queue_id)
+        self.log.debug("link_monitor.answered_ping", ping=ping_id, to=env.sender, queue_id=env.queue_id)
 
     async def _answered(self, ping: Ping, how: str) -> None:
         m = next((x for x in self.monitors if x.name == ping.monitor), None)
@@ -252,7 +260,7 @@ class LinkMonitors:
         if status.last_rtt is not None:
             self.metrics.link_rtt.labels(m.name, ping.target).set(status.last_rtt)
         self.metrics.link_answers.labels(m.name, ping.target).inc()
-        self.log.info("link_monitor.answer", monitor=m.name, target=ping.target, how=how,
+        self.log.debug("link_monitor.answer", monitor=m.name, target=ping.target, how=how,
                       round_trip=round(now - ping.sent_at, 3))
         if change is not None:
             await self._changed(m, change)
