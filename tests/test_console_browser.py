@@ -349,7 +349,7 @@ def test_trace_a_message_through_the_organisation(page, lab):
 # ---------------------------------------------------------------------------- queues
 
 
-def test_link_monitor_window_shows_each_target_up(page, lab):
+def test_link_monitor_window_shows_each_target_up(page, lab, tmp_path):
     """SiteA's Link Monitor (KB Q246674): the monitor window lists SiteB, SiteC and the
     foreign address, each up once its ping came back (or its NDR did), with a round trip."""
     page.click("#tree a[href='#/site/SiteA/link-monitors']")
@@ -360,6 +360,7 @@ def test_link_monitor_window_shows_each_target_up(page, lab):
         row = page.locator(f"table.link-monitors tr[data-target='{target}']")
         expect(row).to_have_attribute("data-state", "up")  # the live feed redraws as answers come
         expect(row.locator("td.rtt")).not_to_have_text("—")
+    page.screenshot(path=str(tmp_path / "console.png"))
     assert page.errors == []
 
 
