@@ -363,6 +363,21 @@ def test_trace_a_message_through_the_organisation(page, lab):
 # ---------------------------------------------------------------------------- queues
 
 
+def test_link_monitor_window_shows_each_target_up(page, lab, tmp_path):
+    """SiteA's Link Monitor (KB Q246674): the monitor window lists SiteB, SiteC and the
+    foreign address, each up once its ping came back (or its NDR did), with a round trip."""
+    page.click("#tree a[href='#/site/SiteA/link-monitors']")
+    expect(page.locator("#view h2")).to_have_text("SiteA — Link Monitors")
+    rows = page.locator("table.link-monitors tr[data-target]")
+    expect(rows).to_have_count(3)
+    for target in ("SiteB", "SiteC", "no-such-user@example.net"):
+        row = page.locator(f"table.link-monitors tr[data-target='{target}']")
+        expect(row).to_have_attribute("data-state", "up")  # the live feed redraws as answers come
+        expect(row.locator("td.rtt")).not_to_have_text("—")
+    page.screenshot(path=str(tmp_path / "console.png"))
+    assert page.errors == []
+
+
 def test_queue_retry_and_delete(page, lab, tmp_path):
     # the Internet host forwards unreachable.example to a loopback port where nothing listens
     closed = free_port("127.0.0.1")

@@ -246,6 +246,21 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
         assert (code, text[:5]) == (550, "5.1.1")
 
 
+async def test_the_labs_link_monitor_sees_the_other_sites_and_the_internet_up(walk: Walk):
+    """SiteA's Link Monitor (KB Q246674): SiteB's and SiteC's system attendants return
+    its pings and the Internet host's NDR answers the foreign address; no ping or answer
+    lands in a mailbox."""
+    from imsrelay.lab.embedded import LINK_MONITOR_FOREIGN
+
+    monitors = walk.lab.sites["SiteA"].link_monitors
+
+    def states() -> dict[str, str]:
+        return {t["target"]: t["state"] for m in monitors.snapshot() for t in m["targets"]}
+    await wait_for(lambda: set(states().values()) == {"up"}, timeout=60)
+    assert set(states()) == {"SiteB", "SiteC", LINK_MONITOR_FOREIGN}
+    for s in SITES:
+        for alias in (s.user, "Administrator"):
+            assert not [m for m in walk.messages(s.name, alias) if b"X-Link-Monitor" in m], (s.name, alias)
 async def test_two_servers_a_mailbox_made_on_server1_reaches_the_organisation(walk: Walk):
     """SiteA as two servers (issue 24): a mailbox created on Server1 is homed there, reaches
     ServerA by intra-site replication and the other sites through ServerA, the bridgehead;

@@ -31,6 +31,7 @@ GET      /faults                     faults on demand now in force
 POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
 DELETE   /faults[/ID]                clear every fault, or one
 GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /link-monitors              the Link Monitors' targets: state, since, last round trip (Q246674)
 GET      /config                     static set-up (imsrelay.admin.console_routes)
 DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
 GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
@@ -84,6 +85,7 @@ from imsrelay.model.errors import ConfigError
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import FaultBook, FaultError
+from imsrelay.observe.link_monitor import LinkMonitors
 from imsrelay.observe.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.observe.tracking import TrackingLog
 from imsrelay.policy.auth import PasswordError, hash_password, parse_hash
@@ -170,6 +172,7 @@ class AdminSite(Protocol):
     transfer_mode: TransferMode
     faults: FaultBook
     metrics: SiteMetrics
+    link_monitors: LinkMonitors
     clock: Callable[[], float]
 
     async def set_transfer_mode(self, mode: TransferMode) -> TransferMode: ...
@@ -216,6 +219,7 @@ class AdminServer:
         r.add_delete("/faults", self.delete_faults)
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
+        r.add_get("/link-monitors", self.get_link_monitors)
         MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
         add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
         self.app.middlewares.append(property_errors)  # the property pages (imsrelay.admin.property_routes)
@@ -575,6 +579,11 @@ class AdminServer:
         except FaultError as exc:
             return web.json_response({"error": str(exc)}, status=404)
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
+
+    async def get_link_monitors(self, request: web.Request) -> web.Response:
+        """The Link Monitors of this site (KB Q246674): each target's state, since when, last round trip."""
+        return web.json_response({"site": self.site.config.site, "now": self.site.clock(),
+                                  "monitors": self.site.link_monitors.snapshot()})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         """PerfMon counters as Prometheus metrics (text format 0.0.4); no token unless `metrics.require_token`."""

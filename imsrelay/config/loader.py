@@ -54,6 +54,7 @@ from imsrelay.model.settings import (
     InternetMailDomain,
     JournalingConfig,
     LabConfig,
+    LinkMonitorConfig,
     LoggingConfig,
     MailboxConfig,
     MetricsConfig,
@@ -935,6 +936,60 @@ def _load_etrn(e: _Section) -> EtrnConfig:
     return cfg
 
 
+def _load_link_monitors(root: _Section) -> tuple[LinkMonitorConfig, ...]:
+    monitors: list[LinkMonitorConfig] = []
+    names: set[str] = set()
+    for m in root.tables("link_monitors"):
+        name = m.string("name", required=True)
+        if name is not MISSING and (not name.strip() or any(ord(c) < 32 for c in name)):
+            name = m.error("name", "must be a non-empty name on one line")
+        if name is not MISSING and name.lower() in names:
+            name = m.error("name", f"a link monitor named {name!r} is already defined")
+        elif name is not MISSING:
+            names.add(name.lower())
+        targets: list[str] = []
+        for i, target in m.strings("targets"):
+            text = target.strip()
+            problem = _link_target_problem(text)
+            if problem:
+                m.item_error("targets", i, problem)
+            elif text.lower() in (t.lower() for t in targets):
+                m.item_error("targets", i, f"{text!r} is listed twice")
+            else:
+                targets.append(text)
+        if not targets and not any(e.key.startswith(m.key("targets")) for e in m.errors):
+            m.error("targets", "a link monitor needs at least one target (a site name or an address)")
+        interval = m.duration("interval")
+        warning = m.duration("warning_after")
+        alert = m.duration("alert_after")
+        notify = m.string("notify")
+        for key, value in (("interval", interval), ("warning_after", warning), ("alert_after", alert)):
+            if value is not MISSING and value <= 0:
+                m.error(key, "must be more than 0")
+        cfg = _build(LinkMonitorConfig, name=name if name is not MISSING else "", targets=tuple(targets),
+                     interval=interval, warning_after=warning, alert_after=alert,
+                     notify=notify.strip() if notify else MISSING)
+        if cfg.warning_after >= cfg.alert_after:
+            m.error("alert_after", f"must be longer than warning_after ({cfg.warning_after:g}s)")
+        if name is not MISSING and targets:
+            monitors.append(cfg)
+        m.reject_unknown()
+    return tuple(monitors)
+
+
+def _link_target_problem(text: str) -> str | None:
+    """Why a link monitor target is not a site name or an address (None: it is one)."""
+    if "@" in text:
+        try:
+            parse_address(text)
+        except AddressError as exc:
+            return f"{text!r} is not an address: {exc}"
+        return None
+    if not _NAME.fullmatch(text):
+        return f"{text!r} is neither a site name nor an address"
+    return None
+
+
 def _load_diagnostics(d: _Section) -> DiagnosticsConfig:
     levels = []
     for category in DIAGNOSTIC_CATEGORIES:
@@ -1016,6 +1071,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     priorities = _load_priorities(root.table_of("priorities"), delivery)
     notifications = _load_notifications(root.table_of("notifications"))
     etrn = _load_etrn(root.table_of("etrn"))
+    link_monitors = _load_link_monitors(root)
     diagnostics = _load_diagnostics(root.table_of("diagnostics"))
     metrics = _load_metrics(root.table_of("metrics"))
     routing = _load_routing(root.table_of("routing"))
@@ -1055,6 +1111,6 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
-        etrn=etrn, diagnostics=diagnostics, metrics=metrics,
+        etrn=etrn, link_monitors=link_monitors, diagnostics=diagnostics, metrics=metrics,
         console=console, lab=lab,
     )

@@ -33,6 +33,7 @@ _PROBE: dict[str, Any] = {
                  "smart_host_auth": {"username": "ims", "password_env": "IMS_SMART_HOST_PASSWORD"}},
     "replication": {"connectors": [{"site": "SiteB"}], "trusted_keys": {}},
     "etrn": {"requests": [{"host": "127.0.0.3", "domain": "a.example"}]},
+    "link_monitors": [{"name": "Sites", "targets": ["SiteB"]}],
     "auth": {"mechanisms": ["PLAIN"]},  # read only when given
 }
 

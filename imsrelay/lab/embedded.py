@@ -193,6 +193,24 @@ INTERNET_RELAY_NETWORKS = ["127.0.0.1/32", "127.10.10.0/27"]
 INTERNET_BANNER = "ESMTP"
 
 
+# The lab's Link Monitor (KB Q246674), at SiteA: the other two sites' system attendants,
+# and a foreign address whose NDR (from the Internet host: no such user) is the answer.
+# Lab pace in the fast walk (a ping every 10 s, warning after 30 s, alert after 1 min);
+# Exchange's defaults (15 min, 30 min, 60 min) when the walk is done by hand.
+LINK_MONITOR_SITE = "SiteA"
+LINK_MONITOR_FOREIGN = f"no-such-user@{INTERNET_DOMAIN}"
+
+
+def link_monitor_entry(*, fast: bool) -> dict[str, Any]:
+    """The ``[[link_monitors]]`` entry of the lab's monitoring site (pure)."""
+    entry: dict[str, Any] = {"name": "Sites and the Internet",
+                             "targets": [s.name for s in SITES if s.name != LINK_MONITOR_SITE]
+                             + [LINK_MONITOR_FOREIGN], "notify": "Administrator"}
+    if fast:
+        entry.update(interval="10s", warning_after="30s", alert_after="1m")
+    return entry
+
+
 def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = False) -> ConfigEntries:
     """The ``[[table]]`` entries a configuration step adds to ``site``'s file (pure)."""
     others = [s for s in SITES if s is not site]
@@ -252,6 +270,8 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
         "logging": {"level": "info", "format": "auto"},
         "lab": {"sealed": True},  # no connection leaves loopback; no system resolver
     }
+    if site.name == LINK_MONITOR_SITE:
+        mapping["link_monitors"] = [link_monitor_entry(fast=fast and not hand)]
     if len(servers) > 1:
         mapping["servers"] = [{"name": v.name, "host": v.address, "port": port,
                                "admin": f"http://{v.address}:{admin_port}"} for v in servers]

@@ -709,6 +709,31 @@ class NotificationsConfig:
     """send the administrator a copy of every NDR (needs `administrator`)"""
 
 
+LINK_MONITOR_INTERVAL = 15 * 60.0  # Q246674: a ping every 15 minutes (5 for critical links)
+LINK_MONITOR_WARNING = 30 * 60.0  # Q246674: warning after 30 minutes without an answer
+LINK_MONITOR_ALERT = 60 * 60.0  # Q246674: alert after 60 minutes
+
+
+@dataclass(frozen=True)
+class LinkMonitorConfig:
+    """[[link_monitors]]: a Link Monitor (KB Q246674): ping messages to servers of other
+    sites (their system attendant answers) or to a foreign address (its NDR answers)."""
+
+    name: str
+    """the monitor's name (shown on the console, in metrics and in alert mail)"""
+    targets: tuple[str, ...] = ()
+    """what to ping: a site name (`SiteB`: its system attendant, `attendant@` its routing
+    domain), an `attendant@domain` address (a ping responder), or any other address
+    (a foreign system: its NDR is the answer)"""
+    interval: float = LINK_MONITOR_INTERVAL
+    """polling interval: one ping per target this often"""
+    warning_after: float = LINK_MONITOR_WARNING
+    """warning state when a ping has waited this long for its answer (or the last round trip took longer)"""
+    alert_after: float = LINK_MONITOR_ALERT
+    """alert state (and mail to `notify`) after this long; back to up mails again"""
+    notify: str | None = None
+    """who gets the alert and recovery mail: an alias here or an address (left out:
+    `notifications.administrator`; neither: no mail)"""
 INTERNET_MAIL_DEFAULT = "*"  # the [[internet_mail]] entry for every domain not listed (Exchange's "Default")
 
 
@@ -846,6 +871,7 @@ class SiteConfig:
     priorities: PriorityTimeouts = field(default_factory=default_priorities)  # normal: delivery.lifetime
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     etrn: EtrnConfig = field(default_factory=EtrnConfig)
+    link_monitors: tuple[LinkMonitorConfig, ...] = ()
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)

@@ -54,6 +54,7 @@ from imsrelay.queue.rules import (
 )
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import (
+    ATTENDANT,
     DIRECTORY,
     LOCAL,
     MX,
@@ -671,6 +672,8 @@ class QueueManager:
             where = f"local mailbox {route.mailbox}"
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
+        elif route.kind == ATTENDANT:
+            where = "this site's system attendant (Link Monitor)"
         elif route.kind == RELAY and route.server:
             where = f"SMTP to {route.host}:{route.port}, intra-site hop to the home server {route.server}"
         elif route.kind == RELAY:
@@ -694,6 +697,9 @@ class QueueManager:
             elif kind == DIRECTORY:
                 self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
                             mailbox="the directory service (replication)", replication=True)
+            elif kind == ATTENDANT:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                            mailbox="the system attendant (Link Monitor)", diagnostic=o.diagnostic)
             else:
                 self._note(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
                             remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
@@ -758,7 +764,7 @@ class QueueManager:
             if step.delay_notice:
                 delayed.append(r)
             if may_report and o.ok and dsn.report_wanted(r.notify, "delivered"):
-                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY),
+                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY, ATTENDANT),
                                             passed_on=o.dsn_passed)
                 if action is not None:
                     succeeded.append((r, action))

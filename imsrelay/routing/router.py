@@ -3,6 +3,7 @@
 Order of decisions, as the Exchange 5.5 IMS made them:
 
 1. the site's directory service address (replication traffic) → the directory;
+   its system attendant address (Link Monitor pings and their answers) → the attendant;
 2. a mailbox in the directory: homed here → its Maildir (on a site of several
    servers, ``[[servers]]``: homed on another server of the site → an intra-site
    SMTP hop to that server, its home server); homed at another site →
@@ -48,7 +49,7 @@ from imsrelay.model.addresses import (
     most_specific,
     parse_address,
 )
-from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
+from imsrelay.model.objects import ATTENDANT_LOCAL, DIRSYNC_LOCAL, Mailbox
 from imsrelay.model.settings import (
     ConnectedSite,
     DomainRoute,
@@ -68,6 +69,7 @@ DIRECTORY = "directory"
 RELAY = "relay"  # a fixed next hop (E-Mail Domain table entry or smart host)
 MX = "mx"  # next hops from DNS
 FAIL = "fail"
+ATTENDANT = "attendant"  # the site's system attendant: the Link Monitor's pings and answers
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ class Route:
             lines.append(f"=> local delivery to mailbox {self.mailbox}")
         elif self.kind == DIRECTORY:
             lines.append("=> this site's directory service (replication)")
+        elif self.kind == ATTENDANT:
+            lines.append("=> this site's system attendant (Link Monitor pings and answers)")
         elif self.kind == RELAY and len(self.relay_hosts) > 1:
             lines.append(f"=> SMTP to {hosts_text(self.relay_hosts)}, in this order (STARTTLS {self.starttls})")
         elif self.kind == RELAY:
@@ -211,6 +215,13 @@ class _Trail:
 
 def is_service_address(address: Address, table: RoutingTable) -> bool:
     return address.local.lower() == DIRSYNC_LOCAL and any(
+        address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
+
+
+def is_attendant_address(address: Address, table: RoutingTable) -> bool:
+    """Whether ``address`` is this site's system attendant (``attendant@`` a domain of
+    the site's directory service address)."""
+    return address.local.lower() == ATTENDANT_LOCAL and any(
         address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
 
 
@@ -463,6 +474,9 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, shar
     if is_service_address(address, table):
         trail.add(f"{recipient} is the directory service address of site {table.site}")
         return Route(recipient, DIRECTORY, tuple(trail.steps))
+    if is_attendant_address(address, table):
+        trail.add(f"{recipient} is the system attendant address of site {table.site} (Link Monitor)")
+        return Route(recipient, ATTENDANT, tuple(trail.steps))
 
     if mailbox is not None:
         trail.add(f"directory: {recipient} is mailbox {mailbox.alias} ({mailbox.display_name}), home site {mailbox.home_site}")
@@ -537,4 +551,4 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
 
 
 __all__ = ["route_for", "home_server_of", "sent_back", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
-           "is_service_address", "hosts_in_turn", "rotate"]
+           "is_service_address", "is_attendant_address", "ATTENDANT", "hosts_in_turn", "rotate"]

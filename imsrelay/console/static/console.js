@@ -257,6 +257,7 @@
              el("span", { class: "count", dataset: { queue: name } })),
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/replication`, "Directory Replication")) : null,
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/addressing`, "Site Addressing")) : null,
+          inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/link-monitors`, "Link Monitors")) : null,
           inside ? treeExtras(name) : null,
           el("li", {}, link(`#/mail?site=${encodeURIComponent(name)}`, "Mailboxes")))));
     const inside = state.sites.filter((n) => !state.outside.includes(n));
@@ -316,7 +317,7 @@
     try {
       if (parts[0] === "site" && parts[1]) {
         const page = { config: viewConfig, queue: viewQueue, replication: viewReplication,
-                       addressing: viewAddressing, ...sitePages }[parts[2] || "config"] || viewConfig;
+                       addressing: viewAddressing, "link-monitors": viewLinkMonitors, ...sitePages }[parts[2] || "config"] || viewConfig;
         built = await page(root, parts[1], params);
       } else if (parts[0] === "recipients") built = await viewRecipients(root, params);
       else if (parts[0] === "mail") built = await viewMail(root, params);
@@ -537,6 +538,37 @@
         table(["Peer", "Schedule", "High-water", "Backlog", "Last request", "Last reply", "Applied", "Errors", ""], rows, { class: "replication" }),
         Object.keys(st.rejected || {}).length ? notice(`Rejected updates: ${JSON.stringify(st.rejected)}`, "error") : null,
       ];
+    });
+  }
+
+  // ------------------------------------------------------------------ a site: Link Monitors (KB Q246674)
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+    if (seconds < 120) return `${seconds.toFixed(1)} s`;
+    return `${(seconds / 60).toFixed(1)} min`;
+  }
+
+  async function viewLinkMonitors(root, name) {
+    viewTitle(root, `${name} — Link Monitors`, "Exchange's monitor window: each target of each monitor, its state (up, warning, alert), since when, and the last ping's round trip. A ping goes to the remote site's system attendant, which returns it; a foreign address answers with its NDR.");
+    return withData(root, [`linkmon:${name}`], async () => {
+      let lm;
+      try { lm = await api("GET", site(name, "/link-monitors")); } catch (err) { return notice(err.message, "error"); }
+      if (!lm.monitors.length) return el("p", { class: "muted", id: "no-monitors", text: "No Link Monitor is defined at this site ([[link_monitors]] in its configuration file)." });
+      return lm.monitors.map((m) => card(`${m.name}`,
+        el("p", { class: "muted", text: `State ${m.state}. A ping every ${duration(m.interval)}; warning after ${duration(m.warning_after)}, alert after ${duration(m.alert_after)}; alert mail to ${m.notify || "the administrator (notifications.administrator)"}.` }),
+        table(["Target", "State", "Since", "Last round trip", "Last answer", "Waiting", "Pings / answers", "Comment"],
+          m.targets.map((t) => el("tr", { dataset: { target: t.target, state: t.state } },
+            el("td", { class: "addr", text: t.target }),
+            el("td", {}, badge(t.state, t.state)),
+            el("td", { text: when(t.since) }),
+            el("td", { class: "num rtt", text: duration(t.last_rtt) }),
+            el("td", { text: ago(t.last_answer) }),
+            el("td", { text: t.waiting ? `${t.waiting} ping${t.waiting === 1 ? "" : "s"}, oldest ${duration(t.oldest_wait)}` : "none" }),
+            el("td", { class: "num", text: `${t.pings} / ${t.answers}` }),
+            el("td", { class: t.problem ? "error" : "muted", text: t.problem || "" }))),
+          { class: "link-monitors" })));
     });
   }
 
