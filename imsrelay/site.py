@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from imsrelay.access.service import MailboxAccess, mail_owner
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
@@ -211,7 +212,8 @@ class Site:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
         if self.config.admin.port != 0 and self.worker == 0:
-            self.admin = AdminServer(self)
+            # the site's other servers ([[servers]]): the admin views answer for the whole site
+            self.admin = AdminServer(self, servers=SiteServers.of(self.config, log=self.log))
 
     # ------------------------------------------------------------ lifecycle
 
