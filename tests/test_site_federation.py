@@ -13,7 +13,7 @@ import json
 
 import aiohttp
 import pytest
-from sitekit import free_port, make_config, send_mail, simple_message, site_mapping, wait_for
+from sitekit import free_port, run_cli, send_mail, simple_message, site_mapping, wait_for, write_site_file
 
 from imsrelay.admin.federation import ServerAnswer, SiteServers, UnknownServer, labelled, servers_report
 from imsrelay.console.backend import Organisation
@@ -72,7 +72,8 @@ def _configs(tmp_path):
                            {"domain": "nowhere.test", "host": HOSTS["Server1"], "port": dead}],
             delivery={"retry_intervals": [60], "connect_timeout": 2},
             logging={"level": "warning", "format": "json"})
-        configs[name] = make_config(tmp_path / name, mapping)
+        (tmp_path / name).mkdir()
+        _, configs[name] = write_site_file(tmp_path / name, mapping)
     return configs, smtp, admin
 
 
@@ -170,6 +171,12 @@ async def _two_servers(http, sites, configs, smtp, url):
     status, body = await _get(http, a, "/queue", server="ServerA")
     assert body["messages"] == []
     queue_id = next(iter(sites["Server1"].qmgr.envelopes))
+    code, out, err = await asyncio.to_thread(run_cli, "queue", "list", "--all-servers",
+                                             "-c", str(configs["ServerA"].path))
+    assert code == 0, err
+    assert f"{queue_id} Server1" in out and "someone@nowhere.test" in out and "at 2 of 2 servers" in out
+    code, out, _ = await asyncio.to_thread(run_cli, "queue", "list", "-c", str(configs["ServerA"].path))
+    assert code == 0 and out.strip() == "Mail queue is empty"  # this server's own spool
     async with http.post(a + "/queue/retry", json={"queue_id": queue_id}) as r:
         assert r.status == 200 and (await r.json())["retried"] == 1
 
@@ -188,6 +195,9 @@ async def _two_servers(http, sites, configs, smtp, url):
     assert "Server1 does not answer" in body["servers"]["Server1"]["error"]
     status, body = await _get(http, a, "/queue")
     assert status == 200 and body["messages"] == [] and not body["servers"]["Server1"]["ok"]
+    code, out, _ = await asyncio.to_thread(run_cli, "queue", "list", "--all-servers",
+                                           "-c", str(configs["ServerA"].path))
+    assert code == 3 and "-- Server1: not answering (Server1 does not answer" in out
     status, body = await _get(http, a, "/api/v1/tracking", message_id="<fed-1@example.net>")
     assert status == 200 and [h.get("server") for h in body["messages"][0]["hops"]] == ["ServerA"]
     assert not body["servers"]["Server1"]["ok"]
