@@ -13,9 +13,23 @@ import json
 
 import aiohttp
 import pytest
-from sitekit import free_port, run_cli, send_mail, simple_message, site_mapping, wait_for, write_site_file
+from sitekit import (
+    free_port,
+    run_cli,
+    send_mail,
+    simple_message,
+    site_mapping,
+    wait_for,
+    write_site_file,
+)
 
-from imsrelay.admin.federation import ServerAnswer, SiteServers, UnknownServer, labelled, servers_report
+from imsrelay.admin.federation import (
+    ServerAnswer,
+    SiteServers,
+    UnknownServer,
+    labelled,
+    servers_report,
+)
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
 from imsrelay.model.settings import SiteServer

@@ -91,7 +91,7 @@ async def track(org: Organisation, q: str) -> dict[str, Any]:
         replies = await org.each("GET", "/api/v1/tracking", params={**params, "limit": "200"})
         errors.update({k: v for k, v in _errors(replies).items() if replies.get(k) is None
                        or replies[k].status != 400})
-        for site, reply in replies.items():
+        for reply in replies.values():
             if not reply.ok:
                 continue
             for e in reply.body.get("events", []):
