@@ -177,7 +177,8 @@ class Site:
         self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
-        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes",
+                                          server=config.server if len(config.servers) > 1 else None)
         self.access: MailboxAccess | None = None
         if config.access.enabled and worker == 0:  # one Dovecot per server, next to worker 0
             self.access = MailboxAccess(

@@ -30,6 +30,7 @@ from imsrelay.admin.federation import (
     labelled,
     servers_report,
 )
+from imsrelay.admin.message_api import LabEndpoint
 from imsrelay.console.backend import Organisation
 from imsrelay.console.server import ConsoleServer
 from imsrelay.model.settings import SiteServer
@@ -196,6 +197,8 @@ async def _two_servers(http, sites, configs, smtp, url):
 
     # the console, through a real HTTP client, given ServerA's endpoint only
     await _console(a, queue_id)
+    # a lab endpoint running both servers in one process: the same labels, no HTTP between them
+    await _lab_endpoint(sites, remote_id)
 
     async with http.delete(a + f"/queue/{queue_id}") as r:
         assert r.status == 200 and (await r.json())["server"] == "Server1"
@@ -217,6 +220,24 @@ async def _two_servers(http, sites, configs, smtp, url):
     assert not body["servers"]["Server1"]["ok"]
     status, body = await _get(http, a, f"/api/v1/messages/{remote_id}")
     assert status == 404 and "not answering" in body["error"]
+
+
+async def _lab_endpoint(sites, remote_id: str) -> None:
+    lab = LabEndpoint(lambda: list(sites.values()), host="127.0.0.1", port=free_port(), token=TOKEN,
+                      log=sites["ServerA"].log, lab_ready=lambda: None)
+    await lab.start()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            status, body = await _get(http, lab.url, "/api/v1/messages")
+            assert sorted((m["server"], m["mailbox"]) for m in body["messages"]) == [("Server1", "User5"),
+                                                                                     ("ServerA", "User1")]
+            assert "servers" not in body  # one process: nobody was asked over HTTP
+            status, body = await _get(http, lab.url, f"/api/v1/messages/{remote_id}")
+            assert status == 200 and body["server"] == "Server1"  # the second SiteA store holds it
+            status, body = await _get(http, lab.url, "/api/v1/tracking", message_id="<fed-1@example.net>")
+            assert [h.get("server") for h in body["messages"][0]["hops"]] == ["ServerA", "Server1"]
+    finally:
+        await lab.stop()
 
 
 async def _console(admin_url: str, queue_id: str) -> None:
@@ -242,3 +263,32 @@ async def _console(admin_url: str, queue_id: str) -> None:
                 assert "m.server" in await r.text()  # the page shows each item's server
     finally:
         await console.stop()
+
+
+async def test_a_site_of_one_server_answers_as_before(tmp_path):
+    host = "127.10.24.12"
+    admin_port, smtp_port = free_port(host), free_port(host)
+    _, config = write_site_file(tmp_path, site_mapping(
+        "SiteA", listen=host, port=smtp_port, admin={"listen": host, "port": admin_port, "token": TOKEN},
+        logging={"level": "warning", "format": "json"}))
+    site = Site(config)
+    await site.start()
+    try:
+        await asyncio.to_thread(send_mail, host, smtp_port, "sender@example.net", ["User1@SiteA.microsoft.com"],
+                                simple_message("sender@example.net", "User1@SiteA.microsoft.com", "One server"))
+        await wait_for(lambda: list_messages(mailbox_dir(config.data_dir, "User1")), timeout=10)
+        base = f"http://{host}:{admin_port}"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            status, body = await _get(http, base, "/api/v1/messages")
+            assert status == 200 and set(body) == {"total", "start", "count", "messages"}
+            assert "server" not in body["messages"][0]
+            status, body = await _get(http, base, "/queue")
+            assert body == {"messages": []}
+            status, body = await _get(http, base, "/api/v1/messages", server="ServerA")
+            assert status == 200 and body["total"] == 1
+            status, body = await _get(http, base, "/api/v1/messages", server="Server1")
+            assert status == 404 and "no server 'Server1'" in body["error"]
+            status, body = await _get(http, base, "/api/v1/tracking", recipient="User1@SiteA.microsoft.com")
+            assert set(body) == {"events", "messages"} and "server" not in body["messages"][0]["hops"][0]
+    finally:
+        await site.stop()

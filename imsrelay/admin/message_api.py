@@ -209,12 +209,31 @@ class MessageApi:
             body["servers"] = self._servers_of(scope).report(scope, answers)
         return body
 
-    def _store_for(self, message_id: str) -> Any:
+    def _stores_for(self, message_id: str) -> list[Any]:
         site = message_id.split(":", 1)[0]
-        for s in self.sites:
-            if s.config.site == site:
-                return s.message_store
-        raise Missing(f"no message {message_id!r}")
+        stores = [s.message_store for s in self.sites if s.config.site == site]
+        if not stores:
+            raise Missing(f"no message {message_id!r}")
+        return stores
+
+    def _holding(self, message_id: str) -> Any:
+        """The store holding a message (blocking when several servers of one site are
+        here, as in a lab: it looks at their Maildirs)."""
+        stores = self._stores_for(message_id)
+        if len(stores) == 1:
+            return stores[0]
+        for store in stores:
+            try:
+                store.find(message_id)
+            except NotFound:
+                continue
+            return store
+        return stores[0]
+
+    async def _store_for(self, message_id: str) -> Any:
+        if len(self._stores_for(message_id)) == 1:
+            return self._stores_for(message_id)[0]
+        return await asyncio.to_thread(self._holding, message_id)
 
     # -------------------------------------------------------------- health
 
@@ -347,7 +366,7 @@ class MessageApi:
         found = await self._search(search) if scope.local else []
 
         def delete() -> int:
-            return sum(1 for m in found if self._store_for(m.id).delete(m.id))
+            return sum(1 for m in found if self._holding(m.id).delete(m.id))
         deleted = await asyncio.to_thread(delete)
         if not scope.labelled:
             return web.json_response({"deleted": deleted})
@@ -398,7 +417,7 @@ class MessageApi:
         scope = self.scope(request.query)
         if scope.local:
             try:
-                store = self._store_for(mid)
+                store = await self._store_for(mid)
                 return web.json_response(self._label(await asyncio.to_thread(store.detail, mid), scope))
             except (Missing, NotFound, FileNotFoundError) as exc:
                 if not scope.peers:
@@ -418,7 +437,7 @@ class MessageApi:
             raise BadRequest("the request body must be a JSON object like {\"read\": true}")
         if scope.local:
             try:
-                store = self._store_for(mid)
+                store = await self._store_for(mid)
                 summary = await asyncio.to_thread(store.set_read, mid, body["read"])
                 return web.json_response(self._label(summary.as_dict(), scope))
             except (Missing, NotFound, FileNotFoundError) as exc:
@@ -433,7 +452,7 @@ class MessageApi:
         scope = self.scope(request.query)
         if scope.local:
             try:
-                store = self._store_for(mid)
+                store = await self._store_for(mid)
             except Missing:
                 if not scope.peers:
                     raise
@@ -449,7 +468,7 @@ class MessageApi:
         scope = self.scope(request.query)
         if scope.local:
             try:
-                store = self._store_for(mid)
+                store = await self._store_for(mid)
                 summary = await asyncio.to_thread(store.find, mid)
             except (Missing, NotFound) as exc:
                 if not scope.peers:
