@@ -171,6 +171,10 @@ async def _two_servers(http, sites, configs, smtp, url):
     assert ends["user5@s1.test"]["path"] == ["SiteA/ServerA", "SiteA/Server1"]
     assert ends["user1@sitea.microsoft.com"]["path"] == ["SiteA/ServerA"]
     assert "SiteA/ServerA -> {SiteA/Server1 -> mailbox User5" in story["path"]
+    code, out, err = await asyncio.to_thread(run_cli, "track", "--message-id", "<fed-1@example.net>",
+                                             "--site", f"{a}={TOKEN}")
+    assert code == 0, err
+    assert "path: SiteA/ServerA -> {SiteA/Server1 -> mailbox User5" in out and "  SiteA/Server1 (queue id" in out
     # the same trace asked at the other server
     status, body = await _get(http, one, "/api/v1/tracking", message_id="<fed-1@example.net>")
     assert [h.get("server") for h in body["messages"][0]["hops"]] == ["ServerA", "Server1"]
