@@ -22,6 +22,7 @@ from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
+from imsrelay.directory.intrasite import IntraSite
 from imsrelay.directory.lookups import MailboxLookups
 from imsrelay.directory.replication import Replicator, unconfigured_peer_reply
 from imsrelay.directory.restrictions_report import (
@@ -57,6 +58,7 @@ from imsrelay.policy.auth import (
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
 from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
+from imsrelay.policy.internet_mail import OutboundRules
 from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
@@ -79,6 +81,7 @@ from imsrelay.routing.router import (
     is_service_address,
     routing_table_for,
     self_addresses,
+    sent_back,
 )
 from imsrelay.transport.costed import CostedTransport
 from imsrelay.transport.directory import DirectoryTransport
@@ -122,6 +125,7 @@ class Site:
         self._learned_sites: tuple[tuple[str, str], ...] = ()
         self._loop_marker = mail_loops.received_marker(config.hostname)
         self.replicator: Replicator | None = None
+        self.intrasite: IntraSite | None = None  # a site of several servers: replication between them
         self.admin: AdminServer | None = None
         # who restarts this site when its administrator asks (imsrelay serve, the lab); None: nobody
         self.on_restart: Callable[[], None] | None = None
@@ -142,8 +146,12 @@ class Site:
             DIRECTORY: DirectoryTransport(self._directory_deliver, log=self.log),
             RELAY: smtp, MX: smtp, FAIL: ErrorTransport()}
         self.qmgr = QueueManager(self.spool, inputs=self, transports=transports, tracking_log=self.tracking,
-                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock)
-        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log)
+                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock,
+                                 outbound=OutboundRules(config.internet_mail, config.delivery.max_message_size))
+        self._journal: tuple[int, str | None] | None = None  # (directory USN, the journal recipient's address)
+        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log,
+                              journal=self if config.journaling.recipient else None,
+                              journal_reports=config.journaling.reports)
         self.lookups = MailboxLookups(
             self.directory, site=config.site, site_domain=config.site_domain, postmaster=config.smtp.postmaster,
             accepted_domains=config.smtp.accepted_domains, addressing_domain=lambda: self.addressing_domain,
@@ -212,6 +220,8 @@ class Site:
         elif self.config.replication.connectors:
             self.log.warning("replication.disabled", reason="no organisation key: set replication.key or "
                              f"${self.config.replication.key_env}; dirsync messages are ignored")
+        if self.config.peer_servers and self.worker == 0:
+            self.intrasite = IntraSite(self.config, self.directory, log=self.log, clock=self.clock)
         if self.config.admin.port != 0 and self.worker == 0:
             # the site's other servers ([[servers]]): the admin views answer for the whole site
             self.admin = AdminServer(self, servers=SiteServers.of(self.config, log=self.log))
@@ -236,7 +246,7 @@ class Site:
             provisioned = await self.directory.run(
                 self.directory.provision, organisation=cfg.organisation, server=cfg.server,
                 site_domain=cfg.site_domain, hostname=cfg.hostname,
-                mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in cfg.mailboxes])
+                mailboxes=cfg.provisioned_mailboxes())
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
             await self.directory.run(self._provision_passwords)
@@ -264,6 +274,8 @@ class Site:
         if self.access is not None:
             await self.access.start()
         self._refresher = asyncio.create_task(self._refresh_periodically(), name="site-refresh")
+        if self.intrasite is not None:
+            await self.intrasite.start()  # the site's other servers: pull, notify, backstop
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
         if self.worker == 0:
@@ -278,6 +290,8 @@ class Site:
             await self.admin.stop()
         if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
+        if self.intrasite is not None:
+            await self.intrasite.stop()
         if self.access is not None:
             await self.access.stop()
         await self.listeners.stop()
@@ -324,6 +338,11 @@ class Site:
 
     def hold_reason(self, queue_id: str, route: Route) -> str | None:
         """Why a due recipient must wait instead of being attempted (None: go)."""
+        if route.server:  # an intra-site hop: the site's own traffic, not the IMS's (no Transfer mode)
+            env = self.qmgr.envelopes.get(queue_id)
+            if env is not None and sent_back(env.client, route, self.config.servers):
+                return f"intrasite:{route.server}"
+            return None
         if holds(self.transfer_mode, remote=route.kind in (RELAY, MX)):
             return f"transfer:{self.transfer_mode.value}"
         if route.etrn and queue_id not in self.qmgr.etrn_released:
@@ -354,6 +373,26 @@ class Site:
                              reason="no such mailbox at this site: NDR copies are not sent")
             return None
         return mbx.primary_address
+
+    async def journal_address(self) -> str | None:
+        """The journal recipient's address (Message Journaling, Q239427): the setting when
+        it is an address, else the primary address of the mailbox with that alias
+        (looked up again when the directory changed)."""
+        recipient = self.config.journaling.recipient
+        if not recipient or "@" in recipient:
+            return recipient
+        cached = self._journal
+        if cached is not None and cached[0] == self._seen_usn:
+            return cached[1]
+        mbx = await self.directory.run(self.directory.mailbox, recipient, self.config.site)
+        address = mbx.primary_address if mbx is not None and mbx.primary_address else None
+        if address is None:
+            # accepted mail is never held back for it: the site logs, and journals again once it exists
+            self.log.error("journaling.no_recipient", recipient=recipient,
+                           reason="no such mailbox at this site: messages are not journaled")
+        self._journal = (self._seen_usn, address)
+        return address
+
     # ------------------------------------------------------------ auth and restrictions
 
     def _provision_passwords(self) -> None:
@@ -431,6 +470,8 @@ class Site:
     def _directory_changed(self) -> None:
         self.lookups.clear()
         self._schedule_refresh()
+        if self.config.servers and self.qmgr.held_messages():
+            self.qmgr.release_held("intrasite:")  # routed again with what the directory says now
 
     def _free_space_now(self) -> int:
         """(Any thread) bytes free on the queue's file system."""

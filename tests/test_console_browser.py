@@ -160,6 +160,20 @@ def test_organisation_tree_and_property_pages(page, lab):
     expect(protocols).to_contain_text("Listeners")
 
 
+def test_the_ims_internet_mail_tab_shows_the_settings(page, lab):
+    """The IMS property page's Internet Mail tab (read-only): the lab's sites keep Exchange's
+    defaults: every automatic message sent, no outbound limit, no journaling."""
+    page.goto(lab.console_url + "#/site/SiteA/ims?tab=internet-mail")
+    view = page.locator("#view")
+    expect(view.locator("#ims-tab-internet-mail.current")).to_have_count(1)
+    expect(view.locator("#im-inbound")).to_contain_text("MiB")
+    expect(view.locator("#im-outbound")).to_have_text("no limit")
+    expect(view.locator("table.internet-mail tbody tr")).to_have_count(1)
+    expect(view.locator("table.internet-mail")).to_contain_text(re.compile(r"\* \(default\)\s*sent\s*sent\s*sent\s*sent"))
+    expect(view.locator("#im-journaling")).to_contain_text("Off")
+    expect(view.locator("button")).to_have_count(0)  # nothing to edit here
+
+
 def test_recipients_with_proxy_addresses_and_where_known(page):
     page.click("#tree a[href='#/recipients']")
     user1 = page.locator("tr[data-alias=User1]")

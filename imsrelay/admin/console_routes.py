@@ -11,6 +11,7 @@ DELETE   /queue/QUEUE_ID             remove a queued message (no NDR, like
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from imsrelay.admin.federation import Scope, SiteServers
 from imsrelay.model.envelope import check_queue_id
 from imsrelay.model.settings import SiteConfig, schedule_text
 from imsrelay.observe import tracking
+from imsrelay.policy.internet_mail import effective_entries
 from imsrelay.queue.manager import QueueManager
 
 
@@ -32,7 +34,11 @@ def config_dict(cfg: SiteConfig) -> dict[str, Any]:
         "ims": {"listen": cfg.smtp.listen, "port": cfg.smtp.port, "max_message_size": cfg.smtp.max_message_size,
                 "relay_networks": [str(n) for n in cfg.smtp.relay_networks],
                 "accepted_domains": list(cfg.smtp.accepted_domains),
-                "retry_intervals": list(d.retry_intervals), "lifetime": d.lifetime},
+                "retry_intervals": list(d.retry_intervals), "lifetime": d.lifetime,
+                "max_outbound_message_size": d.max_message_size},
+        # the Internet Mail tab by E-Mail Domain (Q262126), each entry as it applies; "*" first
+        "internet_mail": [dataclasses.asdict(e) for e in effective_entries(cfg.internet_mail)],
+        "journaling": {"recipient": cfg.journaling.recipient, "reports": cfg.journaling.reports},
         "connected_sites": [{"name": c.name, "routing_address": c.routing_address, "cost": c.cost}
                             for c in cfg.connected_sites],
         "email_domains": [{"domain": r.domain, "host": r.host, "port": r.port} for r in cfg.email_domains],

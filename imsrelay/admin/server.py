@@ -67,6 +67,7 @@ from imsrelay.admin.message_api import (
     envelope_items,
 )
 from imsrelay.admin.property_routes import add_property_routes, property_errors
+from imsrelay.directory.intrasite import IntraSite, changes_since
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -108,7 +109,8 @@ def mailbox_dict(m: Mailbox) -> dict[str, Any]:
             "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
             "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
             "filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
-            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3}}
+            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3},
+            "home_server": m.home_server}
 
 
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
@@ -141,6 +143,7 @@ class AdminSite(Protocol):
     directory: Directory
     qmgr: QueueManager
     replicator: Replicator | None
+    intrasite: IntraSite | None  # a site of several servers: directory replication between them
     access: MailboxAccess | None  # IMAP4 and POP3 (None: off)
     smtp_client: SmtpClient
     tracking: TrackingLog
@@ -200,6 +203,10 @@ class AdminServer:
         r.add_put("/directory/protocols", self.put_site_protocols)
         r.add_get("/restrictions", self.get_restrictions)
         r.add_post("/restrictions/explain", self.post_explain)
+        r.add_get("/directory/intrasite", self.get_intrasite)
+        r.add_get("/directory/intrasite/changes", self.get_intrasite_changes)
+        r.add_post("/directory/intrasite/notify", self.post_intrasite_notify)
+        r.add_post("/directory/intrasite/pull-now", self.post_intrasite_pull_now)
         r.add_post("/replication/request-now", self.post_request_now)
         r.add_get("/replication/status", self.get_replication_status)
         r.add_post("/kcc/check-now", self.post_check_now)
@@ -315,6 +322,8 @@ class AdminServer:
                             "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
                             "connectors": [c.site for c in cfg.replication.connectors]},
             "learned_sites": [list(x) for x in site.learned_sites],
+            "servers": [{"name": s.name, "host": s.host, "port": s.port, "admin": s.admin} for s in cfg.servers],
+            "bridgehead": cfg.bridgehead,
             "tracking": site.tracking.status(),
         })
 
@@ -324,13 +333,20 @@ class AdminServer:
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 
     async def post_mailbox(self, request: web.Request) -> web.Response:
-        """Create a mailbox: `{"alias", "display_name"}` (409 when the alias exists)."""
+        """Create a mailbox: `{"alias", "display_name", "home_server"}` (409 when the alias exists); on a
+        site of several servers its home server is this one unless `home_server` names another."""
         body = await _json_body(request)
         alias = _field(body, "alias", str, required=True)
         display = _field(body, "display_name", str) or None
         extra = _field(body, "addresses", list) or []
+        home = _field(body, "home_server", str)
+        servers = self.site.config.servers
+        if home is not None and home.lower() not in {s.name.lower() for s in servers}:
+            raise _BadRequest(f"home_server {home!r} is not one of this site's servers "
+                              f"({', '.join(s.name for s in servers) or 'a site of one server: leave it out'})")
         directory = self.site.directory
-        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra])
+        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra],
+                                  self.site.config.home_server_for(home) or None)
         self.site.log.info("directory.mailbox_added", alias=mbx.alias, address=mbx.primary_address)
         return web.json_response(mailbox_dict(mbx), status=201)
 
@@ -419,6 +435,46 @@ class AdminServer:
         lines = await directory.run(lambda: explain(self.site.config, directory, question, table=table,
                                                     policy=policy))
         return web.json_response({"lines": lines})
+
+    def _intrasite(self) -> IntraSite:
+        if self.site.intrasite is None:
+            raise _Conflict(f"{self.site.config.server} is the only server of site {self.site.config.site} "
+                            "([[servers]] lists no other with an admin endpoint)")
+        return self.site.intrasite
+
+    async def get_intrasite(self, request: web.Request) -> web.Response:
+        """Intra-site directory replication at this server: its USN, and per other server of the site the high-water mark, last pull, applied objects and last error."""
+        return web.json_response(await self._intrasite().status())
+
+    async def get_intrasite_changes(self, request: web.Request) -> web.Response:
+        """The objects changed on this server above `?since=USN` (one batch; `invocation`: the puller's idea of this database, another one answers from 0) and, with `passwords_after=TIME`, the password hashes set since: what the site's other servers pull."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise _BadRequest("since must be a USN (an integer)") from None
+        if since < 0:
+            raise _BadRequest("since must be a USN (an integer, 0 or more)")
+        after = request.query.get("passwords_after")
+        try:
+            passwords_after = None if after is None else float(after)
+        except ValueError:
+            raise _BadRequest("passwords_after must be a time (seconds since the epoch)") from None
+        directory = self.site.directory
+        return web.json_response(await directory.run(changes_since, directory, self.site.config.server, since,
+                                                     request.query.get("invocation", ""),
+                                                     passwords_after=passwords_after))
+
+    async def post_intrasite_notify(self, request: web.Request) -> web.Response:
+        """`{"server"}`: another server of the site changed its directory; this one pulls from it now."""
+        body = await _json_body(request)
+        server = _field(body, "server", str, required=True)
+        if not self._intrasite().notified(server):
+            raise _BadRequest(f"{server!r} is not another server of site {self.site.config.site}")
+        return web.json_response({"pulling_from": server}, status=202)
+
+    async def post_intrasite_pull_now(self, request: web.Request) -> web.Response:
+        """Pull every other server's changes now (Request Now inside the site); the results per server."""
+        return web.json_response({"server": self.site.config.server, "pulled": await self._intrasite().pull_all()})
 
     def _replicator(self) -> Replicator:
         if self.site.replicator is None:

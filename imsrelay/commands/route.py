@@ -68,7 +68,7 @@ def open_directory_for_routing(config: SiteConfig) -> tuple[Directory, str]:
     memory = Directory(Path(":memory:"), config.site)
     memory.provision(organisation=config.organisation, server=config.server, site_domain=config.site_domain,
                      hostname=config.hostname,
-                     mailboxes=[(m.alias, m.display_name, m.extra_addresses) for m in config.mailboxes])
+                     mailboxes=config.provisioned_mailboxes())
     return memory, f"no directory yet at {db} (site never started): using the mailboxes of the config file"
 
 

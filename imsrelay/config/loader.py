@@ -36,6 +36,7 @@ from imsrelay.model.settings import (
     DEFAULT_URGENT_LIFETIME,
     DIAGNOSTIC_CATEGORIES,
     DIAGNOSTIC_LEVELS,
+    INTERNET_MAIL_DEFAULT,
     REPLICATION_ALWAYS,
     SMTP_PORT,
     AccessConfig,
@@ -50,6 +51,8 @@ from imsrelay.model.settings import (
     DomainRoute,
     EtrnConfig,
     EtrnRequest,
+    InternetMailDomain,
+    JournalingConfig,
     LabConfig,
     LoggingConfig,
     MailboxConfig,
@@ -389,6 +392,7 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
         max_active_messages=s.integer("max_active_messages", minimum=1),
         smart_host_starttls=s.choice("smart_host_starttls", STARTTLS_POLICIES),
         tls_ca_file=(config_dir / ca) if (ca := s.string("tls_ca_file")) else MISSING,
+        max_message_size=s.integer("max_message_size"),
     )
     s.reject_unknown()
     return cfg
@@ -551,6 +555,45 @@ def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
     return tuple(routes)
 
 
+def _load_internet_mail(root: _Section) -> tuple[InternetMailDomain, ...]:
+    """``[[internet_mail]]``: the Internet Mail tab by E-Mail Domain; ``*`` is the default entry."""
+    entries: list[InternetMailDomain] = []
+    seen: set[str] = set()
+    for e in root.tables("internet_mail"):
+        given = e.string("domain", required=True)
+        domain = given
+        if given not in (MISSING, INTERNET_MAIL_DEFAULT):
+            exact = given.startswith("#")
+            domain = _domain(e, "domain", given)
+            domain = MISSING if domain is MISSING else ("#" if exact else "") + domain
+        if domain is not MISSING and domain.lower() in seen:
+            domain = e.error("domain", f"{domain!r} is listed twice: give each domain one entry")
+        values = {name: e.boolean(name) for name in ("out_of_office", "auto_replies", "auto_forwards",
+                                                     "display_names")}
+        size = e.integer("max_message_size")
+        if domain is not MISSING:
+            seen.add(domain.lower())
+            entries.append(_build(InternetMailDomain, domain=domain, max_message_size=size, **values))
+        e.reject_unknown()
+    return tuple(entries)
+
+
+def _load_journaling(j: _Section) -> JournalingConfig:
+    recipient = j.string("recipient")
+    if recipient is not MISSING and not recipient.strip():
+        recipient = MISSING  # "" = off
+    elif recipient is not MISSING and "@" in recipient:
+        try:
+            parse_address(recipient)
+        except AddressError as exc:
+            recipient = j.error("recipient", f"{recipient!r} is not an address: {exc}")
+    elif recipient is not MISSING and not _ALIAS.fullmatch(recipient):
+        recipient = j.error("recipient", f"{recipient!r} is neither an address nor a mailbox alias")
+    cfg = _build(JournalingConfig, recipient=recipient, reports=j.boolean("reports"))
+    j.reject_unknown()
+    return cfg
+
+
 def _public_key(t: _Section, site: str) -> Any:
     """``ed25519:<base64 of 32 bytes>`` (``imsrelay replicate keygen`` prints it)."""
     value = t.string(site, required=True)
@@ -595,12 +638,29 @@ def _load_replication(r: _Section, config_dir: Path) -> ReplicationConfig:
         signing_key=(config_dir / sk) if (sk := r.string("signing_key")) else MISSING,
         trusted_keys=tuple((site, k) for site in sorted(trusted.table)
                            if (k := _public_key(trusted, site)) is not MISSING),
+        bridgehead=_server_name(r, "bridgehead"),
+        intrasite_interval=r.duration("intrasite_interval"),
     )
     if cfg.signing_key and not trusted.table:
         r.error("trusted_keys", "signing_key needs the organisation's trusted public keys "
                                 "([replication.trusted_keys] SiteA = \"ed25519:...\")")
     r.reject_unknown()
     return cfg
+
+
+def _server_name(section: _Section, key: str) -> Any:
+    name = section.string(key)
+    if name is not MISSING and not _NAME.fullmatch(name):
+        return section.error(key, f"{name!r} is not a server name (letters, digits, - _ .)")
+    return name
+
+
+def _check_bridgehead(root: _Section, replication: ReplicationConfig, servers: tuple[SiteServer, ...]) -> None:
+    named = replication.bridgehead
+    if named is not None and named.lower() not in {s.name.lower() for s in servers}:
+        root.errors.append(ConfigError(root.path, "replication.bridgehead",
+                                       f"{named!r} is not one of [[servers]] "
+                                       f"({', '.join(s.name for s in servers) or 'none listed'})"))
 
 
 def _load_admin(a: _Section) -> AdminConfig:
@@ -908,7 +968,10 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     dns = _load_dns(root.table_of("dns"))
     connected = _load_connected_sites(root)
     routes = _load_email_domains(root)
+    internet_mail = _load_internet_mail(root)
+    journaling = _load_journaling(root.table_of("journaling"))
     replication = _load_replication(root.table_of("replication"), config_dir)
+    _check_bridgehead(root, replication, servers)
     admin = _load_admin(root.table_of("admin"))
     logging = _load_logging(root.table_of("logging"))
     transfer = _load_transfer(root.table_of("transfer"))
@@ -951,7 +1014,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
         smtp=smtp, mailboxes=mailboxes, servers=servers, delivery=delivery, queue=queue, dns=dns,
-        connected_sites=connected, email_domains=routes,
+        connected_sites=connected, email_domains=routes, internet_mail=internet_mail, journaling=journaling,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,

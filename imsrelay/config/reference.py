@@ -27,6 +27,7 @@ _PROBE: dict[str, Any] = {
     "mailboxes": [{"alias": "User1", "display_name": "User One"}],
     "connected_sites": [{"name": "SiteB", "routing_address": "@b.example"}],
     "email_domains": [{"domain": "b.example", "host": "127.0.0.2"}],
+    "internet_mail": [{"domain": "*"}],
     "delivery": {"tls": [{"domain": "b.example", "starttls": "require"}]},
     "replication": {"connectors": [{"site": "SiteB"}], "trusted_keys": {}},
     "etrn": {"requests": [{"host": "127.0.0.3", "domain": "a.example"}]},

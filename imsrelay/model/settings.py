@@ -137,7 +137,8 @@ class SmtpConfig:
     """name in the greeting and `Received:` lines (empty: `server.email_domain`, e.g.
     `ServerA.SiteA.microsoft.com`)"""
     max_message_size: int = 10 * 1024 * 1024
-    """bytes; advertised in SIZE"""
+    """the inbound size limit in bytes (Exchange 5.5 SP3's InboundSizeLimit, Q231303): advertised in
+    SIZE, a bigger message gets `552 5.3.4`; the outbound limit is `delivery.max_message_size`"""
     max_hops: int = 15
     """`Received:` lines allowed before `554 5.4.6`"""
     max_recipients: int = 100
@@ -238,6 +239,11 @@ class DeliveryConfig:
     """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
     tls_ca_file: Path | None = None
     """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
+    max_message_size: int = 0
+    """the IMS's outbound size limit in bytes (Exchange 5.5 SP3's OutboundSizeLimit, Q231303): a
+    bigger message leaving by SMTP (to other sites and the Internet) is returned with an NDR,
+    `5.3.4`; 0 = no limit. The inbound limit is `smtp.max_message_size`; per remote domain:
+    `[[internet_mail]] max_message_size`"""
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,14 @@ class ReplicationConfig:
     """the organisation's public keys, every site (this one too), provisioned at set-up: `SiteA =
     "ed25519:…"`; with them a message verifies only with its sender's key and each object needs
     its home site's signature"""
+    bridgehead: str | None = None
+    """the server of this site that runs the Directory Replication Connectors to other sites (one of
+    `[[servers]]`; configured, not elected, as in Exchange 5.5, KB Q182963); left out: the first of
+    `[[servers]]`. The site's other servers get remote sites' objects by intra-site replication"""
+    intrasite_interval: float | None = None
+    """how often each server of a site pulls the changes of the site's other servers by USN, the
+    backstop behind the notification they send at every change; left out: Exchange's 300 s + 30 s
+    per server (KB Q199354)"""
 
     @property
     def enabled(self) -> bool:
@@ -327,6 +341,17 @@ class ReplicationConfig:
 
     def resolved_key(self) -> str | None:
         return secret_from(self.key, self.key_env)
+
+
+INTRASITE_BASE = 300.0  # KB Q199354: intra-site replication latency, 300 s + 30 s per server
+INTRASITE_PER_SERVER = 30.0
+
+
+def intrasite_interval(replication: ReplicationConfig, servers: int) -> float:
+    """The intra-site backstop: ``replication.intrasite_interval``, else 300 s + 30 s per server."""
+    if replication.intrasite_interval is not None:
+        return replication.intrasite_interval
+    return INTRASITE_BASE + INTRASITE_PER_SERVER * max(servers, 1)
 
 
 @dataclass(frozen=True)
@@ -579,6 +604,47 @@ class NotificationsConfig:
     """send the administrator a copy of every NDR (needs `administrator`)"""
 
 
+INTERNET_MAIL_DEFAULT = "*"  # the [[internet_mail]] entry for every domain not listed (Exchange's "Default")
+
+
+@dataclass(frozen=True)
+class InternetMailDomain:
+    """The IMS Internet Mail tab's "Specify by E-Mail Domain" (Q262126, Q176161): what may be sent
+    to one remote domain. A key left out takes the `*` entry's value, then the default."""
+
+    domain: str
+    """the remote domain (and its sub-domains; `#domain`: that domain only); `*` is the entry for
+    every other domain (Exchange's "Default")"""
+    out_of_office: bool | None = None
+    """send out-of-office replies to the domain (`false`: "Disable out of office responses to the
+    Internet"; such a reply is discarded without an NDR, as the IMS did); default true"""
+    auto_replies: bool | None = None
+    """send automatic replies to the domain (`false`: "Disable automatic replies to the Internet";
+    discarded without an NDR); default true"""
+    auto_forwards: bool | None = None
+    """send automatically forwarded messages to the domain (left out: as `auto_replies`, since in
+    Exchange 5.5 that check box disables automatic forwards too, Q176161)"""
+    display_names: bool | None = None
+    """send display names (`false`: "Disable sending display names to the Internet": the `From:`,
+    `To:` and `Cc:` fields carry bare addresses); default true"""
+    max_message_size: int | None = None
+    """the largest message in bytes sent to the domain, then an NDR `5.3.4` (0: no limit); default
+    no limit"""
+
+
+@dataclass(frozen=True)
+class JournalingConfig:
+    """[journaling]: Message Journaling at site level (Exchange 5.5 SP1, KB Q239427)."""
+
+    recipient: str | None = None
+    """the journal recipient (an alias of a mailbox here, or an address): it receives one copy of
+    every message accepted at this site, once per message, wrapped with its envelope (sender and
+    recipients). Unset: no journaling"""
+    reports: bool = True
+    """journal the reports this site writes (NDRs, delay notices) too; replication mail and journal
+    copies are never journaled"""
+
+
 @dataclass(frozen=True)
 class EtrnRequest:
     host: str
@@ -664,6 +730,9 @@ class SiteConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     connected_sites: tuple[ConnectedSite, ...] = ()
     email_domains: tuple[DomainRoute, ...] = ()
+    internet_mail: tuple[InternetMailDomain, ...] = ()
+    """the Internet Mail tab's settings by E-Mail Domain (`[[internet_mail]]`)"""
+    journaling: JournalingConfig = field(default_factory=JournalingConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -697,6 +766,34 @@ class SiteConfig:
     def site_address(self) -> str:
         """The site-default SMTP address installed with IMS: ``@SiteA.microsoft.com``."""
         return "@" + self.site_domain
+
+    @property
+    def peer_servers(self) -> tuple[SiteServer, ...]:
+        """The site's other servers (``[[servers]]`` but this one)."""
+        return tuple(s for s in self.servers if s.name.lower() != self.server.lower())
+
+    def home_server_for(self, named: str | None) -> str:
+        """The home server of a mailbox provisioned or created here: the one named (as
+        ``[[servers]]`` spells it), else this server on a site of several servers ("" on a
+        site of one server)."""
+        if named:
+            return next((s.name for s in self.servers if s.name.lower() == named.lower()), named)
+        return self.server if self.servers else ""
+
+    def provisioned_mailboxes(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """``[[mailboxes]]`` as the directory provisions them: alias, display name, extra
+        addresses, home server."""
+        return [(m.alias, m.display_name, m.extra_addresses, self.home_server_for(m.home_server))
+                for m in self.mailboxes]
+
+    @property
+    def bridgehead(self) -> bool:
+        """Whether this server runs the site's Directory Replication Connectors: a site of one
+        server, or the server ``replication.bridgehead`` names (else the first of ``[[servers]]``)."""
+        if not self.servers:
+            return True
+        named = self.replication.bridgehead or self.servers[0].name
+        return named.lower() == self.server.lower()
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -51,6 +51,8 @@ NDR_SENT = "ndr_sent"
 DELAY_NOTICE_SENT = "delay_notice_sent"
 DSN_SENT = "dsn_sent"  # a success report (RFC 3461 NOTIFY=SUCCESS): delivered, or relayed to a host without DSN
 DELETED = "deleted"
+JOURNALED = "journaled"  # a journal copy was queued with the message (Message Journaling, Q239427)
+DISCARDED = "discarded"  # not sent, without an NDR: the Internet Mail tab disables it for the domain
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum
 BOUNDS_EVERY = 5.0  # seconds between looks at the database's size and the free disk
@@ -445,7 +447,7 @@ class Hop:
 @dataclass(frozen=True)
 class RecipientResult:
     recipient: str
-    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted
+    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted | discarded
     site: str
     detail: str
     path: tuple[str, ...]  # sites it went through
@@ -658,6 +660,9 @@ def _result_of(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, .
         return RecipientResult(rcpt, "deferred", hop.place,
                                f"waiting at {hop.place} after attempt {d.get('attempts')}: {d.get('status')} "
                                f"{d.get('diagnostic')}{when}", path)
+    if last.event == DISCARDED:
+        return RecipientResult(rcpt, "discarded", hop.site, f"discarded at {hop.site} without an NDR: "
+                               f"{d.get('diagnostic')}", path)
     if last.event == DELETED:
         return RecipientResult(rcpt, "deleted", hop.place, f"deleted from the queue at {hop.place} by an operator", path)
     if last.event == ROUTED:

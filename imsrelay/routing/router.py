@@ -3,7 +3,9 @@
 Order of decisions, as the Exchange 5.5 IMS made them:
 
 1. the site's directory service address (replication traffic) → the directory;
-2. a mailbox in the directory: homed here → its Maildir; homed at another site →
+2. a mailbox in the directory: homed here → its Maildir (on a site of several
+   servers, ``[[servers]]``: homed on another server of the site → an intra-site
+   SMTP hop to that server, its home server); homed at another site →
    that site's routing address (Connected Sites, by exact directory name, or a site
    learned by replication once Check Now has run);
 3. an unknown address in a domain this site owns → permanent failure (5.1.1);
@@ -38,7 +40,7 @@ from imsrelay.model.addresses import (
     parse_address,
 )
 from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
-from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig
+from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig, SiteServer
 from imsrelay.policy.mail_loops import SelfEndpoints, points_at_self
 from imsrelay.policy.sealed import SEALED_STATUS, Network, host_refusal, inside, networks_text
 
@@ -68,6 +70,8 @@ class RoutingTable:
     sealed: tuple[Network, ...] | None = None  # a sealed lab's networks (lab.networks); None = not a lab
     lab_dns: bool = False  # the sealed lab has DNS servers of its own ([dns] nameservers)
     catch_all: str | None = None  # lab.catch_all: the mailbox keeping mail for the rest of the Internet
+    server: str = ""  # this server's name (site.server)
+    servers: tuple[SiteServer, ...] = ()  # the site's servers ([[servers]]); () = a site of one server
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,6 +118,7 @@ class Route:
     cost: int | None = None  # Connected Sites cost of this route to the site
     alternatives: tuple[Route, ...] = ()  # dearer (or equal-cost) routes, tried in order when this one fails
     etrn: str | None = None  # E-Mail Domain entry holding this mail until the peer issues ETRN
+    server: str | None = None  # RELAY: the home server of the site this hop goes to (an intra-site hop)
 
     @property
     def destination(self) -> str:
@@ -136,7 +141,8 @@ class Route:
             lines.append("=> this site's directory service (replication)")
         elif self.kind == RELAY:
             host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            lines.append(f"=> SMTP to {host}:{self.port} (STARTTLS {self.starttls})")
+            lines.append(f"=> SMTP to {host}:{self.port} (STARTTLS {self.starttls})"
+                         + (f", the mailbox's home server {self.server}" if self.server else ""))
         elif self.kind == MX:
             lines.append(f"=> SMTP to the MX hosts of {self.domain}, port {self.port} (STARTTLS {self.starttls})")
         else:
@@ -288,6 +294,57 @@ def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTab
     if not usable:
         return _fail(recipient, trail, "5.4.6", f"every route to site {site} points back at this site", permanent=True)
     return replace(usable[0], alternatives=tuple(usable[1:]))
+
+
+def home_server_of(mailbox: Mailbox, table: RoutingTable) -> SiteServer | None:
+    """The server of this site holding ``mailbox``'s Maildir when it is another server
+    than this one (None: this server delivers it: a site of one server, a mailbox with
+    no home server, or homed here).  ``KeyError`` when its home server is none of the
+    site's servers."""
+    name = mailbox.home_server.lower()
+    if not table.servers or not name or name == table.server.lower():
+        return None
+    for s in table.servers:
+        if s.name.lower() == name:
+            return s
+    raise KeyError(mailbox.home_server)
+
+
+def home_server_route(recipient: str, mailbox: Mailbox, table: RoutingTable, trail: _Trail) -> Route:
+    """A mailbox of this site: its Maildir here, or an intra-site SMTP hop to its home
+    server (any server of a site accepts mail for every user of the site, KB Q199354)."""
+    try:
+        home = home_server_of(mailbox, table)
+    except KeyError:
+        return _fail(recipient, trail, "4.4.0", f"mailbox {mailbox.alias} is homed on server {mailbox.home_server}, "
+                     f"which is not among this site's [[servers]] ({', '.join(s.name for s in table.servers)}): "
+                     "waits for the server list or the directory to name it", permanent=False)
+    if home is None:
+        if table.servers:
+            trail.add(f"home server: {mailbox.home_server or table.server} (this server)")
+        return Route(recipient, LOCAL, tuple(trail.steps), mailbox=mailbox.alias)
+    trail.add(f"home server: {home.name}, another server of site {table.site}: intra-site hop to "
+              f"{home.host}:{home.port}")
+    if points_at_self(home.host, home.port, table.self_endpoints):
+        return _fail(recipient, trail, "4.4.6", f"server {home.name}'s address {home.host}:{home.port} is this "
+                     "server's own: check [[servers]]", permanent=False)
+    refused = _sealed_refusal(home.host, table)
+    if refused:
+        return _fail(recipient, trail, SEALED_STATUS, f"server {home.name}: {refused}", permanent=True)
+    return Route(recipient, RELAY, tuple(trail.steps), host=home.host, port=home.port, domain=table.site_domain,
+                 starttls=table.starttls_default, server=home.name)
+
+
+def sent_back(client: str, route: Route, servers: Sequence[SiteServer]) -> bool:
+    """Whether an intra-site hop would return a message to the server of the site that
+    handed it here (the two servers' directories disagree on the mailbox's home server
+    until replication settles): such mail waits rather than bouncing between them."""
+    if not route.server or not client:
+        return False
+    host = client.split("%")[0].lower()
+    return any(s.name.lower() == route.server.lower() and s.host.lower() == host for s in servers)
+
+
 def _route_literal(recipient: str, address: Address, ip: object, table: RoutingTable, trail: _Trail) -> Route:
     """An address literal goes to that address — never through the tables or MX
     (RFC 5321 §5.1) — or is refused by policy; this site's own address is this site."""
@@ -339,7 +396,7 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, shar
     if mailbox is not None:
         trail.add(f"directory: {recipient} is mailbox {mailbox.alias} ({mailbox.display_name}), home site {mailbox.home_site}")
         if mailbox.home_site == table.site:
-            return Route(recipient, LOCAL, tuple(trail.steps), mailbox=mailbox.alias)
+            return home_server_route(recipient, mailbox, table, trail)
         found = site_routing_domain(mailbox.home_site, table)
         if found is None:
             return _fail(recipient, trail, "4.4.0",
@@ -403,8 +460,9 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         service_domains=(addressing_domain,), mx_port=d.mx_port,
         address_literals=config.routing.address_literals,
         sealed=config.lab.networks if config.lab.sealed else None, lab_dns=bool(config.dns.nameservers),
-        catch_all=config.lab.catch_all if config.lab.sealed else None)
+        catch_all=config.lab.catch_all if config.lab.sealed else None,
+        server=config.server, servers=config.servers)
 
 
-__all__ = ["route_for", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
+__all__ = ["route_for", "home_server_of", "sent_back", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
            "is_service_address"]

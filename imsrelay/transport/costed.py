@@ -36,7 +36,7 @@ class CostedTransport:
             if choice is not route:
                 self.log.info("delivery.route_failover", queue_id=env.queue_id, site=route.site,
                               failed=route.destination, cost=choice.cost, next=choice.destination)
-            cut = self.faults.link_cut(site=choice.site, host=choice.host,
+            cut = self.faults.link_cut(site=choice.site or choice.server, host=choice.host,  # a site, or a server of this site
                                        port=choice.port if choice.host else None, domain=choice.domain)
             if cut is not None:
                 result = {r: Outcome.temporary("4.4.1", f"link to {cut.peer} is cut (fault {cut.id})")

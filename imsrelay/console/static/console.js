@@ -423,7 +423,9 @@
           el("dl", { class: "facts" },
             el("dt", { text: "Listens on" }), el("dd", { text: `${cfg.ims.listen}:${cfg.ims.port} (bound ${st.smtp.port})` }),
             el("dt", { text: "Relay networks" }), el("dd", { text: cfg.ims.relay_networks.join(", ") || "none" }),
-            el("dt", { text: "Largest message" }), el("dd", { text: size(cfg.ims.max_message_size) }),
+            el("dt", { text: "Largest message in" }), el("dd", { text: size(cfg.ims.max_message_size) }),
+            el("dt", { text: "Largest message out" }), el("dd", { text: cfg.ims.max_outbound_message_size ? size(cfg.ims.max_outbound_message_size) : "no limit" }),
+            el("dt", { text: "Message journaling" }), el("dd", { text: cfg.journaling.recipient ? `a copy of every message to ${cfg.journaling.recipient}${cfg.journaling.reports ? " (reports too)" : ""}` : "off" }),
             el("dt", { text: "Retry intervals" }), el("dd", { text: cfg.ims.retry_intervals.map((s) => `${s}s`).join(", ") }),
             el("dt", { text: "Message lifetime" }), el("dd", { text: `${cfg.ims.lifetime / 3600} h` }))),
         card("Connected Sites",
@@ -821,7 +823,7 @@
   const sitePages = {};
   let treeExtras = () => null;
   window.imsConsole = {
-    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle,
+    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle, size,
     withData, alertBox, state, refreshView, refreshTreeCounts,
     addSitePage(name, view) { sitePages[name] = view; },
     setTreeExtras(make) { treeExtras = make; if (state.csrf) buildTree(); },
