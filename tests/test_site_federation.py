@@ -74,17 +74,16 @@ def _configs(tmp_path):
     dead = free_port(HOSTS["Server1"])  # nothing listens: mail for nowhere.test waits in Server1's queue
     servers = [{"name": n, "host": HOSTS[n], "port": smtp[n], "admin": f"http://{HOSTS[n]}:{admin[n]}"}
                for n in HOSTS]
-    mailboxes = {"ServerA": [{"alias": "User1", "display_name": "User One"}],
-                 "Server1": [{"alias": "User5", "display_name": "User Five", "addresses": ["smtp:User5@s1.test"]}]}
+    # every server's file lists the site's mailboxes, each with its home server (where its Maildir is)
+    mailboxes = [{"alias": "User1", "display_name": "User One", "home_server": "ServerA"},
+                 {"alias": "User5", "display_name": "User Five", "home_server": "Server1"}]
     configs = {}
     for name, host in HOSTS.items():
         mapping = site_mapping(
-            "SiteA", listen=host, port=smtp[name], mailboxes=mailboxes[name],
+            "SiteA", listen=host, port=smtp[name], mailboxes=mailboxes,
             site={"server": name}, servers=servers,
             admin={"listen": host, "port": admin[name], "token": TOKEN},
-            # ServerA hands mail for s1.test to Server1 (the intra-site hop)
-            email_domains=[{"domain": "s1.test", "host": HOSTS["Server1"], "port": smtp["Server1"]},
-                           {"domain": "nowhere.test", "host": HOSTS["Server1"], "port": dead}],
+            email_domains=[{"domain": "nowhere.test", "host": HOSTS["Server1"], "port": dead}],
             delivery={"retry_intervals": [60], "connect_timeout": 2},
             logging={"level": "warning", "format": "json"})
         (tmp_path / name).mkdir()
@@ -117,7 +116,7 @@ async def _two_servers(http, sites, configs, smtp, url):
     message = simple_message("sender@example.net", "User1@SiteA.microsoft.com", "Federated figures")
     message = message.replace(b"Subject:", b"Message-ID: <fed-1@example.net>\r\nSubject:")
     await asyncio.to_thread(send_mail, HOSTS["ServerA"], smtp["ServerA"], "sender@example.net",
-                            ["User1@SiteA.microsoft.com", "User5@s1.test"], message)
+                            ["User1@SiteA.microsoft.com", "User5@SiteA.microsoft.com"], message)
     await asyncio.to_thread(send_mail, HOSTS["Server1"], smtp["Server1"], "sender@example.net",
                             ["someone@nowhere.test"], simple_message("sender@example.net", "someone@nowhere.test",
                                                                      "Waiting at Server1"))
@@ -167,8 +166,8 @@ async def _two_servers(http, sites, configs, smtp, url):
     [story] = body["messages"]
     assert [(h["site"], h.get("server")) for h in story["hops"]] == [("SiteA", "ServerA"), ("SiteA", "Server1")]
     ends = {r["recipient"].lower(): r for r in story["recipients"]}
-    assert ends["user5@s1.test"]["state"] == "delivered" and ends["user5@s1.test"]["site"] == "SiteA/Server1"
-    assert ends["user5@s1.test"]["path"] == ["SiteA/ServerA", "SiteA/Server1"]
+    assert ends["user5@sitea.microsoft.com"]["state"] == "delivered" and ends["user5@sitea.microsoft.com"]["site"] == "SiteA/Server1"
+    assert ends["user5@sitea.microsoft.com"]["path"] == ["SiteA/ServerA", "SiteA/Server1"]
     assert ends["user1@sitea.microsoft.com"]["path"] == ["SiteA/ServerA"]
     assert "SiteA/ServerA -> {SiteA/Server1 -> mailbox User5" in story["path"]
     code, out, err = await asyncio.to_thread(run_cli, "track", "--message-id", "<fed-1@example.net>",
