@@ -143,6 +143,8 @@ async def _two_servers(http, sites, configs, smtp, url):
     assert list(body["servers"]) == ["Server1"]
     status, body = await _get(http, a, "/api/v1/messages", server="Server9")
     assert status == 404 and "no server 'Server9'" in body["error"]
+    status, body = await _get(http, a, "/api/v1/wait", query="mailbox:User5", timeout="5")
+    assert status == 200 and [(m["server"], m["mailbox"]) for m in body["messages"]] == [("Server1", "User5")]
     status, body = await _get(http, a, "/api/v1/mailboxes")
     assert sorted((b["server"], b["mailbox"]) for b in body["mailboxes"]) == [("Server1", "User5"),
                                                                               ("ServerA", "User1")]
