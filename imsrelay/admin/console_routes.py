@@ -19,7 +19,7 @@ from aiohttp import web
 
 from imsrelay.admin.federation import Scope, SiteServers
 from imsrelay.model.envelope import check_queue_id
-from imsrelay.model.settings import SiteConfig, schedule_text
+from imsrelay.model.settings import SiteConfig, hosts_text, schedule_text
 from imsrelay.observe import tracking
 from imsrelay.policy.internet_mail import effective_entries
 from imsrelay.queue.manager import QueueManager
@@ -39,10 +39,14 @@ def config_dict(cfg: SiteConfig) -> dict[str, Any]:
         # the Internet Mail tab by E-Mail Domain (Q262126), each entry as it applies; "*" first
         "internet_mail": [dataclasses.asdict(e) for e in effective_entries(cfg.internet_mail)],
         "journaling": {"recipient": cfg.journaling.recipient, "reports": cfg.journaling.reports},
-        "connected_sites": [{"name": c.name, "routing_address": c.routing_address, "cost": c.cost}
-                            for c in cfg.connected_sites],
-        "email_domains": [{"domain": r.domain, "host": r.host, "port": r.port} for r in cfg.email_domains],
-        "smart_host": f"{d.smart_host}:{d.smart_host_port}" if d.smart_host else None,
+        "connected_sites": [{"name": c.name, "routing_address": c.routing_address, "cost": c.cost,
+                             "hosts": hosts_text(c.hosts) or None} for c in cfg.connected_sites],
+        "least_cost_only": cfg.routing.least_cost_only,
+        # the Security tab's credentials show as the user name alone (never the password or where it is kept)
+        "email_domains": [{"domain": r.domain, "host": r.host, "port": r.port, "hosts": hosts_text(r.hosts),
+                           "auth_user": r.auth.username if r.auth else None} for r in cfg.email_domains],
+        "smart_host": hosts_text(d.smart_hosts) if d.smart_host else None,
+        "smart_host_auth_user": d.smart_host_auth.username if d.smart_host_auth else None,
         "replication_connectors": [{"site": c.site, "schedule": c.schedule, "schedule_text": schedule_text(c.schedule)}
                                    for c in cfg.replication.connectors],
         # the server's Protocols: IMAP4 and POP3 (null: the site's defaults)

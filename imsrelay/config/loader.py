@@ -58,11 +58,13 @@ from imsrelay.model.settings import (
     MailboxConfig,
     MetricsConfig,
     NotificationsConfig,
+    OutboundAuth,
     QueueConfig,
     ReplicationConfig,
     ReplicationConnector,
     RestrictionsConfig,
     RoutingConfig,
+    Secret,
     SiteConfig,
     SiteServer,
     SmtpConfig,
@@ -268,17 +270,51 @@ def _listen(section: _Section, name: str) -> Any:
     return ip_literal(value)
 
 
-def _host(section: _Section, name: str) -> Any:
-    """A next hop: an IP address (or [literal]) or a host name."""
-    value = section.string(name, required=True)
-    if value is MISSING:
-        return value
-    if ip_literal(value) is None:
+def _host_list(section: _Section, name: str, default_port: int, *, required: bool = False) -> Any:
+    """``host1,host2:2525,[::1]:26`` (KB Q279323) → ((host, port), ...), each host an IP
+    address or a name, each with its own port or ``default_port``; MISSING when absent
+    or wrong (the error recorded)."""
+    value = section.string(name, required=required)
+    if value in (MISSING, ""):
+        return MISSING
+    hosts: list[tuple[str, int]] = []
+    for part in value.split(","):
+        if not part.strip():
+            return section.error(name, f"{value!r}: an empty host in the list (write `host1,host2,host3`)")
         try:
-            normalise_domain(value)
-        except AddressError:
-            return section.error(name, f"{value!r} is neither an IP address nor a host name")
-    return value
+            hosts.append(parse_host_port(part, default_port))
+        except ValueError as exc:
+            return section.error(name, str(exc))
+    if len(set(hosts)) != len(hosts):
+        return section.error(name, f"{value!r} names the same host twice")
+    return tuple(hosts)
+
+
+def _outbound_auth(parent: _Section, name: str, config_dir: Path) -> Any:
+    """The Security tab's credentials (Q174754): ``{ username, password_env | password_file |
+    password, allow_plaintext }``; MISSING when not given."""
+    if name not in parent.table:
+        parent.used.add(name)
+        return MISSING
+    a = parent.table_of(name)
+    username = a.string("username", required=True)
+    password = a.string("password")
+    env = a.string("password_env")
+    file = a.string("password_file")
+    allow = a.boolean("allow_plaintext")
+    given = [k for k, v in (("password", password), ("password_env", env), ("password_file", file))
+             if v not in (MISSING, "")]
+    if len(given) != 1:
+        a.error("password_env", "give exactly one of password_env (preferred), password_file or password"
+                + (f", not {' and '.join(given)}" if given else ""))
+    a.reject_unknown()
+    if username is MISSING or len(given) != 1:
+        return MISSING
+    return _build(OutboundAuth, username=username,
+                  password=Secret(password) if password not in (MISSING, "") else MISSING,
+                  password_env=env if env not in (MISSING, "") else MISSING,
+                  password_file=(config_dir / file) if file not in (MISSING, "") else MISSING,
+                  allow_plaintext=allow)
 
 
 def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
@@ -359,13 +395,10 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
             intervals.append(parse_duration(value))
         except ValueError as exc:
             s.item_error("retry_intervals", i, str(exc))
-    smart = s.string("smart_host")
-    smart_host, smart_port = MISSING, MISSING
-    if smart not in (MISSING, ""):
-        try:
-            smart_host, smart_port = parse_host_port(smart, SMTP_PORT)
-        except ValueError as exc:
-            s.error("smart_host", str(exc))
+    smart = _host_list(s, "smart_host", SMTP_PORT)
+    smart_host, smart_port, smart_more = MISSING, MISSING, MISSING
+    if smart is not MISSING:
+        (smart_host, smart_port), smart_more = smart[0], smart[1:]
     policies = []
     for t in s.tables("tls"):
         domain = _domain(t, "domain", t.string("domain", required=True))
@@ -380,6 +413,8 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
         delay_notice=s.duration("delay_notice", off=None),
         smart_host=smart_host,
         smart_host_port=smart_port,
+        smart_host_more=smart_more,
+        smart_host_auth=_outbound_auth(s, "smart_host_auth", config_dir),
         starttls=s.choice("starttls", STARTTLS_POLICIES),
         tls_policies=tuple(policies),
         max_per_destination=s.integer("max_per_destination", minimum=1),
@@ -524,33 +559,33 @@ def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
         elif routing is not MISSING:
             routing = _domain(c, "routing_address", routing[1:])
         cost = c.integer("cost", minimum=0, maximum=100)
-        via = c.string("host")
-        via_host, via_port = MISSING, c.port("port")
-        if via not in (MISSING, ""):
-            try:
-                via_host, via_port = parse_host_port(via, SMTP_PORT if via_port is MISSING else via_port)
-            except ValueError as exc:
-                c.error("host", str(exc))
+        via_port = c.port("port")
+        via = _host_list(c, "host", SMTP_PORT if via_port is MISSING else via_port)
+        via_host, more = MISSING, MISSING
+        if via is not MISSING:
+            (via_host, via_port), more = via[0], via[1:]
         if name is not MISSING and routing is not MISSING:
             connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost,
-                                    host=via_host, port=via_port))
+                                    host=via_host, port=via_port, more_hosts=more))
         c.reject_unknown()
     return tuple(connected)
 
 
-def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
+def _load_email_domains(root: _Section, config_dir: Path) -> tuple[DomainRoute, ...]:
     routes = []
     for e in root.tables("email_domains"):
         domain = e.string("domain", required=True)
         exact = domain is not MISSING and domain.startswith("#")
         domain = _domain(e, "domain", domain)
-        host = _host(e, "host")
         port = e.port("port")
+        hosts = _host_list(e, "host", SMTP_PORT if port is MISSING else port, required=True)
         starttls = e.choice("starttls", STARTTLS_POLICIES)
         etrn = e.boolean("etrn")
-        if domain is not MISSING and host is not MISSING:
+        auth = _outbound_auth(e, "auth", config_dir)
+        if domain is not MISSING and hosts is not MISSING:
+            (host, port), more = hosts[0], hosts[1:]
             routes.append(_build(DomainRoute, domain=("#" if exact else "") + domain, host=host, port=port,
-                                 starttls=starttls, etrn=etrn))
+                                 starttls=starttls, etrn=etrn, more_hosts=more, auth=auth))
         e.reject_unknown()
     return tuple(routes)
 
@@ -671,7 +706,8 @@ def _load_admin(a: _Section) -> AdminConfig:
 
 
 def _load_routing(rt: _Section) -> RoutingConfig:
-    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES),
+                 least_cost_only=rt.boolean("least_cost_only"))
     rt.reject_unknown()
     return cfg
 
@@ -732,13 +768,14 @@ def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, d
 
     for i, server in enumerate(dns.nameservers):
         check(f"dns.nameservers[{i}]", parse_host_port(server, 53, ip_only=True)[0])
-    if delivery.smart_host:
-        check("delivery.smart_host", delivery.smart_host)
+    for host, _ in delivery.smart_hosts:
+        check("delivery.smart_host", host)
     for i, c in enumerate(connected):
-        if c.host:
-            check(f"connected_sites[{i}].host", c.host)
+        for host, _ in c.hosts:
+            check(f"connected_sites[{i}].host", host)
     for i, r in enumerate(routes):
-        check(f"email_domains[{i}].host", r.host)
+        for host, _ in r.hosts:
+            check(f"email_domains[{i}].host", host)
     for i, e in enumerate(etrn.requests):
         check(f"etrn.requests[{i}].host", e.host)
 
@@ -967,7 +1004,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     delivery = _load_delivery(root.table_of("delivery"), config_dir)
     dns = _load_dns(root.table_of("dns"))
     connected = _load_connected_sites(root)
-    routes = _load_email_domains(root)
+    routes = _load_email_domains(root, config_dir)
     internet_mail = _load_internet_mail(root)
     journaling = _load_journaling(root.table_of("journaling"))
     replication = _load_replication(root.table_of("replication"), config_dir)

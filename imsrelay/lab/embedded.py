@@ -310,8 +310,8 @@ def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT,
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
     keeps the mail for every other domain in its catch-all mailbox (the rest of the
     Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA.
-    ``mx_host``: where microsoft.com's MX (Server1.SiteA) is, when SiteA runs as several
-    servers (Server1 on its own address); else SiteA's one server."""
+    ``mx_host``: microsoft.com's MX hosts (``a,b``: equal preference, used in turn) when SiteA
+    runs as several servers; else SiteA's one server."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": mx_host or SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
@@ -574,8 +574,13 @@ class Lab:
                                                                  mx_host=self._mx_host())))
 
     def _mx_host(self) -> str | None:
-        """Server1.SiteA's own address when SiteA runs as several servers (the MX names it)."""
-        return next((v.address for v in self.servers[SITES[0].name] if v.name == "Server1"), None)
+        """When SiteA runs as several servers: all of them as microsoft.com's MX hosts of equal
+        preference, Server1 (the seed's MX record) first, used in turn like equal-preference MX
+        (KB Q279323's host list); else None (SiteA's one server)."""
+        servers = self.servers[SITES[0].name]
+        if len(servers) < 2:
+            return None
+        return ",".join(v.address for v in sorted(servers, key=lambda v: v.name != "Server1"))
 
     def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
         """Append the missing ``[[table]]`` entries to each file, keeping every line a

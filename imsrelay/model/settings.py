@@ -47,6 +47,71 @@ def secret_from(value: str | None, env: str | None) -> str | None:
     return None
 
 
+class Secret:
+    """A secret (a password) that never shows: its repr and str are stars, it is no
+    string (``json.dumps`` refuses it), and ``reveal()`` is the one way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
+
+@dataclass(frozen=True)
+class OutboundAuth:
+    """The IMS Security tab's outbound SASL/AUTH (KB Q174754): credentials given to a
+    next hop (an E-Mail Domain's host or the smart host)."""
+
+    username: str
+    """the user name given to the next hop (AUTH PLAIN or LOGIN, as the peer offers)"""
+    password: Secret | None = field(default=None, repr=False)
+    """the password in the file itself (better: `password_env` or `password_file`; never shown in
+    logs, `check-config`, the admin API or the console)"""
+    password_env: str | None = None
+    """the environment variable holding the password (preferred for `serve`)"""
+    password_file: Path | None = None
+    """a file holding the password (its first line; relative to the site file): a Docker or
+    Kubernetes secret"""
+    allow_plaintext: bool = False
+    """send the credentials over a connection without TLS (else the message waits with `4.7.0`
+    when the peer offers no STARTTLS); a lab switch"""
+
+    @property
+    def password_source(self) -> str:
+        """Where the password comes from, in words (never the password)."""
+        if self.password_env:
+            return f"environment variable {self.password_env}"
+        if self.password_file:
+            return f"file {self.password_file}"
+        return "the site file" if self.password is not None else "none"
+
+
+HostList = tuple[tuple[str, int], ...]
+
+
+def hosts_text(hosts: HostList) -> str:
+    """``host1:25, [::1]:2525``: a host list as the CLI, the console and logs show it."""
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+
+
 @dataclass(frozen=True)
 class MailboxConfig:
     alias: str
@@ -90,11 +155,21 @@ class ConnectedSite:
     """its routing address, type SMTP (`@SiteB.microsoft.com`)"""
     cost: int = 1
     """the same site may be listed several times: least cost first, equal costs share the load, a
-    dearer entry is used when the cheaper one fails (Q156063)"""
+    dearer entry is used when the cheaper ones fail (KB Q262952; `routing.least_cost_only` turns
+    that failover off)"""
     host: str | None = None
-    """this route's next hop (e.g. through another site) instead of the E-Mail Domain table"""
+    """this route's next hop (e.g. through another site) instead of the E-Mail Domain table; several
+    servers of the site as `host1,host2:2525`: equal cost, they share the load, one that is down is
+    skipped"""
     port: int = SMTP_PORT
-    """the port of `host`"""
+    """the port of `host` (and of each listed server without its own)"""
+    more_hosts: HostList = ()
+    """the servers after the first of `host = "host1,host2"` (read from `host`)"""
+
+    @property
+    def hosts(self) -> HostList:
+        """Every server of the entry, in the order written."""
+        return ((self.host, self.port), *self.more_hosts) if self.host else ()
 
     @property
     def routing_domain(self) -> str:
@@ -109,13 +184,27 @@ class DomainRoute:
     """E-Mail Domain table: forward this domain and its sub-domains (`#domain`: the domain only) to
     `host`"""
     host: str
-    """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX)"""
+    """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX); several
+    as `host1,host2:2525,host3`: used in turn (round robin by message), a host that is down is
+    skipped (KB Q279323)"""
     port: int = SMTP_PORT
-    """the port of `host`"""
+    """the port of `host` (and of each listed host without its own)"""
     starttls: str | None = None
-    """outbound STARTTLS level for this domain (unset: `delivery.starttls`)"""
+    """outbound TLS level for this domain: `none`, `opportunistic`, `require` or `verify` (unset: as
+    `[[delivery.tls]]` or `delivery.starttls` say); a required level the peer cannot meet defers
+    the mail (`4.7.4`/`4.7.5`)"""
     etrn: bool = False
     """hold the domain's mail until the peer issues ETRN (RFC 1985)"""
+    more_hosts: HostList = ()
+    """the hosts after the first of `host = "host1,host2"` (read from `host`)"""
+    auth: OutboundAuth | None = None
+    """Security tab (KB Q174754): AUTH to this domain's hosts, `{ username = "…", password_env =
+    "…" }` (or `password_file`, or `password`)"""
+
+    @property
+    def hosts(self) -> HostList:
+        """Every host of the entry, in the order written."""
+        return ((self.host, self.port), *self.more_hosts)
 
 
 @dataclass(frozen=True)
@@ -207,8 +296,14 @@ class DeliveryConfig:
     delay_notice: float | None = None
     """send a delay DSN after this long"""
     smart_host: str | None = None
-    """"forward all messages to host" (`host[:port]`)"""
+    """"forward all messages to host" (`host[:port]`); several as `host1,host2:2525,host3`: used in
+    turn (round robin by message), a host that is down is skipped (KB Q279323)"""
     smart_host_port: int = SMTP_PORT
+    smart_host_more: HostList = ()
+    """the smart hosts after the first (read from `smart_host`)"""
+    smart_host_auth: OutboundAuth | None = None
+    """Security tab (KB Q174754): AUTH to the smart host, `{ username = "…", password_env = "…" }`
+    (or `password_file`, or `password`)"""
     starttls: str = "opportunistic"
     """outbound STARTTLS: `none`, `opportunistic` (when offered, unchecked), `require` (encrypt,
     unchecked), `verify` (encrypt; the certificate must chain to a trusted CA and name the host,
@@ -237,6 +332,11 @@ class DeliveryConfig:
     gets no more"""
     smart_host_starttls: str | None = None
     """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
+
+    @property
+    def smart_hosts(self) -> HostList:
+        """Every smart host, in the order written."""
+        return ((self.smart_host, self.smart_host_port), *self.smart_host_more) if self.smart_host else ()
     tls_ca_file: Path | None = None
     """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
     max_message_size: int = 0
@@ -396,6 +496,11 @@ class RoutingConfig:
     Postfix's behaviour) — or `refuse` them (`550 5.7.1` at RCPT, as Exim's
     `allow_domain_literals = false`). A literal of this site's own address is this site; relaying
     to other literals needs `smtp.relay_networks`"""
+    least_cost_only: bool = False
+    """the MTA's "use least-cost routes only" (KB Q233081; the IMS alone behaved so, Q156063 §3.2.5):
+    mail for a site goes only by its cheapest Connected Sites routes (equal-cost ones still share
+    the load) and waits for them, never failing over to a dearer route; off (the default): a
+    dearer route carries the mail when the cheaper ones fail (KB Q262952)"""
 
 
 LAB_NETWORKS_DEFAULT = ("127.0.0.0/8",)  # a sealed lab's own networks unless lab.networks says more

@@ -674,7 +674,7 @@ class QueueManager:
         elif route.kind == RELAY and route.server:
             where = f"SMTP to {route.host}:{route.port}, intra-site hop to the home server {route.server}"
         elif route.kind == RELAY:
-            where = f"SMTP to {route.host}:{route.port}"
+            where = route.next_hop_text()
         elif route.kind == MX:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
