@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from imsrelay.access.service import MailboxAccess, mail_owner
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
@@ -198,7 +199,8 @@ class Site:
         self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
-        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes",
+                                          server=config.server if len(config.servers) > 1 else None)
         self.access: MailboxAccess | None = None
         if config.access.enabled and worker == 0:  # one Dovecot per server, next to worker 0
             self.access = MailboxAccess(
@@ -237,7 +239,8 @@ class Site:
         if self.config.peer_servers and self.worker == 0:
             self.intrasite = IntraSite(self.config, self.directory, log=self.log, clock=self.clock)
         if self.config.admin.port != 0 and self.worker == 0:
-            self.admin = AdminServer(self)
+            # the site's other servers ([[servers]]): the admin views answer for the whole site
+            self.admin = AdminServer(self, servers=SiteServers.of(self.config, log=self.log))
 
     # ------------------------------------------------------------ lifecycle
 

@@ -12,10 +12,12 @@ DELETE   /queue/QUEUE_ID             remove a queued message (no NDR, like
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from imsrelay.admin.federation import Scope, SiteServers
 from imsrelay.model.envelope import check_queue_id
 from imsrelay.model.settings import SiteConfig, hosts_text, schedule_text
 from imsrelay.observe import tracking
@@ -64,8 +66,11 @@ class ConsoleSite(Protocol):
     log: Any
 
 
-def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
-    """Register the console's admin endpoints (behind the admin token middleware)."""
+def add_console_routes(app: web.Application, site: ConsoleSite,
+                       scope_of: Callable[[Mapping[str, str]], Scope] | None = None,
+                       servers: SiteServers | None = None) -> None:
+    """Register the console's admin endpoints (behind the admin token middleware);
+    ``servers``: a queued message another server of the site holds is deleted there."""
 
     async def get_config(request: web.Request) -> web.Response:
         """The site's static set-up (IMS, Connected Sites, E-Mail Domain table, smart host, connectors); no secrets."""
@@ -79,7 +84,15 @@ def add_console_routes(app: web.Application, site: ConsoleSite) -> None:
         except ValueError:
             return web.json_response({"error": f"{queue_id!r} is not a queue id"}, status=400)
         qmgr = site.qmgr
-        if queue_id not in qmgr.envelopes:
+        scope = scope_of(request.query) if scope_of is not None else Scope(True, (), False)
+        if not scope.local or queue_id not in qmgr.envelopes:
+            if servers is not None and scope.peers:
+                answers = await servers.ask("DELETE", request.path, scope.peers)
+                for a in answers.values():
+                    if a.ok and isinstance(a.body, dict):
+                        return web.json_response({**a.body, "server": a.server})
+                return web.json_response({"error": f"no message {queue_id} in the queue of any server that answered",
+                                          "servers": servers.report(scope, answers)}, status=404)
             return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
         qmgr.forget(queue_id)  # an attempt under way is not recorded
         await qmgr.spool.remove(queue_id)

@@ -57,6 +57,7 @@ from aiohttp import web
 
 from imsrelay.access.service import MailboxAccess
 from imsrelay.admin.console_routes import add_console_routes
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_api import (
     OPEN_PATHS,
     SHUTDOWN_TIMEOUT,
@@ -179,8 +180,12 @@ class AdminSite(Protocol):
 
 
 class AdminServer:
-    def __init__(self, site: AdminSite) -> None:
+    """``servers``: the site's servers (``imsrelay.admin.federation``), for the views of
+    the whole site: messages, search, tracking, queue (None: this server alone)."""
+
+    def __init__(self, site: AdminSite, *, servers: SiteServers | None = None) -> None:
         self.site = site
+        self.servers = servers
         cfg: SiteConfig = site.config
         token = cfg.admin.resolved_token()
         if not token:
@@ -220,8 +225,9 @@ class AdminServer:
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
         r.add_get("/link-monitors", self.get_link_monitors)
-        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
-        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
+        self.api = MessageApi(lambda: [site], servers=servers)
+        self.api.add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
+        add_console_routes(self.app, site, self.api.scope, servers)  # GET /config, DELETE /queue/ID
         self.app.middlewares.append(property_errors)  # the property pages (imsrelay.admin.property_routes)
         add_property_routes(self.app, site)
         self._runner: web.AppRunner | None = None
@@ -229,6 +235,8 @@ class AdminServer:
 
     async def start(self) -> None:
         cfg = self.site.config.admin
+        if self.servers is not None:
+            await self.servers.start()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
@@ -245,6 +253,8 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
             self.log.info("admin.stopped")
+        if self.servers is not None:
+            await self.servers.stop()
 
     # -------------------------------------------------------------- middleware
 
@@ -530,17 +540,33 @@ class AdminServer:
         return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's)."""
-        return web.json_response({"messages": envelope_items(await self._all_envelopes(),
-                                                             held=self.site.qmgr.held_recipients)})
+        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's); on a site of several servers every server's, each message naming its `server` (`?server=NAME`: one server's; `servers`: which answered)."""
+        scope = self.api.scope(request.query)
+        own = envelope_items(await self._all_envelopes(), held=self.site.qmgr.held_recipients) if scope.local else []
+        if self.servers is None or not scope.labelled:
+            return web.json_response({"messages": own})
+        items, answers = await self.servers.gather_lists(scope, "/queue", "messages", own)
+        items.sort(key=lambda m: (m.get("received_at") or 0, m.get("queue_id") or ""))
+        return web.json_response({"messages": items, "servers": self.servers.report(scope, answers)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
-        """Retry now: `{"queue_id"}` for one message, `{}` for all."""
+        """Retry now: `{"queue_id"}` for one message, `{}` for all; on a site of several servers a message another server holds is retried there, and `{}` retries at every server (`?server=NAME`: at one)."""
         body = await _json_body(request) if request.can_read_body else {}
         queue_id = _field(body, "queue_id", str)
-        if queue_id and queue_id not in self.site.qmgr.envelopes:
-            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
-        return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+        scope = self.api.scope(request.query)
+        here = scope.local and (not queue_id or queue_id in self.site.qmgr.envelopes)
+        retried = self.site.qmgr.retry_now(queue_id) if here else 0
+        if self.servers is None or not scope.peers or (here and queue_id):
+            if not here:
+                return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+            return web.json_response({"retried": retried})
+        answers = await self.servers.ask("POST", "/queue/retry", scope.peers, body=body)
+        retried += sum(int(a.body.get("retried", 0)) for a in answers.values() if a.ok and isinstance(a.body, dict))
+        report = self.servers.report(scope, answers)
+        if queue_id and not here and not any(a.ok for a in answers.values()):
+            return web.json_response({"error": f"no message {queue_id} in the queue of any server that answered",
+                                      "servers": report}, status=404)
+        return web.json_response({"retried": retried, "servers": report})
 
 
     async def get_transfer_mode(self, request: web.Request) -> web.Response:

@@ -474,8 +474,10 @@
     root.append(result);
     return withData(root, [`queue:${name}`], async () => {
       const q = await api("GET", site(name, "/queue"));
-      const rows = q.messages.map((m) => el("tr", { dataset: { queueId: m.queue_id } },
+      const servers = Boolean(q.servers);  // a site of several servers: every server's queue, each message's server
+      const rows = q.messages.map((m) => el("tr", { dataset: { queueId: m.queue_id, server: m.server || "" } },
         el("td", { class: "mono", text: m.queue_id }),
+        servers ? el("td", { class: "server", text: m.server || "" }) : null,
         el("td", { class: "addr", text: m.sender }),
         el("td", { text: `${when(m.received_at)} (${m.origin})` }),
         el("td", { text: size(m.size) }),
@@ -494,7 +496,8 @@
             result.replaceChildren(notice(`Deleted ${m.queue_id} from the queue.`));
             await state.view.refresh();
           }))));
-      return table(["Queue id", "Sender", "Received", "Size", "Recipients", ""], rows, { class: "queue" });
+      return [table(["Queue id", ...(servers ? ["Server"] : []), "Sender", "Received", "Size", "Recipients", ""], rows, { class: "queue" }),
+              silentServers(q.servers)];
     });
   }
 
@@ -707,7 +710,7 @@
         el("td", {}, link(`#/message/${encodeURIComponent(m.id)}`, m.subject || "(no subject)", { class: "subject" })),
         el("td", { class: "from", text: m.from || m.envelope_sender || "" }),
         el("td", { class: "to", text: m.to || m.envelope_recipient || "" }),
-        el("td", {}, badge(m.site), " ", el("span", { class: "muted", text: m.mailbox })),
+        el("td", {}, badge(m.site), m.server ? [" ", badge(m.server, "server")] : null, " ", el("span", { class: "muted", text: m.mailbox })),
         el("td", { class: "nowrap", text: when(m.received) }),
         el("td", { class: "num", text: size(m.size) })));
       const first = r.total ? r.start + 1 : 0, last = r.start + r.count;
@@ -720,6 +723,12 @@
               r.errors && Object.keys(r.errors).length ? notice(`Not answering: ${Object.entries(r.errors).map(([k, v]) => `${k} (${v})`).join(", ")}`, "error") : null];
     });
     return view;
+  }
+
+  // A site of several servers answers for all of them; one that did not answer is named.
+  function silentServers(servers) {
+    const silent = Object.entries(servers || {}).filter(([, v]) => !v.ok);
+    return silent.length ? notice(`Servers not answering: ${silent.map(([k, v]) => `${k} (${v.error})`).join(", ")}`, "error") : null;
   }
 
   function mailHash({ site: s, mailbox, query, page }) {
@@ -756,7 +765,7 @@
       m.cc ? [el("dt", { text: "Cc" }), el("dd", { text: m.cc })] : null,
       el("dt", { text: "Date" }), el("dd", { text: m.date || "" }),
       el("dt", { text: "Envelope" }), el("dd", { class: "addr", text: `${m.envelope_sender || "<>"} → ${m.envelope_recipient || ""}` }),
-      el("dt", { text: "Mailbox" }), el("dd", { text: `${m.mailbox} at ${m.site} · received ${when(m.received)} · ${size(m.size)}` }),
+      el("dt", { text: "Mailbox" }), el("dd", { text: `${m.mailbox} at ${m.site}${m.server ? ` (server ${m.server})` : ""} · received ${when(m.received)} · ${size(m.size)}` }),
       el("dt", { text: "Message-ID" }), el("dd", { class: "addr", text: m.message_id || "(none)" })));
     const nav = el("div", { class: "tabs", role: "tablist" }, tabs.map((t) => link(`#/message/${encodeURIComponent(id)}?tab=${t}`,
       { text: "Text", html: "HTML", headers: "Headers", raw: "Raw", attachments: `Attachments (${m.attachments.length})` }[t],
@@ -833,7 +842,7 @@
       el("p", { class: "muted", text: `from ${story.sender || "<>"}` }),
       path,
       el("ol", { class: "hops" }, story.hops.map((h) => el("li", { class: "hop", dataset: { site: h.site } },
-        el("h4", {}, h.site, " ", el("span", { class: "muted mono", text: `queue id ${h.queue_id}` })),
+        el("h4", {}, h.server ? `${h.site} · server ${h.server}` : h.site, " ", el("span", { class: "muted mono", text: `queue id ${h.queue_id}` })),
         el("table", { class: "events" }, el("tbody", {}, h.events.map((e) => el("tr", { class: `ev ev-${e.event}` },
           el("td", { class: "nowrap mono", text: when(e.time) }), el("td", {}, badge(e.event, e.event)), el("td", { class: "reason", text: e.description || e.event })))))))),
       el("h4", { text: "Recipients" }),
