@@ -681,18 +681,25 @@ class Directory:
                           lists: Sequence[tuple[str, str, Sequence[str], str, str, Sequence[str]]]) -> list[str]:
         """Create the site file's ``[[custom_recipients]]`` and ``[[distribution_lists]]``
         that the directory has never had (once deleted, they stay deleted, as a
-        provisioned mailbox does); returns the aliases created."""
+        provisioned mailbox does); returns the aliases created (or why one was not)."""
         created = []
         for alias, display, target, extra in customs:
             if self._load(recipient_object_id("custom", self.site, alias)) is None:
-                self.add_custom_recipient(alias, target, display, extra)
-                created.append(alias)
+                created.append(self._configured(alias, lambda: self.add_custom_recipient(
+                    alias, target, display, extra)))
         for alias, display, members, owner, expansion_site, extra in lists:
             if self._load(recipient_object_id("dl", self.site, alias)) is None:
-                self.add_distribution_list(alias, members, display, owner=owner, expansion_site=expansion_site,
-                                           extra_addresses=extra)
-                created.append(alias)
+                created.append(self._configured(alias, lambda: self.add_distribution_list(
+                    alias, members, display, owner=owner, expansion_site=expansion_site, extra_addresses=extra)))
         return created
+
+    @staticmethod
+    def _configured(alias: str, create: Callable[[], Any]) -> str:
+        try:
+            create()
+        except DirectoryError as exc:
+            return f"{alias}: not created: {exc}"
+        return alias
 
     def delete_mailbox(self, alias: str) -> None:
         obj = self._load(mailbox_id(self.site, alias))
