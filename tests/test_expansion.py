@@ -183,3 +183,22 @@ def test_configured_ones_are_created_once(directory):
     again = directory.ensure_configured([("Partner", "", "partner@example.net", ())],
                                         [("Staff", "All staff", [], "", "", ())])
     assert again == []  # once deleted, it stays deleted
+
+
+def test_console_recipients_show_custom_recipients_and_lists():
+    from imsrelay.console.views import recipients
+
+    home = {"custom_recipients": [{"alias": "Partner", "display_name": "Partner Inc", "home_site": "SiteA",
+                                   "primary_address": "Partner@m.com", "proxy_addresses": ["SMTP:Partner@m.com"],
+                                   "kind": "custom", "target": "partner@example.net"}],
+            "distribution_lists": [{"alias": "Staff", "display_name": "Staff", "home_site": "SiteA",
+                                    "primary_address": "Staff@m.com", "proxy_addresses": ["SMTP:Staff@m.com"],
+                                    "kind": "dl", "members": ["a@m.com"], "owner": "", "expansion_site": ""}],
+            "mailboxes": [{"alias": "Staff", "display_name": "Staff", "home_site": "SiteA",
+                           "primary_address": "Staff2@m.com", "proxy_addresses": ["SMTP:Staff2@m.com"]}]}
+    older = {"distribution_lists": [{**home["distribution_lists"][0], "members": []}]}
+    rows = recipients({"SiteA": home, "SiteB": older})
+    assert [(r["kind"], r["alias"]) for r in rows] == [("mailbox", "Staff"), ("custom", "Partner"), ("dl", "Staff")]
+    assert rows[1]["target"] == "partner@example.net" and rows[1]["known_at"] == ["SiteA"]
+    assert rows[2]["members"] == ["a@m.com"] and rows[2]["known_at"] == ["SiteA", "SiteB"]
+    assert rows[2]["differs_at"] == ["SiteB"]  # its members changed at home, not yet replicated there

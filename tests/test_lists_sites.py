@@ -70,6 +70,8 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
         assert b"Ghost@SiteA.microsoft.com" in ndr and b"5.1.1" in ndr
         await org.quiet("SiteA", "SiteB")
         assert len(peer.messages) == 1  # no NDR went to the sender
+        found = await admin(b, "GET", f"/api/v1/search?query=to:Team{A}")  # the lists it came through
+        assert [m["mailbox"] for m in found["messages"]] == ["User2"] and "Team@" in found["messages"][0]["lists"]
 
         # replication: the lists and the custom recipient reach SiteB like mailboxes
         await org.request_now("SiteB", "SiteA")

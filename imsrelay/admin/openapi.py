@@ -39,6 +39,8 @@ SUMMARY = {
         "message_id": {"type": "string", "nullable": True}, "size": {"type": "integer"},
         "received": {"type": "number", "description": "Unix time the message was delivered"},
         "received_iso": {"type": "string"}, "read": {"type": "boolean"},
+        "lists": {"type": "string", "description": "the distribution lists it came through (comma-separated); "
+                  "`to:` finds it by them too"},
     },
 }
 
