@@ -226,7 +226,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         boxes = directory.mailboxes(args.site)
         sites = directory.sites()
-        others = directory.recipients("custom", args.site) + directory.recipients("dl", args.site)
+        others = [r for r in directory.recipients("custom", args.site) + directory.recipients("dl", args.site)
+                  if isinstance(r, CustomRecipient | DistributionList)]
         if args.json:
             print(json.dumps({
                 "sites": [dataclasses.asdict(s) for s in sites],

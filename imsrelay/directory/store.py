@@ -685,12 +685,13 @@ class Directory:
         created = []
         for alias, display, target, extra in customs:
             if self._load(recipient_object_id("custom", self.site, alias)) is None:
-                created.append(self._configured(alias, lambda: self.add_custom_recipient(
-                    alias, target, display, extra)))
+                created.append(self._configured(alias, functools.partial(
+                    self.add_custom_recipient, alias, target, display, extra)))
         for alias, display, members, owner, expansion_site, extra in lists:
             if self._load(recipient_object_id("dl", self.site, alias)) is None:
-                created.append(self._configured(alias, lambda: self.add_distribution_list(
-                    alias, members, display, owner=owner, expansion_site=expansion_site, extra_addresses=extra)))
+                created.append(self._configured(alias, functools.partial(
+                    self.add_distribution_list, alias, members, display, owner=owner,
+                    expansion_site=expansion_site, extra_addresses=extra)))
         return created
 
     @staticmethod
