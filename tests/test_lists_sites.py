@@ -49,7 +49,8 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
             {"alias": "Staff", "owner": f"Administrator{A}",
              "members": [f"User1{A}", f"Partner{A}", f"Team{A}", f"Ghost{A}"]},
             {"alias": "Team", "members": [f"User1{A}", f"User2{B}", f"Staff{A}"]},
-            {"alias": "Far", "members": [f"User1{A}", f"User2{B}"], "expansion_site": "SiteB"}]}})
+            {"alias": "Far", "members": [f"User1{A}", f"User2{B}"], "expansion_site": "SiteB"},
+            {"alias": "Loose", "members": [f"Nobody{A}"]}]}})
     try:
         await org.start()
         a, b = org.sites["SiteA"], org.sites["SiteB"]
@@ -102,7 +103,7 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
         assert "1 member(s)" in out
         snapshot = await admin(a, "GET", "/directory?site=SiteA")
         assert [c["target"] for c in snapshot["custom_recipients"]] == ["partner@example.net", "vendor@example.net"]
-        assert {d["alias"] for d in snapshot["distribution_lists"]} == {"Staff", "Team", "Far", "Buyers"}
+        assert {d["alias"] for d in snapshot["distribution_lists"]} == {"Staff", "Team", "Far", "Loose", "Buyers"}
         listing = await org.ok("directory", "list", site="SiteA")
         assert f"SiteA: custom recipient Vendor (SMTP:Vendor{A}) -> vendor@example.net" in listing
         await org.request_now("SiteB", "SiteA")
@@ -116,6 +117,12 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
         await entry_at(org, "SiteB", f"Buyers{A}", gone=True)
         code, _ = await asyncio.to_thread(rcpt_reply, host, port_a, f"Vendor{A}")
         assert code == 550
+
+        # a list without an owner: the NDR for a bad member goes to the sender, as Exchange did
+        await asyncio.to_thread(send_mail, host, port_a, f"Administrator{A}", f"Loose{A}",
+                                simple_message(f"Administrator{A}", f"Loose{A}", "Loose"))
+        await wait_for(lambda: len(maildir_messages(org.data("SiteA"), "Administrator")) == 2)
+        assert b"Nobody@SiteA.microsoft.com" in maildir_messages(org.data("SiteA"), "Administrator")[-1]
     finally:
         server.close()
         peer.hang_up()

@@ -173,7 +173,8 @@ class QueueDoor:
 
     def _track_received(self, env: Envelope, message: bytes) -> None:
         self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
-                             sender=env.sender, related=env.extra.get("report_for") or env.extra.get("journal_of"), origin=env.origin,
+                             sender=env.sender, related=env.extra.get("report_for") or env.extra.get("journal_of")
+                             or env.extra.get("expanded_from"), origin=env.origin,
                              client=env.client or None, helo=env.helo or None, size=len(message),
                              recipients=[r.address for r in env.recipients], auth=env.extra.get("auth"))
 
