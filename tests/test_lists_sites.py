@@ -42,7 +42,9 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
     peer = Peer("mail.example.net")
     port = free_port(PEER_HOST)
     server = await start_peer(PEER_HOST, port, peer)
-    org = organisation(hosts={"SiteA": ORG_HOSTS["SiteA"], "SiteB": ORG_HOSTS["SiteB"]}, extra={"SiteA": {
+    org = organisation(hosts={"SiteA": ORG_HOSTS["SiteA"], "SiteB": ORG_HOSTS["SiteB"]}, mailboxes={"SiteA": [
+        {"alias": "User1"}, {"alias": "Administrator"}, {"alias": "Journal"}]}, extra={"SiteA": {
+        "journaling": {"recipient": "Journal"},
         "email_domains": [{"domain": "example.net", "host": PEER_HOST, "port": port}],
         "custom_recipients": [{"alias": "Partner", "target": "partner@example.net", "display_name": "Partner Inc"}],
         "distribution_lists": [
@@ -71,6 +73,8 @@ async def test_lists_and_custom_recipients_between_two_sites(organisation):
         assert b"Ghost@SiteA.microsoft.com" in ndr and b"5.1.1" in ndr
         await org.quiet("SiteA", "SiteB")
         assert len(peer.messages) == 1  # no NDR went to the sender
+        journal = [parsed(m) for m in maildir_messages(org.data("SiteA"), "Journal")]
+        assert [str(m["Subject"]) for m in journal].count("Journal: Figures") == 1  # once, not per member
         found = await admin(b, "GET", f"/api/v1/search?query=to:Team{A}")  # the lists it came through
         assert [m["mailbox"] for m in found["messages"]] == ["User2"] and "Team@" in found["messages"][0]["lists"]
 

@@ -89,6 +89,7 @@ class QueueDoor:
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
 
     async def _enter(self, env: Envelope, message: bytes) -> None:
+        queue_id = env.queue_id  # (expansion may hand this id to the part sent first)
         copy = await self._journal_copy(env, message)
         parts = await self._expanded(env, message)
         entering = ([copy] if copy is not None else []) + parts
@@ -102,10 +103,10 @@ class QueueDoor:
         if copy is not None:
             journal_env, journal_message = copy
             self._track_received(journal_env, journal_message)
-            self.tracking.record(tracking.JOURNALED, env.queue_id, journal_id=journal_env.queue_id,
+            self.tracking.record(tracking.JOURNALED, queue_id, journal_id=journal_env.queue_id,
                                  journal=journal_env.recipients[0].address)
             self.qmgr.submit(journal_env, journal_message)
-            self.log.debug("message.journaled", queue_id=env.queue_id, journal_id=journal_env.queue_id,
+            self.log.debug("message.journaled", queue_id=queue_id, journal_id=journal_env.queue_id,
                            journal=journal_env.recipients[0].address)
 
     async def _expanded(self, env: Envelope, message: bytes) -> list[tuple[Envelope, bytes]]:
