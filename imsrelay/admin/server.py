@@ -7,7 +7,7 @@ Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
 
 =======  ==========================  ==========================================
 GET      /status                     site, addressing, queue size, replication
-GET      /directory                  sites and mailboxes (``?site=`` filters)
+GET      /directory                  sites, mailboxes, custom recipients, lists (``?site=``)
 POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
 DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
 POST     /directory/custom-recipients        ``{alias, target, display_name, addresses}`` (Q258203)
@@ -344,7 +344,7 @@ class AdminServer:
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
-        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions) and sites; `?site=` for one site's."""
+        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions), custom recipients, distribution lists and sites; `?site=` for one site's."""
         directory = self.site.directory
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 

@@ -1,4 +1,5 @@
-"""The site's directory: an SQLite store of directory objects (mailboxes, sites).
+"""The site's directory: an SQLite store of directory objects (mailboxes, custom
+recipients and distribution lists — KB Q258203, Q185194 — and sites).
 
 Exchange 5.5 kept a multi-master directory replicated between sites.  We keep its
 shape: every object has a home site, a *version* stamp ``(version, changed_at,
@@ -11,7 +12,8 @@ Applying a remote object is a join (max by stamp): idempotent and order-independ
 Equal stamps with different content (which a healthy organisation never produces) are
 ordered by the content itself, so the join is a total order either way.
 
-An SMTP address claimed by several live mailboxes (two sites gave it out concurrently,
+Mailboxes, custom recipients and lists share one address space: an address
+belongs to one of them.  An SMTP address claimed by several live objects (two sites gave it out concurrently,
 before replication told each about the other) belongs to one owner derived from *all*
 claims, never from the order they arrived in: the mailbox that has it as its primary
 address, then the smallest object id.  The rule uses nothing an unrelated edit would
