@@ -58,6 +58,7 @@ from imsrelay.policy.auth import (
 )
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
+from imsrelay.policy.expansion import Expansion
 from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
 from imsrelay.policy.internet_mail import OutboundRules
 from imsrelay.policy.mail_loops import SelfEndpoints
@@ -157,7 +158,7 @@ class Site:
         self._journal: tuple[int, str | None] | None = None  # (directory USN, the journal recipient's address)
         self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log,
                               journal=self if config.journaling.recipient else None,
-                              journal_reports=config.journaling.reports)
+                              journal_reports=config.journaling.reports, expander=self)
         # the system attendant answers other sites' pings; worker 0 of the site's bridgehead server
         # (the one that talks to the other sites) runs this site's monitors (KB Q246674)
         self.link_monitors = LinkMonitors(
@@ -266,6 +267,13 @@ class Site:
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
             await self.directory.run(self._provision_passwords)
+            created = await self.directory.run(
+                self.directory.ensure_configured,
+                [(c.alias, c.display_name, c.target, c.extra_addresses) for c in cfg.custom_recipients],
+                [(d.alias, d.display_name, d.members, d.owner, d.expansion_site, d.extra_addresses)
+                 for d in cfg.distribution_lists])
+            if created:
+                self.log.info("directory.recipients_created", aliases=created)
         else:
             await self._wait_for_provisioning()
         if self.worker == 0:
@@ -605,7 +613,9 @@ class Site:
         table = await self.routing_table()
         if is_service_address(parsed, table) or is_attendant_address(parsed, table):
             return True
-        return (await self.lookups.lookup_mailboxes([address]))[0] is not None
+        if (await self.lookups.lookup_mailboxes([address]))[0] is not None:
+            return True
+        return (await self.lookups.lookup_entries([address]))[0] is not None  # a custom recipient or list
 
     async def directory_refusal(self, sender: str, address: str) -> str | None:
         """Replication mail from a site this one has no connector to is deferred
@@ -649,6 +659,10 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.door.accept(env, message)
+
+    async def expansion(self, env: Envelope, message: bytes) -> Expansion | None:
+        """Custom recipients and lists among a message's recipients, resolved (the door asks)."""
+        return await self.lookups.expansion(env, message)
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         await self.door.enqueue_local(env, message)

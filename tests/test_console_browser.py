@@ -190,6 +190,23 @@ def test_recipients_with_proxy_addresses_and_where_known(page):
     expect(page.locator("tr[data-alias=User2]")).to_contain_text("User2@SiteB.microsoft.com")
 
 
+def test_recipients_show_custom_recipients_and_lists(lab, page):
+    lab.admin("SiteA", "POST", "/directory/custom-recipients", {"alias": "Partner", "target": "partner@example.net"})
+    lab.admin("SiteA", "POST", "/directory/lists", {"alias": "Staff", "members": ["User1@microsoft.com",
+                                                                                "Partner@microsoft.com"]})
+    page.click("#tree a[href='#/recipients']")
+    partner = page.locator("tr[data-alias=Partner][data-kind=custom]")
+    expect(partner).to_contain_text("custom recipient → partner@example.net")  # KB Q258203
+    expect(partner.locator("li.primary")).to_contain_text("Partner@microsoft.com")
+    staff = page.locator("tr[data-alias=Staff][data-kind=dl]")
+    expect(staff).to_contain_text("distribution list: 2 member(s)")  # KB Q185194
+    expect(staff.locator(".badge.ok", has_text="SiteA")).to_have_count(1)
+    page.fill("#recipient-filter", "partner@example")
+    expect(page.locator("table.recipients tbody tr")).to_have_count(1)
+    lab.admin("SiteA", "DELETE", "/directory/lists/Staff")
+    lab.admin("SiteA", "DELETE", "/directory/custom-recipients/Partner")
+
+
 # ---------------------------------------------------------------------------- mail
 
 

@@ -10,8 +10,8 @@ never on the event loop.
 A message id is ``<site>:<mailbox>:<unique>`` (the Maildir unique name, without
 the ``:2,`` flags), stable while the message moves between new/ and cur/.
 
-Search syntax (``parse_search``, pure): ``from:`` ``to:`` (To, Cc and the envelope
-recipient) ``subject:`` ``message-id:`` (``<whole@id>``, or any part without the
+Search syntax (``parse_search``, pure): ``from:`` ``to:`` (To, Cc, the envelope
+recipient and the distribution lists it came through) ``subject:`` ``message-id:`` (``<whole@id>``, or any part without the
 angle brackets) ``mailbox:`` ``site:`` ``after:``/``before:``
 (a date ``2026-12-01``, an ISO time, or a Unix time) and free text (headers and
 the text of the message), combined with AND; ``"quoted values"`` keep spaces.
@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+from imsrelay.policy.expansion import EXPANDED_HEADER
 
 MAX_HEADER = 256 * 1024  # bytes of a message's header read for its summary
 MAX_TEXT_SEARCH = 8 * 1024 * 1024  # messages larger than this are free-text searched in their headers only
@@ -69,13 +71,14 @@ class Summary:
     received: float  # when the file was delivered (mtime)
     read: bool
     server: str | None = None  # a site of several servers: the server holding it (None: a site of one)
+    lists: str = ""  # the distribution lists it came through (X-IMS-Expanded-DL, KB Q185194), comma-separated
 
     def as_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "site": self.site, "mailbox": self.mailbox,
              "envelope_sender": self.envelope_sender, "envelope_recipient": self.envelope_recipient,
              "from": self.from_, "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
              "message_id": self.message_id, "size": self.size, "received": self.received,
-             "received_iso": _iso(self.received), "read": self.read}
+             "received_iso": _iso(self.received), "read": self.read, "lists": self.lists}
         if self.server:
             d["server"] = self.server
         return d
@@ -182,7 +185,7 @@ def header_matches(s: Summary, q: Search) -> bool:
     sender = f"{s.from_} {s.envelope_sender or ''}".lower()
     if any(v not in sender for v in q.from_):
         return False
-    rcpts = f"{s.to} {s.cc} {s.envelope_recipient or ''}".lower()
+    rcpts = f"{s.to} {s.cc} {s.envelope_recipient or ''} {s.lists}".lower()  # a list's members: by the list too
     if any(v not in rcpts for v in q.to):
         return False
     subject = s.subject.lower()
@@ -241,7 +244,8 @@ def summarise(site: str, mailbox: str, path: Path, server: str | None = None) ->
         envelope_sender=return_path, envelope_recipient=h("Delivered-To") or None,
         from_=h("From"), to=h("To"), cc=h("Cc"), subject=h("Subject"), date=h("Date") or None,
         message_id=re.sub(r"\s+", "", h("Message-ID")) or None, size=size,
-        received=path.stat().st_mtime, read="S" in _flags(path.name), server=server)
+        received=path.stat().st_mtime, read="S" in _flags(path.name), server=server,
+        lists=", ".join(str(v).strip() for v in msg.get_all(EXPANDED_HEADER) or ()))
 
 
 def body_text(path: Path) -> str:

@@ -49,6 +49,8 @@ SUMMARY = {
         "received": {"type": "number", "description": "Unix time the message was delivered"},
         "received_iso": {"type": "string"}, "read": {"type": "boolean"},
         "server": {"type": "string", "description": "a site of several servers: the server holding it"},
+        "lists": {"type": "string", "description": "the distribution lists it came through (comma-separated); "
+                  "`to:` finds it by them too"},
     },
 }
 

@@ -45,8 +45,10 @@ from imsrelay.model.settings import (
     ConnectedSite,
     ConnectionsConfig,
     ConsoleConfig,
+    CustomRecipientConfig,
     DeliveryConfig,
     DiagnosticsConfig,
+    DistributionListConfig,
     DnsConfig,
     DomainRoute,
     EtrnConfig,
@@ -498,6 +500,73 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
                                            None if home_server is MISSING else home_server))
         m.reject_unknown()
     return tuple(mailboxes)
+
+
+def _addresses(section: _Section, name: str) -> list[str]:
+    """A list of SMTP addresses (``smtp:`` prefixes allowed), each checked."""
+    out = []
+    for i, addr in section.strings(name):
+        try:
+            parse_address(addr.split(":", 1)[-1] if addr.lower().startswith("smtp:") else addr)
+        except AddressError as exc:
+            section.item_error(name, i, str(exc))
+            continue
+        out.append(addr)
+    return out
+
+
+def _one_address(section: _Section, name: str, *, required: bool = False) -> str:
+    value = section.string(name, required=required)
+    if value is MISSING:
+        return ""
+    try:
+        parse_address(value)
+    except AddressError as exc:
+        section.error(name, f"{value!r} is not an address: {exc}")
+        return ""
+    return str(value)
+
+
+def _load_recipients(root: _Section, mailboxes: tuple[MailboxConfig, ...]
+                     ) -> tuple[tuple[CustomRecipientConfig, ...], tuple[DistributionListConfig, ...]]:
+    """``[[custom_recipients]]`` and ``[[distribution_lists]]`` (KB Q258203, Q185194): aliases
+    valid and unique among them and the mailboxes."""
+    seen = {m.alias.lower() for m in mailboxes}
+    customs: list[CustomRecipientConfig] = []
+    lists: list[DistributionListConfig] = []
+
+    def alias_of(t: _Section) -> Any:
+        alias = t.string("alias", required=True)
+        if alias is not MISSING and not _ALIAS.fullmatch(alias):
+            return t.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        if alias is not MISSING and alias.lower() in seen:
+            return t.error("alias", f"{alias!r} is taken (by a mailbox, custom recipient or list listed before)")
+        if alias is not MISSING:
+            seen.add(alias.lower())
+        return alias
+
+    for t in root.tables("custom_recipients"):
+        alias = alias_of(t)
+        target = _one_address(t, "target", required=True)
+        display = t.string("display_name")
+        extra = _addresses(t, "addresses")
+        if alias not in (MISSING, None) and target:
+            customs.append(CustomRecipientConfig(alias, target, "" if display is MISSING else display, tuple(extra)))
+        t.reject_unknown()
+    for t in root.tables("distribution_lists"):
+        alias = alias_of(t)
+        members = _addresses(t, "members")
+        display = t.string("display_name")
+        owner = _one_address(t, "owner")
+        site = t.string("expansion_site")
+        if site is not MISSING and not _NAME.fullmatch(site):
+            site = t.error("expansion_site", f"{site!r} is not a site name")
+        extra = _addresses(t, "addresses")
+        if alias not in (MISSING, None):
+            lists.append(DistributionListConfig(alias, tuple(members), "" if display is MISSING else display, owner,
+                                                "" if site in (MISSING, None) else site, tuple(extra)))
+        t.reject_unknown()
+    return tuple(customs), tuple(lists)
 
 
 def _load_servers(root: _Section, server: str | object) -> tuple[SiteServer, ...]:
@@ -1054,6 +1123,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     queue = _load_queue(root.table_of("queue"), smtp_section)
     smtp = _load_smtp(smtp_section, config_dir)
     mailboxes = _load_mailboxes(root)
+    custom_recipients, distribution_lists = _load_recipients(root, mailboxes)
     servers = _load_servers(root, server)
     _check_home_servers(root, mailboxes, servers)
     delivery = _load_delivery(root.table_of("delivery"), config_dir)
@@ -1106,7 +1176,8 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     return SiteConfig(
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
-        smtp=smtp, mailboxes=mailboxes, servers=servers, delivery=delivery, queue=queue, dns=dns,
+        smtp=smtp, mailboxes=mailboxes, custom_recipients=custom_recipients,
+        distribution_lists=distribution_lists, servers=servers, delivery=delivery, queue=queue, dns=dns,
         connected_sites=connected, email_domains=routes, internet_mail=internet_mail, journaling=journaling,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions, access=access,

@@ -25,6 +25,8 @@ from imsrelay.model.errors import ConfigErrors
 _PROBE: dict[str, Any] = {
     "site": {"organisation": "Org", "name": "SiteA", "server": "ServerA", "email_domain": "a.example"},
     "mailboxes": [{"alias": "User1", "display_name": "User One"}],
+    "custom_recipients": [{"alias": "Partner", "target": "partner@example.net"}],
+    "distribution_lists": [{"alias": "Staff"}],
     "connected_sites": [{"name": "SiteB", "routing_address": "@b.example"}],
     "email_domains": [{"domain": "b.example", "host": "127.0.0.2",
                        "auth": {"username": "ims", "password_env": "IMS_B_PASSWORD"}}],
@@ -39,7 +41,8 @@ _PROBE: dict[str, Any] = {
 
 # TOML key -> dataclass field, where the two names differ
 _FIELD_NAMES = {"site.name": "site", "site.email_domain": "site_domain", "delivery.tls": "tls_policies",
-                "mailboxes[].addresses": "extra_addresses"}
+                "mailboxes[].addresses": "extra_addresses", "custom_recipients[].addresses": "extra_addresses",
+                "distribution_lists[].addresses": "extra_addresses"}
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,38 @@ class MailboxConfig:
 
 
 @dataclass(frozen=True)
+class CustomRecipientConfig:
+    """A custom recipient (`[[custom_recipients]]`, KB Q258203): mail to its addresses goes to `target`."""
+    alias: str
+    """the custom recipient's alias; it gets `alias@` the Site Addressing domain like a mailbox; created on
+    the first start that lists it, then the directory is the truth"""
+    target: str
+    """the external address its mail is redirected to (e.g. `partner@example.net`)"""
+    display_name: str = ""
+    """its display name (left out: the alias)"""
+    extra_addresses: tuple[str, ...] = ()
+    """secondary proxy addresses (`smtp:x@y`)"""
+
+
+@dataclass(frozen=True)
+class DistributionListConfig:
+    """A distribution list (`[[distribution_lists]]`, KB Q185194)."""
+    alias: str
+    """the list's alias; it gets `alias@` the Site Addressing domain like a mailbox; created on the first
+    start that lists it, then the directory is the truth"""
+    members: tuple[str, ...] = ()
+    """its members by address: mailboxes, custom recipients, other lists (of any site)"""
+    display_name: str = ""
+    """its display name (left out: the alias)"""
+    owner: str = ""
+    """the address NDRs for its members go to (left out: the message's sender)"""
+    expansion_site: str = ""
+    """the site that expands it; mail for it arriving elsewhere is sent there (left out: any site)"""
+    extra_addresses: tuple[str, ...] = ()
+    """secondary proxy addresses (`smtp:x@y`)"""
+
+
+@dataclass(frozen=True)
 class SiteServer:
     """One server of a site made of several servers (`[[servers]]`). In Exchange 5.5 a site was a
     set of servers, each with a full directory replica and its own MTA, queue, store and tracking
@@ -853,6 +885,10 @@ class SiteConfig:
     overrides it"""
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     mailboxes: tuple[MailboxConfig, ...] = ()
+    custom_recipients: tuple[CustomRecipientConfig, ...] = ()
+    """custom recipients created here (`[[custom_recipients]]`, KB Q258203)"""
+    distribution_lists: tuple[DistributionListConfig, ...] = ()
+    """distribution lists created here (`[[distribution_lists]]`, KB Q185194)"""
     servers: tuple[SiteServer, ...] = ()
     """the site's servers, this one (`site.server`) included; left out: this server alone"""
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)

@@ -12,6 +12,14 @@ Message Journaling (KB Q239427; ``imsrelay.policy.journaling``): when the site h
 journal recipient, a message that gets a journal copy enters with it, in the same
 commit (the copy's record first: a torn tail after a crash never keeps the message
 without its copy), so the copy is as durable as the message.
+
+Custom recipients and distribution lists (KB Q258203, Q185194;
+``imsrelay.policy.expansion``): before a message enters, its ``expander`` (the site)
+says what its recipients become; a custom recipient's target replaces it, a list
+expanded here is replaced by its members and named in an ``X-IMS-Expanded-DL`` trace
+header, and members whose NDRs go to the list owner enter as a message of their own
+whose envelope sender is the owner (its id in the first one's ``expanded_into``).
+The journal copy is of the message as it came, once.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from imsrelay.model.header_date import header_date_now
 from imsrelay.observe import tracking
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.policy import journaling
+from imsrelay.policy.expansion import Delivery, Expansion, mark_lines
 from imsrelay.queue import dsn
 from imsrelay.queue.manager import QueueManager
 from imsrelay.queue.spool import Spool
@@ -44,10 +53,18 @@ class JournalInputs(Protocol):
     def postmaster_address(self) -> str: ...
 
 
+class RecipientExpander(Protocol):
+    """What the door asks its site about custom recipients and lists (``imsrelay.site.Site``)."""
+
+    async def expansion(self, env: Envelope, message: bytes) -> Expansion | None:
+        """What the message's recipients become here (None: nothing to change)."""
+        ...
+
+
 class QueueDoor:
     def __init__(self, spool: Spool, qmgr: QueueManager, *, tracking_log: tracking.TrackingLog,
                  metrics: SiteMetrics, log: Any, journal: JournalInputs | None = None,
-                 journal_reports: bool = True) -> None:
+                 journal_reports: bool = True, expander: RecipientExpander | None = None) -> None:
         """``journal``: the site's journaling inputs (None: the site does not journal);
         ``journal_reports``: NDRs and delay notices are journaled too."""
         self.spool = spool
@@ -57,6 +74,7 @@ class QueueDoor:
         self.log = log
         self.journal = journal
         self.journal_reports = journal_reports
+        self.expander = expander
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         """A message an SMTP session received: durable when this returns."""
@@ -71,21 +89,63 @@ class QueueDoor:
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
 
     async def _enter(self, env: Envelope, message: bytes) -> None:
+        queue_id = env.queue_id  # (expansion may hand this id to the part sent first)
         copy = await self._journal_copy(env, message)
-        if copy is None:
-            await self.spool.enqueue(env, message)
-        else:
-            await self.spool.enqueue_many([copy, (env, message)])
-        self._track_received(env, message)
-        self.qmgr.submit(env, message)
+        parts = await self._expanded(env, message)
+        entering = ([copy] if copy is not None else []) + parts
+        if len(entering) == 1:
+            await self.spool.enqueue(*entering[0])
+        elif entering:
+            await self.spool.enqueue_many(entering)
+        for part_env, part_message in parts:
+            self._track_received(part_env, part_message)
+            self.qmgr.submit(part_env, part_message)
         if copy is not None:
             journal_env, journal_message = copy
             self._track_received(journal_env, journal_message)
-            self.tracking.record(tracking.JOURNALED, env.queue_id, journal_id=journal_env.queue_id,
+            self.tracking.record(tracking.JOURNALED, queue_id, journal_id=journal_env.queue_id,
                                  journal=journal_env.recipients[0].address)
             self.qmgr.submit(journal_env, journal_message)
-            self.log.debug("message.journaled", queue_id=env.queue_id, journal_id=journal_env.queue_id,
+            self.log.debug("message.journaled", queue_id=queue_id, journal_id=journal_env.queue_id,
                            journal=journal_env.recipients[0].address)
+
+    async def _expanded(self, env: Envelope, message: bytes) -> list[tuple[Envelope, bytes]]:
+        """The message (and any messages to list owners' members) after its custom
+        recipients and lists are resolved; ``[]`` when nothing is left (lists in loops)."""
+        if self.expander is None or env.origin == "dirsync":
+            return [(env, message)]
+        expansion = await self.expander.expansion(env, message)
+        if expansion is None or not expansion.changed:
+            return [(env, message)]
+        queue_id = env.queue_id
+        marked = mark_lines(expansion.expanded) + message
+        before = {r.address.lower(): r for r in env.recipients}
+        parts: list[tuple[Envelope, bytes]] = []
+        for report_to, deliveries in expansion.groups():
+            states = [_state(d, before) for d in deliveries]
+            if report_to is None:
+                env.recipients = states
+                parts.append((env, marked))
+            else:  # NDRs to the list owner: its own envelope, the owner as sender
+                parts.append((Envelope(queue_id=new_queue_id(), sender=report_to, recipients=states,
+                                       received_at=env.received_at, client=env.client, helo=env.helo,
+                                       smtputf8=env.smtputf8, body_8bit=env.body_8bit, size=len(marked),
+                                       origin=env.origin, extra={**env.extra, "expanded_from": env.queue_id}),
+                              marked))
+        if parts and parts[0][0] is not env:
+            parts[0][0].queue_id, env.queue_id = env.queue_id, parts[0][0].queue_id  # the id the client was given
+            parts[0][0].extra.pop("expanded_from", None)
+        ids = [p.queue_id for p, _ in parts]
+        if len(ids) > 1:
+            parts[0][0].extra["expanded_into"] = ids[1:]
+        self.log.info("recipient.expanded", queue_id=queue_id, lists=list(expansion.expanded),
+                      redirected=[f"{a} -> {t}" for a, t in expansion.redirected],
+                      forwarded=[f"{a} -> {s}" for a, s in expansion.forwarded], loops=list(expansion.loops),
+                      duplicates=list(expansion.duplicates), truncated=expansion.truncated, queue_ids=ids)
+        if not parts:
+            self.log.warning("message.no_recipients_left", queue_id=queue_id, sender=env.sender or "<>",
+                             loops=list(expansion.loops))
+        return parts
 
     async def _journal_copy(self, env: Envelope, message: bytes) -> tuple[Envelope, bytes] | None:
         """The journal copy of a message entering the queue, if it gets one."""
@@ -114,6 +174,16 @@ class QueueDoor:
 
     def _track_received(self, env: Envelope, message: bytes) -> None:
         self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
-                             sender=env.sender, related=env.extra.get("report_for") or env.extra.get("journal_of"), origin=env.origin,
+                             sender=env.sender, related=env.extra.get("report_for") or env.extra.get("journal_of")
+                             or env.extra.get("expanded_from"), origin=env.origin,
                              client=env.client or None, helo=env.helo or None, size=len(message),
                              recipients=[r.address for r in env.recipients], auth=env.extra.get("auth"))
+
+
+def _state(d: Delivery, before: dict[str, RecipientState]) -> RecipientState:
+    """The queue state of one recipient after expansion (a recipient the client named
+    keeps its RFC 3461 NOTIFY and ORCPT)."""
+    named = before.get(d.address.lower()) or before.get(d.original.lower())
+    if named is not None and d.report_to is None:
+        return RecipientState(d.address, named.original or d.original, notify=named.notify, orcpt=named.orcpt)
+    return RecipientState(d.address, d.original)

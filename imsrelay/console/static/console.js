@@ -641,7 +641,7 @@
 
   async function viewRecipients(root, params) {
     const filter = el("input", { type: "search", id: "recipient-filter", placeholder: "Filter by name or address", value: params.get("q") || "" });
-    viewTitle(root, "Recipients", "Every mailbox of the organisation: its proxy addresses (primary first), its home site, and the sites whose directory knows it.", filter);
+    viewTitle(root, "Recipients", "Every mailbox, custom recipient and distribution list of the organisation: its proxy addresses (primary first), its home site, and the sites whose directory knows it.", filter);
     let last = null;
     const view = await withData(root, ["directory:*", "replication:*"], async () => {
       last = await api("GET", "/api/recipients");
@@ -649,15 +649,18 @@
     });
     function draw() {
       const needle = filter.value.trim().toLowerCase();
-      const rows = last.recipients.filter((r) => !needle || [r.alias, r.display_name, ...r.proxy_addresses.map((a) => a.address)].some((x) => String(x).toLowerCase().includes(needle)))
-        .map((r) => el("tr", { dataset: { alias: r.alias, home: r.home_site } },
-          el("td", {}, el("strong", { text: r.display_name }), el("div", { class: "muted", text: r.alias })),
+      const kindText = (r) => r.kind === "custom" ? `custom recipient → ${r.target}`
+        : r.kind === "dl" ? `distribution list: ${(r.members || []).length} member(s)${r.owner ? `, owner ${r.owner}` : ""}${r.expansion_site ? `, expanded at ${r.expansion_site}` : ""}` : "";
+      const rows = last.recipients.filter((r) => !needle || [r.alias, r.display_name, r.target || "", ...(r.members || []), ...r.proxy_addresses.map((a) => a.address)].some((x) => String(x).toLowerCase().includes(needle)))
+        .map((r) => el("tr", { dataset: { alias: r.alias, home: r.home_site, kind: r.kind || "mailbox" } },
+          el("td", {}, el("strong", { text: r.display_name }), el("div", { class: "muted", text: r.alias }),
+            r.kind && r.kind !== "mailbox" ? el("div", { class: "kind", text: kindText(r) }) : null),
           el("td", {}, el("ul", { class: "proxies" }, r.proxy_addresses.map((a) => el("li", { class: a.primary ? "primary" : "" },
             el("span", { class: "ptype", text: a.type }), " ", el("span", { class: "addr", text: a.address }), a.primary ? badge("primary", "ok") : null)))),
           el("td", { text: r.home_site }),
           el("td", {}, last.sites.map((s) => badge(s, r.known_at.includes(s) ? (r.differs_at.includes(s) ? "warn" : "ok") : "absent")),
             r.differs_at.length ? el("div", { class: "muted", text: `older copy at ${r.differs_at.join(", ")}` }) : null),
-          el("td", { class: "protocols" }, ["imap4", "pop3"].map((p) => {
+          el("td", { class: "protocols" }, r.kind && r.kind !== "mailbox" ? [] : ["imap4", "pop3"].map((p) => {
             const v = (r.protocols || {})[p];
             return badge(`${p === "imap4" ? "IMAP4" : "POP3"} ${v === true ? "on" : v === false ? "off" : "default"}`, v === false ? "warn" : "ok");
           }))));
