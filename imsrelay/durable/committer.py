@@ -45,10 +45,10 @@ class Unlink:
 
 @dataclass(frozen=True)
 class Append:
-    """A journal record."""
+    """A journal record; its payload in one piece or in parts written back to back."""
 
     type: int
-    payload: bytes
+    payload: bytes | tuple[bytes, ...]
 
 
 @dataclass(frozen=True)

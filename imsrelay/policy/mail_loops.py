@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block
 from imsrelay.policy.inbound import Reply
 
 SelfEndpoints = frozenset[tuple[str, int]]
@@ -93,13 +93,13 @@ def received_marker(hostname: str) -> bytes:
 
 def seen_before(message: bytes, marker: bytes) -> bool:
     """Our own Received: line is already in the header: the message came back."""
-    header, _ = split_message(message)
+    header = header_block(message)
     return marker in _SPACE.sub(b" ", header.lower())
 
 
 def count_hops(message: bytes) -> int:
     """Number of ``Received:`` fields in the header block."""
-    header, _ = split_message(message)
+    header = header_block(message)
     return len(_RECEIVED.findall(header))
 
 

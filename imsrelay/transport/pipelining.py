@@ -175,11 +175,12 @@ class PipeliningProtocol(SMTPProtocol):
                 self._due = 0
         return replies, None
 
-    async def execute_body(self, body: bytes, timeout: float | None) -> SMTPResponse:
+    async def execute_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
         if self._command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
         async with self._command_lock:
-            self.write(body)
+            for part in (body,) if isinstance(body, bytes) else body:  # parts back to back, never joined
+                self.write(part)
             return await self.read_response(timeout=timeout)
 
 
@@ -202,8 +203,9 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             self.close()
         return replies, error
 
-    async def send_body(self, body: bytes, timeout: float | None) -> SMTPResponse:
-        """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``) and the reply to it."""
+    async def send_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
+        """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``; or such bytes in
+        parts, sent back to back) and the reply to it."""
         try:
             return await self._pipelining().execute_body(body, timeout)
         except (SMTPServerDisconnected, SMTPTimeoutError):
