@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import re
 
 TERMINATOR = b"\r\n.\r\n"
 DOT_LINE = b"\r\n."  # where a line starting with a dot starts (the final "." line too)
@@ -111,14 +112,15 @@ class DataScanner:
         if f >= 0:
             return f - len(tail)
         if self.dot_lines or self.outcome is not DataResult.OK:
-            i = chunk.find(TERMINATOR)
+            i = -1 if chunk.rfind(TERMINATOR) < 0 else chunk.find(TERMINATOR)  # (backwards: faster)
             return None if i < 0 else i
         g = head.find(DOT_LINE, max(0, len(tail) - 2))
         if 0 <= g < len(tail):
             self._doubt = True  # a CRLF "." across the edge (or before the first line): content() looks
-        i = chunk.find(DOT_LINE)
-        if i < 0:
+        last = chunk.rfind(DOT_LINE)  # (searching backwards is several times faster)
+        if last < 0:  # most chunks: no dot line, no end
             return None
+        i = last if chunk.rfind(DOT_LINE, 0, last + 2) < 0 else chunk.find(DOT_LINE)  # the first one
         after = chunk[i + 3:i + 5]
         if after == CRLF:
             return i
@@ -126,7 +128,7 @@ class DataScanner:
             self._doubt = True
             return None
         self.dot_lines = True  # a line starting with a dot; from now on only the end is looked for
-        i = chunk.find(TERMINATOR, i + 1)
+        i = -1 if chunk.rfind(TERMINATOR, i + 1) < 0 else chunk.find(TERMINATOR, i + 1)
         return None if i < 0 else i
 
     @property
@@ -254,6 +256,7 @@ def unstuff(raw: bytes) -> bytes:
 
 
 _NOT_LINE_ENDS = bytes(c for c in range(256) if c not in (10, 13))  # bytes.translate deletes these
+_BARE_CR = re.compile(rb"\r(?!\n)")  # (the regex engine skips to each CR: faster than counting CRLFs)
 
 
 def line_ends_clean(raw: bytes, *, bare_lf_possible: bool = True) -> tuple[bytes, bool]:
@@ -266,9 +269,12 @@ def line_ends_clean(raw: bytes, *, bare_lf_possible: bool = True) -> tuple[bytes
     ends = raw.translate(None, _NOT_LINE_ENDS)
     lfs = ends.count(b"\n")
     crs = len(ends) - lfs
-    if bare_lf_possible and lfs and raw.count(CRLF) != lfs:
-        raw = raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
-        return raw, raw.count(b"\r") == lfs  # (the LFs are as many as before)
+    if bare_lf_possible and lfs:
+        # with no CR alone (one fast search), every CR starts a CRLF: they are as many
+        crlfs = crs if not crs or _BARE_CR.search(raw) is None else raw.count(CRLF)
+        if crlfs != lfs:
+            raw = raw.replace(CRLF, b"\n").replace(b"\n", CRLF)
+            return raw, raw.count(b"\r") == lfs  # (the LFs are as many as before)
     return raw, crs == lfs
 
 
