@@ -86,7 +86,7 @@ class LineReader(asyncio.StreamReader):
         if self.on_end is not None:
             self.on_end()
 
-    def set_exception(self, exc: BaseException) -> None:
+    def set_exception(self, exc: Exception) -> None:
         super().set_exception(exc)
         if self.on_end is not None:
             self.on_end()
@@ -709,8 +709,11 @@ class ImsSMTP(SMTP):
             return
         if reader.at_eof():  # the client closed before the end: as aiosmtpd's cancellation would
             raise asyncio.CancelledError()
+        def ended() -> None:  # the end of the stream mid-DATA: as aiosmtpd's cancellation would
+            done.cancel()
+
         self._data_sink = take
-        reader.on_end = done.cancel  # the end of the stream mid-DATA: as aiosmtpd's cancellation would
+        reader.on_end = ended
         try:
             await done
         finally:
