@@ -253,3 +253,12 @@ def test_change_batches_also_bounded_by_bytes():
     assert all(b[1] == nxt[0] for b, nxt in zip(batches, batches[1:], strict=False))
     assert sum(len(objs) for _, _, objs in batches) == 41
     assert all(sum(len(json.dumps(o.data)) + 200 for o in objs) <= 4000 for _, _, objs in batches)
+
+
+def test_a_mailbox_keeps_its_home_server(tmp_path):
+    from imsrelay.directory.store import Directory
+    d = Directory(tmp_path / "d.sqlite3", "SiteA")
+    d.provision(organisation="O", server="Server1", site_domain="SiteA.example", hostname="server1.sitea.example", mailboxes=())
+    assert d.add_mailbox("U1", home_server="Server2").home_server == "Server2"
+    assert d.add_mailbox("U2").home_server == ""
+    assert d.mailbox("U1").home_server == "Server2"

@@ -205,6 +205,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"origin:     {env.origin}{'  ' + ' '.join(flags) if flags else ''}")
     for line in timeout_lines(env, config.priorities):
         print(line)
+    if env.ret or env.envid:  # RFC 3461, as the sender gave them at MAIL FROM
+        print("dsn:        " + " ".join(f"{k}={v}" for k, v in (("RET", env.ret), ("ENVID", env.envid)) if v))
     now = time.time()
     for r in env.recipients:
         print("recipient:")
@@ -212,6 +214,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(line)
         if r.route:
             print(f"              route {r.route}")
+        if r.notify or r.orcpt:
+            print("              dsn " + " ".join(f"{k}={v}" for k, v in (("NOTIFY", r.notify), ("ORCPT", r.orcpt)) if v))
     print()
     if args.body:
         text = message

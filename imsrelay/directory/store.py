@@ -147,7 +147,7 @@ def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox
     rules = rules_from_data(obj_data)
     return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
                    tuple(obj_data.get("proxy_addresses", ())), deleted, rules,
-                   Protocols.from_data(obj_data.get("protocols")))
+                   Protocols.from_data(obj_data.get("protocols")), obj_data.get("home_server", ""))
 
 
 def _site_from(data: dict[str, Any]) -> SiteObject:
@@ -477,8 +477,9 @@ class Directory:
                 raise DirectoryError(f"address {proxy.address} already belongs to {other}")
 
     def add_mailbox(self, alias: str, display_name: str | None = None,
-                    extra_addresses: Sequence[str] = ()) -> Mailbox:
-        """Create a mailbox homed at this site, addressed by the site's Site Addressing."""
+                    extra_addresses: Sequence[str] = (), home_server: str | None = None) -> Mailbox:
+        """Create a mailbox homed at this site, addressed by the site's Site Addressing;
+        ``home_server``: the server of the site holding its Maildir (a site of several servers)."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", alias):
             raise DirectoryInputError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
         existing = self._load(mailbox_id(self.site, alias))
@@ -492,7 +493,8 @@ class Directory:
             self._check_free(proxies, mailbox_id(self.site, alias))
             obj = self._local_change(mailbox_id(self.site, alias), "mailbox",
                                      {"alias": alias, "display_name": display_name or alias,
-                                      "proxy_addresses": proxies})
+                                      "proxy_addresses": proxies,
+                                      **({"home_server": home_server} if home_server else {})})
         self._notify()
         return _mailbox_from(obj.data, self.site, False)
 

@@ -4,8 +4,10 @@
 status codes on every reply, bounded sessions (idle time, total time, errors),
 connection caps, the Connections tab's accept/reject lists and Transfer mode at
 connect (asked of the handler), faults on demand, the protocol log, ETRN, DATA
-read in chunks (``imsrelay.ingress.data_reader``), and path parsing without the
-email parser for plain ``<local@domain>``.  ``server_factory`` builds a protocol
+read in chunks (``imsrelay.ingress.data_reader``), path parsing without the
+email parser for plain ``<local@domain>``, and the DSN parameters of MAIL and RCPT
+(RFC 3461: RET, ENVID, NOTIFY, ORCPT) taken off the command before aiosmtpd sees it
+(which would upper-case their values and refuse them), kept in ``ImsEnvelope``.  ``server_factory`` builds a protocol
 per connection by copying the first one's settings (aiosmtpd inspects the handler
 on every connection otherwise).  What this relies on of aiosmtpd's private state is
 checked by tests/test_aiosmtpd_internals.py.  Decisions are the handler's
@@ -26,18 +28,30 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.ingress.data_reader import DataResult, DataScanner
 from imsrelay.ingress.ports import Ingress
+from imsrelay.model.dsn_params import (
+    MAIL_PARAMS,
+    RCPT_PARAMS,
+    DsnSyntaxError,
+    MailDsn,
+    RcptDsn,
+    mail_dsn,
+    rcpt_dsn,
+    split_params,
+)
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import SessionFaults
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.auth import MECHANISMS, Credentials, Identity, decode_plain
 from imsrelay.policy.connection_limits import ConnectionCounter, Holder, evictable
 
+_D = TypeVar("_D")
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
 # Replies aiosmtpd writes itself, given the RFC 3463 code they lacked.
@@ -258,6 +272,36 @@ class ImsSession(Session):
         self.local_ip: str | None = None
         self.identity: Identity | None = None  # the mailbox account AUTH proved
 
+class ImsEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope plus the DSN parameters (RFC 3461) of its MAIL FROM and of
+    each accepted RCPT TO (``rcpt_dsn[i]`` belongs to ``rcpt_tos[i]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn = MailDsn()
+        self.rcpt_dsn: list[RcptDsn] = []
+
+
+def without_dsn_params(arg: str, keyword: str, names: tuple[str, ...], local_part_limit: int = 0
+                       ) -> tuple[str, dict[str, str]] | None:
+    """(``arg`` of MAIL/RCPT without the DSN parameters ``names``, those parameters
+    with their values as given: case kept, aiosmtpd upper-cases the rest), or None when
+    ``arg`` has none of them or cannot be parsed (aiosmtpd answers it as before).
+    DsnSyntaxError for a parameter given twice or without a value."""
+    upper = arg.upper()
+    if not upper.startswith(keyword) or not any(name in upper for name in names):
+        return None  # (the usual MAIL/RCPT: no second look at its path)
+    stripped = arg[len(keyword):].strip()
+    address, rest = parse_path(stripped, local_part_limit)
+    if not address or not rest:
+        return None
+    kept, found = split_params(rest, names)
+    if not found:
+        return None
+    path = stripped[:len(stripped) - len(rest)].rstrip()
+    return " ".join([keyword + path, *kept]), found
+
+
 class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
@@ -307,6 +351,25 @@ class ImsSMTP(SMTP):
 
     def _create_session(self) -> Session:
         return ImsSession(self.loop)
+
+    def _create_envelope(self) -> SmtpEnvelope:
+        return ImsEnvelope()
+
+    def _dsn_split(self, arg: str | None, keyword: str, names: tuple[str, ...],
+                   build: Callable[[dict[str, str]], _D]) -> tuple[str, _D] | str | None:
+        """The DSN parameters of an ESMTP MAIL/RCPT in a transaction aiosmtpd would go
+        on with: (the rest of ``arg``, ``build(the parameters)``), a ``501 5.5.4`` reply,
+        or None (none here: aiosmtpd answers ``arg`` itself, refusals included)."""
+        session = self.session
+        if not arg or session is None or not session.extended_smtp or not session.host_name:
+            return None
+        if self._auth_required and not session.authenticated:
+            return None  # (aiosmtpd answers 530 first)
+        try:
+            split = without_dsn_params(arg, keyword, names, self.local_part_limit)
+            return None if split is None else (split[0], build(split[1]))
+        except DsnSyntaxError as exc:
+            return f"501 5.5.4 Syntax error in the DSN parameters (RFC 3461): {exc}"
 
     @property
     def encrypted(self) -> bool:
@@ -828,27 +891,50 @@ class ImsSMTP(SMTP):
         if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
             return
-        assert self.envelope is not None
-        had_sender = self.envelope.mail_from is not None
+        envelope = self.envelope
+        assert envelope is not None
+        had_sender = envelope.mail_from is not None
+        dsn = MailDsn()
+        if not had_sender:
+            split = self._dsn_split(arg, "FROM:", MAIL_PARAMS, mail_dsn)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            if split is not None:
+                arg, dsn = split
         try:
             await super().smtp_MAIL(arg)
         except BaseException:
             if not had_sender:  # a failed MAIL leaves no sender behind
-                self.envelope.mail_from = None
-                self.envelope.mail_options.clear()
+                envelope.mail_from = None
+                envelope.mail_options.clear()
             raise
+        if not had_sender and envelope.mail_from is not None and isinstance(envelope, ImsEnvelope):
+            envelope.dsn = dsn
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self._faulted("rcpt"):
             return
-        assert self.envelope is not None
-        n, m = len(self.envelope.rcpt_tos), len(self.envelope.rcpt_options)
+        envelope = self.envelope
+        assert envelope is not None
+        n, m = len(envelope.rcpt_tos), len(envelope.rcpt_options)
+        dsn = RcptDsn()
+        if envelope.mail_from:
+            split = self._dsn_split(arg, "TO:", RCPT_PARAMS, rcpt_dsn)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            if split is not None:
+                arg, dsn = split
         try:
             await super().smtp_RCPT(arg)
         except BaseException:
-            del self.envelope.rcpt_tos[n:]  # a failed RCPT adds no recipient
-            del self.envelope.rcpt_options[m:]
+            del envelope.rcpt_tos[n:]  # a failed RCPT adds no recipient
+            del envelope.rcpt_options[m:]
             raise
+        if isinstance(envelope, ImsEnvelope) and len(envelope.rcpt_tos) > n:
+            del envelope.rcpt_dsn[n:]
+            envelope.rcpt_dsn.extend([dsn] * (len(envelope.rcpt_tos) - n))
 
     async def push(self, status: Any) -> None:
         if self._site is not None and not self._greeted:

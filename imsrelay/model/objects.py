@@ -109,6 +109,7 @@ class Mailbox:
     deleted: bool = False
     sender_rules: SenderRules = SenderRules()  # Delivery Restrictions and Message Filter
     protocols: Protocols = Protocols()  # IMAP4 and POP3 for this mailbox (they replicate with it)
+    home_server: str = ""  # the server of its home site holding its Maildir ("": the site's only server)
 
     @property
     def primary_address(self) -> str:

@@ -26,6 +26,7 @@ endpoint share it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import re
@@ -47,6 +48,8 @@ DEFERRED = "deferred"
 FAILED = "failed"
 EXPIRED = "expired"
 NDR_SENT = "ndr_sent"
+DELAY_NOTICE_SENT = "delay_notice_sent"
+DSN_SENT = "dsn_sent"  # a success report (RFC 3461 NOTIFY=SUCCESS): delivered, or relayed to a host without DSN
 DELETED = "deleted"
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum
@@ -433,13 +436,18 @@ class RecipientResult:
     path: tuple[str, ...]  # sites it went through
     mailbox: str | None = None  # delivered: the mailbox (alias)
     left_to: str | None = None  # delivered into a lab's catch-all: the domain it left the organisation to
+    report: str | None = None  # the success report (RFC 3461) sent about it: "delivered" | "relayed"
 
     def as_dict(self) -> dict[str, Any]:
         return {"recipient": self.recipient, "state": self.state, "site": self.site, "detail": self.detail,
-                "path": list(self.path), "mailbox": self.mailbox, "left_to": self.left_to}
+                "path": list(self.path), "mailbox": self.mailbox, "left_to": self.left_to, "report": self.report}
 
     def end_text(self) -> str:
-        """Where this recipient's branch ends, for a path: ``mailbox User2``, or its state."""
+        """Where this recipient's branch ends, for a path: ``mailbox User2``, or its
+        state; `` (DSN: delivered)`` when a success report went to the sender."""
+        return self._end() + (f" (DSN: {self.report})" if self.report else "")
+
+    def _end(self) -> str:
         if self.left_to:
             return f"{self.left_to} (the rest of the Internet)"
         if self.state == "delivered" and self.mailbox:
@@ -460,7 +468,7 @@ class Branch:
     def as_dict(self) -> dict[str, Any]:
         return {"site": self.site, "queue_id": self.queue_id, "next": [b.as_dict() for b in self.next],
                 "recipients": [{"recipient": r.recipient, "state": r.state, "mailbox": r.mailbox,
-                                "left_to": r.left_to} for r in self.ends]}
+                                "left_to": r.left_to, "report": r.report} for r in self.ends]}
 
     def text(self) -> str:
         """``SiteA -> {SiteB -> mailbox User2, SiteC -> mailbox User3}``; one way is one chain."""
@@ -572,6 +580,27 @@ def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...]
                                "not routed yet", path)
     last = mine[-1]
     d = last.detail
+    result = _result_of(rcpt, hop, by_queue, path, mine, last, d)
+    success = _success_report(rcpt, hop)
+    if success is None or result.site != hop.site:
+        return result
+    action, dsn_id = success
+    return dataclasses.replace(result, report=action,
+                               detail=f"{result.detail}; '{action}' report {dsn_id} sent to {hop.events[0].sender or '<>'}")
+
+
+def _success_report(rcpt: str, hop: Hop) -> tuple[str, str] | None:
+    """(action, report queue id) of the success report sent about ``rcpt`` at ``hop``."""
+    for e in hop.events:
+        if e.event == DSN_SENT:
+            actions = {k.lower(): v for k, v in (e.detail.get("actions") or {}).items()}
+            if rcpt.lower() in actions:
+                return str(actions[rcpt.lower()]), str(e.detail.get("dsn_id"))
+    return None
+
+
+def _result_of(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...], mine: list[TrackingEvent],
+               last: TrackingEvent, d: dict[str, Any]) -> RecipientResult:
     if last.event == DELIVERED:
         where = d.get("mailbox") or "the mailbox"
         alias = where[len("mailbox "):] if where.startswith("mailbox ") else None
@@ -595,7 +624,8 @@ def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...]
                     in [x.lower() for x in e.detail.get("recipients", [])]), None)
         what = "expired" if last.event == EXPIRED else "bounced"
         tail = (f"; NDR {ndr.detail.get('ndr_id')} sent to {ndr.sender or '<>'}" if ndr
-                else "; no NDR (null sender or automatic report)")
+                else f"; no NDR (the sender asked for none: NOTIFY={d['notify']})" if d.get("notify")
+                and "FAILURE" not in str(d["notify"]) else "; no NDR (null sender or automatic report)")
         return RecipientResult(rcpt, what if ndr else "failed", hop.site,
                                f"stopped at {hop.site}: {d.get('status')} {d.get('diagnostic')}{tail}", path)
     if last.event == DEFERRED and d.get("held"):
@@ -669,6 +699,13 @@ def describe_event(e: TrackingEvent) -> str:
         return f"{e.event} {e.recipient}: {d.get('status')} {d.get('diagnostic')}"
     if e.event == NDR_SENT:
         return f"NDR {d.get('ndr_id')} queued to {e.sender or '<>'} for {', '.join(d.get('recipients', []))}"
+    if e.event == DELAY_NOTICE_SENT:
+        return f"delay notice {d.get('ndr_id')} queued to {e.sender or '<>'} for {', '.join(d.get('recipients', []))}"
+    if e.event == DSN_SENT:
+        actions = d.get("actions") or {}
+        envid = f" (ENVID {d['envid']})" if d.get("envid") else ""
+        return (f"delivery report {d.get('dsn_id')} queued to {e.sender or '<>'}{envid}: "
+                + ", ".join(f"{r} {a}" for r, a in actions.items()))
     if e.event == DELETED:
         return "deleted from the queue by an operator"
     return e.event

@@ -628,7 +628,7 @@ class QueueManager:
         elif event in ("delivery.failed", "delivery.expired"):
             self._note(tracking.FAILED if event == "delivery.failed" else tracking.EXPIRED, env.queue_id,
                         recipient=r.address, status=r.status, diagnostic=r.diagnostic, remote=o.remote,
-                        attempts=r.attempts)
+                        attempts=r.attempts, notify=r.notify)
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
@@ -647,18 +647,22 @@ class QueueManager:
 
     async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
         """Apply ``queue_rules.after_attempt`` to each outcome: reports are queued
-        durably first, only then is a recipient recorded as bounced."""
+        durably first, only then is a recipient recorded as bounced (or, with a
+        success report the sender asked for, before its state is saved)."""
         now = self.clock()
         policy = self.policy_for(env)
         metrics = self.inputs.metrics
-        # (read the header only when something failed)
-        may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
+        # (read the header only when something failed, or a success report is asked for)
+        asked = any(rec.outcome.ok and dsn.report_wanted(rec.recipient.notify, "delivered") for rec in recorded)
+        may_report = (asked or not all(rec.outcome.ok for rec in recorded)) and dsn.may_send_report(env.sender, message)
         bounce: list[tuple[RecipientState, Transition]] = []
         delayed: list[RecipientState] = []
+        succeeded: list[tuple[RecipientState, str]] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
             step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
-                                 may_report=may_report)
+                                 may_report=may_report and dsn.report_wanted(r.notify, "failed"),
+                                 may_warn=may_report and dsn.report_wanted(r.notify, "delayed"))
             _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
@@ -675,16 +679,22 @@ class QueueManager:
                 bounce.append((r, step))
             elif step.suppressed:
                 self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
-                                 recipient=r.address, status=r.status,
-                                 reason="null sender or automatic report: no NDR is sent")
+                                 recipient=r.address, status=r.status, reason=_no_report_reason(may_report, r))
             if step.delay_notice:
                 delayed.append(r)
+            if may_report and o.ok and dsn.report_wanted(r.notify, "delivered"):
+                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY),
+                                            passed_on=o.dsn_passed)
+                if action is not None:
+                    succeeded.append((r, action))
         if bounce:
-            await self._send_report(env, message, [r for r, _ in bounce], delay=False)
+            await self._send_report(env, message, [(r, "failed") for r, _ in bounce])
             for r, step in bounce:
                 r.state = step.recipient.state
         if delayed:
-            await self._send_report(env, message, delayed, delay=True)
+            await self._send_report(env, message, [(r, "delayed") for r in delayed])
+        if succeeded:
+            await self._send_report(env, message, succeeded)
         if env.queue_id not in self.envelopes:
             return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
@@ -708,40 +718,61 @@ class QueueManager:
                 self._policies[priority] = policy
         return policy
 
-    async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
-                           delay: bool) -> None:
-        """Queue an NDR (or delay notice) for ``recipients`` durably."""
+    async def _send_report(self, env: Envelope, message: bytes, reported: list[tuple[RecipientState, str]]) -> None:
+        """Queue a report durably about ``reported`` (recipient, RFC 3464 action): an
+        NDR (``failed``), a delay notice (``delayed``), or a success report
+        (``delivered``, ``relayed``: RFC 3461 NOTIFY=SUCCESS)."""
         now = self.clock()
+        kind = reported[0][1] if reported[0][1] in ("failed", "delayed") else "success"
+        delay = kind == "delayed"
         statuses = [
             dsn.RecipientStatus(
-                final_recipient=r.address, original_recipient=r.original,
-                action="delayed" if delay else "failed", status=report_status(r.status, delay=delay),
-                diagnostic=r.diagnostic or "", remote_mta=r.remote,
+                final_recipient=r.address, original_recipient=r.orcpt or r.original, action=action,
+                status=report_status(r.status, delay=delay) if kind != "success" else "2.0.0",
+                diagnostic="" if action == "delivered" else r.diagnostic or "",  # (not a mailbox's file name)
+                remote_mta=r.remote if action != "delivered" else None,
                 last_attempt=datetime.fromtimestamp(now, UTC),
                 will_retry_until=datetime.fromtimestamp(env.received_at + self.policy_for(env).lifetime, UTC) if delay else None)
-            for r in recipients
+            for r, action in reported
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
             dsn.build_report,
             original=message, envelope_sender=env.sender, recipients=statuses,
             reporter=self.inputs.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
-            postmaster=self.inputs.postmaster_address())
+            postmaster=self.inputs.postmaster_address(),
+            include_full_message=dsn.returns_full_message(env.ret, kind), envid=env.envid)
         ndr_recipients = [RecipientState(env.sender, env.sender)]
-        copy_to = None if delay else await self.inputs.ndr_copy_address()
+        copy_to = await self.inputs.ndr_copy_address() if kind == "failed" else None
         if copy_to and copy_to.lower() != env.sender.lower():
             ndr_recipients.append(RecipientState(copy_to, copy_to))  # Q190708: a copy for the administrator
         ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=ndr_recipients,
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
         await self.inputs.enqueue_local(ndr, report)
-        if not delay:
+        addresses = [r.address for r, _ in reported]
+        if kind == "failed":
             self.inputs.metrics.ndrs.inc()
-        self._note(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id, ndr_id=ndr.queue_id,
-                    recipients=[r.address for r in recipients])
-        self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
-                      queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
-                      recipients=[r.address for r in recipients])
+            self._note(tracking.NDR_SENT, env.queue_id, ndr_id=ndr.queue_id, recipients=addresses)
+            self.log.info("delivery.ndr_queued", queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
+                          recipients=addresses)
+        elif delay:
+            self._note(tracking.DELAY_NOTICE_SENT, env.queue_id, ndr_id=ndr.queue_id, recipients=addresses)
+            self.log.info("delivery.delay_notice_queued", queue_id=env.queue_id, ndr_id=ndr.queue_id,
+                          sender=env.sender, recipients=addresses)
+        else:
+            actions = {r.address: action for r, action in reported}
+            self._note(tracking.DSN_SENT, env.queue_id, dsn_id=ndr.queue_id, recipients=addresses, actions=actions,
+                       envid=env.envid)
+            self.log.info("delivery.dsn_queued", queue_id=env.queue_id, dsn_id=ndr.queue_id, sender=env.sender,
+                          recipients=addresses, actions=actions)
+
+
+def _no_report_reason(may_report: bool, r: RecipientState) -> str:
+    """Why a failed recipient gets no NDR (``delivery.ndr_suppressed``)."""
+    if may_report:
+        return f"the sender asked for no failure report (NOTIFY={r.notify}, RFC 3461)"
+    return "null sender or automatic report: no NDR is sent"
 
 
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))

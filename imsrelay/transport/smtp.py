@@ -48,6 +48,10 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``SMTPUTF8`` when the message needs it and the peer offers it — when it needs
   it and the peer does not, a permanent ``5.6.7`` ("remote server does not
   support SMTPUTF8").
+- **DSN** (RFC 3461) when the peer offers it: RET and ENVID on MAIL, NOTIFY and ORCPT
+  on each RCPT, as the sender gave them (ORCPT, when none was given, names the address
+  received here); an outcome delivered so is ``dsn_passed`` — the peer reports success
+  from then on, and the queue sends a ``relayed`` report only for the others.
 - **Outcomes** follow the reply code *and* the connection state (aiosmtplib
   #48): a RCPT 5xx fails that recipient only, 4xx defers it; the DATA reply
   applies to every accepted recipient (one other than 354 delivers nothing); a
@@ -58,6 +62,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -82,7 +87,8 @@ from aiosmtplib.errors import (
 from aiosmtplib.response import SMTPResponse
 
 from imsrelay.model.addresses import ip_literal
-from imsrelay.model.envelope import Envelope
+from imsrelay.model.dsn_params import orcpt_param, xtext_encode
+from imsrelay.model.envelope import PENDING, Envelope, RecipientState
 from imsrelay.model.message import header_block
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import SiteConfig
@@ -158,6 +164,25 @@ def smtp_path(address: str) -> str:
     if _UNSAFE.search(address) or _SPACE.search(unquoted):
         raise ValueError(f"{address!r} cannot be sent in an SMTP command")
     return f"<{address}>"
+
+
+def dsn_mail_params(env: Envelope) -> list[str]:
+    """MAIL FROM's DSN parameters for a peer that offers DSN: the sender's RET and ENVID."""
+    params = [f"RET={env.ret}"] if env.ret else []
+    if env.envid:
+        params.append(f"ENVID={xtext_encode(env.envid)}")
+    return params
+
+
+def dsn_rcpt_params(r: RecipientState) -> list[str]:
+    """RCPT TO's DSN parameters for a peer that offers DSN: the sender's NOTIFY, and its
+    ORCPT or else the address this site received (RFC 3461 4.2 lets a relay add it)."""
+    params = [f"NOTIFY={r.notify}"] if r.notify else []
+    if r.orcpt:
+        params.append(f"ORCPT={orcpt_param(r.orcpt)}")
+    elif r.original and r.original.isascii():
+        params.append(f"ORCPT={orcpt_param('rfc822;' + r.original)}")
+    return params
 
 
 def data_timeout(size: int, command_timeout: float, per_mib: float) -> float:
@@ -237,6 +262,7 @@ class _Transaction:
     outcomes: dict[str, Outcome]  # recipients answered for (refused, or the DATA reply)
     size: int  # the message as sent, before dot-stuffing
     encoding: str  # of command lines: utf-8 with SMTPUTF8
+    dsn: bool = False  # the peer offers DSN: it got the DSN parameters (RFC 3461) and reports success itself
     stage: str = "MAIL FROM"  # the command whose reply is awaited (diagnostics of a lost connection)
     accepted: list[str] = field(default_factory=list)  # recipients whose RCPT got 250/251
 
@@ -687,20 +713,27 @@ class SmtpClient:
         smtputf8 = (utf8 or env.smtputf8) and "smtputf8" in ext
         if smtputf8:
             options.append("SMTPUTF8")
+        dsn = "dsn" in ext
+        if dsn:
+            options += dsn_mail_params(env)
         try:
             sender_path = smtp_path(env.sender) if env.sender else "<>"
         except ValueError as exc:
             return _all(rcpts, Outcome.permanent_failure("5.1.7", str(exc)))
         paths: dict[str, str] = {}
+        asked = {r.address: r for r in env.recipients if r.state == PENDING} if dsn else {}
         for rcpt in rcpts:
             try:
                 paths[rcpt] = smtp_path(rcpt)
             except ValueError as exc:
                 outcomes[rcpt] = Outcome.permanent_failure("5.1.3", str(exc))
+                continue
+            if rcpt in asked:
+                paths[rcpt] = " ".join([paths[rcpt], *dsn_rcpt_params(asked[rcpt])])
         if not paths:
             return outcomes
 
-        t = _Transaction(conn, log, outcomes, size, "utf-8" if smtputf8 else "ascii")
+        t = _Transaction(conn, log, outcomes, size, "utf-8" if smtputf8 else "ascii", dsn=dsn)
         mail = " ".join(["MAIL FROM:" + sender_path, *options])
         conn.transactions += 1
         conn.queue_id = env.queue_id
@@ -821,6 +854,8 @@ class SmtpClient:
                                                                       cfg.data_timeout_per_mib))
             self._trace_reply(t.conn, reply.code, reply.message)
             result = reply_outcome(reply.code, reply.message, t.conn.remote)
+            if result.ok and t.dsn:
+                result = dataclasses.replace(result, dsn_passed=True)
         else:
             result = _session_reply(reply.code, reply.message, t.conn.remote, client)
         self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)

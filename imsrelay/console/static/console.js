@@ -779,7 +779,7 @@
   function drawBranch(node) {
     const ends = (node.recipients || []).map((r) => el("li", { class: `hop-node ${r.state === "delivered" ? "mailbox" : "end"}` },
       el("span", { class: "arrow", "aria-hidden": "true", text: "→" }),
-      el("span", { class: "node-label", text: r.left_to ? `${r.left_to} (the rest of the Internet)` : (r.state === "delivered" && r.mailbox ? `mailbox ${r.mailbox}` : `${r.recipient} ${r.state}`) })));
+      el("span", { class: "node-label", text: (r.left_to ? `${r.left_to} (the rest of the Internet)` : (r.state === "delivered" && r.mailbox ? `mailbox ${r.mailbox}` : `${r.recipient} ${r.state}`)) + (r.report ? ` (DSN: ${r.report})` : "") })));
     const next = (node.next || []).map((child) => el("li", { class: "branch" }, el("span", { class: "arrow", "aria-hidden": "true", text: "→" }), drawBranch(child)));
     return el("div", { class: "hop-branch", dataset: { site: node.site } },
       el("span", { class: "hop-node site" }, el("span", { class: "node-label", text: node.site })),
