@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.errors import (
@@ -179,8 +180,12 @@ class PipeliningProtocol(SMTPProtocol):
         if self._command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
         async with self._command_lock:
-            for part in (body,) if isinstance(body, bytes) else body:  # parts back to back, never joined
-                self.write(part)
+            if isinstance(body, bytes):
+                self.write(body)
+            else:  # parts back to back in one system call (uvloop: one writev), never joined
+                if self.transport is None or self.transport.is_closing():
+                    raise SMTPServerDisconnected("Connection lost")
+                cast(asyncio.WriteTransport, self.transport).writelines(body)
             return await self.read_response(timeout=timeout)
 
 
