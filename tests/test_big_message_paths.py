@@ -166,3 +166,18 @@ async def test_a_message_arriving_with_data_in_one_write_is_taken_whole(tmp_path
     assert second.startswith(b"250 2.0.0 Ok: kept\r\n221"), second
     want = body.replace(b"\r\n..", b"\r\n.")
     assert got == [want, want]
+
+
+def test_the_chunks_are_let_go_once_the_message_is_joined() -> None:
+    """While the handler works (the flush before 250), a session holds its message
+    once: content() drops the chunks it joined, and gives the same bytes again."""
+    from imsrelay.ingress.data_reader import DataScanner
+
+    s = DataScanner(size_limit=None, line_limit=1001, forbid_bare_lf=False)
+    block = b"0123456789" * 7 + b"\r\n"
+    for _ in range(100):
+        s.feed(block * 100)
+    assert s.feed(b".\r\nQUIT\r\n") == 3 and s.done
+    first = s.content()
+    assert first == block * 10_000 and s._parts == []
+    assert s.content() is first

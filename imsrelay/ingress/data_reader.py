@@ -69,6 +69,7 @@ class DataScanner:
         self._counted = 0  # their bytes (aiosmtpd's num_bytes)
         self._end: int | None = None  # offset of the final "." line
         self._doubt = False  # a CRLF "." met a chunk's edge: content() looks again
+        self._content: bytes | None = None  # the message, once content() has joined the chunks
         self.dot_lines = False  # whether a line of the message starts with a dot (exact once content() ran)
 
     def feed(self, chunk: bytes) -> int:
@@ -144,6 +145,8 @@ class DataScanner:
         ``envelope.original_content``.  Only when ``done`` with ``DataResult.OK``."""
         if not self.done or self.outcome is not DataResult.OK or self._end is None:
             raise ValueError("no message: DATA is not over, or it was refused")
+        if self._content is not None:
+            return self._content
         end = self._end
         pieces: list[bytes | memoryview] = []
         for part, start in zip(self._parts, self._starts, strict=True):
@@ -157,7 +160,9 @@ class DataScanner:
         if self._doubt and not self.dot_lines:
             self.dot_lines = raw[:1] == b"." or raw.find(b"\r\n.") >= 0
         # When no line starts with a dot there is nothing to un-stuff here, nor to stuff on the way out.
-        return unstuff(raw) if self.dot_lines else raw
+        self._content = unstuff(raw) if self.dot_lines else raw
+        self._parts, self._starts = [], []  # the chunks go now: the message is held once, not twice
+        return self._content
 
     # -- the line checks (aiosmtpd's TOO_LONG / TOO_MUCH, first in the stream wins)
     def _due(self) -> bool:
