@@ -181,3 +181,24 @@ def test_the_chunks_are_let_go_once_the_message_is_joined() -> None:
     first = s.content()
     assert first == block * 10_000 and s._parts == []
     assert s.content() is first
+
+
+def test_a_maildir_delivery_in_parts_writes_the_joined_file(tmp_path) -> None:
+    """A delivered file is written from its trace header and the message as parts
+    (writev), with the bytes the joined file had."""
+    from imsrelay.durable.file_group import FileGroup
+    from imsrelay.transport.maildir import delivery_write, ensure_maildir, trace_headers
+
+    box = tmp_path / "box"
+    ensure_maildir(box)
+    message = b"Subject: x\r\n\r\n" + b"y" * 300_000 + b"\r\n"
+    write = delivery_write(box, queue_id="Q1", index=0, message=message, sender="a@b.example",
+                           recipient="c@d.example", hostname="h.example")
+    assert isinstance(write.data, tuple) and write.data[1] is message
+    group = FileGroup(tmp_path)
+    group.stage(1, write.path, write.data, tmp_dir=write.tmp_dir)
+    assert group.finish() == {}
+    written = write.path.read_bytes()
+    assert written == b"".join(write.data) and written.endswith(message)
+    assert written.startswith(trace_headers(sender="a@b.example", recipient="c@d.example", hostname="h.example",
+                                            queue_id="Q1")[:40])
