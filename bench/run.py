@@ -39,6 +39,11 @@ concurrency
 scale
     Throughput and CPU/msg at 1-500 sessions and 1 KB-1 MB; restarts with a
     full (held) queue: time until ``/ready``, memory.
+servers (only when named: ``--phases servers``)
+    SiteA as one server, then as two (``[[servers]]``, User2 homed on the
+    second), on the same load given to every server in equal parts: messages/s,
+    CPU per message of both servers, and the latency of the intra-site hop
+    (one message at a time given to the server its mailbox is not homed on).
 
 Nothing here talks to anything but 127.0.0.0/8.  Needs root for the private
 Postfix instance (and ``apt-get install postfix`` when the tools are missing).
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime as dt
@@ -90,7 +96,8 @@ SENDER = "bench@source.bench.example"
 SINK_RCPT = "sink@bench.example"
 LOCAL_DOMAIN = "local.bench.test"
 HELD_DOMAIN = "held.bench.example"
-PHASES = ("throughput", "local", "latency", "replication", "concurrency", "scale")
+PHASES = ("throughput", "local", "latency", "replication", "concurrency", "scale")  # the default run
+EXTRA_PHASES = ("servers",)  # asked for by name: --phases servers (issue 24: a site of two servers)
 # Sizes above this use --messages-large in the throughput phase.
 LARGE_SIZE = 8192
 HUGE_SIZE = 64 * 1024  # above this, a size's message count comes from a byte budget
@@ -729,6 +736,9 @@ class SiteSpec:
     workers: int = 1  # smtp.workers: processes serving the site
     smtp: dict[str, Any] = field(default_factory=dict)  # extra [smtp] settings
     transfer: dict[str, Any] = field(default_factory=dict)  # [transfer] (mode at the first start)
+    server: str = ""  # site.server ("": Server<name>)
+    servers: list[dict[str, Any]] = field(default_factory=list)  # [[servers]]: a site of several servers
+    homes: dict[str, str] = field(default_factory=dict)  # mailbox alias -> home_server
 
 
 class ImsSite:
@@ -745,7 +755,7 @@ class ImsSite:
         self.wrapper = list(wrapper)
         self.admin_token = f"bench-{spec.name}-token"
         doc: dict[str, Any] = {
-            "site": {"organisation": "BenchORG", "name": spec.name, "server": f"Server{spec.name}",
+            "site": {"organisation": "BenchORG", "name": spec.name, "server": spec.server or f"Server{spec.name}",
                      "email_domain": spec.domain, "company_domain": spec.company_domain,
                      "data_dir": str(self.data)},
             "smtp": {"listen": spec.listen, "port": spec.port, "relay_networks": ["127.0.0.0/8"],
@@ -754,7 +764,8 @@ class ImsSite:
                      # the concurrency phase holds 1,000 sessions; load phases run many senders
                      "max_inbound_connections": 100_000, "max_connections_per_ip": 100_000,
                      "max_queued_messages": 10_000_000, "max_message_size": MAX_MESSAGE_SIZE, **spec.smtp},
-            "mailboxes": [{"alias": a, "display_name": a} for a in spec.mailboxes],
+            "mailboxes": [{"alias": a, "display_name": a, **({"home_server": spec.homes[a]} if a in spec.homes else {})}
+                          for a in spec.mailboxes],
             "delivery": {"retry_intervals": ["5s", "10s", "30s"], "starttls": "none", **spec.delivery},
             # A dead loopback resolver: no lab name ever reaches the system resolver.
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": 1},
@@ -766,6 +777,8 @@ class ImsSite:
         }
         if spec.transfer:
             doc["transfer"] = dict(spec.transfer)
+        if spec.servers:
+            doc["servers"] = [dict(v) for v in spec.servers]
         if spec.admin_port:
             doc["admin"] = {"listen": spec.listen, "port": spec.admin_port, "token": self.admin_token}
         for key in ("mailboxes", "connected_sites", "email_domains"):
@@ -1400,6 +1413,102 @@ class Bench:
             site.stop()
             self.logs["local-imsrelay"] = site.log_tail(5)
 
+    # ---------------------------------------------------------- servers (issue 24)
+
+    def phase_servers(self) -> dict[str, Any]:
+        """SiteA as one server and as two (ServerA, Server1) on the same load: 4 KB messages
+        to User1 and User2, given to every server in equal parts (equal-preference MX);
+        with two servers User2 is homed on Server1, so half the mail takes an intra-site
+        hop.  Then the latency of one message at a time given to the server its mailbox
+        is not homed on (the intra-site hop) against one given to its home server."""
+        o = self.opts
+        out: dict[str, Any] = {"messages": o.local_messages, "sessions": o.sessions, "size": 4096}
+        for count in (1, 2):
+            try:
+                out[f"servers_{count}"] = self._servers_run(count)
+            except BenchError as exc:
+                out[f"servers_{count}"] = {"error": str(exc)}
+                log(f"servers {count}: {exc}")
+        one, two = out["servers_1"], out["servers_2"]
+        if one.get("end_to_end_per_s") and two.get("end_to_end_per_s"):
+            out["ratio_two_over_one"] = round(two["end_to_end_per_s"] / one["end_to_end_per_s"], 2)
+        if one.get("direct", {}).get("p50_ms") is not None and two.get("hop", {}).get("p50_ms") is not None:
+            out["hop_adds_p50_ms"] = round(two["hop"]["p50_ms"] - one["direct"]["p50_ms"], 1)
+        return out
+
+    def _servers_run(self, count: int) -> dict[str, Any]:
+        o = self.opts
+        names = ["ServerA", "Server1"][:count]
+        listen = {n: self.addr(30 + i) for i, n in enumerate(names)}
+        ports = {n: free_port(listen[n]) for n in names}
+        admin = {n: free_port(listen[n]) for n in names}
+        servers = [{"name": n, "host": listen[n], "port": ports[n], "admin": f"http://{listen[n]}:{admin[n]}"}
+                   for n in names] if count > 1 else []
+        homes = {"User1": "ServerA", "User2": names[-1]} if count > 1 else {}
+        domain = "SiteA.bench.test"
+        sites = {}
+        for n in names:
+            spec = SiteSpec("SiteA", listen[n], ports[n], domain, "bench.test", mailboxes=["User1", "User2"],
+                            admin_port=admin[n], server=n, servers=servers, homes=homes, workers=1)
+            sites[n] = ImsSite(self.procs, self.root / f"servers{count}" / n, spec)
+        home = {"User1": sites["ServerA"], "User2": sites[names[-1]]}
+        counters = {a: MaildirCounter(make_maildir(site.maildir_new(a).parent)) for a, site in home.items()}
+        runs = [(site, alias) for site in sites.values() for alias in ("User1", "User2")]
+        per = max(1, o.local_messages // len(runs))
+        total = per * len(runs)
+        try:
+            for site in sites.values():
+                site.start()
+            self._servers_load(runs, counters, max(5, per // 20), label=f"{count} server(s) warm-up")
+            time.sleep(0.5)
+            cpu0 = sum(tree_cpu_seconds(site.pid) for site in sites.values())
+            r = self._servers_load(runs, counters, per, label=f"{count} server(s)")
+            cpu1 = sum(tree_cpu_seconds(site.pid) for site in sites.values())
+            r["cpu_ms_per_message"] = round((cpu1 - cpu0) * 1000 / total, 3)
+            r["servers"] = count
+            run_id = f"{os.getpid()}x{int(time.time())}s{count}"
+            watcher = MaildirWatcher(home["User1"].maildir_new("User1"))
+            try:  # one message at a time to User1 (homed on ServerA): given to ServerA, and to Server1
+                r["direct"] = asyncio.run(self._light(sites["ServerA"], f"User1@{domain}", watcher, run_id + "d"))
+                if count > 1:
+                    r["hop"] = asyncio.run(self._light(sites["Server1"], f"User1@{domain}", watcher, run_id + "h"))
+            finally:
+                watcher.close()
+            return r
+        finally:
+            for c in counters.values():
+                c.stop()
+            for n, site in sites.items():
+                site.stop()
+                self.logs[f"servers{count}-{n}"] = site.log_tail(5)
+
+    def _servers_load(self, runs: list[tuple[ImsSite, str]], counters: dict[str, MaildirCounter], per: int, *,
+                      label: str) -> dict[str, Any]:
+        """``per`` messages for each (server, mailbox) at once (one smtp-source each); bounded."""
+        o = self.opts
+        sessions = max(1, o.sessions // len(runs))
+        base = {a: c.count for a, c in counters.items()}
+        want = {a: base[a] + per * sum(1 for _, x in runs if x == a) for a in counters}
+        budget = max(120.0, per * len(runs) / 20.0)
+        log(f"{label}: {per * len(runs)} messages over {len(runs)} smtp-source runs")
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+            done = list(pool.map(lambda run: run_source(
+                self.tools, run[0].spec.port, host=run[0].spec.listen, messages=per, sessions=sessions, size=4096,
+                timeout=budget, rcpt=f"{run[1]}@{run[0].spec.domain}"), runs))
+        t_src = time.monotonic()
+        bad = [d.output for d in done if d.returncode != 0]
+        if bad:
+            raise BenchError(f"{label}: smtp-source failed: {bad[0][-300:]}")
+        ends = [counters[a].wait_count(want[a], t0 + budget + 60, stall=60) for a in counters]
+        if any(e is None for e in ends):
+            got = {a: counters[a].count - base[a] for a in counters}
+            raise BenchError(f"{label}: not every message arrived: {got}")
+        t_end = max(e for e in ends if e is not None)
+        n = per * len(runs)
+        return {"messages": n, "accepted_per_s": round(n / (t_src - t0), 1),
+                "end_to_end_per_s": round(n / (t_end - t0), 1)}
+
     # ---------------------------------------------------------- latency
 
     def _two_sites(self, root: Path, names: Sequence[str], *, replication: bool = False,
@@ -1792,7 +1901,7 @@ class Bench:
                         "code_at_start": code_fingerprint()}
         phases = {"throughput": self.phase_throughput, "local": self.phase_local, "latency": self.phase_latency,
                   "replication": self.phase_replication, "concurrency": self.phase_concurrency,
-                  "scale": self.phase_scale}
+                  "scale": self.phase_scale, "servers": self.phase_servers}
         try:
             for name in self.opts.phases:
                 log(f"=== {name}")
@@ -2327,12 +2436,45 @@ def render_results(res: dict[str, Any], notes: str = "", plot_name: str | None =
     if ph.get("scale") or any(ph.get(k) for k in ("replication", "concurrency")):
         L.append(render_scale(ph, plot_name))
 
+    srv = ph.get("servers")
+    if srv:
+        L.append(render_servers(srv))
+
     L.insert(_targets_index(L), targets_markdown(evaluate_targets(ph)))
     if notes:
         L.append(notes + "\n")
     L.append("## Options\n")
     L.append("```\n" + json.dumps(o, indent=1) + "\n```")
     return "\n".join(L) + "\n"
+
+
+def render_servers(srv: dict[str, Any]) -> str:
+    """The "Several servers in one site" section (issue 24): one server against two, same load."""
+    L = ["## Several servers in one site\n",
+         f"SiteA as one server, then as two (ServerA and Server1 on their own 127.0.0.x addresses, "
+         f"`[[servers]]`), on the same load: {srv.get('messages', 0):,} messages of 4 KiB to User1 and User2, "
+         "given to every server in equal parts at once (one `smtp-source` per server and mailbox, as "
+         "equal-preference MX would spread them); with two servers User2 is homed on Server1, so half the "
+         "mail takes an intra-site SMTP hop. End to end = until both Maildirs hold every message. CPU = both "
+         "servers' process trees. Latency: one message at a time to User1 (homed on ServerA) given to ServerA "
+         "(direct) and to Server1 (one intra-site hop), from the `250` to the file in ServerA's Maildir.\n",
+         "| topology | accepted msg/s | end to end msg/s | CPU ms/message | direct p50 / p99 ms "
+         "| intra-site hop p50 / p99 ms | note |", "|---|---:|---:|---:|---:|---:|---|"]
+    for count in (1, 2):
+        r = srv.get(f"servers_{count}") or {}
+        direct, hop = r.get("direct") or {}, r.get("hop") or {}
+        L.append(f"| {count} server{'s' if count > 1 else ''} | {fmt(r.get('accepted_per_s'))} | "
+                 f"{fmt(r.get('end_to_end_per_s'))} | {fmt(r.get('cpu_ms_per_message'))} | "
+                 f"{fmt(direct.get('p50_ms'))} / {fmt(direct.get('p99_ms'))} | "
+                 + (f"{fmt(hop.get('p50_ms'))} / {fmt(hop.get('p99_ms'))}" if hop else "—")
+                 + f" | {r.get('error', '')} |")
+    if srv.get("ratio_two_over_one") is not None:
+        L.append(f"\nTwo servers / one server, end to end: {srv['ratio_two_over_one']}× on this one machine "
+                 "(both servers share its cores: the figure shows the cost of the hop, not the gain of a second "
+                 "machine)." + (f" The intra-site hop adds {srv['hop_adds_p50_ms']} ms at p50."
+                                if srv.get("hop_adds_p50_ms") is not None else ""))
+    L.append("")
+    return "\n".join(L)
 
 
 def _targets_index(lines: list[str]) -> int:
@@ -2349,7 +2491,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts (2,000 messages per relay, …)")
-    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES + EXTRA_PHASES)} (default: {','.join(PHASES)})")
     p.add_argument("--messages", type=int, help="smtp-source -m (default 20000, quick 1500)")
     p.add_argument("--sessions", type=int, default=20, help="smtp-source -s (default 20)")
     p.add_argument("--rounds", type=int,
@@ -2379,9 +2522,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--keep", action="store_true", help="keep the temp directory (configs, queues, logs)")
     a = p.parse_args(argv)
     phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    bad = [x for x in phases if x not in PHASES]
+    bad = [x for x in phases if x not in PHASES + EXTRA_PHASES]
     if bad:
-        p.error(f"unknown phase {bad[0]!r} (choose from {', '.join(PHASES)})")
+        p.error(f"unknown phase {bad[0]!r} (choose from {', '.join(PHASES + EXTRA_PHASES)})")
     if not a.addr_base.startswith("127."):
         p.error("--addr-base must be inside 127.0.0.0/8 (loopback only)")
     try:

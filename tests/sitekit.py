@@ -48,6 +48,19 @@ def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
                 return port
 
 
+def wait_smtp(host: str, port: int, timeout: float = 15.0) -> None:
+    """Block until an SMTP server answers at host:port (a site started as a process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with smtplib.SMTP(host, port, timeout=2) as s:
+                s.noop()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"no SMTP server started at {host}:{port}")
+
+
 def send_mail(host: str, port: int, sender: str, rcpts: str | Sequence[str], message: bytes, *,
               mail_options: Sequence[str] = (), source: str | None = None,
               timeout: float = 10.0) -> dict[str, tuple[int, bytes]]:

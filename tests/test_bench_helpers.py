@@ -400,3 +400,28 @@ def test_a_separate_profiled_run_says_so() -> None:
     text = "\n".join(lines)
     assert "a separate run of 200 messages (not in the figures above)" in text
     assert "| `data_reader.py:feed` | 10.0% | 150.0 |" in text
+
+
+def test_the_servers_phase_writes_a_two_server_site_and_its_table(tmp_path):
+    """Issue 24's bench figure: the site files it writes are a site of two servers the
+    loader accepts, and the table compares one server with two."""
+    from imsrelay.config.loader import load_config
+
+    servers = [{"name": n, "host": h, "port": 2525, "admin": f"http://{h}:8025"}
+               for n, h in (("ServerA", "127.0.0.30"), ("Server1", "127.0.0.31"))]
+    spec = run.SiteSpec("SiteA", "127.0.0.31", 2525, "SiteA.bench.test", "bench.test", mailboxes=["User1", "User2"],
+                        admin_port=8025, server="Server1", servers=servers,
+                        homes={"User1": "ServerA", "User2": "Server1"})
+    config = load_config(run.ImsSite(None, tmp_path, spec).config)
+    assert (config.server, [s.name for s in config.servers]) == ("Server1", ["ServerA", "Server1"])
+    assert [m.home_server for m in config.mailboxes] == ["ServerA", "Server1"]
+    lat = {"p50_ms": 1.0, "p99_ms": 3.0}
+    text = run.render_servers({"messages": 400, "servers_1": {"accepted_per_s": 300.0, "end_to_end_per_s": 290.0,
+                                                               "cpu_ms_per_message": 1.2, "direct": lat},
+                               "servers_2": {"accepted_per_s": 250.0, "end_to_end_per_s": 240.0,
+                                             "cpu_ms_per_message": 2.0, "direct": lat,
+                                             "hop": {"p50_ms": 2.5, "p99_ms": 4.0}},
+                               "ratio_two_over_one": 0.83, "hop_adds_p50_ms": 1.5})
+    assert "| 1 server | 300.0 | 290.0 | 1.20 | 1.00 / 3.00 | — |" in text
+    assert "| 2 servers | 250.0 | 240.0 | 2.00 | 1.00 / 3.00 | 2.50 / 4.00 |" in text
+    assert "0.83×" in text and "adds 1.5 ms" in text

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from sitekit import free_port
+from sitekit import free_port, wait_smtp
 
 from imsrelay.queue.spool import Spool
 from imsrelay.transport.maildir import list_messages, mailbox_dir
@@ -58,15 +58,7 @@ def start(config):
 
 
 def wait_listening(port, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with smtplib.SMTP(HOST, port, timeout=2) as s:
-                s.noop()
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("site did not start")
+    wait_smtp(HOST, port, timeout)
 
 
 def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):

@@ -33,6 +33,12 @@ class Walk:
     def port(self) -> int:
         return self.lab.port
 
+    @property
+    def mx_servers(self) -> tuple[str, ...]:
+        """The servers microsoft.com's MX leads to: Server1 and ServerA with equal preference
+        when SiteA has both, else ServerA."""
+        return ("Server1", "ServerA") if "SiteA-Server1" in self.lab.extra_servers else ("ServerA",)
+
     def maildir(self, site: str, alias: str) -> Path:
         return self.lab.data_dir / site / "mailboxes" / alias
 
@@ -78,12 +84,14 @@ class Walk:
         assert self.lab.stage == stage_index(stage)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def walk(tmp_path_factory):
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[1, 2], ids=["SiteA-1-server", "SiteA-2-servers"])
+async def walk(tmp_path_factory, request):
+    """The walk on both topologies: SiteA as one server, and as two (ServerA on .10,
+    Server1 on .11: the seed's A and MX records; issue 24)."""
     data = tmp_path_factory.mktemp("lab")
     lab = Lab(data, port=free_port("127.10.10.10"), admin_port=free_port("127.10.10.10"),
               startup_delay="1h", say=lambda s: None, submission_port=free_port("127.10.10.10"),
-              smtps_port=free_port("127.10.10.10"))
+              smtps_port=free_port("127.10.10.10"), servers={"SiteA": request.param})
     await lab.start()
     try:
         yield Walk(lab)
@@ -206,7 +214,27 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
     await walk.send(INTERNET.address, "alice@example.net", "User3@microsoft.com", "s7-outside")
     got = await walk.arrives("SiteC", "User3", "s7-outside")
     assert b"by mail.example.net (imsrelay)" in trace(got)
-    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)
+    assert any(f"by {m}.SiteA.microsoft.com (imsrelay)".encode() in trace(got) for m in walk.mx_servers)
+    if len(walk.mx_servers) > 1:  # equal-preference MX: the Internet host uses both servers in turn
+        # (by queue id: 16 messages all on one server would be a 1 in 32768 chance)
+        subjects = [f"s7-mx-{i}" for i in range(16)]
+        for subject in subjects:
+            await walk.send(INTERNET.address, "alice@example.net", "User3@microsoft.com", subject)
+        firsts = set()
+        for subject in subjects:
+            hops = trace(await walk.arrives("SiteC", "User3", subject))
+            firsts |= {m for m in walk.mx_servers if f"by {m}.SiteA.microsoft.com (imsrelay)".encode() in hops}
+        assert firsts == set(walk.mx_servers)
+    for key, server in walk.lab.extra_servers.items():  # SiteA's other server takes mail for the whole site
+        n += 1
+        await walk.send(server.address, "alice@example.net", "User1@microsoft.com", f"s7-{n}")
+        got = await walk.arrives("SiteA", "User1", f"s7-{n}")  # homed on ServerA: one intra-site hop
+        assert b"by Server1.SiteA.microsoft.com (imsrelay)" in trace(got)
+        assert b"Received: from Server1.SiteA.microsoft.com ([127.10.10.11])\r\n\tby ServerA" in trace(got)
+        assert await walk.known(key) == await walk.known("SiteA")  # the whole directory, by intra-site replication
+        n += 1
+        await walk.send(server.address, "alice@example.net", "User2@microsoft.com", f"s7-{n}")
+        await walk.arrives("SiteB", "User2", f"s7-{n}")
     # and out to the Internet with the company address
     await walk.send(C.address, "user3@SiteC.microsoft.com", "bob@example.net", "s7-out")
     got = await walk.arrives(INTERNET.name, "bob", "s7-out")
@@ -216,6 +244,46 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
     for s in SITES:
         code, text = await walk.rcpt_reply(s.address, "nobody@microsoft.com")
         assert (code, text[:5]) == (550, "5.1.1")
+
+
+async def test_the_labs_link_monitor_sees_the_other_sites_and_the_internet_up(walk: Walk):
+    """SiteA's Link Monitor (KB Q246674): SiteB's and SiteC's system attendants return
+    its pings and the Internet host's NDR answers the foreign address; no ping or answer
+    lands in a mailbox."""
+    from imsrelay.lab.embedded import LINK_MONITOR_FOREIGN
+
+    monitors = walk.lab.sites["SiteA"].link_monitors
+
+    def states() -> dict[str, str]:
+        return {t["target"]: t["state"] for m in monitors.snapshot() for t in m["targets"]}
+    await wait_for(lambda: set(states().values()) == {"up"}, timeout=60)
+    assert set(states()) == {"SiteB", "SiteC", LINK_MONITOR_FOREIGN}
+    for s in SITES:
+        for alias in (s.user, "Administrator"):
+            assert not [m for m in walk.messages(s.name, alias) if b"X-Link-Monitor" in m], (s.name, alias)
+async def test_two_servers_a_mailbox_made_on_server1_reaches_the_organisation(walk: Walk):
+    """SiteA as two servers (issue 24): a mailbox created on Server1 is homed there, reaches
+    ServerA by intra-site replication and the other sites through ServerA, the bridgehead;
+    their mail for it ends in Server1's Maildir."""
+    if not walk.lab.extra_servers:
+        pytest.skip("SiteA runs as one server here")
+    server1, server_a = walk.lab.sites["SiteA-Server1"], walk.lab.sites["SiteA"]
+    made = await server1.directory.run(server1.directory.add_mailbox, "User5", "User Five", (),
+                                       server1.config.home_server_for(None))
+    assert made.home_server == "Server1"
+    assert (await wait_for(lambda: server_a.directory.run(server_a.directory.mailbox, "User5"))).home_server == "Server1"
+    site_b = walk.lab.sites["SiteB"]
+    assert site_b.replicator is not None
+    await site_b.replicator.request_now("SiteA")  # answered by ServerA, which has it from Server1
+    await wait_for(lambda: walk.primary("SiteB", "SiteA", "User5"), timeout=30)
+    assert await walk.primary("SiteB", "SiteA", "User5") == "User5@microsoft.com"
+    await walk.send(B.address, "user2@SiteB.microsoft.com", "User5@microsoft.com", "to-user5")
+    got = await walk.arrives("SiteA-Server1", "User5", "to-user5")
+    assert b"by ServerA.SiteA.microsoft.com (imsrelay)" in trace(got)  # through the site's bridgehead, one hop
+    assert not walk.maildir("SiteA", "User5").exists()
+    # Check Now works per server; only ServerA runs the replication connectors
+    assert (await server1.check_now()).as_dict() is not None
+    assert server_a.config.bridgehead and not server1.config.bridgehead
 
 
 @pytest.mark.skipif(__import__("shutil").which("swaks") is None, reason="swaks not installed")

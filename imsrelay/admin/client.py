@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from imsrelay.model.errors import UserError
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import SiteConfig, SiteServer
 
 
 class AdminUnavailable(Exception):
@@ -138,6 +138,27 @@ def cli_call(config: SiteConfig, method: str, path: str, body: dict[str, Any] | 
         raise UserError(str(exc), status=3) from None
     except AdminRequestError as exc:
         raise UserError(f"{config.site}: {exc}", status=request_error_status(exc.status)) from None
+
+
+def server_calls(config: SiteConfig, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> list[tuple[SiteServer, Any]]:
+    """The same call at every server of the site (``[[servers]]`` with an admin endpoint;
+    the site's admin token): what a site-wide operation is made of."""
+    servers = [s for s in config.servers if s.admin]
+    if not servers:
+        raise UserError(f"{config.path}: no [[servers]] with an admin endpoint: this is a site of one server "
+                        "(leave out --all-servers)")
+    token = config.admin.resolved_token() or ""
+    out = []
+    for server in servers:
+        try:
+            out.append((server, AdminClient(server.admin or "", token, site=f"{config.site}/{server.name}")
+                        .call(method, path, body)))
+        except AdminUnavailable as exc:
+            raise UserError(str(exc), status=3) from None
+        except AdminRequestError as exc:
+            raise UserError(f"{config.site}/{server.name}: {exc}", status=request_error_status(exc.status)) from None
+    return out
 
 
 def request_error_status(http_status: int) -> int:

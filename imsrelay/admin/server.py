@@ -31,6 +31,7 @@ GET      /faults                     faults on demand now in force
 POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
 DELETE   /faults[/ID]                clear every fault, or one
 GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /link-monitors              the Link Monitors' targets: state, since, last round trip (Q246674)
 GET      /config                     static set-up (imsrelay.admin.console_routes)
 DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
 GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
@@ -56,6 +57,7 @@ from aiohttp import web
 
 from imsrelay.access.service import MailboxAccess
 from imsrelay.admin.console_routes import add_console_routes
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_api import (
     OPEN_PATHS,
     SHUTDOWN_TIMEOUT,
@@ -66,6 +68,7 @@ from imsrelay.admin.message_api import (
     envelope_items,
 )
 from imsrelay.admin.property_routes import add_property_routes, property_errors
+from imsrelay.directory.intrasite import IntraSite, changes_since
 from imsrelay.directory.kcc import KccResult
 from imsrelay.directory.replication import ReplicationError, Replicator
 from imsrelay.directory.restrictions_report import Question, explain, site_rules
@@ -83,6 +86,7 @@ from imsrelay.model.errors import ConfigError
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import FaultBook, FaultError
+from imsrelay.observe.link_monitor import LinkMonitors
 from imsrelay.observe.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.observe.tracking import TrackingLog
 from imsrelay.policy.auth import PasswordError, hash_password, parse_hash
@@ -107,7 +111,8 @@ def mailbox_dict(m: Mailbox) -> dict[str, Any]:
             "primary_address": m.primary_address, "proxy_addresses": list(m.proxy_addresses),
             "accept_from": list(r.accept_from), "reject_from": list(r.reject_from),
             "filter_senders": list(r.filter_senders), "filter_action": r.filter_action,
-            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3}}
+            "protocols": {"imap4": m.protocols.imap4, "pop3": m.protocols.pop3},
+            "home_server": m.home_server}
 
 
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
@@ -140,6 +145,7 @@ class AdminSite(Protocol):
     directory: Directory
     qmgr: QueueManager
     replicator: Replicator | None
+    intrasite: IntraSite | None  # a site of several servers: directory replication between them
     access: MailboxAccess | None  # IMAP4 and POP3 (None: off)
     smtp_client: SmtpClient
     tracking: TrackingLog
@@ -167,14 +173,19 @@ class AdminSite(Protocol):
     transfer_mode: TransferMode
     faults: FaultBook
     metrics: SiteMetrics
+    link_monitors: LinkMonitors
     clock: Callable[[], float]
 
     async def set_transfer_mode(self, mode: TransferMode) -> TransferMode: ...
 
 
 class AdminServer:
-    def __init__(self, site: AdminSite) -> None:
+    """``servers``: the site's servers (``imsrelay.admin.federation``), for the views of
+    the whole site: messages, search, tracking, queue (None: this server alone)."""
+
+    def __init__(self, site: AdminSite, *, servers: SiteServers | None = None) -> None:
         self.site = site
+        self.servers = servers
         cfg: SiteConfig = site.config
         token = cfg.admin.resolved_token()
         if not token:
@@ -195,6 +206,10 @@ class AdminServer:
         r.add_put("/directory/protocols", self.put_site_protocols)
         r.add_get("/restrictions", self.get_restrictions)
         r.add_post("/restrictions/explain", self.post_explain)
+        r.add_get("/directory/intrasite", self.get_intrasite)
+        r.add_get("/directory/intrasite/changes", self.get_intrasite_changes)
+        r.add_post("/directory/intrasite/notify", self.post_intrasite_notify)
+        r.add_post("/directory/intrasite/pull-now", self.post_intrasite_pull_now)
         r.add_post("/replication/request-now", self.post_request_now)
         r.add_get("/replication/status", self.get_replication_status)
         r.add_post("/kcc/check-now", self.post_check_now)
@@ -209,8 +224,10 @@ class AdminServer:
         r.add_delete("/faults", self.delete_faults)
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
-        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
-        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
+        r.add_get("/link-monitors", self.get_link_monitors)
+        self.api = MessageApi(lambda: [site], servers=servers)
+        self.api.add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
+        add_console_routes(self.app, site, self.api.scope, servers)  # GET /config, DELETE /queue/ID
         self.app.middlewares.append(property_errors)  # the property pages (imsrelay.admin.property_routes)
         add_property_routes(self.app, site)
         self._runner: web.AppRunner | None = None
@@ -218,6 +235,8 @@ class AdminServer:
 
     async def start(self) -> None:
         cfg = self.site.config.admin
+        if self.servers is not None:
+            await self.servers.start()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
@@ -234,6 +253,8 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
             self.log.info("admin.stopped")
+        if self.servers is not None:
+            await self.servers.stop()
 
     # -------------------------------------------------------------- middleware
 
@@ -305,6 +326,8 @@ class AdminServer:
                             "trusted_sites": list(site.replicator.trusted_sites) if site.replicator else [],
                             "connectors": [c.site for c in cfg.replication.connectors]},
             "learned_sites": [list(x) for x in site.learned_sites],
+            "servers": [{"name": s.name, "host": s.host, "port": s.port, "admin": s.admin} for s in cfg.servers],
+            "bridgehead": cfg.bridgehead,
             "tracking": site.tracking.status(),
         })
 
@@ -314,13 +337,20 @@ class AdminServer:
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 
     async def post_mailbox(self, request: web.Request) -> web.Response:
-        """Create a mailbox: `{"alias", "display_name"}` (409 when the alias exists)."""
+        """Create a mailbox: `{"alias", "display_name", "home_server"}` (409 when the alias exists); on a
+        site of several servers its home server is this one unless `home_server` names another."""
         body = await _json_body(request)
         alias = _field(body, "alias", str, required=True)
         display = _field(body, "display_name", str) or None
         extra = _field(body, "addresses", list) or []
+        home = _field(body, "home_server", str)
+        servers = self.site.config.servers
+        if home is not None and home.lower() not in {s.name.lower() for s in servers}:
+            raise _BadRequest(f"home_server {home!r} is not one of this site's servers "
+                              f"({', '.join(s.name for s in servers) or 'a site of one server: leave it out'})")
         directory = self.site.directory
-        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra])
+        mbx = await directory.run(directory.add_mailbox, alias, display, [str(a) for a in extra],
+                                  self.site.config.home_server_for(home) or None)
         self.site.log.info("directory.mailbox_added", alias=mbx.alias, address=mbx.primary_address)
         return web.json_response(mailbox_dict(mbx), status=201)
 
@@ -410,6 +440,46 @@ class AdminServer:
                                                     policy=policy))
         return web.json_response({"lines": lines})
 
+    def _intrasite(self) -> IntraSite:
+        if self.site.intrasite is None:
+            raise _Conflict(f"{self.site.config.server} is the only server of site {self.site.config.site} "
+                            "([[servers]] lists no other with an admin endpoint)")
+        return self.site.intrasite
+
+    async def get_intrasite(self, request: web.Request) -> web.Response:
+        """Intra-site directory replication at this server: its USN, and per other server of the site the high-water mark, last pull, applied objects and last error."""
+        return web.json_response(await self._intrasite().status())
+
+    async def get_intrasite_changes(self, request: web.Request) -> web.Response:
+        """The objects changed on this server above `?since=USN` (one batch; `invocation`: the puller's idea of this database, another one answers from 0) and, with `passwords_after=TIME`, the password hashes set since: what the site's other servers pull."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise _BadRequest("since must be a USN (an integer)") from None
+        if since < 0:
+            raise _BadRequest("since must be a USN (an integer, 0 or more)")
+        after = request.query.get("passwords_after")
+        try:
+            passwords_after = None if after is None else float(after)
+        except ValueError:
+            raise _BadRequest("passwords_after must be a time (seconds since the epoch)") from None
+        directory = self.site.directory
+        return web.json_response(await directory.run(changes_since, directory, self.site.config.server, since,
+                                                     request.query.get("invocation", ""),
+                                                     passwords_after=passwords_after))
+
+    async def post_intrasite_notify(self, request: web.Request) -> web.Response:
+        """`{"server"}`: another server of the site changed its directory; this one pulls from it now."""
+        body = await _json_body(request)
+        server = _field(body, "server", str, required=True)
+        if not self._intrasite().notified(server):
+            raise _BadRequest(f"{server!r} is not another server of site {self.site.config.site}")
+        return web.json_response({"pulling_from": server}, status=202)
+
+    async def post_intrasite_pull_now(self, request: web.Request) -> web.Response:
+        """Pull every other server's changes now (Request Now inside the site); the results per server."""
+        return web.json_response({"server": self.site.config.server, "pulled": await self._intrasite().pull_all()})
+
     def _replicator(self) -> Replicator:
         if self.site.replicator is None:
             raise _Conflict("replication is not configured at this site (no organisation key: set "
@@ -470,17 +540,33 @@ class AdminServer:
         return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's)."""
-        return web.json_response({"messages": envelope_items(await self._all_envelopes(),
-                                                             held=self.site.qmgr.held_recipients)})
+        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's); on a site of several servers every server's, each message naming its `server` (`?server=NAME`: one server's; `servers`: which answered)."""
+        scope = self.api.scope(request.query)
+        own = envelope_items(await self._all_envelopes(), held=self.site.qmgr.held_recipients) if scope.local else []
+        if self.servers is None or not scope.labelled:
+            return web.json_response({"messages": own})
+        items, answers = await self.servers.gather_lists(scope, "/queue", "messages", own)
+        items.sort(key=lambda m: (m.get("received_at") or 0, m.get("queue_id") or ""))
+        return web.json_response({"messages": items, "servers": self.servers.report(scope, answers)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
-        """Retry now: `{"queue_id"}` for one message, `{}` for all."""
+        """Retry now: `{"queue_id"}` for one message, `{}` for all; on a site of several servers a message another server holds is retried there, and `{}` retries at every server (`?server=NAME`: at one)."""
         body = await _json_body(request) if request.can_read_body else {}
         queue_id = _field(body, "queue_id", str)
-        if queue_id and queue_id not in self.site.qmgr.envelopes:
-            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
-        return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+        scope = self.api.scope(request.query)
+        here = scope.local and (not queue_id or queue_id in self.site.qmgr.envelopes)
+        retried = self.site.qmgr.retry_now(queue_id) if here else 0
+        if self.servers is None or not scope.peers or (here and queue_id):
+            if not here:
+                return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+            return web.json_response({"retried": retried})
+        answers = await self.servers.ask("POST", "/queue/retry", scope.peers, body=body)
+        retried += sum(int(a.body.get("retried", 0)) for a in answers.values() if a.ok and isinstance(a.body, dict))
+        report = self.servers.report(scope, answers)
+        if queue_id and not here and not any(a.ok for a in answers.values()):
+            return web.json_response({"error": f"no message {queue_id} in the queue of any server that answered",
+                                      "servers": report}, status=404)
+        return web.json_response({"retried": retried, "servers": report})
 
 
     async def get_transfer_mode(self, request: web.Request) -> web.Response:
@@ -519,6 +605,11 @@ class AdminServer:
         except FaultError as exc:
             return web.json_response({"error": str(exc)}, status=404)
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
+
+    async def get_link_monitors(self, request: web.Request) -> web.Response:
+        """The Link Monitors of this site (KB Q246674): each target's state, since when, last round trip."""
+        return web.json_response({"site": self.site.config.site, "now": self.site.clock(),
+                                  "monitors": self.site.link_monitors.snapshot()})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         """PerfMon counters as Prometheus metrics (text format 0.0.4); no token unless `metrics.require_token`."""

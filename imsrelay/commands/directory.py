@@ -138,7 +138,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         m = cli_call(config, "POST", "/directory/mailboxes", {"alias": args.alias, "display_name": args.display_name})
         print(f"{config.site}: mailbox {m['alias']} created, SMTP:{m['primary_address']}")
         return 0
-    mbx = _offline(args, config, lambda d: d.add_mailbox(args.alias, args.display_name))
+    mbx = _offline(args, config, lambda d: d.add_mailbox(args.alias, args.display_name,
+                                                         home_server=config.home_server_for(None) or None))
     print(f"{config.site}: mailbox {mbx.alias} created, SMTP:{mbx.primary_address} (offline)")
     return 0
 

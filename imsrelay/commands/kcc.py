@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from imsrelay.admin.client import cli_call
+from imsrelay.admin.client import cli_call, server_calls
 from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
 
@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     now = ksub.add_parser("check-now", help="run the knowledge consistency check at the running site")
     add_site_options(now, data=False)
     now.add_argument("--json", action="store_true", help="machine-readable output")
+    now.add_argument("--all-servers", action="store_true",
+                     help="run it at every server of the site ([[servers]] with their admin endpoints), not only "
+                          "at this one")
     now.set_defaults(func=cmd_check_now)
 
 
@@ -41,9 +44,13 @@ def print_result(site: str, result: dict[str, Any]) -> None:
 
 def cmd_check_now(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    result = cli_call(config, "POST", "/kcc/check-now")
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if args.all_servers:
+        results = {s.name: result for s, result in server_calls(config, "POST", "/kcc/check-now")}
     else:
-        print_result(config.site, result)
-    return 1 if any(f["severity"] == "error" for f in result["findings"]) else 0
+        results = {config.server: cli_call(config, "POST", "/kcc/check-now")}
+    if args.json:
+        print(json.dumps(results if args.all_servers else results[config.server], indent=2))
+    else:
+        for server, result in results.items():
+            print_result(f"{config.site}/{server}" if args.all_servers else config.site, result)
+    return 1 if any(f["severity"] == "error" for r in results.values() for f in r["findings"]) else 0

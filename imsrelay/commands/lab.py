@@ -23,6 +23,7 @@ from imsrelay.lab.embedded import (
     STAGE_NAMES,
     Lab,
     LabStepRefused,
+    parse_servers,
     stage_index,
 )
 from imsrelay.model.errors import UserError
@@ -63,6 +64,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="address of the lab endpoint (message API for every host; default 127.10.10.1)")
     p.add_argument("--api-port", type=whole_number(0, 65535, "a TCP port (0: any free one)"), default=8025,
                    help="port of the lab endpoint (default 8025; 0: any free port)")
+    p.add_argument("--servers", action="append", default=[], metavar="SITE=N",
+                   help="run a site as N servers, each on its own address (SiteA=2: ServerA on 127.10.10.10 and "
+                        "Server1 on 127.10.10.11, as the seed's A and MX records name them); at the lab's first start")
     p.add_argument("--stage", default=None,
                    help="stage to reach at start: install … site-addressing-c, or end (default); given, the "
                         "web console shows the stage with a 'next step' control")
@@ -91,6 +95,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for line in lab.status_lines(f"running (pid {pid})" if pid else "not running"):
             print(line)
         return 0
+    try:
+        servers = parse_servers(args.servers)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     staged = args.stage is not None  # the console shows the walk and its "next step" control
     args.stage = args.stage or "end"
     try:
@@ -120,7 +128,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
                   detail=(lambda s: print(s, flush=True)) if verbose else None,
                   api_host=args.api_host or API_HOST, api_port=args.api_port,
                   submission_port=args.submission_port, smtps_port=args.smtps_port,
-                  access_ports={k: getattr(args, k) for k in ACCESS_PORTS}, dovecot=args.dovecot)
+                  access_ports={k: getattr(args, k) for k in ACCESS_PORTS}, dovecot=args.dovecot, servers=servers)
         data.mkdir(parents=True, exist_ok=True)
         pidfile = data / "lab.pid"
         pidfile.write_text(str(os.getpid()))

@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_site_options(st, data=False)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+    sv = rsub.add_parser("servers", help="intra-site replication: this server's view of the site's other servers",
+                         description="A site of several servers ([[servers]]): every server holds the whole "
+                                     "directory; each pulls the others' changes by USN when told of them and on a "
+                                     "backstop (replication.intrasite_interval; Exchange: 300 s + 30 s per "
+                                     "server, KB Q199354). --pull-now pulls from every other server now.")
+    add_site_options(sv, data=False)
+    sv.add_argument("--pull-now", action="store_true", help="pull every other server's changes now")
+    sv.add_argument("--json", action="store_true", help="machine-readable output")
+    sv.set_defaults(func=cmd_servers)
     kg = rsub.add_parser("keygen", help="make this site's Ed25519 replication key; print its public key",
                          description="Write a new Ed25519 private key (PEM, mode 0600) for replication.signing_key "
                                      "and print the line to add to every site's [replication.trusted_keys].")
@@ -104,3 +113,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not status["peers"]:
         print("(no replication connectors and no peers yet)")
     return 0
+
+
+def cmd_servers(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    failed = False
+    if args.pull_now:
+        pulled = cli_call(config, "POST", "/directory/intrasite/pull-now")
+        if args.json:
+            print(json.dumps(pulled, indent=2))
+        for r in pulled["pulled"]:
+            failed = failed or "error" in r
+            if not args.json:
+                print(f"{config.server}: pulled from {r['server']}: " + (
+                    f"failed: {r['error']}" if "error" in r else
+                    f"{r['applied']} object(s) applied, {r['ignored']} already known, "
+                    f"{r.get('passwords', 0)} password(s), {r['batches']} batch(es)"))
+        if args.json:
+            return 1 if failed else 0
+    status = cli_call(config, "GET", "/directory/intrasite")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 1 if failed else 0
+    print(f"{status['site']}/{status['server']}: highest USN {status['highest_usn']}, invocation "
+          f"{status['invocation']}, backstop every {status['interval']:g}s, "
+          + ("bridgehead (runs the replication connectors)" if status["bridgehead"] else "not the bridgehead"))
+    print(f"{'server':<12} {'high-water':>10} {'invocation':<17} {'last pull':<21} {'applied':>7}  last error")
+    for p in status["peers"]:
+        print(f"{p['server']:<12} {p['high_water']:>10} {(p['invocation'] or '-'):<17} {when(p['last_pull']):<21} "
+              f"{p['applied']:>7}  {p['last_error'] or '-'}")
+    if not status["peers"]:
+        print("(no other server of the site has an admin endpoint in [[servers]])")
+    return 1 if failed else 0

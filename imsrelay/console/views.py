@@ -55,3 +55,9 @@ def queue_signature(queue: dict[str, Any]) -> list[Any]:
 def replication_signature(status: dict[str, Any]) -> list[Any]:
     return [(p["site"], p["high_water"], p["last_request"], p["last_reply"], p["last_error"], p["backlog"],
              p["applied"]) for p in status.get("peers", [])] + [status.get("highest_usn")]
+
+
+def link_monitor_signature(body: dict[str, Any]) -> list[Any]:
+    """What changes the Link Monitors page: each target's state and its answers."""
+    return [(m["name"], t["target"], t["state"], t["answers"], t["problem"])
+            for m in body.get("monitors", []) for t in m["targets"]]

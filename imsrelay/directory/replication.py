@@ -464,9 +464,14 @@ class Replicator:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if not self.config.bridgehead and self.settings.connectors:
+            self.log.info("replication.not_bridgehead", server=self.config.server,
+                          reason="another server of the site runs the Directory Replication Connectors "
+                                 "(replication.bridgehead); this one gets other sites' objects by intra-site "
+                                 "replication")
         for connector in self.settings.connectors:
-            if connector.schedule is None:
-                continue  # "Never": only Request Now
+            if connector.schedule is None or not self.config.bridgehead:
+                continue  # "Never": only Request Now; or another server of the site is the bridgehead
             self._tasks.append(asyncio.create_task(
                 self._connector_loop(connector.site, connector.schedule), name=f"dirsync-{connector.site}"))
         self._tasks.append(asyncio.create_task(self._kcc_loop(), name="kcc"))

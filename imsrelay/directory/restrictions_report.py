@@ -11,6 +11,7 @@ rules (``GET /restrictions``).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from imsrelay.policy.restrictions import (
     AcceptRules,
     Client,
     RelayRules,
+    accept_mode,
     connect_decision,
     connect_reply,
     mail_requirement,
@@ -31,7 +33,12 @@ from imsrelay.policy.restrictions import (
     sender_decision,
     sender_reply,
 )
-from imsrelay.routing.router import RoutingTable, is_service_address, local_domains_for
+from imsrelay.routing.router import (
+    RoutingTable,
+    is_attendant_address,
+    is_service_address,
+    local_domains_for,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,13 @@ def relay_rules_for(config: SiteConfig) -> RelayRules:
 
 def accept_rules_for(config: SiteConfig) -> AcceptRules:
     r = config.restrictions
-    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
+    members = []
+    for s in config.peer_servers:
+        try:
+            members.append(ipaddress.ip_network(s.host))
+        except ValueError:
+            continue  # a host name: its address is not known here
+    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts, tuple(members))
 
 
 def inbound_policy_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
@@ -112,7 +125,7 @@ def explain(config: SiteConfig, directory: Directory, q: Question, *, table: Rou
     if not conn.allowed:
         return lines
     sender = q.sender if q.sender not in (None, "") else "<>"
-    need = mail_requirement(client, config.restrictions.accept)
+    need = mail_requirement(client, accept_mode(q.client, accept_rules_for(config)))
     as_sender = sender_decision(sender, client, must_match=config.restrictions.sender_must_match)
     if q.sender is not None:
         if need:
@@ -127,7 +140,7 @@ def explain(config: SiteConfig, directory: Directory, q: Question, *, table: Rou
     except AddressError as exc:
         return lines + [f"  RCPT TO:<{q.recipient}>: 553 5.1.3 {exc}"]
     mailbox = directory.find_recipient(q.recipient)
-    known = mailbox is not None or is_service_address(parsed, table) or (
+    known = mailbox is not None or is_service_address(parsed, table) or is_attendant_address(parsed, table) or (
         parsed.local.lower() == "postmaster" and any(parsed.domain == d.lstrip("#") for d in table.local_domains))
     reply = check_recipient(parsed, policy=policy, client_ip=q.client, known=known, accepted_so_far=0, client=client)
     lines.append(f"  RCPT TO:<{q.recipient}>: {reply}")

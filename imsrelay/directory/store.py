@@ -402,8 +402,10 @@ class Directory:
         return self._meta("provisioned") == "1"
 
     def provision(self, *, organisation: str, server: str, site_domain: str, hostname: str,
-                  mailboxes: Sequence[tuple[str, str, Sequence[str]]]) -> bool:
-        """First start only: create the site object and the configured mailboxes.
+                  mailboxes: Sequence[tuple[str, str, Sequence[str]] | tuple[str, str, Sequence[str], str]]
+                  ) -> bool:
+        """First start only: create the site object and the configured mailboxes
+        (``(alias, display name, extra addresses[, home server])``).
         Returns False (and changes nothing) when already provisioned."""
         if self.provisioned:
             return False
@@ -412,11 +414,12 @@ class Directory:
             self._local_change(site_id(self.site), "site", {
                 "name": self.site, "server": server, "organisation": organisation,
                 "smtp_address": site_address, "routing_address": site_address, "hostname": hostname})
-            for alias, display, extra in mailboxes:
+            for alias, display, extra, *home in mailboxes:
                 proxies = [f"SMTP:{alias}@{site_domain}"] + [p for p in extra]
                 self._check_free(proxies, mailbox_id(self.site, alias))
                 self._local_change(mailbox_id(self.site, alias), "mailbox",
-                                   {"alias": alias, "display_name": display, "proxy_addresses": proxies})
+                                   {"alias": alias, "display_name": display, "proxy_addresses": proxies,
+                                    **({"home_server": home[0]} if home and home[0] else {})})
             self._set_meta("provisioned", "1")
         self._notify()
         return True
@@ -633,6 +636,38 @@ class Directory:
             return False
         self.set_password_hash(alias, password_hash, replicate=replicate)
         return True
+
+    def credentials_since(self, changed_after: float) -> list[tuple[str, str, float]]:
+        """(object id, hash, changed at) of this site's passwords set after ``changed_after``:
+        what the site's other servers pull (intra-site replication)."""
+        return [(r[0], r[1], float(r[2])) for r in self._db.execute(
+            "SELECT object_id, hash, changed_at FROM credentials WHERE changed_at > ? ORDER BY changed_at",
+            (changed_after,)).fetchall()]
+
+    @property
+    def credentials_mark(self) -> float:
+        """When a password was last set here (0: never)."""
+        row = self._db.execute("SELECT MAX(changed_at) FROM credentials").fetchone()
+        return float(row[0] or 0.0)
+
+    def merge_credentials(self, rows: Iterable[tuple[str, str, float]]) -> int:
+        """Passwords set on another server of the site: the later one wins (equal times:
+        the greater hash, so every server keeps the same); returns how many changed."""
+        changed = 0
+        with self._transaction():
+            for object_id, password_hash, changed_at in rows:
+                if not object_id.startswith(f"mailbox:{self.site}:"):
+                    continue  # only this site's mailboxes have passwords here
+                row = self._db.execute("SELECT hash, changed_at FROM credentials WHERE object_id=?",
+                                       (object_id,)).fetchone()
+                if row is not None and (float(row[1]), row[0]) >= (float(changed_at), password_hash):
+                    continue
+                self._db.execute(
+                    "INSERT INTO credentials(object_id, hash, changed_at) VALUES(?,?,?) ON CONFLICT(object_id) "
+                    "DO UPDATE SET hash=excluded.hash, changed_at=excluded.changed_at",
+                    (object_id, password_hash, float(changed_at)))
+                changed += 1
+        return changed
 
     def has_password(self, alias: str) -> bool:
         return self._db.execute("SELECT 1 FROM credentials WHERE object_id=?",

@@ -97,6 +97,55 @@ SITES = (
     LabSite("SiteB", "ServerB", "127.10.10.15", "User2", "User Two"),
     LabSite("SiteC", "ServerC", "127.10.10.20", "User3", "User Three"),
 )
+MAX_SERVERS = 5  # a site's servers take the addresses up to the next site's (.10-.14, .15-.19, .20-.24)
+
+
+@dataclass(frozen=True)
+class LabServer:
+    """One server of a lab site run as several servers (``imsrelay lab --servers SiteA=2``)."""
+    site: LabSite
+    name: str
+    address: str
+
+    @property
+    def first(self) -> bool:
+        return self.name == self.site.server
+
+    @property
+    def key(self) -> str:
+        """Its name among the lab's hosts (and its data directory): the site's for the
+        first server, ``SiteA-Server1`` for the others."""
+        return self.site.name if self.first else f"{self.site.name}-{self.name}"
+
+
+def site_servers(site: LabSite, count: int) -> tuple[LabServer, ...]:
+    """The servers of a lab site (pure): its own server on its address, then the next
+    addresses.  SiteA's second is the seed's ``Server1`` (the MX names
+    Server1.SiteA.microsoft.com, the A record ServerA.SiteA.microsoft.com)."""
+    if not 1 <= count <= MAX_SERVERS:
+        raise ValueError(f"{site.name}: 1 to {MAX_SERVERS} servers, not {count}")
+    extra = ["Server1"] if site.name == "SiteA" else []
+    extra += [f"{site.server}{i}" for i in range(2, count + 1)]
+    base, last = site.address.rsplit(".", 1)
+    names = [site.server, *extra][:count]
+    return tuple(LabServer(site, n, f"{base}.{int(last) + i}") for i, n in enumerate(names))
+
+
+def parse_servers(specs: list[str]) -> dict[str, int]:
+    """``--servers SiteA=2`` (repeatable, or comma-separated) → ``{"SiteA": 2}`` (pure)."""
+    out: dict[str, int] = {}
+    names = {s.name.lower(): s.name for s in SITES}
+    for spec in (x for arg in specs for x in arg.split(",") if x.strip()):
+        name, sep, count = spec.strip().partition("=")
+        if name.lower() not in names or not sep or not count.strip().isdigit():
+            raise ValueError(f"--servers {spec.strip()!r}: give SITE=N with SITE one of "
+                             f"{', '.join(s.name for s in SITES)} (e.g. SiteA=2)")
+        site = next(s for s in SITES if s.name == names[name.lower()])
+        site_servers(site, int(count))  # checks the count
+        out[site.name] = int(count)
+    return out
+
+
 INTERNET = LabSite("Internet", "mail", "127.10.10.100", "alice", "Alice (outside)")
 INTERNET_DOMAIN = "example.net"
 # The Internet in a box: the Internet host keeps mail for every domain outside the
@@ -144,6 +193,24 @@ INTERNET_RELAY_NETWORKS = ["127.0.0.1/32", "127.10.10.0/27"]
 INTERNET_BANNER = "ESMTP"
 
 
+# The lab's Link Monitor (KB Q246674), at SiteA: the other two sites' system attendants,
+# and a foreign address whose NDR (from the Internet host: no such user) is the answer.
+# Lab pace in the fast walk (a ping every 10 s, warning after 30 s, alert after 1 min);
+# Exchange's defaults (15 min, 30 min, 60 min) when the walk is done by hand.
+LINK_MONITOR_SITE = "SiteA"
+LINK_MONITOR_FOREIGN = f"no-such-user@{INTERNET_DOMAIN}"
+
+
+def link_monitor_entry(*, fast: bool) -> dict[str, Any]:
+    """The ``[[link_monitors]]`` entry of the lab's monitoring site (pure)."""
+    entry: dict[str, Any] = {"name": "Sites and the Internet",
+                             "targets": [s.name for s in SITES if s.name != LINK_MONITOR_SITE]
+                             + [LINK_MONITOR_FOREIGN], "notify": "Administrator"}
+    if fast:
+        entry.update(interval="10s", warning_after="30s", alert_after="1m")
+    return entry
+
+
 def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = False) -> ConfigEntries:
     """The ``[[table]]`` entries a configuration step adds to ``site``'s file (pure)."""
     others = [s for s in SITES if s is not site]
@@ -167,8 +234,11 @@ def key_path(data_dir: Path, site: LabSite) -> Path:
 def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, trusted_keys: Mapping[str, str],
                  fast: bool = True, admin_port: int = ADMIN_PORT, startup_delay: str | None = None,
                  hand: bool = False, submission_port: int = SUBMISSION_PORT,
-                 smtps_port: int = SMTPS_PORT, access_ports: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """The site's configuration at a stage of the walk (pure).  TLS: the site's
+                 smtps_port: int = SMTPS_PORT, access_ports: Mapping[str, int] | None = None,
+                 servers: tuple[LabServer, ...] = ()) -> dict[str, Any]:
+    """The site's configuration at a stage of the walk (pure).  ``servers``: the site
+    as several servers (``[[servers]]``, the mailboxes homed on the first one, which
+    is also the bridgehead of the replication connectors).  TLS: the site's
     certificate from the lab CA in ``<data>/tls`` (``Lab.ensure_tls`` makes them).
     Replication: per-site keys, the site's own in ``<data>/keys/<Site>.pem``
     (``Lab.ensure_keys`` makes them) and ``trusted_keys``, every site's public key."""
@@ -200,6 +270,16 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
         "logging": {"level": "info", "format": "auto"},
         "lab": {"sealed": True},  # no connection leaves loopback; no system resolver
     }
+    if site.name == LINK_MONITOR_SITE:
+        mapping["link_monitors"] = [link_monitor_entry(fast=fast and not hand)]
+    if len(servers) > 1:
+        mapping["servers"] = [{"name": v.name, "host": v.address, "port": port,
+                               "admin": f"http://{v.address}:{admin_port}"} for v in servers]
+        for m in mapping["mailboxes"]:
+            m["home_server"] = servers[0].name
+        mapping["replication"]["bridgehead"] = servers[0].name
+        if not hand:  # walking by hand: Exchange's 300 s + 30 s per server (KB Q199354)
+            mapping["replication"]["intrasite_interval"] = "30s"
     for name in STAGE_NAMES[1:stage + 1]:
         for array, _, entries in stage_entries(site, name, port=port, hand=hand):
             table = mapping
@@ -245,12 +325,15 @@ def private_port(addresses: list[str], attempts: int = 50) -> int:
     raise OSError(f"no TCP port is free on all of {', '.join(addresses)}")
 
 
-def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT) -> dict[str, Any]:
+def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT,
+                     mx_host: str | None = None) -> dict[str, Any]:
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
     keeps the mail for every other domain in its catch-all mailbox (the rest of the
-    Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA."""
+    Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA.
+    ``mx_host``: microsoft.com's MX hosts (``a,b``: equal preference, used in turn) when SiteA
+    runs as several servers; else SiteA's one server."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
-    routes.append({"domain": COMPANY_DOMAIN, "host": SITES[0].address, "port": port})  # MX -> Server1.SiteA
+    routes.append({"domain": COMPANY_DOMAIN, "host": mx_host or SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
         "site": {"organisation": "Internet", "name": INTERNET.name, "server": INTERNET.server,
                  "email_domain": INTERNET_DOMAIN, "data_dir": str(data_dir / INTERNET.name)},
@@ -311,12 +394,19 @@ class Lab:
                  hand: bool = False, detail: Callable[[str], None] | None = None,
                  api_host: str = API_HOST, api_port: int | None = None,
                  submission_port: int = SUBMISSION_PORT, smtps_port: int = SMTPS_PORT,
-                 access_ports: Mapping[str, int] | None = None, dovecot: str = AccessConfig().dovecot) -> None:
-        """``api_port``: the lab endpoint (message API for every host) on ``api_host``;
+                 access_ports: Mapping[str, int] | None = None, dovecot: str = AccessConfig().dovecot,
+                 servers: Mapping[str, int] | None = None) -> None:
+        """``servers``: sites run as several servers (``{"SiteA": 2}``: ServerA and Server1,
+        each its own process-like host with its own address, data and queue; written
+        into the files at the first start).
+        ``api_port``: the lab endpoint (message API for every host) on ``api_host``;
         None: no lab endpoint.  ``submission_port``/``smtps_port``: each site's 587/465;
         ``access_ports``: its IMAP4/POP3 ports (``ACCESS_PORTS``' keys) (all written
         into the files at the first start); ``dovecot``: the Dovecot the sites run."""
         self.submission_port = submission_port
+        self.servers = {s.name: site_servers(s, (servers or {}).get(s.name, 1)) for s in SITES}
+        # the hosts besides each site's first server: host key -> its server
+        self.extra_servers = {v.key: v for vs in self.servers.values() for v in vs if not v.first}
         self.smtps_port = smtps_port
         self.access_ports = dict(access_ports or ACCESS_PORTS)
         self.dovecot = dovecot
@@ -346,7 +436,13 @@ class Lab:
     # ------------------------------------------------------------ state (read from the files)
 
     def config_path(self, name: str) -> Path:
-        return self.config_dir / f"{name}.toml"
+        """The file a host runs from (a site's other servers run from the site's file)."""
+        extra = self.extra_servers.get(name)
+        return self.config_dir / f"{extra.site.name if extra else name}.toml"
+
+    def hosts_of(self, site: str) -> list[str]:
+        """The lab's hosts that run from ``site``'s file: its servers."""
+        return [site] + [k for k, v in self.extra_servers.items() if v.site.name == site]
 
     def _file_key(self, path: Path) -> tuple[int, int, int] | None:
         try:
@@ -483,12 +579,28 @@ class Lab:
                     site_mapping(s, 0, port=self.port, data_dir=self.data_dir, trusted_keys=trusted, fast=self.fast,
                                  admin_port=self.admin_port, startup_delay=self.startup_delay, hand=self.hand,
                                  submission_port=self.submission_port, smtps_port=self.smtps_port,
-                                 access_ports=self.access_ports)))
+                                 access_ports=self.access_ports, servers=self.servers[s.name])))
+            elif len(self.servers[s.name]) > 1:
+                raw = self._read_raw(path)
+                if not (isinstance(raw, dict) and raw.get("servers")):
+                    raise ValueError(f"{path} was written for a site of one server: --servers {s.name}="
+                                     f"{len(self.servers[s.name])} needs a new lab (another --data), or [[servers]] "
+                                     "added to the file by hand")
         internet = self.config_path(INTERNET.name)
         if not internet.exists():  # the outside world does not change with the walk
             internet.write_text("# Written by `imsrelay lab`: the Internet host (example.net, MX forwarding).\n"
                                 + toml_text.dumps(internet_mapping(port=self.port, data_dir=self.data_dir,
-                                                                 admin_port=self.admin_port)))
+                                                                 admin_port=self.admin_port,
+                                                                 mx_host=self._mx_host())))
+
+    def _mx_host(self) -> str | None:
+        """When SiteA runs as several servers: all of them as microsoft.com's MX hosts of equal
+        preference, Server1 (the seed's MX record) first, used in turn like equal-preference MX
+        (KB Q279323's host list); else None (SiteA's one server)."""
+        servers = self.servers[SITES[0].name]
+        if len(servers) < 2:
+            return None
+        return ",".join(v.address for v in sorted(servers, key=lambda v: v.name != "Server1"))
 
     def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
         """Append the missing ``[[table]]`` entries to each file, keeping every line a
@@ -539,7 +651,8 @@ class Lab:
         self._write_install()
         if target is not None and target > self.stage:
             self._walking = f"building stage {STAGE_NAMES[target]} on a private port before listening"
-            self._smtp_port = private_port([INTERNET.address, *(s.address for s in SITES)])
+            self._smtp_port = private_port([INTERNET.address, *(v.address for vs in self.servers.values()
+                                                                 for v in vs)])
             try:
                 await self._start_all()
                 await self.advance_to(target)
@@ -563,9 +676,12 @@ class Lab:
         for s in SITES:
             ensure_certificate(tls, s.name, ca=ca, hostnames=[f"{s.server}.{s.domain}", s.domain],
                                addresses=[s.address])
+        for v in self.extra_servers.values():
+            ensure_certificate(tls, v.key, ca=ca, hostnames=[f"{v.name}.{v.site.domain}", v.site.domain],
+                               addresses=[v.address])
 
     async def _start_all(self) -> None:
-        for name in [INTERNET.name] + [s.name for s in SITES]:
+        for name in [INTERNET.name] + [s.name for s in SITES] + list(self.extra_servers):
             await self._start_site(name)
 
     def _check_access(self) -> None:
@@ -581,7 +697,7 @@ class Lab:
 
     @property
     def ready(self) -> bool:
-        return self._walking is None and len(self.sites) == len(SITES) + 1 and all(
+        return self._walking is None and len(self.sites) == len(SITES) + 1 + len(self.extra_servers) and all(
             s.readiness.report().ready for s in self.sites.values())
 
     def _running_config(self, config: SiteConfig) -> SiteConfig:
@@ -598,6 +714,7 @@ class Lab:
         if self._smtp_port == self.port:
             return config
         swap = {self.port: self._smtp_port}
+        servers = tuple(dataclasses.replace(v, port=swap.get(v.port, v.port)) for v in config.servers)
         smtp = dataclasses.replace(config.smtp, port=swap.get(config.smtp.port, config.smtp.port))
         delivery = dataclasses.replace(config.delivery, smart_host_port=swap.get(
             config.delivery.smart_host_port, config.delivery.smart_host_port))
@@ -605,7 +722,19 @@ class Lab:
         submission = dataclasses.replace(config.submission, port=None, tls_port=None)
         access = dataclasses.replace(config.access, enabled=False)  # no IMAP/POP3 until the lab's port
         return dataclasses.replace(config, smtp=smtp, delivery=delivery, email_domains=routes, submission=submission,
-                                   access=access)
+                                   access=access, servers=servers)
+
+    def _server_config(self, config: SiteConfig, server: LabServer) -> SiteConfig:
+        """Another server of a site, run from the site's file (pure): its own name,
+        address, data directory, certificate and admin endpoint; no IMAP4/POP3 of its own
+        (the site's mailboxes are homed on its first server)."""
+        tls = self.data_dir / "tls"
+        smtp = dataclasses.replace(config.smtp, listen=server.address, tls_cert=tls / f"{server.key}.crt",
+                                   tls_key=tls / f"{server.key}.key")
+        return dataclasses.replace(
+            config, server=server.name, data_dir=self.data_dir / server.key, smtp=smtp,
+            admin=dataclasses.replace(config.admin, listen=server.address),
+            access=dataclasses.replace(config.access, enabled=False))
 
     async def stop(self) -> None:
         await self._stop_sites()
@@ -619,7 +748,11 @@ class Lab:
 
     async def _start_site(self, name: str) -> Site:
         path = self.config_path(name)
-        site = Site(self._running_config(self._load_config(path)))
+        config = self._load_config(path)
+        extra = self.extra_servers.get(name)
+        if extra is not None:
+            config = self._server_config(config, extra)
+        site = Site(self._running_config(config))
         site.on_restart = lambda: self._restart_soon(name)
         site.readiness.add("lab stage reached", lambda: None if self._walking is None else f"lab: {self._walking}")
         await site.start()
@@ -691,7 +824,8 @@ class Lab:
         try:
             if kind == "config":
                 for changed in self._append_entries(name, plans):
-                    await self.restart(changed)
+                    for host in self.hosts_of(changed):
+                        await self.restart(host)
             else:
                 await asyncio.to_thread(administrator_action, await self._administrator(), name)
                 for site in self.sites.values():
@@ -735,10 +869,19 @@ class Lab:
                     f"{s.address}:{ports[k]} ({what})" for k, what in (("submission", "STARTTLS + AUTH"),
                                                                       ("smtps", "TLS + AUTH")) if k in ports))
             lines += access_lines(site, s.address)
+            servers = self.servers[s.name]
             for m in boxes:
                 password = LAB_PASSWORDS.get(m.alias, "") if ports else ""
-                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / s.name / 'mailboxes' / m.alias}/"
+                where = next((v.key for v in servers if v.name.lower() == m.home_server.lower()), s.name)
+                lines.append(f"    {m.alias:<14} {m.primary_address:<34} {self.data_dir / where / 'mailboxes' / m.alias}/"
                              + (f"  password {password}" if password else ""))
+            for v in servers[1:]:
+                other = self.sites.get(v.key)
+                admin = other.config.admin.port if other is not None else self.admin_port
+                lines.append(f"  {s.name} also runs {v.name}: SMTP {v.address}:{self.port}   admin "
+                             f"http://{v.address}:{admin}   data {self.data_dir / v.key} (the same users: it "
+                             f"relays to their home server; the directory replicates within the site)")
+
         lines.append(f"Internet  SMTP {INTERNET.address}:{self.port}   {INTERNET_DOMAIN}: alice, bob "
                      f"({self.data_dir / INTERNET.name / 'mailboxes'}/); forwards microsoft.com like DNS MX")
         lines.append(f"          every other domain: kept in {REST_OF_INTERNET} (the rest of the Internet); "

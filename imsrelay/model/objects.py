@@ -12,6 +12,9 @@ from typing import Any
 from imsrelay.model.addresses import parse_proxy
 
 DIRSYNC_LOCAL = "dirsync"  # the local part of every site's directory service address (dirsync@domain)
+# the local part of every site's system attendant address (attendant@domain): it answers the
+# Link Monitor's pings of other sites and receives this site's replies and NDRs (KB Q246674)
+ATTENDANT_LOCAL = "attendant"
 
 
 @dataclass(frozen=True)

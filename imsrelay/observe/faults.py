@@ -11,9 +11,9 @@ kind        effect
             after the ``354`` and the first line of the message (mid-DATA)
 ``latency`` wait ``delay`` seconds before answering at that stage (``any``:
             every reply)
-``link``    refuse outbound traffic to one peer (a site name, a host or
-            ``host:port``): deliveries there defer with ``4.4.1`` as if the
-            link were cut, while both sites keep running
+``link``    refuse outbound traffic to one peer (a site name, another server
+            of this site by name, a host or ``host:port``): deliveries there
+            defer with ``4.4.1`` as if the link were cut, while both keep running
 ==========  ==================================================================
 
 Each fault fires always, with a ``probability``, or for the next ``sessions``

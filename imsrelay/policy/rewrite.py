@@ -56,7 +56,7 @@ def rewrite_address(address: str, rules: RewriteRules, primaries: Mapping[str, s
     return address
 
 
-def _header_fields(header: bytes) -> list[bytes]:
+def header_fields(header: bytes) -> list[bytes]:
     """Raw header fields, each with its continuation lines and line endings."""
     fields: list[bytes] = []
     for line in header.splitlines(keepends=True):
@@ -72,7 +72,7 @@ def header_addresses(message: bytes) -> list[str]:
     header = header_block(message)
     found = []
     fields = 0
-    for f in _header_fields(header):
+    for f in header_fields(header):
         name, sep, value = f.partition(b":")
         if sep and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
             fields += 1
@@ -87,7 +87,7 @@ def rewrite_message(message: bytes, rules: RewriteRules, primaries: Mapping[str,
     if not rules.active:
         return message
     header, body = split_message(message)
-    fields = _header_fields(header)
+    fields = header_fields(header)
     changed = False
     seen = 0
     for i, f in enumerate(fields):

@@ -7,46 +7,113 @@ event, and hands the envelope (and the bytes, while memory allows) to the queue
 manager.  Both doors lead here: ``accept`` for mail an SMTP session received (the
 ingress answers ``250`` only after it returns), ``enqueue_local`` for mail the site
 writes itself (NDRs, delay notices, replication messages).
+
+Message Journaling (KB Q239427; ``imsrelay.policy.journaling``): when the site has a
+journal recipient, a message that gets a journal copy enters with it, in the same
+commit (the copy's record first: a torn tail after a crash never keeps the message
+without its copy), so the copy is as durable as the message.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import functools
+from typing import Any, Protocol
 
-from imsrelay.model.envelope import Envelope
+from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.model.header_date import header_date_now
 from imsrelay.observe import tracking
 from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.policy import journaling
+from imsrelay.queue import dsn
 from imsrelay.queue.manager import QueueManager
 from imsrelay.queue.spool import Spool
+
+OFF_LOOP_AT = 256 * 1024  # a journal copy of a bigger message is built on a worker thread
+
+
+class JournalInputs(Protocol):
+    """What the door asks its site for Message Journaling (``imsrelay.site.Site``)."""
+
+    async def journal_address(self) -> str | None:
+        """The journal recipient's address now (None: no journaling)."""
+        ...
+
+    def reporting_site(self) -> dsn.ReportingSite: ...
+
+    def postmaster_address(self) -> str: ...
 
 
 class QueueDoor:
     def __init__(self, spool: Spool, qmgr: QueueManager, *, tracking_log: tracking.TrackingLog,
-                 metrics: SiteMetrics, log: Any) -> None:
+                 metrics: SiteMetrics, log: Any, journal: JournalInputs | None = None,
+                 journal_reports: bool = True) -> None:
+        """``journal``: the site's journaling inputs (None: the site does not journal);
+        ``journal_reports``: NDRs and delay notices are journaled too."""
         self.spool = spool
         self.qmgr = qmgr
         self.tracking = tracking_log
         self.metrics = metrics
         self.log = log
+        self.journal = journal
+        self.journal_reports = journal_reports
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         """A message an SMTP session received: durable when this returns."""
-        await self.spool.enqueue(env, message)
-        self._track_received(env, message)
-        self.qmgr.submit(env, message)
+        await self._enter(env, message)
         self.metrics.messages_in.inc()
         self.metrics.bytes_in.inc(len(message))
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         """Queue a message this site generates itself (NDRs, replication)."""
-        await self.spool.enqueue(env, message)
-        self._track_received(env, message)
-        self.qmgr.submit(env, message)
+        await self._enter(env, message)
         self.log.info("message.queued", queue_id=env.queue_id, sender=env.sender or "<>",
                       recipients=[r.address for r in env.recipients], origin=env.origin, size=len(message))
 
+    async def _enter(self, env: Envelope, message: bytes) -> None:
+        copy = await self._journal_copy(env, message)
+        if copy is None:
+            await self.spool.enqueue(env, message)
+        else:
+            await self.spool.enqueue_many([copy, (env, message)])
+        self._track_received(env, message)
+        self.qmgr.submit(env, message)
+        if copy is not None:
+            journal_env, journal_message = copy
+            self._track_received(journal_env, journal_message)
+            self.tracking.record(tracking.JOURNALED, env.queue_id, journal_id=journal_env.queue_id,
+                                 journal=journal_env.recipients[0].address)
+            self.qmgr.submit(journal_env, journal_message)
+            self.log.debug("message.journaled", queue_id=env.queue_id, journal_id=journal_env.queue_id,
+                           journal=journal_env.recipients[0].address)
+
+    async def _journal_copy(self, env: Envelope, message: bytes) -> tuple[Envelope, bytes] | None:
+        """The journal copy of a message entering the queue, if it gets one."""
+        if self.journal is None:
+            return None
+        address = await self.journal.journal_address()
+        if not address or not journaling.journal_wanted(
+                origin=env.origin, recipients=[r.address for r in env.recipients], message=message,
+                journal_address=address, reports=self.journal_reports):
+            return None
+        site = self.journal.reporting_site()
+        record = journaling.JournalEnvelope(
+            queue_id=env.queue_id, sender=env.sender, site=site.site, hostname=site.hostname,
+            recipients=tuple((r.address, r.original) for r in env.recipients),
+            received=header_date_now(env.received_at), client=env.client, helo=env.helo, origin=env.origin)
+        build = functools.partial(journaling.build_journal_copy, message, record, journal_address=address,
+                                  from_address=self.journal.postmaster_address(),
+                                  date=header_date_now(env.received_at))
+        # (copying a large message: off the event loop, as the reports are built)
+        copy = build() if len(message) <= OFF_LOOP_AT else await asyncio.to_thread(build)
+        journal_env = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState(address, address)],
+                               received_at=env.received_at, origin=journaling.ORIGIN,
+                               smtputf8=env.smtputf8 or not address.isascii(), body_8bit=not copy.isascii(),
+                               extra={"journal_of": env.queue_id})
+        return journal_env, copy
+
     def _track_received(self, env: Envelope, message: bytes) -> None:
         self.tracking.record(tracking.RECEIVED, env.queue_id, message_id=tracking.message_id_of(message),
-                             sender=env.sender, related=env.extra.get("report_for"), origin=env.origin,
+                             sender=env.sender, related=env.extra.get("report_for") or env.extra.get("journal_of"), origin=env.origin,
                              client=env.client or None, helo=env.helo or None, size=len(message),
                              recipients=[r.address for r in env.recipients], auth=env.extra.get("auth"))

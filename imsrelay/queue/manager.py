@@ -34,13 +34,15 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.model.envelope import FAILED, Envelope, RecipientState, new_queue_id
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
 from imsrelay.model.settings import DeliveryConfig
 from imsrelay.observe import tracking
 from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.policy import internet_mail
+from imsrelay.policy.internet_mail import DomainMailSettings, OutboundRules, Verdict
 from imsrelay.queue import dsn
 from imsrelay.queue.agents import Transports
 from imsrelay.queue.rules import (
@@ -52,6 +54,7 @@ from imsrelay.queue.rules import (
 )
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import (
+    ATTENDANT,
     DIRECTORY,
     LOCAL,
     MX,
@@ -144,6 +147,9 @@ def held_text(reason: str) -> str:
         return f"Transfer mode {rest}: outbound mail is held"
     if kind == "etrn":
         return f"held until the peer issues ETRN for {rest.partition(':')[2] or rest}"
+    if kind == "intrasite":
+        return (f"server {rest} handed this mail here, yet this server's directory says it is homed there: "
+                "held until the directory changes (intra-site replication), not sent back")
     return reason
 
 
@@ -151,8 +157,10 @@ class QueueManager:
     def __init__(self, spool: Spool, *, inputs: QueueInputs, transports: Transports,
                  delivery: DeliveryConfig, log: Any,
                  priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time,
-                 tracking_log: tracking.TrackingLog | None = None) -> None:
-        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
+                 tracking_log: tracking.TrackingLog | None = None, outbound: OutboundRules | None = None) -> None:
+        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking);
+        ``outbound``: the Internet Mail tab's settings by domain and the outbound size limit."""
+        self.outbound = outbound or OutboundRules()
         self.spool = spool
         self.tracking = tracking_log
         self.inputs = inputs
@@ -571,20 +579,84 @@ class QueueManager:
                 self.forget(env.queue_id)
                 self.log.info("queue.deleted", queue_id=env.queue_id)
                 return
-        groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
         for r, route in routed:
             if r.route != route.destination:  # a new decision (first attempt, or the route changed)
                 self._track_route(env, r, route)
             r.route = sys.intern(route.destination)
-            groups[route.destination].append((r, route))
+        stopped: list[Recorded] = []
+        plain = True  # display names kept for every recipient
+        if self.outbound.active:
+            routed, stopped, plain = self._outbound_checks(env, message, routed)
+        groups: dict[tuple[str, bool], list[tuple[RecipientState, Route]]] = defaultdict(list)
+        for r, route in routed:
+            names = plain or self._keeps_display_names(r, route)
+            groups[(route.destination, names)].append((r, route))
+        stripped = message if plain else internet_mail.strip_display_names(message)
 
         if len(groups) == 1:  # the common case: no task and no gathering future for it
-            (only,) = groups.values()
-            recorded = await self._deliver_group(env, message, only)
+            ((_, names), only), = groups.items()
+            recorded = await self._deliver_group(env, message if names else stripped, only)
         else:
-            results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
+            results = await asyncio.gather(*(self._deliver_group(env, message if names else stripped, g)
+                                             for (_, names), g in groups.items()))
             recorded = [rec for group in results for rec in group]
-        await self._record(env, message, recorded)
+        await self._record(env, message, stopped + recorded)
+
+    # ------------------------------------------------------------ Internet Mail tab, outbound size limit
+
+    def _internet_settings(self, r: RecipientState, route: Route) -> DomainMailSettings | None:
+        """The Internet Mail settings for a recipient leaving the organisation by SMTP
+        (or to the lab's catch-all, the rest of the Internet); None for another site of
+        the organisation or a local delivery."""
+        if route.site is not None or not (route.kind in (RELAY, MX) or (route.kind == LOCAL and route.domain)):
+            return None
+        return self.outbound.settings_for(r.address.rpartition("@")[2])
+
+    def _keeps_display_names(self, r: RecipientState, route: Route) -> bool:
+        settings = self._internet_settings(r, route)
+        return settings is None or settings.display_names
+
+    def _outbound_checks(self, env: Envelope, message: bytes, routed: list[tuple[RecipientState, Route]]
+                         ) -> tuple[list[tuple[RecipientState, Route]], list[Recorded], bool]:
+        """Apply ``internet_mail.outbound_verdict`` to the recipients leaving by SMTP:
+        (recipients that go on, failures to record (5.3.4: an NDR), whether no
+        recipient has display names disabled).  Discarded recipients (an automatic
+        message the domain's settings disable) are terminal here, without an NDR."""
+        go: list[tuple[RecipientState, Route]] = []
+        stopped: list[Recorded] = []
+        plain = True
+        kind: str | None = None
+        classified = False
+        for r, route in routed:
+            remote = route.kind in (RELAY, MX) or (route.kind == LOCAL and bool(route.domain))
+            if not remote:
+                go.append((r, route))
+                continue
+            settings = self._internet_settings(r, route)
+            if settings is not None and not classified and not (
+                    settings.out_of_office and settings.auto_replies and settings.auto_forwards):
+                kind, classified = internet_mail.classify(message), True
+            verdict = internet_mail.outbound_verdict(
+                kind=kind if settings is not None else None, size=len(message),
+                domain=r.address.rpartition("@")[2], settings=settings,
+                outbound_limit=self.outbound.max_message_size)
+            if verdict is None:
+                go.append((r, route))
+                plain = plain and (settings is None or settings.display_names)
+            elif verdict.action == internet_mail.FAIL:
+                stopped.append(Recorded(r, Outcome.permanent_failure(verdict.status, verdict.text)))
+            else:
+                self._discard(env, r, verdict)
+        return go, stopped, plain
+
+    def _discard(self, env: Envelope, r: RecipientState, verdict: Verdict) -> None:
+        """Exchange's IMS discarded such a message (Q176161): terminal, no NDR, tracked."""
+        r.state, r.status, r.diagnostic, r.attempts = FAILED, verdict.status, verdict.text, r.attempts + 1
+        self.inputs.metrics.delivery_outcome("discarded").inc()
+        self.log.info("delivery.discarded", queue_id=env.queue_id, sender=env.sender, recipient=r.address,
+                      kind=verdict.kind, status=verdict.status, diagnostic=verdict.text)
+        self._note(tracking.DISCARDED, env.queue_id, recipient=r.address, kind=verdict.kind,
+                   status=verdict.status, diagnostic=verdict.text)
 
     # ------------------------------------------------------------ message tracking
 
@@ -600,13 +672,19 @@ class QueueManager:
             where = f"local mailbox {route.mailbox}"
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
+        elif route.kind == ATTENDANT:
+            where = "this site's system attendant (Link Monitor)"
+        elif route.kind == RELAY and route.server:
+            where = f"SMTP to {route.host}:{route.port}, intra-site hop to the home server {route.server}"
         elif route.kind == RELAY:
-            where = f"SMTP to {route.host}:{route.port}"
+            where = route.next_hop_text()
         elif route.kind == MX:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
             where = f"{'permanent' if route.permanent else 'temporary'} failure {route.status}: {route.reason}"
-        extra = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
+        extra: dict[str, str] = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
+        if route.server:
+            extra["to_server"] = route.server
         self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
                     to_site=route.site, why="; ".join(route.steps), **extra)
 
@@ -619,6 +697,9 @@ class QueueManager:
             elif kind == DIRECTORY:
                 self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
                             mailbox="the directory service (replication)", replication=True)
+            elif kind == ATTENDANT:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                            mailbox="the system attendant (Link Monitor)", diagnostic=o.diagnostic)
             else:
                 self._note(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
                             remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
@@ -683,7 +764,7 @@ class QueueManager:
             if step.delay_notice:
                 delayed.append(r)
             if may_report and o.ok and dsn.report_wanted(r.notify, "delivered"):
-                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY),
+                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY, ATTENDANT),
                                             passed_on=o.dsn_passed)
                 if action is not None:
                     succeeded.append((r, action))

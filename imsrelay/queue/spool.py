@@ -277,6 +277,16 @@ class Spool:
         self._index[envelope.queue_id] = loc
         self._live[loc.segment] += 1
 
+    async def enqueue_many(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
+        """Durably add several messages in one commit (one write, one flush): a message
+        and its journal copy.  Records are appended in the order given; a torn tail
+        after a crash loses only the last ones, so put the one that must not be
+        missing without the others first."""
+        locations = await self._commit_enqueue([Append(ENQUEUE, queue_file_bytes(e, m)) for e, m in items])
+        for (envelope, _), loc in zip(items, locations, strict=True):
+            self._index[envelope.queue_id] = loc
+            self._live[loc.segment] += 1
+
     async def save_state(self, envelope: Envelope) -> None:
         await self.committer.commit([Append(STATE, envelope.to_json())])
 
