@@ -78,8 +78,6 @@ _SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[
 
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
-DATA_CHUNK = 256 * 1024  # bytes taken from the stream at a time in DATA (what one recv can bring)
-
 DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
 
 BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
@@ -95,6 +93,17 @@ class LineReader(asyncio.StreamReader):
 
     forbid_bare_lf = False
     on_line: Callable[[bytes], None] | None = None  # each command line, for the SMTP protocol log
+    on_end: Callable[[], None] | None = None  # the stream ended (EOF or an error): DATA read by data_received stops
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self.on_end is not None:
+            self.on_end()
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        if self.on_end is not None:
+            self.on_end()
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         line = await super().readuntil(separator)
@@ -111,6 +120,17 @@ class LineReader(asyncio.StreamReader):
         """Put back bytes read past the end of DATA: the next command reads them first."""
         if data:
             self._buffer[:0] = data  # type: ignore[attr-defined]  # asyncio.StreamReader's buffer (pinned by a test)
+
+    def take_buffered(self) -> bytes:
+        """Everything read but not yet consumed (the start of a message sent right after
+        DATA), the buffer left empty and reading resumed if it was paused."""
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]  # (pinned by a test)
+        if not buffer:
+            return b""
+        data = bytes(buffer)
+        buffer.clear()
+        self._maybe_resume_transport()  # type: ignore[attr-defined]  # (pinned by a test)
+        return data
 
 
 def bad_size(arg: str) -> bool:
@@ -320,6 +340,7 @@ class ImsSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._refusal: str | None = None
         self._reading_secret = False  # an AUTH continuation line is due: never logged
+        self._data_sink: Callable[[bytes], None] | None = None  # inside DATA: where data_received goes
         self.use_reader(LineReader(loop=self.loop, limit=self.line_length_limit))
 
     def use_reader(self, reader: LineReader) -> None:
@@ -410,6 +431,10 @@ class ImsSMTP(SMTP):
         self.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        sink = self._data_sink
+        if sink is not None:  # inside DATA: straight to the scanner, not through the reader's buffer
+            sink(data)
+            return
         if self._waiting_transport is not None:  # talked before its greeting (RFC 5321 3.1): no wait for it
             if self._limits is not None:
                 self._limits.forget(self)
@@ -694,13 +719,7 @@ class ImsSMTP(SMTP):
         reader = self._reader
         assert isinstance(reader, LineReader)
         try:
-            while not scanner.done:
-                chunk = await reader.read(DATA_CHUNK)
-                if not chunk:  # the client closed mid-DATA (aiosmtpd's eof_received cancels us first, as a rule)
-                    raise asyncio.CancelledError()  # as that cancellation would: nothing queued, no reply
-                used = scanner.feed(chunk)
-                if used < len(chunk):  # the commands after the final "." (PIPELINING)
-                    reader.unread(chunk[used:])
+            await self._read_data(scanner, reader)
         except asyncio.CancelledError:  # the connection was lost during DATA
             self._writer.close()
             raise
@@ -730,6 +749,39 @@ class ImsSMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self, scanner: DataScanner, reader: LineReader) -> None:
+        """Feed the message to ``scanner`` until its end: first what the reader holds
+        already, then each chunk as the transport delivers it (``data_received`` hands
+        it over directly: no copy into the reader's buffer and out again, no await per
+        chunk).  What follows the final "." (PIPELINING) goes back to the reader for
+        the command loop.  The client closing mid-DATA cancels this (aiosmtpd's
+        ``eof_received`` / ``connection_lost``): nothing queued, no reply."""
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def take(data: bytes) -> None:
+            used = scanner.feed(data)
+            if scanner.done:
+                self._data_sink = None
+                reader.unread(data[used:])  # the commands after the final "."
+                if not done.done():
+                    done.set_result(None)
+
+        take(reader.take_buffered())
+        if scanner.done:
+            return
+        if reader.at_eof():  # the client closed before the end: as aiosmtpd's cancellation would
+            raise asyncio.CancelledError()
+        def ended() -> None:  # the end of the stream mid-DATA: as aiosmtpd's cancellation would
+            done.cancel()
+
+        self._data_sink = take
+        reader.on_end = ended
+        try:
+            await done
+        finally:
+            self._data_sink = None
+            reader.on_end = None
 
     @syntax("ETRN node")
     async def smtp_ETRN(self, arg: str | None) -> None:

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block
 from imsrelay.policy.expansion import EXPANDED_HEADER
 from imsrelay.policy.inbound import Reply
 
@@ -99,8 +99,7 @@ def seen_before(message: bytes, marker: bytes) -> bool:
     trace line above ours, KB Q185194): a list's expansion site sends its members' copies
     on, to their home sites, this one included; a list is never expanded twice, and
     ``smtp.max_hops`` still bounds the path."""
-    header, _ = split_message(message)
-    header = header.lower()
+    header = header_block(message).lower()
     expanded = _EXPANDED.search(header)
     if expanded is not None:
         header = header[:expanded.start()]  # only what was added since the latest expansion
@@ -109,7 +108,7 @@ def seen_before(message: bytes, marker: bytes) -> bool:
 
 def count_hops(message: bytes) -> int:
     """Number of ``Received:`` fields in the header block."""
-    header, _ = split_message(message)
+    header = header_block(message)
     return len(_RECEIVED.findall(header))
 
 

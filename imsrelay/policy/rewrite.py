@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from email._parseaddr import AddressList  # type: ignore[import-not-found]  # no stub: private module
 
 from imsrelay.model.addresses import AddressError, parse_address
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block, split_message
 
 REWRITTEN_HEADERS = ("from", "sender", "reply-to")
 MAX_REWRITTEN_FIELDS = 100  # a message has one From:; beyond this many, fields stay as they are (hostile input)
@@ -69,7 +69,7 @@ def header_fields(header: bytes) -> list[bytes]:
 
 def header_addresses(message: bytes) -> list[str]:
     """Addresses in the headers that rewriting may change."""
-    header, _ = split_message(message)
+    header = header_block(message)
     found = []
     fields = 0
     for f in header_fields(header):

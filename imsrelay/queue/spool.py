@@ -62,9 +62,16 @@ _MAGIC = b"IMSQ1 "
 
 def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
     """An ENQUEUE payload: ``IMSQ1 <n>\\n``, n bytes of envelope JSON, the message."""
+    return b"".join(queue_file_parts(envelope, message))
+
+
+def queue_file_parts(envelope: Envelope, message: bytes) -> tuple[bytes, bytes]:
+    """``queue_file_bytes`` in two parts, the envelope's and the message itself: the
+    journal writes them back to back (``writev``), so the message is never copied
+    into a payload of its own."""
     envelope.size = len(message)
     header = envelope.to_json()
-    return b"%s%d\n%s%s" % (_MAGIC, len(header), header, message)
+    return b"%s%d\n%s" % (_MAGIC, len(header), header), message
 
 
 _MAX_PREFIX = len(_MAGIC) + 21  # the magic, a length of up to 20 digits, the newline
@@ -266,7 +273,7 @@ class Spool:
 
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
         """Durably add a message; returns only when it is safe to answer 250."""
-        (loc,) = await self._commit_enqueue([Append(ENQUEUE, queue_file_bytes(envelope, message))])
+        (loc,) = await self._commit_enqueue([Append(ENQUEUE, queue_file_parts(envelope, message))])
         self._index[envelope.queue_id] = loc
         self._live[loc.segment] += 1
 

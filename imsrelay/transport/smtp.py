@@ -106,7 +106,7 @@ from aiosmtplib.response import SMTPResponse
 from imsrelay.model.addresses import ip_literal
 from imsrelay.model.dsn_params import orcpt_param, xtext_encode
 from imsrelay.model.envelope import PENDING, Envelope, RecipientState
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.settings import OutboundAuth, SiteConfig, hosts_text
 from imsrelay.observe.protocol_log import session_id
@@ -115,7 +115,7 @@ from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route, hosts_in_turn
 from imsrelay.transport.pipelining import PipeliningSMTP
-from imsrelay.transport.smtp_body import LONE_DOT, crlf_message, dot_stuffed
+from imsrelay.transport.smtp_body import LONE_DOT, Body, crlf_message, dot_stuffed_parts
 
 MIB = 1024 * 1024
 CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
@@ -170,7 +170,7 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
     if not env.sender.isascii() or not all(r.isascii() for r in recipients):
         return True
     if env.smtputf8:
-        header, _ = split_message(message)
+        header = header_block(message)
         return not header.isascii()
     return False
 
@@ -806,8 +806,8 @@ class SmtpClient:
         # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
         # what the ingress found: every line end a CRLF, no line starting with a dot
         clean, dotless = env.extra.get("crlf") is True, env.extra.get("dotless") is True
-        size, body = (await asyncio.to_thread(_wire, message, clean, dotless) if len(message) > MIB
-                      else _wire(message, clean, dotless))
+        size, body = (await asyncio.to_thread(_wire, message, clean, dotless)
+                      if len(message) > MIB and not (clean and dotless) else _wire(message, clean, dotless))
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
@@ -862,7 +862,7 @@ class SmtpClient:
             log.info("delivery.connection_lost", stage=t.stage, error=lost.diagnostic, **t.fields)
             return {r: outcomes.get(r, lost) for r in rcpts}
 
-    async def _stepwise(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+    async def _stepwise(self, t: _Transaction, mail: str, paths: dict[str, str], body: Body) -> None:
         """One command, one reply: for a server that does not offer PIPELINING."""
         conn, client, cfg = t.conn, t.conn.client, self.delivery
         reply = await self._command(t, mail)
@@ -882,7 +882,7 @@ class SmtpClient:
         self._trace_reply(conn, reply.code, reply.message)
         await self._data(t, reply, body)
 
-    async def _pipelined(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+    async def _pipelined(self, t: _Transaction, mail: str, paths: dict[str, str], body: Body) -> None:
         """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order;
         the body after a 354 when a recipient was accepted."""
         conn, client = t.conn, t.conn.client
@@ -952,7 +952,7 @@ class SmtpClient:
         reply = await t.conn.client.rset(timeout=self.delivery.command_timeout)
         self._trace_reply(t.conn, reply.code, reply.message)
 
-    async def _data(self, t: _Transaction, reply: SMTPResponse, body: bytes) -> None:
+    async def _data(self, t: _Transaction, reply: SMTPResponse, body: Body) -> None:
         """Given the reply to DATA: the body after a 354, and the outcome of every accepted recipient."""
         t.stage = "DATA"
         client, cfg = t.conn.client, self.delivery
@@ -982,10 +982,11 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, bytes]:
-    """(the SIZE of the message as sent, what follows the 354)."""
+def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, Body]:
+    """(the SIZE of the message as sent, what follows the 354, in parts; a clean
+    message without dot lines is not copied: only the message is checked.)"""
     wire = crlf_message(message, known_clean=known_clean)
-    return len(wire), dot_stuffed(wire, known_dotless=known_dotless)
+    return len(wire), dot_stuffed_parts(wire, known_dotless=known_dotless)
 
 
 def pipelined_stage(replies: int, rcpts: int) -> str:
