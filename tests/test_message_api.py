@@ -169,6 +169,13 @@ def test_read_flag_and_delete(lab: LabClient, api: str):
         assert json.loads(resp.read())["read"] is True
     assert lab.messages(f"message-id:{ids[0]}")[0]["read"] is True
     assert lab.raw(first["id"])  # same id after the move to cur/
+    for bad in (b"[" * 5_000, b'{"read": "yes"}', b"not json"):  # nested past json's recursion: still 400
+        req = urllib.request.Request(f"{admin_url(lab, 'SiteB')}/api/v1/messages/{urllib.parse.quote(first['id'], safe='')}",
+                                     method="PATCH", data=bad, headers={"Authorization": f"Bearer {LAB_TOKEN}",
+                                                                        "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            OPENER.open(req, timeout=30)
+        assert refused.value.code == 400 and "JSON object" in json.loads(refused.value.read())["error"]
     status, body = http(f"{api}/messages/{urllib.parse.quote(first['id'], safe='')}", method="DELETE")
     assert status == 200 and json.loads(body)["deleted"] == 1
     assert http(f"{api}/messages/{urllib.parse.quote(first['id'], safe='')}")[0] == 404

@@ -431,7 +431,7 @@ class MessageApi:
         scope = self.scope(request.query)
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON; nested deeper than json.loads recurses
             raise BadRequest("the request body must be a JSON object like {\"read\": true}") from None
         if not isinstance(body, dict) or not isinstance(body.get("read"), bool):
             raise BadRequest("the request body must be a JSON object like {\"read\": true}")

@@ -48,6 +48,11 @@ _FAILED = re.compile(rb"^Action:\s*failed\s*$", re.I | re.M)
 _EXPIRED = re.compile(rb"^Status:\s*[45]\.4\.7\b", re.I | re.M)  # our own queue gave up: no answer
 MAX_PENDING = 10_000  # pings remembered at once (all monitors): the oldest go first
 MAX_SCAN = 256 * 1024  # bytes of an NDR searched for the ping's id
+# The first pings wait one polling interval after the start (at most this long): sites that
+# start together (a lab, a rack after a power cut) are listening by then.  A ping to a peer not
+# yet listening would mark that host unreachable for the SMTP client's hold, and hold the
+# site's real mail to it too.
+FIRST_PING_AFTER = 30.0
 
 Enqueue = Callable[[Envelope, bytes], Awaitable[None]]
 
@@ -111,6 +116,7 @@ class LinkMonitors:
         self.log = log
         self.clock = clock
         now = clock()
+        self._started = now
         self.status: dict[tuple[str, str], lm.TargetStatus] = {
             (m.name, t): lm.initial(t, now) for m in monitors for t in m.targets}
         self.problems: dict[tuple[str, str], str] = {}  # a target that cannot be pinged now, and why
@@ -161,8 +167,11 @@ class LinkMonitors:
                 self.status[key] = status
                 if change is not None:
                     await self._changed(m, change)
-                if lm.due(self.status[key], self.clock(), th):
+                if lm.due(self.status[key], self.clock(), th) and self._past_first_wait(m):
                     await self._ping(m, target)
+
+    def _past_first_wait(self, m: LinkMonitorConfig) -> bool:
+        return self.clock() - self._started >= min(m.interval, FIRST_PING_AFTER)
 
     # ------------------------------------------------------------ pings out
 
