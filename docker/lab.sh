@@ -2,11 +2,14 @@
 # docker/lab.sh — one entry point for the imsrelay Docker lab (docker-compose.yml).
 #
 # Usage: docker/lab.sh COMMAND [ARGS]
-#   up [SERVICE...]        build whatever is missing (base image, wheels, images),
+#   up [--servers SiteA=2] [SERVICE...]
+#                          build whatever is missing (base image, wheels, images),
 #                          start the lab (or only SERVICE... and what they depend
 #                          on) and wait until every container is healthy and the
 #                          one-shot `setup` (imsrelay org-setup: the article's
-#                          Check Now / Request Now / Site Addressing) has finished
+#                          Check Now / Request Now / Site Addressing) has finished;
+#                          --servers SiteA=2: the compose profile two-servers, SiteA
+#                          as two servers (ServerA 10.10.10.10, Server1 10.10.10.11)
 #   build [SERVICE...]     the same builds, without starting anything
 #   wait                   wait until every lab container is healthy (and `setup`
 #                          has exited 0)
@@ -29,6 +32,9 @@
 #                         IMSRELAY_LAB_PULL=1; otherwise imsrelay-base:bookworm,
 #                         built here from Debian packages (no registry needed).
 #   IMSRELAY_LAB_PULL=1   allow pulling base images from a registry.
+#   COMPOSE_PROFILES      two-servers: SiteA as two servers (what --servers SiteA=2
+#                         sets); the other commands find the profile of a running
+#                         lab by themselves.
 #   COMPOSE_PROJECT_NAME  compose project (default imsrelay): names the network
 #                         (imsrelay_lab), volumes and containers.
 #   LAB_WAIT_TIMEOUT      seconds `up`/`wait` wait for health (default 240).
@@ -47,9 +53,11 @@ LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-240}"
 LOCAL_BASE="imsrelay-base:bookworm"
 REGISTRY_BASES=(python:3.11-slim-bookworm debian:bookworm-slim)
 SITES=(sitea siteb sitec)
-SITE_IMAGE_SERVICES=(sitea siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
+SITE_IMAGE_SERVICES=(sitea sitea-server1 siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
 ONE_SHOT=setup                                  # runs once after the sites are healthy, then exits
 ALL_SERVICES=(dns sitea siteb sitec internet setup console)
+SERVERS_PROFILE=two-servers                     # SiteA as two servers: service sitea-server1 (Server1)
+SERVERS_PROFILE_SERVICES=(sitea-server1)
 LAB_SUBNET="10.10.10.0/24"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -66,6 +74,33 @@ fi
 compose() { "${COMPOSE[@]}" -f "$REPO/docker-compose.yml" "$@"; }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# --- the compose profile (COMPOSE_PROFILES; docker-compose.yml mounts SiteA's file and
+# the lab DNS's zones by it) ------------------------------------------------------------
+project_containers() {   # [SERVICE]: this project's containers, running or not
+    local filters=(--filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")
+    [ $# -gt 0 ] && filters+=(--filter "label=com.docker.compose.service=$1")
+    docker ps -aq "${filters[@]}" 2>/dev/null
+}
+
+running_profile() {   # the profile of this project's containers: two-servers, or nothing
+    if [ -n "$(project_containers "${SERVERS_PROFILE_SERVICES[0]}")" ]; then printf '%s' "$SERVERS_PROFILE"; fi
+}
+
+check_profile() {
+    case "${COMPOSE_PROFILES:-}" in
+        ""|"$SERVERS_PROFILE") ;;
+        *) die "COMPOSE_PROFILES=$COMPOSE_PROFILES: the lab's only profile is $SERVERS_PROFILE" ;;
+    esac
+}
+
+servers_option() {   # --servers SiteA=N -> the profile (SiteA=1: none)
+    case "${1,,}" in
+        sitea=1) printf '' ;;
+        sitea=2) printf '%s' "$SERVERS_PROFILE" ;;
+        *) die "--servers $1: the Docker lab runs SiteA=1 or SiteA=2 (the embedded lab, imsrelay lab --servers, runs more)" ;;
+    esac
+}
 
 # --- which base image ---------------------------------------------------------------
 choose_base_image() {
@@ -92,7 +127,9 @@ choose_base_image() {
 
 # --- arguments: services, and whether sites are among them --------------------------
 services_or_all() {
-    if [ $# -gt 0 ]; then printf '%s\n' "$@"; else printf '%s\n' "${ALL_SERVICES[@]}"; fi
+    if [ $# -gt 0 ]; then printf '%s\n' "$@"; return; fi
+    printf '%s\n' "${ALL_SERVICES[@]}"
+    if [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ]; then printf '%s\n' "${SERVERS_PROFILE_SERVICES[@]}"; fi
 }
 
 wants_sites() {   # is any of the services built from the site image?
@@ -101,19 +138,23 @@ wants_sites() {   # is any of the services built from the site image?
     return 1
 }
 
-site_config_file() {   # sitea -> config/docker/siteA.toml
-    local letter="${1#site}"
-    printf 'config/docker/site%s.toml' "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
+site_config_file() {   # sitea -> config/docker/siteA.toml (profile two-servers: config/docker/two-servers/siteA.toml)
+    case "$1" in
+        sitea-server1) printf 'config/docker/%s/siteA-Server1.toml' "$SERVERS_PROFILE"; return ;;
+    esac
+    local letter="${1#site}" dir=config/docker
+    [ "$1" = sitea ] && [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ] && dir="config/docker/$SERVERS_PROFILE"
+    printf '%s/site%s.toml' "$dir" "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
 }
 
 check_site_configs() {
     local s f missing=0
     for s in "$@"; do
-        case "$s" in sitea|siteb|sitec) ;; *) continue ;; esac
+        case "$s" in sitea|sitea-server1|siteb|sitec) ;; *) continue ;; esac
         f="$(site_config_file "$s")"
         # A missing bind-mount source would be created by Docker as a directory.
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/site.toml in $s)"; missing=1; fi
-        f="config/docker/keys/$(basename "$f" .toml).pem"
+        f="config/docker/keys/$(basename "${f%-Server1.toml}" .toml).pem"
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/replication-key.pem in $s; docker/lab.sh keys makes new ones)"; missing=1; fi
     done
     [ "$missing" = 0 ] || die "site configuration missing"
@@ -234,7 +275,17 @@ do_status() {
     cat <<'EOF'
 Published on 127.0.0.1 (defaults; LAB_*_PORT variables override); each admin
 port also serves GET /ready and the message API /api/v1 (bearer token):
-  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)
+EOF
+    if [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ]; then
+        cat <<'EOF'
+  sitea    SMTP 2510  admin 8510     (10.10.10.10, ServerA.SiteA.microsoft.com: SiteA's bridgehead)
+  sitea-server1 SMTP 2511 admin 8511 (10.10.10.11, Server1.SiteA.microsoft.com: SiteA's second server)
+           profile two-servers: microsoft.com's MX are both servers, preference 10
+EOF
+    else
+        echo '  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)'
+    fi
+    cat <<'EOF'
   siteb    SMTP 2515  admin 8515     (10.10.10.15, Server1.SiteB.microsoft.com)
   sitec    SMTP 2520  admin 8520     (10.10.10.20, Server1.SiteC.microsoft.com)
   internet SMTP 2600                 (10.10.10.100, mail.example.net: alice, bob)
@@ -272,6 +323,24 @@ EOF
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
+check_profile
+if [ "$cmd" = up ] && [ "${1:-}" = --servers ]; then
+    [ $# -ge 2 ] || die "up --servers: give SiteA=2"
+    want="$(servers_option "$2")"
+    shift 2
+    if [ -n "${COMPOSE_PROFILES:-}" ] && [ "$COMPOSE_PROFILES" != "$want" ]; then
+        die "--servers and COMPOSE_PROFILES=$COMPOSE_PROFILES disagree"
+    fi
+    export COMPOSE_PROFILES="$want"
+fi
+running="$(running_profile)"
+if [ -z "${COMPOSE_PROFILES+set}" ]; then
+    # not asked: the profile of the lab that is there (status, logs, down ... see all of it)
+    [ -n "$running" ] && export COMPOSE_PROFILES="$running"
+elif [ "$cmd" = up ] && [ -n "$(project_containers)" ] && [ "${COMPOSE_PROFILES:-}" != "$running" ]; then
+    die "this lab runs ${running:-with SiteA as one server}, and its volumes belong to that topology: docker/lab.sh down -v first"
+fi
+[ -z "${COMPOSE_PROFILES:-}" ] && unset COMPOSE_PROFILES
 case "$cmd" in
     up)
         mapfile -t svcs < <(services_or_all "$@")
@@ -302,6 +371,6 @@ case "$cmd" in
         fi
         compose "$@"
         ;;
-    ""|-h|--help|help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//' ;;
+    ""|-h|--help|help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
 esac

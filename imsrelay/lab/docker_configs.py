@@ -49,6 +49,7 @@ from imsrelay.lab.embedded import (
     SITES,
     STAGE_NAMES,
     LabSite,
+    site_servers,
     stage_index,
 )
 from imsrelay.model.errors import ConfigError
@@ -69,6 +70,13 @@ COMPOSE_ACCESS_PORTS = {"imap_port": 143, "imaps_port": 993, "pop3_port": 110, "
 COMPOSE_KEY_PATH = "/etc/imsrelay/replication-key.pem"  # where docker-compose.yml mounts the site's key
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "config" / "docker"  # siteX.toml and keys/siteX.pem (lab-only, committed)
+# The compose profile in which SiteA is two servers (issue 24; docker-compose.yml,
+# ``docker/lab.sh up --servers SiteA=2``): ServerA on SiteA's address and Server1, the
+# seed's MX, on the next one (the embedded lab's names, imsrelay.lab.embedded.site_servers),
+# each its own container; their files are config/docker/two-servers/siteA.toml (ServerA)
+# and siteA-Server1.toml, written by ``python -m imsrelay.lab.docker_configs two-servers``.
+SERVERS_PROFILE = "two-servers"
+SERVERS_PROFILE_SITES = {"SiteA": 2}
 
 
 def config_name(site: LabSite) -> str:
@@ -84,14 +92,28 @@ def committed_public_keys(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
     return {s.name: public_key_text(load_private_key(key_file(s, config_dir))) for s in SITES}
 
 
-def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, str]) -> dict[str, Any]:
+def compose_servers(site: LabSite, count: int) -> tuple[tuple[str, str], ...]:
+    """The servers of ``site`` run as ``count`` containers (pure): (name, compose-lab address),
+    the names the embedded lab gives them, the addresses following the site's own."""
+    base, last = COMPOSE_ADDRESSES[site.name].rsplit(".", 1)
+    return tuple((v.name, f"{base}.{int(last) + i}") for i, v in enumerate(site_servers(site, count)))
+
+
+def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, str], *,
+                         servers: int = 1, server: str | None = None) -> dict[str, Any]:
     """``site``'s compose-lab configuration at ``stage`` (an index into ``imsrelay.lab.embedded.STAGES``);
-    ``trusted_keys``: every site's public key (``ed25519:...``) by site name."""
+    ``trusted_keys``: every site's public key (``ed25519:...``) by site name.  ``servers`` > 1:
+    the site as that many servers (``[[servers]]``, each in its own container; the
+    configured mailboxes homed on the first, which is also the bridgehead), and this
+    file is the one of ``server`` (the first when not given)."""
     if not 0 <= stage < len(STAGE_NAMES):
         raise ValueError(f"stage {stage} out of range 0..{len(STAGE_NAMES) - 1}")
+    members = compose_servers(site, servers) if servers > 1 else ()
+    if server is not None and server not in {name for name, _ in members}:
+        raise ValueError(f"{server!r} is not one of {site.name}'s {servers} servers")
     others = [s for s in SITES if s is not site]
     mapping: dict[str, Any] = {
-        "site": {"organisation": ORGANISATION, "name": site.name, "server": site.server,
+        "site": {"organisation": ORGANISATION, "name": site.name, "server": server or site.server,
                  "email_domain": site.domain, "company_domain": COMPANY_DOMAIN, "data_dir": COMPOSE_DATA_DIR},
         "smtp": {"listen": "0.0.0.0", "port": COMPOSE_SMTP_PORT, "max_message_size": 10485760, "max_hops": 15,
                  "max_recipients": 100, "relay_networks": ["127.0.0.0/8", f"{COMPOSE_GATEWAY}/32"],
@@ -115,6 +137,14 @@ def compose_site_mapping(site: LabSite, stage: int, trusted_keys: Mapping[str, s
         "lab": {"sealed": True, "networks": list(COMPOSE_NETWORKS)},
     }
     mapping["access"] = compose_access_mapping()
+    if members:
+        # every container listens on its own address of the lab network, on the same ports
+        mapping["servers"] = [{"name": name, "host": address, "port": COMPOSE_SMTP_PORT,
+                               "admin": f"http://{address}:{COMPOSE_ADMIN_PORT}"} for name, address in members]
+        for m in mapping["mailboxes"]:
+            m["home_server"] = members[0][0]
+        mapping["replication"]["bridgehead"] = members[0][0]
+        mapping["replication"]["intrasite_interval"] = "30s"  # lab pace (Exchange: 300 s + 30 s per server)
     if stage >= stage_index("connected-sites"):
         mapping["connected_sites"] = [{"name": o.name, "routing_address": f"@{o.domain}"} for o in others]
     if stage >= stage_index("domain-table"):
@@ -130,12 +160,46 @@ def compose_access_mapping() -> dict[str, Any]:
     return {"enabled": True, **COMPOSE_ACCESS_PORTS}
 
 
-def compose_site_toml(site: LabSite, stage: int, trusted_keys: Mapping[str, str] | None = None) -> str:
+def compose_site_toml(site: LabSite, stage: int, trusted_keys: Mapping[str, str] | None = None, *,
+                      servers: int = 1, server: str | None = None) -> str:
     """The same as TOML text, with a header naming the stage (the committed keys'
     public halves unless ``trusted_keys`` is given)."""
     keys = committed_public_keys() if trusted_keys is None else trusted_keys
-    return (f"# {site.name} of the compose lab at KB Q196927 stage {STAGE_NAMES[stage]} "
-            "(generated by imsrelay.lab.docker_configs)\n" + toml_text.dumps(compose_site_mapping(site, stage, keys)))
+    what = f"{site.name} of the compose lab" if servers == 1 else \
+        f"{server or site.server}, one of {site.name}'s {servers} servers in the compose lab"
+    return (f"# {what} at KB Q196927 stage {STAGE_NAMES[stage]} (generated by imsrelay.lab.docker_configs)\n"
+            + toml_text.dumps(compose_site_mapping(site, stage, keys, servers=servers, server=server)))
+
+
+def profile_files(config_dir: Path = CONFIG_DIR) -> dict[Path, tuple[LabSite, int, str]]:
+    """The files of the servers profile (SiteA as two servers), each with its site, the
+    site's number of servers and the server it configures."""
+    out = {}
+    for s in SITES:
+        count = SERVERS_PROFILE_SITES.get(s.name, 1)
+        if count > 1:
+            for name, _ in compose_servers(s, count):
+                # the first server's file has the site's name: docker-compose.yml mounts
+                # config/docker/${COMPOSE_PROFILES:-.}/siteA.toml in service sitea
+                file = config_name(s) if name == s.server else f"{config_name(s)}-{name}"
+                out[config_dir / SERVERS_PROFILE / f"{file}.toml"] = (s, count, name)
+    return out
+
+
+def write_profile_files(config_dir: Path = CONFIG_DIR, trusted_keys: Mapping[str, str] | None = None,
+                        say: Callable[[str], None] = print) -> list[Path]:
+    """Write the servers profile's files (the article's end state, like config/docker/siteX.toml)."""
+    keys = committed_public_keys(config_dir) if trusted_keys is None else trusted_keys
+    written = []
+    for path, (s, count, name) in profile_files(config_dir).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_text(compose_site_toml(s, len(STAGE_NAMES) - 1, keys, servers=count, server=name),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+        say(f"{path}: {name} of {s.name} ({SERVERS_PROFILE} profile)")
+        written.append(path)
+    return written
 
 
 _TRUSTED_HEADER = re.compile(r"^\[replication\.trusted_keys\][^\n]*\n", re.MULTILINE)
@@ -186,6 +250,7 @@ def regenerate_keys(config_dir: Path = CONFIG_DIR, say: Callable[[str], None] = 
         tmp.write_text(texts[name], encoding="utf-8")
         os.replace(tmp, toml)
         say(f"{toml}: [replication.trusted_keys] updated")
+    write_profile_files(config_dir, keys, say)  # generated files: written anew with the new keys
     return keys
 
 
@@ -196,7 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     regen = sub.add_parser("regenerate-keys", help="new lab-only replication keys in config/docker/keys/ "
                                                    "and their public keys in config/docker/siteX.toml")
     regen.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="default: %(default)s")
+    profile = sub.add_parser(SERVERS_PROFILE, help=f"write config/docker/{SERVERS_PROFILE}/: SiteA as two servers "
+                                                   "(the compose profile of docker/lab.sh up --servers SiteA=2)")
+    profile.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="default: %(default)s")
     args = parser.parse_args(argv)
+    if args.command == SERVERS_PROFILE:
+        write_profile_files(args.config_dir)
+        return 0
     if args.command == "regenerate-keys":
         try:
             regenerate_keys(args.config_dir)
