@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import smtplib
 
 import aiohttp
 import pytest
@@ -388,3 +389,34 @@ async def test_the_cli_runs_check_now_at_every_server_and_pulls_within_the_site(
             assert code == 3 and "127.10.10.11" in err
         finally:
             await sites["Server1"].start()
+
+
+def test_lab_servers_option_and_addresses():
+    from imsrelay.lab.embedded import SITES, parse_servers, site_servers
+    from imsrelay.testing import lab_server_addresses
+
+    assert parse_servers(["SiteA=2"]) == {"SiteA": 2} and parse_servers(["sitea=2,SiteC=3"]) == {"SiteA": 2, "SiteC": 3}
+    for bad in (["SiteZ=2"], ["SiteA"], ["SiteA=0"], ["SiteA=9"]):
+        with pytest.raises(ValueError):
+            parse_servers(bad)
+    a = site_servers(SITES[0], 2)
+    assert [(v.name, v.address, v.key) for v in a] == [("ServerA", "127.10.10.10", "SiteA"),
+                                                      ("Server1", "127.10.10.11", "SiteA-Server1")]
+    assert [v.address for v in site_servers(SITES[2], 3)[1:]] == lab_server_addresses({"SiteC": 3})
+    assert lab_server_addresses({"SiteA": 2}) == ["127.10.10.11"]
+    code, _, err = run_cli("lab", "--servers", "SiteQ=2", "--data", "/nonexistent-imsrelay-lab")
+    assert code != 0 and "SITE=N" in err
+
+
+async def test_the_ims_connection_restrictions_do_not_stop_the_sites_own_hops(tmp_path):
+    """Accept connections only from 127.0.0.1 (the users' workstations): the site's other
+    server still hands its mail over (Exchange moved it by MTA, not through the IMS)."""
+    async with two_servers(tmp_path, restrictions={"accept_hosts": ["127.0.0.1/32"]}) as sites:
+        a, one = sites["ServerA"], sites["Server1"]
+        await asyncio.to_thread(send_mail, "127.10.10.10", a.bound_port, "alice@example.net",
+                                "User4@SiteA.microsoft.com", simple_message("a@example.net", "User4", "restricted"),
+                                source="127.0.0.1")
+        assert b"restricted" in (await wait_for(lambda: maildir_messages(one.config.data_dir, "User4")))[0]
+        with pytest.raises(smtplib.SMTPConnectError):  # anyone else is still refused
+            await asyncio.to_thread(send_mail, "127.10.10.11", one.bound_port, "alice@example.net",
+                                    "User4@SiteA.microsoft.com", b"Subject: x\r\n\r\nx\r\n", source="127.0.0.2")

@@ -233,7 +233,7 @@ class IntraSite:
         """Pull every change of ``peer`` above this server's mark of it (Request Now
         inside the site)."""
         assert self._session is not None
-        total = {"server": peer.name, "applied": 0, "ignored": 0, "refused": 0, "batches": 0}
+        counts = {"applied": 0, "ignored": 0, "refused": 0, "passwords": 0, "batches": 0}
         async with self._locks[peer.name.lower()]:
             for _ in range(10_000):  # bounded: a batch always advances the mark
                 state = await self.directory.run(peer_state, self.directory, peer.name)
@@ -249,19 +249,19 @@ class IntraSite:
                 if result["highest_before"] <= self._announced[0]:  # what the pull added came from the peers
                     self._announced = (max(self._announced[0], result["highest_usn"]),
                                        max(self._announced[1], result["passwords_mark"]))
-                total["applied"] += result["applied"]
-                total["ignored"] += result["ignored"]
-                total["refused"] += len(result["refused"])
-                total["passwords"] = total.get("passwords", 0) + result["passwords"]
-                total["batches"] += 1
+                counts["applied"] += result["applied"]
+                counts["ignored"] += result["ignored"]
+                counts["refused"] += len(result["refused"])
+                counts["passwords"] += result["passwords"]
+                counts["batches"] += 1
                 for object_id, why in result["refused"]:
                     self.log.warning("intrasite.refused_object", peer=peer.name, object_id=object_id, reason=why)
                 if not result["more"]:
                     break
-        if total["applied"] or total.get("passwords"):
-            self.log.info("intrasite.applied", peer=peer.name, applied=total["applied"], ignored=total["ignored"],
-                          batches=total["batches"], passwords=total.get("passwords", 0))
-        return total
+        if counts["applied"] or counts["passwords"]:
+            self.log.info("intrasite.applied", peer=peer.name, applied=counts["applied"], ignored=counts["ignored"],
+                          batches=counts["batches"], passwords=counts["passwords"])
+        return {"server": peer.name, **counts}
 
     async def pull_all(self) -> list[dict[str, Any]]:
         """Pull from every other server of the site now."""

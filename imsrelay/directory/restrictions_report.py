@@ -11,6 +11,7 @@ rules (``GET /restrictions``).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from imsrelay.policy.restrictions import (
     AcceptRules,
     Client,
     RelayRules,
+    accept_mode,
     connect_decision,
     connect_reply,
     mail_requirement,
@@ -53,7 +55,13 @@ def relay_rules_for(config: SiteConfig) -> RelayRules:
 
 def accept_rules_for(config: SiteConfig) -> AcceptRules:
     r = config.restrictions
-    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts)
+    members = []
+    for s in config.peer_servers:
+        try:
+            members.append(ipaddress.ip_network(s.host))
+        except ValueError:
+            continue  # a host name: its address is not known here
+    return AcceptRules(r.accept, r.accept_hosts, r.reject_hosts, tuple(members))
 
 
 def inbound_policy_for(config: SiteConfig, *, addressing_domain: str, learned_sites: tuple[tuple[str, str], ...],
@@ -112,7 +120,7 @@ def explain(config: SiteConfig, directory: Directory, q: Question, *, table: Rou
     if not conn.allowed:
         return lines
     sender = q.sender if q.sender not in (None, "") else "<>"
-    need = mail_requirement(client, config.restrictions.accept)
+    need = mail_requirement(client, accept_mode(q.client, accept_rules_for(config)))
     as_sender = sender_decision(sender, client, must_match=config.restrictions.sender_must_match)
     if q.sender is not None:
         if need:

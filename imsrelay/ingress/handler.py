@@ -50,6 +50,7 @@ from imsrelay.policy.mail_loops import check_hops
 from imsrelay.policy.restrictions import (
     Client,
     FilterDecision,
+    accept_mode,
     connect_decision,
     connect_reply,
     mail_requirement,
@@ -173,7 +174,8 @@ class SiteHandler:
             except AddressError as exc:
                 return f"553 5.1.7 Bad sender address syntax: {exc}"
         client = self._client(server, session)
-        need = mail_requirement(client, self.site.accept_rules().mode) if server.listener == "smtp" else None
+        need = mail_requirement(client, accept_mode(client.ip, self.site.accept_rules())) \
+            if server.listener == "smtp" else None
         if need:
             self.log.info("sender.rejected", peer=client.ip, sender=address, reply=need)
             return need

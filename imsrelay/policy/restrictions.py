@@ -63,6 +63,9 @@ class AcceptRules:
     mode: str = "all"  # one of ACCEPT_MODES
     accept_hosts: tuple[IPNetwork, ...] = ()  # when set: only these may connect
     reject_hosts: tuple[IPNetwork, ...] = ()  # never these (wins over accept_hosts)
+    # the site's other servers ([[servers]]): their hops are the site's own traffic (Exchange's
+    # MTA, not the IMS), so the IMS's connection restrictions and accept mode do not apply to them
+    members: tuple[IPNetwork, ...] = ()
 
 
 def ip_of(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -123,7 +126,11 @@ _ALL_HOSTS = Decision(True, "connections accepted from all hosts")  # (a value: 
 
 
 def connect_decision(client_ip: str | None, rules: AcceptRules) -> Decision:
-    """Checked when a client connects: the host reject and accept lists."""
+    """Checked when a client connects: the host reject and accept lists (another server
+    of the site is always accepted)."""
+    member = _in(client_ip, rules.members)
+    if member is not None:
+        return Decision(True, f"client {client_ip} is another server of this site ([[servers]])")
     rejected = _in(client_ip, rules.reject_hosts)
     if rejected is not None:
         return Decision(False, f"client {client_ip} is on the reject list ({rejected})")
@@ -137,6 +144,11 @@ def connect_decision(client_ip: str | None, rules: AcceptRules) -> Decision:
 
 def connect_reply(decision: Decision) -> str:
     return f"554 5.7.1 Connection refused: {decision.rule}"
+
+
+def accept_mode(client_ip: str | None, rules: AcceptRules) -> str:
+    """The accept mode for a client: the site's, but ``all`` for another server of the site."""
+    return "all" if _in(client_ip, rules.members) is not None else rules.mode
 
 
 def mail_requirement(client: Client, mode: str) -> str | None:

@@ -471,6 +471,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def lab_server_addresses(servers: dict[str, int]) -> list[str]:
+    """The addresses of the lab sites' other servers (``SiteA=2``: 127.10.10.11; a
+    site's servers follow its own address, ``imsrelay.lab.embedded.site_servers``)."""
+    bases = dict(zip(("sitea", "siteb", "sitec"), LAB_ADDRESSES[:3], strict=True))
+    out = []
+    for site, count in servers.items():
+        prefix, last = bases[site.lower()].rsplit(".", 1)
+        out += [f"{prefix}.{int(last) + i}" for i in range(1, count)]
+    return out
+
+
 def free_lab_port(addresses: Sequence[str] = LAB_ADDRESSES, attempts: int = 50) -> int:
     """A port free on every lab address."""
     for _ in range(attempts):
@@ -492,12 +503,16 @@ class EmbeddedLab:
     def __init__(self, data_dir: Path, *, port: int | None = None, admin_port: int | None = None,
                  api_host: str = LAB_API_HOST, api_port: int | None = None, stage: str = "end",
                  ready_timeout: float = 120.0, submission_port: int | None = None,
-                 smtps_port: int | None = None, access_ports: dict[str, int] | None = None) -> None:
+                 smtps_port: int | None = None, access_ports: dict[str, int] | None = None,
+                 servers: dict[str, int] | None = None) -> None:
         """``access_ports``: the sites' ``imap_port``, ``imaps_port``, ``pop3_port`` and
-        ``pop3s_port`` (default: free ones)."""
+        ``pop3s_port`` (default: free ones); ``servers``: sites run as several servers
+        (``{"SiteA": 2}``: ``imsrelay lab --servers SiteA=2``)."""
         self.data_dir = Path(data_dir)
-        self.port = port or free_lab_port()
-        self.admin_port = admin_port or free_lab_port(LAB_ADDRESSES[:3])
+        self.servers = dict(servers or {})
+        extra = tuple(lab_server_addresses(self.servers))
+        self.port = port or free_lab_port(LAB_ADDRESSES + extra)
+        self.admin_port = admin_port or free_lab_port(LAB_ADDRESSES[:3] + extra)
         self.submission_port = submission_port or free_lab_port(LAB_ADDRESSES[:3])  # 587 and 465 of the sites
         self.smtps_port = smtps_port or free_lab_port(LAB_ADDRESSES[:3])
         self.access_ports = {k: (access_ports or {}).get(k) or free_lab_port(LAB_ADDRESSES[:3])
@@ -521,6 +536,7 @@ class EmbeddedLab:
              "--admin-port", str(self.admin_port), "--api-host", self.api_host, "--api-port", str(self.api_port),
              "--submission-port", str(self.submission_port), "--smtps-port", str(self.smtps_port),
              *[a for k, port in self.access_ports.items() for a in (f"--{k.replace('_', '-')}", str(port))],
+             *[a for site, n in self.servers.items() for a in ("--servers", f"{site}={n}")],
              "--stage", self.stage, "--log-level", "error"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
