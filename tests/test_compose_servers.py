@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,21 @@ def test_compose_profile_wiring():
     assert services["sitea"]["volumes"][0] == "./config/docker/${COMPOSE_PROFILES:-.}/siteA.toml:/etc/imsrelay/site.toml:ro"
     assert services["dns"]["environment"]["NSD_ZONES_OVERLAY"] == "${COMPOSE_PROFILES:-}"
     assert all("profiles" not in s for name, s in services.items() if name != "sitea-server1")
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
+                    reason="docker/lab.sh needs docker-compose or the compose plugin")
+def test_lab_sh_refuses_topologies_it_does_not_have():
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": "imsrelaynothing"}
+    env.pop("COMPOSE_PROFILES", None)
+    for args, extra, message in (
+            (["up", "--servers", "SiteA=3"], {}, "--servers SiteA=3: the Docker lab runs SiteA=1 or SiteA=2"),
+            (["up", "--servers", "SiteB=2"], {}, "--servers SiteB=2: the Docker lab runs SiteA=1 or SiteA=2"),
+            (["status"], {"COMPOSE_PROFILES": "three-servers"}, "the lab's only profile is two-servers"),
+            (["up", "--servers", "SiteA=1"], {"COMPOSE_PROFILES": "two-servers"}, "disagree")):
+        proc = subprocess.run([str(REPO / "docker" / "lab.sh"), *args], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
 
 
 # ------------------------------------------------------------------ the two-server lab (Docker)
