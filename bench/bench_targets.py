@@ -24,6 +24,8 @@ SESSION_COUNT = 10_000
 # Issue 28: no cliff as sessions grow (500 and 1,000 sessions against 100, scale phase, 4 KB).
 CLIFF_SHARE = 0.9
 CLIFF_SESSIONS = (500, 1000)
+# Issue 28: imsrelay's CPU per message against the floor relay (bench/floor_relay.py) of the same run.
+FLOOR_CPU_MULTIPLE = {4096: 2.5}
 # Issue 6, still in force.
 LIGHT_P99_MS = 100.0
 
@@ -235,11 +237,31 @@ def _cliff_targets(phases: dict[str, Any]) -> list[Target]:
     return out
 
 
+def _floor_targets(phases: dict[str, Any]) -> list[Target]:
+    """imsrelay's CPU per message within a multiple of the floor relay's (run beside it)."""
+    rows = []
+    for size, want in FLOOR_CPU_MULTIPLE.items():
+        name = f"relay CPU per message vs the floor relay, {size_label(size)}"
+        entry = throughput_entry(phases, size)
+        floor = (entry or {}).get("floor") or {}
+        ims = num(((entry or {}).get("imsrelay") or {}).get("cpu_ms_per_msg"))
+        low = num(floor.get("cpu_ms_per_msg"))
+        if entry is None or not floor:
+            rows.append(Target(name, f"≤ {want}×", "not run", None))
+            continue
+        if ims is None or not low:
+            rows.append(Target(name, f"≤ {want}×", "—", None))
+            continue
+        rows.append(Target(name, f"≤ {want}×", f"{ims / low:.2f}× ({_f(ims)} vs {_f(low)} ms/msg)",
+                           ims / low <= want))
+    return rows
+
+
 def evaluate_targets(phases: dict[str, Any]) -> list[Target]:
     """Every target of issue 16 (and issue 6's light-load latency, issue 28's cliff) from one run."""
     return [*_relay_targets(phases), _local_target(phases), *_latency_targets(phases),
             _replication_target(phases), _sessions_target(phases), _scale_target(phases),
-            *_cliff_targets(phases), *_big_targets(phases)]
+            *_cliff_targets(phases), *_big_targets(phases), *_floor_targets(phases)]
 
 
 def targets_markdown(targets: list[Target]) -> str:

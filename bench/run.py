@@ -103,6 +103,9 @@ LARGE_SIZE = 8192
 HUGE_SIZE = 64 * 1024  # above this, a size's message count comes from a byte budget
 BIG_BYTES = 512 << 20  # bytes relayed per big size in the full run (1 MB: 512 messages, 10 MB: 51)
 QUICK_BIG_BYTES = 48 << 20
+FLOOR_MAX_SIZE = 51200  # the floor relay runs beside imsrelay at 4 KB and 50 KB
+PROFILED_SIZE = 1 << 20  # a separate py-spy run at 1 MB (its table in RESULTS.md) unless --profile is given
+PROFILED_MESSAGES = 200
 MIN_BIG_MESSAGES = 10
 MAX_MESSAGE_SIZE = 32 << 20  # both relays accept messages up to this size in the bench
 DEFAULT_SIZES = "4096,51200,1048576,10485760"
@@ -1216,6 +1219,29 @@ class Bench:
                 pf.stop()
             sink.stop()
 
+    def _run_floor(self, load: Load) -> dict[str, Any]:
+        """(d) the floor (bench/floor_relay.py): a minimal asyncio relay doing the same
+        path — parse, group-commit fsync before ``250``, relay to smtp-sink — as the
+        measuring stick for what imsrelay's layers cost."""
+        sink_port, port = free_port(), free_port()
+        sink = Sink(self.procs, self.tools, sink_port, self.root)
+        journal = self.root / f"floor{load.size}.journal"
+        relay = None
+        try:
+            relay = self.procs.start("floor-relay", [sys.executable, str(BENCH_DIR / "floor_relay.py"), "--serve",
+                                                     str(port), str(sink_port), str(journal)],
+                                     stdout=subprocess.DEVNULL)
+            wait_port("127.0.0.1", port, 20, relay)
+            return self._measure_relay("floor relay", sink, port, relay.pid, None, load=load)
+        except BenchError as exc:
+            log(f"floor relay: {exc}")
+            return {"label": "floor relay", "error": str(exc)}
+        finally:
+            if relay is not None:
+                self.procs.stop(relay)
+            journal.unlink(missing_ok=True)
+            sink.stop()
+
     def _profiling(self, profile: str, tag: str) -> tuple[list[str], Path, int]:
         """(wrapper argv, profile file stem, site workers) for one profiled site: py-spy
         follows every worker (``--subprocesses``); the in-process profilers see only the
@@ -1304,6 +1330,14 @@ class Bench:
                 out[f"{key}_rounds"] = rs
         if "profile" in out["imsrelay"]:
             out["profile"] = out["imsrelay"].pop("profile")
+        elif o.profile == "none" and load.size == PROFILED_SIZE and find_py_spy() is not None:
+            # where a big message's time goes (issue 28): a separate, profiled run, not in the figures
+            few = Load(min(load.messages, PROFILED_MESSAGES), load.sessions, load.size, load.rcpt)
+            profiled = self._run_imsrelay(o.rounds, "py-spy-gil", few)
+            if "profile" in profiled:
+                out["profile"] = profiled["profile"] | {"separate_run": few.messages}
+        if load.size <= FLOOR_MAX_SIZE:
+            out["floor"] = self._run_floor(load)
         for r in runs["imsrelay"]:
             if "exit_status" in r:
                 out.setdefault("notes", []).append(f"an imsrelay site exited with status {r['exit_status']}")
@@ -2216,6 +2250,16 @@ def _relay_table(L: list[str], entry: dict[str, Any], keys: Sequence[str]) -> No
     L.append(f"| **imsrelay / Postfix** | **{fmt(ratios.get('accepted_per_s'), '×')}** | "
              f"**{fmt(ratios.get('end_to_end_per_s'), '×')}** | {fmt(ratios.get('cpu_ms_per_msg'), '×')} | | | | "
              f"{_rounds_note(ratios)} |")
+    floor, ims = entry.get("floor"), entry.get("imsrelay") or {}
+    if floor:
+        ratio = relay_ratios(floor, ims)  # (imsrelay over the floor)
+        L.append(f"| {floor.get('label', 'floor relay')} | {fmt(floor.get('accepted_per_s'))} | "
+                 f"{fmt(floor.get('end_to_end_per_s'))} | {fmt(floor.get('cpu_ms_per_msg'))} | "
+                 f"{fmt(floor.get('source_seconds'))} | {fmt(floor.get('end_to_end_seconds'))} | "
+                 f"{fmt(floor.get('machine_busy_pct'), '%')} | bench/floor_relay.py, the same path with nothing "
+                 f"else (one run); {_run_note(floor)} |")
+        L.append(f"| **imsrelay / floor relay** | {fmt(ratio.get('accepted_per_s'), '×')} | "
+                 f"{fmt(ratio.get('end_to_end_per_s'), '×')} | **{fmt(ratio.get('cpu_ms_per_msg'), '×')}** | | | | |")
     L.append("")
 
 
@@ -2231,8 +2275,10 @@ def _profile_tables(L: list[str], prof: dict[str, Any] | None) -> None:
     if prof and prof.get("entry_points"):
         mode = ("thread holding the GIL only (Python CPU)" if prof.get("mode") == "py-spy-gil"
                 else "every non-idle thread (a thread in fsync counts as busy)")
+        run_text = (f"a separate run of {prof['separate_run']:,} messages (not in the figures above)"
+                    if prof.get("separate_run") else "the measured run")
         L.append(f"\nWhere the imsrelay site spends its time per relayed message: py-spy samples at "
-                 f"{prof['rate_hz']} Hz during the measured run (every worker process), {mode}; "
+                 f"{prof['rate_hz']} Hz during {run_text} (every worker process), {mode}; "
                  f"{prof['samples']:,} samples = {prof['cpu_us_per_msg']:,} µs per message. "
                  f"Raw stacks: `bench/out/{Path(prof['raw']).name}`.\n")
         L.append("| part of the relay | share | µs/msg |\n|---|---:|---:|")

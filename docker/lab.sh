@@ -8,8 +8,9 @@
 #                          on) and wait until every container is healthy and the
 #                          one-shot `setup` (imsrelay org-setup: the article's
 #                          Check Now / Request Now / Site Addressing) has finished;
-#                          --servers SiteA=2: the compose profile two-servers, SiteA
-#                          as two servers (ServerA 10.10.10.10, Server1 10.10.10.11)
+#                          --servers SiteA=2: SiteA as two servers, ServerA
+#                          (10.10.10.10) and Server1 (10.10.10.11; compose file
+#                          docker/servers.override.yml added to every command)
 #   build [SERVICE...]     the same builds, without starting anything
 #   wait                   wait until every lab container is healthy (and `setup`
 #                          has exited 0)
@@ -32,9 +33,9 @@
 #                         IMSRELAY_LAB_PULL=1; otherwise imsrelay-base:bookworm,
 #                         built here from Debian packages (no registry needed).
 #   IMSRELAY_LAB_PULL=1   allow pulling base images from a registry.
-#   COMPOSE_PROFILES      two-servers: SiteA as two servers (what --servers SiteA=2
-#                         sets); the other commands find the profile of a running
-#                         lab by themselves.
+#   IMSRELAY_LAB_SERVERS  SiteA=2: SiteA as two servers (what --servers SiteA=2
+#                         sets); the other commands see by themselves whether the
+#                         lab that is there runs SiteA as two servers.
 #   COMPOSE_PROJECT_NAME  compose project (default imsrelay): names the network
 #                         (imsrelay_lab), volumes and containers.
 #   LAB_WAIT_TIMEOUT      seconds `up`/`wait` wait for health (default 240).
@@ -56,8 +57,8 @@ SITES=(sitea siteb sitec)
 SITE_IMAGE_SERVICES=(sitea sitea-server1 siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
 ONE_SHOT=setup                                  # runs once after the sites are healthy, then exits
 ALL_SERVICES=(dns sitea siteb sitec internet setup console)
-SERVERS_PROFILE=two-servers                     # SiteA as two servers: service sitea-server1 (Server1)
-SERVERS_PROFILE_SERVICES=(sitea-server1)
+SERVERS_OVERRIDE="$REPO/docker/servers.override.yml"   # SiteA as two servers (IMSRELAY_LAB_SERVERS=SiteA=2)
+SERVERS_SERVICES=(sitea-server1)                # the services that override adds
 LAB_SUBNET="10.10.10.0/24"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -71,34 +72,32 @@ elif docker compose version >/dev/null 2>&1; then
 else
     die "neither docker-compose nor 'docker compose' is installed"
 fi
-compose() { "${COMPOSE[@]}" -f "$REPO/docker-compose.yml" "$@"; }
+compose() {
+    local files=(-f "$REPO/docker-compose.yml")
+    if servers_on; then files+=(-f "$SERVERS_OVERRIDE"); fi
+    "${COMPOSE[@]}" "${files[@]}" "$@"
+}
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
-# --- the compose profile (COMPOSE_PROFILES; docker-compose.yml mounts SiteA's file and
-# the lab DNS's zones by it) ------------------------------------------------------------
+# --- SiteA as one server or two (IMSRELAY_LAB_SERVERS; docker/servers.override.yml) ---
+servers_on() { [ "${IMSRELAY_LAB_SERVERS:-}" = SiteA=2 ]; }
+
 project_containers() {   # [SERVICE]: this project's containers, running or not
     local filters=(--filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")
     [ $# -gt 0 ] && filters+=(--filter "label=com.docker.compose.service=$1")
     docker ps -aq "${filters[@]}" 2>/dev/null
 }
 
-running_profile() {   # the profile of this project's containers: two-servers, or nothing
-    if [ -n "$(project_containers "${SERVERS_PROFILE_SERVICES[0]}")" ]; then printf '%s' "$SERVERS_PROFILE"; fi
+running_servers() {   # the topology of this project's containers: SiteA=2, or nothing
+    if [ -n "$(project_containers "${SERVERS_SERVICES[0]}")" ]; then printf 'SiteA=2'; fi
 }
 
-check_profile() {
-    case "${COMPOSE_PROFILES:-}" in
-        ""|"$SERVERS_PROFILE") ;;
-        *) die "COMPOSE_PROFILES=$COMPOSE_PROFILES: the lab's only profile is $SERVERS_PROFILE" ;;
-    esac
-}
-
-servers_option() {   # --servers SiteA=N -> the profile (SiteA=1: none)
+servers_option() {   # --servers SiteA=N / IMSRELAY_LAB_SERVERS -> SiteA=2 or nothing (SiteA=1)
     case "${1,,}" in
-        sitea=1) printf '' ;;
-        sitea=2) printf '%s' "$SERVERS_PROFILE" ;;
-        *) die "--servers $1: the Docker lab runs SiteA=1 or SiteA=2 (the embedded lab, imsrelay lab --servers, runs more)" ;;
+        ""|sitea=1) printf '' ;;
+        sitea=2) printf 'SiteA=2' ;;
+        *) die "servers $1: the Docker lab runs SiteA=1 or SiteA=2 (the embedded lab, imsrelay lab --servers, runs more)" ;;
     esac
 }
 
@@ -129,7 +128,7 @@ choose_base_image() {
 services_or_all() {
     if [ $# -gt 0 ]; then printf '%s\n' "$@"; return; fi
     printf '%s\n' "${ALL_SERVICES[@]}"
-    if [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ]; then printf '%s\n' "${SERVERS_PROFILE_SERVICES[@]}"; fi
+    if servers_on; then printf '%s\n' "${SERVERS_SERVICES[@]}"; fi
 }
 
 wants_sites() {   # is any of the services built from the site image?
@@ -138,13 +137,13 @@ wants_sites() {   # is any of the services built from the site image?
     return 1
 }
 
-site_config_file() {   # sitea -> config/docker/siteA.toml (profile two-servers: config/docker/two-servers/siteA.toml)
+site_config_file() {   # sitea -> config/docker/siteA.toml (two servers: config/docker/servers/siteA-ServerA.toml)
     case "$1" in
-        sitea-server1) printf 'config/docker/%s/siteA-Server1.toml' "$SERVERS_PROFILE"; return ;;
+        sitea-server1) printf 'config/docker/servers/siteA-Server1.toml'; return ;;
+        sitea) if servers_on; then printf 'config/docker/servers/siteA-ServerA.toml'; return; fi ;;
     esac
-    local letter="${1#site}" dir=config/docker
-    [ "$1" = sitea ] && [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ] && dir="config/docker/$SERVERS_PROFILE"
-    printf '%s/site%s.toml' "$dir" "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
+    local letter="${1#site}"
+    printf 'config/docker/site%s.toml' "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
 }
 
 check_site_configs() {
@@ -154,7 +153,8 @@ check_site_configs() {
         f="$(site_config_file "$s")"
         # A missing bind-mount source would be created by Docker as a directory.
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/site.toml in $s)"; missing=1; fi
-        f="config/docker/keys/$(basename "${f%-Server1.toml}" .toml).pem"
+        f="$(basename "$f" .toml)"
+        f="config/docker/keys/${f%%-*}.pem"   # siteA-Server1 -> the site's key, siteA.pem
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/replication-key.pem in $s; docker/lab.sh keys makes new ones)"; missing=1; fi
     done
     [ "$missing" = 0 ] || die "site configuration missing"
@@ -276,11 +276,11 @@ do_status() {
 Published on 127.0.0.1 (defaults; LAB_*_PORT variables override); each admin
 port also serves GET /ready and the message API /api/v1 (bearer token):
 EOF
-    if [ "${COMPOSE_PROFILES:-}" = "$SERVERS_PROFILE" ]; then
+    if servers_on; then
         cat <<'EOF'
   sitea    SMTP 2510  admin 8510     (10.10.10.10, ServerA.SiteA.microsoft.com: SiteA's bridgehead)
   sitea-server1 SMTP 2511 admin 8511 (10.10.10.11, Server1.SiteA.microsoft.com: SiteA's second server)
-           profile two-servers: microsoft.com's MX are both servers, preference 10
+           (docker/servers.override.yml: microsoft.com's MX are both servers, preference 10)
 EOF
     else
         echo '  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)'
@@ -323,24 +323,25 @@ EOF
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
-check_profile
+asked="${IMSRELAY_LAB_SERVERS+set}"
+if [ -n "$asked" ]; then IMSRELAY_LAB_SERVERS="$(servers_option "$IMSRELAY_LAB_SERVERS")"; fi
 if [ "$cmd" = up ] && [ "${1:-}" = --servers ]; then
     [ $# -ge 2 ] || die "up --servers: give SiteA=2"
     want="$(servers_option "$2")"
     shift 2
-    if [ -n "${COMPOSE_PROFILES:-}" ] && [ "$COMPOSE_PROFILES" != "$want" ]; then
-        die "--servers and COMPOSE_PROFILES=$COMPOSE_PROFILES disagree"
+    if [ -n "$asked" ] && [ "$IMSRELAY_LAB_SERVERS" != "$want" ]; then
+        die "--servers $want and IMSRELAY_LAB_SERVERS=$IMSRELAY_LAB_SERVERS disagree"
     fi
-    export COMPOSE_PROFILES="$want"
+    IMSRELAY_LAB_SERVERS="$want" asked=set
 fi
-running="$(running_profile)"
-if [ -z "${COMPOSE_PROFILES+set}" ]; then
-    # not asked: the profile of the lab that is there (status, logs, down ... see all of it)
-    [ -n "$running" ] && export COMPOSE_PROFILES="$running"
-elif [ "$cmd" = up ] && [ -n "$(project_containers)" ] && [ "${COMPOSE_PROFILES:-}" != "$running" ]; then
-    die "this lab runs ${running:-with SiteA as one server}, and its volumes belong to that topology: docker/lab.sh down -v first"
+running="$(running_servers)"
+if [ -z "$asked" ]; then
+    # not asked: the topology of the lab that is there (status, logs, down ... see all of it)
+    IMSRELAY_LAB_SERVERS="$running"
+elif [ "$cmd" = up ] && [ -n "$(project_containers)" ] && [ "$IMSRELAY_LAB_SERVERS" != "$running" ]; then
+    die "this lab runs SiteA as ${running:+two servers}${running:-one server}, and its volumes belong to that topology: docker/lab.sh down -v first"
 fi
-[ -z "${COMPOSE_PROFILES:-}" ] && unset COMPOSE_PROFILES
+export IMSRELAY_LAB_SERVERS
 case "$cmd" in
     up)
         mapfile -t svcs < <(services_or_all "$@")
@@ -371,6 +372,6 @@ case "$cmd" in
         fi
         compose "$@"
         ;;
-    ""|-h|--help|help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//' ;;
+    ""|-h|--help|help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
 esac

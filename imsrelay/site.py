@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from imsrelay.access.service import MailboxAccess, mail_owner
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_store import MessageStore
 from imsrelay.admin.server import AdminServer
 from imsrelay.directory import kcc
@@ -37,10 +38,11 @@ from imsrelay.ingress.listeners import Listeners, inbound_caps
 from imsrelay.ingress.turf import Turf
 from imsrelay.model.addresses import AddressError, parse_address
 from imsrelay.model.envelope import Envelope, use_worker_ids
-from imsrelay.model.objects import Mailbox, Protocols, SiteObject
+from imsrelay.model.objects import ATTENDANT_LOCAL, Mailbox, Protocols, SiteObject
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe import tracking
 from imsrelay.observe.faults import Fault, FaultBook
+from imsrelay.observe.link_monitor import LinkMonitors
 from imsrelay.observe.logs import site_logger
 from imsrelay.observe.metrics import SiteMetrics
 from imsrelay.observe.protocol_log import ProtocolLog
@@ -56,7 +58,9 @@ from imsrelay.policy.auth import (
 )
 from imsrelay.policy.backpressure import Backlog, Limits
 from imsrelay.policy.connection_limits import ConnectionCounter
+from imsrelay.policy.expansion import Expansion
 from imsrelay.policy.inbound import InboundPolicy, tracking_reserve
+from imsrelay.policy.internet_mail import OutboundRules
 from imsrelay.policy.mail_loops import SelfEndpoints
 from imsrelay.policy.restrictions import AcceptRules, Client, FilterDecision, RelayRules
 from imsrelay.policy.rewrite import RewriteRules
@@ -69,6 +73,7 @@ from imsrelay.queue.spool import Spool
 from imsrelay.routing.dns import MailResolver
 from imsrelay.routing.host_addresses import site_endpoints
 from imsrelay.routing.router import (
+    ATTENDANT,
     DIRECTORY,
     FAIL,
     LOCAL,
@@ -76,10 +81,12 @@ from imsrelay.routing.router import (
     RELAY,
     Route,
     RoutingTable,
+    is_attendant_address,
     is_service_address,
     routing_table_for,
     self_addresses,
     sent_back,
+    site_routing_domain,
 )
 from imsrelay.transport.costed import CostedTransport
 from imsrelay.transport.directory import DirectoryTransport
@@ -142,10 +149,24 @@ class Site:
             LOCAL: MaildirTransport(config.data_dir, self.spool.committer, hostname=config.hostname,
                                     owner=mail_owner(config.access)),
             DIRECTORY: DirectoryTransport(self._directory_deliver, log=self.log),
+            ATTENDANT: DirectoryTransport(self._attendant_deliver, log=self.log, service="system attendant",
+                                          error_event="link_monitor.internal_error"),
             RELAY: smtp, MX: smtp, FAIL: ErrorTransport()}
         self.qmgr = QueueManager(self.spool, inputs=self, transports=transports, tracking_log=self.tracking,
-                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock)
-        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log)
+                                 delivery=config.delivery, log=self.log, priorities=config.priorities, clock=clock,
+                                 outbound=OutboundRules(config.internet_mail, config.delivery.max_message_size))
+        self._journal: tuple[int, str | None] | None = None  # (directory USN, the journal recipient's address)
+        self.door = QueueDoor(self.spool, self.qmgr, tracking_log=self.tracking, metrics=self.metrics, log=self.log,
+                              journal=self if config.journaling.recipient else None,
+                              journal_reports=config.journaling.reports, expander=self)
+        # the system attendant answers other sites' pings; worker 0 of the site's bridgehead server
+        # (the one that talks to the other sites) runs this site's monitors (KB Q246674)
+        self.link_monitors = LinkMonitors(
+            config.link_monitors if worker == 0 and config.bridgehead else (), site=config.site,
+            attendant=f"{ATTENDANT_LOCAL}@{config.site_domain}", hostname=config.hostname,
+            resolve=self._link_target_address, enqueue=self.enqueue_local, notify_address=self._notify_address,
+            answers_to=self._is_organisation_attendant,
+            metrics=self.metrics, log=self.log, clock=clock)
         self.lookups = MailboxLookups(
             self.directory, site=config.site, site_domain=config.site_domain, postmaster=config.smtp.postmaster,
             accepted_domains=config.smtp.accepted_domains, addressing_domain=lambda: self.addressing_domain,
@@ -179,7 +200,8 @@ class Site:
         self.readiness.add("spool recovered", lambda: None if self._recovered else "the queue is being recovered")
         self.readiness.add("directory provisioned",
                            lambda: None if self._provisioned else "the directory is not provisioned yet")
-        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes")
+        self.message_store = MessageStore(config.site, config.data_dir / "mailboxes",
+                                          server=config.server if len(config.servers) > 1 else None)
         self.access: MailboxAccess | None = None
         if config.access.enabled and worker == 0:  # one Dovecot per server, next to worker 0
             self.access = MailboxAccess(
@@ -187,6 +209,8 @@ class Site:
                 listen=config.smtp.listen, allow_plaintext=config.auth.allow_plaintext,
                 diagnostics=config.diagnostics, certificate=lambda: self.listeners.certificate_files, log=self.log)
         self.readiness.add("queue manager running", self._queue_manager_problem)
+        if self.link_monitors.monitors:  # shown in /ready, never failing it: a link down is no site down
+            self.readiness.add_detail("link monitors", self.link_monitors.summary)
         try:
             self._build_replication_and_admin()
         except Exception:
@@ -216,7 +240,8 @@ class Site:
         if self.config.peer_servers and self.worker == 0:
             self.intrasite = IntraSite(self.config, self.directory, log=self.log, clock=self.clock)
         if self.config.admin.port != 0 and self.worker == 0:
-            self.admin = AdminServer(self)
+            # the site's other servers ([[servers]]): the admin views answer for the whole site
+            self.admin = AdminServer(self, servers=SiteServers.of(self.config, log=self.log))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -242,6 +267,13 @@ class Site:
             if provisioned:
                 self.log.info("directory.provisioned", mailboxes=len(cfg.mailboxes), data_dir=str(cfg.data_dir))
             await self.directory.run(self._provision_passwords)
+            created = await self.directory.run(
+                self.directory.ensure_configured,
+                [(c.alias, c.display_name, c.target, c.extra_addresses) for c in cfg.custom_recipients],
+                [(d.alias, d.display_name, d.members, d.owner, d.expansion_site, d.extra_addresses)
+                 for d in cfg.distribution_lists])
+            if created:
+                self.log.info("directory.recipients_created", aliases=created)
         else:
             await self._wait_for_provisioning()
         if self.worker == 0:
@@ -270,6 +302,7 @@ class Site:
             await self.intrasite.start()  # the site's other servers: pull, notify, backstop
         if self.replicator is not None and self.worker == 0:
             await self.replicator.start()  # schedules run once per site, in worker 0
+        self.link_monitors.start()  # the bridgehead's worker 0 has the monitors (the others have none)
         if self.worker == 0:
             self._etrn_tasks = [asyncio.create_task(etrn_schedule(r, hostname=cfg.hostname, timeout=cfg.delivery.command_timeout, log=self.log),
                                                    name=f"etrn-{r.host}")
@@ -282,6 +315,7 @@ class Site:
             await self.admin.stop()
         if self.replicator is not None and self.worker == 0:
             await self.replicator.stop()
+        await self.link_monitors.stop()
         if self.intrasite is not None:
             await self.intrasite.stop()
         if self.access is not None:
@@ -357,14 +391,70 @@ class Site:
         n = self.config.notifications
         if not n.copy_ndrs or not n.administrator:
             return None
-        if "@" in n.administrator:
-            return n.administrator
-        mbx = await self.directory.run(self.directory.mailbox, n.administrator, self.config.site)
+        return await self._mailbox_address(n.administrator, "NDR copies are not sent")
+
+    async def _notify_address(self, notify: str | None) -> str | None:
+        """Where a Link Monitor's alert mail goes: its ``notify``, else the Internet Mail
+        tab's administrator (``notifications.administrator``); None: nowhere."""
+        name = notify or self.config.notifications.administrator
+        return await self._mailbox_address(name, "Link Monitor mail is not sent") if name else None
+
+    async def _mailbox_address(self, name: str, consequence: str) -> str | None:
+        """An address as given, or the primary address of the mailbox aliased ``name`` here."""
+        if "@" in name:
+            return name
+        mbx = await self.directory.run(self.directory.mailbox, name, self.config.site)
         if mbx is None or not mbx.primary_address:
-            self.log.warning("notifications.no_administrator", administrator=n.administrator,
-                             reason="no such mailbox at this site: NDR copies are not sent")
+            self.log.warning("notifications.no_administrator", administrator=name,
+                             reason=f"no such mailbox at this site: {consequence}")
             return None
         return mbx.primary_address
+
+    async def _link_target_address(self, target: str) -> str | None:
+        """A Link Monitor target's ping address: an address as given; a site's system
+        attendant at its routing domain (Connected Sites or Check Now); None: no route yet."""
+        if "@" in target:
+            return target
+        if target.lower() == self.config.site.lower():
+            return f"{ATTENDANT_LOCAL}@{self.config.site_domain}"
+        found = site_routing_domain(target, await self.routing_table())
+        return f"{ATTENDANT_LOCAL}@{found[0]}" if found else None
+
+    async def _is_organisation_attendant(self, sender: str) -> bool:
+        """Whether ``sender`` is the system attendant of this site or of a site it knows
+        (Connected Sites, or learned by Check Now): the pings the attendant answers."""
+        try:
+            address = parse_address(sender)
+        except AddressError:
+            return False
+        if address.local.lower() != ATTENDANT_LOCAL:
+            return False
+        table = await self.routing_table()
+        domains = {self.config.site_domain.lower(), *(c.routing_domain.lower() for c in table.connected_sites),
+                   *(d.lower() for _, d in table.learned_sites)}
+        return address.domain in domains
+
+    async def _attendant_deliver(self, env: Envelope, message: bytes) -> str:
+        return await self.link_monitors.receive(env, message)
+    async def journal_address(self) -> str | None:
+        """The journal recipient's address (Message Journaling, Q239427): the setting when
+        it is an address, else the primary address of the mailbox with that alias
+        (looked up again when the directory changed)."""
+        recipient = self.config.journaling.recipient
+        if not recipient or "@" in recipient:
+            return recipient
+        cached = self._journal
+        if cached is not None and cached[0] == self._seen_usn:
+            return cached[1]
+        mbx = await self.directory.run(self.directory.mailbox, recipient, self.config.site)
+        address = mbx.primary_address if mbx is not None and mbx.primary_address else None
+        if address is None:
+            # accepted mail is never held back for it: the site logs, and journals again once it exists
+            self.log.error("journaling.no_recipient", recipient=recipient,
+                           reason="no such mailbox at this site: messages are not journaled")
+        self._journal = (self._seen_usn, address)
+        return address
+
     # ------------------------------------------------------------ auth and restrictions
 
     def _provision_passwords(self) -> None:
@@ -521,9 +611,11 @@ class Site:
         except AddressError:
             return False
         table = await self.routing_table()
-        if is_service_address(parsed, table):
+        if is_service_address(parsed, table) or is_attendant_address(parsed, table):
             return True
-        return (await self.lookups.lookup_mailboxes([address]))[0] is not None
+        if (await self.lookups.lookup_mailboxes([address]))[0] is not None:
+            return True
+        return (await self.lookups.lookup_entries([address]))[0] is not None  # a custom recipient or list
 
     async def directory_refusal(self, sender: str, address: str) -> str | None:
         """Replication mail from a site this one has no connector to is deferred
@@ -567,6 +659,10 @@ class Site:
 
     async def accept(self, env: Envelope, message: bytes) -> None:
         await self.door.accept(env, message)
+
+    async def expansion(self, env: Envelope, message: bytes) -> Expansion | None:
+        """Custom recipients and lists among a message's recipients, resolved (the door asks)."""
+        return await self.lookups.expansion(env, message)
 
     async def enqueue_local(self, env: Envelope, message: bytes) -> None:
         await self.door.enqueue_local(env, message)

@@ -54,8 +54,8 @@ SITES = {
     "siteb": ("SiteB", _port("LAB_SITEB_SMTP_PORT", 2515), _port("LAB_SITEB_ADMIN_PORT", 8515), "10.10.10.15"),
     "sitec": ("SiteC", _port("LAB_SITEC_SMTP_PORT", 2520), _port("LAB_SITEC_ADMIN_PORT", 8520), "10.10.10.20"),
 }
-# SiteA's second server, Server1, in the compose profile two-servers (docker/lab.sh up
-# --servers SiteA=2): service -> the same fields as SITES
+# SiteA's second server, Server1, when SiteA runs as two servers (docker/servers.override.yml,
+# docker/lab.sh up --servers SiteA=2): service -> the same fields as SITES
 SERVERS = {
     "sitea-server1": ("SiteA", _port("LAB_SITEA_SERVER1_SMTP_PORT", 2511),
                       _port("LAB_SITEA_SERVER1_ADMIN_PORT", 8511), "10.10.10.11"),

@@ -40,6 +40,25 @@ SLOW_FIRST = ("test_compose_console_walk.py", "test_compose_walkthrough.py", "te
               "test_access.py", "test_docs.py", "test_walkthrough.py")
 
 
+# The Docker lab files share one engine lock (tests/compose_kit.py engine_lock): spread over
+# several workers, all but one would sit waiting on it while holding a worker.  They go to one
+# worker as one unit, one after the other, and the other workers take the rest of the suite.
+COMPOSE_SCOPE = "docker-compose-labs"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ComposeFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return COMPOSE_SCOPE if path.rsplit("/", 1)[-1].startswith("test_compose_") else path
+
+    return ComposeFilesTogether(config, log)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

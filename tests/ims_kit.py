@@ -90,6 +90,28 @@ async def start_peer(host: str, port: int, peer: Peer) -> asyncio.base_events.Se
         host=host, port=port)
 
 
+async def spread_over_two_peers(tmp_path: Path, settings: Any, *, messages: int = 16) -> tuple[Peer, Peer]:
+    """``messages`` messages for User3@SiteC through a SiteA whose routes ``settings(port_1,
+    port_2)`` gives (a mapping merged into the site file), with two recording peers on those
+    ports: the peers, once every message reached one of them."""
+    from sitekit import running_site, site_mapping, wait_for, write_site_file
+
+    port_1, port_2 = free_port(), free_port()
+    one, two = Peer(), Peer()
+    s1, s2 = await start_peer("127.0.0.1", port_1, one), await start_peer("127.0.0.1", port_2, two)
+    _, config = write_site_file(tmp_path, site_mapping(
+        "SiteA", delivery={"retry_intervals": [0.3]}, **settings(port_1, port_2)))
+    try:
+        async with running_site(config) as site:
+            for i in range(messages):
+                await submit(site, ["User3@SiteC.microsoft.com"], message(f"m{i}"))
+            await wait_for(lambda: len(one.messages) + len(two.messages) == messages)
+    finally:
+        s1.close()
+        s2.close()
+    return one, two
+
+
 def send(port: int, rcpts: list[str], data: bytes, *, sender: str = USER1, host: str = "127.0.0.1") -> str:
     """One message through smtplib; returns the queue id from the 250 reply."""
     with smtplib.SMTP(host, port, timeout=20) as s:

@@ -183,9 +183,10 @@ class Organisation:
                  mailboxes: dict[str, list[dict[str, Any]]] | None = None, batch_size: int = 500,
                  schedule: str = "never", startup_delay: str = "1h",
                  routing: dict[str, dict[str, str]] | None = None, token: str = ORG_TOKEN,
-                 per_site_keys: bool = False) -> None:
+                 per_site_keys: bool = False, extra: dict[str, dict[str, Any]] | None = None) -> None:
         """``per_site_keys``: each site signs with its own Ed25519 key (``imsrelay
-        replicate keygen``) and trusts the others' public keys, instead of the org key."""
+        replicate keygen``) and trusts the others' public keys, instead of the org key.
+        ``extra``: by site, more settings (lists such as ``email_domains`` are appended to)."""
         self.tmp = tmp_path
         self.hosts = hosts or ORG_HOSTS
         trusted = self.make_keys() if per_site_keys else {}
@@ -214,6 +215,11 @@ class Organisation:
                 mapping["replication"]["trusted_keys"] = trusted
             if mailboxes and name in mailboxes:
                 mapping["mailboxes"] = mailboxes[name]
+            for key, value in (extra or {}).get(name, {}).items():
+                if isinstance(value, list) and isinstance(mapping.get(key), list):
+                    mapping[key] = mapping[key] + value
+                else:
+                    mapping = deep_merge(mapping, {key: value})
             self.paths[name], self.configs[name] = write_site_file(tmp_path, mapping)
         self.sites: dict[str, Site] = {}
 

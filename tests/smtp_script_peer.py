@@ -49,9 +49,9 @@ class ScriptPeer:
         self.sessions: list[PeerSession] = []
         self.server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str = "127.0.0.1") -> int:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Session(self), host=host, port=0)
+        self.server = await loop.create_server(lambda: _Session(self), host=host, port=port)
         return int(self.server.sockets[0].getsockname()[1])
 
     def close(self) -> None:

@@ -117,3 +117,31 @@ async def test_the_reader_can_put_back_what_was_read_past_the_end():
     reader.feed_data(b"\r\n")
     assert await reader.readuntil(b"\n") == b"QUIT\r\n"
     assert await reader.readuntil(b"\n") == b"NOOP\r\n"
+
+
+async def test_the_reader_hands_over_what_it_holds_and_resumes_reading():
+    """DATA is read by ``data_received`` (ImsSMTP._read_data): what the reader holds
+    already is taken from asyncio's StreamReader buffer, and a reader paused for a full
+    buffer (``_paused``, ``_maybe_resume_transport``) resumes reading; the end of the
+    stream is told (``on_end``) to a DATA phase reading without the reader."""
+
+    class Transport:
+        paused = resumed = 0
+
+        def pause_reading(self) -> None:
+            self.paused += 1
+
+        def resume_reading(self) -> None:
+            self.resumed += 1
+
+    reader = LineReader(limit=10)
+    transport = Transport()
+    reader.set_transport(transport)  # type: ignore[arg-type]
+    reader.feed_data(b"x" * 25)  # more than twice the limit: asyncio pauses the transport
+    assert transport.paused == 1 and reader._paused
+    assert reader.take_buffered() == b"x" * 25 and reader.take_buffered() == b""
+    assert transport.resumed == 1 and not reader._paused
+    ended: list[str] = []
+    reader.on_end = lambda: ended.append("end")
+    reader.feed_eof()
+    assert ended == ["end"] and reader.at_eof()

@@ -372,6 +372,36 @@ def test_big_message_targets_ratio_and_memory() -> None:
     assert v["relay end to end vs Postfix, 10 MB"] is None  # not run
 
 
+def test_floor_relay_target_and_row() -> None:
+    """Issue 28: imsrelay's CPU per message within 2.5× the floor relay's, which runs
+    beside it at 4 KB and 50 KB and is shown in the relay table."""
+    phases = _phases()  # imsrelay 1.6 ms/msg at 4 KB
+    assert _verdicts(phases)["relay CPU per message vs the floor relay, 4 KB"] is None  # not run
+    four = phases["throughput"]["sizes"][0]
+    four["floor"] = {"label": "floor relay", "cpu_ms_per_msg": 0.5, "end_to_end_per_s": 2000.0}
+    assert _verdicts(phases)["relay CPU per message vs the floor relay, 4 KB"] is False  # 3.2×
+    four["floor"]["cpu_ms_per_msg"] = 0.8
+    assert _verdicts(phases)["relay CPU per message vs the floor relay, 4 KB"] is True  # 2.0×
+    four["imsrelay"]["end_to_end_per_s"] = 1000.0
+    lines: list[str] = []
+    run._relay_table(lines, four, ("postfix", "imsrelay"))
+    text = "\n".join(lines)
+    assert "| floor relay | — | 2,000.0 | 0.80 |" in text, text
+    assert "| **imsrelay / floor relay** | — | 0.50× | **2.00×** |" in text, text
+
+
+def test_a_separate_profiled_run_says_so() -> None:
+    prof = {"entry_points": [{"function": "ingress", "pct": 60.0, "us_per_msg": 900.0}],
+            "top_self": [{"function": "data_reader.py:feed", "pct": 10.0, "us_per_msg": 150.0}],
+            "rate_hz": 200, "samples": 400, "cpu_us_per_msg": 1500.0, "raw": "/x/profile.py-spy.txt",
+            "mode": "py-spy-gil", "separate_run": 200}
+    lines: list[str] = []
+    run._profile_tables(lines, prof)
+    text = "\n".join(lines)
+    assert "a separate run of 200 messages (not in the figures above)" in text
+    assert "| `data_reader.py:feed` | 10.0% | 150.0 |" in text
+
+
 def test_the_servers_phase_writes_a_two_server_site_and_its_table(tmp_path):
     """Issue 24's bench figure: the site files it writes are a site of two servers the
     loader accepts, and the table compares one server with two."""

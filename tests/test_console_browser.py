@@ -160,6 +160,20 @@ def test_organisation_tree_and_property_pages(page, lab):
     expect(protocols).to_contain_text("Listeners")
 
 
+def test_the_ims_internet_mail_tab_shows_the_settings(page, lab):
+    """The IMS property page's Internet Mail tab (read-only): the lab's sites keep Exchange's
+    defaults: every automatic message sent, no outbound limit, no journaling."""
+    page.goto(lab.console_url + "#/site/SiteA/ims?tab=internet-mail")
+    view = page.locator("#view")
+    expect(view.locator("#ims-tab-internet-mail.current")).to_have_count(1)
+    expect(view.locator("#im-inbound")).to_contain_text("MiB")
+    expect(view.locator("#im-outbound")).to_have_text("no limit")
+    expect(view.locator("table.internet-mail tbody tr")).to_have_count(1)
+    expect(view.locator("table.internet-mail")).to_contain_text(re.compile(r"\* \(default\)\s*sent\s*sent\s*sent\s*sent"))
+    expect(view.locator("#im-journaling")).to_contain_text("Off")
+    expect(view.locator("button")).to_have_count(0)  # nothing to edit here
+
+
 def test_recipients_with_proxy_addresses_and_where_known(page):
     page.click("#tree a[href='#/recipients']")
     user1 = page.locator("tr[data-alias=User1]")
@@ -174,6 +188,23 @@ def test_recipients_with_proxy_addresses_and_where_known(page):
     page.fill("#recipient-filter", "user two")
     expect(page.locator("table.recipients tbody tr")).to_have_count(1)
     expect(page.locator("tr[data-alias=User2]")).to_contain_text("User2@SiteB.microsoft.com")
+
+
+def test_recipients_show_custom_recipients_and_lists(lab, page):
+    lab.admin("SiteA", "POST", "/directory/custom-recipients", {"alias": "Partner", "target": "partner@example.net"})
+    lab.admin("SiteA", "POST", "/directory/lists", {"alias": "Staff", "members": ["User1@microsoft.com",
+                                                                                "Partner@microsoft.com"]})
+    page.click("#tree a[href='#/recipients']")
+    partner = page.locator("tr[data-alias=Partner][data-kind=custom]")
+    expect(partner).to_contain_text("custom recipient → partner@example.net")  # KB Q258203
+    expect(partner.locator("li.primary")).to_contain_text("Partner@microsoft.com")
+    staff = page.locator("tr[data-alias=Staff][data-kind=dl]")
+    expect(staff).to_contain_text("distribution list: 2 member(s)")  # KB Q185194
+    expect(staff.locator(".badge.ok", has_text="SiteA")).to_have_count(1)
+    page.fill("#recipient-filter", "partner@example")
+    expect(page.locator("table.recipients tbody tr")).to_have_count(1)
+    lab.admin("SiteA", "DELETE", "/directory/lists/Staff")
+    lab.admin("SiteA", "DELETE", "/directory/custom-recipients/Partner")
 
 
 # ---------------------------------------------------------------------------- mail
@@ -347,6 +378,21 @@ def test_trace_a_message_through_the_organisation(page, lab):
 
 
 # ---------------------------------------------------------------------------- queues
+
+
+def test_link_monitor_window_shows_each_target_up(page, lab, tmp_path):
+    """SiteA's Link Monitor (KB Q246674): the monitor window lists SiteB, SiteC and the
+    foreign address, each up once its ping came back (or its NDR did), with a round trip."""
+    page.click("#tree a[href='#/site/SiteA/link-monitors']")
+    expect(page.locator("#view h2")).to_have_text("SiteA — Link Monitors")
+    rows = page.locator("table.link-monitors tr[data-target]")
+    expect(rows).to_have_count(3)
+    for target in ("SiteB", "SiteC", "no-such-user@example.net"):
+        row = page.locator(f"table.link-monitors tr[data-target='{target}']")
+        expect(row).to_have_attribute("data-state", "up")  # the live feed redraws as answers come
+        expect(row.locator("td.rtt")).not_to_have_text("—")
+    page.screenshot(path=str(tmp_path / "console.png"))
+    assert page.errors == []
 
 
 def test_queue_retry_and_delete(page, lab, tmp_path):

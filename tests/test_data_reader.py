@@ -71,6 +71,9 @@ def scan(stream: bytes, cuts: list[int] | None = None, *, size_limit: int | None
     if s.outcome is DataResult.BARE_LF:
         return s.outcome, None, None
     content = s.content() if s.outcome is DataResult.OK else None
+    if content is not None:  # dot_lines is exact, however the chunks cut the stream
+        stuffed = stream[:used - 3]
+        assert s.dot_lines == (stuffed[:1] == b"." or b"\r\n." in stuffed), (stream, cuts)
     if content is not None and not s.dot_lines:  # "no line starts with a dot" is never wrong
         assert not content.startswith(b".") and b"\r\n." not in content, content
         assert dot_stuffed(content, known_dotless=True) == dot_stuffed(content)  # the plain path

@@ -25,6 +25,7 @@ from imsrelay.ingress.adapter import (
     ImsSMTP,
     LineReader,
 )
+from imsrelay.ingress.data_reader import DataScanner
 
 USER1 = b"User1@SiteA.microsoft.com"
 _PREFIX = re.compile(rb"Return-Path: [^\r]*\r\nDelivered-To: [^\r]*\r\nReceived: by [^\r]*\r\n\t[^\r]*\r\n"
@@ -274,18 +275,18 @@ async def test_a_message_is_read_in_chunks_not_an_await_per_line(monkeypatch):
     calls: list[bytes] = []
     original = LineReader.readuntil
     reads = {"n": 0}
-    original_read = LineReader.read
+    original_feed = DataScanner.feed
 
     async def counting_readuntil(self: LineReader, separator: Any = b"\n") -> bytes:
         calls.append(separator)
         return await original(self, separator)
 
-    async def counting_read(self: LineReader, n: int = -1) -> bytes:
+    def counting_feed(self: DataScanner, chunk: bytes) -> int:
         reads["n"] += 1
-        return await original_read(self, n)
+        return original_feed(self, chunk)
 
     monkeypatch.setattr(LineReader, "readuntil", counting_readuntil)
-    monkeypatch.setattr(LineReader, "read", counting_read)
+    monkeypatch.setattr(DataScanner, "feed", counting_feed)  # each chunk as delivered (data_received)
     handler = Recorder()
     server = await _serve(ImsSMTP, handler, forbid=False, limit=1_000_000)
     body = b"".join(b"line %04d of a fifty kilobyte message, more or less...\r\n" % i for i in range(800))

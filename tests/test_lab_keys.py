@@ -40,7 +40,6 @@ from imsrelay.lab.docker_configs import (
     compose_site_mapping,
     config_name,
     key_file,
-    profile_files,
     regenerate_keys,
     with_trusted_keys,
 )
@@ -101,7 +100,7 @@ def test_regenerating_the_docker_keys_rewrites_only_the_trusted_keys(tmp_path: P
     old = committed_public_keys(config_dir)
     lines: list[str] = []
     new = regenerate_keys(config_dir, say=lines.append)
-    assert len(lines) == 8  # three keys, three files, and the two-servers profile's two generated files
+    assert len(lines) == 7  # three keys, three site files, the two-server topology's files
     assert set(new.values()).isdisjoint(old.values()) and len(set(new.values())) == 3
     assert committed_public_keys(config_dir) == new
     for s in SITES:
@@ -113,8 +112,6 @@ def test_regenerating_the_docker_keys_rewrites_only_the_trusted_keys(tmp_path: P
         changed = [(o, n) for o, n in zip(before[s.name].splitlines(), after.splitlines(), strict=True) if o != n]
         assert [o.split(" = ")[0] for o, _ in changed] == ["SiteA", "SiteB", "SiteC"]  # every comment kept
     assert sorted(p.name for p in (config_dir / "keys").iterdir()) == ["README.md", "siteA.pem", "siteB.pem", "siteC.pem"]
-    for path in profile_files(config_dir):  # SiteA's two servers (docker-compose.yml profile two-servers)
-        assert dict(load_config(path).replication.trusted_keys) == new, path.name
 
 
 def test_regenerating_writes_nothing_when_a_site_file_cannot_take_the_keys(tmp_path: Path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ims_kit import Peer, message, queued, start_peer, submit
+from ims_kit import Peer, message, queued, spread_over_two_peers, start_peer, submit
 from sitekit import free_port, running_site, site_mapping, wait_for, write_site_file
 
 from imsrelay.cli import main
@@ -57,19 +57,7 @@ async def test_least_cost_first_then_failover_to_the_dearer_route(tmp_path, caps
 
 
 async def test_equal_costs_share_the_load(tmp_path):
-    port_1, port_2 = free_port(), free_port()
-    one, two = Peer(), Peer()
-    s1, s2 = await start_peer("127.0.0.1", port_1, one), await start_peer("127.0.0.1", port_2, two)
-    _, config = write_site_file(tmp_path, site_mapping(
-        "SiteA", delivery={"retry_intervals": [0.3]}, **two_routes(port_1, port_2, cost_b=1)))
-    try:
-        async with running_site(config) as site:
-            for i in range(16):
-                await submit(site, ["User3@SiteC.microsoft.com"], message(f"m{i}"))
-            await wait_for(lambda: len(one.messages) + len(two.messages) == 16)
-    finally:
-        s1.close()
-        s2.close()
+    one, two = await spread_over_two_peers(tmp_path, lambda p1, p2: two_routes(p1, p2, cost_b=1))
     assert one.messages and two.messages  # both routes carried mail (crc32 of 16 ids: never all on one)
 
 

@@ -27,16 +27,19 @@ from imsrelay.queue.spool import Spool, parse_queue_file, queue_file_bytes
 # Written by the encoder before this one (json.dumps(asdict(envelope), sort_keys=True,
 # separators=(",", ":"))), for the envelope ``sample()`` builds.
 OLD_JSON = (
-    b'{"body_8bit":true,"client":"192.0.2.7","extra":{"auth":"alice","priority":"urgent"},"helo":"client.example",'
+    b'{"body_8bit":true,"client":"192.0.2.7","envid":null,"extra":{"auth":"alice","priority":"urgent"},'
+    b'"helo":"client.example",'
     b'"origin":"smtp","queue_id":"18A2B3C4D5E6F0A1B0001","received_at":1796189373.153502,"recipients":['
     b'{"address":"rcpt@example.net","attempts":0,"delay_notified":false,"diagnostic":null,"first_failure":null,'
-    b'"next_attempt":0.0,"original":"Rcpt@Example.NET","remote":null,"route":null,"state":"pending","status":null},'
+    b'"next_attempt":0.0,"notify":null,"orcpt":null,"original":"Rcpt@Example.NET","remote":null,"route":null,'
+    b'"state":"pending","status":null},'
     b'{"address":"other@example.org","attempts":2,"delay_notified":false,'
     b'"diagnostic":"250 2.0.0 Ok: queued as 4X\\u00e9","first_failure":1796189300.5,"next_attempt":1796189400.25,'
+    b'"notify":null,"orcpt":null,'
     b'"original":null,"remote":"mx.example.org","route":"mx","state":"delivered","status":"2.0.0"}],'
-    b'"sender":"sender@example.com","size":0,"smtputf8":true}'
+    b'"ret":null,"sender":"sender@example.com","size":0,"smtputf8":true}'
 )
-OLD_QUEUE_FILE = b"IMSQ1 742\n" + OLD_JSON.replace(b'"size":0', b'"size":21') + b"Subject: hi\r\n\r\nbody\r\n"
+OLD_QUEUE_FILE = b"IMSQ1 820\n" + OLD_JSON.replace(b'"size":0', b'"size":21') + b"Subject: hi\r\n\r\nbody\r\n"
 
 
 def sample() -> Envelope:
@@ -99,10 +102,11 @@ def test_old_queue_file_bytes_still_load():
 def test_old_envelope_without_newer_fields_still_loads():
     old = json.loads(OLD_JSON)
     for r in old["recipients"]:
-        del r["route"]  # a field added later: an old STATE record has none
-    del old["extra"]
+        del r["route"], r["notify"], r["orcpt"]  # fields added later: an old STATE record has none
+    del old["extra"], old["ret"], old["envid"]
     env = Envelope.from_json(json.dumps(old).encode())
     assert [r.route for r in env.recipients] == [None, None] and env.extra == {}
+    assert [r.notify for r in env.recipients] == [None, None] and env.ret is None and env.envid is None
 
 
 def test_unencodable_extra_is_still_an_error():

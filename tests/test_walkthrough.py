@@ -34,9 +34,10 @@ class Walk:
         return self.lab.port
 
     @property
-    def mx_server(self) -> str:
-        """The server microsoft.com's MX leads to: Server1 when SiteA has it, else ServerA."""
-        return "Server1" if "SiteA-Server1" in self.lab.extra_servers else "ServerA"
+    def mx_servers(self) -> tuple[str, ...]:
+        """The servers microsoft.com's MX leads to: Server1 and ServerA with equal preference
+        when SiteA has both, else ServerA."""
+        return ("Server1", "ServerA") if "SiteA-Server1" in self.lab.extra_servers else ("ServerA",)
 
     def maildir(self, site: str, alias: str) -> Path:
         return self.lab.data_dir / site / "mailboxes" / alias
@@ -213,7 +214,17 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
     await walk.send(INTERNET.address, "alice@example.net", "User3@microsoft.com", "s7-outside")
     got = await walk.arrives("SiteC", "User3", "s7-outside")
     assert b"by mail.example.net (imsrelay)" in trace(got)
-    assert f"by {walk.mx_server}.SiteA.microsoft.com (imsrelay)".encode() in trace(got)
+    assert any(f"by {m}.SiteA.microsoft.com (imsrelay)".encode() in trace(got) for m in walk.mx_servers)
+    if len(walk.mx_servers) > 1:  # equal-preference MX: the Internet host uses both servers in turn
+        # (by queue id: 16 messages all on one server would be a 1 in 32768 chance)
+        subjects = [f"s7-mx-{i}" for i in range(16)]
+        for subject in subjects:
+            await walk.send(INTERNET.address, "alice@example.net", "User3@microsoft.com", subject)
+        firsts = set()
+        for subject in subjects:
+            hops = trace(await walk.arrives("SiteC", "User3", subject))
+            firsts |= {m for m in walk.mx_servers if f"by {m}.SiteA.microsoft.com (imsrelay)".encode() in hops}
+        assert firsts == set(walk.mx_servers)
     for key, server in walk.lab.extra_servers.items():  # SiteA's other server takes mail for the whole site
         n += 1
         await walk.send(server.address, "alice@example.net", "User1@microsoft.com", f"s7-{n}")
@@ -235,6 +246,21 @@ async def test_step7_repeat_at_site_b_and_c_everyone_at_microsoft_com(walk: Walk
         assert (code, text[:5]) == (550, "5.1.1")
 
 
+async def test_the_labs_link_monitor_sees_the_other_sites_and_the_internet_up(walk: Walk):
+    """SiteA's Link Monitor (KB Q246674): SiteB's and SiteC's system attendants return
+    its pings and the Internet host's NDR answers the foreign address; no ping or answer
+    lands in a mailbox."""
+    from imsrelay.lab.embedded import LINK_MONITOR_FOREIGN
+
+    monitors = walk.lab.sites["SiteA"].link_monitors
+
+    def states() -> dict[str, str]:
+        return {t["target"]: t["state"] for m in monitors.snapshot() for t in m["targets"]}
+    await wait_for(lambda: set(states().values()) == {"up"}, timeout=60)
+    assert set(states()) == {"SiteB", "SiteC", LINK_MONITOR_FOREIGN}
+    for s in SITES:
+        for alias in (s.user, "Administrator"):
+            assert not [m for m in walk.messages(s.name, alias) if b"X-Link-Monitor" in m], (s.name, alias)
 async def test_two_servers_a_mailbox_made_on_server1_reaches_the_organisation(walk: Walk):
     """SiteA as two servers (issue 24): a mailbox created on Server1 is homed there, reaches
     ServerA by intra-site replication and the other sites through ServerA, the bridgehead;

@@ -13,6 +13,7 @@ The OpenAPI 3 description is ``imsrelay.admin.openapi.DOCUMENT`` (``/api/v1/open
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from imsrelay.access.service import MailboxAccess
+from imsrelay.admin.federation import Scope, ServerAnswer, SiteServers, UnknownServer
 from imsrelay.admin.message_store import (
     NotFound,
     Search,
@@ -111,7 +113,7 @@ def tracking_query(query: Any) -> tracking.TrackingQuery:
         except SearchError as exc:
             raise BadRequest(f"{name}: {exc}") from None
 
-    known = {"message_id", "queue_id", "sender", "recipient", "since", "until", "limit"}
+    known = {"message_id", "queue_id", "sender", "recipient", "since", "until", "limit", "local", "server"}
     unknown = sorted(set(query.keys()) - known)
     if unknown:
         raise BadRequest(f"unknown parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -127,13 +129,37 @@ def page(items: list[Summary], start: int, limit: int) -> dict[str, Any]:
     return {"total": len(items), "start": start, "count": len(chunk), "messages": [s.as_dict() for s in chunk]}
 
 
+def tracking_params(q: tracking.TrackingQuery) -> dict[str, str]:
+    """A tracking query as ``GET /api/v1/tracking``'s parameters (the inverse of ``tracking_query``)."""
+    pairs = [("message_id", q.message_id), ("queue_id", q.queue_id), ("sender", q.sender),
+             ("recipient", q.recipient), ("since", None if q.since is None else repr(q.since)),
+             ("until", None if q.until is None else repr(q.until)), ("limit", str(q.limit))]
+    return {k: v for k, v in pairs if v is not None}
+
+
+def labelled_event(e: tracking.TrackingEvent, config: Any) -> tracking.TrackingEvent:
+    """An event of a site of several servers names its server (``config.server``)."""
+    if e.server or len(config.servers) <= 1:
+        return e
+    return dataclasses.replace(e, server=config.server)
+
+
+def _newest_first(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(items, key=lambda m: (m.get("received") or 0, m.get("id") or ""), reverse=True)
+
+
 # ------------------------------------------------------------------ the API
 
 
 class MessageApi:
-    def __init__(self, sites: SitesProvider, *, lab_ready: Callable[[], str | None] | None = None) -> None:
+    """``servers``: the site's other servers (``imsrelay.admin.federation``); with them,
+    messages, search, mailboxes, queue and tracking answer for the whole site."""
+
+    def __init__(self, sites: SitesProvider, *, lab_ready: Callable[[], str | None] | None = None,
+                 servers: SiteServers | None = None) -> None:
         self._sites = sites
         self._lab_ready = lab_ready
+        self._servers = servers
 
     def add_routes(self, router: web.UrlDispatcher, *, health: bool = True) -> None:
         if health:
@@ -165,12 +191,49 @@ class MessageApi:
                 return s
         raise Missing(f"no site {name!r} here (sites: {', '.join(s.config.site for s in self.sites) or 'none'})")
 
-    def _store_for(self, message_id: str) -> Any:
+    def scope(self, query: Any) -> Scope:
+        """Which servers of the site a request is about (``?local=1``, ``?server=NAME``)."""
+        if self._servers is None:
+            return Scope(True, (), False)
+        try:
+            return self._servers.scope(query)
+        except UnknownServer as exc:
+            raise Missing(str(exc)) from None
+
+    def _servers_of(self, scope: Scope) -> SiteServers:
+        assert self._servers is not None, "a federated scope comes from SiteServers"
+        return self._servers
+
+    def _with_report(self, body: dict[str, Any], scope: Scope, answers: dict[str, ServerAnswer]) -> dict[str, Any]:
+        if scope.labelled:
+            body["servers"] = self._servers_of(scope).report(scope, answers)
+        return body
+
+    def _stores_for(self, message_id: str) -> list[Any]:
         site = message_id.split(":", 1)[0]
-        for s in self.sites:
-            if s.config.site == site:
-                return s.message_store
-        raise Missing(f"no message {message_id!r}")
+        stores = [s.message_store for s in self.sites if s.config.site == site]
+        if not stores:
+            raise Missing(f"no message {message_id!r}")
+        return stores
+
+    def _holding(self, message_id: str) -> Any:
+        """The store holding a message (blocking when several servers of one site are
+        here, as in a lab: it looks at their Maildirs)."""
+        stores = self._stores_for(message_id)
+        if len(stores) == 1:
+            return stores[0]
+        for store in stores:
+            try:
+                store.find(message_id)
+            except NotFound:
+                continue
+            return store
+        return stores[0]
+
+    async def _store_for(self, message_id: str) -> Any:
+        if len(self._stores_for(message_id)) == 1:
+            return self._stores_for(message_id)[0]
+        return await asyncio.to_thread(self._holding, message_id)
 
     # -------------------------------------------------------------- health
 
@@ -216,7 +279,13 @@ class MessageApi:
 
     async def get_queue(self, request: web.Request) -> web.Response:
         s = self._site(request.match_info["site"])
-        return web.json_response({"site": s.config.site, "messages": queue_items(s.qmgr)})
+        scope = self.scope(request.query)
+        if not scope.labelled:
+            return web.json_response({"site": s.config.site, "messages": queue_items(s.qmgr)})
+        items, answers = await self._servers_of(scope).gather_lists(
+            scope, request.path, "messages", queue_items(s.qmgr) if scope.local else [])
+        items.sort(key=lambda m: (m.get("received_at") or 0, m.get("queue_id") or ""))
+        return web.json_response(self._with_report({"site": s.config.site, "messages": items}, scope, answers))
 
     async def get_replication(self, request: web.Request) -> web.Response:
         s = self._site(request.match_info["site"])
@@ -236,8 +305,32 @@ class MessageApi:
     async def get_mailboxes(self, request: web.Request) -> web.Response:
         site = request.query.get("site")
         sites = [self._site(site)] if site else self.sites
-        boxes = await asyncio.to_thread(lambda: [b for s in sites for b in s.message_store.mailboxes()])
-        return web.json_response({"mailboxes": boxes})
+        scope = self.scope(request.query)
+        boxes = await asyncio.to_thread(lambda: [b for s in sites for b in s.message_store.mailboxes()]) \
+            if scope.local else []
+        if not scope.labelled:
+            return web.json_response({"mailboxes": boxes})
+        params = {"site": site} if site else {}
+        boxes, answers = await self._servers_of(scope).gather_lists(scope, request.path, "mailboxes", boxes,
+                                                                    params=params)
+        return web.json_response(self._with_report({"mailboxes": boxes}, scope, answers))
+
+    async def _site_page(self, scope: Scope, query: str, search: Search, start: int,
+                         limit: int) -> tuple[dict[str, Any], int]:
+        """A page of the whole site's messages, newest first (each server's first
+        ``start + limit``, merged); the number found."""
+        local = await self._search(search) if scope.local else []
+        if not scope.labelled:
+            return page(local, start, limit), len(local)
+        want = min(start + limit, MAX_LIMIT)
+        items, answers = await self._servers_of(scope).gather_lists(
+            scope, f"{PREFIX}/messages", "messages", [m.as_dict() for m in local[:want]],
+            params={"query": query, "start": "0", "limit": str(want)})
+        total = len(local) + sum(int(a.body.get("total", 0)) for a in answers.values()
+                                 if a.ok and isinstance(a.body, dict))
+        chunk = _newest_first(items)[start:start + limit]
+        body = {"total": total, "start": start, "count": len(chunk), "messages": chunk}
+        return self._with_report(body, scope, answers), total
 
     async def get_messages(self, request: web.Request) -> web.Response:
         q = request.query
@@ -249,8 +342,9 @@ class MessageApi:
             parts.append(_term("site", q["site"]))
         if q.get("mailbox"):
             parts.append(_term("mailbox", q["mailbox"]))
-        search = search_param({"query": " ".join(p for p in parts if p)})
-        return web.json_response(page(await self._search(search), start, limit))
+        query = " ".join(p for p in parts if p)
+        body, _ = await self._site_page(self.scope(q), query, search_param({"query": query}), start, limit)
+        return web.json_response(body)
 
     async def get_search(self, request: web.Request) -> web.Response:
         q = request.query
@@ -259,7 +353,8 @@ class MessageApi:
             raise BadRequest("query is required (e.g. query=from:alice subject:hello)")
         start = int_param(q, "start", 0)
         limit = int_param(q, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
-        return web.json_response(page(await self._search(search), start, limit))
+        body, _ = await self._site_page(self.scope(q), q.get("query", ""), search, start, limit)
+        return web.json_response(body)
 
     async def delete_search(self, request: web.Request) -> web.Response:
         q = request.query
@@ -267,79 +362,159 @@ class MessageApi:
         if search.empty:  # "", '""', "''": nothing left after parsing would match (and delete) everything
             raise BadRequest("query is required: DELETE /api/v1/search?query=... deletes what it finds "
                              "(query=site:SiteA deletes a whole site's mail)")
-        found = await self._search(search)
+        scope = self.scope(q)
+        found = await self._search(search) if scope.local else []
 
         def delete() -> int:
-            return sum(1 for m in found if self._store_for(m.id).delete(m.id))
-        return web.json_response({"deleted": await asyncio.to_thread(delete)})
+            return sum(1 for m in found if self._holding(m.id).delete(m.id))
+        deleted = await asyncio.to_thread(delete)
+        if not scope.labelled:
+            return web.json_response({"deleted": deleted})
+        answers = await self._servers_of(scope).ask("DELETE", request.path, scope.peers,
+                                                     params={"query": q.get("query", "")})
+        deleted += sum(int(a.body.get("deleted", 0)) for a in answers.values() if a.ok and isinstance(a.body, dict))
+        return web.json_response(self._with_report({"deleted": deleted}, scope, answers))
 
     async def get_wait(self, request: web.Request) -> web.Response:
         q = request.query
         search = search_param(q)
         timeout = min(float_param(q, "timeout", 30.0), MAX_WAIT)
+        limit = int_param(q, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
+        scope = self.scope(q)
         deadline = time.monotonic() + timeout
         while True:
-            found = await self._search(search)
+            body, found = await self._site_page(scope, q.get("query", ""), search, 0, limit)
             if found:
-                return web.json_response(page(found, 0, int_param(q, "limit", DEFAULT_LIMIT, minimum=1,
-                                                                  maximum=MAX_LIMIT)))
+                return web.json_response(body)
             left = deadline - time.monotonic()
             if left <= 0:
                 return json_error(408, f"no message matching {q.get('query', '')!r} arrived within {timeout:g}s")
             await asyncio.sleep(min(WAIT_POLL, left))
 
-    async def get_message(self, request: web.Request) -> web.Response:
-        mid = request.match_info["id"]
-        store = self._store_for(mid)
-        try:
-            return web.json_response(await asyncio.to_thread(store.detail, mid))
-        except (NotFound, FileNotFoundError):
-            return json_error(404, f"no message {mid}")
+    def _label(self, item: dict[str, Any], scope: Scope) -> dict[str, Any]:
+        if scope.labelled and not item.get("server"):
+            item["server"] = self._servers_of(scope).own
+        return item
 
-    async def patch_message(self, request: web.Request) -> web.Response:
+    async def _elsewhere(self, request: web.Request, scope: Scope, mid: str, *, body: Any = None,
+                         raw: bool = False) -> web.StreamResponse:
+        """A message this server does not hold: the site's other servers are asked at once
+        and the one holding it answers; 404 naming the servers that did not answer."""
+        answers = await self._servers_of(scope).ask(request.method, request.path, scope.peers, body=body, raw=raw)
+        for name, a in answers.items():
+            if a.ok and raw:
+                return web.Response(body=a.body, headers={
+                    "Content-Type": a.content_type, "X-Imsrelay-Server": name,
+                    "Content-Disposition": f'attachment; filename="{mid.rsplit(":", 1)[-1].replace(chr(34), "")}.eml"'})
+            if a.ok and isinstance(a.body, dict):
+                return web.json_response({**a.body, "server": a.body.get("server") or name})
+        silent = [a.error or a.server for a in answers.values() if not a.answered]
+        why = f" (not answering: {'; '.join(silent)})" if silent else ""
+        return web.json_response(self._with_report({"error": f"no message {mid}{why}"}, scope, answers), status=404)
+
+    async def get_message(self, request: web.Request) -> web.StreamResponse:
         mid = request.match_info["id"]
-        store = self._store_for(mid)
+        scope = self.scope(request.query)
+        if scope.local:
+            try:
+                store = await self._store_for(mid)
+                return web.json_response(self._label(await asyncio.to_thread(store.detail, mid), scope))
+            except (Missing, NotFound, FileNotFoundError) as exc:
+                if not scope.peers:
+                    if isinstance(exc, Missing):
+                        raise
+                    return json_error(404, f"no message {mid}")
+        return await self._elsewhere(request, scope, mid)
+
+    async def patch_message(self, request: web.Request) -> web.StreamResponse:
+        mid = request.match_info["id"]
+        scope = self.scope(request.query)
         try:
             body = await request.json()
         except ValueError:
             raise BadRequest("the request body must be a JSON object like {\"read\": true}") from None
         if not isinstance(body, dict) or not isinstance(body.get("read"), bool):
             raise BadRequest("the request body must be a JSON object like {\"read\": true}")
-        try:
-            summary = await asyncio.to_thread(store.set_read, mid, body["read"])
-        except (NotFound, FileNotFoundError):
-            return json_error(404, f"no message {mid}")
-        return web.json_response(summary.as_dict())
+        if scope.local:
+            try:
+                store = await self._store_for(mid)
+                summary = await asyncio.to_thread(store.set_read, mid, body["read"])
+                return web.json_response(self._label(summary.as_dict(), scope))
+            except (Missing, NotFound, FileNotFoundError) as exc:
+                if not scope.peers:
+                    if isinstance(exc, Missing):
+                        raise
+                    return json_error(404, f"no message {mid}")
+        return await self._elsewhere(request, scope, mid, body={"read": body["read"]})
 
-    async def delete_message(self, request: web.Request) -> web.Response:
+    async def delete_message(self, request: web.Request) -> web.StreamResponse:
         mid = request.match_info["id"]
-        store = self._store_for(mid)
-        if not await asyncio.to_thread(store.delete, mid):
-            return json_error(404, f"no message {mid}")
-        return web.json_response({"deleted": 1, "id": mid})
+        scope = self.scope(request.query)
+        if scope.local:
+            try:
+                store = await self._store_for(mid)
+            except Missing:
+                if not scope.peers:
+                    raise
+            else:
+                if await asyncio.to_thread(store.delete, mid):
+                    return web.json_response(self._label({"deleted": 1, "id": mid}, scope))
+                if not scope.peers:
+                    return json_error(404, f"no message {mid}")
+        return await self._elsewhere(request, scope, mid)
 
     async def get_raw(self, request: web.Request) -> web.StreamResponse:
         mid = request.match_info["id"]
-        store = self._store_for(mid)
-        try:
-            summary = await asyncio.to_thread(store.find, mid)
-        except NotFound:
-            return json_error(404, f"no message {mid}")
-        name = mid.rsplit(":", 1)[-1].replace('"', "")
-        return web.FileResponse(Path(summary.path), headers={
-            "Content-Type": "message/rfc822", "Content-Disposition": f'attachment; filename="{name}.eml"'})
+        scope = self.scope(request.query)
+        if scope.local:
+            try:
+                store = await self._store_for(mid)
+                summary = await asyncio.to_thread(store.find, mid)
+            except (Missing, NotFound) as exc:
+                if not scope.peers:
+                    if isinstance(exc, Missing):
+                        raise
+                    return json_error(404, f"no message {mid}")
+            else:
+                name = mid.rsplit(":", 1)[-1].replace('"', "")
+                return web.FileResponse(Path(summary.path), headers={
+                    "Content-Type": "message/rfc822", "Content-Disposition": f'attachment; filename="{name}.eml"'})
+        return await self._elsewhere(request, scope, mid, raw=True)
 
     # -------------------------------------------------------------- tracking
 
     async def get_tracking(self, request: web.Request) -> web.Response:
         q = tracking_query(request.query)
+        scope = self.scope(request.query)
         sites = self.sites
 
+        def local(query: tracking.TrackingQuery) -> list[tracking.TrackingEvent]:
+            if not scope.local:
+                return []
+            return [labelled_event(e, s.config) for s in sites for e in s.tracking.query_sync(query)]
+
+        if not scope.peers:
+            events = await asyncio.to_thread(tracking.gather, local, q)
+            return web.json_response(self._with_report(tracking.tracking_body(events), scope, {}))
+        servers = self._servers_of(scope)
+        loop = asyncio.get_running_loop()
+        answers: dict[str, ServerAnswer] = {}
+
         def fetch(query: tracking.TrackingQuery) -> list[tracking.TrackingEvent]:
-            return [e for s in sites for e in s.tracking.query_sync(query)]
+            """This server's events and every other server's (a server that did not answer is not asked again)."""
+            events = local(query)
+            ask = [p for p in scope.peers if p not in answers or answers[p].ok]
+            replies = asyncio.run_coroutine_threadsafe(
+                servers.ask("GET", f"{PREFIX}/tracking", ask, params=tracking_params(query)), loop).result()
+            for name, a in replies.items():
+                answers[name] = a
+                if a.ok and isinstance(a.body, dict):
+                    events += [tracking.TrackingEvent.from_dict({**e, "server": e.get("server") or name})
+                               for e in a.body.get("events", []) if isinstance(e, dict)]
+            return events
 
         events = await asyncio.to_thread(tracking.gather, fetch, q)
-        return web.json_response(tracking.tracking_body(events))
+        return web.json_response(self._with_report(tracking.tracking_body(events), scope, answers))
 
 
 def queue_items(qmgr: Any) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ never on the event loop.
 A message id is ``<site>:<mailbox>:<unique>`` (the Maildir unique name, without
 the ``:2,`` flags), stable while the message moves between new/ and cur/.
 
-Search syntax (``parse_search``, pure): ``from:`` ``to:`` (To, Cc and the envelope
-recipient) ``subject:`` ``message-id:`` (``<whole@id>``, or any part without the
+Search syntax (``parse_search``, pure): ``from:`` ``to:`` (To, Cc, the envelope
+recipient and the distribution lists it came through) ``subject:`` ``message-id:`` (``<whole@id>``, or any part without the
 angle brackets) ``mailbox:`` ``site:`` ``after:``/``before:``
 (a date ``2026-12-01``, an ISO time, or a Unix time) and free text (headers and
 the text of the message), combined with AND; ``"quoted values"`` keep spaces.
@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+from imsrelay.policy.expansion import EXPANDED_HEADER
 
 MAX_HEADER = 256 * 1024  # bytes of a message's header read for its summary
 MAX_TEXT_SEARCH = 8 * 1024 * 1024  # messages larger than this are free-text searched in their headers only
@@ -68,13 +70,18 @@ class Summary:
     size: int
     received: float  # when the file was delivered (mtime)
     read: bool
+    server: str | None = None  # a site of several servers: the server holding it (None: a site of one)
+    lists: str = ""  # the distribution lists it came through (X-IMS-Expanded-DL, KB Q185194), comma-separated
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "site": self.site, "mailbox": self.mailbox,
-                "envelope_sender": self.envelope_sender, "envelope_recipient": self.envelope_recipient,
-                "from": self.from_, "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
-                "message_id": self.message_id, "size": self.size, "received": self.received,
-                "received_iso": _iso(self.received), "read": self.read}
+        d = {"id": self.id, "site": self.site, "mailbox": self.mailbox,
+             "envelope_sender": self.envelope_sender, "envelope_recipient": self.envelope_recipient,
+             "from": self.from_, "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
+             "message_id": self.message_id, "size": self.size, "received": self.received,
+             "received_iso": _iso(self.received), "read": self.read, "lists": self.lists}
+        if self.server:
+            d["server"] = self.server
+        return d
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ def header_matches(s: Summary, q: Search) -> bool:
     sender = f"{s.from_} {s.envelope_sender or ''}".lower()
     if any(v not in sender for v in q.from_):
         return False
-    rcpts = f"{s.to} {s.cc} {s.envelope_recipient or ''}".lower()
+    rcpts = f"{s.to} {s.cc} {s.envelope_recipient or ''} {s.lists}".lower()  # a list's members: by the list too
     if any(v not in rcpts for v in q.to):
         return False
     subject = s.subject.lower()
@@ -218,7 +225,7 @@ def _headers_of(path: Path) -> tuple[bytes, int]:
     return head, size
 
 
-def summarise(site: str, mailbox: str, path: Path) -> Summary:
+def summarise(site: str, mailbox: str, path: Path, server: str | None = None) -> Summary:
     head, size = _headers_of(path)
     msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
 
@@ -237,7 +244,8 @@ def summarise(site: str, mailbox: str, path: Path) -> Summary:
         envelope_sender=return_path, envelope_recipient=h("Delivered-To") or None,
         from_=h("From"), to=h("To"), cc=h("Cc"), subject=h("Subject"), date=h("Date") or None,
         message_id=re.sub(r"\s+", "", h("Message-ID")) or None, size=size,
-        received=path.stat().st_mtime, read="S" in _flags(path.name))
+        received=path.stat().st_mtime, read="S" in _flags(path.name), server=server,
+        lists=", ".join(str(v).strip() for v in msg.get_all(EXPANDED_HEADER) or ()))
 
 
 def body_text(path: Path) -> str:
@@ -298,10 +306,13 @@ def message_detail(summary: Summary) -> dict[str, Any]:
 
 
 class MessageStore:
-    """One site's mailboxes, indexed in memory from the Maildir files (thread-safe)."""
+    """One site's mailboxes, indexed in memory from the Maildir files (thread-safe);
+    ``server``: on a site of several servers, this server's name, carried by every
+    summary (the mailboxes homed here)."""
 
-    def __init__(self, site: str, root: Path) -> None:
+    def __init__(self, site: str, root: Path, *, server: str | None = None) -> None:
         self.site = site
+        self.server = server
         self.root = Path(root)
         self._index: dict[str, tuple[int, int, Summary]] = {}  # path → (mtime_ns, size, summary)
         self._listings: dict[str, tuple[tuple[int, int], list[Summary]]] = {}  # mailbox → (dir mtimes, summaries)
@@ -369,7 +380,7 @@ class MessageStore:
                 found.append(hit[2])
                 continue
             try:
-                summary = summarise(self.site, mbx, path)
+                summary = summarise(self.site, mbx, path, self.server)
             except (FileNotFoundError, IsADirectoryError):
                 continue
             with self._lock:
@@ -386,7 +397,8 @@ class MessageStore:
         for mbx in self.mailbox_names():
             msgs = self.scan([mbx])
             out.append({"site": self.site, "mailbox": mbx, "messages": len(msgs),
-                        "unread": sum(1 for m in msgs if not m.read), "size": sum(m.size for m in msgs)})
+                        "unread": sum(1 for m in msgs if not m.read), "size": sum(m.size for m in msgs),
+                        **({"server": self.server} if self.server else {})})
         return out
 
     def search(self, q: Search) -> list[Summary]:
@@ -416,7 +428,7 @@ class MessageStore:
         candidates = [direct] if direct.is_file() else [p for p in self._files(mbx) if _unique(p.name) == unique]
         for path in candidates:
             try:
-                return summarise(self.site, mbx, path)
+                return summarise(self.site, mbx, path, self.server)
             except FileNotFoundError:
                 break
         raise NotFound(message_id)

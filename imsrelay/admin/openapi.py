@@ -26,6 +26,15 @@ _LIMIT = _param("limit", "how many messages at most (1-1000, default 50)", kind=
 _ID = _param("id", "message id: SITE:MAILBOX:UNIQUE (from a listing)", where="path", required=True)
 _SITE_PATH = _param("site", "site name (SiteA)", where="path", required=True)
 _STD = {"400": _ERROR, "401": _ERROR}
+# a site of several servers ([[servers]]; imsrelay.admin.federation): whole-site answers by default
+_SERVER = _param("server", "only this server of a site of several servers (404 if the site has no such server)")
+_LOCAL = _param("local", "1: this server's own answer only, not the site's other servers' (what the servers "
+                "send each other)", kind="integer", enum=[0, 1])
+_SERVERS = [_SERVER, _LOCAL]
+SERVERS_REPORT = {"type": "object", "description": "a site of several servers: each server and whether it answered "
+                  "(a server that did not answer is left out of the result, never an error of the request)",
+                  "additionalProperties": {"type": "object", "properties": {
+                      "ok": {"type": "boolean"}, "error": {"type": "string", "nullable": True}}}}
 
 SUMMARY = {
     "type": "object",
@@ -39,6 +48,9 @@ SUMMARY = {
         "message_id": {"type": "string", "nullable": True}, "size": {"type": "integer"},
         "received": {"type": "number", "description": "Unix time the message was delivered"},
         "received_iso": {"type": "string"}, "read": {"type": "boolean"},
+        "server": {"type": "string", "description": "a site of several servers: the server holding it"},
+        "lists": {"type": "string", "description": "the distribution lists it came through (comma-separated); "
+                  "`to:` finds it by them too"},
     },
 }
 
@@ -64,7 +76,8 @@ def document() -> dict[str, Any]:
             "/api/v1/sites": {"get": {"summary": "the sites this endpoint answers for",
                                       "responses": {"200": _json("Sites"), **_STD}}},
             "/api/v1/sites/{site}/queue": {"get": {
-                "summary": "a site's queue", "parameters": [_SITE_PATH],
+                "summary": "a site's queue (every server's, on a site of several servers)",
+                "parameters": [_SITE_PATH, *_SERVERS],
                 "responses": {"200": _json("Queue"), "404": _ERROR, **_STD}}},
             "/api/v1/sites/{site}/replication": {"get": {
                 "summary": "a site's directory replication state", "parameters": [_SITE_PATH],
@@ -73,24 +86,24 @@ def document() -> dict[str, Any]:
                               "404": _ERROR, **_STD}}},
             "/api/v1/mailboxes": {"get": {
                 "summary": "mailboxes (Maildirs) and their message counts",
-                "parameters": [_param("site", "only this site")],
+                "parameters": [_param("site", "only this site"), *_SERVERS],
                 "responses": {"200": _json("Mailboxes"), "404": _ERROR, **_STD}}},
             "/api/v1/messages": {"get": {
                 "summary": "messages, newest first, paginated",
                 "parameters": [_param("site", "only this site"), _param("mailbox", "only this mailbox (alias)"),
-                               _QUERY, _START, _LIMIT],
+                               _QUERY, _START, _LIMIT, *_SERVERS],
                 "responses": {"200": _json("Page"), "404": _ERROR, **_STD}}},
             "/api/v1/search": {
                 "get": {"summary": "messages matching a search, newest first",
-                        "parameters": [{**_QUERY, "required": True}, _START, _LIMIT],
+                        "parameters": [{**_QUERY, "required": True}, _START, _LIMIT, *_SERVERS],
                         "responses": {"200": _json("Page"), **_STD}},
                 "delete": {"summary": "delete every message matching a search",
-                           "parameters": [{**_QUERY, "required": True}],
+                           "parameters": [{**_QUERY, "required": True}, *_SERVERS],
                            "responses": {"200": _json("Deleted"), **_STD}}},
             "/api/v1/wait": {"get": {
                 "summary": "long-poll: answers as soon as a message matches (at once if one does already)",
                 "parameters": [_QUERY, _param("timeout", "seconds to wait (default 30, at most 300)",
-                                              kind="number", minimum=0), _LIMIT],
+                                              kind="number", minimum=0), _LIMIT, *_SERVERS],
                 "responses": {"200": _json("Page"), "408": _ERROR, **_STD}}},
             "/api/v1/messages/{id}": {
                 "get": {"summary": "one message: headers, decoded text and HTML, attachments",
@@ -114,7 +127,8 @@ def document() -> dict[str, Any]:
                                _param("recipient", "envelope recipient"),
                                _param("since", "from this time (2026-12-01, ISO time or Unix time)"),
                                _param("until", "up to this time"),
-                               _param("limit", "messages per site (1-1000)", kind="integer", minimum=1, maximum=1000)],
+                               _param("limit", "messages per site (1-1000)", kind="integer", minimum=1, maximum=1000),
+                               *_SERVERS],
                 "responses": {"200": _json("Tracking"), **_STD}}},
         },
         "components": {
@@ -138,7 +152,8 @@ def document() -> dict[str, Any]:
                                                   "pop3s": {"type": "integer"}, "unavailable": {"type": "string"}}},
                         "ready": {"type": "boolean"}}}}}},
                 "Queue": {"type": "object", "properties": {"site": {"type": "string"},
-                                                           "messages": {"type": "array", "items": {"type": "object"}}}},
+                                                           "messages": {"type": "array", "items": {"type": "object"}},
+                                                           "servers": SERVERS_REPORT}},
                 "Mailboxes": {"type": "object", "properties": {"mailboxes": {"type": "array", "items": {
                     "type": "object", "properties": {
                         "site": {"type": "string"}, "mailbox": {"type": "string"}, "messages": {"type": "integer"},
@@ -146,7 +161,8 @@ def document() -> dict[str, Any]:
                 "Summary": SUMMARY,
                 "Page": {"type": "object", "required": ["total", "start", "count", "messages"], "properties": {
                     "total": {"type": "integer"}, "start": {"type": "integer"}, "count": {"type": "integer"},
-                    "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Summary"}}}},
+                    "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Summary"}},
+                    "servers": SERVERS_REPORT}},
                 "Message": {"allOf": [{"$ref": "#/components/schemas/Summary"}, {"type": "object", "properties": {
                     "headers": {"type": "array", "items": {"type": "object", "properties": {
                         "name": {"type": "string"}, "value": {"type": "string"}}}},
@@ -159,7 +175,9 @@ def document() -> dict[str, Any]:
                     "events": {"type": "array", "items": {"type": "object", "properties": {
                         "time": {"type": "number"}, "site": {"type": "string"}, "event": {"type": "string"},
                         "queue_id": {"type": "string"}, "message_id": {"type": "string", "nullable": True},
-                        "recipient": {"type": "string", "nullable": True}, "detail": {"type": "object"}}}},
+                        "recipient": {"type": "string", "nullable": True}, "detail": {"type": "object"},
+                        "server": {"type": "string", "description": "a site of several servers: whose log"}}}},
+                    "servers": SERVERS_REPORT,
                     "messages": {"type": "array", "items": {"type": "object", "properties": {
                         "message_id": {"type": "string", "nullable": True},
                         "chain": {"type": "array", "items": {"type": "string"}},

@@ -149,15 +149,31 @@ def connected_site_entry(body: dict[str, Any], own_site: str, name: str | None =
     return entry
 
 
-def email_domain_entry(body: dict[str, Any], domain: str | None = None) -> dict[str, Any]:
-    """An E-Mail Domain entry: "Forward all messages for this domain to host"."""
+def email_domain_entry(body: dict[str, Any], domain: str | None = None,
+                       old: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An E-Mail Domain entry: "Forward all messages for this domain to host" (one host,
+    or several as ``host1,host2``).  A change keeps what the page does not show (TLS
+    level, ETRN, the Security tab's credentials)."""
     domain = domain or _text(body, "domain")
     host = _text(body, "host")
     entry: dict[str, Any] = {"domain": domain, "host": host}
     port = _number(body, "port", 1, 65535)
     if port is not None:
         entry["port"] = port
+    entry.update({k: v for k, v in (old or {}).items() if k not in ("domain", "host", "port")})
     return entry
+
+
+SECRET_KEYS = ("password",)  # keys of an entry's auth table never shown (the admin API, the console)
+
+
+def without_secrets(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An entry of the site file as the property pages may see it: the Security tab's
+    password (``auth.password``) replaced by stars."""
+    if entry is None or not isinstance(entry.get("auth"), dict):
+        return entry
+    auth = {k: ("********" if k in SECRET_KEYS else v) for k, v in entry["auth"].items()}
+    return {**entry, "auth": auth}
 
 
 def connector_entry(body: dict[str, Any], site: str | None, known: dict[str, str], own_site: str,
@@ -242,7 +258,7 @@ def add_property_routes(app: web.Application, site: PropertySite) -> None:
                                     "change it where it is kept, then restart the site") from None
         site.log.info("config.changed", file=str(path), page=label, action=action, key=key,
                       rewritten=edit.rewritten)
-        entry = toml_edit.find(edit.data, array, key_field, key)
+        entry = without_secrets(toml_edit.find(edit.data, array, key_field, key))
         return web.json_response({"site": site.config.site, "file": str(path), "page": label, "action": action,
                                   "entry": entry, "rewritten": edit.rewritten, "restart_needed": True,
                                   "message": f"{label} {key}: {action}. Saved to {path.name}. {RESTART_TEXT}"},
@@ -289,7 +305,7 @@ def add_property_routes(app: web.Application, site: PropertySite) -> None:
     own = site.config.site
     builders: dict[str, Builder] = {
         "connected-sites": lambda body, key, old, raw: connected_site_entry(body, own, key),
-        "email-domains": lambda body, key, old, raw: email_domain_entry(body, key),
+        "email-domains": lambda body, key, old, raw: email_domain_entry(body, key, old),
         "replication-connectors": lambda body, key, old, raw: connector_entry(body, key, known_sites(raw), own,
                                                                               old),
     }
@@ -309,7 +325,8 @@ def add_property_routes(app: web.Application, site: PropertySite) -> None:
             error = None
         except (OSError, toml_edit.EditError) as exc:
             raw, error = None, str(exc)
-        lists = {name: [dict(e) for e in toml_edit.entries(raw, array) if isinstance(e, dict)] if raw else []
+        lists = {name: [without_secrets(dict(e)) for e in toml_edit.entries(raw, array) if isinstance(e, dict)]
+                 if raw else []
                  for name, (array, _, _) in (("connected_sites", ARRAYS["connected-sites"]),
                                              ("email_domains", ARRAYS["email-domains"]),
                                              ("replication_connectors", ARRAYS["replication-connectors"]))}

@@ -7,9 +7,15 @@ Every request must carry ``Authorization: Bearer <token>`` (``admin.token`` or
 
 =======  ==========================  ==========================================
 GET      /status                     site, addressing, queue size, replication
-GET      /directory                  sites and mailboxes (``?site=`` filters)
+GET      /directory                  sites, mailboxes, custom recipients, lists (``?site=``)
 POST     /directory/mailboxes        ``{alias, display_name}``: a mailbox here
 DELETE   /directory/mailboxes/ALIAS  delete (a tombstone that replicates)
+POST     /directory/custom-recipients        ``{alias, target, display_name, addresses}`` (Q258203)
+DELETE   /directory/custom-recipients/ALIAS  delete (a tombstone that replicates)
+POST     /directory/lists            ``{alias, members, owner, expansion_site, display_name,
+                                     addresses}``: a distribution list here (Q185194)
+PUT      /directory/lists/ALIAS      ``{members | add, remove, owner, expansion_site}``
+DELETE   /directory/lists/ALIAS      delete (a tombstone that replicates)
 POST     /directory/mailboxes/ALIAS/password      ``{password_hash}`` (or ``{password}``)
 PUT      /directory/mailboxes/ALIAS/restrictions  ``{accept_from, reject_from,
                                      filter_senders, filter_action}``: lists replace
@@ -31,6 +37,7 @@ GET      /faults                     faults on demand now in force
 POST     /faults                     ``{kind, stage, reply, probability, sessions, peer, delay, expires}``
 DELETE   /faults[/ID]                clear every fault, or one
 GET      /metrics                    Prometheus text format (no token unless metrics.require_token)
+GET      /link-monitors              the Link Monitors' targets: state, since, last round trip (Q246674)
 GET      /config                     static set-up (imsrelay.admin.console_routes)
 DELETE   /queue/QUEUE_ID             remove a queued message, no NDR
 GET      /health, /ready             alive; ready (200) or not (503 + reasons), no token
@@ -46,6 +53,7 @@ over 64 KiB); 500 only for an internal error (logged as ``admin.internal_error``
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -56,6 +64,7 @@ from aiohttp import web
 
 from imsrelay.access.service import MailboxAccess
 from imsrelay.admin.console_routes import add_console_routes
+from imsrelay.admin.federation import SiteServers
 from imsrelay.admin.message_api import (
     OPEN_PATHS,
     SHUTDOWN_TIMEOUT,
@@ -81,9 +90,10 @@ from imsrelay.ingress.backlog import accept_backlog
 from imsrelay.ingress.flow_gate import FlowGate, backpressure_status
 from imsrelay.model.addresses import AddressError
 from imsrelay.model.errors import ConfigError
-from imsrelay.model.objects import Mailbox
+from imsrelay.model.objects import CustomRecipient, DistributionList, Mailbox
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import FaultBook, FaultError
+from imsrelay.observe.link_monitor import LinkMonitors
 from imsrelay.observe.metrics import CONTENT_TYPE, SiteMetrics
 from imsrelay.observe.tracking import TrackingLog
 from imsrelay.policy.auth import PasswordError, hash_password, parse_hash
@@ -112,9 +122,23 @@ def mailbox_dict(m: Mailbox) -> dict[str, Any]:
             "home_server": m.home_server}
 
 
+def recipient_dict(r: CustomRecipient | DistributionList) -> dict[str, Any]:
+    """A custom recipient or distribution list as the API and the CLI show it."""
+    common = {"alias": r.alias, "display_name": r.display_name, "home_site": r.home_site,
+              "primary_address": r.primary_address, "proxy_addresses": list(r.proxy_addresses)}
+    if isinstance(r, CustomRecipient):
+        return {**common, "kind": "custom", "target": r.target}
+    return {**common, "kind": "dl", "members": list(r.members), "owner": r.owner,
+            "expansion_site": r.expansion_site}
+
+
 def directory_snapshot(directory: Directory, site: str | None = None) -> dict[str, Any]:
     return {"sites": [asdict(s) for s in directory.sites()],
-            "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)]}
+            "mailboxes": [mailbox_dict(m) for m in directory.mailboxes(site)],
+            "custom_recipients": [recipient_dict(r) for r in directory.recipients("custom", site)
+                                  if isinstance(r, CustomRecipient)],
+            "distribution_lists": [recipient_dict(r) for r in directory.recipients("dl", site)
+                                   if isinstance(r, DistributionList)]}
 
 
 def _protocol_changes(body: dict[str, Any]) -> dict[str, bool | None]:
@@ -170,14 +194,19 @@ class AdminSite(Protocol):
     transfer_mode: TransferMode
     faults: FaultBook
     metrics: SiteMetrics
+    link_monitors: LinkMonitors
     clock: Callable[[], float]
 
     async def set_transfer_mode(self, mode: TransferMode) -> TransferMode: ...
 
 
 class AdminServer:
-    def __init__(self, site: AdminSite) -> None:
+    """``servers``: the site's servers (``imsrelay.admin.federation``), for the views of
+    the whole site: messages, search, tracking, queue (None: this server alone)."""
+
+    def __init__(self, site: AdminSite, *, servers: SiteServers | None = None) -> None:
         self.site = site
+        self.servers = servers
         cfg: SiteConfig = site.config
         token = cfg.admin.resolved_token()
         if not token:
@@ -192,6 +221,11 @@ class AdminServer:
         r.add_get("/directory", self.get_directory)
         r.add_post("/directory/mailboxes", self.post_mailbox)
         r.add_delete("/directory/mailboxes/{alias}", self.delete_mailbox)
+        r.add_post("/directory/custom-recipients", self.post_custom_recipient)
+        r.add_delete("/directory/custom-recipients/{alias}", self.delete_custom_recipient)
+        r.add_post("/directory/lists", self.post_list)
+        r.add_put("/directory/lists/{alias}", self.put_list)
+        r.add_delete("/directory/lists/{alias}", self.delete_list)
         r.add_post("/directory/mailboxes/{alias}/password", self.post_password)
         r.add_put("/directory/mailboxes/{alias}/restrictions", self.put_restrictions)
         r.add_put("/directory/mailboxes/{alias}/protocols", self.put_mailbox_protocols)
@@ -216,8 +250,10 @@ class AdminServer:
         r.add_delete("/faults", self.delete_faults)
         r.add_delete("/faults/{fault_id}", self.delete_faults)
         r.add_get("/metrics", self.get_metrics)
-        MessageApi(lambda: [site]).add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
-        add_console_routes(self.app, site)  # GET /config, DELETE /queue/ID
+        r.add_get("/link-monitors", self.get_link_monitors)
+        self.api = MessageApi(lambda: [site], servers=servers)
+        self.api.add_routes(r)  # /health, /ready, /api/v1/... (imsrelay.admin.message_api)
+        add_console_routes(self.app, site, self.api.scope, servers)  # GET /config, DELETE /queue/ID
         self.app.middlewares.append(property_errors)  # the property pages (imsrelay.admin.property_routes)
         add_property_routes(self.app, site)
         self._runner: web.AppRunner | None = None
@@ -225,6 +261,8 @@ class AdminServer:
 
     async def start(self) -> None:
         cfg = self.site.config.admin
+        if self.servers is not None:
+            await self.servers.start()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
@@ -241,6 +279,8 @@ class AdminServer:
             await self._runner.cleanup()
             self._runner = None
             self.log.info("admin.stopped")
+        if self.servers is not None:
+            await self.servers.stop()
 
     # -------------------------------------------------------------- middleware
 
@@ -318,7 +358,7 @@ class AdminServer:
         })
 
     async def get_directory(self, request: web.Request) -> web.Response:
-        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions) and sites; `?site=` for one site's."""
+        """The directory: mailboxes (proxy addresses, home site, Delivery Restrictions), custom recipients, distribution lists and sites; `?site=` for one site's."""
         directory = self.site.directory
         return web.json_response(await directory.run(directory_snapshot, directory, request.query.get("site")))
 
@@ -348,6 +388,65 @@ class AdminServer:
             return web.json_response({"error": f"no mailbox {alias} at {self.site.config.site}"}, status=404)
         await directory.run(directory.delete_mailbox, alias)
         self.site.log.info("directory.mailbox_deleted", alias=alias)
+        return web.json_response({"deleted": alias, "site": self.site.config.site})
+
+    async def post_custom_recipient(self, request: web.Request) -> web.Response:
+        """Create a custom recipient (KB Q258203): `{"alias", "target", "display_name", "addresses"}`; mail to its
+        addresses goes to `target` (409 when the alias or an address is taken)."""
+        body = await _json_body(request)
+        alias = _field(body, "alias", str, required=True)
+        target = _field(body, "target", str, required=True)
+        extra = [str(a) for a in _field(body, "addresses", list) or []]
+        directory = self.site.directory
+        entry = await directory.run(directory.add_custom_recipient, alias, target,
+                                    _field(body, "display_name", str) or None, extra)
+        self.site.log.info("directory.recipient_added", kind="custom", alias=entry.alias,
+                           address=entry.primary_address, target=entry.target)
+        return web.json_response(recipient_dict(entry), status=201)
+
+    async def delete_custom_recipient(self, request: web.Request) -> web.Response:
+        """Delete a custom recipient homed here (a tombstone that replicates)."""
+        return await self._delete_recipient("custom", request.match_info["alias"])
+
+    async def post_list(self, request: web.Request) -> web.Response:
+        """Create a distribution list (KB Q185194): `{"alias", "members", "owner", "expansion_site", "display_name",
+        "addresses"}`; members by address; NDRs for them go to `owner` if set, else to the sender."""
+        body = await _json_body(request)
+        alias = _field(body, "alias", str, required=True)
+        members = [str(m) for m in _field(body, "members", list) or []]
+        extra = [str(a) for a in _field(body, "addresses", list) or []]
+        directory = self.site.directory
+        entry = await directory.run(functools.partial(
+            directory.add_distribution_list, alias, members, _field(body, "display_name", str) or None,
+            owner=_field(body, "owner", str) or "", expansion_site=_field(body, "expansion_site", str) or "",
+            extra_addresses=extra))
+        self.site.log.info("directory.recipient_added", kind="dl", alias=entry.alias, address=entry.primary_address,
+                           members=len(entry.members))
+        return web.json_response(recipient_dict(entry), status=201)
+
+    async def put_list(self, request: web.Request) -> web.Response:
+        """Change a distribution list homed here: `{"members"}` replaces them, `{"add", "remove"}` change them;
+        `owner` and `expansion_site` ("" clears them)."""
+        body = await _json_body(request)
+        members = _field(body, "members", list)
+        directory = self.site.directory
+        entry = await directory.run(functools.partial(
+            directory.set_distribution_list, request.match_info["alias"],
+            members=None if members is None else [str(m) for m in members],
+            add=[str(m) for m in _field(body, "add", list) or []],
+            remove=[str(m) for m in _field(body, "remove", list) or []],
+            owner=_field(body, "owner", str), expansion_site=_field(body, "expansion_site", str)))
+        self.site.log.info("directory.list_changed", alias=entry.alias, members=len(entry.members))
+        return web.json_response(recipient_dict(entry))
+
+    async def delete_list(self, request: web.Request) -> web.Response:
+        """Delete a distribution list homed here (a tombstone that replicates)."""
+        return await self._delete_recipient("dl", request.match_info["alias"])
+
+    async def _delete_recipient(self, kind: str, alias: str) -> web.Response:
+        directory = self.site.directory
+        await directory.run(directory.delete_recipient, kind, alias)
+        self.site.log.info("directory.recipient_deleted", kind=kind, alias=alias)
         return web.json_response({"deleted": alias, "site": self.site.config.site})
 
     async def post_password(self, request: web.Request) -> web.Response:
@@ -526,17 +625,33 @@ class AdminServer:
         return len(own) + len(others - own.keys())
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's)."""
-        return web.json_response({"messages": envelope_items(await self._all_envelopes(),
-                                                             held=self.site.qmgr.held_recipients)})
+        """Every queued message with each recipient's state, attempts, next attempt and last reply (every worker's); on a site of several servers every server's, each message naming its `server` (`?server=NAME`: one server's; `servers`: which answered)."""
+        scope = self.api.scope(request.query)
+        own = envelope_items(await self._all_envelopes(), held=self.site.qmgr.held_recipients) if scope.local else []
+        if self.servers is None or not scope.labelled:
+            return web.json_response({"messages": own})
+        items, answers = await self.servers.gather_lists(scope, "/queue", "messages", own)
+        items.sort(key=lambda m: (m.get("received_at") or 0, m.get("queue_id") or ""))
+        return web.json_response({"messages": items, "servers": self.servers.report(scope, answers)})
 
     async def post_queue_retry(self, request: web.Request) -> web.Response:
-        """Retry now: `{"queue_id"}` for one message, `{}` for all."""
+        """Retry now: `{"queue_id"}` for one message, `{}` for all; on a site of several servers a message another server holds is retried there, and `{}` retries at every server (`?server=NAME`: at one)."""
         body = await _json_body(request) if request.can_read_body else {}
         queue_id = _field(body, "queue_id", str)
-        if queue_id and queue_id not in self.site.qmgr.envelopes:
-            return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
-        return web.json_response({"retried": self.site.qmgr.retry_now(queue_id)})
+        scope = self.api.scope(request.query)
+        here = scope.local and (not queue_id or queue_id in self.site.qmgr.envelopes)
+        retried = self.site.qmgr.retry_now(queue_id) if here else 0
+        if self.servers is None or not scope.peers or (here and queue_id):
+            if not here:
+                return web.json_response({"error": f"no message {queue_id} in the queue"}, status=404)
+            return web.json_response({"retried": retried})
+        answers = await self.servers.ask("POST", "/queue/retry", scope.peers, body=body)
+        retried += sum(int(a.body.get("retried", 0)) for a in answers.values() if a.ok and isinstance(a.body, dict))
+        report = self.servers.report(scope, answers)
+        if queue_id and not here and not any(a.ok for a in answers.values()):
+            return web.json_response({"error": f"no message {queue_id} in the queue of any server that answered",
+                                      "servers": report}, status=404)
+        return web.json_response({"retried": retried, "servers": report})
 
 
     async def get_transfer_mode(self, request: web.Request) -> web.Response:
@@ -575,6 +690,11 @@ class AdminServer:
         except FaultError as exc:
             return web.json_response({"error": str(exc)}, status=404)
         return web.json_response({"site": self.site.config.site, "cleared": [f.id for f in removed]})
+
+    async def get_link_monitors(self, request: web.Request) -> web.Response:
+        """The Link Monitors of this site (KB Q246674): each target's state, since when, last round trip."""
+        return web.json_response({"site": self.site.config.site, "now": self.site.clock(),
+                                  "monitors": self.site.link_monitors.snapshot()})
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         """PerfMon counters as Prometheus metrics (text format 0.0.4); no token unless `metrics.require_token`."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from imsrelay.config.loader import load_config
 from imsrelay.directory.keys import ReplicationKeyError, trust_from
 from imsrelay.model.errors import ConfigError, ConfigErrors, UserError
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import OutboundAuth, SiteConfig, hosts_text
 
 # KB Q196927's network (10.10.10.x) is the embedded lab's 127.10.10.x: the same last
 # number on loopback (imsrelay.lab.embedded; not imported here: check-config stays light)
@@ -48,6 +48,16 @@ def with_lab_hint(error: ConfigError) -> ConfigError:
                                                f"article's {seed} at {address}, on loopback)")
 
 
+def auth_text(auth: OutboundAuth | None) -> str:
+    """`` (AUTH as user, password from …)``: never the password itself."""
+    if auth is None:
+        return ""
+    clear = ", also without TLS" if auth.allow_plaintext else ""
+    missing = (", which does not exist here: the mail will wait (4.7.0)"
+               if auth.password_file is not None and not auth.password_file.exists() else "")
+    return f" (AUTH as {auth.username}, password from {auth.password_source}{missing}{clear})"
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         c = load_config(args.config)
@@ -68,11 +78,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  submission {', '.join(ports)}")
     print(f"  mailboxes: {', '.join(m.alias for m in c.mailboxes) or '(none)'}")
     for cs in c.connected_sites:
-        print(f"  connected site {cs.name}: SMTP {cs.routing_address}")
+        via = f" via {hosts_text(cs.hosts)}" if cs.hosts else ""
+        print(f"  connected site {cs.name}: SMTP {cs.routing_address}, cost {cs.cost}{via}")
+    if c.routing.least_cost_only:
+        print("  least-cost routes only (no failover to a dearer Connected Sites route)")
     for r in c.email_domains:
-        print(f"  e-mail domain {r.domain} -> {r.host}:{r.port}")
+        print(f"  e-mail domain {r.domain} -> {hosts_text(r.hosts)}{auth_text(r.auth)}")
     if c.delivery.smart_host:
-        print(f"  smart host {c.delivery.smart_host}:{c.delivery.smart_host_port}")
+        print(f"  smart host {hosts_text(c.delivery.smart_hosts)}{auth_text(c.delivery.smart_host_auth)}")
     if rep.signing_key is not None:
         here = "" if rep.signing_key.exists() else " (not on this machine: not checked)"
         print(f"  replication keys: per-site ed25519, own key {rep.signing_key}{here}; trusted: "

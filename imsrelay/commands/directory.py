@@ -1,4 +1,6 @@
-"""``imsrelay directory list|show|add|delete|passwd|restrict|protocols|hash-password`` — the site's directory.
+"""``imsrelay directory list|show|add|delete|passwd|restrict|protocols|hash-password`` — the site's directory;
+``add-custom|delete-custom`` (custom recipients, KB Q258203) and ``add-list|set-list|delete-list``
+(distribution lists, KB Q185194).
 
 ``list`` reads the database; ``add``/``delete``/``passwd``/``restrict`` go through the
 running site's admin endpoint, or (``--offline``) change the stopped site's database
@@ -16,11 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from imsrelay.admin.client import cli_call, ensure_offline
+from imsrelay.admin.server import recipient_dict
 from imsrelay.commands import add_site_options
 from imsrelay.config.loader import load_config
 from imsrelay.directory.store import Directory, DirectoryError, DirectoryNotFound
 from imsrelay.model.errors import UserError
-from imsrelay.model.objects import Mailbox, Protocols, SiteObject
+from imsrelay.model.objects import CustomRecipient, DistributionList, Mailbox, Protocols, SiteObject
 from imsrelay.model.settings import ACCESS_PROTOCOLS, SiteConfig
 from imsrelay.policy import protocols as protocol_policy
 from imsrelay.policy.auth import PasswordError, hash_password
@@ -96,6 +99,118 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_site_options(pr)
     pr.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
     pr.set_defaults(func=cmd_protocols)
+    _register_recipients(dsub)
+
+
+def _register_recipients(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ac = dsub.add_parser("add-custom", help="create a custom recipient here: mail to it goes to TARGET (Q258203)",
+                         description="A custom recipient (KB Q258203): a directory object with the site's proxy "
+                                     "addresses (alias@ the Site Addressing domain) whose mail is redirected to "
+                                     "an external TARGET address.  It replicates like a mailbox.")
+    ac.add_argument("alias", help="the alias (letters, digits, . _ -)")
+    ac.add_argument("target", help="the external address, e.g. partner@example.net")
+    ac.add_argument("--display-name", help="display name (default: the alias)")
+    ac.add_argument("--address", action="append", default=[], help="a secondary SMTP address (repeatable)")
+    add_site_options(ac)
+    ac.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    ac.set_defaults(func=cmd_add_custom)
+    al = dsub.add_parser("add-list", help="create a distribution list here (Q185194)",
+                         description="A distribution list (KB Q185194): members by address (mailboxes, custom "
+                                     "recipients, other lists), expanded once at its expansion site (any site "
+                                     "when left out); NDRs for members go to --owner if set, else to the sender.")
+    al.add_argument("alias", help="the alias (letters, digits, . _ -)")
+    al.add_argument("--member", action="append", default=[], help="a member's address (repeatable)")
+    al.add_argument("--owner", default="", help="the address NDRs for the members go to (default: the sender)")
+    al.add_argument("--expansion-site", default="", help="the site that expands it (default: any site)")
+    al.add_argument("--display-name", help="display name (default: the alias)")
+    al.add_argument("--address", action="append", default=[], help="a secondary SMTP address (repeatable)")
+    add_site_options(al)
+    al.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    al.set_defaults(func=cmd_add_list)
+    sl = dsub.add_parser("set-list", help="change a distribution list's members, owner or expansion site")
+    sl.add_argument("alias", help="the list's alias")
+    sl.add_argument("--add", action="append", default=[], metavar="ADDRESS", help="add a member (repeatable)")
+    sl.add_argument("--remove", action="append", default=[], metavar="ADDRESS", help="remove a member (repeatable)")
+    sl.add_argument("--owner", help="the owner's address (\"\": none, NDRs to the sender)")
+    sl.add_argument("--expansion-site", help="the site that expands it (\"\": any site)")
+    add_site_options(sl)
+    sl.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    sl.set_defaults(func=cmd_set_list)
+    for kind, name, what in (("custom", "delete-custom", "a custom recipient"),
+                             ("dl", "delete-list", "a distribution list")):
+        dp = dsub.add_parser(name, help=f"delete {what} homed at this site (a tombstone replicates)")
+        dp.add_argument("alias", help="its alias")
+        add_site_options(dp)
+        dp.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+        dp.set_defaults(func=cmd_delete_recipient, kind=kind)
+
+
+def describe(r: CustomRecipient | DistributionList | dict[str, Any]) -> str:
+    """One line for a custom recipient or list (an object or the API's dict)."""
+    d = r if isinstance(r, dict) else recipient_dict(r)
+    if d["kind"] == "custom":
+        return f"custom recipient {d['alias']} (SMTP:{d['primary_address']}) -> {d['target']}"
+    extra = (f", owner {d['owner']}" if d["owner"] else "") + (
+        f", expanded at {d['expansion_site']}" if d["expansion_site"] else "")
+    return (f"distribution list {d['alias']} (SMTP:{d['primary_address']}): "
+            f"{len(d['members'])} member(s){extra}")
+
+
+def cmd_add_custom(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    if not args.offline:
+        r = cli_call(config, "POST", "/directory/custom-recipients",
+                     {"alias": args.alias, "target": args.target, "display_name": args.display_name,
+                      "addresses": args.address})
+        print(f"{config.site}: {describe(r)} created")
+        return 0
+    entry = _offline(args, config, lambda d: d.add_custom_recipient(args.alias, args.target, args.display_name,
+                                                                    args.address))
+    print(f"{config.site}: {describe(entry)} created (offline)")
+    return 0
+
+
+def cmd_add_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    if not args.offline:
+        r = cli_call(config, "POST", "/directory/lists",
+                     {"alias": args.alias, "members": args.member, "owner": args.owner,
+                      "expansion_site": args.expansion_site, "display_name": args.display_name,
+                      "addresses": args.address})
+        print(f"{config.site}: {describe(r)} created")
+        return 0
+    entry = _offline(args, config, lambda d: d.add_distribution_list(
+        args.alias, args.member, args.display_name, owner=args.owner, expansion_site=args.expansion_site,
+        extra_addresses=args.address))
+    print(f"{config.site}: {describe(entry)} created (offline)")
+    return 0
+
+
+def cmd_set_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    if not args.offline:
+        r = cli_call(config, "PUT", f"/directory/lists/{args.alias}",
+                     {"add": args.add, "remove": args.remove, "owner": args.owner,
+                      "expansion_site": args.expansion_site})
+        print(f"{config.site}: {describe(r)}")
+        return 0
+    entry = _offline(args, config, lambda d: d.set_distribution_list(
+        args.alias, add=args.add, remove=args.remove, owner=args.owner, expansion_site=args.expansion_site))
+    print(f"{config.site}: {describe(entry)} (offline)")
+    return 0
+
+
+def cmd_delete_recipient(args: argparse.Namespace) -> int:
+    config = load_config(args.config, data_dir=args.data)
+    what = "custom recipient" if args.kind == "custom" else "distribution list"
+    if not args.offline:
+        path = "custom-recipients" if args.kind == "custom" else "lists"
+        cli_call(config, "DELETE", f"/directory/{path}/{args.alias}")
+        print(f"{config.site}: {what} {args.alias} deleted (the deletion replicates as a tombstone)")
+        return 0
+    _offline(args, config, lambda d: d.delete_recipient(args.kind, args.alias))
+    print(f"{config.site}: {what} {args.alias} deleted (offline; the deletion replicates as a tombstone)")
+    return 0
 
 
 def open_directory(args: argparse.Namespace) -> Directory:
@@ -111,11 +226,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         boxes = directory.mailboxes(args.site)
         sites = directory.sites()
+        others = [r for r in directory.recipients("custom", args.site) + directory.recipients("dl", args.site)
+                  if isinstance(r, CustomRecipient | DistributionList)]
         if args.json:
             print(json.dumps({
                 "sites": [dataclasses.asdict(s) for s in sites],
                 "mailboxes": [{"alias": m.alias, "display_name": m.display_name, "home_site": m.home_site,
-                               "proxy_addresses": list(m.proxy_addresses)} for m in boxes]}, indent=2))
+                               "proxy_addresses": list(m.proxy_addresses)} for m in boxes],
+                "custom_recipients": [dataclasses.asdict(r) for r in others if isinstance(r, CustomRecipient)],
+                "distribution_lists": [dataclasses.asdict(r) for r in others if isinstance(r, DistributionList)]},
+                indent=2))
             return 0
         for s in sites:
             print(f"site {s.name} (server {s.server}): Site Addressing SMTP {s.smtp_address}, "
@@ -123,6 +243,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{'alias':<16} {'home site':<10} {'display name':<22} proxy addresses")
         for m in boxes:
             print(f"{m.alias:<16} {m.home_site:<10} {m.display_name:<22} {' '.join(m.proxy_addresses)}")
+        for r in others:
+            print(f"{r.home_site}: {describe(r)}" + (f" [{', '.join(r.members)}]"
+                                                      if isinstance(r, DistributionList) else ""))
         return 0
     except DirectoryError as exc:
 

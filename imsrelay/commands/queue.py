@@ -3,7 +3,9 @@
 
 Works on the data directory whether the site runs or not:
 
-- ``list`` and ``show`` only read the spool;
+- ``list`` and ``show`` only read the spool; ``list --all-servers`` asks the running
+  server's admin endpoint for the queue of every server of its site (``[[servers]]``),
+  each message naming its server, and names a server that does not answer;
 - ``retry`` makes each chosen message's pending recipients due now: in a stopped
   site's queue journal directly (a STATE record; it delivers them at its next
   start), else as a request in the running worker's ``queue/control*/``
@@ -45,6 +47,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls = qsub.add_parser("list", help="every queued message with its recipients' states (postqueue -p)")
     add_site_options(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--all-servers", action="store_true",
+                    help="the queue of every server of the site ([[servers]]), through the running server's "
+                         "admin endpoint; each message names its server (exit status 3 when a server does "
+                         "not answer: the others' queues are still listed)")
     ls.set_defaults(func=cmd_list)
 
     show = qsub.add_parser("show", help="one message: envelope, recipients and headers (postcat -q)")
@@ -116,7 +122,7 @@ def running_holds(config: SiteConfig) -> dict[tuple[str, str], str] | None:
     if config.admin.port == 0 or not config.admin.resolved_token():
         return None
     try:
-        queue = AdminClient.for_config(config, timeout=5.0).call("GET", "/queue")
+        queue = AdminClient.for_config(config, timeout=5.0).call("GET", "/queue?local=1")  # this server's
     except (AdminUnavailable, AdminRequestError):
         return None
     return {(m["queue_id"], r["address"]): r["held"] for m in queue.get("messages", [])
@@ -141,6 +147,8 @@ def recipient_lines(r: RecipientState, now: float, held: str | None = None) -> l
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.all_servers:
+        return list_site_queue(load_config(args.config, data_dir=args.data), as_json=args.json)
     spool = open_spool(args)
     config = load_config(args.config, data_dir=args.data)
     envelopes = list(spool.envelopes())
@@ -174,6 +182,45 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def list_site_queue(config: SiteConfig, *, as_json: bool = False) -> int:
+    """``queue list --all-servers``: every server's queue, from the running server's
+    admin endpoint (``GET /queue``, which asks the site's other servers)."""
+    try:
+        queue = AdminClient.for_config(config, timeout=30.0).call("GET", "/queue")
+    except AdminUnavailable as exc:
+        raise UserError(f"{exc} (--all-servers asks the running server)", status=3) from None
+    except AdminRequestError as exc:
+        raise UserError(f"{exc} (HTTP {exc.status})") from None
+    if as_json:
+        print(json.dumps(queue, indent=2))
+        return 0
+    messages = queue.get("messages", [])
+    silent = {name: s.get("error") for name, s in (queue.get("servers") or {}).items() if not s.get("ok")}
+    if messages:
+        width = max(len(m["queue_id"]) for m in messages)
+        server_width = max([len(m.get("server") or config.server) for m in messages] + [8])
+        print(f"{'-Queue ID-':<{width}} {'-Server-':<{server_width}} {'--Size--':>8} {'----Arrival Time----':<20}"
+              "  -Sender/Recipient-")
+        for m in messages:
+            print(f"{m['queue_id']:<{width}} {m.get('server') or config.server:<{server_width}} {m['size']:>8} "
+                  f"{when(m['received_at']):<20}  {m['sender'] or '<>'}")
+            for r in m["recipients"]:
+                due = f", next attempt {when(r['next_attempt'])}" if r.get("next_attempt") else ""
+                held = f", no attempt while held: {r['held']}" if r.get("held") else ""
+                print(f"    {r['state']:<9} {r['address']}  attempts {r['attempts']}{due}{held}")
+                if r.get("diagnostic") and r["state"] != "delivered":
+                    print(f"              ({r.get('status') or '-'} {r['diagnostic']})")
+            print()
+    else:
+        print("Mail queue is empty" + (" at the servers that answered" if silent else ""))
+    servers = queue.get("servers") or {config.server: {"ok": True}}
+    print(f"-- {len(messages)} message{'s' if len(messages) != 1 else ''} at "
+          f"{len(servers) - len(silent)} of {len(servers)} server{'s' if len(servers) != 1 else ''}")
+    for name, error in silent.items():
+        print(f"-- {name}: not answering ({error})")
+    return 3 if silent else 0
+
+
 def timeout_lines(env: Envelope, priorities: PriorityTimeouts) -> list[str]:
     """The message's priority and the Time-outs it gets (lifetime, delay notice)."""
     priority = env.extra.get("priority", NORMAL)
@@ -205,6 +252,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"origin:     {env.origin}{'  ' + ' '.join(flags) if flags else ''}")
     for line in timeout_lines(env, config.priorities):
         print(line)
+    if env.ret or env.envid:  # RFC 3461, as the sender gave them at MAIL FROM
+        print("dsn:        " + " ".join(f"{k}={v}" for k, v in (("RET", env.ret), ("ENVID", env.envid)) if v))
     now = time.time()
     for r in env.recipients:
         print("recipient:")
@@ -212,6 +261,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(line)
         if r.route:
             print(f"              route {r.route}")
+        if r.notify or r.orcpt:
+            print("              dsn " + " ".join(f"{k}={v}" for k, v in (("NOTIFY", r.notify), ("ORCPT", r.orcpt)) if v))
     print()
     if args.body:
         text = message

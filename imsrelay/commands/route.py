@@ -23,7 +23,7 @@ from imsrelay.directory.restrictions_report import Question, explain, inbound_po
 from imsrelay.directory.store import Directory, DirectoryError
 from imsrelay.model.addresses import AddressError, ip_literal, parse_address
 from imsrelay.model.errors import UserError
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import SiteConfig, hosts_text
 from imsrelay.observe.logs import configure_logging
 from imsrelay.policy.mail_loops import is_self, without_self
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
@@ -96,14 +96,19 @@ async def next_hop_lines(config: SiteConfig, route: Route) -> list[str]:
     me = site_endpoints(config, config.smtp.port)
     try:
         if route.kind == RELAY:
-            assert route.host is not None
-            literal = ip_literal(route.host)
-            if literal is not None:
-                return [f"next hop: {route.host} [{literal}]:{route.port} (fixed host, no DNS)"]
-            lines = [f"next hops: A/AAAA of {route.host} via {servers}:"]
-            hops = [NextHop(route.host, a, route.port, 0) for a in await resolver.addresses(route.host)]
-            lines += [f"  {i}. {remote_name(h)}{'  (this site: loop)' if is_self(h, me) else ''}"
-                      for i, h in enumerate(hops, 1)]
+            lines = []
+            if len(route.relay_hosts) > 1:
+                lines.append(f"hosts in this message's turn (KB Q279323; one that is down is skipped): "
+                             f"{hosts_text(route.relay_hosts)}")
+            for host, port in route.relay_hosts:
+                literal = ip_literal(host)
+                if literal is not None:
+                    lines.append(f"next hop: {host} [{literal}]:{port} (fixed host, no DNS)")
+                    continue
+                lines.append(f"next hops: A/AAAA of {host} via {servers}:")
+                hops = [NextHop(host, a, port, 0) for a in await resolver.addresses(host)]
+                lines += [f"  {i}. {remote_name(h)}{'  (this site: loop)' if is_self(h, me) else ''}"
+                          for i, h in enumerate(hops, 1)]
             return lines
         assert route.domain is not None
         hops = await resolver.next_hops(route.domain, port=route.port)

@@ -36,6 +36,7 @@ from imsrelay.model.settings import (
     DEFAULT_URGENT_LIFETIME,
     DIAGNOSTIC_CATEGORIES,
     DIAGNOSTIC_LEVELS,
+    INTERNET_MAIL_DEFAULT,
     REPLICATION_ALWAYS,
     SMTP_PORT,
     AccessConfig,
@@ -44,22 +45,29 @@ from imsrelay.model.settings import (
     ConnectedSite,
     ConnectionsConfig,
     ConsoleConfig,
+    CustomRecipientConfig,
     DeliveryConfig,
     DiagnosticsConfig,
+    DistributionListConfig,
     DnsConfig,
     DomainRoute,
     EtrnConfig,
     EtrnRequest,
+    InternetMailDomain,
+    JournalingConfig,
     LabConfig,
+    LinkMonitorConfig,
     LoggingConfig,
     MailboxConfig,
     MetricsConfig,
     NotificationsConfig,
+    OutboundAuth,
     QueueConfig,
     ReplicationConfig,
     ReplicationConnector,
     RestrictionsConfig,
     RoutingConfig,
+    Secret,
     SiteConfig,
     SiteServer,
     SmtpConfig,
@@ -265,17 +273,51 @@ def _listen(section: _Section, name: str) -> Any:
     return ip_literal(value)
 
 
-def _host(section: _Section, name: str) -> Any:
-    """A next hop: an IP address (or [literal]) or a host name."""
-    value = section.string(name, required=True)
-    if value is MISSING:
-        return value
-    if ip_literal(value) is None:
+def _host_list(section: _Section, name: str, default_port: int, *, required: bool = False) -> Any:
+    """``host1,host2:2525,[::1]:26`` (KB Q279323) → ((host, port), ...), each host an IP
+    address or a name, each with its own port or ``default_port``; MISSING when absent
+    or wrong (the error recorded)."""
+    value = section.string(name, required=required)
+    if value in (MISSING, ""):
+        return MISSING
+    hosts: list[tuple[str, int]] = []
+    for part in value.split(","):
+        if not part.strip():
+            return section.error(name, f"{value!r}: an empty host in the list (write `host1,host2,host3`)")
         try:
-            normalise_domain(value)
-        except AddressError:
-            return section.error(name, f"{value!r} is neither an IP address nor a host name")
-    return value
+            hosts.append(parse_host_port(part, default_port))
+        except ValueError as exc:
+            return section.error(name, str(exc))
+    if len(set(hosts)) != len(hosts):
+        return section.error(name, f"{value!r} names the same host twice")
+    return tuple(hosts)
+
+
+def _outbound_auth(parent: _Section, name: str, config_dir: Path) -> Any:
+    """The Security tab's credentials (Q174754): ``{ username, password_env | password_file |
+    password, allow_plaintext }``; MISSING when not given."""
+    if name not in parent.table:
+        parent.used.add(name)
+        return MISSING
+    a = parent.table_of(name)
+    username = a.string("username", required=True)
+    password = a.string("password")
+    env = a.string("password_env")
+    file = a.string("password_file")
+    allow = a.boolean("allow_plaintext")
+    given = [k for k, v in (("password", password), ("password_env", env), ("password_file", file))
+             if v not in (MISSING, "")]
+    if len(given) != 1:
+        a.error("password_env", "give exactly one of password_env (preferred), password_file or password"
+                + (f", not {' and '.join(given)}" if given else ""))
+    a.reject_unknown()
+    if username is MISSING or len(given) != 1:
+        return MISSING
+    return _build(OutboundAuth, username=username,
+                  password=Secret(password) if password not in (MISSING, "") else MISSING,
+                  password_env=env if env not in (MISSING, "") else MISSING,
+                  password_file=(config_dir / file) if file not in (MISSING, "") else MISSING,
+                  allow_plaintext=allow)
 
 
 def _load_smtp(s: _Section, config_dir: Path) -> SmtpConfig:
@@ -356,13 +398,10 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
             intervals.append(parse_duration(value))
         except ValueError as exc:
             s.item_error("retry_intervals", i, str(exc))
-    smart = s.string("smart_host")
-    smart_host, smart_port = MISSING, MISSING
-    if smart not in (MISSING, ""):
-        try:
-            smart_host, smart_port = parse_host_port(smart, SMTP_PORT)
-        except ValueError as exc:
-            s.error("smart_host", str(exc))
+    smart = _host_list(s, "smart_host", SMTP_PORT)
+    smart_host, smart_port, smart_more = MISSING, MISSING, MISSING
+    if smart is not MISSING:
+        (smart_host, smart_port), smart_more = smart[0], smart[1:]
     policies = []
     for t in s.tables("tls"):
         domain = _domain(t, "domain", t.string("domain", required=True))
@@ -377,6 +416,8 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
         delay_notice=s.duration("delay_notice", off=None),
         smart_host=smart_host,
         smart_host_port=smart_port,
+        smart_host_more=smart_more,
+        smart_host_auth=_outbound_auth(s, "smart_host_auth", config_dir),
         starttls=s.choice("starttls", STARTTLS_POLICIES),
         tls_policies=tuple(policies),
         max_per_destination=s.integer("max_per_destination", minimum=1),
@@ -389,6 +430,7 @@ def _load_delivery(s: _Section, config_dir: Path) -> DeliveryConfig:
         max_active_messages=s.integer("max_active_messages", minimum=1),
         smart_host_starttls=s.choice("smart_host_starttls", STARTTLS_POLICIES),
         tls_ca_file=(config_dir / ca) if (ca := s.string("tls_ca_file")) else MISSING,
+        max_message_size=s.integer("max_message_size"),
     )
     s.reject_unknown()
     return cfg
@@ -460,6 +502,73 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
     return tuple(mailboxes)
 
 
+def _addresses(section: _Section, name: str) -> list[str]:
+    """A list of SMTP addresses (``smtp:`` prefixes allowed), each checked."""
+    out = []
+    for i, addr in section.strings(name):
+        try:
+            parse_address(addr.split(":", 1)[-1] if addr.lower().startswith("smtp:") else addr)
+        except AddressError as exc:
+            section.item_error(name, i, str(exc))
+            continue
+        out.append(addr)
+    return out
+
+
+def _one_address(section: _Section, name: str, *, required: bool = False) -> str:
+    value = section.string(name, required=required)
+    if value is MISSING:
+        return ""
+    try:
+        parse_address(value)
+    except AddressError as exc:
+        section.error(name, f"{value!r} is not an address: {exc}")
+        return ""
+    return str(value)
+
+
+def _load_recipients(root: _Section, mailboxes: tuple[MailboxConfig, ...]
+                     ) -> tuple[tuple[CustomRecipientConfig, ...], tuple[DistributionListConfig, ...]]:
+    """``[[custom_recipients]]`` and ``[[distribution_lists]]`` (KB Q258203, Q185194): aliases
+    valid and unique among them and the mailboxes."""
+    seen = {m.alias.lower() for m in mailboxes}
+    customs: list[CustomRecipientConfig] = []
+    lists: list[DistributionListConfig] = []
+
+    def alias_of(t: _Section) -> Any:
+        alias = t.string("alias", required=True)
+        if alias is not MISSING and not _ALIAS.fullmatch(alias):
+            return t.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        if alias is not MISSING and alias.lower() in seen:
+            return t.error("alias", f"{alias!r} is taken (by a mailbox, custom recipient or list listed before)")
+        if alias is not MISSING:
+            seen.add(alias.lower())
+        return alias
+
+    for t in root.tables("custom_recipients"):
+        alias = alias_of(t)
+        target = _one_address(t, "target", required=True)
+        display = t.string("display_name")
+        extra = _addresses(t, "addresses")
+        if alias not in (MISSING, None) and target:
+            customs.append(CustomRecipientConfig(alias, target, "" if display is MISSING else display, tuple(extra)))
+        t.reject_unknown()
+    for t in root.tables("distribution_lists"):
+        alias = alias_of(t)
+        members = _addresses(t, "members")
+        display = t.string("display_name")
+        owner = _one_address(t, "owner")
+        site = t.string("expansion_site")
+        if site is not MISSING and not _NAME.fullmatch(site):
+            site = t.error("expansion_site", f"{site!r} is not a site name")
+        extra = _addresses(t, "addresses")
+        if alias not in (MISSING, None):
+            lists.append(DistributionListConfig(alias, tuple(members), "" if display is MISSING else display, owner,
+                                                "" if site in (MISSING, None) else site, tuple(extra)))
+        t.reject_unknown()
+    return tuple(customs), tuple(lists)
+
+
 def _load_servers(root: _Section, server: str | object) -> tuple[SiteServer, ...]:
     """``[[servers]]``: every server of the site, this one included (issue 24; KB Q199354)."""
     servers: list[SiteServer] = []
@@ -520,35 +629,74 @@ def _load_connected_sites(root: _Section) -> tuple[ConnectedSite, ...]:
         elif routing is not MISSING:
             routing = _domain(c, "routing_address", routing[1:])
         cost = c.integer("cost", minimum=0, maximum=100)
-        via = c.string("host")
-        via_host, via_port = MISSING, c.port("port")
-        if via not in (MISSING, ""):
-            try:
-                via_host, via_port = parse_host_port(via, SMTP_PORT if via_port is MISSING else via_port)
-            except ValueError as exc:
-                c.error("host", str(exc))
+        via_port = c.port("port")
+        via = _host_list(c, "host", SMTP_PORT if via_port is MISSING else via_port)
+        via_host, more = MISSING, MISSING
+        if via is not MISSING:
+            (via_host, via_port), more = via[0], via[1:]
         if name is not MISSING and routing is not MISSING:
             connected.append(_build(ConnectedSite, name=name, routing_address="@" + routing, cost=cost,
-                                    host=via_host, port=via_port))
+                                    host=via_host, port=via_port, more_hosts=more))
         c.reject_unknown()
     return tuple(connected)
 
 
-def _load_email_domains(root: _Section) -> tuple[DomainRoute, ...]:
+def _load_email_domains(root: _Section, config_dir: Path) -> tuple[DomainRoute, ...]:
     routes = []
     for e in root.tables("email_domains"):
         domain = e.string("domain", required=True)
         exact = domain is not MISSING and domain.startswith("#")
         domain = _domain(e, "domain", domain)
-        host = _host(e, "host")
         port = e.port("port")
+        hosts = _host_list(e, "host", SMTP_PORT if port is MISSING else port, required=True)
         starttls = e.choice("starttls", STARTTLS_POLICIES)
         etrn = e.boolean("etrn")
-        if domain is not MISSING and host is not MISSING:
+        auth = _outbound_auth(e, "auth", config_dir)
+        if domain is not MISSING and hosts is not MISSING:
+            (host, port), more = hosts[0], hosts[1:]
             routes.append(_build(DomainRoute, domain=("#" if exact else "") + domain, host=host, port=port,
-                                 starttls=starttls, etrn=etrn))
+                                 starttls=starttls, etrn=etrn, more_hosts=more, auth=auth))
         e.reject_unknown()
     return tuple(routes)
+
+
+def _load_internet_mail(root: _Section) -> tuple[InternetMailDomain, ...]:
+    """``[[internet_mail]]``: the Internet Mail tab by E-Mail Domain; ``*`` is the default entry."""
+    entries: list[InternetMailDomain] = []
+    seen: set[str] = set()
+    for e in root.tables("internet_mail"):
+        given = e.string("domain", required=True)
+        domain = given
+        if given not in (MISSING, INTERNET_MAIL_DEFAULT):
+            exact = given.startswith("#")
+            domain = _domain(e, "domain", given)
+            domain = MISSING if domain is MISSING else ("#" if exact else "") + domain
+        if domain is not MISSING and domain.lower() in seen:
+            domain = e.error("domain", f"{domain!r} is listed twice: give each domain one entry")
+        values = {name: e.boolean(name) for name in ("out_of_office", "auto_replies", "auto_forwards",
+                                                     "display_names")}
+        size = e.integer("max_message_size")
+        if domain is not MISSING:
+            seen.add(domain.lower())
+            entries.append(_build(InternetMailDomain, domain=domain, max_message_size=size, **values))
+        e.reject_unknown()
+    return tuple(entries)
+
+
+def _load_journaling(j: _Section) -> JournalingConfig:
+    recipient = j.string("recipient")
+    if recipient is not MISSING and not recipient.strip():
+        recipient = MISSING  # "" = off
+    elif recipient is not MISSING and "@" in recipient:
+        try:
+            parse_address(recipient)
+        except AddressError as exc:
+            recipient = j.error("recipient", f"{recipient!r} is not an address: {exc}")
+    elif recipient is not MISSING and not _ALIAS.fullmatch(recipient):
+        recipient = j.error("recipient", f"{recipient!r} is neither an address nor a mailbox alias")
+    cfg = _build(JournalingConfig, recipient=recipient, reports=j.boolean("reports"))
+    j.reject_unknown()
+    return cfg
 
 
 def _public_key(t: _Section, site: str) -> Any:
@@ -628,7 +776,8 @@ def _load_admin(a: _Section) -> AdminConfig:
 
 
 def _load_routing(rt: _Section) -> RoutingConfig:
-    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES))
+    cfg = _build(RoutingConfig, address_literals=rt.choice("address_literals", ADDRESS_LITERAL_POLICIES),
+                 least_cost_only=rt.boolean("least_cost_only"))
     rt.reject_unknown()
     return cfg
 
@@ -689,13 +838,14 @@ def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, d
 
     for i, server in enumerate(dns.nameservers):
         check(f"dns.nameservers[{i}]", parse_host_port(server, 53, ip_only=True)[0])
-    if delivery.smart_host:
-        check("delivery.smart_host", delivery.smart_host)
+    for host, _ in delivery.smart_hosts:
+        check("delivery.smart_host", host)
     for i, c in enumerate(connected):
-        if c.host:
-            check(f"connected_sites[{i}].host", c.host)
+        for host, _ in c.hosts:
+            check(f"connected_sites[{i}].host", host)
     for i, r in enumerate(routes):
-        check(f"email_domains[{i}].host", r.host)
+        for host, _ in r.hosts:
+            check(f"email_domains[{i}].host", host)
     for i, e in enumerate(etrn.requests):
         check(f"etrn.requests[{i}].host", e.host)
 
@@ -855,6 +1005,60 @@ def _load_etrn(e: _Section) -> EtrnConfig:
     return cfg
 
 
+def _load_link_monitors(root: _Section) -> tuple[LinkMonitorConfig, ...]:
+    monitors: list[LinkMonitorConfig] = []
+    names: set[str] = set()
+    for m in root.tables("link_monitors"):
+        name = m.string("name", required=True)
+        if name is not MISSING and (not name.strip() or any(ord(c) < 32 for c in name)):
+            name = m.error("name", "must be a non-empty name on one line")
+        if name is not MISSING and name.lower() in names:
+            name = m.error("name", f"a link monitor named {name!r} is already defined")
+        elif name is not MISSING:
+            names.add(name.lower())
+        targets: list[str] = []
+        for i, target in m.strings("targets"):
+            text = target.strip()
+            problem = _link_target_problem(text)
+            if problem:
+                m.item_error("targets", i, problem)
+            elif text.lower() in (t.lower() for t in targets):
+                m.item_error("targets", i, f"{text!r} is listed twice")
+            else:
+                targets.append(text)
+        if not targets and not any(e.key.startswith(m.key("targets")) for e in m.errors):
+            m.error("targets", "a link monitor needs at least one target (a site name or an address)")
+        interval = m.duration("interval")
+        warning = m.duration("warning_after")
+        alert = m.duration("alert_after")
+        notify = m.string("notify")
+        for key, value in (("interval", interval), ("warning_after", warning), ("alert_after", alert)):
+            if value is not MISSING and value <= 0:
+                m.error(key, "must be more than 0")
+        cfg = _build(LinkMonitorConfig, name=name if name is not MISSING else "", targets=tuple(targets),
+                     interval=interval, warning_after=warning, alert_after=alert,
+                     notify=notify.strip() if notify else MISSING)
+        if cfg.warning_after >= cfg.alert_after:
+            m.error("alert_after", f"must be longer than warning_after ({cfg.warning_after:g}s)")
+        if name is not MISSING and targets:
+            monitors.append(cfg)
+        m.reject_unknown()
+    return tuple(monitors)
+
+
+def _link_target_problem(text: str) -> str | None:
+    """Why a link monitor target is not a site name or an address (None: it is one)."""
+    if "@" in text:
+        try:
+            parse_address(text)
+        except AddressError as exc:
+            return f"{text!r} is not an address: {exc}"
+        return None
+    if not _NAME.fullmatch(text):
+        return f"{text!r} is neither a site name nor an address"
+    return None
+
+
 def _load_diagnostics(d: _Section) -> DiagnosticsConfig:
     levels = []
     for category in DIAGNOSTIC_CATEGORIES:
@@ -919,12 +1123,15 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     queue = _load_queue(root.table_of("queue"), smtp_section)
     smtp = _load_smtp(smtp_section, config_dir)
     mailboxes = _load_mailboxes(root)
+    custom_recipients, distribution_lists = _load_recipients(root, mailboxes)
     servers = _load_servers(root, server)
     _check_home_servers(root, mailboxes, servers)
     delivery = _load_delivery(root.table_of("delivery"), config_dir)
     dns = _load_dns(root.table_of("dns"))
     connected = _load_connected_sites(root)
-    routes = _load_email_domains(root)
+    routes = _load_email_domains(root, config_dir)
+    internet_mail = _load_internet_mail(root)
+    journaling = _load_journaling(root.table_of("journaling"))
     replication = _load_replication(root.table_of("replication"), config_dir)
     _check_bridgehead(root, replication, servers)
     admin = _load_admin(root.table_of("admin"))
@@ -934,6 +1141,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     priorities = _load_priorities(root.table_of("priorities"), delivery)
     notifications = _load_notifications(root.table_of("notifications"))
     etrn = _load_etrn(root.table_of("etrn"))
+    link_monitors = _load_link_monitors(root)
     diagnostics = _load_diagnostics(root.table_of("diagnostics"))
     metrics = _load_metrics(root.table_of("metrics"))
     routing = _load_routing(root.table_of("routing"))
@@ -968,11 +1176,12 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     return SiteConfig(
         path=path, organisation=organisation, site=name, server=server,
         site_domain=site_domain, company_domain=company_domain, data_dir=data_dir,
-        smtp=smtp, mailboxes=mailboxes, servers=servers, delivery=delivery, queue=queue, dns=dns,
-        connected_sites=connected, email_domains=routes,
+        smtp=smtp, mailboxes=mailboxes, custom_recipients=custom_recipients,
+        distribution_lists=distribution_lists, servers=servers, delivery=delivery, queue=queue, dns=dns,
+        connected_sites=connected, email_domains=routes, internet_mail=internet_mail, journaling=journaling,
         replication=replication, admin=admin, logging=logging, routing=routing, tracking=tracking,
         auth=auth, submission=submission, restrictions=restrictions, access=access,
         transfer=transfer, connections=connections, priorities=priorities, notifications=notifications,
-        etrn=etrn, diagnostics=diagnostics, metrics=metrics,
+        etrn=etrn, link_monitors=link_monitors, diagnostics=diagnostics, metrics=metrics,
         console=console, lab=lab,
     )

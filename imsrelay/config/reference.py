@@ -25,17 +25,24 @@ from imsrelay.model.errors import ConfigErrors
 _PROBE: dict[str, Any] = {
     "site": {"organisation": "Org", "name": "SiteA", "server": "ServerA", "email_domain": "a.example"},
     "mailboxes": [{"alias": "User1", "display_name": "User One"}],
+    "custom_recipients": [{"alias": "Partner", "target": "partner@example.net"}],
+    "distribution_lists": [{"alias": "Staff"}],
     "connected_sites": [{"name": "SiteB", "routing_address": "@b.example"}],
-    "email_domains": [{"domain": "b.example", "host": "127.0.0.2"}],
-    "delivery": {"tls": [{"domain": "b.example", "starttls": "require"}]},
+    "email_domains": [{"domain": "b.example", "host": "127.0.0.2",
+                       "auth": {"username": "ims", "password_env": "IMS_B_PASSWORD"}}],
+    "internet_mail": [{"domain": "*"}],
+    "delivery": {"tls": [{"domain": "b.example", "starttls": "require"}],
+                 "smart_host_auth": {"username": "ims", "password_env": "IMS_SMART_HOST_PASSWORD"}},
     "replication": {"connectors": [{"site": "SiteB"}], "trusted_keys": {}},
     "etrn": {"requests": [{"host": "127.0.0.3", "domain": "a.example"}]},
+    "link_monitors": [{"name": "Sites", "targets": ["SiteB"]}],
     "auth": {"mechanisms": ["PLAIN"]},  # read only when given
 }
 
 # TOML key -> dataclass field, where the two names differ
 _FIELD_NAMES = {"site.name": "site", "site.email_domain": "site_domain", "delivery.tls": "tls_policies",
-                "mailboxes[].addresses": "extra_addresses"}
+                "mailboxes[].addresses": "extra_addresses", "custom_recipients[].addresses": "extra_addresses",
+                "distribution_lists[].addresses": "extra_addresses"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class Key:
         head, _, _ = self.name.rpartition(".")
         if head.endswith("[]"):
             return f"[[{head[:-2]}]]"
-        return f"[{head}]" if head else "(top level)"
+        # a table inside an array's entry: `[email_domains.auth]` under its `[[email_domains]]`
+        return f"[{head.replace('[]', '')}]" if head else "(top level)"
 
     @property
     def leaf(self) -> str:
@@ -144,9 +152,13 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _element(hint: Any) -> Any:
-    """``ConnectedSite`` of ``tuple[ConnectedSite, ...]``; the hint itself otherwise."""
+    """``ConnectedSite`` of ``tuple[ConnectedSite, ...]``, ``OutboundAuth`` of
+    ``OutboundAuth | None``; the hint itself otherwise."""
     if typing.get_origin(hint) is tuple:
         return typing.get_args(hint)[0]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+        return args[0]
     return hint
 
 
@@ -163,7 +175,7 @@ def _classes() -> dict[str, type]:
                 continue
             name = next((k.rpartition(".")[2] for k, v in _FIELD_NAMES.items()
                          if v == f.name and k.startswith(prefix)), f.name)
-            path = f"{prefix}{name}" + ("[]" if inner is not hint else "")
+            path = f"{prefix}{name}" + ("[]" if typing.get_origin(hint) is tuple else "")
             out[path] = inner
             walk(path + ".", inner)
 
@@ -236,14 +248,17 @@ def keys() -> list[Key]:
         out.append(Key(name, kind, default, field_doc))
     sections = [f.name for f in dataclasses.fields(settings.SiteConfig)]
 
-    def place(key: Key) -> tuple[int, int]:
+    heads = list(dict.fromkeys(k.rpartition(".")[0] for k in kinds))  # sub-tables in the order read
+
+    def place(key: Key) -> tuple[int, int, int]:
         top = key.name.split(".")[0].split("[")[0]
         head = key.name.rpartition(".")[0]
         cls = classes.get(head)
         fields = [f.name for f in dataclasses.fields(cls)] if cls else []
         field_name = _FIELD_NAMES.get(key.name, key.leaf)
         top_index = 0 if top == "site" else (sections.index(top) if top in sections else len(sections))
-        return top_index * 10 + head.count("."), (fields.index(field_name) if field_name in fields else len(fields))
+        return (top_index * 10 + head.count("."), heads.index(head),
+                (fields.index(field_name) if field_name in fields else len(fields)))
 
     return sorted(out, key=place)
 

@@ -5,7 +5,8 @@ second (``interval``) for a cheap picture — queue, replication, directory USN,
 tracking events since the last look (an indexed query: a ``delivered`` event is new
 mail, without listing any mailbox), the lab stage — and tells the pages which
 *topics* changed (``queue:SiteA``, ``mail:SiteB``, ``tracking:SiteB``,
-``replication:SiteC``, ``directory:SiteA``, ``stage``); a page re-reads only the views
+``replication:SiteC``, ``directory:SiteA``, ``linkmon:SiteA`` (a Link Monitor target's
+state or answers), ``stage``); a page re-reads only the views
 those topics touch.  Nothing is asked while nobody listens.
 """
 
@@ -17,7 +18,13 @@ import time
 from typing import Any
 
 from imsrelay.console.backend import Organisation, Reply
-from imsrelay.console.views import changed_topics, queue_signature, replication_signature, signature
+from imsrelay.console.views import (
+    changed_topics,
+    link_monitor_signature,
+    queue_signature,
+    replication_signature,
+    signature,
+)
 
 MAX_SUBSCRIBERS = 32
 
@@ -87,9 +94,9 @@ class LiveFeed:
         now = time.time()
         since = (self._polled or now) - 5.0  # events are written by a thread: look a little back
         self._polled = now
-        statuses, queues, replication, recent = await asyncio.gather(
+        statuses, queues, replication, monitors, recent = await asyncio.gather(
             self.org.each("GET", "/status"), self.org.each("GET", "/queue"),
-            self.org.each("GET", "/replication/status"),
+            self.org.each("GET", "/replication/status"), self.org.each("GET", "/link-monitors"),
             self.org.each("GET", "/api/v1/tracking", params={"since": f"{since:.3f}", "limit": "200"}))
         picture: dict[str, str] = {"sites": signature(self.org.sites)}
         for site in self.org.sites:
@@ -98,6 +105,8 @@ class LiveFeed:
             picture[f"queue:{site}"] = signature(queue_signature(queues[site].body) if queues[site].ok else None)
             repl = replication[site]
             picture[f"replication:{site}"] = signature(replication_signature(repl.body) if repl.ok else None)
+            picture[f"linkmon:{site}"] = signature(
+                link_monitor_signature(monitors[site].body) if monitors[site].ok else None)
             newest = _newest(recent[site], self._seen.get(site, (now, now)))
             self._seen[site] = newest
             picture[f"tracking:{site}"] = signature(newest[0])

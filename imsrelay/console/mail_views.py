@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imsrelay.console.backend import Organisation
+from imsrelay.console.backend import Organisation, Reply
 from imsrelay.observe import tracking
 
 MAX_SITE_LIMIT = 1000  # the message API's largest page
@@ -25,7 +25,19 @@ async def mailboxes(org: Organisation, site: str | None) -> dict[str, Any]:
     else:
         replies = await org.each("GET", "/api/v1/mailboxes")
     boxes = [b for r in replies.values() if r.ok for b in r.body.get("mailboxes", [])]
-    return {"mailboxes": boxes, "errors": {s: r.error for s, r in replies.items() if not r.ok}}
+    return {"mailboxes": boxes, "errors": _errors(replies)}
+
+
+def _errors(replies: dict[str, Reply]) -> dict[str, str]:
+    """Sites that did not answer, and the servers of a site of several servers that did
+    not (``SiteA/Server1``: its site answered for the others)."""
+    errors = {s: r.error for s, r in replies.items() if not r.ok}
+    for site, r in replies.items():
+        servers = r.body.get("servers") if r.ok and isinstance(r.body, dict) else None
+        for name, state in (servers.items() if isinstance(servers, dict) else ()):
+            if isinstance(state, dict) and not state.get("ok"):
+                errors[f"{site}/{name}"] = str(state.get("error"))
+    return errors
 
 
 async def messages(org: Organisation, *, site: str | None, mailbox: str | None, query: str | None,
@@ -52,7 +64,7 @@ async def messages(org: Organisation, *, site: str | None, mailbox: str | None, 
     chunk = merged[start:start + limit]
     return 200, {"total": total, "start": start, "count": len(chunk), "messages": chunk,
                  "partial": start + limit > MAX_SITE_LIMIT,
-                 "errors": {s: r.error for s, r in replies.items() if not r.ok}}
+                 "errors": _errors(replies)}
 
 
 def tracking_queries(q: str) -> list[dict[str, str]]:
@@ -77,13 +89,13 @@ async def track(org: Organisation, q: str) -> dict[str, Any]:
 
     async def ask(params: dict[str, str]) -> None:
         replies = await org.each("GET", "/api/v1/tracking", params={**params, "limit": "200"})
-        for site, reply in replies.items():
+        errors.update({k: v for k, v in _errors(replies).items() if replies.get(k) is None
+                       or replies[k].status != 400})
+        for reply in replies.values():
             if not reply.ok:
-                if reply.status != 400:
-                    errors[site] = reply.error
                 continue
             for e in reply.body.get("events", []):
-                seen.setdefault((e["site"], e["queue_id"], e["time"], e["event"], e.get("recipient")), e)
+                seen.setdefault((e["site"], e.get("server"), e["queue_id"], e["time"], e["event"], e.get("recipient")), e)
 
     for params in tracking_queries(q):
         await ask(params)

@@ -63,7 +63,7 @@ SITE_CALLS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((m, re.compile(p)) f
     ("GET", r"/status"), ("GET", r"/config"), ("GET", r"/directory"),
     ("GET", r"/queue"), ("POST", r"/queue/retry"), ("DELETE", r"/queue/[A-Za-z0-9]{1,64}"),
     ("GET", r"/replication/status"), ("POST", r"/replication/request-now"), ("POST", r"/kcc/check-now"),
-    ("GET", r"/site-addressing"), ("POST", r"/site-addressing"),
+    ("GET", r"/site-addressing"), ("POST", r"/site-addressing"), ("GET", r"/link-monitors"),
     ("GET", r"/api/v1/[A-Za-z0-9_.,/:@%+=-]{1,400}"), ("DELETE", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
     ("PATCH", r"/api/v1/messages/[A-Za-z0-9_.,:%+=-]{1,200}"),
 )) + PROPERTY_CALLS

@@ -8,24 +8,36 @@ from typing import Any
 
 
 def recipients(directories: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every mailbox of the organisation once: its home site's copy (proxy addresses,
-    primary first), at which sites it is known, and where a copy differs from home's."""
-    copies: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    """Every mailbox, custom recipient (KB Q258203) and distribution list (KB Q185194) of
+    the organisation once: its home site's copy (proxy addresses, primary first), at
+    which sites it is known, and where a copy differs from home's.  ``kind``: mailbox,
+    custom (with its ``target``) or dl (``members``, ``owner``, ``expansion_site``)."""
+    copies: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for site, snapshot in directories.items():
-        for m in snapshot.get("mailboxes", []):
-            key = (str(m["home_site"]), str(m["alias"]).lower())
-            copies.setdefault(key, {})[site] = m
+        for kind, key_name in (("mailbox", "mailboxes"), ("custom", "custom_recipients"),
+                               ("dl", "distribution_lists")):
+            for m in snapshot.get(key_name, []):
+                key = (str(m["home_site"]), kind, str(m["alias"]).lower())
+                copies.setdefault(key, {})[site] = m
     rows = []
-    for (home, _), by_site in sorted(copies.items(), key=lambda kv: (kv[0][0].lower(), kv[0][1])):
+    order = {"mailbox": 0, "custom": 1, "dl": 2}
+    for (home, kind, _), by_site in sorted(copies.items(),
+                                           key=lambda kv: (kv[0][0].lower(), order[kv[0][1]], kv[0][2])):
         own = by_site.get(home) or next(iter(by_site.values()))
         addresses = _ordered(own)
-        stale = sorted(s for s, m in by_site.items() if _ordered(m) != addresses)
+        stale = sorted(s for s, m in by_site.items() if _ordered(m) != addresses or _details(m) != _details(own))
         rows.append({"alias": own["alias"], "display_name": own.get("display_name") or own["alias"],
+                     "kind": kind, **_details(own),
                      "home_site": home, "primary_address": own.get("primary_address"),
                      "proxy_addresses": addresses, "known_at": sorted(by_site),
                      "protocols": dict(own.get("protocols") or {}),
                      "home_copy": home in by_site, "differs_at": stale})
     return rows
+
+
+def _details(m: dict[str, Any]) -> dict[str, Any]:
+    """What a custom recipient or list adds to a row (nothing for a mailbox)."""
+    return {k: m[k] for k in ("target", "members", "owner", "expansion_site") if k in m}
 
 
 def _ordered(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,3 +67,9 @@ def queue_signature(queue: dict[str, Any]) -> list[Any]:
 def replication_signature(status: dict[str, Any]) -> list[Any]:
     return [(p["site"], p["high_water"], p["last_request"], p["last_reply"], p["last_error"], p["backlog"],
              p["applied"]) for p in status.get("peers", [])] + [status.get("highest_usn")]
+
+
+def link_monitor_signature(body: dict[str, Any]) -> list[Any]:
+    """What changes the Link Monitors page: each target's state and its answers."""
+    return [(m["name"], t["target"], t["state"], t["answers"], t["problem"])
+            for m in body.get("monitors", []) for t in m["targets"]]

@@ -13,10 +13,13 @@ from collections.abc import Callable
 
 from imsrelay.directory.store import Directory
 from imsrelay.model.addresses import parse_address
-from imsrelay.model.objects import Mailbox
+from imsrelay.model.envelope import Envelope
+from imsrelay.model.objects import CustomRecipient, DistributionList, Mailbox, Recipient
+from imsrelay.policy.expansion import Expansion, expand, expanded_marks
 from imsrelay.routing.router import directory_lookup_address
 
 MAX_CACHED = 10_000  # addresses whose answer is kept
+HEADER_SCAN = 256 * 1024  # where a message's X-IMS-Expanded-DL trace headers are looked for
 
 
 class MailboxLookups:
@@ -34,12 +37,43 @@ class MailboxLookups:
         self.addressing_domain = addressing_domain
         self.own_addresses = own_addresses
         self._cache: dict[str, Mailbox | None] = {}
+        self._entries: dict[str, Recipient | None] = {}  # custom recipients and lists too
         self._generation = 0
 
     def clear(self) -> None:
         """The directory changed: forget every answer."""
         self._cache.clear()
+        self._entries.clear()
         self._generation += 1
+
+    async def lookup_entries(self, addresses: list[str]) -> list[Recipient | None]:
+        """The mailbox, custom recipient or list owning each address (kept in memory
+        like ``lookup``'s answers)."""
+        cache = self._entries
+        missing = [a for a in addresses if a.lower() not in cache]
+        if missing:
+            generation = self._generation
+            found = await self.directory.run(self.directory.find_entries, missing)
+            answers = {a.lower(): m for a, m in zip(missing, found, strict=True)}
+            if generation == self._generation and len(cache) < MAX_CACHED:
+                cache.update(answers)
+            return [answers[a.lower()] if a.lower() in answers else cache.get(a.lower()) for a in addresses]
+        return [cache.get(a.lower()) for a in addresses]
+
+    async def expansion(self, env: Envelope, message: bytes) -> Expansion | None:
+        """What the message's recipients become here (custom recipients redirected,
+        lists expanded: ``imsrelay.policy.expansion``); None when none of them is a
+        custom recipient or a list (the common case: answered from memory)."""
+        entries = await self.lookup_entries([r.address for r in env.recipients])
+        if not any(isinstance(e, CustomRecipient | DistributionList) for e in entries):
+            return None
+        end = message.find(b"\r\n\r\n", 0, HEADER_SCAN)
+        if end < 0:
+            end = message.find(b"\n\n", 0, HEADER_SCAN)
+        header = message[:end if end >= 0 else HEADER_SCAN].decode("utf-8", "replace")
+        return await self.directory.run(expand, [(r.address, r.original) for r in env.recipients],
+                                        self.directory.find_entry, site=self.site,
+                                        already_expanded=expanded_marks(header))
 
     async def lookup_mailboxes(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address (postmaster at a local domain is the

@@ -33,7 +33,12 @@ from imsrelay.policy.restrictions import (
     sender_decision,
     sender_reply,
 )
-from imsrelay.routing.router import RoutingTable, is_service_address, local_domains_for
+from imsrelay.routing.router import (
+    RoutingTable,
+    is_attendant_address,
+    is_service_address,
+    local_domains_for,
+)
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def explain(config: SiteConfig, directory: Directory, q: Question, *, table: Rou
     except AddressError as exc:
         return lines + [f"  RCPT TO:<{q.recipient}>: 553 5.1.3 {exc}"]
     mailbox = directory.find_recipient(q.recipient)
-    known = mailbox is not None or is_service_address(parsed, table) or (
+    known = mailbox is not None or is_service_address(parsed, table) or is_attendant_address(parsed, table) or (
         parsed.local.lower() == "postmaster" and any(parsed.domain == d.lstrip("#") for d in table.local_domains))
     reply = check_recipient(parsed, policy=policy, client_ip=q.client, known=known, accepted_so_far=0, client=client)
     lines.append(f"  RCPT TO:<{q.recipient}>: {reply}")

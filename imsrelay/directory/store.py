@@ -1,4 +1,5 @@
-"""The site's directory: an SQLite store of directory objects (mailboxes, sites).
+"""The site's directory: an SQLite store of directory objects (mailboxes, custom
+recipients and distribution lists — KB Q258203, Q185194 — and sites).
 
 Exchange 5.5 kept a multi-master directory replicated between sites.  We keep its
 shape: every object has a home site, a *version* stamp ``(version, changed_at,
@@ -11,7 +12,8 @@ Applying a remote object is a join (max by stamp): idempotent and order-independ
 Equal stamps with different content (which a healthy organisation never produces) are
 ordered by the content itself, so the join is a total order either way.
 
-An SMTP address claimed by several live mailboxes (two sites gave it out concurrently,
+Mailboxes, custom recipients and lists share one address space: an address
+belongs to one of them.  An SMTP address claimed by several live objects (two sites gave it out concurrently,
 before replication told each about the other) belongs to one owner derived from *all*
 claims, never from the order they arrived in: the mailbox that has it as its primary
 address, then the smallest object id.  The rule uses nothing an unrelated edit would
@@ -36,7 +38,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imsrelay.model.addresses import AddressError, normalise_domain, parse_address, parse_proxy
-from imsrelay.model.objects import BulkReport, DirObject, Mailbox, Protocols, SiteObject, Stamp
+from imsrelay.model.object_rules import recipient_object_id
+from imsrelay.model.objects import (
+    RECIPIENT_KINDS,
+    RECIPIENT_NAMES,
+    BulkReport,
+    CustomRecipient,
+    DirObject,
+    DistributionList,
+    Mailbox,
+    Protocols,
+    Recipient,
+    SiteObject,
+    Stamp,
+)
+from imsrelay.policy.expansion import expands_here
 from imsrelay.policy.restrictions import FILTER_ACTIONS, check_entries, rules_from_data
 
 SCHEMA = """
@@ -96,7 +112,7 @@ CREATE TABLE IF NOT EXISTS rejections(
 """
 
 TOMBSTONE_LIFETIME = 30 * 86400.0
-ADDRESS_INDEX_VERSION = "2"  # address_claims + derived proxy_addresses
+ADDRESS_INDEX_VERSION = "3"  # address_claims + derived proxy_addresses (3: custom recipients, lists)
 T = TypeVar("T")
 
 
@@ -148,6 +164,19 @@ def _mailbox_from(obj_data: dict[str, Any], home: str, deleted: bool) -> Mailbox
     return Mailbox(obj_data["alias"], obj_data.get("display_name", obj_data["alias"]), home,
                    tuple(obj_data.get("proxy_addresses", ())), deleted, rules,
                    Protocols.from_data(obj_data.get("protocols")), obj_data.get("home_server", ""))
+
+
+def recipient_from(kind: str, data: dict[str, Any], home: str, deleted: bool) -> Recipient:
+    """A mailbox, custom recipient or distribution list from its object data."""
+    alias = data["alias"]
+    display = data.get("display_name", alias)
+    proxies = tuple(data.get("proxy_addresses", ()))
+    if kind == "custom":
+        return CustomRecipient(alias, display, home, proxies, data.get("target", ""), deleted)
+    if kind == "dl":
+        return DistributionList(alias, display, home, proxies, tuple(data.get("members", ())),
+                                data.get("owner", ""), data.get("expansion_site", ""), deleted)
+    return _mailbox_from(data, home, deleted)
 
 
 def _site_from(data: dict[str, Any]) -> SiteObject:
@@ -256,9 +285,10 @@ class Directory:
 
     @staticmethod
     def _claims_of(obj: DirObject) -> dict[str, bool]:
-        """Lookup key → is-primary, for the SMTP addresses a live mailbox claims."""
+        """Lookup key → is-primary, for the SMTP addresses a live mailbox, custom
+        recipient or distribution list claims (one namespace: they never share one)."""
         claims: dict[str, bool] = {}
-        if obj.kind != "mailbox" or obj.deleted:
+        if obj.kind not in RECIPIENT_KINDS or obj.deleted:
             return claims
         for proxy in obj.data.get("proxy_addresses", ()):
             try:
@@ -300,7 +330,7 @@ class Directory:
             self._db.execute("DELETE FROM proxy_addresses")
             rows = self._db.execute(
                 "SELECT object_id, kind, home_site, version, changed_at, origin, deleted, data, usn, sig "
-                "FROM objects WHERE kind='mailbox' AND deleted=0").fetchall()
+                "FROM objects WHERE kind IN ('mailbox', 'custom', 'dl') AND deleted=0").fetchall()
             for row in rows:
                 obj = _row_object(row)
                 self._db.executemany("INSERT INTO address_claims(address, object_id, is_primary) VALUES(?,?,?)",
@@ -426,18 +456,33 @@ class Directory:
 
     # ---------------------------------------------------------------- mailboxes
 
-    def find_recipient(self, address: str) -> Mailbox | None:
-        """The live mailbox that owns ``address`` as any of its SMTP proxy addresses."""
+    def find_entry(self, address: str) -> Recipient | None:
+        """The live mailbox, custom recipient or distribution list that owns ``address``
+        as any of its SMTP proxy addresses."""
         try:
             key = parse_address(address).key
         except AddressError:
             return None
         row = self._db.execute(
-            "SELECT o.home_site, o.data FROM proxy_addresses p JOIN objects o ON o.object_id = p.object_id "
+            "SELECT o.home_site, o.data, o.kind FROM proxy_addresses p JOIN objects o ON o.object_id = p.object_id "
             "WHERE p.address=? AND o.deleted=0", (key,)).fetchone()
         if not row:
             return None
-        return _mailbox_from(json.loads(row[1]), row[0], False)
+        return recipient_from(row[2], json.loads(row[1]), row[0], False)
+
+    def find_entries(self, addresses: Sequence[str]) -> list[Recipient | None]:
+        return [self.find_entry(a) for a in addresses]
+
+    def find_recipient(self, address: str) -> Mailbox | None:
+        """The live mailbox that owns ``address``, as the router and the ingress see it.
+        A distribution list that another site expands (KB Q185194) is seen as a
+        mailbox homed at its expansion site, so the router sends its mail there; custom
+        recipients and lists expanded here are not mailboxes (the queue's door replaces
+        them by their targets and members before routing)."""
+        entry = self.find_entry(address)
+        if isinstance(entry, DistributionList) and not expands_here(entry, self.site):
+            return Mailbox(entry.alias, entry.display_name, entry.expansion_site, entry.proxy_addresses)
+        return entry if isinstance(entry, Mailbox) else None
 
     def find_recipients(self, addresses: Sequence[str]) -> list[Mailbox | None]:
         return [self.find_recipient(a) for a in addresses]
@@ -500,6 +545,164 @@ class Directory:
                                       **({"home_server": home_server} if home_server else {})})
         self._notify()
         return _mailbox_from(obj.data, self.site, False)
+
+    # ---------------------------------------------------------------- custom recipients, lists
+
+    def _alias_taken(self, alias: str) -> str | None:
+        """The live object of this site (mailbox, custom recipient, list) with ``alias``."""
+        for kind in RECIPIENT_KINDS:
+            obj = self._load(recipient_object_id(kind, self.site, alias))
+            if obj is not None and not obj.deleted:
+                return f"{RECIPIENT_NAMES[kind]} {obj.data.get('alias', alias)}"
+        return None
+
+    def _new_recipient(self, kind: str, alias: str, display_name: str | None,
+                       extra_addresses: Sequence[str], data: dict[str, Any]) -> Recipient:
+        """Create a custom recipient or list homed here, addressed like a mailbox: its
+        primary ``alias@`` the Site Addressing domain (the company domain once the site
+        address is rewritten, KB Q258203), no address another object has."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", alias) or ".." in alias:
+            raise DirectoryInputError(f"{alias!r} is not a valid alias (letters, digits, . _ -)")
+        if display_name is not None and (len(display_name) > 256 or any(ord(c) < 32 for c in display_name)):
+            raise DirectoryInputError("the display name must be at most 256 printable characters")
+        domain = self.site_addressing().lstrip("@")
+        object_id = recipient_object_id(kind, self.site, alias)
+        with self._transaction():
+            taken = self._alias_taken(alias)
+            if taken is not None:
+                raise DirectoryError(f"alias {alias} is taken at {self.site} by {taken}")
+            proxies = [f"SMTP:{self._unique_address(alias, domain, object_id)}"]
+            for p in extra_addresses:
+                text = p if ":" in p else f"smtp:{p}"
+                try:
+                    parse_address(parse_proxy(text).address)
+                except AddressError as exc:
+                    raise DirectoryInputError(f"{p!r} is not an address: {exc}") from None
+                proxies.append(text)
+            self._check_free(proxies, object_id)
+            target = data.get("target")
+            if target and parse_address(target).key in {parse_address(parse_proxy(p).address).key for p in proxies
+                                                        if parse_proxy(p).type == "SMTP"}:
+                raise DirectoryInputError(f"the target {target} is one of the custom recipient's own addresses")
+            obj = self._local_change(object_id, kind, {"alias": alias, "display_name": (display_name or alias).strip()
+                                                      or alias, "proxy_addresses": proxies, **data})
+        self._notify()
+        return recipient_from(kind, obj.data, self.site, False)
+
+    @staticmethod
+    def _address(what: str, address: str) -> str:
+        text = address.strip()
+        text = text.split(":", 1)[1] if text.lower().startswith("smtp:") else text
+        try:
+            parse_address(text)
+        except AddressError as exc:
+            raise DirectoryInputError(f"{what} {address!r} is not an SMTP address: {exc}") from None
+        return text
+
+    def add_custom_recipient(self, alias: str, target: str, display_name: str | None = None,
+                             extra_addresses: Sequence[str] = ()) -> CustomRecipient:
+        """A custom recipient homed here: mail to its addresses goes to ``target``
+        (KB Q258203).  It replicates like a mailbox."""
+        entry = self._new_recipient("custom", alias, display_name, extra_addresses,
+                                    {"target": self._address("target", target)})
+        assert isinstance(entry, CustomRecipient)
+        return entry
+
+    def add_distribution_list(self, alias: str, members: Sequence[str] = (), display_name: str | None = None, *,
+                              owner: str = "", expansion_site: str = "",
+                              extra_addresses: Sequence[str] = ()) -> DistributionList:
+        """A distribution list homed here (KB Q185194): ``members`` by address (mailboxes,
+        custom recipients, other lists); ``owner`` gets the NDRs for its members (""
+        = the sender); ``expansion_site`` expands it ("" = any site)."""
+        entry = self._new_recipient("dl", alias, display_name, extra_addresses,
+                                    self._list_data(members, owner, expansion_site))
+        assert isinstance(entry, DistributionList)
+        return entry
+
+    def _list_data(self, members: Sequence[str], owner: str, expansion_site: str) -> dict[str, Any]:
+        seen: dict[str, str] = {}
+        for m in members:
+            text = self._address("member", m)
+            seen.setdefault(parse_address(text).key, text)
+        if len(seen) > 5000:
+            raise DirectoryInputError("a list has at most 5000 members")
+        data: dict[str, Any] = {"members": list(seen.values())}
+        if owner:
+            data["owner"] = self._address("owner", owner)
+        if expansion_site:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", expansion_site):
+                raise DirectoryInputError(f"{expansion_site!r} is not a site name")
+            data["expansion_site"] = expansion_site
+        return data
+
+    def set_distribution_list(self, alias: str, *, members: Sequence[str] | None = None,
+                              add: Sequence[str] = (), remove: Sequence[str] = (), owner: str | None = None,
+                              expansion_site: str | None = None) -> DistributionList:
+        """Change a local list: its members (replaced, or some added/removed), owner
+        ("" clears it) or expansion site ("" = any site).  Replicates with it."""
+        obj = self._load(recipient_object_id("dl", self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryNotFound(f"no distribution list {alias} at {self.site}")
+        current = list(obj.data.get("members", [])) if members is None else list(members)
+        gone = {parse_address(self._address("member", r)).key for r in remove}
+        current = [m for m in current + [self._address("member", a) for a in add]
+                   if parse_address(m).key not in gone]
+        data = {k: v for k, v in obj.data.items() if k not in ("members", "owner", "expansion_site")}
+        data.update(self._list_data(current, obj.data.get("owner", "") if owner is None else owner,
+                                    obj.data.get("expansion_site", "") if expansion_site is None else expansion_site))
+        if data != obj.data:
+            with self._transaction():
+                obj = self._local_change(obj.object_id, "dl", data)
+            self._notify()
+        entry = recipient_from("dl", obj.data, self.site, False)
+        assert isinstance(entry, DistributionList)
+        return entry
+
+    def delete_recipient(self, kind: str, alias: str) -> None:
+        """Delete a local custom recipient or list (a tombstone that replicates)."""
+        obj = self._load(recipient_object_id(kind, self.site, alias))
+        if obj is None or obj.deleted:
+            raise DirectoryNotFound(f"no {RECIPIENT_NAMES.get(kind, kind)} {alias} at {self.site}")
+        with self._transaction():
+            self._local_change(obj.object_id, kind, dict(obj.data), deleted=True)
+        self._notify()
+
+    def recipients(self, kind: str, site: str | None = None, *, include_deleted: bool = False) -> list[Recipient]:
+        """The custom recipients (``custom``) or lists (``dl``) of every site, or of ``site``."""
+        sql = "SELECT home_site, data, deleted FROM objects WHERE kind=?"
+        args: list[Any] = [kind]
+        if site is not None:
+            sql += " AND home_site=?"
+            args.append(site)
+        if not include_deleted:
+            sql += " AND deleted=0"
+        rows = self._db.execute(sql + " ORDER BY home_site, object_id", args).fetchall()
+        return [recipient_from(kind, json.loads(d), h, bool(x)) for h, d, x in rows]
+
+    def ensure_configured(self, customs: Sequence[tuple[str, str, str, Sequence[str]]],
+                          lists: Sequence[tuple[str, str, Sequence[str], str, str, Sequence[str]]]) -> list[str]:
+        """Create the site file's ``[[custom_recipients]]`` and ``[[distribution_lists]]``
+        that the directory has never had (once deleted, they stay deleted, as a
+        provisioned mailbox does); returns the aliases created (or why one was not)."""
+        created = []
+        for alias, display, target, extra in customs:
+            if self._load(recipient_object_id("custom", self.site, alias)) is None:
+                created.append(self._configured(alias, functools.partial(
+                    self.add_custom_recipient, alias, target, display, extra)))
+        for alias, display, members, owner, expansion_site, extra in lists:
+            if self._load(recipient_object_id("dl", self.site, alias)) is None:
+                created.append(self._configured(alias, functools.partial(
+                    self.add_distribution_list, alias, members, display, owner=owner,
+                    expansion_site=expansion_site, extra_addresses=extra)))
+        return created
+
+    @staticmethod
+    def _configured(alias: str, create: Callable[[], Any]) -> str:
+        try:
+            create()
+        except DirectoryError as exc:
+            return f"{alias}: not created: {exc}"
+        return alias
 
     def delete_mailbox(self, alias: str) -> None:
         obj = self._load(mailbox_id(self.site, alias))
@@ -740,10 +943,13 @@ class Directory:
             data = dict(site.data)
             data["smtp_address"] = "@" + new_domain
             self._local_change(site.object_id, "site", data)
-            if update_mailboxes:
-                for mbx in self.mailboxes(self.site):
+            if update_mailboxes:  # custom recipients and lists are addressed like mailboxes
+                for mbx in [*self.mailboxes(self.site), *self.recipients("custom", self.site),
+                            *self.recipients("dl", self.site)]:
                     scanned += 1
-                    object_id = mailbox_id(self.site, mbx.alias)
+                    kind = "custom" if isinstance(mbx, CustomRecipient) else (
+                        "dl" if isinstance(mbx, DistributionList) else "mailbox")
+                    object_id = recipient_object_id(kind, self.site, mbx.alias)
                     old_primary = mbx.primary_address
                     if old_primary and parse_address(old_primary).domain == new_domain:
                         continue
@@ -766,7 +972,7 @@ class Directory:
                         proxies.append(p)
                     obj = self._load(object_id)
                     assert obj is not None
-                    self._local_change(object_id, "mailbox", {**obj.data, "proxy_addresses": proxies})
+                    self._local_change(object_id, kind, {**obj.data, "proxy_addresses": proxies})
                     updated += 1
         self._notify()
         return BulkReport(scanned, updated, failed, tuple(substitutes))

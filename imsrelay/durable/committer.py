@@ -32,7 +32,7 @@ class Write:
     of ``unless_exists`` is already there (idempotent Maildir delivery)."""
 
     path: Path
-    data: bytes
+    data: bytes | tuple[bytes, ...]  # in parts: written back to back (a delivered file's header, the message)
     tmp_dir: Path | None = None
     unless_exists: tuple[Path, ...] = ()
     owner: tuple[int, int] | None = None  # (uid, gid) the file is given (a Maildir read by another user)
@@ -45,10 +45,10 @@ class Unlink:
 
 @dataclass(frozen=True)
 class Append:
-    """A journal record."""
+    """A journal record; its payload in one piece or in parts written back to back."""
 
     type: int
-    payload: bytes
+    payload: bytes | tuple[bytes, ...]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from imsrelay.durable.journal import write_chunks
+
 MAX_OPEN = 64  # staged files (open descriptors) before a chunk is flushed and renamed
 
 
@@ -65,7 +67,7 @@ class FileGroup:
         self._dirs: dict[Path, set[int]] = {}  # directory to fsync -> requests that need it
         self._errors: dict[int, OSError] = {}
 
-    def stage(self, request: int, path: Path, data: bytes, *, tmp_dir: Path | None = None, durable: bool = True,
+    def stage(self, request: int, path: Path, data: bytes | tuple[bytes, ...], *, tmp_dir: Path | None = None, durable: bool = True,
               unless_exists: tuple[Path, ...] = (), owner: tuple[int, int] | None = None) -> None:
         """Write ``data`` under a temporary name; it becomes ``path`` in ``finish``.
         Skipped when one of ``unless_exists`` is there (an earlier delivery).
@@ -78,9 +80,12 @@ class FileGroup:
         try:
             if owner is not None:
                 os.fchown(fd, *owner)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            if isinstance(data, tuple):  # parts back to back (writev): never joined in memory
+                write_chunks(fd, data)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
         except OSError:
             os.close(fd)
             _unlink(tmp)

@@ -197,8 +197,11 @@ class Journal:
         finally:
             os.close(dfd)
 
-    def append(self, records: Sequence[tuple[int, bytes]], *, durable: bool = True) -> list[Location]:
-        """Append records with one write (and one flush when ``durable``)."""
+    def append(self, records: Sequence[tuple[int, bytes | tuple[bytes, ...]]], *,
+               durable: bool = True) -> list[Location]:
+        """Append records with one write (and one flush when ``durable``).  A payload
+        may come in parts (a queue file's envelope and its message): they are written
+        back to back as one record, never joined in memory first."""
         if not records:
             return []
         if self._fd is None or self._size >= self.segment_size:
@@ -208,8 +211,15 @@ class Journal:
         locations: list[Location] = []
         segment, pos, head = self._segment, self._size, HEADER.size
         for rtype, payload in records:
-            length = len(payload)
-            chunks += (HEADER.pack(MAGIC, rtype, length, zlib.crc32(payload)), payload)
+            if isinstance(payload, tuple):
+                length, crc = 0, 0
+                for part in payload:
+                    length += len(part)
+                    crc = zlib.crc32(part, crc)
+                chunks += (HEADER.pack(MAGIC, rtype, length, crc), *payload)
+            else:
+                length = len(payload)
+                chunks += (HEADER.pack(MAGIC, rtype, length, zlib.crc32(payload)), payload)
             locations.append(Location(segment, pos + head, length))
             pos += head + length
         try:

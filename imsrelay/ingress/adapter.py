@@ -4,8 +4,10 @@
 status codes on every reply, bounded sessions (idle time, total time, errors),
 connection caps, the Connections tab's accept/reject lists and Transfer mode at
 connect (asked of the handler), faults on demand, the protocol log, ETRN, DATA
-read in chunks (``imsrelay.ingress.data_reader``), and path parsing without the
-email parser for plain ``<local@domain>``.  ``server_factory`` builds a protocol
+read in chunks (``imsrelay.ingress.data_reader``), path parsing without the
+email parser for plain ``<local@domain>``, and the DSN parameters of MAIL and RCPT
+(RFC 3461: RET, ENVID, NOTIFY, ORCPT) taken off the command before aiosmtpd sees it
+(which would upper-case their values and refuse them), kept in ``ImsEnvelope``.  ``server_factory`` builds a protocol
 per connection by copying the first one's settings (aiosmtpd inspects the handler
 on every connection otherwise).  What this relies on of aiosmtpd's private state is
 checked by tests/test_aiosmtpd_internals.py.  Decisions are the handler's
@@ -26,18 +28,30 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from imsrelay.ingress.data_reader import DataResult, DataScanner
 from imsrelay.ingress.ports import Ingress
+from imsrelay.model.dsn_params import (
+    MAIL_PARAMS,
+    RCPT_PARAMS,
+    DsnSyntaxError,
+    MailDsn,
+    RcptDsn,
+    mail_dsn,
+    rcpt_dsn,
+    split_params,
+)
 from imsrelay.model.settings import SiteConfig
 from imsrelay.observe.faults import SessionFaults
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.auth import MECHANISMS, Credentials, Identity, decode_plain
 from imsrelay.policy.connection_limits import ConnectionCounter, Holder, evictable
 
+_D = TypeVar("_D")
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
 
 # Replies aiosmtpd writes itself, given the RFC 3463 code they lacked.
@@ -64,8 +78,6 @@ _SIMPLE_PATH = re.compile(rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[
 
 _SIZE_VALUE = re.compile(r"SIZE=(\S*)", re.IGNORECASE)
 _SIZE = re.compile(r"[0-9]{1,18}")
-DATA_CHUNK = 256 * 1024  # bytes taken from the stream at a time in DATA (what one recv can bring)
-
 DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
 
 BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
@@ -81,6 +93,17 @@ class LineReader(asyncio.StreamReader):
 
     forbid_bare_lf = False
     on_line: Callable[[bytes], None] | None = None  # each command line, for the SMTP protocol log
+    on_end: Callable[[], None] | None = None  # the stream ended (EOF or an error): DATA read by data_received stops
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self.on_end is not None:
+            self.on_end()
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        if self.on_end is not None:
+            self.on_end()
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         line = await super().readuntil(separator)
@@ -97,6 +120,17 @@ class LineReader(asyncio.StreamReader):
         """Put back bytes read past the end of DATA: the next command reads them first."""
         if data:
             self._buffer[:0] = data  # type: ignore[attr-defined]  # asyncio.StreamReader's buffer (pinned by a test)
+
+    def take_buffered(self) -> bytes:
+        """Everything read but not yet consumed (the start of a message sent right after
+        DATA), the buffer left empty and reading resumed if it was paused."""
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]  # (pinned by a test)
+        if not buffer:
+            return b""
+        data = bytes(buffer)
+        buffer.clear()
+        self._maybe_resume_transport()  # type: ignore[attr-defined]  # (pinned by a test)
+        return data
 
 
 def bad_size(arg: str) -> bool:
@@ -238,6 +272,36 @@ class ImsSession(Session):
         self.local_ip: str | None = None
         self.identity: Identity | None = None  # the mailbox account AUTH proved
 
+class ImsEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope plus the DSN parameters (RFC 3461) of its MAIL FROM and of
+    each accepted RCPT TO (``rcpt_dsn[i]`` belongs to ``rcpt_tos[i]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn = MailDsn()
+        self.rcpt_dsn: list[RcptDsn] = []
+
+
+def without_dsn_params(arg: str, keyword: str, names: tuple[str, ...], local_part_limit: int = 0
+                       ) -> tuple[str, dict[str, str]] | None:
+    """(``arg`` of MAIL/RCPT without the DSN parameters ``names``, those parameters
+    with their values as given: case kept, aiosmtpd upper-cases the rest), or None when
+    ``arg`` has none of them or cannot be parsed (aiosmtpd answers it as before).
+    DsnSyntaxError for a parameter given twice or without a value."""
+    upper = arg.upper()
+    if not upper.startswith(keyword) or not any(name in upper for name in names):
+        return None  # (the usual MAIL/RCPT: no second look at its path)
+    stripped = arg[len(keyword):].strip()
+    address, rest = parse_path(stripped, local_part_limit)
+    if not address or not rest:
+        return None
+    kept, found = split_params(rest, names)
+    if not found:
+        return None
+    path = stripped[:len(stripped) - len(rest)].rstrip()
+    return " ".join([keyword + path, *kept]), found
+
+
 class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
@@ -276,6 +340,7 @@ class ImsSMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._refusal: str | None = None
         self._reading_secret = False  # an AUTH continuation line is due: never logged
+        self._data_sink: Callable[[bytes], None] | None = None  # inside DATA: where data_received goes
         self.use_reader(LineReader(loop=self.loop, limit=self.line_length_limit))
 
     def use_reader(self, reader: LineReader) -> None:
@@ -286,6 +351,25 @@ class ImsSMTP(SMTP):
 
     def _create_session(self) -> Session:
         return ImsSession(self.loop)
+
+    def _create_envelope(self) -> SmtpEnvelope:
+        return ImsEnvelope()
+
+    def _dsn_split(self, arg: str | None, keyword: str, names: tuple[str, ...],
+                   build: Callable[[dict[str, str]], _D]) -> tuple[str, _D] | str | None:
+        """The DSN parameters of an ESMTP MAIL/RCPT in a transaction aiosmtpd would go
+        on with: (the rest of ``arg``, ``build(the parameters)``), a ``501 5.5.4`` reply,
+        or None (none here: aiosmtpd answers ``arg`` itself, refusals included)."""
+        session = self.session
+        if not arg or session is None or not session.extended_smtp or not session.host_name:
+            return None
+        if self._auth_required and not session.authenticated:
+            return None  # (aiosmtpd answers 530 first)
+        try:
+            split = without_dsn_params(arg, keyword, names, self.local_part_limit)
+            return None if split is None else (split[0], build(split[1]))
+        except DsnSyntaxError as exc:
+            return f"501 5.5.4 Syntax error in the DSN parameters (RFC 3461): {exc}"
 
     @property
     def encrypted(self) -> bool:
@@ -347,6 +431,10 @@ class ImsSMTP(SMTP):
         self.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        sink = self._data_sink
+        if sink is not None:  # inside DATA: straight to the scanner, not through the reader's buffer
+            sink(data)
+            return
         if self._waiting_transport is not None:  # talked before its greeting (RFC 5321 3.1): no wait for it
             if self._limits is not None:
                 self._limits.forget(self)
@@ -631,13 +719,7 @@ class ImsSMTP(SMTP):
         reader = self._reader
         assert isinstance(reader, LineReader)
         try:
-            while not scanner.done:
-                chunk = await reader.read(DATA_CHUNK)
-                if not chunk:  # the client closed mid-DATA (aiosmtpd's eof_received cancels us first, as a rule)
-                    raise asyncio.CancelledError()  # as that cancellation would: nothing queued, no reply
-                used = scanner.feed(chunk)
-                if used < len(chunk):  # the commands after the final "." (PIPELINING)
-                    reader.unread(chunk[used:])
+            await self._read_data(scanner, reader)
         except asyncio.CancelledError:  # the connection was lost during DATA
             self._writer.close()
             raise
@@ -667,6 +749,39 @@ class ImsSMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self, scanner: DataScanner, reader: LineReader) -> None:
+        """Feed the message to ``scanner`` until its end: first what the reader holds
+        already, then each chunk as the transport delivers it (``data_received`` hands
+        it over directly: no copy into the reader's buffer and out again, no await per
+        chunk).  What follows the final "." (PIPELINING) goes back to the reader for
+        the command loop.  The client closing mid-DATA cancels this (aiosmtpd's
+        ``eof_received`` / ``connection_lost``): nothing queued, no reply."""
+        done: asyncio.Future[None] = self.loop.create_future()
+
+        def take(data: bytes) -> None:
+            used = scanner.feed(data)
+            if scanner.done:
+                self._data_sink = None
+                reader.unread(data[used:])  # the commands after the final "."
+                if not done.done():
+                    done.set_result(None)
+
+        take(reader.take_buffered())
+        if scanner.done:
+            return
+        if reader.at_eof():  # the client closed before the end: as aiosmtpd's cancellation would
+            raise asyncio.CancelledError()
+        def ended() -> None:  # the end of the stream mid-DATA: as aiosmtpd's cancellation would
+            done.cancel()
+
+        self._data_sink = take
+        reader.on_end = ended
+        try:
+            await done
+        finally:
+            self._data_sink = None
+            reader.on_end = None
 
     @syntax("ETRN node")
     async def smtp_ETRN(self, arg: str | None) -> None:
@@ -776,27 +891,50 @@ class ImsSMTP(SMTP):
         if arg and bad_size(arg):  # "SIZE=²" passes isdigit() but not int()
             await self.push("501 5.5.4 Syntax error in the SIZE parameter (digits only)")
             return
-        assert self.envelope is not None
-        had_sender = self.envelope.mail_from is not None
+        envelope = self.envelope
+        assert envelope is not None
+        had_sender = envelope.mail_from is not None
+        dsn = MailDsn()
+        if not had_sender:
+            split = self._dsn_split(arg, "FROM:", MAIL_PARAMS, mail_dsn)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            if split is not None:
+                arg, dsn = split
         try:
             await super().smtp_MAIL(arg)
         except BaseException:
             if not had_sender:  # a failed MAIL leaves no sender behind
-                self.envelope.mail_from = None
-                self.envelope.mail_options.clear()
+                envelope.mail_from = None
+                envelope.mail_options.clear()
             raise
+        if not had_sender and envelope.mail_from is not None and isinstance(envelope, ImsEnvelope):
+            envelope.dsn = dsn
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self._faulted("rcpt"):
             return
-        assert self.envelope is not None
-        n, m = len(self.envelope.rcpt_tos), len(self.envelope.rcpt_options)
+        envelope = self.envelope
+        assert envelope is not None
+        n, m = len(envelope.rcpt_tos), len(envelope.rcpt_options)
+        dsn = RcptDsn()
+        if envelope.mail_from:
+            split = self._dsn_split(arg, "TO:", RCPT_PARAMS, rcpt_dsn)
+            if isinstance(split, str):
+                await self.push(split)
+                return
+            if split is not None:
+                arg, dsn = split
         try:
             await super().smtp_RCPT(arg)
         except BaseException:
-            del self.envelope.rcpt_tos[n:]  # a failed RCPT adds no recipient
-            del self.envelope.rcpt_options[m:]
+            del envelope.rcpt_tos[n:]  # a failed RCPT adds no recipient
+            del envelope.rcpt_options[m:]
             raise
+        if isinstance(envelope, ImsEnvelope) and len(envelope.rcpt_tos) > n:
+            del envelope.rcpt_dsn[n:]
+            envelope.rcpt_dsn.extend([dsn] * (len(envelope.rcpt_tos) - n))
 
     async def push(self, status: Any) -> None:
         if self._site is not None and not self._greeted:

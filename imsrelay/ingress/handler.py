@@ -27,6 +27,7 @@ from imsrelay.ingress.adapter import (
     _SIZE,
     BARE_NEWLINE_REPLY,
     BareNewline,
+    ImsEnvelope,
     ImsSession,
     ImsSMTP,
     _peer_ip,
@@ -35,6 +36,7 @@ from imsrelay.ingress.adapter import (
 from imsrelay.ingress.data_reader import line_ends_clean
 from imsrelay.ingress.ports import Ingress
 from imsrelay.model.addresses import AddressError, parse_address
+from imsrelay.model.dsn_params import MailDsn, RcptDsn
 from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
 from imsrelay.model.header_date import header_date_now
 from imsrelay.model.priority import priority_of
@@ -81,7 +83,7 @@ class SiteHandler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING"]
+        extra = ["250-ENHANCEDSTATUSCODES", "250-PIPELINING", "250-DSN"]
         responses = [r for r in responses if r.rstrip() != "250-AUTH"]  # no mechanism left: no AUTH
         if self.config.etrn.allowed_hosts:
             extra.append("250-ETRN")
@@ -287,7 +289,11 @@ class SiteHandler:
         filtered: dict[str, FilterDecision] = getattr(envelope, "filtered", {})
         if filtered:
             await self.site.keep_filtered(queue_id, sender, filtered, message, client)
-        recipients = [r for r in envelope.rcpt_tos if r not in filtered]
+        dsn, asked = (envelope.dsn, envelope.rcpt_dsn) if isinstance(envelope, ImsEnvelope) else (MailDsn(), [])
+        queued = [RecipientState(address=r, original=r, notify=d.notify, orcpt=d.orcpt)
+                  for i, r in enumerate(envelope.rcpt_tos) if r not in filtered
+                  for d in [asked[i] if i < len(asked) else RcptDsn()]]
+        recipients = [r.address for r in queued]
         if not recipients:
             return f"250 2.0.0 Ok: queued as {queue_id}"
         body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
@@ -298,10 +304,10 @@ class SiteHandler:
                 extra["dotless"] = True  # no line starts with a dot: outbound has nothing to stuff
         env = Envelope(
             queue_id=queue_id, sender=sender,
-            recipients=[RecipientState(address=r, original=r) for r in recipients],
+            recipients=queued,
             received_at=self.clock(), client=peer_ip, helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8), body_8bit=body_8bit, origin="smtp",
-            extra={**extra, "priority": priority_of(raw)})
+            extra={**extra, "priority": priority_of(raw)}, ret=dsn.ret, envid=dsn.envid)
         try:
             await self.site.accept(env, message)
         except OSError as exc:

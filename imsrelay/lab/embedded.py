@@ -193,6 +193,24 @@ INTERNET_RELAY_NETWORKS = ["127.0.0.1/32", "127.10.10.0/27"]
 INTERNET_BANNER = "ESMTP"
 
 
+# The lab's Link Monitor (KB Q246674), at SiteA: the other two sites' system attendants,
+# and a foreign address whose NDR (from the Internet host: no such user) is the answer.
+# Lab pace in the fast walk (a ping every 10 s, warning after 30 s, alert after 1 min);
+# Exchange's defaults (15 min, 30 min, 60 min) when the walk is done by hand.
+LINK_MONITOR_SITE = "SiteA"
+LINK_MONITOR_FOREIGN = f"no-such-user@{INTERNET_DOMAIN}"
+
+
+def link_monitor_entry(*, fast: bool) -> dict[str, Any]:
+    """The ``[[link_monitors]]`` entry of the lab's monitoring site (pure)."""
+    entry: dict[str, Any] = {"name": "Sites and the Internet",
+                             "targets": [s.name for s in SITES if s.name != LINK_MONITOR_SITE]
+                             + [LINK_MONITOR_FOREIGN], "notify": "Administrator"}
+    if fast:
+        entry.update(interval="10s", warning_after="30s", alert_after="1m")
+    return entry
+
+
 def stage_entries(site: LabSite, stage_name: str, *, port: int, hand: bool = False) -> ConfigEntries:
     """The ``[[table]]`` entries a configuration step adds to ``site``'s file (pure)."""
     others = [s for s in SITES if s is not site]
@@ -252,6 +270,8 @@ def site_mapping(site: LabSite, stage: int, *, port: int, data_dir: Path, truste
         "logging": {"level": "info", "format": "auto"},
         "lab": {"sealed": True},  # no connection leaves loopback; no system resolver
     }
+    if site.name == LINK_MONITOR_SITE:
+        mapping["link_monitors"] = [link_monitor_entry(fast=fast and not hand)]
     if len(servers) > 1:
         mapping["servers"] = [{"name": v.name, "host": v.address, "port": port,
                                "admin": f"http://{v.address}:{admin_port}"} for v in servers]
@@ -310,8 +330,8 @@ def internet_mapping(*, port: int, data_dir: Path, admin_port: int = ADMIN_PORT,
     """The outside world: owns example.net, forwards microsoft.com like the seed's MX records,
     keeps the mail for every other domain in its catch-all mailbox (the rest of the
     Internet, sealed: nothing leaves the lab) and greets as an ordinary Internet MTA.
-    ``mx_host``: where microsoft.com's MX (Server1.SiteA) is, when SiteA runs as several
-    servers (Server1 on its own address); else SiteA's one server."""
+    ``mx_host``: microsoft.com's MX hosts (``a,b``: equal preference, used in turn) when SiteA
+    runs as several servers; else SiteA's one server."""
     routes = [{"domain": s.domain, "host": s.address, "port": port} for s in SITES]
     routes.append({"domain": COMPANY_DOMAIN, "host": mx_host or SITES[0].address, "port": port})  # MX -> Server1.SiteA
     return {
@@ -574,8 +594,13 @@ class Lab:
                                                                  mx_host=self._mx_host())))
 
     def _mx_host(self) -> str | None:
-        """Server1.SiteA's own address when SiteA runs as several servers (the MX names it)."""
-        return next((v.address for v in self.servers[SITES[0].name] if v.name == "Server1"), None)
+        """When SiteA runs as several servers: all of them as microsoft.com's MX hosts of equal
+        preference, Server1 (the seed's MX record) first, used in turn like equal-preference MX
+        (KB Q279323's host list); else None (SiteA's one server)."""
+        servers = self.servers[SITES[0].name]
+        if len(servers) < 2:
+            return None
+        return ",".join(v.address for v in sorted(servers, key=lambda v: v.name != "Server1"))
 
     def _append_entries(self, stage_name: str, plans: list[ConfigPlan]) -> list[str]:
         """Append the missing ``[[table]]`` entries to each file, keeping every line a

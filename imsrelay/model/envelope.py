@@ -89,6 +89,8 @@ class RecipientState:
     remote: str | None = None  # the host that gave the last answer
     delay_notified: bool = False
     route: str | None = None
+    notify: str | None = None  # RFC 3461 NOTIFY (imsrelay.model.dsn_params); None: not given
+    orcpt: str | None = None  # RFC 3461 ORCPT as "addr-type;address"; None: not given
 
 
 @dataclass(slots=True)
@@ -104,6 +106,8 @@ class Envelope:
     size: int = 0
     origin: str = "smtp"  # smtp | ndr | dirsync | local
     extra: dict[str, Any] = field(default_factory=dict)
+    ret: str | None = None  # RFC 3461 RET: FULL | HDRS; None: not given
+    envid: str | None = None  # RFC 3461 ENVID, decoded; None: not given
 
     @property
     def pending(self) -> list[RecipientState]:

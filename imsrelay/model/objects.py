@@ -11,7 +11,12 @@ from typing import Any
 
 from imsrelay.model.addresses import parse_proxy
 
+RECIPIENT_KINDS = ("mailbox", "custom", "dl")  # the directory objects that own SMTP addresses
+RECIPIENT_NAMES = {"mailbox": "mailbox", "custom": "custom recipient", "dl": "distribution list"}
 DIRSYNC_LOCAL = "dirsync"  # the local part of every site's directory service address (dirsync@domain)
+# the local part of every site's system attendant address (attendant@domain): it answers the
+# Link Monitor's pings of other sites and receives this site's replies and NDRs (KB Q246674)
+ATTENDANT_LOCAL = "attendant"
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class DirObject:
     """One replicated directory object, as stored and as carried in dirsync messages."""
 
     object_id: str
-    kind: str  # "mailbox" | "site"
+    kind: str  # "mailbox" | "custom" | "dl" | "site" (RECIPIENT_KINDS and "site")
     home_site: str
     stamp: Stamp
     deleted: bool
@@ -90,7 +95,7 @@ class DirObject:
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> DirObject:
         kind = w["kind"]
-        if kind not in ("mailbox", "site"):
+        if kind not in (*RECIPIENT_KINDS, "site"):
             raise ValueError(f"unknown object kind {kind!r}")
         data = w["data"]
         if not isinstance(data, dict):
@@ -122,6 +127,56 @@ class Mailbox:
     @property
     def smtp_addresses(self) -> list[str]:
         return [parse_proxy(p).address for p in self.proxy_addresses if parse_proxy(p).type == "SMTP"]
+
+
+def primary_smtp(proxy_addresses: tuple[str, ...]) -> str:
+    """The primary SMTP address among proxy addresses ("" when none)."""
+    return next((parse_proxy(p).address for p in proxy_addresses
+                 if parse_proxy(p).type == "SMTP" and parse_proxy(p).primary), "")
+
+
+@dataclass(frozen=True)
+class CustomRecipient:
+    """A custom recipient: a directory object for someone outside the organisation
+    (KB Q258203: one SMTP namespace shared with a foreign system needs one per outside
+    user).  It has the site's proxy addresses like a mailbox, and mail to any of them
+    is redirected to ``target`` (the envelope recipient is rewritten, then routed as
+    usual).  It replicates between sites like a mailbox."""
+
+    alias: str
+    display_name: str
+    home_site: str
+    proxy_addresses: tuple[str, ...]
+    target: str  # the external address mail is redirected to, e.g. partner@example.net
+    deleted: bool = False
+
+    @property
+    def primary_address(self) -> str:
+        return primary_smtp(self.proxy_addresses)
+
+
+@dataclass(frozen=True)
+class DistributionList:
+    """A distribution list (KB Q185194): members named by address (mailboxes, custom
+    recipients, other lists); expanded at ``expansion_site`` ("" = wherever the mail
+    first arrives); NDRs for members that cannot be reached go to ``owner`` when set,
+    else to the sender (Exchange 5.5's "report to distribution list owner")."""
+
+    alias: str
+    display_name: str
+    home_site: str
+    proxy_addresses: tuple[str, ...]
+    members: tuple[str, ...] = ()
+    owner: str = ""  # an address; "" = NDRs go to the message's sender
+    expansion_site: str = ""  # the site that expands it; "" = any site
+    deleted: bool = False
+
+    @property
+    def primary_address(self) -> str:
+        return primary_smtp(self.proxy_addresses)
+
+
+Recipient = Mailbox | CustomRecipient | DistributionList  # whatever owns an SMTP address
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ class Outcome:
     status: str = "2.0.0"  # RFC 3463 enhanced status code
     diagnostic: str = ""  # e.g. "smtp; 550 5.1.1 <x@y>: user unknown", or a human reason
     remote: str | None = None  # the host that answered ("mx.example.net [192.0.2.1]:25")
+    dsn_passed: bool = False  # delivered to a next hop that took the DSN request (RFC 3461): it reports success
 
     @classmethod
     def delivered(cls, diagnostic: str = "", remote: str | None = None) -> Outcome:

@@ -47,6 +47,71 @@ def secret_from(value: str | None, env: str | None) -> str | None:
     return None
 
 
+class Secret:
+    """A secret (a password) that never shows: its repr and str are stars, it is no
+    string (``json.dumps`` refuses it), and ``reveal()`` is the one way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
+
+@dataclass(frozen=True)
+class OutboundAuth:
+    """The IMS Security tab's outbound SASL/AUTH (KB Q174754): credentials given to a
+    next hop (an E-Mail Domain's host or the smart host)."""
+
+    username: str
+    """the user name given to the next hop (AUTH PLAIN or LOGIN, as the peer offers)"""
+    password: Secret | None = field(default=None, repr=False)
+    """the password in the file itself (better: `password_env` or `password_file`; never shown in
+    logs, `check-config`, the admin API or the console)"""
+    password_env: str | None = None
+    """the environment variable holding the password (preferred for `serve`)"""
+    password_file: Path | None = None
+    """a file holding the password (its first line; relative to the site file): a Docker or
+    Kubernetes secret"""
+    allow_plaintext: bool = False
+    """send the credentials over a connection without TLS (else the message waits with `4.7.0`
+    when the peer offers no STARTTLS); a lab switch"""
+
+    @property
+    def password_source(self) -> str:
+        """Where the password comes from, in words (never the password)."""
+        if self.password_env:
+            return f"environment variable {self.password_env}"
+        if self.password_file:
+            return f"file {self.password_file}"
+        return "the site file" if self.password is not None else "none"
+
+
+HostList = tuple[tuple[str, int], ...]
+
+
+def hosts_text(hosts: HostList) -> str:
+    """``host1:25, [::1]:2525``: a host list as the CLI, the console and logs show it."""
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+
+
 @dataclass(frozen=True)
 class MailboxConfig:
     alias: str
@@ -62,6 +127,38 @@ class MailboxConfig:
     home_server: str | None = None
     """the server of a multi-server site the mailbox is homed on (its Maildir lives there; one of
     `[[servers]]`); left out: the server whose file lists it"""
+
+
+@dataclass(frozen=True)
+class CustomRecipientConfig:
+    """A custom recipient (`[[custom_recipients]]`, KB Q258203): mail to its addresses goes to `target`."""
+    alias: str
+    """the custom recipient's alias; it gets `alias@` the Site Addressing domain like a mailbox; created on
+    the first start that lists it, then the directory is the truth"""
+    target: str
+    """the external address its mail is redirected to (e.g. `partner@example.net`)"""
+    display_name: str = ""
+    """its display name (left out: the alias)"""
+    extra_addresses: tuple[str, ...] = ()
+    """secondary proxy addresses (`smtp:x@y`)"""
+
+
+@dataclass(frozen=True)
+class DistributionListConfig:
+    """A distribution list (`[[distribution_lists]]`, KB Q185194)."""
+    alias: str
+    """the list's alias; it gets `alias@` the Site Addressing domain like a mailbox; created on the first
+    start that lists it, then the directory is the truth"""
+    members: tuple[str, ...] = ()
+    """its members by address: mailboxes, custom recipients, other lists (of any site)"""
+    display_name: str = ""
+    """its display name (left out: the alias)"""
+    owner: str = ""
+    """the address NDRs for its members go to (left out: the message's sender)"""
+    expansion_site: str = ""
+    """the site that expands it; mail for it arriving elsewhere is sent there (left out: any site)"""
+    extra_addresses: tuple[str, ...] = ()
+    """secondary proxy addresses (`smtp:x@y`)"""
 
 
 @dataclass(frozen=True)
@@ -90,11 +187,21 @@ class ConnectedSite:
     """its routing address, type SMTP (`@SiteB.microsoft.com`)"""
     cost: int = 1
     """the same site may be listed several times: least cost first, equal costs share the load, a
-    dearer entry is used when the cheaper one fails (Q156063)"""
+    dearer entry is used when the cheaper ones fail (KB Q262952; `routing.least_cost_only` turns
+    that failover off)"""
     host: str | None = None
-    """this route's next hop (e.g. through another site) instead of the E-Mail Domain table"""
+    """this route's next hop (e.g. through another site) instead of the E-Mail Domain table; several
+    servers of the site as `host1,host2:2525`: equal cost, they share the load, one that is down is
+    skipped"""
     port: int = SMTP_PORT
-    """the port of `host`"""
+    """the port of `host` (and of each listed server without its own)"""
+    more_hosts: HostList = ()
+    """the servers after the first of `host = "host1,host2"` (read from `host`)"""
+
+    @property
+    def hosts(self) -> HostList:
+        """Every server of the entry, in the order written."""
+        return ((self.host, self.port), *self.more_hosts) if self.host else ()
 
     @property
     def routing_domain(self) -> str:
@@ -109,13 +216,27 @@ class DomainRoute:
     """E-Mail Domain table: forward this domain and its sub-domains (`#domain`: the domain only) to
     `host`"""
     host: str
-    """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX)"""
+    """the host mail for `domain` is forwarded to (a name is looked up by A/AAAA, never MX); several
+    as `host1,host2:2525,host3`: used in turn (round robin by message), a host that is down is
+    skipped (KB Q279323)"""
     port: int = SMTP_PORT
-    """the port of `host`"""
+    """the port of `host` (and of each listed host without its own)"""
     starttls: str | None = None
-    """outbound STARTTLS level for this domain (unset: `delivery.starttls`)"""
+    """outbound TLS level for this domain: `none`, `opportunistic`, `require` or `verify` (unset: as
+    `[[delivery.tls]]` or `delivery.starttls` say); a required level the peer cannot meet defers
+    the mail (`4.7.4`/`4.7.5`)"""
     etrn: bool = False
     """hold the domain's mail until the peer issues ETRN (RFC 1985)"""
+    more_hosts: HostList = ()
+    """the hosts after the first of `host = "host1,host2"` (read from `host`)"""
+    auth: OutboundAuth | None = None
+    """Security tab (KB Q174754): AUTH to this domain's hosts, `{ username = "…", password_env =
+    "…" }` (or `password_file`, or `password`)"""
+
+    @property
+    def hosts(self) -> HostList:
+        """Every host of the entry, in the order written."""
+        return ((self.host, self.port), *self.more_hosts)
 
 
 @dataclass(frozen=True)
@@ -137,7 +258,8 @@ class SmtpConfig:
     """name in the greeting and `Received:` lines (empty: `server.email_domain`, e.g.
     `ServerA.SiteA.microsoft.com`)"""
     max_message_size: int = 10 * 1024 * 1024
-    """bytes; advertised in SIZE"""
+    """the inbound size limit in bytes (Exchange 5.5 SP3's InboundSizeLimit, Q231303): advertised in
+    SIZE, a bigger message gets `552 5.3.4`; the outbound limit is `delivery.max_message_size`"""
     max_hops: int = 15
     """`Received:` lines allowed before `554 5.4.6`"""
     max_recipients: int = 100
@@ -206,8 +328,14 @@ class DeliveryConfig:
     delay_notice: float | None = None
     """send a delay DSN after this long"""
     smart_host: str | None = None
-    """"forward all messages to host" (`host[:port]`)"""
+    """"forward all messages to host" (`host[:port]`); several as `host1,host2:2525,host3`: used in
+    turn (round robin by message), a host that is down is skipped (KB Q279323)"""
     smart_host_port: int = SMTP_PORT
+    smart_host_more: HostList = ()
+    """the smart hosts after the first (read from `smart_host`)"""
+    smart_host_auth: OutboundAuth | None = None
+    """Security tab (KB Q174754): AUTH to the smart host, `{ username = "…", password_env = "…" }`
+    (or `password_file`, or `password`)"""
     starttls: str = "opportunistic"
     """outbound STARTTLS: `none`, `opportunistic` (when offered, unchecked), `require` (encrypt,
     unchecked), `verify` (encrypt; the certificate must chain to a trusted CA and name the host,
@@ -236,8 +364,18 @@ class DeliveryConfig:
     gets no more"""
     smart_host_starttls: str | None = None
     """the STARTTLS level for the smart host (unset: as for the recipient's domain)"""
+
+    @property
+    def smart_hosts(self) -> HostList:
+        """Every smart host, in the order written."""
+        return ((self.smart_host, self.smart_host_port), *self.smart_host_more) if self.smart_host else ()
     tls_ca_file: Path | None = None
     """CA bundle (PEM) for `starttls = "verify"` (unset: the system's store)"""
+    max_message_size: int = 0
+    """the IMS's outbound size limit in bytes (Exchange 5.5 SP3's OutboundSizeLimit, Q231303): a
+    bigger message leaving by SMTP (to other sites and the Internet) is returned with an NDR,
+    `5.3.4`; 0 = no limit. The inbound limit is `smtp.max_message_size`; per remote domain:
+    `[[internet_mail]] max_message_size`"""
 
 
 @dataclass(frozen=True)
@@ -390,6 +528,11 @@ class RoutingConfig:
     Postfix's behaviour) — or `refuse` them (`550 5.7.1` at RCPT, as Exim's
     `allow_domain_literals = false`). A literal of this site's own address is this site; relaying
     to other literals needs `smtp.relay_networks`"""
+    least_cost_only: bool = False
+    """the MTA's "use least-cost routes only" (KB Q233081; the IMS alone behaved so, Q156063 §3.2.5):
+    mail for a site goes only by its cheapest Connected Sites routes (equal-cost ones still share
+    the load) and waits for them, never failing over to a dearer route; off (the default): a
+    dearer route carries the mail when the cheaper ones fail (KB Q262952)"""
 
 
 LAB_NETWORKS_DEFAULT = ("127.0.0.0/8",)  # a sealed lab's own networks unless lab.networks says more
@@ -598,6 +741,72 @@ class NotificationsConfig:
     """send the administrator a copy of every NDR (needs `administrator`)"""
 
 
+LINK_MONITOR_INTERVAL = 15 * 60.0  # Q246674: a ping every 15 minutes (5 for critical links)
+LINK_MONITOR_WARNING = 30 * 60.0  # Q246674: warning after 30 minutes without an answer
+LINK_MONITOR_ALERT = 60 * 60.0  # Q246674: alert after 60 minutes
+
+
+@dataclass(frozen=True)
+class LinkMonitorConfig:
+    """[[link_monitors]]: a Link Monitor (KB Q246674): ping messages to servers of other
+    sites (their system attendant answers) or to a foreign address (its NDR answers)."""
+
+    name: str
+    """the monitor's name (shown on the console, in metrics and in alert mail)"""
+    targets: tuple[str, ...] = ()
+    """what to ping: a site name (`SiteB`: its system attendant, `attendant@` its routing
+    domain), an `attendant@domain` address (a ping responder), or any other address
+    (a foreign system: its NDR is the answer)"""
+    interval: float = LINK_MONITOR_INTERVAL
+    """polling interval: one ping per target this often"""
+    warning_after: float = LINK_MONITOR_WARNING
+    """warning state when a ping has waited this long for its answer (or the last round trip took longer)"""
+    alert_after: float = LINK_MONITOR_ALERT
+    """alert state (and mail to `notify`) after this long; back to up mails again"""
+    notify: str | None = None
+    """who gets the alert and recovery mail: an alias here or an address (left out:
+    `notifications.administrator`; neither: no mail)"""
+INTERNET_MAIL_DEFAULT = "*"  # the [[internet_mail]] entry for every domain not listed (Exchange's "Default")
+
+
+@dataclass(frozen=True)
+class InternetMailDomain:
+    """The IMS Internet Mail tab's "Specify by E-Mail Domain" (Q262126, Q176161): what may be sent
+    to one remote domain. A key left out takes the `*` entry's value, then the default."""
+
+    domain: str
+    """the remote domain (and its sub-domains; `#domain`: that domain only); `*` is the entry for
+    every other domain (Exchange's "Default")"""
+    out_of_office: bool | None = None
+    """send out-of-office replies to the domain (`false`: "Disable out of office responses to the
+    Internet"; such a reply is discarded without an NDR, as the IMS did); default true"""
+    auto_replies: bool | None = None
+    """send automatic replies to the domain (`false`: "Disable automatic replies to the Internet";
+    discarded without an NDR); default true"""
+    auto_forwards: bool | None = None
+    """send automatically forwarded messages to the domain (left out: as `auto_replies`, since in
+    Exchange 5.5 that check box disables automatic forwards too, Q176161)"""
+    display_names: bool | None = None
+    """send display names (`false`: "Disable sending display names to the Internet": the `From:`,
+    `To:` and `Cc:` fields carry bare addresses); default true"""
+    max_message_size: int | None = None
+    """the largest message in bytes sent to the domain, then an NDR `5.3.4` (0: no limit); default
+    no limit"""
+
+
+@dataclass(frozen=True)
+class JournalingConfig:
+    """[journaling]: Message Journaling at site level (Exchange 5.5 SP1, KB Q239427)."""
+
+    recipient: str | None = None
+    """the journal recipient (an alias of a mailbox here, or an address): it receives one copy of
+    every message accepted at this site, once per message, wrapped with its envelope (sender and
+    recipients). Unset: no journaling"""
+    reports: bool = True
+    """journal the reports this site writes (NDRs, delay notices) too; replication mail and journal
+    copies are never journaled"""
+
+
 @dataclass(frozen=True)
 class EtrnRequest:
     host: str
@@ -676,6 +885,10 @@ class SiteConfig:
     overrides it"""
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     mailboxes: tuple[MailboxConfig, ...] = ()
+    custom_recipients: tuple[CustomRecipientConfig, ...] = ()
+    """custom recipients created here (`[[custom_recipients]]`, KB Q258203)"""
+    distribution_lists: tuple[DistributionListConfig, ...] = ()
+    """distribution lists created here (`[[distribution_lists]]`, KB Q185194)"""
     servers: tuple[SiteServer, ...] = ()
     """the site's servers, this one (`site.server`) included; left out: this server alone"""
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -683,6 +896,9 @@ class SiteConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     connected_sites: tuple[ConnectedSite, ...] = ()
     email_domains: tuple[DomainRoute, ...] = ()
+    internet_mail: tuple[InternetMailDomain, ...] = ()
+    """the Internet Mail tab's settings by E-Mail Domain (`[[internet_mail]]`)"""
+    journaling: JournalingConfig = field(default_factory=JournalingConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -691,6 +907,7 @@ class SiteConfig:
     priorities: PriorityTimeouts = field(default_factory=default_priorities)  # normal: delivery.lifetime
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     etrn: EtrnConfig = field(default_factory=EtrnConfig)
+    link_monitors: tuple[LinkMonitorConfig, ...] = ()
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)

@@ -175,8 +175,8 @@ _CATEGORY_PREFIXES = (
       "lab."), "initialization_termination"),
     (("recipient.", "message.rewritten", "route.", "directory.", "site_addressing.", "kcc."), "addressing"),
     (("message.", "queue."), "message_archival"),
-    (("smtp.", "delivery.connect", "delivery.smtp_reply", "delivery.tls", "delivery.connection",
-      "delivery.reuse", "delivery.dns_failed", "delivery.loop", "fault.", "etrn.", "transfer_mode."),
+    (("smtp.", "delivery.connect", "delivery.smtp_reply", "delivery.tls", "delivery.auth", "delivery.host",
+      "delivery.connection", "delivery.reuse", "delivery.dns_failed", "delivery.loop", "fault.", "etrn.", "transfer_mode."),
      "smtp_interface_events"),
 )
 _METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,

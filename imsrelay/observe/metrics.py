@@ -39,6 +39,13 @@ name                                                type     what
 ``imsrelay_spool_flush_seconds``                    histo.   one group commit (write + fdatasync)
 ``imsrelay_faults_fired_total{kind}``               counter  faults on demand that fired
 ``imsrelay_transfer_mode{mode}``                    gauge    1 for the current Transfer mode
+``imsrelay_link_monitor_state{monitor,target,state}`` gauge  1 for a Link Monitor target's state
+                                                             (``unknown``, ``up``, ``warning``, ``alert``)
+``imsrelay_link_monitor_round_trip_seconds``        gauge    the last answered ping's round trip
+``{monitor,target}``
+``imsrelay_link_monitor_pings_total{monitor,target}`` counter Link Monitor pings sent
+``imsrelay_link_monitor_answers_total``             counter  their answers (replies or NDRs)
+``{monitor,target}``
 ==================================================  =======  ==================================
 """
 
@@ -51,6 +58,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from imsrelay.model.envelope import Envelope
+from imsrelay.policy.link_monitor import STATES as LINK_STATES
 from imsrelay.policy.transfer_mode import TransferMode
 
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -118,6 +126,15 @@ class SiteMetrics:
                                      "1 while message tracking writes nothing (the disk is nearly full)", registry=r)
         self.tracking_dropped = Gauge("imsrelay_tracking_dropped_events",
                                       "Tracking events not written while paused (since start)", registry=r)
+        # Link Monitor (KB Q246674): monitors and targets are the administrator's, few and fixed
+        self.link_state = Gauge("imsrelay_link_monitor_state", "1 for a Link Monitor target's state",
+                                ["monitor", "target", "state"], registry=r)
+        self.link_rtt = Gauge("imsrelay_link_monitor_round_trip_seconds",
+                              "Round trip of the last answered Link Monitor ping", ["monitor", "target"], registry=r)
+        self.link_pings = Counter("imsrelay_link_monitor_pings", "Link Monitor pings sent", ["monitor", "target"],
+                                  registry=r)
+        self.link_answers = Counter("imsrelay_link_monitor_answers", "Link Monitor pings answered (reply or NDR)",
+                                    ["monitor", "target"], registry=r)
         # the children of the outcomes, looked up once (``labels()`` per recipient costs more than the count)
         self.outcomes = {outcome: self.deliveries.labels(outcome)
                          for outcome in ("delivered", "deferred", "failed", "expired", "held")}
@@ -128,6 +145,10 @@ class SiteMetrics:
         """The ``imsrelay_deliveries_total{outcome}`` counter of one outcome."""
         child = self.outcomes.get(outcome)
         return child if child is not None else self.deliveries.labels(outcome)
+
+    def set_link_state(self, monitor: str, target: str, state: str) -> None:
+        for s in LINK_STATES:
+            self.link_state.labels(monitor, target, s).set(1 if s == state else 0)
 
     def set_mode(self, mode: TransferMode) -> None:
         for m in TransferMode:

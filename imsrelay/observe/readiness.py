@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Check = Callable[[], "str | None"]
+Detail = Callable[[], object]  # what a part reports beside the checks (never fails readiness)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class CheckResult:
 @dataclass(frozen=True)
 class ReadinessReport:
     checks: tuple[CheckResult, ...]
+    details: tuple[tuple[str, object], ...] = ()  # (name, value): shown, never a reason for 503
 
     @property
     def ready(self) -> bool:
@@ -42,7 +44,11 @@ class ReadinessReport:
         return [f"{c.name}: {c.reason}" for c in self.checks if not c.ok]
 
     def as_dict(self) -> dict[str, object]:
-        return {"ready": self.ready, "reasons": self.reasons, "checks": [c.as_dict() for c in self.checks]}
+        body: dict[str, object] = {"ready": self.ready, "reasons": self.reasons,
+                                   "checks": [c.as_dict() for c in self.checks]}
+        if self.details:
+            body["details"] = dict(self.details)
+        return body
 
 
 class Readiness:
@@ -50,6 +56,13 @@ class Readiness:
 
     def __init__(self) -> None:
         self._checks: list[tuple[str, Check]] = []
+        self._details: list[tuple[str, Detail]] = []
+
+    def add_detail(self, name: str, detail: Detail) -> None:
+        """Add (or replace, by name) a detail: shown in ``/ready``, never failing it
+        (e.g. the Link Monitor's states: a link down does not make the site unready)."""
+        self._details = [(n, d) for n, d in self._details if n != name]
+        self._details.append((name, detail))
 
     def add(self, name: str, check: Check) -> None:
         """Add (or replace, by name) a check."""
@@ -71,10 +84,18 @@ class Readiness:
             except Exception as exc:  # a failing check is a reason, never a crash of /ready
                 reason = f"check failed: {exc!r}"
             results.append(CheckResult(name, reason is None, reason))
-        return ReadinessReport(tuple(results))
+        details = []
+        for name, detail in self._details:
+            try:
+                value = detail()
+            except Exception as exc:  # a failing detail is shown as such, never a crash of /ready
+                value = f"detail failed: {exc!r}"
+            details.append((name, value))
+        return ReadinessReport(tuple(results), tuple(details))
 
 
 def combined(reports: dict[str, ReadinessReport]) -> ReadinessReport:
     """Several sites' reports as one (the lab endpoint): check names get the site's name."""
     return ReadinessReport(tuple(CheckResult(f"{site} {c.name}", c.ok, c.reason)
-                                 for site, r in reports.items() for c in r.checks))
+                                 for site, r in reports.items() for c in r.checks),
+                           tuple((f"{site} {name}", value) for site, r in reports.items() for name, value in r.details))

@@ -26,6 +26,7 @@ endpoint share it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import re
@@ -47,7 +48,11 @@ DEFERRED = "deferred"
 FAILED = "failed"
 EXPIRED = "expired"
 NDR_SENT = "ndr_sent"
+DELAY_NOTICE_SENT = "delay_notice_sent"
+DSN_SENT = "dsn_sent"  # a success report (RFC 3461 NOTIFY=SUCCESS): delivered, or relayed to a host without DSN
 DELETED = "deleted"
+JOURNALED = "journaled"  # a journal copy was queued with the message (Message Journaling, Q239427)
+DISCARDED = "discarded"  # not sent, without an NDR: the Internet Mail tab disables it for the domain
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum
 BOUNDS_EVERY = 5.0  # seconds between looks at the database's size and the free disk
@@ -115,16 +120,26 @@ class TrackingEvent:
     recipient: str | None = None
     related: str | None = None  # an NDR's original queue id
     detail: dict[str, Any] = field(default_factory=dict)
+    server: str | None = None  # the server of a site of several servers whose log holds it (None: one server)
+
+    @property
+    def place(self) -> str:
+        """Where it happened: the site, or ``Site/Server`` on a site of several servers."""
+        return f"{self.site}/{self.server}" if self.server else self.site
 
     def as_dict(self) -> dict[str, Any]:
-        return {"time": self.time, "time_iso": iso(self.time), "site": self.site, "event": self.event,
-                "queue_id": self.queue_id, "message_id": self.message_id, "sender": self.sender,
-                "recipient": self.recipient, "related": self.related, "detail": self.detail}
+        d = {"time": self.time, "time_iso": iso(self.time), "site": self.site, "event": self.event,
+             "queue_id": self.queue_id, "message_id": self.message_id, "sender": self.sender,
+             "recipient": self.recipient, "related": self.related, "detail": self.detail}
+        if self.server:
+            d["server"] = self.server
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrackingEvent:
         return cls(float(d["time"]), str(d["site"]), str(d["event"]), str(d["queue_id"]), d.get("message_id"),
-                   d.get("sender"), d.get("recipient"), d.get("related"), dict(d.get("detail") or {}))
+                   d.get("sender"), d.get("recipient"), d.get("related"), dict(d.get("detail") or {}),
+                   str(d["server"]) if d.get("server") else None)
 
 
 def iso(t: float) -> str:
@@ -422,24 +437,34 @@ class Hop:
     origin: str | None
     client: str | None
     events: tuple[TrackingEvent, ...]
+    server: str | None = None  # on a site of several servers: the server it passed
+
+    @property
+    def place(self) -> str:
+        return f"{self.site}/{self.server}" if self.server else self.site
 
 
 @dataclass(frozen=True)
 class RecipientResult:
     recipient: str
-    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted
+    state: str  # delivered | bounced | failed | expired | deferred | held | in-transit | queued | deleted | discarded
     site: str
     detail: str
     path: tuple[str, ...]  # sites it went through
     mailbox: str | None = None  # delivered: the mailbox (alias)
     left_to: str | None = None  # delivered into a lab's catch-all: the domain it left the organisation to
+    report: str | None = None  # the success report (RFC 3461) sent about it: "delivered" | "relayed"
 
     def as_dict(self) -> dict[str, Any]:
         return {"recipient": self.recipient, "state": self.state, "site": self.site, "detail": self.detail,
-                "path": list(self.path), "mailbox": self.mailbox, "left_to": self.left_to}
+                "path": list(self.path), "mailbox": self.mailbox, "left_to": self.left_to, "report": self.report}
 
     def end_text(self) -> str:
-        """Where this recipient's branch ends, for a path: ``mailbox User2``, or its state."""
+        """Where this recipient's branch ends, for a path: ``mailbox User2``, or its
+        state; `` (DSN: delivered)`` when a success report went to the sender."""
+        return self._end() + (f" (DSN: {self.report})" if self.report else "")
+
+    def _end(self) -> str:
         if self.left_to:
             return f"{self.left_to} (the rest of the Internet)"
         if self.state == "delivered" and self.mailbox:
@@ -460,7 +485,7 @@ class Branch:
     def as_dict(self) -> dict[str, Any]:
         return {"site": self.site, "queue_id": self.queue_id, "next": [b.as_dict() for b in self.next],
                 "recipients": [{"recipient": r.recipient, "state": r.state, "mailbox": r.mailbox,
-                                "left_to": r.left_to} for r in self.ends]}
+                                "left_to": r.left_to, "report": r.report} for r in self.ends]}
 
     def text(self) -> str:
         """``SiteA -> {SiteB -> mailbox User2, SiteC -> mailbox User3}``; one way is one chain."""
@@ -478,8 +503,8 @@ def branches(hops: tuple[Hop, ...], recipients: tuple[RecipientResult, ...]) -> 
         return None
     queue_ids: dict[str, str] = {}
     for h in hops:
-        queue_ids.setdefault(h.site, h.queue_id)
-    root: dict[str, Any] = {"site": hops[0].site, "next": {}, "ends": []}
+        queue_ids.setdefault(h.place, h.queue_id)
+    root: dict[str, Any] = {"site": hops[0].place, "next": {}, "ends": []}
     for r in recipients:
         node = root
         for site in r.path[1:] if r.path and r.path[0] == root["site"] else ():
@@ -498,7 +523,7 @@ def trunk(hops: tuple[Hop, ...], recipients: tuple[RecipientResult, ...]) -> lis
     way; the fan-out's common start otherwise)."""
     paths = [list(r.path) for r in recipients if r.path]
     if not paths:
-        return [h.site for h in hops]
+        return [h.place for h in hops]
     common = paths[0]
     for p in paths[1:]:
         n = 0
@@ -521,11 +546,17 @@ class Story:
                 "chain": trunk(self.hops, self.recipients),
                 "tree": tree.as_dict() if tree else None,
                 "path": tree.text() if tree else "",
-                "hops": [{"site": h.site, "queue_id": h.queue_id, "received_at": h.received_at,
-                          "received_at_iso": iso(h.received_at) if h.received_at else None,
-                          "origin": h.origin, "client": h.client,
-                          "events": [e.as_dict() for e in h.events]} for h in self.hops],
+                "hops": [_hop_dict(h) for h in self.hops],
                 "recipients": [r.as_dict() for r in self.recipients]}
+
+
+def _hop_dict(h: Hop) -> dict[str, Any]:
+    d = {"site": h.site, "queue_id": h.queue_id, "received_at": h.received_at,
+         "received_at_iso": iso(h.received_at) if h.received_at else None,
+         "origin": h.origin, "client": h.client, "events": [e.as_dict() for e in h.events]}
+    if h.server:
+        d["server"] = h.server
+    return d
 
 
 def follow(events: Iterable[TrackingEvent]) -> list[Story]:
@@ -533,17 +564,17 @@ def follow(events: Iterable[TrackingEvent]) -> list[Story]:
     queue id when it has none), hops linked by the peers' queue ids, oldest first."""
     by_hop: dict[tuple[str, str], list[TrackingEvent]] = {}
     for e in sorted(events, key=lambda e: e.time):
-        by_hop.setdefault((e.site, e.queue_id), []).append(e)
+        by_hop.setdefault((e.place, e.queue_id), []).append(e)
     hops: dict[tuple[str, str], Hop] = {}
     for key, evs in by_hop.items():
         rec = next((e for e in evs if e.event == RECEIVED), None)
-        hops[key] = Hop(key[0], key[1], rec.time if rec else None, rec.detail.get("origin") if rec else None,
-                        rec.detail.get("client") if rec else None, tuple(evs))
+        hops[key] = Hop(evs[0].site, key[1], rec.time if rec else None, rec.detail.get("origin") if rec else None,
+                        rec.detail.get("client") if rec else None, tuple(evs), evs[0].server)
     # group hops into messages
     groups: dict[str, list[Hop]] = {}
     for hop in hops.values():
         mid = next((e.message_id for e in hop.events if e.message_id), None)
-        groups.setdefault(mid or f"queue:{hop.site}:{hop.queue_id}", []).append(hop)
+        groups.setdefault(mid or f"queue:{hop.place}:{hop.queue_id}", []).append(hop)
     by_queue = {h.queue_id: h for h in hops.values()}
     stories = []
     for gkey, group in groups.items():
@@ -564,55 +595,80 @@ def _results(group: list[Hop], by_queue: dict[str, Hop]) -> list[RecipientResult
 
 
 def _result(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...] = ()) -> RecipientResult:
-    path = (*path, hop.site)
+    path = (*path, hop.place)
     mine = [e for e in hop.events if (e.recipient or "").lower() == rcpt.lower()
             or (e.event == DELETED and e.recipient is None)]  # an operator deletes the whole message
     if not mine:
-        return RecipientResult(rcpt, "queued", hop.site, f"received at {hop.site} (queue id {hop.queue_id}), "
+        return RecipientResult(rcpt, "queued", hop.place, f"received at {hop.place} (queue id {hop.queue_id}), "
                                "not routed yet", path)
     last = mine[-1]
     d = last.detail
+    result = _result_of(rcpt, hop, by_queue, path, mine, last, d)
+    success = _success_report(rcpt, hop)
+    if success is None or result.site != hop.place:
+        return result
+    action, dsn_id = success
+    return dataclasses.replace(result, report=action,
+                               detail=f"{result.detail}; '{action}' report {dsn_id} sent to {hop.events[0].sender or '<>'}")
+
+
+def _success_report(rcpt: str, hop: Hop) -> tuple[str, str] | None:
+    """(action, report queue id) of the success report sent about ``rcpt`` at ``hop``."""
+    for e in hop.events:
+        if e.event == DSN_SENT:
+            actions = {k.lower(): v for k, v in (e.detail.get("actions") or {}).items()}
+            if rcpt.lower() in actions:
+                return str(actions[rcpt.lower()]), str(e.detail.get("dsn_id"))
+    return None
+
+
+def _result_of(rcpt: str, hop: Hop, by_queue: dict[str, Hop], path: tuple[str, ...], mine: list[TrackingEvent],
+               last: TrackingEvent, d: dict[str, Any]) -> RecipientResult:
     if last.event == DELIVERED:
         where = d.get("mailbox") or "the mailbox"
         alias = where[len("mailbox "):] if where.startswith("mailbox ") else None
         routed = next((e for e in reversed(mine) if e.event == ROUTED), None)
         left_to = routed.detail.get("left_to") if routed is not None else None
         if left_to:
-            return RecipientResult(rcpt, "delivered", hop.site,
-                                   f"left the organisation to {left_to}: kept at {hop.site} in the lab's catch-all "
+            return RecipientResult(rcpt, "delivered", hop.place,
+                                   f"left the organisation to {left_to}: kept at {hop.place} in the lab's catch-all "
                                    f"{where} (the rest of the Internet)", path, alias, str(left_to))
-        return RecipientResult(rcpt, "delivered", hop.site, f"delivered at {hop.site} to {where}", path, alias)
+        return RecipientResult(rcpt, "delivered", hop.place, f"delivered at {hop.place} to {where}", path, alias)
     if last.event == TRANSFERRED:
         nxt = by_queue.get(d.get("remote_queue_id") or "")
-        if nxt is not None and nxt.site not in path:
+        if nxt is not None and nxt.place not in path:
             return _result(rcpt, nxt, by_queue, path)
         to = d.get("next_hop") or "the next hop"
-        return RecipientResult(rcpt, "in-transit", hop.site,
-                               f"transferred by {hop.site} to {to} (their queue id "
+        return RecipientResult(rcpt, "in-transit", hop.place,
+                               f"transferred by {hop.place} to {to} (their queue id "
                                f"{d.get('remote_queue_id') or 'unknown'}); not tracked beyond it", path)
     if last.event in (FAILED, EXPIRED):
         ndr = next((e for e in hop.events if e.event == NDR_SENT and rcpt.lower()
                     in [x.lower() for x in e.detail.get("recipients", [])]), None)
         what = "expired" if last.event == EXPIRED else "bounced"
         tail = (f"; NDR {ndr.detail.get('ndr_id')} sent to {ndr.sender or '<>'}" if ndr
-                else "; no NDR (null sender or automatic report)")
-        return RecipientResult(rcpt, what if ndr else "failed", hop.site,
-                               f"stopped at {hop.site}: {d.get('status')} {d.get('diagnostic')}{tail}", path)
+                else f"; no NDR (the sender asked for none: NOTIFY={d['notify']})" if d.get("notify")
+                and "FAILURE" not in str(d["notify"]) else "; no NDR (null sender or automatic report)")
+        return RecipientResult(rcpt, what if ndr else "failed", hop.place,
+                               f"stopped at {hop.place}: {d.get('status')} {d.get('diagnostic')}{tail}", path)
     if last.event == DEFERRED and d.get("held"):
-        return RecipientResult(rcpt, "held", hop.site, f"held at {hop.site}: {d.get('diagnostic')} "
+        return RecipientResult(rcpt, "held", hop.place, f"held at {hop.place}: {d.get('diagnostic')} "
                                "(no attempt until the hold ends)", path)
     if last.event == DEFERRED:
         nxt = d.get("next_attempt")
         when = f"; next attempt {iso(nxt)}" if isinstance(nxt, int | float) else ""
-        return RecipientResult(rcpt, "deferred", hop.site,
-                               f"waiting at {hop.site} after attempt {d.get('attempts')}: {d.get('status')} "
+        return RecipientResult(rcpt, "deferred", hop.place,
+                               f"waiting at {hop.place} after attempt {d.get('attempts')}: {d.get('status')} "
                                f"{d.get('diagnostic')}{when}", path)
+    if last.event == DISCARDED:
+        return RecipientResult(rcpt, "discarded", hop.site, f"discarded at {hop.site} without an NDR: "
+                               f"{d.get('diagnostic')}", path)
     if last.event == DELETED:
-        return RecipientResult(rcpt, "deleted", hop.site, f"deleted from the queue at {hop.site} by an operator", path)
+        return RecipientResult(rcpt, "deleted", hop.place, f"deleted from the queue at {hop.place} by an operator", path)
     if last.event == ROUTED:
-        return RecipientResult(rcpt, "queued", hop.site,
-                               f"in the queue at {hop.site}, routed {d.get('route')} (not attempted yet)", path)
-    return RecipientResult(rcpt, last.event, hop.site, f"{last.event} at {hop.site}", path)
+        return RecipientResult(rcpt, "queued", hop.place,
+                               f"in the queue at {hop.place}, routed {d.get('route')} (not attempted yet)", path)
+    return RecipientResult(rcpt, last.event, hop.place, f"{last.event} at {hop.place}", path)
 
 
 def gather(fetch: Callable[[TrackingQuery], list[TrackingEvent]], q: TrackingQuery, *,
@@ -624,7 +680,7 @@ def gather(fetch: Callable[[TrackingQuery], list[TrackingEvent]], q: TrackingQue
 
     def add(events: list[TrackingEvent]) -> None:
         for e in events:
-            seen.setdefault((e.site, e.queue_id, e.time, e.event, e.recipient), e)
+            seen.setdefault((e.site, e.server, e.queue_id, e.time, e.event, e.recipient), e)
 
     add(fetch(q))
     asked: set[str] = set()
@@ -669,6 +725,13 @@ def describe_event(e: TrackingEvent) -> str:
         return f"{e.event} {e.recipient}: {d.get('status')} {d.get('diagnostic')}"
     if e.event == NDR_SENT:
         return f"NDR {d.get('ndr_id')} queued to {e.sender or '<>'} for {', '.join(d.get('recipients', []))}"
+    if e.event == DELAY_NOTICE_SENT:
+        return f"delay notice {d.get('ndr_id')} queued to {e.sender or '<>'} for {', '.join(d.get('recipients', []))}"
+    if e.event == DSN_SENT:
+        actions = d.get("actions") or {}
+        envid = f" (ENVID {d['envid']})" if d.get("envid") else ""
+        return (f"delivery report {d.get('dsn_id')} queued to {e.sender or '<>'}{envid}: "
+                + ", ".join(f"{r} {a}" for r, a in actions.items()))
     if e.event == DELETED:
         return "deleted from the queue by an operator"
     return e.event
@@ -680,7 +743,7 @@ def format_story(story: Story) -> str:
     lines = [f"message {story.message_id or '(no Message-ID)'} from {story.sender or '<>'}",
              "  path: " + (tree.text() if tree else "(no hop)")]
     for hop in story.hops:
-        lines.append(f"  {hop.site} (queue id {hop.queue_id})")
+        lines.append(f"  {hop.place} (queue id {hop.queue_id})")
         for e in hop.events:
             stamp = datetime.fromtimestamp(e.time, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             lines.append(f"    {stamp}  {describe_event(e)}")

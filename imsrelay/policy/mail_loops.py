@@ -21,7 +21,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol, TypeVar
 
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block
+from imsrelay.policy.expansion import EXPANDED_HEADER
 from imsrelay.policy.inbound import Reply
 
 SelfEndpoints = frozenset[tuple[str, int]]
@@ -29,6 +30,7 @@ WILDCARDS = ("", "0.0.0.0", "::")
 
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _SPACE = re.compile(rb"\s+")
+_EXPANDED = re.compile(rb"^" + re.escape(EXPANDED_HEADER.lower().encode()) + rb":", re.MULTILINE)
 
 
 class Hop(Protocol):
@@ -92,14 +94,21 @@ def received_marker(hostname: str) -> bytes:
 
 
 def seen_before(message: bytes, marker: bytes) -> bool:
-    """Our own Received: line is already in the header: the message came back."""
-    header, _ = split_message(message)
-    return marker in _SPACE.sub(b" ", header.lower())
+    """Our own Received: line is already in the header: the message came back.  Not
+    when a distribution list was expanded since it passed here (an ``X-IMS-Expanded-DL``
+    trace line above ours, KB Q185194): a list's expansion site sends its members' copies
+    on, to their home sites, this one included; a list is never expanded twice, and
+    ``smtp.max_hops`` still bounds the path."""
+    header = header_block(message).lower()
+    expanded = _EXPANDED.search(header)
+    if expanded is not None:
+        header = header[:expanded.start()]  # only what was added since the latest expansion
+    return marker in _SPACE.sub(b" ", header)
 
 
 def count_hops(message: bytes) -> int:
     """Number of ``Received:`` fields in the header block."""
-    header, _ = split_message(message)
+    header = header_block(message)
     return len(_RECEIVED.findall(header))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from email._parseaddr import AddressList  # type: ignore[import-not-found]  # no stub: private module
 
 from imsrelay.model.addresses import AddressError, parse_address
-from imsrelay.model.message import split_message
+from imsrelay.model.message import header_block, split_message
 
 REWRITTEN_HEADERS = ("from", "sender", "reply-to")
 MAX_REWRITTEN_FIELDS = 100  # a message has one From:; beyond this many, fields stay as they are (hostile input)
@@ -56,7 +56,7 @@ def rewrite_address(address: str, rules: RewriteRules, primaries: Mapping[str, s
     return address
 
 
-def _header_fields(header: bytes) -> list[bytes]:
+def header_fields(header: bytes) -> list[bytes]:
     """Raw header fields, each with its continuation lines and line endings."""
     fields: list[bytes] = []
     for line in header.splitlines(keepends=True):
@@ -69,10 +69,10 @@ def _header_fields(header: bytes) -> list[bytes]:
 
 def header_addresses(message: bytes) -> list[str]:
     """Addresses in the headers that rewriting may change."""
-    header, _ = split_message(message)
+    header = header_block(message)
     found = []
     fields = 0
-    for f in _header_fields(header):
+    for f in header_fields(header):
         name, sep, value = f.partition(b":")
         if sep and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
             fields += 1
@@ -87,7 +87,7 @@ def rewrite_message(message: bytes, rules: RewriteRules, primaries: Mapping[str,
     if not rules.active:
         return message
     header, body = split_message(message)
-    fields = _header_fields(header)
+    fields = header_fields(header)
     changed = False
     seen = 0
     for i, f in enumerate(fields):

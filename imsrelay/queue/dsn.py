@@ -6,6 +6,12 @@ message/delivery-status, and the original headers (or the whole original).
 `may_send_report` says whether a report may be sent at all (never to `<>`,
 never about a report or auto-reply — so reports never loop).
 
+What the sender asked for (RFC 3461, ``imsrelay.model.dsn_params``) decides the rest:
+`report_wanted` (NOTIFY: NEVER, SUCCESS, FAILURE, DELAY; without it failure and delay
+reports only), `success_action` (``delivered`` here, ``relayed`` to a next hop without
+DSN, nothing when the next hop took the request) and `returns_full_message` (RET=FULL
+for failure reports); `build_report` gives ENVID back as Original-Envelope-Id.
+
 The original is kept byte for byte. When it holds 8-bit bytes the parts that
 carry it, and the report itself, are labelled `Content-Transfer-Encoding: 8bit`
 (as Postfix does): the report then needs a peer offering 8BITMIME.
@@ -26,9 +32,12 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from typing import Any, cast
 
+from imsrelay.model.dsn_params import DELAY, FAILURE, SUCCESS, notify_wants
 from imsrelay.model.message import split_message
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
+SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
+_NOTIFY_KIND = {"failed": FAILURE, "delayed": DELAY, "delivered": SUCCESS, "relayed": SUCCESS, "expanded": SUCCESS}
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _TYPED = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")  # "smtp; 550 ..." — RFC 3464 diagnostic-type
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # all that may break a line
@@ -105,6 +114,29 @@ def may_send_report(envelope_sender: str, original_headers: Message | bytes) -> 
     return True
 
 
+def report_wanted(notify: str | None, action: str) -> bool:
+    """Whether a recipient whose RCPT TO said ``notify`` (RFC 3461 NOTIFY; None: not
+    given) gets a report with ``action``: NEVER, none; without NOTIFY, failure and
+    delay reports as always, no success report."""
+    return notify_wants(notify, _NOTIFY_KIND[action])
+
+
+def success_action(*, final: bool, passed_on: bool) -> str | None:
+    """The report on a delivery that succeeded (RFC 3461 6.2.1, RFC 3464 2.3.3):
+    ``delivered`` when it ended here (a mailbox, the directory service); ``relayed``
+    when it went to a next hop that does not offer DSN; None when the next hop took
+    the DSN request (``passed_on``): reporting is its job from then on."""
+    if final:
+        return "delivered"
+    return None if passed_on else "relayed"
+
+
+def returns_full_message(ret: str | None, action: str) -> bool:
+    """RET=FULL: a failure report carries the whole message; any other report (and
+    RET=HDRS, or no RET) only its headers (RFC 3461 4.3)."""
+    return ret == "FULL" and action == "failed"
+
+
 def build_report(
     *,
     original: bytes,
@@ -117,9 +149,11 @@ def build_report(
     postmaster: str,
     include_full_message: bool = False,
     max_original_bytes: int = 256 * 1024,
+    envid: str | None = None,
 ) -> bytes:
     """A multipart/report (RFC 6522) DSN about `original`, as bytes with CRLF line ends.
 
+    ``envid``: the sender's ENVID (RFC 3461), given back as Original-Envelope-Id.
     Naive datetimes are taken as UTC. Raises ValueError for the null sender, no
     recipients, or an action/status that RFC 3464 does not allow.
     """
@@ -157,7 +191,7 @@ def build_report(
     report.preamble = "This is a MIME-formatted delivery status notification."
 
     report.attach(cast(EmailMessage, _human_part(kind, recipients, reporter, subject, arrival_date, policy)))
-    report.attach(cast(EmailMessage, _status_part(recipients, reporter, queue_id, arrival_date, policy)))
+    report.attach(cast(EmailMessage, _status_part(recipients, reporter, queue_id, arrival_date, policy, envid)))
     returned = _returned_part(original, headers, include_full_message, max_original_bytes, policy)
     report.attach(cast(EmailMessage, returned))
     if returned["Content-Transfer-Encoding"] == "8bit":
@@ -208,6 +242,8 @@ def _report_kind(recipients: Sequence[RecipientStatus]) -> str:
         return "Undeliverable"
     if "delayed" in actions:
         return "Delivery delayed"
+    if actions == {"relayed"}:
+        return "Relayed"
     return "Delivered"
 
 
@@ -224,6 +260,7 @@ def _human_part(
             "Undeliverable": "Your message did not reach some or all of the intended recipients.",
             "Delivery delayed": "Your message has not yet reached some of the intended recipients.",
             "Delivered": "Your message was delivered to the following recipient(s).",
+            "Relayed": "Your message was passed on to a server that sends no delivery reports.",
         }[kind],
         "",
         f"      Subject:  {subject}",
@@ -311,8 +348,11 @@ def _status_part(
     queue_id: str,
     arrival_date: datetime,
     policy: _Policy,
+    envid: str | None = None,
 ) -> MIMEPart:
     per_message = Message(policy=policy)
+    if envid:
+        per_message["Original-Envelope-Id"] = _one_line(envid)
     per_message["Reporting-MTA"] = f"dns; {reporter.hostname}"
     per_message["X-IMS-Queue-ID"] = _one_line(queue_id)
     per_message["Arrival-Date"] = email.utils.format_datetime(_utc(arrival_date))

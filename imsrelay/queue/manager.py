@@ -34,13 +34,15 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from imsrelay.model.envelope import Envelope, RecipientState, new_queue_id
+from imsrelay.model.envelope import FAILED, Envelope, RecipientState, new_queue_id
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
 from imsrelay.model.settings import DeliveryConfig
 from imsrelay.observe import tracking
 from imsrelay.observe.metrics import SiteMetrics
+from imsrelay.policy import internet_mail
+from imsrelay.policy.internet_mail import DomainMailSettings, OutboundRules, Verdict
 from imsrelay.queue import dsn
 from imsrelay.queue.agents import Transports
 from imsrelay.queue.rules import (
@@ -52,6 +54,7 @@ from imsrelay.queue.rules import (
 )
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import (
+    ATTENDANT,
     DIRECTORY,
     LOCAL,
     MX,
@@ -154,8 +157,10 @@ class QueueManager:
     def __init__(self, spool: Spool, *, inputs: QueueInputs, transports: Transports,
                  delivery: DeliveryConfig, log: Any,
                  priorities: PriorityTimeouts | None = None, clock: Callable[[], float] = time.time,
-                 tracking_log: tracking.TrackingLog | None = None) -> None:
-        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking)."""
+                 tracking_log: tracking.TrackingLog | None = None, outbound: OutboundRules | None = None) -> None:
+        """``tracking_log``: where routing decisions and outcomes are recorded (message tracking);
+        ``outbound``: the Internet Mail tab's settings by domain and the outbound size limit."""
+        self.outbound = outbound or OutboundRules()
         self.spool = spool
         self.tracking = tracking_log
         self.inputs = inputs
@@ -574,20 +579,84 @@ class QueueManager:
                 self.forget(env.queue_id)
                 self.log.info("queue.deleted", queue_id=env.queue_id)
                 return
-        groups: dict[str, list[tuple[RecipientState, Route]]] = defaultdict(list)
         for r, route in routed:
             if r.route != route.destination:  # a new decision (first attempt, or the route changed)
                 self._track_route(env, r, route)
             r.route = sys.intern(route.destination)
-            groups[route.destination].append((r, route))
+        stopped: list[Recorded] = []
+        plain = True  # display names kept for every recipient
+        if self.outbound.active:
+            routed, stopped, plain = self._outbound_checks(env, message, routed)
+        groups: dict[tuple[str, bool], list[tuple[RecipientState, Route]]] = defaultdict(list)
+        for r, route in routed:
+            names = plain or self._keeps_display_names(r, route)
+            groups[(route.destination, names)].append((r, route))
+        stripped = message if plain else internet_mail.strip_display_names(message)
 
         if len(groups) == 1:  # the common case: no task and no gathering future for it
-            (only,) = groups.values()
-            recorded = await self._deliver_group(env, message, only)
+            ((_, names), only), = groups.items()
+            recorded = await self._deliver_group(env, message if names else stripped, only)
         else:
-            results = await asyncio.gather(*(self._deliver_group(env, message, g) for g in groups.values()))
+            results = await asyncio.gather(*(self._deliver_group(env, message if names else stripped, g)
+                                             for (_, names), g in groups.items()))
             recorded = [rec for group in results for rec in group]
-        await self._record(env, message, recorded)
+        await self._record(env, message, stopped + recorded)
+
+    # ------------------------------------------------------------ Internet Mail tab, outbound size limit
+
+    def _internet_settings(self, r: RecipientState, route: Route) -> DomainMailSettings | None:
+        """The Internet Mail settings for a recipient leaving the organisation by SMTP
+        (or to the lab's catch-all, the rest of the Internet); None for another site of
+        the organisation or a local delivery."""
+        if route.site is not None or not (route.kind in (RELAY, MX) or (route.kind == LOCAL and route.domain)):
+            return None
+        return self.outbound.settings_for(r.address.rpartition("@")[2])
+
+    def _keeps_display_names(self, r: RecipientState, route: Route) -> bool:
+        settings = self._internet_settings(r, route)
+        return settings is None or settings.display_names
+
+    def _outbound_checks(self, env: Envelope, message: bytes, routed: list[tuple[RecipientState, Route]]
+                         ) -> tuple[list[tuple[RecipientState, Route]], list[Recorded], bool]:
+        """Apply ``internet_mail.outbound_verdict`` to the recipients leaving by SMTP:
+        (recipients that go on, failures to record (5.3.4: an NDR), whether no
+        recipient has display names disabled).  Discarded recipients (an automatic
+        message the domain's settings disable) are terminal here, without an NDR."""
+        go: list[tuple[RecipientState, Route]] = []
+        stopped: list[Recorded] = []
+        plain = True
+        kind: str | None = None
+        classified = False
+        for r, route in routed:
+            remote = route.kind in (RELAY, MX) or (route.kind == LOCAL and bool(route.domain))
+            if not remote:
+                go.append((r, route))
+                continue
+            settings = self._internet_settings(r, route)
+            if settings is not None and not classified and not (
+                    settings.out_of_office and settings.auto_replies and settings.auto_forwards):
+                kind, classified = internet_mail.classify(message), True
+            verdict = internet_mail.outbound_verdict(
+                kind=kind if settings is not None else None, size=len(message),
+                domain=r.address.rpartition("@")[2], settings=settings,
+                outbound_limit=self.outbound.max_message_size)
+            if verdict is None:
+                go.append((r, route))
+                plain = plain and (settings is None or settings.display_names)
+            elif verdict.action == internet_mail.FAIL:
+                stopped.append(Recorded(r, Outcome.permanent_failure(verdict.status, verdict.text)))
+            else:
+                self._discard(env, r, verdict)
+        return go, stopped, plain
+
+    def _discard(self, env: Envelope, r: RecipientState, verdict: Verdict) -> None:
+        """Exchange's IMS discarded such a message (Q176161): terminal, no NDR, tracked."""
+        r.state, r.status, r.diagnostic, r.attempts = FAILED, verdict.status, verdict.text, r.attempts + 1
+        self.inputs.metrics.delivery_outcome("discarded").inc()
+        self.log.info("delivery.discarded", queue_id=env.queue_id, sender=env.sender, recipient=r.address,
+                      kind=verdict.kind, status=verdict.status, diagnostic=verdict.text)
+        self._note(tracking.DISCARDED, env.queue_id, recipient=r.address, kind=verdict.kind,
+                   status=verdict.status, diagnostic=verdict.text)
 
     # ------------------------------------------------------------ message tracking
 
@@ -603,10 +672,12 @@ class QueueManager:
             where = f"local mailbox {route.mailbox}"
         elif route.kind == DIRECTORY:
             where = "this site's directory service (replication)"
+        elif route.kind == ATTENDANT:
+            where = "this site's system attendant (Link Monitor)"
         elif route.kind == RELAY and route.server:
             where = f"SMTP to {route.host}:{route.port}, intra-site hop to the home server {route.server}"
         elif route.kind == RELAY:
-            where = f"SMTP to {route.host}:{route.port}"
+            where = route.next_hop_text()
         elif route.kind == MX:
             where = f"SMTP to the MX hosts of {route.domain}"
         else:
@@ -626,6 +697,9 @@ class QueueManager:
             elif kind == DIRECTORY:
                 self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
                             mailbox="the directory service (replication)", replication=True)
+            elif kind == ATTENDANT:
+                self._note(tracking.DELIVERED, env.queue_id, recipient=r.address,
+                            mailbox="the system attendant (Link Monitor)", diagnostic=o.diagnostic)
             else:
                 self._note(tracking.TRANSFERRED, env.queue_id, recipient=r.address, next_hop=o.remote,
                             remote_queue_id=tracking.remote_queue_id(o.diagnostic), reply=o.diagnostic)
@@ -635,7 +709,7 @@ class QueueManager:
         elif event in ("delivery.failed", "delivery.expired"):
             self._note(tracking.FAILED if event == "delivery.failed" else tracking.EXPIRED, env.queue_id,
                         recipient=r.address, status=r.status, diagnostic=r.diagnostic, remote=o.remote,
-                        attempts=r.attempts)
+                        attempts=r.attempts, notify=r.notify)
 
     async def _deliver_group(self, env: Envelope, message: bytes,
                              group: list[tuple[RecipientState, Route]]) -> list[Recorded]:
@@ -654,18 +728,22 @@ class QueueManager:
 
     async def _record(self, env: Envelope, message: bytes, recorded: list[Recorded]) -> None:
         """Apply ``queue_rules.after_attempt`` to each outcome: reports are queued
-        durably first, only then is a recipient recorded as bounced."""
+        durably first, only then is a recipient recorded as bounced (or, with a
+        success report the sender asked for, before its state is saved)."""
         now = self.clock()
         policy = self.policy_for(env)
         metrics = self.inputs.metrics
-        # (read the header only when something failed)
-        may_report = not all(rec.outcome.ok for rec in recorded) and dsn.may_send_report(env.sender, message)
+        # (read the header only when something failed, or a success report is asked for)
+        asked = any(rec.outcome.ok and dsn.report_wanted(rec.recipient.notify, "delivered") for rec in recorded)
+        may_report = (asked or not all(rec.outcome.ok for rec in recorded)) and dsn.may_send_report(env.sender, message)
         bounce: list[tuple[RecipientState, Transition]] = []
         delayed: list[RecipientState] = []
+        succeeded: list[tuple[RecipientState, str]] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
             step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
-                                 may_report=may_report)
+                                 may_report=may_report and dsn.report_wanted(r.notify, "failed"),
+                                 may_warn=may_report and dsn.report_wanted(r.notify, "delayed"))
             _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
@@ -682,16 +760,22 @@ class QueueManager:
                 bounce.append((r, step))
             elif step.suppressed:
                 self.log.warning("delivery.ndr_suppressed", queue_id=env.queue_id, sender=env.sender or "<>",
-                                 recipient=r.address, status=r.status,
-                                 reason="null sender or automatic report: no NDR is sent")
+                                 recipient=r.address, status=r.status, reason=_no_report_reason(may_report, r))
             if step.delay_notice:
                 delayed.append(r)
+            if may_report and o.ok and dsn.report_wanted(r.notify, "delivered"):
+                action = dsn.success_action(final=(r.route or "").partition(":")[0] in (LOCAL, DIRECTORY, ATTENDANT),
+                                            passed_on=o.dsn_passed)
+                if action is not None:
+                    succeeded.append((r, action))
         if bounce:
-            await self._send_report(env, message, [r for r, _ in bounce], delay=False)
+            await self._send_report(env, message, [(r, "failed") for r, _ in bounce])
             for r, step in bounce:
                 r.state = step.recipient.state
         if delayed:
-            await self._send_report(env, message, delayed, delay=True)
+            await self._send_report(env, message, [(r, "delayed") for r in delayed])
+        if succeeded:
+            await self._send_report(env, message, succeeded)
         if env.queue_id not in self.envelopes:
             return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
@@ -715,40 +799,61 @@ class QueueManager:
                 self._policies[priority] = policy
         return policy
 
-    async def _send_report(self, env: Envelope, message: bytes, recipients: list[RecipientState], *,
-                           delay: bool) -> None:
-        """Queue an NDR (or delay notice) for ``recipients`` durably."""
+    async def _send_report(self, env: Envelope, message: bytes, reported: list[tuple[RecipientState, str]]) -> None:
+        """Queue a report durably about ``reported`` (recipient, RFC 3464 action): an
+        NDR (``failed``), a delay notice (``delayed``), or a success report
+        (``delivered``, ``relayed``: RFC 3461 NOTIFY=SUCCESS)."""
         now = self.clock()
+        kind = reported[0][1] if reported[0][1] in ("failed", "delayed") else "success"
+        delay = kind == "delayed"
         statuses = [
             dsn.RecipientStatus(
-                final_recipient=r.address, original_recipient=r.original,
-                action="delayed" if delay else "failed", status=report_status(r.status, delay=delay),
-                diagnostic=r.diagnostic or "", remote_mta=r.remote,
+                final_recipient=r.address, original_recipient=r.orcpt or r.original, action=action,
+                status=report_status(r.status, delay=delay) if kind != "success" else "2.0.0",
+                diagnostic="" if action == "delivered" else r.diagnostic or "",  # (not a mailbox's file name)
+                remote_mta=r.remote if action != "delivered" else None,
                 last_attempt=datetime.fromtimestamp(now, UTC),
                 will_retry_until=datetime.fromtimestamp(env.received_at + self.policy_for(env).lifetime, UTC) if delay else None)
-            for r in recipients
+            for r, action in reported
         ]
         report = await asyncio.to_thread(  # the email package on a large original: off the loop
             dsn.build_report,
             original=message, envelope_sender=env.sender, recipients=statuses,
             reporter=self.inputs.reporting_site(), queue_id=env.queue_id,
             arrival_date=datetime.fromtimestamp(env.received_at, UTC), now=datetime.fromtimestamp(now, UTC),
-            postmaster=self.inputs.postmaster_address())
+            postmaster=self.inputs.postmaster_address(),
+            include_full_message=dsn.returns_full_message(env.ret, kind), envid=env.envid)
         ndr_recipients = [RecipientState(env.sender, env.sender)]
-        copy_to = None if delay else await self.inputs.ndr_copy_address()
+        copy_to = await self.inputs.ndr_copy_address() if kind == "failed" else None
         if copy_to and copy_to.lower() != env.sender.lower():
             ndr_recipients.append(RecipientState(copy_to, copy_to))  # Q190708: a copy for the administrator
         ndr = Envelope(queue_id=new_queue_id(), sender="", recipients=ndr_recipients,
                        received_at=now, client="", helo="", origin="ndr", extra={"report_for": env.queue_id},
                        body_8bit=not report.isascii())
         await self.inputs.enqueue_local(ndr, report)
-        if not delay:
+        addresses = [r.address for r, _ in reported]
+        if kind == "failed":
             self.inputs.metrics.ndrs.inc()
-        self._note(tracking.NDR_SENT if not delay else "delay_notice_sent", env.queue_id, ndr_id=ndr.queue_id,
-                    recipients=[r.address for r in recipients])
-        self.log.info("delivery.ndr_queued" if not delay else "delivery.delay_notice_queued",
-                      queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
-                      recipients=[r.address for r in recipients])
+            self._note(tracking.NDR_SENT, env.queue_id, ndr_id=ndr.queue_id, recipients=addresses)
+            self.log.info("delivery.ndr_queued", queue_id=env.queue_id, ndr_id=ndr.queue_id, sender=env.sender,
+                          recipients=addresses)
+        elif delay:
+            self._note(tracking.DELAY_NOTICE_SENT, env.queue_id, ndr_id=ndr.queue_id, recipients=addresses)
+            self.log.info("delivery.delay_notice_queued", queue_id=env.queue_id, ndr_id=ndr.queue_id,
+                          sender=env.sender, recipients=addresses)
+        else:
+            actions = {r.address: action for r, action in reported}
+            self._note(tracking.DSN_SENT, env.queue_id, dsn_id=ndr.queue_id, recipients=addresses, actions=actions,
+                       envid=env.envid)
+            self.log.info("delivery.dsn_queued", queue_id=env.queue_id, dsn_id=ndr.queue_id, sender=env.sender,
+                          recipients=addresses, actions=actions)
+
+
+def _no_report_reason(may_report: bool, r: RecipientState) -> str:
+    """Why a failed recipient gets no NDR (``delivery.ndr_suppressed``)."""
+    if may_report:
+        return f"the sender asked for no failure report (NOTIFY={r.notify}, RFC 3461)"
+    return "null sender or automatic report: no NDR is sent"
 
 
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))

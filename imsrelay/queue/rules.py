@@ -20,6 +20,10 @@ temporary failure    within the lifetime                          ``pending``, r
 temporary failure    … and ``delay_notice`` passed, not yet sent  + delay notice (once)
 ===================  ===========================================  =====================
 
+``may_report`` is false, and a failure ends ``failed`` without a report, also when the
+recipient's NOTIFY (RFC 3461) asks for no failure report (NEVER, or without FAILURE);
+``may_warn`` says the same of delay notices (NOTIFY without DELAY; default: ``may_report``).
+
 The queue manager applies the answer: it queues the reports durably first and only
 then records the recipient's new state.
 """
@@ -77,9 +81,11 @@ def retry_delay(attempts: int, intervals: Sequence[float]) -> float:
 
 
 def after_attempt(recipient: RecipientState, outcome: Outcome, *, now: float, received_at: float,
-                  policy: RetryPolicy, may_report: bool) -> Transition:
+                  policy: RetryPolicy, may_report: bool, may_warn: bool | None = None) -> Transition:
     """The recipient's next state and the reports to send (see the module's table).
-    ``may_report``: an NDR may go to the envelope sender (not ``<>``, not a report)."""
+    ``may_report``: an NDR may go to the envelope sender (not ``<>``, not a report, and
+    the recipient's NOTIFY asks for failure reports); ``may_warn``: a delay notice may
+    (None: as ``may_report``)."""
     if recipient.state != PENDING:
         raise ValueError(f"{recipient.address} is already {recipient.state}")
     final = BOUNCED if may_report else FAILED
@@ -102,7 +108,7 @@ def after_attempt(recipient: RecipientState, outcome: Outcome, *, now: float, re
                   and now - received_at >= policy.delay_notice)
     if notice_due:
         r = replace(r, delay_notified=True)
-    return Transition(r, DEFERRED_EVENT, delay_notice=notice_due and may_report)
+    return Transition(r, DEFERRED_EVENT, delay_notice=notice_due and (may_report if may_warn is None else may_warn))
 
 
 def after_internal_error(recipient: RecipientState, *, now: float, policy: RetryPolicy) -> RecipientState:

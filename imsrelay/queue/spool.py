@@ -62,9 +62,16 @@ _MAGIC = b"IMSQ1 "
 
 def queue_file_bytes(envelope: Envelope, message: bytes) -> bytes:
     """An ENQUEUE payload: ``IMSQ1 <n>\\n``, n bytes of envelope JSON, the message."""
+    return b"".join(queue_file_parts(envelope, message))
+
+
+def queue_file_parts(envelope: Envelope, message: bytes) -> tuple[bytes, bytes]:
+    """``queue_file_bytes`` in two parts, the envelope's and the message itself: the
+    journal writes them back to back (``writev``), so the message is never copied
+    into a payload of its own."""
     envelope.size = len(message)
     header = envelope.to_json()
-    return b"%s%d\n%s%s" % (_MAGIC, len(header), header, message)
+    return b"%s%d\n%s" % (_MAGIC, len(header), header), message
 
 
 _MAX_PREFIX = len(_MAGIC) + 21  # the magic, a length of up to 20 digits, the newline
@@ -266,9 +273,19 @@ class Spool:
 
     async def enqueue(self, envelope: Envelope, message: bytes) -> None:
         """Durably add a message; returns only when it is safe to answer 250."""
-        (loc,) = await self._commit_enqueue([Append(ENQUEUE, queue_file_bytes(envelope, message))])
+        (loc,) = await self._commit_enqueue([Append(ENQUEUE, queue_file_parts(envelope, message))])
         self._index[envelope.queue_id] = loc
         self._live[loc.segment] += 1
+
+    async def enqueue_many(self, items: Sequence[tuple[Envelope, bytes]]) -> None:
+        """Durably add several messages in one commit (one write, one flush): a message
+        and its journal copy.  Records are appended in the order given; a torn tail
+        after a crash loses only the last ones, so put the one that must not be
+        missing without the others first."""
+        locations = await self._commit_enqueue([Append(ENQUEUE, queue_file_bytes(e, m)) for e, m in items])
+        for (envelope, _), loc in zip(items, locations, strict=True):
+            self._index[envelope.queue_id] = loc
+            self._live[loc.segment] += 1
 
     async def save_state(self, envelope: Envelope) -> None:
         await self.committer.commit([Append(STATE, envelope.to_json())])

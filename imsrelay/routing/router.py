@@ -3,6 +3,7 @@
 Order of decisions, as the Exchange 5.5 IMS made them:
 
 1. the site's directory service address (replication traffic) → the directory;
+   its system attendant address (Link Monitor pings and their answers) → the attendant;
 2. a mailbox in the directory: homed here → its Maildir (on a site of several
    servers, ``[[servers]]``: homed on another server of the site → an intra-site
    SMTP hop to that server, its home server); homed at another site →
@@ -14,6 +15,14 @@ Order of decisions, as the Exchange 5.5 IMS made them:
    sub-domain match, ``#`` = exact, the most specific entry wins;
 6. the smart host ("forward all messages to host");
 7. DNS MX for the domain.
+
+A next hop may be several hosts (``host1,host2,host3``: an E-Mail Domain entry, the
+smart host, a Connected Sites entry naming several servers): used in turn, round
+robin by message (KB Q279323), a host that is down skipped (``hosts_in_turn``, at
+delivery).  A site listed several times in Connected Sites is reached by its
+cheapest entries first, equal costs sharing the load, and a dearer entry is used
+only when the cheaper ones fail (KB Q262952); ``routing.least_cost_only`` (the
+MTA's "use least-cost routes only", KB Q233081) drops that failover.
 
 In a sealed lab (``[lab] sealed``) a next hop outside the lab's networks is refused
 (5.7.1, ``imsrelay.policy.sealed``), MX needs the lab's own DNS, and a catch-all
@@ -28,8 +37,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from imsrelay.model.addresses import (
     Address,
@@ -39,16 +49,27 @@ from imsrelay.model.addresses import (
     most_specific,
     parse_address,
 )
-from imsrelay.model.objects import DIRSYNC_LOCAL, Mailbox
-from imsrelay.model.settings import ConnectedSite, DomainRoute, SiteConfig, SiteServer
+from imsrelay.model.objects import ATTENDANT_LOCAL, DIRSYNC_LOCAL, Mailbox
+from imsrelay.model.settings import (
+    ConnectedSite,
+    DomainRoute,
+    HostList,
+    OutboundAuth,
+    SiteConfig,
+    SiteServer,
+    hosts_text,
+)
 from imsrelay.policy.mail_loops import SelfEndpoints, points_at_self
 from imsrelay.policy.sealed import SEALED_STATUS, Network, host_refusal, inside, networks_text
+
+T = TypeVar("T")
 
 LOCAL = "local"
 DIRECTORY = "directory"
 RELAY = "relay"  # a fixed next hop (E-Mail Domain table entry or smart host)
 MX = "mx"  # next hops from DNS
 FAIL = "fail"
+ATTENDANT = "attendant"  # the site's system attendant: the Link Monitor's pings and answers
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,8 @@ class RoutingTable:
     connected_sites: tuple[ConnectedSite, ...] = ()
     learned_sites: tuple[tuple[str, str], ...] = ()  # (site name, routing domain) known by KCC
     email_domains: tuple[DomainRoute, ...] = ()
-    smart_host: tuple[str, int] | None = None
+    smart_hosts: HostList = ()  # delivery.smart_host: one or more hosts, used in turn
+    smart_host_auth: OutboundAuth | None = None
     self_endpoints: SelfEndpoints = frozenset()
     starttls_default: str = "opportunistic"
     starttls_by_domain: tuple[tuple[str, str], ...] = ()
@@ -70,6 +92,7 @@ class RoutingTable:
     sealed: tuple[Network, ...] | None = None  # a sealed lab's networks (lab.networks); None = not a lab
     lab_dns: bool = False  # the sealed lab has DNS servers of its own ([dns] nameservers)
     catch_all: str | None = None  # lab.catch_all: the mailbox keeping mail for the rest of the Internet
+    least_cost_only: bool = False  # routing.least_cost_only: no failover to a dearer Connected Sites route
     server: str = ""  # this server's name (site.server)
     servers: tuple[SiteServer, ...] = ()  # the site's servers ([[servers]]); () = a site of one server
 
@@ -119,12 +142,23 @@ class Route:
     alternatives: tuple[Route, ...] = ()  # dearer (or equal-cost) routes, tried in order when this one fails
     etrn: str | None = None  # E-Mail Domain entry holding this mail until the peer issues ETRN
     server: str | None = None  # RELAY: the home server of the site this hop goes to (an intra-site hop)
+    hosts: HostList = ()  # RELAY with several hosts: all of them, in this message's turn ((host, port) first)
+    auth: OutboundAuth | None = None  # RELAY: the Security tab's credentials for these hosts (Q174754)
+    auth_for: str | None = None  # whose credentials: "E-Mail Domain x", "the smart host"
+
+    @property
+    def relay_hosts(self) -> HostList:
+        """A RELAY route's hosts in the order to try them."""
+        return self.hosts or (((self.host, self.port),) if self.host else ())
 
     @property
     def destination(self) -> str:
-        """Key grouping recipients that share a delivery (one SMTP transaction)."""
+        """Key grouping recipients that share a delivery (one SMTP transaction): the
+        same hosts (whatever the turn), TLS level and credentials."""
         if self.kind == RELAY:
-            return f"relay:{self.host}:{self.port}:{self.starttls}"
+            hosts = ",".join(sorted(f"{h}:{p}" for h, p in self.relay_hosts)) if self.hosts else f"{self.host}:{self.port}"
+            user = f":auth={self.auth.username}" if self.auth else ""
+            return f"relay:{hosts}:{self.starttls}{user}"
         if self.kind == MX:
             return f"mx:{self.domain}:{self.port}:{self.starttls}"
         return f"{self.kind}:{self.mailbox or ''}"
@@ -139,6 +173,10 @@ class Route:
             lines.append(f"=> local delivery to mailbox {self.mailbox}")
         elif self.kind == DIRECTORY:
             lines.append("=> this site's directory service (replication)")
+        elif self.kind == ATTENDANT:
+            lines.append("=> this site's system attendant (Link Monitor pings and answers)")
+        elif self.kind == RELAY and len(self.relay_hosts) > 1:
+            lines.append(f"=> SMTP to {hosts_text(self.relay_hosts)}, in this order (STARTTLS {self.starttls})")
         elif self.kind == RELAY:
             host = f"[{self.host}]" if self.host and ":" in self.host else self.host
             lines.append(f"=> SMTP to {host}:{self.port} (STARTTLS {self.starttls})"
@@ -154,11 +192,14 @@ class Route:
                 lines.append(f"   if that fails: {alt.next_hop_text()} (cost {alt.cost})")
         if self.etrn:
             lines.append(f"   held until the peer issues ETRN for {self.etrn} (E-Mail Domain entry)")
+        if self.auth is not None and self.kind == RELAY:
+            lines.append(f"   AUTH as {self.auth.username} ({self.auth_for}'s credentials, Security tab; "
+                         f"password from {self.auth.password_source})")
         return "\n".join(lines)
 
     def next_hop_text(self) -> str:
         if self.kind == RELAY:
-            return f"SMTP to {self.host}:{self.port}"
+            return f"SMTP to {hosts_text(self.relay_hosts)}"
         if self.kind == MX:
             return f"SMTP to the MX hosts of {self.domain}, port {self.port}"
         return self.kind
@@ -177,6 +218,13 @@ def is_service_address(address: Address, table: RoutingTable) -> bool:
         address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
 
 
+def is_attendant_address(address: Address, table: RoutingTable) -> bool:
+    """Whether ``address`` is this site's system attendant (``attendant@`` a domain of
+    the site's directory service address)."""
+    return address.local.lower() == ATTENDANT_LOCAL and any(
+        address.domain == d.lower() for d in (table.site_domain, *table.service_domains))
+
+
 def _starttls_for(domain: str, table: RoutingTable, override: str | None = None) -> str:
     if override:
         return override
@@ -189,35 +237,66 @@ def _fail(recipient: str, trail: _Trail, status: str, reason: str, *, permanent:
     return Route(recipient, FAIL, tuple(trail.steps), permanent=permanent, status=status, reason=reason)
 
 
-def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trail, site: str | None) -> Route:
+def rotate(items: Sequence[T], share_key: str) -> list[T]:
+    """``items`` rotated by a stable hash of ``share_key`` (the queue id): messages take
+    turns over them (round robin by message, Q279323), the same message always the same turn."""
+    shift = zlib.crc32(share_key.encode()) % len(items) if share_key and len(items) > 1 else 0
+    return [*items[shift:], *items[:shift]]
+
+
+def hosts_in_turn(hosts: HostList, down_until: Mapping[tuple[str, int], float],
+                  now: float) -> tuple[HostList, HostList]:
+    """(the hosts to try, in order; the hosts skipped because they are down) for a next
+    hop of several hosts, given when each host that failed recently may be tried again
+    (KB Q279323: mail goes only to the hosts that are available).  A single host is
+    always tried (its own hold answers at once)."""
+    if len(hosts) <= 1:
+        return hosts, ()
+    up = tuple(h for h in hosts if down_until.get(h, 0.0) <= now)
+    return up, tuple(h for h in hosts if h not in up)
+
+
+def _relay(recipient: str, trail: _Trail, table: RoutingTable, hosts: HostList, share_key: str, *, what: str,
+           domain: str, starttls: str, site: str | None, auth: OutboundAuth | None = None,
+           etrn: str | None = None) -> Route:
+    """A RELAY route to ``hosts`` (one or more, ``what`` names their entry), checked for
+    loops and a sealed lab's walls; several hosts take turns by message."""
+    for host, port in hosts:
+        if points_at_self(host, port, table.self_endpoints):
+            return _fail(recipient, trail, "5.4.6", f"{what} points back at this site ({host}:{port}): loop",
+                         permanent=True)
+        refused = _sealed_refusal(host, table)
+        if refused:
+            return _fail(recipient, trail, SEALED_STATUS, f"{what}: {refused}", permanent=True)
+    turn = tuple(rotate(hosts, share_key))
+    if len(hosts) > 1:
+        trail.add(f"{what}: {len(hosts)} hosts used in turn, round robin by message (KB Q279323): this message "
+                  f"tries {hosts_text(turn)}; a host that is down is skipped")
+    return Route(recipient, RELAY, tuple(trail.steps), host=turn[0][0], port=turn[0][1], domain=domain,
+                 starttls=starttls, site=site, etrn=etrn, hosts=turn if len(turn) > 1 else (),
+                 auth=auth, auth_for=what if auth else None)
+
+
+def _route_domain(recipient: str, domain: str, table: RoutingTable, trail: _Trail, site: str | None,
+                  share_key: str = "") -> Route:
     """Steps 5–7 for a domain: E-Mail Domain table, smart host, DNS MX."""
     entry = most_specific(domain, [(r.domain, r) for r in table.email_domains])
     if entry is not None:
         pattern, r = entry
-        trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {r.host}:{r.port}")
-        if points_at_self(r.host, r.port, table.self_endpoints):
-            return _fail(recipient, trail, "5.4.6", f"entry {pattern} points back at this site ({r.host}:{r.port}): loop", permanent=True)
-        refused = _sealed_refusal(r.host, table)
-        if refused:
-            return _fail(recipient, trail, SEALED_STATUS, f"entry {pattern}: {refused}", permanent=True)
+        trail.add(f"E-Mail Domain table: {domain} matches entry {pattern} → forward to host {hosts_text(r.hosts)}")
         if r.etrn:
             trail.add(f"E-Mail Domain table: entry {pattern} holds its mail until the peer issues ETRN")
-        return Route(recipient, RELAY, tuple(trail.steps), host=r.host, port=r.port, domain=domain,
-                     starttls=_starttls_for(domain, table, r.starttls), site=site,
-                     etrn=r.domain.lstrip("#") if r.etrn else None)
+        return _relay(recipient, trail, table, r.hosts, share_key, what=f"E-Mail Domain entry {pattern}",
+                      domain=domain, starttls=_starttls_for(domain, table, r.starttls), site=site, auth=r.auth,
+                      etrn=r.domain.lstrip("#") if r.etrn else None)
     trail.add(f"E-Mail Domain table: no entry matches {domain}")
     if table.catch_all is not None:
         return _catch_all(recipient, domain, table.catch_all, trail)
-    if table.smart_host is not None:
-        host, port = table.smart_host
-        trail.add(f"smart host: forward all messages to host {host}:{port}")
-        if points_at_self(host, port, table.self_endpoints):
-            return _fail(recipient, trail, "5.4.6", f"the smart host is this site ({host}:{port}): loop", permanent=True)
-        refused = _sealed_refusal(host, table)
-        if refused:
-            return _fail(recipient, trail, SEALED_STATUS, f"smart host: {refused}", permanent=True)
-        return Route(recipient, RELAY, tuple(trail.steps), host=host, port=port, domain=domain,
-                     starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site)
+    if table.smart_hosts:
+        trail.add(f"smart host: forward all messages to host {hosts_text(table.smart_hosts)}")
+        return _relay(recipient, trail, table, table.smart_hosts, share_key, what="the smart host", domain=domain,
+                      starttls=_starttls_for(domain, table, table.smart_host_starttls), site=site,
+                      auth=table.smart_host_auth)
     if table.sealed is not None and not table.lab_dns:
         return _fail(recipient, trail, SEALED_STATUS,
                      f"{domain} is outside this sealed lab, which has no DNS of its own to find its MX hosts "
@@ -242,21 +321,22 @@ def _catch_all(recipient: str, domain: str, mailbox: str, trail: _Trail) -> Rout
 
 
 def order_by_cost(entries: Sequence[ConnectedSite], share_key: str) -> list[ConnectedSite]:
-    """Least cost first; entries of equal cost share the load: each group is rotated
-    by a stable hash of ``share_key`` (the queue id), so messages spread over them."""
+    """Least cost first; entries of equal cost share the load (KB Q262952): each group is
+    rotated by a stable hash of ``share_key`` (the queue id), so messages spread over them."""
     out: list[ConnectedSite] = []
     for cost in sorted({c.cost for c in entries}):
-        group = [c for c in entries if c.cost == cost]
-        shift = zlib.crc32(share_key.encode()) % len(group) if share_key and len(group) > 1 else 0
-        out += group[shift:] + group[:shift]
+        out += rotate([c for c in entries if c.cost == cost], share_key)
     return out
 
 
 def shares_load(table: RoutingTable) -> bool:
-    """Whether some site has several Connected Sites entries of one cost: only then does
-    a route depend on the ``share_key`` (``order_by_cost``)."""
+    """Whether a route depends on the ``share_key``: some site has several Connected
+    Sites entries of one cost (``order_by_cost``), or a next hop names several hosts
+    (``rotate``)."""
     groups = [(c.name, c.cost) for c in table.connected_sites]
-    return len(groups) != len(set(groups))
+    return (len(groups) != len(set(groups)) or len(table.smart_hosts) > 1
+            or any(len(c.more_hosts) for c in table.connected_sites)
+            or any(len(r.more_hosts) for r in table.email_domains))
 
 
 def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTable, trail: _Trail,
@@ -267,33 +347,35 @@ def _route_site(recipient: str, domain: str | None, site: str, table: RoutingTab
     if len(entries) <= 1 and not any(c.host for c in entries):
         routing = domain or (entries[0].routing_domain if entries else None)
         assert routing is not None
-        return _route_domain(recipient, routing, table, trail, site)
+        return _route_domain(recipient, routing, table, trail, site, share_key)
     ordered = order_by_cost(entries, share_key)
+    dearer = ("only the least-cost routes are used, never a dearer one (routing.least_cost_only, KB Q233081)"
+              if table.least_cost_only else "a dearer one is used when the cheaper ones fail (KB Q262952)")
     trail.add(f"Connected Sites: site {site} has {len(entries)} route(s): " + ", ".join(
-        f"cost {c.cost} @{c.routing_domain}" + (f" via host {c.host}:{c.port}" if c.host else "") for c in ordered)
-        + "; least cost first, equal costs share the load, a dearer one is used when it fails")
+        f"cost {c.cost} @{c.routing_domain}" + (f" via host {hosts_text(c.hosts)}" if c.host else "") for c in ordered)
+        + f"; least cost first, equal costs share the load, {dearer}")
     routes: list[Route] = []
     for c in ordered:
         branch = _Trail(list(trail.steps))
         target = domain or c.routing_domain
         if c.host:
-            branch.add(f"route of cost {c.cost}: forward to host {c.host}:{c.port}")
-            if (c.host.lower(), c.port) in table.self_endpoints:
+            branch.add(f"route of cost {c.cost}: forward to host {hosts_text(c.hosts)}")
+            hosts = tuple(h for h in c.hosts if (h[0].lower(), h[1]) not in table.self_endpoints)
+            if not hosts:
                 continue
-            refused = _sealed_refusal(c.host, table)
-            if refused:
-                routes.append(replace(_fail(recipient, branch, SEALED_STATUS, refused, permanent=True), cost=c.cost))
-                continue
-            route = Route(recipient, RELAY, tuple(branch.steps), host=c.host, port=c.port, domain=target,
-                          starttls=_starttls_for(target, table), site=site)
+            route = _relay(recipient, branch, table, hosts, share_key, what=f"Connected Sites entry {site} "
+                           f"(cost {c.cost})", domain=target, starttls=_starttls_for(target, table), site=site)
         else:
             branch.add(f"route of cost {c.cost}: routing address @{c.routing_domain}")
-            route = _route_domain(recipient, target, table, branch, site)
+            route = _route_domain(recipient, target, table, branch, site, share_key)
         routes.append(replace(route, cost=c.cost))
     usable = [r for r in routes if r.kind != FAIL] or routes
     if not usable:
         return _fail(recipient, trail, "5.4.6", f"every route to site {site} points back at this site", permanent=True)
-    return replace(usable[0], alternatives=tuple(usable[1:]))
+    first, rest = usable[0], usable[1:]
+    if table.least_cost_only:
+        rest = [r for r in rest if r.cost == first.cost]
+    return replace(first, alternatives=tuple(rest))
 
 
 def home_server_of(mailbox: Mailbox, table: RoutingTable) -> SiteServer | None:
@@ -392,6 +474,9 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, shar
     if is_service_address(address, table):
         trail.add(f"{recipient} is the directory service address of site {table.site}")
         return Route(recipient, DIRECTORY, tuple(trail.steps))
+    if is_attendant_address(address, table):
+        trail.add(f"{recipient} is the system attendant address of site {table.site} (Link Monitor)")
+        return Route(recipient, ATTENDANT, tuple(trail.steps))
 
     if mailbox is not None:
         trail.add(f"directory: {recipient} is mailbox {mailbox.alias} ({mailbox.display_name}), home site {mailbox.home_site}")
@@ -406,7 +491,7 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, shar
         trail.add(f"{source}: site {mailbox.home_site} has routing address SMTP @{routing_domain}")
         if source == "Connected Sites":
             return _route_site(recipient, None, mailbox.home_site, table, trail, share_key)
-        return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site)
+        return _route_domain(recipient, routing_domain, table, trail, mailbox.home_site, share_key)
 
     trail.add(f"directory: no mailbox has the address {recipient}")
     literal = address_literal(address.domain)
@@ -423,7 +508,7 @@ def route_for(recipient: str, mailbox: Mailbox | None, table: RoutingTable, shar
         site = match[1][1]
         trail.add(f"Connected Sites: {address.domain} is in the routing address of site {site}")
         return _route_site(recipient, address.domain, site, table, trail, share_key)
-    return _route_domain(recipient, address.domain, table, trail, None)
+    return _route_domain(recipient, address.domain, table, trail, None, share_key)
 
 
 def local_domains_for(site_domain: str, addressing_domain: str, accepted: Sequence[str]) -> tuple[str, ...]:
@@ -453,7 +538,7 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         site=config.site, site_domain=config.site_domain, local_domains=locals_,
         connected_sites=config.connected_sites, learned_sites=tuple(learned_sites),
         email_domains=config.email_domains,
-        smart_host=(d.smart_host, d.smart_host_port) if d.smart_host else None,
+        smart_hosts=d.smart_hosts, smart_host_auth=d.smart_host_auth,
         self_endpoints=self_endpoints, starttls_default=d.starttls,
         starttls_by_domain=tuple((p.domain, p.starttls) for p in d.tls_policies),
         smart_host_starttls=d.smart_host_starttls,
@@ -461,8 +546,9 @@ def routing_table_for(config: SiteConfig, *, addressing_domain: str, learned_sit
         address_literals=config.routing.address_literals,
         sealed=config.lab.networks if config.lab.sealed else None, lab_dns=bool(config.dns.nameservers),
         catch_all=config.lab.catch_all if config.lab.sealed else None,
+        least_cost_only=config.routing.least_cost_only,
         server=config.server, servers=config.servers)
 
 
 __all__ = ["route_for", "home_server_of", "sent_back", "Route", "RoutingTable", "local_domains_for", "routing_table_for", "domain_matches",
-           "is_service_address"]
+           "is_service_address", "is_attendant_address", "ATTENDANT", "hosts_in_turn", "rotate"]

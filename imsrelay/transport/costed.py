@@ -2,8 +2,10 @@
 (the transport for the RELAY and MX route kinds).
 
 A route to a site can carry dearer (or equal-cost) alternatives (Connected Sites
-``cost``, Q156063): a delivery that fails temporarily on one is tried on the next at
-once.  A ``link`` fault on demand (``imsrelay faults``) makes a route's deliveries
+``cost``; dearer routes only when the cheaper ones fail, KB Q262952): a delivery that
+fails temporarily on one is tried on the next at once.  With ``routing.least_cost_only``
+(the MTA's "use least-cost routes only", KB Q233081) the router gives no dearer
+alternative and the mail waits for the cheapest routes.  A ``link`` fault on demand (``imsrelay faults``) makes a route's deliveries
 fail with ``4.4.1`` without a connection, as a cut link would.  Messages and bytes
 that leave by SMTP are counted here (PerfMon's "messages/bytes out").
 """

@@ -70,7 +70,7 @@ def delivery_write(maildir: Path, *, queue_id: str, index: int, message: bytes, 
     tmp/, fsynced, renamed into new/ (new/ fsynced by the group commit); skipped if
     this (queue id, recipient) was delivered before, in new/ or unflagged in cur/."""
     unique = unique_name(queue_id, index)
-    data = trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id) + message
+    data = (trace_headers(sender=sender, recipient=recipient, hostname=hostname, queue_id=queue_id), message)
     new, cur, tmp = _subdirs(maildir)
     final = new / unique
     return Write(final, data, tmp_dir=tmp, unless_exists=(final, cur / unique, cur / f"{unique}:2,"), owner=owner)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.errors import (
@@ -175,11 +176,16 @@ class PipeliningProtocol(SMTPProtocol):
                 self._due = 0
         return replies, None
 
-    async def execute_body(self, body: bytes, timeout: float | None) -> SMTPResponse:
+    async def execute_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
         if self._command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
         async with self._command_lock:
-            self.write(body)
+            if isinstance(body, bytes):
+                self.write(body)
+            else:  # parts back to back in one system call (uvloop: one writev), never joined
+                if self.transport is None or self.transport.is_closing():
+                    raise SMTPServerDisconnected("Connection lost")
+                cast(asyncio.WriteTransport, self.transport).writelines(body)
             return await self.read_response(timeout=timeout)
 
 
@@ -202,8 +208,9 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             self.close()
         return replies, error
 
-    async def send_body(self, body: bytes, timeout: float | None) -> SMTPResponse:
-        """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``) and the reply to it."""
+    async def send_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
+        """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``; or such bytes in
+        parts, sent back to back) and the reply to it."""
         try:
             return await self._pipelining().execute_body(body, timeout)
         except (SMTPServerDisconnected, SMTPTimeoutError):

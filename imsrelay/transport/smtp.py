@@ -33,6 +33,22 @@ per recipient.  It never raises for anything a peer or the network can do.
   temporary failure ``4.7.4`` when the peer does not offer it, ``4.7.5`` when the
   handshake fails).  aiosmtplib is always told ``start_tls=False`` explicitly and
   the upgrade is done here (aiosmtplib issues #16, #122).
+- **Several hosts** (``host1,host2,host3``: an E-Mail Domain entry, the smart host,
+  a Connected Sites entry naming several servers): the route gives them in this
+  message's turn (round robin by message, KB Q279323); a host that did not take a
+  connection is remembered as down for a short while (``DEAD_HOST_HOLD``, at most the
+  first retry interval) and skipped (``router.hosts_in_turn``), the next one in turn
+  carrying the mail; when every host is down the mail waits (``4.4.1``).
+- **AUTH** (the Security tab, KB Q174754): with credentials on the route, after
+  STARTTLS the client authenticates with PLAIN or LOGIN, as the peer offers.  The
+  credentials go only over TLS unless the entry's ``allow_plaintext`` says so (else the
+  mail waits, ``4.7.0``); a refused AUTH (``535``) defers the mail with the peer's
+  reply (``4.7.8``: a wrong password is the administrator's to fix, as Postfix's
+  ``smtp_sasl_auth_soft_bounce``), the next host in turn is tried, and the NDR comes
+  only when the message's lifetime runs out; a peer that offers no AUTH gets the mail
+  without it.  The password is read when a connection needs it (environment variable,
+  file, or the site file) and never logged or traced (the protocol log shows
+  ``AUTH PLAIN ********``).
 - **Timeouts:** ``connect_timeout`` for the TCP connection and greeting,
   ``command_timeout`` for each command, and for DATA ``command_timeout`` plus
   ``data_timeout_per_mib`` per MiB of message.
@@ -48,6 +64,10 @@ per recipient.  It never raises for anything a peer or the network can do.
   ``SMTPUTF8`` when the message needs it and the peer offers it — when it needs
   it and the peer does not, a permanent ``5.6.7`` ("remote server does not
   support SMTPUTF8").
+- **DSN** (RFC 3461) when the peer offers it: RET and ENVID on MAIL, NOTIFY and ORCPT
+  on each RCPT, as the sender gave them (ORCPT, when none was given, names the address
+  received here); an outcome delivered so is ``dsn_passed`` — the peer reports success
+  from then on, and the queue sends a ``relayed`` report only for the others.
 - **Outcomes** follow the reply code *and* the connection state (aiosmtplib
   #48): a RCPT 5xx fails that recipient only, 4xx defers it; the DATA reply
   applies to every accepted recipient (one other than 354 delivers nothing); a
@@ -58,6 +78,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -70,6 +91,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtplib.errors import (
+    SMTPAuthenticationError,
     SMTPConnectError,
     SMTPConnectResponseError,
     SMTPConnectTimeoutError,
@@ -82,17 +104,18 @@ from aiosmtplib.errors import (
 from aiosmtplib.response import SMTPResponse
 
 from imsrelay.model.addresses import ip_literal
-from imsrelay.model.envelope import Envelope
-from imsrelay.model.message import split_message
+from imsrelay.model.dsn_params import orcpt_param, xtext_encode
+from imsrelay.model.envelope import PENDING, Envelope, RecipientState
+from imsrelay.model.message import header_block
 from imsrelay.model.outcome import Outcome
-from imsrelay.model.settings import SiteConfig
+from imsrelay.model.settings import OutboundAuth, SiteConfig, hosts_text
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
 from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
-from imsrelay.routing.router import MX, RELAY, Route
+from imsrelay.routing.router import MX, RELAY, Route, hosts_in_turn
 from imsrelay.transport.pipelining import PipeliningSMTP
-from imsrelay.transport.smtp_body import LONE_DOT, crlf_message, dot_stuffed
+from imsrelay.transport.smtp_body import LONE_DOT, Body, crlf_message, dot_stuffed_parts
 
 MIB = 1024 * 1024
 CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
@@ -147,7 +170,7 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
     if not env.sender.isascii() or not all(r.isascii() for r in recipients):
         return True
     if env.smtputf8:
-        header, _ = split_message(message)
+        header = header_block(message)
         return not header.isascii()
     return False
 
@@ -158,6 +181,25 @@ def smtp_path(address: str) -> str:
     if _UNSAFE.search(address) or _SPACE.search(unquoted):
         raise ValueError(f"{address!r} cannot be sent in an SMTP command")
     return f"<{address}>"
+
+
+def dsn_mail_params(env: Envelope) -> list[str]:
+    """MAIL FROM's DSN parameters for a peer that offers DSN: the sender's RET and ENVID."""
+    params = [f"RET={env.ret}"] if env.ret else []
+    if env.envid:
+        params.append(f"ENVID={xtext_encode(env.envid)}")
+    return params
+
+
+def dsn_rcpt_params(r: RecipientState) -> list[str]:
+    """RCPT TO's DSN parameters for a peer that offers DSN: the sender's NOTIFY, and its
+    ORCPT or else the address this site received (RFC 3461 4.2 lets a relay add it)."""
+    params = [f"NOTIFY={r.notify}"] if r.notify else []
+    if r.orcpt:
+        params.append(f"ORCPT={orcpt_param(r.orcpt)}")
+    elif r.original and r.original.isascii():
+        params.append(f"ORCPT={orcpt_param('rfc822;' + r.original)}")
+    return params
 
 
 def data_timeout(size: int, command_timeout: float, per_mib: float) -> float:
@@ -218,6 +260,7 @@ class _Connection:
     session: str = ""  # protocol log session id
     queue_id: str | None = None  # of the transaction under way (protocol log)
     unchecked: bool = False  # taken from the pool: its RSET leads the next pipelined group
+    user: str | None = None  # the user name it authenticated as (AUTH), None: none
 
     @functools.cached_property
     def remote(self) -> str:  # (the hop never changes: its names are made once)
@@ -237,6 +280,7 @@ class _Transaction:
     outcomes: dict[str, Outcome]  # recipients answered for (refused, or the DATA reply)
     size: int  # the message as sent, before dot-stuffing
     encoding: str  # of command lines: utf-8 with SMTPUTF8
+    dsn: bool = False  # the peer offers DSN: it got the DSN parameters (RFC 3461) and reports success itself
     stage: str = "MAIL FROM"  # the command whose reply is awaited (diagnostics of a lost connection)
     accepted: list[str] = field(default_factory=list)  # recipients whose RCPT got 250/251
 
@@ -282,6 +326,7 @@ class SmtpClient:
         self.limits = config.connections
         self._slots = asyncio.Semaphore(self.limits.max_outbound)  # connections in use, to every host
         self.most_open = 0  # the most connections open at once (tests, /metrics' current gauge)
+        self._down_hosts: dict[tuple[str, int], float] = {}  # host of a host list -> tried again from then
 
     # ------------------------------------------------------------ public
 
@@ -293,33 +338,72 @@ class SmtpClient:
             return _all(rcpts, Outcome.temporary("4.3.2", "the site is shutting down"))
         if route.kind not in (RELAY, MX):
             return _all(rcpts, Outcome.temporary("4.3.5", f"route kind {route.kind!r} is not an SMTP route"))
+        if route.kind == RELAY and route.hosts:
+            return await self._deliver_in_turn(route, env, rcpts, message, log)
+        outcomes, _ = await self._deliver_route(route, env, rcpts, message, log)
+        return outcomes
+
+    async def _deliver_in_turn(self, route: Route, env: Envelope, rcpts: list[str], message: bytes,
+                               log: Any) -> dict[str, Outcome]:
+        """A next hop of several hosts (Q279323): each in this message's turn, skipping
+        those down; a host that takes no connection is remembered as down."""
+        now = self.clock()
+        for key in [k for k, until in self._down_hosts.items() if until <= now]:
+            del self._down_hosts[key]
+        order, skipped = hosts_in_turn(route.relay_hosts, self._down_hosts, now)
+        if skipped:
+            log.info("delivery.hosts_skipped", hosts=hosts_text(skipped), trying=hosts_text(order),
+                     reason="recently unreachable")
+        if not order:
+            return _all(rcpts, Outcome.temporary(
+                "4.4.1", f"every host of this next hop is down ({hosts_text(skipped)}: recently unreachable, "
+                         "not tried again yet)"))
+        outcomes: dict[str, Outcome] = {}
+        pending = rcpts
+        for i, (host, port) in enumerate(order):
+            if i:
+                log.info("delivery.host_failover", failed=hosts_text(order[i - 1:i]), next=hosts_text(((host, port),)))
+            result, down = await self._deliver_route(dataclasses.replace(route, host=host, port=port, hosts=()),
+                                                     env, pending, message, log)
+            if down:
+                self._down_hosts[(host, port)] = self.clock() + self._dead_hold()
+            outcomes.update(result)
+            pending = [r for r in pending if not result[r].ok and not result[r].permanent]
+            if not pending:
+                break
+        return outcomes
+
+    async def _deliver_route(self, route: Route, env: Envelope, rcpts: list[str], message: bytes,
+                             log: Any) -> tuple[dict[str, Outcome], bool]:
+        """One route's next hops in turn: (an outcome per recipient, whether the route's
+        host is down: it did not resolve, or none of its addresses took a connection)."""
         try:
             hops = await self._next_hops(route)
         except DnsFailure as failure:
             log.info("delivery.dns_failed", domain=route.domain, host=route.host, status=failure.status,
                      permanent=failure.permanent, reason=failure.reason)
             if route.kind == RELAY:  # our own table points at a name that does not resolve: retry
-                return _all(rcpts, Outcome.temporary("4.4.4", f"relay host {route.host}: {failure.reason}"))
+                return _all(rcpts, Outcome.temporary("4.4.4", f"relay host {route.host}: {failure.reason}")), True
             if failure.permanent:
-                return _all(rcpts, Outcome.permanent_failure(failure.status, failure.reason))
-            return _all(rcpts, Outcome.temporary(failure.status, failure.reason))
+                return _all(rcpts, Outcome.permanent_failure(failure.status, failure.reason)), False
+            return _all(rcpts, Outcome.temporary(failure.status, failure.reason)), False
         hops, outside = self._inside_lab(hops)
         if not hops:
             reason = (f"every next hop of {route.host or route.domain} ({', '.join(remote_name(h) for h in outside)}) "
                       f"is outside this sealed lab (lab.networks: {networks_text(self.config.lab.networks)}); "
                       "no connection leaves the lab")
             log.warning("delivery.sealed", domain=route.domain, host=route.host, reason=reason)
-            return _all(rcpts, Outcome.permanent_failure(SEALED_STATUS, reason))
+            return _all(rcpts, Outcome.permanent_failure(SEALED_STATUS, reason)), False
         if route.kind == MX:
             hops, looped = without_self(hops, self._self_endpoints())
             if not hops and looped:
                 reason = f"mail for {route.domain} loops back to myself ({self.config.hostname} is its best MX)"
                 log.warning("delivery.loop", domain=route.domain, reason=reason)
-                return _all(rcpts, Outcome.permanent_failure("5.4.6", reason))
+                return _all(rcpts, Outcome.permanent_failure("5.4.6", reason)), False
         elif any(is_self(h, self._self_endpoints()) for h in hops):
             reason = f"relay host {route.host}:{route.port} is this site: loop"
             log.warning("delivery.loop", domain=route.domain, reason=reason)
-            return _all(rcpts, Outcome.permanent_failure("5.4.6", reason))
+            return _all(rcpts, Outcome.permanent_failure("5.4.6", reason)), False
         outcomes: dict[str, Outcome] = {}
         pending = rcpts
         for hop in hops:
@@ -328,7 +412,9 @@ class SmtpClient:
             pending = [r for r in pending if not result[r].ok and not result[r].permanent]
             if not pending:
                 break
-        return outcomes
+        now = self.clock()
+        down = bool(pending) and all(self._state(h).dead_until > now for h in hops)
+        return outcomes, down
 
     async def close(self) -> None:
         """Close every pooled connection (QUIT, bounded); later deliveries defer."""
@@ -345,6 +431,7 @@ class SmtpClient:
         for state in self._hops.values():
             state.dead_until = 0.0
             state.tls_broken_until = 0.0
+        self._down_hosts.clear()
 
     def open_connections(self) -> int:
         """Connections open now: in use (one per transaction) and idle in the pool."""
@@ -426,7 +513,7 @@ class SmtpClient:
                 self._make_room(state)
                 self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
                 while True:
-                    conn = await self._acquire(hop, route.starttls, state, log)
+                    conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
                     try:
                         result = await self._transaction(conn, env, rcpts, message, log)
                     except _StaleConnection as stale:  # (a new connection is never stale: this ends)
@@ -459,14 +546,17 @@ class SmtpClient:
     def _dead_hold(self) -> float:
         return min(DEAD_HOST_HOLD, min(self.delivery.retry_intervals, default=DEAD_HOST_HOLD))
 
-    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any) -> _Connection:
+    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
+                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
         now = self.clock()
+        user = auth.username if auth else None
         while state.idle:
             conn = state.idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
-            if conn.policy != policy or now - conn.created > CONNECTION_MAX_AGE or not conn.client.is_connected:
+            if (conn.policy != policy or conn.user != user or now - conn.created > CONNECTION_MAX_AGE
+                    or not conn.client.is_connected):
                 self._close_later(conn, "not reusable")
                 continue
             if conn.client.supports_extension("pipelining"):
@@ -489,10 +579,10 @@ class SmtpClient:
             self.connections_reused += 1
             log.debug("delivery.reuse", peer=conn.peer, remote=conn.remote, transactions=conn.transactions)
             return conn
-        return await self._connect(hop, policy, state, log, allow_tls=True)
+        return await self._connect(hop, policy, state, log, allow_tls=True, auth=auth, auth_for=auth_for)
 
     async def _connect(self, hop: NextHop, policy: str, state: _HopState, log: Any, *,
-                       allow_tls: bool) -> _Connection:
+                       allow_tls: bool, auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
         cfg = self.delivery
         remote = remote_name(hop)
         peer = f"{hop.address}:{hop.port}"
@@ -550,7 +640,10 @@ class SmtpClient:
                     client.close()
                     log.info("delivery.tls_fallback", peer=peer, remote=remote,
                              reason="STARTTLS failed; retrying this host without TLS")
-                    return await self._connect(hop, policy, state, log, allow_tls=False)
+                    return await self._connect(hop, policy, state, log, allow_tls=False, auth=auth,
+                                               auth_for=auth_for)
+            if auth is not None:
+                await self._authenticate(conn, auth, auth_for or "the next hop", log)
         except BaseException:
             client.close()
             raise
@@ -609,6 +702,46 @@ class SmtpClient:
                  version=ssl_object.version() if ssl_object else None,
                  cipher=ssl_object.cipher()[0] if ssl_object and ssl_object.cipher() else None)
         await self._hello(conn, log)
+
+    async def _authenticate(self, conn: _Connection, auth: OutboundAuth, whose: str, log: Any) -> None:
+        """AUTH PLAIN or LOGIN (as the peer offers) with ``whose`` credentials (Q174754);
+        only over TLS unless ``allow_plaintext``.  The password is never logged or traced."""
+        client = conn.client
+        mechanism = next((m for m in ("plain", "login") if m in client.server_auth_methods), None)
+        if mechanism is None:
+            log.warning("delivery.auth_unavailable", peer=conn.peer, remote=conn.remote, user=auth.username,
+                        offered=" ".join(client.server_auth_methods).upper() or None,
+                        reason="the peer offers no AUTH PLAIN or LOGIN: the mail goes without AUTH")
+            conn.user = auth.username  # (prepared for these credentials: reusable for them)
+            return
+        if not conn.tls and not auth.allow_plaintext:
+            raise _SessionFailure(Outcome.temporary(
+                "4.7.0", f"{whose}: the credentials of {auth.username} are sent only over TLS, and {conn.remote} "
+                         "did not take STARTTLS (allow_plaintext = true in its auth table sends them in clear)",
+                conn.remote))
+        password = await outbound_password(auth, whose)
+        if password is None:
+            raise _SessionFailure(Outcome.temporary(
+                "4.7.0", f"{whose}: no password for {auth.username} (from {auth.password_source})", conn.remote))
+        self._trace(conn, "C", f"AUTH {mechanism.upper()} ******** (user {auth.username}; credentials not logged)")
+        login = client.auth_plain if mechanism == "plain" else client.auth_login
+        try:
+            reply = await login(auth.username, password, timeout=self.delivery.command_timeout)
+        except SMTPAuthenticationError as exc:
+            self._trace_reply(conn, exc.code, exc.message)
+            log.warning("delivery.auth_failed", peer=conn.peer, remote=conn.remote, user=auth.username,
+                        mechanism=mechanism.upper(), code=exc.code, reply=reply_text(exc.message)[:200])
+            status = reply_status(exc.code, exc.message)
+            raise _SessionFailure(Outcome.temporary(
+                "4" + status[1:] if status[0] in "45" else "4.7.0",
+                f"{whose}: authentication as {auth.username} failed at {conn.remote}: "
+                f"{smtp_diagnostic(exc.code, exc.message)}", conn.remote)) from None
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPException, OSError) as exc:
+            raise _SessionFailure(_lost(exc, conn.remote, "AUTH")) from None
+        self._trace_reply(conn, reply.code, reply.message)
+        conn.user = auth.username
+        log.info("delivery.auth", peer=conn.peer, remote=conn.remote, user=auth.username,
+                 mechanism=mechanism.upper(), tls=conn.tls)
 
     def _verifying_context(self) -> ssl.SSLContext:
         if self._verify_context is None:
@@ -673,8 +806,8 @@ class SmtpClient:
         # CRLF line ends as sent (SIZE counts them) and the dot-stuffed body; a big message off the loop
         # what the ingress found: every line end a CRLF, no line starting with a dot
         clean, dotless = env.extra.get("crlf") is True, env.extra.get("dotless") is True
-        size, body = (await asyncio.to_thread(_wire, message, clean, dotless) if len(message) > MIB
-                      else _wire(message, clean, dotless))
+        size, body = (await asyncio.to_thread(_wire, message, clean, dotless)
+                      if len(message) > MIB and not (clean and dotless) else _wire(message, clean, dotless))
         limit = ext.get("size", "")
         if limit.isdigit() and int(limit) > 0 and size > int(limit):
             return _all(rcpts, Outcome.permanent_failure(
@@ -687,20 +820,27 @@ class SmtpClient:
         smtputf8 = (utf8 or env.smtputf8) and "smtputf8" in ext
         if smtputf8:
             options.append("SMTPUTF8")
+        dsn = "dsn" in ext
+        if dsn:
+            options += dsn_mail_params(env)
         try:
             sender_path = smtp_path(env.sender) if env.sender else "<>"
         except ValueError as exc:
             return _all(rcpts, Outcome.permanent_failure("5.1.7", str(exc)))
         paths: dict[str, str] = {}
+        asked = {r.address: r for r in env.recipients if r.state == PENDING} if dsn else {}
         for rcpt in rcpts:
             try:
                 paths[rcpt] = smtp_path(rcpt)
             except ValueError as exc:
                 outcomes[rcpt] = Outcome.permanent_failure("5.1.3", str(exc))
+                continue
+            if rcpt in asked:
+                paths[rcpt] = " ".join([paths[rcpt], *dsn_rcpt_params(asked[rcpt])])
         if not paths:
             return outcomes
 
-        t = _Transaction(conn, log, outcomes, size, "utf-8" if smtputf8 else "ascii")
+        t = _Transaction(conn, log, outcomes, size, "utf-8" if smtputf8 else "ascii", dsn=dsn)
         mail = " ".join(["MAIL FROM:" + sender_path, *options])
         conn.transactions += 1
         conn.queue_id = env.queue_id
@@ -722,7 +862,7 @@ class SmtpClient:
             log.info("delivery.connection_lost", stage=t.stage, error=lost.diagnostic, **t.fields)
             return {r: outcomes.get(r, lost) for r in rcpts}
 
-    async def _stepwise(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+    async def _stepwise(self, t: _Transaction, mail: str, paths: dict[str, str], body: Body) -> None:
         """One command, one reply: for a server that does not offer PIPELINING."""
         conn, client, cfg = t.conn, t.conn.client, self.delivery
         reply = await self._command(t, mail)
@@ -742,7 +882,7 @@ class SmtpClient:
         self._trace_reply(conn, reply.code, reply.message)
         await self._data(t, reply, body)
 
-    async def _pipelined(self, t: _Transaction, mail: str, paths: dict[str, str], body: bytes) -> None:
+    async def _pipelined(self, t: _Transaction, mail: str, paths: dict[str, str], body: Body) -> None:
         """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order;
         the body after a 354 when a recipient was accepted."""
         conn, client = t.conn, t.conn.client
@@ -812,7 +952,7 @@ class SmtpClient:
         reply = await t.conn.client.rset(timeout=self.delivery.command_timeout)
         self._trace_reply(t.conn, reply.code, reply.message)
 
-    async def _data(self, t: _Transaction, reply: SMTPResponse, body: bytes) -> None:
+    async def _data(self, t: _Transaction, reply: SMTPResponse, body: Body) -> None:
         """Given the reply to DATA: the body after a 354, and the outcome of every accepted recipient."""
         t.stage = "DATA"
         client, cfg = t.conn.client, self.delivery
@@ -821,6 +961,8 @@ class SmtpClient:
                                                                       cfg.data_timeout_per_mib))
             self._trace_reply(t.conn, reply.code, reply.message)
             result = reply_outcome(reply.code, reply.message, t.conn.remote)
+            if result.ok and t.dsn:
+                result = dataclasses.replace(result, dsn_passed=True)
         else:
             result = _session_reply(reply.code, reply.message, t.conn.remote, client)
         self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)
@@ -840,10 +982,11 @@ class SmtpClient:
 # --------------------------------------------------------------------------- helpers
 
 
-def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, bytes]:
-    """(the SIZE of the message as sent, what follows the 354)."""
+def _wire(message: bytes, known_clean: bool = False, known_dotless: bool = False) -> tuple[int, Body]:
+    """(the SIZE of the message as sent, what follows the 354, in parts; a clean
+    message without dot lines is not copied: only the message is checked.)"""
     wire = crlf_message(message, known_clean=known_clean)
-    return len(wire), dot_stuffed(wire, known_dotless=known_dotless)
+    return len(wire), dot_stuffed_parts(wire, known_dotless=known_dotless)
 
 
 def pipelined_stage(replies: int, rcpts: int) -> str:
@@ -883,6 +1026,22 @@ def _connect_error(exc: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror
     return str(cause) or type(cause).__name__
+
+
+async def outbound_password(auth: OutboundAuth, whose: str) -> str | None:
+    """The password of outbound credentials, read now: the environment variable, the
+    file's first line (off the loop), or the site file's own; None when there is none."""
+    if auth.password_env:
+        return os.environ.get(auth.password_env) or None
+    if auth.password_file:
+        try:
+            text = await asyncio.to_thread(auth.password_file.read_text, encoding="utf-8")
+        except OSError as exc:
+            raise _SessionFailure(Outcome.temporary(
+                "4.7.0", f"{whose}: the password file {auth.password_file} cannot be read "
+                         f"({exc.strerror or type(exc).__name__})")) from None
+        return text.splitlines()[0] if text.strip() else None
+    return auth.password.reveal() if auth.password is not None else None
 
 
 def verifying_tls_context(ca_file: str | None) -> ssl.SSLContext:

@@ -30,6 +30,17 @@ def crlf_message(message: bytes, *, known_clean: bool = False) -> bytes:
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
+Body = tuple[bytes, ...]  # what follows the 354, in parts written back to back
+
+
+def dot_stuffed_parts(wire: bytes, *, known_dotless: bool = False) -> Body:
+    """``dot_stuffed`` in parts: a message known to have no line starting with a dot
+    goes out as it is, followed by the ``.CRLF`` — never copied to add three bytes."""
+    if known_dotless:
+        return wire, LONE_DOT
+    return (dot_stuffed(wire),)
+
+
 def dot_stuffed(wire: bytes, *, known_dotless: bool = False) -> bytes:
     """What follows the 354: ``wire`` (from ``crlf_message``) with a dot added before
     every line that starts with one (RFC 5321 §4.5.2), then the terminating ``.CRLF``.

@@ -257,6 +257,7 @@
              el("span", { class: "count", dataset: { queue: name } })),
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/replication`, "Directory Replication")) : null,
           inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/addressing`, "Site Addressing")) : null,
+          inside ? el("li", {}, link(`#/site/${encodeURIComponent(name)}/link-monitors`, "Link Monitors")) : null,
           inside ? treeExtras(name) : null,
           el("li", {}, link(`#/mail?site=${encodeURIComponent(name)}`, "Mailboxes")))));
     const inside = state.sites.filter((n) => !state.outside.includes(n));
@@ -316,7 +317,7 @@
     try {
       if (parts[0] === "site" && parts[1]) {
         const page = { config: viewConfig, queue: viewQueue, replication: viewReplication,
-                       addressing: viewAddressing, ...sitePages }[parts[2] || "config"] || viewConfig;
+                       addressing: viewAddressing, "link-monitors": viewLinkMonitors, ...sitePages }[parts[2] || "config"] || viewConfig;
         built = await page(root, parts[1], params);
       } else if (parts[0] === "recipients") built = await viewRecipients(root, params);
       else if (parts[0] === "mail") built = await viewMail(root, params);
@@ -397,7 +398,7 @@
       el("h4", { text: "Connections" }),
       el("ul", { class: "links" },
         (cfg.connected_sites || []).map((c) => el("li", {}, badge("Connected Site"), ` ${c.name} `, el("span", { class: "addr", text: c.routing_address }))),
-        (cfg.email_domains || []).map((d) => el("li", {}, badge("E-Mail Domain", "alt"), ` ${d.domain} → ${d.host}:${d.port}`)),
+        (cfg.email_domains || []).map((d) => el("li", {}, badge("E-Mail Domain", "alt"), ` ${d.domain} → ${d.hosts || `${d.host}:${d.port}`}`)),
         cfg.smart_host ? el("li", {}, badge("Smart host", "alt2"), ` ${cfg.smart_host}`) : null,
         peers.map((p) => el("li", {}, badge("Dir. Replication", "repl"), ` ${p.site} · high-water ${p.high_water}`,
           p.last_error ? el("span", { class: "error", text: ` · ${p.last_error}` }) : null))));
@@ -423,15 +424,18 @@
           el("dl", { class: "facts" },
             el("dt", { text: "Listens on" }), el("dd", { text: `${cfg.ims.listen}:${cfg.ims.port} (bound ${st.smtp.port})` }),
             el("dt", { text: "Relay networks" }), el("dd", { text: cfg.ims.relay_networks.join(", ") || "none" }),
-            el("dt", { text: "Largest message" }), el("dd", { text: size(cfg.ims.max_message_size) }),
+            el("dt", { text: "Largest message in" }), el("dd", { text: size(cfg.ims.max_message_size) }),
+            el("dt", { text: "Largest message out" }), el("dd", { text: cfg.ims.max_outbound_message_size ? size(cfg.ims.max_outbound_message_size) : "no limit" }),
+            el("dt", { text: "Message journaling" }), el("dd", { text: cfg.journaling.recipient ? `a copy of every message to ${cfg.journaling.recipient}${cfg.journaling.reports ? " (reports too)" : ""}` : "off" }),
             el("dt", { text: "Retry intervals" }), el("dd", { text: cfg.ims.retry_intervals.map((s) => `${s}s`).join(", ") }),
             el("dt", { text: "Message lifetime" }), el("dd", { text: `${cfg.ims.lifetime / 3600} h` }))),
         card("Connected Sites",
-          table(["Site", "Routing address (SMTP)", "Cost"],
-            cfg.connected_sites.map((c) => row(c.name, el("span", { class: "addr", text: c.routing_address }), String(c.cost))))),
+          table(["Site", "Routing address (SMTP)", "Cost", "Servers"],
+            cfg.connected_sites.map((c) => row(c.name, el("span", { class: "addr", text: c.routing_address }), String(c.cost), c.hosts || "")))),
+        cfg.least_cost_only ? el("p", { class: "muted", text: "Least-cost routes only: no failover to a dearer route (KB Q233081)" }) : null,
         card("E-Mail Domain table",
-          table(["Domain", "Forward to host", "Port"], cfg.email_domains.map((d) => row(d.domain, d.host, String(d.port))))),
-        card("Smart host", el("p", { text: cfg.smart_host || "none: mail for other domains goes by DNS MX" })),
+          table(["Domain", "Forward to hosts (in turn)", "AUTH as"], cfg.email_domains.map((d) => row(d.domain, d.hosts || `${d.host}:${d.port}`, d.auth_user || "—")))),
+        card("Smart host", el("p", { text: cfg.smart_host ? cfg.smart_host + (cfg.smart_host_auth_user ? ` (AUTH as ${cfg.smart_host_auth_user})` : "") : "none: mail for other domains goes by DNS MX" })),
         card("Directory Replication Connectors",
           table(["To site", "Schedule"], cfg.replication_connectors.map((c) => row(c.site, c.schedule_text)))),
         protocolsCard(cfg, st, dir),
@@ -470,8 +474,10 @@
     root.append(result);
     return withData(root, [`queue:${name}`], async () => {
       const q = await api("GET", site(name, "/queue"));
-      const rows = q.messages.map((m) => el("tr", { dataset: { queueId: m.queue_id } },
+      const servers = Boolean(q.servers);  // a site of several servers: every server's queue, each message's server
+      const rows = q.messages.map((m) => el("tr", { dataset: { queueId: m.queue_id, server: m.server || "" } },
         el("td", { class: "mono", text: m.queue_id }),
+        servers ? el("td", { class: "server", text: m.server || "" }) : null,
         el("td", { class: "addr", text: m.sender }),
         el("td", { text: `${when(m.received_at)} (${m.origin})` }),
         el("td", { text: size(m.size) }),
@@ -490,7 +496,8 @@
             result.replaceChildren(notice(`Deleted ${m.queue_id} from the queue.`));
             await state.view.refresh();
           }))));
-      return table(["Queue id", "Sender", "Received", "Size", "Recipients", ""], rows, { class: "queue" });
+      return [table(["Queue id", ...(servers ? ["Server"] : []), "Sender", "Received", "Size", "Recipients", ""], rows, { class: "queue" }),
+              silentServers(q.servers)];
     });
   }
 
@@ -534,6 +541,37 @@
         table(["Peer", "Schedule", "High-water", "Backlog", "Last request", "Last reply", "Applied", "Errors", ""], rows, { class: "replication" }),
         Object.keys(st.rejected || {}).length ? notice(`Rejected updates: ${JSON.stringify(st.rejected)}`, "error") : null,
       ];
+    });
+  }
+
+  // ------------------------------------------------------------------ a site: Link Monitors (KB Q246674)
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+    if (seconds < 120) return `${seconds.toFixed(1)} s`;
+    return `${(seconds / 60).toFixed(1)} min`;
+  }
+
+  async function viewLinkMonitors(root, name) {
+    viewTitle(root, `${name} — Link Monitors`, "Exchange's monitor window: each target of each monitor, its state (up, warning, alert), since when, and the last ping's round trip. A ping goes to the remote site's system attendant, which returns it; a foreign address answers with its NDR.");
+    return withData(root, [`linkmon:${name}`], async () => {
+      let lm;
+      try { lm = await api("GET", site(name, "/link-monitors")); } catch (err) { return notice(err.message, "error"); }
+      if (!lm.monitors.length) return el("p", { class: "muted", id: "no-monitors", text: "No Link Monitor is defined at this site ([[link_monitors]] in its configuration file)." });
+      return lm.monitors.map((m) => card(`${m.name}`,
+        el("p", { class: "muted", text: `State ${m.state}. A ping every ${duration(m.interval)}; warning after ${duration(m.warning_after)}, alert after ${duration(m.alert_after)}; alert mail to ${m.notify || "the administrator (notifications.administrator)"}.` }),
+        table(["Target", "State", "Since", "Last round trip", "Last answer", "Waiting", "Pings / answers", "Comment"],
+          m.targets.map((t) => el("tr", { dataset: { target: t.target, state: t.state } },
+            el("td", { class: "addr", text: t.target }),
+            el("td", {}, badge(t.state, t.state)),
+            el("td", { text: when(t.since) }),
+            el("td", { class: "num rtt", text: duration(t.last_rtt) }),
+            el("td", { text: ago(t.last_answer) }),
+            el("td", { text: t.waiting ? `${t.waiting} ping${t.waiting === 1 ? "" : "s"}, oldest ${duration(t.oldest_wait)}` : "none" }),
+            el("td", { class: "num", text: `${t.pings} / ${t.answers}` }),
+            el("td", { class: t.problem ? "error" : "muted", text: t.problem || "" }))),
+          { class: "link-monitors" })));
     });
   }
 
@@ -603,7 +641,7 @@
 
   async function viewRecipients(root, params) {
     const filter = el("input", { type: "search", id: "recipient-filter", placeholder: "Filter by name or address", value: params.get("q") || "" });
-    viewTitle(root, "Recipients", "Every mailbox of the organisation: its proxy addresses (primary first), its home site, and the sites whose directory knows it.", filter);
+    viewTitle(root, "Recipients", "Every mailbox, custom recipient and distribution list of the organisation: its proxy addresses (primary first), its home site, and the sites whose directory knows it.", filter);
     let last = null;
     const view = await withData(root, ["directory:*", "replication:*"], async () => {
       last = await api("GET", "/api/recipients");
@@ -611,15 +649,18 @@
     });
     function draw() {
       const needle = filter.value.trim().toLowerCase();
-      const rows = last.recipients.filter((r) => !needle || [r.alias, r.display_name, ...r.proxy_addresses.map((a) => a.address)].some((x) => String(x).toLowerCase().includes(needle)))
-        .map((r) => el("tr", { dataset: { alias: r.alias, home: r.home_site } },
-          el("td", {}, el("strong", { text: r.display_name }), el("div", { class: "muted", text: r.alias })),
+      const kindText = (r) => r.kind === "custom" ? `custom recipient → ${r.target}`
+        : r.kind === "dl" ? `distribution list: ${(r.members || []).length} member(s)${r.owner ? `, owner ${r.owner}` : ""}${r.expansion_site ? `, expanded at ${r.expansion_site}` : ""}` : "";
+      const rows = last.recipients.filter((r) => !needle || [r.alias, r.display_name, r.target || "", ...(r.members || []), ...r.proxy_addresses.map((a) => a.address)].some((x) => String(x).toLowerCase().includes(needle)))
+        .map((r) => el("tr", { dataset: { alias: r.alias, home: r.home_site, kind: r.kind || "mailbox" } },
+          el("td", {}, el("strong", { text: r.display_name }), el("div", { class: "muted", text: r.alias }),
+            r.kind && r.kind !== "mailbox" ? el("div", { class: "kind", text: kindText(r) }) : null),
           el("td", {}, el("ul", { class: "proxies" }, r.proxy_addresses.map((a) => el("li", { class: a.primary ? "primary" : "" },
             el("span", { class: "ptype", text: a.type }), " ", el("span", { class: "addr", text: a.address }), a.primary ? badge("primary", "ok") : null)))),
           el("td", { text: r.home_site }),
           el("td", {}, last.sites.map((s) => badge(s, r.known_at.includes(s) ? (r.differs_at.includes(s) ? "warn" : "ok") : "absent")),
             r.differs_at.length ? el("div", { class: "muted", text: `older copy at ${r.differs_at.join(", ")}` }) : null),
-          el("td", { class: "protocols" }, ["imap4", "pop3"].map((p) => {
+          el("td", { class: "protocols" }, r.kind && r.kind !== "mailbox" ? [] : ["imap4", "pop3"].map((p) => {
             const v = (r.protocols || {})[p];
             return badge(`${p === "imap4" ? "IMAP4" : "POP3"} ${v === true ? "on" : v === false ? "off" : "default"}`, v === false ? "warn" : "ok");
           }))));
@@ -672,7 +713,7 @@
         el("td", {}, link(`#/message/${encodeURIComponent(m.id)}`, m.subject || "(no subject)", { class: "subject" })),
         el("td", { class: "from", text: m.from || m.envelope_sender || "" }),
         el("td", { class: "to", text: m.to || m.envelope_recipient || "" }),
-        el("td", {}, badge(m.site), " ", el("span", { class: "muted", text: m.mailbox })),
+        el("td", {}, badge(m.site), m.server ? [" ", badge(m.server, "server")] : null, " ", el("span", { class: "muted", text: m.mailbox })),
         el("td", { class: "nowrap", text: when(m.received) }),
         el("td", { class: "num", text: size(m.size) })));
       const first = r.total ? r.start + 1 : 0, last = r.start + r.count;
@@ -685,6 +726,12 @@
               r.errors && Object.keys(r.errors).length ? notice(`Not answering: ${Object.entries(r.errors).map(([k, v]) => `${k} (${v})`).join(", ")}`, "error") : null];
     });
     return view;
+  }
+
+  // A site of several servers answers for all of them; one that did not answer is named.
+  function silentServers(servers) {
+    const silent = Object.entries(servers || {}).filter(([, v]) => !v.ok);
+    return silent.length ? notice(`Servers not answering: ${silent.map(([k, v]) => `${k} (${v.error})`).join(", ")}`, "error") : null;
   }
 
   function mailHash({ site: s, mailbox, query, page }) {
@@ -721,7 +768,7 @@
       m.cc ? [el("dt", { text: "Cc" }), el("dd", { text: m.cc })] : null,
       el("dt", { text: "Date" }), el("dd", { text: m.date || "" }),
       el("dt", { text: "Envelope" }), el("dd", { class: "addr", text: `${m.envelope_sender || "<>"} → ${m.envelope_recipient || ""}` }),
-      el("dt", { text: "Mailbox" }), el("dd", { text: `${m.mailbox} at ${m.site} · received ${when(m.received)} · ${size(m.size)}` }),
+      el("dt", { text: "Mailbox" }), el("dd", { text: `${m.mailbox} at ${m.site}${m.server ? ` (server ${m.server})` : ""} · received ${when(m.received)} · ${size(m.size)}` }),
       el("dt", { text: "Message-ID" }), el("dd", { class: "addr", text: m.message_id || "(none)" })));
     const nav = el("div", { class: "tabs", role: "tablist" }, tabs.map((t) => link(`#/message/${encodeURIComponent(id)}?tab=${t}`,
       { text: "Text", html: "HTML", headers: "Headers", raw: "Raw", attachments: `Attachments (${m.attachments.length})` }[t],
@@ -779,7 +826,7 @@
   function drawBranch(node) {
     const ends = (node.recipients || []).map((r) => el("li", { class: `hop-node ${r.state === "delivered" ? "mailbox" : "end"}` },
       el("span", { class: "arrow", "aria-hidden": "true", text: "→" }),
-      el("span", { class: "node-label", text: r.left_to ? `${r.left_to} (the rest of the Internet)` : (r.state === "delivered" && r.mailbox ? `mailbox ${r.mailbox}` : `${r.recipient} ${r.state}`) })));
+      el("span", { class: "node-label", text: (r.left_to ? `${r.left_to} (the rest of the Internet)` : (r.state === "delivered" && r.mailbox ? `mailbox ${r.mailbox}` : `${r.recipient} ${r.state}`)) + (r.report ? ` (DSN: ${r.report})` : "") })));
     const next = (node.next || []).map((child) => el("li", { class: "branch" }, el("span", { class: "arrow", "aria-hidden": "true", text: "→" }), drawBranch(child)));
     return el("div", { class: "hop-branch", dataset: { site: node.site } },
       el("span", { class: "hop-node site" }, el("span", { class: "node-label", text: node.site })),
@@ -798,7 +845,7 @@
       el("p", { class: "muted", text: `from ${story.sender || "<>"}` }),
       path,
       el("ol", { class: "hops" }, story.hops.map((h) => el("li", { class: "hop", dataset: { site: h.site } },
-        el("h4", {}, h.site, " ", el("span", { class: "muted mono", text: `queue id ${h.queue_id}` })),
+        el("h4", {}, h.server ? `${h.site} · server ${h.server}` : h.site, " ", el("span", { class: "muted mono", text: `queue id ${h.queue_id}` })),
         el("table", { class: "events" }, el("tbody", {}, h.events.map((e) => el("tr", { class: `ev ev-${e.event}` },
           el("td", { class: "nowrap mono", text: when(e.time) }), el("td", {}, badge(e.event, e.event)), el("td", { class: "reason", text: e.description || e.event })))))))),
       el("h4", { text: "Recipients" }),
@@ -812,7 +859,7 @@
   const sitePages = {};
   let treeExtras = () => null;
   window.imsConsole = {
-    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle,
+    el, append, fill, link, when, ago, badge, table, row, card, notice, api, site, actionButton, viewTitle, size,
     withData, alertBox, state, refreshView, refreshTreeCounts,
     addSitePage(name, view) { sitePages[name] = view; },
     setTreeExtras(make) { treeExtras = make; if (state.csrf) buildTree(); },

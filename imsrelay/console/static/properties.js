@@ -8,7 +8,7 @@
 
 (() => {
   const C = window.imsConsole;
-  const { el, card, table, row, notice, badge, api, site, viewTitle, ago } = C;
+  const { el, card, table, row, notice, badge, api, site, viewTitle, ago, size } = C;
 
   // ------------------------------------------------------------------ dialogs
 
@@ -136,12 +136,17 @@
   // ------------------------------------------------------------------ Internet Mail Service
 
   async function viewIms(root, name, params) {
-    const tab = params.get("tab") === "connections" ? "connections" : "connected";
+    const tab = ["connections", "internet-mail"].includes(params.get("tab")) ? params.get("tab") : "connected";
     viewTitle(root, `${name} — Internet Mail Service Properties`,
-      "Connected Sites: the other sites reached through this IMS (KB Q196927 steps 2–5). Connections: the E-Mail Domain table, domain-specific routing to a host (no DNS).");
+      "Connected Sites: the other sites reached through this IMS (KB Q196927 steps 2–5). Connections: the E-Mail Domain table, domain-specific routing to a host (no DNS). Internet Mail: what may be sent to each domain, size limits, journaling.");
     const heads = el("div", { class: "tabs", role: "tablist" },
       C.link(`#/site/${encodeURIComponent(name)}/ims`, "Connected Sites", { class: tab === "connected" ? "tab current" : "tab", id: "ims-tab-connected" }),
-      C.link(`#/site/${encodeURIComponent(name)}/ims?tab=connections`, "Connections", { class: tab === "connections" ? "tab current" : "tab", id: "ims-tab-connections" }));
+      C.link(`#/site/${encodeURIComponent(name)}/ims?tab=connections`, "Connections", { class: tab === "connections" ? "tab current" : "tab", id: "ims-tab-connections" }),
+      C.link(`#/site/${encodeURIComponent(name)}/ims?tab=internet-mail`, "Internet Mail", { class: tab === "internet-mail" ? "tab current" : "tab", id: "ims-tab-internet-mail" }));
+    if (tab === "internet-mail") {
+      root.append(heads);
+      return C.withData(root, [`directory:${name}`], async () => internetMail(await api("GET", site(name, "/config"))));
+    }
     const result = el("div", { class: "result", id: "ims-result" });
     root.append(heads, result);
     let file = null;
@@ -158,6 +163,28 @@
     const again = () => { changed = true; follow(view, generation, () => !file || file.pending_restart); };
     result.addEventListener("saved", again);
     return view;
+  }
+
+  // The Internet Mail tab, read-only: [[internet_mail]] entries as they apply (Q262126, Q176161),
+  // the inbound and outbound size limits (Q231303), Message Journaling (Q239427). Edited in the file.
+  function internetMail(cfg) {
+    const limit = (n) => (n ? size(n) : "no limit");
+    return [
+      card("Message size",
+        el("dl", { class: "facts" },
+          el("dt", { text: "Inbound (smtp.max_message_size)" }), el("dd", { id: "im-inbound", text: limit(cfg.ims.max_message_size) }),
+          el("dt", { text: "Outbound (delivery.max_message_size)" }), el("dd", { id: "im-outbound", text: limit(cfg.ims.max_outbound_message_size) }))),
+      card("Specify by E-Mail Domain",
+        el("p", { class: "muted", text: "Set in the site's file ([[internet_mail]]); a key an entry leaves out comes from the * entry. Disabled automatic messages are discarded without an NDR." }),
+        table(["Domain", "Out of office", "Automatic replies", "Automatic forwards", "Display names", "Largest message"],
+          cfg.internet_mail.map((e) => row(e.entry === "*" ? "* (default)" : e.entry,
+            ...["out_of_office", "auto_replies", "auto_forwards", "display_names"].map((k) => (e[k] ? "sent" : "disabled")),
+            limit(e.max_message_size))), { class: "internet-mail" })),
+      card("Message Journaling",
+        el("p", { id: "im-journaling", text: cfg.journaling.recipient
+          ? `A copy of every message accepted at this site goes to ${cfg.journaling.recipient}${cfg.journaling.reports ? ", reports included" : ", reports excepted"} (KB Q239427).`
+          : "Off ([journaling] recipient is not set)." })),
+    ];
   }
 
   function connectedSites(name, file, status, result) {
