@@ -339,7 +339,8 @@ if [ -z "$asked" ]; then
     # not asked: the topology of the lab that is there (status, logs, down ... see all of it)
     IMSRELAY_LAB_SERVERS="$running"
 elif [ "$cmd" = up ] && [ -n "$(project_containers)" ] && [ "$IMSRELAY_LAB_SERVERS" != "$running" ]; then
-    die "this lab runs SiteA as ${running:+two servers}${running:-one server}, and its volumes belong to that topology: docker/lab.sh down -v first"
+    if [ -n "$running" ]; then running="two servers"; else running="one server"; fi
+    die "this lab runs SiteA as $running, and its volumes belong to that topology: docker/lab.sh down -v first"
 fi
 export IMSRELAY_LAB_SERVERS
 case "$cmd" in
