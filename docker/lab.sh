@@ -2,11 +2,15 @@
 # docker/lab.sh — one entry point for the imsrelay Docker lab (docker-compose.yml).
 #
 # Usage: docker/lab.sh COMMAND [ARGS]
-#   up [SERVICE...]        build whatever is missing (base image, wheels, images),
+#   up [--servers SiteA=2] [SERVICE...]
+#                          build whatever is missing (base image, wheels, images),
 #                          start the lab (or only SERVICE... and what they depend
 #                          on) and wait until every container is healthy and the
 #                          one-shot `setup` (imsrelay org-setup: the article's
-#                          Check Now / Request Now / Site Addressing) has finished
+#                          Check Now / Request Now / Site Addressing) has finished;
+#                          --servers SiteA=2: SiteA as two servers, ServerA
+#                          (10.10.10.10) and Server1 (10.10.10.11; compose file
+#                          docker/servers.override.yml added to every command)
 #   build [SERVICE...]     the same builds, without starting anything
 #   wait                   wait until every lab container is healthy (and `setup`
 #                          has exited 0)
@@ -29,6 +33,9 @@
 #                         IMSRELAY_LAB_PULL=1; otherwise imsrelay-base:bookworm,
 #                         built here from Debian packages (no registry needed).
 #   IMSRELAY_LAB_PULL=1   allow pulling base images from a registry.
+#   IMSRELAY_LAB_SERVERS  SiteA=2: SiteA as two servers (what --servers SiteA=2
+#                         sets); the other commands see by themselves whether the
+#                         lab that is there runs SiteA as two servers.
 #   COMPOSE_PROJECT_NAME  compose project (default imsrelay): names the network
 #                         (imsrelay_lab), volumes and containers.
 #   LAB_WAIT_TIMEOUT      seconds `up`/`wait` wait for health (default 240).
@@ -47,9 +54,11 @@ LAB_WAIT_TIMEOUT="${LAB_WAIT_TIMEOUT:-240}"
 LOCAL_BASE="imsrelay-base:bookworm"
 REGISTRY_BASES=(python:3.11-slim-bookworm debian:bookworm-slim)
 SITES=(sitea siteb sitec)
-SITE_IMAGE_SERVICES=(sitea siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
+SITE_IMAGE_SERVICES=(sitea sitea-server1 siteb sitec setup console)   # services built from the root Dockerfile (imsrelay:lab)
 ONE_SHOT=setup                                  # runs once after the sites are healthy, then exits
 ALL_SERVICES=(dns sitea siteb sitec internet setup console)
+SERVERS_OVERRIDE="$REPO/docker/servers.override.yml"   # SiteA as two servers (IMSRELAY_LAB_SERVERS=SiteA=2)
+SERVERS_SERVICES=(sitea-server1)                # the services that override adds
 LAB_SUBNET="10.10.10.0/24"
 
 log() { printf '[lab] %s\n' "$*" >&2; }
@@ -63,9 +72,34 @@ elif docker compose version >/dev/null 2>&1; then
 else
     die "neither docker-compose nor 'docker compose' is installed"
 fi
-compose() { "${COMPOSE[@]}" -f "$REPO/docker-compose.yml" "$@"; }
+compose() {
+    local files=(-f "$REPO/docker-compose.yml")
+    if servers_on; then files+=(-f "$SERVERS_OVERRIDE"); fi
+    "${COMPOSE[@]}" "${files[@]}" "$@"
+}
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# --- SiteA as one server or two (IMSRELAY_LAB_SERVERS; docker/servers.override.yml) ---
+servers_on() { [ "${IMSRELAY_LAB_SERVERS:-}" = SiteA=2 ]; }
+
+project_containers() {   # [SERVICE]: this project's containers, running or not
+    local filters=(--filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME")
+    [ $# -gt 0 ] && filters+=(--filter "label=com.docker.compose.service=$1")
+    docker ps -aq "${filters[@]}" 2>/dev/null
+}
+
+running_servers() {   # the topology of this project's containers: SiteA=2, or nothing
+    if [ -n "$(project_containers "${SERVERS_SERVICES[0]}")" ]; then printf 'SiteA=2'; fi
+}
+
+servers_option() {   # --servers SiteA=N / IMSRELAY_LAB_SERVERS -> SiteA=2 or nothing (SiteA=1)
+    case "${1,,}" in
+        ""|sitea=1) printf '' ;;
+        sitea=2) printf 'SiteA=2' ;;
+        *) die "servers $1: the Docker lab runs SiteA=1 or SiteA=2 (the embedded lab, imsrelay lab --servers, runs more)" ;;
+    esac
+}
 
 # --- which base image ---------------------------------------------------------------
 choose_base_image() {
@@ -92,7 +126,9 @@ choose_base_image() {
 
 # --- arguments: services, and whether sites are among them --------------------------
 services_or_all() {
-    if [ $# -gt 0 ]; then printf '%s\n' "$@"; else printf '%s\n' "${ALL_SERVICES[@]}"; fi
+    if [ $# -gt 0 ]; then printf '%s\n' "$@"; return; fi
+    printf '%s\n' "${ALL_SERVICES[@]}"
+    if servers_on; then printf '%s\n' "${SERVERS_SERVICES[@]}"; fi
 }
 
 wants_sites() {   # is any of the services built from the site image?
@@ -101,7 +137,11 @@ wants_sites() {   # is any of the services built from the site image?
     return 1
 }
 
-site_config_file() {   # sitea -> config/docker/siteA.toml
+site_config_file() {   # sitea -> config/docker/siteA.toml (two servers: config/docker/servers/siteA-ServerA.toml)
+    case "$1" in
+        sitea-server1) printf 'config/docker/servers/siteA-Server1.toml'; return ;;
+        sitea) if servers_on; then printf 'config/docker/servers/siteA-ServerA.toml'; return; fi ;;
+    esac
     local letter="${1#site}"
     printf 'config/docker/site%s.toml' "$(printf '%s' "$letter" | tr '[:lower:]' '[:upper:]')"
 }
@@ -109,11 +149,12 @@ site_config_file() {   # sitea -> config/docker/siteA.toml
 check_site_configs() {
     local s f missing=0
     for s in "$@"; do
-        case "$s" in sitea|siteb|sitec) ;; *) continue ;; esac
+        case "$s" in sitea|sitea-server1|siteb|sitec) ;; *) continue ;; esac
         f="$(site_config_file "$s")"
         # A missing bind-mount source would be created by Docker as a directory.
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/site.toml in $s)"; missing=1; fi
-        f="config/docker/keys/$(basename "$f" .toml).pem"
+        f="$(basename "$f" .toml)"
+        f="config/docker/keys/${f%%-*}.pem"   # siteA-Server1 -> the site's key, siteA.pem
         if [ ! -f "$REPO/$f" ]; then log "missing $f (mounted as /etc/imsrelay/replication-key.pem in $s; docker/lab.sh keys makes new ones)"; missing=1; fi
     done
     [ "$missing" = 0 ] || die "site configuration missing"
@@ -234,7 +275,17 @@ do_status() {
     cat <<'EOF'
 Published on 127.0.0.1 (defaults; LAB_*_PORT variables override); each admin
 port also serves GET /ready and the message API /api/v1 (bearer token):
-  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)
+EOF
+    if servers_on; then
+        cat <<'EOF'
+  sitea    SMTP 2510  admin 8510     (10.10.10.10, ServerA.SiteA.microsoft.com: SiteA's bridgehead)
+  sitea-server1 SMTP 2511 admin 8511 (10.10.10.11, Server1.SiteA.microsoft.com: SiteA's second server)
+           (docker/servers.override.yml: microsoft.com's MX are both servers, preference 10)
+EOF
+    else
+        echo '  sitea    SMTP 2510  admin 8510     (10.10.10.10, Server1.SiteA.microsoft.com)'
+    fi
+    cat <<'EOF'
   siteb    SMTP 2515  admin 8515     (10.10.10.15, Server1.SiteB.microsoft.com)
   sitec    SMTP 2520  admin 8520     (10.10.10.20, Server1.SiteC.microsoft.com)
   internet SMTP 2600                 (10.10.10.100, mail.example.net: alice, bob)
@@ -272,6 +323,26 @@ EOF
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
+asked="${IMSRELAY_LAB_SERVERS+set}"
+if [ -n "$asked" ]; then IMSRELAY_LAB_SERVERS="$(servers_option "$IMSRELAY_LAB_SERVERS")"; fi
+if [ "$cmd" = up ] && [ "${1:-}" = --servers ]; then
+    [ $# -ge 2 ] || die "up --servers: give SiteA=2"
+    want="$(servers_option "$2")"
+    shift 2
+    if [ -n "$asked" ] && [ "$IMSRELAY_LAB_SERVERS" != "$want" ]; then
+        die "--servers $want and IMSRELAY_LAB_SERVERS=$IMSRELAY_LAB_SERVERS disagree"
+    fi
+    IMSRELAY_LAB_SERVERS="$want" asked=set
+fi
+running="$(running_servers)"
+if [ -z "$asked" ]; then
+    # not asked: the topology of the lab that is there (status, logs, down ... see all of it)
+    IMSRELAY_LAB_SERVERS="$running"
+elif [ "$cmd" = up ] && [ -n "$(project_containers)" ] && [ "$IMSRELAY_LAB_SERVERS" != "$running" ]; then
+    if [ -n "$running" ]; then running="two servers"; else running="one server"; fi
+    die "this lab runs SiteA as $running, and its volumes belong to that topology: docker/lab.sh down -v first"
+fi
+export IMSRELAY_LAB_SERVERS
 case "$cmd" in
     up)
         mapfile -t svcs < <(services_or_all "$@")
@@ -302,6 +373,6 @@ case "$cmd" in
         fi
         compose "$@"
         ;;
-    ""|-h|--help|help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//' ;;
+    ""|-h|--help|help) sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$cmd' (try: docker/lab.sh help)" ;;
 esac

@@ -54,6 +54,13 @@ SITES = {
     "siteb": ("SiteB", _port("LAB_SITEB_SMTP_PORT", 2515), _port("LAB_SITEB_ADMIN_PORT", 8515), "10.10.10.15"),
     "sitec": ("SiteC", _port("LAB_SITEC_SMTP_PORT", 2520), _port("LAB_SITEC_ADMIN_PORT", 8520), "10.10.10.20"),
 }
+# SiteA's second server, Server1, when SiteA runs as two servers (docker/servers.override.yml,
+# docker/lab.sh up --servers SiteA=2): service -> the same fields as SITES
+SERVERS = {
+    "sitea-server1": ("SiteA", _port("LAB_SITEA_SERVER1_SMTP_PORT", 2511),
+                      _port("LAB_SITEA_SERVER1_ADMIN_PORT", 8511), "10.10.10.11"),
+}
+ENDPOINTS = {**SITES, **SERVERS}  # every imsrelay container a test may talk to
 INTERNET_SMTP = _port("LAB_INTERNET_SMTP_PORT", 2600)
 # service -> (published submission port 587, published implicit-TLS port 465)
 SUBMISSION = {
@@ -231,14 +238,14 @@ class ComposeLab:
 
     def connect(self, service: str) -> None:
         """Back on the lab network with its own address (and its compose alias)."""
-        self.docker("network", "connect", "--ip", SITES[service][3], "--alias", service, NETWORK,
+        self.docker("network", "connect", "--ip", ENDPOINTS[service][3], "--alias", service, NETWORK,
                     self.container(service))
 
     # ------------------------------------------------------------ admin endpoints (127.0.0.1)
 
     def admin(self, service: str, method: str, path: str, body: dict[str, Any] | None = None,
               timeout: float = 30.0) -> Any:
-        port = SITES[service][2]
+        port = ENDPOINTS[service][2]
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers={
             "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
@@ -302,7 +309,7 @@ class ComposeLab:
         import urllib.parse
 
         query = "?" + urllib.parse.urlencode(params) if params else ""
-        req = urllib.request.Request(f"http://127.0.0.1:{SITES[service][2]}/api/v1{path}{query}",
+        req = urllib.request.Request(f"http://127.0.0.1:{ENDPOINTS[service][2]}/api/v1{path}{query}",
                                      headers={"Authorization": f"Bearer {TOKEN}"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + restart_wait
@@ -315,7 +322,7 @@ class ComposeLab:
                 raise LabError(f"{service} GET {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
             except (OSError, http.client.HTTPException) as exc:
                 if time.monotonic() > deadline:
-                    raise LabError(f"{service}: no message API on 127.0.0.1:{SITES[service][2]}: {exc!r}") from None
+                    raise LabError(f"{service}: no message API on 127.0.0.1:{ENDPOINTS[service][2]}: {exc!r}") from None
                 time.sleep(0.5)
         return data if raw else json.loads(data)
 
@@ -331,7 +338,7 @@ class ComposeLab:
         """Every message in a Maildir (``new/`` and ``cur/``): a site's through its
         message API (``path`` ends with the mailbox's alias); the Internet host's
         (Postfix, no API) with ``docker exec tar``."""
-        if service in SITES:
+        if service in ENDPOINTS:
             return self.api_messages(service, f"mailbox:{Path(path).name}")
         return self._maildir_by_exec(service, path)
 
@@ -358,7 +365,7 @@ class ComposeLab:
         return self.maildir(service, f"{SITE_MAILBOXES}/{alias}")
 
     def find(self, service: str, path: str, msgid: str) -> list[bytes]:
-        if service in SITES:
+        if service in ENDPOINTS:
             return list(self.api_messages(service, f"mailbox:{Path(path).name} message-id:{msgid}").values())
         needle = msgid.encode()
         return [m for m in self.maildir(service, path).values() if needle in header(m)]
