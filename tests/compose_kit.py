@@ -135,6 +135,21 @@ def engine_lock(timeout: float = 900.0) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def lab_held(lab: ComposeLab, up: Callable[[], float], what: str) -> Iterator[None]:
+    """A module's compose lab: under the engine lock, ``up()`` (its seconds printed with
+    ``what``), then the test's body, then down with its volumes (IMSRELAY_DOCKER_KEEP=1
+    keeps it for a post-mortem)."""
+    with engine_lock():
+        try:
+            seconds = up()
+            print(f"{what} in {seconds:.0f}s")
+            yield
+        finally:
+            if os.environ.get("IMSRELAY_DOCKER_KEEP") != "1":
+                lab.down()
+
+
 class ComposeLab:
     """The compose lab of one test session: up, inspect, fault, down."""
 

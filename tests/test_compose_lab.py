@@ -13,7 +13,6 @@ for a post-mortem).  All traffic from the host goes to ports published on
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 
@@ -27,8 +26,8 @@ from compose_kit import (
     ComposeLab,
     MailFlow,
     docker_skip_reason,
-    engine_lock,
     header,
+    lab_held,
     message_ids,
     poll,
     progress_to_terminal,
@@ -52,14 +51,8 @@ def lab(pytestconfig):
     if reason:
         pytest.skip(reason)
     lab = ComposeLab(progress=progress_to_terminal(pytestconfig))
-    with engine_lock():
-        try:
-            seconds = lab.up()
-            print(f"compose lab up (build included) in {seconds:.0f}s")
-            yield lab
-        finally:
-            if os.environ.get("IMSRELAY_DOCKER_KEEP") != "1":
-                lab.down()
+    with lab_held(lab, lab.up, "compose lab up (build included)"):
+        yield lab
 
 
 # ------------------------------------------------------------------ the article's end state

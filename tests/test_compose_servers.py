@@ -32,8 +32,8 @@ from compose_kit import (
     INTERNET_SMTP,
     ComposeLab,
     docker_skip_reason,
-    engine_lock,
     header,
+    lab_held,
     poll,
     progress_to_terminal,
 )
@@ -173,14 +173,8 @@ def lab(pytestconfig):
         pytest.skip(reason)
     lab = ComposeLab(PROJECT, progress=progress_to_terminal(pytestconfig))
     lab.env["IMSRELAY_LAB_SERVERS"] = "SiteA=2"  # docker/lab.sh adds docker/servers.override.yml
-    with engine_lock():
-        try:
-            seconds = lab.up()
-            print(f"compose lab (SiteA as two servers) up and set up in {seconds:.0f}s")
-            yield lab
-        finally:
-            if os.environ.get("IMSRELAY_DOCKER_KEEP") != "1":
-                lab.down()
+    with lab_held(lab, lab.up, "compose lab (SiteA as two servers) up and set up"):
+        yield lab
 
 
 def send(lab: ComposeLab, port: int, sender: str, rcpt: str, subject: str) -> str:

@@ -38,8 +38,8 @@ from compose_kit import (
     TOKEN,
     ComposeLab,
     docker_skip_reason,
-    engine_lock,
     header,
+    lab_held,
     poll,
     progress_to_terminal,
 )
@@ -207,14 +207,8 @@ def walk(pytestconfig):
         pytest.skip(reason)
     lab = ComposeLab(PROJECT, progress=progress_to_terminal(pytestconfig))
     w = Walk(lab, REPO / "build" / f"compose-walk-{PROJECT}")
-    with engine_lock():
-        try:
-            seconds = w.up()
-            print(f"compose lab up at stage install (build included) in {seconds:.0f}s")
-            yield w
-        finally:
-            if os.environ.get("IMSRELAY_DOCKER_KEEP") != "1":
-                lab.down()
+    with lab_held(lab, w.up, "compose lab up at stage install (build included)"):
+        yield w
 
 
 def direct_from(site: str, head: bytes) -> bool:

@@ -17,7 +17,9 @@ from imsrelay.transport.maildir import list_messages, mailbox_dir
 HOST = "127.0.0.1"
 
 
-def write_config(tmp_path, port, dead_port):
+def write_config(tmp_path, port, dead_port, extra: str = ""):
+    """SiteA on ``port`` whose ``down.example`` route leads to ``dead_port`` (nothing
+    listens: its mail stays queued); ``extra``: more TOML."""
     path = tmp_path / "siteA.toml"
     path.write_text(f"""
 [site]
@@ -47,7 +49,7 @@ port = {dead_port}
 [logging]
 level = "warning"
 format = "json"
-""")
+""" + extra)
     return path
 
 

@@ -14,7 +14,7 @@ import sys
 
 from ims_kit import USER1, Peer, admin, admin_section, mailbox, message, queued, start_peer, submit
 from sitekit import free_port, make_config, running_site, site_mapping, wait_for
-from test_crash import wait_listening
+from test_crash import wait_listening, write_config
 
 from imsrelay.observe import tracking
 from imsrelay.policy.journaling import JOURNAL_HEADER, RECIPIENTS_HEADER, SENDER_HEADER
@@ -108,46 +108,14 @@ def test_kill_9_after_250_keeps_each_message_with_its_journal_copy(tmp_path):
     """``imsrelay serve`` killed right after acknowledging: every acknowledged message
     is in the queue with its journal copy (one commit), nothing delivered yet."""
     port, dead = free_port(), free_port()
-    path = tmp_path / "SiteA.toml"
-    path.write_text(f"""
-[site]
-organisation = "ExchangeORG"
-name = "SiteA"
-server = "ServerA"
-email_domain = "SiteA.microsoft.com"
-company_domain = "microsoft.com"
-data_dir = "data"
-
-[smtp]
-listen = "127.0.0.1"
-port = {port}
-relay_networks = ["127.0.0.0/8"]
-
-[[mailboxes]]
-alias = "User1"
-
-[delivery]
-retry_intervals = ["1h"]
-
-[[email_domains]]
-domain = "down.test"
-host = "127.0.0.1"
-port = {dead}
-
-[journaling]
-recipient = "archive@down.test"
-
-[logging]
-level = "warning"
-format = "json"
-""")
+    path = write_config(tmp_path, port, dead, '[journaling]\nrecipient = "archive@down.example"\n')
     proc = subprocess.Popen([sys.executable, "-m", "imsrelay", "serve", "--config", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
             for i in range(5):  # each returns after the 250 (a refusal raises)
-                s.sendmail(USER1, [f"r{i}@down.test", f"s{i}@down.test"], message(f"m{i}"))
+                s.sendmail(USER1, [f"r{i}@down.example", f"s{i}@down.example"], message(f"m{i}"))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -159,4 +127,4 @@ format = "json"
     copies = [e for e in envelopes if e.origin == "journal"]
     assert len(originals) == 5 and len(copies) == 5
     assert sorted(e.extra["journal_of"] for e in copies) == sorted(originals)
-    assert all([r.address for r in e.recipients] == ["archive@down.test"] for e in copies)
+    assert all([r.address for r in e.recipients] == ["archive@down.example"] for e in copies)

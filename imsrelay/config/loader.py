@@ -470,11 +470,7 @@ def _load_mailboxes(root: _Section) -> tuple[MailboxConfig, ...]:
     mailboxes = []
     seen: set[str] = set()
     for m in root.tables("mailboxes"):
-        alias = m.string("alias", required=True)
-        if alias is not MISSING and not _ALIAS.fullmatch(alias):
-            alias = m.error("alias", f"{alias!r} is not a valid alias (letters, digits, . _ -)")
-        elif alias is not MISSING and alias.lower() in seen:
-            alias = m.error("alias", f"{alias!r} is listed twice")
+        alias = _unique_name(m, "alias", _ALIAS, "a valid alias (letters, digits, . _ -)", seen)
         extra = []
         for i, addr in m.strings("addresses"):
             try:
@@ -569,16 +565,23 @@ def _load_recipients(root: _Section, mailboxes: tuple[MailboxConfig, ...]
     return tuple(customs), tuple(lists)
 
 
+def _unique_name(t: _Section, key: str, pattern: re.Pattern[str], what: str, seen: set[str]) -> Any:
+    """``t``'s required ``key``: matching ``pattern`` (else "is not ``what``") and not among
+    ``seen`` (case-insensitive; else "is listed twice")."""
+    value = t.string(key, required=True)
+    if value is not MISSING and not pattern.fullmatch(value):
+        return t.error(key, f"{value!r} is not {what}")
+    if value is not MISSING and value.lower() in seen:
+        return t.error(key, f"{value!r} is listed twice")
+    return value
+
+
 def _load_servers(root: _Section, server: str | object) -> tuple[SiteServer, ...]:
     """``[[servers]]``: every server of the site, this one included (issue 24; KB Q199354)."""
     servers: list[SiteServer] = []
     seen: set[str] = set()
     for t in root.tables("servers"):
-        name = t.string("name", required=True)
-        if name is not MISSING and not _NAME.fullmatch(name):
-            name = t.error("name", f"{name!r} is not a server name (letters, digits, - _ .)")
-        elif name is not MISSING and name.lower() in seen:
-            name = t.error("name", f"{name!r} is listed twice")
+        name = _unique_name(t, "name", _NAME, "a server name (letters, digits, - _ .)", seen)
         host_text = t.string("host", required=True)
         port = t.port("port")
         host = MISSING

@@ -488,15 +488,20 @@ class Directory:
         return [self.find_recipient(a) for a in addresses]
 
     def mailboxes(self, site: str | None = None, *, include_deleted: bool = False) -> list[Mailbox]:
-        sql = "SELECT home_site, data, deleted FROM objects WHERE kind='mailbox'"
-        args: list[Any] = []
+        return [_mailbox_from(data, h, x) for h, data, x in self._objects_of("mailbox", site, include_deleted)]
+
+    def _objects_of(self, kind: str, site: str | None,
+                    include_deleted: bool) -> list[tuple[str, dict[str, Any], bool]]:
+        """(home site, data, deleted) of every object of ``kind`` (of ``site``), by site and id."""
+        sql = "SELECT home_site, data, deleted FROM objects WHERE kind=?"
+        args: list[Any] = [kind]
         if site is not None:
             sql += " AND home_site=?"
             args.append(site)
         if not include_deleted:
             sql += " AND deleted=0"
         rows = self._db.execute(sql + " ORDER BY home_site, object_id", args).fetchall()
-        return [_mailbox_from(json.loads(d), h, bool(x)) for h, d, x in rows]
+        return [(h, json.loads(d), bool(x)) for h, d, x in rows]
 
     def mailbox(self, alias: str, site: str | None = None) -> Mailbox | None:
         obj = self._load(mailbox_id(site or self.site, alias))
@@ -669,15 +674,7 @@ class Directory:
 
     def recipients(self, kind: str, site: str | None = None, *, include_deleted: bool = False) -> list[Recipient]:
         """The custom recipients (``custom``) or lists (``dl``) of every site, or of ``site``."""
-        sql = "SELECT home_site, data, deleted FROM objects WHERE kind=?"
-        args: list[Any] = [kind]
-        if site is not None:
-            sql += " AND home_site=?"
-            args.append(site)
-        if not include_deleted:
-            sql += " AND deleted=0"
-        rows = self._db.execute(sql + " ORDER BY home_site, object_id", args).fetchall()
-        return [recipient_from(kind, json.loads(d), h, bool(x)) for h, d, x in rows]
+        return [recipient_from(kind, data, h, x) for h, data, x in self._objects_of(kind, site, include_deleted)]
 
     def ensure_configured(self, customs: Sequence[tuple[str, str, str, Sequence[str]]],
                           lists: Sequence[tuple[str, str, Sequence[str], str, str, Sequence[str]]]) -> list[str]:
