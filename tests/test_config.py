@@ -191,3 +191,17 @@ def test_servers_errors(tmp_path, extra, key):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, MINIMAL + extra))
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("servers,key", [
+    (SERVERS.replace("http://127.10.10.10:8025/", "http://server1.lab:8025"), "servers[0].admin"),  # a name: no
+    (SERVERS.replace("http://127.10.10.10:8025/", "http://10.1.2.3:8025"), "servers[0].admin"),  # outside
+    (SERVERS.replace('"127.10.10.11"', '"10.9.9.9"'), "servers[1].host"),
+])
+def test_a_sealed_labs_servers_stay_inside_it(tmp_path, servers, key):
+    """Admin endpoints are reached over HTTP, never through the lab's DNS: a sealed lab's
+    servers name lab addresses (no system resolver, no connection out)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL + '[lab]\nsealed = true\n' + servers))
+    assert err.value.key == key
+    assert load_config(write(tmp_path, MINIMAL + '[lab]\nsealed = true\n' + SERVERS)).servers

@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from imsrelay.model.addresses import (
     AddressError,
@@ -821,7 +822,7 @@ def _load_lab(s: _Section) -> LabConfig:
 
 def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, dns: DnsConfig,
                   connected: tuple[ConnectedSite, ...], routes: tuple[DomainRoute, ...], etrn: EtrnConfig,
-                  mailboxes: tuple[MailboxConfig, ...]) -> None:
+                  mailboxes: tuple[MailboxConfig, ...], servers: tuple[SiteServer, ...] = ()) -> None:
     """A sealed lab's file names no host outside the lab (imsrelay.policy.sealed)."""
     if lab.catch_all is not None:
         if not lab.sealed:
@@ -851,6 +852,12 @@ def _check_sealed(root: _Section, lab: LabConfig, *, delivery: DeliveryConfig, d
             check(f"email_domains[{i}].host", host)
     for i, e in enumerate(etrn.requests):
         check(f"etrn.requests[{i}].host", e.host)
+    for i, v in enumerate(servers):
+        check(f"servers[{i}].host", v.host)
+        if v.admin is not None:  # the admin endpoints are reached by HTTP, never through the lab's DNS
+            refused = host_refusal(urlsplit(v.admin).hostname or "", lab.networks, lab_dns=False)
+            if refused:
+                root.errors.append(ConfigError(root.path, f"servers[{i}].admin", refused))
 
 
 def _load_tracking(t: _Section) -> TrackingConfig:
@@ -1167,7 +1174,7 @@ def config_from_root(root: _Section, *, data_dir: Path | None = None) -> SiteCon
     lab = _load_lab(root.table_of("lab"))
     if not errors:
         _check_sealed(root, lab, delivery=delivery, dns=dns, connected=connected, routes=routes, etrn=etrn,
-                      mailboxes=mailboxes)
+                      mailboxes=mailboxes, servers=servers)
     root.reject_unknown()
     if errors:
         raise ConfigErrors(errors)
