@@ -17,6 +17,28 @@ from imsrelay.observe.logs import configure_logging
 configure_logging("warning", "json")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_system_resolver() -> Any:
+    """No test asks the host's resolver (every domain in them is real or reserved, never
+    ours to look up): a site in this process that is not sealed and names no nameservers
+    gets a resolver that asks a loopback port nothing listens on, so a look-up fails at
+    once as a temporary DNS failure instead of leaving the machine."""
+    import dns.asyncresolver
+    import dns.nameserver
+
+    from imsrelay.routing import dns as site_dns
+
+    def dead_loopback_resolver() -> dns.asyncresolver.Resolver:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", 9)]
+        return resolver
+
+    real = site_dns.system_resolver
+    site_dns.system_resolver = dead_loopback_resolver
+    yield
+    site_dns.system_resolver = real
+
+
 @pytest.fixture
 async def organisation(tmp_path) -> AsyncIterator[Callable[..., Organisation]]:
     """Make ``Organisation``s (KB Q196927's three sites) in this test's directory;
