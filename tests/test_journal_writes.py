@@ -49,3 +49,16 @@ def test_write_chunks_writes_them_back_to_back(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == b"abdef" + b"g" * 100_000
+
+
+def test_a_reader_beside_the_site_skips_a_segment_dropped_after_listing(tmp_path, monkeypatch):
+    """``imsrelay queue`` and tests read a running site's journal: a segment the site
+    drops between the listing and the read is skipped, the others read in full."""
+    j = Journal(tmp_path)
+    given = records(5)
+    j.append(given)
+    j.close()
+    reader = Journal(tmp_path)
+    listed = reader.segments()
+    monkeypatch.setattr(reader, "segments", lambda: [*listed, listed[-1] + 1])  # listed, then gone
+    assert [(r.type, r.payload) for r in reader.scan()] == given

@@ -134,9 +134,14 @@ class Journal:
         damaged record (the torn tail of an interrupted append).  Payloads are views
         of the segment's bytes, not copies: at replay, a queued message's body is
         checked (CRC) but never copied, and nothing of it stays in memory unless the
-        caller keeps the view (``bytes(record.payload)`` for a copy of its own)."""
+        caller keeps the view (``bytes(record.payload)`` for a copy of its own).  A
+        segment listed but gone when read was dropped by the running site meanwhile
+        (it drops only segments with nothing queued left): skipped."""
         for number in self.segments():
-            data = memoryview((self.directory / segment_name(number)).read_bytes())
+            try:
+                data = memoryview((self.directory / segment_name(number)).read_bytes())
+            except FileNotFoundError:
+                continue  # a reader beside the running site: the owner dropped it (nothing queued in it)
             pos = 0
             while pos + HEADER.size <= len(data):
                 magic, rtype, length, crc = HEADER.unpack_from(data, pos)
