@@ -16,7 +16,7 @@ import os
 import queue as stdqueue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,15 @@ class GroupCommitter:
         self._requests.put((ops, durable, loop, fut))
         return await fut
 
+    def post(self, ops: Sequence[Op], *, durable: bool = False,
+             on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Apply ``ops`` in their turn (after every request handed over before them, as
+        ``commit`` would) without waiting for them: no future, no wake-up of the
+        caller.  For records nothing waits on (a DONE, a segment drop); ``on_error`` is
+        called on the caller's loop if they fail."""
+        self.start()
+        self._requests.put((ops, durable, asyncio.get_running_loop() if on_error else None, on_error))
+
     def commit_sync(self, ops: Sequence[Op]) -> list[Location]:
         """For offline tools (no loop): the same work on the calling thread."""
         result, error = _apply_batch([(ops, True)], self.tmp_dir, self.journal)[0]
@@ -135,7 +144,10 @@ class GroupCommitter:
             # one wake-up of each waiting loop per round, not one per request
             settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[Location]], Any]]] = {}
             for (_, _, loop, fut), outcome in zip(batch, results, strict=True):
-                settled.setdefault(loop, []).append((fut, outcome))
+                if isinstance(fut, asyncio.Future):
+                    settled.setdefault(loop, []).append((fut, outcome))
+                elif fut is not None and outcome[1] is not None:  # a posted request's error handler
+                    loop.call_soon_threadsafe(fut, outcome[1])
             for loop, futures in settled.items():
                 loop.call_soon_threadsafe(_settle_all, futures)
             if stop:

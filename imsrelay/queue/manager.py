@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import sys
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from imsrelay.model.envelope import FAILED, Envelope, RecipientState, new_queue_id
+from imsrelay.model.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState, new_queue_id
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
@@ -46,6 +47,10 @@ from imsrelay.policy.internet_mail import DomainMailSettings, OutboundRules, Ver
 from imsrelay.queue import dsn
 from imsrelay.queue.agents import Transports
 from imsrelay.queue.rules import (
+    DEFERRED_EVENT,
+    DELIVERED_EVENT,
+    EXPIRED_EVENT,
+    FAILED_EVENT,
     RetryPolicy,
     Transition,
     after_attempt,
@@ -98,6 +103,51 @@ class QmgrHealth:
     def reason(self) -> str:
         return "; ".join(f"{stage} failing: {err}" for stage, (err, _, _) in sorted(self.failing.items()))
 
+
+
+class Wakeup:
+    """``asyncio.Event``'s ``set``/``clear``/``is_set`` for the queue manager's main
+    loop, with a ``wait(timeout)`` that needs no task: ``asyncio.wait_for(event.wait(),
+    timeout)`` made a task, a coroutine and a timer on every turn of the loop (about
+    one turn per message); this is one future and one timer."""
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self, timeout: float) -> bool:
+        """Until ``set`` (True) or ``timeout`` seconds (False, unless set meanwhile)."""
+        if self._flag:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return self._flag
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -175,7 +225,7 @@ class QueueManager:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._running: set[str] = set()
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._limit = asyncio.Semaphore(delivery.max_deliveries)
         self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}  # remote destination → (slots, users)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -193,6 +243,7 @@ class QueueManager:
         self._incoming: set[str] = set()  # accepted here, waiting for their first attempt (backpressure)
         self._routes: dict[tuple[str, Mailbox | None], Route] = {}  # routing decisions of _routes_table
         self._routes_table: RoutingTable | None = None
+        self._route_notes: dict[int, tuple[Route, dict[str, Any]]] = {}  # id(route) -> (route, its tracking fields)
         self._routes_shared = False  # _routes_table spreads messages over equal-cost routes
         self.on_progress: Callable[[], None] | None = None  # one of them left that wait (imsrelay.ingress.flow_gate)
 
@@ -442,10 +493,7 @@ class QueueManager:
             if self._heap and len(self._running) < max_active:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - self.clock()))
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await self._wake.wait(timeout)
 
     def _destination_crowded(self, env: Envelope) -> bool:
         """The destination of this message's last attempt already has twice its slots
@@ -525,6 +573,7 @@ class QueueManager:
         table spreads messages over equal-cost routes: then the queue id matters."""
         if table is not self._routes_table:
             self._routes.clear()
+            self._route_notes.clear()
             self._routes_table = table
             self._routes_shared = shares_load(table)
         if self._routes_shared:
@@ -580,9 +629,10 @@ class QueueManager:
                 self.log.info("queue.deleted", queue_id=env.queue_id)
                 return
         for r, route in routed:
-            if r.route != route.destination:  # a new decision (first attempt, or the route changed)
+            destination = route.destination
+            if r.route != destination:  # a new decision (first attempt, or the route changed)
                 self._track_route(env, r, route)
-            r.route = sys.intern(route.destination)
+                r.route = sys.intern(destination)
         stopped: list[Recorded] = []
         plain = True  # display names kept for every recipient
         if self.outbound.active:
@@ -590,7 +640,7 @@ class QueueManager:
         groups: dict[tuple[str, bool], list[tuple[RecipientState, Route]]] = defaultdict(list)
         for r, route in routed:
             names = plain or self._keeps_display_names(r, route)
-            groups[(route.destination, names)].append((r, route))
+            groups[(r.route or route.destination, names)].append((r, route))  # (r.route: its destination)
         stripped = message if plain else internet_mail.strip_display_names(message)
 
         if len(groups) == 1:  # the common case: no task and no gathering future for it
@@ -666,6 +716,17 @@ class QueueManager:
             self.tracking.record(event, queue_id, **fields)
 
     def _track_route(self, env: Envelope, r: RecipientState, route: Route) -> None:
+        noted = self._route_notes.get(id(route))
+        if noted is None or noted[0] is not route:
+            noted = (route, self._route_fields(route))
+            if len(self._route_notes) < MAX_CACHED_ROUTES:  # (the route is kept: its id stays its own)
+                self._route_notes[id(route)] = noted
+        self._note(tracking.ROUTED, env.queue_id, recipient=r.address, **noted[1])
+
+    @staticmethod
+    def _route_fields(route: Route) -> dict[str, Any]:
+        """The ``routed`` tracking event's fields for a route (the same for every
+        message taking it: made once per route the routing cache hands out)."""
         if route.kind == LOCAL and route.domain:  # a lab's catch-all: the rest of the Internet
             where = f"the lab's catch-all mailbox {route.mailbox} (the rest of the Internet: {route.domain})"
         elif route.kind == LOCAL:
@@ -685,8 +746,7 @@ class QueueManager:
         extra: dict[str, str] = {"left_to": route.domain} if route.kind == LOCAL and route.domain else {}
         if route.server:
             extra["to_server"] = route.server
-        self._note(tracking.ROUTED, env.queue_id, recipient=r.address, route=where, kind=route.kind,
-                    to_site=route.site, why="; ".join(route.steps), **extra)
+        return {"route": where, "kind": route.kind, "to_site": route.site, "why": "; ".join(route.steps), **extra}
 
     def _track_outcome(self, env: Envelope, r: RecipientState, o: Outcome, event: str) -> None:
         if event == "delivery.delivered":
@@ -741,17 +801,21 @@ class QueueManager:
         succeeded: list[tuple[RecipientState, str]] = []
         for rec in recorded:
             r, o = rec.recipient, rec.outcome
-            step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
-                                 may_report=may_report and dsn.report_wanted(r.notify, "failed"),
-                                 may_warn=may_report and dsn.report_wanted(r.notify, "delayed"))
-            _assign(r, step.recipient, keep_pending=step.ndr)
+            if o.ok and r.state == PENDING:
+                delivered(r, o)  # the common case, without after_attempt's copy (the same result)
+                step = _DELIVERED
+            else:
+                step = after_attempt(r, o, now=now, received_at=env.received_at, policy=policy,
+                                     may_report=may_report and dsn.report_wanted(r.notify, "failed"),
+                                     may_warn=may_report and dsn.report_wanted(r.notify, "delayed"))
+                _assign(r, step.recipient, keep_pending=step.ndr)
             fields = dict(queue_id=env.queue_id, sender=env.sender, recipient=r.address, status=o.status,
                           diagnostic=o.diagnostic, remote=o.remote, attempts=r.attempts)
-            outcome = step.event.split(".")[1]
+            outcome = _OUTCOMES[step.event]
             metrics.delivery_outcome(outcome).inc()
-            if step.event == "delivery.deferred":
+            if step.event == DEFERRED_EVENT:
                 self.log.info(step.event, outcome=outcome, next_attempt=r.next_attempt, **fields)
-            elif step.event == "delivery.expired":
+            elif step.event == EXPIRED_EVENT:
                 self.log.info(step.event, outcome=outcome, priority=env.extra.get("priority", NORMAL), **fields)
             else:
                 self.log.info(step.event, outcome=outcome, **fields)
@@ -779,11 +843,16 @@ class QueueManager:
         if env.queue_id not in self.envelopes:
             return  # deleted by an operator meanwhile (imsrelay queue delete)
         if env.finished:
-            await self.spool.remove(env.queue_id)
+            self.spool.finish(env.queue_id, functools.partial(self._done_failed, env.queue_id))
             self.forget(env.queue_id)
             self.log.info("message.finished", queue_id=env.queue_id, sender=env.sender)
         else:
             await self.spool.save_state(env)
+
+    def _done_failed(self, queue_id: str, exc: BaseException) -> None:
+        """A finished message's DONE record could not be written: it stays in the
+        journal and is delivered again after a restart."""
+        self.log.error("delivery.internal_error", queue_id=queue_id, error=repr(exc), exc_info=exc)
 
     def policy_for(self, env: Envelope) -> RetryPolicy:
         """The retry policy with the lifetime and delay-notice time of the message's
@@ -857,6 +926,17 @@ def _no_report_reason(may_report: bool, r: RecipientState) -> str:
 
 
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
+_OUTCOMES = {e: e.split(".")[1] for e in (DELIVERED_EVENT, FAILED_EVENT, EXPIRED_EVENT, DEFERRED_EVENT)}
+_DELIVERED = Transition(RecipientState("", state=DELIVERED), DELIVERED_EVENT)  # (its recipient is never read)
+
+
+def delivered(live: RecipientState, outcome: Outcome) -> None:
+    """A pending recipient delivered by ``outcome``: what ``after_attempt`` and
+    ``_assign`` make of it, set in place (one attempt more, the outcome's status,
+    reply and host, ``delivered``), without copying the recipient twice."""
+    live.attempts += 1
+    live.status, live.diagnostic, live.remote = outcome.status, outcome.diagnostic, outcome.remote
+    live.state = DELIVERED
 
 
 def _assign(live: RecipientState, new: RecipientState, *, keep_pending: bool) -> None:

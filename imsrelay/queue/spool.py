@@ -304,6 +304,22 @@ class Spool:
         if drop:
             await self.committer.commit([DropSegments(tuple(drop))], durable=False)
 
+    def finish(self, queue_id: str, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """``remove`` for a message whose every recipient is done (the queue manager),
+        without waiting: its DONE record, never flushed on its own anyway, is handed to
+        the writer, which appends it with the next round (a crash that loses it
+        delivers the message again, as before).  The message leaves the index at once,
+        so a compaction copying it meanwhile cancels its copy (``compact``); segments
+        with nothing queued left are dropped after the DONE, in the writer's order.
+        ``on_error`` (on the loop): the DONE could not be written."""
+        self.committer.post([Append(DONE, queue_id.encode())], on_error=on_error)
+        self._forget(queue_id)
+        if not self._index and not self._inflight and self.journal.size >= RECLAIM_AT:
+            self.committer.post([CloseSegment()])  # the queue is empty: give the open segment's space back too
+        drop = self._droppable()
+        if drop:
+            self.committer.post([DropSegments(tuple(drop))])
+
     def _forget(self, queue_id: str) -> None:
         loc = self._index.pop(queue_id, None)
         if loc is not None:
