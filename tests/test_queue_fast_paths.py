@@ -1,0 +1,271 @@
+"""The queue's per-message fast paths, each against the plain path it stands for:
+
+- a delivered recipient set in place (``manager.delivered``) is what
+  ``rules.after_attempt`` + ``manager._assign`` make of it;
+- ``Spool.finish`` (the DONE record handed to the writer without waiting) leaves the
+  same journal behind as ``Spool.remove``: the same records replayed, the same
+  segments dropped, and an error is reported;
+- ``GroupCommitter.post`` keeps its turn among awaited commits;
+- the queue manager's ``Wakeup`` wakes, times out and is cancelled as
+  ``asyncio.wait_for(event.wait(), timeout)`` did;
+- the ``routed`` tracking fields made once per route are the fields of each route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from imsrelay.durable.committer import Append
+from imsrelay.durable.journal import DONE, ENQUEUE, STATE, Journal
+from imsrelay.model.envelope import DELIVERED, PENDING, Envelope, RecipientState, new_queue_id
+from imsrelay.model.outcome import Outcome
+from imsrelay.queue.manager import QueueManager, Wakeup, _assign, delivered
+from imsrelay.queue.rules import RetryPolicy, after_attempt
+from imsrelay.queue.spool import Spool
+from imsrelay.routing.router import ATTENDANT, DIRECTORY, FAIL, LOCAL, MX, RELAY, Route
+
+MESSAGE = b"From: a@example.org\r\nSubject: t\r\n\r\n" + b"x" * 2000 + b"\r\n"
+
+
+# ------------------------------------------------------------ delivered, in place
+
+
+RECIPIENTS = [
+    RecipientState("a@example.net", "a@example.net"),
+    RecipientState("b@example.net", None, attempts=3, next_attempt=50.0, first_failure=10.0, status="4.4.1",
+                   diagnostic="451 try later", remote="mx.example.net", delay_notified=True,
+                   route="relay:h:25:none", notify="SUCCESS,FAILURE", orcpt="rfc822;b@example.net"),
+]
+OUTCOMES = [Outcome.delivered("250 2.0.0 Ok: queued as X", remote="h.example"), Outcome.delivered(""),
+            dataclasses.replace(Outcome.delivered("250 ok"), dsn_passed=True)]
+
+
+@pytest.mark.parametrize("recipient", RECIPIENTS)
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_a_delivered_recipient_set_in_place_is_what_the_rules_make_of_it(recipient: RecipientState,
+                                                                        outcome: Outcome) -> None:
+    plain, fast = dataclasses.replace(recipient), dataclasses.replace(recipient)
+    step = after_attempt(plain, outcome, now=100.0, received_at=1.0, policy=RetryPolicy((60.0,), 3600.0),
+                         may_report=True)
+    _assign(plain, step.recipient, keep_pending=step.ndr)
+    delivered(fast, outcome)
+    assert dataclasses.asdict(fast) == dataclasses.asdict(plain)
+    assert fast.state == DELIVERED and fast.attempts == recipient.attempts + 1
+
+
+# ------------------------------------------------------------ DONE without waiting
+
+
+def _journal_records(directory: Path) -> list[tuple[int, bytes]]:
+    journal = Journal(directory)
+    try:
+        return [(r.type, bytes(r.payload)) for r in journal.scan()]
+    finally:
+        journal.close()
+
+
+async def _fill_and_finish(data: Path, finish: bool) -> tuple[list[int], list[str]]:
+    """Queue 12 messages in small segments, finish 9 of them (in a fixed order);
+    the segments left on disk and the queue ids queued after a restart."""
+    spool = Spool(data, segment_size=8 * 1024)
+    spool.recover()
+    envs = [Envelope(queue_id=f"Q{i:03d}", sender="a@example.org", recipients=[RecipientState("b@example.net")],
+                     received_at=1.0) for i in range(12)]
+    for env in envs:
+        await spool.enqueue(env, MESSAGE)
+    await spool.save_state(envs[4])
+    for env in envs[:9]:
+        if finish:
+            spool.finish(env.queue_id)
+        else:
+            await spool.remove(env.queue_id)
+    await spool.committer.commit([])  # (the posted records are written before this round's end)
+    spool.close()
+    again = Spool(data)
+    return again.journal.segments(), again.queue_ids()
+
+
+async def test_finish_leaves_the_journal_remove_leaves(tmp_path: Path) -> None:
+    plain = await _fill_and_finish(tmp_path / "plain", finish=False)
+    fast = await _fill_and_finish(tmp_path / "fast", finish=True)
+    assert fast == plain
+    assert plain[1] == ["Q009", "Q010", "Q011"]
+    assert plain[0][0] > 1  # segments with nothing queued were dropped
+    records = {name: [(t, p if t == DONE else b"") for t, p in _journal_records(tmp_path / name / "queue" / "journal")]
+               for name in ("plain", "fast")}
+    assert records["fast"] == records["plain"]
+
+
+async def test_a_finished_message_is_replayed_as_gone_once_its_done_is_written(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    env = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState("b@example.net")], received_at=1.0)
+    await spool.enqueue(env, MESSAGE)
+    spool.finish(env.queue_id)
+    assert env.queue_id not in spool._index  # left the index at once
+    await spool.committer.commit([])
+    types = [t for t, _ in _journal_records(tmp_path / "queue" / "journal")]
+    assert types == [ENQUEUE, DONE]
+    spool.close()
+    assert Spool(tmp_path).queue_ids() == []
+
+
+async def test_a_done_that_cannot_be_written_is_reported_on_the_loop(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    spool = Spool(tmp_path)
+    spool.recover()
+    env = Envelope(queue_id=new_queue_id(), sender="", recipients=[RecipientState("b@example.net")], received_at=1.0)
+    await spool.enqueue(env, MESSAGE)
+    original = spool.journal.append
+
+    def failing(records: Any, *, durable: bool = True) -> Any:
+        if any(t == DONE for t, _ in records):
+            raise OSError(28, "No space left on device")
+        return original(records, durable=durable)
+
+    monkeypatch.setattr(spool.journal, "append", failing)
+    reported: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    spool.finish(env.queue_id, reported.set_result)
+    error = await asyncio.wait_for(reported, 10)
+    assert isinstance(error, OSError) and error.errno == 28
+    monkeypatch.undo()
+    spool.close()
+    assert Spool(tmp_path).queue_ids() == [env.queue_id]  # delivered again after a restart, as before
+
+
+async def test_posted_records_keep_their_turn_among_commits(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.recover()
+    committer = spool.committer
+    await committer.commit([Append(STATE, b"1")])
+    committer.post([Append(DONE, b"2")])
+    waiting = [asyncio.ensure_future(committer.commit([Append(STATE, b"3")]))]
+    await asyncio.sleep(0)  # (a commit hands its request over when its task first runs)
+    committer.post([Append(DONE, b"4")])
+    waiting.append(asyncio.ensure_future(committer.commit([Append(STATE, b"5")])))
+    await asyncio.gather(*waiting)
+    spool.close()
+    assert [p for _, p in _journal_records(tmp_path / "queue" / "journal")] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+# ------------------------------------------------------------ the main loop's wake-up
+
+
+async def test_wakeup_returns_at_once_when_set_and_times_out_when_not() -> None:
+    wake = Wakeup()
+    wake.set()
+    assert wake.is_set() and await wake.wait(10.0)
+    wake.clear()
+    assert not wake.is_set()
+    assert await wake.wait(0.0) is False
+    assert await wake.wait(0.01) is False
+
+
+async def test_wakeup_wakes_a_waiter_when_set() -> None:
+    wake = Wakeup()
+    waiter = asyncio.ensure_future(wake.wait(60.0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    asyncio.get_running_loop().call_soon(wake.set)
+    assert await asyncio.wait_for(waiter, 10) is True
+    wake.set()  # (set again: nothing waits, nothing breaks)
+
+
+async def test_wakeup_cancelled_while_waiting_leaves_nothing_behind() -> None:
+    wake = Wakeup()
+    waiter = asyncio.ensure_future(wake.wait(60.0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert wake._waiter is None
+    wake.set()
+    assert await wake.wait(60.0) is True
+
+
+# ------------------------------------------------------------ routed tracking fields, once per route
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def record(self, event: str, queue_id: str, **fields: Any) -> None:
+        self.events.append((event, queue_id, fields))
+
+
+ROUTES = [
+    Route("u@x", LOCAL, ("a", "b"), mailbox="User1"),
+    Route("u@x", LOCAL, ("c",), mailbox="Catch", domain="example.net"),
+    Route("u@x", DIRECTORY, ()),
+    Route("u@x", ATTENDANT, ()),
+    Route("u@x", RELAY, ("smart host",), host="h", port=2525, starttls="none", server="Server1", site="SiteB"),
+    Route("u@x", RELAY, ("e-mail domain",), host="h", port=25),
+    Route("u@x", MX, ("mx",), domain="example.net"),
+    Route("u@x", FAIL, ("no route",), permanent=True, status="5.1.2", reason="no such domain"),
+]
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.kind}-{r.mailbox or r.host or r.domain}")
+def test_routed_fields_are_the_same_from_the_cache(route: Route) -> None:
+    qmgr = QueueManager.__new__(QueueManager)
+    recorder = _Recorder()
+    qmgr.tracking = recorder  # type: ignore[assignment]
+    qmgr._route_notes = {}
+    env = Envelope(queue_id="Q1", sender="", recipients=[RecipientState("u@x")], received_at=1.0)
+    for _ in range(2):
+        qmgr._track_route(env, env.recipients[0], route)
+    other = dataclasses.replace(route, steps=(*route.steps, "another decision"))  # an equal-looking new route
+    qmgr._track_route(env, env.recipients[0], other)
+    first, second, third = recorder.events
+    assert first == second
+    assert first[2]["recipient"] == "u@x" and first[2]["kind"] == route.kind
+    assert first[2]["why"] == "; ".join(route.steps)
+    assert third[2]["why"] == "; ".join(other.steps)
+    assert {k: v for k, v in first[2].items() if k != "why"} == {k: v for k, v in third[2].items() if k != "why"}
+
+
+def test_a_new_routing_table_starts_the_routed_fields_afresh() -> None:
+    qmgr = QueueManager.__new__(QueueManager)
+    qmgr._routes, qmgr._route_notes, qmgr._routes_table, qmgr._routes_shared = {}, {1: (ROUTES[0], {})}, None, False
+    from imsrelay.routing.router import RoutingTable
+
+    qmgr.route_for_cached("u@example.net", None, RoutingTable(site="S", site_domain="s.example", local_domains=("s.example",)), "Q1")
+    assert qmgr._route_notes == {}
+
+
+async def test_a_delivered_message_leaves_the_spool_and_its_done_is_on_disk(tmp_path: Path) -> None:
+    """The queue manager's whole fast path: delivered in place, finished without waiting."""
+    from test_qmgr_unit import Agent, Inputs
+
+    from imsrelay.model.settings import DeliveryConfig
+
+    spool = Spool(tmp_path)
+    agent = Agent()
+    ref: list[QueueManager] = []
+    inputs = Inputs(ref, spool)
+    qmgr = QueueManager(spool, inputs=inputs, transports={LOCAL: agent, RELAY: agent, MX: agent, FAIL: agent},
+                        delivery=DeliveryConfig(), log=structlog.get_logger())
+    ref.append(qmgr)
+    await qmgr.start()
+    try:
+        env = Envelope(queue_id=new_queue_id(), sender="a@example.org",
+                       recipients=[RecipientState("bob@example.net", "bob@example.net")], received_at=1.0)
+        await spool.enqueue(env, MESSAGE)
+        qmgr.submit(env, MESSAGE)
+        for _ in range(1000):
+            if env.queue_id not in qmgr.envelopes:
+                break
+            await asyncio.sleep(0.01)
+        assert env.recipients[0].state == DELIVERED and env.recipients[0].attempts == 1
+        assert env.recipients[0].state != PENDING
+    finally:
+        await qmgr.stop()
+        spool.close()
+    assert Spool(tmp_path).queue_ids() == []
+    assert [t for t, _ in _journal_records(tmp_path / "queue" / "journal")][-1] == DONE
