@@ -269,3 +269,52 @@ async def test_a_delivered_message_leaves_the_spool_and_its_done_is_on_disk(tmp_
         spool.close()
     assert Spool(tmp_path).queue_ids() == []
     assert [t for t, _ in _journal_records(tmp_path / "queue" / "journal")][-1] == DONE
+
+
+# ------------------------------------------------------------ the Message-ID, found in a lower-cased header
+
+
+def _message_id_by_regex(message: bytes) -> str | None:
+    """The plain path: the case-insensitive regex searched over the header."""
+    import re
+
+    from imsrelay.observe.tracking import _HEADER_SCAN, _MESSAGE_ID
+
+    end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN)
+    if end < 0:
+        end = message.find(b"\n\n", 0, _HEADER_SCAN)
+    m = _MESSAGE_ID.search(message, 0, end + 1 if end >= 0 else _HEADER_SCAN)
+    if not m:
+        return None
+    value = re.sub(rb"\s+", b"", m.group(1)).decode("utf-8", "replace")
+    return value[:998] or None
+
+
+def _headers() -> list[bytes]:
+    import random
+
+    rng = random.Random(28)
+    names = [b"Message-ID", b"message-id", b"MESSAGE-ID", b"Message-Id", b"mEsSaGe-iD", b"X-Message-ID",
+             b"Resent-Message-ID", b"Message-IDs", b"Message-ID "]
+    values = [b" <a@b>", b"<a@b>", b"\t<a b@c>", b"", b" ", b"\r\n <folded@x>", b" <x@y>\r\n\t<more>",
+              b" <\xc3\xa9@x>", b" <" + b"z" * 1200 + b">", b" <a@b>\x0b\x0c"]
+    found = []
+    for _ in range(600):
+        lines = [rng.choice([b"From: a@b", b"To: c@d", b"Subject: message-id: no", b"Received: x\r\n\tmessage-id: y"])
+                 for _ in range(rng.randrange(4))]
+        for _ in range(rng.randrange(3)):
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(names) + b":" + rng.choice(values))
+        eol = rng.choice([b"\r\n", b"\n"])
+        body = rng.choice([b"Message-ID: <body@no>", b"x" * 10, b""])
+        found.append(eol.join(lines) + eol + rng.choice([eol, b""]) + body + eol)
+    return found
+
+
+def test_the_message_id_is_what_the_regex_search_finds() -> None:
+    from imsrelay.observe.tracking import message_id_of
+
+    messages = _headers() + [b"Message-ID: <first@line>\r\n\r\n", b"message-id:<x>", b"", b"\r\n\r\nMessage-ID: <b>",
+                             b"From: a\r\n" * 8000 + b"Message-ID: <beyond@64k>\r\n\r\n"]
+    assert sum(_message_id_by_regex(m) is not None for m in messages) > 100  # (the cases do find ids)
+    for message in messages:
+        assert message_id_of(message) == _message_id_by_regex(message), message[:200]

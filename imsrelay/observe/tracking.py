@@ -89,10 +89,21 @@ def message_id_of(message: bytes) -> str | None:
     end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN)  # (no copy of the header: search within bounds)
     if end < 0:
         end = message.find(b"\n\n", 0, _HEADER_SCAN)
-    m = _MESSAGE_ID.search(message, 0, end + 1 if end >= 0 else _HEADER_SCAN)
+    endpos = end + 1 if end >= 0 else _HEADER_SCAN
+    # Where the first Message-ID line starts, found in a lower-cased copy of the header
+    # (the regex's case-insensitive search tried every line of it: ~5x slower); the
+    # regex then reads the value from there, exactly as its search would have.
+    head = message[:endpos].lower()
+    if head.startswith(b"message-id:"):
+        start = 0
+    else:
+        start = head.find(b"\nmessage-id:") + 1
+        if not start:
+            return None
+    m = _MESSAGE_ID.match(message, start, endpos)
     if not m:
         return None
-    value = re.sub(rb"\s+", b"", m.group(1)).decode("utf-8", "replace")
+    value = b"".join(m.group(1).split()).decode("utf-8", "replace")  # (bytes.split(): regex's \s, ASCII)
     return value[:998] or None
 
 
