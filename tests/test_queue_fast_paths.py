@@ -6,8 +6,6 @@
   same journal behind as ``Spool.remove``: the same records replayed, the same
   segments dropped, and an error is reported;
 - ``GroupCommitter.post`` keeps its turn among awaited commits;
-- the queue manager's ``Wakeup`` wakes, times out and is cancelled as
-  ``asyncio.wait_for(event.wait(), timeout)`` did;
 - the ``routed`` tracking fields made once per route are the fields of each route.
 """
 
@@ -25,7 +23,7 @@ from imsrelay.durable.committer import Append
 from imsrelay.durable.journal import DONE, ENQUEUE, STATE, Journal
 from imsrelay.model.envelope import DELIVERED, PENDING, Envelope, RecipientState, new_queue_id
 from imsrelay.model.outcome import Outcome
-from imsrelay.queue.manager import QueueManager, Wakeup, _assign, delivered
+from imsrelay.queue.manager import QueueManager, _assign, delivered
 from imsrelay.queue.rules import RetryPolicy, after_attempt
 from imsrelay.queue.spool import Spool
 from imsrelay.routing.router import ATTENDANT, DIRECTORY, FAIL, LOCAL, MX, RELAY, Route
@@ -151,41 +149,6 @@ async def test_posted_records_keep_their_turn_among_commits(tmp_path: Path) -> N
     await asyncio.gather(*waiting)
     spool.close()
     assert [p for _, p in _journal_records(tmp_path / "queue" / "journal")] == [b"1", b"2", b"3", b"4", b"5"]
-
-
-# ------------------------------------------------------------ the main loop's wake-up
-
-
-async def test_wakeup_returns_at_once_when_set_and_times_out_when_not() -> None:
-    wake = Wakeup()
-    wake.set()
-    assert wake.is_set() and await wake.wait(10.0)
-    wake.clear()
-    assert not wake.is_set()
-    assert await wake.wait(0.0) is False
-    assert await wake.wait(0.01) is False
-
-
-async def test_wakeup_wakes_a_waiter_when_set() -> None:
-    wake = Wakeup()
-    waiter = asyncio.ensure_future(wake.wait(60.0))
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    asyncio.get_running_loop().call_soon(wake.set)
-    assert await asyncio.wait_for(waiter, 10) is True
-    wake.set()  # (set again: nothing waits, nothing breaks)
-
-
-async def test_wakeup_cancelled_while_waiting_leaves_nothing_behind() -> None:
-    wake = Wakeup()
-    waiter = asyncio.ensure_future(wake.wait(60.0))
-    await asyncio.sleep(0)
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert wake._waiter is None
-    wake.set()
-    assert await wake.wait(60.0) is True
 
 
 # ------------------------------------------------------------ routed tracking fields, once per route

@@ -105,51 +105,6 @@ class QmgrHealth:
 
 
 
-class Wakeup:
-    """``asyncio.Event``'s ``set``/``clear``/``is_set`` for the queue manager's main
-    loop, with a ``wait(timeout)`` that needs no task: ``asyncio.wait_for(event.wait(),
-    timeout)`` made a task, a coroutine and a timer on every turn of the loop (about
-    one turn per message); this is one future and one timer."""
-
-    __slots__ = ("_flag", "_waiter")
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def set(self) -> None:
-        if not self._flag:
-            self._flag = True
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._flag = False
-
-    async def wait(self, timeout: float) -> bool:
-        """Until ``set`` (True) or ``timeout`` seconds (False, unless set meanwhile)."""
-        if self._flag:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _time_out, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        return self._flag
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 @dataclass(frozen=True)
 class Recorded:
     recipient: RecipientState
@@ -225,7 +180,7 @@ class QueueManager:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self._running: set[str] = set()
-        self._wake = Wakeup()
+        self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(delivery.max_deliveries)
         self._destinations: dict[str, tuple[asyncio.Semaphore, int]] = {}  # remote destination → (slots, users)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -493,7 +448,10 @@ class QueueManager:
             if self._heap and len(self._running) < max_active:
                 timeout = min(timeout, max(0.0, self._heap[0][0] - self.clock()))
             self._wake.clear()
-            await self._wake.wait(timeout)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
 
     def _destination_crowded(self, env: Envelope) -> bool:
         """The destination of this message's last attempt already has twice its slots
