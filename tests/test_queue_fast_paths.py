@@ -281,3 +281,34 @@ def test_the_message_id_is_what_the_regex_search_finds() -> None:
     assert sum(_message_id_by_regex(m) is not None for m in messages) > 100  # (the cases do find ids)
     for message in messages:
         assert message_id_of(message) == _message_id_by_regex(message), message[:200]
+
+
+# ------------------------------------------------------------ tracking rows, a few statements per batch
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 99, 100, 101, 163, 250, 1000])
+def test_tracking_rows_inserted_in_chunks_are_the_rows_executemany_inserts(tmp_path: Path, count: int) -> None:
+    import sqlite3
+
+    from imsrelay.observe.tracking import _SCHEMA, insert_rows
+
+    rows = [(1_700_000_000.0 + i / 7, "SiteA", ["received", "routed", "transferred"][i % 3], f"Q{i // 3:05d}",
+             f"<{i // 3}@x>" if i % 5 else None, "" if i % 4 == 0 else "a@example.org",
+             None if i % 3 == 0 else f"r{i}@example.net", None if i % 11 else "Q00000",
+             '{"size":4096}' if i % 2 else "{}") for i in range(count)]
+    tables = []
+    for name, write in (("plain", None), ("chunked", insert_rows)):
+        db = sqlite3.connect(tmp_path / f"{name}.sqlite3")
+        db.executescript(_SCHEMA)
+        db.execute("INSERT INTO events (time, site, event, queue_id) VALUES (1.0, 'SiteA', 'received', 'Q')")
+        with db:
+            if write is None:
+                db.executemany("INSERT INTO events (time, site, event, queue_id, message_id, sender, recipient, "
+                               "related, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            else:
+                write(db, rows)
+        tables.append(db.execute("SELECT id, time, typeof(time), site, event, queue_id, message_id, sender, recipient, "
+                                 "related, detail FROM events ORDER BY id").fetchall())
+        db.close()
+    assert tables[1] == tables[0]
+    assert len(tables[0]) == count + 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import queue
 import re
@@ -105,6 +106,30 @@ def message_id_of(message: bytes) -> str | None:
         return None
     value = b"".join(m.group(1).split()).decode("utf-8", "replace")  # (bytes.split(): regex's \s, ASCII)
     return value[:998] or None
+
+
+INSERT_CHUNK = 100  # rows per INSERT statement (9 parameters each: within SQLite's oldest limit of 999)
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql(rows: int) -> str:
+    return ("INSERT INTO events (time, site, event, queue_id, message_id, sender, recipient, related, detail) "
+            "VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows))
+
+
+def insert_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` (in order: the same ids as ``executemany`` gives them) with a few
+    multi-row INSERTs, chunks of ``INSERT_CHUNK`` and the rest in chunks of powers of
+    two (a handful of statement texts).  ``executemany`` ran one statement per row, and
+    the sqlite3 module lets go of the GIL around every statement: one tracking row
+    was one hand-over of the GIL between the writer and the event loop, now a batch
+    of events is a few."""
+    done, total = 0, len(rows)
+    while done < total:
+        left = total - done
+        size = INSERT_CHUNK if left >= INSERT_CHUNK else 1 << (left.bit_length() - 1)
+        db.execute(_insert_sql(size), [value for row in rows[done:done + size] for value in row])
+        done += size
 
 
 def remote_queue_id(reply: str) -> str | None:
@@ -374,8 +399,7 @@ class TrackingLog:
                          encode(detail) if detail else "{}"))
         try:
             with db:
-                db.executemany("INSERT INTO events (time, site, event, queue_id, message_id, sender, recipient, "
-                               "related, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                insert_rows(db, rows)
         except sqlite3.Error:
             pass  # tracking is a record, never a reason to stop mail; the next batch tries again
 
