@@ -114,7 +114,7 @@ from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
 from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route, hosts_in_turn
-from imsrelay.transport.pipelining import PipeliningSMTP
+from imsrelay.transport.pipelining import EARLY, PipeliningSMTP
 from imsrelay.transport.smtp_body import LONE_DOT, Body, crlf_message, dot_stuffed_parts
 
 MIB = 1024 * 1024
@@ -256,7 +256,8 @@ class _Connection:
     tls: bool
     created: float
     transactions: int = 0
-    idle_timer: asyncio.TimerHandle | None = None
+    idle_timer: asyncio.TimerHandle | None = None  # closes it when idle long enough; re-arms itself, never cancelled on reuse
+    idle_since = 0.0  # loop time it went back to the pool
     session: str = ""  # protocol log session id
     queue_id: str | None = None  # of the transaction under way (protocol log)
     unchecked: bool = False  # taken from the pool: its RSET leads the next pipelined group
@@ -551,10 +552,7 @@ class SmtpClient:
         now = self.clock()
         user = auth.username if auth else None
         while state.idle:
-            conn = state.idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
+            conn = state.idle.pop()  # (its idle timer stays: it finds the connection in use and lets go)
             if (conn.policy != policy or conn.user != user or now - conn.created > CONNECTION_MAX_AGE
                     or not conn.client.is_connected):
                 self._close_later(conn, "not reusable")
@@ -759,13 +757,24 @@ class SmtpClient:
             self._close_later(conn, f"{limit} messages per connection sent")
             return
         loop = asyncio.get_running_loop()
-        conn.idle_timer = loop.call_later(self.delivery.connection_idle, self._expire, conn, state)
+        conn.idle_since = loop.time()
         state.idle.append(conn)
+        if conn.idle_timer is None:  # (one timer per connection, not one per transaction)
+            conn.idle_timer = loop.call_later(self.delivery.connection_idle, self._expire, conn, state)
 
     def _expire(self, conn: _Connection, state: _HopState) -> None:
-        if conn in state.idle:
-            state.idle.remove(conn)
-            self._close_later(conn, "idle")
+        """A connection's idle timer: closes it after ``delivery.connection_idle`` in the
+        pool; when it was reused since, waits for the rest of its idle time."""
+        conn.idle_timer = None
+        if conn not in state.idle:  # in use (its release arms a timer again) or gone
+            return
+        loop = asyncio.get_running_loop()
+        left = conn.idle_since + self.delivery.connection_idle - loop.time()
+        if left > EARLY:
+            conn.idle_timer = loop.call_later(left, self._expire, conn, state)
+            return
+        state.idle.remove(conn)
+        self._close_later(conn, "idle")
         key = (conn.hop.address, conn.hop.port)
         if (not state.idle and state.active == 0 and state.dead_until <= self.clock()
                 and state.tls_broken_until <= self.clock() and self._hops.get(key) is state):
@@ -962,7 +971,7 @@ class SmtpClient:
             self._trace_reply(t.conn, reply.code, reply.message)
             result = reply_outcome(reply.code, reply.message, t.conn.remote)
             if result.ok and t.dsn:
-                result = dataclasses.replace(result, dsn_passed=True)
+                result = Outcome(True, False, result.status, result.diagnostic, result.remote, dsn_passed=True)
         else:
             result = _session_reply(reply.code, reply.message, t.conn.remote, client)
         self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)
