@@ -354,6 +354,8 @@ class PipeliningProtocol(SMTPProtocol):
 class PipeliningSMTP(aiosmtplib.SMTP):
     """``aiosmtplib.SMTP`` over a ``PipeliningProtocol``; TCP to a host and port only."""
 
+    lean = True  # the lean exchange; False: the plain path (one awaited read per reply), for the tests that compare them
+
     def _pipelining(self) -> PipeliningProtocol:
         if not isinstance(self.protocol, PipeliningProtocol):
             raise SMTPServerDisconnected("Server not connected")
@@ -368,8 +370,11 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         for line in lines:
             if COMMAND_INJECTION_REGEX.search(line):
                 raise ValueError("Command contains a prohibited control character")
-        replies, error = await self._pipelining().exchange(b"".join([line + b"\r\n" for line in lines]), len(lines),
-                                                           timeout, first_timeout)
+        if self.lean:
+            replies, error = await self._pipelining().exchange(b"".join([line + b"\r\n" for line in lines]),
+                                                               len(lines), timeout, first_timeout)
+        else:
+            replies, error = await self._pipelining().execute_pipelined(lines, timeout, first_timeout)
         if error is not None or (replies and replies[-1].code == CLOSING):
             self.close()
         return replies, error
@@ -377,6 +382,12 @@ class PipeliningSMTP(aiosmtplib.SMTP):
     async def send_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
         """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``; or such bytes in
         parts, sent back to back) and the reply to it."""
+        if not self.lean:
+            try:
+                return await self._pipelining().execute_body(body, timeout)
+            except (SMTPServerDisconnected, SMTPTimeoutError):
+                self.close()
+                raise
         replies, error = await self._pipelining().exchange(body, 1, timeout, single=True)
         if error is not None:
             if isinstance(error, SMTPServerDisconnected | SMTPTimeoutError):
