@@ -175,8 +175,10 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
     return False
 
 
+@functools.lru_cache(maxsize=4096)
 def smtp_path(address: str) -> str:
-    """``<address>`` for MAIL/RCPT; ValueError for what cannot go on a command line."""
+    """``<address>`` for MAIL/RCPT; ValueError for what cannot go on a command line.
+    Memoised (the same senders and recipients come again and again; a refusal is not kept)."""
     unquoted = _QUOTED_LOCAL.sub("", address, count=1)
     if _UNSAFE.search(address) or _SPACE.search(unquoted):
         raise ValueError(f"{address!r} cannot be sent in an SMTP command")
@@ -191,14 +193,17 @@ def dsn_mail_params(env: Envelope) -> list[str]:
     return params
 
 
+_orcpt_param = functools.lru_cache(maxsize=4096)(orcpt_param)  # (xtext, a loop per character: once per address)
+
+
 def dsn_rcpt_params(r: RecipientState) -> list[str]:
     """RCPT TO's DSN parameters for a peer that offers DSN: the sender's NOTIFY, and its
     ORCPT or else the address this site received (RFC 3461 4.2 lets a relay add it)."""
     params = [f"NOTIFY={r.notify}"] if r.notify else []
     if r.orcpt:
-        params.append(f"ORCPT={orcpt_param(r.orcpt)}")
+        params.append(f"ORCPT={_orcpt_param(r.orcpt)}")
     elif r.original and r.original.isascii():
-        params.append(f"ORCPT={orcpt_param('rfc822;' + r.original)}")
+        params.append(f"ORCPT={_orcpt_param('rfc822;' + r.original)}")
     return params
 
 
