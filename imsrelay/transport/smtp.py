@@ -78,6 +78,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import ipaddress
@@ -295,11 +296,59 @@ class _Transaction:
         return {"peer": self.conn.peer, "remote": self.conn.remote}
 
 
+class _Slots:
+    """``asyncio.Semaphore`` (Python 3.11's algorithm, step for step) whose free slot is
+    taken without a coroutine: ``take`` is ``acquire``'s immediate case, ``wait`` its
+    waiting one, ``give`` is ``release`` (under ``async with``, a semaphore costs two
+    coroutines and some eight calls even when a slot is free).  First come, first
+    served: while anyone waits, a newcomer waits too (tests/test_outbound_slots.py)."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take(self) -> bool:
+        """A slot now (True), or False: ``wait`` for one."""
+        if self._free == 0 or (self._waiters and any(not w.cancelled() for w in self._waiters)):
+            return False
+        self._free -= 1
+        return True
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        except asyncio.CancelledError:
+            if not waiter.cancelled():  # woken, then cancelled before it ran: the slot goes on
+                self._free += 1
+                self._wake_up_next()
+            raise
+        if self._free > 0:
+            self._wake_up_next()
+
+    def give(self) -> None:
+        self._free += 1
+        self._wake_up_next()
+
+    def _wake_up_next(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                self._free -= 1
+                waiter.set_result(None)
+                return
+
+
 @dataclass(eq=False)
 class _HopState:
     """Everything known about one next hop (address, port)."""
 
-    connections: asyncio.Semaphore  # connections.max_outbound_per_host (the IMS's cap, not the queue's)
+    connections: _Slots  # connections.max_outbound_per_host (the IMS's cap, not the queue's)
     idle: list[_Connection] = field(default_factory=list)
     active: int = 0
     dead_until: float = 0.0
@@ -330,7 +379,7 @@ class SmtpClient:
         self.metrics = metrics
         self.protocol_log = protocol_log
         self.limits = config.connections
-        self._slots = asyncio.Semaphore(self.limits.max_outbound)  # connections in use, to every host
+        self._slots = _Slots(self.limits.max_outbound)  # connections in use, to every host
         self.most_open = 0  # the most connections open at once (tests, /metrics' current gauge)
         self._down_hosts: dict[tuple[str, int], float] = {}  # host of a host list -> tried again from then
 
@@ -492,7 +541,7 @@ class SmtpClient:
         key = (hop.address, hop.port)
         state = self._hops.get(key)
         if state is None:
-            state = self._hops[key] = _HopState(asyncio.Semaphore(self.limits.max_outbound_per_host))
+            state = self._hops[key] = _HopState(_Slots(self.limits.max_outbound_per_host))
         return state
 
     def _dead(self, hop: NextHop, state: _HopState) -> Outcome | None:
@@ -509,41 +558,50 @@ class SmtpClient:
         dead = self._dead(hop, state)
         if dead:
             return _all(rcpts, dead)
-        async with state.connections, self._slots:
-            dead = self._dead(hop, state)  # it may have died while we waited
-            if dead:
-                return _all(rcpts, dead)
-            state.active += 1
-            conn: _Connection | None = None
+        if not state.connections.take():  # a slot of this host's, then of the site's
+            await state.connections.wait()
+        try:
+            if not self._slots.take():
+                await self._slots.wait()
             try:
-                self._make_room(state)
-                self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
-                while True:
-                    conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
-                    try:
-                        result = await self._transaction(conn, env, rcpts, message, log)
-                    except _StaleConnection as stale:  # (a new connection is never stale: this ends)
-                        log.debug("delivery.reuse_failed", peer=conn.peer, error=str(stale))
+                dead = self._dead(hop, state)  # it may have died while we waited
+                if dead:
+                    return _all(rcpts, dead)
+                state.active += 1
+                conn: _Connection | None = None
+                try:
+                    self._make_room(state)
+                    self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
+                    while True:
+                        conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
+                        try:
+                            result = await self._transaction(conn, env, rcpts, message, log)
+                        except _StaleConnection as stale:  # (a new connection is never stale: this ends)
+                            log.debug("delivery.reuse_failed", peer=conn.peer, error=str(stale))
+                            conn.client.close()
+                            conn = None
+                            continue
+                        break
+                except _SessionFailure as failure:
+                    if failure.dead:
+                        state.dead_until = self.clock() + self._dead_hold()
+                        state.dead_reason = failure.outcome.diagnostic
+                    if conn is not None:
                         conn.client.close()
                         conn = None
-                        continue
-                    break
-            except _SessionFailure as failure:
-                if failure.dead:
-                    state.dead_until = self.clock() + self._dead_hold()
-                    state.dead_reason = failure.outcome.diagnostic
-                if conn is not None:
-                    conn.client.close()
-                    conn = None
-                return {**_all(rcpts, failure.outcome), **failure.answered}
-            except BaseException:
-                if conn is not None:  # cancelled mid-transaction: the session state is unknown
-                    conn.client.close()
-                raise
+                    return {**_all(rcpts, failure.outcome), **failure.answered}
+                except BaseException:
+                    if conn is not None:  # cancelled mid-transaction: the session state is unknown
+                        conn.client.close()
+                    raise
+                finally:
+                    state.active -= 1
+                self._release(conn, state, log)
+                return result
             finally:
-                state.active -= 1
-            self._release(conn, state, log)
-            return result
+                self._slots.give()
+        finally:
+            state.connections.give()
 
     def _count_failed(self) -> None:
         if self.metrics is not None:
