@@ -433,7 +433,7 @@ class SmtpClient:
         """One route's next hops in turn: (an outcome per recipient, whether the route's
         host is down: it did not resolve, or none of its addresses took a connection)."""
         try:
-            hops = await self._next_hops(route)
+            hops = self._literal_hop(route) or await self._next_hops(route)
         except DnsFailure as failure:
             log.info("delivery.dns_failed", domain=route.domain, host=route.host, status=failure.status,
                      permanent=failure.permanent, reason=failure.reason)
@@ -517,6 +517,14 @@ class SmtpClient:
 
     # ------------------------------------------------------------ next hops
 
+    def _literal_hop(self, route: Route) -> list[NextHop] | None:
+        """A relay route to an address literal: its one next hop, nothing to look up."""
+        if route.kind == RELAY and route.host is not None:
+            literal = ip_literal(route.host)
+            if literal is not None:
+                return [NextHop(route.host.strip("[]"), literal, route.port, 0)]
+        return None
+
     async def _next_hops(self, route: Route) -> list[NextHop]:
         if route.kind == RELAY:
             assert route.host is not None
@@ -573,7 +581,11 @@ class SmtpClient:
                     self._make_room(state)
                     self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
                     while True:
-                        conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
+                        conn = self._pooled(route.starttls, state, route.auth.username if route.auth else None)
+                        if conn is None or not conn.unchecked:  # (connect, or check it with RSET first)
+                            if conn is not None:
+                                state.idle.append(conn)
+                            conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
                         try:
                             result = await self._transaction(conn, env, rcpts, message, log)
                         except _StaleConnection as stale:  # (a new connection is never stale: this ends)
@@ -610,10 +622,11 @@ class SmtpClient:
     def _dead_hold(self) -> float:
         return min(DEAD_HOST_HOLD, min(self.delivery.retry_intervals, default=DEAD_HOST_HOLD))
 
-    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
-                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
+    def _pooled(self, policy: str, state: _HopState, user: str | None) -> _Connection | None:
+        """The newest reusable pooled connection (others found on the way are closed);
+        one of a peer with PIPELINING is returned checked later (``unchecked``: its
+        RSET goes with the transaction's group, _pipelined)."""
         now = self.clock()
-        user = auth.username if auth else None
         while state.idle:
             conn = state.idle.pop()  # (its idle timer stays: it finds the connection in use and lets go)
             if (conn.policy != policy or conn.user != user or now - conn.created > CONNECTION_MAX_AGE
@@ -621,7 +634,15 @@ class SmtpClient:
                 self._close_later(conn, "not reusable")
                 continue
             if conn.client.supports_extension("pipelining"):
-                conn.unchecked = True  # the RSET goes with the transaction's group (_pipelined)
+                conn.unchecked = True
+            return conn
+        return None
+
+    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
+                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
+        user = auth.username if auth else None
+        while (conn := self._pooled(policy, state, user)) is not None:
+            if conn.unchecked:
                 return conn
             try:  # health check (aiosmtplib #243: never trust a long-idle connection)
                 self._trace(conn, "C", "RSET")
