@@ -528,9 +528,9 @@ class SmtpClient:
     async def _next_hops(self, route: Route) -> list[NextHop]:
         if route.kind == RELAY:
             assert route.host is not None
-            literal = ip_literal(route.host)
+            literal = self._literal_hop(route)
             if literal is not None:
-                return [NextHop(route.host.strip("[]"), literal, route.port, 0)]
+                return literal
             addresses = await self.resolver.addresses(route.host)
             return [NextHop(route.host, a, route.port, 0) for a in addresses]
         assert route.domain is not None
