@@ -184,6 +184,15 @@ async def test_time_outs_agree(replies):
     assert body[0] == body[1] and body[1][0][0] == ("SMTPReadTimeoutError", "Timed out waiting for server response")
 
 
+async def test_no_time_at_all_agrees():
+    """``timeout=0``: nothing may be waited for (a reply not already in hand is a time-out)."""
+    lines = [b"MAIL FROM:<a@partner.test>", b"DATA"]
+    runs = [await _one_exchange(lean, lines=lines, body=None, script=b"250 ok\r\n354 go\r\n", cuts=[],
+                                hang_up=True, timeout=0) for lean in (False, True)]
+    assert runs[0] == runs[1]
+    assert runs[1][0] == (([], ("SMTPReadTimeoutError", "Timed out waiting for server response")), False)
+
+
 async def test_first_timeout_and_none_agree():
     """``first_timeout`` bounds the first reply only; ``timeout=None`` waits as long as it takes."""
     lines = [b"RSET", b"MAIL FROM:<a@partner.test>", b"DATA"]

@@ -42,10 +42,10 @@ from aiosmtplib.errors import (
     SMTPConnectTimeoutError,
     SMTPException,
     SMTPReadTimeoutError,
+    SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.errors import SMTPResponseException
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
@@ -282,13 +282,12 @@ class PipeliningProtocol(SMTPProtocol):
             elif ex.wanted:  # the next reply's time starts now
                 if ex.timeout is None:
                     self._deadline = None
-                elif ex.timeout <= 0:
-                    self._finish(SMTPReadTimeoutError("Timed out waiting for server response"))
-                    return
-                else:
+                elif ex.timeout > 0:
                     self._await_until(ex.timeout)
         if not ex.wanted:
             self._finish(None)
+        elif ex.replies and ex.timeout is not None and ex.timeout <= 0:  # no time to wait for the next one
+            self._finish(SMTPReadTimeoutError("Timed out waiting for server response"))
         elif ex.wanted > 1 and len(buffer) > MAX_RESPONSE_LENGTH * ex.wanted:  # far more than the replies due
             del buffer[:]
             if self.transport is not None:
