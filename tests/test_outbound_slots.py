@@ -1,6 +1,8 @@
-"""The outbound client's connection slots (``imsrelay.transport.smtp._Slots``: a free
-slot taken without a coroutine) against ``asyncio.Semaphore``, which they replaced:
-the same tasks get slots in the same order, also when waiters are cancelled."""
+"""Two small parts of the outbound client against what they replaced: its connection
+slots (``imsrelay.transport.smtp._Slots``: a free slot taken without a coroutine)
+against ``asyncio.Semaphore`` — the same tasks get slots in the same order, also when
+waiters are cancelled; and the outcomes it keeps per reply to a message
+(``SmtpClient._final_outcome``) against ``reply_outcome`` made afresh."""
 
 from __future__ import annotations
 
@@ -74,3 +76,34 @@ async def test_a_slot_handed_to_a_cancelled_waiter_goes_on_to_the_next():
     assert not slots.take()
     slots.give()
     assert slots.take()
+
+
+# ------------------------------------------------------------------ outcomes of the reply to a message
+
+
+@given(st.lists(st.tuples(st.sampled_from([250, 251, 354, 421, 450, 451, 550, 554, 599, 199]),
+                          st.sampled_from(["2.0.0 Ok", "2.0.0 Ok: queued as 4Xy", "5.7.1 no", "4.3.0 later", "",
+                                           "Ok\nsecond line"]),
+                          st.sampled_from(["a [192.0.2.1]:25", "b [192.0.2.2]:25"]), st.booleans()),
+                min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_kept_outcomes_are_what_reply_outcome_gives(replies):
+    """_final_outcome (kept per reply) against reply_outcome made afresh, also past the
+    bound of outcomes kept."""
+    import structlog
+    from sitekit import config_of, site_mapping
+
+    from imsrelay.transport import smtp
+    from imsrelay.transport.smtp import SmtpClient, reply_outcome
+
+    client = SmtpClient(config_of(site_mapping("SiteA")), None, frozenset(), structlog.get_logger("test"))  # type: ignore[arg-type]
+    old_bound, smtp.OUTCOMES_KEPT = smtp.OUTCOMES_KEPT, 3
+    try:
+        for code, message, remote, dsn in replies * 2:
+            fresh = reply_outcome(code, message, remote)
+            if fresh.ok and dsn:
+                fresh = type(fresh)(True, False, fresh.status, fresh.diagnostic, fresh.remote, dsn_passed=True)
+            assert client._final_outcome(code, message, remote, dsn) == fresh
+            assert len(client._outcomes) <= 3
+    finally:
+        smtp.OUTCOMES_KEPT = old_bound

@@ -123,6 +123,7 @@ CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
 DEAD_HOST_HOLD = 60.0  # at most this long a host that refused a connection is skipped
 TLS_BROKEN_HOLD = 3600.0  # after a failed opportunistic handshake, use clear text this long
 QUIT_TIMEOUT = 5.0
+OUTCOMES_KEPT = 256  # outcomes of replies to a message kept for the next one (_final_outcome)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -382,6 +383,7 @@ class SmtpClient:
         self._slots = _Slots(self.limits.max_outbound)  # connections in use, to every host
         self.most_open = 0  # the most connections open at once (tests, /metrics' current gauge)
         self._down_hosts: dict[tuple[str, int], float] = {}  # host of a host list -> tried again from then
+        self._outcomes: dict[tuple[int, str, str, bool], Outcome] = {}  # _final_outcome's
 
     # ------------------------------------------------------------ public
 
@@ -1053,14 +1055,27 @@ class SmtpClient:
             reply = await client.send_body(body, timeout=data_timeout(t.size, cfg.command_timeout,
                                                                       cfg.data_timeout_per_mib))
             self._trace_reply(t.conn, reply.code, reply.message)
-            result = reply_outcome(reply.code, reply.message, t.conn.remote)
-            if result.ok and t.dsn:
-                result = Outcome(True, False, result.status, result.diagnostic, result.remote, dsn_passed=True)
+            result = self._final_outcome(reply.code, reply.message, t.conn.remote, t.dsn)
         else:
             result = _session_reply(reply.code, reply.message, t.conn.remote, client)
         self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)
         for rcpt in t.accepted:
             t.outcomes[rcpt] = result
+
+    def _final_outcome(self, code: int, message: str, remote: str, dsn: bool) -> Outcome:
+        """The outcome of a reply to the message (``reply_outcome``; ``dsn_passed`` when
+        delivered to a peer that took the DSN request), kept for the next message:
+        most peers give every message the same reply, and an Outcome never changes."""
+        key = (code, message, remote, dsn)
+        result = self._outcomes.get(key)
+        if result is None:
+            result = reply_outcome(code, message, remote)
+            if result.ok and dsn:
+                result = Outcome(True, False, result.status, result.diagnostic, result.remote, dsn_passed=True)
+            if len(self._outcomes) >= OUTCOMES_KEPT:  # (replies naming a queue id are each new)
+                self._outcomes.clear()
+            self._outcomes[key] = result
+        return result
 
     def _log_reply(self, log: Any, fields: dict[str, Any], command: str, code: int, message: str,
                    **extra: Any) -> None:
