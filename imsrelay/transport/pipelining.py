@@ -14,6 +14,14 @@ of a group are due and hands them out in order; aiosmtplib's reply parsing
 - ``send_body(body, timeout)``: after a 354, the already dot-stuffed, terminated body
   in one write (no line-ending regex), and the reply to it.
 
+Both go through ``PipeliningProtocol.exchange`` (the lean path): one write, then the
+replies are parsed in ``data_received`` as they arrive and the caller is woken once,
+when the last one is in (or the group ended: a 421, an error, a lost connection, a
+time-out) — no per-reply read coroutine, future or lock.  ``execute_pipelined`` and
+``execute_body`` (one awaited read per reply, aiosmtplib's way) are the plain path it
+is tested against (tests/test_lean_exchange.py): the same bytes written, the same
+replies, the same errors.
+
 Every reply is awaited on the protocol's own deadline instead of ``asyncio.wait_for``
 (a new future, a timer and an extra loop hop per reply): each read sets the deadline
 (now + its timeout) and one timer per connection checks it, re-arming itself when the
@@ -34,19 +42,39 @@ from aiosmtplib.errors import (
     SMTPConnectTimeoutError,
     SMTPException,
     SMTPReadTimeoutError,
+    SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
 
 CLOSING = 421  # the server is closing the connection: no reply follows
 EARLY = 0.001  # seconds a timer may fire before its time (the loop's clock resolution)
 
 
+Replies = tuple[list[SMTPResponse], SMTPException | OSError | None]
+
+
+class _Exchange:
+    """A lean exchange under way: the replies wanted, those in, and the caller's future."""
+
+    __slots__ = ("done", "error", "replies", "single", "timeout", "wanted")
+
+    def __init__(self, done: asyncio.Future[None], wanted: int, timeout: float | None, single: bool) -> None:
+        self.done = done
+        self.wanted = wanted  # replies still due
+        self.timeout = timeout  # for each reply after the first
+        self.single = single  # one reply read as aiosmtplib's read_response reads it (after a body)
+        self.replies: list[SMTPResponse] = []
+        self.error: SMTPException | OSError | None = None
+
+
 class PipeliningProtocol(SMTPProtocol):
     """aiosmtplib's protocol, which keeps every reply of a pipelined group."""
 
+    _exchange: _Exchange | None = None  # a lean exchange under way (``exchange``)
     _due = 0  # replies of the current group not yet handed out
     _deadline: float | None = None  # loop time by which the awaited reply must have come
     _timer: asyncio.TimerHandle | None = None
@@ -56,7 +84,17 @@ class PipeliningProtocol(SMTPProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._exchange is not None:
+            lost = SMTPServerDisconnected("Connection lost")
+            if exc:
+                lost.__cause__ = exc
+            self._finish(lost)
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        if self._exchange is not None:
+            self._finish(SMTPServerDisconnected("Unexpected EOF received"))
+        return super().eof_received()
 
     def _await_until(self, timeout: float) -> None:
         """The awaited reply must come within ``timeout`` seconds from now."""
@@ -79,6 +117,11 @@ class PipeliningProtocol(SMTPProtocol):
             self._timer_at = deadline
             return
         self._deadline = None
+        if self._exchange is not None:
+            timeout = SMTPReadTimeoutError("Timed out waiting for server response")
+            timeout.__cause__ = TimeoutError()
+            self._finish(timeout)
+            return
         waiter = self._response_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
@@ -109,6 +152,10 @@ class PipeliningProtocol(SMTPProtocol):
         return result
 
     def data_received(self, data: bytes) -> None:
+        if self._exchange is not None:
+            self._buffer.extend(data)
+            self._take_replies(self._exchange, data)
+            return
         if not self._due:
             super().data_received(data)
             return
@@ -151,6 +198,120 @@ class PipeliningProtocol(SMTPProtocol):
             self._due = 0
             raise
 
+    # ------------------------------------------------------------ the lean path
+
+    def exchange_started(self, data: bytes | Sequence[bytes], wanted: int, timeout: float | None,
+                         first_timeout: float | None = None, *, single: bool = False) -> _Exchange:
+        """Write ``data`` (bytes, or parts written back to back: one writev) and start
+        collecting ``wanted`` replies; ``exchange`` awaits them.  ``first_timeout``:
+        for the first reply (default ``timeout``); ``single``: one reply read exactly
+        as ``read_response`` reads it (after a body: no group is pipelined)."""
+        if self._command_lock is None:
+            raise SMTPServerDisconnected("Server not connected")
+        if self._exchange is not None or self._due or self._command_lock.locked():
+            raise RuntimeError("an exchange is already under way on this connection")
+        ex = _Exchange(self._loop.create_future(), wanted, timeout, single)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            ex.error = SMTPServerDisconnected("Connection lost")  # (as execute_pipelined returns it)
+            ex.done.set_result(None)
+            return ex
+        if isinstance(data, bytes):
+            cast(asyncio.WriteTransport, transport).write(data)
+        else:
+            cast(asyncio.WriteTransport, transport).writelines(data)
+        self._exchange = ex
+        if self._buffer:  # (what came before the write: aiosmtplib would give it to this read)
+            self._take_replies(ex, b"")
+        if self._exchange is ex:
+            first = first_timeout if first_timeout else timeout
+            if first is not None and first <= 0:
+                self._finish(SMTPReadTimeoutError("Timed out waiting for server response"))
+            elif first is not None:
+                self._await_until(first)
+        return ex
+
+    async def exchange(self, data: bytes | Sequence[bytes], wanted: int, timeout: float | None,
+                       first_timeout: float | None = None, *, single: bool = False) -> Replies:
+        """``data`` in one write, then ``wanted`` replies in order, with one wake-up of
+        the caller: (the replies received, the error that ended the group before all
+        came — a lost connection, a time-out, a malformed reply — or None).  A 421
+        reply ends the group.  The same replies and errors as ``execute_pipelined``."""
+        ex = self.exchange_started(data, wanted, timeout, first_timeout, single=single)
+        try:
+            await ex.done
+        finally:
+            if self._exchange is ex:  # (cancelled)
+                self._exchange = None
+                self._deadline = None
+        return ex.replies, ex.error
+
+    def _finish(self, error: SMTPException | OSError | None) -> None:
+        ex = self._exchange
+        if ex is None:
+            return
+        self._exchange = None
+        self._deadline = None
+        ex.error = error
+        if not ex.done.done():
+            ex.done.set_result(None)
+
+    def _take_replies(self, ex: _Exchange, data: bytes) -> None:
+        """Every whole reply in the buffer, while replies are due."""
+        buffer = self._buffer
+        if ex.single or ex.wanted == 1:  # the last reply: aiosmtplib's data_received, to the letter
+            if len(buffer) > MAX_RESPONSE_LENGTH:
+                del buffer[:]
+                self._finish(SMTPResponseException(SMTPStatus.invalid_response.value, "Response too long"))
+                return
+            last = data.rfind(b"\n")
+            if data and (last == -1 or data[last + 3:last + 4] == b"-"):
+                return
+        while ex.wanted:
+            try:
+                reply = self._parse_reply()
+            except Exception as exc:  # a malformed reply, as aiosmtplib reports it
+                self._finish(exc if isinstance(exc, SMTPException | OSError) else SMTPException(str(exc)))
+                return
+            if reply is None:
+                break
+            ex.replies.append(reply)
+            ex.wanted -= 1
+            if reply.code == CLOSING:
+                ex.wanted = 0
+            elif ex.wanted:  # the next reply's time starts now
+                if ex.timeout is None:
+                    self._deadline = None
+                elif ex.timeout > 0:
+                    self._await_until(ex.timeout)
+        if not ex.wanted:
+            self._finish(None)
+        elif ex.replies and ex.timeout is not None and ex.timeout <= 0:  # no time to wait for the next one
+            self._finish(SMTPReadTimeoutError("Timed out waiting for server response"))
+        elif ex.wanted > 1 and len(buffer) > MAX_RESPONSE_LENGTH * ex.wanted:  # far more than the replies due
+            del buffer[:]
+            if self.transport is not None:
+                self.transport.close()  # connection_lost ends the exchange
+
+    def _parse_reply(self) -> SMTPResponse | None:
+        """``_read_response_from_buffer`` with a shortcut for the usual one-line reply
+        (the same result: tests/test_lean_exchange.py compares them)."""
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if end < 0:
+            return None
+        line = bytes(buffer[:end + 1])
+        if line[3:4] == b"-" or end >= MAX_LINE_LENGTH:
+            return self._read_response_from_buffer()
+        try:
+            code = int(line[:3])
+        except ValueError:
+            return self._read_response_from_buffer()  # (raises as aiosmtplib does)
+        del buffer[:end + 1]
+        return SMTPResponse(code, line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+
+    # ------------------------------------------------------------ the plain path
+
     async def execute_pipelined(self, lines: Sequence[bytes], timeout: float | None,
                                 first_timeout: float | None = None
                                 ) -> tuple[list[SMTPResponse], SMTPException | OSError | None]:
@@ -192,6 +353,8 @@ class PipeliningProtocol(SMTPProtocol):
 class PipeliningSMTP(aiosmtplib.SMTP):
     """``aiosmtplib.SMTP`` over a ``PipeliningProtocol``; TCP to a host and port only."""
 
+    lean = True  # the lean exchange; False: the plain path (one awaited read per reply), for the tests that compare them
+
     def _pipelining(self) -> PipeliningProtocol:
         if not isinstance(self.protocol, PipeliningProtocol):
             raise SMTPServerDisconnected("Server not connected")
@@ -203,7 +366,14 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         order (``first_timeout``: the first reply's time-out, default ``timeout``).
         Returns the replies received and, when not all came, the error that ended the
         group (the connection is then closed).  A 421 reply ends the group too."""
-        replies, error = await self._pipelining().execute_pipelined(lines, timeout, first_timeout)
+        for line in lines:
+            if COMMAND_INJECTION_REGEX.search(line):
+                raise ValueError("Command contains a prohibited control character")
+        if self.lean:
+            replies, error = await self._pipelining().exchange(b"".join([line + b"\r\n" for line in lines]),
+                                                               len(lines), timeout, first_timeout)
+        else:
+            replies, error = await self._pipelining().execute_pipelined(lines, timeout, first_timeout)
         if error is not None or (replies and replies[-1].code == CLOSING):
             self.close()
         return replies, error
@@ -211,11 +381,18 @@ class PipeliningSMTP(aiosmtplib.SMTP):
     async def send_body(self, body: bytes | Sequence[bytes], timeout: float | None) -> SMTPResponse:
         """After a 354: ``body`` (dot-stuffed, ending ``CRLF.CRLF``; or such bytes in
         parts, sent back to back) and the reply to it."""
-        try:
-            return await self._pipelining().execute_body(body, timeout)
-        except (SMTPServerDisconnected, SMTPTimeoutError):
-            self.close()
-            raise
+        if not self.lean:
+            try:
+                return await self._pipelining().execute_body(body, timeout)
+            except (SMTPServerDisconnected, SMTPTimeoutError):
+                self.close()
+                raise
+        replies, error = await self._pipelining().exchange(body, 1, timeout, single=True)
+        if error is not None:
+            if isinstance(error, SMTPServerDisconnected | SMTPTimeoutError):
+                self.close()
+            raise error
+        return replies[0]
 
     async def _create_connection(self, timeout: float | None) -> SMTPResponse:
         """aiosmtplib 5's connection set-up for a host and port in clear (all this site

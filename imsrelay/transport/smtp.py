@@ -78,6 +78,7 @@ per recipient.  It never raises for anything a peer or the network can do.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import ipaddress
@@ -114,7 +115,7 @@ from imsrelay.policy.mail_loops import SelfEndpoints, is_self, without_self
 from imsrelay.policy.sealed import SEALED_STATUS, inside, networks_text
 from imsrelay.routing.dns import DnsFailure, MailResolver, NextHop
 from imsrelay.routing.router import MX, RELAY, Route, hosts_in_turn
-from imsrelay.transport.pipelining import PipeliningSMTP
+from imsrelay.transport.pipelining import EARLY, PipeliningSMTP
 from imsrelay.transport.smtp_body import LONE_DOT, Body, crlf_message, dot_stuffed_parts
 
 MIB = 1024 * 1024
@@ -122,6 +123,7 @@ CONNECTION_MAX_AGE = 300.0  # seconds a connection is reused for (Postfix: 300s)
 DEAD_HOST_HOLD = 60.0  # at most this long a host that refused a connection is skipped
 TLS_BROKEN_HOLD = 3600.0  # after a failed opportunistic handshake, use clear text this long
 QUIT_TIMEOUT = 5.0
+OUTCOMES_KEPT = 256  # outcomes of replies to a message kept for the next one (_final_outcome)
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -175,8 +177,10 @@ def needs_smtputf8(env: Envelope, recipients: Iterable[str], message: bytes) -> 
     return False
 
 
+@functools.lru_cache(maxsize=4096)
 def smtp_path(address: str) -> str:
-    """``<address>`` for MAIL/RCPT; ValueError for what cannot go on a command line."""
+    """``<address>`` for MAIL/RCPT; ValueError for what cannot go on a command line.
+    Memoised (the same senders and recipients come again and again; a refusal is not kept)."""
     unquoted = _QUOTED_LOCAL.sub("", address, count=1)
     if _UNSAFE.search(address) or _SPACE.search(unquoted):
         raise ValueError(f"{address!r} cannot be sent in an SMTP command")
@@ -191,14 +195,17 @@ def dsn_mail_params(env: Envelope) -> list[str]:
     return params
 
 
+_orcpt_param = functools.lru_cache(maxsize=4096)(orcpt_param)  # (xtext, a loop per character: once per address)
+
+
 def dsn_rcpt_params(r: RecipientState) -> list[str]:
     """RCPT TO's DSN parameters for a peer that offers DSN: the sender's NOTIFY, and its
     ORCPT or else the address this site received (RFC 3461 4.2 lets a relay add it)."""
     params = [f"NOTIFY={r.notify}"] if r.notify else []
     if r.orcpt:
-        params.append(f"ORCPT={orcpt_param(r.orcpt)}")
+        params.append(f"ORCPT={_orcpt_param(r.orcpt)}")
     elif r.original and r.original.isascii():
-        params.append(f"ORCPT={orcpt_param('rfc822;' + r.original)}")
+        params.append(f"ORCPT={_orcpt_param('rfc822;' + r.original)}")
     return params
 
 
@@ -256,7 +263,8 @@ class _Connection:
     tls: bool
     created: float
     transactions: int = 0
-    idle_timer: asyncio.TimerHandle | None = None
+    idle_timer: asyncio.TimerHandle | None = None  # closes it when idle long enough; re-arms itself, never cancelled on reuse
+    idle_since = 0.0  # loop time it went back to the pool
     session: str = ""  # protocol log session id
     queue_id: str | None = None  # of the transaction under way (protocol log)
     unchecked: bool = False  # taken from the pool: its RSET leads the next pipelined group
@@ -289,11 +297,59 @@ class _Transaction:
         return {"peer": self.conn.peer, "remote": self.conn.remote}
 
 
+class _Slots:
+    """``asyncio.Semaphore`` (Python 3.11's algorithm, step for step) whose free slot is
+    taken without a coroutine: ``take`` is ``acquire``'s immediate case, ``wait`` its
+    waiting one, ``give`` is ``release`` (under ``async with``, a semaphore costs two
+    coroutines and some eight calls even when a slot is free).  First come, first
+    served: while anyone waits, a newcomer waits too (tests/test_outbound_slots.py)."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take(self) -> bool:
+        """A slot now (True), or False: ``wait`` for one."""
+        if self._free == 0 or (self._waiters and any(not w.cancelled() for w in self._waiters)):
+            return False
+        self._free -= 1
+        return True
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        except asyncio.CancelledError:
+            if not waiter.cancelled():  # woken, then cancelled before it ran: the slot goes on
+                self._free += 1
+                self._wake_up_next()
+            raise
+        if self._free > 0:
+            self._wake_up_next()
+
+    def give(self) -> None:
+        self._free += 1
+        self._wake_up_next()
+
+    def _wake_up_next(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                self._free -= 1
+                waiter.set_result(None)
+                return
+
+
 @dataclass(eq=False)
 class _HopState:
     """Everything known about one next hop (address, port)."""
 
-    connections: asyncio.Semaphore  # connections.max_outbound_per_host (the IMS's cap, not the queue's)
+    connections: _Slots  # connections.max_outbound_per_host (the IMS's cap, not the queue's)
     idle: list[_Connection] = field(default_factory=list)
     active: int = 0
     dead_until: float = 0.0
@@ -324,9 +380,10 @@ class SmtpClient:
         self.metrics = metrics
         self.protocol_log = protocol_log
         self.limits = config.connections
-        self._slots = asyncio.Semaphore(self.limits.max_outbound)  # connections in use, to every host
+        self._slots = _Slots(self.limits.max_outbound)  # connections in use, to every host
         self.most_open = 0  # the most connections open at once (tests, /metrics' current gauge)
         self._down_hosts: dict[tuple[str, int], float] = {}  # host of a host list -> tried again from then
+        self._outcomes: dict[tuple[int, str, str, bool], Outcome] = {}  # _final_outcome's
 
     # ------------------------------------------------------------ public
 
@@ -378,7 +435,7 @@ class SmtpClient:
         """One route's next hops in turn: (an outcome per recipient, whether the route's
         host is down: it did not resolve, or none of its addresses took a connection)."""
         try:
-            hops = await self._next_hops(route)
+            hops = self._literal_hop(route) or await self._next_hops(route)
         except DnsFailure as failure:
             log.info("delivery.dns_failed", domain=route.domain, host=route.host, status=failure.status,
                      permanent=failure.permanent, reason=failure.reason)
@@ -462,12 +519,20 @@ class SmtpClient:
 
     # ------------------------------------------------------------ next hops
 
-    async def _next_hops(self, route: Route) -> list[NextHop]:
-        if route.kind == RELAY:
-            assert route.host is not None
+    def _literal_hop(self, route: Route) -> list[NextHop] | None:
+        """A relay route to an address literal: its one next hop, nothing to look up."""
+        if route.kind == RELAY and route.host is not None:
             literal = ip_literal(route.host)
             if literal is not None:
                 return [NextHop(route.host.strip("[]"), literal, route.port, 0)]
+        return None
+
+    async def _next_hops(self, route: Route) -> list[NextHop]:
+        if route.kind == RELAY:
+            assert route.host is not None
+            literal = self._literal_hop(route)
+            if literal is not None:
+                return literal
             addresses = await self.resolver.addresses(route.host)
             return [NextHop(route.host, a, route.port, 0) for a in addresses]
         assert route.domain is not None
@@ -486,7 +551,7 @@ class SmtpClient:
         key = (hop.address, hop.port)
         state = self._hops.get(key)
         if state is None:
-            state = self._hops[key] = _HopState(asyncio.Semaphore(self.limits.max_outbound_per_host))
+            state = self._hops[key] = _HopState(_Slots(self.limits.max_outbound_per_host))
         return state
 
     def _dead(self, hop: NextHop, state: _HopState) -> Outcome | None:
@@ -503,41 +568,54 @@ class SmtpClient:
         dead = self._dead(hop, state)
         if dead:
             return _all(rcpts, dead)
-        async with state.connections, self._slots:
-            dead = self._dead(hop, state)  # it may have died while we waited
-            if dead:
-                return _all(rcpts, dead)
-            state.active += 1
-            conn: _Connection | None = None
+        if not state.connections.take():  # a slot of this host's, then of the site's
+            await state.connections.wait()
+        try:
+            if not self._slots.take():
+                await self._slots.wait()
             try:
-                self._make_room(state)
-                self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
-                while True:
-                    conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
-                    try:
-                        result = await self._transaction(conn, env, rcpts, message, log)
-                    except _StaleConnection as stale:  # (a new connection is never stale: this ends)
-                        log.debug("delivery.reuse_failed", peer=conn.peer, error=str(stale))
+                dead = self._dead(hop, state)  # it may have died while we waited
+                if dead:
+                    return _all(rcpts, dead)
+                state.active += 1
+                conn: _Connection | None = None
+                try:
+                    self._make_room(state)
+                    self.most_open = max(self.most_open, self.open_connections() - (1 if state.idle else 0))
+                    while True:
+                        conn = self._pooled(route.starttls, state, route.auth.username if route.auth else None)
+                        if conn is None or not conn.unchecked:  # (connect, or check it with RSET first)
+                            if conn is not None:
+                                state.idle.append(conn)
+                            conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
+                        try:
+                            result = await self._transaction(conn, env, rcpts, message, log)
+                        except _StaleConnection as stale:  # (a new connection is never stale: this ends)
+                            log.debug("delivery.reuse_failed", peer=conn.peer, error=str(stale))
+                            conn.client.close()
+                            conn = None
+                            continue
+                        break
+                except _SessionFailure as failure:
+                    if failure.dead:
+                        state.dead_until = self.clock() + self._dead_hold()
+                        state.dead_reason = failure.outcome.diagnostic
+                    if conn is not None:
                         conn.client.close()
                         conn = None
-                        continue
-                    break
-            except _SessionFailure as failure:
-                if failure.dead:
-                    state.dead_until = self.clock() + self._dead_hold()
-                    state.dead_reason = failure.outcome.diagnostic
-                if conn is not None:
-                    conn.client.close()
-                    conn = None
-                return {**_all(rcpts, failure.outcome), **failure.answered}
-            except BaseException:
-                if conn is not None:  # cancelled mid-transaction: the session state is unknown
-                    conn.client.close()
-                raise
+                    return {**_all(rcpts, failure.outcome), **failure.answered}
+                except BaseException:
+                    if conn is not None:  # cancelled mid-transaction: the session state is unknown
+                        conn.client.close()
+                    raise
+                finally:
+                    state.active -= 1
+                self._release(conn, state, log)
+                return result
             finally:
-                state.active -= 1
-            self._release(conn, state, log)
-            return result
+                self._slots.give()
+        finally:
+            state.connections.give()
 
     def _count_failed(self) -> None:
         if self.metrics is not None:
@@ -546,21 +624,27 @@ class SmtpClient:
     def _dead_hold(self) -> float:
         return min(DEAD_HOST_HOLD, min(self.delivery.retry_intervals, default=DEAD_HOST_HOLD))
 
-    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
-                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
+    def _pooled(self, policy: str, state: _HopState, user: str | None) -> _Connection | None:
+        """The newest reusable pooled connection (others found on the way are closed);
+        one of a peer with PIPELINING is returned checked later (``unchecked``: its
+        RSET goes with the transaction's group, _pipelined)."""
         now = self.clock()
-        user = auth.username if auth else None
         while state.idle:
-            conn = state.idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
+            conn = state.idle.pop()  # (its idle timer stays: it finds the connection in use and lets go)
             if (conn.policy != policy or conn.user != user or now - conn.created > CONNECTION_MAX_AGE
                     or not conn.client.is_connected):
                 self._close_later(conn, "not reusable")
                 continue
             if conn.client.supports_extension("pipelining"):
-                conn.unchecked = True  # the RSET goes with the transaction's group (_pipelined)
+                conn.unchecked = True
+            return conn
+        return None
+
+    async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
+                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
+        user = auth.username if auth else None
+        while (conn := self._pooled(policy, state, user)) is not None:
+            if conn.unchecked:
                 return conn
             try:  # health check (aiosmtplib #243: never trust a long-idle connection)
                 self._trace(conn, "C", "RSET")
@@ -759,13 +843,24 @@ class SmtpClient:
             self._close_later(conn, f"{limit} messages per connection sent")
             return
         loop = asyncio.get_running_loop()
-        conn.idle_timer = loop.call_later(self.delivery.connection_idle, self._expire, conn, state)
+        conn.idle_since = loop.time()
         state.idle.append(conn)
+        if conn.idle_timer is None:  # (one timer per connection, not one per transaction)
+            conn.idle_timer = loop.call_later(self.delivery.connection_idle, self._expire, conn, state)
 
     def _expire(self, conn: _Connection, state: _HopState) -> None:
-        if conn in state.idle:
-            state.idle.remove(conn)
-            self._close_later(conn, "idle")
+        """A connection's idle timer: closes it after ``delivery.connection_idle`` in the
+        pool; when it was reused since, waits for the rest of its idle time."""
+        conn.idle_timer = None
+        if conn not in state.idle:  # in use (its release arms a timer again) or gone
+            return
+        loop = asyncio.get_running_loop()
+        left = conn.idle_since + self.delivery.connection_idle - loop.time()
+        if left > EARLY:
+            conn.idle_timer = loop.call_later(left, self._expire, conn, state)
+            return
+        state.idle.remove(conn)
+        self._close_later(conn, "idle")
         key = (conn.hop.address, conn.hop.port)
         if (not state.idle and state.active == 0 and state.dead_until <= self.clock()
                 and state.tls_broken_until <= self.clock() and self._hops.get(key) is state):
@@ -960,14 +1055,27 @@ class SmtpClient:
             reply = await client.send_body(body, timeout=data_timeout(t.size, cfg.command_timeout,
                                                                       cfg.data_timeout_per_mib))
             self._trace_reply(t.conn, reply.code, reply.message)
-            result = reply_outcome(reply.code, reply.message, t.conn.remote)
-            if result.ok and t.dsn:
-                result = dataclasses.replace(result, dsn_passed=True)
+            result = self._final_outcome(reply.code, reply.message, t.conn.remote, t.dsn)
         else:
             result = _session_reply(reply.code, reply.message, t.conn.remote, client)
         self._log_reply(t.log, t.fields, "DATA", reply.code, reply.message, recipients=t.accepted)
         for rcpt in t.accepted:
             t.outcomes[rcpt] = result
+
+    def _final_outcome(self, code: int, message: str, remote: str, dsn: bool) -> Outcome:
+        """The outcome of a reply to the message (``reply_outcome``; ``dsn_passed`` when
+        delivered to a peer that took the DSN request), kept for the next message:
+        most peers give every message the same reply, and an Outcome never changes."""
+        key = (code, message, remote, dsn)
+        result = self._outcomes.get(key)
+        if result is None:
+            result = reply_outcome(code, message, remote)
+            if result.ok and dsn:
+                result = Outcome(True, False, result.status, result.diagnostic, result.remote, dsn_passed=True)
+            if len(self._outcomes) >= OUTCOMES_KEPT:  # (replies naming a queue id are each new)
+                self._outcomes.clear()
+            self._outcomes[key] = result
+        return result
 
     def _log_reply(self, log: Any, fields: dict[str, Any], command: str, code: int, message: str,
                    **extra: Any) -> None:
