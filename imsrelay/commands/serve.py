@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import os
 import signal
 import time
@@ -180,6 +181,24 @@ def supervise(config: SiteConfig, workers: int) -> int:
     return status
 
 
+# The cyclic garbage collector of a serving process.  Each message makes thousands of
+# short-lived objects that reference counting frees; the default first-generation
+# threshold (700 allocations) runs a collection every few messages, and each one walks
+# the young objects for nothing.  Once the site has started, what it made so far (the
+# configuration, the directory caches, the imported modules) lives as long as the
+# process: ``gc.freeze()`` moves it out of the collector's sight, and collections run
+# every ``GC_THRESHOLDS[0]`` net allocations (CPU per 4 KB message about 3-5 % lower in
+# interleaved bench runs; memory stays bounded, cycles are still collected).
+GC_THRESHOLDS = (20_000, 50, 1_000)
+
+
+def settle_gc() -> None:
+    """After the site's start: its long-lived objects frozen, collections less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def run_site(config: SiteConfig, stop: asyncio.Event, *, worker: int = 0, workers: int = 1) -> None:
     """Run the site until ``stop``; a one-process site restarts from its file when its
     administrator asks (``POST /ims/restart``, the console's "Restart now")."""
@@ -198,6 +217,7 @@ async def _run_once(config: SiteConfig, stop: asyncio.Event, restart: asyncio.Ev
     if workers == 1:
         site.on_restart = restart.set
     await site.start()
+    settle_gc()
     console = None
     try:
         if config.console.enabled and worker == 0:
