@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smtp_script_peer import ScriptPeer
-from test_smtp_pipelining import ProtocolTrace, envelope, route, rcpt_by_name, smtp_client
+from test_smtp_pipelining import ProtocolTrace, envelope, rcpt_by_name, route, smtp_client
 
 from imsrelay.transport.pipelining import PipeliningProtocol, PipeliningSMTP
 
@@ -201,7 +201,7 @@ async def test_first_timeout_and_none_agree():
         for lean in (False, True):
             loop = asyncio.get_running_loop()
             got: list[bytes] = []
-            server = await loop.create_server(lambda: _Scripted(b"\r\n", 3, [], False, got), "127.0.0.1", 0)
+            server = await loop.create_server(lambda got=got: _Scripted(b"\r\n", 3, [], False, got), "127.0.0.1", 0)
             client = PipeliningSMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1],
                                     start_tls=False, use_tls=False, timeout=5)
             client.lean = lean

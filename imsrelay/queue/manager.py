@@ -35,7 +35,14 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from imsrelay.model.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState, new_queue_id
+from imsrelay.model.envelope import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Envelope,
+    RecipientState,
+    new_queue_id,
+)
 from imsrelay.model.objects import Mailbox
 from imsrelay.model.outcome import Outcome
 from imsrelay.model.priority import NORMAL, PriorityTimeouts
