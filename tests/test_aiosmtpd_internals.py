@@ -145,27 +145,3 @@ async def test_the_reader_hands_over_what_it_holds_and_resumes_reading():
     reader.on_end = lambda: ended.append("end")
     reader.feed_eof()
     assert ended == ["end"] and reader.at_eof()
-
-
-# ImsSMTP._lean_session is aiosmtpd 1.4.6's SMTP._handle_client (its command loop) with the
-# lean path in front of each line; ImsSMTP._lean_pump repeats the loop's checks for the
-# common commands.  A release that changes the loop must be read again.
-HANDLE_CLIENT_SHA256 = "0e4d096403af6c74c87b2fe722c213884e2140a9388e95feb05aec2f39e05556"
-
-
-async def test_the_command_loop_is_the_one_the_lean_session_copies():
-    source = inspect.getsource(SMTP._handle_client)
-    ours = inspect.getsource(ImsSMTP._lean_session)
-    for step in ("await self._reader.readuntil()", "line.rstrip(b'\\r\\n')", "line.partition(b\" \")",
-                 "command_bytes.upper().decode(encoding='ascii')", "self.command_size_limits[command]",
-                 "self._tls_handshake_okay", "ALLOWED_BEFORE_STARTTLS", "call_limit[command] = budget - 1",
-                 "self._smtp_methods.get(command)", "self._reset_timeout()", "await method(arg)",
-                 "await self.handle_exception(error)", "'500 Error: bad syntax'", "'500 Command line too long'",
-                 "'554 Command refused due to lack of security'", "'530 Must issue a STARTTLS command first'"):
-        assert step in source, f"aiosmtpd's _handle_client no longer has {step!r}: check ImsSMTP._lean_session"
-        assert step.replace("self._reader", "reader") in ours, step
-    assert hashlib.sha256(source.encode()).hexdigest() == HANDLE_CLIENT_SHA256, (
-        "aiosmtpd's SMTP._handle_client changed: compare it with ImsSMTP._lean_session and _lean_pump, "
-        "then update HANDLE_CLIENT_SHA256")
-    for name in ("_buffer", "_limit", "_eof", "_exception", "_maybe_resume_transport"):
-        assert hasattr(LineReader(limit=10), name), f"asyncio.StreamReader.{name} is gone: the lean pump reads it"

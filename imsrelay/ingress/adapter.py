@@ -17,10 +17,8 @@ checked by tests/test_aiosmtpd_internals.py.  Decisions are the handler's
 from __future__ import annotations
 
 import asyncio
-import asyncio.tasks
 import base64
 import binascii
-import collections
 import ipaddress
 import logging
 import re
@@ -32,18 +30,8 @@ from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any, Protocol, TypeVar, cast
 
-from aiosmtpd.smtp import (
-    ALLOWED_BEFORE_STARTTLS,
-    BOGUS_LIMIT,
-    MISSING,
-    SMTP,
-    Session,
-    TLSSetupException,
-    sanitized_log,
-    syntax,
-)
+from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
-from aiosmtpd.smtp import log as aiosmtpd_log
 
 from imsrelay.ingress.data_reader import DataResult, DataScanner
 from imsrelay.ingress.ports import Ingress
@@ -93,56 +81,6 @@ _SIZE = re.compile(r"[0-9]{1,18}")
 DATA_ON_LOOP = 1024 * 1024  # a message up to this size is un-stuffed on the event loop (cheaper than a thread)
 
 BARE_NEWLINE_REPLY = "521 5.5.2 Error: bare <LF> received; lines must end with <CR><LF>"
-
-# The lean session (ImsSMTP._lean_session): the common commands are parsed from the
-# reader's buffer as ``data_received`` delivers them and their ``smtp_*`` methods run
-# there and then, without a task wake-up per command; a command that has to wait (the
-# DATA content, the journal flush, backpressure, a full send buffer) is finished by the
-# session's task.  False: aiosmtpd's own command loop (the differential tests run both).
-LEAN_SESSION = True
-LEAN_COMMANDS = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT"})
-_NEED_DATA = "need data"  # the lean path has no complete line to take
-_HAND_OVER = "hand over"  # the next line is for aiosmtpd's loop (anything but the common case)
-
-
-class _Resume:
-    """Await the rest of a command coroutine started outside a task (``coro.send(None)``
-    in ``data_received``) that suspended on ``first``: the session's task takes it
-    over from there, cancellation included."""
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Any, first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Any:
-        coro, yielded = self._coro, self._first
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the task (cancellation)
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-    def cancel(self, error: BaseException) -> None:
-        """The session's task was cancelled before it took this over: the command gets
-        the cancellation where it waits, as it would have in the task."""
-        try:
-            self._coro.throw(error)
-        except BaseException:  # noqa: BLE001  (the cancellation itself, or what the command made of it)
-            return
-        self._coro.close()
 
 class BareNewline(Exception):
     """A line ended in a bare LF and ``smtp.bare_newline = "reject"``."""
@@ -368,8 +306,6 @@ class ImsSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes everywhere and bounded sessions:
     idle time (aiosmtpd's ``timeout``), total session time, and errors per session."""
 
-    _call_limit: dict[str, int]  # the command call limits of this session (set by _lean_session)
-
     def __init__(self, handler: Any, *, session_timeout: float, max_errors: int, listener: str = "smtp",
                  implicit_tls: bool = False, limits: Slots | None = None, forbid_bare_lf: bool = False,
                  handshake_timeout: float | None = None,
@@ -405,8 +341,6 @@ class ImsSMTP(SMTP):
         self._refusal: str | None = None
         self._reading_secret = False  # an AUTH continuation line is due: never logged
         self._data_sink: Callable[[bytes], None] | None = None  # inside DATA: where data_received goes
-        self._lean_waiter: asyncio.Future[Any] | None = None  # the lean session waits for a line
-        self._lean_pending: _Resume | None = None  # a command the lean path started, for the task to finish
         self.use_reader(LineReader(loop=self.loop, limit=self.line_length_limit))
 
     def use_reader(self, reader: LineReader) -> None:
@@ -507,9 +441,6 @@ class ImsSMTP(SMTP):
             self.refuse("554 5.5.1 Error: SMTP protocol violation (data before the greeting)")
             return
         super().data_received(data)
-        waiter = self._lean_waiter
-        if waiter is not None and not waiter.done():
-            self._lean_data(waiter)
 
     def _start_session(self, transport: asyncio.BaseTransport) -> None:
         """Per-session state of the IMS controls (Transfer mode, faults, counters, protocol log)."""
@@ -535,10 +466,7 @@ class ImsSMTP(SMTP):
         """A client the accept/reject lists refuse gets ``554 5.7.1`` instead of the
         greeting; then only QUIT is answered (RFC 5321 3.1), for a few commands."""
         if self._refusal is None:
-            if LEAN_SESSION and self._proxy_timeout is None:
-                await self._lean_session()
-            else:
-                await super()._handle_client()
+            await super()._handle_client()
             return
         try:
             await SMTP.push(self, self._refusal)
@@ -555,261 +483,6 @@ class ImsSMTP(SMTP):
         finally:
             if self.transport is not None:
                 self.transport.close()
-
-    # -- the lean session: the common commands without a task wake-up per command
-    async def _lean_session(self) -> None:
-        """aiosmtpd 1.4.6's ``SMTP._handle_client`` (without the PROXY handshake, which
-        this site never asks for), the loop unchanged, except that before each line it
-        lets ``_lean_pump`` take the common commands from the reader's buffer: whatever
-        the lean path does not take (anything unusual: an unknown or other command, a
-        line too long, bad syntax, a bare LF, a call limit reached, the end of the
-        stream…) is read and answered by this loop as aiosmtpd would.  While waiting for
-        a line the task waits on a future that ``data_received`` resolves: with the rest
-        of a command the lean path started that has to wait, or ``None`` (a line for
-        this loop)."""
-        assert self.session is not None
-        aiosmtpd_log.info('%r handling connection', self.session.peer)
-        await self.push(f'220 {self.hostname} {self.__ident__}')
-        if self._enforce_call_limit:
-            self._call_limit = collections.defaultdict(lambda: self._call_limit_default, self._call_limit_base)
-        else:
-            self._call_limit = {}
-        call_limit = self._call_limit
-        bogus_budget = BOGUS_LIMIT
-        reader = self._reader
-
-        while self.transport is not None:   # pragma: nobranch
-            try:
-                step = self._lean_pump()
-                if step is _NEED_DATA:
-                    waiter: asyncio.Future[Any] = self.loop.create_future()
-                    self._lean_waiter = waiter
-                    try:
-                        step = await waiter
-                    except asyncio.CancelledError as cancel:
-                        pending, self._lean_pending = self._lean_pending, None
-                        if pending is not None:
-                            pending.cancel(cancel)
-                        raise
-                    finally:
-                        self._lean_waiter = None
-                    self._lean_pending = None
-                if isinstance(step, _Resume):
-                    await step
-                    continue
-                if isinstance(step, BaseException):
-                    raise step
-                if self.transport is None:
-                    break
-                try:
-                    line: bytes = await reader.readuntil()
-                except asyncio.LimitOverrunError as error:
-                    # Line too long. Read until end of line before sending 500.
-                    await reader.read(error.consumed)
-                    while True:
-                        try:
-                            await reader.readuntil()
-                            break
-                        except asyncio.LimitOverrunError as e:
-                            # Line is even longer...
-                            await reader.read(e.consumed)
-                            continue
-                    # Now that we have read a full line from the client,
-                    # send error response and read the next command line.
-                    await self.push('500 Command line too long')
-                    continue
-                sanitized_log(aiosmtpd_log.debug, '_handle_client readline: %r', line)
-                # XXX this rstrip may not completely preserve old behavior.
-                line = line.rstrip(b'\r\n')
-                sanitized_log(aiosmtpd_log.info, '%r >> %r', self.session.peer, line)
-                if not line:
-                    await self.push('500 Error: bad syntax')
-                    continue
-                command_bytes, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = command_bytes.upper().decode(encoding='ascii')
-                except UnicodeDecodeError:
-                    await self.push('500 Error: bad syntax')
-                    continue
-                if not arg_bytes:
-                    arg: str | None = None
-                else:
-                    arg_bytes = arg_bytes.strip()
-                    if self.enable_SMTPUTF8:
-                        arg = str(
-                            arg_bytes, encoding='utf-8', errors='surrogateescape')
-                    else:
-                        try:
-                            arg = str(arg_bytes, encoding='ascii', errors='strict')
-                        except UnicodeDecodeError:
-                            await self.push('500 Error: strict ASCII mode')
-                            continue
-                max_sz = (
-                    self.command_size_limits[command]
-                    if self.session.extended_smtp
-                    else self.command_size_limit
-                )
-                if len(line) > max_sz:
-                    await self.push('500 Command line too long')
-                    continue
-                if not self._tls_handshake_okay and command != 'QUIT':
-                    await self.push(
-                        '554 Command refused due to lack of security')
-                    continue
-                if (self.require_starttls
-                        and not self._tls_protocol
-                        and command not in ALLOWED_BEFORE_STARTTLS):
-                    # RFC3207 part 4
-                    await self.push('530 Must issue a STARTTLS command first')
-                    continue
-
-                if self._enforce_call_limit:
-                    budget = call_limit[command]
-                    if budget < 1:
-                        aiosmtpd_log.warning(
-                            "%r over limit for %s", self.session.peer, command
-                        )
-                        await self.push(
-                            f"421 4.7.0 {command} sent too many times"
-                        )
-                        self.transport.close()
-                        continue
-                    call_limit[command] = budget - 1
-
-                method = self._smtp_methods.get(command)
-                if method is None:
-                    aiosmtpd_log.warning("%r unrecognised: %s", self.session.peer, command)
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        aiosmtpd_log.warning("%r too many bogus commands", self.session.peer)
-                        await self.push(
-                            "502 5.5.1 Too many unrecognized commands, goodbye."
-                        )
-                        self.transport.close()
-                        continue
-                    await self.push(
-                        f'500 Error: command "{command}" not recognized'
-                    )
-                    continue
-
-                # Received a valid command, reset the timer.
-                self._reset_timeout()
-                await method(arg)
-            except asyncio.CancelledError:
-                # The connection got reset during the DATA command.
-                aiosmtpd_log.info('%r Connection lost during _handle_client()',
-                                  self.session.peer)
-                self._writer.close()
-                raise
-            except ConnectionResetError:
-                aiosmtpd_log.info('%r Connection lost during _handle_client()',
-                                  self.session.peer)
-                self._writer.close()
-                raise
-            except Exception as error:
-                status = None
-                try:
-                    status = await self.handle_exception(error)
-                except Exception as inner_error:
-                    try:
-                        aiosmtpd_log.exception('%r Exception in handle_exception()',
-                                               self.session.peer)
-                        status = f'500 Error: ({inner_error.__class__.__name__}) {str(inner_error)}'
-                    except Exception:
-                        status = '500 Error: Cannot describe error'
-                finally:
-                    if isinstance(error, TLSSetupException):
-                        self.transport.close()
-                        self.connection_lost(error)
-                    else:
-                        await self.push(status)
-
-    def _lean_pump(self) -> Any:
-        """Answer the complete command lines in the reader's buffer that are the common
-        case, each as ``_lean_session``'s loop would (same checks, same order, same
-        counters), running the command's ``smtp_*`` method without a task until it
-        first has to wait.  Returns ``_NEED_DATA`` (no complete line left),
-        ``_HAND_OVER`` (the next line is for the loop), a ``_Resume`` (a command that
-        waits: the task finishes it) or the exception a command raised (the loop
-        answers it)."""
-        reader = self._reader
-        buffer: bytearray = reader._buffer  # type: ignore[attr-defined]  # (pinned by a test)
-        limit: int = reader._limit  # type: ignore[attr-defined]
-        session = self.session
-        assert session is not None
-        while True:
-            if self.transport is None or reader._exception is not None or reader._eof:  # type: ignore[attr-defined]
-                return _HAND_OVER
-            end = buffer.find(b"\n")
-            if end < 0:
-                return _HAND_OVER if len(buffer) > limit else _NEED_DATA
-            if end > limit or self._forbid_bare_lf and (end == 0 or buffer[end - 1] != 13):
-                return _HAND_OVER
-            line = bytes(buffer[:end + 1])
-            stripped = line.rstrip(b"\r\n")
-            command_bytes, _, arg_bytes = stripped.partition(b" ")
-            if not command_bytes.isascii():
-                return _HAND_OVER
-            command = command_bytes.upper().decode("ascii")
-            if command not in LEAN_COMMANDS or not self.enable_SMTPUTF8:
-                return _HAND_OVER
-            max_sz = self.command_size_limits[command] if session.extended_smtp else self.command_size_limit
-            if len(stripped) > max_sz or not self._tls_handshake_okay \
-                    or self.require_starttls and not self._tls_protocol and command not in ALLOWED_BEFORE_STARTTLS:
-                return _HAND_OVER
-            enforce = self._enforce_call_limit
-            if enforce:
-                budget = self._call_limit[command]
-                if budget < 1:
-                    return _HAND_OVER
-            method = self._smtp_methods.get(command)
-            if method is None:
-                return _HAND_OVER
-            # the loop's own steps for this line, in its order
-            del buffer[:end + 1]
-            reader._maybe_resume_transport()  # type: ignore[attr-defined]
-            on_line = reader.on_line if isinstance(reader, LineReader) else None
-            if on_line is not None:
-                on_line(line)
-            if aiosmtpd_log.isEnabledFor(logging.INFO):
-                sanitized_log(aiosmtpd_log.debug, '_handle_client readline: %r', line)
-                sanitized_log(aiosmtpd_log.info, '%r >> %r', session.peer, stripped)
-            if enforce:
-                self._call_limit[command] = budget - 1
-            arg = str(arg_bytes.strip(), encoding="utf-8", errors="surrogateescape") if arg_bytes else None
-            self._reset_timeout()
-            coro = method(arg)
-            try:
-                first = coro.send(None)
-            except StopIteration:
-                continue
-            except Exception as error:  # answered by the loop's handle_exception, as there
-                return error
-            except asyncio.CancelledError as error:
-                return error
-            return _Resume(coro, first)
-
-    def _lean_data(self, waiter: asyncio.Future[Any]) -> None:
-        """New bytes for a lean session waiting for a line (they are in the reader's
-        buffer): answer what the lean path can, in the session task's name."""
-        task = self._handler_coroutine
-        if task is None or asyncio.current_task(self.loop) is not None:
-            step = self._lean_pump()
-        else:
-            asyncio.tasks._enter_task(self.loop, task)  # current_task() is the session's, as in the loop
-            try:
-                step = self._lean_pump()
-            finally:
-                asyncio.tasks._leave_task(self.loop, task)
-        if step is _NEED_DATA:
-            return
-        if waiter.done():  # the task was cancelled meanwhile (QUIT, end of stream): as in the task,
-            if isinstance(step, _Resume):  # the command gets the cancellation where it waits
-                step.cancel(asyncio.CancelledError())
-            return
-        if isinstance(step, _Resume):
-            self._lean_pending = step
-        waiter.set_result(None if step is _HAND_OVER else step)
 
     # -- slots: given back the moment the session is over for us, not when the socket is
     def _release_slot(self) -> None:
