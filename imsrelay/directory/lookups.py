@@ -50,6 +50,10 @@ class MailboxLookups:
         """The mailbox, custom recipient or list owning each address (kept in memory
         like ``lookup``'s answers)."""
         cache = self._entries
+        if len(addresses) == 1:  # one RCPT's question (the common case)
+            key = addresses[0].lower()
+            if key in cache:
+                return [cache[key]]
         missing = [a for a in addresses if a.lower() not in cache]
         if missing:
             generation = self._generation
@@ -96,10 +100,14 @@ class MailboxLookups:
 
     async def lookup(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
-        own = self.own_addresses()
-        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
-            addresses = [directory_lookup_address(a, self.site_domain, own) for a in addresses]
         cache = self._cache
+        if len(addresses) == 1 and "[" not in addresses[0]:  # one RCPT's question (the common case)
+            key = addresses[0].lower()
+            if key in cache:
+                return [cache[key]]
+        elif any("[" in a for a in addresses) and (own := self.own_addresses()):
+            # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.site_domain, own) for a in addresses]
         missing = [a for a in addresses if a.lower() not in cache]
         if missing:
             generation = self._generation
