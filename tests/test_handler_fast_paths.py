@@ -203,3 +203,102 @@ def test_an_address_literal_is_looked_up_as_the_site_domain_only_when_it_is_ours
     assert found is not None and found.alias == "User1"
     assert asyncio.run(not_ours.lookup(["user1@[192.0.2.25]"])) == [None]
     assert asyncio.run(ours.lookup(["user1@[198.51.100.1]"])) == [None]
+
+
+def test_one_address_mailbox_look_ups_answer_as_several_at_once(directory: Directory) -> None:
+    """``lookup_mailboxes``' one-address path (postmaster at a local domain is the
+    ``smtp.postmaster`` mailbox) against its path for several addresses."""
+    one, several = _lookups(directory), _lookups(directory)
+    asked = [*ASKED, "Postmaster@SiteA.microsoft.com.", "postmaster@elsewhere.example", "postmaster"]
+    together = asyncio.run(several.lookup_mailboxes(asked))
+    each = [asyncio.run(one.lookup_mailboxes([a]))[0] for a in asked]
+    assert each == together
+    assert together[asked.index("postmaster@sitea.microsoft.com")] is not None  # (User1 is the postmaster here)
+    assert together[asked.index("postmaster@elsewhere.example")] is None
+
+
+# ---------------------------------------------------------------- message priority
+
+_PLAIN_PRIORITY = re.compile(rb"^(priority|importance|x-priority)[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                             re.IGNORECASE | re.MULTILINE)
+
+
+def plain_priority_of(message: bytes) -> str:
+    from imsrelay.model import priority as p
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    header = (message if end < 0 else message[:end + 2])[:p.MAX_HEADER_SCAN]
+    found: dict[str, str] = {}
+    for m in _PLAIN_PRIORITY.finditer(header):
+        found.setdefault(m.group(1).decode("ascii").lower(), re.sub(r"\s+", " ", m.group(2).decode("latin-1")))
+    for name, parse in (("priority", p._from_priority), ("importance", p._from_importance),
+                        ("x-priority", p._from_x_priority)):
+        if name in found:
+            value = parse(found[name])
+            if value is not None:
+                return value
+    return p.NORMAL
+
+
+_PRIORITY_PIECES = st.sampled_from([
+    b"Priority: urgent\r\n", b"PRIORITY:non-urgent\r\n", b"X-Priority: 1 (Highest)\r\n", b"x-priority:5\r\n",
+    b"Importance: High\r\n", b"importance : low\r\n", b"X-Priority: 3\r\n", b"Subject: priority\r\n",
+    b"Priority: bogus\r\n", b"\tcontinued\r\n", b"From: a@b\r\n", b"\r\n", b"\n", b"Priorit", b"y: urgent\r\n",
+    b"IMPORTANCE: HIGH\n", b"x", b" "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PRIORITY_PIECES, max_size=12))
+def test_priority_answers_as_the_plain_reading(pieces: list[bytes]) -> None:
+    from imsrelay.model.priority import priority_of
+    message = b"".join(pieces)
+    assert priority_of(message) == plain_priority_of(message)
+
+
+# ---------------------------------------------------------------- sender lists, the client
+
+def test_an_empty_sender_list_matches_no_sender() -> None:
+    from imsrelay.policy.restrictions import matching_entry
+    for sender in ("", "<>", "a@b.example", "not an address", "@x"):
+        assert matching_entry(sender, ()) is None
+    assert matching_entry("<>", ("<>",)) == "<>"
+    assert matching_entry("a@sub.b.example", ("@b.example",)) == "@b.example"
+
+
+def test_the_sessions_client_follows_auth_and_starttls() -> None:
+    """``SiteHandler._client`` (kept for a session) against a Client made afresh each time."""
+    from imsrelay.ingress.adapter import ImsSession
+    from imsrelay.ingress.handler import SiteHandler, _client_of
+    from imsrelay.policy.auth import Identity
+
+    class Server:
+        encrypted = False
+
+    loop = asyncio.new_event_loop()
+    try:
+        session, server = ImsSession(loop), Server()
+        session.peer, session.local_ip = ("192.0.2.7", 4000), "192.0.2.25"
+        handler = SiteHandler.__new__(SiteHandler)  # (_client uses nothing of the site)
+
+        def check() -> Client:
+            identity = session.identity if session.authenticated else None
+            fresh = _client_of(session, session.local_ip, identity, server.encrypted)
+            got = handler._client(server, session)  # type: ignore[arg-type]
+            assert got == fresh
+            return got
+
+        first = check()
+        assert first == Client("192.0.2.7", "192.0.2.25", None, False, ()) and check() is first
+        server.encrypted = True  # STARTTLS
+        assert check().encrypted
+        session.identity = Identity("User1", "SiteA", ("user1@sitea.example",))
+        assert check().authenticated is None  # not authenticated: the identity does not count
+        session.authenticated = True
+        assert check() == Client("192.0.2.7", "192.0.2.25", "User1", True, ("user1@sitea.example",))
+        session.identity = Identity("User2", "SiteA", ())
+        assert check().authenticated == "User2"
+        session.peer = ("192.0.2.8", 4001)
+        assert check().ip == "192.0.2.8"
+    finally:
+        loop.close()

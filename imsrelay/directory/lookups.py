@@ -83,11 +83,13 @@ class MailboxLookups:
         """Directory look-ups by address (postmaster at a local domain is the
         ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
         found = await self.lookup(addresses)
-        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
-            admin = await self.directory.run(self.directory.mailbox, self.postmaster)
-            found = [admin if m is None and self._is_postmaster(a) else m
-                     for a, m in zip(addresses, found, strict=True)]
-        return found
+        if len(found) == 1:  # one RCPT's question (the common case: no generator)
+            if found[0] is not None or not self._is_postmaster(addresses[0]):
+                return found
+        elif not any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            return found
+        admin = await self.directory.run(self.directory.mailbox, self.postmaster)
+        return [admin if m is None and self._is_postmaster(a) else m for a, m in zip(addresses, found, strict=True)]
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
