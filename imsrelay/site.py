@@ -180,7 +180,8 @@ class Site:
         self._free_checked = -10.0
         self._seen_usn = -1
         self._table: RoutingTable | None = None
-        self._policy: tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[str]], InboundPolicy] | None = None
+        self._policy: tuple[tuple[str, tuple[tuple[str, str], ...], SelfEndpoints], InboundPolicy] | None = None
+        self._rewrite = RewriteRules(config.site_domain, self.addressing_domain)  # (rewrite_rules)
         a = config.auth
         self.auth_guard = GuessGuard(GuessLimits(
             pair=AuthLimits(max_failures=a.max_failures, window=a.failure_window, lockout=a.lockout,
@@ -588,11 +589,11 @@ class Site:
     def inbound_policy(self) -> InboundPolicy:
         """The RCPT policy, rebuilt only when one of its live inputs changed (the Site
         Addressing domain, the sites learned by Check Now, this site's own addresses)."""
-        inputs = (self.addressing_domain, self._learned_sites, self_addresses(self.self_endpoints()))
+        inputs = (self.addressing_domain, self._learned_sites, self.self_endpoints())  # (own addresses: of these)
         cached = self._policy
         if cached is None or cached[0] != inputs:
             policy = inbound_policy_for(self.config, addressing_domain=inputs[0], learned_sites=inputs[1],
-                                        own_addresses=inputs[2])
+                                        own_addresses=self_addresses(inputs[2]))
             cached = self._policy = (inputs, policy)
         return cached[1]
 
@@ -603,7 +604,11 @@ class Site:
         return self._table
 
     async def rewrite_rules(self) -> RewriteRules:
-        return RewriteRules(self.config.site_domain, self.addressing_domain)
+        """The rules of the Site Addressing domain now (made again only when it changed)."""
+        rules = self._rewrite
+        if rules.addressing_domain != self.addressing_domain:
+            rules = self._rewrite = RewriteRules(self.config.site_domain, self.addressing_domain)
+        return rules
 
     async def recipient_known(self, address: str) -> bool:
         try:

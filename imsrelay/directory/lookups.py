@@ -50,6 +50,10 @@ class MailboxLookups:
         """The mailbox, custom recipient or list owning each address (kept in memory
         like ``lookup``'s answers)."""
         cache = self._entries
+        if len(addresses) == 1:  # one RCPT's question (the common case)
+            key = addresses[0].lower()
+            if key in cache:
+                return [cache[key]]
         missing = [a for a in addresses if a.lower() not in cache]
         if missing:
             generation = self._generation
@@ -79,11 +83,13 @@ class MailboxLookups:
         """Directory look-ups by address (postmaster at a local domain is the
         ``smtp.postmaster`` mailbox, RFC 5321 4.5.1)."""
         found = await self.lookup(addresses)
-        if any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
-            admin = await self.directory.run(self.directory.mailbox, self.postmaster)
-            found = [admin if m is None and self._is_postmaster(a) else m
-                     for a, m in zip(addresses, found, strict=True)]
-        return found
+        if len(found) == 1:  # one RCPT's question (the common case: no generator)
+            if found[0] is not None or not self._is_postmaster(addresses[0]):
+                return found
+        elif not any(m is None and self._is_postmaster(a) for a, m in zip(addresses, found, strict=True)):
+            return found
+        admin = await self.directory.run(self.directory.mailbox, self.postmaster)
+        return [admin if m is None and self._is_postmaster(a) else m for a, m in zip(addresses, found, strict=True)]
 
     async def local_primaries(self, addresses: list[str]) -> dict[str, str]:
         """Lookup key → primary address, for addresses of mailboxes homed here."""
@@ -96,10 +102,14 @@ class MailboxLookups:
 
     async def lookup(self, addresses: list[str]) -> list[Mailbox | None]:
         """Directory look-ups by address, answered from memory when possible."""
-        own = self.own_addresses()
-        if own and any("[" in a for a in addresses):  # user@[this site's address] is user@site domain
-            addresses = [directory_lookup_address(a, self.site_domain, own) for a in addresses]
         cache = self._cache
+        if len(addresses) == 1 and "[" not in addresses[0]:  # one RCPT's question (the common case)
+            key = addresses[0].lower()
+            if key in cache:
+                return [cache[key]]
+        elif any("[" in a for a in addresses) and (own := self.own_addresses()):
+            # user@[this site's address] is user@site domain
+            addresses = [directory_lookup_address(a, self.site_domain, own) for a in addresses]
         missing = [a for a in addresses if a.lower() not in cache]
         if missing:
             generation = self._generation

@@ -50,6 +50,7 @@ from imsrelay.observe.faults import SessionFaults
 from imsrelay.observe.protocol_log import session_id
 from imsrelay.policy.auth import MECHANISMS, Credentials, Identity, decode_plain
 from imsrelay.policy.connection_limits import ConnectionCounter, Holder, evictable
+from imsrelay.policy.restrictions import Client
 
 _D = TypeVar("_D")
 _ENHANCED = re.compile(r"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}\b")
@@ -271,6 +272,7 @@ class ImsSession(Session):
         super().__init__(loop)
         self.local_ip: str | None = None
         self.identity: Identity | None = None  # the mailbox account AUTH proved
+        self.client_memo: tuple[object, Client] | None = None  # (SiteHandler._client: its inputs, its answer)
 
 class ImsEnvelope(SmtpEnvelope):
     """aiosmtpd's envelope plus the DSN parameters (RFC 3461) of its MAIL FROM and of

@@ -68,6 +68,7 @@ _HELO_PRINTABLE = re.compile(r"[\x21-\x7e]*")
 HEADER_WORK_ON_LOOP = 128 * 1024  # a message up to this size has its headers examined on the loop
 
 MAX_REWRITE_LOOKUPS = 200  # distinct header addresses looked up per message (hostile headers)
+_NO_RCPT_DSN = RcptDsn()  # (an immutable value: one for every recipient that gave no DSN parameters)
 
 class SiteHandler:
     """aiosmtpd handler for one site. ``site`` supplies the live inputs (policy,
@@ -161,9 +162,13 @@ class SiteHandler:
     def _client(self, server: ImsSMTP, session: Session) -> Client:
         ims = session if isinstance(session, ImsSession) else None
         identity = ims.identity if ims is not None and session.authenticated else None
-        return Client(_peer_ip(session), ims.local_ip if ims is not None else None,
-                      identity.alias if identity else None, server.encrypted,
-                      identity.addresses if identity else ())
+        if ims is None:
+            return _client_of(session, None, identity, server.encrypted)
+        key = (session.peer, ims.local_ip, identity, server.encrypted)  # what the answer is made of
+        memo = ims.client_memo  # (the same answer for every command of a session, until AUTH or STARTTLS)
+        if memo is None or memo[0] != key:
+            memo = ims.client_memo = (key, _client_of(session, ims.local_ip, identity, server.encrypted))
+        return memo[1]
 
     async def handle_MAIL(self, server: ImsSMTP, session: Session, envelope: SmtpEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -250,8 +255,9 @@ class SiteHandler:
         # Header work on a large message runs off the loop (docs/design.md invariant 7); on a
         # small one it takes microseconds, less than the hop to a thread and back.
         small = len(raw) <= HEADER_WORK_ON_LOOP
-        raw, refusal, header_addrs, crlf = (self._examine(raw, rules.active) if small
-                                            else await asyncio.to_thread(self._examine, raw, rules.active))
+        rewriting = rules.active
+        raw, refusal, header_addrs, crlf = (self._examine(raw, rewriting) if small
+                                            else await asyncio.to_thread(self._examine, raw, rewriting))
         if refusal is not None:
             self.log.warning("message.rejected", peer=_peer_ip(session), sender=envelope.mail_from, reason=refusal)
             return refusal
@@ -260,7 +266,7 @@ class SiteHandler:
             return refusal
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
-        if rules.active:
+        if rewriting:
             lookups = [sender] + header_addrs if sender else header_addrs
             primaries = await self.site.local_primaries(lookups)
             new_sender = rewrite_address(sender, rules, primaries)
@@ -292,7 +298,7 @@ class SiteHandler:
         dsn, asked = (envelope.dsn, envelope.rcpt_dsn) if isinstance(envelope, ImsEnvelope) else (MailDsn(), [])
         queued = [RecipientState(address=r, original=r, notify=d.notify, orcpt=d.orcpt)
                   for i, r in enumerate(envelope.rcpt_tos) if r not in filtered
-                  for d in [asked[i] if i < len(asked) else RcptDsn()]]
+                  for d in [asked[i] if i < len(asked) else _NO_RCPT_DSN]]
         recipients = [r.address for r in queued]
         if not recipients:
             return f"250 2.0.0 Ok: queued as {queue_id}"
@@ -352,6 +358,10 @@ class SiteHandler:
             return "501 5.5.2 Syntax error: the command is not valid UTF-8"
         self.log.error("smtp.internal_error", error=repr(error), exc_info=error)
         return "451 4.3.0 Internal error; the message was not accepted, please try again later"
+
+def _client_of(session: Session, local_ip: str | None, identity: Identity | None, encrypted: bool) -> Client:
+    return Client(_peer_ip(session), local_ip, identity.alias if identity else None, encrypted,
+                  identity.addresses if identity else ())
 
 def needs_header_rewrite(header_addrs: list[str], rules: RewriteRules, primaries: dict[str, str]) -> bool:
     """Whether ``rewrite_message`` could change the headers whose addresses ``_examine``

@@ -82,6 +82,9 @@ def priority_of(message: bytes) -> str:
     if end < 0:
         end = message.find(b"\n\n")
     header = (message if end < 0 else message[:end + 2])[:MAX_HEADER_SCAN]
+    lowered = header.lower()
+    if b"priority" not in lowered and b"importance" not in lowered:  # none of the fields (the common case)
+        return NORMAL
     found: dict[str, str] = {}
     for m in _HEADER.finditer(header):
         name = m.group(1).decode("ascii").lower()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imsrelay.model.addresses import Address, AddressError, address_literal, most_specific
-from imsrelay.policy.restrictions import Client, RelayRules, relay_decision
+from imsrelay.policy.restrictions import Client, Decision, RelayRules, relay_decision
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -42,6 +42,13 @@ class InboundPolicy:
     address_literals: str = "deliver"  # routing.address_literals: deliver | refuse
     self_addresses: frozenset[str] = frozenset()  # this site's own IP addresses
     relay: RelayRules | None = None  # Routing Restrictions; None: relay_networks only
+    # Answers of the pure steps of ``check_recipient`` that depend only on this policy and one
+    # input (a domain, a client), kept with it (a new policy starts empty): RCPT after RCPT
+    # asks about the same few domains and clients.  At most MEMO_SIZE entries each.
+    domain_memo: dict[str, tuple[str, str] | None] = field(default_factory=dict, init=False, compare=False,
+                                                           hash=False, repr=False)
+    relay_memo: dict[Client, Decision] = field(default_factory=dict, init=False, compare=False,
+                                               hash=False, repr=False)
 
 
 def client_may_relay(client_ip: str | None, networks: Sequence[IPNetwork]) -> bool:
@@ -83,19 +90,45 @@ def check_recipient(address: Address, *, policy: InboundPolicy, client_ip: str |
         if client_may_relay(client_ip, policy.relay_networks):
             return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed to the address literal)")
         return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
-    entries = [(d, "local") for d in policy.local_domains] + [(d, "site") for d in policy.org_routing_domains]
-    match = most_specific(address.domain, entries)
+    match = _domain_match(policy, address.domain)
     if match is not None:
         if match[1] == "local":
             return Reply(550, "5.1.1", f"<{address}> unknown or illegal user")
         return Reply(250, "2.1.5", f"<{address}> recipient ok (forwarded to its site)")
-    rules = policy.relay or RelayRules(authenticated=False, networks=policy.relay_networks)
-    decision = relay_decision(client or Client(client_ip), rules)
+    decision = _relay(policy, client or Client(client_ip))
     if decision.allowed:
         return Reply(250, "2.1.5", f"<{address}> recipient ok (relayed: {decision.rule})")
     if decision.rule.startswith("never-relay"):
         return Reply(554, "5.7.1", f"<{address}> relaying denied: {decision.rule}")
     return Reply(554, "5.7.1", f"<{address}> relaying denied: this server accepts mail only for its own domains")
+
+
+MEMO_SIZE = 1024  # answers kept per policy and step (hostile clients may name any number of domains)
+
+
+def _domain_match(policy: InboundPolicy, domain: str) -> tuple[str, str] | None:
+    """The most specific of the policy's local domains ("local") and other sites'
+    routing domains ("site") that ``domain`` falls under, or None (memoised in the policy)."""
+    memo = policy.domain_memo
+    if domain in memo:
+        return memo[domain]
+    entries = [(d, "local") for d in policy.local_domains] + [(d, "site") for d in policy.org_routing_domains]
+    match = most_specific(domain, entries)
+    if len(memo) < MEMO_SIZE:
+        memo[domain] = match
+    return match
+
+
+def _relay(policy: InboundPolicy, client: Client) -> Decision:
+    """``relay_decision`` under the policy's Routing Restrictions (memoised in the policy)."""
+    memo = policy.relay_memo
+    decision = memo.get(client)
+    if decision is None:
+        decision = relay_decision(client, policy.relay or RelayRules(authenticated=False,
+                                                                     networks=policy.relay_networks))
+        if len(memo) < MEMO_SIZE:
+            memo[client] = decision
+    return decision
 
 
 def tracking_reserve(*, max_message_size: int, minfree: int) -> int:

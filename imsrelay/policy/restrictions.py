@@ -239,6 +239,8 @@ def check_entries(entries: Iterable[str]) -> tuple[str, ...]:
 
 def matching_entry(sender: str, entries: Sequence[str]) -> str | None:
     """The first entry that matches the envelope sender (``""``/``<>`` = null sender)."""
+    if not entries:  # (the common case: no list)
+        return None
     if not sender or sender == "<>":
         return "<>" if "<>" in entries else None
     try:
