@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from imsrelay.directory.lookups import MailboxLookups
 from imsrelay.directory.store import Directory
 from imsrelay.model.addresses import parse_address
-from imsrelay.model.message import header_block
+from imsrelay.model.message import _header_end, header_block
 from imsrelay.policy import mail_loops
 from imsrelay.policy.expansion import EXPANDED_HEADER
 from imsrelay.policy.inbound import MEMO_SIZE, InboundPolicy, check_recipient
@@ -302,3 +302,20 @@ def test_the_sessions_client_follows_auth_and_starttls() -> None:
         assert check().ip == "192.0.2.8"
     finally:
         loop.close()
+
+
+_PLAIN_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def plain_header_end(message: bytes) -> int:
+    """The header end as found before the literal-first-byte search (the reference)."""
+    m = _PLAIN_HEADER_END.search(message)
+    if not m:
+        return len(message)
+    return m.start() + (2 if message[m.start():m.start() + 2] == b"\r\n" else 1)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"Subject: x", b":", b" "]), max_size=30).map(b"".join))
+def test_header_end_agrees_with_the_plain_search(message):
+    assert _header_end(message) == plain_header_end(message)

