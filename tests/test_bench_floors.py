@@ -20,12 +20,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs Postfix's smtp-source and smtp-sink (./dev test installs them)")
 
 
-@pytest.mark.parametrize("paths", ["imsrelay", "aiosmtpd"])
-def test_aiosmtpd_alone_takes_and_drops_every_message(paths):
+@pytest.mark.parametrize(("paths", "label"), [("imsrelay", "SMTP, imsrelay's path parser"),
+                                              ("aiosmtpd", "SMTP, aiosmtpd's path parser"),
+                                              ("protocol", "imsrelay's ImsSMTP")])
+def test_aiosmtpd_alone_takes_and_drops_every_message(paths, label):
     out = subprocess.run([sys.executable, str(BENCH / "aiosmtpd_floor.py"), "--messages", "60", "--sessions", "4",
                           "--paths", paths], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(rf"aiosmtpd alone \({paths} path parser; .*60 x 4096 B, 4 sessions: [\d,]+ msg/s, "
+    assert re.search(rf"aiosmtpd alone \({re.escape(label)}; .*60 x 4096 B, 4 sessions: [\d,]+ msg/s, "
                      r"CPU \d+\.\d{3} ms/msg", out.stdout), out.stdout
 
 
