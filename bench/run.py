@@ -2107,11 +2107,14 @@ _STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ingress: new connection (aiosmtpd SMTP.__init__, connection_made)",
      ("server_factory.<locals>.factory", "SMTP.__init__", "connection_made")),
     ("ingress: imsrelay handlers (handle_MAIL/RCPT/DATA, policy, spool.enqueue)",
-     ("SiteHandler.handle_", "Site.accept", "Spool.enqueue")),
-    ("ingress: aiosmtpd session (command parsing, replies)", ("aiosmtpd/smtp.py", "SMTP.push", "SMTP._handle_client")),
-    ("delivery: outbound SMTP (imsrelay smtp_client + aiosmtplib)", ("smtp_client.py", "aiosmtplib/", "protocol.py:SMTPProtocol")),
-    ("delivery: queue manager (routing, spool state, records)", ("delivery.py",)),
-    ("directory (SQLite thread)", ("directory.py",)),
+     ("SiteHandler.handle_", "ingress/handler.py", "Site.accept", "Spool.enqueue", "queue/door.py")),
+    ("ingress: aiosmtpd session (command parsing, replies)",
+     ("aiosmtpd/smtp.py", "SMTP.push", "SMTP._handle_client", "ingress/adapter.py")),
+    ("delivery: outbound SMTP (imsrelay transport + aiosmtplib)",
+     ("transport/smtp.py", "transport/pipelining.py", "transport/smtp_body.py", "transport/costed.py",
+      "aiosmtplib/", "protocol.py:SMTPProtocol")),
+    ("delivery: queue manager (routing, spool state, records)", ("queue/manager.py", "queue/rules.py", "routing/")),
+    ("directory (SQLite thread)", ("directory/store.py",)),
 )
 
 

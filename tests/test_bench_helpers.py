@@ -259,6 +259,25 @@ def test_py_spy_summary_reads_subprocess_stacks(tmp_path: Path) -> None:
     assert stages["spool writer thread (write + fsync + rename)"] == 10
 
 
+def test_py_spy_stages_follow_the_package_layout(tmp_path: Path) -> None:
+    """Frames of today's modules land in their part of the relay, not in "other"."""
+    main = 'thread (0x1): "MainThread";'
+    raw = tmp_path / "p.py-spy.txt"
+    raw.write_text(
+        f"{main}QueueManager._attempt (imsrelay/queue/manager.py:500);CostedTransport.deliver "
+        "(imsrelay/transport/costed.py:40);SmtpClient.deliver (imsrelay/transport/smtp.py:300) 7\n"
+        f"{main}PipeliningProtocol.exchange (imsrelay/transport/pipelining.py:120) 5\n"
+        f"{main}QueueManager._record (imsrelay/queue/manager.py:700) 4\n"
+        f"{main}ImsSMTP._data (imsrelay/ingress/adapter.py:740);SiteHandler.handle_DATA "
+        "(imsrelay/ingress/handler.py:300) 3\n"
+        f"{main}ImsSMTP.push (imsrelay/ingress/adapter.py:950) 2\n")
+    stages = {r["function"]: r["samples"] for r in run.summarize_py_spy(raw, messages=10, rate=100)["entry_points"]}
+    assert stages == {"delivery: outbound SMTP (imsrelay transport + aiosmtplib)": 12,
+                      "delivery: queue manager (routing, spool state, records)": 4,
+                      "ingress: imsrelay handlers (handle_MAIL/RCPT/DATA, policy, spool.enqueue)": 3,
+                      "ingress: aiosmtpd session (command parsing, replies)": 2}
+
+
 # ------------------------------------------------------------------ Postfix virtual(8), Maildir counter
 
 
