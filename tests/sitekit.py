@@ -160,6 +160,19 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
         await asyncio.sleep(interval)
 
 
+async def wait_http_ok(url: str, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200 (a console or endpoint that is starting)."""
+    import aiohttp
+
+    async def answers() -> bool:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url) as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+    await wait_for(answers, timeout=timeout)
+
+
 def run_cli(*argv: str) -> tuple[int, str, str]:
     """The real CLI in this process: (exit status, stdout, stderr); blocking."""
     out, err = io.StringIO(), io.StringIO()

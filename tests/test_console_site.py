@@ -10,7 +10,7 @@ import smtplib
 
 import aiohttp
 import pytest
-from sitekit import free_port, make_config, site_mapping, wait_for
+from sitekit import free_port, make_config, site_mapping, wait_http_ok
 
 from imsrelay.commands.serve import run_site
 
@@ -26,14 +26,7 @@ async def console(tmp_path):
     stop = asyncio.Event()
     task = asyncio.create_task(run_site(config, stop))
     base = f"http://127.0.0.1:{console_port}"
-
-    async def answers() -> bool:
-        try:
-            async with aiohttp.ClientSession() as s, s.get(base + "/") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-    await wait_for(answers, timeout=30)
+    await wait_http_ok(base + "/")
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for a bare IP address
     async with aiohttp.ClientSession(cookie_jar=jar) as http:
         yield base, http, smtp_port

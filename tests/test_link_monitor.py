@@ -13,7 +13,15 @@ import json
 
 import aiohttp
 from ims_kit import TOKEN, admin
-from sitekit import free_port, maildir_messages, run_cli, site_mapping, wait_for, write_site_file
+from sitekit import (
+    free_port,
+    maildir_messages,
+    run_cli,
+    site_mapping,
+    wait_for,
+    wait_http_ok,
+    write_site_file,
+)
 
 from imsrelay.commands.serve import run_site
 from imsrelay.site import Site
@@ -130,13 +138,7 @@ async def test_console_monitor_window_self_ping_and_local_ndr(tmp_path):
     task = asyncio.create_task(run_site(config, stop))
     base = f"http://127.0.0.1:{console_port}"
     try:
-        async def answers() -> bool:
-            try:
-                async with aiohttp.ClientSession() as s, s.get(base + "/") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_for(answers, timeout=30)
+        await wait_http_ok(base + "/")
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             async with http.post(base + "/login", json={"token": TOKEN}) as r:
                 assert r.status == 200

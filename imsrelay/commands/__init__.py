@@ -8,15 +8,16 @@ from pathlib import Path
 
 
 def add_site_options(p: argparse.ArgumentParser, *, data: bool = True, offline: bool = False,
-                     data_help: str = "data directory (overrides site.data_dir)") -> None:
+                     data_help: str = "data directory (overrides site.data_dir)",
+                     offline_help: str = "work on the stopped site's database directly instead of its admin endpoint",
+                     ) -> None:
     """The options every per-site command takes: ``--config`` (and ``--data``,
     ``--offline`` where they make sense)."""
     p.add_argument("--config", "-c", required=True, type=Path, help="the site's TOML file")
     if data:
         p.add_argument("--data", type=Path, help=data_help)
     if offline:
-        p.add_argument("--offline", action="store_true",
-                       help="work on the stopped site's database directly instead of its admin endpoint")
+        p.add_argument("--offline", action="store_true", help=offline_help)
 
 
 def whole_number(minimum: int, maximum: int | None = None, what: str = "a whole number") -> Callable[[str], int]:

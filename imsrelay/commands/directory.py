@@ -28,6 +28,8 @@ from imsrelay.model.settings import ACCESS_PROTOCOLS, SiteConfig
 from imsrelay.policy import protocols as protocol_policy
 from imsrelay.policy.auth import PasswordError, hash_password
 
+CHANGE_OFFLINE = "change the stopped site's database directly"  # the help of every changing command's --offline
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="show or change the site's directory (mailboxes, sites)",
@@ -42,13 +44,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add = dsub.add_parser("add", help="create a mailbox homed at this site (it replicates)")
     add.add_argument("alias", help="the mailbox alias (letters, digits, . _ -)")
     add.add_argument("--display-name", help="display name (default: the alias)")
-    add_site_options(add)
-    add.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(add, offline=True, offline_help=CHANGE_OFFLINE)
     add.set_defaults(func=cmd_add)
     rm = dsub.add_parser("delete", help="delete a mailbox homed at this site (a tombstone replicates)")
     rm.add_argument("alias", help="the mailbox alias")
-    add_site_options(rm)
-    rm.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(rm, offline=True, offline_help=CHANGE_OFFLINE)
     rm.set_defaults(func=cmd_delete)
     pw = dsub.add_parser("passwd", help="set the SMTP AUTH password of a mailbox homed at this site",
                          description="Set a mailbox's password (stored as a salted scrypt hash, never in clear). "
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pw.add_argument("alias", help="the mailbox alias")
     add_site_options(pw)
     pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    pw.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    pw.add_argument("--offline", action="store_true", help=CHANGE_OFFLINE)
     pw.set_defaults(func=cmd_passwd)
     hp = dsub.add_parser("hash-password", help="print the scrypt hash of a password (for mailboxes.password_hash)")
     hp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         rs.add_argument(f"--{name}", action="append", metavar="SENDER", help=what)
         rs.add_argument(f"--clear-{name}", action="store_true", help=f"empty the {name} list")
     rs.add_argument("--filter-action", choices=("delete", "turf"), help="what filtering does (default turf)")
-    rs.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    rs.add_argument("--offline", action="store_true", help=CHANGE_OFFLINE)
     rs.set_defaults(func=cmd_restrict)
     sh = dsub.add_parser("show", help="a mailbox's properties: addresses, restrictions, protocols",
                          description="Show a mailbox's property pages as the directory holds them (read from the "
@@ -96,8 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pr.add_argument("--site-defaults", action="store_true", help="change the site's protocol defaults")
     for name in ("imap4", "pop3"):
         pr.add_argument(f"--{name}", choices=("on", "off", "default"), help=f"{name.upper()}: on, off or default")
-    add_site_options(pr)
-    pr.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(pr, offline=True, offline_help=CHANGE_OFFLINE)
     pr.set_defaults(func=cmd_protocols)
     _register_recipients(dsub)
 
@@ -111,8 +110,7 @@ def _register_recipients(dsub: argparse._SubParsersAction[argparse.ArgumentParse
     ac.add_argument("target", help="the external address, e.g. partner@example.net")
     ac.add_argument("--display-name", help="display name (default: the alias)")
     ac.add_argument("--address", action="append", default=[], help="a secondary SMTP address (repeatable)")
-    add_site_options(ac)
-    ac.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(ac, offline=True, offline_help=CHANGE_OFFLINE)
     ac.set_defaults(func=cmd_add_custom)
     al = dsub.add_parser("add-list", help="create a distribution list here (Q185194)",
                          description="A distribution list (KB Q185194): members by address (mailboxes, custom "
@@ -124,8 +122,7 @@ def _register_recipients(dsub: argparse._SubParsersAction[argparse.ArgumentParse
     al.add_argument("--expansion-site", default="", help="the site that expands it (default: any site)")
     al.add_argument("--display-name", help="display name (default: the alias)")
     al.add_argument("--address", action="append", default=[], help="a secondary SMTP address (repeatable)")
-    add_site_options(al)
-    al.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(al, offline=True, offline_help=CHANGE_OFFLINE)
     al.set_defaults(func=cmd_add_list)
     sl = dsub.add_parser("set-list", help="change a distribution list's members, owner or expansion site")
     sl.add_argument("alias", help="the list's alias")
@@ -133,15 +130,13 @@ def _register_recipients(dsub: argparse._SubParsersAction[argparse.ArgumentParse
     sl.add_argument("--remove", action="append", default=[], metavar="ADDRESS", help="remove a member (repeatable)")
     sl.add_argument("--owner", help="the owner's address (\"\": none, NDRs to the sender)")
     sl.add_argument("--expansion-site", help="the site that expands it (\"\": any site)")
-    add_site_options(sl)
-    sl.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+    add_site_options(sl, offline=True, offline_help=CHANGE_OFFLINE)
     sl.set_defaults(func=cmd_set_list)
     for kind, name, what in (("custom", "delete-custom", "a custom recipient"),
                              ("dl", "delete-list", "a distribution list")):
         dp = dsub.add_parser(name, help=f"delete {what} homed at this site (a tombstone replicates)")
         dp.add_argument("alias", help="its alias")
-        add_site_options(dp)
-        dp.add_argument("--offline", action="store_true", help="change the stopped site's database directly")
+        add_site_options(dp, offline=True, offline_help=CHANGE_OFFLINE)
         dp.set_defaults(func=cmd_delete_recipient, kind=kind)
 
 

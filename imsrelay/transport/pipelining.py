@@ -62,6 +62,15 @@ EARLY = 0.001  # seconds a timer may fire before its time (the loop's clock reso
 Replies = tuple[list[SMTPResponse], SMTPException | OSError | None]
 
 
+def _command_lines(lines: Sequence[bytes]) -> bytes:
+    """A pipelined group's command lines, CRLF-terminated, as one write; ValueError
+    (aiosmtplib's) for a line with a control character that could inject a command."""
+    for line in lines:
+        if COMMAND_INJECTION_REGEX.search(line):
+            raise ValueError("Command contains a prohibited control character")
+    return b"".join([line + b"\r\n" for line in lines])
+
+
 class _Exchange:
     """A lean exchange under way: the replies wanted, those in, and the caller's future."""
 
@@ -321,16 +330,14 @@ class PipeliningProtocol(SMTPProtocol):
                                 first_timeout: float | None = None
                                 ) -> tuple[list[SMTPResponse], SMTPException | OSError | None]:
         """``first_timeout``: for the first reply (default ``timeout``)."""
-        for line in lines:
-            if COMMAND_INJECTION_REGEX.search(line):
-                raise ValueError("Command contains a prohibited control character")
+        data = _command_lines(lines)
         if self._command_lock is None:
             raise SMTPServerDisconnected("Server not connected")
         replies: list[SMTPResponse] = []
         async with self._command_lock:
             self._due = len(lines)
             try:
-                self.write(b"".join(line + b"\r\n" for line in lines))
+                self.write(data)
                 for i in range(len(lines)):
                     reply = await self.read_response(timeout=first_timeout if i == 0 and first_timeout else timeout)
                     replies.append(reply)
@@ -371,12 +378,9 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         order (``first_timeout``: the first reply's time-out, default ``timeout``).
         Returns the replies received and, when not all came, the error that ended the
         group (the connection is then closed).  A 421 reply ends the group too."""
-        for line in lines:
-            if COMMAND_INJECTION_REGEX.search(line):
-                raise ValueError("Command contains a prohibited control character")
         if self.lean:
-            replies, error = await self._pipelining().exchange(b"".join([line + b"\r\n" for line in lines]),
-                                                               len(lines), timeout, first_timeout)
+            replies, error = await self._pipelining().exchange(_command_lines(lines), len(lines), timeout,
+                                                               first_timeout)
         else:
             replies, error = await self._pipelining().execute_pipelined(lines, timeout, first_timeout)
         if error is not None or (replies and replies[-1].code == CLOSING):

@@ -585,9 +585,8 @@ class SmtpClient:
                     while True:
                         conn = self._pooled(route.starttls, state, route.auth.username if route.auth else None)
                         if conn is None or not conn.unchecked:  # (connect, or check it with RSET first)
-                            if conn is not None:
-                                state.idle.append(conn)
-                            conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for)
+                            conn = await self._acquire(hop, route.starttls, state, log, route.auth, route.auth_for,
+                                                       pooled=conn)
                         try:
                             result = await self._transaction(conn, env, rcpts, message, log)
                         except _StaleConnection as stale:  # (a new connection is never stale: this ends)
@@ -641,9 +640,13 @@ class SmtpClient:
         return None
 
     async def _acquire(self, hop: NextHop, policy: str, state: _HopState, log: Any,
-                       auth: OutboundAuth | None = None, auth_for: str | None = None) -> _Connection:
+                       auth: OutboundAuth | None = None, auth_for: str | None = None,
+                       pooled: _Connection | None = None) -> _Connection:
+        """A usable connection: ``pooled`` (already taken from the pool) or the next pooled
+        one, checked with RSET unless its RSET rides with the next group, else a new one."""
         user = auth.username if auth else None
-        while (conn := self._pooled(policy, state, user)) is not None:
+        while (conn := pooled or self._pooled(policy, state, user)) is not None:
+            pooled = None
             if conn.unchecked:
                 return conn
             try:  # health check (aiosmtplib #243: never trust a long-idle connection)
